@@ -1,14 +1,564 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The types of Zeitwork's HTTP API: request and response bodies shared by the
+//! operator, its clients (CLI, node agents, edge proxies) and the tests.
+//!
+//! This crate owns the shape of the contract and the validation rules of every
+//! field that comes from outside. It must not do I/O, talk to a store or know
+//! about HTTP servers.
+
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use validate::ValidationError;
+
+/// The body of every error response: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    pub error: ApiErrorBody,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_field`, `not_found`, `conflict`.
+    pub code: String,
+    /// What went wrong and what to change.
+    pub message: String,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+// ---------------------------------------------------------------- health
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ok` when every check passed, `unavailable` otherwise.
+    pub status: String,
+    pub checks: BTreeMap<String, CheckResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CheckResult {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Version {
+    pub version: String,
+    pub commit: String,
+    pub build_time: String,
+}
+
+// ---------------------------------------------------------------- regions
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Region {
+    pub id: String,
+    /// DNS label, e.g. `us-east`.
+    pub code: String,
+    pub name: String,
+    /// ISO 3166-1 alpha-2 country code, e.g. `US`.
+    pub country: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRegion {
+    pub code: String,
+    pub name: String,
+    pub country: String,
+}
+
+// ---------------------------------------------------------------- nodes
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub vcpu: u32,
+    /// MiB.
+    pub memory: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Ready,
+    Draining,
+    Drained,
+    Down,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Drained => "drained",
+            NodeStatus::Down => "down",
+        }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ready" => NodeStatus::Ready,
+            "draining" => NodeStatus::Draining,
+            "drained" => NodeStatus::Drained,
+            "down" => NodeStatus::Down,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub id: String,
+    pub hostname: String,
+    /// Region code.
+    pub region: String,
+    /// URL of the node agent, e.g. `http://10.0.0.5:8081`.
+    pub address: String,
+    pub status: NodeStatus,
+    pub capacity: Capacity,
+    /// Resources held by the instances placed on this node.
+    pub allocated: Capacity,
+    /// Number of instances placed on this node.
+    pub instances: u64,
+    pub runtime: String,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNode {
+    pub hostname: String,
+    pub region: String,
+    pub address: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub runtime: Option<String>,
+}
+
+// ---------------------------------------------------------------- orgs
+
+/// Organisation roles, weakest first: Guest < Developer < Admin < Owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Guest,
+    Developer,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Guest => "guest",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "guest" => Role::Guest,
+            "developer" => Role::Developer,
+            "admin" => Role::Admin,
+            "owner" => Role::Owner,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Org {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrg {
+    pub slug: String,
+    /// Display name; defaults to the slug.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    pub org: String,
+    /// The member's identity (an e-mail address or a user name).
+    pub user: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub user: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveMember {
+    pub user: String,
+}
+
+// ---------------------------------------------------------------- projects
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Virtual CPUs, 1–32.
+    pub vcpu: u32,
+    /// Memory in MiB, 128–65536.
+    pub memory: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub id: String,
+    pub org: String,
+    pub name: String,
+    /// `owner/repo` on GitHub, if the project deploys from a repository.
+    pub github_repo: Option<String>,
+    pub branch: String,
+    pub auto_deploy: bool,
+    pub port: u16,
+    pub resources: Resources,
+    pub instances_per_region: u32,
+    /// Region codes the project runs in.
+    pub regions: Vec<String>,
+    /// Image to deploy for a commit, `{sha}` is replaced, e.g. `ghcr.io/acme/web:sha-{sha}`.
+    pub image_template: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+    /// Active deployment id per environment.
+    pub current_deployment: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProject {
+    pub name: String,
+    pub org: String,
+    #[serde(default)]
+    pub github_repo: Option<String>,
+    #[serde(default)]
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub auto_deploy: Option<bool>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    #[serde(default)]
+    pub instances_per_region: Option<u32>,
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
+    #[serde(default)]
+    pub image_template: Option<String>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Any subset of a project's settable fields. `null` clears an optional field.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchProject {
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub github_repo: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_deploy: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances_per_region: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub image_template: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<RateLimit>)]
+    pub rate_limit: Option<Option<RateLimit>>,
+}
+
+fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+// ---------------------------------------------------------------- env vars
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnvVar {
+    pub key: String,
+    /// The value, or `null` when the caller may only see that it exists.
+    pub value: Option<String>,
+    pub redacted: bool,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutEnvVar {
+    pub value: String,
+}
+
+// ---------------------------------------------------------------- domains
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Domain {
+    pub name: String,
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub verified: bool,
+    /// `none`, `pending`, `issued`, `failed`.
+    pub certificate: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDomain {
+    pub name: String,
+    #[serde(default)]
+    pub environment: Option<Environment>,
+}
+
+// ---------------------------------------------------------------- deployments
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    Production,
+    Staging,
+    Preview,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Staging => "staging",
+            Environment::Preview => "preview",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "production" => Environment::Production,
+            "staging" => Environment::Staging,
+            "preview" => Environment::Preview,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Pending,
+    Preparing,
+    Starting,
+    Ready,
+    Active,
+    Standby,
+    Retired,
+    Failed,
+}
+
+impl DeploymentStatus {
+    pub const ALL: [DeploymentStatus; 8] = [
+        DeploymentStatus::Pending,
+        DeploymentStatus::Preparing,
+        DeploymentStatus::Starting,
+        DeploymentStatus::Ready,
+        DeploymentStatus::Active,
+        DeploymentStatus::Standby,
+        DeploymentStatus::Retired,
+        DeploymentStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Pending => "pending",
+            DeploymentStatus::Preparing => "preparing",
+            DeploymentStatus::Starting => "starting",
+            DeploymentStatus::Ready => "ready",
+            DeploymentStatus::Active => "active",
+            DeploymentStatus::Standby => "standby",
+            DeploymentStatus::Retired => "retired",
+            DeploymentStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    /// `<project>-<nanoid7>-<org>`.
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub image: String,
+    pub image_digest: Option<String>,
+    pub commit_sha: Option<String>,
+    pub commit_message: Option<String>,
+    pub instances_per_region: u32,
+    pub status: DeploymentStatus,
+    /// Why the deployment failed, when it did.
+    pub reason: Option<String>,
+    pub url: String,
+    pub created_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    pub org: String,
+    pub project: String,
+    pub image: String,
+    #[serde(default)]
+    pub commit_sha: Option<String>,
+    #[serde(default)]
+    pub commit_message: Option<String>,
+    #[serde(default)]
+    pub instances_per_region: Option<u32>,
+    #[serde(default)]
+    pub environment: Option<Environment>,
+}
+
+// ---------------------------------------------------------------- events
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// Token name and id that made the change, or `system`.
+    pub actor: String,
+    /// e.g. `project.create`.
+    pub action: String,
+    /// e.g. `acme/webapp`.
+    pub target: String,
+    pub org: Option<String>,
+    pub project: Option<String>,
+    /// `ok` or `denied`.
+    pub result: String,
+    pub detail: Option<serde_json::Value>,
+}
+
+// ---------------------------------------------------------------- tokens
+
+/// Cluster roles: the machines of the platform, each allowed only what it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterRole {
+    NodeAgent,
+    EdgeProxy,
+    LoadBalancer,
+}
+
+impl ClusterRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterRole::NodeAgent => "node-agent",
+            ClusterRole::EdgeProxy => "edge-proxy",
+            ClusterRole::LoadBalancer => "load-balancer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "node-agent" => ClusterRole::NodeAgent,
+            "edge-proxy" => ClusterRole::EdgeProxy,
+            "load-balancer" => ClusterRole::LoadBalancer,
+            _ => return None,
+        })
+    }
+}
+
+/// What a token may act as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenScope {
+    /// Everything, on every organisation.
+    Admin,
+    /// A role inside one organisation.
+    Org { org: String, role: Role },
+    /// A machine of the platform.
+    Cluster { role: ClusterRole },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub scope: TokenScope,
+    /// A read-only token may only call `GET` routes and sees secrets redacted.
+    pub read_only: bool,
+    pub created_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    pub scope: TokenScope,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Days until the token expires; never when absent.
+    #[serde(default)]
+    pub expires_in_days: Option<u32>,
+}
+
+/// Returned once, on creation: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub token: Token,
+    pub secret: String,
 }

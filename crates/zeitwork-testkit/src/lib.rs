@@ -1,14 +1,184 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Test kit: starts real pieces for Zeitwork's tests — a throwaway PostgreSQL
+//! server in a temporary directory, free loopback ports.
+//!
+//! It must never touch a shared database or anything outside its temp dirs.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// Where the PostgreSQL server binaries live: `ZEITWORK_PG_BIN`, `PATH`, or
+/// Debian's `/usr/lib/postgresql/<version>/bin`.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("ZEITWORK_PG_BIN") {
+        return Some(PathBuf::from(dir));
     }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// A PostgreSQL server of its own, in a temp dir, on a free loopback port.
+/// Stopped (`pg_ctl stop -m immediate`) and deleted on drop.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    run_as: Option<(u32, u32)>,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres").field("port", &self.port).finish()
+    }
+}
+
+impl Postgres {
+    /// initdb + pg_ctl start. As root the server runs as `nobody`, since
+    /// PostgreSQL refuses to run as root.
+    pub fn start() -> Result<Self> {
+        let bin = postgres_bin_dir().context(
+            "PostgreSQL server binaries not found: install the postgresql package or set ZEITWORK_PG_BIN",
+        )?;
+        let dir = tempfile::Builder::new().prefix("zeitwork-pg-").tempdir()?;
+        let run_as = if is_root() { Some(nobody_ids()) } else { None };
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data)?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid))?;
+        }
+        let pg = Postgres { dir, bin, port: free_port(), run_as };
+        pg.run(
+            "initdb",
+            &["-D", &pg.data_dir(), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+        )?;
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c max_connections=200",
+            pg.port
+        );
+        let log = pg.dir.path().join("server.log").display().to_string();
+        pg.run("pg_ctl", &["-D", &pg.data_dir(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])?;
+        pg.wait_ready()?;
+        Ok(pg)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid).env("HOME", self.dir.path());
+        }
+        let out = cmd.output().with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            bail!(
+                "{program} failed ({}): {}\n{}\n{log}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("postgres did not accept connections on port {}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Creates a fresh database and returns its URL, so tests sharing one
+    /// server never see each other's rows.
+    pub fn create_database(&self, name: &str) -> Result<String> {
+        let status = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-q", "-c"])
+            .arg(format!("CREATE DATABASE \"{name}\""))
+            .stdout(Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            // psql may be missing next to the server binaries; fall back to the client on PATH.
+            _ => {
+                let s = Command::new("psql")
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-q", "-c"])
+                    .arg(format!("CREATE DATABASE \"{name}\""))
+                    .stdout(Stdio::null())
+                    .status()
+                    .context("running psql")?;
+                if !s.success() {
+                    bail!("CREATE DATABASE {name} failed");
+                }
+            }
+        }
+        Ok(format!("postgres://postgres@127.0.0.1:{}/{name}", self.port))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+fn is_root() -> bool {
+    // The owner of /proc/self is the effective uid of this process.
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn nobody_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"nobody")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        })
+        .unwrap_or((65534, 65534))
 }

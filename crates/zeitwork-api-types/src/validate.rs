@@ -1,0 +1,562 @@
+//! Validation of every field that comes from outside. Each check returns a
+//! [`ValidationError`] naming the field and saying what a valid value looks like.
+
+use crate::{
+    CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken,
+    PatchProject, RateLimit, RegisterNode, Resources, TokenScope,
+};
+
+/// A field with a value that does not fit; the message says what would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, ValidationError>;
+
+pub const VCPU_RANGE: (u32, u32) = (1, 32);
+pub const MEMORY_RANGE: (u32, u32) = (128, 65536);
+pub const INSTANCES_PER_REGION_MAX: u32 = 100;
+pub const ENV_VALUE_MAX: usize = 32 * 1024;
+pub const ENV_VARS_MAX: usize = 500;
+
+/// Names of orgs, projects and regions become hostnames: a DNS label,
+/// lowercase letters, digits and `-`, 1–63 characters, no `-` at either end.
+pub fn dns_label(field: &str, value: &str) -> Result {
+    let bad = |why: &str| {
+        Err(ValidationError::new(
+            field,
+            format!(
+                "{why}: {value:?} is not a valid name; use 1-63 lowercase letters, digits or '-', not starting or ending with '-' (e.g. \"my-app\")"
+            ),
+        ))
+    };
+    if value.is_empty() {
+        return bad("must not be empty");
+    }
+    if value.len() > 63 {
+        return bad("longer than 63 characters");
+    }
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return bad("contains a character other than a-z, 0-9 or '-'");
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return bad("starts or ends with '-'");
+    }
+    Ok(())
+}
+
+/// A fully qualified domain name such as `www.example.com`.
+pub fn domain_name(field: &str, value: &str) -> Result {
+    let msg = |why: &str| {
+        Err(ValidationError::new(
+            field,
+            format!("{why}: {value:?} is not a valid domain name (e.g. \"www.example.com\")"),
+        ))
+    };
+    if value.len() > 253 {
+        return msg("longer than 253 characters");
+    }
+    let labels: Vec<&str> = value.split('.').collect();
+    if labels.len() < 2 {
+        return msg("needs at least two labels");
+    }
+    for label in &labels {
+        if dns_label(field, label).is_err() {
+            return msg("each label must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'");
+        }
+    }
+    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return msg("the last label must not be numeric");
+    }
+    Ok(())
+}
+
+/// Free text shown to people: bounded, no control characters.
+pub fn text(field: &str, value: &str, max: usize) -> Result {
+    if value.trim().is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(ValidationError::new(field, format!("must be at most {max} characters")));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(ValidationError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+pub fn country(field: &str, value: &str) -> Result {
+    if value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{value:?} is not an ISO 3166-1 alpha-2 country code; use two uppercase letters (e.g. \"US\", \"DE\")"),
+        ))
+    }
+}
+
+pub fn resources(field: &str, r: &Resources) -> Result {
+    if !(VCPU_RANGE.0..=VCPU_RANGE.1).contains(&r.vcpu) {
+        return Err(ValidationError::new(
+            format!("{field}.vcpu"),
+            format!("{} is out of range; use {} to {}", r.vcpu, VCPU_RANGE.0, VCPU_RANGE.1),
+        ));
+    }
+    if !(MEMORY_RANGE.0..=MEMORY_RANGE.1).contains(&r.memory) {
+        return Err(ValidationError::new(
+            format!("{field}.memory"),
+            format!("{} MiB is out of range; use {} to {} MiB", r.memory, MEMORY_RANGE.0, MEMORY_RANGE.1),
+        ));
+    }
+    Ok(())
+}
+
+pub fn rate_limit(field: &str, r: &RateLimit) -> Result {
+    if r.requests_per_second == 0 || r.requests_per_second > 1_000_000 {
+        return Err(ValidationError::new(
+            format!("{field}.requests_per_second"),
+            "use 1 to 1000000",
+        ));
+    }
+    if r.burst == 0 || r.burst > 10_000_000 {
+        return Err(ValidationError::new(format!("{field}.burst"), "use 1 to 10000000"));
+    }
+    Ok(())
+}
+
+pub fn instances_per_region(field: &str, n: u32) -> Result {
+    if n == 0 || n > INSTANCES_PER_REGION_MAX {
+        return Err(ValidationError::new(
+            field,
+            format!("{n} is out of range; use 1 to {INSTANCES_PER_REGION_MAX}"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn port(field: &str, port: u16) -> Result {
+    if port == 0 {
+        return Err(ValidationError::new(field, "use a TCP port from 1 to 65535"));
+    }
+    Ok(())
+}
+
+/// `owner/repo` as GitHub spells it.
+pub fn github_repo(field: &str, value: &str) -> Result {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 100
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && p != "."
+            && p != ".."
+    };
+    match value.split_once('/') {
+        Some((owner, repo)) if ok_part(owner) && ok_part(repo) && !repo.contains('/') => Ok(()),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a GitHub repository; use \"owner/repo\" (e.g. \"acme/webapp\")"),
+        )),
+    }
+}
+
+/// A git branch name (the rules of `git check-ref-format`, simplified).
+pub fn branch(field: &str, value: &str) -> Result {
+    let bad = value.is_empty()
+        || value.len() > 255
+        || value.starts_with('/')
+        || value.ends_with('/')
+        || value.ends_with(".lock")
+        || value.starts_with('-')
+        || value.contains("..")
+        || value.contains("//")
+        || value.contains("@{")
+        || value.bytes().any(|b| b <= b' ' || b == 0x7f || b"~^:?*[\\".contains(&b));
+    if bad {
+        return Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a valid git branch name (e.g. \"main\")"),
+        ));
+    }
+    Ok(())
+}
+
+/// Environment variable names: a letter or `_`, then letters, digits or `_`.
+pub fn env_key(field: &str, key: &str) -> Result {
+    let mut bytes = key.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if !first_ok || key.len() > 255 || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(ValidationError::new(
+            field,
+            format!("{key:?} is not a valid variable name; use letters, digits and '_', not starting with a digit (e.g. \"DATABASE_URL\")"),
+        ));
+    }
+    if key.starts_with("ZEITWORK_") {
+        return Err(ValidationError::new(field, "names starting with ZEITWORK_ are reserved for the platform"));
+    }
+    Ok(())
+}
+
+pub fn env_value(field: &str, value: &str) -> Result {
+    if value.len() > ENV_VALUE_MAX {
+        return Err(ValidationError::new(field, format!("longer than {ENV_VALUE_MAX} bytes")));
+    }
+    if value.contains('\0') {
+        return Err(ValidationError::new(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// An OCI image reference: `[registry/]repository[:tag][@sha256:<64 hex>]`.
+pub fn image_reference(field: &str, value: &str) -> Result {
+    let bad = |why: &str| {
+        Err(ValidationError::new(
+            field,
+            format!("{why}: {value:?} is not an image reference; use [registry/]name[:tag][@sha256:digest] (e.g. \"ghcr.io/acme/web:1.2\")"),
+        ))
+    };
+    if value.is_empty() || value.len() > 512 {
+        return bad("must be 1-512 characters");
+    }
+    let (rest, digest) = match value.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (value, None),
+    };
+    if let Some(d) = digest {
+        let ok = d
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        if !ok {
+            return bad("the digest must be sha256: followed by 64 lowercase hex digits");
+        }
+    }
+    // A tag follows the last ':' after the last '/'.
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag {
+        let ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && !tag.starts_with(['.', '-']);
+        if !ok {
+            return bad("the tag must be 1-128 letters, digits, '_', '.' or '-'");
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let host = parts[0];
+        if host.contains('.') || host.contains(':') || host == "localhost" {
+            let ok = host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+            if !ok {
+                return bad("the registry host is not valid");
+            }
+            parts.remove(0);
+        }
+    }
+    if parts.is_empty() {
+        return bad("the repository name is missing");
+    }
+    for p in parts {
+        let ok = !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && p.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && p.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+        if !ok {
+            return bad("repository path components are lowercase letters, digits and separators");
+        }
+    }
+    Ok(())
+}
+
+pub fn commit_sha(field: &str, value: &str) -> Result {
+    if (7..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(field, format!("{value:?} is not a commit SHA; use 7 to 64 hex digits")))
+    }
+}
+
+/// The URL a node agent is reached at: `http(s)://host:port`.
+pub fn agent_address(field: &str, value: &str) -> Result {
+    let rest = value.strip_prefix("http://").or_else(|| value.strip_prefix("https://"));
+    let ok = rest.is_some_and(|r| {
+        let host_port = r.trim_end_matches('/');
+        !host_port.is_empty()
+            && !host_port.contains('/')
+            && !host_port.contains('@')
+            && host_port.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    });
+    if !ok || value.len() > 255 {
+        return Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a node agent URL; use http://HOST:PORT (e.g. \"http://10.0.0.5:8081\")"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn hostname(field: &str, value: &str) -> Result {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !ok {
+        return Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a host name; use letters, digits, '-' and '.' (e.g. \"worker-1\")"),
+        ));
+    }
+    Ok(())
+}
+
+impl CreateRegion {
+    pub fn validate(&self) -> Result {
+        dns_label("code", &self.code)?;
+        text("name", &self.name, 100)?;
+        country("country", &self.country)
+    }
+}
+
+impl RegisterNode {
+    pub fn validate(&self) -> Result {
+        hostname("hostname", &self.hostname)?;
+        dns_label("region", &self.region)?;
+        agent_address("address", &self.address)?;
+        if self.capacity.vcpu == 0 || self.capacity.vcpu > 4096 {
+            return Err(ValidationError::new("capacity.vcpu", "use 1 to 4096"));
+        }
+        if self.capacity.memory < 128 {
+            return Err(ValidationError::new("capacity.memory", "use at least 128 MiB"));
+        }
+        if let Some(rt) = &self.runtime {
+            if !["firecracker", "qemu", "container", "auto"].contains(&rt.as_str()) {
+                return Err(ValidationError::new(
+                    "runtime",
+                    format!("{rt:?} is not a runtime; use firecracker, qemu or container"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CreateOrg {
+    pub fn validate(&self) -> Result {
+        dns_label("slug", &self.slug)?;
+        if let Some(n) = &self.name {
+            text("name", n, 100)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn member_user(field: &str, user: &str) -> Result {
+    text(field, user, 254)?;
+    if user.chars().any(char::is_whitespace) {
+        return Err(ValidationError::new(field, "must not contain spaces (use an e-mail address or user name)"));
+    }
+    Ok(())
+}
+
+impl CreateProject {
+    pub fn validate(&self) -> Result {
+        dns_label("name", &self.name)?;
+        dns_label("org", &self.org)?;
+        // `<project>-<org>` is a hostname label of its own.
+        if self.name.len() + self.org.len() + 1 > 63 {
+            return Err(ValidationError::new(
+                "name",
+                "project and org names together must be at most 62 characters (they form the host <project>-<org>)",
+            ));
+        }
+        if let Some(r) = &self.github_repo {
+            github_repo("github_repo", r)?;
+        }
+        if let Some(b) = &self.branch {
+            branch("branch", b)?;
+        }
+        if let Some(p) = self.port {
+            port("port", p)?;
+        }
+        if let Some(r) = &self.resources {
+            resources("resources", r)?;
+        }
+        if let Some(n) = self.instances_per_region {
+            instances_per_region("instances_per_region", n)?;
+        }
+        if let Some(regions) = &self.regions {
+            region_list("regions", regions)?;
+        }
+        if let Some(t) = &self.image_template {
+            image_template("image_template", t)?;
+        }
+        if let Some(r) = &self.rate_limit {
+            rate_limit("rate_limit", r)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn region_list(field: &str, regions: &[String]) -> Result {
+    for (i, r) in regions.iter().enumerate() {
+        dns_label(&format!("{field}[{i}]"), r)?;
+        if regions[..i].contains(r) {
+            return Err(ValidationError::new(format!("{field}[{i}]"), format!("region {r:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+pub fn image_template(field: &str, t: &str) -> Result {
+    image_reference(field, &t.replace("{sha}", "0123456789abcdef"))
+}
+
+impl PatchProject {
+    pub fn validate(&self) -> Result {
+        if let Some(Some(r)) = &self.github_repo {
+            github_repo("github_repo", r)?;
+        }
+        if let Some(b) = &self.branch {
+            branch("branch", b)?;
+        }
+        if let Some(p) = self.port {
+            port("port", p)?;
+        }
+        if let Some(r) = &self.resources {
+            resources("resources", r)?;
+        }
+        if let Some(n) = self.instances_per_region {
+            instances_per_region("instances_per_region", n)?;
+        }
+        if let Some(regions) = &self.regions {
+            region_list("regions", regions)?;
+        }
+        if let Some(Some(t)) = &self.image_template {
+            image_template("image_template", t)?;
+        }
+        if let Some(Some(r)) = &self.rate_limit {
+            rate_limit("rate_limit", r)?;
+        }
+        Ok(())
+    }
+}
+
+impl CreateDomain {
+    pub fn validate(&self) -> Result {
+        domain_name("name", &self.name)
+    }
+}
+
+impl CreateDeployment {
+    pub fn validate(&self) -> Result {
+        dns_label("org", &self.org)?;
+        dns_label("project", &self.project)?;
+        image_reference("image", &self.image)?;
+        if let Some(s) = &self.commit_sha {
+            commit_sha("commit_sha", s)?;
+        }
+        if let Some(m) = &self.commit_message {
+            if m.len() > 4096 {
+                return Err(ValidationError::new("commit_message", "must be at most 4096 bytes"));
+            }
+        }
+        if let Some(n) = self.instances_per_region {
+            instances_per_region("instances_per_region", n)?;
+        }
+        Ok(())
+    }
+}
+
+impl CreateToken {
+    pub fn validate(&self) -> Result {
+        text("name", &self.name, 64)?;
+        if let TokenScope::Org { org, .. } = &self.scope {
+            dns_label("scope.org", org)?;
+        }
+        if let Some(d) = self.expires_in_days {
+            if d == 0 || d > 3650 {
+                return Err(ValidationError::new("expires_in_days", "use 1 to 3650"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "acme", "us-east", "a1", "1a", &"a".repeat(63)] {
+            assert!(dns_label("name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "é", &"a".repeat(64), "a b"] {
+            let e = dns_label("name", bad).unwrap_err();
+            assert_eq!(e.field, "name", "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "nginx",
+            "nginx:1.25",
+            "library/nginx:latest",
+            "ghcr.io/acme/web:sha-abc123",
+            "localhost:5000/app",
+            "127.0.0.1:5000/a/b:c",
+            "registry.example.com/a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(image_reference("image", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "UPPER/case", "a:", "a@sha256:12", "a//b", ":tag", "a b", "-a"] {
+            assert!(image_reference("image", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn domains_and_repos() {
+        assert!(domain_name("name", "www.example.com").is_ok());
+        assert!(domain_name("name", "example").is_err());
+        assert!(domain_name("name", "ex..com").is_err());
+        assert!(domain_name("name", "1.2.3.4").is_err());
+        assert!(github_repo("r", "acme/webapp").is_ok());
+        assert!(github_repo("r", "acme").is_err());
+        assert!(github_repo("r", "a/b/c").is_err());
+        assert!(branch("b", "feature/x").is_ok());
+        assert!(branch("b", "a..b").is_err());
+        assert!(env_key("k", "DATABASE_URL").is_ok());
+        assert!(env_key("k", "1X").is_err());
+        assert!(env_key("k", "ZEITWORK_X").is_err());
+    }
+
+    #[test]
+    fn resource_ranges() {
+        assert!(resources("resources", &Resources { vcpu: 1, memory: 128 }).is_ok());
+        assert!(resources("resources", &Resources { vcpu: 32, memory: 65536 }).is_ok());
+        assert_eq!(resources("resources", &Resources { vcpu: 0, memory: 256 }).unwrap_err().field, "resources.vcpu");
+        assert_eq!(resources("resources", &Resources { vcpu: 33, memory: 256 }).unwrap_err().field, "resources.vcpu");
+        assert_eq!(resources("resources", &Resources { vcpu: 1, memory: 127 }).unwrap_err().field, "resources.memory");
+        assert_eq!(resources("resources", &Resources { vcpu: 1, memory: 65537 }).unwrap_err().field, "resources.memory");
+    }
+}

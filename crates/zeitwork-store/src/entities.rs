@@ -1,0 +1,1296 @@
+//! Queries per entity. Each public method is one transaction when it writes.
+
+use std::collections::BTreeMap;
+
+use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
+use zeitwork_api_types::{
+    Capacity, ClusterRole, CreateRegion, Deployment, DeploymentStatus, Domain, Environment,
+    Event, Member, Node, NodeStatus, Org, PatchProject, Project, RateLimit, Region,
+    RegisterNode, Resources, Role, Token, TokenScope,
+};
+
+use crate::{
+    is_fk_violation, is_unique_violation, nanoid, now_ms, paginate, ts, Arg, Audit, Listing,
+    Page, Result, RowExt, Sql, Store, StoreError,
+};
+
+/// Instance statuses that still hold resources on their node.
+const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
+
+async fn append_event(conn: &mut AnyConnection, audit: &Audit, result: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO events (at, actor, action, target, org, project, result, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(now_ms())
+    .bind(&audit.actor)
+    .bind(&audit.action)
+    .bind(&audit.target)
+    .bind(audit.org.clone())
+    .bind(audit.project.clone())
+    .bind(result)
+    .bind(audit.detail.as_ref().map(|d| d.to_string()))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ regions
+
+fn region_from(row: &AnyRow) -> Result<Region> {
+    Ok(Region {
+        id: row.text("id")?,
+        code: row.text("code")?,
+        name: row.text("name")?,
+        country: row.text("country")?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+// ------------------------------------------------------------------ nodes
+
+const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
+    n.runtime, n.last_heartbeat, n.created_at, \
+    (SELECT COUNT(*) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS inst_count, \
+    (SELECT CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_vcpu, \
+    (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
+    FROM nodes n WHERE 1 = 1";
+
+fn node_from(row: &AnyRow) -> Result<Node> {
+    Ok(Node {
+        id: row.text("id")?,
+        hostname: row.text("hostname")?,
+        region: row.text("region")?,
+        address: row.text("address")?,
+        status: row.parsed("status", NodeStatus::parse)?,
+        capacity: Capacity { vcpu: row.int("vcpu")? as u32, memory: row.int("memory")? as u32 },
+        allocated: Capacity {
+            vcpu: row.int("alloc_vcpu")? as u32,
+            memory: row.int("alloc_memory")? as u32,
+        },
+        instances: row.int("inst_count")? as u64,
+        runtime: row.text("runtime")?,
+        last_heartbeat: row.opt_int("last_heartbeat")?.map(ts),
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+// ------------------------------------------------------------------ orgs
+
+fn org_from(row: &AnyRow) -> Result<Org> {
+    Ok(Org {
+        id: row.text("id")?,
+        slug: row.text("slug")?,
+        name: row.text("name")?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+fn member_from(row: &AnyRow) -> Result<Member> {
+    Ok(Member {
+        org: row.text("slug")?,
+        user: row.text("user_name")?,
+        role: row.parsed("role", Role::parse)?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+// ------------------------------------------------------------------ projects
+
+/// A project to create, with every default already resolved.
+#[derive(Debug, Clone)]
+pub struct NewProject {
+    pub org: String,
+    pub name: String,
+    pub github_repo: Option<String>,
+    pub branch: String,
+    pub auto_deploy: bool,
+    pub port: u16,
+    pub resources: Resources,
+    pub instances_per_region: u32,
+    /// `None`: every region known at creation time.
+    pub regions: Option<Vec<String>>,
+    pub image_template: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
+    p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
+    p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+
+fn project_from(row: &AnyRow) -> Result<Project> {
+    let json = |col: &str| -> Result<Option<serde_json::Value>> {
+        row.opt_text(col)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("column {col}: {e}"))))
+            .transpose()
+    };
+    let from_json = |col: &str| -> Result<Option<serde_json::Value>> { json(col) };
+    let regions: Vec<String> = from_json("regions")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("column regions: {e}")))?
+        .unwrap_or_default();
+    let rate_limit: Option<RateLimit> = from_json("rate_limit")?
+        .filter(|v| !v.is_null())
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("column rate_limit: {e}")))?;
+    let current: BTreeMap<String, String> = from_json("current_deployments")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("column current_deployments: {e}")))?
+        .unwrap_or_default();
+    Ok(Project {
+        id: row.text("id")?,
+        org: row.text("org_slug")?,
+        name: row.text("name")?,
+        github_repo: row.opt_text("github_repo")?,
+        branch: row.text("branch")?,
+        auto_deploy: row.int("auto_deploy")? != 0,
+        port: row.int("port")? as u16,
+        resources: Resources { vcpu: row.int("vcpu")? as u32, memory: row.int("memory")? as u32 },
+        instances_per_region: row.int("instances_per_region")? as u32,
+        regions,
+        image_template: row.opt_text("image_template")?,
+        rate_limit,
+        current_deployment: current,
+        created_at: ts(row.int("created_at")?),
+        updated_at: ts(row.int("updated_at")?),
+    })
+}
+
+/// An environment variable as stored: the value is ciphertext.
+#[derive(Debug, Clone)]
+pub struct StoredEnvVar {
+    pub key: String,
+    pub value_enc: String,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+// ------------------------------------------------------------------ domains
+
+fn domain_from(row: &AnyRow) -> Result<Domain> {
+    Ok(Domain {
+        name: row.text("name")?,
+        org: row.text("org_slug")?,
+        project: row.text("project_name")?,
+        environment: row.parsed("environment", Environment::parse)?,
+        verified: row.int("verified")? != 0,
+        certificate: row.text("certificate")?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+// ------------------------------------------------------------------ deployments
+
+/// A deployment to record, with its id and URL already chosen.
+#[derive(Debug, Clone)]
+pub struct NewDeployment {
+    pub id: String,
+    pub project_id: String,
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub image: String,
+    pub commit_sha: Option<String>,
+    pub commit_message: Option<String>,
+    pub instances_per_region: u32,
+    pub url: String,
+    pub created_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeploymentFilter {
+    pub org: Option<String>,
+    /// Only these orgs (for tokens scoped to one org).
+    pub orgs_visible: Option<Vec<String>>,
+    pub project: Option<String>,
+    pub status: Option<DeploymentStatus>,
+    pub environment: Option<Environment>,
+}
+
+fn deployment_from(row: &AnyRow) -> Result<Deployment> {
+    Ok(Deployment {
+        id: row.text("id")?,
+        org: row.text("org")?,
+        project: row.text("project")?,
+        environment: row.parsed("environment", Environment::parse)?,
+        image: row.text("image")?,
+        image_digest: row.opt_text("image_digest")?,
+        commit_sha: row.opt_text("commit_sha")?,
+        commit_message: row.opt_text("commit_message")?,
+        instances_per_region: row.int("instances_per_region")? as u32,
+        status: row.parsed("status", DeploymentStatus::parse)?,
+        reason: row.opt_text("reason")?,
+        url: row.text("url")?,
+        created_by: row.opt_text("created_by")?,
+        created_at: ts(row.int("created_at")?),
+        updated_at: ts(row.int("updated_at")?),
+    })
+}
+
+// ------------------------------------------------------------------ events
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub org: Option<String>,
+    pub orgs_visible: Option<Vec<String>>,
+    pub project: Option<String>,
+    pub action: Option<String>,
+    pub result: Option<String>,
+}
+
+fn event_from(row: &AnyRow) -> Result<Event> {
+    Ok(Event {
+        id: row.int("id")?,
+        at: ts(row.int("at")?),
+        actor: row.text("actor")?,
+        action: row.text("action")?,
+        target: row.text("target")?,
+        org: row.opt_text("org")?,
+        project: row.opt_text("project")?,
+        result: row.text("result")?,
+        detail: row.opt_text("detail")?.and_then(|d| serde_json::from_str(&d).ok()),
+    })
+}
+
+// ------------------------------------------------------------------ tokens
+
+/// A token as stored: its public part and the SHA-256 of its secret.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    pub token: Token,
+    pub secret_hash: String,
+}
+
+fn token_from(row: &AnyRow) -> Result<StoredToken> {
+    let kind = row.text("scope_kind")?;
+    let scope = match kind.as_str() {
+        "admin" => TokenScope::Admin,
+        "org" => TokenScope::Org {
+            org: row.opt_text("scope_org")?.ok_or_else(|| StoreError::Corrupt("token without org".into()))?,
+            role: row.parsed("scope_role", Role::parse)?,
+        },
+        "cluster" => TokenScope::Cluster { role: row.parsed("scope_role", ClusterRole::parse)? },
+        other => return Err(StoreError::Corrupt(format!("token scope {other:?}"))),
+    };
+    Ok(StoredToken {
+        token: Token {
+            id: row.text("id")?,
+            name: row.text("name")?,
+            scope,
+            read_only: row.int("read_only")? != 0,
+            created_by: row.opt_text("created_by")?,
+            created_at: ts(row.int("created_at")?),
+            expires_at: row.opt_int("expires_at")?.map(ts),
+        },
+        secret_hash: row.text("secret_hash")?,
+    })
+}
+
+fn scope_columns(scope: &TokenScope) -> (&'static str, Option<String>, Option<String>) {
+    match scope {
+        TokenScope::Admin => ("admin", None, None),
+        TokenScope::Org { org, role } => ("org", Some(org.clone()), Some(role.as_str().to_owned())),
+        TokenScope::Cluster { role } => ("cluster", None, Some(role.as_str().to_owned())),
+    }
+}
+
+fn limit_arg(page: &Page) -> Arg {
+    Arg::Int(i64::from(page.limit) + 1)
+}
+
+impl Store {
+    // ============================================================== events
+
+    /// Records a call that changed nothing (e.g. a denied one).
+    pub async fn record_event(&self, audit: &Audit, result: &str) -> Result<()> {
+        let mut conn = self.writer.acquire().await?;
+        append_event(&mut conn, audit, result).await
+    }
+
+    pub async fn list_events(&self, filter: &EventFilter, page: &Page) -> Result<Listing<Event>> {
+        let mut q = Sql::new("SELECT * FROM events WHERE 1 = 1");
+        if let Some(org) = &filter.org {
+            q.and("org = ?", Arg::Text(org.clone()));
+        }
+        if let Some(orgs) = &filter.orgs_visible {
+            in_list(&mut q, "org", orgs);
+        }
+        if let Some(p) = &filter.project {
+            q.and("project = ?", Arg::Text(p.clone()));
+        }
+        if let Some(a) = &filter.action {
+            q.and("action = ?", Arg::Text(a.clone()));
+        }
+        if let Some(r) = &filter.result {
+            q.and("result = ?", Arg::Text(r.clone()));
+        }
+        if let Some(c) = &page.cursor {
+            let id: i64 = c.parse().map_err(|_| StoreError::Invalid {
+                field: "cursor".into(),
+                message: "not a cursor this list returned".into(),
+            })?;
+            q.and("id < ?", Arg::Int(id));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY id DESC LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(event_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |e| e.id.to_string()))
+    }
+
+    // ============================================================== regions
+
+    pub async fn create_region(&self, r: &CreateRegion, audit: &Audit) -> Result<Region> {
+        let region = Region {
+            id: format!("reg_{}", nanoid(12)),
+            code: r.code.clone(),
+            name: r.name.clone(),
+            country: r.country.clone(),
+            created_at: ts(now_ms()),
+        };
+        let mut tx = self.writer.begin().await?;
+        let res = sqlx::query("INSERT INTO regions (id, code, name, country, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&region.id)
+            .bind(&region.code)
+            .bind(&region.name)
+            .bind(&region.country)
+            .bind(region.created_at.timestamp_millis())
+            .execute(&mut *tx)
+            .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!("region {:?} already exists", r.code)))
+            }
+            r => r?,
+        };
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(region)
+    }
+
+    pub async fn list_regions(&self, page: &Page) -> Result<Listing<Region>> {
+        let mut q = Sql::new("SELECT * FROM regions WHERE 1 = 1");
+        if let Some(c) = &page.cursor {
+            q.and("code > ?", Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY code LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(region_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |r| r.code.clone()))
+    }
+
+    pub async fn get_region(&self, code: &str) -> Result<Region> {
+        let row = sqlx::query("SELECT * FROM regions WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("region {code:?} does not exist")))?;
+        region_from(&row)
+    }
+
+    pub async fn delete_region(&self, code: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let nodes: i64 = sqlx::query("SELECT COUNT(*) AS c FROM nodes WHERE region = $1")
+            .bind(code)
+            .fetch_one(&mut *tx)
+            .await?
+            .int("c")?;
+        if nodes > 0 {
+            return Err(StoreError::Conflict(format!(
+                "region {code:?} still has {nodes} node(s); delete them first"
+            )));
+        }
+        let pattern = format!("%\"{code}\"%");
+        let projects: i64 = sqlx::query("SELECT COUNT(*) AS c FROM projects WHERE regions LIKE $1")
+            .bind(pattern)
+            .fetch_one(&mut *tx)
+            .await?
+            .int("c")?;
+        if projects > 0 {
+            return Err(StoreError::Conflict(format!(
+                "region {code:?} is used by {projects} project(s); remove it from their regions first"
+            )));
+        }
+        let done = sqlx::query("DELETE FROM regions WHERE code = $1").bind(code).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("region {code:?} does not exist")));
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== nodes
+
+    /// Registers a node, or updates the one with the same hostname.
+    /// Returns the node and whether it was new.
+    pub async fn register_node(&self, r: &RegisterNode, audit: &Audit) -> Result<(Node, bool)> {
+        let runtime = r.runtime.clone().unwrap_or_else(|| "container".to_owned());
+        let mut tx = self.writer.begin().await?;
+        let region = sqlx::query("SELECT code FROM regions WHERE code = $1")
+            .bind(&r.region)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if region.is_none() {
+            return Err(StoreError::Invalid {
+                field: "region".into(),
+                message: format!("region {:?} does not exist; create it first (POST /api/v1/regions)", r.region),
+            });
+        }
+        let existing = sqlx::query(&format!("SELECT id FROM nodes WHERE hostname = $1{}", self.for_update()))
+            .bind(&r.hostname)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let now = now_ms();
+        let (id, created) = match existing {
+            Some(row) => {
+                let id = row.text("id")?;
+                sqlx::query(
+                    "UPDATE nodes SET region = $1, address = $2, vcpu = $3, memory = $4, runtime = $5, \
+                     last_heartbeat = $6, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END WHERE id = $7",
+                )
+                .bind(&r.region)
+                .bind(&r.address)
+                .bind(i64::from(r.capacity.vcpu))
+                .bind(i64::from(r.capacity.memory))
+                .bind(&runtime)
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                (id, false)
+            }
+            None => {
+                let id = format!("node_{}", nanoid(12));
+                let res = sqlx::query(
+                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at) \
+                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9)",
+                )
+                .bind(&id)
+                .bind(&r.hostname)
+                .bind(&r.region)
+                .bind(&r.address)
+                .bind(i64::from(r.capacity.vcpu))
+                .bind(i64::from(r.capacity.memory))
+                .bind(&runtime)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                match res {
+                    Err(e) if is_unique_violation(&e) => {
+                        // Another registration of this hostname won the race; it is the same node.
+                        drop(tx);
+                        let node = self.get_node_by_hostname(&r.hostname).await?;
+                        return Ok((node, false));
+                    }
+                    r => r?,
+                };
+                (id, true)
+            }
+        };
+        let mut audit = audit.clone();
+        audit.target = r.hostname.clone();
+        audit.action = if created { "node.register" } else { "node.update" }.into();
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        Ok((self.get_node(&id).await?, created))
+    }
+
+    pub async fn list_nodes(&self, page: &Page) -> Result<Listing<Node>> {
+        let mut q = Sql::new(NODE_SELECT);
+        if let Some(c) = &page.cursor {
+            q.and("n.hostname > ?", Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY n.hostname LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(node_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |n| n.hostname.clone()))
+    }
+
+    pub async fn get_node(&self, id: &str) -> Result<Node> {
+        let mut q = Sql::new(NODE_SELECT);
+        q.and("n.id = ?", Arg::Text(id.to_owned()));
+        let row = q
+            .query()
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        node_from(&row)
+    }
+
+    async fn get_node_by_hostname(&self, hostname: &str) -> Result<Node> {
+        let mut q = Sql::new(NODE_SELECT);
+        q.and("n.hostname = ?", Arg::Text(hostname.to_owned()));
+        let row = q
+            .query()
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {hostname:?} does not exist")))?;
+        node_from(&row)
+    }
+
+    /// Records a heartbeat; a node marked down comes back as ready.
+    pub async fn node_heartbeat(&self, id: &str) -> Result<Node> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_heartbeat = $1, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END WHERE id = $2",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("node {id:?} does not exist; register it again")));
+        }
+        self.get_node(id).await
+    }
+
+    /// Marks a node draining (or drained at once when it holds no instances).
+    pub async fn drain_node(&self, id: &str, audit: &Audit) -> Result<Node> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT hostname FROM nodes WHERE id = $1{}", self.for_update()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        let hostname = row.text("hostname")?;
+        let live: i64 = sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .int("c")?;
+        let status = if live == 0 { NodeStatus::Drained } else { NodeStatus::Draining };
+        sqlx::query("UPDATE nodes SET status = $1 WHERE id = $2")
+            .bind(status.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let mut audit = audit.clone();
+        audit.target = hostname;
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        self.get_node(id).await
+    }
+
+    pub async fn delete_node(&self, id: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT hostname FROM nodes WHERE id = $1{}", self.for_update()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        let live: i64 = sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .int("c")?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "node {id:?} still runs {live} instance(s); drain it first (POST /api/v1/nodes/{id}/drain) and wait until it has none"
+            )));
+        }
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let mut audit = audit.clone();
+        audit.target = row.text("hostname")?;
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== orgs
+
+    /// Creates an organisation; `owner`, when given, becomes its first Owner.
+    pub async fn create_org(&self, slug: &str, name: &str, owner: Option<&str>, audit: &Audit) -> Result<Org> {
+        let org = Org { id: format!("org_{}", nanoid(12)), slug: slug.to_owned(), name: name.to_owned(), created_at: ts(now_ms()) };
+        let mut tx = self.writer.begin().await?;
+        let res = sqlx::query("INSERT INTO orgs (id, slug, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&org.id)
+            .bind(&org.slug)
+            .bind(&org.name)
+            .bind(org.created_at.timestamp_millis())
+            .execute(&mut *tx)
+            .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!("organisation {slug:?} already exists")))
+            }
+            r => r?,
+        };
+        if let Some(owner) = owner {
+            sqlx::query("INSERT INTO members (org_id, user_name, role, created_at) VALUES ($1, $2, 'owner', $3)")
+                .bind(&org.id)
+                .bind(owner)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(org)
+    }
+
+    pub async fn list_orgs(&self, only: Option<&[String]>, page: &Page) -> Result<Listing<Org>> {
+        let mut q = Sql::new("SELECT * FROM orgs WHERE 1 = 1");
+        if let Some(only) = only {
+            in_list(&mut q, "slug", only);
+        }
+        if let Some(c) = &page.cursor {
+            q.and("slug > ?", Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY slug LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(org_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |o| o.slug.clone()))
+    }
+
+    pub async fn get_org(&self, slug: &str) -> Result<Org> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("organisation {slug:?} does not exist")))?;
+        org_from(&row)
+    }
+
+    pub async fn list_members(&self, org: &str) -> Result<Vec<Member>> {
+        let org = self.get_org(org).await?;
+        let rows = sqlx::query(
+            "SELECT o.slug, m.user_name, m.role, m.created_at FROM members m JOIN orgs o ON o.id = m.org_id \
+             WHERE m.org_id = $1 ORDER BY m.user_name",
+        )
+        .bind(&org.id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(member_from).collect()
+    }
+
+    /// Adds a member or changes their role; returns the member and whether it is new.
+    pub async fn put_member(&self, org: &str, user: &str, role: Role, audit: &Audit) -> Result<(Member, bool)> {
+        let org = self.get_org(org).await?;
+        let mut tx = self.writer.begin().await?;
+        let existing = sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
+            .bind(&org.id)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let now = now_ms();
+        let created = match existing {
+            Some(row) => {
+                let old = row.parsed("role", Role::parse)?;
+                if old == Role::Owner && role != Role::Owner {
+                    ensure_other_owner(&mut tx, &org.id, user).await?;
+                }
+                sqlx::query("UPDATE members SET role = $1 WHERE org_id = $2 AND user_name = $3")
+                    .bind(role.as_str())
+                    .bind(&org.id)
+                    .bind(user)
+                    .execute(&mut *tx)
+                    .await?;
+                false
+            }
+            None => {
+                sqlx::query("INSERT INTO members (org_id, user_name, role, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&org.id)
+                    .bind(user)
+                    .bind(role.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| {
+                        if is_unique_violation(&e) {
+                            StoreError::Conflict(format!("{user:?} was added concurrently; retry"))
+                        } else {
+                            e.into()
+                        }
+                    })?;
+                true
+            }
+        };
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        let member = self
+            .list_members(&org.slug)
+            .await?
+            .into_iter()
+            .find(|m| m.user == user)
+            .ok_or_else(|| StoreError::NotFound(format!("member {user:?} vanished")))?;
+        Ok((member, created))
+    }
+
+    pub async fn get_member_role(&self, org: &str, user: &str) -> Result<Option<Role>> {
+        let row = sqlx::query(
+            "SELECT m.role FROM members m JOIN orgs o ON o.id = m.org_id WHERE o.slug = $1 AND m.user_name = $2",
+        )
+        .bind(org)
+        .bind(user)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| r.parsed("role", Role::parse)).transpose()
+    }
+
+    pub async fn remove_member(&self, org: &str, user: &str, audit: &Audit) -> Result<()> {
+        let org = self.get_org(org).await?;
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
+            .bind(&org.id)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("{user:?} is not a member of {:?}", org.slug)))?;
+        if row.parsed("role", Role::parse)? == Role::Owner {
+            ensure_other_owner(&mut tx, &org.id, user).await?;
+        }
+        sqlx::query("DELETE FROM members WHERE org_id = $1 AND user_name = $2")
+            .bind(&org.id)
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== projects
+
+    pub async fn create_project(&self, p: &NewProject, audit: &Audit) -> Result<Project> {
+        let org = self.get_org(&p.org).await?;
+        let mut tx = self.writer.begin().await?;
+        let known: Vec<String> = sqlx::query("SELECT code FROM regions ORDER BY code")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.text("code"))
+            .collect::<Result<_>>()?;
+        let regions = match &p.regions {
+            Some(list) => {
+                check_regions("regions", list, &known)?;
+                list.clone()
+            }
+            None => known,
+        };
+        let id = format!("prj_{}", nanoid(12));
+        let now = now_ms();
+        let res = sqlx::query(
+            "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
+             instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15)",
+        )
+        .bind(&id)
+        .bind(&org.id)
+        .bind(&p.name)
+        .bind(p.github_repo.clone())
+        .bind(&p.branch)
+        .bind(i64::from(p.auto_deploy))
+        .bind(i64::from(p.port))
+        .bind(i64::from(p.resources.vcpu))
+        .bind(i64::from(p.resources.memory))
+        .bind(i64::from(p.instances_per_region))
+        .bind(serde_json::to_string(&regions).unwrap_or_default())
+        .bind(p.image_template.clone())
+        .bind(p.rate_limit.map(|r| serde_json::to_string(&r).unwrap_or_default()))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "project {:?} already exists in organisation {:?}",
+                    p.name, p.org
+                )))
+            }
+            r => r?,
+        };
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.get_project(&p.org, &p.name).await
+    }
+
+    pub async fn list_projects(&self, org: Option<&str>, orgs_visible: Option<&[String]>, page: &Page) -> Result<Listing<Project>> {
+        let mut q = Sql::new(PROJECT_SELECT);
+        if let Some(org) = org {
+            q.and("o.slug = ?", Arg::Text(org.to_owned()));
+        }
+        if let Some(orgs) = orgs_visible {
+            in_list(&mut q, "o.slug", orgs);
+        }
+        if let Some(c) = &page.cursor {
+            q.and("(o.slug || '/' || p.name) > ?", Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY (o.slug || '/' || p.name) LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(project_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |p| format!("{}/{}", p.org, p.name)))
+    }
+
+    pub async fn get_project(&self, org: &str, name: &str) -> Result<Project> {
+        let mut q = Sql::new(PROJECT_SELECT);
+        q.and("o.slug = ?", Arg::Text(org.to_owned()));
+        q.and("p.name = ?", Arg::Text(name.to_owned()));
+        match q.query().fetch_optional(&self.reader).await? {
+            Some(row) => project_from(&row),
+            None => {
+                self.get_org(org).await?;
+                Err(StoreError::NotFound(format!("project {name:?} does not exist in organisation {org:?}")))
+            }
+        }
+    }
+
+    pub async fn update_project(&self, org: &str, name: &str, patch: &PatchProject, audit: &Audit) -> Result<Project> {
+        let current = self.get_project(org, name).await?;
+        let mut tx = self.writer.begin().await?;
+        // Lock the row, then re-read inside the transaction.
+        sqlx::query(&format!("SELECT id FROM projects WHERE id = $1{}", self.for_update()))
+            .bind(&current.id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("project {name:?} does not exist in organisation {org:?}")))?;
+        let mut q = Sql::new("UPDATE projects SET updated_at = ");
+        let now = q.arg(Arg::Int(now_ms()));
+        q.push(&now);
+        let set = |q: &mut Sql, col: &str, a: Arg| {
+            let p = q.arg(a);
+            q.push(&format!(", {col} = {p}"));
+        };
+        let set_opt = |q: &mut Sql, col: &str, v: &Option<String>| match v {
+            Some(s) => {
+                let p = q.arg(Arg::Text(s.clone()));
+                q.push(&format!(", {col} = {p}"));
+            }
+            None => {
+                q.push(&format!(", {col} = NULL"));
+            }
+        };
+        if let Some(v) = &patch.github_repo {
+            set_opt(&mut q, "github_repo", v);
+        }
+        if let Some(v) = &patch.image_template {
+            set_opt(&mut q, "image_template", v);
+        }
+        if let Some(v) = &patch.rate_limit {
+            set_opt(&mut q, "rate_limit", &v.map(|r| serde_json::to_string(&r).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.branch {
+            set(&mut q, "branch", Arg::Text(v.clone()));
+        }
+        if let Some(v) = patch.auto_deploy {
+            set(&mut q, "auto_deploy", Arg::Int(i64::from(v)));
+        }
+        if let Some(v) = patch.port {
+            set(&mut q, "port", Arg::Int(i64::from(v)));
+        }
+        if let Some(v) = patch.resources {
+            set(&mut q, "vcpu", Arg::Int(i64::from(v.vcpu)));
+            set(&mut q, "memory", Arg::Int(i64::from(v.memory)));
+        }
+        if let Some(v) = patch.instances_per_region {
+            set(&mut q, "instances_per_region", Arg::Int(i64::from(v)));
+        }
+        if let Some(regions) = &patch.regions {
+            let known: Vec<String> = sqlx::query("SELECT code FROM regions")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.text("code"))
+                .collect::<Result<_>>()?;
+            check_regions("regions", regions, &known)?;
+            set(&mut q, "regions", Arg::Text(serde_json::to_string(regions).unwrap_or_default()));
+        }
+        let id_p = q.arg(Arg::Text(current.id.clone()));
+        q.push(&format!(" WHERE id = {id_p}"));
+        q.query().execute(&mut *tx).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.get_project(org, name).await
+    }
+
+    pub async fn delete_project(&self, org: &str, name: &str, audit: &Audit) -> Result<()> {
+        let project = self.get_project(org, name).await?;
+        let mut tx = self.writer.begin().await?;
+        let live: i64 = sqlx::query(
+            "SELECT COUNT(*) AS c FROM instances i JOIN deployments d ON d.id = i.deployment_id \
+             WHERE d.project_id = $1 AND i.status NOT IN ('stopped', 'failed', 'exited')",
+        )
+        .bind(&project.id)
+        .fetch_one(&mut *tx)
+        .await?
+        .int("c")?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "project {name:?} still runs {live} instance(s); stop its deployments first"
+            )));
+        }
+        sqlx::query("DELETE FROM env_vars WHERE project_id = $1").bind(&project.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM domains WHERE project_id = $1").bind(&project.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM projects WHERE id = $1").bind(&project.id).execute(&mut *tx).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== env vars
+
+    pub async fn list_env(&self, project_id: &str) -> Result<Vec<StoredEnvVar>> {
+        let rows = sqlx::query("SELECT key, value_enc, updated_at FROM env_vars WHERE project_id = $1 ORDER BY key")
+            .bind(project_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEnvVar { key: r.text("key")?, value_enc: r.text("value_enc")?, updated_at: ts(r.int("updated_at")?) })
+            })
+            .collect()
+    }
+
+    /// Replaces every variable of a project with `vars` (already encrypted), atomically.
+    pub async fn replace_env(&self, project_id: &str, vars: &[(String, String)], audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM env_vars WHERE project_id = $1").bind(project_id).execute(&mut *tx).await?;
+        let now = now_ms();
+        for (k, v) in vars {
+            sqlx::query("INSERT INTO env_vars (project_id, key, value_enc, updated_at) VALUES ($1, $2, $3, $4)")
+                .bind(project_id)
+                .bind(k)
+                .bind(v)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| fk_to_not_found(e, "project was deleted"))?;
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sets one variable (already encrypted); returns whether it is new.
+    pub async fn put_env(&self, project_id: &str, key: &str, value_enc: &str, max_vars: usize, audit: &Audit) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let updated = sqlx::query("UPDATE env_vars SET value_enc = $1, updated_at = $2 WHERE project_id = $3 AND key = $4")
+            .bind(value_enc)
+            .bind(now)
+            .bind(project_id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            let count: i64 = sqlx::query("SELECT COUNT(*) AS c FROM env_vars WHERE project_id = $1")
+                .bind(project_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .int("c")?;
+            if count as usize >= max_vars {
+                return Err(StoreError::Conflict(format!("a project holds at most {max_vars} variables; delete some first")));
+            }
+            sqlx::query("INSERT INTO env_vars (project_id, key, value_enc, updated_at) VALUES ($1, $2, $3, $4)")
+                .bind(project_id)
+                .bind(key)
+                .bind(value_enc)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::Conflict(format!("{key} was set concurrently; retry"))
+                    } else {
+                        fk_to_not_found(e, "project was deleted")
+                    }
+                })?;
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(updated == 0)
+    }
+
+    pub async fn delete_env(&self, project_id: &str, key: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query("DELETE FROM env_vars WHERE project_id = $1 AND key = $2")
+            .bind(project_id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("variable {key:?} is not set")));
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== domains
+
+    pub async fn list_domains(&self, project_id: &str) -> Result<Vec<Domain>> {
+        let rows = sqlx::query(
+            "SELECT d.*, o.slug AS org_slug, p.name AS project_name FROM domains d JOIN projects p ON p.id = d.project_id \
+             JOIN orgs o ON o.id = p.org_id WHERE d.project_id = $1 ORDER BY d.name",
+        )
+        .bind(project_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(domain_from).collect()
+    }
+
+    pub async fn create_domain(&self, project_id: &str, name: &str, env: Environment, audit: &Audit) -> Result<Domain> {
+        let mut tx = self.writer.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO domains (name, project_id, environment, verified, certificate, created_at) VALUES ($1, $2, $3, 0, 'none', $4)",
+        )
+        .bind(name)
+        .bind(project_id)
+        .bind(env.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!("domain {name:?} is already registered to a project")))
+            }
+            r => r.map_err(|e| fk_to_not_found(e, "project was deleted"))?,
+        };
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.list_domains(project_id)
+            .await?
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| StoreError::NotFound(format!("domain {name:?} vanished")))
+    }
+
+    pub async fn delete_domain(&self, project_id: &str, name: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query("DELETE FROM domains WHERE project_id = $1 AND name = $2")
+            .bind(project_id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("domain {name:?} is not registered to this project")));
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ============================================================== deployments
+
+    pub async fn create_deployment(&self, d: &NewDeployment, audit: &Audit) -> Result<Deployment> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO deployments (id, project_id, org, project, environment, image, commit_sha, commit_message, \
+             instances_per_region, status, url, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13)",
+        )
+        .bind(&d.id)
+        .bind(&d.project_id)
+        .bind(&d.org)
+        .bind(&d.project)
+        .bind(d.environment.as_str())
+        .bind(&d.image)
+        .bind(d.commit_sha.clone())
+        .bind(d.commit_message.clone())
+        .bind(i64::from(d.instances_per_region))
+        .bind(&d.url)
+        .bind(d.created_by.clone())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("deployment id {:?} is taken; retry", d.id))
+            } else {
+                e.into()
+            }
+        })?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.get_deployment(&d.id).await
+    }
+
+    pub async fn get_deployment(&self, id: &str) -> Result<Deployment> {
+        let row = sqlx::query("SELECT * FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        deployment_from(&row)
+    }
+
+    pub async fn list_deployments(&self, f: &DeploymentFilter, page: &Page) -> Result<Listing<Deployment>> {
+        let mut q = Sql::new("SELECT * FROM deployments WHERE 1 = 1");
+        if let Some(v) = &f.org {
+            q.and("org = ?", Arg::Text(v.clone()));
+        }
+        if let Some(orgs) = &f.orgs_visible {
+            in_list(&mut q, "org", orgs);
+        }
+        if let Some(v) = &f.project {
+            q.and("project = ?", Arg::Text(v.clone()));
+        }
+        if let Some(v) = f.status {
+            q.and("status = ?", Arg::Text(v.as_str().to_owned()));
+        }
+        if let Some(v) = f.environment {
+            q.and("environment = ?", Arg::Text(v.as_str().to_owned()));
+        }
+        if let Some(c) = &page.cursor {
+            let (at, id) = c
+                .split_once('_')
+                .and_then(|(a, i)| Some((a.parse::<i64>().ok()?, i.to_owned())))
+                .ok_or_else(|| StoreError::Invalid { field: "cursor".into(), message: "not a cursor this list returned".into() })?;
+            let a1 = q.arg(Arg::Int(at));
+            let a2 = q.arg(Arg::Int(at));
+            let i = q.arg(Arg::Text(id));
+            q.push(&format!(" AND (created_at < {a1} OR (created_at = {a2} AND id < {i}))"));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY created_at DESC, id DESC LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(deployment_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |d| format!("{}_{}", d.created_at.timestamp_millis(), d.id)))
+    }
+
+    // ============================================================== tokens
+
+    pub async fn create_token(&self, t: &StoredToken, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_token(&mut tx, t).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores the first admin token unless one was bootstrapped before.
+    /// Returns false when the platform already has its first admin token.
+    pub async fn bootstrap_admin_token(&self, t: &StoredToken) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let res = sqlx::query("INSERT INTO bootstrap (key, value) VALUES ('admin_token', $1)")
+            .bind(&t.token.id)
+            .execute(&mut *tx)
+            .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => return Ok(false),
+            r => r?,
+        };
+        insert_token(&mut tx, t).await?;
+        append_event(&mut tx, &Audit::new("system", "token.bootstrap", &t.token.id), "ok").await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn get_token(&self, id: &str) -> Result<StoredToken> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("token {id:?} does not exist")))?;
+        token_from(&row)
+    }
+
+    pub async fn list_tokens(&self, org: Option<&str>, page: &Page) -> Result<Listing<Token>> {
+        let mut q = Sql::new("SELECT * FROM tokens WHERE 1 = 1");
+        if let Some(org) = org {
+            q.and("scope_org = ?", Arg::Text(org.to_owned()));
+        }
+        if let Some(c) = &page.cursor {
+            q.and("id > ?", Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY id LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(|r| token_from(r).map(|t| t.token)).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |t| t.id.clone()))
+    }
+
+    pub async fn delete_token(&self, id: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query("DELETE FROM tokens WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("token {id:?} does not exist")));
+        }
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn insert_token(conn: &mut AnyConnection, t: &StoredToken) -> Result<()> {
+    let (kind, org, role) = scope_columns(&t.token.scope);
+    sqlx::query(
+        "INSERT INTO tokens (id, name, secret_hash, scope_kind, scope_org, scope_role, read_only, created_by, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&t.token.id)
+    .bind(&t.token.name)
+    .bind(&t.secret_hash)
+    .bind(kind)
+    .bind(org)
+    .bind(role)
+    .bind(i64::from(t.token.read_only))
+    .bind(t.token.created_by.clone())
+    .bind(t.token.created_at.timestamp_millis())
+    .bind(t.token.expires_at.map(|e| e.timestamp_millis()))
+    .execute(conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict("token id collision; retry".into())
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(())
+}
+
+async fn ensure_other_owner(conn: &mut AnyConnection, org_id: &str, user: &str) -> Result<()> {
+    let owners: i64 = sqlx::query("SELECT COUNT(*) AS c FROM members WHERE org_id = $1 AND role = 'owner' AND user_name <> $2")
+        .bind(org_id)
+        .bind(user)
+        .fetch_one(conn)
+        .await?
+        .int("c")?;
+    if owners == 0 {
+        return Err(StoreError::Conflict(format!(
+            "{user:?} is the last owner; make someone else owner first"
+        )));
+    }
+    Ok(())
+}
+
+fn check_regions(field: &str, list: &[String], known: &[String]) -> Result<()> {
+    for (i, r) in list.iter().enumerate() {
+        if !known.contains(r) {
+            return Err(StoreError::Invalid {
+                field: format!("{field}[{i}]"),
+                message: format!("region {r:?} does not exist; known regions: {}", known.join(", ")),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn in_list(q: &mut Sql, col: &str, values: &[String]) {
+    if values.is_empty() {
+        q.push(" AND 1 = 0");
+        return;
+    }
+    let params: Vec<String> = values.iter().map(|v| q.arg(Arg::Text(v.clone()))).collect();
+    q.push(&format!(" AND {col} IN ({})", params.join(", ")));
+}
+
+fn fk_to_not_found(e: sqlx::Error, what: &str) -> StoreError {
+    if is_fk_violation(&e) {
+        StoreError::NotFound(what.to_owned())
+    } else {
+        e.into()
+    }
+}

@@ -1,0 +1,207 @@
+//! Versioned schema migrations. Each migration runs once, in its own
+//! transaction, and is recorded in `schema_migrations`; re-running is a no-op.
+//! PostgreSQL operators starting together serialise on an advisory lock.
+
+use sqlx::{AnyPool, Row};
+
+use crate::{now_ms, Dialect, StoreError};
+
+/// (version, name, SQL). `{{text_key}}` is a text column that takes part in
+/// ordering and cursors: byte-wise collation on both backends.
+/// `{{serial}}` is an auto-incrementing 64-bit primary key.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    r#"
+CREATE TABLE regions (
+    id TEXT PRIMARY KEY,
+    code {{text_key}} NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    country TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    hostname {{text_key}} NOT NULL UNIQUE,
+    region TEXT NOT NULL REFERENCES regions(code),
+    address TEXT NOT NULL,
+    status TEXT NOT NULL,
+    vcpu BIGINT NOT NULL,
+    memory BIGINT NOT NULL,
+    runtime TEXT NOT NULL,
+    last_heartbeat BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE orgs (
+    id TEXT PRIMARY KEY,
+    slug {{text_key}} NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE members (
+    org_id TEXT NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
+    user_name {{text_key}} NOT NULL,
+    role TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (org_id, user_name)
+);
+CREATE TABLE projects (
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES orgs(id),
+    name {{text_key}} NOT NULL,
+    github_repo TEXT,
+    branch TEXT NOT NULL,
+    auto_deploy BIGINT NOT NULL,
+    port BIGINT NOT NULL,
+    vcpu BIGINT NOT NULL,
+    memory BIGINT NOT NULL,
+    instances_per_region BIGINT NOT NULL,
+    regions TEXT NOT NULL,
+    image_template TEXT,
+    rate_limit TEXT,
+    current_deployments TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE TABLE env_vars (
+    project_id TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    key {{text_key}} NOT NULL,
+    value_enc TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (project_id, key)
+);
+CREATE TABLE domains (
+    name {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    environment TEXT NOT NULL,
+    verified BIGINT NOT NULL,
+    certificate TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE deployments (
+    id {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    org TEXT NOT NULL,
+    project TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    image TEXT NOT NULL,
+    image_digest TEXT,
+    commit_sha TEXT,
+    commit_message TEXT,
+    instances_per_region BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    url TEXT NOT NULL,
+    created_by TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX deployments_project ON deployments (org, project, created_at);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    deployment_id TEXT NOT NULL,
+    node_id TEXT,
+    region TEXT NOT NULL,
+    address TEXT,
+    status TEXT NOT NULL,
+    runtime TEXT,
+    vcpu BIGINT NOT NULL,
+    memory BIGINT NOT NULL,
+    started_at BIGINT,
+    ready_at BIGINT,
+    exit_code BIGINT,
+    exit_reason TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX instances_node ON instances (node_id);
+CREATE TABLE events (
+    id {{serial}},
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    org TEXT,
+    project TEXT,
+    result TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX events_org ON events (org, id);
+CREATE TABLE tokens (
+    id {{text_key}} PRIMARY KEY,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    scope_kind TEXT NOT NULL,
+    scope_org TEXT,
+    scope_role TEXT,
+    read_only BIGINT NOT NULL,
+    created_by TEXT,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT
+);
+CREATE TABLE bootstrap (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)
+"#,
+)];
+
+/// Newest schema version this build knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<Vec<i64>, StoreError> {
+    let mut tx = pool.begin().await?;
+    if dialect == Dialect::Postgres {
+        // Serialise concurrent operators; released at commit.
+        sqlx::query("SELECT pg_advisory_xact_lock(7366428201)").execute(&mut *tx).await?;
+    }
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?;
+    if let Some(&newest) = applied.last() {
+        if newest > latest_version() {
+            return Err(StoreError::SchemaTooNew { found: newest, supported: latest_version() });
+        }
+    }
+    let mut ran = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let sql = render(sql, dialect);
+        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
+            .bind(*version)
+            .bind(*name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(version, name, "applied schema migration");
+        ran.push(*version);
+    }
+    tx.commit().await?;
+    Ok(ran)
+}
+
+fn render(sql: &str, dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Sqlite => sql
+            .replace("{{text_key}}", "TEXT")
+            .replace("{{serial}}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+        Dialect::Postgres => sql
+            .replace("{{text_key}}", "TEXT COLLATE \"C\"")
+            .replace("{{serial}}", "BIGSERIAL PRIMARY KEY"),
+    }
+}

@@ -1,0 +1,402 @@
+//! The store suite: every case runs against SQLite and against a throwaway
+//! PostgreSQL server, each case on a fresh database.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use zeitwork_api_types::*;
+use zeitwork_store::*;
+
+type Case = fn(Store) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        const CASES: &[(&str, Case)] = &[$((stringify!($name), |s| Box::pin($name(s)))),*];
+    };
+}
+
+cases!(
+    migrations_are_idempotent,
+    regions,
+    nodes,
+    orgs_and_members,
+    projects,
+    concurrent_project_creates_yield_one,
+    env_vars,
+    domains,
+    deployments,
+    events_are_atomic_with_changes,
+    tokens,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_sqlite() {
+    for (name, case) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("zeitwork.db")).await.unwrap();
+        eprintln!("sqlite: {name}");
+        case(store.clone()).await;
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suite_postgres() {
+    let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    for (i, (name, case)) in CASES.iter().enumerate() {
+        let url = pg.create_database(&format!("case{i}")).unwrap();
+        let store = Store::connect(&url).await.unwrap();
+        eprintln!("postgres: {name}");
+        case(store.clone()).await;
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zeitwork.db");
+    let store = Store::open_sqlite(&path).await.unwrap();
+    store.create_region(&region("eu-west"), &audit("region.create")).await.unwrap();
+    store.close().await;
+    let store = Store::open_sqlite(&path).await.unwrap();
+    assert_eq!(store.get_region("eu-west").await.unwrap().country, "DE");
+}
+
+fn audit(action: &str) -> Audit {
+    Audit::new("test", action, "x")
+}
+
+fn region(code: &str) -> CreateRegion {
+    CreateRegion { code: code.into(), name: format!("Region {code}"), country: "DE".into() }
+}
+
+fn node(hostname: &str, region: &str) -> RegisterNode {
+    RegisterNode {
+        hostname: hostname.into(),
+        region: region.into(),
+        address: format!("http://{hostname}:8081"),
+        capacity: Capacity { vcpu: 8, memory: 16384 },
+        runtime: None,
+    }
+}
+
+fn new_project(org: &str, name: &str) -> NewProject {
+    NewProject {
+        org: org.into(),
+        name: name.into(),
+        github_repo: Some("acme/webapp".into()),
+        branch: "main".into(),
+        auto_deploy: true,
+        port: 8080,
+        resources: Resources { vcpu: 1, memory: 256 },
+        instances_per_region: 3,
+        regions: None,
+        image_template: None,
+        rate_limit: None,
+    }
+}
+
+async fn org(store: &Store, slug: &str) {
+    store.create_org(slug, slug, Some("owner@example.com"), &audit("org.create")).await.unwrap();
+}
+
+async fn migrations_are_idempotent(store: Store) {
+    assert_eq!(store.migrate().await.unwrap(), Vec::<i64>::new());
+    assert_eq!(store.migrate().await.unwrap(), Vec::<i64>::new());
+    store.ping().await.unwrap();
+}
+
+async fn regions(store: Store) {
+    let r = store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    assert_eq!(r.code, "us-east");
+    assert!(matches!(
+        store.create_region(&region("us-east"), &audit("region.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    for c in ["eu-west", "ap-south", "af-north"] {
+        store.create_region(&region(c), &audit("region.create")).await.unwrap();
+    }
+    let page1 = store.list_regions(&Page::first(2)).await.unwrap();
+    assert_eq!(page1.items.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), ["af-north", "ap-south"]);
+    let page2 = store.list_regions(&Page { limit: 2, cursor: page1.next_cursor.clone() }).await.unwrap();
+    assert_eq!(page2.items.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), ["eu-west", "us-east"]);
+    assert!(page2.next_cursor.is_none());
+
+    store.register_node(&node("w1", "us-east"), &audit("node.register")).await.unwrap();
+    assert!(matches!(store.delete_region("us-east", &audit("region.delete")).await, Err(StoreError::Conflict(_))));
+    store.delete_region("eu-west", &audit("region.delete")).await.unwrap();
+    assert!(matches!(store.get_region("eu-west").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(store.delete_region("eu-west", &audit("region.delete")).await, Err(StoreError::NotFound(_))));
+}
+
+async fn nodes(store: Store) {
+    assert!(matches!(
+        store.register_node(&node("w1", "nowhere"), &audit("node.register")).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    let (n1, created) = store.register_node(&node("w1", "us-east"), &audit("node.register")).await.unwrap();
+    assert!(created);
+    assert_eq!(n1.status, NodeStatus::Ready);
+    assert_eq!(n1.instances, 0);
+    assert_eq!(n1.allocated, Capacity { vcpu: 0, memory: 0 });
+    let mut again = node("w1", "us-east");
+    again.capacity.vcpu = 16;
+    let (n1b, created) = store.register_node(&again, &audit("node.register")).await.unwrap();
+    assert!(!created);
+    assert_eq!(n1b.id, n1.id);
+    assert_eq!(n1b.capacity.vcpu, 16);
+    let hb = store.node_heartbeat(&n1.id).await.unwrap();
+    assert!(hb.last_heartbeat >= n1.last_heartbeat);
+    assert!(matches!(store.node_heartbeat("node_missing").await, Err(StoreError::NotFound(_))));
+    let drained = store.drain_node(&n1.id, &audit("node.drain")).await.unwrap();
+    assert_eq!(drained.status, NodeStatus::Drained);
+    store.delete_node(&n1.id, &audit("node.delete")).await.unwrap();
+    assert!(matches!(store.get_node(&n1.id).await, Err(StoreError::NotFound(_))));
+    assert_eq!(store.list_nodes(&Page::first(10)).await.unwrap().items.len(), 0);
+}
+
+async fn orgs_and_members(store: Store) {
+    org(&store, "acme").await;
+    assert!(matches!(
+        store.create_org("acme", "Acme", None, &audit("org.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let members = store.list_members("acme").await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].role, Role::Owner);
+    let (m, created) = store.put_member("acme", "dev@example.com", Role::Developer, &audit("member.add")).await.unwrap();
+    assert!(created);
+    assert_eq!(m.role, Role::Developer);
+    let (_, created) = store.put_member("acme", "dev@example.com", Role::Admin, &audit("member.add")).await.unwrap();
+    assert!(!created);
+    assert_eq!(store.get_member_role("acme", "dev@example.com").await.unwrap(), Some(Role::Admin));
+    // The last owner can be neither removed nor demoted.
+    assert!(matches!(
+        store.remove_member("acme", "owner@example.com", &audit("member.remove")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.put_member("acme", "owner@example.com", Role::Guest, &audit("member.add")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.remove_member("acme", "dev@example.com", &audit("member.remove")).await.unwrap();
+    assert!(matches!(
+        store.remove_member("acme", "dev@example.com", &audit("member.remove")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(store.list_members("nope").await, Err(StoreError::NotFound(_))));
+    let only = vec!["acme".to_string()];
+    org(&store, "other").await;
+    assert_eq!(store.list_orgs(Some(&only), &Page::first(10)).await.unwrap().items.len(), 1);
+    assert_eq!(store.list_orgs(None, &Page::first(10)).await.unwrap().items.len(), 2);
+}
+
+async fn projects(store: Store) {
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    store.create_region(&region("eu-west"), &audit("region.create")).await.unwrap();
+    assert!(matches!(
+        store.create_project(&new_project("acme", "web"), &audit("project.create")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    org(&store, "acme").await;
+    org(&store, "a").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    assert_eq!(p.regions, ["eu-west", "us-east"]);
+    assert_eq!(p.resources, Resources { vcpu: 1, memory: 256 });
+    assert!(p.auto_deploy);
+    assert!(matches!(
+        store.create_project(&new_project("acme", "web"), &audit("project.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let mut bad = new_project("acme", "api");
+    bad.regions = Some(vec!["mars".into()]);
+    assert!(matches!(
+        store.create_project(&bad, &audit("project.create")).await,
+        Err(StoreError::Invalid { field, .. }) if field == "regions[0]"
+    ));
+    // Ordering is by "org/name", byte-wise on both backends.
+    store.create_project(&new_project("a", "x"), &audit("project.create")).await.unwrap();
+    store.create_project(&new_project("acme", "api"), &audit("project.create")).await.unwrap();
+    let all = store.list_projects(None, None, &Page::first(10)).await.unwrap();
+    let names: Vec<String> = all.items.iter().map(|p| format!("{}/{}", p.org, p.name)).collect();
+    assert_eq!(names, ["a/x", "acme/api", "acme/web"]);
+    let first = store.list_projects(None, None, &Page::first(1)).await.unwrap();
+    let rest = store.list_projects(None, None, &Page { limit: 5, cursor: first.next_cursor }).await.unwrap();
+    assert_eq!(rest.items.len(), 2);
+    assert_eq!(store.list_projects(Some("acme"), None, &Page::first(10)).await.unwrap().items.len(), 2);
+
+    let patch = PatchProject {
+        auto_deploy: Some(false),
+        resources: Some(Resources { vcpu: 4, memory: 2048 }),
+        image_template: Some(Some("ghcr.io/acme/web:sha-{sha}".into())),
+        ..Default::default()
+    };
+    let p2 = store.update_project("acme", "web", &patch, &audit("project.update")).await.unwrap();
+    assert!(!p2.auto_deploy);
+    assert_eq!(p2.resources, Resources { vcpu: 4, memory: 2048 });
+    assert_eq!(p2.port, 8080);
+    assert_eq!(p2.github_repo.as_deref(), Some("acme/webapp"));
+    let clear = PatchProject { github_repo: Some(None), ..Default::default() };
+    let p3 = store.update_project("acme", "web", &clear, &audit("project.update")).await.unwrap();
+    assert_eq!(p3.github_repo, None);
+    assert_eq!(p3.image_template.as_deref(), Some("ghcr.io/acme/web:sha-{sha}"));
+    let bad_patch = PatchProject { regions: Some(vec!["mars".into()]), port: Some(9999), ..Default::default() };
+    assert!(store.update_project("acme", "web", &bad_patch, &audit("project.update")).await.is_err());
+    assert_eq!(store.get_project("acme", "web").await.unwrap().port, 8080, "a rejected patch changes nothing");
+
+    store.delete_project("acme", "web", &audit("project.delete")).await.unwrap();
+    assert!(matches!(store.get_project("acme", "web").await, Err(StoreError::NotFound(_))));
+}
+
+async fn concurrent_project_creates_yield_one(store: Store) {
+    org(&store, "acme").await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_project(&new_project("acme", "web"), &audit("project.create")).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Conflict(_)) => conflicts += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 49));
+}
+
+async fn env_vars(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    assert!(store.put_env(&p.id, "A", "enc-a", 10, &audit("env.set")).await.unwrap());
+    assert!(!store.put_env(&p.id, "A", "enc-a2", 10, &audit("env.set")).await.unwrap());
+    store.put_env(&p.id, "B", "enc-b", 10, &audit("env.set")).await.unwrap();
+    let vars = store.list_env(&p.id).await.unwrap();
+    assert_eq!(vars.iter().map(|v| (v.key.as_str(), v.value_enc.as_str())).collect::<Vec<_>>(), [("A", "enc-a2"), ("B", "enc-b")]);
+    assert!(matches!(store.put_env(&p.id, "C", "c", 2, &audit("env.set")).await, Err(StoreError::Conflict(_))));
+    store.replace_env(&p.id, &[("X".into(), "enc-x".into())], &audit("env.replace")).await.unwrap();
+    let vars = store.list_env(&p.id).await.unwrap();
+    assert_eq!(vars.len(), 1);
+    assert_eq!(vars[0].key, "X");
+    store.delete_env(&p.id, "X", &audit("env.delete")).await.unwrap();
+    assert!(matches!(store.delete_env(&p.id, "X", &audit("env.delete")).await, Err(StoreError::NotFound(_))));
+}
+
+async fn domains(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let q = store.create_project(&new_project("acme", "api"), &audit("project.create")).await.unwrap();
+    let d = store.create_domain(&p.id, "www.example.com", Environment::Production, &audit("domain.add")).await.unwrap();
+    assert_eq!((d.org.as_str(), d.project.as_str(), d.verified), ("acme", "web", false));
+    assert!(matches!(
+        store.create_domain(&q.id, "www.example.com", Environment::Production, &audit("domain.add")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.list_domains(&p.id).await.unwrap().len(), 1);
+    assert!(matches!(store.delete_domain(&q.id, "www.example.com", &audit("domain.delete")).await, Err(StoreError::NotFound(_))));
+    store.delete_domain(&p.id, "www.example.com", &audit("domain.delete")).await.unwrap();
+    assert!(store.list_domains(&p.id).await.unwrap().is_empty());
+}
+
+fn new_deployment(p: &Project, env: Environment) -> NewDeployment {
+    let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
+    NewDeployment {
+        url: format!("https://{id}.zeitwork.localhost"),
+        id,
+        project_id: p.id.clone(),
+        org: p.org.clone(),
+        project: p.name.clone(),
+        environment: env,
+        image: "ghcr.io/acme/web:1".into(),
+        commit_sha: Some("abcdef1".into()),
+        commit_message: Some("first".into()),
+        instances_per_region: 1,
+        created_by: Some("test".into()),
+    }
+}
+
+async fn deployments(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let env = if i % 2 == 0 { Environment::Production } else { Environment::Staging };
+        let d = store.create_deployment(&new_deployment(&p, env), &audit("deployment.create")).await.unwrap();
+        assert_eq!(d.status, DeploymentStatus::Pending);
+        ids.push(d.id);
+    }
+    let got = store.get_deployment(&ids[0]).await.unwrap();
+    assert_eq!(got.commit_sha.as_deref(), Some("abcdef1"));
+    let f = DeploymentFilter { environment: Some(Environment::Production), ..Default::default() };
+    assert_eq!(store.list_deployments(&f, &Page::first(10)).await.unwrap().items.len(), 3);
+    // Walk all pages of two; each deployment appears exactly once.
+    let mut seen = Vec::new();
+    let mut page = Page::first(2);
+    loop {
+        let l = store.list_deployments(&DeploymentFilter::default(), &page).await.unwrap();
+        seen.extend(l.items.into_iter().map(|d| d.id));
+        match l.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    let f = DeploymentFilter { status: Some(DeploymentStatus::Active), ..Default::default() };
+    assert!(store.list_deployments(&f, &Page::first(10)).await.unwrap().items.is_empty());
+    assert!(matches!(store.get_deployment("nope").await, Err(StoreError::NotFound(_))));
+}
+
+async fn events_are_atomic_with_changes(store: Store) {
+    let before = store.list_events(&EventFilter::default(), &Page::first(100)).await.unwrap().items.len();
+    store.create_region(&region("us-east"), &Audit::new("alice", "region.create", "us-east")).await.unwrap();
+    let _ = store.create_region(&region("us-east"), &Audit::new("alice", "region.create", "us-east")).await;
+    let events = store.list_events(&EventFilter::default(), &Page::first(100)).await.unwrap().items;
+    assert_eq!(events.len(), before + 1, "a rejected change writes no event");
+    assert_eq!(events[0].actor, "alice");
+    assert_eq!(events[0].action, "region.create");
+    assert_eq!(events[0].result, "ok");
+    store.record_event(&Audit::new("mallory", "project.delete", "acme/web").org("acme"), "denied").await.unwrap();
+    let f = EventFilter { org: Some("acme".into()), ..Default::default() };
+    let denied = store.list_events(&f, &Page::first(10)).await.unwrap().items;
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].result, "denied");
+}
+
+fn token(id: &str, scope: TokenScope) -> StoredToken {
+    StoredToken {
+        token: Token {
+            id: id.into(),
+            name: "t".into(),
+            scope,
+            read_only: false,
+            created_by: None,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+        },
+        secret_hash: "00".repeat(32),
+    }
+}
+
+async fn tokens(store: Store) {
+    assert!(store.bootstrap_admin_token(&token("tok_a", TokenScope::Admin)).await.unwrap());
+    assert!(!store.bootstrap_admin_token(&token("tok_b", TokenScope::Admin)).await.unwrap());
+    assert!(matches!(store.get_token("tok_b").await, Err(StoreError::NotFound(_))));
+    let scope = TokenScope::Org { org: "acme".into(), role: Role::Developer };
+    store.create_token(&token("tok_c", scope.clone()), &audit("token.create")).await.unwrap();
+    store
+        .create_token(&token("tok_d", TokenScope::Cluster { role: ClusterRole::NodeAgent }), &audit("token.create"))
+        .await
+        .unwrap();
+    assert_eq!(store.get_token("tok_c").await.unwrap().token.scope, scope);
+    assert_eq!(store.list_tokens(None, &Page::first(10)).await.unwrap().items.len(), 3);
+    assert_eq!(store.list_tokens(Some("acme"), &Page::first(10)).await.unwrap().items.len(), 1);
+    store.delete_token("tok_c", &audit("token.delete")).await.unwrap();
+    assert!(matches!(store.delete_token("tok_c", &audit("token.delete")).await, Err(StoreError::NotFound(_))));
+}
