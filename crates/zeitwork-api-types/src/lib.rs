@@ -197,6 +197,9 @@ pub struct CreateOrg {
     /// Display name; defaults to the slug.
     #[serde(default)]
     pub name: Option<String>,
+    /// A user (e-mail or name) who becomes the organisation's first Owner.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

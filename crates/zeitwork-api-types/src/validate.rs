@@ -27,6 +27,8 @@ pub const MEMORY_RANGE: (u32, u32) = (128, 65536);
 pub const INSTANCES_PER_REGION_MAX: u32 = 100;
 pub const ENV_VALUE_MAX: usize = 32 * 1024;
 pub const ENV_VARS_MAX: usize = 500;
+/// 63 (a DNS label) minus the 7-character nanoid and two dashes of a deployment id.
+pub const MAX_PROJECT_AND_ORG: usize = 54;
 
 /// Names of orgs, projects and regions become hostnames: a DNS label,
 /// lowercase letters, digits and `-`, 1–63 characters, no `-` at either end.
@@ -365,6 +367,9 @@ impl CreateOrg {
         if let Some(n) = &self.name {
             text("name", n, 100)?;
         }
+        if let Some(o) = &self.owner {
+            member_user("owner", o)?;
+        }
         Ok(())
     }
 }
@@ -381,11 +386,11 @@ impl CreateProject {
     pub fn validate(&self) -> Result {
         dns_label("name", &self.name)?;
         dns_label("org", &self.org)?;
-        // `<project>-<org>` is a hostname label of its own.
-        if self.name.len() + self.org.len() + 1 > 63 {
+        // Deployment ids `<project>-<7 chars>-<org>` are hostname labels of their own.
+        if self.name.len() + self.org.len() > MAX_PROJECT_AND_ORG {
             return Err(ValidationError::new(
                 "name",
-                "project and org names together must be at most 62 characters (they form the host <project>-<org>)",
+                format!("project and org names together must be at most {MAX_PROJECT_AND_ORG} characters, since deployment ids <project>-<id>-<org> are host names"),
             ));
         }
         if let Some(r) = &self.github_repo {

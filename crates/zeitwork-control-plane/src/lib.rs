@@ -1,14 +1,167 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The control plane: the operator's REST API, authentication and
+//! authorisation, encryption of secrets, and (in later parts) scheduling and
+//! reconciliation.
+//!
+//! It owns what the API means; it must not hold SQL (that is the store) or
+//! talk to instances directly (that is the node agent).
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod secrets;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use zeitwork_api_types::TokenScope;
+use zeitwork_store::{Store, StoreError};
+use zeitwork_telemetry::HttpMetrics;
+
+pub use config::{ConfigError, OperatorConfig};
+
+/// What every handler can reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<OperatorConfig>,
+    pub cipher: secrets::Cipher,
+    pub metrics: HttpMetrics,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the data directory {path}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error("the encryption key differs from the one this store was created with; set encryption_key to the original key")]
+    KeyMismatch,
+    #[error("cannot listen on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot write the admin token to {path}")]
+    AdminToken { path: String, source: std::io::Error },
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// A running operator; dropping it does not stop it, call [`Operator::shutdown`].
+#[derive(Debug)]
+pub struct Operator {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The first admin token, when this start created it.
+    pub admin_token: Option<String>,
+    pub admin_token_path: PathBuf,
+    pub store: Store,
+}
+
+impl Operator {
+    /// Validates the config, opens and migrates the store, makes sure the
+    /// first admin token exists, and starts serving.
+    pub async fn start(config: OperatorConfig) -> Result<Operator, StartError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        restrict_dir(&config.data_dir);
+        let store = match &config.database_url {
+            Some(url) => Store::connect(url).await?,
+            None => Store::open_sqlite(&config.data_dir.join("zeitwork.db")).await?,
+        };
+        let cipher = match &config.encryption_key {
+            Some(k) => secrets::Cipher::from_base64(k)?,
+            None => secrets::Cipher::load_or_create(&config.data_dir.join("secret.key"))?,
+        };
+        check_key(&store, &cipher).await?;
+        let admin_token_path = config.data_dir.join("admin.token");
+        let admin_token = bootstrap_admin(&store, &admin_token_path).await?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let state = AppState {
+            store: store.clone(),
+            config: Arc::new(config),
+            cipher,
+            metrics: HttpMetrics::new("zeitwork_operator"),
+        };
+        let app = api::router(state);
+        let (tx, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        tracing::info!(%addr, "operator API listening");
+        Ok(Operator { addr, shutdown: tx, task, admin_token, admin_token_path, store })
     }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, finishes in-flight requests, closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "operator server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "operator server task failed"),
+            Ok(Ok(())) => {}
+        }
+        self.store.close().await;
+    }
+}
+
+fn restrict_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data directory private");
+    }
+}
+
+/// Refuses to start with a key other than the one the store's secrets were
+/// encrypted with, instead of failing later on every read.
+async fn check_key(store: &Store, cipher: &secrets::Cipher) -> Result<(), StartError> {
+    const CONTEXT: &str = "zeitwork:key-check";
+    match store.get_bootstrap("key_check").await? {
+        Some(stored) => cipher.decrypt(CONTEXT, &stored).map(|_| ()).map_err(|_| StartError::KeyMismatch),
+        None => {
+            let value = cipher.encrypt(CONTEXT, "ok");
+            if !store.put_bootstrap_if_absent("key_check", &value).await? {
+                // Another operator wrote it first; check against theirs.
+                return Box::pin(check_key(store, cipher)).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn bootstrap_admin(store: &Store, path: &Path) -> Result<Option<String>, StartError> {
+    let minted = auth::mint("admin", TokenScope::Admin, false, Some("bootstrap".into()), None);
+    if !store.bootstrap_admin_token(&minted.stored).await? {
+        if !path.exists() {
+            tracing::info!(
+                "the first admin token was created earlier (by another operator or a deleted data dir); \
+                 create more with `zeitwork tokens create`"
+            );
+        }
+        return Ok(None);
+    }
+    let err = |source| StartError::AdminToken { path: path.display().to_string(), source };
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    f.write_all(format!("{}\n", minted.bearer).as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;
+    Ok(Some(minted.bearer))
 }

@@ -1,14 +1,213 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The node agent: registers its machine with the operator, keeps a heartbeat,
+//! and (in later parts) runs instances through a runtime driver.
+//!
+//! It talks to the operator only through the typed client with a node-agent
+//! cluster token, and never touches the store.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::sync::watch;
+use zeitwork_api_types::{Capacity, Health, Node, RegisterNode};
+use zeitwork_client::Client;
+use zeitwork_telemetry::HttpMetrics;
+
+/// Node agent settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeAgentConfig {
+    pub listen: SocketAddr,
+    /// Operator API URL.
+    pub operator_url: String,
+    /// A `node-agent` cluster token (or a platform admin token).
+    pub token: Option<String>,
+    pub hostname: String,
+    pub region: String,
+    /// URL the operator and edge proxies reach this agent at; derived from
+    /// `listen` when absent.
+    pub advertise_url: Option<String>,
+    pub vcpu: Option<u32>,
+    /// MiB.
+    pub memory: Option<u32>,
+    pub runtime: String,
+    pub heartbeat_interval_secs: u64,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Default for NodeAgentConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            operator_url: "http://127.0.0.1:8080".into(),
+            token: None,
+            hostname: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into()),
+            region: "local".into(),
+            advertise_url: None,
+            vcpu: None,
+            memory: None,
+            runtime: "container".into(),
+            heartbeat_interval_secs: 5,
+        }
+    }
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("config field `{field}`: {message}")]
+    Config { field: &'static str, message: String },
+    #[error("cannot listen on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot register with the operator")]
+    Register(#[from] zeitwork_client::ClientError),
+}
+
+impl NodeAgentConfig {
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let err = |field, message: String| Err(AgentError::Config { field, message });
+        if self.token.as_deref().unwrap_or("").is_empty() {
+            return err("token", "a node-agent token is required (ZEITWORK_TOKEN or --token); create one with `zeitwork tokens create --cluster node-agent`".into());
+        }
+        if let Err(e) = zeitwork_api_types::validate::hostname("hostname", &self.hostname) {
+            return err("hostname", e.message);
+        }
+        if let Err(e) = zeitwork_api_types::validate::dns_label("region", &self.region) {
+            return err("region", e.message);
+        }
+        if !(self.operator_url.starts_with("http://") || self.operator_url.starts_with("https://")) {
+            return err("operator_url", format!("{:?} is not an http(s) URL", self.operator_url));
+        }
+        if self.heartbeat_interval_secs == 0 || self.heartbeat_interval_secs > 60 {
+            return err("heartbeat_interval_secs", "use 1 to 60".into());
+        }
+        Ok(())
+    }
+
+    fn capacity(&self) -> Capacity {
+        let vcpu = self.vcpu.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        let memory = self.memory.unwrap_or_else(host_memory_mib);
+        Capacity { vcpu, memory }
+    }
+}
+
+fn host_memory_mib() -> u32 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| (kb / 1024) as u32)
+        .unwrap_or(1024)
+}
+
+/// A running node agent.
+#[derive(Debug)]
+pub struct NodeAgent {
+    addr: SocketAddr,
+    node: Node,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NodeAgent {
+    /// Listens, registers (retrying while the operator is unreachable) and starts heartbeats.
+    pub async fn start(config: NodeAgentConfig) -> Result<NodeAgent, AgentError> {
+        config.validate()?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+        let advertise = config.advertise_url.clone().unwrap_or_else(|| {
+            let ip = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+            format!("http://{ip}:{}", addr.port())
+        });
+        let client = Client::new(&config.operator_url, config.token.clone());
+        let registration = RegisterNode {
+            hostname: config.hostname.clone(),
+            region: config.region.clone(),
+            address: advertise,
+            capacity: config.capacity(),
+            runtime: Some(config.runtime.clone()),
+        };
+        let node = register(&client, &registration).await?;
+        tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");
+
+        let metrics = HttpMetrics::new("zeitwork_node_agent");
+        let app = Router::new()
+            .route("/health", get(|| async { Json(Health { status: "ok".into() }) }))
+            .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+            .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
+        let (tx, rx) = watch::channel(false);
+        let mut server_rx = rx.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = server_rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        let heartbeats = tokio::spawn(heartbeat_loop(
+            client,
+            registration,
+            node.id.clone(),
+            Duration::from_secs(config.heartbeat_interval_secs),
+            rx,
+        ));
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks: vec![server, heartbeats] })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn register(client: &Client, r: &RegisterNode) -> Result<Node, AgentError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match client.post::<_, Node>("/api/v1/nodes", r).await {
+            Ok(n) => return Ok(n),
+            Err(e @ zeitwork_client::ClientError::Unreachable { .. }) if delay < Duration::from_secs(10) => {
+                tracing::warn!(error = %e, "operator unreachable; retrying registration");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn heartbeat_loop(client: Client, registration: RegisterNode, mut id: String, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match client.post_empty::<Node>(&format!("/api/v1/nodes/{id}/heartbeat")).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {
+                // The operator forgot this node (deleted); register again.
+                match client.post::<_, Node>("/api/v1/nodes", &registration).await {
+                    Ok(n) => id = n.id,
+                    Err(e) => tracing::warn!(error = %e, "re-registration failed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
     }
 }

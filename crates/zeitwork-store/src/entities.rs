@@ -1294,3 +1294,20 @@ fn fk_to_not_found(e: sqlx::Error, what: &str) -> StoreError {
         e.into()
     }
 }
+
+impl Store {
+    /// A platform-wide setting written once (first admin token, key check).
+    pub async fn get_bootstrap(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM bootstrap WHERE key = $1").bind(key).fetch_optional(&self.reader).await?;
+        row.map(|r| r.text("value")).transpose()
+    }
+
+    /// Writes `key` unless present; returns whether this call wrote it.
+    pub async fn put_bootstrap_if_absent(&self, key: &str, value: &str) -> Result<bool> {
+        let res = sqlx::query("INSERT INTO bootstrap (key, value) VALUES ($1, $2)").bind(key).bind(value).execute(&self.writer).await;
+        match res {
+            Err(e) if is_unique_violation(&e) => Ok(false),
+            r => r.map(|_| true).map_err(Into::into),
+        }
+    }
+}

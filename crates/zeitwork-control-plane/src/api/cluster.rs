@@ -1,0 +1,101 @@
+//! Regions and nodes: the shape of the platform itself.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use zeitwork_api_types::{ClusterRole, CreateRegion, Node, Region, RegisterNode};
+
+use super::{created, listing, page};
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::extract::{JsonBody, PageQuery, QueryParams};
+use crate::AppState;
+
+/// List regions.
+#[utoipa::path(get, path = "/api/v1/regions", tag = "regions", params(PageQuery),
+    responses((status = 200, body = Vec<Region>), (status = 401, body = zeitwork_api_types::ApiError)))]
+pub async fn list_regions(State(s): State<AppState>, _caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Response> {
+    Ok(listing(s.store.list_regions(&page(q.limit, q.cursor)?).await?))
+}
+
+/// Create a region (platform admin).
+#[utoipa::path(post, path = "/api/v1/regions", tag = "regions", request_body = CreateRegion,
+    responses((status = 201, body = Region), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 403, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn create_region(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<CreateRegion>) -> ApiResult<Response> {
+    s.require_admin(&caller, "region.create", &body.code).await?;
+    body.validate()?;
+    let r = s.store.create_region(&body, &caller.audit("region.create", &body.code)).await?;
+    Ok(created(r))
+}
+
+/// Show a region.
+#[utoipa::path(get, path = "/api/v1/regions/{code}", tag = "regions", params(("code" = String, Path)),
+    responses((status = 200, body = Region), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn get_region(State(s): State<AppState>, _caller: Caller, Path(code): Path<String>) -> ApiResult<Json<Region>> {
+    Ok(Json(s.store.get_region(&code).await?))
+}
+
+/// Delete a region with no nodes and no projects (platform admin).
+#[utoipa::path(delete, path = "/api/v1/regions/{code}", tag = "regions", params(("code" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_region(State(s): State<AppState>, caller: Caller, Path(code): Path<String>) -> ApiResult<StatusCode> {
+    s.require_admin(&caller, "region.delete", &code).await?;
+    s.store.delete_region(&code, &caller.audit("region.delete", &code)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+const NODE_READERS: &[ClusterRole] = &[ClusterRole::NodeAgent, ClusterRole::EdgeProxy, ClusterRole::LoadBalancer];
+
+/// List nodes (platform admin or cluster tokens).
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes", params(PageQuery),
+    responses((status = 200, body = Vec<Node>), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn list_nodes(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Response> {
+    s.require_cluster(&caller, NODE_READERS, "node.list", "nodes").await?;
+    Ok(listing(s.store.list_nodes(&page(q.limit, q.cursor)?).await?))
+}
+
+/// Register a node (node agents); idempotent by hostname: 201 when new, 200 when known.
+#[utoipa::path(post, path = "/api/v1/nodes", tag = "nodes", request_body = RegisterNode,
+    responses((status = 201, body = Node), (status = 200, body = Node), (status = 400, body = zeitwork_api_types::ApiError)))]
+pub async fn register_node(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<RegisterNode>) -> ApiResult<Response> {
+    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.register", &body.hostname).await?;
+    body.validate()?;
+    let (node, new) = s.store.register_node(&body, &caller.audit("node.register", &body.hostname)).await?;
+    Ok(if new { created(node) } else { Json(node).into_response() })
+}
+
+/// Show a node.
+#[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn get_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    s.require_cluster(&caller, NODE_READERS, "node.show", &id).await?;
+    Ok(Json(s.store.get_node(&id).await?))
+}
+
+/// Record a node agent's heartbeat.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/heartbeat", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn node_heartbeat(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.heartbeat", &id).await?;
+    Ok(Json(s.store.node_heartbeat(&id).await?))
+}
+
+/// Drain a node: no new instances; existing ones move away (platform admin).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn drain_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    s.require_admin(&caller, "node.drain", &id).await?;
+    Ok(Json(s.store.drain_node(&id, &caller.audit("node.drain", &id)).await?))
+}
+
+/// Remove a node that runs no instances (platform admin); 409 while it does.
+#[utoipa::path(delete, path = "/api/v1/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    s.require_admin(&caller, "node.delete", &id).await?;
+    s.store.delete_node(&id, &caller.audit("node.delete", &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+

@@ -1,0 +1,154 @@
+//! HTTP routes of the operator. Each handler checks who may call it, validates
+//! its input, and calls the store; the OpenAPI document is generated from the
+//! same annotations the router is built from, so the two cannot drift.
+
+mod cluster;
+mod health;
+mod orgs;
+mod projects;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use zeitwork_store::{Listing, Page};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+pub const MAX_PAGE: u32 = 1000;
+pub const DEFAULT_PAGE: u32 = 100;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Zeitwork operator API", description = "Run container images as isolated microVMs and serve them on the web."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(zeitwork_api_types::ApiError))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::startup))
+        .routes(routes!(health::version))
+        .routes(routes!(cluster::list_regions, cluster::create_region))
+        .routes(routes!(cluster::get_region, cluster::delete_region))
+        .routes(routes!(cluster::list_nodes, cluster::register_node))
+        .routes(routes!(cluster::get_node, cluster::delete_node))
+        .routes(routes!(cluster::node_heartbeat))
+        .routes(routes!(cluster::drain_node))
+        .routes(routes!(orgs::list_orgs, orgs::create_org))
+        .routes(routes!(orgs::get_org))
+        .routes(routes!(orgs::list_members, orgs::add_member, orgs::remove_member))
+        .routes(routes!(orgs::list_tokens, orgs::create_token))
+        .routes(routes!(orgs::delete_token))
+        .routes(routes!(orgs::list_events))
+        .routes(routes!(projects::list_projects, projects::create_project))
+        .routes(routes!(projects::get_project, projects::patch_project, projects::delete_project))
+        .routes(routes!(projects::list_env, projects::replace_env))
+        .routes(routes!(projects::put_env, projects::delete_env))
+        .routes(routes!(projects::list_domains, projects::create_domain))
+        .routes(routes!(projects::delete_domain))
+        .routes(routes!(projects::list_deployments, projects::create_deployment))
+        .routes(routes!(projects::get_deployment))
+        .routes(routes!(projects::list_project_deployments))
+}
+
+/// The OpenAPI document of this build.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+/// The OpenAPI document as committed in the repository (pretty JSON).
+pub fn openapi_json() -> String {
+    let mut s = openapi().to_pretty_json().expect("the OpenAPI document serialises");
+    s.push('\n');
+    s
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, doc) = api_router().split_for_parts();
+    let doc = std::sync::Arc::new(doc);
+    let metrics = state.metrics.clone();
+    let max_body = state.config.max_body_bytes;
+    routes
+        .route(
+            "/api/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+        .fallback(|| async {
+            ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into())
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track))
+        .with_state(state)
+}
+
+/// Turns `?limit=&cursor=` into a store page.
+pub fn page(limit: Option<u32>, cursor: Option<String>) -> Result<Page, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::InvalidQuery(format!("limit: {limit} is out of range; use 1 to {MAX_PAGE}")));
+    }
+    if cursor.as_ref().is_some_and(|c| c.is_empty() || c.len() > 512) {
+        return Err(ApiError::InvalidQuery("cursor: not a cursor this list returned".into()));
+    }
+    Ok(Page { limit, cursor })
+}
+
+/// A list response: a JSON array, and `X-Next-Cursor` when more items follow.
+pub fn listing<T: Serialize>(l: Listing<T>) -> Response {
+    let mut res = Json(l.items).into_response();
+    if let Some(c) = l.next_cursor {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            res.headers_mut().insert("x-next-cursor", v);
+        }
+    }
+    res
+}
+
+pub fn created<T: Serialize>(body: T) -> Response {
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_openapi_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let generated = super::openapi_json();
+        if std::env::var_os("ZEITWORK_UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json is out of date; run `ZEITWORK_UPDATE_OPENAPI=1 cargo test -p zeitwork-control-plane openapi` and commit it"
+        );
+    }
+}

@@ -1,0 +1,358 @@
+//! Projects and what hangs off them: env vars, domains, deployments.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use zeitwork_api_types::validate::{self, ValidationError, ENV_VARS_MAX};
+use zeitwork_api_types::{
+    CreateDeployment, CreateDomain, CreateProject, Deployment, DeploymentStatus, Domain, EnvVar, Environment,
+    PatchProject, Project, PutEnvVar, Resources, Role,
+};
+use zeitwork_store::{nanoid, DeploymentFilter, NewDeployment, NewProject};
+
+use super::{created, listing, page};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, QueryParams};
+use crate::AppState;
+
+const DEFAULT_RESOURCES: Resources = Resources { vcpu: 1, memory: 256 };
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectQuery {
+    /// Only projects of this organisation.
+    org: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// List the projects the token can see.
+#[utoipa::path(get, path = "/api/v1/projects", tag = "projects", params(ProjectQuery), responses((status = 200, body = Vec<Project>)))]
+pub async fn list_projects(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<ProjectQuery>) -> ApiResult<Response> {
+    let visible = caller.visible_orgs();
+    Ok(listing(s.store.list_projects(q.org.as_deref(), visible.as_deref(), &page(q.limit, q.cursor)?).await?))
+}
+
+/// Create a project (Developer).
+#[utoipa::path(post, path = "/api/v1/projects", tag = "projects", request_body = CreateProject,
+    responses((status = 201, body = Project), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn create_project(State(s): State<AppState>, caller: Caller, JsonBody(b): JsonBody<CreateProject>) -> ApiResult<Response> {
+    validate::dns_label("org", &b.org)?;
+    let target = format!("{}/{}", b.org, b.name);
+    s.require_role(&caller, &b.org, Role::Developer, "project.create", &target).await?;
+    b.validate()?;
+    let new = NewProject {
+        org: b.org.clone(),
+        name: b.name.clone(),
+        github_repo: b.github_repo,
+        branch: b.branch.unwrap_or_else(|| "main".into()),
+        auto_deploy: b.auto_deploy.unwrap_or(false),
+        port: b.port.unwrap_or(8080),
+        resources: b.resources.unwrap_or(DEFAULT_RESOURCES),
+        instances_per_region: b.instances_per_region.unwrap_or(s.config.default_instances_per_region),
+        regions: b.regions,
+        image_template: b.image_template,
+        rate_limit: b.rate_limit,
+    };
+    let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
+    Ok(created(s.store.create_project(&new, &audit).await?))
+}
+
+/// Show a project.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}", tag = "projects",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 200, body = Project), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn get_project(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Project>> {
+    s.require_role(&caller, &org, Role::Guest, "project.show", &format!("{org}/{name}")).await?;
+    Ok(Json(s.store.get_project(&org, &name).await?))
+}
+
+/// Change any subset of a project's settings (Developer).
+#[utoipa::path(patch, path = "/api/v1/projects/{org}/{project}", tag = "projects",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = PatchProject,
+    responses((status = 200, body = Project), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn patch_project(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    JsonBody(patch): JsonBody<PatchProject>,
+) -> ApiResult<Json<Project>> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Developer, "project.update", &target).await?;
+    patch.validate()?;
+    let detail = serde_json::to_value(&patch).unwrap_or_default();
+    let audit = caller.audit("project.update", &target).org(&org).project(&name).detail(detail);
+    Ok(Json(s.store.update_project(&org, &name, &patch, &audit).await?))
+}
+
+/// Delete a project, its env vars and domains (Admin); 409 while instances run.
+#[utoipa::path(delete, path = "/api/v1/projects/{org}/{project}", tag = "projects",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_project(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Admin, "project.delete", &target).await?;
+    s.store.delete_project(&org, &name, &caller.audit("project.delete", &target).org(&org).project(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------ env vars
+
+fn env_context(project_id: &str, key: &str) -> String {
+    format!("env:{project_id}:{key}")
+}
+
+async fn env_response(s: &AppState, caller: &Caller, org: &str, project_id: &str) -> ApiResult<Vec<EnvVar>> {
+    let show = caller.sees_secrets_of(org);
+    let stored = s.store.list_env(project_id).await?;
+    stored
+        .into_iter()
+        .map(|v| {
+            let value = if show {
+                Some(s.cipher.decrypt(&env_context(project_id, &v.key), &v.value_enc).map_err(|e| {
+                    tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
+                    ApiError::Internal
+                })?)
+            } else {
+                None
+            };
+            Ok(EnvVar { key: v.key, redacted: value.is_none(), value, updated_at: v.updated_at })
+        })
+        .collect()
+}
+
+/// List env vars; Guests and read-only tokens see names only.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/env", tag = "env",
+    params(("org" = String, Path), ("project" = String, Path)), responses((status = 200, body = Vec<EnvVar>)))]
+pub async fn list_env(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Vec<EnvVar>>> {
+    s.require_role(&caller, &org, Role::Guest, "env.list", &format!("{org}/{name}")).await?;
+    let p = s.store.get_project(&org, &name).await?;
+    Ok(Json(env_response(&s, &caller, &org, &p.id).await?))
+}
+
+/// Replace every env var of a project with the given `{"KEY": "value"}` map (Developer).
+#[utoipa::path(put, path = "/api/v1/projects/{org}/{project}/env", tag = "env",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = BTreeMap<String, String>,
+    responses((status = 200, body = Vec<EnvVar>), (status = 400, body = zeitwork_api_types::ApiError)))]
+pub async fn replace_env(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    JsonBody(vars): JsonBody<BTreeMap<String, String>>,
+) -> ApiResult<Json<Vec<EnvVar>>> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Developer, "env.replace", &target).await?;
+    if vars.len() > ENV_VARS_MAX {
+        return Err(ValidationError::new("env", format!("at most {ENV_VARS_MAX} variables per project")).into());
+    }
+    for (k, v) in &vars {
+        validate::env_key(k, k)?;
+        validate::env_value(k, v)?;
+    }
+    let p = s.store.get_project(&org, &name).await?;
+    let enc: Vec<(String, String)> =
+        vars.iter().map(|(k, v)| (k.clone(), s.cipher.encrypt(&env_context(&p.id, k), v))).collect();
+    let keys: Vec<&String> = vars.keys().collect();
+    let audit = caller.audit("env.replace", &target).org(&org).project(&name).detail(serde_json::json!({ "keys": keys }));
+    s.store.replace_env(&p.id, &enc, &audit).await?;
+    Ok(Json(env_response(&s, &caller, &org, &p.id).await?))
+}
+
+/// Set one env var (Developer); 201 when new.
+#[utoipa::path(put, path = "/api/v1/projects/{org}/{project}/env/{key}", tag = "env",
+    params(("org" = String, Path), ("project" = String, Path), ("key" = String, Path)), request_body = PutEnvVar,
+    responses((status = 201, body = EnvVar), (status = 200, body = EnvVar), (status = 400, body = zeitwork_api_types::ApiError)))]
+pub async fn put_env(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name, key)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<PutEnvVar>,
+) -> ApiResult<Response> {
+    let target = format!("{org}/{name}/{key}");
+    s.require_role(&caller, &org, Role::Developer, "env.set", &target).await?;
+    validate::env_key("key", &key)?;
+    validate::env_value("value", &body.value)?;
+    let p = s.store.get_project(&org, &name).await?;
+    let enc = s.cipher.encrypt(&env_context(&p.id, &key), &body.value);
+    let audit = caller.audit("env.set", &target).org(&org).project(&name);
+    let new = s.store.put_env(&p.id, &key, &enc, ENV_VARS_MAX, &audit).await?;
+    let var = env_response(&s, &caller, &org, &p.id)
+        .await?
+        .into_iter()
+        .find(|v| v.key == key)
+        .ok_or_else(|| ApiError::NotFound(format!("variable {key:?} vanished")))?;
+    Ok(if new { created(var) } else { Json(var).into_response() })
+}
+
+/// Delete one env var (Developer).
+#[utoipa::path(delete, path = "/api/v1/projects/{org}/{project}/env/{key}", tag = "env",
+    params(("org" = String, Path), ("project" = String, Path), ("key" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_env(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name, key)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let target = format!("{org}/{name}/{key}");
+    s.require_role(&caller, &org, Role::Developer, "env.delete", &target).await?;
+    let p = s.store.get_project(&org, &name).await?;
+    s.store.delete_env(&p.id, &key, &caller.audit("env.delete", &target).org(&org).project(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------ domains
+
+/// List a project's custom domains.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/domains", tag = "domains",
+    params(("org" = String, Path), ("project" = String, Path)), responses((status = 200, body = Vec<Domain>)))]
+pub async fn list_domains(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Vec<Domain>>> {
+    s.require_role(&caller, &org, Role::Guest, "domain.list", &format!("{org}/{name}")).await?;
+    let p = s.store.get_project(&org, &name).await?;
+    Ok(Json(s.store.list_domains(&p.id).await?))
+}
+
+/// Add a custom domain (Developer); a domain belongs to one project platform-wide.
+#[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/domains", tag = "domains",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = CreateDomain,
+    responses((status = 201, body = Domain), (status = 400, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn create_domain(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    JsonBody(body): JsonBody<CreateDomain>,
+) -> ApiResult<Response> {
+    let target = body.name.clone();
+    s.require_role(&caller, &org, Role::Developer, "domain.add", &target).await?;
+    body.validate()?;
+    let apps = &s.config.apps_domain;
+    if body.name == *apps || body.name.ends_with(&format!(".{apps}")) {
+        return Err(ValidationError::new("name", format!("names under {apps} are the platform's own; use a domain you control")).into());
+    }
+    let p = s.store.get_project(&org, &name).await?;
+    let env = body.environment.unwrap_or(Environment::Production);
+    let audit = caller.audit("domain.add", &target).org(&org).project(&name);
+    Ok(created(s.store.create_domain(&p.id, &body.name, env, &audit).await?))
+}
+
+/// Remove a custom domain (Developer).
+#[utoipa::path(delete, path = "/api/v1/projects/{org}/{project}/domains/{name}", tag = "domains",
+    params(("org" = String, Path), ("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_domain(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name, domain)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    s.require_role(&caller, &org, Role::Developer, "domain.delete", &domain).await?;
+    let p = s.store.get_project(&org, &name).await?;
+    s.store.delete_domain(&p.id, &domain, &caller.audit("domain.delete", &domain).org(&org).project(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------ deployments
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentQuery {
+    org: Option<String>,
+    project: Option<String>,
+    status: Option<DeploymentStatus>,
+    environment: Option<Environment>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// List deployments, newest first, filtered by org, project, status, environment.
+#[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(DeploymentQuery),
+    responses((status = 200, body = Vec<Deployment>)))]
+pub async fn list_deployments(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<DeploymentQuery>) -> ApiResult<Response> {
+    let filter = DeploymentFilter {
+        org: q.org,
+        orgs_visible: caller.visible_orgs(),
+        project: q.project,
+        status: q.status,
+        environment: q.environment,
+    };
+    Ok(listing(s.store.list_deployments(&filter, &page(q.limit, q.cursor)?).await?))
+}
+
+/// Record a deployment of an image (Developer): 202, status `pending`.
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeployment,
+    responses((status = 202, body = Deployment), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn create_deployment(State(s): State<AppState>, caller: Caller, JsonBody(b): JsonBody<CreateDeployment>) -> ApiResult<Response> {
+    validate::dns_label("org", &b.org)?;
+    let target = format!("{}/{}", b.org, b.project);
+    s.require_role(&caller, &b.org, Role::Developer, "deployment.create", &target).await?;
+    b.validate()?;
+    let p = s.store.get_project(&b.org, &b.project).await?;
+    let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
+    let new = NewDeployment {
+        url: s.config.app_url(&id),
+        id,
+        project_id: p.id.clone(),
+        org: p.org.clone(),
+        project: p.name.clone(),
+        environment: b.environment.unwrap_or(Environment::Production),
+        image: b.image.clone(),
+        commit_sha: b.commit_sha.clone(),
+        commit_message: b.commit_message.clone(),
+        instances_per_region: b.instances_per_region.unwrap_or(p.instances_per_region),
+        created_by: Some(caller.actor()),
+    };
+    let audit = caller
+        .audit("deployment.create", &new.id)
+        .org(&p.org)
+        .project(&p.name)
+        .detail(serde_json::json!({"image": b.image, "environment": new.environment}));
+    let d = s.store.create_deployment(&new, &audit).await?;
+    Ok((StatusCode::ACCEPTED, Json(d)).into_response())
+}
+
+/// Show a deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn get_deployment(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Deployment>> {
+    let d = s.store.get_deployment(&id).await?;
+    if caller.role_in(&d.org).is_none() {
+        // Do not reveal deployments of other organisations.
+        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    }
+    Ok(Json(d))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectDeploymentQuery {
+    status: Option<DeploymentStatus>,
+    environment: Option<Environment>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// List a project's deployments, newest first.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/deployments", tag = "deployments",
+    params(("org" = String, Path), ("project" = String, Path), ProjectDeploymentQuery),
+    responses((status = 200, body = Vec<Deployment>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn list_project_deployments(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    QueryParams(q): QueryParams<ProjectDeploymentQuery>,
+) -> ApiResult<Response> {
+    s.require_role(&caller, &org, Role::Guest, "deployment.list", &format!("{org}/{name}")).await?;
+    s.store.get_project(&org, &name).await?;
+    let filter = DeploymentFilter {
+        org: Some(org),
+        orgs_visible: None,
+        project: Some(name),
+        status: q.status,
+        environment: q.environment,
+    };
+    Ok(listing(s.store.list_deployments(&filter, &page(q.limit, q.cursor)?).await?))
+}

@@ -1,0 +1,130 @@
+//! The operator's configuration, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Operator settings. Loaded from a TOML file, then `ZEITWORK_*` environment
+/// variables, then flags (later wins); see the binary for the merge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperatorConfig {
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Directory for the SQLite file, the encryption key and the admin token.
+    pub data_dir: PathBuf,
+    /// `postgres://…` to share one PostgreSQL between operators; SQLite in
+    /// `data_dir` when absent.
+    pub database_url: Option<String>,
+    /// Apps are served at `<deployment-id>.<apps_domain>`.
+    pub apps_domain: String,
+    /// Scheme of app URLs shown to users.
+    pub apps_scheme: String,
+    /// Port of app URLs, when not the scheme's default.
+    pub apps_port: Option<u16>,
+    /// Base64 of 32 bytes; generated into `data_dir/secret.key` when absent.
+    /// Every operator sharing a database needs the same key.
+    pub encryption_key: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// `instances_per_region` of new projects.
+    pub default_instances_per_region: u32,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            data_dir: PathBuf::from("/var/lib/zeitwork"),
+            database_url: None,
+            apps_domain: "zeitwork.localhost".into(),
+            apps_scheme: "https".into(),
+            apps_port: None,
+            encryption_key: None,
+            max_body_bytes: 1024 * 1024,
+            default_instances_per_region: 3,
+        }
+    }
+}
+
+/// A configuration value that cannot work; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config field `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl OperatorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, message: String| Err(ConfigError { field, message });
+        if let Err(e) = zeitwork_api_types::validate::domain_name("apps_domain", &self.apps_domain) {
+            return err("apps_domain", e.message);
+        }
+        if !matches!(self.apps_scheme.as_str(), "http" | "https") {
+            return err("apps_scheme", format!("{:?} is not http or https", self.apps_scheme));
+        }
+        if self.apps_port == Some(0) {
+            return err("apps_port", "use 1 to 65535".into());
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
+                return err(
+                    "database_url",
+                    format!("{} is not a postgres:// or sqlite: URL", zeitwork_store::redact_url(url)),
+                );
+            }
+        }
+        if let Some(key) = &self.encryption_key {
+            if let Err(e) = crate::secrets::Cipher::from_base64(key) {
+                return err("encryption_key", e.to_string());
+            }
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return err("max_body_bytes", "use 1024 to 1073741824".into());
+        }
+        if let Err(e) = zeitwork_api_types::validate::instances_per_region("", self.default_instances_per_region) {
+            return err("default_instances_per_region", e.message);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return err("data_dir", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The public URL of a deployment or project host.
+    pub fn app_url(&self, host_label: &str) -> String {
+        let port = match (self.apps_scheme.as_str(), self.apps_port) {
+            (_, None) | ("http", Some(80)) | ("https", Some(443)) => String::new(),
+            (_, Some(p)) => format!(":{p}"),
+        };
+        format!("{}://{host_label}.{}{port}", self.apps_scheme, self.apps_domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_fields() {
+        OperatorConfig::default().validate().unwrap();
+        let c = OperatorConfig { apps_domain: "bad domain".into(), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().field, "apps_domain");
+        let c = OperatorConfig { database_url: Some("mysql://x".into()), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().field, "database_url");
+        let c = OperatorConfig { encryption_key: Some("nope".into()), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().field, "encryption_key");
+        let parsed: Result<OperatorConfig, _> = toml::from_str("lisen = \"1.2.3.4:1\"");
+        assert!(parsed.unwrap_err().to_string().contains("lisen"));
+    }
+
+    #[test]
+    fn app_urls() {
+        let c = OperatorConfig { apps_scheme: "http".into(), apps_port: Some(8083), ..Default::default() };
+        assert_eq!(c.app_url("web-abc1234-acme"), "http://web-abc1234-acme.zeitwork.localhost:8083");
+        let c = OperatorConfig::default();
+        assert_eq!(c.app_url("x"), "https://x.zeitwork.localhost");
+    }
+}

@@ -1,0 +1,759 @@
+//! The CLI for people: one verb per resource, human tables by default and
+//! `--json` for scripts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use zeitwork_api_types::*;
+use zeitwork_client::{encode, Client};
+
+use crate::output::{ago, fields, json, opt, table};
+use crate::roles::{default_data_dir, UsageError};
+
+/// Where to reach the operator and how to prove who you are.
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// Operator API URL (default: from ~/.config/zeitwork/cli.toml, else http://127.0.0.1:8080).
+    #[arg(long, env = "ZEITWORK_API", global = true)]
+    api: Option<String>,
+    /// API token (default: from the CLI config, else the token of a local `zeitwork up`).
+    #[arg(long, env = "ZEITWORK_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliFile {
+    api: Option<String>,
+    token: Option<String>,
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        let file = cli_config_path()
+            .and_then(|p| std::fs::read_to_string(&p).ok().map(|t| (p, t)))
+            .map(|(p, t)| toml::from_str::<CliFile>(&t).map_err(|e| UsageError(format!("{}: {e}", p.display()))))
+            .transpose()?
+            .unwrap_or_default();
+        let api = self.api.clone().or(file.api).unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let token = self.token.clone().or(file.token).or_else(|| {
+            std::fs::read_to_string(default_data_dir().join("admin.token")).ok().map(|t| t.trim().to_owned())
+        });
+        if token.is_none() {
+            return Err(UsageError(
+                "no API token: set ZEITWORK_TOKEN (the operator wrote the first one to <data dir>/admin.token)".into(),
+            )
+            .into());
+        }
+        Ok(Client::new(&api, token))
+    }
+}
+
+fn cli_config_path() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|x| !x.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|d| d.join("zeitwork/cli.toml"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Regions: list, create, show, delete.
+    Regions(With<RegionCmd>),
+    /// Worker nodes: list, show, drain, delete.
+    Nodes(With<NodeCmd>),
+    /// Organisations and their members.
+    Orgs(With<OrgCmd>),
+    /// Projects: list, create, show, update, delete.
+    Projects(With<ProjectCmd>),
+    /// Environment variables of a project (values encrypted at rest).
+    Env(With<EnvCmd>),
+    /// Custom domains of a project.
+    Domains(With<DomainCmd>),
+    /// Deployments: list, create, show.
+    Deployments(With<DeploymentCmd>),
+    /// API tokens: list, create, delete.
+    Tokens(With<TokenCmd>),
+    /// The audit log.
+    Events(With<EventCmd>),
+}
+
+#[derive(Debug, Args)]
+pub struct With<C: Subcommand> {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: C,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegionCmd {
+    List,
+    Create {
+        code: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// ISO 3166-1 alpha-2 code, e.g. US.
+        #[arg(long)]
+        country: String,
+    },
+    Show { code: String },
+    Delete { code: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    List,
+    Show { id: String },
+    Drain { id: String },
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCmd {
+    List,
+    Create {
+        slug: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// First Owner (e-mail or user name).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    Show { slug: String },
+    /// List members.
+    Members { org: String },
+    /// Add a member or change their role.
+    AddMember {
+        org: String,
+        user: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    RemoveMember { org: String, user: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Guest,
+    Developer,
+    Admin,
+    Owner,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Guest => Role::Guest,
+            RoleArg::Developer => Role::Developer,
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Owner => Role::Owner,
+        }
+    }
+}
+
+/// Project settings shared by create and update.
+#[derive(Debug, Args)]
+pub struct ProjectSettings {
+    /// GitHub repository, owner/repo.
+    #[arg(long)]
+    repo: Option<String>,
+    #[arg(long)]
+    branch: Option<String>,
+    /// Deploy pushes to the branch automatically.
+    #[arg(long)]
+    auto_deploy: Option<bool>,
+    /// Port the app listens on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Virtual CPUs per instance (1-32).
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory per instance in MiB (128-65536).
+    #[arg(long)]
+    memory: Option<u32>,
+    #[arg(long)]
+    instances_per_region: Option<u32>,
+    /// Region codes, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    regions: Option<Vec<String>>,
+    /// Image to deploy per commit, `{sha}` replaced.
+    #[arg(long)]
+    image_template: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCmd {
+    List {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Create ORG/NAME.
+    Create {
+        project: String,
+        #[command(flatten)]
+        settings: ProjectSettings,
+    },
+    Show { project: String },
+    Update {
+        project: String,
+        #[command(flatten)]
+        settings: ProjectSettings,
+    },
+    Delete { project: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCmd {
+    /// List variables of ORG/PROJECT.
+    List { project: String },
+    /// Set KEY=VALUE pairs.
+    Set {
+        project: String,
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove a variable.
+    Unset { project: String, key: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainCmd {
+    List { project: String },
+    Add {
+        project: String,
+        name: String,
+        #[arg(long, value_enum)]
+        environment: Option<EnvArg>,
+    },
+    Remove { project: String, name: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EnvArg {
+    Production,
+    Staging,
+    Preview,
+}
+
+impl From<EnvArg> for Environment {
+    fn from(e: EnvArg) -> Environment {
+        match e {
+            EnvArg::Production => Environment::Production,
+            EnvArg::Staging => Environment::Staging,
+            EnvArg::Preview => Environment::Preview,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploymentCmd {
+    /// List deployments (of ORG/PROJECT when given).
+    List {
+        project: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, value_enum)]
+        environment: Option<EnvArg>,
+    },
+    /// Record a deployment of an image for ORG/PROJECT.
+    Create {
+        project: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, value_enum)]
+        environment: Option<EnvArg>,
+        #[arg(long)]
+        commit_sha: Option<String>,
+        #[arg(long)]
+        commit_message: Option<String>,
+        #[arg(long)]
+        instances_per_region: Option<u32>,
+    },
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    List {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Create a token: --admin, --cluster ROLE, or --org ORG --role ROLE.
+    Create {
+        name: String,
+        #[arg(long, conflicts_with_all = ["cluster", "org"])]
+        admin: bool,
+        #[arg(long, value_parser = ["node-agent", "edge-proxy", "load-balancer"])]
+        cluster: Option<String>,
+        #[arg(long, requires = "role")]
+        org: Option<String>,
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventCmd {
+    List {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// `org/project` → (org, project).
+fn split_project(s: &str) -> Result<(String, String)> {
+    match s.split_once('/') {
+        Some((o, p)) if !o.is_empty() && !p.is_empty() && !p.contains('/') => Ok((o.to_owned(), p.to_owned())),
+        _ => Err(UsageError(format!("{s:?} is not ORG/PROJECT (e.g. acme/web)")).into()),
+    }
+}
+
+fn project_path(s: &str) -> Result<String> {
+    let (o, p) = split_project(s)?;
+    Ok(format!("/api/v1/projects/{}/{}", encode(&o), encode(&p)))
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+pub async fn run(verb: Verb) -> Result<()> {
+    match verb {
+        Verb::Regions(w) => regions(w.conn, w.cmd).await,
+        Verb::Nodes(w) => nodes(w.conn, w.cmd).await,
+        Verb::Orgs(w) => orgs(w.conn, w.cmd).await,
+        Verb::Projects(w) => projects(w.conn, w.cmd).await,
+        Verb::Env(w) => env(w.conn, w.cmd).await,
+        Verb::Domains(w) => domains(w.conn, w.cmd).await,
+        Verb::Deployments(w) => deployments(w.conn, w.cmd).await,
+        Verb::Tokens(w) => tokens(w.conn, w.cmd).await,
+        Verb::Events(w) => events(w.conn, w.cmd).await,
+    }
+}
+
+fn region_rows(rs: &[Region]) {
+    table(&["code", "name", "country", "created"], rs.iter().map(|r| vec![r.code.clone(), r.name.clone(), r.country.clone(), ago(&r.created_at)]).collect());
+}
+
+async fn regions(conn: Conn, cmd: RegionCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        RegionCmd::List => {
+            let rs: Vec<Region> = c.list_all("/api/v1/regions").await?;
+            if conn.json { json(&rs) } else { region_rows(&rs) }
+        }
+        RegionCmd::Create { code, name, country } => {
+            let body = CreateRegion { name: name.unwrap_or_else(|| code.clone()), code, country };
+            let r: Region = c.post("/api/v1/regions", &body).await?;
+            if conn.json { json(&r) } else { println!("Created region {}.", r.code) }
+        }
+        RegionCmd::Show { code } => {
+            let r: Region = c.get(&format!("/api/v1/regions/{}", encode(&code))).await?;
+            if conn.json { json(&r) } else { region_rows(&[r]) }
+        }
+        RegionCmd::Delete { code } => {
+            c.delete(&format!("/api/v1/regions/{}", encode(&code))).await?;
+            if !conn.json { println!("Deleted region {code}.") }
+        }
+    }
+    Ok(())
+}
+
+fn node_rows(ns: &[Node]) {
+    table(
+        &["id", "hostname", "region", "status", "instances", "vcpu", "memory", "heartbeat"],
+        ns.iter()
+            .map(|n| {
+                vec![
+                    n.id.clone(),
+                    n.hostname.clone(),
+                    n.region.clone(),
+                    n.status.as_str().into(),
+                    n.instances.to_string(),
+                    format!("{}/{}", n.allocated.vcpu, n.capacity.vcpu),
+                    format!("{}/{} MiB", n.allocated.memory, n.capacity.memory),
+                    n.last_heartbeat.as_ref().map(ago).unwrap_or_else(|| "never".into()),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn nodes(conn: Conn, cmd: NodeCmd) -> Result<()> {
+    let c = conn.client()?;
+    let one = |id: &str| format!("/api/v1/nodes/{}", encode(id));
+    match cmd {
+        NodeCmd::List => {
+            let ns: Vec<Node> = c.list_all("/api/v1/nodes").await?;
+            if conn.json { json(&ns) } else { node_rows(&ns) }
+        }
+        NodeCmd::Show { id } => {
+            let n: Node = c.get(&one(&id)).await?;
+            if conn.json { json(&n) } else { node_rows(&[n]) }
+        }
+        NodeCmd::Drain { id } => {
+            let n: Node = c.post_empty(&format!("{}/drain", one(&id))).await?;
+            if conn.json { json(&n) } else { println!("Node {} is {}.", n.hostname, n.status.as_str()) }
+        }
+        NodeCmd::Delete { id } => {
+            c.delete(&one(&id)).await?;
+            if !conn.json { println!("Deleted node {id}.") }
+        }
+    }
+    Ok(())
+}
+
+async fn orgs(conn: Conn, cmd: OrgCmd) -> Result<()> {
+    let c = conn.client()?;
+    let org_rows = |os: &[Org]| {
+        table(&["slug", "name", "created"], os.iter().map(|o| vec![o.slug.clone(), o.name.clone(), ago(&o.created_at)]).collect())
+    };
+    let members_path = |org: &str| format!("/api/v1/orgs/{}/members", encode(org));
+    match cmd {
+        OrgCmd::List => {
+            let os: Vec<Org> = c.list_all("/api/v1/orgs").await?;
+            if conn.json { json(&os) } else { org_rows(&os) }
+        }
+        OrgCmd::Create { slug, name, owner } => {
+            let o: Org = c.post("/api/v1/orgs", &CreateOrg { slug, name, owner }).await?;
+            if conn.json { json(&o) } else { println!("Created organisation {}.", o.slug) }
+        }
+        OrgCmd::Show { slug } => {
+            let o: Org = c.get(&format!("/api/v1/orgs/{}", encode(&slug))).await?;
+            if conn.json { json(&o) } else { org_rows(&[o]) }
+        }
+        OrgCmd::Members { org } => {
+            let ms: Vec<Member> = c.get(&members_path(&org)).await?;
+            if conn.json {
+                json(&ms)
+            } else {
+                table(&["user", "role", "since"], ms.iter().map(|m| vec![m.user.clone(), m.role.as_str().into(), ago(&m.created_at)]).collect())
+            }
+        }
+        OrgCmd::AddMember { org, user, role } => {
+            let m: Member = c.post(&members_path(&org), &AddMember { user, role: role.into() }).await?;
+            if conn.json { json(&m) } else { println!("{} is {} of {}.", m.user, m.role.as_str(), m.org) }
+        }
+        OrgCmd::RemoveMember { org, user } => {
+            c.delete(&format!("{}?user={}", members_path(&org), encode(&user))).await?;
+            if !conn.json { println!("Removed {user} from {org}.") }
+        }
+    }
+    Ok(())
+}
+
+fn project_rows(ps: &[Project]) {
+    table(
+        &["project", "repo", "branch", "auto", "port", "resources", "per region", "regions"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    format!("{}/{}", p.org, p.name),
+                    opt(&p.github_repo),
+                    p.branch.clone(),
+                    if p.auto_deploy { "yes" } else { "no" }.into(),
+                    p.port.to_string(),
+                    format!("{} vCPU, {} MiB", p.resources.vcpu, p.resources.memory),
+                    p.instances_per_region.to_string(),
+                    p.regions.join(","),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn resources_from(s: &ProjectSettings, current: Option<Resources>) -> Result<Option<Resources>> {
+    match (s.vcpu, s.memory, current) {
+        (None, None, _) => Ok(None),
+        (Some(v), Some(m), _) => Ok(Some(Resources { vcpu: v, memory: m })),
+        (v, m, Some(cur)) => Ok(Some(Resources { vcpu: v.unwrap_or(cur.vcpu), memory: m.unwrap_or(cur.memory) })),
+        (v, m, None) => Ok(Some(Resources { vcpu: v.unwrap_or(1), memory: m.unwrap_or(256) })),
+    }
+}
+
+async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        ProjectCmd::List { org } => {
+            let ps: Vec<Project> = c.list_all(&format!("/api/v1/projects{}", query(&[("org", org)]))).await?;
+            if conn.json { json(&ps) } else { project_rows(&ps) }
+        }
+        ProjectCmd::Create { project, settings } => {
+            let (org, name) = split_project(&project)?;
+            let body = CreateProject {
+                name,
+                org,
+                resources: resources_from(&settings, None)?,
+                github_repo: settings.repo,
+                branch: settings.branch,
+                auto_deploy: settings.auto_deploy,
+                port: settings.port,
+                instances_per_region: settings.instances_per_region,
+                regions: settings.regions,
+                image_template: settings.image_template,
+                rate_limit: None,
+            };
+            let p: Project = c.post("/api/v1/projects", &body).await?;
+            if conn.json { json(&p) } else { println!("Created project {}/{}.", p.org, p.name) }
+        }
+        ProjectCmd::Show { project } => {
+            let p: Project = c.get(&project_path(&project)?).await?;
+            if conn.json { json(&p) } else { project_rows(&[p]) }
+        }
+        ProjectCmd::Update { project, settings } => {
+            let path = project_path(&project)?;
+            let current = if settings.vcpu.is_some() != settings.memory.is_some() {
+                Some(c.get::<Project>(&path).await?.resources)
+            } else {
+                None
+            };
+            let patch = PatchProject {
+                resources: resources_from(&settings, current)?,
+                github_repo: settings.repo.map(Some),
+                branch: settings.branch,
+                auto_deploy: settings.auto_deploy,
+                port: settings.port,
+                instances_per_region: settings.instances_per_region,
+                regions: settings.regions,
+                image_template: settings.image_template.map(Some),
+                rate_limit: None,
+            };
+            let p: Project = c.patch(&path, &patch).await?;
+            if conn.json { json(&p) } else { project_rows(&[p]) }
+        }
+        ProjectCmd::Delete { project } => {
+            c.delete(&project_path(&project)?).await?;
+            if !conn.json { println!("Deleted project {project}.") }
+        }
+    }
+    Ok(())
+}
+
+async fn env(conn: Conn, cmd: EnvCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        EnvCmd::List { project } => {
+            let vs: Vec<EnvVar> = c.get(&format!("{}/env", project_path(&project)?)).await?;
+            if conn.json {
+                json(&vs)
+            } else {
+                table(
+                    &["key", "value", "updated"],
+                    vs.iter().map(|v| vec![v.key.clone(), v.value.clone().unwrap_or_else(|| "(redacted)".into()), ago(&v.updated_at)]).collect(),
+                )
+            }
+        }
+        EnvCmd::Set { project, pairs } => {
+            let base = project_path(&project)?;
+            let mut parsed = BTreeMap::new();
+            for p in &pairs {
+                let (k, v) = p.split_once('=').ok_or_else(|| UsageError(format!("{p:?} is not KEY=VALUE")))?;
+                parsed.insert(k.to_owned(), v.to_owned());
+            }
+            for (k, v) in parsed {
+                let var: EnvVar = c.put(&format!("{base}/env/{}", encode(&k)), &PutEnvVar { value: v }).await?;
+                if conn.json { json(&var) } else { println!("Set {}.", var.key) }
+            }
+        }
+        EnvCmd::Unset { project, key } => {
+            c.delete(&format!("{}/env/{}", project_path(&project)?, encode(&key))).await?;
+            if !conn.json { println!("Removed {key}.") }
+        }
+    }
+    Ok(())
+}
+
+async fn domains(conn: Conn, cmd: DomainCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        DomainCmd::List { project } => {
+            let ds: Vec<Domain> = c.get(&format!("{}/domains", project_path(&project)?)).await?;
+            if conn.json {
+                json(&ds)
+            } else {
+                table(
+                    &["domain", "environment", "verified", "certificate"],
+                    ds.iter().map(|d| vec![d.name.clone(), d.environment.as_str().into(), d.verified.to_string(), d.certificate.clone()]).collect(),
+                )
+            }
+        }
+        DomainCmd::Add { project, name, environment } => {
+            let d: Domain = c
+                .post(&format!("{}/domains", project_path(&project)?), &CreateDomain { name, environment: environment.map(Into::into) })
+                .await?;
+            if conn.json { json(&d) } else { println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str()) }
+        }
+        DomainCmd::Remove { project, name } => {
+            c.delete(&format!("{}/domains/{}", project_path(&project)?, encode(&name))).await?;
+            if !conn.json { println!("Removed {name}.") }
+        }
+    }
+    Ok(())
+}
+
+fn deployment_rows(ds: &[Deployment]) {
+    table(
+        &["id", "environment", "status", "image", "commit", "created"],
+        ds.iter()
+            .map(|d| {
+                vec![
+                    d.id.clone(),
+                    d.environment.as_str().into(),
+                    d.status.as_str().into(),
+                    d.image.clone(),
+                    d.commit_sha.as_deref().map(|s| s.chars().take(7).collect()).unwrap_or_else(|| "-".into()),
+                    ago(&d.created_at),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        DeploymentCmd::List { project, status, environment } => {
+            let env = environment.map(|e| Environment::from(e).as_str().to_owned());
+            let path = match project {
+                Some(p) => format!("{}/deployments{}", project_path(&p)?, query(&[("status", status), ("environment", env)])),
+                None => format!("/api/v1/deployments{}", query(&[("status", status), ("environment", env)])),
+            };
+            let ds: Vec<Deployment> = c.list_all(&path).await?;
+            if conn.json { json(&ds) } else { deployment_rows(&ds) }
+        }
+        DeploymentCmd::Create { project, image, environment, commit_sha, commit_message, instances_per_region } => {
+            let (org, project) = split_project(&project)?;
+            let body = CreateDeployment {
+                org,
+                project,
+                image,
+                commit_sha,
+                commit_message,
+                instances_per_region,
+                environment: environment.map(Into::into),
+            };
+            let d: Deployment = c.post("/api/v1/deployments", &body).await?;
+            if conn.json { json(&d) } else { println!("Deployment {} is {}.\nURL: {}", d.id, d.status.as_str(), d.url) }
+        }
+        DeploymentCmd::Show { id } => {
+            let d: Deployment = c.get(&format!("/api/v1/deployments/{}", encode(&id))).await?;
+            if conn.json {
+                json(&d)
+            } else {
+                fields(vec![
+                    ("id", d.id.clone()),
+                    ("project", format!("{}/{}", d.org, d.project)),
+                    ("environment", d.environment.as_str().into()),
+                    ("status", d.status.as_str().into()),
+                    ("reason", opt(&d.reason)),
+                    ("image", d.image.clone()),
+                    ("digest", opt(&d.image_digest)),
+                    ("commit", opt(&d.commit_sha)),
+                    ("message", opt(&d.commit_message)),
+                    ("url", d.url.clone()),
+                    ("created", d.created_at.to_rfc3339()),
+                ])
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scope_text(s: &TokenScope) -> String {
+    match s {
+        TokenScope::Admin => "admin".into(),
+        TokenScope::Org { org, role } => format!("{org}:{}", role.as_str()),
+        TokenScope::Cluster { role } => format!("cluster:{}", role.as_str()),
+    }
+}
+
+async fn tokens(conn: Conn, cmd: TokenCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        TokenCmd::List { org } => {
+            let ts: Vec<Token> = c.list_all(&format!("/api/v1/tokens{}", query(&[("org", org)]))).await?;
+            if conn.json {
+                json(&ts)
+            } else {
+                table(
+                    &["id", "name", "scope", "read-only", "created", "expires"],
+                    ts.iter()
+                        .map(|t| {
+                            vec![
+                                t.id.clone(),
+                                t.name.clone(),
+                                scope_text(&t.scope),
+                                t.read_only.to_string(),
+                                ago(&t.created_at),
+                                t.expires_at.map(|e| e.to_rfc3339()).unwrap_or_else(|| "never".into()),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        TokenCmd::Create { name, admin, cluster, org, role, read_only, expires_in_days } => {
+            let scope = match (admin, cluster, org, role) {
+                (true, None, None, _) => TokenScope::Admin,
+                (false, Some(c), None, _) => TokenScope::Cluster {
+                    role: ClusterRole::parse(&c).context("unknown cluster role")?,
+                },
+                (false, None, Some(org), Some(role)) => TokenScope::Org { org, role: role.into() },
+                _ => return Err(UsageError("choose one scope: --admin, --cluster ROLE, or --org ORG --role ROLE".into()).into()),
+            };
+            let t: CreatedToken = c.post("/api/v1/tokens", &CreateToken { name, scope, read_only, expires_in_days }).await?;
+            if conn.json {
+                json(&t)
+            } else {
+                println!("Created token {} ({}). Its secret is shown once:\n\n    {}\n", t.token.id, scope_text(&t.token.scope), t.secret);
+            }
+        }
+        TokenCmd::Delete { id } => {
+            c.delete(&format!("/api/v1/tokens/{}", encode(&id))).await?;
+            if !conn.json { println!("Revoked {id}.") }
+        }
+    }
+    Ok(())
+}
+
+async fn events(conn: Conn, cmd: EventCmd) -> Result<()> {
+    let c = conn.client()?;
+    let EventCmd::List { org, project, action, limit } = cmd;
+    let path = format!(
+        "/api/v1/events{}",
+        query(&[("org", org), ("project", project), ("action", action), ("limit", Some(limit.to_string()))])
+    );
+    let es: Vec<Event> = c.list(&path).await?.items;
+    if conn.json {
+        json(&es)
+    } else {
+        table(
+            &["when", "actor", "action", "target", "result"],
+            es.iter().map(|e| vec![ago(&e.at), e.actor.clone(), e.action.clone(), e.target.clone(), e.result.clone()]).collect(),
+        )
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Starting the roles: config from a TOML file, then `ZEITWORK_*` environment
+//! variables, then flags (clap reads both; a flag beats its variable).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use zeitwork_api_types::{ClusterRole, CreateRegion, CreateToken, CreatedToken, Region, TokenScope};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+use zeitwork_telemetry::LogFormat;
+
+/// Bad flags or config: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Flags every role takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// TOML config file.
+    #[arg(long, env = "ZEITWORK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (store, keys, tokens).
+    #[arg(long, env = "ZEITWORK_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "ZEITWORK_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Log filter, e.g. `info` or `info,zeitwork_store=debug`.
+    #[arg(long, env = "ZEITWORK_LOG", default_value = "info")]
+    log: String,
+    /// Log lines as JSON.
+    #[arg(long, env = "ZEITWORK_LOG_JSON")]
+    log_json: bool,
+}
+
+impl Common {
+    fn init_logging(&self) {
+        let format = if self.log_json { LogFormat::Json } else { LogFormat::Text };
+        zeitwork_telemetry::init_logging(&self.log, format);
+    }
+}
+
+fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| UsageError(format!("config file {}: {}", path.display(), e.to_string().trim())).into())
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    common: Common,
+    /// PostgreSQL URL shared by several operators (default: SQLite in the data dir).
+    #[arg(long, env = "ZEITWORK_DATABASE_URL", value_name = "URL")]
+    database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide = true)]
+    database_url_fallback: Option<String>,
+    /// Domain apps are served under: `<deployment>.<apps-domain>`.
+    #[arg(long, env = "ZEITWORK_APPS_DOMAIN")]
+    apps_domain: Option<String>,
+    /// Base64 of 32 bytes encrypting secrets at rest (default: generated into the data dir).
+    #[arg(long, env = "ZEITWORK_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+}
+
+impl OperatorArgs {
+    fn into_config(self) -> Result<OperatorConfig> {
+        let mut c: OperatorConfig = load_toml(self.common.config.as_deref())?;
+        if let Some(d) = self.common.data {
+            c.data_dir = d;
+        }
+        if let Some(l) = self.common.listen {
+            c.listen = l;
+        }
+        if let Some(u) = self.database_url.or(self.database_url_fallback) {
+            c.database_url = Some(u);
+        }
+        if let Some(d) = self.apps_domain {
+            c.apps_domain = d;
+        }
+        if let Some(k) = self.encryption_key {
+            c.encryption_key = Some(k);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub async fn operator(args: OperatorArgs) -> Result<()> {
+    args.common.init_logging();
+    let config = args.into_config()?;
+    let op = Operator::start(config).await.context("the operator could not start")?;
+    announce_admin_token(&op);
+    shutdown_signal().await;
+    tracing::info!("stopping the operator");
+    op.shutdown().await;
+    Ok(())
+}
+
+fn announce_admin_token(op: &Operator) {
+    if let Some(token) = &op.admin_token {
+        println!("First start: created the platform admin token. It is shown once:");
+        println!();
+        println!("    {token}");
+        println!();
+        println!("It is also in {} (mode 0600).", op.admin_token_path.display());
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct NodeAgentArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Operator API URL.
+    #[arg(long, env = "ZEITWORK_OPERATOR_URL")]
+    operator: Option<String>,
+    /// A node-agent cluster token.
+    #[arg(long, env = "ZEITWORK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Region code this node is in.
+    #[arg(long, env = "ZEITWORK_REGION")]
+    region: Option<String>,
+    /// Name of this node (default: the host name).
+    #[arg(long, env = "ZEITWORK_HOSTNAME")]
+    hostname: Option<String>,
+    /// URL others reach this agent at.
+    #[arg(long, env = "ZEITWORK_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+}
+
+pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
+    args.common.init_logging();
+    let mut c: NodeAgentConfig = load_toml(args.common.config.as_deref())?;
+    if let Some(l) = args.common.listen {
+        c.listen = l;
+    }
+    if let Some(v) = args.operator {
+        c.operator_url = v;
+    }
+    if let Some(v) = args.token {
+        c.token = Some(v);
+    }
+    if let Some(v) = args.region {
+        c.region = v;
+    }
+    if let Some(v) = args.hostname {
+        c.hostname = v;
+    }
+    if let Some(v) = args.advertise_url {
+        c.advertise_url = Some(v);
+    }
+    c.validate().map_err(|e| UsageError(e.to_string()))?;
+    let agent = NodeAgent::start(c).await.context("the node agent could not start")?;
+    shutdown_signal().await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct LoadBalancerArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct EdgeProxyArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+pub async fn load_balancer(_args: LoadBalancerArgs) -> Result<()> {
+    Err(UsageError("the load-balancer role is not in this release yet; run the operator and node agents directly".into()).into())
+}
+
+pub async fn edge_proxy(_args: EdgeProxyArgs) -> Result<()> {
+    Err(UsageError("the edge-proxy role is not in this release yet; apps are not served on the web by this build".into()).into())
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory (default: $XDG_DATA_HOME/zeitwork or ~/.local/share/zeitwork).
+    #[arg(long, env = "ZEITWORK_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Port of the operator API on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    api_port: u16,
+    /// Port of the node agent on 127.0.0.1.
+    #[arg(long, default_value_t = 8081)]
+    agent_port: u16,
+    /// Port apps are served on over HTTP.
+    #[arg(long, default_value_t = 8083)]
+    http_port: u16,
+    /// Port apps are served on over HTTPS.
+    #[arg(long, default_value_t = 8443)]
+    https_port: u16,
+    #[arg(long, env = "ZEITWORK_LOG", default_value = "info")]
+    log: String,
+}
+
+/// Where `zeitwork up` keeps its data unless told otherwise.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("zeitwork");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/zeitwork"),
+        None => PathBuf::from(".zeitwork"),
+    }
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    zeitwork_telemetry::init_logging(&args.log, LogFormat::Text);
+    let data = args.data.clone().unwrap_or_else(default_data_dir);
+    let config = OperatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], args.api_port)),
+        data_dir: data.clone(),
+        apps_scheme: "http".into(),
+        apps_port: Some(args.http_port),
+        default_instances_per_region: 1,
+        ..Default::default()
+    };
+    config.validate()?;
+    let op = Operator::start(config).await.context("the operator could not start")?;
+    announce_admin_token(&op);
+    let api = format!("http://{}", op.addr());
+    let admin = std::fs::read_to_string(&op.admin_token_path)
+        .map(|t| t.trim().to_owned())
+        .with_context(|| format!("cannot read the admin token at {}", op.admin_token_path.display()))?;
+    let client = Client::new(&api, Some(admin));
+    ensure_local_region(&client).await?;
+    let agent_token = ensure_agent_token(&client, &data.join("node-agent.token")).await?;
+    let agent = NodeAgent::start(NodeAgentConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], args.agent_port)),
+        operator_url: api.clone(),
+        token: Some(agent_token),
+        region: "local".into(),
+        ..Default::default()
+    })
+    .await
+    .context("the node agent could not start")?;
+
+    println!();
+    println!("Zeitwork is running.");
+    println!("  API      {api}");
+    println!("  Token    {}", op.admin_token_path.display());
+    println!("  Node     {} in region local ({})", agent.node().hostname, agent.node().address);
+    println!("  Apps     http://<deployment-id>.zeitwork.localhost:{}", args.http_port);
+    println!("  Data     {}", data.display());
+    println!();
+    println!("Next:");
+    println!("  export ZEITWORK_API={api} ZEITWORK_TOKEN=$(cat {})", op.admin_token_path.display());
+    println!("  zeitwork orgs create acme");
+    println!("  zeitwork projects create acme/web");
+    println!("  zeitwork deployments create acme/web --image registry.example.com/web:1");
+    println!();
+    println!("Press Ctrl-C to stop.");
+    shutdown_signal().await;
+    println!("Stopping…");
+    agent.shutdown().await;
+    op.shutdown().await;
+    println!("Stopped.");
+    Ok(())
+}
+
+async fn ensure_local_region(client: &Client) -> Result<()> {
+    let body = CreateRegion { code: "local".into(), name: "This machine".into(), country: "ZZ".into() };
+    match client.post::<_, Region>("/api/v1/regions", &body).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.status() == Some(409) => Ok(()),
+        Err(e) => Err(e).context("cannot create the local region"),
+    }
+}
+
+/// Reuses the node agent's token from a previous start, or creates one.
+async fn ensure_agent_token(client: &Client, path: &Path) -> Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_owned();
+        let probe = Client::new(client.base(), Some(t.clone()));
+        if probe.get::<serde_json::Value>("/api/v1/nodes?limit=1").await.is_ok() {
+            return Ok(t);
+        }
+    }
+    let created: CreatedToken = client
+        .post(
+            "/api/v1/tokens",
+            &CreateToken {
+                name: "local node agent".into(),
+                scope: TokenScope::Cluster { role: ClusterRole::NodeAgent },
+                read_only: false,
+                expires_in_days: None,
+            },
+        )
+        .await
+        .context("cannot create the node agent's token")?;
+    write_private(path, &created.secret)?;
+    Ok(created.secret)
+}
+
+pub fn write_private(path: &Path, content: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(format!("{content}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}
