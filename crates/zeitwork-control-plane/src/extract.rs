@@ -53,7 +53,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = e.into_inner();
         let msg = inner.to_string();
         // serde_json appends " at line L column C"; keep it, people find it useful.
-        if path == "." || path.is_empty() {
+        if path == "." || path == "?" || path.is_empty() || inner.is_syntax() || inner.is_eof() {
             ApiError::InvalidBody(format!("invalid JSON body: {msg}"))
         } else {
             ApiError::InvalidBody(format!("{path}: {msg}"))

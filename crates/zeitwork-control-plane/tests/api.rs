@@ -1,0 +1,354 @@
+//! End-to-end tests of the operator API over real HTTP, on SQLite and on a
+//! throwaway PostgreSQL, driven through the typed client.
+
+use std::path::Path;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use zeitwork_client::{Client, ClientError};
+use zeitwork_control_plane::{Operator, OperatorConfig};
+
+struct Env {
+    op: Operator,
+    admin: Client,
+    raw: reqwest::Client,
+    base: String,
+    token: String,
+    dir: Option<tempfile::TempDir>,
+}
+
+async fn start(database_url: Option<String>) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let config = OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        database_url,
+        max_body_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    let op = Operator::start(config).await.unwrap();
+    let token = op.admin_token.clone().expect("first start creates the admin token");
+    let base = format!("http://{}", op.addr());
+    Env { admin: Client::new(&base, Some(token.clone())), raw: reqwest::Client::new(), base, token, op, dir: Some(dir) }
+}
+
+impl Env {
+    fn client(&self, token: &str) -> Client {
+        Client::new(&self.base, Some(token.to_owned()))
+    }
+
+    /// A raw call for cases the typed client cannot express (bad bodies, headers).
+    async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>, ctype: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.raw.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_owned());
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, token: &str, body: &str) -> (StatusCode, Value) {
+        self.raw("POST", path, Some(token), Some(body), Some("application/json")).await
+    }
+
+    async fn token(&self, scope: Value, read_only: bool) -> String {
+        let t: Value = self.admin.post("/api/v1/tokens", &json!({"name": "t", "scope": scope, "read_only": read_only})).await.unwrap();
+        t["secret"].as_str().unwrap().to_owned()
+    }
+}
+
+fn status(e: ClientError) -> u16 {
+    e.status().unwrap_or_else(|| panic!("expected an API error, got {e}"))
+}
+
+/// Asserts a 4xx with the error shape and a message naming `needle`.
+fn assert_error(got: (StatusCode, Value), want: u16, needle: &str) {
+    assert_eq!(got.0.as_u16(), want, "{}", got.1);
+    let msg = got.1["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message in {}", got.1));
+    assert!(got.1["error"]["code"].is_string());
+    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+}
+
+async fn scenario(env: Env) {
+    let e = &env;
+    // Health, version, metrics and the API description need no token.
+    assert_eq!(e.raw("GET", "/health", None, None, None).await.1["status"], "ok");
+    let ready = e.raw("GET", "/api/health/ready", None, None, None).await;
+    assert_eq!((ready.0, ready.1["checks"]["store"]["ok"].clone()), (StatusCode::OK, json!(true)));
+    assert_eq!(e.raw("GET", "/api/health/startup", None, None, None).await.0, StatusCode::OK);
+    let v = e.raw("GET", "/api/version", None, None, None).await.1;
+    assert!(v["version"].is_string() && v["commit"].is_string() && v["build_time"].is_string(), "{v}");
+    let doc = e.raw("GET", "/api/v1/openapi.json", None, None, None).await.1;
+    assert!(doc["paths"]["/api/v1/projects/{org}/{project}"]["patch"].is_object());
+
+    // Admin token file: the printed token, mode 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(&e.op.admin_token_path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&e.op.admin_token_path).unwrap().trim(), e.token);
+
+    // Auth failures.
+    assert_error(e.raw("GET", "/api/v1/projects", None, None, None).await, 401, "Authorization");
+    assert_error(e.raw("GET", "/api/v1/projects", Some("zw_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"), None, None).await, 401, "not valid");
+    let forged = format!("{}x", &e.token[..e.token.len() - 1]);
+    assert_error(e.raw("GET", "/api/v1/projects", Some(&forged), None, None).await, 401, "not valid");
+
+    // Regions.
+    let r: Value = e.admin.post("/api/v1/regions", &json!({"code": "us-east", "name": "US East", "country": "US"})).await.unwrap();
+    assert_eq!(r["code"], "us-east");
+    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"us-east","name":"x","country":"US"}"#).await, 409, "us-east");
+    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"US_East","name":"x","country":"US"}"#).await, 400, "code");
+    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"eu","name":"x","country":"germany"}"#).await, 400, "country");
+    e.admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu-west", "name": "EU West", "country": "DE"})).await.unwrap();
+    let regions: Vec<Value> = e.admin.get("/api/v1/regions").await.unwrap();
+    assert_eq!(regions.len(), 2);
+    assert_eq!(e.admin.get::<Value>("/api/v1/regions/eu-west").await.unwrap()["country"], "DE");
+    e.admin.delete("/api/v1/regions/eu-west").await.unwrap();
+    assert_eq!(status(e.admin.get::<Value>("/api/v1/regions/eu-west").await.unwrap_err()), 404);
+
+    // Nodes register with a node-agent cluster token, idempotently by hostname.
+    let agent_token = e.token(json!({"kind": "cluster", "role": "node-agent"}), false).await;
+    let agent = e.client(&agent_token);
+    let reg = json!({"hostname": "worker-1", "region": "us-east", "address": "http://10.0.0.5:8081", "capacity": {"vcpu": 8, "memory": 16384}});
+    let (s1, n1) = e.post("/api/v1/nodes", &agent_token, &reg.to_string()).await;
+    let (s2, n2) = e.post("/api/v1/nodes", &agent_token, &reg.to_string()).await;
+    assert_eq!((s1.as_u16(), s2.as_u16()), (201, 200));
+    assert_eq!(n1["id"], n2["id"]);
+    let node_id = n1["id"].as_str().unwrap().to_owned();
+    let nodes: Vec<Value> = e.admin.get("/api/v1/nodes").await.unwrap();
+    for field in ["id", "hostname", "region", "address", "status", "capacity", "allocated", "instances", "last_heartbeat"] {
+        assert!(nodes[0].get(field).is_some(), "node lacks {field}: {}", nodes[0]);
+    }
+    assert_eq!(nodes[0]["instances"], 0);
+    let one: Value = e.admin.get(&format!("/api/v1/nodes/{node_id}")).await.unwrap();
+    assert!(one["instances"].is_u64());
+    agent.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/heartbeat")).await.unwrap();
+    assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "mars", "address": "http://x:1", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "region");
+    assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "us-east", "address": "ftp://x", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "address");
+    // A node agent cannot drain or delete; only admins can.
+    assert_eq!(status(agent.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/drain")).await.unwrap_err()), 403);
+    assert_error(e.raw("DELETE", "/api/v1/regions/us-east", Some(&e.token), None, None).await, 409, "node");
+    let drained: Value = e.admin.post_empty(&format!("/api/v1/nodes/{node_id}/drain")).await.unwrap();
+    assert_eq!(drained["status"], "drained");
+    e.admin.delete(&format!("/api/v1/nodes/{node_id}")).await.unwrap();
+    assert_eq!(status(e.admin.get::<Value>(&format!("/api/v1/nodes/{node_id}")).await.unwrap_err()), 404);
+
+    // Orgs and members.
+    let org: Value = e.admin.post("/api/v1/orgs", &json!({"slug": "acme", "owner": "ceo@acme.test"})).await.unwrap();
+    assert_eq!(org["slug"], "acme");
+    assert_error(e.post("/api/v1/orgs", &e.token, r#"{"slug":"acme"}"#).await, 409, "acme");
+    assert_error(e.post("/api/v1/orgs", &e.token, r#"{"slug":"-acme"}"#).await, 400, "slug");
+    e.admin.post::<_, Value>("/api/v1/orgs/acme/members", &json!({"user": "dev@acme.test", "role": "developer"})).await.unwrap();
+    let members: Vec<Value> = e.admin.get("/api/v1/orgs/acme/members").await.unwrap();
+    assert_eq!(members.len(), 2);
+    e.admin.delete("/api/v1/orgs/acme/members?user=dev%40acme.test").await.unwrap();
+    assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/orgs/acme/members").await.unwrap().len(), 1);
+    e.admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
+
+    // Projects.
+    let body = json!({"name": "webapp", "org": "acme", "github_repo": "acme/webapp", "branch": "main", "auto_deploy": true, "resources": {"vcpu": 2, "memory": 512}});
+    let (s, p) = e.post("/api/v1/projects", &e.token, &body.to_string()).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    assert_eq!((p["port"].clone(), p["instances_per_region"].clone(), p["regions"].clone()), (json!(8080), json!(3), json!(["us-east"])));
+    assert_error(e.post("/api/v1/projects", &e.token, &body.to_string()).await, 409, "already exists");
+    let bad = |name: &str| json!({"name": name, "org": "acme"}).to_string();
+    for name in ["Web", "-web", "web-", "we_b", "", &"a".repeat(64)] {
+        assert_error(e.post("/api/v1/projects", &e.token, &bad(name)).await, 400, "name");
+    }
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","colour":"red"}"#).await, 400, "colour");
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","port":"80"}"#).await, 400, "port");
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","auto_deploy":"yes"}"#).await, 400, "auto_deploy");
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme""#).await, 400, "JSON");
+    for (vcpu, memory, field) in [(0, 256, "vcpu"), (33, 256, "vcpu"), (1, 127, "memory"), (1, 65537, "memory")] {
+        let b = json!({"name": "x", "org": "acme", "resources": {"vcpu": vcpu, "memory": memory}}).to_string();
+        assert_error(e.post("/api/v1/projects", &e.token, &b).await, 400, &format!("resources.{field}"));
+    }
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"nope"}"#).await, 404, "nope");
+    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","regions":["mars"]}"#).await, 400, "regions[0]");
+    let huge = json!({"name": "x", "org": "acme", "github_repo": "a".repeat(100_000)}).to_string();
+    assert_error(e.post("/api/v1/projects", &e.token, &huge).await, 413, "larger");
+    assert_error(e.raw("POST", "/api/v1/projects", Some(&e.token), Some(&body.to_string()), None).await, 415, "Content-Type");
+    assert_error(e.raw("GET", "/api/v1/projects?limit=0", Some(&e.token), None, None).await, 400, "limit");
+    assert_error(e.raw("GET", "/api/v1/projects?limit=abc", Some(&e.token), None, None).await, 400, "limit");
+    assert_error(e.raw("GET", "/api/v1/projects/acme/nope", Some(&e.token), None, None).await, 404, "nope");
+    assert_error(e.raw("GET", "/api/v1/projects/nope/webapp", Some(&e.token), None, None).await, 404, "nope");
+    let list: Vec<Value> = e.admin.get("/api/v1/projects").await.unwrap();
+    assert_eq!(list.len(), 1, "rejected creates stored nothing");
+
+    let patched: Value = e.admin.patch("/api/v1/projects/acme/webapp", &json!({"auto_deploy": false, "resources": {"vcpu": 4, "memory": 2048}})).await.unwrap();
+    assert_eq!((patched["auto_deploy"].clone(), patched["resources"].clone()), (json!(false), json!({"vcpu": 4, "memory": 2048})));
+    assert_eq!(patched["github_repo"], "acme/webapp", "fields not in the patch stay");
+    let (s, _) = e.raw("PATCH", "/api/v1/projects/acme/webapp", Some(&e.token), Some(r#"{"port":9000,"resources":{"vcpu":99,"memory":512}}"#), Some("application/json")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(e.admin.get::<Value>("/api/v1/projects/acme/webapp").await.unwrap()["port"], 8080, "a rejected patch changes nothing");
+
+    // Org-scoped tokens: roles decide, other orgs are invisible.
+    let guest = e.token(json!({"kind": "org", "org": "acme", "role": "guest"}), false).await;
+    let dev = e.token(json!({"kind": "org", "org": "acme", "role": "developer"}), false).await;
+    let reader = e.token(json!({"kind": "org", "org": "acme", "role": "admin"}), true).await;
+    let outsider = e.token(json!({"kind": "org", "org": "other", "role": "owner"}), false).await;
+    assert_error(e.post("/api/v1/projects", &guest, r#"{"name":"g","org":"acme"}"#).await, 403, "developer");
+    assert_error(e.post("/api/v1/projects", &outsider, r#"{"name":"g","org":"acme"}"#).await, 403, "acme");
+    assert_error(e.post("/api/v1/regions", &dev, r#"{"code":"x","name":"x","country":"US"}"#).await, 403, "admin");
+    assert_error(e.raw("GET", "/api/v1/nodes", Some(&dev), None, None).await, 403, "cluster");
+    assert_error(e.raw("DELETE", "/api/v1/projects/acme/webapp", Some(&dev), None, None).await, 403, "admin");
+    assert_error(e.post("/api/v1/tokens", &dev, r#"{"name":"x","scope":{"kind":"admin"}}"#).await, 403, "admin");
+    assert_eq!(e.client(&outsider).get::<Vec<Value>>("/api/v1/projects").await.unwrap().len(), 0);
+    assert_eq!(e.client(&guest).get::<Vec<Value>>("/api/v1/projects").await.unwrap().len(), 1);
+    assert_error(e.post("/api/v1/projects", &reader, r#"{"name":"r","org":"acme"}"#).await, 403, "read-only");
+
+    // Env vars: encrypted at rest, redacted for guests and read-only tokens.
+    let v: Value = e.client(&dev).put("/api/v1/projects/acme/webapp/env/DATABASE_URL", &json!({"value": "postgres://u:hunter2@db/app"})).await.unwrap();
+    assert_eq!(v["value"], "postgres://u:hunter2@db/app");
+    let replaced: Vec<Value> = e.admin.put("/api/v1/projects/acme/webapp/env", &json!({"DATABASE_URL": "postgres://u:hunter2@db/app", "MODE": "prod"})).await.unwrap();
+    assert_eq!(replaced.len(), 2);
+    for t in [&guest, &reader] {
+        let vars: Vec<Value> = e.client(t).get("/api/v1/projects/acme/webapp/env").await.unwrap();
+        assert!(vars.iter().all(|v| v["value"].is_null() && v["redacted"] == true), "{vars:?}");
+    }
+    let vars: Vec<Value> = e.client(&dev).get("/api/v1/projects/acme/webapp/env").await.unwrap();
+    assert_eq!(vars[0]["value"], "postgres://u:hunter2@db/app");
+    assert_error(e.raw("PUT", "/api/v1/projects/acme/webapp/env/1BAD", Some(&e.token), Some(r#"{"value":"x"}"#), Some("application/json")).await, 400, "key");
+    assert_error(e.raw("PUT", "/api/v1/projects/acme/webapp/env", Some(&e.token), Some(r#"{"OK":"1","bad key":"2"}"#), Some("application/json")).await, 400, "bad key");
+    assert_eq!(e.client(&dev).get::<Vec<Value>>("/api/v1/projects/acme/webapp/env").await.unwrap().len(), 2, "rejected replace kept the old set");
+    e.admin.delete("/api/v1/projects/acme/webapp/env/MODE").await.unwrap();
+    assert_eq!(status(e.admin.delete("/api/v1/projects/acme/webapp/env/MODE").await.unwrap_err()), 404);
+
+    // Domains.
+    let d: Value = e.admin.post("/api/v1/projects/acme/webapp/domains", &json!({"name": "www.acme.test"})).await.unwrap();
+    assert_eq!((d["environment"].clone(), d["verified"].clone()), (json!("production"), json!(false)));
+    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"www.acme.test"}"#).await, 409, "www.acme.test");
+    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"not a domain"}"#).await, 400, "name");
+    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"evil.zeitwork.localhost"}"#).await, 400, "platform");
+    assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/projects/acme/webapp/domains").await.unwrap().len(), 1);
+    e.admin.delete("/api/v1/projects/acme/webapp/domains/www.acme.test").await.unwrap();
+
+    // Deployment records.
+    let dep_body = json!({"project": "webapp", "org": "acme", "image": "ghcr.io/acme/webapp:1.0", "commit_sha": "0123abc", "commit_message": "first", "instances_per_region": 1, "environment": "production"});
+    let (s, dep) = e.post("/api/v1/deployments", &dev, &dep_body.to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{dep}");
+    let id = dep["id"].as_str().unwrap();
+    let nano = id.strip_prefix("webapp-").and_then(|r| r.strip_suffix("-acme")).unwrap();
+    assert!(nano.len() == 7 && nano.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{id}");
+    assert_eq!(dep["status"], "pending");
+    assert_eq!(dep["url"], format!("https://{id}.zeitwork.localhost"));
+    let staging = json!({"project": "webapp", "org": "acme", "image": "ghcr.io/acme/webapp:2.0", "environment": "staging"});
+    e.post("/api/v1/deployments", &dev, &staging.to_string()).await;
+    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "webapp", "org": "acme", "image": "NOT AN IMAGE"}).to_string()).await, 400, "image");
+    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "nope", "org": "acme", "image": "a:1"}).to_string()).await, 404, "nope");
+    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "webapp", "org": "acme", "image": "a:1", "environment": "qa"}).to_string()).await, 400, "environment");
+    assert_error(e.post("/api/v1/deployments", &guest, &dep_body.to_string()).await, 403, "developer");
+    let all: Vec<Value> = e.admin.get("/api/v1/deployments").await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|d| d["org"] == "acme" && d["project"] == "webapp" && d["status"] == "pending"));
+    assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/deployments?environment=staging").await.unwrap().len(), 1);
+    assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/deployments?status=active").await.unwrap().len(), 0);
+    assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/deployments?org=other").await.unwrap().len(), 0);
+    assert_error(e.raw("GET", "/api/v1/deployments?status=bogus", Some(&e.token), None, None).await, 400, "status");
+    assert_eq!(e.admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap()["image"], "ghcr.io/acme/webapp:1.0");
+    assert_eq!(status(e.client(&outsider).get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap_err()), 404);
+    let page = e.admin.list::<Value>("/api/v1/projects/acme/webapp/deployments?limit=1").await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    let rest = e.admin.list::<Value>(&format!("/api/v1/projects/acme/webapp/deployments?limit=1&cursor={}", zeitwork_client::encode(&page.next_cursor.unwrap()))).await.unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert_ne!(rest.items[0]["id"], page.items[0]["id"]);
+
+    // 50 concurrent creates of one project: exactly one 201.
+    let creates = (0..50).map(|_| e.post("/api/v1/projects", &e.token, r#"{"name":"race","org":"acme"}"#));
+    let results = futures::future::join_all(creates).await;
+    let created = results.iter().filter(|r| r.0 == StatusCode::CREATED).count();
+    let conflicts = results.iter().filter(|r| r.0 == StatusCode::CONFLICT).count();
+    assert_eq!((created, conflicts), (1, 49));
+
+    // The audit log: who did what, including denied calls.
+    let events: Vec<Value> = e.admin.get("/api/v1/events?org=acme&action=project.create").await.unwrap();
+    assert!(events.iter().any(|ev| ev["result"] == "ok" && ev["target"] == "acme/webapp"), "{events:?}");
+    let denied: Vec<Value> = e.admin.get("/api/v1/events?result=denied").await.unwrap();
+    assert!(!denied.is_empty());
+    assert!(events.iter().all(|ev| ev["actor"].is_string() && ev["at"].is_string()));
+
+    // Tokens: listing never shows secrets; a revoked token stops working.
+    let tokens: Vec<Value> = e.admin.get("/api/v1/tokens").await.unwrap();
+    assert!(tokens.iter().all(|t| t.get("secret").is_none() && t.get("secret_hash").is_none()));
+    let dev_id = format!("tok_{}", dev.split('_').nth(1).unwrap());
+    e.admin.delete(&format!("/api/v1/tokens/{dev_id}")).await.unwrap();
+    assert_eq!(status(e.client(&dev).get::<Vec<Value>>("/api/v1/projects").await.unwrap_err()), 401);
+
+    // Metrics count requests by route and status.
+    let metrics = e.raw("GET", "/metrics", None, None, None).await.1;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains(r#"route="/api/v1/projects",status="409""#), "{text}");
+    assert!(text.contains("zeitwork_operator_http_request_duration_seconds_bucket"));
+
+    // Delete the project; its env vars go with it.
+    e.admin.delete("/api/v1/projects/acme/webapp").await.unwrap();
+    assert_eq!(status(e.admin.get::<Value>("/api/v1/projects/acme/webapp").await.unwrap_err()), 404);
+    env.op.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_on_sqlite() {
+    let mut env = start(None).await;
+    let db = env.op.admin_token_path.parent().unwrap().join("zeitwork.db");
+    let _keep = env.dir.take();
+    scenario(env).await;
+    // Secrets never reach the database file in clear text.
+    let bytes = std::fs::read(&db).unwrap();
+    assert!(!contains(&bytes, b"hunter2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_on_postgres() {
+    let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    let url = pg.create_database("api").unwrap();
+    scenario(start(Some(url)).await).await;
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn restart_keeps_data_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let op = Operator::start(config()).await.unwrap();
+    let token = op.admin_token.clone().unwrap();
+    let c = Client::new(&format!("http://{}", op.addr()), Some(token.clone()));
+    c.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    c.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    c.put::<_, Value>("/api/v1/projects/acme/web/env/SECRET", &json!({"value": "s3cret"})).await.unwrap();
+    op.shutdown().await;
+
+    let op = Operator::start(config()).await.unwrap();
+    assert!(op.admin_token.is_none(), "the admin token is created once");
+    let c = Client::new(&format!("http://{}", op.addr()), Some(token));
+    assert_eq!(c.get::<Value>("/api/v1/projects/acme/web").await.unwrap()["name"], "web");
+    let vars: Vec<Value> = c.get("/api/v1/projects/acme/web/env").await.unwrap();
+    assert_eq!(vars[0]["value"], "s3cret");
+    op.shutdown().await;
+
+    // Another key cannot open these secrets: refuse to start rather than fail later.
+    let other = OperatorConfig { encryption_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()), ..config() };
+    let err = Operator::start(other).await.unwrap_err();
+    assert!(err.to_string().contains("encryption key"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_config_names_the_field() {
+    let config = OperatorConfig { apps_domain: "no".into(), data_dir: Path::new("/nonexistent/x").into(), ..Default::default() };
+    let err = Operator::start(config).await.unwrap_err();
+    assert!(err.to_string().contains("apps_domain"), "{err}");
+}
