@@ -2,8 +2,8 @@
 //! [`ValidationError`] naming the field and saying what a valid value looks like.
 
 use crate::{
-    CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken,
-    PatchProject, RateLimit, RegisterNode, Resources, TokenScope,
+    CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken, PatchProject, RateLimit,
+    RegisterNode, Resources, TokenScope,
 };
 
 /// A field with a value that does not fit; the message says what would.
@@ -102,7 +102,9 @@ pub fn country(field: &str, value: &str) -> Result {
     } else {
         Err(ValidationError::new(
             field,
-            format!("{value:?} is not an ISO 3166-1 alpha-2 country code; use two uppercase letters (e.g. \"US\", \"DE\")"),
+            format!(
+                "{value:?} is not an ISO 3166-1 alpha-2 country code; use two uppercase letters (e.g. \"US\", \"DE\")"
+            ),
         ))
     }
 }
@@ -125,10 +127,7 @@ pub fn resources(field: &str, r: &Resources) -> Result {
 
 pub fn rate_limit(field: &str, r: &RateLimit) -> Result {
     if r.requests_per_second == 0 || r.requests_per_second > 1_000_000 {
-        return Err(ValidationError::new(
-            format!("{field}.requests_per_second"),
-            "use 1 to 1000000",
-        ));
+        return Err(ValidationError::new(format!("{field}.requests_per_second"), "use 1 to 1000000"));
     }
     if r.burst == 0 || r.burst > 10_000_000 {
         return Err(ValidationError::new(format!("{field}.burst"), "use 1 to 10000000"));
@@ -138,10 +137,7 @@ pub fn rate_limit(field: &str, r: &RateLimit) -> Result {
 
 pub fn instances_per_region(field: &str, n: u32) -> Result {
     if n == 0 || n > INSTANCES_PER_REGION_MAX {
-        return Err(ValidationError::new(
-            field,
-            format!("{n} is out of range; use 1 to {INSTANCES_PER_REGION_MAX}"),
-        ));
+        return Err(ValidationError::new(field, format!("{n} is out of range; use 1 to {INSTANCES_PER_REGION_MAX}")));
     }
     Ok(())
 }
@@ -184,10 +180,7 @@ pub fn branch(field: &str, value: &str) -> Result {
         || value.contains("@{")
         || value.bytes().any(|b| b <= b' ' || b == 0x7f || b"~^:?*[\\".contains(&b));
     if bad {
-        return Err(ValidationError::new(
-            field,
-            format!("{value:?} is not a valid git branch name (e.g. \"main\")"),
-        ));
+        return Err(ValidationError::new(field, format!("{value:?} is not a valid git branch name (e.g. \"main\")")));
     }
     Ok(())
 }
@@ -260,9 +253,7 @@ pub fn image_reference(field: &str, value: &str) -> Result {
     if parts.len() > 1 {
         let host = parts[0];
         if host.contains('.') || host.contains(':') || host == "localhost" {
-            let ok = host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+            let ok = host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
             if !ok {
                 return bad("the registry host is not valid");
             }
@@ -562,6 +553,9 @@ mod tests {
         assert_eq!(resources("resources", &Resources { vcpu: 0, memory: 256 }).unwrap_err().field, "resources.vcpu");
         assert_eq!(resources("resources", &Resources { vcpu: 33, memory: 256 }).unwrap_err().field, "resources.vcpu");
         assert_eq!(resources("resources", &Resources { vcpu: 1, memory: 127 }).unwrap_err().field, "resources.memory");
-        assert_eq!(resources("resources", &Resources { vcpu: 1, memory: 65537 }).unwrap_err().field, "resources.memory");
+        assert_eq!(
+            resources("resources", &Resources { vcpu: 1, memory: 65537 }).unwrap_err().field,
+            "resources.memory"
+        );
     }
 }

@@ -92,7 +92,12 @@ impl Client {
         Ok((status, headers, bytes))
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T, ClientError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ClientError> {
         let (_, _, bytes) = self.send_raw(method, path, body.as_ref()).await?;
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(e.to_string()))

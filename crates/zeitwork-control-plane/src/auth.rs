@@ -25,7 +25,13 @@ pub struct Minted {
     pub bearer: String,
 }
 
-pub fn mint(name: &str, scope: TokenScope, read_only: bool, created_by: Option<String>, expires_in_days: Option<u32>) -> Minted {
+pub fn mint(
+    name: &str,
+    scope: TokenScope,
+    read_only: bool,
+    created_by: Option<String>,
+    expires_in_days: Option<u32>,
+) -> Minted {
     let id = nanoid(12);
     let mut secret = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
@@ -108,7 +114,14 @@ impl AppState {
         self.deny(caller, action, target, None, "this needs a platform admin token").await
     }
 
-    pub async fn require_role(&self, caller: &Caller, org: &str, min: Role, action: &str, target: &str) -> Result<Role, ApiError> {
+    pub async fn require_role(
+        &self,
+        caller: &Caller,
+        org: &str,
+        min: Role,
+        action: &str,
+        target: &str,
+    ) -> Result<Role, ApiError> {
         match caller.role_in(org) {
             Some(r) if r >= min => Ok(r),
             Some(r) => {
@@ -122,7 +135,13 @@ impl AppState {
         }
     }
 
-    pub async fn require_cluster(&self, caller: &Caller, roles: &[ClusterRole], action: &str, target: &str) -> Result<(), ApiError> {
+    pub async fn require_cluster(
+        &self,
+        caller: &Caller,
+        roles: &[ClusterRole],
+        action: &str,
+        target: &str,
+    ) -> Result<(), ApiError> {
         match &caller.scope {
             TokenScope::Admin => Ok(()),
             TokenScope::Cluster { role } if roles.contains(role) => Ok(()),
@@ -134,7 +153,14 @@ impl AppState {
         }
     }
 
-    pub async fn deny<T>(&self, caller: &Caller, action: &str, target: &str, org: Option<&str>, why: &str) -> Result<T, ApiError> {
+    pub async fn deny<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        org: Option<&str>,
+        why: &str,
+    ) -> Result<T, ApiError> {
         let mut audit = caller.audit(action, target);
         audit.org = org.map(str::to_owned);
         if let Err(e) = self.store.record_event(&audit, "denied").await {
@@ -145,7 +171,8 @@ impl AppState {
 
     /// Verifies a bearer string against the store.
     pub async fn authenticate(&self, bearer: &str) -> Result<Caller, ApiError> {
-        let bad = || ApiError::Unauthorized("the token is not valid; check ZEITWORK_TOKEN or create a new token".into());
+        let bad =
+            || ApiError::Unauthorized("the token is not valid; check ZEITWORK_TOKEN or create a new token".into());
         let rest = bearer.strip_prefix("zw_").ok_or_else(bad)?;
         let (id, secret) = rest.split_once('_').ok_or_else(bad)?;
         if id.len() != 12 || secret.len() != 43 {
@@ -180,10 +207,9 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthorized("missing Authorization header; send `Authorization: Bearer <token>`".into()))?;
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::Unauthorized("missing Authorization header; send `Authorization: Bearer <token>`".into())
+        })?;
         let value = header
             .to_str()
             .ok()

@@ -81,7 +81,9 @@ impl From<StoreError> for ApiError {
             StoreError::Database(e) => {
                 tracing::error!(error = %e, "store request failed");
                 match e {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => ApiError::StoreUnavailable,
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                        ApiError::StoreUnavailable
+                    }
                     _ => ApiError::Internal,
                 }
             }
@@ -96,9 +98,8 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body = zeitwork_api_types::ApiError {
-            error: ApiErrorBody { code: code.to_owned(), message: self.to_string() },
-        };
+        let body =
+            zeitwork_api_types::ApiError { error: ApiErrorBody { code: code.to_owned(), message: self.to_string() } };
         (status, Json(body)).into_response()
     }
 }

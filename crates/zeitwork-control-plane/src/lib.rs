@@ -45,7 +45,9 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
-    #[error("the encryption key differs from the one this store was created with; set encryption_key to the original key")]
+    #[error(
+        "the encryption key differs from the one this store was created with; set encryption_key to the original key"
+    )]
     KeyMismatch,
     #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: std::io::Error },

@@ -57,12 +57,8 @@ impl Cipher {
                 let mut key = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut key);
                 let encoded = STANDARD.encode(key);
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(err)?;
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
                 f.write_all(encoded.as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;
                 Self::from_base64(&encoded)
             }

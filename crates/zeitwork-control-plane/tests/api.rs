@@ -38,7 +38,14 @@ impl Env {
     }
 
     /// A raw call for cases the typed client cannot express (bad bodies, headers).
-    async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>, ctype: Option<&str>) -> (StatusCode, Value) {
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        ctype: Option<&str>,
+    ) -> (StatusCode, Value) {
         let mut req = self.raw.request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -60,7 +67,11 @@ impl Env {
     }
 
     async fn token(&self, scope: Value, read_only: bool) -> String {
-        let t: Value = self.admin.post("/api/v1/tokens", &json!({"name": "t", "scope": scope, "read_only": read_only})).await.unwrap();
+        let t: Value = self
+            .admin
+            .post("/api/v1/tokens", &json!({"name": "t", "scope": scope, "read_only": read_only}))
+            .await
+            .unwrap();
         t["secret"].as_str().unwrap().to_owned()
     }
 }
@@ -97,17 +108,44 @@ async fn scenario(env: Env) {
 
     // Auth failures.
     assert_error(e.raw("GET", "/api/v1/projects", None, None, None).await, 401, "Authorization");
-    assert_error(e.raw("GET", "/api/v1/projects", Some("zw_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"), None, None).await, 401, "not valid");
+    assert_error(
+        e.raw(
+            "GET",
+            "/api/v1/projects",
+            Some("zw_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"),
+            None,
+            None,
+        )
+        .await,
+        401,
+        "not valid",
+    );
     let forged = format!("{}x", &e.token[..e.token.len() - 1]);
     assert_error(e.raw("GET", "/api/v1/projects", Some(&forged), None, None).await, 401, "not valid");
 
     // Regions.
-    let r: Value = e.admin.post("/api/v1/regions", &json!({"code": "us-east", "name": "US East", "country": "US"})).await.unwrap();
+    let r: Value =
+        e.admin.post("/api/v1/regions", &json!({"code": "us-east", "name": "US East", "country": "US"})).await.unwrap();
     assert_eq!(r["code"], "us-east");
-    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"us-east","name":"x","country":"US"}"#).await, 409, "us-east");
-    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"US_East","name":"x","country":"US"}"#).await, 400, "code");
-    assert_error(e.post("/api/v1/regions", &e.token, r#"{"code":"eu","name":"x","country":"germany"}"#).await, 400, "country");
-    e.admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu-west", "name": "EU West", "country": "DE"})).await.unwrap();
+    assert_error(
+        e.post("/api/v1/regions", &e.token, r#"{"code":"us-east","name":"x","country":"US"}"#).await,
+        409,
+        "us-east",
+    );
+    assert_error(
+        e.post("/api/v1/regions", &e.token, r#"{"code":"US_East","name":"x","country":"US"}"#).await,
+        400,
+        "code",
+    );
+    assert_error(
+        e.post("/api/v1/regions", &e.token, r#"{"code":"eu","name":"x","country":"germany"}"#).await,
+        400,
+        "country",
+    );
+    e.admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "eu-west", "name": "EU West", "country": "DE"}))
+        .await
+        .unwrap();
     let regions: Vec<Value> = e.admin.get("/api/v1/regions").await.unwrap();
     assert_eq!(regions.len(), 2);
     assert_eq!(e.admin.get::<Value>("/api/v1/regions/eu-west").await.unwrap()["country"], "DE");
@@ -124,7 +162,9 @@ async fn scenario(env: Env) {
     assert_eq!(n1["id"], n2["id"]);
     let node_id = n1["id"].as_str().unwrap().to_owned();
     let nodes: Vec<Value> = e.admin.get("/api/v1/nodes").await.unwrap();
-    for field in ["id", "hostname", "region", "address", "status", "capacity", "allocated", "instances", "last_heartbeat"] {
+    for field in
+        ["id", "hostname", "region", "address", "status", "capacity", "allocated", "instances", "last_heartbeat"]
+    {
         assert!(nodes[0].get(field).is_some(), "node lacks {field}: {}", nodes[0]);
     }
     assert_eq!(nodes[0]["instances"], 0);
@@ -146,7 +186,10 @@ async fn scenario(env: Env) {
     assert_eq!(org["slug"], "acme");
     assert_error(e.post("/api/v1/orgs", &e.token, r#"{"slug":"acme"}"#).await, 409, "acme");
     assert_error(e.post("/api/v1/orgs", &e.token, r#"{"slug":"-acme"}"#).await, 400, "slug");
-    e.admin.post::<_, Value>("/api/v1/orgs/acme/members", &json!({"user": "dev@acme.test", "role": "developer"})).await.unwrap();
+    e.admin
+        .post::<_, Value>("/api/v1/orgs/acme/members", &json!({"user": "dev@acme.test", "role": "developer"}))
+        .await
+        .unwrap();
     let members: Vec<Value> = e.admin.get("/api/v1/orgs/acme/members").await.unwrap();
     assert_eq!(members.len(), 2);
     e.admin.delete("/api/v1/orgs/acme/members?user=dev%40acme.test").await.unwrap();
@@ -157,25 +200,44 @@ async fn scenario(env: Env) {
     let body = json!({"name": "webapp", "org": "acme", "github_repo": "acme/webapp", "branch": "main", "auto_deploy": true, "resources": {"vcpu": 2, "memory": 512}});
     let (s, p) = e.post("/api/v1/projects", &e.token, &body.to_string()).await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
-    assert_eq!((p["port"].clone(), p["instances_per_region"].clone(), p["regions"].clone()), (json!(8080), json!(3), json!(["us-east"])));
+    assert_eq!(
+        (p["port"].clone(), p["instances_per_region"].clone(), p["regions"].clone()),
+        (json!(8080), json!(3), json!(["us-east"]))
+    );
     assert_error(e.post("/api/v1/projects", &e.token, &body.to_string()).await, 409, "already exists");
     let bad = |name: &str| json!({"name": name, "org": "acme"}).to_string();
     for name in ["Web", "-web", "web-", "we_b", "", &"a".repeat(64)] {
         assert_error(e.post("/api/v1/projects", &e.token, &bad(name)).await, 400, "name");
     }
-    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","colour":"red"}"#).await, 400, "colour");
+    assert_error(
+        e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","colour":"red"}"#).await,
+        400,
+        "colour",
+    );
     assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","port":"80"}"#).await, 400, "port");
-    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","auto_deploy":"yes"}"#).await, 400, "auto_deploy");
+    assert_error(
+        e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","auto_deploy":"yes"}"#).await,
+        400,
+        "auto_deploy",
+    );
     assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme""#).await, 400, "JSON");
     for (vcpu, memory, field) in [(0, 256, "vcpu"), (33, 256, "vcpu"), (1, 127, "memory"), (1, 65537, "memory")] {
         let b = json!({"name": "x", "org": "acme", "resources": {"vcpu": vcpu, "memory": memory}}).to_string();
         assert_error(e.post("/api/v1/projects", &e.token, &b).await, 400, &format!("resources.{field}"));
     }
     assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"nope"}"#).await, 404, "nope");
-    assert_error(e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","regions":["mars"]}"#).await, 400, "regions[0]");
+    assert_error(
+        e.post("/api/v1/projects", &e.token, r#"{"name":"x","org":"acme","regions":["mars"]}"#).await,
+        400,
+        "regions[0]",
+    );
     let huge = json!({"name": "x", "org": "acme", "github_repo": "a".repeat(100_000)}).to_string();
     assert_error(e.post("/api/v1/projects", &e.token, &huge).await, 413, "larger");
-    assert_error(e.raw("POST", "/api/v1/projects", Some(&e.token), Some(&body.to_string()), None).await, 415, "Content-Type");
+    assert_error(
+        e.raw("POST", "/api/v1/projects", Some(&e.token), Some(&body.to_string()), None).await,
+        415,
+        "Content-Type",
+    );
     assert_error(e.raw("GET", "/api/v1/projects?limit=0", Some(&e.token), None, None).await, 400, "limit");
     assert_error(e.raw("GET", "/api/v1/projects?limit=abc", Some(&e.token), None, None).await, 400, "limit");
     assert_error(e.raw("GET", "/api/v1/projects/acme/nope", Some(&e.token), None, None).await, 404, "nope");
@@ -183,12 +245,31 @@ async fn scenario(env: Env) {
     let list: Vec<Value> = e.admin.get("/api/v1/projects").await.unwrap();
     assert_eq!(list.len(), 1, "rejected creates stored nothing");
 
-    let patched: Value = e.admin.patch("/api/v1/projects/acme/webapp", &json!({"auto_deploy": false, "resources": {"vcpu": 4, "memory": 2048}})).await.unwrap();
-    assert_eq!((patched["auto_deploy"].clone(), patched["resources"].clone()), (json!(false), json!({"vcpu": 4, "memory": 2048})));
+    let patched: Value = e
+        .admin
+        .patch("/api/v1/projects/acme/webapp", &json!({"auto_deploy": false, "resources": {"vcpu": 4, "memory": 2048}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (patched["auto_deploy"].clone(), patched["resources"].clone()),
+        (json!(false), json!({"vcpu": 4, "memory": 2048}))
+    );
     assert_eq!(patched["github_repo"], "acme/webapp", "fields not in the patch stay");
-    let (s, _) = e.raw("PATCH", "/api/v1/projects/acme/webapp", Some(&e.token), Some(r#"{"port":9000,"resources":{"vcpu":99,"memory":512}}"#), Some("application/json")).await;
+    let (s, _) = e
+        .raw(
+            "PATCH",
+            "/api/v1/projects/acme/webapp",
+            Some(&e.token),
+            Some(r#"{"port":9000,"resources":{"vcpu":99,"memory":512}}"#),
+            Some("application/json"),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(e.admin.get::<Value>("/api/v1/projects/acme/webapp").await.unwrap()["port"], 8080, "a rejected patch changes nothing");
+    assert_eq!(
+        e.admin.get::<Value>("/api/v1/projects/acme/webapp").await.unwrap()["port"],
+        8080,
+        "a rejected patch changes nothing"
+    );
 
     // Org-scoped tokens: roles decide, other orgs are invisible.
     let guest = e.token(json!({"kind": "org", "org": "acme", "role": "guest"}), false).await;
@@ -206,9 +287,20 @@ async fn scenario(env: Env) {
     assert_error(e.post("/api/v1/projects", &reader, r#"{"name":"r","org":"acme"}"#).await, 403, "read-only");
 
     // Env vars: encrypted at rest, redacted for guests and read-only tokens.
-    let v: Value = e.client(&dev).put("/api/v1/projects/acme/webapp/env/DATABASE_URL", &json!({"value": "postgres://u:hunter2@db/app"})).await.unwrap();
+    let v: Value = e
+        .client(&dev)
+        .put("/api/v1/projects/acme/webapp/env/DATABASE_URL", &json!({"value": "postgres://u:hunter2@db/app"}))
+        .await
+        .unwrap();
     assert_eq!(v["value"], "postgres://u:hunter2@db/app");
-    let replaced: Vec<Value> = e.admin.put("/api/v1/projects/acme/webapp/env", &json!({"DATABASE_URL": "postgres://u:hunter2@db/app", "MODE": "prod"})).await.unwrap();
+    let replaced: Vec<Value> = e
+        .admin
+        .put(
+            "/api/v1/projects/acme/webapp/env",
+            &json!({"DATABASE_URL": "postgres://u:hunter2@db/app", "MODE": "prod"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(replaced.len(), 2);
     for t in [&guest, &reader] {
         let vars: Vec<Value> = e.client(t).get("/api/v1/projects/acme/webapp/env").await.unwrap();
@@ -216,18 +308,57 @@ async fn scenario(env: Env) {
     }
     let vars: Vec<Value> = e.client(&dev).get("/api/v1/projects/acme/webapp/env").await.unwrap();
     assert_eq!(vars[0]["value"], "postgres://u:hunter2@db/app");
-    assert_error(e.raw("PUT", "/api/v1/projects/acme/webapp/env/1BAD", Some(&e.token), Some(r#"{"value":"x"}"#), Some("application/json")).await, 400, "key");
-    assert_error(e.raw("PUT", "/api/v1/projects/acme/webapp/env", Some(&e.token), Some(r#"{"OK":"1","bad key":"2"}"#), Some("application/json")).await, 400, "bad key");
-    assert_eq!(e.client(&dev).get::<Vec<Value>>("/api/v1/projects/acme/webapp/env").await.unwrap().len(), 2, "rejected replace kept the old set");
+    assert_error(
+        e.raw(
+            "PUT",
+            "/api/v1/projects/acme/webapp/env/1BAD",
+            Some(&e.token),
+            Some(r#"{"value":"x"}"#),
+            Some("application/json"),
+        )
+        .await,
+        400,
+        "key",
+    );
+    assert_error(
+        e.raw(
+            "PUT",
+            "/api/v1/projects/acme/webapp/env",
+            Some(&e.token),
+            Some(r#"{"OK":"1","bad key":"2"}"#),
+            Some("application/json"),
+        )
+        .await,
+        400,
+        "bad key",
+    );
+    assert_eq!(
+        e.client(&dev).get::<Vec<Value>>("/api/v1/projects/acme/webapp/env").await.unwrap().len(),
+        2,
+        "rejected replace kept the old set"
+    );
     e.admin.delete("/api/v1/projects/acme/webapp/env/MODE").await.unwrap();
     assert_eq!(status(e.admin.delete("/api/v1/projects/acme/webapp/env/MODE").await.unwrap_err()), 404);
 
     // Domains.
-    let d: Value = e.admin.post("/api/v1/projects/acme/webapp/domains", &json!({"name": "www.acme.test"})).await.unwrap();
+    let d: Value =
+        e.admin.post("/api/v1/projects/acme/webapp/domains", &json!({"name": "www.acme.test"})).await.unwrap();
     assert_eq!((d["environment"].clone(), d["verified"].clone()), (json!("production"), json!(false)));
-    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"www.acme.test"}"#).await, 409, "www.acme.test");
-    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"not a domain"}"#).await, 400, "name");
-    assert_error(e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"evil.zeitwork.localhost"}"#).await, 400, "platform");
+    assert_error(
+        e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"www.acme.test"}"#).await,
+        409,
+        "www.acme.test",
+    );
+    assert_error(
+        e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"not a domain"}"#).await,
+        400,
+        "name",
+    );
+    assert_error(
+        e.post("/api/v1/projects/acme/webapp/domains", &e.token, r#"{"name":"evil.zeitwork.localhost"}"#).await,
+        400,
+        "platform",
+    );
     assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/projects/acme/webapp/domains").await.unwrap().len(), 1);
     e.admin.delete("/api/v1/projects/acme/webapp/domains/www.acme.test").await.unwrap();
 
@@ -240,11 +371,35 @@ async fn scenario(env: Env) {
     assert!(nano.len() == 7 && nano.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{id}");
     assert_eq!(dep["status"], "pending");
     assert_eq!(dep["url"], format!("https://{id}.zeitwork.localhost"));
-    let staging = json!({"project": "webapp", "org": "acme", "image": "ghcr.io/acme/webapp:2.0", "environment": "staging"});
+    let staging =
+        json!({"project": "webapp", "org": "acme", "image": "ghcr.io/acme/webapp:2.0", "environment": "staging"});
     e.post("/api/v1/deployments", &dev, &staging.to_string()).await;
-    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "webapp", "org": "acme", "image": "NOT AN IMAGE"}).to_string()).await, 400, "image");
-    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "nope", "org": "acme", "image": "a:1"}).to_string()).await, 404, "nope");
-    assert_error(e.post("/api/v1/deployments", &dev, &json!({"project": "webapp", "org": "acme", "image": "a:1", "environment": "qa"}).to_string()).await, 400, "environment");
+    assert_error(
+        e.post(
+            "/api/v1/deployments",
+            &dev,
+            &json!({"project": "webapp", "org": "acme", "image": "NOT AN IMAGE"}).to_string(),
+        )
+        .await,
+        400,
+        "image",
+    );
+    assert_error(
+        e.post("/api/v1/deployments", &dev, &json!({"project": "nope", "org": "acme", "image": "a:1"}).to_string())
+            .await,
+        404,
+        "nope",
+    );
+    assert_error(
+        e.post(
+            "/api/v1/deployments",
+            &dev,
+            &json!({"project": "webapp", "org": "acme", "image": "a:1", "environment": "qa"}).to_string(),
+        )
+        .await,
+        400,
+        "environment",
+    );
     assert_error(e.post("/api/v1/deployments", &guest, &dep_body.to_string()).await, 403, "developer");
     let all: Vec<Value> = e.admin.get("/api/v1/deployments").await.unwrap();
     assert_eq!(all.len(), 2);
@@ -253,11 +408,21 @@ async fn scenario(env: Env) {
     assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/deployments?status=active").await.unwrap().len(), 0);
     assert_eq!(e.admin.get::<Vec<Value>>("/api/v1/deployments?org=other").await.unwrap().len(), 0);
     assert_error(e.raw("GET", "/api/v1/deployments?status=bogus", Some(&e.token), None, None).await, 400, "status");
-    assert_eq!(e.admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap()["image"], "ghcr.io/acme/webapp:1.0");
+    assert_eq!(
+        e.admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap()["image"],
+        "ghcr.io/acme/webapp:1.0"
+    );
     assert_eq!(status(e.client(&outsider).get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap_err()), 404);
     let page = e.admin.list::<Value>("/api/v1/projects/acme/webapp/deployments?limit=1").await.unwrap();
     assert_eq!(page.items.len(), 1);
-    let rest = e.admin.list::<Value>(&format!("/api/v1/projects/acme/webapp/deployments?limit=1&cursor={}", zeitwork_client::encode(&page.next_cursor.unwrap()))).await.unwrap();
+    let rest = e
+        .admin
+        .list::<Value>(&format!(
+            "/api/v1/projects/acme/webapp/deployments?limit=1&cursor={}",
+            zeitwork_client::encode(&page.next_cursor.unwrap())
+        ))
+        .await
+        .unwrap();
     assert_eq!(rest.items.len(), 1);
     assert_ne!(rest.items[0]["id"], page.items[0]["id"]);
 
@@ -341,14 +506,16 @@ async fn restart_keeps_data_and_tokens() {
     op.shutdown().await;
 
     // Another key cannot open these secrets: refuse to start rather than fail later.
-    let other = OperatorConfig { encryption_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()), ..config() };
+    let other =
+        OperatorConfig { encryption_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()), ..config() };
     let err = Operator::start(other).await.unwrap_err();
     assert!(err.to_string().contains("encryption key"), "{err}");
 }
 
 #[tokio::test]
 async fn bad_config_names_the_field() {
-    let config = OperatorConfig { apps_domain: "no".into(), data_dir: Path::new("/nonexistent/x").into(), ..Default::default() };
+    let config =
+        OperatorConfig { apps_domain: "no".into(), data_dir: Path::new("/nonexistent/x").into(), ..Default::default() };
     let err = Operator::start(config).await.unwrap_err();
     assert!(err.to_string().contains("apps_domain"), "{err}");
 }

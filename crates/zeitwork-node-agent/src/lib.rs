@@ -41,7 +41,9 @@ impl Default for NodeAgentConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             operator_url: "http://127.0.0.1:8080".into(),
             token: None,
-            hostname: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into()),
+            hostname: std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into()),
             region: "local".into(),
             advertise_url: None,
             vcpu: None,
@@ -84,7 +86,8 @@ impl NodeAgentConfig {
     }
 
     fn capacity(&self) -> Capacity {
-        let vcpu = self.vcpu.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        let vcpu =
+            self.vcpu.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let memory = self.memory.unwrap_or_else(host_memory_mib);
         Capacity { vcpu, memory }
     }
@@ -190,7 +193,13 @@ async fn register(client: &Client, r: &RegisterNode) -> Result<Node, AgentError>
     }
 }
 
-async fn heartbeat_loop(client: Client, registration: RegisterNode, mut id: String, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn heartbeat_loop(
+    client: Client,
+    registration: RegisterNode,
+    mut id: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {

@@ -5,14 +5,13 @@ use std::collections::BTreeMap;
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
 use zeitwork_api_types::{
-    Capacity, ClusterRole, CreateRegion, Deployment, DeploymentStatus, Domain, Environment,
-    Event, Member, Node, NodeStatus, Org, PatchProject, Project, RateLimit, Region,
-    RegisterNode, Resources, Role, Token, TokenScope,
+    Capacity, ClusterRole, CreateRegion, Deployment, DeploymentStatus, Domain, Environment, Event, Member, Node,
+    NodeStatus, Org, PatchProject, Project, RateLimit, Region, RegisterNode, Resources, Role, Token, TokenScope,
 };
 
 use crate::{
-    is_fk_violation, is_unique_violation, nanoid, now_ms, paginate, ts, Arg, Audit, Listing,
-    Page, Result, RowExt, Sql, Store, StoreError,
+    is_fk_violation, is_unique_violation, nanoid, now_ms, paginate, ts, Arg, Audit, Listing, Page, Result, RowExt, Sql,
+    Store, StoreError,
 };
 
 /// Instance statuses that still hold resources on their node.
@@ -65,10 +64,7 @@ fn node_from(row: &AnyRow) -> Result<Node> {
         address: row.text("address")?,
         status: row.parsed("status", NodeStatus::parse)?,
         capacity: Capacity { vcpu: row.int("vcpu")? as u32, memory: row.int("memory")? as u32 },
-        allocated: Capacity {
-            vcpu: row.int("alloc_vcpu")? as u32,
-            memory: row.int("alloc_memory")? as u32,
-        },
+        allocated: Capacity { vcpu: row.int("alloc_vcpu")? as u32, memory: row.int("alloc_memory")? as u32 },
         instances: row.int("inst_count")? as u64,
         runtime: row.text("runtime")?,
         last_heartbeat: row.opt_int("last_heartbeat")?.map(ts),
@@ -400,9 +396,7 @@ impl Store {
             .await?
             .int("c")?;
         if nodes > 0 {
-            return Err(StoreError::Conflict(format!(
-                "region {code:?} still has {nodes} node(s); delete them first"
-            )));
+            return Err(StoreError::Conflict(format!("region {code:?} still has {nodes} node(s); delete them first")));
         }
         let pattern = format!("%\"{code}\"%");
         let projects: i64 = sqlx::query("SELECT COUNT(*) AS c FROM projects WHERE regions LIKE $1")
@@ -431,10 +425,8 @@ impl Store {
     pub async fn register_node(&self, r: &RegisterNode, audit: &Audit) -> Result<(Node, bool)> {
         let runtime = r.runtime.clone().unwrap_or_else(|| "container".to_owned());
         let mut tx = self.writer.begin().await?;
-        let region = sqlx::query("SELECT code FROM regions WHERE code = $1")
-            .bind(&r.region)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let region =
+            sqlx::query("SELECT code FROM regions WHERE code = $1").bind(&r.region).fetch_optional(&mut *tx).await?;
         if region.is_none() {
             return Err(StoreError::Invalid {
                 field: "region".into(),
@@ -559,11 +551,12 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
         let hostname = row.text("hostname")?;
-        let live: i64 = sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?
-            .int("c")?;
+        let live: i64 =
+            sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .int("c")?;
         let status = if live == 0 { NodeStatus::Drained } else { NodeStatus::Draining };
         sqlx::query("UPDATE nodes SET status = $1 WHERE id = $2")
             .bind(status.as_str())
@@ -584,11 +577,12 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
-        let live: i64 = sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?
-            .int("c")?;
+        let live: i64 =
+            sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .int("c")?;
         if live > 0 {
             return Err(StoreError::Conflict(format!(
                 "node {id:?} still runs {live} instance(s); drain it first (POST /api/v1/nodes/{id}/drain) and wait until it has none"
@@ -606,7 +600,12 @@ impl Store {
 
     /// Creates an organisation; `owner`, when given, becomes its first Owner.
     pub async fn create_org(&self, slug: &str, name: &str, owner: Option<&str>, audit: &Audit) -> Result<Org> {
-        let org = Org { id: format!("org_{}", nanoid(12)), slug: slug.to_owned(), name: name.to_owned(), created_at: ts(now_ms()) };
+        let org = Org {
+            id: format!("org_{}", nanoid(12)),
+            slug: slug.to_owned(),
+            name: name.to_owned(),
+            created_at: ts(now_ms()),
+        };
         let mut tx = self.writer.begin().await?;
         let res = sqlx::query("INSERT INTO orgs (id, slug, name, created_at) VALUES ($1, $2, $3, $4)")
             .bind(&org.id)
@@ -674,11 +673,12 @@ impl Store {
     pub async fn put_member(&self, org: &str, user: &str, role: Role, audit: &Audit) -> Result<(Member, bool)> {
         let org = self.get_org(org).await?;
         let mut tx = self.writer.begin().await?;
-        let existing = sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
-            .bind(&org.id)
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let existing =
+            sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
+                .bind(&org.id)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?;
         let now = now_ms();
         let created = match existing {
             Some(row) => {
@@ -737,12 +737,13 @@ impl Store {
     pub async fn remove_member(&self, org: &str, user: &str, audit: &Audit) -> Result<()> {
         let org = self.get_org(org).await?;
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
-            .bind(&org.id)
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("{user:?} is not a member of {:?}", org.slug)))?;
+        let row =
+            sqlx::query(&format!("SELECT role FROM members WHERE org_id = $1 AND user_name = $2{}", self.for_update()))
+                .bind(&org.id)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("{user:?} is not a member of {:?}", org.slug)))?;
         if row.parsed("role", Role::parse)? == Role::Owner {
             ensure_other_owner(&mut tx, &org.id, user).await?;
         }
@@ -812,7 +813,12 @@ impl Store {
         self.get_project(&p.org, &p.name).await
     }
 
-    pub async fn list_projects(&self, org: Option<&str>, orgs_visible: Option<&[String]>, page: &Page) -> Result<Listing<Project>> {
+    pub async fn list_projects(
+        &self,
+        org: Option<&str>,
+        orgs_visible: Option<&[String]>,
+        page: &Page,
+    ) -> Result<Listing<Project>> {
         let mut q = Sql::new(PROJECT_SELECT);
         if let Some(org) = org {
             q.and("o.slug = ?", Arg::Text(org.to_owned()));
@@ -944,7 +950,11 @@ impl Store {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(StoredEnvVar { key: r.text("key")?, value_enc: r.text("value_enc")?, updated_at: ts(r.int("updated_at")?) })
+                Ok(StoredEnvVar {
+                    key: r.text("key")?,
+                    value_enc: r.text("value_enc")?,
+                    updated_at: ts(r.int("updated_at")?),
+                })
             })
             .collect()
     }
@@ -970,17 +980,25 @@ impl Store {
     }
 
     /// Sets one variable (already encrypted); returns whether it is new.
-    pub async fn put_env(&self, project_id: &str, key: &str, value_enc: &str, max_vars: usize, audit: &Audit) -> Result<bool> {
+    pub async fn put_env(
+        &self,
+        project_id: &str,
+        key: &str,
+        value_enc: &str,
+        max_vars: usize,
+        audit: &Audit,
+    ) -> Result<bool> {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
-        let updated = sqlx::query("UPDATE env_vars SET value_enc = $1, updated_at = $2 WHERE project_id = $3 AND key = $4")
-            .bind(value_enc)
-            .bind(now)
-            .bind(project_id)
-            .bind(key)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let updated =
+            sqlx::query("UPDATE env_vars SET value_enc = $1, updated_at = $2 WHERE project_id = $3 AND key = $4")
+                .bind(value_enc)
+                .bind(now)
+                .bind(project_id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if updated == 0 {
             let count: i64 = sqlx::query("SELECT COUNT(*) AS c FROM env_vars WHERE project_id = $1")
                 .bind(project_id)
@@ -988,7 +1006,9 @@ impl Store {
                 .await?
                 .int("c")?;
             if count as usize >= max_vars {
-                return Err(StoreError::Conflict(format!("a project holds at most {max_vars} variables; delete some first")));
+                return Err(StoreError::Conflict(format!(
+                    "a project holds at most {max_vars} variables; delete some first"
+                )));
             }
             sqlx::query("INSERT INTO env_vars (project_id, key, value_enc, updated_at) VALUES ($1, $2, $3, $4)")
                 .bind(project_id)
@@ -1143,10 +1163,10 @@ impl Store {
             q.and("environment = ?", Arg::Text(v.as_str().to_owned()));
         }
         if let Some(c) = &page.cursor {
-            let (at, id) = c
-                .split_once('_')
-                .and_then(|(a, i)| Some((a.parse::<i64>().ok()?, i.to_owned())))
-                .ok_or_else(|| StoreError::Invalid { field: "cursor".into(), message: "not a cursor this list returned".into() })?;
+            let (at, id) =
+                c.split_once('_').and_then(|(a, i)| Some((a.parse::<i64>().ok()?, i.to_owned()))).ok_or_else(|| {
+                    StoreError::Invalid { field: "cursor".into(), message: "not a cursor this list returned".into() }
+                })?;
             let a1 = q.arg(Arg::Int(at));
             let a2 = q.arg(Arg::Int(at));
             let i = q.arg(Arg::Text(id));
@@ -1252,16 +1272,15 @@ async fn insert_token(conn: &mut AnyConnection, t: &StoredToken) -> Result<()> {
 }
 
 async fn ensure_other_owner(conn: &mut AnyConnection, org_id: &str, user: &str) -> Result<()> {
-    let owners: i64 = sqlx::query("SELECT COUNT(*) AS c FROM members WHERE org_id = $1 AND role = 'owner' AND user_name <> $2")
-        .bind(org_id)
-        .bind(user)
-        .fetch_one(conn)
-        .await?
-        .int("c")?;
+    let owners: i64 =
+        sqlx::query("SELECT COUNT(*) AS c FROM members WHERE org_id = $1 AND role = 'owner' AND user_name <> $2")
+            .bind(org_id)
+            .bind(user)
+            .fetch_one(conn)
+            .await?
+            .int("c")?;
     if owners == 0 {
-        return Err(StoreError::Conflict(format!(
-            "{user:?} is the last owner; make someone else owner first"
-        )));
+        return Err(StoreError::Conflict(format!("{user:?} is the last owner; make someone else owner first")));
     }
     Ok(())
 }
@@ -1298,13 +1317,18 @@ fn fk_to_not_found(e: sqlx::Error, what: &str) -> StoreError {
 impl Store {
     /// A platform-wide setting written once (first admin token, key check).
     pub async fn get_bootstrap(&self, key: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT value FROM bootstrap WHERE key = $1").bind(key).fetch_optional(&self.reader).await?;
+        let row =
+            sqlx::query("SELECT value FROM bootstrap WHERE key = $1").bind(key).fetch_optional(&self.reader).await?;
         row.map(|r| r.text("value")).transpose()
     }
 
     /// Writes `key` unless present; returns whether this call wrote it.
     pub async fn put_bootstrap_if_absent(&self, key: &str, value: &str) -> Result<bool> {
-        let res = sqlx::query("INSERT INTO bootstrap (key, value) VALUES ($1, $2)").bind(key).bind(value).execute(&self.writer).await;
+        let res = sqlx::query("INSERT INTO bootstrap (key, value) VALUES ($1, $2)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.writer)
+            .await;
         match res {
             Err(e) if is_unique_violation(&e) => Ok(false),
             r => r.map(|_| true).map_err(Into::into),

@@ -197,11 +197,11 @@ pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<Vec<i64>
 
 fn render(sql: &str, dialect: Dialect) -> String {
     match dialect {
-        Dialect::Sqlite => sql
-            .replace("{{text_key}}", "TEXT")
-            .replace("{{serial}}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
-        Dialect::Postgres => sql
-            .replace("{{text_key}}", "TEXT COLLATE \"C\"")
-            .replace("{{serial}}", "BIGSERIAL PRIMARY KEY"),
+        Dialect::Sqlite => {
+            sql.replace("{{text_key}}", "TEXT").replace("{{serial}}", "INTEGER PRIMARY KEY AUTOINCREMENT")
+        }
+        Dialect::Postgres => {
+            sql.replace("{{text_key}}", "TEXT COLLATE \"C\"").replace("{{serial}}", "BIGSERIAL PRIMARY KEY")
+        }
     }
 }

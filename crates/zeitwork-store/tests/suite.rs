@@ -159,14 +159,12 @@ async fn nodes(store: Store) {
 
 async fn orgs_and_members(store: Store) {
     org(&store, "acme").await;
-    assert!(matches!(
-        store.create_org("acme", "Acme", None, &audit("org.create")).await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(store.create_org("acme", "Acme", None, &audit("org.create")).await, Err(StoreError::Conflict(_))));
     let members = store.list_members("acme").await.unwrap();
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].role, Role::Owner);
-    let (m, created) = store.put_member("acme", "dev@example.com", Role::Developer, &audit("member.add")).await.unwrap();
+    let (m, created) =
+        store.put_member("acme", "dev@example.com", Role::Developer, &audit("member.add")).await.unwrap();
     assert!(created);
     assert_eq!(m.role, Role::Developer);
     let (_, created) = store.put_member("acme", "dev@example.com", Role::Admin, &audit("member.add")).await.unwrap();
@@ -255,7 +253,9 @@ async fn concurrent_project_creates_yield_one(store: Store) {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.create_project(&new_project("acme", "web"), &audit("project.create")).await })
+            tokio::spawn(
+                async move { store.create_project(&new_project("acme", "web"), &audit("project.create")).await },
+            )
         })
         .collect();
     let mut ok = 0;
@@ -277,7 +277,10 @@ async fn env_vars(store: Store) {
     assert!(!store.put_env(&p.id, "A", "enc-a2", 10, &audit("env.set")).await.unwrap());
     store.put_env(&p.id, "B", "enc-b", 10, &audit("env.set")).await.unwrap();
     let vars = store.list_env(&p.id).await.unwrap();
-    assert_eq!(vars.iter().map(|v| (v.key.as_str(), v.value_enc.as_str())).collect::<Vec<_>>(), [("A", "enc-a2"), ("B", "enc-b")]);
+    assert_eq!(
+        vars.iter().map(|v| (v.key.as_str(), v.value_enc.as_str())).collect::<Vec<_>>(),
+        [("A", "enc-a2"), ("B", "enc-b")]
+    );
     assert!(matches!(store.put_env(&p.id, "C", "c", 2, &audit("env.set")).await, Err(StoreError::Conflict(_))));
     store.replace_env(&p.id, &[("X".into(), "enc-x".into())], &audit("env.replace")).await.unwrap();
     let vars = store.list_env(&p.id).await.unwrap();
@@ -298,7 +301,10 @@ async fn domains(store: Store) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.list_domains(&p.id).await.unwrap().len(), 1);
-    assert!(matches!(store.delete_domain(&q.id, "www.example.com", &audit("domain.delete")).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.delete_domain(&q.id, "www.example.com", &audit("domain.delete")).await,
+        Err(StoreError::NotFound(_))
+    ));
     store.delete_domain(&p.id, "www.example.com", &audit("domain.delete")).await.unwrap();
     assert!(store.list_domains(&p.id).await.unwrap().is_empty());
 }

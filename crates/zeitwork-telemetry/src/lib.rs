@@ -29,8 +29,8 @@ pub enum LogFormat {
 /// Installs the global tracing subscriber. `RUST_LOG` style filters come from
 /// `filter` (e.g. `info,zeitwork=debug`). Safe to call twice (the second is ignored).
 pub fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -72,17 +72,11 @@ impl HttpMetrics {
         let mut registry = Registry::with_prefix(prefix);
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(
-                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-            )
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         });
         let in_flight = Gauge::default();
         registry.register("http_requests", "HTTP requests by route and status", requests.clone());
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route",
-            latency.clone(),
-        );
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", latency.clone());
         registry.register("http_requests_in_flight", "HTTP requests being served", in_flight.clone());
         Self { registry: Arc::new(Mutex::new(registry)), requests, latency, in_flight }
     }
@@ -117,11 +111,8 @@ impl HttpMetrics {
 pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     metrics.in_flight.inc();
     let res = next.run(req).await;
     metrics.in_flight.dec();
@@ -131,11 +122,7 @@ pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next)
 
 /// Handler for `GET /metrics`.
 pub async fn metrics_handler(State(metrics): State<HttpMetrics>) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics.render(),
-    )
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
         .into_response()
 }
 
@@ -149,7 +136,10 @@ mod tests {
         m.observe("GET", "/health", 200, 0.002);
         m.observe("GET", "/health", 200, 0.004);
         let text = m.render();
-        assert!(text.contains(r#"zeitwork_test_http_requests_total{method="GET",route="/health",status="200"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"zeitwork_test_http_requests_total{method="GET",route="/health",status="200"} 2"#),
+            "{text}"
+        );
         assert!(text.contains("zeitwork_test_http_request_duration_seconds_bucket"), "{text}");
     }
 }

@@ -12,10 +12,7 @@ use anyhow::{bail, Context, Result};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
 }
 
 /// Where the PostgreSQL server binaries live: `ZEITWORK_PG_BIN`, `PATH`, or
@@ -59,9 +56,8 @@ impl Postgres {
     /// initdb + pg_ctl start. As root the server runs as `nobody`, since
     /// PostgreSQL refuses to run as root.
     pub fn start() -> Result<Self> {
-        let bin = postgres_bin_dir().context(
-            "PostgreSQL server binaries not found: install the postgresql package or set ZEITWORK_PG_BIN",
-        )?;
+        let bin = postgres_bin_dir()
+            .context("PostgreSQL server binaries not found: install the postgresql package or set ZEITWORK_PG_BIN")?;
         let dir = tempfile::Builder::new().prefix("zeitwork-pg-").tempdir()?;
         let run_as = if is_root() { Some(nobody_ids()) } else { None };
         let data = dir.path().join("data");

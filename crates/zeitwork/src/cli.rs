@@ -103,8 +103,12 @@ pub enum RegionCmd {
         #[arg(long)]
         country: String,
     },
-    Show { code: String },
-    Delete { code: String },
+    Show {
+        code: String,
+    },
+    Delete {
+        code: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,9 +130,13 @@ pub enum OrgCmd {
         #[arg(long)]
         owner: Option<String>,
     },
-    Show { slug: String },
+    Show {
+        slug: String,
+    },
     /// List members.
-    Members { org: String },
+    Members {
+        org: String,
+    },
     /// Add a member or change their role.
     AddMember {
         org: String,
@@ -136,7 +144,10 @@ pub enum OrgCmd {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
-    RemoveMember { org: String, user: String },
+    RemoveMember {
+        org: String,
+        user: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -200,13 +211,17 @@ pub enum ProjectCmd {
         #[command(flatten)]
         settings: ProjectSettings,
     },
-    Show { project: String },
+    Show {
+        project: String,
+    },
     Update {
         project: String,
         #[command(flatten)]
         settings: ProjectSettings,
     },
-    Delete { project: String },
+    Delete {
+        project: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,14 +240,19 @@ pub enum EnvCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum DomainCmd {
-    List { project: String },
+    List {
+        project: String,
+    },
     Add {
         project: String,
         name: String,
         #[arg(long, value_enum)]
         environment: Option<EnvArg>,
     },
-    Remove { project: String, name: String },
+    Remove {
+        project: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -276,7 +296,9 @@ pub enum DeploymentCmd {
         #[arg(long)]
         instances_per_region: Option<u32>,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,7 +323,9 @@ pub enum TokenCmd {
         #[arg(long)]
         expires_in_days: Option<u32>,
     },
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -332,7 +356,8 @@ fn project_path(s: &str) -> Result<String> {
 }
 
 fn query(pairs: &[(&str, Option<String>)]) -> String {
-    let parts: Vec<String> = pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
+    let parts: Vec<String> =
+        pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
     if parts.is_empty() {
         String::new()
     } else {
@@ -355,7 +380,10 @@ pub async fn run(verb: Verb) -> Result<()> {
 }
 
 fn region_rows(rs: &[Region]) {
-    table(&["code", "name", "country", "created"], rs.iter().map(|r| vec![r.code.clone(), r.name.clone(), r.country.clone(), ago(&r.created_at)]).collect());
+    table(
+        &["code", "name", "country", "created"],
+        rs.iter().map(|r| vec![r.code.clone(), r.name.clone(), r.country.clone(), ago(&r.created_at)]).collect(),
+    );
 }
 
 async fn regions(conn: Conn, cmd: RegionCmd) -> Result<()> {
@@ -363,20 +391,34 @@ async fn regions(conn: Conn, cmd: RegionCmd) -> Result<()> {
     match cmd {
         RegionCmd::List => {
             let rs: Vec<Region> = c.list_all("/api/v1/regions").await?;
-            if conn.json { json(&rs) } else { region_rows(&rs) }
+            if conn.json {
+                json(&rs)
+            } else {
+                region_rows(&rs)
+            }
         }
         RegionCmd::Create { code, name, country } => {
             let body = CreateRegion { name: name.unwrap_or_else(|| code.clone()), code, country };
             let r: Region = c.post("/api/v1/regions", &body).await?;
-            if conn.json { json(&r) } else { println!("Created region {}.", r.code) }
+            if conn.json {
+                json(&r)
+            } else {
+                println!("Created region {}.", r.code)
+            }
         }
         RegionCmd::Show { code } => {
             let r: Region = c.get(&format!("/api/v1/regions/{}", encode(&code))).await?;
-            if conn.json { json(&r) } else { region_rows(&[r]) }
+            if conn.json {
+                json(&r)
+            } else {
+                region_rows(&[r])
+            }
         }
         RegionCmd::Delete { code } => {
             c.delete(&format!("/api/v1/regions/{}", encode(&code))).await?;
-            if !conn.json { println!("Deleted region {code}.") }
+            if !conn.json {
+                println!("Deleted region {code}.")
+            }
         }
     }
     Ok(())
@@ -408,19 +450,33 @@ async fn nodes(conn: Conn, cmd: NodeCmd) -> Result<()> {
     match cmd {
         NodeCmd::List => {
             let ns: Vec<Node> = c.list_all("/api/v1/nodes").await?;
-            if conn.json { json(&ns) } else { node_rows(&ns) }
+            if conn.json {
+                json(&ns)
+            } else {
+                node_rows(&ns)
+            }
         }
         NodeCmd::Show { id } => {
             let n: Node = c.get(&one(&id)).await?;
-            if conn.json { json(&n) } else { node_rows(&[n]) }
+            if conn.json {
+                json(&n)
+            } else {
+                node_rows(&[n])
+            }
         }
         NodeCmd::Drain { id } => {
             let n: Node = c.post_empty(&format!("{}/drain", one(&id))).await?;
-            if conn.json { json(&n) } else { println!("Node {} is {}.", n.hostname, n.status.as_str()) }
+            if conn.json {
+                json(&n)
+            } else {
+                println!("Node {} is {}.", n.hostname, n.status.as_str())
+            }
         }
         NodeCmd::Delete { id } => {
             c.delete(&one(&id)).await?;
-            if !conn.json { println!("Deleted node {id}.") }
+            if !conn.json {
+                println!("Deleted node {id}.")
+            }
         }
     }
     Ok(())
@@ -429,37 +485,61 @@ async fn nodes(conn: Conn, cmd: NodeCmd) -> Result<()> {
 async fn orgs(conn: Conn, cmd: OrgCmd) -> Result<()> {
     let c = conn.client()?;
     let org_rows = |os: &[Org]| {
-        table(&["slug", "name", "created"], os.iter().map(|o| vec![o.slug.clone(), o.name.clone(), ago(&o.created_at)]).collect())
+        table(
+            &["slug", "name", "created"],
+            os.iter().map(|o| vec![o.slug.clone(), o.name.clone(), ago(&o.created_at)]).collect(),
+        )
     };
     let members_path = |org: &str| format!("/api/v1/orgs/{}/members", encode(org));
     match cmd {
         OrgCmd::List => {
             let os: Vec<Org> = c.list_all("/api/v1/orgs").await?;
-            if conn.json { json(&os) } else { org_rows(&os) }
+            if conn.json {
+                json(&os)
+            } else {
+                org_rows(&os)
+            }
         }
         OrgCmd::Create { slug, name, owner } => {
             let o: Org = c.post("/api/v1/orgs", &CreateOrg { slug, name, owner }).await?;
-            if conn.json { json(&o) } else { println!("Created organisation {}.", o.slug) }
+            if conn.json {
+                json(&o)
+            } else {
+                println!("Created organisation {}.", o.slug)
+            }
         }
         OrgCmd::Show { slug } => {
             let o: Org = c.get(&format!("/api/v1/orgs/{}", encode(&slug))).await?;
-            if conn.json { json(&o) } else { org_rows(&[o]) }
+            if conn.json {
+                json(&o)
+            } else {
+                org_rows(&[o])
+            }
         }
         OrgCmd::Members { org } => {
             let ms: Vec<Member> = c.get(&members_path(&org)).await?;
             if conn.json {
                 json(&ms)
             } else {
-                table(&["user", "role", "since"], ms.iter().map(|m| vec![m.user.clone(), m.role.as_str().into(), ago(&m.created_at)]).collect())
+                table(
+                    &["user", "role", "since"],
+                    ms.iter().map(|m| vec![m.user.clone(), m.role.as_str().into(), ago(&m.created_at)]).collect(),
+                )
             }
         }
         OrgCmd::AddMember { org, user, role } => {
             let m: Member = c.post(&members_path(&org), &AddMember { user, role: role.into() }).await?;
-            if conn.json { json(&m) } else { println!("{} is {} of {}.", m.user, m.role.as_str(), m.org) }
+            if conn.json {
+                json(&m)
+            } else {
+                println!("{} is {} of {}.", m.user, m.role.as_str(), m.org)
+            }
         }
         OrgCmd::RemoveMember { org, user } => {
             c.delete(&format!("{}?user={}", members_path(&org), encode(&user))).await?;
-            if !conn.json { println!("Removed {user} from {org}.") }
+            if !conn.json {
+                println!("Removed {user} from {org}.")
+            }
         }
     }
     Ok(())
@@ -499,7 +579,11 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
     match cmd {
         ProjectCmd::List { org } => {
             let ps: Vec<Project> = c.list_all(&format!("/api/v1/projects{}", query(&[("org", org)]))).await?;
-            if conn.json { json(&ps) } else { project_rows(&ps) }
+            if conn.json {
+                json(&ps)
+            } else {
+                project_rows(&ps)
+            }
         }
         ProjectCmd::Create { project, settings } => {
             let (org, name) = split_project(&project)?;
@@ -517,11 +601,19 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
-            if conn.json { json(&p) } else { println!("Created project {}/{}.", p.org, p.name) }
+            if conn.json {
+                json(&p)
+            } else {
+                println!("Created project {}/{}.", p.org, p.name)
+            }
         }
         ProjectCmd::Show { project } => {
             let p: Project = c.get(&project_path(&project)?).await?;
-            if conn.json { json(&p) } else { project_rows(&[p]) }
+            if conn.json {
+                json(&p)
+            } else {
+                project_rows(&[p])
+            }
         }
         ProjectCmd::Update { project, settings } => {
             let path = project_path(&project)?;
@@ -542,11 +634,17 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
             };
             let p: Project = c.patch(&path, &patch).await?;
-            if conn.json { json(&p) } else { project_rows(&[p]) }
+            if conn.json {
+                json(&p)
+            } else {
+                project_rows(&[p])
+            }
         }
         ProjectCmd::Delete { project } => {
             c.delete(&project_path(&project)?).await?;
-            if !conn.json { println!("Deleted project {project}.") }
+            if !conn.json {
+                println!("Deleted project {project}.")
+            }
         }
     }
     Ok(())
@@ -562,7 +660,15 @@ async fn env(conn: Conn, cmd: EnvCmd) -> Result<()> {
             } else {
                 table(
                     &["key", "value", "updated"],
-                    vs.iter().map(|v| vec![v.key.clone(), v.value.clone().unwrap_or_else(|| "(redacted)".into()), ago(&v.updated_at)]).collect(),
+                    vs.iter()
+                        .map(|v| {
+                            vec![
+                                v.key.clone(),
+                                v.value.clone().unwrap_or_else(|| "(redacted)".into()),
+                                ago(&v.updated_at),
+                            ]
+                        })
+                        .collect(),
                 )
             }
         }
@@ -575,12 +681,18 @@ async fn env(conn: Conn, cmd: EnvCmd) -> Result<()> {
             }
             for (k, v) in parsed {
                 let var: EnvVar = c.put(&format!("{base}/env/{}", encode(&k)), &PutEnvVar { value: v }).await?;
-                if conn.json { json(&var) } else { println!("Set {}.", var.key) }
+                if conn.json {
+                    json(&var)
+                } else {
+                    println!("Set {}.", var.key)
+                }
             }
         }
         EnvCmd::Unset { project, key } => {
             c.delete(&format!("{}/env/{}", project_path(&project)?, encode(&key))).await?;
-            if !conn.json { println!("Removed {key}.") }
+            if !conn.json {
+                println!("Removed {key}.")
+            }
         }
     }
     Ok(())
@@ -596,19 +708,37 @@ async fn domains(conn: Conn, cmd: DomainCmd) -> Result<()> {
             } else {
                 table(
                     &["domain", "environment", "verified", "certificate"],
-                    ds.iter().map(|d| vec![d.name.clone(), d.environment.as_str().into(), d.verified.to_string(), d.certificate.clone()]).collect(),
+                    ds.iter()
+                        .map(|d| {
+                            vec![
+                                d.name.clone(),
+                                d.environment.as_str().into(),
+                                d.verified.to_string(),
+                                d.certificate.clone(),
+                            ]
+                        })
+                        .collect(),
                 )
             }
         }
         DomainCmd::Add { project, name, environment } => {
             let d: Domain = c
-                .post(&format!("{}/domains", project_path(&project)?), &CreateDomain { name, environment: environment.map(Into::into) })
+                .post(
+                    &format!("{}/domains", project_path(&project)?),
+                    &CreateDomain { name, environment: environment.map(Into::into) },
+                )
                 .await?;
-            if conn.json { json(&d) } else { println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str()) }
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str())
+            }
         }
         DomainCmd::Remove { project, name } => {
             c.delete(&format!("{}/domains/{}", project_path(&project)?, encode(&name))).await?;
-            if !conn.json { println!("Removed {name}.") }
+            if !conn.json {
+                println!("Removed {name}.")
+            }
         }
     }
     Ok(())
@@ -638,11 +768,17 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
         DeploymentCmd::List { project, status, environment } => {
             let env = environment.map(|e| Environment::from(e).as_str().to_owned());
             let path = match project {
-                Some(p) => format!("{}/deployments{}", project_path(&p)?, query(&[("status", status), ("environment", env)])),
+                Some(p) => {
+                    format!("{}/deployments{}", project_path(&p)?, query(&[("status", status), ("environment", env)]))
+                }
                 None => format!("/api/v1/deployments{}", query(&[("status", status), ("environment", env)])),
             };
             let ds: Vec<Deployment> = c.list_all(&path).await?;
-            if conn.json { json(&ds) } else { deployment_rows(&ds) }
+            if conn.json {
+                json(&ds)
+            } else {
+                deployment_rows(&ds)
+            }
         }
         DeploymentCmd::Create { project, image, environment, commit_sha, commit_message, instances_per_region } => {
             let (org, project) = split_project(&project)?;
@@ -656,7 +792,11 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 environment: environment.map(Into::into),
             };
             let d: Deployment = c.post("/api/v1/deployments", &body).await?;
-            if conn.json { json(&d) } else { println!("Deployment {} is {}.\nURL: {}", d.id, d.status.as_str(), d.url) }
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Deployment {} is {}.\nURL: {}", d.id, d.status.as_str(), d.url)
+            }
         }
         DeploymentCmd::Show { id } => {
             let d: Deployment = c.get(&format!("/api/v1/deployments/{}", encode(&id))).await?;
@@ -718,22 +858,35 @@ async fn tokens(conn: Conn, cmd: TokenCmd) -> Result<()> {
         TokenCmd::Create { name, admin, cluster, org, role, read_only, expires_in_days } => {
             let scope = match (admin, cluster, org, role) {
                 (true, None, None, _) => TokenScope::Admin,
-                (false, Some(c), None, _) => TokenScope::Cluster {
-                    role: ClusterRole::parse(&c).context("unknown cluster role")?,
-                },
+                (false, Some(c), None, _) => {
+                    TokenScope::Cluster { role: ClusterRole::parse(&c).context("unknown cluster role")? }
+                }
                 (false, None, Some(org), Some(role)) => TokenScope::Org { org, role: role.into() },
-                _ => return Err(UsageError("choose one scope: --admin, --cluster ROLE, or --org ORG --role ROLE".into()).into()),
+                _ => {
+                    return Err(UsageError(
+                        "choose one scope: --admin, --cluster ROLE, or --org ORG --role ROLE".into(),
+                    )
+                    .into())
+                }
             };
-            let t: CreatedToken = c.post("/api/v1/tokens", &CreateToken { name, scope, read_only, expires_in_days }).await?;
+            let t: CreatedToken =
+                c.post("/api/v1/tokens", &CreateToken { name, scope, read_only, expires_in_days }).await?;
             if conn.json {
                 json(&t)
             } else {
-                println!("Created token {} ({}). Its secret is shown once:\n\n    {}\n", t.token.id, scope_text(&t.token.scope), t.secret);
+                println!(
+                    "Created token {} ({}). Its secret is shown once:\n\n    {}\n",
+                    t.token.id,
+                    scope_text(&t.token.scope),
+                    t.secret
+                );
             }
         }
         TokenCmd::Delete { id } => {
             c.delete(&format!("/api/v1/tokens/{}", encode(&id))).await?;
-            if !conn.json { println!("Revoked {id}.") }
+            if !conn.json {
+                println!("Revoked {id}.")
+            }
         }
     }
     Ok(())
@@ -752,7 +905,9 @@ async fn events(conn: Conn, cmd: EventCmd) -> Result<()> {
     } else {
         table(
             &["when", "actor", "action", "target", "result"],
-            es.iter().map(|e| vec![ago(&e.at), e.actor.clone(), e.action.clone(), e.target.clone(), e.result.clone()]).collect(),
+            es.iter()
+                .map(|e| vec![ago(&e.at), e.actor.clone(), e.action.clone(), e.target.clone(), e.result.clone()])
+                .collect(),
         )
     }
     Ok(())

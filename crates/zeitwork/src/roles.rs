@@ -54,7 +54,8 @@ impl Common {
 fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
     let Some(path) = path else { return Ok(T::default()) };
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| UsageError(format!("config file {}: {}", path.display(), e.to_string().trim())).into())
+    toml::from_str(&text)
+        .map_err(|e| UsageError(format!("config file {}: {}", path.display(), e.to_string().trim())).into())
 }
 
 #[derive(Debug, Args)]
@@ -180,11 +181,17 @@ pub struct EdgeProxyArgs {
 }
 
 pub async fn load_balancer(_args: LoadBalancerArgs) -> Result<()> {
-    Err(UsageError("the load-balancer role is not in this release yet; run the operator and node agents directly".into()).into())
+    Err(UsageError(
+        "the load-balancer role is not in this release yet; run the operator and node agents directly".into(),
+    )
+    .into())
 }
 
 pub async fn edge_proxy(_args: EdgeProxyArgs) -> Result<()> {
-    Err(UsageError("the edge-proxy role is not in this release yet; apps are not served on the web by this build".into()).into())
+    Err(UsageError(
+        "the edge-proxy role is not in this release yet; apps are not served on the web by this build".into(),
+    )
+    .into())
 }
 
 #[derive(Debug, Args)]

@@ -15,7 +15,11 @@ use crate::AppState;
 /// List regions.
 #[utoipa::path(get, path = "/api/v1/regions", tag = "regions", params(PageQuery),
     responses((status = 200, body = Vec<Region>), (status = 401, body = zeitwork_api_types::ApiError)))]
-pub async fn list_regions(State(s): State<AppState>, _caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Response> {
+pub async fn list_regions(
+    State(s): State<AppState>,
+    _caller: Caller,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> ApiResult<Response> {
     Ok(listing(s.store.list_regions(&page(q.limit, q.cursor)?).await?))
 }
 
@@ -23,7 +27,11 @@ pub async fn list_regions(State(s): State<AppState>, _caller: Caller, QueryParam
 #[utoipa::path(post, path = "/api/v1/regions", tag = "regions", request_body = CreateRegion,
     responses((status = 201, body = Region), (status = 400, body = zeitwork_api_types::ApiError),
         (status = 403, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
-pub async fn create_region(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<CreateRegion>) -> ApiResult<Response> {
+pub async fn create_region(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateRegion>,
+) -> ApiResult<Response> {
     s.require_admin(&caller, "region.create", &body.code).await?;
     body.validate()?;
     let r = s.store.create_region(&body, &caller.audit("region.create", &body.code)).await?;
@@ -33,14 +41,22 @@ pub async fn create_region(State(s): State<AppState>, caller: Caller, JsonBody(b
 /// Show a region.
 #[utoipa::path(get, path = "/api/v1/regions/{code}", tag = "regions", params(("code" = String, Path)),
     responses((status = 200, body = Region), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn get_region(State(s): State<AppState>, _caller: Caller, Path(code): Path<String>) -> ApiResult<Json<Region>> {
+pub async fn get_region(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(code): Path<String>,
+) -> ApiResult<Json<Region>> {
     Ok(Json(s.store.get_region(&code).await?))
 }
 
 /// Delete a region with no nodes and no projects (platform admin).
 #[utoipa::path(delete, path = "/api/v1/regions/{code}", tag = "regions", params(("code" = String, Path)),
     responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
-pub async fn delete_region(State(s): State<AppState>, caller: Caller, Path(code): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_region(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(code): Path<String>,
+) -> ApiResult<StatusCode> {
     s.require_admin(&caller, "region.delete", &code).await?;
     s.store.delete_region(&code, &caller.audit("region.delete", &code)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -51,7 +67,11 @@ const NODE_READERS: &[ClusterRole] = &[ClusterRole::NodeAgent, ClusterRole::Edge
 /// List nodes (platform admin or cluster tokens).
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes", params(PageQuery),
     responses((status = 200, body = Vec<Node>), (status = 403, body = zeitwork_api_types::ApiError)))]
-pub async fn list_nodes(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Response> {
+pub async fn list_nodes(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> ApiResult<Response> {
     s.require_cluster(&caller, NODE_READERS, "node.list", "nodes").await?;
     Ok(listing(s.store.list_nodes(&page(q.limit, q.cursor)?).await?))
 }
@@ -59,7 +79,11 @@ pub async fn list_nodes(State(s): State<AppState>, caller: Caller, QueryParams(q
 /// Register a node (node agents); idempotent by hostname: 201 when new, 200 when known.
 #[utoipa::path(post, path = "/api/v1/nodes", tag = "nodes", request_body = RegisterNode,
     responses((status = 201, body = Node), (status = 200, body = Node), (status = 400, body = zeitwork_api_types::ApiError)))]
-pub async fn register_node(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<RegisterNode>) -> ApiResult<Response> {
+pub async fn register_node(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<RegisterNode>,
+) -> ApiResult<Response> {
     s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.register", &body.hostname).await?;
     body.validate()?;
     let (node, new) = s.store.register_node(&body, &caller.audit("node.register", &body.hostname)).await?;
@@ -77,7 +101,11 @@ pub async fn get_node(State(s): State<AppState>, caller: Caller, Path(id): Path<
 /// Record a node agent's heartbeat.
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/heartbeat", tag = "nodes", params(("id" = String, Path)),
     responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn node_heartbeat(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+pub async fn node_heartbeat(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Node>> {
     s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.heartbeat", &id).await?;
     Ok(Json(s.store.node_heartbeat(&id).await?))
 }
@@ -98,4 +126,3 @@ pub async fn delete_node(State(s): State<AppState>, caller: Caller, Path(id): Pa
     s.store.delete_node(&id, &caller.audit("node.delete", &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-

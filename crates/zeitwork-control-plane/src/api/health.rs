@@ -24,9 +24,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         Ok(Ok(())) => CheckResult { ok: true, message: None, duration_ms: start.elapsed().as_millis() as u64 },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: store check failed");
-            CheckResult { ok: false, message: Some("the store does not answer".into()), duration_ms: start.elapsed().as_millis() as u64 }
+            CheckResult {
+                ok: false,
+                message: Some("the store does not answer".into()),
+                duration_ms: start.elapsed().as_millis() as u64,
+            }
         }
-        Err(_) => CheckResult { ok: false, message: Some("the store did not answer within 2s".into()), duration_ms: 2000 },
+        Err(_) => {
+            CheckResult { ok: false, message: Some("the store did not answer within 2s".into()), duration_ms: 2000 }
+        }
     };
     let ok = store.ok;
     let body = Readiness {

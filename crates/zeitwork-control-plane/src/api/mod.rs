@@ -100,9 +100,7 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
-        .fallback(|| async {
-            ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into())
-        })
+        .fallback(|| async { ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track))

@@ -19,7 +19,11 @@ use crate::AppState;
 
 /// List the organisations the token can see.
 #[utoipa::path(get, path = "/api/v1/orgs", tag = "orgs", params(PageQuery), responses((status = 200, body = Vec<Org>)))]
-pub async fn list_orgs(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Response> {
+pub async fn list_orgs(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> ApiResult<Response> {
     let visible = caller.visible_orgs();
     Ok(listing(s.store.list_orgs(visible.as_deref(), &page(q.limit, q.cursor)?).await?))
 }
@@ -27,7 +31,11 @@ pub async fn list_orgs(State(s): State<AppState>, caller: Caller, QueryParams(q)
 /// Create an organisation (platform admin).
 #[utoipa::path(post, path = "/api/v1/orgs", tag = "orgs", request_body = CreateOrg,
     responses((status = 201, body = Org), (status = 400, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
-pub async fn create_org(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<CreateOrg>) -> ApiResult<Response> {
+pub async fn create_org(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateOrg>,
+) -> ApiResult<Response> {
     s.require_admin(&caller, "org.create", &body.slug).await?;
     body.validate()?;
     let name = body.name.clone().unwrap_or_else(|| body.slug.clone());
@@ -46,7 +54,11 @@ pub async fn get_org(State(s): State<AppState>, caller: Caller, Path(org): Path<
 /// List members of an organisation.
 #[utoipa::path(get, path = "/api/v1/orgs/{org}/members", tag = "orgs", params(("org" = String, Path)),
     responses((status = 200, body = Vec<Member>), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn list_members(State(s): State<AppState>, caller: Caller, Path(org): Path<String>) -> ApiResult<Json<Vec<Member>>> {
+pub async fn list_members(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<Vec<Member>>> {
     s.require_role(&caller, &org, Role::Guest, "member.list", &org).await?;
     Ok(Json(s.store.list_members(&org).await?))
 }
@@ -54,13 +66,20 @@ pub async fn list_members(State(s): State<AppState>, caller: Caller, Path(org): 
 /// Add a member or change their role (Admin; only an Owner grants or revokes Owner).
 #[utoipa::path(post, path = "/api/v1/orgs/{org}/members", tag = "orgs", params(("org" = String, Path)), request_body = AddMember,
     responses((status = 201, body = Member), (status = 200, body = Member), (status = 403, body = zeitwork_api_types::ApiError)))]
-pub async fn add_member(State(s): State<AppState>, caller: Caller, Path(org): Path<String>, JsonBody(body): JsonBody<AddMember>) -> ApiResult<Response> {
+pub async fn add_member(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(body): JsonBody<AddMember>,
+) -> ApiResult<Response> {
     let target = format!("{org}/{}", body.user);
     let mine = s.require_role(&caller, &org, Role::Admin, "member.add", &target).await?;
     validate::member_user("user", &body.user)?;
     let current = s.store.get_member_role(&org, &body.user).await?;
     if (body.role == Role::Owner || current == Some(Role::Owner)) && mine < Role::Owner {
-        return s.deny(&caller, "member.add", &target, Some(&org), "only an Owner can grant or change the Owner role").await;
+        return s
+            .deny(&caller, "member.add", &target, Some(&org), "only an Owner can grant or change the Owner role")
+            .await;
     }
     let audit = caller.audit("member.add", &target).org(&org).detail(serde_json::json!({"role": body.role}));
     let (member, new) = s.store.put_member(&org, &body.user, body.role, &audit).await?;
@@ -89,7 +108,9 @@ pub async fn remove_member(
     let user = match q.user {
         Some(u) => u,
         None if !body.is_empty() => parse_json::<RemoveMember>(&body)?.user,
-        None => return Err(ValidationError::new("user", "name the member to remove with ?user= or {\"user\": …}").into()),
+        None => {
+            return Err(ValidationError::new("user", "name the member to remove with ?user= or {\"user\": …}").into())
+        }
     };
     let target = format!("{org}/{user}");
     let mine = s.require_role(&caller, &org, Role::Admin, "member.remove", &target).await?;
@@ -111,7 +132,11 @@ pub struct TokenQuery {
 
 /// List tokens: all for platform admins, an org's for its Admins. Secrets are never listed.
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", params(TokenQuery), responses((status = 200, body = Vec<Token>)))]
-pub async fn list_tokens(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<TokenQuery>) -> ApiResult<Response> {
+pub async fn list_tokens(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<TokenQuery>,
+) -> ApiResult<Response> {
     let org = match (&caller.scope, q.org) {
         (TokenScope::Admin, org) => org,
         (TokenScope::Org { org, .. }, _) => {
@@ -127,14 +152,26 @@ pub async fn list_tokens(State(s): State<AppState>, caller: Caller, QueryParams(
 /// for their org with at most their own role. The secret is shown only here.
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateToken,
     responses((status = 201, body = CreatedToken), (status = 403, body = zeitwork_api_types::ApiError)))]
-pub async fn create_token(State(s): State<AppState>, caller: Caller, JsonBody(body): JsonBody<CreateToken>) -> ApiResult<Response> {
+pub async fn create_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateToken>,
+) -> ApiResult<Response> {
     body.validate()?;
     let target = body.name.clone();
     match &body.scope {
         TokenScope::Org { org, role } => {
             let mine = s.require_role(&caller, org, Role::Admin, "token.create", &target).await?;
             if *role > mine {
-                return s.deny(&caller, "token.create", &target, Some(org), "a token cannot have a higher role than its creator").await;
+                return s
+                    .deny(
+                        &caller,
+                        "token.create",
+                        &target,
+                        Some(org),
+                        "a token cannot have a higher role than its creator",
+                    )
+                    .await;
             }
             s.store.get_org(org).await?;
         }
@@ -181,7 +218,11 @@ pub struct EventQuery {
 
 /// The audit log, newest first: all of it for platform admins, an org's for its members.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery), responses((status = 200, body = Vec<Event>)))]
-pub async fn list_events(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<EventQuery>) -> ApiResult<Response> {
+pub async fn list_events(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<EventQuery>,
+) -> ApiResult<Response> {
     if let Some(org) = &q.org {
         s.require_role(&caller, org, Role::Guest, "event.list", org).await?;
     } else if !caller.is_admin() && caller.visible_orgs().is_some_and(|v| v.is_empty()) {

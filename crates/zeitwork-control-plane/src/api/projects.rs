@@ -33,7 +33,11 @@ pub struct ProjectQuery {
 
 /// List the projects the token can see.
 #[utoipa::path(get, path = "/api/v1/projects", tag = "projects", params(ProjectQuery), responses((status = 200, body = Vec<Project>)))]
-pub async fn list_projects(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<ProjectQuery>) -> ApiResult<Response> {
+pub async fn list_projects(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<ProjectQuery>,
+) -> ApiResult<Response> {
     let visible = caller.visible_orgs();
     Ok(listing(s.store.list_projects(q.org.as_deref(), visible.as_deref(), &page(q.limit, q.cursor)?).await?))
 }
@@ -42,7 +46,11 @@ pub async fn list_projects(State(s): State<AppState>, caller: Caller, QueryParam
 #[utoipa::path(post, path = "/api/v1/projects", tag = "projects", request_body = CreateProject,
     responses((status = 201, body = Project), (status = 400, body = zeitwork_api_types::ApiError),
         (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
-pub async fn create_project(State(s): State<AppState>, caller: Caller, JsonBody(b): JsonBody<CreateProject>) -> ApiResult<Response> {
+pub async fn create_project(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(b): JsonBody<CreateProject>,
+) -> ApiResult<Response> {
     validate::dns_label("org", &b.org)?;
     let target = format!("{}/{}", b.org, b.name);
     s.require_role(&caller, &b.org, Role::Developer, "project.create", &target).await?;
@@ -68,7 +76,11 @@ pub async fn create_project(State(s): State<AppState>, caller: Caller, JsonBody(
 #[utoipa::path(get, path = "/api/v1/projects/{org}/{project}", tag = "projects",
     params(("org" = String, Path), ("project" = String, Path)),
     responses((status = 200, body = Project), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn get_project(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Project>> {
+pub async fn get_project(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Project>> {
     s.require_role(&caller, &org, Role::Guest, "project.show", &format!("{org}/{name}")).await?;
     Ok(Json(s.store.get_project(&org, &name).await?))
 }
@@ -95,7 +107,11 @@ pub async fn patch_project(
 #[utoipa::path(delete, path = "/api/v1/projects/{org}/{project}", tag = "projects",
     params(("org" = String, Path), ("project" = String, Path)),
     responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
-pub async fn delete_project(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+pub async fn delete_project(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     let target = format!("{org}/{name}");
     s.require_role(&caller, &org, Role::Admin, "project.delete", &target).await?;
     s.store.delete_project(&org, &name, &caller.audit("project.delete", &target).org(&org).project(&name)).await?;
@@ -130,7 +146,11 @@ async fn env_response(s: &AppState, caller: &Caller, org: &str, project_id: &str
 /// List env vars; Guests and read-only tokens see names only.
 #[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/env", tag = "env",
     params(("org" = String, Path), ("project" = String, Path)), responses((status = 200, body = Vec<EnvVar>)))]
-pub async fn list_env(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Vec<EnvVar>>> {
+pub async fn list_env(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<EnvVar>>> {
     s.require_role(&caller, &org, Role::Guest, "env.list", &format!("{org}/{name}")).await?;
     let p = s.store.get_project(&org, &name).await?;
     Ok(Json(env_response(&s, &caller, &org, &p.id).await?))
@@ -159,7 +179,8 @@ pub async fn replace_env(
     let enc: Vec<(String, String)> =
         vars.iter().map(|(k, v)| (k.clone(), s.cipher.encrypt(&env_context(&p.id, k), v))).collect();
     let keys: Vec<&String> = vars.keys().collect();
-    let audit = caller.audit("env.replace", &target).org(&org).project(&name).detail(serde_json::json!({ "keys": keys }));
+    let audit =
+        caller.audit("env.replace", &target).org(&org).project(&name).detail(serde_json::json!({ "keys": keys }));
     s.store.replace_env(&p.id, &enc, &audit).await?;
     Ok(Json(env_response(&s, &caller, &org, &p.id).await?))
 }
@@ -211,7 +232,11 @@ pub async fn delete_env(
 /// List a project's custom domains.
 #[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/domains", tag = "domains",
     params(("org" = String, Path), ("project" = String, Path)), responses((status = 200, body = Vec<Domain>)))]
-pub async fn list_domains(State(s): State<AppState>, caller: Caller, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Vec<Domain>>> {
+pub async fn list_domains(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Domain>>> {
     s.require_role(&caller, &org, Role::Guest, "domain.list", &format!("{org}/{name}")).await?;
     let p = s.store.get_project(&org, &name).await?;
     Ok(Json(s.store.list_domains(&p.id).await?))
@@ -232,7 +257,11 @@ pub async fn create_domain(
     body.validate()?;
     let apps = &s.config.apps_domain;
     if body.name == *apps || body.name.ends_with(&format!(".{apps}")) {
-        return Err(ValidationError::new("name", format!("names under {apps} are the platform's own; use a domain you control")).into());
+        return Err(ValidationError::new(
+            "name",
+            format!("names under {apps} are the platform's own; use a domain you control"),
+        )
+        .into());
     }
     let p = s.store.get_project(&org, &name).await?;
     let env = body.environment.unwrap_or(Environment::Production);
@@ -271,7 +300,11 @@ pub struct DeploymentQuery {
 /// List deployments, newest first, filtered by org, project, status, environment.
 #[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(DeploymentQuery),
     responses((status = 200, body = Vec<Deployment>)))]
-pub async fn list_deployments(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<DeploymentQuery>) -> ApiResult<Response> {
+pub async fn list_deployments(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<DeploymentQuery>,
+) -> ApiResult<Response> {
     let filter = DeploymentFilter {
         org: q.org,
         orgs_visible: caller.visible_orgs(),
@@ -285,7 +318,11 @@ pub async fn list_deployments(State(s): State<AppState>, caller: Caller, QueryPa
 /// Record a deployment of an image (Developer): 202, status `pending`.
 #[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeployment,
     responses((status = 202, body = Deployment), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn create_deployment(State(s): State<AppState>, caller: Caller, JsonBody(b): JsonBody<CreateDeployment>) -> ApiResult<Response> {
+pub async fn create_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(b): JsonBody<CreateDeployment>,
+) -> ApiResult<Response> {
     validate::dns_label("org", &b.org)?;
     let target = format!("{}/{}", b.org, b.project);
     s.require_role(&caller, &b.org, Role::Developer, "deployment.create", &target).await?;
@@ -317,7 +354,11 @@ pub async fn create_deployment(State(s): State<AppState>, caller: Caller, JsonBo
 /// Show a deployment.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path)),
     responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError)))]
-pub async fn get_deployment(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Deployment>> {
+pub async fn get_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Deployment>> {
     let d = s.store.get_deployment(&id).await?;
     if caller.role_in(&d.org).is_none() {
         // Do not reveal deployments of other organisations.
