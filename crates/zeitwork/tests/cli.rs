@@ -1,0 +1,200 @@
+//! The `zeitwork` binary as people and scripts use it: roles started from
+//! flags, env and config files; CLI verbs with tables, `--json` and exit codes.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zeitwork");
+
+struct Running {
+    child: Option<Child>,
+    api: String,
+    token: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_operator(data: &Path) -> Running {
+    let port = zeitwork_testkit::free_port();
+    let child = Command::new(BIN)
+        .args(["operator", "--listen", &format!("127.0.0.1:{port}")])
+        .env("ZEITWORK_DATA", data)
+        .env_remove("ZEITWORK_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Running { child: Some(child), api: format!("http://127.0.0.1:{port}"), token: String::new() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let token_file = data.join("admin.token");
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && token_file.exists() {
+            running.token = std::fs::read_to_string(&token_file).unwrap().trim().to_owned();
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the operator did not start");
+}
+
+fn cli(r: &Running, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("ZEITWORK_API", &r.api)
+        .env("ZEITWORK_TOKEN", &r.token)
+        .env("HOME", "/nonexistent")
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn verbs_print_tables_json_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start_operator(&dir.path().join("data"));
+
+    ok(cli(&r, &["regions", "create", "us-east", "--name", "US East", "--country", "US"]));
+    ok(cli(&r, &["orgs", "create", "acme", "--owner", "ceo@acme.test"]));
+    let out = ok(cli(&r, &["projects", "create", "acme/web", "--repo", "acme/web", "--vcpu", "2", "--memory", "512"]));
+    assert!(out.contains("Created project acme/web"), "{out}");
+    let table = ok(cli(&r, &["projects", "list"]));
+    assert!(table.lines().next().unwrap().starts_with("PROJECT"), "{table}");
+    assert!(table.contains("2 vCPU, 512 MiB"), "{table}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--memory", "1024", "--json"]))).unwrap();
+    assert_eq!(json["resources"], serde_json::json!({"vcpu": 2, "memory": 1024}));
+
+    ok(cli(&r, &["env", "set", "acme/web", "SECRET=hunter2", "MODE=prod"]));
+    let env: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["env", "list", "acme/web", "--json"]))).unwrap();
+    assert_eq!(env.as_array().unwrap().len(), 2);
+
+    let dep: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["deployments", "create", "acme/web", "--image", "ghcr.io/acme/web:1", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(dep["status"], "pending");
+    let shown = ok(cli(&r, &["deployments", "show", dep["id"].as_str().unwrap()]));
+    assert!(shown.contains("ghcr.io/acme/web:1"), "{shown}");
+
+    // Exit codes scripts can rely on.
+    assert_eq!(cli(&r, &["projects", "show", "acme/nope"]).status.code(), Some(3));
+    assert_eq!(cli(&r, &["projects", "create", "acme/web"]).status.code(), Some(5));
+    let bad = cli(&r, &["projects", "create", "acme/Web_App"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("name"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let denied = Command::new(BIN)
+        .args(["projects", "list"])
+        .env("ZEITWORK_API", &r.api)
+        .env("ZEITWORK_TOKEN", "zw_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb")
+        .output()
+        .unwrap();
+    assert_eq!(denied.status.code(), Some(4));
+    let unreachable = Command::new(BIN)
+        .args(["projects", "list"])
+        .env("ZEITWORK_API", format!("http://127.0.0.1:{}", zeitwork_testkit::free_port()))
+        .env("ZEITWORK_TOKEN", &r.token)
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the operator"));
+
+    // Tokens: created once with their secret, listed without it.
+    let t: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["tokens", "create", "ci", "--org", "acme", "--role", "developer", "--json"],
+    )))
+    .unwrap();
+    assert!(t["secret"].as_str().unwrap().starts_with("zw_"));
+    let listed = ok(cli(&r, &["tokens", "list"]));
+    assert!(listed.contains("acme:developer") && !listed.contains(t["secret"].as_str().unwrap()), "{listed}");
+    let events = ok(cli(&r, &["events", "list", "--org", "acme"]));
+    assert!(events.contains("project.create"), "{events}");
+}
+
+#[test]
+fn bad_config_stops_the_role_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("operator.toml");
+    std::fs::write(&cfg, "lisen = \"127.0.0.1:1\"\n").unwrap();
+    let out =
+        Command::new(BIN).args(["operator", "--config"]).arg(&cfg).arg("--data").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    std::fs::write(&cfg, "apps_domain = \"not a domain\"\n").unwrap();
+    let out =
+        Command::new(BIN).args(["operator", "--config"]).arg(&cfg).arg("--data").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apps_domain"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new(BIN).args(["operator", "--listen", "nonsense"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+
+    let out = Command::new(BIN)
+        .args(["operator"])
+        .env("ZEITWORK_DATA", dir.path())
+        .env("ZEITWORK_DATABASE_URL", "mysql://root:pw@db/x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("database_url") && !err.contains("pw@"), "{err}");
+}
+
+#[test]
+fn up_runs_operator_and_node_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, agent) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+    let mut child = Command::new(BIN)
+        .args(["up", "--api-port", &api.to_string(), "--agent-port", &agent.to_string()])
+        .arg("--data")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = dir.path().join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        assert!(Instant::now() < deadline, "zeitwork up did not start");
+        if std::net::TcpStream::connect(("127.0.0.1", agent)).is_ok() && token_file.exists() {
+            break Running {
+                child: None,
+                api: format!("http://127.0.0.1:{api}"),
+                token: std::fs::read_to_string(&token_file).unwrap().trim().to_owned(),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let nodes: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["nodes", "list", "--json"]))).unwrap();
+    assert_eq!(nodes[0]["region"], "local");
+    assert_eq!(nodes[0]["status"], "ready");
+    // Ctrl-C stops everything gracefully.
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains("Zeitwork is running.") && out.contains("Stopped."), "{out}");
+}
