@@ -565,3 +565,97 @@ pub struct CreatedToken {
     pub token: Token,
     pub secret: String,
 }
+
+// ---------------------------------------------------------------- instances
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    Pending,
+    Starting,
+    Ready,
+    Unhealthy,
+    Stopping,
+    Stopped,
+    Exited,
+    Failed,
+}
+
+impl InstanceStatus {
+    pub const ALL: [InstanceStatus; 8] = [
+        InstanceStatus::Pending,
+        InstanceStatus::Starting,
+        InstanceStatus::Ready,
+        InstanceStatus::Unhealthy,
+        InstanceStatus::Stopping,
+        InstanceStatus::Stopped,
+        InstanceStatus::Exited,
+        InstanceStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Pending => "pending",
+            InstanceStatus::Starting => "starting",
+            InstanceStatus::Ready => "ready",
+            InstanceStatus::Unhealthy => "unhealthy",
+            InstanceStatus::Stopping => "stopping",
+            InstanceStatus::Stopped => "stopped",
+            InstanceStatus::Exited => "exited",
+            InstanceStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    pub id: String,
+    pub deployment: String,
+    pub node: Option<String>,
+    pub region: String,
+    /// Address of the app inside its node, e.g. `10.88.0.5:8080`.
+    pub address: Option<String>,
+    pub status: InstanceStatus,
+    pub runtime: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ready_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i64>,
+    pub exit_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------- routing
+
+/// What the edge proxies serve: host → deployment → ready instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoutingTable {
+    /// Changes whenever any route changes; equal versions mean equal tables.
+    pub version: String,
+    pub apps_domain: String,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Route {
+    /// Lowercase host name without port.
+    pub host: String,
+    pub deployment: String,
+    pub org: String,
+    pub project: String,
+    /// Set for hosts that follow an environment's active deployment.
+    pub environment: Option<Environment>,
+    /// Per-IP limit of the project, overriding the edge's default.
+    pub rate_limit: Option<RateLimit>,
+    pub instances: Vec<RouteInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct RouteInstance {
+    pub id: String,
+    /// URL of the node agent that forwards to this instance.
+    pub upstream: String,
+}

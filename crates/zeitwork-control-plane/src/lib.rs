@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod routing;
 pub mod secrets;
 
 use std::io::Write;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub config: Arc<OperatorConfig>,
     pub cipher: secrets::Cipher,
     pub metrics: HttpMetrics,
+    pub routing: Arc<routing::RoutingHub>,
 }
 
 /// Why the operator could not start.
@@ -61,6 +63,7 @@ pub struct Operator {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    refresher: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -91,14 +94,17 @@ impl Operator {
             .await
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let routing = routing::RoutingHub::new(&config.apps_domain);
+        let (tx, mut rx) = watch::channel(false);
+        let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
             cipher,
             metrics: HttpMetrics::new("zeitwork_operator"),
+            routing,
         };
         let app = api::router(state);
-        let (tx, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -107,7 +113,7 @@ impl Operator {
                 .await
         });
         tracing::info!(%addr, "operator API listening");
-        Ok(Operator { addr, shutdown: tx, task, admin_token, admin_token_path, store })
+        Ok(Operator { addr, shutdown: tx, task, refresher, admin_token, admin_token_path, store })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -122,6 +128,7 @@ impl Operator {
             Err(e) => tracing::warn!(error = %e, "operator server task failed"),
             Ok(Ok(())) => {}
         }
+        let _ = self.refresher.await;
         self.store.close().await;
     }
 }

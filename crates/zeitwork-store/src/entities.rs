@@ -1335,3 +1335,241 @@ impl Store {
         }
     }
 }
+
+// ------------------------------------------------------------------ instances
+
+/// An instance to record, placed on a node.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub deployment: String,
+    pub node: Option<String>,
+    pub region: String,
+    pub resources: Resources,
+    pub runtime: Option<String>,
+}
+
+fn instance_from(row: &AnyRow) -> Result<zeitwork_api_types::Instance> {
+    use zeitwork_api_types::InstanceStatus;
+    Ok(zeitwork_api_types::Instance {
+        id: row.text("id")?,
+        deployment: row.text("deployment_id")?,
+        node: row.opt_text("node_id")?,
+        region: row.text("region")?,
+        address: row.opt_text("address")?,
+        status: row.parsed("status", InstanceStatus::parse)?,
+        runtime: row.opt_text("runtime")?,
+        started_at: row.opt_int("started_at")?.map(ts),
+        ready_at: row.opt_int("ready_at")?.map(ts),
+        exit_code: row.opt_int("exit_code")?,
+        exit_reason: row.opt_text("exit_reason")?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+/// What the routing table is built from: one row per (host kind, deployment, ready instance).
+#[derive(Debug, Clone)]
+pub struct RoutingRows {
+    /// Deployments with at least one ready instance on a live node, with their instances.
+    pub deployments: Vec<RoutedDeployment>,
+    /// (org, project, environment, deployment id) of every active environment.
+    pub current: Vec<(String, String, Environment, String)>,
+    /// (domain, org, project, environment).
+    pub domains: Vec<(String, String, String, Environment)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutedDeployment {
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    pub rate_limit: Option<RateLimit>,
+    /// (instance id, node agent URL)
+    pub instances: Vec<(String, String)>,
+}
+
+impl Store {
+    pub async fn create_instance(&self, i: &NewInstance) -> Result<zeitwork_api_types::Instance> {
+        let id = format!("ins_{}", nanoid(12));
+        sqlx::query(
+            "INSERT INTO instances (id, deployment_id, node_id, region, status, runtime, vcpu, memory, created_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+        )
+        .bind(&id)
+        .bind(&i.deployment)
+        .bind(i.node.clone())
+        .bind(&i.region)
+        .bind(i.runtime.clone())
+        .bind(i64::from(i.resources.vcpu))
+        .bind(i64::from(i.resources.memory))
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        self.get_instance(&id).await
+    }
+
+    pub async fn get_instance(&self, id: &str) -> Result<zeitwork_api_types::Instance> {
+        let row = sqlx::query("SELECT * FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("instance {id:?} does not exist")))?;
+        instance_from(&row)
+    }
+
+    pub async fn list_instances(&self, deployment: &str) -> Result<Vec<zeitwork_api_types::Instance>> {
+        let rows = sqlx::query("SELECT * FROM instances WHERE deployment_id = $1 ORDER BY created_at, id")
+            .bind(deployment)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(instance_from).collect()
+    }
+
+    /// Records what a node agent reports about an instance.
+    pub async fn set_instance_status(
+        &self,
+        id: &str,
+        status: zeitwork_api_types::InstanceStatus,
+        address: Option<&str>,
+        exit: Option<(Option<i64>, String)>,
+    ) -> Result<()> {
+        use zeitwork_api_types::InstanceStatus as S;
+        let now = now_ms();
+        let (code, reason) = match exit {
+            Some((c, r)) => (c, Some(r)),
+            None => (None, None),
+        };
+        let done = sqlx::query(
+            "UPDATE instances SET status = $1, address = COALESCE($2, address), \
+             started_at = CASE WHEN $3 = 1 AND started_at IS NULL THEN $4 ELSE started_at END, \
+             ready_at = CASE WHEN $5 = 1 THEN $4 ELSE ready_at END, \
+             exit_code = COALESCE($6, exit_code), exit_reason = COALESCE($7, exit_reason) WHERE id = $8",
+        )
+        .bind(status.as_str())
+        .bind(address.map(str::to_owned))
+        .bind(i64::from(matches!(status, S::Starting | S::Ready)))
+        .bind(now)
+        .bind(i64::from(status == S::Ready))
+        .bind(code)
+        .bind(reason)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("instance {id:?} does not exist")));
+        }
+        Ok(())
+    }
+
+    pub async fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: Option<&str>) -> Result<()> {
+        let done = sqlx::query("UPDATE deployments SET status = $1, reason = $2, updated_at = $3 WHERE id = $4")
+            .bind(status.as_str())
+            .bind(reason.map(str::to_owned))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("deployment {id:?} does not exist")));
+        }
+        Ok(())
+    }
+
+    /// Points an environment of a project at a deployment (it becomes `active`;
+    /// the one it replaces becomes `standby`), in one transaction.
+    pub async fn activate_deployment(&self, deployment: &str, audit: &Audit) -> Result<()> {
+        let d = self.get_deployment(deployment).await?;
+        let project_id = sqlx::query("SELECT project_id FROM deployments WHERE id = $1")
+            .bind(deployment)
+            .fetch_one(&self.reader)
+            .await?
+            .text("project_id")?;
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT current_deployments FROM projects WHERE id = $1{}", self.for_update()))
+            .bind(&project_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("project {}/{} does not exist", d.org, d.project)))?;
+        let mut current: BTreeMap<String, String> = serde_json::from_str(&row.text("current_deployments")?)
+            .map_err(|e| StoreError::Corrupt(format!("current_deployments: {e}")))?;
+        let now = now_ms();
+        if let Some(previous) = current.insert(d.environment.as_str().to_owned(), d.id.clone()) {
+            if previous != d.id {
+                sqlx::query("UPDATE deployments SET status = 'standby', updated_at = $1 WHERE id = $2 AND status = 'active'")
+                    .bind(now)
+                    .bind(&previous)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
+            .bind(serde_json::to_string(&current).unwrap_or_default())
+            .bind(now)
+            .bind(&project_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE deployments SET status = 'active', updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Everything the routing table is made of, read in one go.
+    pub async fn routing_rows(&self) -> Result<RoutingRows> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.org, d.project, p.rate_limit, i.id AS instance_id, n.address AS upstream \
+             FROM deployments d JOIN projects p ON p.id = d.project_id \
+             JOIN instances i ON i.deployment_id = d.id JOIN nodes n ON n.id = i.node_id \
+             WHERE i.status = 'ready' AND n.status <> 'down' AND d.status NOT IN ('retired', 'failed') \
+             ORDER BY d.id, i.id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut deployments: Vec<RoutedDeployment> = Vec::new();
+        for r in &rows {
+            let id = r.text("id")?;
+            if deployments.last().map(|d| d.id != id).unwrap_or(true) {
+                let rate_limit = r
+                    .opt_text("rate_limit")?
+                    .and_then(|s| serde_json::from_str::<Option<RateLimit>>(&s).ok())
+                    .flatten();
+                deployments.push(RoutedDeployment {
+                    id: id.clone(),
+                    org: r.text("org")?,
+                    project: r.text("project")?,
+                    rate_limit,
+                    instances: Vec::new(),
+                });
+            }
+            if let Some(d) = deployments.last_mut() {
+                d.instances.push((r.text("instance_id")?, r.text("upstream")?));
+            }
+        }
+        let mut current = Vec::new();
+        for r in sqlx::query("SELECT o.slug, p.name, p.current_deployments FROM projects p JOIN orgs o ON o.id = p.org_id")
+            .fetch_all(&self.reader)
+            .await?
+        {
+            let map: BTreeMap<String, String> = serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
+            for (env, dep) in map {
+                if let Some(env) = Environment::parse(&env) {
+                    current.push((r.text("slug")?, r.text("name")?, env, dep));
+                }
+            }
+        }
+        let mut domains = Vec::new();
+        for r in sqlx::query(
+            "SELECT d.name, d.environment, o.slug, p.name AS project FROM domains d JOIN projects p ON p.id = d.project_id \
+             JOIN orgs o ON o.id = p.org_id",
+        )
+        .fetch_all(&self.reader)
+        .await?
+        {
+            domains.push((r.text("name")?, r.text("slug")?, r.text("project")?, r.parsed("environment", Environment::parse)?));
+        }
+        Ok(RoutingRows { deployments, current, domains })
+    }
+}

@@ -6,6 +6,7 @@ mod cluster;
 mod health;
 mod orgs;
 mod projects;
+mod routing;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -72,6 +73,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::list_deployments, projects::create_deployment))
         .routes(routes!(projects::get_deployment))
         .routes(routes!(projects::list_project_deployments))
+        .routes(routes!(routing::routing_table))
+        .routes(routes!(routing::watch_routing))
+        .routes(routes!(routing::report_instance))
 }
 
 /// The OpenAPI document of this build.

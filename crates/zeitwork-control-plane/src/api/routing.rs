@@ -1,0 +1,87 @@
+//! The routing table for edge proxies, and instance status from node agents.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use zeitwork_api_types::{ClusterRole, InstanceStatus, RoutingTable};
+
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::extract::{JsonBody, QueryParams};
+use crate::AppState;
+
+const READERS: &[ClusterRole] = &[ClusterRole::EdgeProxy, ClusterRole::LoadBalancer];
+
+/// The current routing table.
+#[utoipa::path(get, path = "/api/v1/routing", tag = "routing", responses((status = 200, body = RoutingTable)))]
+pub async fn routing_table(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<RoutingTable>> {
+    s.require_cluster(&caller, READERS, "routing.read", "routing").await?;
+    Ok(Json((*s.routing.current()).clone()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WatchQuery {
+    /// The version the caller has; the call returns when the table differs.
+    version: Option<String>,
+    /// Longest wait in seconds (1–60, default 25); then the unchanged table is returned.
+    timeout: Option<u64>,
+}
+
+/// Long poll: returns the routing table as soon as its version differs from `version`.
+#[utoipa::path(get, path = "/api/v1/routing/watch", tag = "routing", params(WatchQuery),
+    responses((status = 200, body = RoutingTable), (status = 400, body = zeitwork_api_types::ApiError)))]
+pub async fn watch_routing(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<WatchQuery>) -> ApiResult<Json<RoutingTable>> {
+    s.require_cluster(&caller, READERS, "routing.read", "routing").await?;
+    let timeout = q.timeout.unwrap_or(25);
+    if !(1..=60).contains(&timeout) {
+        return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
+    }
+    let mut rx = s.routing.subscribe();
+    let known = q.version.unwrap_or_default();
+    let _ = tokio::time::timeout(Duration::from_secs(timeout), rx.wait_for(|t| t.version != known)).await;
+    let table = rx.borrow().clone();
+    Ok(Json((*table).clone()))
+}
+
+/// What a node agent reports about an instance.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceReport {
+    pub status: InstanceStatus,
+    /// Where the app listens inside the node, e.g. `10.88.0.5:8080`.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    /// Why it stopped or failed, for people.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Report an instance's status (node agents).
+#[utoipa::path(put, path = "/api/v1/instances/{id}/status", tag = "instances", params(("id" = String, Path)),
+    request_body = InstanceReport, responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn report_instance(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(r): JsonBody<InstanceReport>,
+) -> ApiResult<StatusCode> {
+    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "instance.report", &id).await?;
+    if let Some(reason) = &r.reason {
+        zeitwork_api_types::validate::text("reason", reason, 1000)?;
+    }
+    if let Some(a) = &r.address {
+        if a.parse::<std::net::SocketAddr>().is_err() {
+            return Err(zeitwork_api_types::ValidationError::new("address", format!("{a:?} is not IP:PORT")).into());
+        }
+    }
+    let exit = r.reason.clone().map(|reason| (r.exit_code, reason)).or(r.exit_code.map(|c| (Some(c), String::new())));
+    s.store.set_instance_status(&id, r.status, r.address.as_deref(), exit).await?;
+    s.routing.changed();
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,103 @@
+//! The routing table the edge proxies follow: built from the store, versioned
+//! by content, published through a watch channel so long-polling edges learn
+//! of a change as soon as this operator sees it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+use zeitwork_api_types::{Environment, Route, RouteInstance, RoutingTable};
+use zeitwork_store::{RoutingRows, Store};
+
+/// How often the table is rebuilt from the store, to see changes made
+/// through other operators. Changes through this one are seen at once.
+pub const REFRESH: Duration = Duration::from_millis(200);
+
+#[derive(Debug)]
+pub struct RoutingHub {
+    table: watch::Sender<Arc<RoutingTable>>,
+    nudge: Notify,
+}
+
+impl RoutingHub {
+    pub fn new(apps_domain: &str) -> Arc<Self> {
+        let empty = build(&RoutingRows { deployments: vec![], current: vec![], domains: vec![] }, apps_domain);
+        Arc::new(Self { table: watch::Sender::new(Arc::new(empty)), nudge: Notify::new() })
+    }
+
+    pub fn current(&self) -> Arc<RoutingTable> {
+        self.table.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
+        self.table.subscribe()
+    }
+
+    /// Rebuild now (after a change made through this operator).
+    pub fn changed(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Rebuilds the table until `stop` turns true.
+    pub async fn run(self: Arc<Self>, store: Store, apps_domain: String, mut stop: watch::Receiver<bool>) {
+        loop {
+            match store.routing_rows().await {
+                Ok(rows) => {
+                    let table = build(&rows, &apps_domain);
+                    self.table.send_if_modified(|cur| {
+                        if cur.version == table.version {
+                            false
+                        } else {
+                            tracing::debug!(version = %table.version, routes = table.routes.len(), "routing table changed");
+                            *cur = Arc::new(table);
+                            true
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot rebuild the routing table; keeping the last one"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH) => {}
+                _ = self.nudge.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// Builds the table: `<deployment>.<apps>` for every deployment with ready
+/// instances, `<project>-<org>.<apps>` for production's active deployment,
+/// and custom domains for their environment's active deployment.
+pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
+    let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> = rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
+    let route = |host: String, d: &zeitwork_store::RoutedDeployment, env: Option<Environment>| Route {
+        host,
+        deployment: d.id.clone(),
+        org: d.org.clone(),
+        project: d.project.clone(),
+        environment: env,
+        rate_limit: d.rate_limit,
+        instances: d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect(),
+    };
+    let mut routes: Vec<Route> = rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
+    let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
+    for (org, project, env, dep) in &rows.current {
+        active.insert((org, project, *env), dep);
+        if *env == Environment::Production {
+            if let Some(d) = by_id.get(dep.as_str()) {
+                routes.push(route(format!("{project}-{org}.{apps_domain}"), d, Some(*env)));
+            }
+        }
+    }
+    for (domain, org, project, env) in &rows.domains {
+        if let Some(d) = active.get(&(org.as_str(), project.as_str(), *env)).and_then(|id| by_id.get(id)) {
+            routes.push(route(domain.clone(), d, Some(*env)));
+        }
+    }
+    routes.sort_by(|a, b| a.host.cmp(&b.host));
+    routes.dedup_by(|a, b| a.host == b.host);
+    let digest = Sha256::digest(serde_json::to_vec(&(&routes, apps_domain)).unwrap_or_default());
+    RoutingTable { version: hex::encode(&digest[..8]), apps_domain: apps_domain.to_owned(), routes }
+}
