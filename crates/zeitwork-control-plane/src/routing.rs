@@ -71,7 +71,8 @@ impl RoutingHub {
 /// instances, `<project>-<org>.<apps>` for production's active deployment,
 /// and custom domains for their environment's active deployment.
 pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
-    let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> = rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
+    let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> =
+        rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
     let route = |host: String, d: &zeitwork_store::RoutedDeployment, env: Option<Environment>| Route {
         host,
         deployment: d.id.clone(),
@@ -81,7 +82,8 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         rate_limit: d.rate_limit,
         instances: d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect(),
     };
-    let mut routes: Vec<Route> = rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
+    let mut routes: Vec<Route> =
+        rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
     for (org, project, env, dep) in &rows.current {
         active.insert((org, project, *env), dep);

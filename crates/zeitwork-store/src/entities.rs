@@ -1494,11 +1494,13 @@ impl Store {
         let now = now_ms();
         if let Some(previous) = current.insert(d.environment.as_str().to_owned(), d.id.clone()) {
             if previous != d.id {
-                sqlx::query("UPDATE deployments SET status = 'standby', updated_at = $1 WHERE id = $2 AND status = 'active'")
-                    .bind(now)
-                    .bind(&previous)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE deployments SET status = 'standby', updated_at = $1 WHERE id = $2 AND status = 'active'",
+                )
+                .bind(now)
+                .bind(&previous)
+                .execute(&mut *tx)
+                .await?;
             }
         }
         sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
@@ -1549,11 +1551,13 @@ impl Store {
             }
         }
         let mut current = Vec::new();
-        for r in sqlx::query("SELECT o.slug, p.name, p.current_deployments FROM projects p JOIN orgs o ON o.id = p.org_id")
-            .fetch_all(&self.reader)
-            .await?
+        for r in
+            sqlx::query("SELECT o.slug, p.name, p.current_deployments FROM projects p JOIN orgs o ON o.id = p.org_id")
+                .fetch_all(&self.reader)
+                .await?
         {
-            let map: BTreeMap<String, String> = serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
+            let map: BTreeMap<String, String> =
+                serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
                 if let Some(env) = Environment::parse(&env) {
                     current.push((r.text("slug")?, r.text("name")?, env, dep));

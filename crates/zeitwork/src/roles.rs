@@ -9,6 +9,7 @@ use clap::Args;
 use zeitwork_api_types::{ClusterRole, CreateRegion, CreateToken, CreatedToken, Region, TokenScope};
 use zeitwork_client::Client;
 use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_edge::{EdgeConfig, EdgeProxy};
 use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
 use zeitwork_telemetry::LogFormat;
 
@@ -176,8 +177,30 @@ pub struct LoadBalancerArgs {
 
 #[derive(Debug, Args)]
 pub struct EdgeProxyArgs {
+    /// `--listen` is the plain HTTP listener.
     #[command(flatten)]
     common: Common,
+    /// Operator API URL.
+    #[arg(long, env = "ZEITWORK_OPERATOR_URL")]
+    operator: Option<String>,
+    /// An edge-proxy cluster token.
+    #[arg(long, env = "ZEITWORK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// TLS listener (needs --tls-cert and --tls-key).
+    #[arg(long, env = "ZEITWORK_HTTPS_LISTEN", value_name = "ADDR:PORT")]
+    https_listen: Option<SocketAddr>,
+    /// Metrics and health listener.
+    #[arg(long, env = "ZEITWORK_ADMIN_LISTEN", value_name = "ADDR:PORT")]
+    admin_listen: Option<SocketAddr>,
+    /// PEM certificate for *.<apps domain>.
+    #[arg(long, env = "ZEITWORK_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ZEITWORK_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// A load balancer whose PROXY protocol header is trusted (address or CIDR; repeatable).
+    #[arg(long = "trusted-proxy", env = "ZEITWORK_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<String>,
 }
 
 pub async fn load_balancer(_args: LoadBalancerArgs) -> Result<()> {
@@ -246,7 +269,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .with_context(|| format!("cannot read the admin token at {}", op.admin_token_path.display()))?;
     let client = Client::new(&api, Some(admin));
     ensure_local_region(&client).await?;
-    let agent_token = ensure_agent_token(&client, &data.join("node-agent.token")).await?;
+    let agent_token = ensure_cluster_token(&client, &data.join("node-agent.token"), ClusterRole::NodeAgent).await?;
     let agent = NodeAgent::start(NodeAgentConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], args.agent_port)),
         operator_url: api.clone(),
@@ -256,6 +279,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
     })
     .await
     .context("the node agent could not start")?;
+    let edge_token = ensure_cluster_token(&client, &data.join("edge-proxy.token"), ClusterRole::EdgeProxy).await?;
+    let edge = EdgeProxy::start(EdgeConfig {
+        http_listen: SocketAddr::from(([127, 0, 0, 1], args.http_port)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        operator_url: api.clone(),
+        token: Some(edge_token),
+        ..Default::default()
+    })
+    .await
+    .context("the edge proxy could not start")?;
 
     println!();
     println!("Zeitwork is running.");
@@ -274,6 +307,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!("Press Ctrl-C to stop.");
     shutdown_signal().await;
     println!("Stopping…");
+    edge.shutdown().await;
     agent.shutdown().await;
     op.shutdown().await;
     println!("Stopped.");
@@ -289,8 +323,8 @@ async fn ensure_local_region(client: &Client) -> Result<()> {
     }
 }
 
-/// Reuses the node agent's token from a previous start, or creates one.
-async fn ensure_agent_token(client: &Client, path: &Path) -> Result<String> {
+/// Reuses a local role's token from a previous start, or creates one.
+async fn ensure_cluster_token(client: &Client, path: &Path, role: ClusterRole) -> Result<String> {
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_owned();
         let probe = Client::new(client.base(), Some(t.clone()));
@@ -302,14 +336,14 @@ async fn ensure_agent_token(client: &Client, path: &Path) -> Result<String> {
         .post(
             "/api/v1/tokens",
             &CreateToken {
-                name: "local node agent".into(),
-                scope: TokenScope::Cluster { role: ClusterRole::NodeAgent },
+                name: format!("local {}", role.as_str()),
+                scope: TokenScope::Cluster { role },
                 read_only: false,
                 expires_in_days: None,
             },
         )
         .await
-        .context("cannot create the node agent's token")?;
+        .with_context(|| format!("cannot create the {} token", role.as_str()))?;
     write_private(path, &created.secret)?;
     Ok(created.secret)
 }

@@ -165,9 +165,18 @@ fn bad_config_stops_the_role_naming_the_field() {
 #[test]
 fn up_runs_operator_and_node_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let (api, agent) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+    let (api, agent, http) =
+        (zeitwork_testkit::free_port(), zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
     let mut child = Command::new(BIN)
-        .args(["up", "--api-port", &api.to_string(), "--agent-port", &agent.to_string()])
+        .args([
+            "up",
+            "--api-port",
+            &api.to_string(),
+            "--agent-port",
+            &agent.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ])
         .arg("--data")
         .arg(dir.path())
         .stdout(Stdio::piped())
@@ -178,7 +187,7 @@ fn up_runs_operator_and_node_agent() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
         assert!(Instant::now() < deadline, "zeitwork up did not start");
-        if std::net::TcpStream::connect(("127.0.0.1", agent)).is_ok() && token_file.exists() {
+        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() && token_file.exists() {
             break Running {
                 child: None,
                 api: format!("http://127.0.0.1:{api}"),
@@ -190,6 +199,16 @@ fn up_runs_operator_and_node_agent() {
     let nodes: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["nodes", "list", "--json"]))).unwrap();
     assert_eq!(nodes[0]["region"], "local");
     assert_eq!(nodes[0]["status"], "ready");
+    // The edge answers on the apps port; an unknown app gets Zeitwork's 404 page.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET / HTTP/1.1\r\nHost: nothing.zeitwork.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut s, &mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 404") && page.contains("Zeitwork"), "{page}");
     // Ctrl-C stops everything gracefully.
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();

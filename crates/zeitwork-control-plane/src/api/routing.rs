@@ -34,7 +34,11 @@ pub struct WatchQuery {
 /// Long poll: returns the routing table as soon as its version differs from `version`.
 #[utoipa::path(get, path = "/api/v1/routing/watch", tag = "routing", params(WatchQuery),
     responses((status = 200, body = RoutingTable), (status = 400, body = zeitwork_api_types::ApiError)))]
-pub async fn watch_routing(State(s): State<AppState>, caller: Caller, QueryParams(q): QueryParams<WatchQuery>) -> ApiResult<Json<RoutingTable>> {
+pub async fn watch_routing(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<WatchQuery>,
+) -> ApiResult<Json<RoutingTable>> {
     s.require_cluster(&caller, READERS, "routing.read", "routing").await?;
     let timeout = q.timeout.unwrap_or(25);
     if !(1..=60).contains(&timeout) {

@@ -1,0 +1,554 @@
+//! The edge proxy: terminates TLS, routes by host to node agents that hold
+//! ready instances, limits per-IP request rates, and follows the operator's
+//! routing table.
+//!
+//! It never reads the store and never serves a host it has no route for: an
+//! unknown host gets Zeitwork's own 404 page and no other tenant's certificate.
+
+pub mod balance;
+pub mod proxy;
+pub mod ratelimit;
+pub mod table;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use zeitwork_api_types::{RateLimit, RoutingTable};
+use zeitwork_client::Client;
+use zeitwork_net::Cidr;
+
+use crate::proxy::{Body, ConnInfo};
+
+/// Edge proxy settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Plain HTTP/1.1 listener.
+    pub http_listen: SocketAddr,
+    /// TLS listener (HTTP/2 and HTTP/1.1 by ALPN); off when no certificate is configured.
+    pub https_listen: SocketAddr,
+    /// Metrics and health listener.
+    pub admin_listen: SocketAddr,
+    pub operator_url: String,
+    /// An `edge-proxy` cluster token.
+    pub token: Option<String>,
+    /// PEM certificate and key for `*.<apps domain>`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Peers whose PROXY protocol v2 header is trusted (the load balancers),
+    /// as addresses or CIDR blocks. Nobody else's is.
+    pub trusted_proxies: Vec<String>,
+    /// Per-client limit for projects without their own.
+    pub rate_limit: RateLimit,
+    /// Most clients tracked by the rate limiter (memory bound).
+    pub rate_limit_clients: usize,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            https_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8084)),
+            operator_url: "http://127.0.0.1:8080".into(),
+            token: None,
+            tls_cert: None,
+            tls_key: None,
+            trusted_proxies: Vec::new(),
+            rate_limit: RateLimit { requests_per_second: 100, burst: 200 },
+            rate_limit_clients: 100_000,
+            max_body_bytes: 512 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("config field `{field}`: {message}")]
+    Config { field: &'static str, message: String },
+    #[error("cannot listen on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl EdgeConfig {
+    pub fn validate(&self) -> Result<Vec<Cidr>, EdgeError> {
+        let err = |field, message: String| Err(EdgeError::Config { field, message });
+        if self.token.as_deref().unwrap_or("").is_empty() {
+            return err(
+                "token",
+                "an edge-proxy token is required; create one with `zeitwork tokens create edge --cluster edge-proxy`"
+                    .into(),
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("tls_cert", "set both tls_cert and tls_key, or neither".into());
+        }
+        if self.rate_limit.requests_per_second == 0 || self.rate_limit.burst == 0 {
+            return err("rate_limit", "requests_per_second and burst must be at least 1".into());
+        }
+        if self.max_header_bytes < 8192 {
+            return err("max_header_bytes", "use at least 8192".into());
+        }
+        if self.idle_timeout_secs == 0 || self.header_read_timeout_secs == 0 {
+            return err("idle_timeout_secs", "timeouts must be at least 1 second".into());
+        }
+        self.trusted_proxies
+            .iter()
+            .map(|s| s.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .or_else(|m| err("trusted_proxies", m))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostStatus {
+    host: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+/// Edge metrics, registered next to the HTTP server metrics.
+#[derive(Clone, Debug)]
+pub struct EdgeMetrics {
+    pub http: zeitwork_telemetry::HttpMetrics,
+    requests: Family<HostStatus, Counter>,
+    latency: Family<HostLabel, Histogram>,
+    pub upstream_errors: Counter,
+    pub retries: Counter,
+    pub rate_limited: Counter,
+    pub open_connections: Gauge,
+    pub routing_version_age: Gauge,
+}
+
+impl EdgeMetrics {
+    fn new() -> Self {
+        let http = zeitwork_telemetry::HttpMetrics::new("zeitwork_edge_admin");
+        let m = Self {
+            http,
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
+            upstream_errors: Counter::default(),
+            retries: Counter::default(),
+            rate_limited: Counter::default(),
+            open_connections: Gauge::default(),
+            routing_version_age: Gauge::default(),
+        };
+        m.http.with_registry(|r| {
+            r.register("zeitwork_edge_requests", "Proxied requests by host and status", m.requests.clone());
+            r.register("zeitwork_edge_request_duration_seconds", "Proxied request latency by host", m.latency.clone());
+            r.register(
+                "zeitwork_edge_upstream_errors",
+                "Requests that could not reach an instance",
+                m.upstream_errors.clone(),
+            );
+            r.register("zeitwork_edge_retries", "Requests retried on another instance", m.retries.clone());
+            r.register("zeitwork_edge_rate_limited", "Requests refused by a rate limit", m.rate_limited.clone());
+            r.register("zeitwork_edge_open_connections", "Client connections open", m.open_connections.clone());
+        });
+        m
+    }
+
+    fn observe(&self, host: Option<&str>, status: u16, took: Duration) {
+        // Only routed hosts become labels, so clients cannot grow the series.
+        let host = host.unwrap_or("unrouted").to_owned();
+        self.requests.get_or_create(&HostStatus { host: host.clone(), status }).inc();
+        self.latency.get_or_create(&HostLabel { host }).observe(took.as_secs_f64());
+    }
+}
+
+/// What every request can reach.
+#[derive(Debug)]
+pub struct EdgeState {
+    pub config: EdgeConfig,
+    pub routes: RwLock<Arc<table::Routes>>,
+    pub balancer: balance::Balancer,
+    pub limiter: ratelimit::RateLimiter,
+    pub certs: Arc<tls::CertStore>,
+    pub client: hyper_util::client::legacy::Client<HttpConnector, Body>,
+    pub metrics: EdgeMetrics,
+    trusted: Vec<Cidr>,
+    /// ACME HTTP-01 answers by (host, token).
+    acme: RwLock<HashMap<(String, String), String>>,
+}
+
+impl EdgeState {
+    fn apps_domain(&self) -> String {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).apps_domain.clone()
+    }
+
+    pub fn acme_answer(&self, host: &str, token: &str) -> Option<String> {
+        self.acme.read().unwrap_or_else(|e| e.into_inner()).get(&(host.to_owned(), token.to_owned())).cloned()
+    }
+
+    /// Publishes an HTTP-01 challenge answer (any edge may be asked for it).
+    pub fn set_acme_answer(&self, host: &str, token: &str, key_authorization: Option<String>) {
+        let mut m = self.acme.write().unwrap_or_else(|e| e.into_inner());
+        match key_authorization {
+            Some(k) => m.insert((host.to_owned(), token.to_owned()), k),
+            None => m.remove(&(host.to_owned(), token.to_owned())),
+        };
+    }
+
+    fn apply(&self, t: &RoutingTable) {
+        let old = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let changes = table::diff(&old, t);
+        if changes.is_empty() && old.version == t.version {
+            return;
+        }
+        for c in &changes {
+            match c {
+                table::Change::Upsert(r) => {
+                    tracing::info!(host = %r.host, deployment = %r.deployment, instances = r.instances.len(), "route set")
+                }
+                table::Change::Remove(h) => tracing::info!(host = %h, "route removed"),
+            }
+        }
+        let next = table::apply(&old, &t.version, &t.apps_domain, changes);
+        let live: HashSet<String> =
+            next.hosts.values().flat_map(|r| r.instances.iter().map(|i| i.id.clone())).collect();
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.balancer.retain(&live);
+    }
+}
+
+/// A running edge proxy.
+#[derive(Debug)]
+pub struct EdgeProxy {
+    pub state: Arc<EdgeState>,
+    http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl EdgeProxy {
+    pub async fn start(config: EdgeConfig) -> Result<EdgeProxy, EdgeError> {
+        let trusted = config.validate()?;
+        let certs = Arc::new(tls::CertStore::default());
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let state = Arc::new(EdgeState {
+            routes: RwLock::new(Arc::new(table::Routes::default())),
+            balancer: balance::Balancer::default(),
+            limiter: ratelimit::RateLimiter::new(config.rate_limit_clients),
+            certs: certs.clone(),
+            client,
+            metrics: EdgeMetrics::new(),
+            trusted,
+            acme: RwLock::new(HashMap::new()),
+            config,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| EdgeError::Listen { addr, source })
+        };
+
+        let http = bind(state.config.http_listen).await?;
+        let http_addr =
+            http.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.http_listen, source })?;
+        tasks.push(tokio::spawn(accept_loop(http, None, state.clone(), stop_rx.clone())));
+
+        let https_addr = match (&state.config.tls_cert, &state.config.tls_key) {
+            (Some(cert), Some(key)) => {
+                // The apps domain is learnt from the operator; until then the wildcard is keyed by the cert's own use.
+                let client = Client::new(&state.config.operator_url, state.config.token.clone());
+                let apps =
+                    client.get::<RoutingTable>("/api/v1/routing").await.map(|t| t.apps_domain).unwrap_or_default();
+                certs.set_wildcard(&apps, tls::load_pem(cert, key)?);
+                tasks.push(tokio::spawn(tls::watch_files(
+                    certs.clone(),
+                    apps,
+                    cert.clone(),
+                    key.clone(),
+                    stop_rx.clone(),
+                )));
+                let l = bind(state.config.https_listen).await?;
+                let addr =
+                    l.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.https_listen, source })?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone()));
+                tasks.push(tokio::spawn(accept_loop(l, Some(acceptor), state.clone(), stop_rx.clone())));
+                Some(addr)
+            }
+            _ => None,
+        };
+
+        let admin = bind(state.config.admin_listen).await?;
+        let admin_addr =
+            admin.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.admin_listen, source })?;
+        let metrics = state.metrics.http.clone();
+        let app = axum::Router::new()
+            .route(
+                "/health",
+                axum::routing::get(|| async { axum::Json(zeitwork_api_types::Health { status: "ok".into() }) }),
+            )
+            .route("/metrics", axum::routing::get(zeitwork_telemetry::metrics_handler).with_state(metrics));
+        let mut admin_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(admin, app)
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+
+        let client = Client::new(&state.config.operator_url, state.config.token.clone());
+        tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
+        tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
+        Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn routing_version(&self) -> String {
+        self.state.routes.read().unwrap_or_else(|e| e.into_inner()).version.clone()
+    }
+
+    /// Waits until the edge serves a table whose version is not `old` (tests, startup).
+    pub async fn wait_for_change(&self, old: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.routing_version() != old {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Stops accepting, lets open requests finish (connections are asked to
+    /// close), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Long-polls the operator's routing table; on failure keeps serving the last one.
+async fn follow(client: Client, state: Arc<EdgeState>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let version = state.routes.read().unwrap_or_else(|e| e.into_inner()).version.clone();
+        let path = format!("/api/v1/routing/watch?version={}&timeout=25", zeitwork_client::encode(&version));
+        let res = tokio::select! {
+            r = client.get::<RoutingTable>(&path) => r,
+            _ = stopped(&mut stop) => return,
+        };
+        match res {
+            Ok(t) => {
+                state.apply(&t);
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot follow the routing table; serving the last one");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<EdgeState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    let conn_stop = stop.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(connection(stream, peer, tls.clone(), state.clone(), conn_stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    // Open connections finish their requests; give them a bounded time.
+    let _ = tokio::time::timeout(Duration::from_secs(30), async { while conns.join_next().await.is_some() {} }).await;
+}
+
+struct OpenConn<'a>(&'a Gauge);
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<EdgeState>,
+    stop: watch::Receiver<bool>,
+) {
+    state.metrics.open_connections.inc();
+    let _open = OpenConn(&state.metrics.open_connections);
+    let header_timeout = Duration::from_secs(state.config.header_read_timeout_secs);
+    let mut client = peer;
+    if state.trusted.iter().any(|c| c.contains(peer.ip())) {
+        match tokio::time::timeout(header_timeout, zeitwork_net::read_v2(&mut stream)).await {
+            Ok(Ok(Some(src))) => client = src,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "dropping a connection from a load balancer");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    match tls {
+        None => serve(TokioIo::new(stream), ConnInfo { client, tls: false, sni: None }, state.clone(), stop).await,
+        Some(acceptor) => {
+            let Ok(Ok(tls)) = tokio::time::timeout(header_timeout, acceptor.accept(stream)).await else { return };
+            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+            serve(TokioIo::new(tls), ConnInfo { client, tls: true, sni }, state.clone(), stop).await
+        }
+    }
+}
+
+async fn serve<IO>(io: TokioIo<IO>, info: ConnInfo, state: Arc<EdgeState>, mut stop: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let idle = Duration::from_secs(state.config.idle_timeout_secs);
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
+    let st = state.clone();
+    let service = service_fn(move |req| {
+        let st = st.clone();
+        let info = info.clone();
+        let act = act.clone();
+        async move {
+            act.begin();
+            let res = proxy::handle(st, req, info).await;
+            act.end();
+            res
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(state.config.header_read_timeout_secs))
+        .max_buf_size(state.config.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(250)
+        .max_header_list_size(state.config.max_header_bytes as u32);
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stopped(&mut stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tick.tick(), if !closing => {
+                if activity.idle_for() > idle {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// In-flight requests and the time of the last one, per connection.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicU64,
+    last_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Activity {
+    fn now(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.last_ms.store(self.now(), Ordering::Relaxed);
+    }
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.last_ms.store(self.now(), Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.now().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Resolves once `stop` turns true (without holding the channel's lock).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

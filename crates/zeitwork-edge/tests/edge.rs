@@ -1,0 +1,441 @@
+//! The edge proxy end to end: a real operator (SQLite) publishing the routing
+//! table, plain upstream HTTP servers registered as instances, and real
+//! clients over TCP, TLS and HTTP/2.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_edge::{EdgeConfig, EdgeProxy};
+
+/// An upstream that answers with what it received, and echoes bytes after an upgrade.
+async fn echo_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
+                    if req.headers().get("upgrade").is_some() {
+                        let up = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(u) = up.await {
+                                let mut io = TokioIo::new(u);
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let res = Response::builder()
+                            .status(101)
+                            .header("upgrade", "echo")
+                            .header("connection", "upgrade")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        return Ok::<_, Infallible>(res);
+                    }
+                    let headers: serde_json::Map<String, Value> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("").to_owned())))
+                        .collect();
+                    let method = req.method().to_string();
+                    let path = req.uri().to_string();
+                    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let out = json!({"server": name, "method": method, "path": path, "headers": headers, "body_len": body.len()});
+                    Ok(Response::new(Full::new(Bytes::from(out.to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct World {
+    op: Option<Operator>,
+    admin: Client,
+    agent: Client,
+    edge_token: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&format!("http://{}", op.addr()), op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let token = |role: &str| {
+        let admin = admin.clone();
+        let role = role.to_owned();
+        async move {
+            let t: Value = admin
+                .post("/api/v1/tokens", &json!({"name": role, "scope": {"kind": "cluster", "role": role}}))
+                .await
+                .unwrap();
+            t["secret"].as_str().unwrap().to_owned()
+        }
+    };
+    let agent = Client::new(&format!("http://{}", op.addr()), Some(token("node-agent").await));
+    let edge_token = token("edge-proxy").await;
+    World { op: Some(op), admin, agent, edge_token, _dir: dir }
+}
+
+impl World {
+    fn op(&self) -> &Operator {
+        self.op.as_ref().unwrap()
+    }
+
+    /// A deployment whose instances are the given upstreams (each registered as a node).
+    async fn deploy(&self, upstreams: &[SocketAddr]) -> String {
+        let d: Value = self
+            .admin
+            .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "example/web:1"}))
+            .await
+            .unwrap();
+        let id = d["id"].as_str().unwrap().to_owned();
+        for up in upstreams {
+            let node: Value = self
+                .agent
+                .post(
+                    "/api/v1/nodes",
+                    &json!({"hostname": format!("node-{}", up.port()), "region": "local", "address": format!("http://{up}"), "capacity": {"vcpu": 4, "memory": 4096}}),
+                )
+                .await
+                .unwrap();
+            let inst = self
+                .op()
+                .store
+                .create_instance(&zeitwork_store::NewInstance {
+                    deployment: id.clone(),
+                    node: Some(node["id"].as_str().unwrap().to_owned()),
+                    region: "local".into(),
+                    resources: zeitwork_api_types::Resources { vcpu: 1, memory: 256 },
+                    runtime: Some("container".into()),
+                })
+                .await
+                .unwrap();
+            let _: Value = self
+                .agent
+                .put(
+                    &format!("/api/v1/instances/{}/status", inst.id),
+                    &json!({"status": "ready", "address": "10.0.0.2:8080"}),
+                )
+                .await
+                .unwrap_or(Value::Null);
+        }
+        id
+    }
+
+    async fn edge(&self, f: impl FnOnce(&mut EdgeConfig)) -> EdgeProxy {
+        let mut c = EdgeConfig {
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            https_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            operator_url: format!("http://{}", self.op().addr()),
+            token: Some(self.edge_token.clone()),
+            ..Default::default()
+        };
+        f(&mut c);
+        EdgeProxy::start(c).await.unwrap()
+    }
+}
+
+async fn wait_for_host(edge: &EdgeProxy, host: &str) {
+    for _ in 0..300 {
+        if edge.state.routes.read().unwrap().hosts.contains_key(host) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the edge never learnt {host}");
+}
+
+async fn get(edge: &EdgeProxy, host: &str, path: &str) -> (u16, String, reqwest::header::HeaderMap) {
+    let res = reqwest::Client::new()
+        .get(format!("http://{}{path}", edge.http_addr()))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    (status, res.text().await.unwrap(), headers)
+}
+
+/// Writes raw bytes and returns what the edge answered (up to close or 2 s).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_by_host_with_forwarding_headers_and_404s() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    let edge = w.edge(|_| {}).await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+
+    let (status, body, headers) = get(&edge, &format!("{host}:8083"), "/hello?x=1").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/hello?x=1");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(v["headers"]["x-forwarded-host"], host);
+    assert!(v["headers"]["x-zeitwork-instance"].as_str().unwrap().starts_with("ins_"));
+    let rid = headers.get("x-request-id").unwrap().to_str().unwrap();
+    assert_eq!(v["headers"]["x-request-id"], rid);
+
+    // A client cannot pose as the platform or forge its address.
+    let res = reqwest::Client::new()
+        .get(format!("http://{}/", edge.http_addr()))
+        .header("host", &host)
+        .header("x-zeitwork-instance", "ins_forged")
+        .header("x-forwarded-for", "1.2.3.4")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    assert_ne!(v["headers"]["x-zeitwork-instance"], "ins_forged");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+
+    // Unknown hosts get Zeitwork's own 404 page.
+    let (status, body, _) = get(&edge, "nobody.zeitwork.localhost", "/").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("Zeitwork") && !body.contains("server"), "{body}");
+
+    // The project host follows the active deployment.
+    w.op()
+        .store
+        .activate_deployment(&dep, &zeitwork_store::Audit::new("test", "deployment.activate", &dep))
+        .await
+        .unwrap();
+    wait_for_host(&edge, "web-acme.zeitwork.localhost").await;
+    assert_eq!(get(&edge, "web-acme.zeitwork.localhost", "/").await.0, 200);
+
+    // Streaming request bodies arrive whole.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..80).map(|_| Ok(vec![b'x'; 64 * 1024])).collect();
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/upload", edge.http_addr()))
+        .header("host", &host)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["body_len"], 80 * 64 * 1024);
+
+    // Metrics count requests by host and status.
+    let m = reqwest::get(format!("http://{}/metrics", edge.admin_addr())).await.unwrap().text().await.unwrap();
+    assert!(m.contains(&format!("zeitwork_edge_requests_total{{host=\"{host}\",status=\"200\"}}")), "{m}");
+    assert!(m.contains("zeitwork_edge_requests_total{host=\"unrouted\",status=\"404\"} 1"), "{m}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_refused_connections_and_keeps_serving_without_operator() {
+    let mut w = world().await;
+    let good = echo_server("good").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let edge = w.edge(|_| {}).await;
+    let dep = w.deploy(&[good, dead]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    for _ in 0..20 {
+        let (status, body, _) = get(&edge, &host, "/").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"good\""));
+    }
+    let m = reqwest::get(format!("http://{}/metrics", edge.admin_addr())).await.unwrap().text().await.unwrap();
+    assert!(!m.contains("zeitwork_edge_retries_total 0"), "the dead instance was tried and skipped: {m}");
+
+    // The operator goes away; the last table keeps serving.
+    w.op.take().unwrap().shutdown().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&edge, &host, "/").await.0, 200);
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_per_client_behind_a_trusted_load_balancer() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    w.admin
+        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"rate_limit": {"requests_per_second": 1, "burst": 3}}))
+        .await
+        .unwrap();
+    let edge = w.edge(|c| c.trusted_proxies = vec!["127.0.0.1".into()]).await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+
+    let dst = edge.http_addr();
+    let via_lb = |src: &str| {
+        let mut bytes = zeitwork_net::encode_v2(src.parse().unwrap(), dst);
+        bytes.extend_from_slice(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes());
+        bytes
+    };
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let out = raw(edge.http_addr(), &via_lb("127.0.0.7:4000")).await;
+        codes.push(out.split(' ').nth(1).unwrap_or("").to_owned());
+        if out.contains(" 200 ") {
+            assert!(
+                out.contains("\"x-forwarded-for\":\"127.0.0.7\""),
+                "the PROXY header's source is the client: {out}"
+            );
+        }
+        if out.contains(" 429 ") {
+            assert!(out.to_ascii_lowercase().contains("retry-after: 1"), "{out}");
+        }
+    }
+    assert_eq!(codes, ["200", "200", "200", "429", "429"]);
+    // Another client behind the same load balancer has its own bucket.
+    assert!(raw(edge.http_addr(), &via_lb("127.0.0.8:4000")).await.contains(" 200 "));
+    edge.shutdown().await;
+
+    // From a peer that is not a trusted load balancer a PROXY header is just bad HTTP.
+    let edge = w.edge(|_| {}).await;
+    wait_for_host(&edge, &host).await;
+    let out = raw(edge.http_addr(), &via_lb("10.9.9.9:1")).await;
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ambiguous_requests_never_reach_an_instance() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    let edge = w.edge(|c| c.header_read_timeout_secs = 1).await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    let a = edge.http_addr();
+    let status = |s: &str| s.split(' ').nth(1).unwrap_or("closed").to_owned();
+
+    let cases: Vec<(&str, String)> = vec![
+        ("CL + TE", format!("POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+        ("two Content-Lengths", format!("POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde")),
+        ("bad chunk size", format!("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")),
+        ("obs-fold", format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-A: 1\r\n  folded\r\n\r\n")),
+        ("two Hosts", format!("GET / HTTP/1.1\r\nHost: {host}\r\nHost: other.zeitwork.localhost\r\n\r\n")),
+        ("authority vs Host", format!("GET http://other.zeitwork.localhost/ HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+        ("huge header", format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000))),
+    ];
+    for (name, req) in cases {
+        let out = raw(a, req.as_bytes()).await;
+        let code = status(&out);
+        assert!(!out.contains("/smuggled"), "{name}: the smuggled request reached the app: {out}");
+        if code == "200" {
+            // CL+TE may be answered as one chunked request (TE wins, CL dropped); the
+            // second request must then be a request of its own, not body bytes.
+            assert_eq!(name, "CL + TE", "{name}: {out}");
+            assert!(out.contains("\"body_len\":0"), "{name}: {out}");
+        } else {
+            assert!(["400", "431", "closed"].contains(&code.as_str()) || out.is_empty(), "{name}: {out}");
+        }
+    }
+
+    // A slow client is cut off by the header read timeout, while others are served.
+    let mut slow = TcpStream::connect(a).await.unwrap();
+    slow.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n").as_bytes()).await.unwrap();
+    assert_eq!(get(&edge, &host, "/").await.0, 200);
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a slowloris connection must be closed");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_style_upgrades_are_spliced() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    let edge = w.edge(|_| {}).await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    let mut s = TcpStream::connect(edge.http_addr()).await.unwrap();
+    s.write_all(format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = s.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut back = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"ping over the tunnel");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_with_sni_http2_and_no_foreign_certificates() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["*.zeitwork.localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ca.cert.pem()).unwrap();
+    std::fs::write(&key, ca.key_pair.serialize_pem()).unwrap();
+    let edge = w
+        .edge(|c| {
+            c.tls_cert = Some(cert.clone());
+            c.tls_key = Some(key.clone());
+        })
+        .await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    let https = edge.https_addr().unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert.pem().as_bytes()).unwrap())
+        .resolve(&host, https)
+        .resolve("other.example.com", https)
+        .build()
+        .unwrap();
+    let res = client.get(format!("https://{host}:{}/tls", https.port())).send().await.unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    // A name with no certificate gets none: the handshake fails.
+    assert!(client.get(format!("https://other.example.com:{}/", https.port())).send().await.is_err());
+    edge.shutdown().await;
+}
