@@ -439,3 +439,55 @@ async fn tls_with_sni_http2_and_no_foreign_certificates() {
     assert!(client.get(format!("https://other.example.com:{}/", https.port())).send().await.is_err());
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_the_load_balancer_each_client_address_has_its_own_limit() {
+    let w = world().await;
+    let up = echo_server("a").await;
+    w.admin
+        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"rate_limit": {"requests_per_second": 1, "burst": 2}}))
+        .await
+        .unwrap();
+    let edge = w.edge(|c| c.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let lb = zeitwork_lb::LoadBalancer::start(zeitwork_lb::LbConfig {
+        listeners: vec![zeitwork_lb::ListenerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backends: vec![edge.http_addr()],
+            algorithm: zeitwork_lb::Algorithm::RoundRobin,
+            proxy_protocol: true,
+        }],
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    let from = |src: &'static str| {
+        let host = host.clone();
+        let lb_addr = lb.addrs()[0];
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+            let mut s = sock.connect(lb_addr).await.unwrap();
+            s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+            out
+        }
+    };
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.push(from("127.0.0.2").await);
+    }
+    assert!(a[0].contains(" 200 ") && a[0].contains("\"x-forwarded-for\":\"127.0.0.2\""), "{}", a[0]);
+    assert!(a[1].contains(" 200 "));
+    assert!(a[2].starts_with("HTTP/1.1 429"), "{}", a[2]);
+    let b = from("127.0.0.3").await;
+    assert!(b.contains(" 200 ") && b.contains("\"x-forwarded-for\":\"127.0.0.3\""), "{b}");
+    lb.shutdown().await;
+    edge.shutdown().await;
+}

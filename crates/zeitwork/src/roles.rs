@@ -171,8 +171,21 @@ pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct LoadBalancerArgs {
+    /// `--listen` is a TCP listener forwarded to `--backend`s (more in the config file).
     #[command(flatten)]
     common: Common,
+    /// An edge proxy ADDR:PORT (repeatable).
+    #[arg(long = "backend", env = "ZEITWORK_BACKENDS", value_delimiter = ',')]
+    backends: Vec<SocketAddr>,
+    /// round-robin, least-connections or ip-hash.
+    #[arg(long, env = "ZEITWORK_ALGORITHM", default_value = "least-connections")]
+    algorithm: zeitwork_lb::Algorithm,
+    /// Do not send a PROXY protocol v2 header to the backends.
+    #[arg(long)]
+    no_proxy_protocol: bool,
+    /// Metrics and health listener.
+    #[arg(long, env = "ZEITWORK_ADMIN_LISTEN", value_name = "ADDR:PORT")]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -1,0 +1,491 @@
+//! The L4 load balancer: TCP listeners forwarded to edge proxies with
+//! round-robin, least-connections or consistent IP-hash, active health
+//! checks, and a PROXY protocol v2 header so the edge knows the client.
+//!
+//! It never looks inside the stream beyond writing that header.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConnections,
+    /// Rendezvous hashing of the client address: a backend leaving moves only its own clients.
+    IpHash,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" => Ok(Algorithm::RoundRobin),
+            "least-connections" => Ok(Algorithm::LeastConnections),
+            "ip-hash" => Ok(Algorithm::IpHash),
+            other => Err(format!("{other:?} is not round-robin, least-connections or ip-hash")),
+        }
+    }
+}
+
+/// One listener and where it forwards.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    pub backends: Vec<SocketAddr>,
+    #[serde(default = "default_algorithm")]
+    pub algorithm: Algorithm,
+    /// Send a PROXY protocol v2 header to the backend (the edge proxy expects one).
+    #[serde(default = "yes")]
+    pub proxy_protocol: bool,
+}
+
+fn default_algorithm() -> Algorithm {
+    Algorithm::LeastConnections
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LbConfig {
+    pub listeners: Vec<ListenerConfig>,
+    /// Metrics and health listener.
+    pub admin_listen: SocketAddr,
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    /// Failed checks in a row before a backend is taken out.
+    pub fall: u32,
+    /// Passed checks in a row before it is put back.
+    pub rise: u32,
+    /// How long open connections may finish after a stop.
+    pub drain_timeout_secs: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            listeners: Vec::new(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            health_interval_ms: 1000,
+            health_timeout_ms: 500,
+            fall: 2,
+            rise: 1,
+            drain_timeout_secs: 30,
+            connect_timeout_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("config field `{field}`: {message}")]
+    Config { field: String, message: String },
+    #[error("cannot listen on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+impl LbConfig {
+    pub fn validate(&self) -> Result<(), LbError> {
+        let err = |field: String, message: &str| Err(LbError::Config { field, message: message.into() });
+        if self.listeners.is_empty() {
+            return err("listeners".into(), "configure at least one listener with its backends (the edge proxies)");
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.backends.is_empty() {
+                return err(format!("listeners[{i}].backends"), "list at least one backend ADDR:PORT");
+            }
+        }
+        if self.health_interval_ms < 50
+            || self.health_timeout_ms == 0
+            || self.health_timeout_ms > self.health_interval_ms * 10
+        {
+            return err(
+                "health_interval_ms".into(),
+                "use an interval of at least 50 ms and a timeout between 1 ms and 10 intervals",
+            );
+        }
+        if self.fall == 0 || self.rise == 0 {
+            return err("fall".into(), "fall and rise must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// A backend and what the balancer knows of it.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    healthy: AtomicBool,
+    active: AtomicUsize,
+    streak: AtomicU32,
+}
+
+impl Backend {
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, healthy: AtomicBool::new(true), active: AtomicUsize::new(0), streak: AtomicU32::new(0) }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Chooses backends for one listener.
+#[derive(Debug)]
+pub struct Pool {
+    pub backends: Vec<Arc<Backend>>,
+    algorithm: Algorithm,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(addrs: &[SocketAddr], algorithm: Algorithm) -> Self {
+        Self {
+            backends: addrs.iter().map(|a| Arc::new(Backend::new(*a))).collect(),
+            algorithm,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Backends in the order to try for `client`: the chosen one first, then
+    /// the others as fallbacks. Unhealthy backends come last.
+    pub fn order(&self, client: IpAddr) -> Vec<Arc<Backend>> {
+        let mut healthy: Vec<Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy()).cloned().collect();
+        let mut sick: Vec<Arc<Backend>> = self.backends.iter().filter(|b| !b.is_healthy()).cloned().collect();
+        match self.algorithm {
+            Algorithm::RoundRobin => {
+                if !healthy.is_empty() {
+                    let n = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
+                    healthy.rotate_left(n);
+                }
+            }
+            Algorithm::LeastConnections => {
+                if !healthy.is_empty() {
+                    // Ties rotate so equal backends share the load.
+                    let n = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
+                    healthy.rotate_left(n);
+                    healthy.sort_by_key(|b| b.active());
+                }
+            }
+            Algorithm::IpHash => {
+                let score = |b: &Arc<Backend>| rendezvous(client, b.addr);
+                healthy.sort_by_key(|b| std::cmp::Reverse(score(b)));
+                sick.sort_by_key(|b| std::cmp::Reverse(score(b)));
+            }
+        }
+        healthy.append(&mut sick);
+        healthy
+    }
+}
+
+/// Highest-random-weight score of a (client, backend) pair.
+fn rendezvous(client: IpAddr, backend: SocketAddr) -> u64 {
+    let mut h = DefaultHasher::new();
+    // IPv6 clients hash by their /64, like the rate limiter counts them.
+    zeitwork_net::client_key(client).hash(&mut h);
+    backend.hash(&mut h);
+    h.finish()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug)]
+struct Metrics {
+    http: zeitwork_telemetry::HttpMetrics,
+    connections: Family<BackendLabel, Counter>,
+    active: Family<BackendLabel, Gauge>,
+    healthy: Family<BackendLabel, Gauge>,
+    failed: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let m = Self {
+            http: zeitwork_telemetry::HttpMetrics::new("zeitwork_lb_admin"),
+            connections: Family::default(),
+            active: Family::default(),
+            healthy: Family::default(),
+            failed: Counter::default(),
+        };
+        m.http.with_registry(|r| {
+            r.register("zeitwork_lb_connections", "Connections forwarded, by backend", m.connections.clone());
+            r.register("zeitwork_lb_active_connections", "Connections open, by backend", m.active.clone());
+            r.register("zeitwork_lb_backend_healthy", "1 when the backend passes its health checks", m.healthy.clone());
+            r.register("zeitwork_lb_failed_connections", "Connections no backend would take", m.failed.clone());
+        });
+        m
+    }
+
+    fn label(b: &Backend) -> BackendLabel {
+        BackendLabel { backend: b.addr.to_string() }
+    }
+}
+
+/// A running load balancer.
+#[derive(Debug)]
+pub struct LoadBalancer {
+    addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    pub pools: Vec<Arc<Pool>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LoadBalancer {
+    pub async fn start(config: LbConfig) -> Result<LoadBalancer, LbError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut addrs = Vec::new();
+        let mut pools = Vec::new();
+        for l in &config.listeners {
+            let listener =
+                TcpListener::bind(l.listen).await.map_err(|source| LbError::Listen { addr: l.listen, source })?;
+            addrs.push(listener.local_addr().map_err(|source| LbError::Listen { addr: l.listen, source })?);
+            let pool = Arc::new(Pool::new(&l.backends, l.algorithm));
+            for b in &pool.backends {
+                metrics.healthy.get_or_create(&Metrics::label(b)).set(1);
+                tasks.push(tokio::spawn(health_check(b.clone(), config.clone(), metrics.clone(), stop_rx.clone())));
+            }
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                pool.clone(),
+                l.proxy_protocol,
+                config.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+            pools.push(pool);
+        }
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
+        let admin_addr = admin.local_addr().map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
+        let app = axum::Router::new()
+            .route(
+                "/health",
+                axum::routing::get(|| async { axum::Json(zeitwork_api_types::Health { status: "ok".into() }) }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(zeitwork_telemetry::metrics_handler).with_state(metrics.http.clone()),
+            );
+        let mut admin_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(admin, app)
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+        tracing::info!(listeners = ?addrs, "load balancer listening");
+        Ok(LoadBalancer { addrs, admin_addr, pools, stop, tasks })
+    }
+
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting; open connections get `drain_timeout_secs` to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn health_check(b: Arc<Backend>, config: Arc<LbConfig>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(config.health_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_millis(config.health_timeout_ms), TcpStream::connect(b.addr)).await,
+            Ok(Ok(_))
+        );
+        let healthy = b.is_healthy();
+        if ok == healthy {
+            b.streak.store(0, Ordering::Relaxed);
+            continue;
+        }
+        let streak = b.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let needed = if healthy { config.fall } else { config.rise };
+        if streak >= needed {
+            b.healthy.store(ok, Ordering::Relaxed);
+            b.streak.store(0, Ordering::Relaxed);
+            metrics.healthy.get_or_create(&Metrics::label(&b)).set(i64::from(ok));
+            if ok {
+                tracing::info!(backend = %b.addr, "backend is back");
+            } else {
+                tracing::warn!(backend = %b.addr, "backend failed its health checks; taken out");
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    proxy_protocol: bool,
+    config: Arc<LbConfig>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    let _ = client.set_nodelay(true);
+                    conns.spawn(forward(client, peer, pool.clone(), proxy_protocol, config.clone(), metrics.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(open = conns.len(), "drain timeout; closing the remaining connections");
+        conns.abort_all();
+    }
+}
+
+struct Active<'a>(&'a Backend, Gauge);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pool: Arc<Pool>,
+    proxy_protocol: bool,
+    config: Arc<LbConfig>,
+    metrics: Metrics,
+) {
+    let local = client.local_addr().unwrap_or(peer);
+    for backend in pool.order(peer.ip()) {
+        let connect =
+            tokio::time::timeout(Duration::from_millis(config.connect_timeout_ms), TcpStream::connect(backend.addr))
+                .await;
+        let mut upstream = match connect {
+            Ok(Ok(s)) => s,
+            _ => {
+                tracing::debug!(backend = %backend.addr, "connect failed; trying the next backend");
+                continue;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        let label = Metrics::label(&backend);
+        let gauge = metrics.active.get_or_create(&label).clone();
+        gauge.inc();
+        let _active = Active(&backend, gauge);
+        metrics.connections.get_or_create(&label).inc();
+        if proxy_protocol && upstream.write_all(&zeitwork_net::encode_v2(peer, local)).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        return;
+    }
+    metrics.failed.inc();
+    tracing::warn!(client = %peer, "no backend accepted the connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u16) -> Vec<SocketAddr> {
+        (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect()
+    }
+
+    #[test]
+    fn ip_hash_moves_only_the_leaving_backends_clients() {
+        let all = addrs(4);
+        let before = Pool::new(&all, Algorithm::IpHash);
+        let after = Pool::new(&all[..3], Algorithm::IpHash);
+        let mut moved = 0;
+        let mut on_removed = 0;
+        for i in 0..2000u32 {
+            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            let a = before.order(ip)[0].addr;
+            let b = after.order(ip)[0].addr;
+            if a == all[3] {
+                on_removed += 1;
+            } else if a != b {
+                moved += 1;
+            }
+            // Stable for the same client.
+            assert_eq!(before.order(ip)[0].addr, a);
+        }
+        assert_eq!(moved, 0, "clients of the remaining backends stay put");
+        assert!((350..650).contains(&on_removed), "about a quarter lived on the removed backend: {on_removed}");
+    }
+
+    #[test]
+    fn round_robin_and_least_connections() {
+        let p = Pool::new(&addrs(3), Algorithm::RoundRobin);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let picks: Vec<SocketAddr> = (0..6).map(|_| p.order(ip)[0].addr).collect();
+        assert_eq!(picks[..3].iter().collect::<std::collections::HashSet<_>>().len(), 3);
+        assert_eq!(picks[..3], picks[3..]);
+        let p = Pool::new(&addrs(3), Algorithm::LeastConnections);
+        p.backends[0].active.store(5, Ordering::Relaxed);
+        p.backends[2].active.store(5, Ordering::Relaxed);
+        for _ in 0..5 {
+            assert_eq!(p.order(ip)[0].addr, addrs(3)[1]);
+        }
+        p.backends[1].healthy.store(false, Ordering::Relaxed);
+        assert_ne!(p.order(ip)[0].addr, addrs(3)[1], "unhealthy backends come last");
+        assert_eq!(p.order(ip).last().unwrap().addr, addrs(3)[1]);
+    }
+}
