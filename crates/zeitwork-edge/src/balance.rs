@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -22,7 +22,7 @@ pub struct InstanceStats {
 #[derive(Debug)]
 pub struct Balancer {
     start: Instant,
-    stats: Mutex<HashMap<String, Arc<InstanceStats>>>,
+    stats: RwLock<HashMap<String, Arc<InstanceStats>>>,
 }
 
 /// Decrements the outstanding count when the request is done.
@@ -37,13 +37,16 @@ impl Drop for InFlight {
 
 impl Default for Balancer {
     fn default() -> Self {
-        Self { start: Instant::now(), stats: Mutex::new(HashMap::new()) }
+        Self { start: Instant::now(), stats: RwLock::new(HashMap::new()) }
     }
 }
 
 impl Balancer {
     fn stats(&self, id: &str) -> Arc<InstanceStats> {
-        let mut m = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = self.stats.read().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return s.clone();
+        }
+        let mut m = self.stats.write().unwrap_or_else(|e| e.into_inner());
         m.entry(id.to_owned()).or_default().clone()
     }
 
@@ -95,7 +98,7 @@ impl Balancer {
 
     /// Drops counters of instances no longer routed.
     pub fn retain(&self, live: &std::collections::HashSet<String>) {
-        let mut m = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.stats.write().unwrap_or_else(|e| e.into_inner());
         m.retain(|id, s| live.contains(id) || s.outstanding.load(Ordering::Relaxed) > 0);
     }
 }

@@ -476,6 +476,7 @@ where
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let st = state.clone();
+    let tls = info.tls;
     let service = service_fn(move |req| {
         let st = st.clone();
         let info = info.clone();
@@ -499,6 +500,10 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(250)
         .max_header_list_size(state.config.max_header_bytes as u32);
+    if !tls {
+        // The plain port speaks HTTP/1.1 only; no need to sniff for an HTTP/2 preface.
+        builder = builder.http1_only();
+    }
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -1,0 +1,60 @@
+//! `bench/l4`: the load balancer against HAProxy in TCP mode, both sending
+//! PROXY v2 to the same nginx backend, measured with `wrk` in the same run.
+//!
+//! cargo run --release -p zeitwork-bench-l4 -- [--seconds 10] [--connections 64]
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use zeitwork_bench_edge::*;
+use zeitwork_lb::{Algorithm, LbConfig, ListenerConfig, LoadBalancer};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
+    let dir = tempfile::tempdir()?;
+    let (backend, hp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+    let _nginx = nginx(
+        dir.path(),
+        &format!(
+            "server {{ listen 127.0.0.1:{backend} proxy_protocol; location / {{ return 200 'hello, world\\n'; }} }}"
+        ),
+    )?;
+    wait_port(SocketAddr::from(([127, 0, 0, 1], backend)), dir.path())?;
+    let _haproxy = haproxy(
+        dir.path(),
+        &format!(
+            "global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind 127.0.0.1:{hp}\n  default_backend b\nbackend b\n  balance leastconn\n  server s1 127.0.0.1:{backend} send-proxy-v2\n"
+        ),
+    )?;
+    wait_port(SocketAddr::from(([127, 0, 0, 1], hp)), dir.path())?;
+    let lb = LoadBalancer::start(LbConfig {
+        listeners: vec![ListenerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            backends: vec![SocketAddr::from(([127, 0, 0, 1], backend))],
+            algorithm: Algorithm::LeastConnections,
+            proxy_protocol: true,
+        }],
+        admin_listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    })
+    .await?;
+    println!("wrk through each L4 balancer to nginx (PROXY v2), 2 threads, {connections} connections, {seconds} s\n");
+    let h = wrk("haproxy tcp", &format!("http://127.0.0.1:{hp}/"), "l4", seconds, connections)?;
+    let z = wrk("zeitwork load-balancer", &format!("http://{}/", lb.addrs()[0]), "l4", seconds, connections)?;
+    h.print();
+    z.print();
+    println!();
+    z.ratio(&h);
+    lb.shutdown().await;
+    Ok(())
+}
