@@ -70,7 +70,7 @@ async fn main() -> Result<()> {
     let cert = rcgen::generate_simple_self_signed(vec!["*.zeitwork.localhost".to_owned()])?;
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem())?;
-    std::fs::write(&key_path, cert.key_pair.serialize_pem())?;
+    std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
 
     let edge = EdgeProxy::start(EdgeConfig {
         http_listen: "127.0.0.1:0".parse()?,

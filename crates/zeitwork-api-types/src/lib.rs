@@ -650,6 +650,9 @@ pub struct Route {
     pub environment: Option<Environment>,
     /// Per-IP limit of the project, overriding the edge's default.
     pub rate_limit: Option<RateLimit>,
+    /// A verified custom domain: edges obtain its certificate by ACME.
+    #[serde(default)]
+    pub acme: bool,
     pub instances: Vec<RouteInstance>,
 }
 
@@ -658,4 +661,54 @@ pub struct RouteInstance {
     pub id: String,
     /// URL of the node agent that forwards to this instance.
     pub upstream: String,
+}
+
+// ---------------------------------------------------------------- certificates
+
+/// A certificate with its private key, for edge proxies only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EdgeCertificate {
+    pub domain: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: DateTime<Utc>,
+}
+
+/// An issued certificate (or why issuance failed) reported by an edge.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateUpload {
+    #[serde(default)]
+    pub cert_pem: Option<String>,
+    #[serde(default)]
+    pub key_pem: Option<String>,
+    /// Set instead of the certificate when issuance failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateLease {
+    /// Who asks (an edge's name); the same holder may renew its lease.
+    pub holder: String,
+    /// Lease length in seconds (10–600).
+    pub seconds: u32,
+}
+
+/// An ACME challenge answer any edge can serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeChallenge {
+    pub token: String,
+    pub domain: String,
+    pub key_authorization: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyDomain {
+    /// Platform admins may mark a domain verified without a DNS check.
+    #[serde(default)]
+    pub force: bool,
 }

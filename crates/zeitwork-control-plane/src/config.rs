@@ -30,6 +30,9 @@ pub struct OperatorConfig {
     pub max_body_bytes: usize,
     /// `instances_per_region` of new projects.
     pub default_instances_per_region: u32,
+    /// Addresses the platform is reached at (the load balancers); a custom
+    /// domain is verified when it resolves to one of them.
+    pub public_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for OperatorConfig {
@@ -44,6 +47,7 @@ impl Default for OperatorConfig {
             encryption_key: None,
             max_body_bytes: 1024 * 1024,
             default_instances_per_region: 3,
+            public_addresses: Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod extract;

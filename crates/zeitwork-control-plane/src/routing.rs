@@ -74,6 +74,7 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
     let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> =
         rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
     let route = |host: String, d: &zeitwork_store::RoutedDeployment, env: Option<Environment>| Route {
+        acme: false,
         host,
         deployment: d.id.clone(),
         org: d.org.clone(),
@@ -93,9 +94,9 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
             }
         }
     }
-    for (domain, org, project, env) in &rows.domains {
+    for (domain, org, project, env, verified) in &rows.domains {
         if let Some(d) = active.get(&(org.as_str(), project.as_str(), *env)).and_then(|id| by_id.get(id)) {
-            routes.push(route(domain.clone(), d, Some(*env)));
+            routes.push(Route { acme: *verified, ..route(domain.clone(), d, Some(*env)) });
         }
     }
     routes.sort_by(|a, b| a.host.cmp(&b.host));

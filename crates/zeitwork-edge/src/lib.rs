@@ -5,6 +5,7 @@
 //! It never reads the store and never serves a host it has no route for: an
 //! unknown host gets Zeitwork's own 404 page and no other tenant's certificate.
 
+pub mod acme;
 pub mod balance;
 pub mod proxy;
 pub mod ratelimit;
@@ -61,6 +62,17 @@ pub struct EdgeConfig {
     pub max_header_bytes: usize,
     pub header_read_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    /// This edge's name in issuance leases (default: host name and process id).
+    pub name: String,
+    /// ACME directory URL (e.g. Let's Encrypt's); custom domains get no certificates without it.
+    pub acme_directory: Option<String>,
+    /// Contact e-mail for the ACME account.
+    pub acme_contact: Option<String>,
+    /// Extra root certificate (PEM) trusted for the ACME server's own HTTPS (test CAs).
+    pub acme_ca_root: Option<PathBuf>,
+    pub acme_challenge: acme::Challenge,
+    /// Renew certificates this many days before they expire.
+    pub renew_before_days: u32,
 }
 
 impl Default for EdgeConfig {
@@ -80,6 +92,16 @@ impl Default for EdgeConfig {
             max_header_bytes: 64 * 1024,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 30,
+            name: format!(
+                "{}-{}",
+                std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "edge".into()),
+                std::process::id()
+            ),
+            acme_directory: None,
+            acme_contact: None,
+            acme_ca_root: None,
+            acme_challenge: acme::Challenge::Http01,
+            renew_before_days: 30,
         }
     }
 }
@@ -131,7 +153,7 @@ struct HostStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HostLabel {
+pub(crate) struct HostLabel {
     host: String,
 }
 
@@ -146,6 +168,7 @@ pub struct EdgeMetrics {
     pub rate_limited: Counter,
     pub open_connections: Gauge,
     pub routing_version_age: Gauge,
+    cert_expiry: Family<HostLabel, Gauge>,
 }
 
 impl EdgeMetrics {
@@ -162,6 +185,7 @@ impl EdgeMetrics {
             rate_limited: Counter::default(),
             open_connections: Gauge::default(),
             routing_version_age: Gauge::default(),
+            cert_expiry: Family::default(),
         };
         m.http.with_registry(|r| {
             r.register("zeitwork_edge_requests", "Proxied requests by host and status", m.requests.clone());
@@ -174,6 +198,11 @@ impl EdgeMetrics {
             r.register("zeitwork_edge_retries", "Requests retried on another instance", m.retries.clone());
             r.register("zeitwork_edge_rate_limited", "Requests refused by a rate limit", m.rate_limited.clone());
             r.register("zeitwork_edge_open_connections", "Client connections open", m.open_connections.clone());
+            r.register(
+                "zeitwork_edge_certificate_expiry_timestamp_seconds",
+                "When each served certificate expires",
+                m.cert_expiry.clone(),
+            );
         });
         m
     }
@@ -196,6 +225,8 @@ pub struct EdgeState {
     pub certs: Arc<tls::CertStore>,
     pub client: hyper_util::client::legacy::Client<HttpConnector, Body>,
     pub metrics: EdgeMetrics,
+    /// The operator, as this edge (routing, certificates, challenges).
+    pub operator: Client,
     trusted: Vec<Cidr>,
     /// ACME HTTP-01 answers by (host, token).
     acme: RwLock<HashMap<(String, String), String>>,
@@ -272,6 +303,7 @@ impl EdgeProxy {
             metrics: EdgeMetrics::new(),
             trusted,
             acme: RwLock::new(HashMap::new()),
+            operator: Client::new(&config.operator_url, config.token.clone()),
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -286,6 +318,14 @@ impl EdgeProxy {
         tasks.push(tokio::spawn(accept_loop(http, None, state.clone(), stop_rx.clone())));
 
         let https_addr = match (&state.config.tls_cert, &state.config.tls_key) {
+            (None, None) if state.config.acme_directory.is_some() => {
+                let l = bind(state.config.https_listen).await?;
+                let addr =
+                    l.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.https_listen, source })?;
+                let acceptor = tls::server_config(certs.clone());
+                tasks.push(tokio::spawn(accept_loop(l, Some(acceptor), state.clone(), stop_rx.clone())));
+                Some(addr)
+            }
             (Some(cert), Some(key)) => {
                 // The apps domain is learnt from the operator; until then the wildcard is keyed by the cert's own use.
                 let client = Client::new(&state.config.operator_url, state.config.token.clone());
@@ -302,7 +342,7 @@ impl EdgeProxy {
                 let l = bind(state.config.https_listen).await?;
                 let addr =
                     l.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.https_listen, source })?;
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone()));
+                let acceptor = tls::server_config(certs.clone());
                 tasks.push(tokio::spawn(accept_loop(l, Some(acceptor), state.clone(), stop_rx.clone())));
                 Some(addr)
             }
@@ -329,6 +369,7 @@ impl EdgeProxy {
         }));
 
         let client = Client::new(&state.config.operator_url, state.config.token.clone());
+        tasks.push(tokio::spawn(acme::run(state.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
         Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks })
@@ -401,7 +442,7 @@ async fn follow(client: Client, state: Arc<EdgeState>, mut stop: watch::Receiver
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<EdgeState>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -439,7 +480,7 @@ impl Drop for OpenConn<'_> {
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<EdgeState>,
     stop: watch::Receiver<bool>,
 ) {
@@ -460,9 +501,22 @@ async fn connection(
     }
     match tls {
         None => serve(TokioIo::new(stream), ConnInfo { client, tls: false, sni: None }, state.clone(), stop).await,
-        Some(acceptor) => {
-            let Ok(Ok(tls)) = tokio::time::timeout(header_timeout, acceptor.accept(stream)).await else { return };
-            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+        Some(config) => {
+            let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+            let Ok(Ok(start)) = tokio::time::timeout(header_timeout, lazy).await else { return };
+            let hello = start.client_hello();
+            let sni = hello.server_name().map(str::to_owned);
+            let acme_alpn = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == acme::ACME_TLS_ALPN));
+            if acme_alpn {
+                // TLS-ALPN-01: answer with the challenge certificate, then close.
+                let Some(domain) = sni else { return };
+                let path = format!("/api/v1/acme/challenges?domain={}", zeitwork_client::encode(&domain));
+                let Ok(ch) = state.operator.get::<zeitwork_api_types::AcmeChallenge>(&path).await else { return };
+                let Ok(cfg) = acme::alpn_challenge_config(&domain, &ch.key_authorization) else { return };
+                let _ = tokio::time::timeout(header_timeout, start.into_stream(cfg)).await;
+                return;
+            }
+            let Ok(Ok(tls)) = tokio::time::timeout(header_timeout, start.into_stream(config)).await else { return };
             serve(TokioIo::new(tls), ConnInfo { client, tls: true, sni }, state.clone(), stop).await
         }
     }
@@ -554,6 +608,6 @@ impl Activity {
 }
 
 /// Resolves once `stop` turns true (without holding the channel's lock).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -72,6 +72,7 @@ mod tests {
             project: "web".into(),
             environment: None,
             rate_limit: None,
+            acme: false,
             instances: instances
                 .iter()
                 .map(|i| RouteInstance { id: (*i).into(), upstream: "http://n:1".into() })

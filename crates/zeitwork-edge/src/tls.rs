@@ -129,7 +129,7 @@ mod tests {
 
     fn key(name: &str) -> Arc<CertifiedKey> {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
-        from_der(vec![c.cert.der().clone()], PrivateKeyDer::try_from(c.key_pair.serialize_der()).unwrap()).unwrap()
+        from_der(vec![c.cert.der().clone()], PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap()).unwrap()
     }
 
     #[test]

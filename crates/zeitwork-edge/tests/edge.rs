@@ -180,7 +180,10 @@ async fn wait_for_host(edge: &EdgeProxy, host: &str) {
 }
 
 async fn get(edge: &EdgeProxy, host: &str, path: &str) -> (u16, String, reqwest::header::HeaderMap) {
-    let res = reqwest::Client::new()
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
         .get(format!("http://{}{path}", edge.http_addr()))
         .header("host", host)
         .send()
@@ -414,7 +417,7 @@ async fn tls_with_sni_http2_and_no_foreign_certificates() {
     let ca = rcgen::generate_simple_self_signed(vec!["*.zeitwork.localhost".to_owned()]).unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, ca.cert.pem()).unwrap();
-    std::fs::write(&key, ca.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key, ca.signing_key.serialize_pem()).unwrap();
     let edge = w
         .edge(|c| {
             c.tls_cert = Some(cert.clone());
@@ -490,4 +493,116 @@ async fn through_the_load_balancer_each_client_address_has_its_own_limit() {
     assert!(b.contains(" 200 ") && b.contains("\"x-forwarded-for\":\"127.0.0.3\""), "{b}");
     lb.shutdown().await;
     edge.shutdown().await;
+}
+
+/// The certificate issuance path against the real `pebble` ACME CA.
+async fn acme_issues(challenge: zeitwork_edge::acme::Challenge) {
+    assert!(
+        zeitwork_testkit::Pebble::available(),
+        "pebble and pebble-challtestsrv are needed (apt-get install pebble; .ci/run installs it)"
+    );
+    let w = world().await;
+    let up = echo_server("a").await;
+    let (hp, tp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+    let pebble = zeitwork_testkit::Pebble::start(hp, tp).unwrap();
+    let edge = w
+        .edge(|c| {
+            c.http_listen = format!("127.0.0.1:{hp}").parse().unwrap();
+            c.https_listen = format!("127.0.0.1:{tp}").parse().unwrap();
+            c.acme_directory = Some(pebble.directory_url.clone());
+            c.acme_ca_root = Some(pebble.api_root.clone());
+            c.acme_challenge = challenge;
+        })
+        .await;
+    let dep = w.deploy(&[up]).await;
+    w.op()
+        .store
+        .activate_deployment(&dep, &zeitwork_store::Audit::new("test", "deployment.activate", &dep))
+        .await
+        .unwrap();
+    for name in ["www.acme.test", "unverified.acme.test"] {
+        w.admin.post::<_, Value>("/api/v1/projects/acme/web/domains", &json!({"name": name})).await.unwrap();
+    }
+    // Not verified yet: a developer cannot force it, and DNS does not point here.
+    let dev: Value = w
+        .admin
+        .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "developer"}}))
+        .await
+        .unwrap();
+    let dev = Client::new(w.admin.base(), Some(dev["secret"].as_str().unwrap().to_owned()));
+    let forced =
+        dev.post::<_, Value>("/api/v1/projects/acme/web/domains/www.acme.test/verify", &json!({"force": true})).await;
+    assert_eq!(forced.unwrap_err().status(), Some(403));
+    let dns = dev.post::<_, Value>("/api/v1/projects/acme/web/domains/www.acme.test/verify", &json!({})).await;
+    assert_eq!(dns.unwrap_err().status(), Some(409));
+    let v: Value =
+        w.admin.post("/api/v1/projects/acme/web/domains/www.acme.test/verify", &json!({"force": true})).await.unwrap();
+    assert_eq!(v["verified"], true);
+
+    let mut issued = false;
+    for _ in 0..300 {
+        if edge.state.certs.has("www.acme.test") {
+            issued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recorded = w.op().store.get_certificate("www.acme.test").await.unwrap().and_then(|c| c.error);
+    assert!(
+        issued,
+        "no certificate within 30 s ({recorded:?}); pebble said:\n{}",
+        pebble.log().lines().rev().take(15).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!edge.state.certs.has("unverified.acme.test"), "only verified domains get certificates");
+
+    // A client that trusts pebble's root gets the app over HTTPS.
+    let api = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&pebble.api_root).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let root = api.get(format!("{}/roots/0", pebble.management_url)).send().await.unwrap().text().await.unwrap();
+    let https = edge.https_addr().unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(root.as_bytes()).unwrap())
+        .resolve("www.acme.test", https)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = client.get(format!("https://www.acme.test:{tp}/hello")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+    // Plain HTTP now redirects to HTTPS, except for ACME challenges.
+    let (status, _, headers) = get(&edge, "www.acme.test", "/page?q=1").await;
+    assert_eq!(status, 308);
+    assert_eq!(headers.get("location").unwrap(), "https://www.acme.test/page?q=1");
+    let domains: Vec<Value> = w.admin.get("/api/v1/projects/acme/web/domains").await.unwrap();
+    let state = |n: &str| domains.iter().find(|d| d["name"] == n).unwrap()["certificate"].clone();
+    assert_eq!((state("www.acme.test"), state("unverified.acme.test")), (json!("issued"), json!("none")));
+
+    // Another edge serves the same certificate from the store without issuing.
+    let other = w.edge(|_| {}).await;
+    let mut loaded = false;
+    for _ in 0..100 {
+        if other.state.certs.has("www.acme.test") {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(loaded, "the second edge did not load the certificate");
+    let m = reqwest::get(format!("http://{}/metrics", other.admin_addr())).await.unwrap().text().await.unwrap();
+    assert!(m.contains("zeitwork_edge_certificate_expiry_timestamp_seconds{host=\"www.acme.test\"}"), "{m}");
+    other.shutdown().await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acme_http_01_with_pebble() {
+    acme_issues(zeitwork_edge::acme::Challenge::Http01).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acme_tls_alpn_01_with_pebble() {
+    acme_issues(zeitwork_edge::acme::Challenge::TlsAlpn01).await;
 }

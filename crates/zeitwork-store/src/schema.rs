@@ -9,10 +9,11 @@ use crate::{now_ms, Dialect, StoreError};
 /// (version, name, SQL). `{{text_key}}` is a text column that takes part in
 /// ordering and cursors: byte-wise collation on both backends.
 /// `{{serial}}` is an auto-incrementing 64-bit primary key.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    r#"
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        r#"
 CREATE TABLE regions (
     id TEXT PRIMARY KEY,
     code {{text_key}} NOT NULL UNIQUE,
@@ -144,7 +145,32 @@ CREATE TABLE bootstrap (
     value TEXT NOT NULL
 )
 "#,
-)];
+    ),
+    (
+        2,
+        "certificates",
+        r#"
+CREATE TABLE certificates (
+    domain {{text_key}} PRIMARY KEY,
+    state TEXT NOT NULL,
+    cert_pem TEXT,
+    key_enc TEXT,
+    not_after BIGINT,
+    error TEXT,
+    lease_holder TEXT,
+    lease_until BIGINT,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE acme_challenges (
+    token {{text_key}} PRIMARY KEY,
+    domain TEXT NOT NULL,
+    key_authorization TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX acme_challenges_domain ON acme_challenges (domain, created_at)
+"#,
+    ),
+];
 
 /// Newest schema version this build knows.
 pub fn latest_version() -> i64 {

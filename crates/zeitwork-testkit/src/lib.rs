@@ -178,3 +178,109 @@ fn nobody_ids() -> (u32, u32) {
         })
         .unwrap_or((65534, 65534))
 }
+
+/// The `pebble` ACME test CA with `pebble-challtestsrv` as its DNS (every
+/// name resolves to 127.0.0.1). Validation connects to `http_port` (HTTP-01)
+/// and `tls_port` (TLS-ALPN-01) on loopback.
+pub struct Pebble {
+    dir: tempfile::TempDir,
+    children: Vec<std::process::Child>,
+    pub directory_url: String,
+    /// Root (PEM file) of pebble's own HTTPS endpoint, for the ACME client.
+    pub api_root: PathBuf,
+    /// Management endpoint, where `/roots/0` is the root that signs issued certificates.
+    pub management_url: String,
+}
+
+impl std::fmt::Debug for Pebble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pebble").field("directory_url", &self.directory_url).finish()
+    }
+}
+
+impl Pebble {
+    pub fn available() -> bool {
+        which("pebble") && which("pebble-challtestsrv")
+    }
+
+    pub fn start(http_port: u16, tls_port: u16) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("zeitwork-pebble-").tempdir()?;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        let api_root = dir.path().join("pebble.pem");
+        std::fs::write(&api_root, cert.cert.pem())?;
+        std::fs::write(dir.path().join("pebble.key"), cert.signing_key.serialize_pem())?;
+        let (dns, mgmt_dns, api, mgmt) = (free_port(), free_port(), free_port(), free_port());
+        let config = format!(
+            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{api}", "managementListenAddress": "127.0.0.1:{mgmt}",
+                "certificate": "{d}/pebble.pem", "privateKey": "{d}/pebble.key", "httpPort": {http_port}, "tlsPort": {tls_port},
+                "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("pebble.json"), config)?;
+        let log = |name: &str| std::fs::File::create(dir.path().join(name));
+        let mut children = Vec::new();
+        children.push(
+            Command::new("pebble-challtestsrv")
+                .args(["-dns01", &format!("127.0.0.1:{dns}"), "-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args([
+                    "-management",
+                    &format!("127.0.0.1:{mgmt_dns}"),
+                    "-defaultIPv4",
+                    "127.0.0.1",
+                    "-defaultIPv6",
+                    "",
+                ])
+                .stdout(log("challtestsrv.log")?)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting pebble-challtestsrv")?,
+        );
+        children.push(
+            Command::new("pebble")
+                .args(["-config", &dir.path().join("pebble.json").display().to_string()])
+                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_VA_ALWAYS_VALID", "0")
+                .stdout(log("pebble.log")?)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting pebble")?,
+        );
+        let pebble = Pebble {
+            directory_url: format!("https://127.0.0.1:{api}/dir"),
+            api_root,
+            management_url: format!("https://127.0.0.1:{mgmt}"),
+            children,
+            dir,
+        };
+        for port in [api, mgmt] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("pebble did not start: {}", pebble.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(pebble)
+    }
+
+    /// What pebble printed (for failing tests).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}

@@ -214,6 +214,12 @@ pub struct EdgeProxyArgs {
     /// A load balancer whose PROXY protocol header is trusted (address or CIDR; repeatable).
     #[arg(long = "trusted-proxy", env = "ZEITWORK_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<String>,
+    /// ACME directory URL for custom domain certificates (e.g. https://acme-v02.api.letsencrypt.org/directory).
+    #[arg(long, env = "ZEITWORK_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// Contact e-mail of the ACME account.
+    #[arg(long, env = "ZEITWORK_ACME_CONTACT")]
+    acme_contact: Option<String>,
 }
 
 pub async fn load_balancer(_args: LoadBalancerArgs) -> Result<()> {

@@ -7,6 +7,7 @@ mod health;
 mod orgs;
 mod projects;
 mod routing;
+mod tls;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -76,6 +77,12 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))
+        .routes(routes!(tls::verify_domain))
+        .routes(routes!(tls::list_certificates))
+        .routes(routes!(tls::lease_certificate))
+        .routes(routes!(tls::put_certificate))
+        .routes(routes!(tls::put_challenge, tls::delete_challenge))
+        .routes(routes!(tls::find_challenge))
 }
 
 /// The OpenAPI document of this build.
