@@ -1,0 +1,305 @@
+//! A client of the OCI distribution API: manifests (OCI and Docker schema 2,
+//! indexes resolved to linux/amd64), blobs streamed to disk with their digest
+//! verified, bearer-token and basic auth. Plain HTTP only for registries
+//! configured as insecure and for loopback ones.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::reference::Reference;
+use crate::ImageError;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Registry settings of a node.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// `host[:port]` of registries spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Credentials by registry host: (user, password).
+    pub credentials: HashMap<String, (String, String)>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Index {
+    manifests: Vec<Descriptor>,
+}
+
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    config: RegistryConfig,
+    /// Bearer tokens by (registry, repository).
+    tokens: Mutex<HashMap<(String, String), String>>,
+    /// Blob downloads made (for tests and metrics).
+    pub blob_fetches: AtomicUsize,
+}
+
+/// sha256 digest string of bytes.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self { http, config, tokens: Mutex::new(HashMap::new()), blob_fetches: AtomicUsize::new(0) }
+    }
+
+    fn base(&self, r: &Reference) -> String {
+        let plain = r.is_loopback() || self.config.insecure.iter().any(|h| h == &r.registry);
+        format!("{}://{}", if plain { "http" } else { "https" }, r.api_host())
+    }
+
+    /// GET with the registry's auth dance: on 401 fetch a bearer token (or use basic auth) and retry once.
+    async fn get(&self, r: &Reference, path: &str, accept: &str) -> Result<reqwest::Response, ImageError> {
+        let url = format!("{}/v2/{}/{path}", self.base(r), r.repository);
+        let key = (r.registry.clone(), r.repository.clone());
+        let cached = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let send = |auth: Option<String>| {
+            let mut req = self.http.get(&url).header(ACCEPT, accept);
+            if let Some(a) = auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            req.send()
+        };
+        let unreachable = |e: reqwest::Error| ImageError::Registry(format!("{}: {e}", r.registry));
+        let res = send(cached.clone()).await.map_err(unreachable)?;
+        if res.status() != StatusCode::UNAUTHORIZED {
+            return Ok(res);
+        }
+        let challenge = res.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let auth = self.authorize(r, &challenge).await?;
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(key, auth.clone());
+        let res = send(Some(auth)).await.map_err(unreachable)?;
+        if res.status() == StatusCode::UNAUTHORIZED {
+            return Err(ImageError::Unauthorized(format!(
+                "{} refused the credentials for {}; set them in the node's registry credentials",
+                r.registry, r.repository
+            )));
+        }
+        Ok(res)
+    }
+
+    async fn authorize(&self, r: &Reference, challenge: &str) -> Result<String, ImageError> {
+        let creds = self.config.credentials.get(&r.registry);
+        let basic = creds
+            .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+        let Some(params) = challenge.strip_prefix("Bearer ") else {
+            return basic.ok_or_else(|| {
+                ImageError::Unauthorized(format!("{} needs credentials for {}", r.registry, r.repository))
+            });
+        };
+        let field = |name: &str| {
+            params.split(',').find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_owned())
+            })
+        };
+        let realm = field("realm")
+            .ok_or_else(|| ImageError::Registry(format!("{}: bearer challenge without realm", r.registry)))?;
+        let mut req = self
+            .http
+            .get(&realm)
+            .query(&[("scope", field("scope").unwrap_or_else(|| format!("repository:{}:pull", r.repository)))]);
+        if let Some(service) = field("service") {
+            req = req.query(&[("service", service)]);
+        }
+        if let Some(b) = basic {
+            req = req.header(AUTHORIZATION, b);
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let res = req.send().await.map_err(|e| ImageError::Registry(format!("token from {realm}: {e}")))?;
+        if !res.status().is_success() {
+            return Err(ImageError::Unauthorized(format!(
+                "{realm} refused a pull token for {} ({})",
+                r.repository,
+                res.status()
+            )));
+        }
+        let t: Token = res.json().await.map_err(|e| ImageError::Registry(format!("token from {realm}: {e}")))?;
+        t.token
+            .or(t.access_token)
+            .map(|t| format!("Bearer {t}"))
+            .ok_or_else(|| ImageError::Registry(format!("{realm} sent no token")))
+    }
+
+    /// The image manifest for linux/amd64 and its digest.
+    pub async fn manifest(&self, r: &Reference) -> Result<(Manifest, String), ImageError> {
+        let accept = [OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST].join(", ");
+        let mut wanted = r.manifest_ref().to_owned();
+        for _ in 0..2 {
+            let res = self.get(r, &format!("manifests/{wanted}"), &accept).await?;
+            match res.status() {
+                s if s.is_success() => {}
+                StatusCode::NOT_FOUND => {
+                    return Err(ImageError::NotFound(format!("{r} does not exist in {}", r.registry)))
+                }
+                s => return Err(ImageError::Registry(format!("{} answered {s} for the manifest of {r}", r.registry))),
+            }
+            if res.content_length().is_some_and(|l| l as usize > MAX_MANIFEST_BYTES) {
+                return Err(ImageError::TooLarge(format!(
+                    "the manifest of {r} is larger than {MAX_MANIFEST_BYTES} bytes"
+                )));
+            }
+            let media = res
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            let body = read_limited(res, MAX_MANIFEST_BYTES).await?;
+            let digest = digest_of(&body);
+            if wanted.starts_with("sha256:") && digest != wanted {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("manifest of {r}"),
+                    expected: wanted,
+                    got: digest,
+                });
+            }
+            let value: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| ImageError::BadManifest(e.to_string()))?;
+            let media = if media.is_empty() { value["mediaType"].as_str().unwrap_or("").to_owned() } else { media };
+            match media.as_str() {
+                OCI_INDEX | DOCKER_LIST => {
+                    let index: Index =
+                        serde_json::from_value(value).map_err(|e| ImageError::BadManifest(e.to_string()))?;
+                    let m = index
+                        .manifests
+                        .iter()
+                        .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+                        .ok_or_else(|| ImageError::BadManifest(format!("{r} has no linux/amd64 image")))?;
+                    wanted = m.digest.clone();
+                }
+                OCI_MANIFEST | DOCKER_MANIFEST => {
+                    let m: Manifest =
+                        serde_json::from_value(value).map_err(|e| ImageError::BadManifest(e.to_string()))?;
+                    return Ok((m, digest));
+                }
+                other => return Err(ImageError::BadManifest(format!("unsupported manifest media type {other:?}"))),
+            }
+        }
+        Err(ImageError::BadManifest(format!("{r}: an index points at another index")))
+    }
+
+    /// Streams a blob to `dest`, verifying its size and digest; nothing is left on failure.
+    pub async fn blob(&self, r: &Reference, d: &Descriptor, dest: &Path, max: u64) -> Result<(), ImageError> {
+        if d.size > max {
+            return Err(ImageError::TooLarge(format!(
+                "blob {} is {} bytes, more than the limit of {max}",
+                d.digest, d.size
+            )));
+        }
+        self.blob_fetches.fetch_add(1, Ordering::Relaxed);
+        let res = self.get(r, &format!("blobs/{}", d.digest), "*/*").await?;
+        if !res.status().is_success() {
+            return Err(ImageError::Registry(format!(
+                "{} answered {} for blob {}",
+                r.registry,
+                res.status(),
+                d.digest
+            )));
+        }
+        let tmp = dest.with_extension(format!("part-{}", rand::random::<u32>()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(ImageError::io("writing a blob"))?;
+            let mut hasher = Sha256::new();
+            let mut n: u64 = 0;
+            let mut res = res;
+            while let Some(chunk) =
+                res.chunk().await.map_err(|e| ImageError::Registry(format!("blob {}: {e}", d.digest)))?
+            {
+                n += chunk.len() as u64;
+                if n > d.size {
+                    return Err(ImageError::DigestMismatch {
+                        what: format!("blob {}", d.digest),
+                        expected: format!("{} bytes", d.size),
+                        got: "more".into(),
+                    });
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(ImageError::io("writing a blob"))?;
+            }
+            file.sync_all().await.map_err(ImageError::io("writing a blob"))?;
+            let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if got != d.digest {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("blob of {r}"),
+                    expected: d.digest.clone(),
+                    got,
+                });
+            }
+            tokio::fs::rename(&tmp, dest).await.map_err(ImageError::io("storing a blob"))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+}
+
+async fn read_limited(mut res: reqwest::Response, max: usize) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::new();
+    while let Some(c) = res.chunk().await.map_err(|e| ImageError::Registry(e.to_string()))? {
+        out.extend_from_slice(&c);
+        if out.len() > max {
+            return Err(ImageError::TooLarge(format!("a manifest is larger than {max} bytes")));
+        }
+    }
+    Ok(out)
+}
