@@ -284,3 +284,159 @@ impl Drop for Pebble {
 fn which(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
+
+/// A real OCI distribution registry (Debian's `docker-registry`) on a free
+/// loopback port with its storage in a temp dir.
+pub struct Registry {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("addr", &self.addr).finish()
+    }
+}
+
+impl Registry {
+    pub fn start() -> Result<Self> {
+        if !which("docker-registry") {
+            bail!("docker-registry is needed (apt-get install docker-registry; .ci/run installs it)");
+        }
+        let dir = tempfile::Builder::new().prefix("zeitwork-registry-").tempdir()?;
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log"))?)
+            .spawn()
+            .context("starting docker-registry")?;
+        let reg = Registry { dir, child, addr: format!("127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "docker-registry did not start: {}",
+                    std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(reg)
+    }
+
+    /// Where the registry keeps a blob (to corrupt it in tests).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+
+    /// Uploads a blob; returns its digest.
+    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> Result<String> {
+        use sha2::Digest;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+        let http = reqwest::Client::new();
+        let res = http.post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr)).send().await?;
+        let loc = res.headers().get("location").and_then(|v| v.to_str().ok()).context("upload location")?.to_owned();
+        let loc = if loc.starts_with("http") { loc } else { format!("http://{}{loc}", self.addr) };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let res = http
+            .put(format!("{loc}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("blob upload: {}", res.status());
+        }
+        Ok(digest)
+    }
+
+    /// Pushes an image: each layer is a list of (path, contents) tar entries
+    /// (gzip-compressed); returns the manifest digest.
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        config: serde_json::Value,
+    ) -> Result<String> {
+        use sha2::Digest;
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in layers {
+            diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(tar))));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, tar)?;
+            let gz = gz.finish()?;
+            let d = self.push_blob(repo, &gz).await?;
+            descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
+        }
+        let cfg = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}
+        });
+        let cfg_bytes = serde_json::to_vec(&cfg)?;
+        let cfg_digest = self.push_blob(repo, &cfg_bytes).await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": cfg_bytes.len()},
+            "layers": descs,
+        });
+        let body = serde_json::to_vec(&manifest)?;
+        let res = reqwest::Client::new()
+            .put(format!("http://{}/v2/{repo}/manifests/{tag}", self.addr))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(body.clone())
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("manifest upload: {} {}", res.status(), res.text().await.unwrap_or_default());
+        }
+        Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a layer tar from (path, contents, mode) entries; a path ending in
+/// `/` is a directory, contents starting with `->` make a symlink.
+pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        if path.ends_with('/') {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, path, &b""[..]).expect("tar in memory");
+        } else if let Some(target) = body.strip_prefix(b"->") {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_mode(0o777);
+            h.set_size(0);
+            b.append_link(&mut h, path, std::str::from_utf8(target).expect("utf-8 link")).expect("tar in memory");
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(if path.starts_with("bin/") { 0o755 } else { 0o644 });
+            h.set_size(body.len() as u64);
+            b.append_data(&mut h, path, *body).expect("tar in memory");
+        }
+    }
+    b.into_inner().expect("tar in memory")
+}

@@ -1,0 +1,145 @@
+//! Pulling real images from a real registry (Debian's docker-registry).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use zeitwork_image::{ImageError, ImageStore, Limits, RegistryConfig};
+use zeitwork_testkit::{layer_tar, Registry};
+
+fn config() -> serde_json::Value {
+    serde_json::json!({
+        "Entrypoint": ["/bin/server"], "Cmd": ["--port", "8080"], "Env": ["PATH=/bin", "MODE=test"],
+        "WorkingDir": "/app", "User": "1000:1000", "ExposedPorts": {"8080/tcp": {}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_unpacks_caches_and_shares_one_pull() {
+    let reg = Registry::start().unwrap();
+    let base = layer_tar(&[
+        ("bin/", b""),
+        ("bin/server", b"#!/bin/sh\necho hi\n"),
+        ("etc/", b""),
+        ("etc/old.conf", b"old"),
+        ("app/", b""),
+        ("app/data/", b""),
+        ("app/data/a", b"a"),
+    ]);
+    let top = layer_tar(&[
+        ("etc/.wh.old.conf", b""),
+        ("etc/new.conf", b"new"),
+        ("app/data/.wh..wh..opq", b""),
+        ("app/data/b", b"b"),
+        ("lib", b"->bin"),
+    ]);
+    let digest = reg.push_image("team/web", "v1", &[base, top], config()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ImageStore::new(dir.path(), RegistryConfig::default(), Limits::default()).unwrap());
+    let reference = format!("{}/team/web:v1", reg.addr);
+    // Five concurrent requests share one pull.
+    let pulls: Vec<_> = (0..5)
+        .map(|_| {
+            let store = store.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move { store.prepare(&reference).await })
+        })
+        .collect();
+    let mut images = Vec::new();
+    for p in pulls {
+        images.push(p.await.unwrap().unwrap());
+    }
+    assert_eq!(store.client.blob_fetches.load(Ordering::Relaxed), 3, "config + 2 layers, fetched once");
+    let img = &images[0];
+    assert_eq!(img.manifest_digest, digest);
+    let root = &img.rootfs;
+    assert_eq!(std::fs::read(root.join("etc/new.conf")).unwrap(), b"new");
+    assert!(!root.join("etc/old.conf").exists(), "whiteout removed the lower file");
+    assert!(!root.join("app/data/a").exists() && root.join("app/data/b").exists(), "opaque dir");
+    assert_eq!(std::fs::read_link(root.join("lib")).unwrap(), std::path::Path::new("bin"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(root.join("bin/server")).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(img.config.entrypoint, ["/bin/server"]);
+    assert_eq!(img.config.cmd, ["--port", "8080"]);
+    assert_eq!(img.config.working_dir.as_deref(), Some("/app"));
+    assert_eq!(img.config.user.as_deref(), Some("1000:1000"));
+    assert_eq!(img.config.exposed_ports, ["8080/tcp"]);
+
+    // Cached by digest: a new store on the same directory fetches no blob.
+    let again = ImageStore::new(dir.path(), RegistryConfig::default(), Limits::default()).unwrap();
+    let cached = again.prepare(&format!("{}/team/web@{digest}", reg.addr)).await.unwrap();
+    assert_eq!(cached.rootfs, img.rootfs);
+    assert_eq!(again.client.blob_fetches.load(Ordering::Relaxed), 0);
+
+    // The ext4 image for VMs.
+    let ext4 = store.ext4(img).await.unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /etc/new.conf"])
+        .arg(&ext4)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_images_fail_with_a_reason_and_leave_the_cache_intact() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(dir.path(), RegistryConfig::default(), Limits::default()).unwrap();
+    let good = reg.push_image("ok/app", "v1", &[layer_tar(&[("hello", b"world")])], config()).await.unwrap();
+    let good_img = store.prepare(&format!("{}/ok/app:v1", reg.addr)).await.unwrap();
+    assert_eq!(good_img.manifest_digest, good);
+
+    // Missing image.
+    let err = store.prepare(&format!("{}/ok/nothing:v1", reg.addr)).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotFound(_)), "{err}");
+
+    // A layer that climbs out of the root.
+    let mut evil = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_old();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    let name = b"../../../../tmp/zeitwork-escape";
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.set_cksum();
+    evil.append(&h, &b"evil"[..]).unwrap();
+    reg.push_image("bad/escape", "v1", &[evil.into_inner().unwrap()], config()).await.unwrap();
+    let err = store.prepare(&format!("{}/bad/escape:v1", reg.addr)).await.unwrap_err();
+    assert!(matches!(err, ImageError::BadLayer { .. }), "{err}");
+    assert!(err.to_string().contains(".."), "{err}");
+    assert!(!std::path::Path::new("/tmp/zeitwork-escape").exists());
+
+    // A blob whose bytes do not match its digest.
+    let tar = layer_tar(&[("file", b"genuine")]);
+    let digest = reg.push_image("bad/corrupt", "v1", std::slice::from_ref(&tar), config()).await.unwrap();
+    let manifest: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/v2/bad/corrupt/manifests/v1", reg.addr))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let path = reg.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let err = store.prepare(&format!("{}/bad/corrupt@{digest}", reg.addr)).await.unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+
+    // Nothing half-written stays behind; the good image is still there.
+    assert!(std::fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none(), "staging is cleaned up");
+    assert_eq!(std::fs::read(good_img.rootfs.join("hello")).unwrap(), b"world");
+
+    // An unreachable registry says so.
+    let port = zeitwork_testkit::free_port();
+    let err = store.prepare(&format!("127.0.0.1:{port}/x/y:1")).await.unwrap_err();
+    assert!(matches!(err, ImageError::Registry(_)), "{err}");
+}
