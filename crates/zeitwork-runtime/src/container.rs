@@ -1,0 +1,348 @@
+//! The `container` driver: an OCI runtime (runc or crun from the host) runs
+//! the image's entrypoint in its own PID, mount, IPC, UTS and network
+//! namespaces, on a writable overlay over the shared read-only image, with
+//! the project's CPU and memory limits as cgroup limits.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{watch, Mutex};
+
+use crate::net::{self, Link};
+use crate::{ExitInfo, InstanceSpec, InstanceState, LogLine, Running, Runtime, RuntimeError};
+
+/// Largest log file per instance before it is rotated (one old file is kept).
+pub const LOG_CAP: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug)]
+struct Instance {
+    link: Link,
+    slot: u32,
+    dir: PathBuf,
+    merged: PathBuf,
+    exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+/// Runs instances with an OCI runtime binary.
+#[derive(Debug)]
+pub struct ContainerRuntime {
+    dir: PathBuf,
+    runc: PathBuf,
+    base: Ipv4Addr,
+    instances: Mutex<HashMap<String, Instance>>,
+}
+
+fn container_id(id: &str) -> String {
+    format!("zw-{id}")
+}
+
+fn short_key(id: &str) -> String {
+    hex::encode(&Sha256::digest(id.as_bytes())[..4])
+}
+
+/// The network namespace an instance runs in.
+pub fn netns_name(id: &str) -> String {
+    format!("zw-{}", short_key(id))
+}
+
+async fn cmd(program: &Path, args: &[&str]) -> Result<String, RuntimeError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| RuntimeError::Unavailable("the OCI runtime", e.to_string()))?;
+    if !out.status.success() {
+        return Err(RuntimeError::failed(
+            format!("{} {}", program.display(), args.join(" ")),
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl ContainerRuntime {
+    /// `runtime`: a runc or crun binary (found on PATH when relative);
+    /// `base`: the node's instance range (a /16, e.g. 10.88.0.0).
+    pub async fn new(dir: &Path, runtime: &Path, base: Ipv4Addr) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
+        let version = Command::new(runtime).arg("--version").output().await;
+        match version {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                return Err(RuntimeError::Unavailable("runc/crun", String::from_utf8_lossy(&o.stderr).into_owned()))
+            }
+            Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
+        }
+        Ok(Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, instances: Mutex::new(HashMap::new()) })
+    }
+
+    fn user_of(rootfs: &Path, user: Option<&str>) -> (u32, u32) {
+        let Some(user) = user else { return (0, 0) };
+        let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
+        let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+        let lookup = |name: &str| {
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+            })
+        };
+        let (uid, default_gid) = match u.parse::<u32>() {
+            Ok(uid) => (uid, uid),
+            Err(_) => lookup(u).unwrap_or((65534, 65534)),
+        };
+        let gid = g.and_then(|g| g.parse().ok()).unwrap_or(default_gid);
+        (uid, gid)
+    }
+
+    fn oci_config(spec: &InstanceSpec, merged: &Path, dir: &Path, netns: &str) -> serde_json::Value {
+        let mut args: Vec<String> = spec.image.entrypoint.clone();
+        args.extend(spec.image.cmd.iter().cloned());
+        if args.is_empty() {
+            args.push("/bin/sh".into());
+        }
+        let mut env: Vec<(String, String)> = spec
+            .image
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        for (k, v) in &spec.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        }
+        if !env.iter().any(|(k, _)| k == "PORT") {
+            env.push(("PORT".into(), spec.port.to_string()));
+        }
+        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let (uid, gid) = Self::user_of(&spec.rootfs, spec.image.user.as_deref());
+        let caps = [
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FSETID",
+            "CAP_FOWNER",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETFCAP",
+            "CAP_SETPCAP",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SYS_CHROOT",
+            "CAP_KILL",
+            "CAP_AUDIT_WRITE",
+        ];
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": uid, "gid": gid},
+                "args": args,
+                "env": env,
+                "cwd": spec.image.working_dir.clone().unwrap_or_else(|| "/".into()),
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+                "noNewPrivileges": true
+            },
+            "root": {"path": merged, "readonly": false},
+            "hostname": spec.id.chars().take(63).collect::<String>(),
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": dir.join("hosts"), "options": ["rbind", "ro"]},
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": dir.join("resolv.conf"), "options": ["rbind", "ro"]}
+            ],
+            "linux": {
+                "cgroupsPath": format!("/zeitwork/{}", container_id(&spec.id)),
+                "resources": {
+                    "memory": {"limit": u64::from(spec.memory_mib) * 1024 * 1024},
+                    "cpu": {"quota": i64::from(spec.vcpu) * 100_000, "period": 100_000}
+                },
+                "namespaces": [
+                    {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                    {"type": "network", "path": format!("/var/run/netns/{netns}")}
+                ],
+                "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
+                "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+            }
+        })
+    }
+}
+
+/// Appends timestamped lines of one stream to the instance's log, rotating at [`LOG_CAP`].
+async fn capture(stream: impl tokio::io::AsyncRead + Unpin, name: &'static str, log: Arc<Mutex<PathBuf>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let entry = LogLine { at: chrono::Utc::now(), stream: name.into(), line };
+        let path = log.lock().await;
+        if std::fs::metadata(&*path).is_ok_and(|m| m.len() > LOG_CAP) {
+            let _ = std::fs::rename(&*path, path.with_extension("jsonl.1"));
+        }
+        if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&*path).await {
+            let mut text = serde_json::to_string(&entry).unwrap_or_default();
+            text.push('\n');
+            let _ = f.write_all(text.as_bytes()).await;
+        }
+    }
+}
+
+impl Runtime for ContainerRuntime {
+    fn name(&self) -> &'static str {
+        "container"
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<Running, RuntimeError> {
+        let mut instances = self.instances.lock().await;
+        if instances.contains_key(&spec.id) {
+            return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
+        }
+        // Slots in use: ours, and any address of the range already on a host interface.
+        let taken = net::host_addresses().await;
+        let slot = (0..16_000)
+            .find(|s| {
+                !instances.values().any(|i| i.slot == *s) && !taken.contains(&net::slot_addresses(self.base, *s).0)
+            })
+            .ok_or_else(|| RuntimeError::failed("networking", "no free address in the instance range"))?;
+        let dir = self.dir.join(&spec.id);
+        let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
+        }
+        let opts =
+            format!("lowerdir={},upperdir={},workdir={}", spec.rootfs.display(), upper.display(), work.display());
+        cmd(Path::new("mount"), &["-t", "overlay", "overlay", "-o", &opts, &merged.display().to_string()]).await?;
+        let link = match net::create(&short_key(&spec.id), self.base, slot).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = cmd(Path::new("umount"), &[&merged.display().to_string()]).await;
+                return Err(e);
+            }
+        };
+        let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{}\t{}\n", link.instance_ip, spec.id);
+        let write = |name: &str, body: &str| {
+            std::fs::write(dir.join(name), body).map_err(|e| RuntimeError::failed("writing the bundle", e))
+        };
+        write("hosts", &hosts)?;
+        write("resolv.conf", &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())?;
+        write("config.json", &Self::oci_config(spec, &merged, &dir, &link.netns).to_string())?;
+
+        let mut child = Command::new(&self.runc)
+            .args(["run", "--bundle", &dir.display().to_string(), &container_id(&spec.id)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| RuntimeError::Unavailable("runc/crun", e.to_string()))?;
+        let log = Arc::new(Mutex::new(dir.join("log.jsonl")));
+        let out = child.stdout.take().map(|s| tokio::spawn(capture(s, "stdout", log.clone())));
+        let err = child.stderr.take().map(|s| tokio::spawn(capture(s, "stderr", log.clone())));
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // Let the log readers drain what the process wrote last.
+            for t in [out, err].into_iter().flatten() {
+                let _ = t.await;
+            }
+            let info = match status {
+                Ok(s) => ExitInfo {
+                    code: s.code(),
+                    reason: match s.code() {
+                        Some(0) => "exited".into(),
+                        Some(137) => "killed (SIGKILL, or out of memory)".into(),
+                        Some(c) => format!("exited with code {c}"),
+                        None => "terminated by a signal".into(),
+                    },
+                },
+                Err(e) => ExitInfo { code: None, reason: format!("lost the process: {e}") },
+            };
+            let _ = tx.send(Some(info));
+        });
+        let address = SocketAddr::from((link.instance_ip, spec.port));
+        instances.insert(spec.id.clone(), Instance { link, slot, dir, merged, exit: rx });
+        tracing::info!(instance = %spec.id, %address, "container started");
+        Ok(Running { id: spec.id.clone(), address })
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<ExitInfo, RuntimeError> {
+        let mut exit = {
+            let instances = self.instances.lock().await;
+            instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?.exit.clone()
+        };
+        if let Some(done) = exit.borrow().clone() {
+            return Ok(done);
+        }
+        let cid = container_id(id);
+        let _ = cmd(&self.runc, &["kill", &cid, "TERM"]).await;
+        let exited = tokio::time::timeout(grace, exit.wait_for(|e| e.is_some())).await.is_ok();
+        if !exited {
+            let _ = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
+        }
+        let info = exit.borrow().clone();
+        info.ok_or_else(|| RuntimeError::failed(format!("stopping {id}"), "the process did not exit"))
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        let _ = self.stop(id, Duration::from_secs(0)).await;
+        let inst = self.instances.lock().await.remove(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
+        let _ = cmd(&self.runc, &["delete", "--force", &container_id(id)]).await;
+        let _ = cmd(Path::new("umount"), &[&inst.merged.display().to_string()]).await;
+        let _ = net::destroy(&inst.link).await;
+        std::fs::remove_dir_all(&inst.dir)
+            .map_err(|e| RuntimeError::failed(format!("removing {}", inst.dir.display()), e))?;
+        Ok(())
+    }
+
+    async fn state(&self, id: &str) -> Result<InstanceState, RuntimeError> {
+        let instances = self.instances.lock().await;
+        let inst = instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
+        let exit = inst.exit.borrow().clone();
+        Ok(match exit {
+            Some(e) => InstanceState::Exited(e),
+            None => InstanceState::Running,
+        })
+    }
+
+    async fn logs(&self, id: &str) -> Result<Vec<LogLine>, RuntimeError> {
+        let dir = {
+            let instances = self.instances.lock().await;
+            instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?.dir.clone()
+        };
+        let mut out = Vec::new();
+        for file in ["log.jsonl.1", "log.jsonl"] {
+            if let Ok(text) = tokio::fs::read_to_string(dir.join(file)).await {
+                out.extend(text.lines().filter_map(|l| serde_json::from_str::<LogLine>(l).ok()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ContainerRuntime {
+    /// Last resort when the runtime goes away without destroying its
+    /// instances (a crash path or a failing test): kill, unmount, unplug.
+    fn drop(&mut self) {
+        let instances = std::mem::take(self.instances.get_mut());
+        for (id, inst) in instances {
+            let cid = container_id(&id);
+            let _ = std::process::Command::new(&self.runc).args(["kill", "--all", &cid, "KILL"]).output();
+            let _ = std::process::Command::new(&self.runc).args(["delete", "--force", &cid]).output();
+            let _ = std::process::Command::new("umount").arg("-l").arg(&inst.merged).output();
+            let _ = std::process::Command::new("ip").args(["netns", "del", &inst.link.netns]).output();
+            let _ = std::process::Command::new("ip").args(["link", "del", &inst.link.host_if]).output();
+            let _ = std::fs::remove_dir_all(&inst.dir);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Instance networking: a network namespace per instance, joined to the host
+//! by a veth pair on a /30 of the node's instance range (host .1, instance .2).
+
+use std::net::Ipv4Addr;
+
+use tokio::process::Command;
+
+use crate::RuntimeError;
+
+/// One instance's point-to-point link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub netns: String,
+    pub host_if: String,
+    pub host_ip: Ipv4Addr,
+    pub instance_ip: Ipv4Addr,
+}
+
+/// The /30 with index `slot` inside `base` (a /16).
+pub fn slot_addresses(base: Ipv4Addr, slot: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let net = u32::from(base) & 0xffff_0000 | (slot << 2);
+    (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2))
+}
+
+async fn run(args: &[&str]) -> Result<(), RuntimeError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| RuntimeError::Unavailable("ip (iproute2)", e.to_string()))?;
+    if !out.status.success() {
+        return Err(RuntimeError::failed(
+            format!("ip {}", args.join(" ")),
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    Ok(())
+}
+
+/// IPv4 addresses configured on host interfaces.
+pub async fn host_addresses() -> Vec<Ipv4Addr> {
+    let Ok(out) = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().await else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .filter_map(|cidr| cidr.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// Creates the namespace and link of instance `key` (short, unique) on `slot`.
+pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, RuntimeError> {
+    let (host_ip, instance_ip) = slot_addresses(base, slot);
+    let link = Link { netns: format!("zw-{key}"), host_if: format!("zwh{key}"), host_ip, instance_ip };
+    let peer = format!("zwc{key}");
+    let ns = link.netns.as_str();
+    // Leftovers of a crashed attempt go first.
+    let _ = destroy(&link).await;
+    run(&["netns", "add", ns]).await?;
+    let result = async {
+        run(&["link", "add", &link.host_if, "type", "veth", "peer", "name", &peer]).await?;
+        run(&["link", "set", &peer, "netns", ns]).await?;
+        run(&["-n", ns, "link", "set", &peer, "name", "eth0"]).await?;
+        run(&["-n", ns, "addr", "add", &format!("{instance_ip}/30"), "dev", "eth0"]).await?;
+        run(&["-n", ns, "link", "set", "eth0", "up"]).await?;
+        run(&["-n", ns, "link", "set", "lo", "up"]).await?;
+        run(&["-n", ns, "route", "add", "default", "via", &host_ip.to_string()]).await?;
+        run(&["addr", "add", &format!("{host_ip}/30"), "dev", &link.host_if]).await?;
+        run(&["link", "set", &link.host_if, "up"]).await
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = destroy(&link).await;
+        return Err(e);
+    }
+    Ok(link)
+}
+
+/// Removes the namespace (its veth end, and so the pair, goes with it).
+pub async fn destroy(link: &Link) -> Result<(), RuntimeError> {
+    let _ = run(&["link", "del", &link.host_if]).await;
+    run(&["netns", "del", &link.netns]).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_are_disjoint_30s() {
+        let base = "10.88.0.0".parse().unwrap();
+        assert_eq!(super::slot_addresses(base, 0), ("10.88.0.1".parse().unwrap(), "10.88.0.2".parse().unwrap()));
+        assert_eq!(super::slot_addresses(base, 1), ("10.88.0.5".parse().unwrap(), "10.88.0.6".parse().unwrap()));
+        assert_eq!(super::slot_addresses(base, 64), ("10.88.1.1".parse().unwrap(), "10.88.1.2".parse().unwrap()));
+    }
+}
