@@ -712,3 +712,30 @@ pub struct VerifyDomain {
     #[serde(default)]
     pub force: bool,
 }
+
+// ---------------------------------------------------------------- node agents
+
+/// An instance a node agent must run, with everything it needs to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    pub instance: String,
+    pub deployment: String,
+    pub org: String,
+    pub project: String,
+    pub image: String,
+    pub port: u16,
+    pub resources: Resources,
+    /// The project's env vars, decrypted for the agent.
+    pub env: BTreeMap<String, String>,
+    /// What the operator last recorded.
+    pub status: InstanceStatus,
+}
+
+/// Who a token is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    pub token_id: String,
+    pub name: String,
+    pub scope: TokenScope,
+    pub read_only: bool,
+}

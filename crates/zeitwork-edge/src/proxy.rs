@@ -297,10 +297,12 @@ async fn route_request(
             );
             return (r, Some(host), None);
         };
-        let req = match upstream_request(&parts, &inst.upstream, &inst.id, full(body.clone())) {
-            Some(r) => r,
-            None => return (bad_address(), Some(host), None),
-        };
+        let req =
+            match upstream_request(&parts, &inst.upstream, &inst.id, full(body.clone()), state.config.token.as_deref())
+            {
+                Some(r) => r,
+                None => return (bad_address(), Some(host), None),
+            };
         match state.client.request(req).await {
             Ok(res) => {
                 state.balancer.restore(&inst.id);
@@ -346,7 +348,7 @@ async fn send_once(
             None,
         );
     };
-    let req = match upstream_request(&parts, &inst.upstream, &inst.id, body) {
+    let req = match upstream_request(&parts, &inst.upstream, &inst.id, body, state.config.token.as_deref()) {
         Some(r) => r,
         None => return (bad_address(), Some(host), None),
     };
@@ -380,6 +382,7 @@ fn upstream_request(
     upstream: &str,
     instance: &str,
     body: Body,
+    edge_token: Option<&str>,
 ) -> Option<Request<Body>> {
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = format!("{}{pq}", upstream.trim_end_matches('/')).parse().ok()?;
@@ -389,6 +392,10 @@ fn upstream_request(
     *req.headers_mut() = parts.headers.clone();
     if let Ok(v) = HeaderValue::from_str(instance) {
         req.headers_mut().insert("x-zeitwork-instance", v);
+    }
+    // Node agents forward only for edge proxies.
+    if let Some(v) = edge_token.and_then(|t| HeaderValue::from_str(t).ok()) {
+        req.headers_mut().insert("x-zeitwork-edge-token", v);
     }
     Some(req)
 }

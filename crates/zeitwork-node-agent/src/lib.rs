@@ -4,7 +4,12 @@
 //! It talks to the operator only through the typed client with a node-agent
 //! cluster token, and never touches the store.
 
-use std::net::SocketAddr;
+pub mod forward;
+pub mod instances;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -33,6 +38,17 @@ pub struct NodeAgentConfig {
     pub memory: Option<u32>,
     pub runtime: String,
     pub heartbeat_interval_secs: u64,
+    /// Image cache and instance state.
+    pub data_dir: PathBuf,
+    /// The OCI runtime binary of the container driver.
+    pub oci_runtime: PathBuf,
+    /// The /16 instance addresses come from (a /30 per instance).
+    pub instance_range: Ipv4Addr,
+    pub registries: zeitwork_image::RegistryConfig,
+    /// Readiness: HTTP GET on this path must answer below 500 (TCP connect when HTTP fails).
+    pub health_path: String,
+    pub start_timeout_secs: u64,
+    pub stop_grace_secs: u64,
 }
 
 impl Default for NodeAgentConfig {
@@ -50,6 +66,13 @@ impl Default for NodeAgentConfig {
             memory: None,
             runtime: "container".into(),
             heartbeat_interval_secs: 5,
+            data_dir: PathBuf::from("/var/lib/zeitwork/agent"),
+            oci_runtime: PathBuf::from("runc"),
+            instance_range: Ipv4Addr::new(10, 88, 0, 0),
+            registries: zeitwork_image::RegistryConfig::default(),
+            health_path: "/".into(),
+            start_timeout_secs: 60,
+            stop_grace_secs: 10,
         }
     }
 }
@@ -139,11 +162,48 @@ impl NodeAgent {
         tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");
 
         let metrics = HttpMetrics::new("zeitwork_node_agent");
+        let table: instances::Table = Arc::default();
+        let forwarder = Arc::new(forward::Forwarder::new(table.clone(), &config.operator_url));
         let app = Router::new()
             .route("/health", get(|| async { Json(Health { status: "ok".into() }) }))
             .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+            .fallback(forward::forward)
+            .with_state(forwarder)
             .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
         let (tx, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let images = zeitwork_image::ImageStore::new(
+            &config.data_dir.join("images"),
+            config.registries.clone(),
+            Default::default(),
+        );
+        let runtime = zeitwork_runtime::container::ContainerRuntime::new(
+            &config.data_dir.join("instances"),
+            &config.oci_runtime,
+            config.instance_range,
+        )
+        .await;
+        match (images, runtime) {
+            (Ok(images), Ok(runtime)) => {
+                let settings = instances::Settings {
+                    node: node.id.clone(),
+                    health_path: config.health_path.clone(),
+                    start_timeout: Duration::from_secs(config.start_timeout_secs),
+                    stop_grace: Duration::from_secs(config.stop_grace_secs),
+                    every: Duration::from_secs(1),
+                };
+                tasks.push(tokio::spawn(instances::run(
+                    client.clone(),
+                    Arc::new(images),
+                    Arc::new(runtime),
+                    table,
+                    settings,
+                    rx.clone(),
+                )));
+            }
+            (Err(e), _) => tracing::error!(error = %e, "no image cache; this node cannot run instances"),
+            (_, Err(e)) => tracing::error!(error = %e, "no container runtime; this node cannot run instances"),
+        }
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -152,6 +212,7 @@ impl NodeAgent {
                 })
                 .await;
         });
+        tasks.push(server);
         let heartbeats = tokio::spawn(heartbeat_loop(
             client,
             registration,
@@ -159,7 +220,8 @@ impl NodeAgent {
             Duration::from_secs(config.heartbeat_interval_secs),
             rx,
         ));
-        Ok(NodeAgent { addr, node, shutdown: tx, tasks: vec![server, heartbeats] })
+        tasks.push(heartbeats);
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks })
     }
 
     pub fn addr(&self) -> SocketAddr {

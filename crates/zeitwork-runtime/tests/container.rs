@@ -7,22 +7,10 @@ use std::time::{Duration, Instant};
 use zeitwork_image::{ImageStore, Limits, RegistryConfig};
 use zeitwork_runtime::container::ContainerRuntime;
 use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
-use zeitwork_testkit::{layer_tar, Registry};
+use zeitwork_testkit::Registry;
 
 async fn busybox_image(reg: &Registry, tag: &str, script: &str) -> String {
-    let busybox = std::fs::read("/usr/bin/busybox").expect("busybox-static is needed (apt-get install busybox-static)");
-    let layers = vec![
-        layer_tar(&[("bin/", b""), ("bin/busybox", &busybox), ("bin/sh", b"->busybox")]),
-        layer_tar(&[("www/", b""), ("www/index.html", b"hello from a container\n"), ("tmp/", b"")]),
-    ];
-    let config = serde_json::json!({
-        "Entrypoint": ["/bin/busybox", "sh", "-c", script],
-        "Env": ["PATH=/bin", "FROM_IMAGE=1"],
-        "WorkingDir": "/www",
-        "ExposedPorts": {"8080/tcp": {}}
-    });
-    reg.push_image("test/busybox", tag, &layers, config).await.unwrap();
-    format!("{}/test/busybox:{tag}", reg.addr)
+    reg.push_busybox("test/busybox", tag, script).await.unwrap()
 }
 
 fn spec(id: &str, rootfs: &Path, image: zeitwork_image::ImageConfig, port: u16) -> InstanceSpec {

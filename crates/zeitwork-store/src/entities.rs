@@ -1776,3 +1776,48 @@ impl Store {
         row.map(|r| Ok((r.text("token")?, r.text("domain")?, r.text("key_authorization")?))).transpose()
     }
 }
+
+/// An instance placed on a node, with what is needed to run it (env still encrypted).
+#[derive(Debug, Clone)]
+pub struct NodeAssignment {
+    pub instance: String,
+    pub deployment: String,
+    pub project_id: String,
+    pub org: String,
+    pub project: String,
+    pub image: String,
+    pub port: u16,
+    pub resources: Resources,
+    pub status: zeitwork_api_types::InstanceStatus,
+}
+
+impl Store {
+    /// Live instances placed on `node` whose deployment still runs.
+    pub async fn node_assignments(&self, node: &str) -> Result<Vec<NodeAssignment>> {
+        use zeitwork_api_types::InstanceStatus;
+        let rows = sqlx::query(
+            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.image, p.port \
+             FROM instances i JOIN deployments d ON d.id = i.deployment_id JOIN projects p ON p.id = d.project_id \
+             WHERE i.node_id = $1 AND i.status NOT IN ('stopped', 'failed', 'exited') AND d.status NOT IN ('retired', 'failed') \
+             ORDER BY i.id",
+        )
+        .bind(node)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeAssignment {
+                    instance: r.text("id")?,
+                    deployment: r.text("deployment_id")?,
+                    project_id: r.text("project_id")?,
+                    org: r.text("org")?,
+                    project: r.text("project")?,
+                    image: r.text("image")?,
+                    port: r.int("port")? as u16,
+                    resources: Resources { vcpu: r.int("vcpu")? as u32, memory: r.int("memory")? as u32 },
+                    status: r.parsed("status", InstanceStatus::parse)?,
+                })
+            })
+            .collect()
+    }
+}

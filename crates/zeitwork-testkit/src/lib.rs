@@ -440,3 +440,25 @@ pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
     }
     b.into_inner().expect("tar in memory")
 }
+
+impl Registry {
+    /// Pushes a small image built from the host's static busybox whose
+    /// entrypoint runs `script` with `sh -c`; serves `/www/index.html`
+    /// ("hello from a container"). Returns the image reference.
+    pub async fn push_busybox(&self, repo: &str, tag: &str, script: &str) -> Result<String> {
+        let busybox =
+            std::fs::read("/usr/bin/busybox").context("busybox-static is needed (apt-get install busybox-static)")?;
+        let layers = vec![
+            layer_tar(&[("bin/", b""), ("bin/busybox", &busybox), ("bin/sh", b"->busybox")]),
+            layer_tar(&[("www/", b""), ("www/index.html", b"hello from a container\n"), ("tmp/", b"")]),
+        ];
+        let config = serde_json::json!({
+            "Entrypoint": ["/bin/busybox", "sh", "-c", script],
+            "Env": ["PATH=/bin", "FROM_IMAGE=1"],
+            "WorkingDir": "/www",
+            "ExposedPorts": {"8080/tcp": {}}
+        });
+        self.push_image(repo, tag, &layers, config).await?;
+        Ok(format!("{}/{repo}:{tag}", self.addr))
+    }
+}

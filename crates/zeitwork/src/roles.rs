@@ -147,6 +147,9 @@ pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
     if let Some(l) = args.common.listen {
         c.listen = l;
     }
+    if let Some(d) = args.common.data {
+        c.data_dir = d;
+    }
     if let Some(v) = args.operator {
         c.operator_url = v;
     }
@@ -294,6 +297,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         operator_url: api.clone(),
         token: Some(agent_token),
         region: "local".into(),
+        data_dir: data.join("agent"),
         ..Default::default()
     })
     .await

@@ -77,6 +77,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))
+        .routes(routes!(routing::node_assignments))
+        .routes(routes!(routing::whoami))
         .routes(routes!(tls::verify_domain))
         .routes(routes!(tls::list_certificates))
         .routes(routes!(tls::lease_certificate))

@@ -89,3 +89,49 @@ pub async fn report_instance(
     s.routing.changed();
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// The instances a node must run (its node agent polls this).
+#[utoipa::path(get, path = "/api/v1/nodes/{id}/assignments", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<zeitwork_api_types::Assignment>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn node_assignments(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<zeitwork_api_types::Assignment>>> {
+    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.assignments", &id).await?;
+    s.store.get_node(&id).await?;
+    let mut out = Vec::new();
+    for a in s.store.node_assignments(&id).await? {
+        let mut env = std::collections::BTreeMap::new();
+        for v in s.store.list_env(&a.project_id).await? {
+            let value = s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
+                tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
+                crate::error::ApiError::Internal
+            })?;
+            env.insert(v.key, value);
+        }
+        out.push(zeitwork_api_types::Assignment {
+            instance: a.instance,
+            deployment: a.deployment,
+            org: a.org,
+            project: a.project,
+            image: a.image,
+            port: a.port,
+            resources: a.resources,
+            env,
+            status: a.status,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Who the calling token is (lets node agents check an edge's token).
+#[utoipa::path(get, path = "/api/v1/auth/whoami", tag = "tokens", responses((status = 200, body = zeitwork_api_types::WhoAmI)))]
+pub async fn whoami(caller: Caller) -> Json<zeitwork_api_types::WhoAmI> {
+    Json(zeitwork_api_types::WhoAmI {
+        token_id: caller.token_id,
+        name: caller.name,
+        scope: caller.scope,
+        read_only: caller.read_only,
+    })
+}

@@ -1,0 +1,254 @@
+//! Converging the node's instances to the operator's assignments: pull and
+//! start what is assigned, wait for readiness, report every status change,
+//! restart crashed instances with backoff, stop what is no longer assigned.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{watch, RwLock};
+use zeitwork_api_types::{Assignment, InstanceStatus};
+use zeitwork_client::Client;
+use zeitwork_image::ImageStore;
+use zeitwork_runtime::container::ContainerRuntime;
+use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
+
+/// Crashes within [`CRASH_WINDOW`] after which an instance is reported as a crash loop.
+pub const CRASH_LOOP: u32 = 5;
+pub const CRASH_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub assignment: Assignment,
+    pub address: Option<SocketAddr>,
+    pub ready: bool,
+    crashes: Vec<Instant>,
+    failed: bool,
+}
+
+/// Instances of this node by id, shared with the forwarder.
+pub type Table = Arc<RwLock<HashMap<String, Local>>>;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub health_path: String,
+    pub start_timeout: Duration,
+    pub stop_grace: Duration,
+    pub every: Duration,
+}
+
+async fn report(
+    client: &Client,
+    id: &str,
+    status: InstanceStatus,
+    address: Option<SocketAddr>,
+    code: Option<i32>,
+    reason: Option<String>,
+) {
+    let body =
+        json!({"status": status, "address": address.map(|a| a.to_string()), "exit_code": code, "reason": reason});
+    if let Err(e) = client.put::<_, serde_json::Value>(&format!("/api/v1/instances/{id}/status"), &body).await {
+        tracing::warn!(instance = %id, error = %e, "cannot report instance status");
+    }
+}
+
+/// Readiness: HTTP GET on the health path answers (any status below 500), or at least a TCP connect.
+pub async fn probe(addr: SocketAddr, path: &str) -> bool {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build();
+    if let Ok(http) = http {
+        if let Ok(r) = http.get(format!("http://{addr}{path}")).send().await {
+            return r.status().as_u16() < 500;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await.is_ok_and(|r| r.is_ok())
+}
+
+async fn bring_up(
+    client: Client,
+    images: Arc<ImageStore>,
+    runtime: Arc<ContainerRuntime>,
+    table: Table,
+    a: Assignment,
+    s: Settings,
+) {
+    let id = a.instance.clone();
+    report(&client, &id, InstanceStatus::Starting, None, None, None).await;
+    let image = match images.prepare(&a.image).await {
+        Ok(i) => i,
+        Err(e) => {
+            report(&client, &id, InstanceStatus::Failed, None, None, Some(format!("image {}: {e}", a.image))).await;
+            mark_failed(&table, &id).await;
+            return;
+        }
+    };
+    let spec = InstanceSpec {
+        id: id.clone(),
+        rootfs: image.rootfs.clone(),
+        image: image.config.clone(),
+        env: a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        port: a.port,
+        vcpu: a.resources.vcpu,
+        memory_mib: a.resources.memory,
+    };
+    let running = match runtime.start(&spec).await {
+        Ok(r) => r,
+        Err(e) => {
+            report(&client, &id, InstanceStatus::Failed, None, None, Some(format!("start: {e}"))).await;
+            mark_failed(&table, &id).await;
+            return;
+        }
+    };
+    if let Some(l) = table.write().await.get_mut(&id) {
+        l.address = Some(running.address);
+    }
+    let deadline = Instant::now() + s.start_timeout;
+    loop {
+        if let Ok(InstanceState::Exited(e)) = runtime.state(&id).await {
+            report(
+                &client,
+                &id,
+                InstanceStatus::Exited,
+                Some(running.address),
+                e.code,
+                Some(format!("{} before becoming ready", e.reason)),
+            )
+            .await;
+            return;
+        }
+        if probe(running.address, &s.health_path).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            let reason = format!("the app did not answer on port {} within {} s", a.port, s.start_timeout.as_secs());
+            let _ = runtime.stop(&id, s.stop_grace).await;
+            report(&client, &id, InstanceStatus::Failed, Some(running.address), None, Some(reason)).await;
+            mark_failed(&table, &id).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(l) = table.write().await.get_mut(&id) {
+        l.ready = true;
+    }
+    report(&client, &id, InstanceStatus::Ready, Some(running.address), None, None).await;
+    tracing::info!(instance = %id, address = %running.address, "instance ready");
+}
+
+async fn mark_failed(table: &Table, id: &str) {
+    if let Some(l) = table.write().await.get_mut(id) {
+        l.failed = true;
+        l.ready = false;
+    }
+}
+
+/// The reconcile loop; runs until `stop`, then stops every instance.
+pub async fn run(
+    client: Client,
+    images: Arc<ImageStore>,
+    runtime: Arc<ContainerRuntime>,
+    table: Table,
+    s: Settings,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match client.get::<Vec<Assignment>>(&format!("/api/v1/nodes/{}/assignments", s.node)).await {
+            Ok(assigned) => converge(&client, &images, &runtime, &table, &s, assigned).await,
+            Err(e) => tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(s.every) => {}
+            _ = stop.wait_for(|v| *v) => break,
+        }
+    }
+    let ids: Vec<String> = table.read().await.keys().cloned().collect();
+    for id in ids {
+        let exit = runtime.stop(&id, s.stop_grace).await.ok();
+        let _ = runtime.destroy(&id).await;
+        report(
+            &client,
+            &id,
+            InstanceStatus::Stopped,
+            None,
+            exit.as_ref().and_then(|e| e.code),
+            Some("the node agent stopped".into()),
+        )
+        .await;
+    }
+}
+
+async fn converge(
+    client: &Client,
+    images: &Arc<ImageStore>,
+    runtime: &Arc<ContainerRuntime>,
+    table: &Table,
+    s: &Settings,
+    assigned: Vec<Assignment>,
+) {
+    let wanted: HashMap<String, Assignment> = assigned.into_iter().map(|a| (a.instance.clone(), a)).collect();
+    // Stop what is no longer assigned.
+    let gone: Vec<String> = table.read().await.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
+    for id in gone {
+        let local = table.write().await.remove(&id);
+        // An instance that already ended (and was reported so) is only cleaned up.
+        let ended = local.is_some_and(|l| l.failed) || matches!(runtime.state(&id).await, Ok(InstanceState::Exited(_)));
+        let exit = runtime.stop(&id, s.stop_grace).await.ok();
+        let _ = runtime.destroy(&id).await;
+        if !ended {
+            let code = exit.as_ref().and_then(|e| e.code);
+            report(client, &id, InstanceStatus::Stopped, None, code, Some("no longer assigned to this node".into()))
+                .await;
+        }
+    }
+    for (id, a) in wanted {
+        let known = table.read().await.get(&id).cloned();
+        match known {
+            None => {
+                table.write().await.insert(
+                    id.clone(),
+                    Local { assignment: a.clone(), address: None, ready: false, crashes: Vec::new(), failed: false },
+                );
+                tokio::spawn(bring_up(client.clone(), images.clone(), runtime.clone(), table.clone(), a, s.clone()));
+            }
+            Some(l) if l.ready => {
+                // Liveness: a ready instance that exited is restarted with backoff.
+                if let Ok(InstanceState::Exited(e)) = runtime.state(&id).await {
+                    let now = Instant::now();
+                    let mut crashes: Vec<Instant> =
+                        l.crashes.into_iter().filter(|t| now.duration_since(*t) < CRASH_WINDOW).collect();
+                    crashes.push(now);
+                    let _ = runtime.destroy(&id).await;
+                    if crashes.len() as u32 >= CRASH_LOOP {
+                        let reason = format!(
+                            "crash loop: exited {} times in {} s; last: {}",
+                            crashes.len(),
+                            CRASH_WINDOW.as_secs(),
+                            e.reason
+                        );
+                        report(client, &id, InstanceStatus::Failed, None, e.code, Some(reason)).await;
+                        if let Some(l) = table.write().await.get_mut(&id) {
+                            l.failed = true;
+                            l.ready = false;
+                        }
+                        continue;
+                    }
+                    report(client, &id, InstanceStatus::Exited, None, e.code, Some(e.reason)).await;
+                    let backoff = Duration::from_millis(250 * (1 << crashes.len().min(6)));
+                    table.write().await.insert(
+                        id.clone(),
+                        Local { assignment: a.clone(), address: None, ready: false, crashes, failed: false },
+                    );
+                    let (client, images, runtime, table, s) =
+                        (client.clone(), images.clone(), runtime.clone(), table.clone(), s.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(backoff).await;
+                        bring_up(client, images, runtime, table, a, s).await;
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The node agent with real parts: an operator on SQLite, a real registry,
+//! runc instances, and an edge proxy in front: a request to the deployment's
+//! host reaches the app in its container.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+
+struct Platform {
+    op: Operator,
+    admin: Client,
+    agent: NodeAgent,
+    edge_token: String,
+    agent_token: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn platform(range: &str, start_timeout: u64) -> Platform {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("op"),
+        apps_scheme: "http".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&format!("http://{}", op.addr()), op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}}),
+        )
+        .await
+        .unwrap();
+    admin.put::<_, Value>("/api/v1/projects/acme/web/env/GREETING", &json!({"value": "hello-env"})).await.unwrap();
+    let token = |role: &str| {
+        let admin = admin.clone();
+        let role = role.to_owned();
+        async move {
+            let t: Value = admin
+                .post("/api/v1/tokens", &json!({"name": role, "scope": {"kind": "cluster", "role": role}}))
+                .await
+                .unwrap();
+            t["secret"].as_str().unwrap().to_owned()
+        }
+    };
+    let agent_token = token("node-agent").await;
+    let edge_token = token("edge-proxy").await;
+    let agent = NodeAgent::start(NodeAgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: format!("http://{}", op.addr()),
+        token: Some(agent_token.clone()),
+        hostname: format!("agent-{}", range.replace('.', "-")),
+        region: "local".into(),
+        data_dir: dir.path().join("agent"),
+        instance_range: range.parse().unwrap(),
+        start_timeout_secs: start_timeout,
+        stop_grace_secs: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    Platform { op, admin, agent, edge_token, agent_token, _dir: dir }
+}
+
+impl Platform {
+    /// Records a deployment of `image` and places one instance on the agent's node.
+    async fn deploy(&self, image: &str) -> (String, String) {
+        let d: Value = self
+            .admin
+            .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image}))
+            .await
+            .unwrap();
+        let dep = d["id"].as_str().unwrap().to_owned();
+        let inst = self
+            .op
+            .store
+            .create_instance(&zeitwork_store::NewInstance {
+                deployment: dep.clone(),
+                node: Some(self.agent.node().id.clone()),
+                region: "local".into(),
+                resources: zeitwork_api_types::Resources { vcpu: 1, memory: 128 },
+                runtime: Some("container".into()),
+            })
+            .await
+            .unwrap();
+        (dep, inst.id)
+    }
+
+    async fn wait_status(&self, instance: &str, want: &[&str], within: Duration) -> zeitwork_api_types::Instance {
+        let deadline = Instant::now() + within;
+        loop {
+            let i = self.op.store.get_instance(instance).await.unwrap();
+            if want.contains(&i.status.as_str()) {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "instance stayed {:?} (wanted {want:?}): {i:?}", i.status);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg
+        .push_busybox("acme/web", "v1", "echo started with $GREETING; exec /bin/busybox httpd -f -p $PORT -h /www")
+        .await
+        .unwrap();
+    let p = platform("10.215.0.0", 30).await;
+    let (dep, inst) = p.deploy(&image).await;
+    let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(60)).await;
+    assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.215.")), "{ready:?}");
+
+    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: format!("http://{}", p.op.addr()),
+        token: Some(p.edge_token.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let host = format!("{dep}.zeitwork.localhost");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let res = reqwest::Client::new()
+            .get(format!("http://{}/", edge.http_addr()))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 200 {
+            break res.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the edge never routed to the instance: {}", res.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body, "hello from a container\n");
+
+    // The agent forwards for edge proxies only.
+    let agent: SocketAddr = p.agent.addr();
+    let direct = |token: Option<String>| {
+        let inst = inst.clone();
+        async move {
+            let mut req = reqwest::Client::new().get(format!("http://{agent}/")).header("x-zeitwork-instance", inst);
+            if let Some(t) = token {
+                req = req.header("x-zeitwork-edge-token", t);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(direct(None).await, 401);
+    assert_eq!(direct(Some(p.agent_token.clone())).await, 403);
+    assert_eq!(direct(Some(p.edge_token.clone())).await, 200);
+
+    // The app saw the project's env vars.
+    let dir = p._dir.path().join("agent/instances").join(&inst).join("log.jsonl");
+    let log = std::fs::read_to_string(dir).unwrap();
+    assert!(log.contains("started with hello-env"), "{log}");
+
+    edge.shutdown().await;
+    p.agent.shutdown().await;
+    let stopped = p.op.store.get_instance(&inst).await.unwrap();
+    assert_eq!(stopped.status.as_str(), "stopped", "stopping the agent stops its instances");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apps_that_fail_say_why() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let p = platform("10.216.0.0", 3).await;
+    // Never opens its port.
+    let silent = reg.push_busybox("acme/silent", "v1", "exec /bin/busybox sleep 600").await.unwrap();
+    let (_, a) = p.deploy(&silent).await;
+    // Exits at once.
+    let crash = reg.push_busybox("acme/crash", "v1", "echo bye; exit 7").await.unwrap();
+    let (_, b) = p.deploy(&crash).await;
+    // Cannot be pulled.
+    let (_, c) = p.deploy(&format!("{}/acme/missing:v1", reg.addr)).await;
+
+    let a = p.wait_status(&a, &["failed"], Duration::from_secs(30)).await;
+    assert!(a.exit_reason.as_deref().unwrap_or("").contains("did not answer on port 8080"), "{a:?}");
+    let b = p.wait_status(&b, &["exited", "failed"], Duration::from_secs(30)).await;
+    assert_eq!(b.exit_code, Some(7), "{b:?}");
+    let c = p.wait_status(&c, &["failed"], Duration::from_secs(30)).await;
+    assert!(c.exit_reason.as_deref().unwrap_or("").contains("not found"), "{c:?}");
+    p.agent.shutdown().await;
+}
