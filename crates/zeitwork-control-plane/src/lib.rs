@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod routing;
@@ -65,6 +66,7 @@ pub struct Operator {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     refresher: tokio::task::JoinHandle<()>,
+    engine: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -98,6 +100,13 @@ impl Operator {
         let routing = routing::RoutingHub::new(&config.apps_domain);
         let (tx, mut rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
+        let hub = routing.clone();
+        let engine = tokio::spawn(engine::run(
+            store.clone(),
+            engine::EngineConfig::default(),
+            move || hub.changed(),
+            rx.clone(),
+        ));
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
@@ -114,7 +123,7 @@ impl Operator {
                 .await
         });
         tracing::info!(%addr, "operator API listening");
-        Ok(Operator { addr, shutdown: tx, task, refresher, admin_token, admin_token_path, store })
+        Ok(Operator { addr, shutdown: tx, task, refresher, engine, admin_token, admin_token_path, store })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -130,6 +139,7 @@ impl Operator {
             Ok(Ok(())) => {}
         }
         let _ = self.refresher.await;
+        let _ = self.engine.await;
         self.store.close().await;
     }
 }

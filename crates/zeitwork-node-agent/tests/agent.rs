@@ -74,27 +74,30 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
 }
 
 impl Platform {
-    /// Records a deployment of `image` and places one instance on the agent's node.
+    /// Deploys `image` with one instance; the operator's engine places it on the agent's node.
     async fn deploy(&self, image: &str) -> (String, String) {
         let d: Value = self
             .admin
-            .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image}))
+            .post(
+                "/api/v1/deployments",
+                &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
+            )
             .await
             .unwrap();
         let dep = d["id"].as_str().unwrap().to_owned();
-        let inst = self
-            .op
-            .store
-            .create_instance(&zeitwork_store::NewInstance {
-                deployment: dep.clone(),
-                node: Some(self.agent.node().id.clone()),
-                region: "local".into(),
-                resources: zeitwork_api_types::Resources { vcpu: 1, memory: 128 },
-                runtime: Some("container".into()),
-            })
-            .await
-            .unwrap();
-        (dep, inst.id)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(i) = self.op.store.list_instances(&dep).await.unwrap().first() {
+                assert_eq!(i.node.as_deref(), Some(self.agent.node().id.as_str()));
+                return (dep, i.id.clone());
+            }
+            assert!(Instant::now() < deadline, "the engine never placed {dep}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn deployment(&self, id: &str) -> Value {
+        self.admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap()
     }
 
     async fn wait_status(&self, instance: &str, want: &[&str], within: Duration) -> zeitwork_api_types::Instance {
@@ -121,6 +124,11 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     let (dep, inst) = p.deploy(&image).await;
     let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(60)).await;
     assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.215.")), "{ready:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.deployment(&dep).await["status"] != "active" {
+        assert!(Instant::now() < deadline, "the deployment never became active: {}", p.deployment(&dep).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
         http_listen: "127.0.0.1:0".parse().unwrap(),
@@ -147,6 +155,14 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(body, "hello from a container\n");
+    // The project's host follows the active deployment.
+    let res = reqwest::Client::new()
+        .get(format!("http://{}/", edge.http_addr()))
+        .header("host", "web-acme.zeitwork.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 
     // The agent forwards for edge proxies only.
     let agent: SocketAddr = p.agent.addr();
@@ -194,5 +210,19 @@ async fn apps_that_fail_say_why() {
     assert_eq!(b.exit_code, Some(7), "{b:?}");
     let c = p.wait_status(&c, &["failed"], Duration::from_secs(30)).await;
     assert!(c.exit_reason.as_deref().unwrap_or("").contains("not found"), "{c:?}");
+    // Each deployment failed with its instance's reason; none became active.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let deps: Vec<Value> = p.admin.get("/api/v1/deployments").await.unwrap();
+        if deps.iter().all(|d| d["status"] == "failed") {
+            assert!(
+                deps.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("did not answer on port 8080")),
+                "{deps:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{deps:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     p.agent.shutdown().await;
 }

@@ -1,0 +1,215 @@
+//! The deployment engine: places a new deployment's instances on nodes,
+//! waits for them to be ready, switches the environment's traffic to it, and
+//! retires what it replaced after the rollback window. Every pass reads the
+//! store and moves each deployment one step, so running it twice changes
+//! nothing and a crash at any point is repaired by the next pass.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use zeitwork_api_types::{DeploymentStatus, InstanceStatus, Node, NodeStatus, Resources};
+use zeitwork_store::{Audit, DeploymentFilter, NewInstance, Page, Store};
+
+/// Engine timings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub tick: Duration,
+    /// How long instances may take to become ready.
+    pub start_timeout: Duration,
+    /// How long a replaced deployment stays in standby (instant rollback).
+    pub rollback_window: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(500),
+            start_timeout: Duration::from_secs(300),
+            rollback_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Picks `count` nodes of `region` for instances needing `need`: never on
+/// draining or down nodes, spread (fewest instances of this deployment
+/// first), then packed by free memory. `Err` says what is missing.
+pub fn place(nodes: &[Node], region: &str, count: u32, need: Resources) -> Result<Vec<String>, String> {
+    let mut free: Vec<(String, u32, u32, u32)> = nodes
+        .iter()
+        .filter(|n| n.region == region && n.status == NodeStatus::Ready)
+        .map(|n| {
+            (
+                n.id.clone(),
+                n.capacity.vcpu.saturating_sub(n.allocated.vcpu),
+                n.capacity.memory.saturating_sub(n.allocated.memory),
+                0,
+            )
+        })
+        .collect();
+    if free.is_empty() {
+        return Err(format!("region {region} has no ready node"));
+    }
+    let mut picked = Vec::new();
+    for _ in 0..count {
+        free.sort_by(|a, b| a.3.cmp(&b.3).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        let Some(slot) = free.iter_mut().find(|f| f.1 >= need.vcpu && f.2 >= need.memory) else {
+            return Err(format!(
+                "region {region} lacks capacity: {count} instance(s) of {} vCPU / {} MiB needed, {} placed",
+                need.vcpu,
+                need.memory,
+                picked.len()
+            ));
+        };
+        slot.1 -= need.vcpu;
+        slot.2 -= need.memory;
+        slot.3 += 1;
+        picked.push(slot.0.clone());
+    }
+    Ok(picked)
+}
+
+/// Runs passes until `stop`.
+pub async fn run(
+    store: Store,
+    config: EngineConfig,
+    changed: impl Fn() + Send + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match pass(&store, &config).await {
+            Ok(true) => changed(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "deployment engine pass failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.tick) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn system(action: &str, target: &str, org: &str, project: &str) -> Audit {
+    Audit::new("system", action, target).org(org).project(project)
+}
+
+/// One pass over every deployment that is not settled; returns whether anything changed.
+pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_store::StoreError> {
+    let mut changed = false;
+    let by = |status| DeploymentFilter { status: Some(status), ..Default::default() };
+    let now = chrono::Utc::now();
+
+    for d in store.list_deployments(&by(DeploymentStatus::Pending), &Page::first(100)).await?.items {
+        let project = store.get_project(&d.org, &d.project).await?;
+        let nodes = store.list_nodes(&Page::first(1000)).await?.items;
+        let mut plan = Vec::new();
+        let mut failure = None;
+        if project.regions.is_empty() {
+            failure = Some("the project runs in no region; set its regions".to_owned());
+        }
+        for region in &project.regions {
+            match place(&nodes, region, d.instances_per_region, project.resources) {
+                Ok(picked) => plan.extend(picked.into_iter().map(|n| (n, region.clone()))),
+                Err(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failure {
+            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&format!("placement: {why}"))).await?;
+            store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
+        } else {
+            for (node, region) in plan {
+                store
+                    .create_instance(&NewInstance {
+                        deployment: d.id.clone(),
+                        node: Some(node),
+                        region,
+                        resources: project.resources,
+                        runtime: None,
+                    })
+                    .await?;
+            }
+            store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
+        }
+        changed = true;
+    }
+
+    for d in store.list_deployments(&by(DeploymentStatus::Starting), &Page::first(100)).await?.items {
+        let instances = store.list_instances(&d.id).await?;
+        let broken = instances.iter().find(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited));
+        if let Some(i) = broken {
+            let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));
+            store
+                .set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&format!("instance {}: {why}", i.id)))
+                .await?;
+            store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
+            changed = true;
+        } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
+            // Traffic moves only now that every instance is ready; the one it
+            // replaces becomes standby and keeps its instances for rollback.
+            store.activate_deployment(&d.id, &system("deployment.activate", &d.id, &d.org, &d.project)).await?;
+            changed = true;
+        } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
+            let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
+            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+            changed = true;
+        }
+    }
+
+    let window = chrono::Duration::from_std(config.rollback_window).unwrap_or_default();
+    for d in store.list_deployments(&by(DeploymentStatus::Standby), &Page::first(100)).await?.items {
+        if now - d.updated_at > window {
+            store.set_deployment_status(&d.id, DeploymentStatus::Retired, None).await?;
+            store.record_event(&system("deployment.retire", &d.id, &d.org, &d.project), "ok").await?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeitwork_api_types::Capacity;
+
+    fn node(id: &str, region: &str, status: NodeStatus, mem: u32, used: u32) -> Node {
+        Node {
+            id: id.into(),
+            hostname: id.into(),
+            region: region.into(),
+            address: "http://x:1".into(),
+            status,
+            capacity: Capacity { vcpu: 8, memory: mem },
+            allocated: Capacity { vcpu: 0, memory: used },
+            instances: 0,
+            runtime: "container".into(),
+            last_heartbeat: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    const SMALL: Resources = Resources { vcpu: 1, memory: 512 };
+
+    #[test]
+    fn spreads_then_packs_and_skips_unusable_nodes() {
+        let nodes = vec![
+            node("a", "eu", NodeStatus::Ready, 4096, 0),
+            node("b", "eu", NodeStatus::Ready, 4096, 2048),
+            node("c", "eu", NodeStatus::Draining, 65536, 0),
+            node("d", "us", NodeStatus::Ready, 65536, 0),
+            node("e", "eu", NodeStatus::Down, 65536, 0),
+        ];
+        let picked = place(&nodes, "eu", 2, SMALL).unwrap();
+        assert_eq!(picked.len(), 2);
+        assert_ne!(picked[0], picked[1], "no two on one node while another has room");
+        assert!(picked.iter().all(|n| n == "a" || n == "b"));
+        // Three on two nodes: one node gets two.
+        let picked = place(&nodes, "eu", 3, SMALL).unwrap();
+        assert_eq!(picked.iter().filter(|n| *n == "a").count() + picked.iter().filter(|n| *n == "b").count(), 3);
+        let err = place(&nodes, "eu", 20, SMALL).unwrap_err();
+        assert!(err.contains("lacks capacity"), "{err}");
+        assert!(place(&nodes, "ap", 1, SMALL).unwrap_err().contains("no ready node"));
+    }
+}
