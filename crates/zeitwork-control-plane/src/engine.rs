@@ -4,7 +4,6 @@
 //! store and moves each deployment one step, so running it twice changes
 //! nothing and a crash at any point is repaired by the next pass.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::watch;
