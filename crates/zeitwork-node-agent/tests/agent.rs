@@ -66,6 +66,8 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
         instance_range: range.parse().unwrap(),
         start_timeout_secs: start_timeout,
         stop_grace_secs: 2,
+        // vCPUs are shared; room for a few deployments side by side.
+        vcpu: Some(16),
         ..Default::default()
     })
     .await
@@ -224,5 +226,114 @@ async fn apps_that_fail_say_why() {
         assert!(Instant::now() < deadline, "{deps:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    p.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promote() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let v1 = reg.push_busybox("acme/web", "v1", "exec /bin/busybox httpd -f -p $PORT -h /www").await.unwrap();
+    let v2 = reg
+        .push_busybox("acme/web", "v2", "echo v2 > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp")
+        .await
+        .unwrap();
+    let v3 = reg
+        .push_busybox("acme/web", "v3", "echo v3 > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp")
+        .await
+        .unwrap();
+    let p = platform("10.217.0.0", 30).await;
+    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: format!("http://{}", p.op.addr()),
+        token: Some(p.edge_token.clone()),
+        rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let edge_addr = edge.http_addr();
+    let fetch = move |host: &'static str| async move {
+        let res = reqwest::Client::new().get(format!("http://{edge_addr}/")).header("host", host).send().await.unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
+    };
+    let wait_body = |want: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = fetch("web-acme.zeitwork.localhost").await;
+            if status == 200 && body == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "production never served {want:?}: {status} {body:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (d1, _) = p.deploy(&v1).await;
+    wait_body("hello from a container\n").await;
+
+    // Keep requesting while v2 rolls out: not one may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = fetch("web-acme.zeitwork.localhost").await;
+                if status == 200 {
+                    ok += 1;
+                } else {
+                    bad.push((status, body));
+                }
+            }
+            (ok, bad)
+        })
+    };
+    let (d2, _) = p.deploy(&v2).await;
+    wait_body("v2\n").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad) = hammer.await.unwrap();
+    assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
+    assert_eq!(p.deployment(&d1).await["status"], "standby");
+    assert_eq!(p.deployment(&d2).await["status"], "active");
+    let current: Value = p.admin.get("/api/v1/projects/acme/web/deployments/current").await.unwrap();
+    assert_eq!(current["id"], d2.as_str());
+
+    // Rollback is a routing switch to the standby deployment.
+    let back: Value = p.admin.post("/api/v1/projects/acme/web/rollback", &json!({})).await.unwrap();
+    assert_eq!(back["id"], d1.as_str());
+    wait_body("hello from a container\n").await;
+    assert_eq!(p.deployment(&d2).await["status"], "standby");
+
+    // Promote staging's active deployment to production.
+    let d: Value = p
+        .admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": v3, "instances_per_region": 1, "environment": "staging"}),
+        )
+        .await
+        .unwrap();
+    let d3 = d["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.deployment(&d3).await["status"] != "active" {
+        assert!(Instant::now() < deadline, "staging never became active: {}", p.deployment(&d3).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let promoted: Value = p
+        .admin
+        .post("/api/v1/projects/acme/web/promote", &json!({"from": "staging", "to": "production"}))
+        .await
+        .unwrap();
+    assert_eq!(promoted["id"], d3.as_str());
+    wait_body("v3\n").await;
+    let err = p
+        .admin
+        .post::<_, Value>("/api/v1/projects/acme/web/promote", &json!({"from": "preview", "to": "production"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    let instances: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{d3}/instances")).await.unwrap();
+    assert_eq!(instances.len(), 1);
+    edge.shutdown().await;
     p.agent.shutdown().await;
 }

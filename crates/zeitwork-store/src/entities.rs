@@ -1478,6 +1478,14 @@ impl Store {
     /// Points an environment of a project at a deployment (it becomes `active`;
     /// the one it replaces becomes `standby`), in one transaction.
     pub async fn activate_deployment(&self, deployment: &str, audit: &Audit) -> Result<()> {
+        let env = self.get_deployment(deployment).await?.environment;
+        self.point_environment(deployment, env, audit).await
+    }
+
+    /// Points environment `env` of the deployment's project at it (active),
+    /// and puts the deployment `env` served before into standby, in one
+    /// transaction. Used for activation, rollback and promotion.
+    pub async fn point_environment(&self, deployment: &str, env: Environment, audit: &Audit) -> Result<()> {
         let d = self.get_deployment(deployment).await?;
         let project_id = sqlx::query("SELECT project_id FROM deployments WHERE id = $1")
             .bind(deployment)
@@ -1493,8 +1501,9 @@ impl Store {
         let mut current: BTreeMap<String, String> = serde_json::from_str(&row.text("current_deployments")?)
             .map_err(|e| StoreError::Corrupt(format!("current_deployments: {e}")))?;
         let now = now_ms();
-        if let Some(previous) = current.insert(d.environment.as_str().to_owned(), d.id.clone()) {
-            if previous != d.id {
+        if let Some(previous) = current.insert(env.as_str().to_owned(), d.id.clone()) {
+            // The one replaced goes to standby unless it still serves another environment.
+            if previous != d.id && !current.values().any(|v| *v == previous) {
                 sqlx::query(
                     "UPDATE deployments SET status = 'standby', updated_at = $1 WHERE id = $2 AND status = 'active'",
                 )

@@ -397,3 +397,171 @@ pub async fn list_project_deployments(
     };
     Ok(listing(s.store.list_deployments(&filter, &page(q.limit, q.cursor)?).await?))
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentQuery {
+    /// Default `production`.
+    environment: Option<Environment>,
+}
+
+/// The deployment serving an environment of a project.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/deployments/current", tag = "deployments",
+    params(("org" = String, Path), ("project" = String, Path), EnvironmentQuery),
+    responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn current_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    QueryParams(q): QueryParams<EnvironmentQuery>,
+) -> ApiResult<Json<Deployment>> {
+    s.require_role(&caller, &org, Role::Guest, "deployment.show", &format!("{org}/{name}")).await?;
+    let env = q.environment.unwrap_or(Environment::Production);
+    let p = s.store.get_project(&org, &name).await?;
+    let id = p
+        .current_deployment
+        .get(env.as_str())
+        .ok_or_else(|| ApiError::NotFound(format!("{org}/{name} has no active {} deployment yet", env.as_str())))?;
+    Ok(Json(s.store.get_deployment(id).await?))
+}
+
+/// Rollback target: a deployment id, or the previous one of the environment.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub to: Option<String>,
+    pub environment: Option<Environment>,
+}
+
+/// Route an environment back to an earlier deployment: at once while it is in
+/// standby; a retired one is deployed again from its recorded image.
+#[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/rollback", tag = "deployments",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = RollbackRequest,
+    responses((status = 200, body = Deployment), (status = 202, body = Deployment), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn rollback(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Developer, "deployment.rollback", &target).await?;
+    let req: RollbackRequest =
+        if body.is_empty() { RollbackRequest::default() } else { crate::extract::parse_json(&body)? };
+    let env = req.environment.unwrap_or(Environment::Production);
+    let p = s.store.get_project(&org, &name).await?;
+    let current = p.current_deployment.get(env.as_str()).cloned();
+    let to = match req.to {
+        Some(id) => {
+            let d = s.store.get_deployment(&id).await?;
+            if d.org != org || d.project != name {
+                return Err(ApiError::NotFound(format!("deployment {id:?} is not one of {org}/{name}")));
+            }
+            d
+        }
+        None => {
+            let filter = DeploymentFilter {
+                org: Some(org.clone()),
+                project: Some(name.clone()),
+                environment: Some(env),
+                ..Default::default()
+            };
+            let list = s.store.list_deployments(&filter, &zeitwork_store::Page::first(100)).await?.items;
+            list.into_iter()
+                .find(|d| {
+                    Some(&d.id) != current.as_ref()
+                        && matches!(d.status, DeploymentStatus::Standby | DeploymentStatus::Retired)
+                })
+                .ok_or_else(|| {
+                    ApiError::Conflict(format!("{target} has no earlier {} deployment to roll back to", env.as_str()))
+                })?
+        }
+    };
+    if Some(&to.id) == current.as_ref() {
+        return Err(ApiError::Conflict(format!("{} already serves {}", to.id, env.as_str())));
+    }
+    let audit = caller.audit("deployment.rollback", &to.id).org(&org).project(&name);
+    match to.status {
+        DeploymentStatus::Standby | DeploymentStatus::Active => {
+            s.store.point_environment(&to.id, env, &audit).await?;
+            s.routing.changed();
+            Ok(Json(s.store.get_deployment(&to.id).await?).into_response())
+        }
+        DeploymentStatus::Retired => {
+            // Its instances are gone: deploy the recorded image (by digest when known) again.
+            let image = match &to.image_digest {
+                Some(d) => format!("{}@{d}", to.image.split('@').next().unwrap_or(&to.image)),
+                None => to.image.clone(),
+            };
+            let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
+            let new = NewDeployment {
+                url: s.config.app_url(&id),
+                id,
+                project_id: p.id.clone(),
+                org: p.org.clone(),
+                project: p.name.clone(),
+                environment: env,
+                image,
+                commit_sha: to.commit_sha.clone(),
+                commit_message: to.commit_message.clone(),
+                instances_per_region: to.instances_per_region,
+                created_by: Some(caller.actor()),
+            };
+            let d = s.store.create_deployment(&new, &audit.detail(serde_json::json!({"rollback_of": to.id}))).await?;
+            Ok((StatusCode::ACCEPTED, Json(d)).into_response())
+        }
+        other => Err(ApiError::Conflict(format!("{} is {} and cannot serve traffic", to.id, other.as_str()))),
+    }
+}
+
+/// From which environment to which.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    pub from: Environment,
+    pub to: Environment,
+}
+
+/// Point one environment at the deployment active in another, with no rebuild.
+#[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/promote", tag = "deployments",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = PromoteRequest,
+    responses((status = 200, body = Deployment), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn promote(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    JsonBody(req): JsonBody<PromoteRequest>,
+) -> ApiResult<Json<Deployment>> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Developer, "deployment.promote", &target).await?;
+    if req.from == req.to {
+        return Err(ValidationError::new("to", "promote to another environment than `from`").into());
+    }
+    let p = s.store.get_project(&org, &name).await?;
+    let id = p.current_deployment.get(req.from.as_str()).ok_or_else(|| {
+        ApiError::Conflict(format!("{target} has no active {} deployment to promote", req.from.as_str()))
+    })?;
+    let audit = caller
+        .audit("deployment.promote", id)
+        .org(&org)
+        .project(&name)
+        .detail(serde_json::json!({"from": req.from, "to": req.to}));
+    s.store.point_environment(id, req.to, &audit).await?;
+    s.routing.changed();
+    Ok(Json(s.store.get_deployment(id).await?))
+}
+
+/// The instances of a deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/instances", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<zeitwork_api_types::Instance>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn deployment_instances(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<zeitwork_api_types::Instance>>> {
+    let d = s.store.get_deployment(&id).await?;
+    if caller.role_in(&d.org).is_none() && !matches!(caller.scope, zeitwork_api_types::TokenScope::Cluster { .. }) {
+        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    }
+    Ok(Json(s.store.list_instances(&id).await?))
+}
