@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tokio::sync::Mutex;
+use zeitwork_bench_edge::flag;
 use zeitwork_control_plane::{Operator, OperatorConfig};
 
 #[derive(Clone, Copy)]
@@ -164,14 +165,6 @@ async fn nginx_peer(load: Load) -> Result<Report> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: u32| -> u32 {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let load = Load { rate: flag("--rate", 200), seconds: flag("--seconds", 10) };
     println!(
         "open-loop load: {} req/s for {} s per target (60% GET project, 20% GET deployments, 20% POST deployment)",

@@ -15,14 +15,6 @@ use zeitwork_edge::{EdgeConfig, EdgeProxy};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: u32| -> u32 {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
     let dir = tempfile::tempdir()?;
     let up = upstream().await?;

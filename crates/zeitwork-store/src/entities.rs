@@ -298,6 +298,28 @@ fn limit_arg(page: &Page) -> Arg {
 }
 
 impl Store {
+    /// Runs `q` as one keyset page ordered by `key` (ascending), after the
+    /// page's cursor.
+    async fn keyset_page<T>(
+        &self,
+        mut q: Sql,
+        key: &str,
+        page: &Page,
+        from: fn(&AnyRow) -> Result<T>,
+        cursor_of: impl Fn(&T) -> String,
+    ) -> Result<Listing<T>> {
+        if let Some(c) = &page.cursor {
+            q.and(&format!("{key} > ?"), Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY {key} LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, cursor_of))
+    }
+}
+
+impl Store {
     // ============================================================== events
 
     /// Records a call that changed nothing (e.g. a denied one).
@@ -368,15 +390,8 @@ impl Store {
     }
 
     pub async fn list_regions(&self, page: &Page) -> Result<Listing<Region>> {
-        let mut q = Sql::new("SELECT * FROM regions WHERE 1 = 1");
-        if let Some(c) = &page.cursor {
-            q.and("code > ?", Arg::Text(c.clone()));
-        }
-        let l = q.arg(limit_arg(page));
-        q.push(&format!(" ORDER BY code LIMIT {l}"));
-        let rows = q.query().fetch_all(&self.reader).await?;
-        let items = rows.iter().map(region_from).collect::<Result<Vec<_>>>()?;
-        Ok(paginate(items, page.limit, |r| r.code.clone()))
+        self.keyset_page(Sql::new("SELECT * FROM regions WHERE 1 = 1"), "code", page, region_from, |r| r.code.clone())
+            .await
     }
 
     pub async fn get_region(&self, code: &str) -> Result<Region> {
@@ -494,15 +509,7 @@ impl Store {
     }
 
     pub async fn list_nodes(&self, page: &Page) -> Result<Listing<Node>> {
-        let mut q = Sql::new(NODE_SELECT);
-        if let Some(c) = &page.cursor {
-            q.and("n.hostname > ?", Arg::Text(c.clone()));
-        }
-        let l = q.arg(limit_arg(page));
-        q.push(&format!(" ORDER BY n.hostname LIMIT {l}"));
-        let rows = q.query().fetch_all(&self.reader).await?;
-        let items = rows.iter().map(node_from).collect::<Result<Vec<_>>>()?;
-        Ok(paginate(items, page.limit, |n| n.hostname.clone()))
+        self.keyset_page(Sql::new(NODE_SELECT), "n.hostname", page, node_from, |n| n.hostname.clone()).await
     }
 
     pub async fn get_node(&self, id: &str) -> Result<Node> {
@@ -638,14 +645,7 @@ impl Store {
         if let Some(only) = only {
             in_list(&mut q, "slug", only);
         }
-        if let Some(c) = &page.cursor {
-            q.and("slug > ?", Arg::Text(c.clone()));
-        }
-        let l = q.arg(limit_arg(page));
-        q.push(&format!(" ORDER BY slug LIMIT {l}"));
-        let rows = q.query().fetch_all(&self.reader).await?;
-        let items = rows.iter().map(org_from).collect::<Result<Vec<_>>>()?;
-        Ok(paginate(items, page.limit, |o| o.slug.clone()))
+        self.keyset_page(q, "slug", page, org_from, |o| o.slug.clone()).await
     }
 
     pub async fn get_org(&self, slug: &str) -> Result<Org> {
@@ -826,14 +826,7 @@ impl Store {
         if let Some(orgs) = orgs_visible {
             in_list(&mut q, "o.slug", orgs);
         }
-        if let Some(c) = &page.cursor {
-            q.and("(o.slug || '/' || p.name) > ?", Arg::Text(c.clone()));
-        }
-        let l = q.arg(limit_arg(page));
-        q.push(&format!(" ORDER BY (o.slug || '/' || p.name) LIMIT {l}"));
-        let rows = q.query().fetch_all(&self.reader).await?;
-        let items = rows.iter().map(project_from).collect::<Result<Vec<_>>>()?;
-        Ok(paginate(items, page.limit, |p| format!("{}/{}", p.org, p.name)))
+        self.keyset_page(q, "(o.slug || '/' || p.name)", page, project_from, |p| format!("{}/{}", p.org, p.name)).await
     }
 
     pub async fn get_project(&self, org: &str, name: &str) -> Result<Project> {
@@ -1222,14 +1215,7 @@ impl Store {
         if let Some(org) = org {
             q.and("scope_org = ?", Arg::Text(org.to_owned()));
         }
-        if let Some(c) = &page.cursor {
-            q.and("id > ?", Arg::Text(c.clone()));
-        }
-        let l = q.arg(limit_arg(page));
-        q.push(&format!(" ORDER BY id LIMIT {l}"));
-        let rows = q.query().fetch_all(&self.reader).await?;
-        let items = rows.iter().map(|r| token_from(r).map(|t| t.token)).collect::<Result<Vec<_>>>()?;
-        Ok(paginate(items, page.limit, |t| t.id.clone()))
+        self.keyset_page(q, "id", page, |r| token_from(r).map(|t| t.token), |t| t.id.clone()).await
     }
 
     pub async fn delete_token(&self, id: &str, audit: &Audit) -> Result<()> {

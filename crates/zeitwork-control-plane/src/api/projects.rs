@@ -315,6 +315,30 @@ pub async fn list_deployments(
     Ok(listing(s.store.list_deployments(&filter, &page(q.limit, q.cursor)?).await?))
 }
 
+/// A new deployment record of `image` for `p`: id `<project>-<nanoid7>-<org>` and its URL.
+fn new_deployment(
+    s: &AppState,
+    p: &Project,
+    environment: Environment,
+    image: String,
+    caller: &Caller,
+) -> NewDeployment {
+    let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
+    NewDeployment {
+        url: s.config.app_url(&id),
+        id,
+        project_id: p.id.clone(),
+        org: p.org.clone(),
+        project: p.name.clone(),
+        environment,
+        image,
+        commit_sha: None,
+        commit_message: None,
+        instances_per_region: p.instances_per_region,
+        created_by: Some(caller.actor()),
+    }
+}
+
 /// Record a deployment of an image (Developer): 202, status `pending`.
 #[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeployment,
     responses((status = 202, body = Deployment), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
@@ -328,20 +352,10 @@ pub async fn create_deployment(
     s.require_role(&caller, &b.org, Role::Developer, "deployment.create", &target).await?;
     b.validate()?;
     let p = s.store.get_project(&b.org, &b.project).await?;
-    let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
-    let new = NewDeployment {
-        url: s.config.app_url(&id),
-        id,
-        project_id: p.id.clone(),
-        org: p.org.clone(),
-        project: p.name.clone(),
-        environment: b.environment.unwrap_or(Environment::Production),
-        image: b.image.clone(),
-        commit_sha: b.commit_sha.clone(),
-        commit_message: b.commit_message.clone(),
-        instances_per_region: b.instances_per_region.unwrap_or(p.instances_per_region),
-        created_by: Some(caller.actor()),
-    };
+    let mut new = new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), &caller);
+    new.commit_sha = b.commit_sha.clone();
+    new.commit_message = b.commit_message.clone();
+    new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
     let audit = caller
         .audit("deployment.create", &new.id)
         .org(&p.org)
@@ -493,20 +507,10 @@ pub async fn rollback(
                 Some(d) => format!("{}@{d}", to.image.split('@').next().unwrap_or(&to.image)),
                 None => to.image.clone(),
             };
-            let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
-            let new = NewDeployment {
-                url: s.config.app_url(&id),
-                id,
-                project_id: p.id.clone(),
-                org: p.org.clone(),
-                project: p.name.clone(),
-                environment: env,
-                image,
-                commit_sha: to.commit_sha.clone(),
-                commit_message: to.commit_message.clone(),
-                instances_per_region: to.instances_per_region,
-                created_by: Some(caller.actor()),
-            };
+            let mut new = new_deployment(&s, &p, env, image, &caller);
+            new.commit_sha = to.commit_sha.clone();
+            new.commit_message = to.commit_message.clone();
+            new.instances_per_region = to.instances_per_region;
             let d = s.store.create_deployment(&new, &audit.detail(serde_json::json!({"rollback_of": to.id}))).await?;
             Ok((StatusCode::ACCEPTED, Json(d)).into_response())
         }
