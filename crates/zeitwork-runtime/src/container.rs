@@ -81,7 +81,36 @@ impl ContainerRuntime {
             }
             Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
         }
-        Ok(Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, instances: Mutex::new(HashMap::new()) })
+        let rt = Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, instances: Mutex::new(HashMap::new()) };
+        rt.clean_leftovers().await;
+        Ok(rt)
+    }
+
+    /// Instances found on disk from an earlier run that did not stop them
+    /// (a crash): their processes, mounts and network are removed, so the
+    /// agent starts from a clean slate and re-creates what is assigned.
+    async fn clean_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.join("config.json").exists() {
+                continue;
+            }
+            let id = entry.file_name().to_string_lossy().into_owned();
+            tracing::warn!(instance = %id, "cleaning up an instance left by an earlier run");
+            let cid = container_id(&id);
+            let _ = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await;
+            let _ = cmd(&self.runc, &["delete", "--force", &cid]).await;
+            let _ = cmd(Path::new("umount"), &["-l", &path.join("rootfs").display().to_string()]).await;
+            let link = Link {
+                netns: netns_name(&id),
+                host_if: format!("zwh{}", short_key(&id)),
+                host_ip: Ipv4Addr::UNSPECIFIED,
+                instance_ip: Ipv4Addr::UNSPECIFIED,
+            };
+            let _ = net::destroy(&link).await;
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 
     fn user_of(rootfs: &Path, user: Option<&str>) -> (u32, u32) {

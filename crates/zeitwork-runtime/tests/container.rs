@@ -123,3 +123,24 @@ fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     t.subsec_nanos() ^ std::process::id().rotate_left(16)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_runtime_cleans_up_after_a_crashed_one() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
+    let img = images.prepare(&busybox_image(&reg, "sleepy", "exec /bin/busybox sleep 600").await).await.unwrap();
+    let instances = dir.path().join("instances");
+    let runtime = ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap()).await.unwrap();
+    let id = format!("ins_{:08x}", rand_u32());
+    runtime.start(&spec(&id, &img.rootfs, img.config.clone(), 8080)).await.unwrap();
+    // The agent dies without cleaning up.
+    std::mem::forget(runtime);
+    assert!(instances.join(&id).exists());
+    let _again = ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap()).await.unwrap();
+    assert!(!instances.join(&id).exists(), "the leftover instance was removed");
+    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&zeitwork_runtime::container::netns_name(&id)));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(&id), "its overlay is unmounted");
+}
