@@ -64,6 +64,8 @@ fn cli_config_path() -> Option<PathBuf> {
 
 #[derive(Debug, Subcommand)]
 pub enum Verb {
+    /// Deploy an image to ORG/PROJECT and follow it until it serves traffic or fails.
+    Deploy(DeployArgs),
     /// Regions: list, create, show, delete.
     Regions(With<RegionCmd>),
     /// Worker nodes: list, show, drain, delete.
@@ -82,6 +84,28 @@ pub enum Verb {
     Tokens(With<TokenCmd>),
     /// The audit log.
     Events(With<EventCmd>),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// ORG/PROJECT
+    project: String,
+    /// Image reference, e.g. registry.example.com/acme/web:1.2
+    #[arg(long)]
+    image: String,
+    #[arg(long, value_enum)]
+    environment: Option<EnvArg>,
+    #[arg(long)]
+    commit_sha: Option<String>,
+    #[arg(long)]
+    commit_message: Option<String>,
+    #[arg(long)]
+    instances_per_region: Option<u32>,
+    /// Give up following after this many seconds (the deployment goes on).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -367,6 +391,7 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
 
 pub async fn run(verb: Verb) -> Result<()> {
     match verb {
+        Verb::Deploy(a) => deploy(a).await,
         Verb::Regions(w) => regions(w.conn, w.cmd).await,
         Verb::Nodes(w) => nodes(w.conn, w.cmd).await,
         Verb::Orgs(w) => orgs(w.conn, w.cmd).await,
@@ -911,4 +936,82 @@ async fn events(conn: Conn, cmd: EventCmd) -> Result<()> {
         )
     }
     Ok(())
+}
+
+/// Creates a deployment and prints each step until it is active or failed.
+async fn deploy(a: DeployArgs) -> Result<()> {
+    let c = a.conn.client()?;
+    let (org, project) = split_project(&a.project)?;
+    let body = CreateDeployment {
+        org,
+        project,
+        image: a.image.clone(),
+        commit_sha: a.commit_sha,
+        commit_message: a.commit_message,
+        instances_per_region: a.instances_per_region,
+        environment: a.environment.map(Into::into),
+    };
+    let d: Deployment = c.post("/api/v1/deployments", &body).await?;
+    if !a.conn.json {
+        println!("Deploying {} as {}", a.image, d.id);
+    }
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let d: Deployment = c.get(&format!("/api/v1/deployments/{}", encode(&d.id))).await?;
+        let instances: Vec<Instance> =
+            c.get(&format!("/api/v1/deployments/{}/instances", encode(&d.id))).await.unwrap_or_default();
+        let ready = instances.iter().filter(|i| i.status == InstanceStatus::Ready).count();
+        let line = match d.status {
+            DeploymentStatus::Pending => "  placing instances…".to_owned(),
+            DeploymentStatus::Starting | DeploymentStatus::Preparing => {
+                let mut by_region: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+                for i in &instances {
+                    let e = by_region.entry(i.region.as_str()).or_default();
+                    e.1 += 1;
+                    if i.status == InstanceStatus::Ready {
+                        e.0 += 1;
+                    }
+                }
+                let regions: Vec<String> = by_region.iter().map(|(r, (ok, all))| format!("{r} {ok}/{all}")).collect();
+                format!("  starting: {ready}/{} instances ready ({})", instances.len(), regions.join(", "))
+            }
+            _ => String::new(),
+        };
+        if !a.conn.json && !line.is_empty() && line != last {
+            println!("{line}");
+            last = line;
+        }
+        match d.status {
+            DeploymentStatus::Active | DeploymentStatus::Ready => {
+                if a.conn.json {
+                    json(&d);
+                } else {
+                    println!("Live: {} is active. {}", d.id, d.url);
+                }
+                return Ok(());
+            }
+            DeploymentStatus::Failed => {
+                if a.conn.json {
+                    json(&d);
+                }
+                anyhow::bail!(
+                    "deployment {} failed: {}",
+                    d.id,
+                    d.reason.unwrap_or_else(|| "no reason recorded".into())
+                );
+            }
+            _ => {}
+        }
+        if started.elapsed().as_secs() > a.timeout {
+            anyhow::bail!(
+                "stopped following {} after {} s; it is {} (see `zeitwork deployments show {}`)",
+                d.id,
+                a.timeout,
+                d.status.as_str(),
+                d.id
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
