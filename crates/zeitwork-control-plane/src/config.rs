@@ -33,6 +33,8 @@ pub struct OperatorConfig {
     /// Addresses the platform is reached at (the load balancers); a custom
     /// domain is verified when it resolves to one of them.
     pub public_addresses: Vec<std::net::IpAddr>,
+    /// Seconds without a heartbeat after which a node is down and its instances move.
+    pub node_timeout_secs: u64,
 }
 
 impl Default for OperatorConfig {
@@ -48,6 +50,7 @@ impl Default for OperatorConfig {
             max_body_bytes: 1024 * 1024,
             default_instances_per_region: 3,
             public_addresses: Vec::new(),
+            node_timeout_secs: 15,
         }
     }
 }
@@ -90,6 +93,9 @@ impl OperatorConfig {
         }
         if let Err(e) = zeitwork_api_types::validate::instances_per_region("", self.default_instances_per_region) {
             return err("default_instances_per_region", e.message);
+        }
+        if !(1..=3600).contains(&self.node_timeout_secs) {
+            return err("node_timeout_secs", "use 1 to 3600".into());
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty".into());

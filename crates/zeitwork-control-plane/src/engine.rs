@@ -18,6 +18,8 @@ pub struct EngineConfig {
     pub start_timeout: Duration,
     /// How long a replaced deployment stays in standby (instant rollback).
     pub rollback_window: Duration,
+    /// A node whose last heartbeat is older is down; its instances are placed elsewhere.
+    pub node_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -26,6 +28,7 @@ impl Default for EngineConfig {
             tick: Duration::from_millis(500),
             start_timeout: Duration::from_secs(300),
             rollback_window: Duration::from_secs(600),
+            node_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -98,6 +101,51 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     let by = |status| DeploymentFilter { status: Some(status), ..Default::default() };
     let now = chrono::Utc::now();
 
+    // Nodes that stopped heartbeating: their instances are re-placed in the same region.
+    let cutoff = now.timestamp_millis() - config.node_timeout.as_millis() as i64;
+    if !store.mark_down_nodes(cutoff).await?.is_empty() {
+        changed = true;
+    }
+    for lost in store.instances_on_down_nodes().await? {
+        let d = store.get_deployment(&lost.deployment).await?;
+        let reason = "its node is down; replaced on another node".to_owned();
+        store.set_instance_status(&lost.id, InstanceStatus::Stopped, None, Some((None, reason))).await?;
+        changed = true;
+        if !matches!(
+            d.status,
+            DeploymentStatus::Starting | DeploymentStatus::Ready | DeploymentStatus::Active | DeploymentStatus::Standby
+        ) {
+            continue;
+        }
+        let project = store.get_project(&d.org, &d.project).await?;
+        let nodes = store.list_nodes(&Page::first(1000)).await?.items;
+        match place(&nodes, &lost.region, 1, project.resources) {
+            Ok(picked) => {
+                for node in picked {
+                    let new = NewInstance {
+                        deployment: d.id.clone(),
+                        node: Some(node),
+                        region: lost.region.clone(),
+                        resources: project.resources,
+                        runtime: None,
+                    };
+                    let i = store.create_instance(&new).await?;
+                    tracing::info!(deployment = %d.id, lost = %lost.id, replacement = %i.id, "re-placed an instance of a down node");
+                }
+            }
+            Err(why) => {
+                tracing::warn!(deployment = %d.id, instance = %lost.id, %why, "cannot re-place an instance of a down node");
+                store
+                    .record_event(
+                        &system("instance.replace", &lost.id, &d.org, &d.project)
+                            .detail(serde_json::json!({"error": why})),
+                        "failed",
+                    )
+                    .await?;
+            }
+        }
+    }
+
     for d in store.list_deployments(&by(DeploymentStatus::Pending), &Page::first(100)).await?.items {
         let project = store.get_project(&d.org, &d.project).await?;
         let nodes = store.list_nodes(&Page::first(1000)).await?.items;
@@ -136,7 +184,9 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     }
 
     for d in store.list_deployments(&by(DeploymentStatus::Starting), &Page::first(100)).await?.items {
-        let instances = store.list_instances(&d.id).await?;
+        // Instances replaced after their node went down no longer count.
+        let instances: Vec<_> =
+            store.list_instances(&d.id).await?.into_iter().filter(|i| i.status != InstanceStatus::Stopped).collect();
         let broken = instances.iter().find(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited));
         if let Some(i) = broken {
             let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));

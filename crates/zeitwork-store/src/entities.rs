@@ -1816,3 +1816,31 @@ impl Store {
             .collect()
     }
 }
+
+impl Store {
+    /// Marks nodes whose last heartbeat is older than `cutoff_ms` as down;
+    /// returns their ids.
+    pub async fn mark_down_nodes(&self, cutoff_ms: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE nodes SET status = 'down' WHERE status IN ('ready', 'draining', 'drained') \
+             AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id, hostname",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.writer)
+        .await?;
+        for r in &rows {
+            tracing::warn!(node = %r.text("hostname")?, "node missed its heartbeats; marked down");
+        }
+        rows.iter().map(|r| r.text("id")).collect()
+    }
+
+    /// Live instances on nodes that are down (to be replaced).
+    pub async fn instances_on_down_nodes(&self) -> Result<Vec<zeitwork_api_types::Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT i.* FROM instances i JOIN nodes n ON n.id = i.node_id WHERE n.status = 'down' AND i.{LIVE_INSTANCE}"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(instance_from).collect()
+    }
+}
