@@ -108,8 +108,10 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     }
     for lost in store.instances_on_down_nodes().await? {
         let d = store.get_deployment(&lost.deployment).await?;
-        let reason = "its node is down; replaced on another node".to_owned();
-        store.set_instance_status(&lost.id, InstanceStatus::Stopped, None, Some((None, reason))).await?;
+        // Only the engine that retires the instance replaces it.
+        if !store.retire_instance(&lost.id, "its node is down; replaced on another node").await? {
+            continue;
+        }
         changed = true;
         if !matches!(
             d.status,
@@ -166,7 +168,8 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         if let Some(why) = failure {
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&format!("placement: {why}"))).await?;
             store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
-        } else {
+        } else if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
+            // Claimed: no other engine places this deployment.
             for (node, region) in plan {
                 store
                     .create_instance(&NewInstance {
@@ -183,7 +186,11 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         changed = true;
     }
 
-    for d in store.list_deployments(&by(DeploymentStatus::Starting), &Page::first(100)).await?.items {
+    // `preparing` is a deployment whose placement was claimed; a crash before it
+    // reached `starting` is repaired here like any other step.
+    let mut starting = store.list_deployments(&by(DeploymentStatus::Preparing), &Page::first(100)).await?.items;
+    starting.extend(store.list_deployments(&by(DeploymentStatus::Starting), &Page::first(100)).await?.items);
+    for d in starting {
         // Instances replaced after their node went down no longer count.
         let instances: Vec<_> =
             store.list_instances(&d.id).await?.into_iter().filter(|i| i.status != InstanceStatus::Stopped).collect();

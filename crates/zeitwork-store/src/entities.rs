@@ -1844,3 +1844,30 @@ impl Store {
         rows.iter().map(instance_from).collect()
     }
 }
+
+impl Store {
+    /// Moves a deployment from `from` to `to` only if it is still in `from`;
+    /// returns whether this call did it (so two engines never both act).
+    pub async fn claim_deployment(&self, id: &str, from: DeploymentStatus, to: DeploymentStatus) -> Result<bool> {
+        let done = sqlx::query("UPDATE deployments SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4")
+            .bind(to.as_str())
+            .bind(now_ms())
+            .bind(id)
+            .bind(from.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks a live instance stopped with `reason`; returns whether this call did it.
+    pub async fn retire_instance(&self, id: &str, reason: &str) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE instances SET status = 'stopped', exit_reason = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
+        ))
+        .bind(reason)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -357,6 +357,23 @@ async fn deployments(store: Store) {
     let f = DeploymentFilter { status: Some(DeploymentStatus::Active), ..Default::default() };
     assert!(store.list_deployments(&f, &Page::first(10)).await.unwrap().items.is_empty());
     assert!(matches!(store.get_deployment("nope").await, Err(StoreError::NotFound(_))));
+
+    // Two engines racing to place one deployment: exactly one wins.
+    let claims: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            let id = ids[0].clone();
+            tokio::spawn(async move {
+                store.claim_deployment(&id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await.unwrap()
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for c in claims {
+        won += usize::from(c.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    assert_eq!(store.get_deployment(&ids[0]).await.unwrap().status, DeploymentStatus::Preparing);
 }
 
 async fn events_are_atomic_with_changes(store: Store) {
