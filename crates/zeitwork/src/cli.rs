@@ -66,6 +66,10 @@ fn cli_config_path() -> Option<PathBuf> {
 pub enum Verb {
     /// Deploy an image to ORG/PROJECT and follow it until it serves traffic or fails.
     Deploy(DeployArgs),
+    /// Route an environment back to the previous deployment (or `--to ID`).
+    Rollback(RollbackArgs),
+    /// Point one environment at the deployment active in another.
+    Promote(PromoteArgs),
     /// Regions: list, create, show, delete.
     Regions(With<RegionCmd>),
     /// Worker nodes: list, show, drain, delete.
@@ -84,6 +88,31 @@ pub enum Verb {
     Tokens(With<TokenCmd>),
     /// The audit log.
     Events(With<EventCmd>),
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// ORG/PROJECT
+    project: String,
+    /// A deployment id (default: the one served before the current one).
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long, value_enum)]
+    environment: Option<EnvArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// ORG/PROJECT
+    project: String,
+    #[arg(long, value_enum)]
+    from: EnvArg,
+    #[arg(long, value_enum)]
+    to: EnvArg,
 }
 
 #[derive(Debug, Args)]
@@ -392,6 +421,33 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
 pub async fn run(verb: Verb) -> Result<()> {
     match verb {
         Verb::Deploy(a) => deploy(a).await,
+        Verb::Rollback(a) => {
+            let c = a.conn.client()?;
+            let body = serde_json::json!({"to": a.to, "environment": a.environment.map(Environment::from)});
+            let d: Deployment = c.post(&format!("{}/rollback", project_path(&a.project)?), &body).await?;
+            if a.conn.json {
+                json(&d)
+            } else if d.status == DeploymentStatus::Pending {
+                println!(
+                    "{} is retired; redeploying its image as {} (follow with `zeitwork deployments show {}`).",
+                    a.project, d.id, d.id
+                );
+            } else {
+                println!("{} now serves {} ({}).", a.project, d.id, d.url);
+            }
+            Ok(())
+        }
+        Verb::Promote(a) => {
+            let c = a.conn.client()?;
+            let body = serde_json::json!({"from": Environment::from(a.from), "to": Environment::from(a.to)});
+            let d: Deployment = c.post(&format!("{}/promote", project_path(&a.project)?), &body).await?;
+            if a.conn.json {
+                json(&d)
+            } else {
+                println!("{} {} now serves {}.", a.project, Environment::from(a.to).as_str(), d.id);
+            }
+            Ok(())
+        }
         Verb::Regions(w) => regions(w.conn, w.cmd).await,
         Verb::Nodes(w) => nodes(w.conn, w.cmd).await,
         Verb::Orgs(w) => orgs(w.conn, w.cmd).await,

@@ -107,6 +107,17 @@ fn verbs_print_tables_json_and_exit_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Nothing to roll back to or promote yet: a conflict that says so.
+    let out = cli(&r, &["rollback", "acme/web"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no earlier production deployment"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&r, &["promote", "acme/web", "--from", "staging", "--to", "production"]);
+    assert_eq!(out.status.code(), Some(5));
+
     // Exit codes scripts can rely on.
     assert_eq!(cli(&r, &["projects", "show", "acme/nope"]).status.code(), Some(3));
     assert_eq!(cli(&r, &["projects", "create", "acme/web"]).status.code(), Some(5));
