@@ -7,7 +7,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod certs;
 pub mod config;
 pub mod engine;
 pub mod error;

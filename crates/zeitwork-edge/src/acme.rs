@@ -30,13 +30,22 @@ pub enum Challenge {
     TlsAlpn01,
 }
 
+/// How often issued certificates are loaded from the operator.
+const SYNC_EVERY: Duration = Duration::from_secs(15);
+
 /// Loads issued certificates and issues missing or expiring ones, until `stop`.
 pub async fn run(state: Arc<EdgeState>, mut stop: watch::Receiver<bool>) {
     let mut not_after: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
     let mut retry_at: HashMap<String, Instant> = HashMap::new();
     let mut account: Option<Account> = None;
+    let mut last_sync: Option<Instant> = None;
     loop {
-        sync(&state, &mut not_after).await;
+        // Certificates change rarely (issued or renewed by some edge); loading
+        // them makes the operator decrypt every key, so not on every pass.
+        if last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
+            sync(&state, &mut not_after).await;
+            last_sync = Some(Instant::now());
+        }
         if state.config.acme_directory.is_some() {
             let due: Vec<String> = {
                 let routes = state.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -73,7 +82,7 @@ pub async fn run(state: Arc<EdgeState>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = crate::stopped(&mut stop) => return,
+            _ = zeitwork_net::stopped(&mut stop) => return,
         }
     }
 }
@@ -186,9 +195,11 @@ async fn issue(
         .map_err(|e| format!("storing the certificate: {e}"))?;
     state.certs.insert(domain, key);
     tracing::info!(%domain, "certificate issued");
-    // The operator parsed the expiry; read it back with the list.
-    let certs: Vec<EdgeCertificate> = state.operator.get("/api/v1/certificates").await.map_err(|e| e.to_string())?;
-    Ok(certs.into_iter().find(|c| c.domain == domain).map(|c| c.not_after))
+    let not_after = zeitwork_net::x509::pem_blocks(&cert_pem, "CERTIFICATE")
+        .first()
+        .and_then(|der| zeitwork_net::x509::not_after(der))
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0));
+    Ok(not_after)
 }
 
 async fn new_account(state: &EdgeState) -> Result<Account, String> {

@@ -352,21 +352,7 @@ impl EdgeProxy {
         let admin = bind(state.config.admin_listen).await?;
         let admin_addr =
             admin.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.admin_listen, source })?;
-        let metrics = state.metrics.http.clone();
-        let app = axum::Router::new()
-            .route(
-                "/health",
-                axum::routing::get(|| async { axum::Json(zeitwork_api_types::Health { status: "ok".into() }) }),
-            )
-            .route("/metrics", axum::routing::get(zeitwork_telemetry::metrics_handler).with_state(metrics));
-        let mut admin_stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(admin, app)
-                .with_graceful_shutdown(async move {
-                    let _ = admin_stop.wait_for(|s| *s).await;
-                })
-                .await;
-        }));
+        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(admin, state.metrics.http.clone(), stop_rx.clone())));
 
         let client = Client::new(&state.config.operator_url, state.config.token.clone());
         tasks.push(tokio::spawn(acme::run(state.clone(), stop_rx.clone())));
@@ -421,7 +407,7 @@ async fn follow(client: Client, state: Arc<EdgeState>, mut stop: watch::Receiver
         let path = format!("/api/v1/routing/watch?version={}&timeout=25", zeitwork_client::encode(&version));
         let res = tokio::select! {
             r = client.get::<RoutingTable>(&path) => r,
-            _ = stopped(&mut stop) => return,
+            _ = zeitwork_net::stopped(&mut stop) => return,
         };
         match res {
             Ok(t) => {
@@ -432,7 +418,7 @@ async fn follow(client: Client, state: Arc<EdgeState>, mut stop: watch::Receiver
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot follow the routing table; serving the last one");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = zeitwork_net::stopped(&mut stop) => return,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -444,29 +430,14 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<EdgeState>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut conns = tokio::task::JoinSet::new();
     let conn_stop = stop.clone();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(stream, peer, tls.clone(), state.clone(), conn_stop.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopped(&mut stop) => break,
-        }
-    }
-    drop(listener);
-    // Open connections finish their requests; give them a bounded time.
-    let _ = tokio::time::timeout(Duration::from_secs(30), async { while conns.join_next().await.is_some() {} }).await;
+    // Open connections finish their requests; they get a bounded time.
+    zeitwork_net::accept_until_stopped(listener, stop, Duration::from_secs(30), move |stream, peer| {
+        connection(stream, peer, tls.clone(), state.clone(), conn_stop.clone())
+    })
+    .await;
 }
 
 struct OpenConn<'a>(&'a Gauge);
@@ -565,7 +536,7 @@ where
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
-            _ = stopped(&mut stop), if !closing => {
+            _ = zeitwork_net::stopped(&mut stop), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -605,9 +576,4 @@ impl Activity {
         }
         Duration::from_millis(self.now().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
-}
-
-/// Resolves once `stop` turns true (without holding the channel's lock).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

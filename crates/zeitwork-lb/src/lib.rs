@@ -287,23 +287,7 @@ impl LoadBalancer {
             .await
             .map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
         let admin_addr = admin.local_addr().map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
-        let app = axum::Router::new()
-            .route(
-                "/health",
-                axum::routing::get(|| async { axum::Json(zeitwork_api_types::Health { status: "ok".into() }) }),
-            )
-            .route(
-                "/metrics",
-                axum::routing::get(zeitwork_telemetry::metrics_handler).with_state(metrics.http.clone()),
-            );
-        let mut admin_stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(admin, app)
-                .with_graceful_shutdown(async move {
-                    let _ = admin_stop.wait_for(|s| *s).await;
-                })
-                .await;
-        }));
+        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(admin, metrics.http.clone(), stop_rx.clone())));
         tracing::info!(listeners = ?addrs, "load balancer listening");
         Ok(LoadBalancer { addrs, admin_addr, pools, stop, tasks })
     }
@@ -325,17 +309,13 @@ impl LoadBalancer {
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 async fn health_check(b: Arc<Backend>, config: Arc<LbConfig>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.health_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stopped(&mut stop) => return,
+            _ = zeitwork_net::stopped(&mut stop) => return,
         }
         let ok = matches!(
             tokio::time::timeout(Duration::from_millis(config.health_timeout_ms), TcpStream::connect(b.addr)).await,
@@ -367,31 +347,13 @@ async fn accept_loop(
     proxy_protocol: bool,
     config: Arc<LbConfig>,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    let _ = client.set_nodelay(true);
-                    conns.spawn(forward(client, peer, pool.clone(), proxy_protocol, config.clone(), metrics.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopped(&mut stop) => break,
-        }
-    }
-    drop(listener);
     let drain = Duration::from_secs(config.drain_timeout_secs);
-    if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!(open = conns.len(), "drain timeout; closing the remaining connections");
-        conns.abort_all();
-    }
+    zeitwork_net::accept_until_stopped(listener, stop, drain, move |client, peer| {
+        forward(client, peer, pool.clone(), proxy_protocol, config.clone(), metrics.clone())
+    })
+    .await;
 }
 
 struct Active<'a>(&'a Backend, Gauge);

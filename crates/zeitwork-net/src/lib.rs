@@ -4,6 +4,8 @@
 //!
 //! Pure protocol code over async streams; it must not know about routing.
 
+pub mod x509;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
@@ -165,6 +167,48 @@ pub fn client_key(ip: IpAddr) -> u128 {
             Some(v4) => u128::from(u32::from(v4)),
             None => (u128::from(v6) >> 64) << 64 | (1u128 << 63),
         },
+    }
+}
+
+/// Resolves once `stop` turns true (without holding the channel's lock
+/// across an await of the caller).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accepts TCP connections (TCP_NODELAY set) and runs `serve` for each until
+/// `stop` turns true; then closes the listener and gives open connections
+/// `drain` to finish before aborting them.
+pub async fn accept_until_stopped<F, Fut>(
+    listener: tokio::net::TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    drain: std::time::Duration,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(serve(stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(open = conns.len(), "drain timeout; closing the remaining connections");
+        conns.abort_all();
     }
 }
 

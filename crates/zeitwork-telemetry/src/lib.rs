@@ -126,6 +126,23 @@ pub async fn metrics_handler(State(metrics): State<HttpMetrics>) -> Response {
         .into_response()
 }
 
+/// Serves `GET /health` and `GET /metrics` on `listener` until `stop` turns
+/// true: the admin port of the edge proxy, the load balancer and similar roles.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: HttpMetrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/metrics", axum::routing::get(metrics_handler).with_state(metrics));
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

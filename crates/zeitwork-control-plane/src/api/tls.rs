@@ -13,10 +13,10 @@ use zeitwork_api_types::{
 };
 
 use crate::auth::Caller;
-use crate::certs;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, QueryParams};
 use crate::AppState;
+use zeitwork_net::x509 as certs;
 
 const EDGE: &[ClusterRole] = &[ClusterRole::EdgeProxy];
 

@@ -1,4 +1,4 @@
-//! Just enough X.509 to check an uploaded certificate: PEM to DER, and the
+//! Just enough X.509 to read a certificate's expiry: PEM to DER, and the
 //! `notAfter` of the leaf (a few DER steps; no full parser needed).
 
 use base64::engine::general_purpose::STANDARD;
