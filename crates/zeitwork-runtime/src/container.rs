@@ -109,7 +109,16 @@ impl ContainerRuntime {
                 instance_ip: Ipv4Addr::UNSPECIFIED,
             };
             let _ = net::destroy(&link).await;
-            let _ = std::fs::remove_dir_all(&path);
+            // The killed processes may still hold the overlay for a moment.
+            for _ in 0..50 {
+                if std::fs::remove_dir_all(&path).is_ok() || !path.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            if path.exists() {
+                tracing::warn!(dir = %path.display(), "could not remove a leftover instance directory");
+            }
         }
     }
 
