@@ -501,6 +501,8 @@ pub enum ClusterRole {
     NodeAgent,
     EdgeProxy,
     LoadBalancer,
+    /// Operators calling node agents (logs); operators mint their own.
+    Operator,
 }
 
 impl ClusterRole {
@@ -509,6 +511,7 @@ impl ClusterRole {
             ClusterRole::NodeAgent => "node-agent",
             ClusterRole::EdgeProxy => "edge-proxy",
             ClusterRole::LoadBalancer => "load-balancer",
+            ClusterRole::Operator => "operator",
         }
     }
 
@@ -517,6 +520,7 @@ impl ClusterRole {
             "node-agent" => ClusterRole::NodeAgent,
             "edge-proxy" => ClusterRole::EdgeProxy,
             "load-balancer" => ClusterRole::LoadBalancer,
+            "operator" => ClusterRole::Operator,
             _ => return None,
         })
     }

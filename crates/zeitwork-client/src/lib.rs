@@ -42,6 +42,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// No overall timeout: live streams and uploads.
+    long: reqwest::Client,
 }
 
 impl Client {
@@ -52,7 +54,12 @@ impl Client {
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .expect("a TLS backend is compiled in");
-        Self { base: base.trim_end_matches('/').to_owned(), token, http }
+        let long = reqwest::Client::builder()
+            .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self { base: base.trim_end_matches('/').to_owned(), token, http, long }
     }
 
     pub fn base(&self) -> &str {
@@ -76,20 +83,62 @@ impl Client {
         }
         let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         let status = res.status();
+        if !status.is_success() {
+            return Err(Self::error_of(res).await);
+        }
         let headers = res.headers().clone();
         let bytes = res.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
-        if !status.is_success() {
-            let parsed: Option<types::ApiError> = serde_json::from_slice(&bytes).ok();
-            return Err(match parsed {
-                Some(e) => ClientError::Api { status: status.as_u16(), code: e.error.code, message: e.error.message },
-                None => ClientError::Api {
-                    status: status.as_u16(),
-                    code: "http".into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
-                },
-            });
-        }
         Ok((status, headers, bytes))
+    }
+
+    /// Decodes an error answer of the operator.
+    async fn error_of(res: reqwest::Response) -> ClientError {
+        let status = res.status().as_u16();
+        let bytes = res.bytes().await.unwrap_or_default();
+        match serde_json::from_slice::<types::ApiError>(&bytes) {
+            Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
+            Err(_) => ClientError::Api {
+                status,
+                code: "http".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+            },
+        }
+    }
+
+    /// A GET whose answer is read as it arrives (live logs, event streams); no overall timeout.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.long.get(format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if !res.status().is_success() {
+            return Err(Self::error_of(res).await);
+        }
+        Ok(res)
+    }
+
+    /// POSTs a raw body (an upload) and decodes the JSON answer; no overall timeout.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<T, ClientError> {
+        let mut req = self
+            .long
+            .post(format!("{}{}", self.base, path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if !res.status().is_success() {
+            return Err(Self::error_of(res).await);
+        }
+        let bytes = res.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     async fn call<T: DeserializeOwned>(

@@ -241,3 +241,27 @@ mod tests {
         assert!(m.stored.token.expires_at.is_some());
     }
 }
+
+/// The operator's own token towards node agents (cluster role `operator`):
+/// minted on first use, valid for a day, replaced after half of that.
+#[derive(Debug, Default)]
+pub struct InternalToken {
+    current: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl InternalToken {
+    const RENEW: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+    pub async fn get(&self, store: &zeitwork_store::Store) -> Result<String, StoreError> {
+        let mut current = self.current.lock().await;
+        if let Some((t, at)) = &*current {
+            if at.elapsed() < Self::RENEW {
+                return Ok(t.clone());
+            }
+        }
+        let m = mint("operator (internal)", TokenScope::Cluster { role: ClusterRole::Operator }, false, None, Some(1));
+        store.create_token(&m.stored, &Audit::new("system", "token.create", &m.stored.token.id)).await?;
+        *current = Some((m.bearer.clone(), std::time::Instant::now()));
+        Ok(m.bearer)
+    }
+}

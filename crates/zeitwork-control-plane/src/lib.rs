@@ -35,6 +35,10 @@ pub struct AppState {
     pub cipher: secrets::Cipher,
     pub metrics: HttpMetrics,
     pub routing: Arc<routing::RoutingHub>,
+    /// This operator's token towards node agents.
+    pub internal_token: Arc<auth::InternalToken>,
+    /// Calls to node agents.
+    pub http: reqwest::Client,
 }
 
 /// Why the operator could not start.
@@ -112,6 +116,11 @@ impl Operator {
             cipher,
             metrics: HttpMetrics::new("zeitwork_operator"),
             routing,
+            internal_token: Arc::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .build()
+                .unwrap_or_default(),
         };
         let app = api::router(state);
         let task = tokio::spawn(async move {

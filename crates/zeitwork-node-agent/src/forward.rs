@@ -27,8 +27,8 @@ const TOKEN_CACHE: Duration = Duration::from_secs(60);
 pub struct Forwarder {
     pub table: Table,
     operator_url: String,
-    /// sha256(token) → (allowed, checked at).
-    verified: Mutex<HashMap<String, (bool, Instant)>>,
+    /// sha256(token) → (its scope, checked at).
+    verified: Mutex<HashMap<String, (Option<TokenScope>, Instant)>>,
     client: hyper_util::client::legacy::Client<HttpConnector, Body>,
 }
 
@@ -44,28 +44,46 @@ impl Forwarder {
         }
     }
 
-    /// Whether `token` belongs to an edge proxy (or a platform admin), asking the operator at most once a minute.
-    async fn allowed(&self, token: &str) -> bool {
+    /// The scope of `token` (None when the operator does not know it), asking the operator at most once a minute.
+    async fn scope_of(&self, token: &str) -> Option<TokenScope> {
         let key = hex::encode(Sha256::digest(token.as_bytes()));
-        if let Some((ok, at)) = self.verified.lock().await.get(&key) {
+        if let Some((scope, at)) = self.verified.lock().await.get(&key) {
             if at.elapsed() < TOKEN_CACHE {
-                return *ok;
+                return scope.clone();
             }
         }
         let who = Client::new(&self.operator_url, Some(token.to_owned())).get::<WhoAmI>("/api/v1/auth/whoami").await;
-        let ok = match who {
-            Ok(w) => matches!(w.scope, TokenScope::Admin | TokenScope::Cluster { role: ClusterRole::EdgeProxy }),
-            Err(e) if e.status().is_some() => false,
+        let scope = match who {
+            Ok(w) => Some(w.scope),
+            Err(e) if e.status().is_some() => None,
             // The operator is unreachable: keep an earlier answer rather than drop traffic.
-            Err(_) => return self.verified.lock().await.get(&key).is_some_and(|(ok, _)| *ok),
+            Err(_) => return self.verified.lock().await.get(&key).and_then(|(s, _)| s.clone()),
         };
-        self.verified.lock().await.insert(key, (ok, Instant::now()));
-        ok
+        self.verified.lock().await.insert(key, (scope.clone(), Instant::now()));
+        scope
+    }
+
+    /// Whether `token` is a platform admin's or a cluster token of one of `roles`.
+    pub async fn allowed(&self, token: &str, roles: &[ClusterRole]) -> bool {
+        match self.scope_of(token).await {
+            Some(TokenScope::Admin) => true,
+            Some(TokenScope::Cluster { role }) => roles.contains(&role),
+            _ => false,
+        }
     }
 }
 
-fn refuse(status: StatusCode, msg: &str) -> Response {
+pub(crate) fn refuse(status: StatusCode, msg: &str) -> Response {
     (status, format!("{msg}\n")).into_response()
+}
+
+/// Middleware: requests with [`INSTANCE_HEADER`] go to the instance, the rest to the agent's own routes.
+pub async fn route(State(fw): State<Arc<Forwarder>>, req: Request, next: axum::middleware::Next) -> Response {
+    if req.headers().contains_key(INSTANCE_HEADER) {
+        forward(State(fw), req).await
+    } else {
+        next.run(req).await
+    }
 }
 
 pub async fn forward(State(fw): State<Arc<Forwarder>>, mut req: Request) -> Response {
@@ -75,7 +93,7 @@ pub async fn forward(State(fw): State<Arc<Forwarder>>, mut req: Request) -> Resp
     let Some(token) = req.headers().get(EDGE_TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned) else {
         return refuse(StatusCode::UNAUTHORIZED, "forwarding needs an edge proxy's token");
     };
-    if !fw.allowed(&token).await {
+    if !fw.allowed(&token, &[ClusterRole::EdgeProxy]).await {
         return refuse(StatusCode::FORBIDDEN, "this token may not forward to instances");
     }
     let addr = fw.table.read().await.get(&instance).filter(|l| l.ready).and_then(|l| l.address);

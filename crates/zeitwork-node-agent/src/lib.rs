@@ -6,6 +6,7 @@
 
 pub mod forward;
 pub mod instances;
+pub mod logs;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -83,6 +84,8 @@ pub enum AgentError {
     Config { field: &'static str, message: String },
     #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot create {path}")]
+    DataDir { path: String, source: std::io::Error },
     #[error("cannot register with the operator")]
     Register(#[from] zeitwork_client::ClientError),
 }
@@ -164,11 +167,23 @@ impl NodeAgent {
         let metrics = HttpMetrics::new("zeitwork_node_agent");
         let table: instances::Table = Arc::default();
         let forwarder = Arc::new(forward::Forwarder::new(table.clone(), &config.operator_url));
+        let log_dir = config.data_dir.join("logs");
+        let logs = Arc::new(
+            zeitwork_runtime::logs::LogStore::new(&log_dir)
+                .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?,
+        );
+        logs.prune(zeitwork_runtime::logs::RETENTION);
+        // Requests naming an instance are always forwarded, whatever their path.
         let app = Router::new()
             .route("/health", get(|| async { Json(Health { status: "ok".into() }) }))
             .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
-            .fallback(forward::forward)
-            .with_state(forwarder)
+            .route(
+                "/v1/instances/{id}/logs",
+                get(logs::instance_logs)
+                    .with_state(logs::LogsState { forwarder: forwarder.clone(), logs: logs.clone() }),
+            )
+            .fallback(|| async { forward::refuse(axum::http::StatusCode::NOT_FOUND, "not found") })
+            .layer(axum::middleware::from_fn_with_state(forwarder, forward::route))
             .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -181,6 +196,7 @@ impl NodeAgent {
             &config.data_dir.join("instances"),
             &config.oci_runtime,
             config.instance_range,
+            logs,
         )
         .await;
         match (images, runtime) {

@@ -119,7 +119,11 @@ impl Platform {
 async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     let reg = zeitwork_testkit::Registry::start().unwrap();
     let image = reg
-        .push_busybox("acme/web", "v1", "echo started with $GREETING; exec /bin/busybox httpd -f -p $PORT -h /www")
+        .push_busybox(
+            "acme/web",
+            "v1",
+            "echo started with $GREETING; (i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done) & exec /bin/busybox httpd -f -p $PORT -h /www",
+        )
         .await
         .unwrap();
     let p = platform("10.215.0.0", 30).await;
@@ -182,10 +186,59 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     assert_eq!(direct(Some(p.agent_token.clone())).await, 403);
     assert_eq!(direct(Some(p.edge_token.clone())).await, 200);
 
-    // The app saw the project's env vars.
-    let dir = p._dir.path().join("agent/instances").join(&inst).join("log.jsonl");
-    let log = std::fs::read_to_string(dir).unwrap();
-    assert!(log.contains("started with hello-env"), "{log}");
+    // A request naming an instance reaches the app even on a path the agent itself serves.
+    let res = reqwest::Client::new()
+        .get(format!("http://{agent}/health"))
+        .header("x-zeitwork-instance", &inst)
+        .header("x-zeitwork-edge-token", &p.edge_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404, "busybox httpd has no /health; the agent's own answer would be 200");
+
+    // Logs through the operator: the app saw the project's env vars.
+    let text = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
+    assert!(text.contains(&format!("{inst} started with hello-env")), "{text}");
+    let json_lines = p
+        .admin
+        .stream(&format!("/api/v1/deployments/{dep}/logs?format=json&since=1h"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let first: Value = serde_json::from_str(json_lines.lines().next().expect("a line")).unwrap();
+    assert_eq!(first["instance"], inst.as_str());
+    assert_eq!(first["stream"], "stdout");
+    let bad = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs?since=yesterday")).await.unwrap_err();
+    assert_eq!(bad.status(), Some(400), "{bad}");
+    // The agent's log endpoint is for operators, not for edge proxies or strangers.
+    let agent_logs = |token: String| {
+        let inst = inst.clone();
+        async move {
+            reqwest::Client::new()
+                .get(format!("http://{agent}/v1/instances/{inst}/logs"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(agent_logs(p.edge_token.clone()).await, 403);
+    assert_eq!(agent_logs("zw_nope_nope".into()).await, 403);
+    // Following: history first, then lines the app writes later arrive on the open stream.
+    let last_tick = text.lines().filter_map(|l| l.rsplit_once("tick ")?.1.parse::<u32>().ok()).max().unwrap_or(0);
+    let later = format!("tick {}\n", last_tick + 2);
+    let mut follow = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs?follow=true")).await.unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(seen.contains("started with hello-env") && seen.contains(&later)) {
+        let chunk = tokio::time::timeout_at(deadline.into(), follow.chunk()).await.expect("followed lines").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("the stream stays open")));
+    }
+    drop(follow);
 
     edge.shutdown().await;
     p.agent.shutdown().await;

@@ -12,15 +12,12 @@ use std::time::Duration;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{watch, Mutex};
 
+use crate::logs::LogStore;
 use crate::net::{self, Link};
 use crate::{ExitInfo, InstanceSpec, InstanceState, LogLine, Running, Runtime, RuntimeError};
-
-/// Largest log file per instance before it is rotated (one old file is kept).
-pub const LOG_CAP: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug)]
 struct Instance {
@@ -37,6 +34,7 @@ pub struct ContainerRuntime {
     dir: PathBuf,
     runc: PathBuf,
     base: Ipv4Addr,
+    logs: Arc<LogStore>,
     instances: Mutex<HashMap<String, Instance>>,
 }
 
@@ -70,8 +68,9 @@ async fn cmd(program: &Path, args: &[&str]) -> Result<String, RuntimeError> {
 
 impl ContainerRuntime {
     /// `runtime`: a runc or crun binary (found on PATH when relative);
-    /// `base`: the node's instance range (a /16, e.g. 10.88.0.0).
-    pub async fn new(dir: &Path, runtime: &Path, base: Ipv4Addr) -> Result<Self, RuntimeError> {
+    /// `base`: the node's instance range (a /16, e.g. 10.88.0.0); instance
+    /// output goes to `logs`.
+    pub async fn new(dir: &Path, runtime: &Path, base: Ipv4Addr, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
         let version = Command::new(runtime).arg("--version").output().await;
         match version {
@@ -81,7 +80,8 @@ impl ContainerRuntime {
             }
             Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
         }
-        let rt = Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, instances: Mutex::new(HashMap::new()) };
+        let rt =
+            Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;
         Ok(rt)
     }
@@ -218,23 +218,6 @@ impl ContainerRuntime {
     }
 }
 
-/// Appends timestamped lines of one stream to the instance's log, rotating at [`LOG_CAP`].
-async fn capture(stream: impl tokio::io::AsyncRead + Unpin, name: &'static str, log: Arc<Mutex<PathBuf>>) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let entry = LogLine { at: chrono::Utc::now(), stream: name.into(), line };
-        let path = log.lock().await;
-        if std::fs::metadata(&*path).is_ok_and(|m| m.len() > LOG_CAP) {
-            let _ = std::fs::rename(&*path, path.with_extension("jsonl.1"));
-        }
-        if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&*path).await {
-            let mut text = serde_json::to_string(&entry).unwrap_or_default();
-            text.push('\n');
-            let _ = f.write_all(text.as_bytes()).await;
-        }
-    }
-}
-
 impl Runtime for ContainerRuntime {
     fn name(&self) -> &'static str {
         "container"
@@ -283,9 +266,16 @@ impl Runtime for ContainerRuntime {
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| RuntimeError::Unavailable("runc/crun", e.to_string()))?;
-        let log = Arc::new(Mutex::new(dir.join("log.jsonl")));
-        let out = child.stdout.take().map(|s| tokio::spawn(capture(s, "stdout", log.clone())));
-        let err = child.stderr.take().map(|s| tokio::spawn(capture(s, "stderr", log.clone())));
+        let order = Arc::new(Mutex::new(()));
+        let logs = &self.logs;
+        let out = child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(logs.clone().capture(spec.id.clone(), s, "stdout", order.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(logs.clone().capture(spec.id.clone(), s, "stderr", order.clone())));
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -354,17 +344,10 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, RuntimeError> {
-        let dir = {
-            let instances = self.instances.lock().await;
-            instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?.dir.clone()
-        };
-        let mut out = Vec::new();
-        for file in ["log.jsonl.1", "log.jsonl"] {
-            if let Ok(text) = tokio::fs::read_to_string(dir.join(file)).await {
-                out.extend(text.lines().filter_map(|l| serde_json::from_str::<LogLine>(l).ok()));
-            }
+        if !self.logs.exists(id) && !self.instances.lock().await.contains_key(id) {
+            return Err(RuntimeError::NotFound(id.to_owned()));
         }
-        Ok(out)
+        Ok(self.logs.read(id, None))
     }
 }
 

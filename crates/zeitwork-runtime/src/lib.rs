@@ -7,6 +7,7 @@
 //! nothing else: it does not talk to the operator or decide placement.
 
 pub mod container;
+pub mod logs;
 pub mod net;
 
 use std::net::SocketAddr;
@@ -81,7 +82,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Removes everything the instance left (mounts, network, files).
     fn destroy(&self, id: &str) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     fn state(&self, id: &str) -> impl std::future::Future<Output = Result<InstanceState, RuntimeError>> + Send;
-    /// The instance's captured output, oldest first.
+    /// The instance's captured output, oldest first (also after it was destroyed).
     fn logs(&self, id: &str) -> impl std::future::Future<Output = Result<Vec<LogLine>, RuntimeError>> + Send;
 }
 

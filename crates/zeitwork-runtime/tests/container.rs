@@ -6,11 +6,16 @@ use std::time::{Duration, Instant};
 
 use zeitwork_image::{ImageStore, Limits, RegistryConfig};
 use zeitwork_runtime::container::ContainerRuntime;
+use zeitwork_runtime::logs::LogStore;
 use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
 use zeitwork_testkit::Registry;
 
 async fn busybox_image(reg: &Registry, tag: &str, script: &str) -> String {
     reg.push_busybox("test/busybox", tag, script).await.unwrap()
+}
+
+fn logs(dir: &tempfile::TempDir) -> std::sync::Arc<LogStore> {
+    std::sync::Arc::new(LogStore::new(&dir.path().join("logs")).unwrap())
 }
 
 fn spec(id: &str, rootfs: &Path, image: zeitwork_image::ImageConfig, port: u16) -> InstanceSpec {
@@ -30,10 +35,14 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
-    let runtime =
-        ContainerRuntime::new(&dir.path().join("instances"), Path::new("runc"), "10.213.0.0".parse().unwrap())
-            .await
-            .expect("runc is needed (apt-get install runc; .ci/run installs it)");
+    let runtime = ContainerRuntime::new(
+        &dir.path().join("instances"),
+        Path::new("runc"),
+        "10.213.0.0".parse().unwrap(),
+        logs(&dir),
+    )
+    .await
+    .expect("runc is needed (apt-get install runc; .ci/run installs it)");
 
     let web = images
         .prepare(
@@ -86,6 +95,9 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
     assert!(!String::from_utf8_lossy(&netns.stdout).contains(&ns), "{ns} is gone");
     assert!(!dir.path().join("instances").join(&id).exists());
     assert!(web.rootfs.join("www/index.html").exists());
+    // Logs outlive the instance, so a failed deployment can still be read.
+    assert!(runtime.logs(&id).await.unwrap().iter().any(|l| l.line == "booting hi"));
+    assert!(runtime.logs("ins_never_ran").await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,10 +105,14 @@ async fn exit_codes_are_reported() {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
-    let runtime =
-        ContainerRuntime::new(&dir.path().join("instances"), Path::new("runc"), "10.214.0.0".parse().unwrap())
-            .await
-            .unwrap();
+    let runtime = ContainerRuntime::new(
+        &dir.path().join("instances"),
+        Path::new("runc"),
+        "10.214.0.0".parse().unwrap(),
+        logs(&dir),
+    )
+    .await
+    .unwrap();
     let img = images
         .prepare(&busybox_image(&reg, "crash", "echo $GREETING $PORT $FROM_IMAGE; touch /www/written; exit 3").await)
         .await
@@ -131,13 +147,15 @@ async fn a_new_runtime_cleans_up_after_a_crashed_one() {
     let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
     let img = images.prepare(&busybox_image(&reg, "sleepy", "exec /bin/busybox sleep 600").await).await.unwrap();
     let instances = dir.path().join("instances");
-    let runtime = ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap()).await.unwrap();
+    let runtime =
+        ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap(), logs(&dir)).await.unwrap();
     let id = format!("ins_{:08x}", rand_u32());
     runtime.start(&spec(&id, &img.rootfs, img.config.clone(), 8080)).await.unwrap();
     // The agent dies without cleaning up.
     std::mem::forget(runtime);
     assert!(instances.join(&id).exists());
-    let _again = ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap()).await.unwrap();
+    let _again =
+        ContainerRuntime::new(&instances, Path::new("runc"), "10.218.0.0".parse().unwrap(), logs(&dir)).await.unwrap();
     assert!(!instances.join(&id).exists(), "the leftover instance was removed");
     let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&netns.stdout).contains(&zeitwork_runtime::container::netns_name(&id)));

@@ -70,6 +70,8 @@ pub enum Verb {
     Rollback(RollbackArgs),
     /// Point one environment at the deployment active in another.
     Promote(PromoteArgs),
+    /// Print a deployment's logs (all its instances, merged by time); `-f` follows them live.
+    Logs(LogsArgs),
     /// Regions: list, create, show, delete.
     Regions(With<RegionCmd>),
     /// Worker nodes: list, show, drain, delete.
@@ -99,6 +101,23 @@ pub struct RollbackArgs {
     /// A deployment id (default: the one served before the current one).
     #[arg(long)]
     to: Option<String>,
+    #[arg(long, value_enum)]
+    environment: Option<EnvArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// A deployment id, or ORG/PROJECT for the deployment its environment serves.
+    target: String,
+    /// Keep printing new lines as they are written.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only lines since an age (`10m`, `2h`, `1d`) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// With ORG/PROJECT: which environment's deployment.
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
 }
@@ -448,6 +467,7 @@ pub async fn run(verb: Verb) -> Result<()> {
             }
             Ok(())
         }
+        Verb::Logs(a) => logs(a).await,
         Verb::Regions(w) => regions(w.conn, w.cmd).await,
         Verb::Nodes(w) => nodes(w.conn, w.cmd).await,
         Verb::Orgs(w) => orgs(w.conn, w.cmd).await,
@@ -990,6 +1010,44 @@ async fn events(conn: Conn, cmd: EventCmd) -> Result<()> {
                 .map(|e| vec![ago(&e.at), e.actor.clone(), e.action.clone(), e.target.clone(), e.result.clone()])
                 .collect(),
         )
+    }
+    Ok(())
+}
+
+/// Prints a deployment's logs as they come (text, or JSON lines with `--json`).
+async fn logs(a: LogsArgs) -> Result<()> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let c = a.conn.client()?;
+    let id = if a.target.contains('/') {
+        let env = a.environment.map(Environment::from).unwrap_or(Environment::Production);
+        let d: Deployment = c
+            .get(&format!(
+                "{}/deployments/current{}",
+                project_path(&a.target)?,
+                query(&[("environment", Some(env.as_str().to_owned()))])
+            ))
+            .await?;
+        d.id
+    } else {
+        a.target.clone()
+    };
+    let path = format!(
+        "/api/v1/deployments/{}/logs{}",
+        encode(&id),
+        query(&[
+            ("follow", Some(a.follow.to_string())),
+            ("since", a.since.clone()),
+            ("format", Some(if a.conn.json { "json" } else { "text" }.to_owned())),
+        ])
+    );
+    let res = c.stream(&path).await?;
+    let mut body = res.bytes_stream();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the log stream broke off")?;
+        out.write_all(&chunk)?;
+        out.flush()?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod health;
+mod logs;
 mod orgs;
 mod projects;
 mod routing;
@@ -78,6 +79,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::rollback))
         .routes(routes!(projects::promote))
         .routes(routes!(projects::deployment_instances))
+        .routes(routes!(logs::deployment_logs))
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))

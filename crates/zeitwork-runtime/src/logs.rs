@@ -1,0 +1,254 @@
+//! Instance logs on disk: one JSON-lines file per instance (timestamp, stream,
+//! line), rotated at a size cap with one older file kept, readable after the
+//! instance is gone, and followed by offset for live tails. Every driver
+//! writes through it.
+
+use std::io::{BufRead, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::LogLine;
+
+/// Largest log file per instance before it is rotated (one older file is kept).
+pub const LOG_CAP: u64 = 8 * 1024 * 1024;
+/// Longest line kept; longer ones are cut and marked.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Logs of instances untouched for this long are removed.
+pub const RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// The log directory of a node.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    dir: PathBuf,
+    cap: u64,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl LogStore {
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP })
+    }
+
+    /// A store rotating at `cap` bytes (tests).
+    pub fn with_cap(dir: &Path, cap: u64) -> std::io::Result<Self> {
+        Ok(Self { cap, ..Self::new(dir)? })
+    }
+
+    pub fn path(&self, id: &str) -> Option<PathBuf> {
+        valid_id(id).then(|| self.dir.join(format!("{id}.jsonl")))
+    }
+
+    /// Whether anything was ever logged for `id`.
+    pub fn exists(&self, id: &str) -> bool {
+        self.path(id).is_some_and(|p| p.exists() || p.with_extension("jsonl.1").exists())
+    }
+
+    /// Appends one line, rotating the file when it passed the cap.
+    pub async fn append(&self, id: &str, stream: &str, mut line: String) {
+        let Some(path) = self.path(id) else { return };
+        if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str(" [line cut]");
+        }
+        let entry = LogLine { at: Utc::now(), stream: stream.into(), line };
+        let mut text = serde_json::to_string(&entry).unwrap_or_default();
+        text.push('\n');
+        if tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() + text.len() as u64 > self.cap) {
+            let _ = tokio::fs::rename(&path, path.with_extension("jsonl.1")).await;
+        }
+        if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await {
+            // tokio writes in the background; flush so readers see the line now.
+            if f.write_all(text.as_bytes()).await.is_ok() {
+                let _ = f.flush().await;
+            }
+        }
+    }
+
+    /// Copies each line of `stream` into the log of `id`; returns at end of stream.
+    pub async fn capture(
+        self: Arc<Self>,
+        id: String,
+        stream: impl tokio::io::AsyncRead + Unpin,
+        name: &'static str,
+        order: Arc<Mutex<()>>,
+    ) {
+        let mut lines = BufReader::new(stream).lines();
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    let _held = order.lock().await;
+                    self.append(&id, name, line).await;
+                }
+                Ok(None) => return,
+                // Not UTF-8: keep what can be read and go on.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.append(&id, name, "[line is not UTF-8]".into()).await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Lines of `id` at or after `since`, oldest first.
+    pub fn read(&self, id: &str, since: Option<DateTime<Utc>>) -> Vec<LogLine> {
+        let Some(path) = self.path(id) else { return Vec::new() };
+        let mut out = Vec::new();
+        for file in [path.with_extension("jsonl.1"), path] {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                out.extend(
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<LogLine>(l).ok())
+                        .filter(|l| since.is_none_or(|s| l.at >= s)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Lines of `id` since `since`, then every new line as it is written,
+    /// until the receiver is dropped. Survives rotation.
+    pub fn follow(&self, id: &str, since: Option<DateTime<Utc>>) -> mpsc::Receiver<LogLine> {
+        let (tx, rx) = mpsc::channel(256);
+        let Some(path) = self.path(id) else { return rx };
+        let mut earlier = read_from(&path.with_extension("jsonl.1"), 0).0;
+        let (current, mut offset) = read_from(&path, 0);
+        earlier.extend(current);
+        earlier.retain(|l| since.is_none_or(|s| l.at >= s));
+        tokio::spawn(async move {
+            let mut from_rotated = None;
+            for l in earlier {
+                if tx.send(l).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                if len < offset {
+                    // Rotated: the rest of the old file is in `.1`.
+                    from_rotated = Some(offset);
+                    offset = 0;
+                }
+                let mut batch = Vec::new();
+                if let Some(old) = from_rotated.take() {
+                    batch.extend(read_from(&path.with_extension("jsonl.1"), old).0);
+                }
+                if len > offset {
+                    let (lines, end) = read_from(&path, offset);
+                    batch.extend(lines);
+                    offset = end;
+                }
+                for l in batch {
+                    if tx.send(l).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        rx
+    }
+
+    /// Removes logs untouched for longer than `age`.
+    pub fn prune(&self, age: Duration) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|d| d > age));
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Whole lines from `offset`; returns them and the offset after the last one.
+fn read_from(path: &Path, offset: u64) -> (Vec<LogLine>, u64) {
+    let Ok(mut f) = std::fs::File::open(path) else { return (Vec::new(), offset) };
+    if f.seek(SeekFrom::Start(offset)).is_err() {
+        return (Vec::new(), offset);
+    }
+    let mut reader = std::io::BufReader::new(f);
+    let (mut out, mut end, mut buf) = (Vec::new(), offset, String::new());
+    loop {
+        buf.clear();
+        match reader.read_line(&mut buf) {
+            Ok(0) | Err(_) => break,
+            // A line still being written: read it next time.
+            Ok(_) if !buf.ends_with('\n') => break,
+            Ok(n) => {
+                end += n as u64;
+                if let Ok(l) = serde_json::from_str::<LogLine>(buf.trim_end()) {
+                    out.push(l);
+                }
+            }
+        }
+    }
+    (out, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn appends_reads_since_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::with_cap(dir.path(), 400).unwrap();
+        for i in 0..20 {
+            store.append("ins_a", "stdout", format!("line {i}")).await;
+        }
+        let lines = store.read("ins_a", None);
+        // Rotation keeps one older file: the newest lines are there, the oldest are gone.
+        assert_eq!(lines.last().unwrap().line, "line 19");
+        assert!(lines.len() < 20 && lines.len() >= 4, "{}", lines.len());
+        assert!(dir.path().join("ins_a.jsonl.1").exists());
+        let cut = lines[lines.len() - 2].at;
+        assert!(store.read("ins_a", Some(cut)).len() <= 2);
+        assert!(store.read("../etc/passwd", None).is_empty());
+        assert!(!store.exists("ins_b"));
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::new(dir.path()).unwrap();
+        store.append("ins_a", "stderr", "é".repeat(MAX_LINE)).await;
+        let l = &store.read("ins_a", None)[0];
+        assert!(l.line.ends_with("[line cut]") && l.line.len() <= MAX_LINE + 11, "{}", l.line.len());
+    }
+
+    #[tokio::test]
+    async fn follow_sees_new_lines_across_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::with_cap(dir.path(), 300).unwrap();
+        store.append("ins_a", "stdout", "before".into()).await;
+        let mut rx = store.follow("ins_a", None);
+        assert_eq!(rx.recv().await.unwrap().line, "before");
+        for i in 0..10 {
+            store.append("ins_a", "stdout", format!("after {i}")).await;
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 10 {
+            let l = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a followed line").unwrap();
+            seen.push(l.line);
+        }
+        let want: Vec<String> = (0..10).map(|i| format!("after {i}")).collect();
+        assert_eq!(seen, want);
+    }
+}
