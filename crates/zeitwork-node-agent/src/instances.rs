@@ -38,6 +38,10 @@ pub struct Settings {
     pub start_timeout: Duration,
     pub stop_grace: Duration,
     pub every: Duration,
+    /// How often a ready instance is probed again.
+    pub liveness_every: Duration,
+    /// Failed probes in a row after which it is reported unhealthy.
+    pub liveness_failures: u32,
 }
 
 async fn report(
@@ -135,6 +139,44 @@ async fn bring_up(
     }
     report(&client, &id, InstanceStatus::Ready, Some(running.address), None, None).await;
     tracing::info!(instance = %id, address = %running.address, "instance ready");
+    tokio::spawn(liveness(client, runtime, table, id, running.address, s));
+}
+
+/// Probes a ready instance periodically: reported unhealthy after
+/// `liveness_failures` failed probes in a row, ready again when it answers.
+/// Ends when the instance exits or leaves the node (the reconciler handles those).
+async fn liveness(
+    client: Client,
+    runtime: Arc<ContainerRuntime>,
+    table: Table,
+    id: String,
+    address: SocketAddr,
+    s: Settings,
+) {
+    let (mut failures, mut healthy) = (0u32, true);
+    loop {
+        tokio::time::sleep(s.liveness_every).await;
+        let current = table.read().await.get(&id).is_some_and(|l| l.ready && l.address == Some(address));
+        if !current || !matches!(runtime.state(&id).await, Ok(InstanceState::Running)) {
+            return;
+        }
+        if probe(address, &s.health_path).await {
+            failures = 0;
+            if !healthy {
+                healthy = true;
+                tracing::info!(instance = %id, "instance answers again");
+                report(&client, &id, InstanceStatus::Ready, Some(address), None, None).await;
+            }
+            continue;
+        }
+        failures += 1;
+        if healthy && failures >= s.liveness_failures {
+            healthy = false;
+            let reason = format!("{failures} health checks in a row failed on {}", s.health_path);
+            tracing::warn!(instance = %id, %reason, "instance unhealthy");
+            report(&client, &id, InstanceStatus::Unhealthy, Some(address), None, Some(reason)).await;
+        }
+    }
 }
 
 async fn mark_failed(table: &Table, id: &str) {

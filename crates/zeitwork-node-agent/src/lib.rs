@@ -50,6 +50,10 @@ pub struct NodeAgentConfig {
     pub health_path: String,
     pub start_timeout_secs: u64,
     pub stop_grace_secs: u64,
+    /// Seconds between health checks of a ready instance.
+    pub liveness_interval_secs: u64,
+    /// Failed health checks in a row after which an instance is unhealthy.
+    pub liveness_failures: u32,
 }
 
 impl Default for NodeAgentConfig {
@@ -74,6 +78,8 @@ impl Default for NodeAgentConfig {
             health_path: "/".into(),
             start_timeout_secs: 60,
             stop_grace_secs: 10,
+            liveness_interval_secs: 10,
+            liveness_failures: 3,
         }
     }
 }
@@ -107,6 +113,15 @@ impl NodeAgentConfig {
         }
         if self.heartbeat_interval_secs == 0 || self.heartbeat_interval_secs > 60 {
             return err("heartbeat_interval_secs", "use 1 to 60".into());
+        }
+        if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
+            return err("liveness_interval_secs", "use 1 to 3600".into());
+        }
+        if self.liveness_failures == 0 || self.liveness_failures > 100 {
+            return err("liveness_failures", "use 1 to 100".into());
+        }
+        if !self.health_path.starts_with('/') || self.health_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return err("health_path", format!("{:?} is not a URL path like /healthz", self.health_path));
         }
         Ok(())
     }
@@ -207,6 +222,8 @@ impl NodeAgent {
                     start_timeout: Duration::from_secs(config.start_timeout_secs),
                     stop_grace: Duration::from_secs(config.stop_grace_secs),
                     every: Duration::from_secs(1),
+                    liveness_every: Duration::from_secs(config.liveness_interval_secs),
+                    liveness_failures: config.liveness_failures,
                 };
                 tasks.push(tokio::spawn(instances::run(
                     client.clone(),

@@ -66,6 +66,8 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
         instance_range: range.parse().unwrap(),
         start_timeout_secs: start_timeout,
         stop_grace_secs: 2,
+        liveness_interval_secs: 1,
+        liveness_failures: 2,
         // vCPUs are shared; room for a few deployments side by side.
         vcpu: Some(16),
         ..Default::default()
@@ -244,6 +246,31 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     p.agent.shutdown().await;
     let stopped = p.op.store.get_instance(&inst).await.unwrap();
     assert_eq!(stopped.status.as_str(), "stopped", "stopping the agent stops its instances");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_that_stops_answering_is_reported_unhealthy_then_ready_again() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let p = platform("10.219.0.0", 30).await;
+    // Serves, stops serving while its process stays up, then serves again.
+    let flaky = reg
+        .push_busybox(
+            "acme/flaky",
+            "v1",
+            "/bin/busybox httpd -f -p $PORT -h /www & pid=$!; sleep 4; kill $pid; sleep 5; \
+             exec /bin/busybox httpd -f -p $PORT -h /www",
+        )
+        .await
+        .unwrap();
+    let (_, inst) = p.deploy(&flaky).await;
+    p.wait_status(&inst, &["ready"], Duration::from_secs(30)).await;
+    let sick = p.wait_status(&inst, &["unhealthy"], Duration::from_secs(15)).await;
+    assert!(sick.exit_reason.as_deref().unwrap_or("").contains("health checks in a row failed"), "{sick:?}");
+    // Out of the routing table while unhealthy.
+    let table: Value = p.admin.get("/api/v1/routing").await.unwrap();
+    assert!(!table.to_string().contains(&inst), "{table}");
+    p.wait_status(&inst, &["ready"], Duration::from_secs(15)).await;
+    p.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
