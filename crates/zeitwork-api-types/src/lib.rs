@@ -743,3 +743,22 @@ pub struct WhoAmI {
     pub scope: TokenScope,
     pub read_only: bool,
 }
+
+// ---------------------------------------------------------------- images
+
+/// The registry name under which uploaded image archives are deployed:
+/// `archive.zeitwork/<org>/<name>@sha256:…`. Node agents fetch them from the operator.
+pub const ARCHIVE_REGISTRY: &str = "archive.zeitwork";
+
+/// An uploaded image archive, ready to deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedImage {
+    /// The image reference to deploy.
+    pub image: String,
+    pub digest: String,
+    /// Bytes of the config and layers.
+    pub size: u64,
+    pub layers: u32,
+    /// Whether these bytes were already stored (an identical upload).
+    pub existing: bool,
+}

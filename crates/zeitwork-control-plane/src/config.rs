@@ -28,6 +28,8 @@ pub struct OperatorConfig {
     pub encryption_key: Option<String>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest accepted image archive upload, in bytes.
+    pub max_archive_bytes: u64,
     /// `instances_per_region` of new projects.
     pub default_instances_per_region: u32,
     /// Addresses the platform is reached at (the load balancers); a custom
@@ -48,6 +50,7 @@ impl Default for OperatorConfig {
             apps_port: None,
             encryption_key: None,
             max_body_bytes: 1024 * 1024,
+            max_archive_bytes: 4 << 30,
             default_instances_per_region: 3,
             public_addresses: Vec::new(),
             node_timeout_secs: 15,

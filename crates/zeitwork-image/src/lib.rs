@@ -5,6 +5,7 @@
 //!
 //! It writes only under its own directory and never runs what it unpacks.
 
+pub mod archive;
 pub mod reference;
 pub mod registry;
 pub mod unpack;

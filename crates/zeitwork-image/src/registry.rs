@@ -32,6 +32,9 @@ pub struct RegistryConfig {
     pub insecure: Vec<String>,
     /// Credentials by registry host: (user, password).
     pub credentials: HashMap<String, (String, String)>,
+    /// Where a registry name is really served, by name: a base URL such as
+    /// `http://10.0.0.2:5000` (mirrors, and the operator for uploaded archives).
+    pub endpoints: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +95,9 @@ impl RegistryClient {
     }
 
     fn base(&self, r: &Reference) -> String {
+        if let Some(url) = self.config.endpoints.get(&r.registry) {
+            return url.trim_end_matches('/').to_owned();
+        }
         let plain = r.is_loopback() || self.config.insecure.iter().any(|h| h == &r.registry);
         format!("{}://{}", if plain { "http" } else { "https" }, r.api_host())
     }

@@ -417,3 +417,108 @@ async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promo
     edge.shutdown().await;
     p.agent.shutdown().await;
 }
+
+/// An OCI archive with the host's busybox serving `body` on $PORT.
+fn busybox_archive(body: &str) -> Vec<u8> {
+    let busybox = std::fs::read("/usr/bin/busybox").expect("busybox-static is needed");
+    let layers = vec![
+        zeitwork_testkit::layer_tar(&[("bin/", b""), ("bin/busybox", &busybox), ("bin/sh", b"->busybox")]),
+        zeitwork_testkit::layer_tar(&[("www/", b""), ("www/index.html", body.as_bytes())]),
+    ];
+    let config = zeitwork_image::archive::BuildConfig {
+        entrypoint: vec!["/bin/busybox".into(), "httpd".into(), "-f".into(), "-p".into(), "8080".into()],
+        cmd: vec!["-h".into(), "/www".into()],
+        exposed_ports: vec![8080],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    zeitwork_image::archive::write_oci_archive(&mut out, &layers, &config).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uploaded_archive_deploys_without_a_registry() {
+    let p = platform("10.220.0.0", 30).await;
+    let archive = busybox_archive("from an archive\n");
+    let up: Value =
+        p.admin.upload("/api/v1/orgs/acme/images?name=web", "application/x-tar", archive.clone().into()).await.unwrap();
+    let image = up["image"].as_str().unwrap().to_owned();
+    assert!(image.starts_with("archive.zeitwork/acme/web@sha256:"), "{up}");
+    assert_eq!(up["layers"], 2);
+    assert_eq!(up["existing"], false);
+    // The same bytes again are the same image, stored once.
+    let again: Value =
+        p.admin.upload("/api/v1/orgs/acme/images?name=web", "application/x-tar", archive.into()).await.unwrap();
+    assert_eq!(again["image"], up["image"]);
+    assert_eq!(again["existing"], true);
+
+    let (dep, inst) = p.deploy(&image).await;
+    let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(60)).await;
+    let addr = ready.address.unwrap();
+    let body = reqwest::get(format!("http://{addr}/")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "from an archive\n");
+    assert!(p.deployment(&dep).await["image"].as_str().unwrap().contains("@sha256:"));
+
+    // Bad uploads say what is wrong; nothing is stored.
+    let junk = p
+        .admin
+        .upload::<Value>("/api/v1/orgs/acme/images?name=web", "application/x-tar", b"not a tar".to_vec().into())
+        .await
+        .unwrap_err();
+    assert_eq!(junk.status(), Some(400), "{junk}");
+    let empty = p
+        .admin
+        .upload::<Value>("/api/v1/orgs/acme/images?name=web", "application/x-tar", Vec::new().into())
+        .await
+        .unwrap_err();
+    assert_eq!(empty.status(), Some(400), "{empty}");
+    let bad_name = p
+        .admin
+        .upload::<Value>("/api/v1/orgs/acme/images?name=Not_OK", "application/x-tar", b"x".to_vec().into())
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.status(), Some(400), "{bad_name}");
+    let no_org = p
+        .admin
+        .upload::<Value>("/api/v1/orgs/nobody/images?name=web", "application/x-tar", b"x".to_vec().into())
+        .await
+        .unwrap_err();
+    assert_eq!(no_org.status(), Some(404), "{no_org}");
+    // An archive reference must exist and belong to the deploying org.
+    p.admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
+    p.admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "other", "port": 8080})).await.unwrap();
+    let foreign = p
+        .admin
+        .post::<_, Value>("/api/v1/deployments", &json!({"org": "other", "project": "web", "image": image}))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.status(), Some(400), "{foreign}");
+    let missing = format!("archive.zeitwork/acme/web@sha256:{}", "0".repeat(64));
+    let missing = p
+        .admin
+        .post::<_, Value>("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": missing}))
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("upload the archive first"), "{missing}");
+
+    // The registry API serves node agents and members, no one else.
+    let v2 = |token: Option<&str>| {
+        let mut req = reqwest::Client::new().get(format!("http://{}/v2/", p.op.addr()));
+        if let Some(t) = token {
+            req = req.basic_auth("zeitwork", Some(t));
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(v2(None).await, 401);
+    assert_eq!(v2(Some(&p.agent_token)).await, 200);
+    assert_eq!(v2(Some(&p.edge_token)).await, 403);
+    let digest = image.rsplit_once('@').unwrap().1;
+    let manifest = reqwest::Client::new()
+        .get(format!("http://{}/v2/acme/web/manifests/{digest}", p.op.addr()))
+        .basic_auth("zeitwork", Some(&p.edge_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), 403);
+    p.agent.shutdown().await;
+}

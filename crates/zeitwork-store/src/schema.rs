@@ -170,6 +170,35 @@ CREATE TABLE acme_challenges (
 CREATE INDEX acme_challenges_domain ON acme_challenges (domain, created_at)
 "#,
     ),
+    (
+        3,
+        "image archives",
+        r#"
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE blob_chunks (
+    digest TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    data {{blob}} NOT NULL,
+    PRIMARY KEY (digest, seq)
+);
+CREATE TABLE archives (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    blobs TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    created_by TEXT,
+    created_at BIGINT NOT NULL,
+    UNIQUE (org, name, manifest_digest)
+)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.
@@ -223,11 +252,13 @@ pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<Vec<i64>
 
 fn render(sql: &str, dialect: Dialect) -> String {
     match dialect {
-        Dialect::Sqlite => {
-            sql.replace("{{text_key}}", "TEXT").replace("{{serial}}", "INTEGER PRIMARY KEY AUTOINCREMENT")
-        }
-        Dialect::Postgres => {
-            sql.replace("{{text_key}}", "TEXT COLLATE \"C\"").replace("{{serial}}", "BIGSERIAL PRIMARY KEY")
-        }
+        Dialect::Sqlite => sql
+            .replace("{{text_key}}", "TEXT")
+            .replace("{{serial}}", "INTEGER PRIMARY KEY AUTOINCREMENT")
+            .replace("{{blob}}", "BLOB"),
+        Dialect::Postgres => sql
+            .replace("{{text_key}}", "TEXT COLLATE \"C\"")
+            .replace("{{serial}}", "BIGSERIAL PRIMARY KEY")
+            .replace("{{blob}}", "BYTEA"),
     }
 }

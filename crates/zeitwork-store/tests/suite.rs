@@ -27,6 +27,7 @@ cases!(
     deployments,
     events_are_atomic_with_changes,
     tokens,
+    blobs_and_archives,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -422,4 +423,43 @@ async fn tokens(store: Store) {
     assert_eq!(store.list_tokens(Some("acme"), &Page::first(10)).await.unwrap().items.len(), 1);
     store.delete_token("tok_c", &audit("token.delete")).await.unwrap();
     assert!(matches!(store.delete_token("tok_c", &audit("token.delete")).await, Err(StoreError::NotFound(_))));
+}
+
+async fn blobs_and_archives(store: Store) {
+    org(&store, "acme").await;
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    assert_eq!(store.blob_size(&digest).await.unwrap(), None);
+    // Every byte value survives the round trip, in order, chunk by chunk.
+    let first: Vec<u8> = (0..=255u8).cycle().take(BLOB_CHUNK).collect();
+    store.put_blob_chunk(&digest, 0, first.clone()).await.unwrap();
+    store.put_blob_chunk(&digest, 1, vec![0, 1, 2]).await.unwrap();
+    // Not visible until finished.
+    assert_eq!(store.blob_size(&digest).await.unwrap(), None);
+    store.finish_blob(&digest, BLOB_CHUNK as i64 + 3).await.unwrap();
+    assert_eq!(store.blob_size(&digest).await.unwrap(), Some(BLOB_CHUNK as i64 + 3));
+    assert_eq!(store.blob_chunk(&digest, 0).await.unwrap().unwrap(), first);
+    assert_eq!(store.blob_chunk(&digest, 1).await.unwrap().unwrap(), vec![0, 1, 2]);
+    assert_eq!(store.blob_chunk(&digest, 2).await.unwrap(), None);
+
+    let a = StoredArchive {
+        id: "img_1".into(),
+        org: "acme".into(),
+        name: "web".into(),
+        manifest_digest: format!("sha256:{}", "cd".repeat(32)),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        blobs: vec![digest.clone()],
+        size: 3,
+        created_by: None,
+    };
+    let audit = Audit::new("test", "image.upload", "acme/web");
+    assert_eq!(store.create_archive(&a, &audit).await.unwrap(), a);
+    // The same image again is the same record.
+    let again = StoredArchive { id: "img_2".into(), ..a.clone() };
+    assert_eq!(store.create_archive(&again, &audit).await.unwrap().id, "img_1");
+    assert_eq!(store.find_archive("acme", "web", &a.manifest_digest).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.find_archive("acme", "api", &a.manifest_digest).await.unwrap(), None);
+    assert!(store.archive_names_blob("acme", "web", &digest).await.unwrap());
+    assert!(store.archive_names_blob("acme", "web", &a.manifest_digest).await.unwrap());
+    assert!(!store.archive_names_blob("acme", "api", &digest).await.unwrap());
+    assert!(!store.archive_names_blob("acme", "web", "sha256:00").await.unwrap());
 }

@@ -141,8 +141,11 @@ pub struct DeployArgs {
     /// ORG/PROJECT
     project: String,
     /// Image reference, e.g. registry.example.com/acme/web:1.2
-    #[arg(long)]
-    image: String,
+    #[arg(long, required_unless_present = "archive", conflicts_with = "archive")]
+    image: Option<String>,
+    /// An image archive to upload and deploy (`docker save` or oci-archive tar), no registry needed.
+    #[arg(long, value_name = "FILE")]
+    archive: Option<PathBuf>,
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
     #[arg(long)]
@@ -1052,14 +1055,36 @@ async fn logs(a: LogsArgs) -> Result<()> {
     Ok(())
 }
 
+/// Uploads an image archive to the operator; returns the reference to deploy.
+async fn upload_archive(c: &Client, org: &str, name: &str, file: &std::path::Path, quiet: bool) -> Result<String> {
+    let bytes = tokio::fs::read(file)
+        .await
+        .map_err(|e| UsageError(format!("cannot read the archive {}: {e}", file.display())))?;
+    if !quiet {
+        println!("Uploading {} ({:.1} MB)…", file.display(), bytes.len() as f64 / 1e6);
+    }
+    let path = format!("/api/v1/orgs/{}/images?name={}", encode(org), encode(name));
+    let up: UploadedImage = c.upload(&path, "application/x-tar", bytes.into()).await?;
+    if !quiet {
+        let note = if up.existing { ", already stored" } else { "" };
+        println!("  stored {} ({} layers, {:.1} MB{note})", up.image, up.layers, up.size as f64 / 1e6);
+    }
+    Ok(up.image)
+}
+
 /// Creates a deployment and prints each step until it is active or failed.
 async fn deploy(a: DeployArgs) -> Result<()> {
     let c = a.conn.client()?;
     let (org, project) = split_project(&a.project)?;
+    let image = match (&a.image, &a.archive) {
+        (Some(i), _) => i.clone(),
+        (None, Some(file)) => upload_archive(&c, &org, &project, file, a.conn.json).await?,
+        (None, None) => return Err(UsageError("give --image REF or --archive FILE".into()).into()),
+    };
     let body = CreateDeployment {
         org,
         project,
-        image: a.image.clone(),
+        image: image.clone(),
         commit_sha: a.commit_sha,
         commit_message: a.commit_message,
         instances_per_region: a.instances_per_region,
@@ -1067,7 +1092,7 @@ async fn deploy(a: DeployArgs) -> Result<()> {
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json {
-        println!("Deploying {} as {}", a.image, d.id);
+        println!("Deploying {image} as {}", d.id);
     }
     let started = std::time::Instant::now();
     let mut last = String::new();

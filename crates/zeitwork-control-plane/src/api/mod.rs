@@ -4,6 +4,7 @@
 
 mod cluster;
 mod health;
+pub(crate) mod images;
 mod logs;
 mod orgs;
 mod projects;
@@ -80,6 +81,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::promote))
         .routes(routes!(projects::deployment_instances))
         .routes(routes!(logs::deployment_logs))
+        .routes(routes!(images::upload_image))
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))
@@ -119,6 +121,9 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+        .route("/v2/", get(images::registry_root))
+        .route("/v2/{org}/{name}/manifests/{reference}", get(images::registry_manifest).head(images::registry_manifest))
+        .route("/v2/{org}/{name}/blobs/{digest}", get(images::registry_blob))
         .fallback(|| async { ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

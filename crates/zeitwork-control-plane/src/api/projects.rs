@@ -351,6 +351,7 @@ pub async fn create_deployment(
     let target = format!("{}/{}", b.org, b.project);
     s.require_role(&caller, &b.org, Role::Developer, "deployment.create", &target).await?;
     b.validate()?;
+    super::images::check_archive_reference(&s, &b.org, &b.image).await?;
     let p = s.store.get_project(&b.org, &b.project).await?;
     let mut new = new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), &caller);
     new.commit_sha = b.commit_sha.clone();
