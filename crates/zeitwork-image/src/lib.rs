@@ -10,7 +10,7 @@ pub mod reference;
 pub mod registry;
 pub mod unpack;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -147,11 +147,39 @@ impl ImageStore {
             inflight.entry(digest.clone()).or_default().clone()
         };
         let result = cell.get_or_init(|| self.build(&r, manifest, digest.clone())).await.clone();
-        if result.is_err() {
+        match &result {
             // A failure is not cached: the next request tries again.
-            self.inflight.lock().await.remove(&digest);
+            Err(_) => drop(self.inflight.lock().await.remove(&digest)),
+            // Last use, for garbage collection.
+            Ok(_) => {
+                let path = self.dir.join("rootfs").join(format!("{}.json", hex_of(&digest)));
+                if let Ok(f) = std::fs::File::options().append(true).open(path) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+            }
         }
         result
+    }
+
+    /// Bytes the cache holds (blobs, root filesystems, ext4 images).
+    pub fn usage(&self) -> u64 {
+        ["blobs", "rootfs", "ext4"].iter().map(|d| dir_size(&self.dir.join(d))).sum()
+    }
+
+    /// Removes least recently used images until the cache fits in `budget`
+    /// bytes. Never removes an image whose digest is in `keep` (instances
+    /// run on it) or that was used within `min_age`. Blobs shared with a
+    /// kept image stay. Returns the digests removed.
+    pub async fn gc(&self, budget: u64, keep: &HashSet<String>, min_age: std::time::Duration) -> Vec<String> {
+        let mut inflight = self.inflight.lock().await;
+        let dir = self.dir.clone();
+        let keep = keep.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || gc_blocking(&dir, budget, &keep, min_age)).await.unwrap_or_default();
+        for d in &removed {
+            inflight.remove(d);
+        }
+        removed
     }
 
     async fn build(
@@ -241,6 +269,9 @@ impl ImageStore {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
+        let blob_list: Vec<&str> = wanted.iter().map(|d| d.digest.as_str()).collect();
+        std::fs::write(config_path.with_extension("blobs"), blob_list.join("\n"))
+            .map_err(ImageError::io("writing the image's blob list"))?;
         std::fs::write(&config_path, serde_json::to_vec(&config).unwrap_or_default())
             .map_err(ImageError::io("writing the image config"))?;
         if let Err(e) = std::fs::rename(&staging, &rootfs) {
@@ -283,6 +314,70 @@ impl ImageStore {
         .map_err(|e| ImageError::Mkfs(e.to_string()))??;
         Ok(out)
     }
+}
+
+/// One cached image, for garbage collection.
+struct Cached {
+    digest: String,
+    used: std::time::SystemTime,
+    blobs: Vec<String>,
+}
+
+fn gc_blocking(dir: &Path, budget: u64, keep: &HashSet<String>, min_age: std::time::Duration) -> Vec<String> {
+    let mut usage: u64 = ["blobs", "rootfs", "ext4"].iter().map(|d| dir_size(&dir.join(d))).sum();
+    if usage <= budget {
+        return Vec::new();
+    }
+    let mut images: Vec<Cached> = std::fs::read_dir(dir.join("rootfs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hex = name.strip_suffix(".json")?.to_owned();
+            let used = e.metadata().and_then(|m| m.modified()).ok()?;
+            let blobs = std::fs::read_to_string(e.path().with_extension("blobs"))
+                .map(|t| t.lines().map(str::to_owned).collect())
+                .unwrap_or_default();
+            Some(Cached { digest: format!("sha256:{hex}"), used, blobs })
+        })
+        .collect();
+    images.sort_by_key(|c| c.used);
+    let now = std::time::SystemTime::now();
+    let mut removed = Vec::new();
+    let mut gone = HashSet::new();
+    for i in 0..images.len() {
+        if usage <= budget {
+            break;
+        }
+        let c = &images[i];
+        let recent = now.duration_since(c.used).map_or(true, |age| age < min_age);
+        if keep.contains(&c.digest) || recent {
+            continue;
+        }
+        let hex = hex_of(&c.digest);
+        let rootfs = dir.join("rootfs").join(hex);
+        let ext4 = dir.join("ext4").join(format!("{hex}.img"));
+        let mut freed = dir_size(&rootfs) + std::fs::metadata(&ext4).map(|m| m.len()).unwrap_or(0);
+        // Metadata first: a half-removed image is then simply not cached.
+        let _ = std::fs::remove_file(dir.join("rootfs").join(format!("{hex}.json")));
+        let _ = std::fs::remove_file(dir.join("rootfs").join(format!("{hex}.blobs")));
+        let _ = std::fs::remove_dir_all(&rootfs);
+        let _ = std::fs::remove_file(&ext4);
+        gone.insert(i);
+        let still_used = |b: &String| images.iter().enumerate().any(|(j, o)| !gone.contains(&j) && o.blobs.contains(b));
+        for b in &c.blobs {
+            if !still_used(b) {
+                let path = dir.join("blobs/sha256").join(hex_of(b));
+                freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        tracing::info!(digest = %c.digest, freed, "image removed from the cache");
+        usage = usage.saturating_sub(freed);
+        removed.push(c.digest.clone());
+    }
+    removed
 }
 
 fn dir_size(path: &Path) -> u64 {

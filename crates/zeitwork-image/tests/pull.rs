@@ -143,3 +143,35 @@ async fn bad_images_fail_with_a_reason_and_leave_the_cache_intact() {
     let err = store.prepare(&format!("127.0.0.1:{port}/x/y:1")).await.unwrap_err();
     assert!(matches!(err, ImageError::Registry(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_keeps_images_in_use_and_shared_layers() {
+    let reg = Registry::start().unwrap();
+    let shared = layer_tar(&[("bin/", b""), ("bin/server", b"shared")]);
+    let only_a = layer_tar(&[("a.txt", b"a")]);
+    let only_b = layer_tar(&[("b.txt", &[b'b'; 100_000])]);
+    reg.push_image("team/a", "v1", &[shared.clone(), only_a], config()).await.unwrap();
+    reg.push_image("team/b", "v1", &[shared, only_b], config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(dir.path(), RegistryConfig::default(), Limits::default()).unwrap();
+    let a = store.prepare(&format!("{}/team/a:v1", reg.addr)).await.unwrap();
+    let b = store.prepare(&format!("{}/team/b:v1", reg.addr)).await.unwrap();
+    let blobs = || std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+    assert_eq!(blobs(), 5, "two configs, one shared layer, two own layers");
+    let before = store.usage();
+
+    // Under budget: nothing goes.
+    let keep: std::collections::HashSet<String> = [a.manifest_digest.clone()].into();
+    assert!(store.gc(u64::MAX, &keep, std::time::Duration::ZERO).await.is_empty());
+    // Recently used images stay even over budget.
+    assert!(store.gc(0, &keep, std::time::Duration::from_secs(3600)).await.is_empty());
+    // Over budget: the image not in use goes, with the blobs only it used.
+    let removed = store.gc(0, &keep, std::time::Duration::ZERO).await;
+    assert_eq!(removed, vec![b.manifest_digest.clone()]);
+    assert!(a.rootfs.join("a.txt").exists() && !b.rootfs.exists());
+    assert_eq!(blobs(), 3, "a's config, the shared layer and a's own layer remain");
+    assert!(store.usage() < before);
+    // A removed image comes back on the next request.
+    let again = store.prepare(&format!("{}/team/b:v1", reg.addr)).await.unwrap();
+    assert_eq!(std::fs::read(again.rootfs.join("b.txt")).unwrap().len(), 100_000);
+}

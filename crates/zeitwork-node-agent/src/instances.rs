@@ -24,6 +24,8 @@ pub struct Local {
     pub assignment: Assignment,
     pub address: Option<SocketAddr>,
     pub ready: bool,
+    /// Manifest digest of its image once pulled (kept by the image cache's GC).
+    pub image_digest: Option<String>,
     crashes: Vec<Instant>,
     failed: bool,
 }
@@ -42,7 +44,13 @@ pub struct Settings {
     pub liveness_every: Duration,
     /// Failed probes in a row after which it is reported unhealthy.
     pub liveness_failures: u32,
+    /// Bytes the image cache may hold; unused images beyond it are removed.
+    pub image_cache_bytes: u64,
 }
+
+/// Images used within this long are never collected (a deploy may be about to start on one).
+const GC_MIN_AGE: Duration = Duration::from_secs(300);
+const GC_EVERY: Duration = Duration::from_secs(60);
 
 async fn report(
     client: &Client,
@@ -88,6 +96,9 @@ async fn bring_up(
             return;
         }
     };
+    if let Some(l) = table.write().await.get_mut(&id) {
+        l.image_digest = Some(image.manifest_digest.clone());
+    }
     let spec = InstanceSpec {
         id: id.clone(),
         rootfs: image.rootfs.clone(),
@@ -195,10 +206,18 @@ pub async fn run(
     s: Settings,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut last_gc = Instant::now();
     loop {
         match client.get::<Vec<Assignment>>(&format!("/api/v1/nodes/{}/assignments", s.node)).await {
             Ok(assigned) => converge(&client, &images, &runtime, &table, &s, assigned).await,
             Err(e) => tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are"),
+        }
+        if last_gc.elapsed() >= GC_EVERY {
+            last_gc = Instant::now();
+            let keep = table.read().await.values().filter_map(|l| l.image_digest.clone()).collect();
+            let images = images.clone();
+            let budget = s.image_cache_bytes;
+            tokio::spawn(async move { images.gc(budget, &keep, GC_MIN_AGE).await });
         }
         tokio::select! {
             _ = tokio::time::sleep(s.every) => {}
@@ -250,7 +269,14 @@ async fn converge(
             None => {
                 table.write().await.insert(
                     id.clone(),
-                    Local { assignment: a.clone(), address: None, ready: false, crashes: Vec::new(), failed: false },
+                    Local {
+                        assignment: a.clone(),
+                        address: None,
+                        ready: false,
+                        image_digest: None,
+                        crashes: Vec::new(),
+                        failed: false,
+                    },
                 );
                 tokio::spawn(bring_up(client.clone(), images.clone(), runtime.clone(), table.clone(), a, s.clone()));
             }
@@ -280,7 +306,14 @@ async fn converge(
                     let backoff = Duration::from_millis(250 * (1 << crashes.len().min(6)));
                     table.write().await.insert(
                         id.clone(),
-                        Local { assignment: a.clone(), address: None, ready: false, crashes, failed: false },
+                        Local {
+                            assignment: a.clone(),
+                            address: None,
+                            ready: false,
+                            image_digest: None,
+                            crashes,
+                            failed: false,
+                        },
                     );
                     let (client, images, runtime, table, s) =
                         (client.clone(), images.clone(), runtime.clone(), table.clone(), s.clone());

@@ -54,6 +54,8 @@ pub struct NodeAgentConfig {
     pub liveness_interval_secs: u64,
     /// Failed health checks in a row after which an instance is unhealthy.
     pub liveness_failures: u32,
+    /// Disk the image cache may use, in bytes; least recently used images not in use go beyond it.
+    pub image_cache_bytes: u64,
 }
 
 impl Default for NodeAgentConfig {
@@ -80,6 +82,7 @@ impl Default for NodeAgentConfig {
             stop_grace_secs: 10,
             liveness_interval_secs: 10,
             liveness_failures: 3,
+            image_cache_bytes: 20 << 30,
         }
     }
 }
@@ -228,6 +231,7 @@ impl NodeAgent {
                     every: Duration::from_secs(1),
                     liveness_every: Duration::from_secs(config.liveness_interval_secs),
                     liveness_failures: config.liveness_failures,
+                    image_cache_bytes: config.image_cache_bytes,
                 };
                 tasks.push(tokio::spawn(instances::run(
                     client.clone(),
