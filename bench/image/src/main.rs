@@ -117,7 +117,12 @@ async fn main() -> Result<()> {
             .arg(&img)
             .arg(format!("{size_mb}M")))?;
         peer.push(t.elapsed());
-        println!("  run {}: zeitwork {:.2} s, skopeo+umoci+mkfs {:.2} s", i + 1, ours[i as usize].as_secs_f64(), t.elapsed().as_secs_f64());
+        println!(
+            "  run {}: zeitwork {:.2} s, skopeo+umoci+mkfs {:.2} s",
+            i + 1,
+            ours[i as usize].as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
     }
     let (o, p) = (median(ours), median(peer));
     println!();

@@ -35,6 +35,8 @@ pub struct RegistryConfig {
     /// Where a registry name is really served, by name: a base URL such as
     /// `http://10.0.0.2:5000` (mirrors, and the operator for uploaded archives).
     pub endpoints: HashMap<String, String>,
+    /// Seconds a registry may stay silent before the pull fails (default 60).
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,7 +89,7 @@ impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(Duration::from_secs(config.timeout_secs.unwrap_or(60).max(1)))
             .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");

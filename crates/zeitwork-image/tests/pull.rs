@@ -175,3 +175,85 @@ async fn garbage_collection_keeps_images_in_use_and_shared_layers() {
     let again = store.prepare(&format!("{}/team/b:v1", reg.addr)).await.unwrap();
     assert_eq!(std::fs::read(again.rootfs.join("b.txt")).unwrap().len(), 100_000);
 }
+
+/// A registry that answers every request with `response` (or never, when `None`).
+async fn hostile_registry(response: Option<&'static str>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                match response {
+                    Some(r) => {
+                        let _ = s.write_all(r.as_bytes()).await;
+                    }
+                    None => tokio::time::sleep(std::time::Duration::from_secs(30)).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_registries_fail_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let registries = RegistryConfig { timeout_secs: Some(1), ..Default::default() };
+    let store = ImageStore::new(dir.path(), registries, Limits::default()).unwrap();
+    let pull = |addr: std::net::SocketAddr| {
+        let store = &store;
+        async move { store.prepare(&format!("{addr}/team/app:v1")).await.unwrap_err() }
+    };
+    let denied = hostile_registry(Some(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n",
+    ))
+    .await;
+    let err = pull(denied).await;
+    assert!(matches!(err, ImageError::Unauthorized(_)), "{err}");
+    assert!(err.to_string().contains("credentials"), "{err}");
+
+    let broken = hostile_registry(Some("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops")).await;
+    let err = pull(broken).await;
+    assert!(matches!(err, ImageError::Registry(_)), "{err}");
+    assert!(err.to_string().contains("500"), "{err}");
+
+    let silent = hostile_registry(None).await;
+    let started = std::time::Instant::now();
+    let err = pull(silent).await;
+    assert!(matches!(err, ImageError::Registry(_)), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "a silent registry is given up on");
+
+    let huge = hostile_registry(Some(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 99999999\r\n\r\n{",
+    ))
+    .await;
+    let err = pull(huge).await;
+    assert!(matches!(err, ImageError::TooLarge(_)), "{err}");
+
+    // A layer of a media type no one can unpack.
+    let reg = Registry::start().unwrap();
+    let cfg = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}})).unwrap();
+    let cfg_digest = reg.push_blob("odd/app", &cfg).await.unwrap();
+    let layer = b"not a tar at all".to_vec();
+    let layer_digest = reg.push_blob("odd/app", &layer).await.unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": cfg.len()},
+        "layers": [{"mediaType": "application/vnd.example.squashfs", "digest": layer_digest, "size": layer.len()}],
+    });
+    let res = reqwest::Client::new()
+        .put(format!("http://{}/v2/odd/app/manifests/v1", reg.addr))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&manifest).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let err = store.prepare(&format!("{}/odd/app:v1", reg.addr)).await.unwrap_err();
+    assert!(matches!(err, ImageError::UnsupportedMediaType(ref m) if m == "application/vnd.example.squashfs"), "{err}");
+    assert!(std::fs::read_dir(dir.path().join("rootfs")).unwrap().next().is_none(), "nothing was cached");
+}
