@@ -156,6 +156,16 @@ impl Client {
         self.call(Method::GET, path, None).await
     }
 
+    /// A GET that also returns the answer's headers.
+    pub async fn get_with_headers<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, reqwest::header::HeaderMap), ClientError> {
+        let (_, headers, bytes) = self.send_raw(Method::GET, path, None).await?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((value, headers))
+    }
+
     /// A list endpoint, one page.
     pub async fn list<T: DeserializeOwned>(&self, path: &str) -> Result<Page<T>, ClientError> {
         let (_, headers, bytes) = self.send_raw(Method::GET, path, None).await?;

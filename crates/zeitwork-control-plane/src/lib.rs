@@ -39,6 +39,16 @@ pub struct AppState {
     pub internal_token: Arc<auth::InternalToken>,
     /// Calls to node agents.
     pub http: reqwest::Client,
+    /// Bumped when placements or instances change, to wake long-polling node agents.
+    pub assignments: Arc<watch::Sender<u64>>,
+}
+
+impl AppState {
+    /// Something that routes or assignments depend on changed through this operator.
+    pub fn changed(&self) {
+        self.routing.changed();
+        self.assignments.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 /// Why the operator could not start.
@@ -104,10 +114,15 @@ impl Operator {
         let (tx, mut rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
         let hub = routing.clone();
+        let assignments = Arc::new(watch::Sender::new(0u64));
+        let bump = assignments.clone();
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig::default(),
-            move || hub.changed(),
+            move || {
+                hub.changed();
+                bump.send_modify(|v| *v = v.wrapping_add(1));
+            },
             rx.clone(),
         ));
         let state = AppState {
@@ -121,6 +136,7 @@ impl Operator {
                 .connect_timeout(std::time::Duration::from_secs(3))
                 .build()
                 .unwrap_or_default(),
+            assignments,
         };
         let app = api::router(state);
         let task = tokio::spawn(async move {

@@ -207,10 +207,12 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_gc = Instant::now();
+    let (tx, mut assigned) = watch::channel::<Option<Vec<Assignment>>>(None);
+    let watcher = tokio::spawn(watch_assignments(client.clone(), s.node.clone(), tx));
     loop {
-        match client.get::<Vec<Assignment>>(&format!("/api/v1/nodes/{}/assignments", s.node)).await {
-            Ok(assigned) => converge(&client, &images, &runtime, &table, &s, assigned).await,
-            Err(e) => tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are"),
+        let current = assigned.borrow_and_update().clone();
+        if let Some(list) = current {
+            converge(&client, &images, &runtime, &table, &s, list).await;
         }
         if last_gc.elapsed() >= GC_EVERY {
             last_gc = Instant::now();
@@ -219,11 +221,14 @@ pub async fn run(
             let budget = s.image_cache_bytes;
             tokio::spawn(async move { images.gc(budget, &keep, GC_MIN_AGE).await });
         }
+        // New assignments at once; otherwise a periodic pass notices exits.
         tokio::select! {
             _ = tokio::time::sleep(s.every) => {}
+            _ = assigned.changed() => {}
             _ = stop.wait_for(|v| *v) => break,
         }
     }
+    watcher.abort();
     let ids: Vec<String> = table.read().await.keys().cloned().collect();
     for id in ids {
         let exit = runtime.stop(&id, s.stop_grace).await.ok();
@@ -237,6 +242,36 @@ pub async fn run(
             Some("the node agent stopped".into()),
         )
         .await;
+    }
+}
+
+/// Long-polls this node's assignments and publishes each new set.
+async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Option<Vec<Assignment>>>) {
+    let mut version: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        let path = match &version {
+            Some(v) => format!("/api/v1/nodes/{node}/assignments?version={v}&timeout=25"),
+            None => format!("/api/v1/nodes/{node}/assignments"),
+        };
+        match client.get_with_headers::<Vec<Assignment>>(&path).await {
+            Ok((list, headers)) => {
+                failures = 0;
+                version = headers.get("x-assignments-version").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                tx.send_replace(Some(list));
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are");
+                }
+                version = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
     }
 }
 

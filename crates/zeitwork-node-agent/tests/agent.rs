@@ -520,5 +520,31 @@ async fn an_uploaded_archive_deploys_without_a_registry() {
         .await
         .unwrap();
     assert_eq!(manifest.status(), 403);
+
+    // Assignments are a long poll: an unchanged set waits, a stale version answers at once.
+    let agent_client = Client::new(&format!("http://{}", p.op.addr()), Some(p.agent_token.clone()));
+    let node = p.agent.node().id.clone();
+    let (list, h) =
+        agent_client.get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments")).await.unwrap();
+    assert_eq!(list.len(), 1);
+    let version = h["x-assignments-version"].to_str().unwrap().to_owned();
+    let t = Instant::now();
+    let (_, h) = agent_client
+        .get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments?version={version}&timeout=1"))
+        .await
+        .unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(900), "an unchanged set is held until the timeout");
+    assert_eq!(h["x-assignments-version"].to_str().unwrap(), version);
+    let t = Instant::now();
+    agent_client
+        .get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments?version=stale&timeout=30"))
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "a changed set answers at once");
+    let bad = agent_client
+        .get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments?timeout=0"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.status(), Some(400));
     p.agent.shutdown().await;
 }

@@ -499,7 +499,7 @@ pub async fn rollback(
     match to.status {
         DeploymentStatus::Standby | DeploymentStatus::Active => {
             s.store.point_environment(&to.id, env, &audit).await?;
-            s.routing.changed();
+            s.changed();
             Ok(Json(s.store.get_deployment(&to.id).await?).into_response())
         }
         DeploymentStatus::Retired => {
@@ -552,7 +552,7 @@ pub async fn promote(
         .project(&name)
         .detail(serde_json::json!({"from": req.from, "to": req.to}));
     s.store.point_environment(id, req.to, &audit).await?;
-    s.routing.changed();
+    s.changed();
     Ok(Json(s.store.get_deployment(id).await?))
 }
 

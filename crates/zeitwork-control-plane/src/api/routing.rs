@@ -12,6 +12,7 @@ use crate::auth::Caller;
 use crate::error::ApiResult;
 use crate::extract::{JsonBody, QueryParams};
 use crate::AppState;
+use sha2::Digest;
 
 const READERS: &[ClusterRole] = &[ClusterRole::EdgeProxy, ClusterRole::LoadBalancer];
 
@@ -86,22 +87,49 @@ pub async fn report_instance(
     }
     let exit = r.reason.clone().map(|reason| (r.exit_code, reason)).or(r.exit_code.map(|c| (Some(c), String::new())));
     s.store.set_instance_status(&id, r.status, r.address.as_deref(), exit).await?;
-    s.routing.changed();
+    s.changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The instances a node must run (its node agent polls this).
-#[utoipa::path(get, path = "/api/v1/nodes/{id}/assignments", tag = "nodes", params(("id" = String, Path)),
+/// The instances a node must run. With `version` (from the `X-Assignments-Version` header of
+/// the last answer) the call waits up to `timeout` seconds for the set to change (long poll).
+#[utoipa::path(get, path = "/api/v1/nodes/{id}/assignments", tag = "nodes", params(("id" = String, Path), WatchQuery),
     responses((status = 200, body = Vec<zeitwork_api_types::Assignment>), (status = 404, body = zeitwork_api_types::ApiError)))]
 pub async fn node_assignments(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Vec<zeitwork_api_types::Assignment>>> {
+    QueryParams(q): QueryParams<WatchQuery>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.assignments", &id).await?;
     s.store.get_node(&id).await?;
+    let timeout = q.timeout.unwrap_or(25);
+    if !(1..=60).contains(&timeout) {
+        return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let mut changes = s.assignments.subscribe();
+    loop {
+        let list = assignments_of(&s, &id).await?;
+        let digest = sha2::Sha256::digest(serde_json::to_vec(&list).unwrap_or_default());
+        let version = hex::encode(&digest[..8]);
+        if q.version.as_deref() != Some(version.as_str()) || tokio::time::Instant::now() >= deadline {
+            let mut res = Json(list).into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&version) {
+                res.headers_mut().insert("x-assignments-version", v);
+            }
+            return Ok(res);
+        }
+        // Changes through this operator wake the call at once; others' are seen within 2 s.
+        let wake = deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(2));
+        let _ = tokio::time::timeout_at(wake, changes.changed()).await;
+    }
+}
+
+async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
     let mut out = Vec::new();
-    for a in s.store.node_assignments(&id).await? {
+    for a in s.store.node_assignments(id).await? {
         let mut env = std::collections::BTreeMap::new();
         for v in s.store.list_env(&a.project_id).await? {
             let value = s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
@@ -122,7 +150,7 @@ pub async fn node_assignments(
             status: a.status,
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 /// Who the calling token is (lets node agents check an edge's token).
