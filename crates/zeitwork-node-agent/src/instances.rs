@@ -262,7 +262,7 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are");
                 }
                 version = None;
