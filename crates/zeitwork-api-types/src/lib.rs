@@ -762,3 +762,29 @@ pub struct UploadedImage {
     /// Whether these bytes were already stored (an identical upload).
     pub existing: bool,
 }
+
+// ---------------------------------------------------------------- project views
+
+/// A host a project is served at, and what serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectRoute {
+    pub host: String,
+    pub deployment: String,
+    /// The environment the host follows; none for a deployment's own host.
+    pub environment: Option<Environment>,
+    /// Ready instances behind the host.
+    pub instances: u32,
+}
+
+/// The health of the deployment serving one environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentHealth {
+    pub environment: Environment,
+    pub deployment: String,
+    pub status: DeploymentStatus,
+    /// `healthy` when every instance is ready, `degraded` when some are, `down` when none are.
+    pub health: String,
+    pub ready: u32,
+    pub total: u32,
+    pub instances: Vec<Instance>,
+}

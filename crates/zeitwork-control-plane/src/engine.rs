@@ -20,6 +20,11 @@ pub struct EngineConfig {
     pub rollback_window: Duration,
     /// A node whose last heartbeat is older is down; its instances are placed elsewhere.
     pub node_timeout: Duration,
+    /// How long an instance leaving a draining node stays out of traffic before
+    /// it is stopped: time for every edge to apply the change and for requests in flight to end.
+    pub drain_grace: Duration,
+    /// The engine lease: only its holder runs passes; another operator takes over after it lapses.
+    pub lease_ttl: Duration,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +34,8 @@ impl Default for EngineConfig {
             start_timeout: Duration::from_secs(300),
             rollback_window: Duration::from_secs(600),
             node_timeout: Duration::from_secs(15),
+            drain_grace: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -75,18 +82,142 @@ pub fn place(nodes: &[Node], region: &str, count: u32, need: Resources) -> Resul
 pub async fn run(
     store: Store,
     config: EngineConfig,
+    holder: String,
     changed: impl Fn() + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
+    // One engine at a time across operators sharing a store.
+    let mut leading = false;
     loop {
-        match pass(&store, &config).await {
-            Ok(true) => changed(),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "deployment engine pass failed; retrying"),
+        let ttl = config.lease_ttl.as_millis() as i64;
+        match store.acquire_lease(ENGINE_LEASE, &holder, ttl).await {
+            Ok(held) => {
+                if held != leading {
+                    tracing::info!(%holder, leading = held, "deployment engine lease {}", if held { "taken" } else { "lost" });
+                }
+                leading = held;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the engine lease; pausing the engine");
+                leading = false;
+            }
+        }
+        if leading {
+            match pass(&store, &config).await {
+                Ok(true) => changed(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "deployment engine pass failed; retrying"),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(config.tick) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    if leading {
+        let _ = store.release_lease(ENGINE_LEASE, &holder).await;
+    }
+}
+
+/// Name of the lease the running engine holds.
+pub const ENGINE_LEASE: &str = "engine";
+
+/// Moves instances off draining nodes: a replacement starts on another node of
+/// the region; once it is ready the old one leaves traffic, and after
+/// `drain_grace` it stops. A drained node then has no instances.
+async fn drain(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_store::StoreError> {
+    let mut changed = false;
+    let now = chrono::Utc::now().timestamp_millis();
+    for d in store.instances_on_draining_nodes().await? {
+        let i = &d.instance;
+        if let Some(after) = d.stop_after {
+            if now >= after {
+                changed |= store.retire_instance(&i.id, "moved off a draining node").await?;
+            }
+            continue;
+        }
+        let dep = store.get_deployment(&i.deployment).await?;
+        let routable = matches!(
+            dep.status,
+            DeploymentStatus::Preparing
+                | DeploymentStatus::Starting
+                | DeploymentStatus::Ready
+                | DeploymentStatus::Active
+                | DeploymentStatus::Standby
+        );
+        if !routable || i.status != InstanceStatus::Ready {
+            // Nothing serves from it: stop it now (a starting one is replaced like a lost one).
+            if store.begin_stopping(&i.id, now).await? {
+                changed = true;
+                if routable {
+                    replace_instance(store, &dep, i).await?;
+                }
+            }
+            continue;
+        }
+        match &d.replaced_by {
+            None => {
+                if let Some(r) = replace_instance(store, &dep, i).await? {
+                    store.set_replacement(&i.id, Some(&r)).await?;
+                    changed = true;
+                }
+            }
+            Some(r) => {
+                let rep = store.get_instance(r).await?;
+                match rep.status {
+                    InstanceStatus::Ready => {
+                        let after = now + config.drain_grace.as_millis() as i64;
+                        changed |= store.begin_stopping(&i.id, after).await?;
+                        tracing::info!(instance = %i.id, replacement = %r, "replacement ready; draining the old instance");
+                    }
+                    InstanceStatus::Failed | InstanceStatus::Exited | InstanceStatus::Stopped => {
+                        // Try again with a new replacement next pass.
+                        store.set_replacement(&i.id, None).await?;
+                        changed = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if !store.finish_drained_nodes().await?.is_empty() {
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Places one instance of `dep` in the region of `lost` on another node; the new instance's id.
+async fn replace_instance(
+    store: &Store,
+    dep: &zeitwork_api_types::Deployment,
+    lost: &zeitwork_api_types::Instance,
+) -> Result<Option<String>, zeitwork_store::StoreError> {
+    let project = store.get_project(&dep.org, &dep.project).await?;
+    let nodes = store.list_nodes(&Page::first(1000)).await?.items;
+    match place(&nodes, &lost.region, 1, project.resources) {
+        Ok(picked) => {
+            let Some(node) = picked.into_iter().next() else { return Ok(None) };
+            let new = NewInstance {
+                deployment: dep.id.clone(),
+                node: Some(node),
+                region: lost.region.clone(),
+                resources: project.resources,
+                runtime: None,
+            };
+            let i = store.create_instance(&new).await?;
+            tracing::info!(deployment = %dep.id, old = %lost.id, replacement = %i.id, "placed a replacement instance");
+            Ok(Some(i.id))
+        }
+        Err(why) => {
+            tracing::warn!(deployment = %dep.id, instance = %lost.id, %why, "cannot place a replacement instance");
+            store
+                .record_event(
+                    &system("instance.replace", &lost.id, &dep.org, &dep.project)
+                        .detail(serde_json::json!({"error": why})),
+                    "failed",
+                )
+                .await?;
+            Ok(None)
         }
     }
 }
@@ -106,6 +237,9 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     if !store.mark_down_nodes(cutoff).await?.is_empty() {
         changed = true;
     }
+    if drain(store, config).await? {
+        changed = true;
+    }
     for lost in store.instances_on_down_nodes().await? {
         let d = store.get_deployment(&lost.deployment).await?;
         // Only the engine that retires the instance replaces it.
@@ -119,33 +253,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         ) {
             continue;
         }
-        let project = store.get_project(&d.org, &d.project).await?;
-        let nodes = store.list_nodes(&Page::first(1000)).await?.items;
-        match place(&nodes, &lost.region, 1, project.resources) {
-            Ok(picked) => {
-                for node in picked {
-                    let new = NewInstance {
-                        deployment: d.id.clone(),
-                        node: Some(node),
-                        region: lost.region.clone(),
-                        resources: project.resources,
-                        runtime: None,
-                    };
-                    let i = store.create_instance(&new).await?;
-                    tracing::info!(deployment = %d.id, lost = %lost.id, replacement = %i.id, "re-placed an instance of a down node");
-                }
-            }
-            Err(why) => {
-                tracing::warn!(deployment = %d.id, instance = %lost.id, %why, "cannot re-place an instance of a down node");
-                store
-                    .record_event(
-                        &system("instance.replace", &lost.id, &d.org, &d.project)
-                            .detail(serde_json::json!({"error": why})),
-                        "failed",
-                    )
-                    .await?;
-            }
-        }
+        replace_instance(store, &d, &lost).await?;
     }
 
     for d in store.list_deployments(&by(DeploymentStatus::Pending), &Page::first(100)).await?.items {

@@ -84,6 +84,8 @@ pub struct Operator {
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
     pub store: Store,
+    /// This operator's name as a holder of the engine lease.
+    pub engine_id: String,
 }
 
 impl Operator {
@@ -116,9 +118,11 @@ impl Operator {
         let hub = routing.clone();
         let assignments = Arc::new(watch::Sender::new(0u64));
         let bump = assignments.clone();
+        let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig::default(),
+            engine_id.clone(),
             move || {
                 hub.changed();
                 bump.send_modify(|v| *v = v.wrapping_add(1));
@@ -147,7 +151,7 @@ impl Operator {
                 .await
         });
         tracing::info!(%addr, "operator API listening");
-        Ok(Operator { addr, shutdown: tx, task, refresher, engine, admin_token, admin_token_path, store })
+        Ok(Operator { addr, shutdown: tx, task, refresher, engine, admin_token, admin_token_path, store, engine_id })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -155,6 +159,13 @@ impl Operator {
     }
 
     /// Stops accepting, finishes in-flight requests, closes the store.
+    /// Stops at once without handing anything over, as a crash would (for failover tests).
+    pub fn abort(self) {
+        self.task.abort();
+        self.refresher.abort();
+        self.engine.abort();
+    }
+
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         match self.task.await {

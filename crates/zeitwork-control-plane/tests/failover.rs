@@ -147,3 +147,106 @@ async fn instances_of_a_down_node_move_to_another_node() {
     beating.abort();
     op.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
+    let pg = zeitwork_testkit::Postgres::start().expect("a throwaway PostgreSQL");
+    let url = pg.create_database("operators").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Every operator of one store needs the same key.
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned();
+    let start = |name: &str| {
+        let config = OperatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join(name),
+            database_url: Some(url.clone()),
+            encryption_key: Some(key.clone()),
+            ..Default::default()
+        };
+        async move { Operator::start(config).await.unwrap() }
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let token = a.admin_token.clone().or(b.admin_token.clone()).expect("the first operator bootstrapped a token");
+    let via_a = Client::new(&format!("http://{}", a.addr()), Some(token.clone()));
+    let via_b = Client::new(&format!("http://{}", b.addr()), Some(token));
+    // Both serve the API over the same state.
+    via_a.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    via_b.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    via_a.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let t: Value = via_b
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&format!("http://{}", b.addr()), Some(t["secret"].as_str().unwrap().to_owned()));
+    let mut nodes = Vec::new();
+    for host in ["node-a", "node-b"] {
+        let body = json!({"hostname": host, "region": "eu", "address": format!("http://{host}:8081"), "capacity": {"vcpu": 8, "memory": 8192}});
+        nodes.push(agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    let beating = {
+        let (agent, nodes) = (agent.clone(), nodes.clone());
+        tokio::spawn(async move {
+            loop {
+                for n in &nodes {
+                    let _ = agent.post_empty::<Value>(&format!("/api/v1/nodes/{n}/heartbeat")).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    // Exactly one of them holds the engine lease.
+    let holder = until("an engine lease", || {
+        let store = a.store.clone();
+        async move { store.lease("engine").await.unwrap().map(|(h, _)| Value::String(h)) }
+    })
+    .await;
+    let holder = holder.as_str().unwrap().to_owned();
+    assert!(holder == a.engine_id || holder == b.engine_id, "{holder}");
+    let deploy = |client: Client| async move {
+        let d: Value = client
+            .post(
+                "/api/v1/deployments",
+                &json!({"org": "acme", "project": "web", "image": "acme/web:1", "instances_per_region": 2}),
+            )
+            .await
+            .unwrap();
+        d["id"].as_str().unwrap().to_owned()
+    };
+    let placed = |client: Client, dep: String| async move {
+        until("placement", || {
+            let (client, dep) = (client.clone(), dep.clone());
+            async move {
+                let is: Vec<Value> = client.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+                (is.len() >= 2).then(|| Value::from(is.len()))
+            }
+        })
+        .await
+    };
+    let d1 = deploy(via_b.clone()).await;
+    placed(via_a.clone(), d1.clone()).await;
+
+    // The leader dies without a word; the other takes the engine over within 10 s.
+    let (survivor, client) = if holder == a.engine_id {
+        a.abort();
+        (b, via_b)
+    } else {
+        b.abort();
+        (a, via_a)
+    };
+    let died = Instant::now();
+    let d2 = deploy(client.clone()).await;
+    placed(client.clone(), d2.clone()).await;
+    assert!(died.elapsed() < Duration::from_secs(10), "took over after {:?}", died.elapsed());
+    let (now_holder, _) = survivor.store.lease("engine").await.unwrap().unwrap();
+    assert_eq!(now_holder, survivor.engine_id);
+    // No instance was ever created twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for dep in [&d1, &d2] {
+        let is: Vec<Value> = client.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        assert_eq!(is.len(), 2, "{dep}: {is:?}");
+    }
+    beating.abort();
+    survivor.shutdown().await;
+}

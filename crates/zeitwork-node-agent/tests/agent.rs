@@ -548,3 +548,125 @@ async fn an_uploaded_archive_deploys_without_a_registry() {
     assert_eq!(bad.status(), Some(400));
     p.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_a_node_moves_its_instances_without_failed_requests() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let v1 = reg.push_busybox("acme/web", "v1", "exec /bin/busybox httpd -f -p $PORT -h /www").await.unwrap();
+    let p = platform("10.221.0.0", 30).await;
+    let second = NodeAgent::start(NodeAgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: format!("http://{}", p.op.addr()),
+        token: Some(p.agent_token.clone()),
+        hostname: "agent-b".into(),
+        region: "local".into(),
+        data_dir: p._dir.path().join("agent-b"),
+        instance_range: "10.222.0.0".parse().unwrap(),
+        stop_grace_secs: 2,
+        vcpu: Some(16),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: format!("http://{}", p.op.addr()),
+        token: Some(p.edge_token.clone()),
+        rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let edge_addr = edge.http_addr();
+    let fetch = move || async move {
+        let res = reqwest::Client::new()
+            .get(format!("http://{edge_addr}/"))
+            .header("host", "web-acme.zeitwork.localhost")
+            .send()
+            .await
+            .unwrap();
+        res.status().as_u16()
+    };
+    let d: Value = p
+        .admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": v1, "instances_per_region": 1}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetch().await != 200 {
+        assert!(Instant::now() < deadline, "the deployment never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An active deployment cannot be stopped.
+    let err = p.admin.post_empty::<Value>(&format!("/api/v1/deployments/{dep}/stop")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+
+    let first: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+    let node = first[0]["node"].as_str().unwrap().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match fetch().await {
+                    200 => ok += 1,
+                    other => bad.push(other),
+                }
+            }
+            (ok, bad)
+        })
+    };
+    let drained: Value = p.admin.post_empty(&format!("/api/v1/nodes/{node}/drain")).await.unwrap();
+    assert_eq!(drained["status"], "draining");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: Value = p.admin.get(&format!("/api/v1/nodes/{node}")).await.unwrap();
+        if n["status"] == "drained" && n["instances"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never drained: {n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Requests go on a little after the move, to the new instance.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad) = hammer.await.unwrap();
+    assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
+
+    // The project now runs elsewhere, healthy, and says so.
+    let health: Vec<Value> = p.admin.get("/api/v1/projects/acme/web/health").await.unwrap();
+    assert_eq!(health[0]["health"], "healthy", "{health:?}");
+    assert_eq!(health[0]["ready"], 1);
+    assert_ne!(health[0]["instances"][0]["node"], node.as_str());
+    let routing: Vec<Value> = p.admin.get("/api/v1/projects/acme/web/routing").await.unwrap();
+    let prod = routing.iter().find(|r| r["host"] == "web-acme.zeitwork.localhost").expect("the project's host");
+    assert_eq!(prod["deployment"], dep.as_str());
+    assert_eq!(prod["instances"], 1);
+
+    // A drained node can be removed (once its agent is gone, or it registers again).
+    let (drained_agent, other) = if p.agent.node().id == node { (p.agent, second) } else { (second, p.agent) };
+    drained_agent.shutdown().await;
+    p.admin.delete(&format!("/api/v1/nodes/{node}")).await.unwrap();
+
+    // A deployment that no longer serves can be stopped; its instances stop.
+    let d2: Value = p
+        .admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": v1, "instances_per_region": 1}))
+        .await
+        .unwrap();
+    let d2 = d2["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.admin.get::<Value>(&format!("/api/v1/deployments/{dep}")).await.unwrap()["status"] != "standby" {
+        assert!(Instant::now() < deadline, "{d2} never replaced {dep}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped: Value = p.admin.post_empty(&format!("/api/v1/deployments/{dep}/stop")).await.unwrap();
+    assert_eq!(stopped["status"], "retired");
+    let instances: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+    assert!(instances.iter().all(|i| i["status"] == "stopped"), "{instances:?}");
+    edge.shutdown().await;
+    other.shutdown().await;
+}

@@ -2026,3 +2026,174 @@ fn archive_from(r: &AnyRow) -> Result<StoredArchive> {
         created_by: r.try_get("created_by")?,
     })
 }
+
+// ---------------------------------------------------------------- drain and leases
+
+/// A live instance on a draining node, with how far its move has come.
+#[derive(Debug, Clone)]
+pub struct DrainingInstance {
+    pub instance: zeitwork_api_types::Instance,
+    /// The instance started to take its place.
+    pub replaced_by: Option<String>,
+    /// When it may be stopped (set once its replacement is ready), ms since the epoch.
+    pub stop_after: Option<i64>,
+}
+
+impl Store {
+    /// Live instances on draining nodes.
+    pub async fn instances_on_draining_nodes(&self) -> Result<Vec<DrainingInstance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT i.* FROM instances i JOIN nodes n ON n.id = i.node_id \
+             WHERE n.status = 'draining' AND i.{LIVE_INSTANCE} ORDER BY i.id"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DrainingInstance {
+                    instance: instance_from(r)?,
+                    replaced_by: r.opt_text("replaced_by")?,
+                    stop_after: r.opt_int("stop_after")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Links an instance to its replacement (or clears the link when `None`).
+    pub async fn set_replacement(&self, id: &str, replacement: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE instances SET replaced_by = $1 WHERE id = $2")
+            .bind(replacement.map(str::to_owned))
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a live instance out of traffic (`stopping`); it is stopped after `stop_after`.
+    pub async fn begin_stopping(&self, id: &str, stop_after: i64) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE instances SET status = 'stopping', stop_after = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
+        ))
+        .bind(stop_after)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Draining nodes with no live instance left become `drained`; returns their ids.
+    pub async fn finish_drained_nodes(&self) -> Result<Vec<String>> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id FROM nodes n WHERE status = 'draining' AND NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.node_id = n.id AND i.{LIVE_INSTANCE})"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<String> = rows.iter().map(|r| r.text("id")).collect::<Result<_>>()?;
+        for id in &ids {
+            sqlx::query("UPDATE nodes SET status = 'drained' WHERE id = $1 AND status = 'draining'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            append_event(&mut tx, &Audit::new("system", "node.drained", id), "ok").await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Takes or renews the lease `name` for `holder` for `ttl_ms`; returns whether `holder` holds it.
+    pub async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let taken =
+            sqlx::query("UPDATE leases SET holder = $1, until = $2 WHERE name = $3 AND (holder = $1 OR until < $4)")
+                .bind(holder)
+                .bind(now + ttl_ms)
+                .bind(name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        let held = if taken {
+            true
+        } else {
+            sqlx::query("INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .bind(holder)
+                .bind(now + ttl_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1
+        };
+        tx.commit().await?;
+        Ok(held)
+    }
+
+    /// Gives a lease up (a clean stop), so another holder takes over at once.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Stops a deployment that serves no environment: it is retired and its
+    /// instances stop. Stopping one already retired or failed changes nothing.
+    pub async fn stop_deployment(&self, id: &str, audit: &Audit) -> Result<Deployment> {
+        let mut tx = self.writer.begin().await?;
+        let row =
+            sqlx::query(&format!("SELECT status, project_id FROM deployments WHERE id = $1{}", self.for_update()))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        let status = row.text("status")?;
+        if status != "retired" && status != "failed" {
+            let current: String = sqlx::query("SELECT current_deployments FROM projects WHERE id = $1")
+                .bind(row.text("project_id")?)
+                .fetch_one(&mut *tx)
+                .await?
+                .text("current_deployments")?;
+            let serving: BTreeMap<String, String> = serde_json::from_str(&current).unwrap_or_default();
+            if let Some((env, _)) = serving.iter().find(|(_, d)| *d == id) {
+                return Err(StoreError::Conflict(format!(
+                    "deployment {id:?} serves {env}; deploy or roll back to another deployment first"
+                )));
+            }
+            sqlx::query("UPDATE deployments SET status = 'retired', reason = $1, updated_at = $2 WHERE id = $3")
+                .bind(format!("stopped by {}", audit.actor))
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment was stopped' \
+                 WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
+            ))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            append_event(&mut tx, audit, "ok").await?;
+        }
+        tx.commit().await?;
+        self.get_deployment(id).await
+    }
+}
+
+impl Store {
+    /// Who holds lease `name`, and until when (ms since the epoch).
+    pub async fn lease(&self, name: &str) -> Result<Option<(String, i64)>> {
+        let row = sqlx::query("SELECT holder, until FROM leases WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| Ok((r.text("holder")?, r.int("until")?))).transpose()
+    }
+}

@@ -199,6 +199,19 @@ CREATE TABLE archives (
 )
 "#,
     ),
+    (
+        4,
+        "drain and leases",
+        r#"
+ALTER TABLE instances ADD COLUMN replaced_by TEXT;
+ALTER TABLE instances ADD COLUMN stop_after BIGINT;
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until BIGINT NOT NULL
+)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

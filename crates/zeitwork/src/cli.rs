@@ -297,6 +297,14 @@ pub enum ProjectCmd {
     Delete {
         project: String,
     },
+    /// Which deployment serves which host of ORG/PROJECT.
+    Routing {
+        project: String,
+    },
+    /// Health of the instances serving each environment of ORG/PROJECT.
+    Health {
+        project: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -372,6 +380,14 @@ pub enum DeploymentCmd {
         instances_per_region: Option<u32>,
     },
     Show {
+        id: String,
+    },
+    /// Stop a deployment that serves no environment (its instances stop).
+    Stop {
+        id: String,
+    },
+    /// The instances of a deployment.
+    Instances {
         id: String,
     },
 }
@@ -750,6 +766,48 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 println!("Deleted project {project}.")
             }
         }
+        ProjectCmd::Routing { project } => {
+            let routes: Vec<ProjectRoute> = c.get(&format!("{}/routing", project_path(&project)?)).await?;
+            if conn.json {
+                json(&routes)
+            } else {
+                table(
+                    &["host", "deployment", "environment", "instances"],
+                    routes
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.host.clone(),
+                                r.deployment.clone(),
+                                r.environment.map_or("-".into(), |e| e.as_str().to_owned()),
+                                r.instances.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        ProjectCmd::Health { project } => {
+            let envs: Vec<EnvironmentHealth> = c.get(&format!("{}/health", project_path(&project)?)).await?;
+            if conn.json {
+                json(&envs)
+            } else if envs.is_empty() {
+                println!("{project} serves nothing yet; deploy it with `zeitwork deploy {project} --image REF`.");
+            } else {
+                for e in &envs {
+                    println!(
+                        "{}: {} {} ({}/{} instances ready, deployment {})",
+                        e.environment.as_str(),
+                        e.health,
+                        e.deployment,
+                        e.ready,
+                        e.total,
+                        e.status.as_str()
+                    );
+                    instance_rows(&e.instances);
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -866,6 +924,25 @@ fn deployment_rows(ds: &[Deployment]) {
     );
 }
 
+fn instance_rows(is: &[Instance]) {
+    table(
+        &["id", "region", "node", "status", "address", "reason", "created"],
+        is.iter()
+            .map(|i| {
+                vec![
+                    i.id.clone(),
+                    i.region.clone(),
+                    opt(&i.node),
+                    i.status.as_str().into(),
+                    opt(&i.address),
+                    opt(&i.exit_reason),
+                    ago(&i.created_at),
+                ]
+            })
+            .collect(),
+    );
+}
+
 async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
     let c = conn.client()?;
     match cmd {
@@ -900,6 +977,22 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 json(&d)
             } else {
                 println!("Deployment {} is {}.\nURL: {}", d.id, d.status.as_str(), d.url)
+            }
+        }
+        DeploymentCmd::Stop { id } => {
+            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/stop", encode(&id))).await?;
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Deployment {} is {}.", d.id, d.status.as_str())
+            }
+        }
+        DeploymentCmd::Instances { id } => {
+            let is: Vec<Instance> = c.get(&format!("/api/v1/deployments/{}/instances", encode(&id))).await?;
+            if conn.json {
+                json(&is)
+            } else {
+                instance_rows(&is)
             }
         }
         DeploymentCmd::Show { id } => {

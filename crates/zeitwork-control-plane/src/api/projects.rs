@@ -570,3 +570,94 @@ pub async fn deployment_instances(
     }
     Ok(Json(s.store.list_instances(&id).await?))
 }
+
+/// Stop a deployment that serves no environment: its instances stop and it is retired.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/stop", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError),
+        (status = 409, body = zeitwork_api_types::ApiError, description = "it serves an environment")))]
+pub async fn stop_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Deployment>> {
+    let d = s.store.get_deployment(&id).await?;
+    if caller.role_in(&d.org).is_none() {
+        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    }
+    s.require_role(&caller, &d.org, Role::Developer, "deployment.stop", &id).await?;
+    let audit = caller.audit("deployment.stop", &id).org(&d.org).project(&d.project);
+    let d = s.store.stop_deployment(&id, &audit).await?;
+    s.changed();
+    Ok(Json(d))
+}
+
+/// Which deployment serves which host of a project, as the edges see it now.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/routing", tag = "projects",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 200, body = Vec<zeitwork_api_types::ProjectRoute>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn project_routing(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<zeitwork_api_types::ProjectRoute>>> {
+    if caller.role_in(&org).is_none() {
+        return Err(ApiError::NotFound(format!("project {org}/{name} does not exist")));
+    }
+    s.store.get_project(&org, &name).await?;
+    let table = s.routing.current();
+    let routes = table
+        .routes
+        .iter()
+        .filter(|r| r.org == org && r.project == name)
+        .map(|r| zeitwork_api_types::ProjectRoute {
+            host: r.host.clone(),
+            deployment: r.deployment.clone(),
+            environment: r.environment,
+            instances: r.instances.len() as u32,
+        })
+        .collect();
+    Ok(Json(routes))
+}
+
+/// Per-instance health of the deployments serving a project's environments.
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/health", tag = "projects",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 200, body = Vec<zeitwork_api_types::EnvironmentHealth>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn project_health(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<zeitwork_api_types::EnvironmentHealth>>> {
+    if caller.role_in(&org).is_none() {
+        return Err(ApiError::NotFound(format!("project {org}/{name} does not exist")));
+    }
+    let p = s.store.get_project(&org, &name).await?;
+    let mut out = Vec::new();
+    for (env, id) in &p.current_deployment {
+        let d = s.store.get_deployment(id).await?;
+        let instances: Vec<_> = s
+            .store
+            .list_instances(id)
+            .await?
+            .into_iter()
+            .filter(|i| !matches!(i.status, zeitwork_api_types::InstanceStatus::Stopped))
+            .collect();
+        let ready = instances.iter().filter(|i| i.status == zeitwork_api_types::InstanceStatus::Ready).count() as u32;
+        let total = instances.len() as u32;
+        let health = match (ready, total) {
+            (r, t) if r == t && t > 0 => "healthy",
+            (0, _) => "down",
+            _ => "degraded",
+        };
+        out.push(zeitwork_api_types::EnvironmentHealth {
+            environment: Environment::parse(env).unwrap_or(Environment::Production),
+            deployment: id.clone(),
+            status: d.status,
+            health: health.into(),
+            ready,
+            total,
+            instances,
+        });
+    }
+    Ok(Json(out))
+}
