@@ -788,3 +788,22 @@ pub struct EnvironmentHealth {
     pub total: u32,
     pub instances: Vec<Instance>,
 }
+
+// ---------------------------------------------------------------- event stream
+
+/// A change of a deployment, instance or node, as sent on `GET /api/v1/events/stream`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Change {
+    /// `deployment`, `instance` or `node` (also the SSE event name).
+    pub kind: String,
+    pub id: String,
+    pub org: Option<String>,
+    pub project: Option<String>,
+    /// For instances: their deployment.
+    pub deployment: Option<String>,
+    pub status: String,
+    /// The status before; none when the thing is new.
+    pub previous: Option<String>,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod extract;
+pub mod feed;
 pub mod routing;
 pub mod secrets;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Bumped when placements or instances change, to wake long-polling node agents.
     pub assignments: Arc<watch::Sender<u64>>,
+    /// Changes of deployments, instances and nodes, for event streams.
+    pub feed: Arc<feed::Feed>,
 }
 
 impl AppState {
@@ -80,6 +83,7 @@ pub struct Operator {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     refresher: tokio::task::JoinHandle<()>,
     engine: tokio::task::JoinHandle<()>,
+    feeder: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -141,7 +145,9 @@ impl Operator {
                 .build()
                 .unwrap_or_default(),
             assignments,
+            feed: feed::Feed::new(),
         };
+        let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let app = api::router(state);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -151,7 +157,18 @@ impl Operator {
                 .await
         });
         tracing::info!(%addr, "operator API listening");
-        Ok(Operator { addr, shutdown: tx, task, refresher, engine, admin_token, admin_token_path, store, engine_id })
+        Ok(Operator {
+            addr,
+            shutdown: tx,
+            task,
+            refresher,
+            engine,
+            feeder,
+            admin_token,
+            admin_token_path,
+            store,
+            engine_id,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -164,6 +181,7 @@ impl Operator {
         self.task.abort();
         self.refresher.abort();
         self.engine.abort();
+        self.feeder.abort();
     }
 
     pub async fn shutdown(self) {
@@ -175,6 +193,7 @@ impl Operator {
         }
         let _ = self.refresher.await;
         let _ = self.engine.await;
+        let _ = self.feeder.await;
         self.store.close().await;
     }
 }

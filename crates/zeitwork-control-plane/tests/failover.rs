@@ -250,3 +250,98 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     beating.abort();
     survivor.shutdown().await;
 }
+
+/// Reads SSE `data:` lines as JSON until `done` says so (or 20 s pass).
+async fn read_events(res: reqwest::Response, mut done: impl FnMut(&Value) -> bool) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut body = res.bytes_stream();
+    let (mut buf, mut seen) = (String::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("events in time").unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find('\n') {
+            let line: String = buf.drain(..=i).collect();
+            if let Some(d) = line.strip_prefix("data:") {
+                let v: Value = serde_json::from_str(d.trim()).unwrap();
+                let stop = done(&v);
+                seen.push(v);
+                if stop {
+                    return seen;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_shows_a_deployment_going_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let body = json!({"hostname": "node-a", "region": "eu", "address": "http://node-a:8081", "capacity": {"vcpu": 4, "memory": 8192}});
+    agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap();
+
+    // Bad filters and cluster tokens are refused.
+    assert_eq!(admin.stream("/api/v1/events/stream?project=web").await.unwrap_err().status(), Some(400));
+    assert_eq!(agent.stream("/api/v1/events/stream").await.unwrap_err().status(), Some(403));
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "developer"}}))
+        .await
+        .unwrap();
+    let dev = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let res = dev.stream("/api/v1/events/stream?org=acme&project=web").await.unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // Let the feed take its first look before anything changes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let d: Value = dev
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": "acme/web:1", "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let reporter = {
+        let (admin, agent, dep) = (admin.clone(), agent.clone(), dep.clone());
+        tokio::spawn(async move {
+            loop {
+                let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+                if let Some(i) = is.first() {
+                    let body = json!({"status": "ready", "address": "10.88.0.2:8080"});
+                    let _ = agent
+                        .put::<_, Value>(&format!("/api/v1/instances/{}/status", i["id"].as_str().unwrap()), &body)
+                        .await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let seen = read_events(res, |v| v["kind"] == "deployment" && v["status"] == "active").await;
+    reporter.await.unwrap();
+    assert!(seen.iter().all(|v| v["org"] == "acme" && v["project"] == "web"), "{seen:?}");
+    assert!(
+        seen.iter().any(|v| v["kind"] == "instance" && v["status"] == "ready" && v["deployment"] == dep.as_str()),
+        "{seen:?}"
+    );
+    let active = seen.last().unwrap();
+    assert_eq!(active["id"], dep.as_str());
+    assert!(active["previous"].is_string(), "{active}");
+    op.shutdown().await;
+}

@@ -431,6 +431,40 @@ pub enum EventCmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Follow live changes of deployments, instances and nodes.
+    Watch {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        deployment: Option<String>,
+    },
+}
+
+/// Reads Server-Sent Events from a response and hands each `data:` (as JSON) to `each`;
+/// returns when the stream ends or `each` says stop.
+async fn read_sse(res: reqwest::Response, mut each: impl FnMut(&str, Change) -> bool) -> Result<()> {
+    use futures::StreamExt;
+    let mut body = res.bytes_stream();
+    let (mut buf, mut event) = (String::new(), String::new());
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.context("the event stream broke off")?));
+        while let Some(i) = buf.find('\n') {
+            let line: String = buf.drain(..=i).collect();
+            let line = line.trim_end();
+            if let Some(e) = line.strip_prefix("event:") {
+                event = e.trim().to_owned();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                if let Ok(change) = serde_json::from_str::<Change>(d.trim()) {
+                    if !each(&event, change) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `org/project` → (org, project).
@@ -1091,7 +1125,30 @@ async fn tokens(conn: Conn, cmd: TokenCmd) -> Result<()> {
 
 async fn events(conn: Conn, cmd: EventCmd) -> Result<()> {
     let c = conn.client()?;
-    let EventCmd::List { org, project, action, limit } = cmd;
+    let (org, project, action, limit) = match cmd {
+        EventCmd::List { org, project, action, limit } => (org, project, action, limit),
+        EventCmd::Watch { org, project, deployment } => {
+            let path = format!(
+                "/api/v1/events/stream{}",
+                query(&[("org", org), ("project", project), ("deployment", deployment)])
+            );
+            let res = c.stream(&path).await?;
+            if !conn.json {
+                eprintln!("following changes; Ctrl-C to stop");
+            }
+            return read_sse(res, |_, ch| {
+                if conn.json {
+                    println!("{}", serde_json::to_string(&ch).unwrap_or_default());
+                } else {
+                    let from = ch.previous.as_deref().map(|p| format!("{p} → ")).unwrap_or_default();
+                    let reason = ch.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default();
+                    println!("{} {:<10} {:<28} {from}{}{reason}", ch.at.format("%H:%M:%S"), ch.kind, ch.id, ch.status);
+                }
+                true
+            })
+            .await;
+        }
+    };
     let path = format!(
         "/api/v1/events{}",
         query(&[("org", org), ("project", project), ("action", action), ("limit", Some(limit.to_string()))])
@@ -1189,6 +1246,18 @@ async fn deploy(a: DeployArgs) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let mut last = String::new();
+    // Wake on every change of this deployment (event stream); poll as a fallback.
+    let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(16);
+    let follower = {
+        let (c, org, id) = (c.clone(), d.org.clone(), d.id.clone());
+        tokio::spawn(async move {
+            let path = format!("/api/v1/events/stream?org={}&deployment={}", encode(&org), encode(&id));
+            if let Ok(res) = c.stream(&path).await {
+                let _ = read_sse(res, |_, _| wake_tx.try_send(()).is_ok() || !wake_tx.is_closed()).await;
+            }
+        })
+    };
+    let _stop_following = AbortOnDrop(follower);
     loop {
         let d: Deployment = c.get(&format!("/api/v1/deployments/{}", encode(&d.id))).await?;
         let instances: Vec<Instance> =
@@ -1244,6 +1313,16 @@ async fn deploy(a: DeployArgs) -> Result<()> {
                 d.id
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wake.recv()).await;
+        while wake.try_recv().is_ok() {}
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -9,6 +9,7 @@ mod logs;
 mod orgs;
 mod projects;
 mod routing;
+mod stream;
 mod tls;
 
 use axum::http::{HeaderValue, StatusCode};
@@ -67,6 +68,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::list_tokens, orgs::create_token))
         .routes(routes!(orgs::delete_token))
         .routes(routes!(orgs::list_events))
+        .routes(routes!(stream::event_stream))
         .routes(routes!(projects::list_projects, projects::create_project))
         .routes(routes!(projects::get_project, projects::patch_project, projects::delete_project))
         .routes(routes!(projects::list_env, projects::replace_env))
