@@ -807,3 +807,60 @@ pub struct Change {
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
 }
+
+// ---------------------------------------------------------------- GitHub
+
+/// Configures the webhook of a GitHub repository.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGithubHook {
+    /// The repository's owner on GitHub.
+    pub org: String,
+    /// The repository's name.
+    pub repo: String,
+    /// Events acted on: `push` (and `ping`, always answered). Default `["push"]`.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The webhook secret set on GitHub (stored encrypted).
+    pub secret: String,
+}
+
+/// A configured webhook (the secret is never shown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GithubHook {
+    /// `owner/name`.
+    pub repo: String,
+    pub events: Vec<String>,
+    /// Path of the payload URL to set on GitHub, on this operator's address.
+    pub path: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One webhook delivery and what came of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GithubDelivery {
+    /// GitHub's `X-GitHub-Delivery`.
+    pub id: String,
+    pub repo: String,
+    pub event: String,
+    /// `deployed`, `skipped`, `ignored`, `answered`, `rejected` or `failed`.
+    pub status: String,
+    /// What happened, for people.
+    pub outcome: String,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    pub sha: Option<String>,
+    pub deployments: Vec<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Deploys a repository's commit by hand.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GithubTrigger {
+    pub org: String,
+    pub repo: String,
+    /// A commit SHA, or a branch whose last pushed commit is known from a delivery.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+}

@@ -2265,3 +2265,133 @@ impl Store {
         Ok(out)
     }
 }
+
+// ---------------------------------------------------------------- GitHub intake
+
+/// A webhook as stored: the secret stays encrypted.
+#[derive(Debug, Clone)]
+pub struct StoredHook {
+    pub repo: String,
+    pub events: Vec<String>,
+    pub secret_enc: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Store {
+    /// Creates or replaces the webhook of `repo` (`owner/name`).
+    pub async fn put_github_hook(
+        &self,
+        repo: &str,
+        events: &[String],
+        secret_enc: &str,
+        audit: &Audit,
+    ) -> Result<StoredHook> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM github_hooks WHERE repo = $1").bind(repo).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO github_hooks (repo, events, secret_enc, created_by, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(repo)
+        .bind(events.join(" "))
+        .bind(secret_enc)
+        .bind(audit.actor.clone())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.github_hook(repo).await?.ok_or_else(|| StoreError::NotFound(format!("webhook of {repo}")))
+    }
+
+    pub async fn github_hook(&self, repo: &str) -> Result<Option<StoredHook>> {
+        let row =
+            sqlx::query("SELECT * FROM github_hooks WHERE repo = $1").bind(repo).fetch_optional(&self.reader).await?;
+        row.map(|r| {
+            Ok(StoredHook {
+                repo: r.text("repo")?,
+                events: r.text("events")?.split(' ').filter(|e| !e.is_empty()).map(str::to_owned).collect(),
+                secret_enc: r.text("secret_enc")?,
+                created_at: ts(r.int("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// Projects that deploy from GitHub repository `repo` (`owner/name`).
+    pub async fn projects_of_repo(&self, repo: &str) -> Result<Vec<Project>> {
+        let mut q = Sql::new(PROJECT_SELECT);
+        q.and("p.github_repo = ?", Arg::Text(repo.to_owned()));
+        q.query().fetch_all(&self.reader).await?.iter().map(project_from).collect()
+    }
+
+    /// Whether a delivery id was recorded (GitHub redelivers with the same id).
+    pub async fn github_delivery(&self, id: &str) -> Result<Option<zeitwork_api_types::GithubDelivery>> {
+        let row =
+            sqlx::query("SELECT * FROM github_deliveries WHERE id = $1").bind(id).fetch_optional(&self.reader).await?;
+        row.as_ref().map(delivery_from).transpose()
+    }
+
+    pub async fn record_github_delivery(&self, d: &zeitwork_api_types::GithubDelivery) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM github_deliveries WHERE id = $1").bind(&d.id).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO github_deliveries (id, repo, event, status, outcome, git_ref, sha, deployments, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&d.id)
+        .bind(&d.repo)
+        .bind(&d.event)
+        .bind(&d.status)
+        .bind(&d.outcome)
+        .bind(d.git_ref.clone())
+        .bind(d.sha.clone())
+        .bind(d.deployments.join(" "))
+        .bind(d.received_at.timestamp_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deliveries of `repo`, newest first.
+    pub async fn list_github_deliveries(
+        &self,
+        repo: &str,
+        limit: u32,
+    ) -> Result<Vec<zeitwork_api_types::GithubDelivery>> {
+        let rows =
+            sqlx::query("SELECT * FROM github_deliveries WHERE repo = $1 ORDER BY received_at DESC, id DESC LIMIT $2")
+                .bind(repo)
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter().map(delivery_from).collect()
+    }
+
+    /// The commit last pushed to `branch` of `repo`, from its deliveries.
+    pub async fn last_pushed_sha(&self, repo: &str, branch: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT sha FROM github_deliveries WHERE repo = $1 AND event = 'push' AND git_ref = $2 AND sha IS NOT NULL \
+             AND status <> 'rejected' ORDER BY received_at DESC LIMIT 1",
+        )
+        .bind(repo)
+        .bind(format!("refs/heads/{branch}"))
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| r.text("sha")).transpose()
+    }
+}
+
+fn delivery_from(r: &AnyRow) -> Result<zeitwork_api_types::GithubDelivery> {
+    Ok(zeitwork_api_types::GithubDelivery {
+        id: r.text("id")?,
+        repo: r.text("repo")?,
+        event: r.text("event")?,
+        status: r.text("status")?,
+        outcome: r.text("outcome")?,
+        git_ref: r.opt_text("git_ref")?,
+        sha: r.opt_text("sha")?,
+        deployments: r.text("deployments")?.split(' ').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+        received_at: ts(r.int("received_at")?),
+    })
+}

@@ -212,6 +212,31 @@ CREATE TABLE leases (
 )
 "#,
     ),
+    (
+        5,
+        "github intake",
+        r#"
+CREATE TABLE github_hooks (
+    repo {{text_key}} PRIMARY KEY,
+    events TEXT NOT NULL,
+    secret_enc TEXT NOT NULL,
+    created_by TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE github_deliveries (
+    id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    event TEXT NOT NULL,
+    status TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    git_ref TEXT,
+    sha TEXT,
+    deployments TEXT NOT NULL,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX github_deliveries_repo ON github_deliveries (repo, received_at)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

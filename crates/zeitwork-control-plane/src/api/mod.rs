@@ -3,6 +3,7 @@
 //! same annotations the router is built from, so the two cannot drift.
 
 mod cluster;
+mod github;
 mod health;
 pub(crate) mod images;
 mod logs;
@@ -68,6 +69,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::list_tokens, orgs::create_token))
         .routes(routes!(orgs::delete_token))
         .routes(routes!(orgs::list_events))
+        .routes(routes!(github::create_hook))
+        .routes(routes!(github::list_deliveries))
+        .routes(routes!(github::receive))
+        .routes(routes!(github::trigger))
         .routes(routes!(stream::event_stream))
         .routes(routes!(projects::list_projects, projects::create_project))
         .routes(routes!(projects::get_project, projects::patch_project, projects::delete_project))

@@ -316,12 +316,12 @@ pub async fn list_deployments(
 }
 
 /// A new deployment record of `image` for `p`: id `<project>-<nanoid7>-<org>` and its URL.
-fn new_deployment(
+pub(crate) fn new_deployment(
     s: &AppState,
     p: &Project,
     environment: Environment,
     image: String,
-    caller: &Caller,
+    created_by: String,
 ) -> NewDeployment {
     let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
     NewDeployment {
@@ -335,7 +335,7 @@ fn new_deployment(
         commit_sha: None,
         commit_message: None,
         instances_per_region: p.instances_per_region,
-        created_by: Some(caller.actor()),
+        created_by: Some(created_by),
     }
 }
 
@@ -353,7 +353,8 @@ pub async fn create_deployment(
     b.validate()?;
     super::images::check_archive_reference(&s, &b.org, &b.image).await?;
     let p = s.store.get_project(&b.org, &b.project).await?;
-    let mut new = new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), &caller);
+    let mut new =
+        new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), caller.actor());
     new.commit_sha = b.commit_sha.clone();
     new.commit_message = b.commit_message.clone();
     new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
@@ -508,7 +509,7 @@ pub async fn rollback(
                 Some(d) => format!("{}@{d}", to.image.split('@').next().unwrap_or(&to.image)),
                 None => to.image.clone(),
             };
-            let mut new = new_deployment(&s, &p, env, image, &caller);
+            let mut new = new_deployment(&s, &p, env, image, caller.actor());
             new.commit_sha = to.commit_sha.clone();
             new.commit_message = to.commit_message.clone();
             new.instances_per_region = to.instances_per_region;

@@ -1,0 +1,193 @@
+//! GitHub intake with real webhook payloads (`@octokit/webhooks-examples`,
+//! installed by scripts/test-deps): signatures, deliveries, push → deploy,
+//! skips, redeliveries and manual triggers.
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+
+const SECRET: &str = "It's a Secret to Everybody, 2026";
+
+/// The first example payload of `event` matching `pick`.
+fn example(event: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let path =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../node_modules/@octokit/webhooks-examples/api.github.com/index.json");
+    let text = std::fs::read_to_string(path)
+        .expect("the webhook examples are needed: run scripts/test-deps (npm install @octokit/webhooks-examples)");
+    let all: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let group = all.iter().find(|g| g["name"] == event).unwrap_or_else(|| panic!("no {event} examples"));
+    group["examples"].as_array().unwrap().iter().find(|e| pick(e)).cloned().expect("a matching example")
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn deliver(base: &str, event: &str, id: &str, body: &[u8], signature: Option<String>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}/api/v1/github/webhook"))
+        .header("content-type", "application/json")
+        .header("x-github-event", event)
+        .header("x-github-delivery", id)
+        .body(body.to_vec());
+    if let Some(s) = signature {
+        req = req.header("x-hub-signature-256", s);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_deploy_and_every_delivery_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "github_repo": "Codertocat/Hello-World", "branch": "master",
+                    "auto_deploy": true, "image_template": "registry.example.com/acme/web:sha-{sha}"}),
+        )
+        .await
+        .unwrap();
+
+    // Configuring: the secret is checked and never shown again.
+    let short = admin
+        .post::<_, Value>(
+            "/api/v1/github/webhooks",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "secret": "short"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(short.status(), Some(400), "{short}");
+    let bad_repo = admin
+        .post::<_, Value>("/api/v1/github/webhooks", &json!({"org": "Codertocat", "repo": "../x", "secret": SECRET}))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_repo.status(), Some(400), "{bad_repo}");
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "developer"}}))
+        .await
+        .unwrap();
+    let dev = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let denied = dev
+        .post::<_, Value>(
+            "/api/v1/github/webhooks",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "secret": SECRET}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(denied.status(), Some(403), "configuring a hook needs the admin role");
+    let hook: Value = admin
+        .post("/api/v1/github/webhooks", &json!({"org": "Codertocat", "repo": "Hello-World", "secret": SECRET}))
+        .await
+        .unwrap();
+    assert_eq!(hook["path"], "/api/v1/github/webhook");
+    assert!(!hook.to_string().contains(SECRET));
+
+    // ping is answered.
+    let mut ping = example("ping", |e| e["repository"].is_object());
+    ping["repository"]["full_name"] = json!("Codertocat/Hello-World");
+    let ping = serde_json::to_vec(&ping).unwrap();
+    let (status, body) = deliver(&base, "ping", "ping-1", &ping, Some(sign(SECRET, &ping))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "answered");
+
+    // A push to the project's branch deploys the template's image for the commit.
+    let push = example("push", |e| e["ref"] == "refs/heads/master" && e["deleted"] == false);
+    let sha = push["after"].as_str().unwrap().to_owned();
+    let raw = serde_json::to_vec(&push).unwrap();
+    let (status, body) = deliver(&base, "push", "push-1", &raw, Some(sign(SECRET, &raw))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "deployed");
+    let dep = body["deployments"][0].as_str().unwrap().to_owned();
+    let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+    assert_eq!(d["image"], format!("registry.example.com/acme/web:sha-{sha}"));
+    assert_eq!(d["commit_sha"], sha.as_str());
+    // A redelivery of the same delivery does not deploy twice.
+    let (status, body) = deliver(&base, "push", "push-1", &raw, Some(sign(SECRET, &raw))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "duplicate");
+
+    // Bad or missing signatures are refused and recorded; nothing is deployed.
+    let (status, _) = deliver(&base, "push", "push-forged", &raw, Some(sign("not the secret at all!", &raw))).await;
+    assert_eq!(status, 401);
+    let (status, _) = deliver(&base, "push", "push-unsigned", &raw, None).await;
+    assert_eq!(status, 401);
+    let mut tampered = push.clone();
+    tampered["after"] = json!("ffffffffffffffffffffffffffffffffffffffff");
+    let tampered_raw = serde_json::to_vec(&tampered).unwrap();
+    let (status, _) = deliver(&base, "push", "push-tampered", &tampered_raw, Some(sign(SECRET, &raw))).await;
+    assert_eq!(status, 401, "a signature of another body does not count");
+
+    // [skip ci], tags, other branches and deleted branches deploy nothing.
+    let mut skip = push.clone();
+    skip["head_commit"]["message"] = json!("docs: typo [skip ci]");
+    let skip_raw = serde_json::to_vec(&skip).unwrap();
+    let (status, body) = deliver(&base, "push", "push-skip", &skip_raw, Some(sign(SECRET, &skip_raw))).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("skipped")));
+    let tag =
+        serde_json::to_vec(&example("push", |e| e["ref"].as_str().unwrap_or("").starts_with("refs/tags/"))).unwrap();
+    let (status, body) = deliver(&base, "push", "push-tag", &tag, Some(sign(SECRET, &tag))).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+    let mut other = push.clone();
+    other["ref"] = json!("refs/heads/feature");
+    let other_raw = serde_json::to_vec(&other).unwrap();
+    let (_, body) = deliver(&base, "push", "push-other", &other_raw, Some(sign(SECRET, &other_raw))).await;
+    assert_eq!(body["status"], "ignored");
+    // Events the hook does not act on are recorded as ignored.
+    let star =
+        serde_json::to_vec(&example("star", |e| e["repository"]["full_name"] == "Codertocat/Hello-World")).unwrap();
+    let (status, body) = deliver(&base, "star", "star-1", &star, Some(sign(SECRET, &star))).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+    // Malformed deliveries.
+    let (status, _) = deliver(&base, "push", "junk-1", b"{not json", Some(sign(SECRET, b"{not json"))).await;
+    assert_eq!(status, 400);
+    let elsewhere = br#"{"repository":{"full_name":"someone/else"}}"#;
+    let (status, _) = deliver(&base, "push", "else-1", elsewhere, Some(sign(SECRET, elsewhere))).await;
+    assert_eq!(status, 404);
+
+    let deliveries: Vec<Value> = dev.get("/api/v1/github/webhooks/Codertocat/Hello-World/deliveries").await.unwrap();
+    let status_of =
+        |id: &str| deliveries.iter().find(|d| d["id"] == id).map(|d| d["status"].as_str().unwrap().to_owned());
+    assert_eq!(status_of("ping-1").as_deref(), Some("answered"));
+    assert_eq!(status_of("push-1").as_deref(), Some("deployed"));
+    assert_eq!(status_of("push-forged").as_deref(), Some("rejected"));
+    assert_eq!(status_of("push-skip").as_deref(), Some("skipped"));
+    assert_eq!(status_of("star-1").as_deref(), Some("ignored"));
+    let all: Vec<Value> = admin.get("/api/v1/deployments").await.unwrap();
+    assert_eq!(all.len(), 1, "only the genuine push deployed: {all:?}");
+
+    // Deploy by hand: a commit, or the branch's last pushed commit.
+    let by_branch: Vec<Value> = dev
+        .post("/api/v1/github/trigger", &json!({"org": "Codertocat", "repo": "Hello-World", "ref": "master"}))
+        .await
+        .unwrap();
+    assert_eq!(by_branch[0]["commit_sha"], sha.as_str());
+    let by_sha: Vec<Value> = dev
+        .post("/api/v1/github/trigger", &json!({"org": "Codertocat", "repo": "Hello-World", "ref": "abc1234"}))
+        .await
+        .unwrap();
+    assert_eq!(by_sha[0]["image"], "registry.example.com/acme/web:sha-abc1234");
+    let unknown = dev
+        .post::<_, Value>(
+            "/api/v1/github/trigger",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "ref": "develop"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.status(), Some(409), "{unknown}");
+    op.shutdown().await;
+}
