@@ -119,6 +119,20 @@ pub async fn run(
     }
 }
 
+/// Every node, page by page.
+async fn all_nodes(store: &Store) -> Result<Vec<Node>, zeitwork_store::StoreError> {
+    let mut out = Vec::new();
+    let mut page = Page::first(1000);
+    loop {
+        let l = store.list_nodes(&page).await?;
+        out.extend(l.items);
+        match l.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// Name of the lease the running engine holds.
 pub const ENGINE_LEASE: &str = "engine";
 
@@ -193,7 +207,7 @@ async fn replace_instance(
     lost: &zeitwork_api_types::Instance,
 ) -> Result<Option<String>, zeitwork_store::StoreError> {
     let project = store.get_project(&dep.org, &dep.project).await?;
-    let nodes = store.list_nodes(&Page::first(1000)).await?.items;
+    let nodes = all_nodes(store).await?;
     match place(&nodes, &lost.region, 1, project.resources) {
         Ok(picked) => {
             let Some(node) = picked.into_iter().next() else { return Ok(None) };
@@ -258,7 +272,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
 
     for d in store.list_deployments(&by(DeploymentStatus::Pending), &Page::first(100)).await?.items {
         let project = store.get_project(&d.org, &d.project).await?;
-        let nodes = store.list_nodes(&Page::first(1000)).await?.items;
+        let nodes = all_nodes(store).await?;
         let mut plan = Vec::new();
         let mut failure = None;
         if project.regions.is_empty() {

@@ -229,20 +229,32 @@ pub async fn run(
         }
     }
     watcher.abort();
-    let ids: Vec<String> = table.read().await.keys().cloned().collect();
-    for id in ids {
-        let exit = runtime.stop(&id, s.stop_grace).await.ok();
-        let _ = runtime.destroy(&id).await;
-        report(
-            &client,
-            &id,
-            InstanceStatus::Stopped,
-            None,
-            exit.as_ref().and_then(|e| e.code),
-            Some("the node agent stopped".into()),
-        )
-        .await;
-    }
+    // Stopping the agent stops its instances but keeps them assigned: they are
+    // out of traffic (`stopping`) and come back when the agent starts again. If it
+    // never does, the node goes down and they are placed elsewhere.
+    let ids: Vec<(String, bool)> = table.read().await.iter().map(|(id, l)| (id.clone(), l.failed)).collect();
+    // All at once: each may take the grace period.
+    let stops = ids.into_iter().map(|(id, failed)| {
+        let (client, runtime) = (client.clone(), runtime.clone());
+        let grace = s.stop_grace;
+        async move {
+            let exit = runtime.stop(&id, grace).await.ok();
+            let _ = runtime.destroy(&id).await;
+            if !failed {
+                let reason = "the node agent stopped; the instance comes back when it starts again";
+                report(
+                    &client,
+                    &id,
+                    InstanceStatus::Stopping,
+                    None,
+                    exit.as_ref().and_then(|e| e.code),
+                    Some(reason.into()),
+                )
+                .await;
+            }
+        }
+    });
+    futures::future::join_all(stops).await;
 }
 
 /// Long-polls this node's assignments and publishes each new set.

@@ -56,13 +56,18 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
     };
     let agent_token = token("node-agent").await;
     let edge_token = token("edge-proxy").await;
-    let agent = NodeAgent::start(NodeAgentConfig {
+    let agent = NodeAgent::start(agent_config(&op, dir.path(), range, &agent_token, start_timeout)).await.unwrap();
+    Platform { op, admin, agent, edge_token, agent_token, _dir: dir }
+}
+
+fn agent_config(op: &Operator, dir: &std::path::Path, range: &str, token: &str, start_timeout: u64) -> NodeAgentConfig {
+    NodeAgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         operator_url: format!("http://{}", op.addr()),
-        token: Some(agent_token.clone()),
+        token: Some(token.to_owned()),
         hostname: format!("agent-{}", range.replace('.', "-")),
         region: "local".into(),
-        data_dir: dir.path().join("agent"),
+        data_dir: dir.join("agent"),
         instance_range: range.parse().unwrap(),
         start_timeout_secs: start_timeout,
         stop_grace_secs: 2,
@@ -71,10 +76,7 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
         // vCPUs are shared; room for a few deployments side by side.
         vcpu: Some(16),
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    Platform { op, admin, agent, edge_token, agent_token, _dir: dir }
+    }
 }
 
 impl Platform {
@@ -243,9 +245,22 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     drop(follow);
 
     edge.shutdown().await;
+    let node_id = p.agent.node().id.clone();
     p.agent.shutdown().await;
     let stopped = p.op.store.get_instance(&inst).await.unwrap();
-    assert_eq!(stopped.status.as_str(), "stopped", "stopping the agent stops its instances");
+    assert_eq!(stopped.status.as_str(), "stopping", "stopping the agent stops its instances, out of traffic");
+    assert!(stopped.exit_reason.as_deref().unwrap_or("").contains("comes back"), "{stopped:?}");
+    // The agent starts again: the same node, and its instance is back.
+    let again = NodeAgent::start(agent_config(&p.op, p._dir.path(), "10.215.0.0", &p.agent_token, 30)).await.unwrap();
+    assert_eq!(again.node().id, node_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.op.store.get_instance(&inst).await.unwrap().status.as_str() != "ready" {
+        assert!(Instant::now() < deadline, "the instance did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d: Value = p.admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+    assert_eq!(d["status"], "active");
+    again.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -258,6 +258,12 @@ pub struct UpArgs {
     https_port: u16,
     #[arg(long, env = "ZEITWORK_LOG", default_value = "info")]
     log: String,
+    /// Build the demo app (examples/hello) without Docker, deploy it and print its URL.
+    #[arg(long)]
+    demo: bool,
+    /// Never install missing host packages; say what to install instead.
+    #[arg(long)]
+    no_install: bool,
 }
 
 /// Where `zeitwork up` keeps its data unless told otherwise.
@@ -274,6 +280,7 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn up(args: UpArgs) -> Result<()> {
     zeitwork_telemetry::init_logging(&args.log, LogFormat::Text);
     let data = args.data.clone().unwrap_or_else(default_data_dir);
+    crate::local::ensure_host_programs(args.demo, !args.no_install)?;
     let config = OperatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], args.api_port)),
         data_dir: data.clone(),
@@ -303,15 +310,20 @@ pub async fn up(args: UpArgs) -> Result<()> {
     .await
     .context("the node agent could not start")?;
     let edge_token = ensure_cluster_token(&client, &data.join("edge-proxy.token"), ClusterRole::EdgeProxy).await?;
+    let (cert, key) = crate::local::local_tls(&data, "zeitwork.localhost").context("cannot set up the local CA")?;
     let edge = EdgeProxy::start(EdgeConfig {
         http_listen: SocketAddr::from(([127, 0, 0, 1], args.http_port)),
+        https_listen: SocketAddr::from(([127, 0, 0, 1], args.https_port)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         operator_url: api.clone(),
         token: Some(edge_token),
+        tls_cert: Some(cert),
+        tls_key: Some(key),
         ..Default::default()
     })
     .await
     .context("the edge proxy could not start")?;
+    let demo = if args.demo { Some(crate::local::deploy_demo(&client).await?) } else { None };
 
     println!();
     println!("Zeitwork is running.");
@@ -319,13 +331,27 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!("  Token    {}", op.admin_token_path.display());
     println!("  Node     {} in region local ({})", agent.node().hostname, agent.node().address);
     println!("  Apps     http://<deployment-id>.zeitwork.localhost:{}", args.http_port);
+    println!("           https://<deployment-id>.zeitwork.localhost:{}", args.https_port);
     println!("  Data     {}", data.display());
+    println!("  CA       {} (local CA for HTTPS; trust it with:", data.join("ca.pem").display());
+    println!(
+        "           sudo cp {} /usr/local/share/ca-certificates/zeitwork.crt && sudo update-ca-certificates)",
+        data.join("ca.pem").display()
+    );
+    if let Some(d) = &demo {
+        println!();
+        println!("The demo app is live:");
+        println!("  {}", d.url);
+        println!("  https://{}.zeitwork.localhost:{}/", d.id, args.https_port);
+        println!("  curl {}", d.url);
+    }
     println!();
     println!("Next:");
     println!("  export ZEITWORK_API={api} ZEITWORK_TOKEN=$(cat {})", op.admin_token_path.display());
     println!("  zeitwork orgs create acme");
     println!("  zeitwork projects create acme/web");
-    println!("  zeitwork deployments create acme/web --image registry.example.com/web:1");
+    println!("  zeitwork deploy acme/web --image registry.example.com/web:1   (or --archive app.tar)");
+    println!("  zeitwork logs <deployment-id> -f");
     println!();
     println!("Press Ctrl-C to stop.");
     shutdown_signal().await;
