@@ -225,18 +225,76 @@ pub struct EdgeProxyArgs {
     acme_contact: Option<String>,
 }
 
-pub async fn load_balancer(_args: LoadBalancerArgs) -> Result<()> {
-    Err(UsageError(
-        "the load-balancer role is not in this release yet; run the operator and node agents directly".into(),
-    )
-    .into())
+pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
+    args.common.init_logging();
+    let mut c: zeitwork_lb::LbConfig = load_toml(args.common.config.as_deref())?;
+    if let Some(listen) = args.common.listen {
+        if args.backends.is_empty() {
+            return Err(UsageError("--listen needs at least one --backend EDGE:PORT".into()).into());
+        }
+        c.listeners.push(zeitwork_lb::ListenerConfig {
+            listen,
+            backends: args.backends.clone(),
+            algorithm: args.algorithm,
+            proxy_protocol: !args.no_proxy_protocol,
+        });
+    } else if !args.backends.is_empty() {
+        return Err(UsageError("--backend needs --listen ADDR:PORT".into()).into());
+    }
+    if let Some(a) = args.admin_listen {
+        c.admin_listen = a;
+    }
+    if c.listeners.is_empty() {
+        return Err(UsageError(
+            "no listener: give --listen ADDR:PORT --backend EDGE:PORT, or [[listeners]] in the config file".into(),
+        )
+        .into());
+    }
+    c.validate().map_err(|e| UsageError(e.to_string()))?;
+    let lb = zeitwork_lb::LoadBalancer::start(c).await.context("the load balancer could not start")?;
+    shutdown_signal().await;
+    lb.shutdown().await;
+    Ok(())
 }
 
-pub async fn edge_proxy(_args: EdgeProxyArgs) -> Result<()> {
-    Err(UsageError(
-        "the edge-proxy role is not in this release yet; apps are not served on the web by this build".into(),
-    )
-    .into())
+pub async fn edge_proxy(args: EdgeProxyArgs) -> Result<()> {
+    args.common.init_logging();
+    let mut c: EdgeConfig = load_toml(args.common.config.as_deref())?;
+    if let Some(l) = args.common.listen {
+        c.http_listen = l;
+    }
+    if let Some(v) = args.operator {
+        c.operator_url = v;
+    }
+    if let Some(v) = args.token {
+        c.token = Some(v);
+    }
+    if let Some(v) = args.https_listen {
+        c.https_listen = v;
+    }
+    if let Some(v) = args.admin_listen {
+        c.admin_listen = v;
+    }
+    if let Some(v) = args.tls_cert {
+        c.tls_cert = Some(v);
+    }
+    if let Some(v) = args.tls_key {
+        c.tls_key = Some(v);
+    }
+    if !args.trusted_proxies.is_empty() {
+        c.trusted_proxies = args.trusted_proxies;
+    }
+    if let Some(v) = args.acme_directory {
+        c.acme_directory = Some(v);
+    }
+    if let Some(v) = args.acme_contact {
+        c.acme_contact = Some(v);
+    }
+    c.validate().map_err(|e| UsageError(e.to_string()))?;
+    let edge = EdgeProxy::start(c).await.context("the edge proxy could not start")?;
+    shutdown_signal().await;
+    edge.shutdown().await;
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -239,3 +239,125 @@ fn up_runs_operator_and_node_agent() {
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     assert!(out.contains("Zeitwork is running.") && out.contains("Stopped."), "{out}");
 }
+
+#[test]
+fn the_edge_and_load_balancer_roles_check_their_flags() {
+    let run = |args: &[&str]| {
+        Command::new(BIN).args(args).env_remove("ZEITWORK_CONFIG").env_remove("ZEITWORK_TOKEN").output().unwrap()
+    };
+    let lb = run(&["load-balancer"]);
+    assert_eq!(lb.status.code(), Some(2), "{}", String::from_utf8_lossy(&lb.stderr));
+    assert!(String::from_utf8_lossy(&lb.stderr).contains("--backend"));
+    let lb = run(&["load-balancer", "--listen", "127.0.0.1:0"]);
+    assert_eq!(lb.status.code(), Some(2));
+    let edge = run(&["edge-proxy", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    assert_eq!(edge.status.code(), Some(2), "{}", String::from_utf8_lossy(&edge.stderr));
+    assert!(String::from_utf8_lossy(&edge.stderr).contains("token"), "{}", String::from_utf8_lossy(&edge.stderr));
+}
+
+#[test]
+fn the_load_balancer_role_forwards() {
+    use std::io::{Read, Write};
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in upstream.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.read(&mut buf) {
+                    let _ = s.write_all(&buf[..n]);
+                }
+            });
+        }
+    });
+    let port = zeitwork_testkit::free_port();
+    let mut child = Command::new(BIN)
+        .args(["load-balancer", "--listen", &format!("127.0.0.1:{port}"), "--backend", &up_addr.to_string()])
+        .args(["--no-proxy-protocol", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("ZEITWORK_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let echoed = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            if s.read_exact(&mut buf).is_ok() {
+                break buf;
+            }
+        }
+        assert!(Instant::now() < deadline, "the load balancer never forwarded");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(&echoed, b"ping");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The README's first command: `zeitwork up --demo` ends with a page that answers over HTTP
+/// and over HTTPS with the local CA, and Ctrl-C (SIGTERM) stops everything cleanly.
+#[test]
+fn up_with_the_demo_serves_a_page() {
+    use std::io::BufRead;
+    let data = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..4).map(|_| zeitwork_testkit::free_port()).collect();
+    let mut child = Command::new(BIN)
+        .args(["up", "--demo", "--no-install", "--log", "warn"])
+        .arg("--data")
+        .arg(data.path())
+        .args(["--api-port", &ports[0].to_string(), "--agent-port", &ports[1].to_string()])
+        .args(["--http-port", &ports[2].to_string(), "--https-port", &ports[3].to_string()])
+        .env_remove("ZEITWORK_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut printed = Vec::new();
+    let url = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("up --demo printed no URL:\n{}", printed.join("\n"))
+        });
+        printed.push(line.clone());
+        if let Some(u) = line.trim().strip_prefix("http://").filter(|u| u.contains(".zeitwork.localhost")) {
+            break format!("http://{u}");
+        }
+    };
+    let host = url.trim_start_matches("http://").split(':').next().unwrap().to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (plain, tls) = runtime.block_on(async {
+        let edge: std::net::SocketAddr = format!("127.0.0.1:{}", ports[2]).parse().unwrap();
+        let plain = reqwest::Client::builder().resolve(&host, edge).build().unwrap().get(&url).send().await.unwrap();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.path().join("ca.pem")).unwrap()).unwrap();
+        let tls_addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[3]).parse().unwrap();
+        let tls = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .resolve(&host, tls_addr)
+            .build()
+            .unwrap()
+            .get(format!("https://{host}:{}/", ports[3]))
+            .send()
+            .await
+            .unwrap();
+        ((plain.status().as_u16(), plain.text().await.unwrap()), (tls.status().as_u16(), tls.text().await.unwrap()))
+    });
+    assert_eq!(plain.0, 200);
+    assert!(plain.1.contains("It works."), "{}", plain.1);
+    assert_eq!(tls.0, 200, "HTTPS with the local CA");
+    assert!(tls.1.contains("It works."));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up stops cleanly on SIGTERM: {status:?}");
+}
