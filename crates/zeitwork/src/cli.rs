@@ -72,6 +72,10 @@ pub enum Verb {
     Promote(PromoteArgs),
     /// Print a deployment's logs (all its instances, merged by time); `-f` follows them live.
     Logs(LogsArgs),
+    /// Nodes, running deployments and their instances at a glance.
+    Status(StatusArgs),
+    /// Print a shell completion script: `zeitwork completions bash > /etc/bash_completion.d/zeitwork`.
+    Completions { shell: clap_complete::Shell },
     /// Regions: list, create, show, delete.
     Regions(With<RegionCmd>),
     /// Worker nodes: list, show, drain, delete.
@@ -103,6 +107,12 @@ pub struct RollbackArgs {
     to: Option<String>,
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Debug, Args)]
@@ -521,6 +531,13 @@ pub async fn run(verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Logs(a) => logs(a).await,
+        Verb::Status(a) => status(a.conn).await,
+        Verb::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = crate::Args::command();
+            clap_complete::generate(shell, &mut cmd, "zeitwork", &mut std::io::stdout());
+            Ok(())
+        }
         Verb::Regions(w) => regions(w.conn, w.cmd).await,
         Verb::Nodes(w) => nodes(w.conn, w.cmd).await,
         Verb::Orgs(w) => orgs(w.conn, w.cmd).await,
@@ -956,6 +973,63 @@ fn deployment_rows(ds: &[Deployment]) {
             })
             .collect(),
     );
+}
+
+/// Nodes (for tokens that may list them) and every deployment that is not retired, with instance counts.
+async fn status(conn: Conn) -> Result<()> {
+    let c = conn.client()?;
+    let nodes: Option<Vec<Node>> = match c.list_all::<Node>("/api/v1/nodes").await {
+        Ok(n) => Some(n),
+        Err(e) if e.status() == Some(403) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let live: Vec<Deployment> = c
+        .list_all::<Deployment>("/api/v1/deployments")
+        .await?
+        .into_iter()
+        .filter(|d| !matches!(d.status, DeploymentStatus::Retired | DeploymentStatus::Failed))
+        .collect();
+    let mut rows = Vec::new();
+    for d in &live {
+        let is: Vec<Instance> = c.get(&format!("/api/v1/deployments/{}/instances", encode(&d.id))).await?;
+        let current: Vec<&Instance> = is.iter().filter(|i| i.status != InstanceStatus::Stopped).collect();
+        let ready = current.iter().filter(|i| i.status == InstanceStatus::Ready).count();
+        rows.push((d, ready, current.len()));
+    }
+    if conn.json {
+        let deployments: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(d, ready, total)| serde_json::json!({"deployment": d, "ready": ready, "instances": total}))
+            .collect();
+        json(&serde_json::json!({"nodes": nodes, "deployments": deployments}));
+        return Ok(());
+    }
+    if let Some(nodes) = &nodes {
+        println!("Nodes");
+        node_rows(nodes);
+        println!();
+    }
+    println!("Deployments");
+    if rows.is_empty() {
+        println!("  none running; deploy with `zeitwork deploy ORG/PROJECT --image REF`");
+    } else {
+        table(
+            &["id", "project", "environment", "status", "ready", "url"],
+            rows.iter()
+                .map(|(d, ready, total)| {
+                    vec![
+                        d.id.clone(),
+                        format!("{}/{}", d.org, d.project),
+                        d.environment.as_str().into(),
+                        d.status.as_str().into(),
+                        format!("{ready}/{total}"),
+                        d.url.clone(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    Ok(())
 }
 
 fn instance_rows(is: &[Instance]) {

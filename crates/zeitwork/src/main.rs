@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 /// Zeitwork runs container images as isolated microVMs and serves them on the web.
 #[derive(Debug, Parser)]
 #[command(name = "zeitwork", version, propagate_version = true)]
-struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
     command: Command,
 }

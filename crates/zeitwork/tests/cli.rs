@@ -151,6 +151,18 @@ fn verbs_print_tables_json_and_exit_codes() {
     assert!(listed.contains("acme:developer") && !listed.contains(t["secret"].as_str().unwrap()), "{listed}");
     let events = ok(cli(&r, &["events", "list", "--org", "acme"]));
     assert!(events.contains("project.create"), "{events}");
+
+    // Status at a glance; a deployment that cannot be placed shows up until it fails.
+    let status: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["status", "--json"]))).unwrap();
+    assert!(status["nodes"].is_array() && status["deployments"].is_array(), "{status}");
+    let text = ok(cli(&r, &["status"]));
+    assert!(text.contains("Nodes") && text.contains("Deployments"), "{text}");
+
+    // Shell completion scripts.
+    let bash = ok(cli(&r, &["completions", "bash"]));
+    assert!(bash.contains("_zeitwork") && bash.contains("deploy"), "{}", &bash[..200.min(bash.len())]);
+    let bad = cli(&r, &["completions", "cmd.exe"]);
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
