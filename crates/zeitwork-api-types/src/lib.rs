@@ -864,3 +864,32 @@ pub struct GithubTrigger {
     #[serde(rename = "ref")]
     pub git_ref: String,
 }
+
+/// What one instance uses, as its node agent measured it just now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceMetrics {
+    pub instance: String,
+    pub node: Option<String>,
+    pub region: String,
+    pub status: InstanceStatus,
+    /// Seconds since it became ready.
+    pub uptime_secs: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time used since it started.
+    pub cpu_seconds: Option<f64>,
+    pub processes: Option<u64>,
+    /// Why the numbers are missing (node unreachable, not running).
+    pub error: Option<String>,
+}
+
+/// Resource use of a deployment's live instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentMetrics {
+    pub deployment: String,
+    pub ready: u32,
+    pub instances: Vec<InstanceMetrics>,
+    /// Sums over the instances that answered.
+    pub memory_bytes: u64,
+    pub cpu_seconds: f64,
+}

@@ -192,14 +192,13 @@ impl NodeAgent {
         );
         logs.prune(zeitwork_runtime::logs::RETENTION);
         // Requests naming an instance are always forwarded, whatever their path.
+        let runtime_cell = Arc::new(std::sync::OnceLock::new());
+        let own = logs::LogsState { forwarder: forwarder.clone(), logs: logs.clone(), runtime: runtime_cell.clone() };
         let app = Router::new()
             .route("/health", get(|| async { Json(Health { status: "ok".into() }) }))
             .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
-            .route(
-                "/v1/instances/{id}/logs",
-                get(logs::instance_logs)
-                    .with_state(logs::LogsState { forwarder: forwarder.clone(), logs: logs.clone() }),
-            )
+            .route("/v1/instances/{id}/logs", get(logs::instance_logs).with_state(own.clone()))
+            .route("/v1/instances/{id}/metrics", get(logs::instance_metrics).with_state(own))
             .fallback(|| async { forward::refuse(axum::http::StatusCode::NOT_FOUND, "not found") })
             .layer(axum::middleware::from_fn_with_state(forwarder, forward::route))
             .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
@@ -233,10 +232,12 @@ impl NodeAgent {
                     liveness_failures: config.liveness_failures,
                     image_cache_bytes: config.image_cache_bytes,
                 };
+                let runtime = Arc::new(runtime);
+                let _ = runtime_cell.set(runtime.clone());
                 tasks.push(tokio::spawn(instances::run(
                     client.clone(),
                     Arc::new(images),
-                    Arc::new(runtime),
+                    runtime,
                     table,
                     settings,
                     rx.clone(),

@@ -29,6 +29,27 @@ pub struct LogQuery {
 pub struct LogsState {
     pub forwarder: Arc<Forwarder>,
     pub logs: Arc<LogStore>,
+    /// Set once the runtime is up.
+    pub runtime: Arc<std::sync::OnceLock<Arc<zeitwork_runtime::container::ContainerRuntime>>>,
+}
+
+/// `GET /v1/instances/{id}/metrics`: what a running instance uses (operators only).
+pub async fn instance_metrics(State(s): State<LogsState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    use zeitwork_runtime::Runtime;
+    let Some(token) = bearer(&headers) else {
+        return refuse(StatusCode::UNAUTHORIZED, "metrics need an operator's token (Authorization: Bearer …)");
+    };
+    if !s.forwarder.allowed(token, &[ClusterRole::Operator]).await {
+        return refuse(StatusCode::FORBIDDEN, "this token may not read instance metrics");
+    }
+    let Some(runtime) = s.runtime.get() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "this node has no runtime");
+    };
+    match runtime.stats(&id).await {
+        Ok(stats) => axum::Json(stats).into_response(),
+        Err(zeitwork_runtime::RuntimeError::NotFound(_)) => refuse(StatusCode::NOT_FOUND, "no such instance runs here"),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -232,6 +232,22 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     };
     assert_eq!(agent_logs(p.edge_token.clone()).await, 403);
     assert_eq!(agent_logs("zw_nope_nope".into()).await, 403);
+    // Metrics through the operator: the instance's use, from its cgroups.
+    let m: Value = p.admin.get(&format!("/api/v1/deployments/{dep}/metrics")).await.unwrap();
+    assert_eq!(m["ready"], 1, "{m}");
+    let im = &m["instances"][0];
+    assert!(im["error"].is_null(), "{m}");
+    assert_eq!(im["memory_limit_bytes"], 128 * 1024 * 1024, "{m}");
+    assert!(im["memory_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["memory_bytes"].as_u64().unwrap() > 0, "{m}");
+    let agent_metrics = reqwest::Client::new()
+        .get(format!("http://{agent}/v1/instances/{inst}/metrics"))
+        .bearer_auth(&p.edge_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agent_metrics.status(), 403);
+
     // Following: history first, then lines the app writes later arrive on the open stream.
     let last_tick = text.lines().filter_map(|l| l.rsplit_once("tick ")?.1.parse::<u32>().ok()).max().unwrap_or(0);
     let later = format!("tick {}\n", last_tick + 2);

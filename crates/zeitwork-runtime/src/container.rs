@@ -17,7 +17,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::logs::LogStore;
 use crate::net::{self, Link};
-use crate::{ExitInfo, InstanceSpec, InstanceState, LogLine, Running, Runtime, RuntimeError};
+use crate::{ExitInfo, InstanceSpec, InstanceState, InstanceStats, LogLine, Running, Runtime, RuntimeError};
 
 #[derive(Debug)]
 struct Instance {
@@ -343,11 +343,48 @@ impl Runtime for ContainerRuntime {
         })
     }
 
+    async fn stats(&self, id: &str) -> Result<InstanceStats, RuntimeError> {
+        if !self.instances.lock().await.contains_key(id) {
+            return Err(RuntimeError::NotFound(id.to_owned()));
+        }
+        Ok(cgroup_stats(&format!("zeitwork/{}", container_id(id))))
+    }
+
     async fn logs(&self, id: &str) -> Result<Vec<LogLine>, RuntimeError> {
         if !self.logs.exists(id) && !self.instances.lock().await.contains_key(id) {
             return Err(RuntimeError::NotFound(id.to_owned()));
         }
         Ok(self.logs.read(id, None))
+    }
+}
+
+/// Reads a cgroup's use from cgroup v2 (unified) or the v1 controllers.
+fn cgroup_stats(path: &str) -> InstanceStats {
+    let read = |f: String| std::fs::read_to_string(f).ok().map(|t| t.trim().to_owned());
+    let num = |f: String| read(f).and_then(|t| t.parse::<u64>().ok());
+    let v2 = format!("/sys/fs/cgroup/{path}");
+    if Path::new(&v2).join("cgroup.controllers").exists() {
+        let usage_usec = read(format!("{v2}/cpu.stat"))
+            .and_then(|t| {
+                t.lines().find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse::<u64>().ok()))
+            })
+            .unwrap_or(0);
+        return InstanceStats {
+            memory_bytes: num(format!("{v2}/memory.current")).unwrap_or(0),
+            memory_limit_bytes: num(format!("{v2}/memory.max")).unwrap_or(0),
+            cpu_seconds: usage_usec as f64 / 1e6,
+            processes: num(format!("{v2}/pids.current")).unwrap_or(0),
+        };
+    }
+    let cpu_ns = ["cpuacct", "cpu,cpuacct", "cpu"]
+        .iter()
+        .find_map(|c| num(format!("/sys/fs/cgroup/{c}/{path}/cpuacct.usage")))
+        .unwrap_or(0);
+    InstanceStats {
+        memory_bytes: num(format!("/sys/fs/cgroup/memory/{path}/memory.usage_in_bytes")).unwrap_or(0),
+        memory_limit_bytes: num(format!("/sys/fs/cgroup/memory/{path}/memory.limit_in_bytes")).unwrap_or(0),
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        processes: num(format!("/sys/fs/cgroup/pids/{path}/pids.current")).unwrap_or(0),
     }
 }
 

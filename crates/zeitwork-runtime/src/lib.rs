@@ -82,6 +82,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Removes everything the instance left (mounts, network, files).
     fn destroy(&self, id: &str) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     fn state(&self, id: &str) -> impl std::future::Future<Output = Result<InstanceState, RuntimeError>> + Send;
+    /// What the instance uses now (memory, CPU time).
+    fn stats(&self, id: &str) -> impl std::future::Future<Output = Result<InstanceStats, RuntimeError>> + Send;
     /// The instance's captured output, oldest first (also after it was destroyed).
     fn logs(&self, id: &str) -> impl std::future::Future<Output = Result<Vec<LogLine>, RuntimeError>> + Send;
 }
@@ -93,4 +95,14 @@ pub struct LogLine {
     /// `stdout` or `stderr`.
     pub stream: String,
     pub line: String,
+}
+
+/// Resource use of a running instance.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceStats {
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    /// CPU time used since the instance started.
+    pub cpu_seconds: f64,
+    pub processes: u64,
 }

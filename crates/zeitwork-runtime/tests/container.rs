@@ -80,6 +80,11 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
         .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/zeitwork/zw-{id}/memory.max")))
         .expect("a memory cgroup for the instance");
     assert_eq!(limit.trim(), (128u64 * 1024 * 1024).to_string());
+    // Its use, from the same cgroups.
+    let stats = runtime.stats(&id).await.unwrap();
+    assert_eq!(stats.memory_limit_bytes, 128 * 1024 * 1024);
+    assert!(stats.memory_bytes > 0 && stats.memory_bytes < stats.memory_limit_bytes, "{stats:?}");
+    assert!(stats.processes >= 1, "{stats:?}");
 
     // Logs: both streams, timestamped, with the project's env in effect.
     let logs = runtime.logs(&id).await.unwrap();

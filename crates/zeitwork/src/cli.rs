@@ -400,6 +400,10 @@ pub enum DeploymentCmd {
     Instances {
         id: String,
     },
+    /// Memory and CPU of a deployment's instances, measured now.
+    Metrics {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1093,6 +1097,38 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 json(&d)
             } else {
                 println!("Deployment {} is {}.", d.id, d.status.as_str())
+            }
+        }
+        DeploymentCmd::Metrics { id } => {
+            let m: DeploymentMetrics = c.get(&format!("/api/v1/deployments/{}/metrics", encode(&id))).await?;
+            if conn.json {
+                json(&m)
+            } else {
+                let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+                table(
+                    &["instance", "region", "status", "memory", "limit", "cpu", "uptime", "note"],
+                    m.instances
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.instance.clone(),
+                                i.region.clone(),
+                                i.status.as_str().into(),
+                                mib(i.memory_bytes),
+                                mib(i.memory_limit_bytes),
+                                i.cpu_seconds.map_or("-".into(), |c| format!("{c:.2} s")),
+                                i.uptime_secs.map_or("-".into(), |u| format!("{u} s")),
+                                opt(&i.error),
+                            ]
+                        })
+                        .collect(),
+                );
+                println!(
+                    "{} ready; {:.1} MiB, {:.2} CPU-seconds in all",
+                    m.ready,
+                    m.memory_bytes as f64 / 1048576.0,
+                    m.cpu_seconds
+                );
             }
         }
         DeploymentCmd::Instances { id } => {

@@ -239,3 +239,86 @@ mod tests {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+struct AgentStats {
+    memory_bytes: u64,
+    memory_limit_bytes: u64,
+    cpu_seconds: f64,
+    processes: u64,
+}
+
+/// One instance's numbers from its node agent.
+async fn instance_metrics(s: &AppState, i: zeitwork_api_types::Instance) -> zeitwork_api_types::InstanceMetrics {
+    let mut m = zeitwork_api_types::InstanceMetrics {
+        instance: i.id.clone(),
+        node: i.node.clone(),
+        region: i.region.clone(),
+        status: i.status,
+        uptime_secs: i.ready_at.map(|t| (Utc::now() - t).num_seconds().max(0) as u64),
+        memory_bytes: None,
+        memory_limit_bytes: None,
+        cpu_seconds: None,
+        processes: None,
+        error: None,
+    };
+    let fetched: Result<AgentStats, String> = async {
+        let node_id = i.node.clone().ok_or("not placed on a node")?;
+        let node = s.store.get_node(&node_id).await.map_err(|e| e.to_string())?;
+        let token = s.internal_token.get(&s.store).await.map_err(|e| e.to_string())?;
+        let url = format!("{}/v1/instances/{}/metrics", node.address.trim_end_matches('/'), i.id);
+        let res = s
+            .http
+            .get(url)
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("node {} is unreachable: {e}", node.hostname))?;
+        if !res.status().is_success() {
+            return Err(format!("node {} answered {}", node.hostname, res.status()));
+        }
+        res.json::<AgentStats>().await.map_err(|e| e.to_string())
+    }
+    .await;
+    match fetched {
+        Ok(st) => {
+            m.memory_bytes = Some(st.memory_bytes);
+            m.memory_limit_bytes = Some(st.memory_limit_bytes);
+            m.cpu_seconds = Some(st.cpu_seconds);
+            m.processes = Some(st.processes);
+        }
+        Err(e) => m.error = Some(e),
+    }
+    m
+}
+
+/// Resource use of a deployment's live instances, measured by their node agents now.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/metrics", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = zeitwork_api_types::DeploymentMetrics), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn deployment_metrics(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<zeitwork_api_types::DeploymentMetrics>> {
+    use zeitwork_api_types::InstanceStatus as S;
+    let d = s.store.get_deployment(&id).await?;
+    if caller.role_in(&d.org).is_none() {
+        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    }
+    let live: Vec<_> = s
+        .store
+        .list_instances(&id)
+        .await?
+        .into_iter()
+        .filter(|i| !matches!(i.status, S::Stopped | S::Failed | S::Exited))
+        .collect();
+    let instances = futures::future::join_all(live.into_iter().map(|i| instance_metrics(&s, i))).await;
+    Ok(axum::Json(zeitwork_api_types::DeploymentMetrics {
+        deployment: id,
+        ready: instances.iter().filter(|i| i.status == S::Ready).count() as u32,
+        memory_bytes: instances.iter().filter_map(|i| i.memory_bytes).sum(),
+        cpu_seconds: instances.iter().filter_map(|i| i.cpu_seconds).sum(),
+        instances,
+    }))
+}

@@ -88,6 +88,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::promote))
         .routes(routes!(projects::deployment_instances))
         .routes(routes!(logs::deployment_logs))
+        .routes(routes!(logs::deployment_metrics))
         .routes(routes!(projects::stop_deployment))
         .routes(routes!(projects::project_routing))
         .routes(routes!(projects::project_health))
