@@ -2,6 +2,8 @@
 //! an agent would make them): placement, activation, and re-placement when a
 //! node stops heartbeating.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -26,16 +28,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_a_down_node_move_to_another_node() {
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        node_timeout_secs: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    let (op, base, admin) = common::operator(dir.path(), 2).await;
     admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
@@ -277,15 +270,7 @@ async fn read_events(res: reqwest::Response, mut done: impl FnMut(&Value) -> boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_shows_a_deployment_going_live() {
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    let (op, base, admin) = common::operator(dir.path(), 15).await;
     admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();

@@ -2,11 +2,12 @@
 //! installed by scripts/test-deps): signatures, deliveries, push → deploy,
 //! skips, redeliveries and manual triggers.
 
+mod common;
+
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use zeitwork_client::Client;
-use zeitwork_control_plane::{Operator, OperatorConfig};
 
 const SECRET: &str = "It's a Secret to Everybody, 2026";
 
@@ -44,15 +45,7 @@ async fn deliver(base: &str, event: &str, id: &str, body: &[u8], signature: Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_deploy_and_every_delivery_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    let (op, base, admin) = common::operator(dir.path(), 15).await;
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
     admin
         .post::<_, Value>(

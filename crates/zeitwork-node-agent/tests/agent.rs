@@ -102,6 +102,20 @@ impl Platform {
         }
     }
 
+    /// An edge proxy following this operator, with rate limits out of the way of load loops.
+    async fn edge(&self) -> zeitwork_edge::EdgeProxy {
+        zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            operator_url: format!("http://{}", self.op.addr()),
+            token: Some(self.edge_token.clone()),
+            rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
     async fn deployment(&self, id: &str) -> Value {
         self.admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap()
     }
@@ -140,15 +154,7 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: format!("http://{}", p.op.addr()),
-        token: Some(p.edge_token.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let edge = p.edge().await;
     let host = format!("{dep}.zeitwork.localhost");
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
@@ -353,16 +359,7 @@ async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promo
         .await
         .unwrap();
     let p = platform("10.217.0.0", 30).await;
-    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: format!("http://{}", p.op.addr()),
-        token: Some(p.edge_token.clone()),
-        rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let edge = p.edge().await;
     let edge_addr = edge.http_addr();
     let fetch = move |host: &'static str| async move {
         let res = reqwest::Client::new().get(format!("http://{edge_addr}/")).header("host", host).send().await.unwrap();
@@ -599,16 +596,7 @@ async fn draining_a_node_moves_its_instances_without_failed_requests() {
     })
     .await
     .unwrap();
-    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: format!("http://{}", p.op.addr()),
-        token: Some(p.edge_token.clone()),
-        rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let edge = p.edge().await;
     let edge_addr = edge.http_addr();
     let fetch = move || async move {
         let res = reqwest::Client::new()

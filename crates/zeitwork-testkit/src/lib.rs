@@ -412,34 +412,7 @@ impl Drop for Registry {
     }
 }
 
-/// Builds a layer tar from (path, contents, mode) entries; a path ending in
-/// `/` is a directory, contents starting with `->` make a symlink.
-pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, body) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        if path.ends_with('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            b.append_data(&mut h, path, &b""[..]).expect("tar in memory");
-        } else if let Some(target) = body.strip_prefix(b"->") {
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_mode(0o777);
-            h.set_size(0);
-            b.append_link(&mut h, path, std::str::from_utf8(target).expect("utf-8 link")).expect("tar in memory");
-        } else {
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(if path.starts_with("bin/") { 0o755 } else { 0o644 });
-            h.set_size(body.len() as u64);
-            b.append_data(&mut h, path, *body).expect("tar in memory");
-        }
-    }
-    b.into_inner().expect("tar in memory")
-}
+pub use zeitwork_image::archive::layer_tar;
 
 impl Registry {
     /// Pushes a small image built from the host's static busybox whose

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use zeitwork_api_types::{Deployment, DeploymentStatus, UploadedImage};
 use zeitwork_client::Client;
+use zeitwork_image::archive::layer_tar;
 
 /// (what must exist, the Debian package that provides it).
 const HOST_PROGRAMS: &[(&str, &str)] = &[("runc", "runc"), ("ip", "iproute2"), ("mkfs.ext4", "e2fsprogs")];
@@ -99,40 +100,13 @@ pub fn local_tls(data: &Path, apps_domain: &str) -> Result<(PathBuf, PathBuf)> {
     Ok((cert_path, key_path))
 }
 
-fn tar_of(entries: &[(&str, &[u8], u32)]) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, body, mode) in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_mtime(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        if path.ends_with('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            b.append_data(&mut h, path, &b""[..])?;
-        } else if let Some(target) = body.strip_prefix(b"->") {
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_mode(0o777);
-            h.set_size(0);
-            b.append_link(&mut h, path, std::str::from_utf8(target)?)?;
-        } else {
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(*mode);
-            h.set_size(body.len() as u64);
-            b.append_data(&mut h, path, *body)?;
-        }
-    }
-    Ok(b.into_inner()?)
-}
-
 /// The demo app (examples/hello) as an OCI archive: busybox in one layer, the page in another.
 pub fn demo_archive() -> Result<Vec<u8>> {
     let busybox = std::fs::read(BUSYBOX).with_context(|| format!("the demo needs {BUSYBOX} (busybox-static)"))?;
     let page = include_bytes!("../../../examples/hello/www/index.html");
     let layers = vec![
-        tar_of(&[("bin/", b"", 0), ("bin/busybox", &busybox, 0o755), ("bin/sh", b"->busybox", 0)])?,
-        tar_of(&[("www/", b"", 0), ("www/index.html", page, 0o644)])?,
+        layer_tar(&[("bin/", b""), ("bin/busybox", &busybox), ("bin/sh", b"->busybox")]),
+        layer_tar(&[("www/", b""), ("www/index.html", page)]),
     ];
     let config = zeitwork_image::archive::BuildConfig {
         entrypoint: vec!["/bin/busybox".into(), "httpd".into(), "-f".into(), "-p".into(), "8080".into()],
