@@ -37,6 +37,8 @@ pub struct NodeAgentConfig {
     pub vcpu: Option<u32>,
     /// MiB.
     pub memory: Option<u32>,
+    /// `auto` (the best driver that works here) or `container`; the microVM
+    /// drivers (`qemu`, `firecracker`) are not part of this build.
     pub runtime: String,
     pub heartbeat_interval_secs: u64,
     /// Image cache and instance state.
@@ -71,7 +73,7 @@ impl Default for NodeAgentConfig {
             advertise_url: None,
             vcpu: None,
             memory: None,
-            runtime: "container".into(),
+            runtime: "auto".into(),
             heartbeat_interval_secs: 5,
             data_dir: PathBuf::from("/var/lib/zeitwork/agent"),
             oci_runtime: PathBuf::from("runc"),
@@ -117,6 +119,16 @@ impl NodeAgentConfig {
         if self.heartbeat_interval_secs == 0 || self.heartbeat_interval_secs > 60 {
             return err("heartbeat_interval_secs", "use 1 to 60".into());
         }
+        match self.runtime.as_str() {
+            "auto" | "container" => {}
+            "qemu" | "firecracker" => {
+                return err(
+                    "runtime",
+                    format!("the {} microVM driver is not part of this build; use auto or container", self.runtime),
+                )
+            }
+            other => return err("runtime", format!("{other:?} is not a runtime; use auto or container")),
+        }
         if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
             return err("liveness_interval_secs", "use 1 to 3600".into());
         }
@@ -135,6 +147,16 @@ impl NodeAgentConfig {
         let memory = self.memory.unwrap_or_else(host_memory_mib);
         Capacity { vcpu, memory }
     }
+}
+
+/// The driver `runtime` stands for on this host. `auto` prefers microVMs with
+/// working KVM, then containers; only the container driver is built in, so
+/// `auto` is `container`.
+pub fn resolved_runtime(runtime: &str) -> &'static str {
+    if runtime == "auto" {
+        tracing::info!("runtime auto: container (the microVM drivers are not part of this build)");
+    }
+    "container"
 }
 
 fn host_memory_mib() -> u32 {
@@ -177,7 +199,7 @@ impl NodeAgent {
             region: config.region.clone(),
             address: advertise,
             capacity: config.capacity(),
-            runtime: Some(config.runtime.clone()),
+            runtime: Some(resolved_runtime(&config.runtime).into()),
         };
         let node = register(&client, &registration).await?;
         tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");

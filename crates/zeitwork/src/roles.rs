@@ -139,6 +139,9 @@ pub struct NodeAgentArgs {
     /// URL others reach this agent at.
     #[arg(long, env = "ZEITWORK_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// auto or container (the microVM drivers are not part of this build).
+    #[arg(long, env = "ZEITWORK_RUNTIME")]
+    runtime: Option<String>,
 }
 
 pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
@@ -164,6 +167,9 @@ pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
     }
     if let Some(v) = args.advertise_url {
         c.advertise_url = Some(v);
+    }
+    if let Some(v) = args.runtime {
+        c.runtime = v;
     }
     c.validate().map_err(|e| UsageError(e.to_string()))?;
     let agent = NodeAgent::start(c).await.context("the node agent could not start")?;
@@ -322,6 +328,9 @@ pub struct UpArgs {
     /// Never install missing host packages; say what to install instead.
     #[arg(long)]
     no_install: bool,
+    /// auto or container (the microVM drivers are not part of this build).
+    #[arg(long, default_value = "auto")]
+    runtime: String,
 }
 
 /// Where `zeitwork up` keeps its data unless told otherwise.
@@ -338,6 +347,13 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn up(args: UpArgs) -> Result<()> {
     zeitwork_telemetry::init_logging(&args.log, LogFormat::Text);
     let data = args.data.clone().unwrap_or_else(default_data_dir);
+    if !matches!(args.runtime.as_str(), "auto" | "container") {
+        return Err(UsageError(format!(
+            "--runtime {}: only auto and container are part of this build (the microVM drivers are not)",
+            args.runtime
+        ))
+        .into());
+    }
     crate::local::ensure_host_programs(args.demo, !args.no_install)?;
     let config = OperatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], args.api_port)),
@@ -363,6 +379,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         token: Some(agent_token),
         region: "local".into(),
         data_dir: data.join("agent"),
+        runtime: args.runtime.clone(),
         ..Default::default()
     })
     .await
@@ -387,7 +404,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!("Zeitwork is running.");
     println!("  API      {api}");
     println!("  Token    {}", op.admin_token_path.display());
-    println!("  Node     {} in region local ({})", agent.node().hostname, agent.node().address);
+    println!(
+        "  Node     {} in region local ({}), runtime {} ({})",
+        agent.node().hostname,
+        agent.node().address,
+        agent.node().runtime,
+        args.runtime
+    );
     println!("  Apps     http://<deployment-id>.zeitwork.localhost:{}", args.http_port);
     println!("           https://<deployment-id>.zeitwork.localhost:{}", args.https_port);
     println!("  Data     {}", data.display());

@@ -262,6 +262,12 @@ fn the_edge_and_load_balancer_roles_check_their_flags() {
     assert!(String::from_utf8_lossy(&lb.stderr).contains("--backend"));
     let lb = run(&["load-balancer", "--listen", "127.0.0.1:0"]);
     assert_eq!(lb.status.code(), Some(2));
+    let up = run(&["up", "--runtime", "firecracker", "--no-install"]);
+    assert_eq!(up.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&up.stderr).contains("only auto and container"));
+    let agent = run(&["node-agent", "--token", "zw_x_y", "--runtime", "lxc"]);
+    assert_eq!(agent.status.code(), Some(2), "{}", String::from_utf8_lossy(&agent.stderr));
+    assert!(String::from_utf8_lossy(&agent.stderr).contains("runtime"));
     let edge = run(&["edge-proxy", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
     assert_eq!(edge.status.code(), Some(2), "{}", String::from_utf8_lossy(&edge.stderr));
     assert!(String::from_utf8_lossy(&edge.stderr).contains("token"), "{}", String::from_utf8_lossy(&edge.stderr));
