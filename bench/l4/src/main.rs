@@ -33,6 +33,7 @@ async fn main() -> Result<()> {
         listeners: vec![ListenerConfig {
             listen: "127.0.0.1:0".parse()?,
             backends: vec![SocketAddr::from(([127, 0, 0, 1], backend))],
+            backends_from: None,
             algorithm: Algorithm::LeastConnections,
             proxy_protocol: true,
         }],

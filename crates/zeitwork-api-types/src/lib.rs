@@ -893,3 +893,26 @@ pub struct DeploymentMetrics {
     pub memory_bytes: u64,
     pub cpu_seconds: f64,
 }
+
+// ---------------------------------------------------------------- edge proxies
+
+/// What an edge proxy reports of itself (every few seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeRegistration {
+    /// `IP:PORT` of its plain HTTP listener, as load balancers reach it.
+    #[serde(default)]
+    pub http_address: Option<String>,
+    /// `IP:PORT` of its TLS listener.
+    #[serde(default)]
+    pub https_address: Option<String>,
+}
+
+/// A live edge proxy, as load balancers read them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EdgeInfo {
+    pub name: String,
+    pub http_address: Option<String>,
+    pub https_address: Option<String>,
+    pub last_seen: DateTime<Utc>,
+}

@@ -73,6 +73,35 @@ pub struct EdgeConfig {
     pub acme_challenge: acme::Challenge,
     /// Renew certificates this many days before they expire.
     pub renew_before_days: u32,
+    /// The address load balancers reach this edge at; announced to the
+    /// operator with the listeners' ports. Default: the listen address, when
+    /// it is a specific one.
+    pub advertise_address: Option<std::net::IpAddr>,
+}
+
+/// Tells the operator every 5 s where this edge listens (load balancers follow the list).
+async fn announce_loop(
+    client: Client,
+    name: String,
+    me: zeitwork_api_types::EdgeRegistration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let path = format!("/api/v1/edges/{}", zeitwork_client::encode(&name));
+    let mut warned = false;
+    loop {
+        match client.put::<_, serde_json::Value>(&path, &me).await {
+            Ok(_) => warned = false,
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "cannot announce this edge to the operator");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = zeitwork_net::stopped(&mut stop) => return,
+        }
+    }
 }
 
 impl Default for EdgeConfig {
@@ -98,6 +127,7 @@ impl Default for EdgeConfig {
                 std::process::id()
             ),
             acme_directory: None,
+            advertise_address: None,
             acme_contact: None,
             acme_ca_root: None,
             acme_challenge: acme::Challenge::Http01,
@@ -356,6 +386,19 @@ impl EdgeProxy {
 
         let client = Client::new(&state.config.operator_url, state.config.token.clone());
         tasks.push(tokio::spawn(acme::run(state.clone(), stop_rx.clone())));
+        let announce = |addr: SocketAddr| {
+            let ip = state.config.advertise_address.or(Some(addr.ip()).filter(|ip| !ip.is_unspecified()))?;
+            Some(SocketAddr::new(ip, addr.port()).to_string())
+        };
+        let me = zeitwork_api_types::EdgeRegistration {
+            http_address: announce(http_addr),
+            https_address: https_addr.and_then(announce),
+        };
+        if me.http_address.is_some() || me.https_address.is_some() {
+            tasks.push(tokio::spawn(announce_loop(client.clone(), state.config.name.clone(), me, stop_rx.clone())));
+        } else {
+            tracing::info!("not announced to load balancers: listening on all addresses; set advertise_address");
+        }
         tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
         Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks })

@@ -454,18 +454,36 @@ async fn through_the_load_balancer_each_client_address_has_its_own_limit() {
         .await
         .unwrap();
     let edge = w.edge(|c| c.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    // The load balancer learns the edge from the operator (the edge announces itself).
+    let t: Value = w
+        .admin
+        .post("/api/v1/tokens", &json!({"name": "lb", "scope": {"kind": "cluster", "role": "load-balancer"}}))
+        .await
+        .unwrap();
     let lb = zeitwork_lb::LoadBalancer::start(zeitwork_lb::LbConfig {
         listeners: vec![zeitwork_lb::ListenerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            backends: vec![edge.http_addr()],
+            backends: Vec::new(),
+            backends_from: Some(zeitwork_lb::EdgePort::Http),
             algorithm: zeitwork_lb::Algorithm::RoundRobin,
             proxy_protocol: true,
         }],
         admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: Some(w.admin.base().to_owned()),
+        token: Some(t["secret"].as_str().unwrap().to_owned()),
         ..Default::default()
     })
     .await
     .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !lb.pools[0].backends().iter().any(|b| b.addr == edge.http_addr()) {
+        assert!(std::time::Instant::now() < deadline, "the load balancer never learned the edge");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let edges: Vec<Value> = w.admin.get("/api/v1/edges").await.unwrap();
+    assert_eq!(edges[0]["http_address"], edge.http_addr().to_string());
+    let denied = w.agent.get::<Value>("/api/v1/edges").await.unwrap_err();
+    assert_eq!(denied.status(), Some(403), "node agents do not list edges");
     let dep = w.deploy(&[up]).await;
     let host = format!("{dep}.zeitwork.localhost");
     wait_for_host(&edge, &host).await;

@@ -45,12 +45,25 @@ impl std::str::FromStr for Algorithm {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
+    #[serde(default)]
     pub backends: Vec<SocketAddr>,
+    /// Take the backends from the operator's list of edge proxies instead:
+    /// their `http` or `https` address (needs `operator_url` and `token`).
+    #[serde(default)]
+    pub backends_from: Option<EdgePort>,
     #[serde(default = "default_algorithm")]
     pub algorithm: Algorithm,
     /// Send a PROXY protocol v2 header to the backend (the edge proxy expects one).
     #[serde(default = "yes")]
     pub proxy_protocol: bool,
+}
+
+/// Which address of the edge proxies a listener forwards to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgePort {
+    Http,
+    Https,
 }
 
 fn default_algorithm() -> Algorithm {
@@ -76,6 +89,10 @@ pub struct LbConfig {
     /// How long open connections may finish after a stop.
     pub drain_timeout_secs: u64,
     pub connect_timeout_ms: u64,
+    /// Operator API URL, for listeners with `backends_from`.
+    pub operator_url: Option<String>,
+    /// A `load-balancer` cluster token.
+    pub token: Option<String>,
 }
 
 impl Default for LbConfig {
@@ -89,6 +106,8 @@ impl Default for LbConfig {
             rise: 1,
             drain_timeout_secs: 30,
             connect_timeout_ms: 2000,
+            operator_url: None,
+            token: None,
         }
     }
 }
@@ -108,8 +127,17 @@ impl LbConfig {
             return err("listeners".into(), "configure at least one listener with its backends (the edge proxies)");
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            if l.backends.is_empty() {
-                return err(format!("listeners[{i}].backends"), "list at least one backend ADDR:PORT");
+            if l.backends.is_empty() && l.backends_from.is_none() {
+                return err(
+                    format!("listeners[{i}].backends"),
+                    "list at least one backend ADDR:PORT, or set backends_from = \"http\" or \"https\"",
+                );
+            }
+            if l.backends_from.is_some() && (self.operator_url.is_none() || self.token.is_none()) {
+                return err(
+                    format!("listeners[{i}].backends_from"),
+                    "backends from the operator need operator_url and a load-balancer token",
+                );
             }
         }
         if self.health_interval_ms < 50
@@ -135,11 +163,19 @@ pub struct Backend {
     healthy: AtomicBool,
     active: AtomicUsize,
     streak: AtomicU32,
+    /// Left the pool; its health checks end.
+    retired: AtomicBool,
 }
 
 impl Backend {
     fn new(addr: SocketAddr) -> Self {
-        Self { addr, healthy: AtomicBool::new(true), active: AtomicUsize::new(0), streak: AtomicU32::new(0) }
+        Self {
+            addr,
+            healthy: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            streak: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
+        }
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -154,7 +190,7 @@ impl Backend {
 /// Chooses backends for one listener.
 #[derive(Debug)]
 pub struct Pool {
-    pub backends: Vec<Arc<Backend>>,
+    backends: std::sync::RwLock<Vec<Arc<Backend>>>,
     algorithm: Algorithm,
     next: AtomicUsize,
 }
@@ -162,17 +198,44 @@ pub struct Pool {
 impl Pool {
     pub fn new(addrs: &[SocketAddr], algorithm: Algorithm) -> Self {
         Self {
-            backends: addrs.iter().map(|a| Arc::new(Backend::new(*a))).collect(),
+            backends: std::sync::RwLock::new(addrs.iter().map(|a| Arc::new(Backend::new(*a))).collect()),
             algorithm,
             next: AtomicUsize::new(0),
         }
     }
 
+    /// The backends now.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `addrs` the backends: new ones are added (returned, for their
+    /// health checks), missing ones retire; kept ones keep their state.
+    pub fn set(&self, addrs: &[SocketAddr]) -> Vec<Arc<Backend>> {
+        let mut backends = self.backends.write().unwrap_or_else(|e| e.into_inner());
+        for b in backends.iter().filter(|b| !addrs.contains(&b.addr)) {
+            b.retired.store(true, Ordering::Relaxed);
+            tracing::info!(backend = %b.addr, "backend left the pool");
+        }
+        backends.retain(|b| addrs.contains(&b.addr));
+        let mut added = Vec::new();
+        for a in addrs {
+            if !backends.iter().any(|b| b.addr == *a) {
+                let b = Arc::new(Backend::new(*a));
+                tracing::info!(backend = %a, "backend joined the pool");
+                backends.push(b.clone());
+                added.push(b);
+            }
+        }
+        added
+    }
+
     /// Backends in the order to try for `client`: the chosen one first, then
     /// the others as fallbacks. Unhealthy backends come last.
     pub fn order(&self, client: IpAddr) -> Vec<Arc<Backend>> {
-        let mut healthy: Vec<Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy()).cloned().collect();
-        let mut sick: Vec<Arc<Backend>> = self.backends.iter().filter(|b| !b.is_healthy()).cloned().collect();
+        let all = self.backends();
+        let mut healthy: Vec<Arc<Backend>> = all.iter().filter(|b| b.is_healthy()).cloned().collect();
+        let mut sick: Vec<Arc<Backend>> = all.iter().filter(|b| !b.is_healthy()).cloned().collect();
         match self.algorithm {
             Algorithm::RoundRobin => {
                 if !healthy.is_empty() {
@@ -269,9 +332,18 @@ impl LoadBalancer {
                 TcpListener::bind(l.listen).await.map_err(|source| LbError::Listen { addr: l.listen, source })?;
             addrs.push(listener.local_addr().map_err(|source| LbError::Listen { addr: l.listen, source })?);
             let pool = Arc::new(Pool::new(&l.backends, l.algorithm));
-            for b in &pool.backends {
-                metrics.healthy.get_or_create(&Metrics::label(b)).set(1);
-                tasks.push(tokio::spawn(health_check(b.clone(), config.clone(), metrics.clone(), stop_rx.clone())));
+            for b in pool.backends() {
+                metrics.healthy.get_or_create(&Metrics::label(&b)).set(1);
+                tasks.push(tokio::spawn(health_check(b, config.clone(), metrics.clone(), stop_rx.clone())));
+            }
+            if let Some(port) = l.backends_from {
+                tasks.push(tokio::spawn(follow_edges(
+                    pool.clone(),
+                    port,
+                    config.clone(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                )));
             }
             tasks.push(tokio::spawn(accept_loop(
                 listener,
@@ -309,6 +381,54 @@ impl LoadBalancer {
     }
 }
 
+/// Keeps a pool equal to the operator's live edge proxies (their `port`
+/// address), checking every 2 s; keeps the last set while the operator is away.
+async fn follow_edges(
+    pool: Arc<Pool>,
+    port: EdgePort,
+    config: Arc<LbConfig>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (Some(url), Some(token)) = (config.operator_url.clone(), config.token.clone()) else { return };
+    let client = zeitwork_client::Client::new(&url, Some(token));
+    let mut warned = false;
+    loop {
+        match client.get::<Vec<zeitwork_api_types::EdgeInfo>>("/api/v1/edges").await {
+            Ok(edges) => {
+                warned = false;
+                let mut addrs: Vec<SocketAddr> = edges
+                    .iter()
+                    .filter_map(|e| match port {
+                        EdgePort::Http => e.http_address.as_deref(),
+                        EdgePort::Https => e.https_address.as_deref(),
+                    })
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+                addrs.sort();
+                addrs.dedup();
+                if addrs.is_empty() {
+                    tracing::warn!("the operator lists no edge proxy; keeping the current backends");
+                } else {
+                    for b in pool.set(&addrs) {
+                        metrics.healthy.get_or_create(&Metrics::label(&b)).set(1);
+                        tokio::spawn(health_check(b, config.clone(), metrics.clone(), stop.clone()));
+                    }
+                }
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "cannot read the edge proxies from the operator; keeping the current backends");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = zeitwork_net::stopped(&mut stop) => return,
+        }
+    }
+}
+
 async fn health_check(b: Arc<Backend>, config: Arc<LbConfig>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.health_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -316,6 +436,9 @@ async fn health_check(b: Arc<Backend>, config: Arc<LbConfig>, metrics: Metrics, 
         tokio::select! {
             _ = tick.tick() => {}
             _ = zeitwork_net::stopped(&mut stop) => return,
+        }
+        if b.retired.load(Ordering::Relaxed) {
+            return;
         }
         let ok = matches!(
             tokio::time::timeout(Duration::from_millis(config.health_timeout_ms), TcpStream::connect(b.addr)).await,
@@ -441,13 +564,30 @@ mod tests {
         assert_eq!(picks[..3].iter().collect::<std::collections::HashSet<_>>().len(), 3);
         assert_eq!(picks[..3], picks[3..]);
         let p = Pool::new(&addrs(3), Algorithm::LeastConnections);
-        p.backends[0].active.store(5, Ordering::Relaxed);
-        p.backends[2].active.store(5, Ordering::Relaxed);
+        p.backends()[0].active.store(5, Ordering::Relaxed);
+        p.backends()[2].active.store(5, Ordering::Relaxed);
         for _ in 0..5 {
             assert_eq!(p.order(ip)[0].addr, addrs(3)[1]);
         }
-        p.backends[1].healthy.store(false, Ordering::Relaxed);
+        p.backends()[1].healthy.store(false, Ordering::Relaxed);
         assert_ne!(p.order(ip)[0].addr, addrs(3)[1], "unhealthy backends come last");
         assert_eq!(p.order(ip).last().unwrap().addr, addrs(3)[1]);
+    }
+
+    #[test]
+    fn a_pool_follows_a_new_backend_set_keeping_known_backends() {
+        let p = Pool::new(&addrs(2), Algorithm::RoundRobin);
+        let first = p.backends()[0].clone();
+        first.active.store(3, Ordering::Relaxed);
+        let mut next = addrs(3)[..1].to_vec();
+        next.push(addrs(3)[2]);
+        let added = p.set(&next);
+        assert_eq!(added.len(), 1);
+        assert_eq!(added[0].addr, addrs(3)[2]);
+        let now = p.backends();
+        assert_eq!(now.len(), 2);
+        assert!(Arc::ptr_eq(&now[0], &first), "a kept backend keeps its state");
+        assert!(!now.iter().any(|b| b.addr == addrs(2)[1]), "the missing one left");
+        assert!(p.set(&next).is_empty(), "the same set changes nothing");
     }
 }

@@ -42,6 +42,7 @@ async fn lb(backends: Vec<SocketAddr>, algorithm: Algorithm) -> LoadBalancer {
         listeners: vec![ListenerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             backends,
+            backends_from: None,
             algorithm,
             proxy_protocol: true,
         }],
@@ -118,7 +119,7 @@ async fn health_checks_take_a_dead_backend_out_and_back() {
     // Two failed checks at 100 ms: out within a second.
     let mut out = false;
     for _ in 0..50 {
-        if !lb.pools[0].backends[1].is_healthy() {
+        if !lb.pools[0].backends()[1].is_healthy() {
             out = true;
             break;
         }
@@ -132,7 +133,7 @@ async fn health_checks_take_a_dead_backend_out_and_back() {
     let _b = backend_on(TcpListener::bind(b).await.unwrap(), "b".into()).await;
     let mut back = false;
     for _ in 0..50 {
-        if lb.pools[0].backends[1].is_healthy() {
+        if lb.pools[0].backends()[1].is_healthy() {
             back = true;
             break;
         }

@@ -237,6 +237,18 @@ CREATE TABLE github_deliveries (
 CREATE INDEX github_deliveries_repo ON github_deliveries (repo, received_at)
 "#,
     ),
+    (
+        6,
+        "edge proxies",
+        r#"
+CREATE TABLE edges (
+    name {{text_key}} PRIMARY KEY,
+    http_address TEXT,
+    https_address TEXT,
+    last_seen BIGINT NOT NULL
+)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

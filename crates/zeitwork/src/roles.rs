@@ -192,6 +192,15 @@ pub struct LoadBalancerArgs {
     /// Do not send a PROXY protocol v2 header to the backends.
     #[arg(long)]
     no_proxy_protocol: bool,
+    /// Forward to the edge proxies the operator lists, at their `http` or `https` address.
+    #[arg(long, value_parser = ["http", "https"])]
+    backends_from: Option<String>,
+    /// Operator API URL (with --backends-from).
+    #[arg(long, env = "ZEITWORK_OPERATOR_URL")]
+    operator: Option<String>,
+    /// A load-balancer cluster token (with --backends-from).
+    #[arg(long, env = "ZEITWORK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Metrics and health listener.
     #[arg(long, env = "ZEITWORK_ADMIN_LISTEN", value_name = "ADDR:PORT")]
     admin_listen: Option<SocketAddr>,
@@ -234,13 +243,29 @@ pub struct EdgeProxyArgs {
 pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
     args.common.init_logging();
     let mut c: zeitwork_lb::LbConfig = load_toml(args.common.config.as_deref())?;
+    let from = match args.backends_from.as_deref() {
+        Some("http") => Some(zeitwork_lb::EdgePort::Http),
+        Some("https") => Some(zeitwork_lb::EdgePort::Https),
+        _ => None,
+    };
+    if let Some(v) = args.operator {
+        c.operator_url = Some(v);
+    }
+    if let Some(v) = args.token {
+        c.token = Some(v);
+    }
     if let Some(listen) = args.common.listen {
-        if args.backends.is_empty() {
-            return Err(UsageError("--listen needs at least one --backend EDGE:PORT".into()).into());
+        if args.backends.is_empty() && from.is_none() {
+            return Err(UsageError(
+                "--listen needs at least one --backend EDGE:PORT (or --backends-from http|https with --operator)"
+                    .into(),
+            )
+            .into());
         }
         c.listeners.push(zeitwork_lb::ListenerConfig {
             listen,
             backends: args.backends.clone(),
+            backends_from: from,
             algorithm: args.algorithm,
             proxy_protocol: !args.no_proxy_protocol,
         });

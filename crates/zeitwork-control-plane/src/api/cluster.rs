@@ -126,3 +126,48 @@ pub async fn delete_node(State(s): State<AppState>, caller: Caller, Path(id): Pa
     s.store.delete_node(&id, &caller.audit("node.delete", &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Seconds after its last report that an edge proxy is no longer listed.
+pub const EDGE_TTL_SECS: i64 = 20;
+
+/// An edge proxy reports its addresses (edge proxies, every few seconds).
+#[utoipa::path(put, path = "/api/v1/edges/{name}", tag = "edges", params(("name" = String, Path)),
+    request_body = zeitwork_api_types::EdgeRegistration,
+    responses((status = 204), (status = 400, body = zeitwork_api_types::ApiError), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn edge_heartbeat(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<zeitwork_api_types::EdgeRegistration>,
+) -> ApiResult<StatusCode> {
+    s.require_cluster(&caller, &[ClusterRole::EdgeProxy], "edge.heartbeat", &name).await?;
+    zeitwork_api_types::validate::hostname("name", &name)?;
+    for (field, value) in [("http_address", &body.http_address), ("https_address", &body.https_address)] {
+        if let Some(v) = value {
+            match v.parse::<std::net::SocketAddr>() {
+                Ok(a) if !a.ip().is_unspecified() && a.port() != 0 => {}
+                _ => {
+                    return Err(zeitwork_api_types::ValidationError::new(
+                        field,
+                        format!("{v:?} is not an IP:PORT load balancers can reach"),
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+    s.store.edge_heartbeat(&name, body.http_address.as_deref(), body.https_address.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Edge proxies that reported in the last 20 s (load balancers follow this list).
+#[utoipa::path(get, path = "/api/v1/edges", tag = "edges",
+    responses((status = 200, body = Vec<zeitwork_api_types::EdgeInfo>), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn list_edges(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<zeitwork_api_types::EdgeInfo>>> {
+    s.require_cluster(&caller, &[ClusterRole::LoadBalancer], "edge.list", "edges").await?;
+    let since = chrono::Utc::now().timestamp_millis() - EDGE_TTL_SECS * 1000;
+    Ok(Json(s.store.live_edges(since).await?))
+}

@@ -63,6 +63,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster::get_node, cluster::delete_node))
         .routes(routes!(cluster::node_heartbeat))
         .routes(routes!(cluster::drain_node))
+        .routes(routes!(cluster::list_edges))
+        .routes(routes!(cluster::edge_heartbeat))
         .routes(routes!(orgs::list_orgs, orgs::create_org))
         .routes(routes!(orgs::get_org))
         .routes(routes!(orgs::list_members, orgs::add_member, orgs::remove_member))
