@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub drain_grace: Duration,
     /// The engine lease: only its holder runs passes; another operator takes over after it lapses.
     pub lease_ttl: Duration,
+    /// Whether missed heartbeats mark nodes down. Off for the first `node_timeout`
+    /// of leading: while no operator ran, no node could report.
+    pub check_nodes: bool,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +39,7 @@ impl Default for EngineConfig {
             node_timeout: Duration::from_secs(15),
             drain_grace: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
+            check_nodes: true,
         }
     }
 }
@@ -88,12 +92,14 @@ pub async fn run(
 ) {
     // One engine at a time across operators sharing a store.
     let mut leading = false;
+    let mut leading_since = tokio::time::Instant::now();
     loop {
         let ttl = config.lease_ttl.as_millis() as i64;
         match store.acquire_lease(ENGINE_LEASE, &holder, ttl).await {
             Ok(held) => {
                 if held != leading {
                     tracing::info!(%holder, leading = held, "deployment engine lease {}", if held { "taken" } else { "lost" });
+                    leading_since = tokio::time::Instant::now();
                 }
                 leading = held;
             }
@@ -103,6 +109,7 @@ pub async fn run(
             }
         }
         if leading {
+            let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config };
             match pass(&store, &config).await {
                 Ok(true) => changed(),
                 Ok(false) => {}
@@ -248,7 +255,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
 
     // Nodes that stopped heartbeating: their instances are re-placed in the same region.
     let cutoff = now.timestamp_millis() - config.node_timeout.as_millis() as i64;
-    if !store.mark_down_nodes(cutoff).await?.is_empty() {
+    if config.check_nodes && !store.mark_down_nodes(cutoff).await?.is_empty() {
         changed = true;
     }
     if drain(store, config).await? {

@@ -316,17 +316,13 @@ fn the_load_balancer_role_forwards() {
     let _ = child.wait();
 }
 
-/// The README's first command: `zeitwork up --demo` ends with a page that answers over HTTP
-/// and over HTTPS with the local CA, and Ctrl-C (SIGTERM) stops everything cleanly.
-#[test]
-fn up_with_the_demo_serves_a_page() {
+/// Starts `zeitwork up --demo` and returns it with the demo URL it printed.
+fn up_demo(data: &Path, ports: &[u16]) -> (Child, String) {
     use std::io::BufRead;
-    let data = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..4).map(|_| zeitwork_testkit::free_port()).collect();
     let mut child = Command::new(BIN)
         .args(["up", "--demo", "--no-install", "--log", "warn"])
         .arg("--data")
-        .arg(data.path())
+        .arg(data)
         .args(["--api-port", &ports[0].to_string(), "--agent-port", &ports[1].to_string()])
         .args(["--http-port", &ports[2].to_string(), "--https-port", &ports[3].to_string()])
         .env_remove("ZEITWORK_CONFIG")
@@ -343,22 +339,27 @@ fn up_with_the_demo_serves_a_page() {
     });
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut printed = Vec::new();
-    let url = loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
+    loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("up --demo printed no URL:\n{}", printed.join("\n"))
-        });
+        };
         printed.push(line.clone());
         if let Some(u) = line.trim().strip_prefix("http://").filter(|u| u.contains(".zeitwork.localhost")) {
-            break format!("http://{u}");
+            return (child, format!("http://{u}"));
         }
-    };
+    }
+}
+
+/// GETs the demo over HTTP and over HTTPS (trusting the local CA); (status, body) of each.
+fn fetch_demo(url: &str, data: &Path, ports: &[u16]) -> ((u16, String), (u16, String)) {
     let host = url.trim_start_matches("http://").split(':').next().unwrap().to_owned();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (plain, tls) = runtime.block_on(async {
+    runtime.block_on(async {
         let edge: std::net::SocketAddr = format!("127.0.0.1:{}", ports[2]).parse().unwrap();
-        let plain = reqwest::Client::builder().resolve(&host, edge).build().unwrap().get(&url).send().await.unwrap();
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.path().join("ca.pem")).unwrap()).unwrap();
+        let plain = reqwest::Client::builder().resolve(&host, edge).build().unwrap().get(url).send().await.unwrap();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.join("ca.pem")).unwrap()).unwrap();
         let tls_addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[3]).parse().unwrap();
         let tls = reqwest::Client::builder()
             .add_root_certificate(ca)
@@ -370,12 +371,40 @@ fn up_with_the_demo_serves_a_page() {
             .await
             .unwrap();
         ((plain.status().as_u16(), plain.text().await.unwrap()), (tls.status().as_u16(), tls.text().await.unwrap()))
-    });
+    })
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up stops cleanly on SIGTERM: {status:?}");
+}
+
+/// The README's first command: `zeitwork up --demo` ends with a page that answers over HTTP
+/// and over HTTPS with the local CA; Ctrl-C (SIGTERM) stops everything cleanly, and
+/// starting again brings the same deployment back.
+#[test]
+fn up_with_the_demo_serves_a_page() {
+    let data = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..4).map(|_| zeitwork_testkit::free_port()).collect();
+    let (child, url) = up_demo(data.path(), &ports);
+    let (plain, tls) = fetch_demo(&url, data.path(), &ports);
     assert_eq!(plain.0, 200);
     assert!(plain.1.contains("It works."), "{}", plain.1);
     assert_eq!(tls.0, 200, "HTTPS with the local CA");
     assert!(tls.1.contains("It works."));
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "up stops cleanly on SIGTERM: {status:?}");
+    stop(child);
+
+    let (child, again) = up_demo(data.path(), &ports);
+    assert_eq!(again, url, "the same deployment comes back, not a new one");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (plain, _) = fetch_demo(&url, data.path(), &ports);
+        if plain.0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the demo did not come back after a restart: {}", plain.0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(child);
 }
