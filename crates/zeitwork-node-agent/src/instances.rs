@@ -30,6 +30,13 @@ pub struct Local {
     failed: bool,
 }
 
+impl Local {
+    /// An instance about to be (re)started, with its crash history.
+    fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
+        Local { assignment, address: None, ready: false, image_digest: None, crashes, failed: false }
+    }
+}
+
 /// Instances of this node by id, shared with the forwarder.
 pub type Table = Arc<RwLock<HashMap<String, Local>>>;
 
@@ -69,11 +76,13 @@ async fn report(
 
 /// Readiness: HTTP GET on the health path answers (any status below 500), or at least a TCP connect.
 pub async fn probe(addr: SocketAddr, path: &str) -> bool {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build();
-    if let Ok(http) = http {
-        if let Ok(r) = http.get(format!("http://{addr}{path}")).send().await {
-            return r.status().as_u16() < 500;
-        }
+    // One client for every probe: readiness probes run every 100 ms per starting instance.
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = HTTP.get_or_init(|| {
+        reqwest::Client::builder().timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default()
+    });
+    if let Ok(r) = http.get(format!("http://{addr}{path}")).send().await {
+        return r.status().as_u16() < 500;
     }
     tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await.is_ok_and(|r| r.is_ok())
 }
@@ -314,17 +323,7 @@ async fn converge(
         let known = table.read().await.get(&id).cloned();
         match known {
             None => {
-                table.write().await.insert(
-                    id.clone(),
-                    Local {
-                        assignment: a.clone(),
-                        address: None,
-                        ready: false,
-                        image_digest: None,
-                        crashes: Vec::new(),
-                        failed: false,
-                    },
-                );
+                table.write().await.insert(id.clone(), Local::starting(a.clone(), Vec::new()));
                 tokio::spawn(bring_up(client.clone(), images.clone(), runtime.clone(), table.clone(), a, s.clone()));
             }
             Some(l) if l.ready => {
@@ -351,17 +350,7 @@ async fn converge(
                     }
                     report(client, &id, InstanceStatus::Exited, None, e.code, Some(e.reason)).await;
                     let backoff = Duration::from_millis(250 * (1 << crashes.len().min(6)));
-                    table.write().await.insert(
-                        id.clone(),
-                        Local {
-                            assignment: a.clone(),
-                            address: None,
-                            ready: false,
-                            image_digest: None,
-                            crashes,
-                            failed: false,
-                        },
-                    );
+                    table.write().await.insert(id.clone(), Local::starting(a.clone(), crashes));
                     let (client, images, runtime, table, s) =
                         (client.clone(), images.clone(), runtime.clone(), table.clone(), s.clone());
                     tokio::spawn(async move {

@@ -169,10 +169,7 @@ pub async fn deployment_logs(
     Path(id): Path<String>,
     QueryParams(q): QueryParams<LogsQuery>,
 ) -> ApiResult<Response> {
-    let d = s.store.get_deployment(&id).await?;
-    if caller.role_in(&d.org).is_none() {
-        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
-    }
+    super::projects::readable_deployment(&s, &caller, &id).await?;
     let json = match q.format.as_deref() {
         None | Some("text") => false,
         Some("json") => true,
@@ -302,10 +299,7 @@ pub async fn deployment_metrics(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<zeitwork_api_types::DeploymentMetrics>> {
     use zeitwork_api_types::InstanceStatus as S;
-    let d = s.store.get_deployment(&id).await?;
-    if caller.role_in(&d.org).is_none() {
-        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
-    }
+    super::projects::readable_deployment(&s, &caller, &id).await?;
     let live: Vec<_> = s
         .store
         .list_instances(&id)

@@ -375,12 +375,7 @@ pub async fn get_deployment(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Deployment>> {
-    let d = s.store.get_deployment(&id).await?;
-    if caller.role_in(&d.org).is_none() {
-        // Do not reveal deployments of other organisations.
-        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
-    }
-    Ok(Json(d))
+    Ok(Json(readable_deployment(&s, &caller, &id).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -565,9 +560,8 @@ pub async fn deployment_instances(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<zeitwork_api_types::Instance>>> {
-    let d = s.store.get_deployment(&id).await?;
-    if caller.role_in(&d.org).is_none() && !matches!(caller.scope, zeitwork_api_types::TokenScope::Cluster { .. }) {
-        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    if !matches!(caller.scope, zeitwork_api_types::TokenScope::Cluster { .. }) {
+        readable_deployment(&s, &caller, &id).await?;
     }
     Ok(Json(s.store.list_instances(&id).await?))
 }
@@ -581,10 +575,7 @@ pub async fn stop_deployment(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Deployment>> {
-    let d = s.store.get_deployment(&id).await?;
-    if caller.role_in(&d.org).is_none() {
-        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
-    }
+    let d = readable_deployment(&s, &caller, &id).await?;
     s.require_role(&caller, &d.org, Role::Developer, "deployment.stop", &id).await?;
     let audit = caller.audit("deployment.stop", &id).org(&d.org).project(&d.project);
     let d = s.store.stop_deployment(&id, &audit).await?;
@@ -601,10 +592,7 @@ pub async fn project_routing(
     caller: Caller,
     Path((org, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<zeitwork_api_types::ProjectRoute>>> {
-    if caller.role_in(&org).is_none() {
-        return Err(ApiError::NotFound(format!("project {org}/{name} does not exist")));
-    }
-    s.store.get_project(&org, &name).await?;
+    readable_project(&s, &caller, &org, &name).await?;
     let table = s.routing.current();
     let routes = table
         .routes
@@ -629,10 +617,7 @@ pub async fn project_health(
     caller: Caller,
     Path((org, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<zeitwork_api_types::EnvironmentHealth>>> {
-    if caller.role_in(&org).is_none() {
-        return Err(ApiError::NotFound(format!("project {org}/{name} does not exist")));
-    }
-    let p = s.store.get_project(&org, &name).await?;
+    let p = readable_project(&s, &caller, &org, &name).await?;
     let mut out = Vec::new();
     for (env, id) in &p.current_deployment {
         let d = s.store.get_deployment(id).await?;
@@ -661,4 +646,21 @@ pub async fn project_health(
         });
     }
     Ok(Json(out))
+}
+
+/// A project the caller's org role lets it see; others' are "not found", as if absent.
+pub(crate) async fn readable_project(s: &AppState, caller: &Caller, org: &str, name: &str) -> ApiResult<Project> {
+    if caller.role_in(org).is_none() {
+        return Err(ApiError::NotFound(format!("project {org}/{name} does not exist")));
+    }
+    Ok(s.store.get_project(org, name).await?)
+}
+
+/// A deployment of an org the caller belongs to; others' are "not found", as if absent.
+pub(crate) async fn readable_deployment(s: &AppState, caller: &Caller, id: &str) -> ApiResult<Deployment> {
+    let d = s.store.get_deployment(id).await?;
+    if caller.role_in(&d.org).is_none() {
+        return Err(ApiError::NotFound(format!("deployment {id:?} does not exist")));
+    }
+    Ok(d)
 }
