@@ -102,6 +102,7 @@ async fn main() -> Result<()> {
             port: 8080,
             vcpu: 1,
             memory_mib: 128,
+            disk: None,
         };
         let t = Instant::now();
         let running = runtime.start(&spec).await?;

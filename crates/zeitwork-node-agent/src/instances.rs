@@ -116,6 +116,7 @@ async fn bring_up(
         port: a.port,
         vcpu: a.resources.vcpu,
         memory_mib: a.resources.memory,
+        disk: None,
     };
     let running = match runtime.start(&spec).await {
         Ok(r) => r,

@@ -42,7 +42,7 @@ fn container_id(id: &str) -> String {
     format!("zw-{id}")
 }
 
-fn short_key(id: &str) -> String {
+pub(crate) fn short_key(id: &str) -> String {
     hex::encode(&Sha256::digest(id.as_bytes())[..4])
 }
 
@@ -122,7 +122,8 @@ impl ContainerRuntime {
         }
     }
 
-    fn user_of(rootfs: &Path, user: Option<&str>) -> (u32, u32) {
+    /// The uid and gid an image's `user` (name, uid, `user:group`) stands for in its root.
+    pub(crate) fn user_of(rootfs: &Path, user: Option<&str>) -> (u32, u32) {
         let Some(user) = user else { return (0, 0) };
         let (u, g) = user.split_once(':').map_or((user, None), |(u, g)| (u, Some(g)));
         let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
@@ -141,28 +142,8 @@ impl ContainerRuntime {
     }
 
     fn oci_config(spec: &InstanceSpec, merged: &Path, dir: &Path, netns: &str) -> serde_json::Value {
-        let mut args: Vec<String> = spec.image.entrypoint.clone();
-        args.extend(spec.image.cmd.iter().cloned());
-        if args.is_empty() {
-            args.push("/bin/sh".into());
-        }
-        let mut env: Vec<(String, String)> = spec
-            .image
-            .env
-            .iter()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect();
-        for (k, v) in &spec.env {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-        if !env.iter().any(|(k, _)| k == "PATH") {
-            env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
-        }
-        if !env.iter().any(|(k, _)| k == "PORT") {
-            env.push(("PORT".into(), spec.port.to_string()));
-        }
-        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args = command_of(spec);
+        let env = env_of(spec);
         let (uid, gid) = Self::user_of(&spec.rootfs, spec.image.user.as_deref());
         let caps = [
             "CAP_CHOWN",
@@ -216,6 +197,33 @@ impl ContainerRuntime {
             }
         })
     }
+}
+
+/// The image's entrypoint and command, joined (a shell when both are empty).
+pub(crate) fn command_of(spec: &InstanceSpec) -> Vec<String> {
+    let mut args: Vec<String> = spec.image.entrypoint.clone();
+    args.extend(spec.image.cmd.iter().cloned());
+    if args.is_empty() {
+        args.push("/bin/sh".into());
+    }
+    args
+}
+
+/// `KEY=VALUE`: the image's env, the project's on top, PATH and PORT defaulted.
+pub(crate) fn env_of(spec: &InstanceSpec) -> Vec<String> {
+    let mut env: Vec<(String, String)> =
+        spec.image.env.iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))).collect();
+    for (k, v) in &spec.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    }
+    if !env.iter().any(|(k, _)| k == "PORT") {
+        env.push(("PORT".into(), spec.port.to_string()));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 impl Runtime for ContainerRuntime {

@@ -1,14 +1,18 @@
 //! Instance runtimes of the node agent: one [`Runtime`] interface, drivers
-//! behind it. This part holds the `container` driver (an OCI runtime such as
-//! runc, with its own network namespace joined to the host by a veth pair);
-//! the microVM drivers implement the same interface.
+//! behind it: `container` (an OCI runtime such as runc, with its own network
+//! namespace joined to the host by a veth pair) and the microVM drivers
+//! `qemu` and `firecracker` ([`vm`]), which boot Zeitwork's guest kernel and
+//! init ([`guest`]). [`select`] picks the best one that works on the host.
 //!
 //! A driver owns its instances' processes, mounts and network devices, and
 //! nothing else: it does not talk to the operator or decide placement.
 
 pub mod container;
+pub mod guest;
 pub mod logs;
 pub mod net;
+pub mod select;
+pub mod vm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +33,8 @@ pub struct InstanceSpec {
     pub port: u16,
     pub vcpu: u32,
     pub memory_mib: u32,
+    /// The image as an ext4 disk, for the drivers that [want one](Runtime::wants_disk).
+    pub disk: Option<PathBuf>,
 }
 
 /// How an instance ended.
@@ -71,6 +77,10 @@ pub struct Running {
 /// The driver interface every runtime implements.
 pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Whether instances need [`InstanceSpec::disk`] (the VM drivers do).
+    fn wants_disk(&self) -> bool {
+        false
+    }
     /// Creates and starts an instance; returns once its process runs.
     fn start(&self, spec: &InstanceSpec) -> impl std::future::Future<Output = Result<Running, RuntimeError>> + Send;
     /// SIGTERM, `grace`, SIGKILL; returns how it ended.
@@ -86,6 +96,58 @@ pub trait Runtime: Send + Sync + 'static {
     fn stats(&self, id: &str) -> impl std::future::Future<Output = Result<InstanceStats, RuntimeError>> + Send;
     /// The instance's captured output, oldest first (also after it was destroyed).
     fn logs(&self, id: &str) -> impl std::future::Future<Output = Result<Vec<LogLine>, RuntimeError>> + Send;
+    /// What the driver saw of an instance that would help explain a failure
+    /// (a VM's last console lines).
+    fn diagnose(&self, id: &str) -> impl std::future::Future<Output = Option<String>> + Send {
+        let _ = id;
+        async { None }
+    }
+}
+
+/// Any of the drivers, chosen at run time.
+#[derive(Debug)]
+pub enum AnyRuntime {
+    Container(container::ContainerRuntime),
+    Vm(vm::VmRuntime),
+}
+
+macro_rules! each {
+    ($self:ident, $r:ident => $e:expr) => {
+        match $self {
+            AnyRuntime::Container($r) => $e,
+            AnyRuntime::Vm($r) => $e,
+        }
+    };
+}
+
+impl Runtime for AnyRuntime {
+    fn name(&self) -> &'static str {
+        each!(self, r => r.name())
+    }
+    fn wants_disk(&self) -> bool {
+        each!(self, r => r.wants_disk())
+    }
+    async fn start(&self, spec: &InstanceSpec) -> Result<Running, RuntimeError> {
+        each!(self, r => r.start(spec).await)
+    }
+    async fn stop(&self, id: &str, grace: Duration) -> Result<ExitInfo, RuntimeError> {
+        each!(self, r => r.stop(id, grace).await)
+    }
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        each!(self, r => r.destroy(id).await)
+    }
+    async fn state(&self, id: &str) -> Result<InstanceState, RuntimeError> {
+        each!(self, r => r.state(id).await)
+    }
+    async fn stats(&self, id: &str) -> Result<InstanceStats, RuntimeError> {
+        each!(self, r => r.stats(id).await)
+    }
+    async fn logs(&self, id: &str) -> Result<Vec<LogLine>, RuntimeError> {
+        each!(self, r => r.logs(id).await)
+    }
+    async fn diagnose(&self, id: &str) -> Option<String> {
+        each!(self, r => r.diagnose(id).await)
+    }
 }
 
 /// One line an instance wrote.

@@ -75,6 +75,26 @@ pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, Runtim
     Ok(link)
 }
 
+/// Creates tap device `name` for a VM, with the host's end of the /30 on it.
+pub async fn create_tap(name: &str, host_ip: Ipv4Addr) -> Result<(), RuntimeError> {
+    let _ = destroy_tap(name).await;
+    run(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+    let result = async {
+        run(&["addr", "add", &format!("{host_ip}/30"), "dev", name]).await?;
+        run(&["link", "set", name, "up"]).await
+    }
+    .await;
+    if result.is_err() {
+        let _ = destroy_tap(name).await;
+    }
+    result
+}
+
+/// Removes a VM's tap device.
+pub async fn destroy_tap(name: &str) -> Result<(), RuntimeError> {
+    run(&["link", "del", name]).await
+}
+
 /// Removes the namespace (its veth end, and so the pair, goes with it).
 pub async fn destroy(link: &Link) -> Result<(), RuntimeError> {
     let _ = run(&["link", "del", &link.host_if]).await;

@@ -27,6 +27,7 @@ fn spec(id: &str, rootfs: &Path, image: zeitwork_image::ImageConfig, port: u16) 
         port,
         vcpu: 1,
         memory_mib: 128,
+        disk: None,
     }
 }
 

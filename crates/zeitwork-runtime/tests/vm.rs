@@ -1,0 +1,186 @@
+//! The QEMU microVM driver with real parts: an image from a real registry as
+//! an ext4 disk, the host's Debian cloud kernel and Zeitwork's initramfs,
+//! QEMU `-M microvm` (KVM when the probe shows it works, TCG otherwise), a tap
+//! device. Needs root, qemu-system-x86, linux-image-cloud-amd64 and
+//! busybox-static (`scripts/test-deps` installs them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zeitwork_image::{ImageStore, Limits, RegistryConfig};
+use zeitwork_runtime::logs::LogStore;
+use zeitwork_runtime::select::{select, SelectOptions};
+use zeitwork_runtime::{AnyRuntime, InstanceSpec, InstanceState, Runtime};
+use zeitwork_testkit::Registry;
+
+fn options(dir: &Path, base: &str) -> SelectOptions {
+    SelectOptions {
+        requested: "qemu".into(),
+        dir: dir.to_owned(),
+        oci_runtime: PathBuf::from("runc"),
+        qemu: PathBuf::from("qemu-system-x86_64"),
+        firecracker: None,
+        jailer: None,
+        kernel: None,
+        base: base.parse().unwrap(),
+        disk_budget: 1 << 30,
+    }
+}
+
+struct World {
+    _reg: Registry,
+    dir: tempfile::TempDir,
+    images: ImageStore,
+    runtime: AnyRuntime,
+    reference: String,
+    logs: Arc<LogStore>,
+}
+
+async fn world(script: &str, base: &str) -> World {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
+    let logs = Arc::new(LogStore::new(&dir.path().join("logs")).unwrap());
+    let selected = select(&options(dir.path(), base), logs.clone())
+        .await
+        .expect("qemu-system-x86 and a guest kernel are needed (scripts/test-deps installs them)");
+    eprintln!("runtime: {} ({})", selected.name, selected.detail);
+    let reference = reg.push_busybox("test/vm", "v1", script).await.unwrap();
+    World { _reg: reg, dir, images, runtime: selected.runtime, reference, logs }
+}
+
+async fn spec(w: &World, id: &str) -> InstanceSpec {
+    let image = w.images.prepare(&w.reference).await.unwrap();
+    let disk = w.images.ext4(&image).await.unwrap();
+    InstanceSpec {
+        id: id.into(),
+        rootfs: image.rootfs.clone(),
+        image: image.config.clone(),
+        env: vec![("GREETING".into(), "hi from the project".into())],
+        port: 8080,
+        vcpu: 1,
+        memory_mib: 256,
+        disk: Some(disk),
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    std::process::Command::new("ip").args(["link", "show", name]).output().is_ok_and(|o| o.status.success())
+}
+
+async fn wait_for_http(w: &World, id: &str, url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match reqwest::get(url).await {
+            Ok(r) if r.status().is_success() => return r.text().await.unwrap(),
+            _ if Instant::now() < deadline && w.runtime.state(id).await.ok() == Some(InstanceState::Running) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!(
+                "the VM never answered: {other:?}; state {:?}; console {:?}",
+                w.runtime.state(id).await,
+                w.runtime.diagnose(id).await
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_serves_http_logs_and_stops_gracefully() {
+    let w = world(
+        "echo booting $GREETING; echo warn >&2; /bin/busybox httpd -f -p $PORT -h /www & \
+         trap 'echo got SIGTERM; kill $!; exit 0' TERM; wait",
+        "10.223.0.0",
+    )
+    .await;
+    let id = "ins_vm_serves";
+    let s = spec(&w, id).await;
+    let running = w.runtime.start(&s).await.unwrap();
+    assert!(running.address.ip().to_string().starts_with("10.223."), "{}", running.address);
+    let tap = std::fs::read_to_string(w.dir.path().join("vms").join(id).join("tap")).unwrap();
+    assert!(link_exists(&tap), "tap {tap} exists while the VM runs");
+    // The config disk holds the env: never the kernel command line.
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains("hi from the project"), "env leaked into a command line");
+
+    let body = wait_for_http(&w, id, &format!("http://{}/", running.address)).await;
+    assert_eq!(body, "hello from a container\n");
+
+    let stats = w.runtime.stats(id).await.unwrap();
+    assert!(stats.memory_bytes > 0 && stats.memory_limit_bytes == 256 << 20, "{stats:?}");
+
+    let exit = w.runtime.stop(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(exit.code, Some(0), "the app's own exit after SIGTERM: {exit:?}");
+    let lines: Vec<(String, String)> =
+        w.runtime.logs(id).await.unwrap().into_iter().map(|l| (l.stream, l.line)).collect();
+    assert!(lines.contains(&("stdout".into(), "booting hi from the project".into())), "{lines:?}");
+    assert!(lines.contains(&("stderr".into(), "warn".into())), "{lines:?}");
+    assert!(lines.contains(&("stdout".into(), "got SIGTERM".into())), "the app saw SIGTERM: {lines:?}");
+
+    w.runtime.destroy(id).await.unwrap();
+    assert!(!link_exists(&tap), "tap {tap} removed");
+    assert!(!w.dir.path().join("vms").join(id).exists());
+    assert!(w.logs.exists(id), "logs outlive the instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_and_bad_commands_end_with_a_readable_reason() {
+    let w = world("echo about to fail; exit 3", "10.224.0.0").await;
+    let id = "ins_vm_crash";
+    let s = spec(&w, id).await;
+    w.runtime.start(&s).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let InstanceState::Exited(e) = w.runtime.state(id).await.unwrap() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the VM did not end: {:?}", w.runtime.diagnose(id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(exit.code, Some(3), "{exit:?}");
+    assert_eq!(exit.reason, "exited with code 3");
+    w.runtime.destroy(id).await.unwrap();
+
+    // An entrypoint that does not exist: the guest says so.
+    let mut bad = spec(&w, "ins_vm_bad").await;
+    bad.image.entrypoint = vec!["/no/such/program".into()];
+    bad.image.cmd.clear();
+    w.runtime.start(&bad).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let InstanceState::Exited(e) = w.runtime.state("ins_vm_bad").await.unwrap() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the VM did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.reason.contains("cannot start") && exit.reason.contains("/no/such/program"), "{exit:?}");
+    w.runtime.destroy("ins_vm_bad").await.unwrap();
+
+    // A disk over the node's budget is refused before anything is created.
+    let mut big = spec(&w, "ins_vm_big").await;
+    let huge = w.dir.path().join("huge.img");
+    std::fs::File::create(&huge).unwrap().set_len(2 << 30).unwrap();
+    big.disk = Some(huge);
+    let err = w.runtime.start(&big).await.unwrap_err().to_string();
+    assert!(err.contains("disk budget"), "{err}");
+    assert!(!w.dir.path().join("vms").join("ins_vm_big").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_that_cannot_boot_fails_with_the_console() {
+    // A missing kernel is refused up front.
+    let dir = tempfile::tempdir().unwrap();
+    let logs = Arc::new(LogStore::new(&dir.path().join("logs")).unwrap());
+    let mut o = options(dir.path(), "10.225.0.0");
+    o.kernel = Some(dir.path().join("no-such-kernel"));
+    let err = select(&o, logs.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("no-such-kernel") && err.contains("does not exist"), "{err}");
+    // A file that is no kernel at all.
+    let junk = dir.path().join("vmlinuz-junk");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    o.kernel = Some(junk);
+    let err = select(&o, logs).await.unwrap_err().to_string();
+    assert!(err.contains("not a bzImage"), "{err}");
+}
