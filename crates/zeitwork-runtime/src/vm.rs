@@ -128,11 +128,24 @@ pub fn kernel_args(vmm: &Vmm, probe: bool) -> String {
         Vmm::Firecracker { .. } => "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux".to_owned(),
     };
     args.push_str(" tsc=reliable no_timer_check");
+    // Under TCG the guest reads the host's TSC, but calibrating it against the
+    // emulated PIT fails often enough to leave the kernel without a clock:
+    // tell it the frequency instead.
+    if let (Vmm::Qemu { accel: Accel::Tcg, .. }, Some(khz)) = (vmm, host_tsc_khz()) {
+        args.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     if probe {
         args.push(' ');
         args.push_str(PROBE_ARG);
     }
     args
+}
+
+/// The host CPU's clock in kHz, as the kernel reports it.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
 }
 
 fn mac_of(slot: u32) -> String {
@@ -368,8 +381,10 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
         Ok(true) => Ok(started.elapsed()),
         Ok(false) | Err(_) => {
             let lines: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            let kvm: Vec<&str> = lines.iter().copied().filter(|l| l.contains("KVM") || l.contains("emulation failure")).collect();
-            let tail = if kvm.is_empty() { lines[lines.len().saturating_sub(6)..].join(" | ") } else { kvm.join(" | ") };
+            let kvm: Vec<&str> =
+                lines.iter().copied().filter(|l| l.contains("KVM") || l.contains("emulation failure")).collect();
+            let tail =
+                if kvm.is_empty() { lines[lines.len().saturating_sub(6)..].join(" | ") } else { kvm.join(" | ") };
             let what = if result.is_err() {
                 format!("no answer within {} s", timeout.as_secs())
             } else {
@@ -905,6 +920,9 @@ mod tests {
         assert!(args.contains("console=ttyS0") && args.contains("panic=-1"));
         assert!(!args.contains(PROBE_ARG));
         assert!(kernel_args(&q, true).ends_with(PROBE_ARG));
+        assert!(args.contains("tsc_early_khz="), "TCG gets the clock frequency: {args}");
+        let k = Vmm::Qemu { binary: "qemu".into(), accel: Accel::Kvm };
+        assert!(!kernel_args(&k, false).contains("tsc_early_khz"));
     }
 
     #[test]
