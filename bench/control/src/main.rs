@@ -58,6 +58,7 @@ async fn main() -> Result<()> {
             address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
             capacity: Capacity { vcpu: 64, memory: 262_144 },
             runtime: Some("container".into()),
+            runtime_detail: None,
         };
         nodes.push(store.register_node(&r, &audit).await?.0);
     }

@@ -134,6 +134,9 @@ pub struct Node {
     /// Number of instances placed on this node.
     pub instances: u64,
     pub runtime: String,
+    /// How the runtime was chosen (accelerator, probe results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_detail: Option<String>,
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }
@@ -147,6 +150,9 @@ pub struct RegisterNode {
     pub capacity: Capacity,
     #[serde(default)]
     pub runtime: Option<String>,
+    /// How the runtime was chosen, shown on the node (at most 2000 characters).
+    #[serde(default)]
+    pub runtime_detail: Option<String>,
 }
 
 // ---------------------------------------------------------------- orgs

@@ -340,6 +340,9 @@ impl RegisterNode {
         if self.capacity.memory < 128 {
             return Err(ValidationError::new("capacity.memory", "use at least 128 MiB"));
         }
+        if self.runtime_detail.as_ref().is_some_and(|d| d.len() > 2000) {
+            return Err(ValidationError::new("runtime_detail", "use at most 2000 characters"));
+        }
         if let Some(rt) = &self.runtime {
             if !["firecracker", "qemu", "container", "auto"].contains(&rt.as_str()) {
                 return Err(ValidationError::new(

@@ -370,6 +370,7 @@ mod tests {
             allocated: Capacity { vcpu: 0, memory: used },
             instances: 0,
             runtime: "container".into(),
+            runtime_detail: None,
             last_heartbeat: None,
             created_at: chrono::Utc::now(),
         }

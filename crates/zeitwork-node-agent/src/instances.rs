@@ -12,7 +12,7 @@ use tokio::sync::{watch, RwLock};
 use zeitwork_api_types::{Assignment, InstanceStatus};
 use zeitwork_client::Client;
 use zeitwork_image::ImageStore;
-use zeitwork_runtime::container::ContainerRuntime;
+use zeitwork_runtime::AnyRuntime;
 use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
 
 /// Crashes within [`CRASH_WINDOW`] after which an instance is reported as a crash loop.
@@ -90,7 +90,7 @@ pub async fn probe(addr: SocketAddr, path: &str) -> bool {
 async fn bring_up(
     client: Client,
     images: Arc<ImageStore>,
-    runtime: Arc<ContainerRuntime>,
+    runtime: Arc<AnyRuntime>,
     table: Table,
     a: Assignment,
     s: Settings,
@@ -108,6 +108,27 @@ async fn bring_up(
     if let Some(l) = table.write().await.get_mut(&id) {
         l.image_digest = Some(image.manifest_digest.clone());
     }
+    // The VM drivers boot the image as an ext4 disk (built once per image).
+    let disk = if runtime.wants_disk() {
+        match images.ext4(&image).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                report(
+                    &client,
+                    &id,
+                    InstanceStatus::Failed,
+                    None,
+                    None,
+                    Some(format!("image {} as a disk: {e}", a.image)),
+                )
+                .await;
+                mark_failed(&table, &id).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let spec = InstanceSpec {
         id: id.clone(),
         rootfs: image.rootfs.clone(),
@@ -116,7 +137,7 @@ async fn bring_up(
         port: a.port,
         vcpu: a.resources.vcpu,
         memory_mib: a.resources.memory,
-        disk: None,
+        disk,
     };
     let running = match runtime.start(&spec).await {
         Ok(r) => r,
@@ -147,7 +168,11 @@ async fn bring_up(
             break;
         }
         if Instant::now() > deadline {
-            let reason = format!("the app did not answer on port {} within {} s", a.port, s.start_timeout.as_secs());
+            let mut reason =
+                format!("the app did not answer on port {} within {} s", a.port, s.start_timeout.as_secs());
+            if let Some(console) = runtime.diagnose(&id).await {
+                reason.push_str(&format!("; last console lines:\n{console}"));
+            }
             let _ = runtime.stop(&id, s.stop_grace).await;
             report(&client, &id, InstanceStatus::Failed, Some(running.address), None, Some(reason)).await;
             mark_failed(&table, &id).await;
@@ -168,7 +193,7 @@ async fn bring_up(
 /// Ends when the instance exits or leaves the node (the reconciler handles those).
 async fn liveness(
     client: Client,
-    runtime: Arc<ContainerRuntime>,
+    runtime: Arc<AnyRuntime>,
     table: Table,
     id: String,
     address: SocketAddr,
@@ -211,7 +236,7 @@ async fn mark_failed(table: &Table, id: &str) {
 pub async fn run(
     client: Client,
     images: Arc<ImageStore>,
-    runtime: Arc<ContainerRuntime>,
+    runtime: Arc<AnyRuntime>,
     table: Table,
     s: Settings,
     mut stop: watch::Receiver<bool>,
@@ -300,7 +325,7 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
 async fn converge(
     client: &Client,
     images: &Arc<ImageStore>,
-    runtime: &Arc<ContainerRuntime>,
+    runtime: &Arc<AnyRuntime>,
     table: &Table,
     s: &Settings,
     assigned: Vec<Assignment>,

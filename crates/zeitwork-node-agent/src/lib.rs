@@ -37,9 +37,18 @@ pub struct NodeAgentConfig {
     pub vcpu: Option<u32>,
     /// MiB.
     pub memory: Option<u32>,
-    /// `auto` (the best driver that works here) or `container`; the microVM
-    /// drivers (`qemu`, `firecracker`) are not part of this build.
+    /// `auto` (the best driver that works here, by probe), `firecracker`,
+    /// `qemu` or `container`.
     pub runtime: String,
+    /// The QEMU binary of the `qemu` driver.
+    pub qemu: PathBuf,
+    /// The Firecracker binary; the `firecracker` driver is used only when set.
+    pub firecracker: Option<PathBuf>,
+    /// Run Firecracker under its jailer (production).
+    pub jailer: Option<zeitwork_runtime::vm::Jailer>,
+    /// The guest kernel of the microVM drivers (a bzImage or an ELF vmlinux);
+    /// the host's newest kernel in /boot when absent.
+    pub kernel: Option<PathBuf>,
     pub heartbeat_interval_secs: u64,
     /// Image cache and instance state.
     pub data_dir: PathBuf,
@@ -74,6 +83,10 @@ impl Default for NodeAgentConfig {
             vcpu: None,
             memory: None,
             runtime: "auto".into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            firecracker: None,
+            jailer: None,
+            kernel: None,
             heartbeat_interval_secs: 5,
             data_dir: PathBuf::from("/var/lib/zeitwork/agent"),
             oci_runtime: PathBuf::from("runc"),
@@ -119,15 +132,19 @@ impl NodeAgentConfig {
         if self.heartbeat_interval_secs == 0 || self.heartbeat_interval_secs > 60 {
             return err("heartbeat_interval_secs", "use 1 to 60".into());
         }
-        match self.runtime.as_str() {
-            "auto" | "container" => {}
-            "qemu" | "firecracker" => {
-                return err(
-                    "runtime",
-                    format!("the {} microVM driver is not part of this build; use auto or container", self.runtime),
-                )
+        if !zeitwork_runtime::select::RUNTIMES.contains(&self.runtime.as_str()) {
+            return err(
+                "runtime",
+                format!("{:?} is not a runtime; use {}", self.runtime, zeitwork_runtime::select::RUNTIMES.join(", ")),
+            );
+        }
+        if self.runtime == "firecracker" && self.firecracker.is_none() {
+            return err("firecracker", "the firecracker runtime needs the path of a firecracker binary".into());
+        }
+        if let Some(k) = &self.kernel {
+            if !k.is_file() {
+                return err("kernel", format!("{} does not exist", k.display()));
             }
-            other => return err("runtime", format!("{other:?} is not a runtime; use auto or container")),
         }
         if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
             return err("liveness_interval_secs", "use 1 to 3600".into());
@@ -147,16 +164,6 @@ impl NodeAgentConfig {
         let memory = self.memory.unwrap_or_else(host_memory_mib);
         Capacity { vcpu, memory }
     }
-}
-
-/// The driver `runtime` stands for on this host. `auto` prefers microVMs with
-/// working KVM, then containers; only the container driver is built in, so
-/// `auto` is `container`.
-pub fn resolved_runtime(runtime: &str) -> &'static str {
-    if runtime == "auto" {
-        tracing::info!("runtime auto: container (the microVM drivers are not part of this build)");
-    }
-    "container"
 }
 
 fn host_memory_mib() -> u32 {
@@ -194,12 +201,43 @@ impl NodeAgent {
             format!("http://{ip}:{}", addr.port())
         });
         let client = Client::new(&config.operator_url, config.token.clone());
+        let log_dir = config.data_dir.join("logs");
+        let logs = Arc::new(
+            zeitwork_runtime::logs::LogStore::new(&log_dir)
+                .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?,
+        );
+        logs.prune(zeitwork_runtime::logs::RETENTION);
+        let options = zeitwork_runtime::select::SelectOptions {
+            requested: config.runtime.clone(),
+            dir: config.data_dir.clone(),
+            oci_runtime: config.oci_runtime.clone(),
+            qemu: config.qemu.clone(),
+            firecracker: config.firecracker.clone(),
+            jailer: config.jailer.clone(),
+            kernel: config.kernel.clone(),
+            base: config.instance_range,
+            disk_budget: config.image_cache_bytes,
+        };
+        let selected = match zeitwork_runtime::select::select(&options, logs.clone()).await {
+            Ok(s) => {
+                tracing::info!(runtime = s.name, why = %s.detail, "runtime chosen");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requested = %config.runtime, "no runtime; this node cannot run instances");
+                None
+            }
+        };
         let registration = RegisterNode {
             hostname: config.hostname.clone(),
             region: config.region.clone(),
             address: advertise,
             capacity: config.capacity(),
-            runtime: Some(resolved_runtime(&config.runtime).into()),
+            runtime: Some(selected.as_ref().map_or("container", |s| s.name).into()),
+            runtime_detail: Some(match &selected {
+                Some(s) => s.detail.chars().take(2000).collect(),
+                None => "no runtime works on this node (see the agent's log)".into(),
+            }),
         };
         let node = register(&client, &registration).await?;
         tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");
@@ -207,12 +245,6 @@ impl NodeAgent {
         let metrics = HttpMetrics::new("zeitwork_node_agent");
         let table: instances::Table = Arc::default();
         let forwarder = Arc::new(forward::Forwarder::new(table.clone(), &config.operator_url));
-        let log_dir = config.data_dir.join("logs");
-        let logs = Arc::new(
-            zeitwork_runtime::logs::LogStore::new(&log_dir)
-                .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?,
-        );
-        logs.prune(zeitwork_runtime::logs::RETENTION);
         // Requests naming an instance are always forwarded, whatever their path.
         let runtime_cell = Arc::new(std::sync::OnceLock::new());
         let own = logs::LogsState { forwarder: forwarder.clone(), logs: logs.clone(), runtime: runtime_cell.clone() };
@@ -235,15 +267,8 @@ impl NodeAgent {
             .entry(archives)
             .or_insert_with(|| ("zeitwork".into(), config.token.clone().unwrap_or_default()));
         let images = zeitwork_image::ImageStore::new(&config.data_dir.join("images"), registries, Default::default());
-        let runtime = zeitwork_runtime::container::ContainerRuntime::new(
-            &config.data_dir.join("instances"),
-            &config.oci_runtime,
-            config.instance_range,
-            logs,
-        )
-        .await;
-        match (images, runtime) {
-            (Ok(images), Ok(runtime)) => {
+        match (images, selected) {
+            (Ok(images), Some(selected)) => {
                 let settings = instances::Settings {
                     node: node.id.clone(),
                     health_path: config.health_path.clone(),
@@ -254,7 +279,7 @@ impl NodeAgent {
                     liveness_failures: config.liveness_failures,
                     image_cache_bytes: config.image_cache_bytes,
                 };
-                let runtime = Arc::new(runtime);
+                let runtime = Arc::new(selected.runtime);
                 let _ = runtime_cell.set(runtime.clone());
                 tasks.push(tokio::spawn(instances::run(
                     client.clone(),
@@ -266,7 +291,7 @@ impl NodeAgent {
                 )));
             }
             (Err(e), _) => tracing::error!(error = %e, "no image cache; this node cannot run instances"),
-            (_, Err(e)) => tracing::error!(error = %e, "no container runtime; this node cannot run instances"),
+            (_, None) => {}
         }
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {

@@ -30,7 +30,7 @@ pub struct LogsState {
     pub forwarder: Arc<Forwarder>,
     pub logs: Arc<LogStore>,
     /// Set once the runtime is up.
-    pub runtime: Arc<std::sync::OnceLock<Arc<zeitwork_runtime::container::ContainerRuntime>>>,
+    pub runtime: Arc<std::sync::OnceLock<Arc<zeitwork_runtime::AnyRuntime>>>,
 }
 
 /// `GET /v1/instances/{id}/metrics`: what a running instance uses (operators only).

@@ -69,6 +69,7 @@ fn agent_config(op: &Operator, dir: &std::path::Path, range: &str, token: &str, 
         region: "local".into(),
         data_dir: dir.join("agent"),
         instance_range: range.parse().unwrap(),
+        runtime: "container".into(),
         start_timeout_secs: start_timeout,
         stop_grace_secs: 2,
         liveness_interval_secs: 1,
@@ -688,4 +689,102 @@ async fn draining_a_node_moves_its_instances_without_failed_requests() {
     assert!(instances.iter().all(|i| i["status"] == "stopped"), "{instances:?}");
     edge.shutdown().await;
     other.shutdown().await;
+}
+
+/// The same path with the QEMU microVM driver (KVM when it works here, TCG
+/// otherwise): the app boots in its own VM, answers through the edge and the
+/// agent's forwarding, its logs reach the operator, a VMM that dies is
+/// restarted, and stopping the deployment delivers SIGTERM to the app and
+/// removes the VM's tap and files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg
+        .push_busybox(
+            "acme/web",
+            "vm",
+            "echo vm started with $GREETING; /bin/busybox httpd -f -p $PORT -h /www & \
+             trap 'echo got SIGTERM; kill $!; exit 0' TERM; wait",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = platform("10.226.0.0", 30).await;
+    let mut config = agent_config(&p.op, dir.path(), "10.227.0.0", &p.agent_token, 180);
+    config.runtime = "qemu".into();
+    config.hostname = "vm-node".into();
+    let vm_agent = NodeAgent::start(config).await.unwrap();
+    assert_eq!(vm_agent.node().runtime, "qemu");
+    let detail = vm_agent.node().runtime_detail.clone().unwrap_or_default();
+    assert!(detail.contains("kvm") || detail.contains("tcg"), "{detail}");
+    // Only the VM node may take the deployment.
+    p.admin.post_empty::<Value>(&format!("/api/v1/nodes/{}/drain", p.agent.node().id)).await.unwrap();
+
+    let d: Value = p
+        .admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let inst = loop {
+        if let Some(i) = p.op.store.list_instances(&dep).await.unwrap().first() {
+            assert_eq!(i.node.as_deref(), Some(vm_agent.node().id.as_str()));
+            break i.id.clone();
+        }
+        assert!(Instant::now() < deadline, "the engine never placed {dep}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
+    assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.227.")), "{ready:?}");
+
+    let edge = p.edge().await;
+    let get = || async {
+        reqwest::Client::new()
+            .get(format!("http://{}/", edge.http_addr()))
+            .header("host", format!("{dep}.zeitwork.localhost"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = get().await;
+        if res.status() == 200 {
+            assert_eq!(res.text().await.unwrap(), "hello from a container\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge never reached the VM: {}", res.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
+    assert!(logs.contains("vm started with hello-env"), "{logs}");
+
+    // The VMM dies: the instance is reported and restarted (with backoff).
+    let vm_dir = dir.path().join("agent/vms").join(&inst);
+    let pid: i32 = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    p.wait_status(&inst, &["exited", "starting"], Duration::from_secs(30)).await;
+    p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
+    let new_pid: i32 = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
+    assert_ne!(new_pid, pid, "a new VM runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get().await.status() != 200 {
+        assert!(Instant::now() < deadline, "the restarted VM never answered through the edge");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A graceful stop of the agent stops its VMs: SIGTERM reaches the app, the VM's resources go.
+    let tap = std::fs::read_to_string(vm_dir.join("tap")).unwrap();
+    vm_agent.shutdown().await;
+    assert!(!vm_dir.exists(), "the VM's directory stayed");
+    let link = std::process::Command::new("ip").args(["link", "show", &tap]).output().unwrap();
+    assert!(!link.status.success(), "tap {tap} stayed");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the first VMM is gone");
+    let log = std::fs::read_to_string(dir.path().join("agent/logs").join(format!("{inst}.jsonl"))).unwrap();
+    assert!(log.contains("got SIGTERM"), "the app did not see SIGTERM: {log}");
 }

@@ -65,14 +65,20 @@ async fn runs(binary: &Path, arg: &str) -> Result<(), String> {
     }
 }
 
-/// A KVM probe's result, remembered for the host's current boot.
+/// A KVM probe's result, remembered for the host's current boot (in /run,
+/// which a reboot empties, else in the data directory) and probed by one
+/// caller at a time.
 async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), String> {
+    static PROBING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = PROBING.lock().await;
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let binary = match vmm {
         Vmm::Qemu { binary, .. } | Vmm::Firecracker { binary, .. } => binary.display().to_string(),
     };
-    let key = format!("{}|{}|{}", boot.trim(), binary, assets.vmlinux.display());
-    let cache = dir.join(format!("kvm-probe-{}", vmm.name()));
+    let key = format!("{}|{}|{}", boot.trim(), binary, assets.source.display());
+    let run = Path::new("/run/zeitwork");
+    let cache_dir = if std::fs::create_dir_all(run).is_ok() { run.to_path_buf() } else { dir.to_path_buf() };
+    let cache = cache_dir.join(format!("kvm-probe-{}", vmm.name()));
     if let Ok(saved) = std::fs::read_to_string(&cache) {
         if let Some((k, result)) = saved.split_once('\n') {
             if k == key {
@@ -88,7 +94,6 @@ async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), St
         }
         Err(e) => e.replace('\n', " "),
     };
-    let _ = std::fs::create_dir_all(dir);
     let _ = std::fs::write(&cache, format!("{key}\n{text}"));
     result.map(|_| ())
 }

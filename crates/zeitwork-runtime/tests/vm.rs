@@ -60,7 +60,7 @@ async fn spec(w: &World, id: &str) -> InstanceSpec {
         env: vec![("GREETING".into(), "hi from the project".into())],
         port: 8080,
         vcpu: 1,
-        memory_mib: 256,
+        memory_mib: 128,
         disk: Some(disk),
     }
 }
@@ -108,9 +108,9 @@ async fn a_vm_serves_http_logs_and_stops_gracefully() {
     assert_eq!(body, "hello from a container\n");
 
     let stats = w.runtime.stats(id).await.unwrap();
-    assert!(stats.memory_bytes > 0 && stats.memory_limit_bytes == 256 << 20, "{stats:?}");
+    assert!(stats.memory_bytes > 0 && stats.memory_limit_bytes == 128 << 20, "{stats:?}");
 
-    let exit = w.runtime.stop(id, Duration::from_secs(10)).await.unwrap();
+    let exit = w.runtime.stop(id, Duration::from_secs(2)).await.unwrap();
     assert_eq!(exit.code, Some(0), "the app's own exit after SIGTERM: {exit:?}");
     let lines: Vec<(String, String)> =
         w.runtime.logs(id).await.unwrap().into_iter().map(|l| (l.stream, l.line)).collect();

@@ -50,7 +50,7 @@ fn region_from(row: &AnyRow) -> Result<Region> {
 // ------------------------------------------------------------------ nodes
 
 const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
-    n.runtime, n.last_heartbeat, n.created_at, \
+    n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
     (SELECT COUNT(*) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS inst_count, \
     (SELECT CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_vcpu, \
     (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
@@ -67,6 +67,7 @@ fn node_from(row: &AnyRow) -> Result<Node> {
         allocated: Capacity { vcpu: row.int("alloc_vcpu")? as u32, memory: row.int("alloc_memory")? as u32 },
         instances: row.int("inst_count")? as u64,
         runtime: row.text("runtime")?,
+        runtime_detail: row.opt_text("runtime_detail")?,
         last_heartbeat: row.opt_int("last_heartbeat")?.map(ts),
         created_at: ts(row.int("created_at")?),
     })
@@ -458,7 +459,8 @@ impl Store {
                 let id = row.text("id")?;
                 sqlx::query(
                     "UPDATE nodes SET region = $1, address = $2, vcpu = $3, memory = $4, runtime = $5, \
-                     last_heartbeat = $6, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END WHERE id = $7",
+                     last_heartbeat = $6, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END, \
+                     runtime_detail = $8 WHERE id = $7",
                 )
                 .bind(&r.region)
                 .bind(&r.address)
@@ -467,6 +469,7 @@ impl Store {
                 .bind(&runtime)
                 .bind(now)
                 .bind(&id)
+                .bind(&r.runtime_detail)
                 .execute(&mut *tx)
                 .await?;
                 (id, false)
@@ -474,8 +477,8 @@ impl Store {
             None => {
                 let id = format!("node_{}", nanoid(12));
                 let res = sqlx::query(
-                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at) \
-                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9)",
+                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at, runtime_detail) \
+                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(&id)
                 .bind(&r.hostname)
@@ -486,6 +489,7 @@ impl Store {
                 .bind(&runtime)
                 .bind(now)
                 .bind(now)
+                .bind(&r.runtime_detail)
                 .execute(&mut *tx)
                 .await;
                 match res {

@@ -249,6 +249,7 @@ CREATE TABLE edges (
 )
 "#,
     ),
+    (7, "node runtime detail", "ALTER TABLE nodes ADD COLUMN runtime_detail TEXT"),
 ];
 
 /// Newest schema version this build knows.

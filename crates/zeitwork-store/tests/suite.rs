@@ -79,6 +79,7 @@ fn node(hostname: &str, region: &str) -> RegisterNode {
         address: format!("http://{hostname}:8081"),
         capacity: Capacity { vcpu: 8, memory: 16384 },
         runtime: None,
+        runtime_detail: None,
     }
 }
 

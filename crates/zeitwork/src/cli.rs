@@ -636,7 +636,11 @@ async fn nodes(conn: Conn, cmd: NodeCmd) -> Result<()> {
             if conn.json {
                 json(&n)
             } else {
-                node_rows(&[n])
+                let why = n.runtime_detail.clone();
+                node_rows(&[n]);
+                if let Some(why) = why {
+                    println!("Runtime: {why}");
+                }
             }
         }
         NodeCmd::Drain { id } => {

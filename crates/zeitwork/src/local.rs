@@ -1,5 +1,5 @@
 //! What `zeitwork up` needs on one machine besides the roles: the host
-//! programs of the container runtime, a local certificate authority for
+//! programs of the runtimes, a local certificate authority for
 //! HTTPS on `*.zeitwork.localhost`, and the demo app built without Docker.
 
 use std::path::{Path, PathBuf};
@@ -22,8 +22,20 @@ fn on_path(program: &str) -> bool {
 
 /// Makes sure the host programs are there: installs the missing packages with
 /// apt when running as root on Debian/Ubuntu (saying so), else stops with the command to run.
-pub fn ensure_host_programs(demo: bool, may_install: bool) -> Result<()> {
+pub fn ensure_host_programs(demo: bool, runtime: &str, may_install: bool) -> Result<()> {
     let mut missing: Vec<&str> = HOST_PROGRAMS.iter().filter(|(p, _)| !on_path(p)).map(|(_, pkg)| *pkg).collect();
+    // The QEMU driver: the VMM and a guest kernel (Debian's smallest, with virtio modules).
+    if runtime == "qemu" {
+        if !on_path("qemu-system-x86_64") {
+            missing.push("qemu-system-x86");
+        }
+        let has_kernel = std::fs::read_dir("/boot")
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+            .unwrap_or(false);
+        if !has_kernel {
+            missing.push("linux-image-cloud-amd64");
+        }
+    }
     if demo && !Path::new(BUSYBOX).is_file() {
         missing.push("busybox-static");
     }
@@ -34,10 +46,10 @@ pub fn ensure_host_programs(demo: bool, may_install: bool) -> Result<()> {
     let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
     if !(may_install && root && on_path("apt-get")) {
         bail!(
-            "this machine lacks what the container runtime needs ({list}); install it with:\n    sudo apt-get install -y {list}"
+            "this machine lacks what the runtime needs ({list}); install it with:\n    sudo apt-get install -y {list}"
         );
     }
-    println!("Installing the host packages Zeitwork's container runtime uses: {list}");
+    println!("Installing the host packages Zeitwork's runtime uses: {list}");
     let run = |args: &[&str]| -> Result<()> {
         let status = std::process::Command::new("apt-get")
             .args(args)

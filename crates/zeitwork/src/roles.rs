@@ -139,9 +139,18 @@ pub struct NodeAgentArgs {
     /// URL others reach this agent at.
     #[arg(long, env = "ZEITWORK_ADVERTISE_URL")]
     advertise_url: Option<String>,
-    /// auto or container (the microVM drivers are not part of this build).
-    #[arg(long, env = "ZEITWORK_RUNTIME")]
+    /// auto (the best that works here, by probe), firecracker, qemu or container.
+    #[arg(long, env = "ZEITWORK_RUNTIME", value_parser = zeitwork_runtime::select::RUNTIMES.to_vec())]
     runtime: Option<String>,
+    /// The QEMU binary of the qemu runtime.
+    #[arg(long, env = "ZEITWORK_QEMU")]
+    qemu: Option<PathBuf>,
+    /// A firecracker binary (the firecracker runtime is used only with one).
+    #[arg(long, env = "ZEITWORK_FIRECRACKER")]
+    firecracker: Option<PathBuf>,
+    /// The guest kernel of the microVM runtimes (default: the newest in /boot).
+    #[arg(long, env = "ZEITWORK_KERNEL")]
+    kernel: Option<PathBuf>,
 }
 
 pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
@@ -170,6 +179,15 @@ pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
     }
     if let Some(v) = args.runtime {
         c.runtime = v;
+    }
+    if let Some(v) = args.qemu {
+        c.qemu = v;
+    }
+    if let Some(v) = args.firecracker {
+        c.firecracker = Some(v);
+    }
+    if let Some(v) = args.kernel {
+        c.kernel = Some(v);
     }
     c.validate().map_err(|e| UsageError(e.to_string()))?;
     let agent = NodeAgent::start(c).await.context("the node agent could not start")?;
@@ -353,9 +371,12 @@ pub struct UpArgs {
     /// Never install missing host packages; say what to install instead.
     #[arg(long)]
     no_install: bool,
-    /// auto or container (the microVM drivers are not part of this build).
-    #[arg(long, default_value = "auto")]
+    /// auto (the best that works here, by probe), firecracker, qemu or container.
+    #[arg(long, default_value = "auto", value_parser = zeitwork_runtime::select::RUNTIMES.to_vec())]
     runtime: String,
+    /// A firecracker binary (for --runtime firecracker or auto).
+    #[arg(long, env = "ZEITWORK_FIRECRACKER")]
+    firecracker: Option<PathBuf>,
 }
 
 /// Where `zeitwork up` keeps its data unless told otherwise.
@@ -372,14 +393,10 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn up(args: UpArgs) -> Result<()> {
     zeitwork_telemetry::init_logging(&args.log, LogFormat::Text);
     let data = args.data.clone().unwrap_or_else(default_data_dir);
-    if !matches!(args.runtime.as_str(), "auto" | "container") {
-        return Err(UsageError(format!(
-            "--runtime {}: only auto and container are part of this build (the microVM drivers are not)",
-            args.runtime
-        ))
-        .into());
+    if args.runtime == "firecracker" && args.firecracker.is_none() {
+        return Err(UsageError("--runtime firecracker needs --firecracker PATH (a firecracker binary)".into()).into());
     }
-    crate::local::ensure_host_programs(args.demo, !args.no_install)?;
+    crate::local::ensure_host_programs(args.demo, &args.runtime, !args.no_install)?;
     let config = OperatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], args.api_port)),
         data_dir: data.clone(),
@@ -398,6 +415,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let client = Client::new(&api, Some(admin));
     ensure_local_region(&client).await?;
     let agent_token = ensure_cluster_token(&client, &data.join("node-agent.token"), ClusterRole::NodeAgent).await?;
+    if args.runtime != "container" {
+        println!("Choosing the runtime ({}; a KVM probe boots a small VM once per host boot)…", args.runtime);
+    }
     let agent = NodeAgent::start(NodeAgentConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], args.agent_port)),
         operator_url: api.clone(),
@@ -405,6 +425,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         region: "local".into(),
         data_dir: data.join("agent"),
         runtime: args.runtime.clone(),
+        firecracker: args.firecracker.clone(),
         ..Default::default()
     })
     .await
@@ -430,12 +451,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!("  API      {api}");
     println!("  Token    {}", op.admin_token_path.display());
     println!(
-        "  Node     {} in region local ({}), runtime {} ({})",
+        "  Node     {} in region local ({}), runtime {}",
         agent.node().hostname,
         agent.node().address,
         agent.node().runtime,
-        args.runtime
     );
+    if let Some(why) = &agent.node().runtime_detail {
+        println!("           {why}");
+    }
     println!("  Apps     http://<deployment-id>.zeitwork.localhost:{}", args.http_port);
     println!("           https://<deployment-id>.zeitwork.localhost:{}", args.https_port);
     println!("  Data     {}", data.display());
