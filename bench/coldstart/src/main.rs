@@ -4,7 +4,13 @@
 //! namespace, veth, cgroup limits, log capture) against bare `runc run` of
 //! the same root filesystem on the host network, in the same run.
 //!
-//! `cargo run --release -p zeitwork-bench-coldstart -- [--runs 10]`
+//! Then the microVM runtimes available on the host (QEMU, with KVM when it
+//! really runs a guest here and TCG otherwise; Firecracker when
+//! `ZEITWORK_FIRECRACKER_BIN` names one): create → first HTTP 200, median of
+//! `--vm-runs`, next to the floor of the same VMM booting the same kernel and
+//! initramfs to the guest init's first line (no disks, network or app).
+//!
+//! `cargo run --release -p zeitwork-bench-coldstart -- [--runs 10] [--vm-runs 5]`
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -121,5 +127,77 @@ async fn main() -> Result<()> {
     println!("  zeitwork container driver: {:>7.1} ms  (goal: < 150 ms)", ms(o));
     println!("  bare runc, host network:   {:>7.1} ms", ms(p));
     println!("  ratio (zeitwork / bare):   {:>7.2}x", o.as_secs_f64() / p.as_secs_f64());
+
+    let vm_runs = flag("--vm-runs", 5).max(1);
+    let disk = images.ext4(&img).await?;
+    let mut wanted = vec![("qemu", None)];
+    if let Some(fc) = std::env::var_os("ZEITWORK_FIRECRACKER_BIN") {
+        wanted.push(("firecracker", Some(std::path::PathBuf::from(fc))));
+    } else {
+        println!();
+        println!("firecracker: skipped (set ZEITWORK_FIRECRACKER_BIN to a firecracker binary)");
+    }
+    for (name, firecracker) in wanted {
+        let vm_logs = Arc::new(LogStore::new(&dir.path().join(format!("logs-{name}")))?);
+        let options = zeitwork_runtime::select::SelectOptions {
+            requested: name.into(),
+            dir: dir.path().join(name),
+            oci_runtime: "runc".into(),
+            qemu: "qemu-system-x86_64".into(),
+            firecracker,
+            jailer: None,
+            kernel: None,
+            base: "10.231.0.0".parse()?,
+            disk_budget: 4 << 30,
+        };
+        let selected = match zeitwork_runtime::select::select(&options, vm_logs).await {
+            Ok(s) => s,
+            Err(e) => {
+                println!();
+                println!("{name}: not available here ({e})");
+                continue;
+            }
+        };
+        let zeitwork_runtime::AnyRuntime::Vm(vm) = &selected.runtime else { bail!("{name} is not a VM runtime") };
+        let (vmm, accel) = (vm.vmm().clone(), vm.vmm().accel());
+        let assets = zeitwork_runtime::guest::prepare(
+            &dir.path().join(name).join("guest"),
+            &zeitwork_runtime::guest::find_kernel(None)?,
+            None,
+        )?;
+        println!();
+        println!("{name} ({accel}): {}", selected.detail);
+        let (mut vms, mut floors) = (Vec::new(), Vec::new());
+        for i in 0..vm_runs {
+            let id = format!("ins_benchvm{i:03}_{}", std::process::id());
+            let spec = InstanceSpec {
+                id: id.clone(),
+                rootfs: img.rootfs.clone(),
+                image: img.config.clone(),
+                env: Vec::new(),
+                port: 8080,
+                vcpu: 1,
+                memory_mib: 256,
+                disk: Some(disk.clone()),
+            };
+            let t = Instant::now();
+            let running = selected.runtime.start(&spec).await?;
+            first_200(running.address, Duration::from_secs(180)).await?;
+            let took = t.elapsed();
+            selected.runtime.destroy(&id).await?;
+            let floor = zeitwork_runtime::vm::probe(&vmm, &assets, &dir.path().join("probe"), Duration::from_secs(120))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("  run {:>2}: zeitwork {:>7.1} ms, kernel-to-init floor {:>7.1} ms", i + 1, ms(took), ms(floor));
+            vms.push(took);
+            floors.push(floor);
+        }
+        let (v, f) = (median(vms), median(floors));
+        println!("cold start to first HTTP 200 ({name}, {accel}), median of {vm_runs}:");
+        println!("  zeitwork {name} driver:        {:>7.1} ms", ms(v));
+        println!("  {name} boot to guest init:     {:>7.1} ms", ms(f));
+        println!("  ratio (zeitwork / floor):      {:>7.2}x", v.as_secs_f64() / f.as_secs_f64());
+        println!("  ratio (microVM / container):   {:>7.2}x", v.as_secs_f64() / o.as_secs_f64());
+    }
     Ok(())
 }
