@@ -489,7 +489,7 @@ impl Drop for Active<'_> {
 }
 
 async fn forward(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     pool: Arc<Pool>,
     proxy_protocol: bool,
@@ -518,7 +518,8 @@ async fn forward(
         if proxy_protocol && upstream.write_all(&zeitwork_net::encode_v2(peer, local)).await.is_err() {
             return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        // Zero-copy: the bytes move between the sockets inside the kernel.
+        let _ = zeitwork_net::splice_bidirectional(&client, &upstream).await;
         return;
     }
     metrics.failed.inc();

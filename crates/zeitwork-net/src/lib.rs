@@ -4,7 +4,10 @@
 //!
 //! Pure protocol code over async streams; it must not know about routing.
 
+pub mod splice;
 pub mod x509;
+
+pub use splice::splice_bidirectional;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;

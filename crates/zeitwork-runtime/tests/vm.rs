@@ -184,3 +184,42 @@ async fn a_kernel_that_cannot_boot_fails_with_the_console() {
     let err = select(&o, logs).await.unwrap_err().to_string();
     assert!(err.contains("not a bzImage"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_panics_at_boot_fails_with_its_console_and_leaves_nothing() {
+    let w = world("exec /bin/busybox httpd -f -p $PORT -h /www", "10.229.0.0").await;
+    // The real kernel with an initramfs whose /init cannot run: the kernel panics.
+    let kernel = zeitwork_runtime::guest::find_kernel(None).unwrap();
+    let good = zeitwork_runtime::guest::prepare(&w.dir.path().join("guest"), &kernel, None).unwrap();
+    let broken = w.dir.path().join("broken.cpio");
+    std::fs::write(&broken, zeitwork_runtime::guest::initramfs(b"#!/nonexistent\n", &[])).unwrap();
+    let assets = zeitwork_runtime::guest::GuestAssets { initramfs: broken, ..good };
+    let settings = zeitwork_runtime::vm::VmSettings {
+        dir: w.dir.path().join("broken-vms"),
+        vmm: zeitwork_runtime::vm::Vmm::Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: zeitwork_runtime::vm::Accel::Tcg,
+        },
+        assets,
+        base: "10.229.0.0".parse().unwrap(),
+        disk_budget: 1 << 30,
+    };
+    let rt = zeitwork_runtime::vm::VmRuntime::new(settings, w.logs.clone()).await.unwrap();
+    let id = "ins_vm_panics";
+    rt.start(&spec(&w, id).await).await.unwrap();
+    let tap = std::fs::read_to_string(w.dir.path().join("broken-vms").join(id).join("tap")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let InstanceState::Exited(e) = rt.state(id).await.unwrap() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the VM did not end: {:?}", rt.diagnose(id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(exit.code, None);
+    assert!(exit.reason.contains("before the app reported an exit"), "{}", exit.reason);
+    assert!(exit.reason.contains("Kernel panic") || exit.reason.contains("init"), "the console tail: {}", exit.reason);
+    rt.destroy(id).await.unwrap();
+    assert!(!link_exists(&tap));
+    assert!(!w.dir.path().join("broken-vms").join(id).exists());
+}

@@ -264,7 +264,14 @@ fn the_edge_and_load_balancer_roles_check_their_flags() {
     assert_eq!(lb.status.code(), Some(2));
     let up = run(&["up", "--runtime", "firecracker", "--no-install"]);
     assert_eq!(up.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&up.stderr).contains("only auto and container"));
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("--firecracker PATH"),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let up = run(&["up", "--runtime", "lxc", "--no-install"]);
+    assert_eq!(up.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&up.stderr).contains("possible values"), "{}", String::from_utf8_lossy(&up.stderr));
     let agent = run(&["node-agent", "--token", "zw_x_y", "--runtime", "lxc"]);
     assert_eq!(agent.status.code(), Some(2), "{}", String::from_utf8_lossy(&agent.stderr));
     assert!(String::from_utf8_lossy(&agent.stderr).contains("runtime"));
