@@ -1,5 +1,7 @@
 //! `bench/l4`: the load balancer against HAProxy in TCP mode, both sending
-//! PROXY v2 to the same nginx backend, measured with `wrk` in the same run.
+//! PROXY v2 to the same nginx backend, measured with `wrk` in the same run:
+//! small responses (requests per second), then 1 MiB responses (bulk bytes,
+//! where the balancer splices).
 //!
 //! cargo run --release -p zeitwork-bench-l4 -- [--seconds 10] [--connections 64]
 
@@ -14,10 +16,15 @@ async fn main() -> Result<()> {
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
     let dir = tempfile::tempdir()?;
     let (backend, hp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("big"), vec![b'z'; 1 << 20])?;
     let _nginx = nginx(
         dir.path(),
         &format!(
-            "server {{ listen 127.0.0.1:{backend} proxy_protocol; location / {{ return 200 'hello, world\\n'; }} }}"
+            "server {{ listen 127.0.0.1:{backend} proxy_protocol; location / {{ return 200 'hello, world\\n'; }} \
+             location = /big {{ root {}; }} }}",
+            www.display()
         ),
     )?;
     wait_port(SocketAddr::from(([127, 0, 0, 1], backend)), dir.path())?;
@@ -48,6 +55,13 @@ async fn main() -> Result<()> {
     z.print();
     println!();
     z.ratio(&h);
+    println!("\n1 MiB responses, 16 connections (bulk: requests/s x 1 MiB = bytes moved)\n");
+    let hb = wrk("haproxy tcp, 1 MiB", &format!("http://127.0.0.1:{hp}/big"), "l4", seconds, 16)?;
+    let zb = wrk("zeitwork lb, 1 MiB", &format!("http://{}/big", lb.addrs()[0]), "l4", seconds, 16)?;
+    hb.print();
+    zb.print();
+    println!();
+    zb.ratio(&hb);
     lb.shutdown().await;
     Ok(())
 }

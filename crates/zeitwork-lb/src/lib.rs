@@ -518,7 +518,7 @@ async fn forward(
         if proxy_protocol && upstream.write_all(&zeitwork_net::encode_v2(peer, local)).await.is_err() {
             return;
         }
-        // Zero-copy: the bytes move between the sockets inside the kernel.
+        // Bulk data moves between the sockets inside the kernel (splice).
         let _ = zeitwork_net::splice_bidirectional(&client, &upstream).await;
         return;
     }

@@ -1,7 +1,10 @@
-//! Zero-copy forwarding between two TCP sockets: bytes move socket → pipe →
-//! socket inside the kernel with `splice(2)`, never through user space. Each
-//! direction has its own pipe; an end of stream in one direction half-closes
-//! the other socket's write side, as `tokio::io::copy_bidirectional` does.
+//! Forwarding between two TCP sockets that goes zero-copy for bulk data: a
+//! read that fills the buffer starts `splice(2)` (socket → pipe → socket inside
+//! the kernel, never through user space) until the burst is over; small
+//! messages (requests, short responses) take one read and one write, which
+//! costs fewer system calls than a splice through a pipe. An end of stream in
+//! one direction half-closes the other socket's write side, as
+//! `tokio::io::copy_bidirectional` does.
 
 use std::io;
 
@@ -18,34 +21,69 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u
     tokio::try_join!(one_way(a, b), one_way(b, a))
 }
 
+/// Buffer of the copying path; a read that fills it means bulk data.
+const BUFFER: usize = 16 * 1024;
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let (pipe_r, pipe_w) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    let mut buf = vec![0u8; BUFFER];
+    let mut pipe = None;
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     let mut total = 0u64;
     loop {
-        // The pipe is empty here, so "would block" can only mean the socket has nothing.
-        let n = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || Ok(splice(from, None, &pipe_w, None, CHUNK, flags)?)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         };
         if n == 0 {
             let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
             return Ok(total);
         }
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || Ok(splice(&pipe_r, None, to, None, left, flags)?)) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(to, &buf[..n]).await?;
         total += n as u64;
+        if n < BUFFER {
+            continue;
+        }
+        // Bulk: splice what follows until the socket has nothing more right now.
+        if pipe.is_none() {
+            pipe = Some(pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?);
+        }
+        let Some((pipe_r, pipe_w)) = &pipe else { continue };
+        loop {
+            // The pipe is empty here, so "would block" can only mean the socket has nothing.
+            let n = match from.try_io(Interest::READABLE, || Ok(splice(from, None, pipe_w, None, CHUNK, flags)?)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+                return Ok(total);
+            }
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || Ok(splice(pipe_r, None, to, None, left, flags)?)) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            total += n as u64;
+        }
     }
 }
 
