@@ -83,6 +83,11 @@ fn agent_config(op: &Operator, dir: &std::path::Path, range: &str, token: &str, 
 impl Platform {
     /// Deploys `image` with one instance; the operator's engine places it on the agent's node.
     async fn deploy(&self, image: &str) -> (String, String) {
+        self.deploy_on(image, &self.agent.node().id).await
+    }
+
+    /// Deploys `image` with one instance, expected on `node`.
+    async fn deploy_on(&self, image: &str, node: &str) -> (String, String) {
         let d: Value = self
             .admin
             .post(
@@ -95,7 +100,7 @@ impl Platform {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(i) = self.op.store.list_instances(&dep).await.unwrap().first() {
-                assert_eq!(i.node.as_deref(), Some(self.agent.node().id.as_str()));
+                assert_eq!(i.node.as_deref(), Some(node));
                 return (dep, i.id.clone());
             }
             assert!(Instant::now() < deadline, "the engine never placed {dep}");
@@ -720,24 +725,7 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     // Only the VM node may take the deployment.
     p.admin.post_empty::<Value>(&format!("/api/v1/nodes/{}/drain", p.agent.node().id)).await.unwrap();
 
-    let d: Value = p
-        .admin
-        .post(
-            "/api/v1/deployments",
-            &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
-        )
-        .await
-        .unwrap();
-    let dep = d["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let inst = loop {
-        if let Some(i) = p.op.store.list_instances(&dep).await.unwrap().first() {
-            assert_eq!(i.node.as_deref(), Some(vm_agent.node().id.as_str()));
-            break i.id.clone();
-        }
-        assert!(Instant::now() < deadline, "the engine never placed {dep}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (dep, inst) = p.deploy_on(&image, &vm_agent.node().id).await;
     let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
     assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.227.")), "{ready:?}");
 

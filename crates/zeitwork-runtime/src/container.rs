@@ -237,12 +237,7 @@ impl Runtime for ContainerRuntime {
             return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
         }
         // Slots in use: ours, and any address of the range already on a host interface.
-        let taken = net::host_addresses().await;
-        let slot = (0..16_000)
-            .find(|s| {
-                !instances.values().any(|i| i.slot == *s) && !taken.contains(&net::slot_addresses(self.base, *s).0)
-            })
-            .ok_or_else(|| RuntimeError::failed("networking", "no free address in the instance range"))?;
+        let slot = net::free_slot(self.base, |s| instances.values().any(|i| i.slot == s)).await?;
         let dir = self.dir.join(&spec.id);
         let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
         for d in [&upper, &work, &merged] {
@@ -344,11 +339,7 @@ impl Runtime for ContainerRuntime {
     async fn state(&self, id: &str) -> Result<InstanceState, RuntimeError> {
         let instances = self.instances.lock().await;
         let inst = instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
-        let exit = inst.exit.borrow().clone();
-        Ok(match exit {
-            Some(e) => InstanceState::Exited(e),
-            None => InstanceState::Running,
-        })
+        Ok(InstanceState::of(&inst.exit))
     }
 
     async fn stats(&self, id: &str) -> Result<InstanceStats, RuntimeError> {

@@ -50,6 +50,16 @@ pub enum InstanceState {
     Exited(ExitInfo),
 }
 
+impl InstanceState {
+    /// The state a driver's exit watch stands for (set once the process ended).
+    pub(crate) fn of(exit: &tokio::sync::watch::Receiver<Option<ExitInfo>>) -> Self {
+        match exit.borrow().clone() {
+            Some(e) => InstanceState::Exited(e),
+            None => InstanceState::Running,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("{0} is not installed or not usable here: {1}")]

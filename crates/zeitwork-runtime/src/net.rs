@@ -37,6 +37,15 @@ async fn run(args: &[&str]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// A free /30 of `base`: not `used` by this runtime's instances, and with its
+/// host address on no interface of the host (another runtime or a leftover).
+pub async fn free_slot(base: Ipv4Addr, used: impl Fn(u32) -> bool) -> Result<u32, RuntimeError> {
+    let taken = host_addresses().await;
+    (0..16_000)
+        .find(|s| !used(*s) && !taken.contains(&slot_addresses(base, *s).0))
+        .ok_or_else(|| RuntimeError::failed("networking", "no free address in the instance range"))
+}
+
 /// IPv4 addresses configured on host interfaces.
 pub async fn host_addresses() -> Vec<Ipv4Addr> {
     let Ok(out) = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().await else { return Vec::new() };

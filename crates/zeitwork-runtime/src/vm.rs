@@ -638,12 +638,7 @@ impl Runtime for VmRuntime {
         if instances.contains_key(&spec.id) {
             return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
         }
-        let taken = net::host_addresses().await;
-        let slot = (0..16_000)
-            .find(|s| {
-                !instances.values().any(|i| i.slot == *s) && !taken.contains(&net::slot_addresses(self.s.base, *s).0)
-            })
-            .ok_or_else(|| RuntimeError::failed("networking", "no free address in the instance range"))?;
+        let slot = net::free_slot(self.s.base, |s| instances.values().any(|i| i.slot == s)).await?;
         let (host_ip, guest_ip) = net::slot_addresses(self.s.base, slot);
         let dir = self.s.dir.join(&spec.id);
         std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
@@ -777,11 +772,7 @@ impl Runtime for VmRuntime {
     async fn state(&self, id: &str) -> Result<InstanceState, RuntimeError> {
         let instances = self.instances.lock().await;
         let inst = instances.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
-        let exit = inst.exit.borrow().clone();
-        Ok(match exit {
-            Some(e) => InstanceState::Exited(e),
-            None => InstanceState::Running,
-        })
+        Ok(InstanceState::of(&inst.exit))
     }
 
     async fn stats(&self, id: &str) -> Result<InstanceStats, RuntimeError> {
