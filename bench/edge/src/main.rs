@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use zeitwork_bench_edge::*;
 use zeitwork_client::Client;
@@ -45,20 +45,31 @@ async fn main() -> Result<()> {
     let node: Value = agent
         .post("/api/v1/nodes", &json!({"hostname": "bench", "region": "local", "address": format!("http://{up}"), "capacity": {"vcpu": 2, "memory": 2048}}))
         .await?;
-    let d: Value =
-        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "bench/web:1"})).await?;
-    let dep = d["id"].as_str().context("deployment id")?.to_owned();
-    let inst = op
-        .store
-        .create_instance(&zeitwork_store::NewInstance {
-            deployment: dep.clone(),
-            node: node["id"].as_str().map(str::to_owned),
-            region: "local".into(),
-            resources: zeitwork_api_types::Resources { vcpu: 1, memory: 256 },
-            runtime: None,
-        })
+    let d: Value = admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": "bench/web:1", "instances_per_region": 1}),
+        )
         .await?;
-    op.store.set_instance_status(&inst.id, zeitwork_api_types::InstanceStatus::Ready, None, None).await?;
+    let dep = d["id"].as_str().context("deployment id")?.to_owned();
+    // The engine places the deployment's instance on the stand-in node; it is
+    // reported ready as its agent would.
+    let mut placed = Vec::new();
+    for _ in 0..3000 {
+        placed = op.store.list_instances(&dep).await?;
+        if !placed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    if placed.is_empty() {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await?;
+        bail!("the engine did not place the deployment: {d}");
+    }
+    for inst in &placed {
+        op.store.set_instance_status(&inst.id, zeitwork_api_types::InstanceStatus::Ready, None, None).await?;
+    }
+    let _ = node;
     let host = format!("{dep}.zeitwork.localhost");
 
     let cert = rcgen::generate_simple_self_signed(vec!["*.zeitwork.localhost".to_owned()])?;
@@ -83,6 +94,16 @@ async fn main() -> Result<()> {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // One request first: a benchmark of error pages would measure nothing.
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let probe = http.get(format!("http://{}/", edge.http_addr())).header("host", &host).send().await?;
+        if !probe.status().is_success() {
+            let status = probe.status();
+            bail!("the edge does not reach the upstream ({status}): {}", probe.text().await.unwrap_or_default());
+        }
     }
 
     let (nh, ns) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());

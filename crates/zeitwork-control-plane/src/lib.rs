@@ -125,7 +125,10 @@ impl Operator {
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine = tokio::spawn(engine::run(
             store.clone(),
-            engine::EngineConfig::default(),
+            engine::EngineConfig {
+                node_timeout: std::time::Duration::from_secs(config.node_timeout_secs),
+                ..Default::default()
+            },
             engine_id.clone(),
             move || {
                 hub.changed();
