@@ -96,20 +96,22 @@ async fn main() -> Result<()> {
     let runtime =
         ContainerRuntime::new(&dir.path().join("instances"), Path::new("runc"), "10.230.0.0".parse()?, logs).await?;
 
+    // The same app for every runtime: 1 vCPU, the image's command on port 8080.
+    let spec_of = |id: &str, memory_mib: u32, disk: Option<std::path::PathBuf>| InstanceSpec {
+        id: id.to_owned(),
+        rootfs: img.rootfs.clone(),
+        image: img.config.clone(),
+        env: Vec::new(),
+        port: 8080,
+        vcpu: 1,
+        memory_mib,
+        disk,
+    };
     let mut ours = Vec::new();
     let mut peer = Vec::new();
     for i in 0..runs {
         let id = format!("ins_bench{i:04}_{}", std::process::id());
-        let spec = InstanceSpec {
-            id: id.clone(),
-            rootfs: img.rootfs.clone(),
-            image: img.config.clone(),
-            env: Vec::new(),
-            port: 8080,
-            vcpu: 1,
-            memory_mib: 128,
-            disk: None,
-        };
+        let spec = spec_of(&id, 128, None);
         let t = Instant::now();
         let running = runtime.start(&spec).await?;
         first_200(running.address, Duration::from_secs(20)).await?;
@@ -170,16 +172,7 @@ async fn main() -> Result<()> {
         let (mut vms, mut floors) = (Vec::new(), Vec::new());
         for i in 0..vm_runs {
             let id = format!("ins_benchvm{i:03}_{}", std::process::id());
-            let spec = InstanceSpec {
-                id: id.clone(),
-                rootfs: img.rootfs.clone(),
-                image: img.config.clone(),
-                env: Vec::new(),
-                port: 8080,
-                vcpu: 1,
-                memory_mib: 256,
-                disk: Some(disk.clone()),
-            };
+            let spec = spec_of(&id, 256, Some(disk.clone()));
             let t = Instant::now();
             let running = selected.runtime.start(&spec).await?;
             first_200(running.address, Duration::from_secs(180)).await?;
