@@ -390,7 +390,11 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
             } else {
                 "the VM ended".into()
             };
-            Err(format!("the probe guest did not boot ({what}): {tail}"))
+            if tail.is_empty() {
+                Err(format!("the probe guest did not boot ({what}, nothing on its console)"))
+            } else {
+                Err(format!("the probe guest did not boot ({what}): {tail}"))
+            }
         }
     }
 }
