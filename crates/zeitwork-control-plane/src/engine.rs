@@ -220,10 +220,10 @@ async fn replace_instance(
             let Some(node) = picked.into_iter().next() else { return Ok(None) };
             let new = NewInstance {
                 deployment: dep.id.clone(),
+                runtime: runtime_of(&nodes, &node),
                 node: Some(node),
                 region: lost.region.clone(),
                 resources: project.resources,
-                runtime: None,
             };
             let i = store.create_instance(&new).await?;
             tracing::info!(deployment = %dep.id, old = %lost.id, replacement = %i.id, "placed a replacement instance");
@@ -245,6 +245,11 @@ async fn replace_instance(
 
 fn system(action: &str, target: &str, org: &str, project: &str) -> Audit {
     Audit::new("system", action, target).org(org).project(project)
+}
+
+/// The runtime of the node an instance is placed on (recorded with the instance).
+fn runtime_of(nodes: &[Node], id: &str) -> Option<String> {
+    nodes.iter().find(|n| n.id == id).map(|n| n.runtime.clone())
 }
 
 /// One pass over every deployment that is not settled; returns whether anything changed.
@@ -303,10 +308,10 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
                 store
                     .create_instance(&NewInstance {
                         deployment: d.id.clone(),
+                        runtime: runtime_of(&nodes, &node),
                         node: Some(node),
                         region,
                         resources: project.resources,
-                        runtime: None,
                     })
                     .await?;
             }

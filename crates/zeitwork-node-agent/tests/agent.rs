@@ -728,6 +728,7 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     let (dep, inst) = p.deploy_on(&image, &vm_agent.node().id).await;
     let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
     assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.227.")), "{ready:?}");
+    assert_eq!(ready.runtime.as_deref(), Some("qemu"), "the instance records its node's runtime");
 
     let edge = p.edge().await;
     let get = || async {
