@@ -729,6 +729,12 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
     assert!(ready.address.as_deref().is_some_and(|a| a.starts_with("10.227.")), "{ready:?}");
     assert_eq!(ready.runtime.as_deref(), Some("qemu"), "the instance records its node's runtime");
+    // Active before anything breaks: a deployment still starting fails when its instance exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.deployment(&dep).await["status"] != "active" {
+        assert!(Instant::now() < deadline, "the deployment never became active: {}", p.deployment(&dep).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let edge = p.edge().await;
     let get = || async {
@@ -761,9 +767,17 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
     let new_pid: i32 = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
     assert_ne!(new_pid, pid, "a new VM runs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get().await.status() != 200 {
-        assert!(Instant::now() < deadline, "the restarted VM never answered through the edge");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = get().await.status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted VM never answered through the edge ({status}): {}",
+            p.deployment(&dep).await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
