@@ -28,12 +28,17 @@ pub struct Local {
     pub image_digest: Option<String>,
     crashes: Vec<Instant>,
     failed: bool,
+    /// Which start this entry is: a start that finds another generation in
+    /// the table was overtaken (the instance left and came back meanwhile).
+    generation: u64,
 }
 
 impl Local {
     /// An instance about to be (re)started, with its crash history.
     fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
-        Local { assignment, address: None, ready: false, image_digest: None, crashes, failed: false }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Local { assignment, address: None, ready: false, image_digest: None, crashes, failed: false, generation }
     }
 }
 
@@ -94,8 +99,15 @@ async fn bring_up(
     table: Table,
     a: Assignment,
     s: Settings,
+    generation: u64,
 ) {
     let id = a.instance.clone();
+    // A delayed restart may have been overtaken: the instance left this node and
+    // came back, and another start owns it now.
+    let current = |table: &HashMap<String, Local>| table.get(&id).is_some_and(|l| l.generation == generation);
+    if !current(&*table.read().await) {
+        return;
+    }
     report(&client, &id, InstanceStatus::Starting, None, None, None).await;
     let image = match images.prepare(&a.image).await {
         Ok(i) => i,
@@ -139,6 +151,9 @@ async fn bring_up(
         memory_mib: a.resources.memory,
         disk,
     };
+    if !current(&*table.read().await) {
+        return;
+    }
     let running = match runtime.start(&spec).await {
         Ok(r) => r,
         Err(e) => {
@@ -349,8 +364,18 @@ async fn converge(
         let known = table.read().await.get(&id).cloned();
         match known {
             None => {
-                table.write().await.insert(id.clone(), Local::starting(a.clone(), Vec::new()));
-                tokio::spawn(bring_up(client.clone(), images.clone(), runtime.clone(), table.clone(), a, s.clone()));
+                let local = Local::starting(a.clone(), Vec::new());
+                let generation = local.generation;
+                table.write().await.insert(id.clone(), local);
+                tokio::spawn(bring_up(
+                    client.clone(),
+                    images.clone(),
+                    runtime.clone(),
+                    table.clone(),
+                    a,
+                    s.clone(),
+                    generation,
+                ));
             }
             Some(l) if l.ready => {
                 // Liveness: a ready instance that exited is restarted with backoff.
@@ -374,14 +399,19 @@ async fn converge(
                         }
                         continue;
                     }
-                    report(client, &id, InstanceStatus::Exited, None, e.code, Some(e.reason)).await;
                     let backoff = Duration::from_millis(250 * (1 << crashes.len().min(6)));
-                    table.write().await.insert(id.clone(), Local::starting(a.clone(), crashes));
+                    // Reported as starting again, not exited: an exited instance is no longer
+                    // assigned, and the restart would race its own removal.
+                    let reason = format!("{}; restarting in {} ms", e.reason, backoff.as_millis());
+                    report(client, &id, InstanceStatus::Starting, None, e.code, Some(reason)).await;
+                    let local = Local::starting(a.clone(), crashes);
+                    let generation = local.generation;
+                    table.write().await.insert(id.clone(), local);
                     let (client, images, runtime, table, s) =
                         (client.clone(), images.clone(), runtime.clone(), table.clone(), s.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(backoff).await;
-                        bring_up(client, images, runtime, table, a, s).await;
+                        bring_up(client, images, runtime, table, a, s, generation).await;
                     });
                 }
             }

@@ -763,7 +763,8 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     let pid: i32 = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(status.success());
-    p.wait_status(&inst, &["exited", "starting"], Duration::from_secs(30)).await;
+    let restarting = p.wait_status(&inst, &["starting"], Duration::from_secs(30)).await;
+    assert!(restarting.exit_reason.as_deref().unwrap_or("").contains("restarting in"), "{restarting:?}");
     p.wait_status(&inst, &["ready"], Duration::from_secs(240)).await;
     let new_pid: i32 = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
     assert_ne!(new_pid, pid, "a new VM runs");
@@ -773,11 +774,17 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
         if status == 200 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted VM never answered through the edge ({status}): {}",
-            p.deployment(&dep).await
-        );
+        if Instant::now() >= deadline {
+            let hosts: Vec<String> = edge.state.routes.read().unwrap().hosts.keys().cloned().collect();
+            let table: Value = p.admin.get("/api/v1/routing").await.unwrap();
+            panic!(
+                "the restarted VM never answered through the edge ({status}): {}\nedge hosts {hosts:?}\noperator table {}\ninstances {:?}\nnodes {:?}",
+                p.deployment(&dep).await,
+                table,
+                p.op.store.list_instances(&dep).await.unwrap(),
+                p.admin.get::<Value>("/api/v1/nodes").await.unwrap()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
