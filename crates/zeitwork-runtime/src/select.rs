@@ -155,6 +155,8 @@ pub async fn select(o: &SelectOptions, logs: Arc<LogStore>) -> Result<Selected, 
                     None
                 }
             };
+            // Whether QEMU runs at all, asked once for both of its places in the order.
+            let qemu = if assets.is_some() { Some(runs(&o.qemu, "--version").await) } else { None };
             if let Some(assets) = &assets {
                 match &o.firecracker {
                     None => why.push("firecracker: not configured".into()),
@@ -170,9 +172,10 @@ pub async fn select(o: &SelectOptions, logs: Arc<LogStore>) -> Result<Selected, 
                         }
                     }
                 }
-                match runs(&o.qemu, "--version").await {
-                    Err(e) => why.push(format!("qemu: {e}")),
-                    Ok(()) => {
+                match &qemu {
+                    Some(Err(e)) => why.push(format!("qemu: {e}")),
+                    None => {}
+                    Some(Ok(())) => {
                         let vmm = Vmm::Qemu { binary: o.qemu.clone(), accel: Accel::Kvm };
                         match kvm_works(&vmm, assets, &o.dir).await {
                             Ok(()) => {
@@ -193,7 +196,7 @@ pub async fn select(o: &SelectOptions, logs: Arc<LogStore>) -> Result<Selected, 
                 Err(e) => why.push(format!("container: {e}")),
             }
             if let Some(assets) = assets {
-                if runs(&o.qemu, "--version").await.is_ok() {
+                if matches!(qemu, Some(Ok(()))) {
                     let detail = format!("auto: qemu with tcg, slow software emulation ({})", why.join("; "));
                     let vmm = Vmm::Qemu { binary: o.qemu.clone(), accel: Accel::Tcg };
                     return Ok(Selected { runtime: vm_runtime(o, vmm, assets, logs).await?, name: "qemu", detail });
