@@ -20,7 +20,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,7 +32,7 @@ use zeitwork_api_types::{RateLimit, RoutingTable};
 use zeitwork_client::Client;
 use zeitwork_net::Cidr;
 
-use crate::proxy::{Body, ConnInfo};
+use crate::proxy::ConnInfo;
 
 /// Edge proxy settings.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -77,6 +76,9 @@ pub struct EdgeConfig {
     /// operator with the listeners' ports. Default: the listen address, when
     /// it is a specific one.
     pub advertise_address: Option<std::net::IpAddr>,
+    /// Threads serving client connections, each with its own event loop,
+    /// listening socket and upstream connections (0 = one per CPU core).
+    pub workers: usize,
 }
 
 /// Tells the operator every 5 s where this edge listens (load balancers follow the list).
@@ -128,6 +130,7 @@ impl Default for EdgeConfig {
             ),
             acme_directory: None,
             advertise_address: None,
+            workers: 0,
             acme_contact: None,
             acme_ca_root: None,
             acme_challenge: acme::Challenge::Http01,
@@ -253,7 +256,6 @@ pub struct EdgeState {
     pub balancer: balance::Balancer,
     pub limiter: ratelimit::RateLimiter,
     pub certs: Arc<tls::CertStore>,
-    pub client: hyper_util::client::legacy::Client<HttpConnector, Body>,
     pub metrics: EdgeMetrics,
     /// The operator, as this edge (routing, certificates, challenges).
     pub operator: Client,
@@ -311,25 +313,18 @@ pub struct EdgeProxy {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: zeitwork_net::workers::Workers,
 }
 
 impl EdgeProxy {
     pub async fn start(config: EdgeConfig) -> Result<EdgeProxy, EdgeError> {
         let trusted = config.validate()?;
         let certs = Arc::new(tls::CertStore::default());
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let state = Arc::new(EdgeState {
             routes: RwLock::new(Arc::new(table::Routes::default())),
             balancer: balance::Balancer::default(),
             limiter: ratelimit::RateLimiter::new(config.rate_limit_clients),
             certs: certs.clone(),
-            client,
             metrics: EdgeMetrics::new(),
             trusted,
             acme: RwLock::new(HashMap::new()),
@@ -341,21 +336,17 @@ impl EdgeProxy {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| EdgeError::Listen { addr, source })
         };
+        let workers = zeitwork_net::workers::count(state.config.workers);
+        let bind_shared = |addr: SocketAddr| {
+            let ls = zeitwork_net::workers::bind_shared(addr, workers)
+                .map_err(|source| EdgeError::Listen { addr, source })?;
+            let at = ls[0].local_addr().map_err(|source| EdgeError::Listen { addr, source })?;
+            Ok::<_, EdgeError>((ls, at))
+        };
 
-        let http = bind(state.config.http_listen).await?;
-        let http_addr =
-            http.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.http_listen, source })?;
-        tasks.push(tokio::spawn(accept_loop(http, None, state.clone(), stop_rx.clone())));
-
-        let https_addr = match (&state.config.tls_cert, &state.config.tls_key) {
-            (None, None) if state.config.acme_directory.is_some() => {
-                let l = bind(state.config.https_listen).await?;
-                let addr =
-                    l.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.https_listen, source })?;
-                let acceptor = tls::server_config(certs.clone());
-                tasks.push(tokio::spawn(accept_loop(l, Some(acceptor), state.clone(), stop_rx.clone())));
-                Some(addr)
-            }
+        let (http, http_addr) = bind_shared(state.config.http_listen)?;
+        let https = match (&state.config.tls_cert, &state.config.tls_key) {
+            (None, None) if state.config.acme_directory.is_some() => Some(bind_shared(state.config.https_listen)?),
             (Some(cert), Some(key)) => {
                 // The apps domain is learnt from the operator; until then the wildcard is keyed by the cert's own use.
                 let client = Client::new(&state.config.operator_url, state.config.token.clone());
@@ -369,15 +360,43 @@ impl EdgeProxy {
                     key.clone(),
                     stop_rx.clone(),
                 )));
-                let l = bind(state.config.https_listen).await?;
-                let addr =
-                    l.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.https_listen, source })?;
-                let acceptor = tls::server_config(certs.clone());
-                tasks.push(tokio::spawn(accept_loop(l, Some(acceptor), state.clone(), stop_rx.clone())));
-                Some(addr)
+                Some(bind_shared(state.config.https_listen)?)
             }
             _ => None,
         };
+        let https_addr = https.as_ref().map(|(_, at)| *at);
+        let acceptor = https.is_some().then(|| tls::server_config(certs.clone()));
+
+        // Client connections are served on one event loop per core; the
+        // control work below stays on the caller's runtime.
+        let mut listeners: Vec<_> = match https {
+            Some((tls, _)) => http.into_iter().zip(tls.into_iter().map(Some)).collect(),
+            None => http.into_iter().map(|l| (l, None)).collect(),
+        };
+        listeners.reverse();
+        let listeners = std::sync::Mutex::new(listeners);
+        let (st, stop_w) = (state.clone(), stop_rx.clone());
+        let pool = zeitwork_net::workers::spawn("zeitwork-edge", workers, move |_| {
+            let mine = listeners.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let (state, stop, acceptor) = (st.clone(), stop_w.clone(), acceptor.clone());
+            async move {
+                let Some((http, https)) = mine else { return };
+                let serve = |l: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>| {
+                    let (state, stop) = (state.clone(), stop.clone());
+                    async move {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => accept_loop(l, tls, state, stop).await,
+                            Err(e) => tracing::error!(error = %e, "cannot serve a listener"),
+                        }
+                    }
+                };
+                match https {
+                    Some(l) => tokio::join!(serve(http, None), serve(l, acceptor)).0,
+                    None => serve(http, None).await,
+                }
+            }
+        })
+        .map_err(|source| EdgeError::Listen { addr: state.config.http_listen, source })?;
 
         let admin = bind(state.config.admin_listen).await?;
         let admin_addr =
@@ -401,7 +420,7 @@ impl EdgeProxy {
         }
         tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
-        Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks })
+        Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks, workers: pool })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -439,6 +458,7 @@ impl EdgeProxy {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.workers.join().await;
     }
 }
 

@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::EdgeState;
 
@@ -133,6 +134,26 @@ fn request_id(h: &HeaderMap) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
+}
+
+type UpstreamClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
+
+thread_local! {
+    /// Upstream connections are pooled per thread: a request and the pooled
+    /// connection it goes out on are driven by the same event loop.
+    static UPSTREAM: UpstreamClient = {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(connector)
+    };
+}
+
+fn upstream(req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+    UPSTREAM.with(|c| c.request(req))
 }
 
 /// Serves one request; every failure becomes a response, never a dropped stream.
@@ -303,7 +324,7 @@ async fn route_request(
                 Some(r) => r,
                 None => return (bad_address(), Some(host), None),
             };
-        match state.client.request(req).await {
+        match upstream(req).await {
             Ok(res) => {
                 state.balancer.restore(&inst.id);
                 let id = inst.id.clone();
@@ -352,7 +373,7 @@ async fn send_once(
         Some(r) => r,
         None => return (bad_address(), Some(host), None),
     };
-    match state.client.request(req).await {
+    match upstream(req).await {
         Ok(res) => (respond(res, inflight, client_upgrade), Some(host), Some(inst.id.clone())),
         Err(e) => {
             // The client's body failed (bad framing, too large): the client's fault, not the app's.

@@ -5,6 +5,7 @@
 //! Pure protocol code over async streams; it must not know about routing.
 
 pub mod splice;
+pub mod workers;
 pub mod x509;
 
 pub use splice::splice_bidirectional;

@@ -1,0 +1,128 @@
+//! Serving connections on one thread per core, each with its own
+//! single-threaded Tokio runtime and its own listening socket on the shared
+//! port (`SO_REUSEPORT`: the kernel spreads new connections over the
+//! sockets). A connection, and every upstream connection it opens, then
+//! lives on one thread: no task crosses threads per request, no work
+//! stealing, no cross-core wake-ups — the event-loop-per-core shape of
+//! nginx and HAProxy.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Pending connections each socket holds before the kernel refuses more.
+const BACKLOG: i32 = 4096;
+
+/// Worker threads for `requested` (0 = one per available core).
+pub fn count(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// `n` listening sockets on one address, all with `SO_REUSEPORT` (the first
+/// resolves port 0 for the others). Non-blocking, ready for Tokio.
+pub fn bind_shared(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n.max(1) {
+        let s = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&at.into())?;
+        s.listen(BACKLOG)?;
+        let l: std::net::TcpListener = s.into();
+        at = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Running worker threads; [`Workers::join`] waits for all of them.
+#[derive(Debug)]
+pub struct Workers {
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Starts `n` threads named `name-i`, each running `serve(i)` to completion
+/// on its own current-thread runtime. `serve` returns when its listeners
+/// stopped and its connections drained; tasks it left behind are dropped
+/// with the runtime.
+pub fn spawn<F, Fut>(name: &str, n: usize, serve: F) -> io::Result<Workers>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let serve = Arc::new(serve);
+    let mut done = Vec::with_capacity(n);
+    for i in 0..n {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let serve = serve.clone();
+        std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+            rt.block_on(serve(i));
+            drop(rt);
+            let _ = tx.send(());
+        })?;
+        done.push(rx);
+    }
+    Ok(Workers { done })
+}
+
+impl Workers {
+    /// Resolves when every worker has returned (or panicked).
+    pub async fn join(self) {
+        for rx in self.done {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Every worker's socket accepts on the one port, and connections land on
+    /// more than one worker.
+    #[tokio::test]
+    async fn workers_share_one_port() {
+        let listeners = super::bind_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        assert_eq!(listeners[1].local_addr().unwrap(), addr);
+        let listeners = std::sync::Mutex::new(listeners.into_iter().map(Some).collect::<Vec<_>>());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let workers = super::spawn("test-worker", 2, move |i| {
+            let l = listeners.lock().unwrap()[i].take().unwrap();
+            let mut stop = stop_rx.clone();
+            async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                loop {
+                    tokio::select! {
+                        Ok((mut s, _)) = l.accept() => {
+                            let name = std::thread::current().name().unwrap_or("").to_owned();
+                            let _ = s.write_all(name.as_bytes()).await;
+                        }
+                        _ = crate::stopped(&mut stop) => return,
+                    }
+                }
+            }
+        })
+        .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut name = String::new();
+            s.read_to_string(&mut name).await.unwrap();
+            assert!(name.starts_with("test-worker-"), "served by {name:?}");
+            seen.insert(name);
+        }
+        assert_eq!(seen.len(), 2, "connections from many source ports reach both workers");
+        stop.send(true).unwrap();
+        workers.join().await;
+    }
+}
