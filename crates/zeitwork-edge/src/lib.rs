@@ -7,6 +7,7 @@
 
 pub mod acme;
 pub mod balance;
+mod h1;
 pub mod proxy;
 pub mod ratelimit;
 pub mod table;
@@ -534,7 +535,7 @@ async fn connection(
         }
     }
     match tls {
-        None => serve(TokioIo::new(stream), ConnInfo { client, tls: false, sni: None }, state.clone(), stop).await,
+        None => h1::serve(stream, ConnInfo { client, tls: false, sni: None }, state.clone(), stop).await,
         Some(config) => {
             let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
             let Ok(Ok(start)) = tokio::time::timeout(header_timeout, lazy).await else { return };
@@ -556,7 +557,7 @@ async fn connection(
     }
 }
 
-async fn serve<IO>(io: TokioIo<IO>, info: ConnInfo, state: Arc<EdgeState>, mut stop: watch::Receiver<bool>)
+pub(crate) async fn serve<IO>(io: TokioIo<IO>, info: ConnInfo, state: Arc<EdgeState>, mut stop: watch::Receiver<bool>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

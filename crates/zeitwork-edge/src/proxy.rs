@@ -126,12 +126,13 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-fn request_id(h: &HeaderMap) -> String {
-    h.get("x-request-id")
-        .and_then(|v| v.to_str().ok())
+/// The client's `X-Request-Id` when it is a sane one, else a fresh one.
+pub(crate) fn request_id(given: Option<&[u8]>) -> String {
+    given
         .filter(|v| {
-            !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
         })
+        .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
 }
@@ -164,28 +165,111 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let rid = request_id(req.headers());
+    let uri = req.uri().clone();
+    let rid = request_id(req.headers().get("x-request-id").map(HeaderValue::as_bytes));
     let (res, host, outcome) = route_request(&state, req, &conn, &rid).await;
     let mut res = res;
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut().insert("x-request-id", v);
     }
-    let status = res.status().as_u16();
-    state.metrics.observe(host.as_deref(), status, start.elapsed());
+    let done = Done {
+        method: method.as_str(),
+        host: host.as_deref(),
+        path: uri.path(),
+        status: res.status().as_u16(),
+        request_id: &rid,
+        upstream: outcome.as_deref(),
+    };
+    record(&state, &conn, start, &done);
+    Ok(res)
+}
+
+/// What the access log and the metrics keep of a finished request.
+pub(crate) struct Done<'a> {
+    pub method: &'a str,
+    /// The routed host (only routed hosts become metric labels).
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub status: u16,
+    pub request_id: &'a str,
+    /// The instance that answered.
+    pub upstream: Option<&'a str>,
+}
+
+pub(crate) fn record(state: &EdgeState, conn: &ConnInfo, start: Instant, d: &Done<'_>) {
+    let took = start.elapsed();
+    state.metrics.observe(d.host, d.status, took);
     tracing::info!(
         target: "zeitwork_edge::access",
         client = %conn.client.ip(),
-        method = %method,
-        host = host.as_deref().unwrap_or("-"),
-        path = %path,
-        status,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        request_id = %rid,
-        upstream = outcome.as_deref().unwrap_or("-"),
+        method = d.method,
+        host = d.host.unwrap_or("-"),
+        path = d.path,
+        status = d.status,
+        duration_ms = took.as_secs_f64() * 1000.0,
+        request_id = d.request_id,
+        upstream = d.upstream.unwrap_or("-"),
         tls = conn.tls,
     );
-    Ok(res)
+}
+
+/// Where a request for a known host goes, or the page that answers it instead.
+pub(crate) enum Admission {
+    Proxy(Arc<zeitwork_api_types::Route>),
+    /// Answered by Zeitwork; `routed` when the host has a route (metrics label).
+    Answer {
+        response: Response<Body>,
+        routed: bool,
+    },
+}
+
+/// Route lookup, HTTPS redirect of custom domains, rate limit and body size:
+/// the checks every request passes whichever way it came in.
+pub(crate) fn admit(
+    state: &EdgeState,
+    host: &str,
+    conn: &ConnInfo,
+    path_and_query: &str,
+    content_length: Option<u64>,
+) -> Admission {
+    let route = state.routes.read().unwrap_or_else(|e| e.into_inner()).hosts.get(host).cloned();
+    let Some(route) = route else {
+        let response = page(StatusCode::NOT_FOUND, "Not found", "No application is deployed at this address.");
+        return Admission::Answer { response, routed: false };
+    };
+    // Custom domains with a certificate are served over HTTPS only.
+    if !conn.tls && route.environment.is_some() && !is_apps_host(host, &state.apps_domain()) && state.certs.has(host) {
+        let location = format!("https://{host}{path_and_query}");
+        let mut response = page(StatusCode::PERMANENT_REDIRECT, "Moved", "This site is served over HTTPS.");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        return Admission::Answer { response, routed: true };
+    }
+    let limit = route.rate_limit.unwrap_or(state.config.rate_limit);
+    let scope = if route.rate_limit.is_some() { scope_of(&route.org, &route.project) } else { 0 };
+    if let Err(wait) = state.limiter.check(conn.client.ip(), scope, limit, Instant::now()) {
+        state.metrics.rate_limited.inc();
+        let mut response = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", "Slow down and try again shortly.");
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return Admission::Answer { response, routed: true };
+    }
+    if content_length.is_some_and(|len| len > state.config.max_body_bytes) {
+        let response = page(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Request too large",
+            "The request body is larger than this site accepts.",
+        );
+        return Admission::Answer { response, routed: true };
+    }
+    Admission::Proxy(route)
+}
+
+fn is_apps_host(host: &str, apps_domain: &str) -> bool {
+    host.len() > apps_domain.len() + 1
+        && host.ends_with(apps_domain)
+        && host.as_bytes()[host.len() - apps_domain.len() - 1] == b'.'
 }
 
 /// Returns the response, the routed host (for metrics) and the instance that answered.
@@ -216,46 +300,13 @@ async fn route_request(
             return (r, None, None);
         }
     }
-    let route = state.routes.read().unwrap_or_else(|e| e.into_inner()).hosts.get(&host).cloned();
-    let Some(route) = route else {
-        let r = page(StatusCode::NOT_FOUND, "Not found", "No application is deployed at this address.");
-        return (r, None, None);
+    let content_length =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let route = match admit(state, &host, conn, pq, content_length) {
+        Admission::Proxy(route) => route,
+        Admission::Answer { response, routed } => return (response, routed.then_some(host), None),
     };
-    // Custom domains with a certificate are served over HTTPS only.
-    if !conn.tls
-        && route.environment.is_some()
-        && !host.ends_with(&format!(".{}", state.apps_domain()))
-        && state.certs.has(&host)
-    {
-        let location = format!("https://{host}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-        let mut r = page(StatusCode::PERMANENT_REDIRECT, "Moved", "This site is served over HTTPS.");
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        return (r, Some(host), None);
-    }
-    let limit = route.rate_limit.unwrap_or(state.config.rate_limit);
-    let scope = if route.rate_limit.is_some() { scope_of(&route.org, &route.project) } else { 0 };
-    if let Err(wait) = state.limiter.check(conn.client.ip(), scope, limit, Instant::now()) {
-        state.metrics.rate_limited.inc();
-        let mut r = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", "Slow down and try again shortly.");
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        return (r, Some(host), None);
-    }
-    let max = state.config.max_body_bytes;
-    if let Some(len) =
-        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > max {
-            let r = page(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Request too large",
-                "The request body is larger than this site accepts.",
-            );
-            return (r, Some(host), None);
-        }
-    }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -301,7 +352,7 @@ async fn route_request(
     } else {
         let failure = Arc::new(std::sync::Mutex::new(None));
         let watched = ClientBody {
-            inner: Limited::new(body, max as usize).map_err(|e| e as BoxError).boxed(),
+            inner: Limited::new(body, state.config.max_body_bytes as usize).map_err(|e| e as BoxError).boxed(),
             failure: failure.clone(),
         };
         return send_once(state, &route, parts, watched.boxed(), host, client_upgrade, failure).await;
