@@ -64,15 +64,17 @@ pub fn wait_port(addr: SocketAddr, dir: &Path) -> Result<()> {
     bail!("nothing listens on {addr}: {said}")
 }
 
-pub fn nginx(dir: &Path, http_body: &str) -> Result<Peer> {
+/// nginx with `workers` worker processes (0 = `auto`, one per core).
+pub fn nginx(dir: &Path, workers: u32, http_body: &str) -> Result<Peer> {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1; daemon off; pid {p}/nginx.pid; error_log {p}/error.log warn;\n\
+            "worker_processes {w}; daemon off; pid {p}/nginx.pid; error_log {p}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{ access_log off; client_body_temp_path {p}; proxy_temp_path {p}; fastcgi_temp_path {p}; uwsgi_temp_path {p}; scgi_temp_path {p};\n{http_body}\n}}\n",
-            p = dir.display()
+            p = dir.display(),
+            w = if workers == 0 { "auto".to_owned() } else { workers.to_string() }
         ),
     )?;
     let log = std::fs::File::create(dir.join("nginx.stderr"))?;

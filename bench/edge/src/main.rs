@@ -16,6 +16,8 @@ use zeitwork_edge::{EdgeConfig, EdgeProxy};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
+    // Event loops for the edge and nginx alike (0 = one per core).
+    let workers = flag("--workers", 0);
     let dir = tempfile::tempdir()?;
     let up = upstream().await?;
 
@@ -86,6 +88,7 @@ async fn main() -> Result<()> {
         tls_cert: Some(cert_path.clone()),
         tls_key: Some(key_path.clone()),
         rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 1_000_000, burst: 1_000_000 },
+        workers: workers as usize,
         ..Default::default()
     })
     .await?;
@@ -111,6 +114,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&nginx_dir)?;
     let _nginx = nginx(
         &nginx_dir,
+        workers,
         &format!(
             "upstream app {{ server {up}; keepalive 64; }}\n\
              server {{ listen 127.0.0.1:{nh}; keepalive_requests 1000000; location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}\n\

@@ -21,6 +21,7 @@ async fn main() -> Result<()> {
     std::fs::write(www.join("big"), vec![b'z'; 1 << 20])?;
     let _nginx = nginx(
         dir.path(),
+        1,
         &format!(
             "server {{ listen 127.0.0.1:{backend} proxy_protocol; location / {{ return 200 'hello, world\\n'; }} \
              location = /big {{ root {}; }} }}",

@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,6 +101,16 @@ fn checkin(addr: &str, s: TcpStream) {
         }
         q.push_back((s, Instant::now()));
     })
+}
+
+/// A connection's reusable buffers.
+struct Buffers {
+    /// The head (and body) for the instance.
+    request: Vec<u8>,
+    /// Bytes from the instance.
+    upstream: Vec<u8>,
+    /// The response head for the client.
+    response_head: Vec<u8>,
 }
 
 /// A request this path serves, read from the head.
@@ -198,7 +208,9 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
         header_line(out, b"content-length", n.to_string().as_bytes());
     }
     header_line(out, b"host", host.as_bytes());
-    header_line(out, b"x-forwarded-for", conn.client.ip().to_string().as_bytes());
+    out.extend_from_slice(b"x-forwarded-for: ");
+    let _ = write!(out, "{}", conn.client.ip());
+    out.extend_from_slice(b"\r\n");
     header_line(out, b"x-forwarded-proto", if conn.tls { b"https" } else { b"http" });
     header_line(out, b"x-forwarded-host", host.as_bytes());
     header_line(out, b"x-request-id", request_id.as_bytes());
@@ -462,8 +474,11 @@ pub(crate) async fn serve(
     let idle = Duration::from_secs(state.config.idle_timeout_secs);
     let max_head = state.config.max_header_bytes;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut upbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut bufs = Buffers {
+        request: Vec::with_capacity(1024),
+        upstream: Vec::with_capacity(READ_CHUNK),
+        response_head: Vec::with_capacity(1024),
+    };
     let mut first = true;
     loop {
         if buf.is_empty() {
@@ -479,7 +494,7 @@ pub(crate) async fn serve(
         first = false;
         let deadline = tokio::time::Instant::now() + header_timeout;
         let plan = loop {
-            match parse_request(&buf, &conn, &mut out) {
+            match parse_request(&buf, &conn, &mut bufs.request) {
                 Parse::Ready(plan) if plan.head_len <= max_head => break plan,
                 Parse::Ready(_) | Parse::General => return general(stream, buf, conn, state, stop).await,
                 Parse::Partial if buf.len() > max_head => return general(stream, buf, conn, state, stop).await,
@@ -497,7 +512,7 @@ pub(crate) async fn serve(
                 let status = response.status().as_u16();
                 // The body (if any) is not read: the connection cannot go on after it.
                 let close = plan.close || plan.body_len > 0 || *stop.borrow();
-                let written = write_page(&mut stream, response, &plan.request_id, close, &mut upbuf).await;
+                let written = write_page(&mut stream, response, &plan.request_id, close, &mut bufs.upstream).await;
                 let host = routed.then_some(plan.host.as_str());
                 finish(&state, &conn, start, &plan, host, status, None);
                 if written.is_err() || close {
@@ -515,7 +530,8 @@ pub(crate) async fn serve(
                 _ => return,
             }
         }
-        let result = forward(&state, &route, &plan, &buf[plan.head_len..end], &mut out, &mut upbuf, &mut stream).await;
+        let body = &buf[plan.head_len..end];
+        let result = forward(&state, &route, &plan, body, &mut bufs, &mut stream).await;
         buf.drain(..end);
         let stopping = *stop.borrow();
         match result {
@@ -528,7 +544,7 @@ pub(crate) async fn serve(
             Forwarded::Answer(response) => {
                 let status = response.status().as_u16();
                 let close = plan.close || stopping;
-                let written = write_page(&mut stream, response, &plan.request_id, close, &mut upbuf).await;
+                let written = write_page(&mut stream, response, &plan.request_id, close, &mut bufs.upstream).await;
                 finish(&state, &conn, start, &plan, Some(&plan.host), status, None);
                 if written.is_err() || close {
                     return;
@@ -631,10 +647,10 @@ async fn forward(
     route: &zeitwork_api_types::Route,
     plan: &Plan,
     body: &[u8],
-    out: &mut Vec<u8>,
-    upbuf: &mut Vec<u8>,
+    bufs: &mut Buffers,
     client: &mut TcpStream,
 ) -> Forwarded {
+    let Buffers { request: out, upstream: upbuf, response_head: client_head } = bufs;
     let head_len = out.len();
     let mut tried: Vec<String> = Vec::new();
     loop {
@@ -664,7 +680,8 @@ async fn forward(
                 },
             };
             upbuf.clear();
-            match exchange(&mut up, out, upbuf, plan, client).await {
+            client_head.clear();
+            match exchange(&mut up, out, upbuf, plan, client, client_head).await {
                 Ok(head) => break Ok((up, head)),
                 Err(UpstreamError::Stale) if reused => continue,
                 Err(UpstreamError::Stale) => break Err(("the application closed the connection".into(), false)),
@@ -689,7 +706,7 @@ async fn forward(
             }
         };
         state.balancer.restore(&inst.id);
-        let relayed = relay(&mut up, client, upbuf, &head).await;
+        let relayed = relay(&mut up, client, client_head, upbuf, &head).await;
         drop(inflight);
         let instance = inst.id.clone();
         return match relayed {
@@ -710,20 +727,21 @@ async fn forward(
 }
 
 /// Writes the request and reads the final response head (1xx heads go
-/// straight to the client). On success `upbuf` holds the head rewritten for
-/// the client followed by the body bytes read so far.
+/// straight to the client). On success `client_head` holds the head
+/// rewritten for the client and `upbuf` the instance's head followed by the
+/// body bytes read so far.
 async fn exchange(
     up: &mut TcpStream,
     request: &[u8],
     upbuf: &mut Vec<u8>,
     plan: &Plan,
     client: &mut TcpStream,
+    client_head: &mut Vec<u8>,
 ) -> Result<ResponseHead, UpstreamError> {
     if up.write_all(request).await.is_err() {
         return Err(UpstreamError::Stale);
     }
     let head_request = plan.method == "HEAD";
-    let mut client_head = Vec::new();
     let mut received = false;
     loop {
         match read_more(up, upbuf).await {
@@ -733,44 +751,43 @@ async fn exchange(
         }
         loop {
             client_head.clear();
-            match parse_response(upbuf, head_request, &plan.request_id, plan.close, &mut client_head) {
+            match parse_response(upbuf, head_request, &plan.request_id, plan.close, client_head) {
                 Ok(None) => break,
                 Err(why) => return Err(UpstreamError::Failed(why)),
                 Ok(Some(head)) if (100..200).contains(&head.status) => {
-                    let _ = client.write_all(&client_head).await;
+                    let _ = client.write_all(client_head).await;
                     upbuf.drain(..head.head_len);
                     if upbuf.is_empty() {
                         break;
                     }
                 }
-                Ok(Some(head)) => {
-                    // The client's head replaces the instance's in front of the body bytes.
-                    upbuf.splice(..head.head_len, client_head.iter().copied());
-                    return Ok(ResponseHead { head_len: client_head.len(), ..head });
-                }
+                Ok(Some(head)) => return Ok(head),
             }
         }
     }
 }
 
-/// Sends the response (head already rewritten at the front of `upbuf`) and
-/// its body to the client. `Ok(true)` when the body ended exactly where its
-/// framing said, so the instance's connection can be reused.
+/// Sends the rewritten head and the body to the client. `Ok(true)` when the
+/// body ended exactly where its framing said, so the instance's connection
+/// can be reused.
 async fn relay(
     up: &mut TcpStream,
     client: &mut TcpStream,
+    client_head: &[u8],
     upbuf: &mut Vec<u8>,
     head: &ResponseHead,
 ) -> Result<bool, &'static str> {
-    let body = upbuf.len() - head.head_len;
+    const GONE: &str = "client went away";
+    let start = head.head_len;
+    let body = upbuf.len() - start;
     match head.framing {
         Framing::Empty => {
-            client.write_all(&upbuf[..head.head_len]).await.map_err(|_| "client went away")?;
+            client.write_all(client_head).await.map_err(|_| GONE)?;
             Ok(body == 0)
         }
         Framing::Length(n) => {
             let now = (body as u64).min(n) as usize;
-            client.write_all(&upbuf[..head.head_len + now]).await.map_err(|_| "client went away")?;
+            write_both(client, client_head, &upbuf[start..start + now]).await.map_err(|_| GONE)?;
             let mut left = n - now as u64;
             let extra = body > now;
             while left > 0 {
@@ -779,7 +796,7 @@ async fn relay(
                     Ok(0) | Err(_) => return Err("the application closed the connection mid-body"),
                     Ok(m) => {
                         let take = (m as u64).min(left) as usize;
-                        client.write_all(&upbuf[..take]).await.map_err(|_| "client went away")?;
+                        client.write_all(&upbuf[..take]).await.map_err(|_| GONE)?;
                         left -= take as u64;
                         if take < m {
                             return Ok(false);
@@ -791,8 +808,8 @@ async fn relay(
         }
         Framing::Chunked => {
             let mut chunks = Chunks::default();
-            let used = chunks.feed(&upbuf[head.head_len..])?;
-            client.write_all(&upbuf[..head.head_len + used]).await.map_err(|_| "client went away")?;
+            let used = chunks.feed(&upbuf[start..])?;
+            write_both(client, client_head, &upbuf[start..start + used]).await.map_err(|_| GONE)?;
             let mut clean = used == body;
             while !chunks.done() {
                 upbuf.clear();
@@ -801,23 +818,40 @@ async fn relay(
                     Ok(_) => {
                         let used = chunks.feed(upbuf)?;
                         clean = used == upbuf.len();
-                        client.write_all(&upbuf[..used]).await.map_err(|_| "client went away")?;
+                        client.write_all(&upbuf[..used]).await.map_err(|_| GONE)?;
                     }
                 }
             }
             Ok(clean)
         }
         Framing::Close => {
-            client.write_all(upbuf).await.map_err(|_| "client went away")?;
+            write_both(client, client_head, &upbuf[start..]).await.map_err(|_| GONE)?;
             loop {
                 upbuf.clear();
                 match read_more(up, upbuf).await {
                     Ok(0) => return Ok(false),
                     Err(_) => return Err("the application reset the connection"),
-                    Ok(_) => client.write_all(upbuf).await.map_err(|_| "client went away")?,
+                    Ok(_) => client.write_all(upbuf).await.map_err(|_| GONE)?,
                 }
             }
         }
+    }
+}
+
+/// Writes `a` then `b`, in one system call when the socket takes both.
+async fn write_both(w: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    if b.is_empty() {
+        return w.write_all(a).await;
+    }
+    let n = w.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    if n < a.len() {
+        w.write_all(&a[n..]).await?;
+        w.write_all(b).await
+    } else {
+        w.write_all(&b[n - a.len()..]).await
     }
 }
 
