@@ -14,6 +14,11 @@ use zeitwork_lb::{Algorithm, LbConfig, ListenerConfig, LoadBalancer};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
+    // Threads for the load balancer and HAProxy alike (0 = one per core).
+    let workers = match flag("--workers", 0) {
+        0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        n => n,
+    };
     let dir = tempfile::tempdir()?;
     let (backend, hp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
     let www = dir.path().join("www");
@@ -32,7 +37,7 @@ async fn main() -> Result<()> {
     let _haproxy = haproxy(
         dir.path(),
         &format!(
-            "global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+            "global\n  maxconn 4000\n  nbthread {workers}\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
              frontend f\n  bind 127.0.0.1:{hp}\n  default_backend b\nbackend b\n  balance leastconn\n  server s1 127.0.0.1:{backend} send-proxy-v2\n"
         ),
     )?;
@@ -46,10 +51,11 @@ async fn main() -> Result<()> {
             proxy_protocol: true,
         }],
         admin_listen: "127.0.0.1:0".parse()?,
+        workers: workers as usize,
         ..Default::default()
     })
     .await?;
-    println!("wrk through each L4 balancer to nginx (PROXY v2), 2 threads, {connections} connections, {seconds} s\n");
+    println!("wrk through each L4 balancer ({workers} threads each) to nginx (PROXY v2), 2 threads, {connections} connections, {seconds} s\n");
     let h = wrk("haproxy tcp", &format!("http://127.0.0.1:{hp}/"), "l4", seconds, connections)?;
     let z = wrk("zeitwork load-balancer", &format!("http://{}/", lb.addrs()[0]), "l4", seconds, connections)?;
     h.print();

@@ -93,6 +93,9 @@ pub struct LbConfig {
     pub operator_url: Option<String>,
     /// A `load-balancer` cluster token.
     pub token: Option<String>,
+    /// Threads forwarding connections, each with its own event loop and
+    /// listening sockets (0 = one per CPU core).
+    pub workers: usize,
 }
 
 impl Default for LbConfig {
@@ -108,6 +111,7 @@ impl Default for LbConfig {
             connect_timeout_ms: 2000,
             operator_url: None,
             token: None,
+            workers: 0,
         }
     }
 }
@@ -316,6 +320,7 @@ pub struct LoadBalancer {
     pub pools: Vec<Arc<Pool>>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    forwarding: zeitwork_net::workers::Workers,
 }
 
 impl LoadBalancer {
@@ -327,10 +332,13 @@ impl LoadBalancer {
         let mut tasks = Vec::new();
         let mut addrs = Vec::new();
         let mut pools = Vec::new();
+        let workers = zeitwork_net::workers::count(config.workers);
+        // Per worker: its socket of every listener, with what it forwards to.
+        let mut shares: Vec<Vec<(std::net::TcpListener, Arc<Pool>, bool)>> = (0..workers).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let listener =
-                TcpListener::bind(l.listen).await.map_err(|source| LbError::Listen { addr: l.listen, source })?;
-            addrs.push(listener.local_addr().map_err(|source| LbError::Listen { addr: l.listen, source })?);
+            let sockets = zeitwork_net::workers::bind_shared(l.listen, workers)
+                .map_err(|source| LbError::Listen { addr: l.listen, source })?;
+            addrs.push(sockets[0].local_addr().map_err(|source| LbError::Listen { addr: l.listen, source })?);
             let pool = Arc::new(Pool::new(&l.backends, l.algorithm));
             for b in pool.backends() {
                 metrics.healthy.get_or_create(&Metrics::label(&b)).set(1);
@@ -345,23 +353,38 @@ impl LoadBalancer {
                     stop_rx.clone(),
                 )));
             }
-            tasks.push(tokio::spawn(accept_loop(
-                listener,
-                pool.clone(),
-                l.proxy_protocol,
-                config.clone(),
-                metrics.clone(),
-                stop_rx.clone(),
-            )));
+            for (share, socket) in shares.iter_mut().zip(sockets) {
+                share.push((socket, pool.clone(), l.proxy_protocol));
+            }
             pools.push(pool);
         }
+        let shares = std::sync::Mutex::new(shares);
+        let (cfg, m, stop_w) = (config.clone(), metrics.clone(), stop_rx.clone());
+        let forwarding = zeitwork_net::workers::spawn("zeitwork-lb", workers, move |i| {
+            let mine = std::mem::take(&mut shares.lock().unwrap_or_else(|e| e.into_inner())[i]);
+            let (config, metrics, stop) = (cfg.clone(), m.clone(), stop_w.clone());
+            async move {
+                let mut loops = tokio::task::JoinSet::new();
+                for (socket, pool, proxy_protocol) in mine {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => {
+                            let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
+                            loops.spawn(accept_loop(l, pool, proxy_protocol, config, metrics, stop));
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot serve a listener"),
+                    }
+                }
+                while loops.join_next().await.is_some() {}
+            }
+        })
+        .map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
         let admin_addr = admin.local_addr().map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
         tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(admin, metrics.http.clone(), stop_rx.clone())));
         tracing::info!(listeners = ?addrs, "load balancer listening");
-        Ok(LoadBalancer { addrs, admin_addr, pools, stop, tasks })
+        Ok(LoadBalancer { addrs, admin_addr, pools, stop, tasks, forwarding })
     }
 
     pub fn addrs(&self) -> &[SocketAddr] {
@@ -378,6 +401,7 @@ impl LoadBalancer {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.forwarding.join().await;
     }
 }
 

@@ -52,6 +52,13 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
             return Ok(total);
         }
+        if n < BUFFER {
+            // A short read emptied the socket: forget its readiness now
+            // rather than learn it from a read that would block (a system
+            // call per message saved). Readiness that arrived meanwhile
+            // is newer and stays.
+            let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+        }
         write_all(to, &buf[..n]).await?;
         total += n as u64;
         if n < BUFFER {

@@ -26,7 +26,16 @@ pub fn count(requested: usize) -> usize {
 
 /// `n` listening sockets on one address, all with `SO_REUSEPORT` (the first
 /// resolves port 0 for the others). Non-blocking, ready for Tokio.
+///
+/// A port held by anyone else — another Zeitwork process included, whose
+/// sockets would otherwise share it silently — is refused as "address in
+/// use", as a plain bind would.
 pub fn bind_shared(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut out = Vec::with_capacity(n);
     let mut at = addr;
     for _ in 0..n.max(1) {
@@ -94,6 +103,8 @@ mod tests {
         let listeners = super::bind_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         assert_eq!(listeners[1].local_addr().unwrap(), addr);
+        let taken = super::bind_shared(addr, 2).expect_err("a port in use is refused");
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
         let listeners = std::sync::Mutex::new(listeners.into_iter().map(Some).collect::<Vec<_>>());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let workers = super::spawn("test-worker", 2, move |i| {
