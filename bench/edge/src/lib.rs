@@ -143,6 +143,29 @@ fn ms(s: &str) -> Option<f64> {
 }
 
 /// `wrk --latency` against `url` with a Host header.
+/// Runs `peer` and `ours` alternately `rounds` times and keeps the median
+/// round of each (by throughput; its p99 goes with it): drift in the
+/// machine's speed during the run then hits both alike, and one bad round
+/// does not decide the ratio. Every round is printed.
+pub fn alternate(
+    rounds: u32,
+    mut peer: impl FnMut() -> Result<Load>,
+    mut ours: impl FnMut() -> Result<Load>,
+) -> Result<(Load, Load)> {
+    let (mut ps, mut os) = (Vec::new(), Vec::new());
+    for r in 1..=rounds.max(1) {
+        let (p, o) = (peer()?, ours()?);
+        println!("  round {r}: {:.0} vs {:.0} req/s ({:.2}x)", o.rps, p.rps, o.rps / p.rps.max(1.0));
+        ps.push(p);
+        os.push(o);
+    }
+    let median = |mut v: Vec<Load>| {
+        v.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        v.swap_remove(v.len() / 2)
+    };
+    Ok((median(ps), median(os)))
+}
+
 pub fn wrk(name: &str, url: &str, host: &str, seconds: u32, connections: u32) -> Result<Load> {
     let out = Command::new("wrk")
         .args([

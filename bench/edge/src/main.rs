@@ -18,6 +18,7 @@ async fn main() -> Result<()> {
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
     // Event loops for the edge and nginx alike (0 = one per core).
     let workers = flag("--workers", 0);
+    let rounds = flag("--rounds", 3);
     let dir = tempfile::tempdir()?;
     let up = upstream().await?;
 
@@ -126,10 +127,16 @@ async fn main() -> Result<()> {
     )?;
     wait_port(SocketAddr::from(([127, 0, 0, 1], nh)), &nginx_dir)?;
 
-    println!("wrk: HTTP/1.1, 2 threads, {connections} connections, {seconds} s each; h2load: HTTPS + HTTP/2, 16 connections x 16 streams\n");
+    println!("wrk: HTTP/1.1, 2 threads, {connections} connections, {seconds} s each; h2load: HTTPS + HTTP/2, 16 connections x 16 streams");
+    println!(
+        "edge workers and nginx worker processes: {}\n",
+        if workers == 0 { "one per core".to_owned() } else { workers.to_string() }
+    );
     let run = |name: &str, port: u16| wrk(name, &format!("http://127.0.0.1:{port}/"), &host, seconds, connections);
-    let n1 = run("nginx http/1.1", nh)?;
-    let z1 = run("zeitwork edge http/1.1", edge.http_addr().port())?;
+    println!("HTTP/1.1, {rounds} alternating rounds (edge vs nginx), the median round of each kept:");
+    let (n1, z1) =
+        alternate(rounds, || run("nginx http/1.1", nh), || run("zeitwork edge http/1.1", edge.http_addr().port()))?;
+    println!();
     let n2 = h2load("nginx h2 (mean/max)", &host, SocketAddr::from(([127, 0, 0, 1], ns)), 100_000)?;
     let z2 = h2load("zeitwork edge h2 (mean/max)", &host, edge.https_addr().context("https")?, 100_000)?;
     for l in [&n1, &z1, &n2, &z2] {

@@ -14,6 +14,7 @@ use zeitwork_lb::{Algorithm, LbConfig, ListenerConfig, LoadBalancer};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let (seconds, connections) = (flag("--seconds", 10), flag("--connections", 64));
+    let rounds = flag("--rounds", 3);
     // Threads for the load balancer and HAProxy alike (0 = one per core).
     let workers = match flag("--workers", 0) {
         0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
@@ -56,8 +57,13 @@ async fn main() -> Result<()> {
     })
     .await?;
     println!("wrk through each L4 balancer ({workers} threads each) to nginx (PROXY v2), 2 threads, {connections} connections, {seconds} s\n");
-    let h = wrk("haproxy tcp", &format!("http://127.0.0.1:{hp}/"), "l4", seconds, connections)?;
-    let z = wrk("zeitwork load-balancer", &format!("http://{}/", lb.addrs()[0]), "l4", seconds, connections)?;
+    println!("{rounds} alternating rounds, the median round of each kept:");
+    let (h, z) = alternate(
+        rounds,
+        || wrk("haproxy tcp", &format!("http://127.0.0.1:{hp}/"), "l4", seconds, connections),
+        || wrk("zeitwork load-balancer", &format!("http://{}/", lb.addrs()[0]), "l4", seconds, connections),
+    )?;
+    println!();
     h.print();
     z.print();
     println!();
