@@ -274,11 +274,20 @@ thread_local! {
     static RECENT_SERIES: std::cell::RefCell<Vec<Series>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+type RoutesCopy = (usize, u64, HashMap<String, Arc<zeitwork_api_types::Route>>);
+
+thread_local! {
+    /// Per thread: (edge, generation) → its copy of the routes.
+    static ROUTES_COPY: std::cell::RefCell<Option<RoutesCopy>> = const { std::cell::RefCell::new(None) };
+}
+
 /// What every request can reach.
 #[derive(Debug)]
 pub struct EdgeState {
     pub config: EdgeConfig,
     pub routes: RwLock<Arc<table::Routes>>,
+    /// Bumped after every change of `routes`; threads keep their own copy until then.
+    routes_generation: AtomicU64,
     pub balancer: balance::Balancer,
     pub limiter: ratelimit::RateLimiter,
     pub certs: Arc<tls::CertStore>,
@@ -326,7 +335,25 @@ impl EdgeState {
         let live: HashSet<String> =
             next.hosts.values().flat_map(|r| r.instances.iter().map(|i| i.id.clone())).collect();
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.routes_generation.fetch_add(1, Ordering::Release);
         self.balancer.retain(&live);
+    }
+
+    /// The route of `host`, from this thread's own copy of the table: the
+    /// lookup on every request touches no lock or counter shared with other
+    /// cores. The copy is renewed when the table changes.
+    pub(crate) fn route(&self, host: &str) -> Option<Arc<zeitwork_api_types::Route>> {
+        let me = self as *const EdgeState as usize;
+        let generation = self.routes_generation.load(Ordering::Acquire);
+        ROUTES_COPY.with(|copy| {
+            let mut copy = copy.borrow_mut();
+            if !matches!(&*copy, Some((owner, g, _)) if *owner == me && *g == generation) {
+                let table = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let hosts = table.hosts.iter().map(|(h, r)| (h.clone(), Arc::new((**r).clone()))).collect();
+                *copy = Some((me, generation, hosts));
+            }
+            copy.as_ref().and_then(|(.., hosts)| hosts.get(host).cloned())
+        })
     }
 }
 
@@ -348,6 +375,7 @@ impl EdgeProxy {
         let certs = Arc::new(tls::CertStore::default());
         let state = Arc::new(EdgeState {
             routes: RwLock::new(Arc::new(table::Routes::default())),
+            routes_generation: AtomicU64::new(0),
             balancer: balance::Balancer::default(),
             limiter: ratelimit::RateLimiter::new(config.rate_limit_clients),
             certs: certs.clone(),

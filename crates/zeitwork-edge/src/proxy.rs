@@ -232,8 +232,7 @@ pub(crate) fn admit(
     path_and_query: &str,
     content_length: Option<u64>,
 ) -> Admission {
-    let route = state.routes.read().unwrap_or_else(|e| e.into_inner()).hosts.get(host).cloned();
-    let Some(route) = route else {
+    let Some(route) = state.route(host) else {
         let response = page(StatusCode::NOT_FOUND, "Not found", "No application is deployed at this address.");
         return Admission::Answer { response, routed: false };
     };
