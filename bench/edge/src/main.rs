@@ -110,6 +110,8 @@ async fn main() -> Result<()> {
         }
     }
 
+    // nginx does what the edge does per request: the same forwarding headers,
+    // a request id to the app and back to the client.
     let (nh, ns) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
     let nginx_dir = dir.path().join("nginx");
     std::fs::create_dir_all(&nginx_dir)?;
@@ -118,9 +120,9 @@ async fn main() -> Result<()> {
         workers,
         &format!(
             "upstream app {{ server {up}; keepalive 64; }}\n\
-             server {{ listen 127.0.0.1:{nh}; keepalive_requests 1000000; location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}\n\
+             server {{ listen 127.0.0.1:{nh}; keepalive_requests 1000000; location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; proxy_set_header X-Request-Id $request_id; add_header X-Request-Id $request_id; }} }}\n\
              server {{ listen 127.0.0.1:{ns} ssl http2; keepalive_requests 1000000; ssl_certificate {c}; ssl_certificate_key {k};\n\
-               location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}",
+               location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; proxy_set_header X-Request-Id $request_id; add_header X-Request-Id $request_id; }} }}",
             c = cert_path.display(),
             k = key_path.display()
         ),

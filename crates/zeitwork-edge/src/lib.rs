@@ -392,8 +392,8 @@ impl EdgeProxy {
         };
         let workers = zeitwork_net::workers::count(state.config.workers);
         let bind_shared = |addr: SocketAddr| {
-            let ls = zeitwork_net::workers::bind_shared(addr, workers)
-                .map_err(|source| EdgeError::Listen { addr, source })?;
+            let ls =
+                zeitwork_net::workers::bind_one(addr, workers).map_err(|source| EdgeError::Listen { addr, source })?;
             let at = ls[0].local_addr().map_err(|source| EdgeError::Listen { addr, source })?;
             Ok::<_, EdgeError>((ls, at))
         };
@@ -430,23 +430,27 @@ impl EdgeProxy {
         listeners.reverse();
         let listeners = std::sync::Mutex::new(listeners);
         let (st, stop_w) = (state.clone(), stop_rx.clone());
-        let pool = zeitwork_net::workers::spawn("zeitwork-edge", workers, move |_| {
+        let spreads = (zeitwork_net::workers::Spread::new(workers), zeitwork_net::workers::Spread::new(workers));
+        let pool = zeitwork_net::workers::spawn("zeitwork-edge", workers, move |i| {
             let mine = listeners.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let (state, stop, acceptor) = (st.clone(), stop_w.clone(), acceptor.clone());
+            let (plain, secure) = (spreads.0.clone(), spreads.1.clone());
             async move {
                 let Some((http, https)) = mine else { return };
-                let serve = |l: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>| {
+                let serve = |l: std::net::TcpListener,
+                             tls: Option<Arc<rustls::ServerConfig>>,
+                             spread: Arc<zeitwork_net::workers::Spread>| {
                     let (state, stop) = (state.clone(), stop.clone());
                     async move {
                         match TcpListener::from_std(l) {
-                            Ok(l) => accept_loop(l, tls, state, stop).await,
+                            Ok(l) => accept_loop(l, tls, state, stop, (spread, i)).await,
                             Err(e) => tracing::error!(error = %e, "cannot serve a listener"),
                         }
                     }
                 };
                 match https {
-                    Some(l) => tokio::join!(serve(http, None), serve(l, acceptor)).0,
-                    None => serve(http, None).await,
+                    Some(l) => tokio::join!(serve(http, None, plain), serve(l, acceptor, secure)).0,
+                    None => serve(http, None, plain).await,
                 }
             }
         })
@@ -548,10 +552,12 @@ async fn accept_loop(
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<EdgeState>,
     stop: watch::Receiver<bool>,
+    spread: (Arc<zeitwork_net::workers::Spread>, usize),
 ) {
     let conn_stop = stop.clone();
     // Open connections finish their requests; they get a bounded time.
-    zeitwork_net::accept_until_stopped(listener, stop, Duration::from_secs(30), move |stream, peer| {
+    let drain = Duration::from_secs(30);
+    zeitwork_net::accept_until_stopped(listener, stop, drain, Some(spread), move |stream, peer| {
         connection(stream, peer, tls.clone(), state.clone(), conn_stop.clone())
     })
     .await;

@@ -497,7 +497,7 @@ async fn accept_loop(
     stop: watch::Receiver<bool>,
 ) {
     let drain = Duration::from_secs(config.drain_timeout_secs);
-    zeitwork_net::accept_until_stopped(listener, stop, drain, move |client, peer| {
+    zeitwork_net::accept_until_stopped(listener, stop, drain, None, move |client, peer| {
         forward(client, peer, pool.clone(), proxy_protocol, config.clone(), metrics.clone())
     })
     .await;

@@ -182,11 +182,14 @@ pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Accepts TCP connections (TCP_NODELAY set) and runs `serve` for each until
 /// `stop` turns true; then closes the listener and gives open connections
-/// `drain` to finish before aborting them.
+/// `drain` to finish before aborting them. With `spread` (the workers'
+/// counts and this worker's index) a worker ahead of the others leaves new
+/// connections on the shared socket to them.
 pub async fn accept_until_stopped<F, Fut>(
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: std::time::Duration,
+    spread: Option<(std::sync::Arc<workers::Spread>, usize)>,
     serve: F,
 ) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
@@ -194,17 +197,25 @@ pub async fn accept_until_stopped<F, Fut>(
 {
     let mut conns = tokio::task::JoinSet::new();
     loop {
+        let may_accept = spread.as_ref().is_none_or(|(s, me)| s.may_accept(*me));
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if may_accept => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(serve(stream, peer));
+                    let open = spread.as_ref().map(|(s, me)| s.open(*me));
+                    let conn = serve(stream, peer);
+                    conns.spawn(async move {
+                        let _open = open;
+                        conn.await
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
+            // Another worker takes the connections meanwhile; look again soon.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(1)), if !may_accept => {}
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = stopped(&mut stop) => break,
         }

@@ -1,10 +1,14 @@
 //! Serving connections on one thread per core, each with its own
-//! single-threaded Tokio runtime and its own listening socket on the shared
-//! port (`SO_REUSEPORT`: the kernel spreads new connections over the
-//! sockets). A connection, and every upstream connection it opens, then
-//! lives on one thread: no task crosses threads per request, no work
-//! stealing, no cross-core wake-ups — the event-loop-per-core shape of
-//! nginx and HAProxy.
+//! single-threaded Tokio runtime. A connection, and every upstream
+//! connection it opens, then lives on one thread: no task crosses threads
+//! per request, no work stealing, no cross-core wake-ups — the
+//! event-loop-per-core shape of nginx and HAProxy.
+//!
+//! Two ways to share a port: one socket per worker (`SO_REUSEPORT`, the
+//! kernel spreads connections by hash: [`bind_shared`]), or one socket all
+//! workers accept from, where a worker ahead of the others in open
+//! connections leaves new ones to them ([`bind_one`] with [`Spread`]) —
+//! even load when connections are few and long-lived.
 
 use std::future::Future;
 use std::io;
@@ -50,6 +54,64 @@ pub fn bind_shared(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpLi
         out.push(l);
     }
     Ok(out)
+}
+
+/// One listening socket, `n` handles on it (one per worker).
+pub fn bind_one(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    let first: std::net::TcpListener = s.into();
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 1..n.max(1) {
+        out.push(first.try_clone()?);
+    }
+    out.insert(0, first);
+    Ok(out)
+}
+
+/// Open connections per worker; a worker more than [`Spread::SLACK`] ahead
+/// of the least loaded one does not accept from a shared socket.
+#[derive(Debug)]
+pub struct Spread {
+    open: Box<[Slot]>,
+}
+
+/// One counter per cache line: workers do not contend on each other's.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot(std::sync::atomic::AtomicUsize);
+
+/// Counts a worker's open connection until dropped.
+#[derive(Debug)]
+pub struct Open(Arc<Spread>, usize);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open[self.1].0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Spread {
+    pub const SLACK: usize = 1;
+
+    pub fn new(workers: usize) -> Arc<Spread> {
+        Arc::new(Spread { open: (0..workers.max(1)).map(|_| Slot::default()).collect() })
+    }
+
+    pub fn may_accept(&self, worker: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mine = self.open[worker].0.load(Relaxed);
+        let least = self.open.iter().map(|s| s.0.load(Relaxed)).min().unwrap_or(0);
+        mine <= least + Self::SLACK
+    }
+
+    pub fn open(self: &Arc<Self>, worker: usize) -> Open {
+        self.open[worker].0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Open(self.clone(), worker)
+    }
 }
 
 /// Running worker threads; [`Workers::join`] waits for all of them.
@@ -98,6 +160,18 @@ mod tests {
 
     /// Every worker's socket accepts on the one port, and connections land on
     /// more than one worker.
+    #[test]
+    fn a_worker_ahead_leaves_connections_to_the_others() {
+        let spread = super::Spread::new(2);
+        let a: Vec<_> = (0..2).map(|_| spread.open(0)).collect();
+        assert!(!spread.may_accept(0), "two ahead");
+        assert!(spread.may_accept(1));
+        let _b = spread.open(1);
+        assert!(spread.may_accept(0), "one ahead is within the slack");
+        drop(a);
+        assert!(spread.may_accept(0) && spread.may_accept(1));
+    }
+
     #[tokio::test]
     async fn workers_share_one_port() {
         let listeners = super::bind_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
