@@ -720,6 +720,9 @@ async fn forward(
             Err(why) => {
                 tracing::warn!(instance = %instance, error = why, "response from the application broke off");
                 state.metrics.upstream_errors.inc();
+                if why == NOTHING_SENT {
+                    return Forwarded::Answer(bad_gateway("The application sent a malformed response."));
+                }
                 Forwarded::Aborted { status: head.status, instance: Some(instance) }
             }
         };
@@ -808,7 +811,8 @@ async fn relay(
         }
         Framing::Chunked => {
             let mut chunks = Chunks::default();
-            let used = chunks.feed(&upbuf[start..])?;
+            // Broken before anything was sent: the caller can still answer 502.
+            let used = chunks.feed(&upbuf[start..]).map_err(|_| NOTHING_SENT)?;
             write_both(client, client_head, &upbuf[start..start + used]).await.map_err(|_| GONE)?;
             let mut clean = used == body;
             while !chunks.done() {
@@ -837,6 +841,9 @@ async fn relay(
         }
     }
 }
+
+/// The response was unusable before any of it went to the client.
+const NOTHING_SENT: &str = "malformed chunked body at its start";
 
 /// Writes `a` then `b`, in one system call when the socket takes both.
 async fn write_both(w: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {

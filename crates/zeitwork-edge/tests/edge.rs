@@ -626,3 +626,127 @@ async fn acme_http_01_with_pebble() {
 async fn acme_tls_alpn_01_with_pebble() {
     acme_issues(zeitwork_edge::acme::Challenge::TlsAlpn01).await;
 }
+
+/// An upstream written byte by byte, to give the edge every response framing
+/// (and some broken ones). Answers by path; `connections` counts accepts.
+async fn scripted_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request head (the edge sends bodies with a length; these tests send none).
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let mut line = head.split(' ');
+                    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                    let reply: &[u8] = match path {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n",
+                        "/until-close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close",
+                        "/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXXzz\r\n",
+                        "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+                        "/then-close" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye!",
+                        _ if method == "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: 1\r\n\r\nok",
+                    };
+                    if s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    // These end the connection without announcing it.
+                    if ["/until-close", "/bad-chunk", "/two-lengths", "/then-close"].contains(&path) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_http_relays_every_response_framing_and_reuses_only_clean_connections() {
+    let w = world().await;
+    let (up, connections) = scripted_server().await;
+    let edge = w.edge(|c| c.workers = 1).await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+
+    // Chunked: passed through whole (extensions and trailers included) and decodable.
+    let (status, body, h) = get(&edge, &host, "/chunked").await;
+    assert_eq!((status, body.as_str()), (200, "hello world"));
+    assert!(h.get("x-request-id").is_some());
+    // Until close: the client is told the connection closes after it.
+    let (status, body, h) = get(&edge, &host, "/until-close").await;
+    assert_eq!(
+        (status, body.as_str(), h.get("connection").map(|v| v.to_str().unwrap())),
+        (200, "until close", Some("close"))
+    );
+    // HEAD: the length is kept, no body is waited for.
+    let res = reqwest::Client::new()
+        .head(format!("http://{}/x", edge.http_addr()))
+        .header("host", &host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((res.status().as_u16(), res.headers()["content-length"].to_str().unwrap()), (200, "11"));
+
+    // Keep-alive and pipelining: two requests in one write, answered in order on one connection.
+    let before = connections.load(std::sync::atomic::Ordering::SeqCst);
+    let two =
+        format!("GET /a HTTP/1.1\r\nHost: {host}\r\n\r\nGET /b HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let out = raw(edge.http_addr(), two.as_bytes()).await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(out.contains("x-app: 1") || out.contains("X-App: 1"), "{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "kept upstream connections serve the next requests"
+    );
+
+    // A kept connection the app closed after answering: the next request goes out
+    // on a fresh one, the client sees nothing of it.
+    assert_eq!(get(&edge, &host, "/then-close").await.0, 200);
+    for _ in 0..3 {
+        assert_eq!(get(&edge, &host, "/again").await.0, 200);
+    }
+
+    // Broken framing from the app: 502 before anything was sent, a cut
+    // connection after; either way the connection is not reused.
+    let out = raw(edge.http_addr(), format!("GET /two-lengths HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    let out = raw(edge.http_addr(), format!("GET /bad-chunk HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await;
+    let cut = out.starts_with("HTTP/1.1 200") && !out.contains("XXzz");
+    assert!(out.starts_with("HTTP/1.1 502") || cut, "the bad chunk is not passed on: {out}");
+    assert_eq!(get(&edge, &host, "/after").await.0, 200, "the edge serves on after broken responses");
+
+    // A body that is not small goes the general way and still arrives whole.
+    let big = vec![b'x'; 200_000];
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/big", edge.http_addr()))
+        .header("host", &host)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    edge.shutdown().await;
+}
