@@ -199,7 +199,7 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
         let name = h.name;
         let dropped = DROPPED_REQUEST_HEADERS.iter().any(|d| lower_eq(name, d))
             || listed.iter().any(|t| lower_eq(name, t))
-            || (name.len() >= 11 && lower_eq(&name[..11], "x-zeitwork-"));
+            || name.as_bytes().get(..11).is_some_and(|p| p.eq_ignore_ascii_case(b"x-zeitwork-"));
         if !dropped {
             header_line(out, name.as_bytes(), h.value);
         }
