@@ -24,14 +24,22 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u
 /// Buffer of the copying path; a read that fills it means bulk data.
 const BUFFER: usize = 16 * 1024;
 
+/// Waits until `s` is ready for `interest` and runs `op`, again while it
+/// would block.
+async fn when_ready<R>(s: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<R>) -> io::Result<R> {
+    loop {
+        s.ready(interest).await?;
+        match s.try_io(interest, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
+        let n = when_ready(to, Interest::WRITABLE, || rustix::io::write(to, data).map_err(io::Error::from)).await?;
+        data = &data[n..];
     }
     Ok(())
 }
@@ -42,12 +50,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     let mut total = 0u64;
     loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n =
+            when_ready(from, Interest::READABLE, || rustix::io::read(from, &mut buf).map_err(io::Error::from)).await?;
         if n == 0 {
             let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
             return Ok(total);
@@ -82,12 +86,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
             let mut left = n;
             while left > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || Ok(splice(pipe_r, None, to, None, left, flags)?)) {
-                    Ok(m) => left -= m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
+                left -= when_ready(to, Interest::WRITABLE, || Ok(splice(pipe_r, None, to, None, left, flags)?)).await?;
             }
             total += n as u64;
         }
