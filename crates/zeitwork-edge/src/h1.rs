@@ -512,7 +512,7 @@ pub(crate) async fn serve(
                 let status = response.status().as_u16();
                 // The body (if any) is not read: the connection cannot go on after it.
                 let close = plan.close || plan.body_len > 0 || *stop.borrow();
-                let written = write_page(&mut stream, response, &plan.request_id, close, &mut bufs.upstream).await;
+                let written = write_page(&mut stream, response, &plan, close, &mut bufs.upstream).await;
                 let host = routed.then_some(plan.host.as_str());
                 finish(&state, &conn, start, &plan, host, status, None);
                 if written.is_err() || close {
@@ -544,7 +544,7 @@ pub(crate) async fn serve(
             Forwarded::Answer(response) => {
                 let status = response.status().as_u16();
                 let close = plan.close || stopping;
-                let written = write_page(&mut stream, response, &plan.request_id, close, &mut bufs.upstream).await;
+                let written = write_page(&mut stream, response, &plan, close, &mut bufs.upstream).await;
                 finish(&state, &conn, start, &plan, Some(&plan.host), status, None);
                 if written.is_err() || close {
                     return;
@@ -586,10 +586,11 @@ async fn general(stream: TcpStream, read: Vec<u8>, conn: ConnInfo, state: Arc<Ed
 async fn write_page(
     stream: &mut TcpStream,
     response: Response<Body>,
-    request_id: &str,
+    plan: &Plan,
     close: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
+    let request_id = &plan.request_id;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     out.clear();
@@ -607,7 +608,10 @@ async fn write_page(
         header_line(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    // A HEAD answer announces the page's length but carries no body.
+    if plan.method != "HEAD" {
+        out.extend_from_slice(&body);
+    }
     stream.write_all(out).await
 }
 

@@ -707,6 +707,13 @@ async fn plain_http_relays_every_response_framing_and_reuses_only_clean_connecti
         .await
         .unwrap();
     assert_eq!((res.status().as_u16(), res.headers()["content-length"].to_str().unwrap()), (200, "11"));
+    // Zeitwork's own pages answer HEAD without a body too: the next response on
+    // the connection starts where it should.
+    let two = "HEAD / HTTP/1.1\r\nHost: nowhere.example\r\n\r\nGET / HTTP/1.1\r\nHost: nowhere.example\r\nConnection: close\r\n\r\n";
+    let out = raw(edge.http_addr(), two.as_bytes()).await;
+    let second = out.find("HTTP/1.1 404").and_then(|i| out[i + 1..].find("HTTP/1.1 404").map(|j| i + 1 + j));
+    let second = second.unwrap_or_else(|| panic!("two 404 answers expected: {out}"));
+    assert!(!out[..second].contains("<html"), "the HEAD answer has no body: {out}");
 
     // Keep-alive and pipelining: two requests in one write, answered in order on one connection.
     let before = connections.load(std::sync::atomic::Ordering::SeqCst);
