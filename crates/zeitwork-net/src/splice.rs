@@ -25,10 +25,18 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u
 const BUFFER: usize = 16 * 1024;
 
 /// Waits until `s` is ready for `interest` and runs `op`, again while it
-/// would block.
+/// would block. Each socket direction has one waiting future, so the
+/// socket's single reader/writer waker slot serves (no waiter list, no lock).
 async fn when_ready<R>(s: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<R>) -> io::Result<R> {
     loop {
-        s.ready(interest).await?;
+        std::future::poll_fn(|cx| {
+            if interest.is_readable() {
+                s.poll_read_ready(cx)
+            } else {
+                s.poll_write_ready(cx)
+            }
+        })
+        .await?;
         match s.try_io(interest, &mut op) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
