@@ -334,9 +334,10 @@ impl LoadBalancer {
         let mut pools = Vec::new();
         let workers = zeitwork_net::workers::count(config.workers);
         // Per worker: its socket of every listener, with what it forwards to.
-        let mut shares: Vec<Vec<(std::net::TcpListener, Arc<Pool>, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+        type Share = (std::net::TcpListener, Arc<Pool>, bool, Arc<zeitwork_net::workers::Spread>);
+        let mut shares: Vec<Vec<Share>> = (0..workers).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let sockets = zeitwork_net::workers::bind_shared(l.listen, workers)
+            let sockets = zeitwork_net::workers::bind_one(l.listen, workers)
                 .map_err(|source| LbError::Listen { addr: l.listen, source })?;
             addrs.push(sockets[0].local_addr().map_err(|source| LbError::Listen { addr: l.listen, source })?);
             let pool = Arc::new(Pool::new(&l.backends, l.algorithm));
@@ -353,8 +354,9 @@ impl LoadBalancer {
                     stop_rx.clone(),
                 )));
             }
+            let spread = zeitwork_net::workers::Spread::new(workers);
             for (share, socket) in shares.iter_mut().zip(sockets) {
-                share.push((socket, pool.clone(), l.proxy_protocol));
+                share.push((socket, pool.clone(), l.proxy_protocol, spread.clone()));
             }
             pools.push(pool);
         }
@@ -365,11 +367,12 @@ impl LoadBalancer {
             let (config, metrics, stop) = (cfg.clone(), m.clone(), stop_w.clone());
             async move {
                 let mut loops = tokio::task::JoinSet::new();
-                for (socket, pool, proxy_protocol) in mine {
+                for (socket, pool, proxy_protocol, spread) in mine {
                     match TcpListener::from_std(socket) {
                         Ok(l) => {
                             let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
-                            loops.spawn(accept_loop(l, pool, proxy_protocol, config, metrics, stop));
+                            let spread = (spread, i);
+                            loops.spawn(accept_loop(l, pool, proxy_protocol, config, metrics, stop, spread));
                         }
                         Err(e) => tracing::error!(error = %e, "cannot serve a listener"),
                     }
@@ -495,9 +498,10 @@ async fn accept_loop(
     config: Arc<LbConfig>,
     metrics: Metrics,
     stop: watch::Receiver<bool>,
+    spread: (Arc<zeitwork_net::workers::Spread>, usize),
 ) {
     let drain = Duration::from_secs(config.drain_timeout_secs);
-    zeitwork_net::accept_until_stopped(listener, stop, drain, None, move |client, peer| {
+    zeitwork_net::accept_until_stopped(listener, stop, drain, Some(spread), move |client, peer| {
         forward(client, peer, pool.clone(), proxy_protocol, config.clone(), metrics.clone())
     })
     .await;

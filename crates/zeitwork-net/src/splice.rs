@@ -29,14 +29,8 @@ const BUFFER: usize = 16 * 1024;
 /// socket's single reader/writer waker slot serves (no waiter list, no lock).
 async fn when_ready<R>(s: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<R>) -> io::Result<R> {
     loop {
-        std::future::poll_fn(|cx| {
-            if interest.is_readable() {
-                s.poll_read_ready(cx)
-            } else {
-                s.poll_write_ready(cx)
-            }
-        })
-        .await?;
+        std::future::poll_fn(|cx| if interest.is_readable() { s.poll_read_ready(cx) } else { s.poll_write_ready(cx) })
+            .await?;
         match s.try_io(interest, &mut op) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,

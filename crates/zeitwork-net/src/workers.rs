@@ -4,11 +4,10 @@
 //! per request, no work stealing, no cross-core wake-ups — the
 //! event-loop-per-core shape of nginx and HAProxy.
 //!
-//! Two ways to share a port: one socket per worker (`SO_REUSEPORT`, the
-//! kernel spreads connections by hash: [`bind_shared`]), or one socket all
-//! workers accept from, where a worker ahead of the others in open
-//! connections leaves new ones to them ([`bind_one`] with [`Spread`]) —
-//! even load when connections are few and long-lived.
+//! All workers accept from one socket per port ([`bind_one`]); a worker
+//! ahead of the others in open connections leaves new ones to them
+//! ([`Spread`]) — even load when connections are few and long-lived, where
+//! `SO_REUSEPORT`'s hashing leaves one worker with more than its share.
 
 use std::future::Future;
 use std::io;
@@ -28,35 +27,8 @@ pub fn count(requested: usize) -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// `n` listening sockets on one address, all with `SO_REUSEPORT` (the first
-/// resolves port 0 for the others). Non-blocking, ready for Tokio.
-///
-/// A port held by anyone else — another Zeitwork process included, whose
-/// sockets would otherwise share it silently — is refused as "address in
-/// use", as a plain bind would.
-pub fn bind_shared(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        probe.set_reuse_address(true)?;
-        probe.bind(&addr.into())?;
-    }
-    let mut out = Vec::with_capacity(n);
-    let mut at = addr;
-    for _ in 0..n.max(1) {
-        let s = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&at.into())?;
-        s.listen(BACKLOG)?;
-        let l: std::net::TcpListener = s.into();
-        at = l.local_addr()?;
-        out.push(l);
-    }
-    Ok(out)
-}
-
-/// One listening socket, `n` handles on it (one per worker).
+/// One listening socket, `n` handles on it (one per worker). A port held by
+/// anyone else is refused ("address in use").
 pub fn bind_one(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
@@ -156,10 +128,8 @@ impl Workers {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-    /// Every worker's socket accepts on the one port, and connections land on
-    /// more than one worker.
     #[test]
     fn a_worker_ahead_leaves_connections_to_the_others() {
         let spread = super::Spread::new(2);
@@ -172,41 +142,49 @@ mod tests {
         assert!(spread.may_accept(0) && spread.may_accept(1));
     }
 
+    /// All workers take connections from the one port, evenly while they stay open.
     #[tokio::test]
-    async fn workers_share_one_port() {
-        let listeners = super::bind_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+    async fn workers_share_one_port_evenly() {
+        let listeners = super::bind_one("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         let addr = listeners[0].local_addr().unwrap();
-        assert_eq!(listeners[1].local_addr().unwrap(), addr);
-        let taken = super::bind_shared(addr, 2).expect_err("a port in use is refused");
+        let taken = super::bind_one(addr, 1).expect_err("a port in use is refused");
         assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
         let listeners = std::sync::Mutex::new(listeners.into_iter().map(Some).collect::<Vec<_>>());
+        let spread = super::Spread::new(2);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let workers = super::spawn("test-worker", 2, move |i| {
             let l = listeners.lock().unwrap()[i].take().unwrap();
-            let mut stop = stop_rx.clone();
+            let (stop, spread) = (stop_rx.clone(), spread.clone());
             async move {
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
-                loop {
-                    tokio::select! {
-                        Ok((mut s, _)) = l.accept() => {
-                            let name = std::thread::current().name().unwrap_or("").to_owned();
-                            let _ = s.write_all(name.as_bytes()).await;
-                        }
-                        _ = crate::stopped(&mut stop) => return,
+                let drain = std::time::Duration::from_secs(1);
+                crate::accept_until_stopped(l, stop.clone(), drain, Some((spread, i)), move |mut s, _| {
+                    let mut stop = stop.clone();
+                    async move {
+                        let name = std::thread::current().name().unwrap_or("").to_owned();
+                        let _ = s.write_all(format!("{name}\n").as_bytes()).await;
+                        // Held open until the end, so the counts stay.
+                        crate::stopped(&mut stop).await;
                     }
-                }
+                })
+                .await
             }
         })
         .unwrap();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..64 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut held = Vec::new();
+        let mut per_worker = std::collections::HashMap::new();
+        for _ in 0..40 {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut r = tokio::io::BufReader::new(s);
             let mut name = String::new();
-            s.read_to_string(&mut name).await.unwrap();
+            r.read_line(&mut name).await.unwrap();
             assert!(name.starts_with("test-worker-"), "served by {name:?}");
-            seen.insert(name);
+            *per_worker.entry(name).or_insert(0) += 1;
+            held.push(r);
         }
-        assert_eq!(seen.len(), 2, "connections from many source ports reach both workers");
+        let counts: Vec<i32> = per_worker.values().copied().collect();
+        assert_eq!(counts.len(), 2, "both workers accept: {per_worker:?}");
+        assert!(counts.iter().all(|&c| c >= 18), "open connections stay balanced: {per_worker:?}");
         stop.send(true).unwrap();
         workers.join().await;
     }
