@@ -289,12 +289,7 @@ impl Runtime for ContainerRuntime {
             let info = match status {
                 Ok(s) => ExitInfo {
                     code: s.code(),
-                    reason: match s.code() {
-                        Some(0) => "exited".into(),
-                        Some(137) => "killed (SIGKILL, or out of memory)".into(),
-                        Some(c) => format!("exited with code {c}"),
-                        None => "terminated by a signal".into(),
-                    },
+                    reason: s.code().map_or_else(|| "terminated by a signal".into(), crate::exit_reason),
                 },
                 Err(e) => ExitInfo { code: None, reason: format!("lost the process: {e}") },
             };

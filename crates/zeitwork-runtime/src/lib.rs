@@ -20,6 +20,17 @@ use std::time::Duration;
 
 use zeitwork_image::ImageConfig;
 
+/// The reason an app's exit code stands for, the same for every runtime
+/// (an OCI runtime and the guest init both report 128 + n for signal n).
+pub fn exit_reason(code: i32) -> String {
+    match code {
+        0 => "exited".into(),
+        137 => "killed (SIGKILL, or out of memory)".into(),
+        c if c > 128 => format!("terminated by signal {}", c - 128),
+        c => format!("exited with code {c}"),
+    }
+}
+
 /// Everything a driver needs to run one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {

@@ -26,7 +26,9 @@ use zeitwork_guest_init::{parse_console_line, ConsoleLine, GuestConfig, PROBE_AR
 use crate::guest::GuestAssets;
 use crate::logs::LogStore;
 use crate::net;
-use crate::{ExitInfo, InstanceSpec, InstanceState, InstanceStats, LogLine, Running, Runtime, RuntimeError};
+use crate::{
+    exit_reason, ExitInfo, InstanceSpec, InstanceState, InstanceStats, LogLine, Running, Runtime, RuntimeError,
+};
 
 /// Console lines kept per instance for failure reasons.
 const CONSOLE_TAIL: usize = 40;
@@ -282,16 +284,6 @@ async fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
-}
-
-/// The reason an app's exit code stands for.
-pub fn exit_reason(code: i32) -> String {
-    match code {
-        0 => "exited".into(),
-        137 => "killed (SIGKILL, or out of memory)".into(),
-        c if c > 128 => format!("terminated by signal {}", c - 128),
-        c => format!("exited with code {c}"),
-    }
 }
 
 fn kill(pid: u32) {
