@@ -31,45 +31,23 @@ use crate::proxy::{self, Admission, Body, ConnInfo, Done};
 use crate::EdgeState;
 
 const MAX_HEADERS: usize = 128;
-/// Bodies up to this size go this way (they are kept for a retry).
-const MAX_BODY: u64 = 64 * 1024;
 /// Largest response head accepted from an instance.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
-/// Idle upstream connections are closed after this long.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
 const IDLE_PER_UPSTREAM: usize = 256;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const MAX_ATTEMPTS: usize = 3;
 
-/// Request headers the edge sets itself or that end at the edge.
-const DROPPED_REQUEST_HEADERS: [&str; 12] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "proxy-authorization",
-    "host",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
-    "content-length",
-];
+/// Request headers the edge sets itself, besides the hop-by-hop ones.
+const SET_BY_THE_EDGE: [&str; 6] =
+    ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "content-length"];
 
-/// Response headers that end at the edge (framing headers are decided apart).
-const DROPPED_RESPONSE_HEADERS: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "x-request-id",
-    "content-length",
-    "transfer-encoding",
-];
+/// Response headers the edge decides itself (framing, request id), besides the hop-by-hop ones.
+const DECIDED_BY_THE_EDGE: [&str; 2] = ["x-request-id", "content-length"];
+
+/// Hop-by-hop (the same list as the general path's), one of `extra`, or
+/// listed in the message's `Connection` header.
+fn dropped(name: &str, extra: &[&str], listed: &[&str]) -> bool {
+    proxy::HOP_BY_HOP.iter().chain(extra).chain(listed).any(|d| lower_eq(name, d))
+}
 
 thread_local! {
     /// Idle upstream connections by `host:port`, newest last.
@@ -81,7 +59,7 @@ fn checkout(addr: &str) -> Option<TcpStream> {
         let mut idle = idle.borrow_mut();
         let q = idle.get_mut(addr)?;
         while let Some((s, at)) = q.pop_back() {
-            if at.elapsed() < UPSTREAM_IDLE {
+            if at.elapsed() < proxy::UPSTREAM_IDLE {
                 return Some(s);
             }
         }
@@ -96,7 +74,7 @@ fn checkin(addr: &str, s: TcpStream) {
             idle.insert(addr.to_owned(), VecDeque::new());
         }
         let Some(q) = idle.get_mut(addr) else { return };
-        while q.front().is_some_and(|(_, at)| at.elapsed() >= UPSTREAM_IDLE) || q.len() >= IDLE_PER_UPSTREAM {
+        while q.front().is_some_and(|(_, at)| at.elapsed() >= proxy::UPSTREAM_IDLE) || q.len() >= IDLE_PER_UPSTREAM {
             q.pop_front();
         }
         q.push_back((s, Instant::now()));
@@ -169,7 +147,7 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
             else {
                 return Parse::General;
             };
-            if content_length.is_some() || n > MAX_BODY {
+            if content_length.is_some() || n > proxy::RETRY_BUFFER {
                 return Parse::General;
             }
             content_length = Some(n);
@@ -197,10 +175,8 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         let name = h.name;
-        let dropped = DROPPED_REQUEST_HEADERS.iter().any(|d| lower_eq(name, d))
-            || listed.iter().any(|t| lower_eq(name, t))
-            || name.as_bytes().get(..11).is_some_and(|p| p.eq_ignore_ascii_case(b"x-zeitwork-"));
-        if !dropped {
+        let internal = name.as_bytes().get(..11).is_some_and(|p| p.eq_ignore_ascii_case(b"x-zeitwork-"));
+        if !internal && !dropped(name, &SET_BY_THE_EDGE, &listed) {
             header_line(out, name.as_bytes(), h.value);
         }
     }
@@ -324,9 +300,7 @@ fn parse_response(
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in res.headers.iter() {
-        let dropped =
-            DROPPED_RESPONSE_HEADERS.iter().any(|d| lower_eq(h.name, d)) || listed.iter().any(|t| lower_eq(h.name, t));
-        if !dropped {
+        if !dropped(h.name, &DECIDED_BY_THE_EDGE, &listed) {
             header_line(out, h.name.as_bytes(), h.value);
         }
     }
@@ -636,7 +610,7 @@ fn authority(upstream: &str) -> Option<&str> {
 }
 
 async fn connect(addr: &str) -> io::Result<TcpStream> {
-    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let s = tokio::time::timeout(proxy::CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
@@ -697,7 +671,7 @@ async fn forward(
             Err((why, refused)) => {
                 if refused {
                     state.balancer.eject(&inst.id);
-                    if tried.len() + 1 < MAX_ATTEMPTS.min(route.instances.len()) {
+                    if tried.len() + 1 < proxy::MAX_ATTEMPTS.min(route.instances.len()) {
                         tracing::warn!(instance = %inst.id, error = %why, "connect failed; retrying on another instance");
                         state.metrics.retries.inc();
                         tried.push(inst.id.clone());

@@ -21,8 +21,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Bodies up to this size are buffered so the request can be retried.
-const RETRY_BUFFER: u64 = 64 * 1024;
-const MAX_ATTEMPTS: usize = 3;
+pub(crate) const RETRY_BUFFER: u64 = 64 * 1024;
+pub(crate) const MAX_ATTEMPTS: usize = 3;
+/// Connecting to an instance's node agent.
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Idle upstream connections are closed after this long.
+pub(crate) const UPSTREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the connection knows about the request.
 #[derive(Debug, Clone)]
@@ -88,7 +92,7 @@ fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = [
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -144,10 +148,10 @@ thread_local! {
     /// connection it goes out on are driven by the same event loop.
     static UPSTREAM: UpstreamClient = {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_idle_timeout(UPSTREAM_IDLE)
             .pool_timer(TokioTimer::new())
             .build(connector)
     };
