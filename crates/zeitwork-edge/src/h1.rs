@@ -695,12 +695,14 @@ async fn forward(
                 let keep_alive = head.framing != Framing::Close;
                 Forwarded::Done { status: head.status, instance, keep_alive }
             }
-            Err(why) => {
+            Err(RelayError::Unsent(why)) => {
+                tracing::warn!(instance = %instance, error = why, "malformed response from the application");
+                state.metrics.upstream_errors.inc();
+                Forwarded::Answer(bad_gateway("The application sent a malformed response."))
+            }
+            Err(RelayError::Broken(why)) => {
                 tracing::warn!(instance = %instance, error = why, "response from the application broke off");
                 state.metrics.upstream_errors.inc();
-                if why == NOTHING_SENT {
-                    return Forwarded::Answer(bad_gateway("The application sent a malformed response."));
-                }
                 Forwarded::Aborted { status: head.status, instance: Some(instance) }
             }
         };
@@ -757,7 +759,7 @@ async fn relay(
     client_head: &[u8],
     upbuf: &mut Vec<u8>,
     head: &ResponseHead,
-) -> Result<bool, &'static str> {
+) -> Result<bool, RelayError> {
     const GONE: &str = "client went away";
     let start = head.head_len;
     let body = upbuf.len() - start;
@@ -774,7 +776,7 @@ async fn relay(
             while left > 0 {
                 upbuf.clear();
                 match read_more(up, upbuf).await {
-                    Ok(0) | Err(_) => return Err("the application closed the connection mid-body"),
+                    Ok(0) | Err(_) => return Err("the application closed the connection mid-body".into()),
                     Ok(m) => {
                         let take = (m as u64).min(left) as usize;
                         client.write_all(&upbuf[..take]).await.map_err(|_| GONE)?;
@@ -790,13 +792,13 @@ async fn relay(
         Framing::Chunked => {
             let mut chunks = Chunks::default();
             // Broken before anything was sent: the caller can still answer 502.
-            let used = chunks.feed(&upbuf[start..]).map_err(|_| NOTHING_SENT)?;
+            let used = chunks.feed(&upbuf[start..]).map_err(RelayError::Unsent)?;
             write_both(client, client_head, &upbuf[start..start + used]).await.map_err(|_| GONE)?;
             let mut clean = used == body;
             while !chunks.done() {
                 upbuf.clear();
                 match read_more(up, upbuf).await {
-                    Ok(0) | Err(_) => return Err("the application closed the connection mid-body"),
+                    Ok(0) | Err(_) => return Err("the application closed the connection mid-body".into()),
                     Ok(_) => {
                         let used = chunks.feed(upbuf)?;
                         clean = used == upbuf.len();
@@ -812,7 +814,7 @@ async fn relay(
                 upbuf.clear();
                 match read_more(up, upbuf).await {
                     Ok(0) => return Ok(false),
-                    Err(_) => return Err("the application reset the connection"),
+                    Err(_) => return Err("the application reset the connection".into()),
                     Ok(_) => client.write_all(upbuf).await.map_err(|_| GONE)?,
                 }
             }
@@ -820,8 +822,20 @@ async fn relay(
     }
 }
 
-/// The response was unusable before any of it went to the client.
-const NOTHING_SENT: &str = "malformed chunked body at its start";
+/// Why a response could not be relayed to its end.
+#[derive(Debug)]
+enum RelayError {
+    /// Unusable before any of it went to the client: a 502 can still answer.
+    Unsent(&'static str),
+    /// Broke off after its head went out.
+    Broken(&'static str),
+}
+
+impl From<&'static str> for RelayError {
+    fn from(why: &'static str) -> Self {
+        RelayError::Broken(why)
+    }
+}
 
 /// Writes `a` then `b`, in one system call when the socket takes both.
 async fn write_both(w: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
