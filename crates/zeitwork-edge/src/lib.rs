@@ -423,16 +423,16 @@ impl EdgeProxy {
 
         // Client connections are served on one event loop per core; the
         // control work below stays on the caller's runtime.
-        let mut listeners: Vec<_> = match https {
-            Some((tls, _)) => http.into_iter().zip(tls.into_iter().map(Some)).collect(),
-            None => http.into_iter().map(|l| (l, None)).collect(),
+        // Worker i takes handle i of each port.
+        let listeners: Vec<_> = match https {
+            Some((tls, _)) => http.into_iter().zip(tls.into_iter().map(Some)).map(Some).collect(),
+            None => http.into_iter().map(|l| Some((l, None))).collect(),
         };
-        listeners.reverse();
         let listeners = std::sync::Mutex::new(listeners);
         let (st, stop_w) = (state.clone(), stop_rx.clone());
         let spreads = (zeitwork_net::workers::Spread::new(workers), zeitwork_net::workers::Spread::new(workers));
         let pool = zeitwork_net::workers::spawn("zeitwork-edge", workers, move |i| {
-            let mine = listeners.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let mine = listeners.lock().unwrap_or_else(|e| e.into_inner())[i].take();
             let (state, stop, acceptor) = (st.clone(), stop_w.clone(), acceptor.clone());
             let (plain, secure) = (spreads.0.clone(), spreads.1.clone());
             async move {
