@@ -739,6 +739,10 @@ pub struct Assignment {
     pub env: BTreeMap<String, String>,
     /// What the operator last recorded.
     pub status: InstanceStatus,
+    /// For uploaded images: the password that lets this node pull exactly this
+    /// image's repository from the operator (signed, valid for a day or two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_credential: Option<String>,
 }
 
 /// Who a token is.
@@ -829,11 +833,19 @@ pub struct CreateGithubHook {
     pub events: Vec<String>,
     /// The webhook secret set on GitHub (stored encrypted).
     pub secret: String,
+    /// The Zeitwork organisation whose projects the webhook deploys. An org
+    /// token's own organisation by default; a platform admin names it when
+    /// projects of several organisations deploy the repository. Only that
+    /// organisation's projects ever deploy from deliveries signed with this secret.
+    #[serde(default)]
+    pub project_org: Option<String>,
 }
 
 /// A configured webhook (the secret is never shown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GithubHook {
+    /// The Zeitwork organisation the webhook belongs to.
+    pub project_org: String,
     /// `owner/name`.
     pub repo: String,
     pub events: Vec<String>,
@@ -869,6 +881,9 @@ pub struct GithubTrigger {
     /// A commit SHA, or a branch whose last pushed commit is known from a delivery.
     #[serde(rename = "ref")]
     pub git_ref: String,
+    /// The Zeitwork organisation whose projects to deploy (an org token's own by default).
+    #[serde(default)]
+    pub project_org: Option<String>,
 }
 
 /// What one instance uses, as its node agent measured it just now.

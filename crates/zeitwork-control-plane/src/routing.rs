@@ -70,6 +70,11 @@ impl RoutingHub {
 /// Builds the table: `<deployment>.<apps>` for every deployment with ready
 /// instances, `<project>-<org>.<apps>` for production's active deployment,
 /// and custom domains for their environment's active deployment.
+///
+/// Addresses are reserved in the store so two routes never claim one host;
+/// should one still appear twice (a custom domain equal to another project's
+/// address), the first claim in that order keeps it and the other is refused
+/// with a warning naming both, never silently replaced.
 pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
     let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> =
         rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
@@ -86,11 +91,11 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
-    for (org, project, env, dep) in &rows.current {
-        active.insert((org, project, *env), dep);
-        if *env == Environment::Production {
-            if let Some(d) = by_id.get(dep.as_str()) {
-                routes.push(route(format!("{project}-{org}.{apps_domain}"), d, Some(*env)));
+    for c in &rows.current {
+        active.insert((&c.org, &c.project, c.environment), &c.deployment);
+        if c.environment == Environment::Production && c.owns_stable_host {
+            if let Some(d) = by_id.get(c.deployment.as_str()) {
+                routes.push(route(format!("{}-{}.{apps_domain}", c.project, c.org), d, Some(c.environment)));
             }
         }
     }
@@ -99,8 +104,21 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
             routes.push(Route { acme: *verified, ..route(domain.clone(), d, Some(*env)) });
         }
     }
+    let mut seen: HashMap<String, (String, String)> = HashMap::new();
+    routes.retain(|r| match seen.get(&r.host) {
+        None => {
+            seen.insert(r.host.clone(), (r.org.clone(), r.project.clone()));
+            true
+        }
+        Some((org, project)) => {
+            if (org, project) != (&r.org, &r.project) {
+                tracing::warn!(host = %r.host, kept = %format!("{org}/{project}"), refused = %format!("{}/{}", r.org, r.project),
+                    "two projects claim one host; the first claim keeps it");
+            }
+            false
+        }
+    });
     routes.sort_by(|a, b| a.host.cmp(&b.host));
-    routes.dedup_by(|a, b| a.host == b.host);
     let digest = Sha256::digest(serde_json::to_vec(&(&routes, apps_domain)).unwrap_or_default());
     RoutingTable { version: hex::encode(&digest[..8]), apps_domain: apps_domain.to_owned(), routes }
 }

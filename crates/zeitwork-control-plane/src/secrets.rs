@@ -31,6 +31,8 @@ pub enum SecretsError {
 #[derive(Clone)]
 pub struct Cipher {
     aead: XChaCha20Poly1305,
+    /// Key for credentials the operator signs (pull credentials), derived from the encryption key.
+    mac_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Cipher {
@@ -45,7 +47,12 @@ impl Cipher {
         if bytes.len() != 32 {
             return Err(SecretsError::BadKey);
         }
-        Ok(Self { aead: XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| SecretsError::BadKey)? })
+        use hmac::Mac as _;
+        let mut derive =
+            <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&bytes).expect("HMAC takes keys of any length");
+        derive.update(b"zeitwork signed credentials v1");
+        let mac_key: [u8; 32] = derive.finalize().into_bytes().into();
+        Ok(Self { aead: XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| SecretsError::BadKey)?, mac_key })
     }
 
     /// Reads the key file, or creates it (mode 0600) with a fresh random key.
@@ -77,6 +84,25 @@ impl Cipher {
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         format!("{PREFIX}{}", STANDARD.encode(out))
+    }
+
+    /// HMAC-SHA256 of `message` under the operator's signing key (deterministic).
+    pub fn sign(&self, message: &str) -> String {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.mac_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(message.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `signature` is [`Cipher::sign`] of `message`, compared in constant time.
+    pub fn verify(&self, message: &str, signature: &str) -> bool {
+        use hmac::Mac as _;
+        let Ok(sig) = hex::decode(signature) else { return false };
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.mac_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(message.as_bytes());
+        mac.verify_slice(&sig).is_ok()
     }
 
     pub fn decrypt(&self, context: &str, stored: &str) -> Result<String, SecretsError> {

@@ -453,6 +453,38 @@ async fn scenario(env: Env) {
     assert!(text.contains(r#"route="/api/v1/projects",status="409""#), "{text}");
     assert!(text.contains("zeitwork_operator_http_request_duration_seconds_bucket"));
 
+    // Stable addresses cannot collide across organisations: corp/web-acme and
+    // acme-corp/web would both be web-acme-corp; the second is refused, and
+    // so is a project named after another's deployment address.
+    for org in ["corp", "acme-corp"] {
+        e.admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": org})).await.unwrap();
+    }
+    e.admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web-acme", "org": "corp"})).await.unwrap();
+    assert_error(
+        e.post("/api/v1/projects", &e.token, r#"{"name": "web", "org": "acme-corp"}"#).await,
+        409,
+        "web-acme-corp",
+    );
+    let d: Value = e
+        .admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "corp", "project": "web-acme", "image": "registry.example.com/a:1"}),
+        )
+        .await
+        .unwrap();
+    let id = d["id"].as_str().unwrap();
+    let (name, org) = id.rsplit_once("-corp").map(|(n, _)| (n, "corp")).unwrap();
+    assert_error(
+        e.post("/api/v1/projects", &e.token, &json!({"name": name, "org": org}).to_string()).await,
+        409,
+        "choose another project name",
+    );
+    // Deleting a project frees its address.
+    e.admin.post::<_, Value>("/api/v1/projects", &json!({"name": "site", "org": "corp"})).await.unwrap();
+    e.admin.delete("/api/v1/projects/corp/site").await.unwrap();
+    e.admin.post::<_, Value>("/api/v1/projects", &json!({"name": "site", "org": "corp"})).await.unwrap();
+
     // Delete the project; its env vars go with it.
     e.admin.delete("/api/v1/projects/acme/webapp").await.unwrap();
     assert_eq!(status(e.admin.get::<Value>("/api/v1/projects/acme/webapp").await.unwrap_err()), 404);

@@ -184,3 +184,127 @@ async fn pushes_deploy_and_every_delivery_is_recorded() {
     assert_eq!(unknown.status(), Some(409), "{unknown}");
     op.shutdown().await;
 }
+
+/// A token of `org` with `role`.
+async fn org_client(base: &str, admin: &Client, org: &str, role: &str) -> Client {
+    let t: Value = admin
+        .post(
+            "/api/v1/tokens",
+            &json!({"name": format!("{org}-{role}"), "scope": {"kind": "org", "org": org, "role": role}}),
+        )
+        .await
+        .unwrap();
+    Client::new(base, Some(t["secret"].as_str().unwrap().to_owned()))
+}
+
+/// A second organisation that names another's repository can neither take
+/// its webhook over, nor deploy its projects, nor read its deliveries, nor
+/// deploy its uploaded images through the GitHub path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_organisation_cannot_hijack_a_repository() {
+    const EVIL_SECRET: &str = "the attacker's own secret, 2026";
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator(dir.path(), 15).await;
+    for org in ["acme", "evil"] {
+        admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": org})).await.unwrap();
+    }
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "github_repo": "Codertocat/Hello-World", "branch": "master",
+                    "auto_deploy": true, "image_template": "registry.example.com/acme/web:sha-{sha}"}),
+        )
+        .await
+        .unwrap();
+    let acme = org_client(&base, &admin, "acme", "admin").await;
+    let evil = org_client(&base, &admin, "evil", "admin").await;
+    let evil_guest = org_client(&base, &admin, "evil", "guest").await;
+    let hook: Value = acme
+        .post("/api/v1/github/webhooks", &json!({"org": "Codertocat", "repo": "Hello-World", "secret": SECRET}))
+        .await
+        .unwrap();
+    assert_eq!(hook["project_org"], "acme");
+
+    // evil names acme's repository in its own project, templated on acme's private upload.
+    let stolen = format!("archive.zeitwork/acme/web@sha256:{}", "a".repeat(64));
+    evil.post::<_, Value>(
+        "/api/v1/projects",
+        &json!({"name": "web", "org": "evil", "github_repo": "Codertocat/Hello-World", "branch": "master",
+                "auto_deploy": true, "image_template": stolen}),
+    )
+    .await
+    .unwrap();
+    // Reusing acme's secret would make deliveries ambiguous: refused.
+    let same = evil
+        .post::<_, Value>(
+            "/api/v1/github/webhooks",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "secret": SECRET}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(same.status(), Some(400), "{same}");
+    // Its own registration is its own: acme's stays.
+    let theirs: Value = evil
+        .post("/api/v1/github/webhooks", &json!({"org": "Codertocat", "repo": "Hello-World", "secret": EVIL_SECRET}))
+        .await
+        .unwrap();
+    assert_eq!(theirs["project_org"], "evil");
+    // Acting for acme with evil's token is refused.
+    let as_acme = evil
+        .post::<_, Value>(
+            "/api/v1/github/webhooks",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "secret": EVIL_SECRET, "project_org": "acme"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(as_acme.status(), Some(403), "{as_acme}");
+
+    // acme's genuinely signed push still deploys acme's project, and only it.
+    let push = example("push", |e| e["ref"] == "refs/heads/master" && e["deleted"] == false);
+    let raw = serde_json::to_vec(&push).unwrap();
+    let (status, body) = deliver(&base, "push", "acme-push", &raw, Some(sign(SECRET, &raw))).await;
+    assert_eq!(status, 200, "{body}");
+    let deps = body["deployments"].as_array().unwrap();
+    assert_eq!(deps.len(), 1, "{body}");
+    assert!(deps[0].as_str().unwrap().ends_with("-acme"), "{body}");
+
+    // evil's signed push deploys nothing of acme's, and not acme's image either.
+    let (status, body) = deliver(&base, "push", "evil-push", &raw, Some(sign(EVIL_SECRET, &raw))).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert!(body["outcome"].as_str().unwrap().contains("organisation"), "{body}");
+    let all: Vec<Value> = admin.get("/api/v1/deployments").await.unwrap();
+    assert_eq!(all.len(), 1, "only acme's push deployed: {all:?}");
+    assert_eq!(all[0]["org"], "acme");
+
+    // A manual trigger with evil's token deploys evil's projects only, and never acme's image.
+    let trig = evil
+        .post::<_, Value>(
+            "/api/v1/github/trigger",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "ref": "abc1234"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(trig.status(), Some(400), "{trig}");
+    let trig = evil
+        .post::<_, Value>(
+            "/api/v1/github/trigger",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "ref": "abc1234", "project_org": "acme"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(trig.status(), Some(403), "{trig}");
+
+    // Each organisation reads its own deliveries only.
+    let seen: Vec<Value> = evil_guest.get("/api/v1/github/webhooks/Codertocat/Hello-World/deliveries").await.unwrap();
+    let ids: Vec<&str> = seen.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["evil-push"]);
+    let seen: Vec<Value> = acme.get("/api/v1/github/webhooks/Codertocat/Hello-World/deliveries").await.unwrap();
+    let ids: Vec<&str> = seen.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["acme-push"]);
+    // A forged redelivery of acme's delivery id learns nothing of acme's outcome.
+    let (status, body) = deliver(&base, "push", "acme-push", &raw, Some(sign(EVIL_SECRET, &raw))).await;
+    assert_eq!(status, 202, "{body}");
+    assert_ne!(body["status"], "duplicate", "{body}");
+    op.shutdown().await;
+}

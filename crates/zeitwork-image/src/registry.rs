@@ -76,6 +76,8 @@ pub struct RegistryClient {
     config: RegistryConfig,
     /// Bearer tokens by (registry, repository).
     tokens: Mutex<HashMap<(String, String), String>>,
+    /// Credentials granted for one repository (user, password), ahead of the registry's own.
+    granted: Mutex<HashMap<(String, String), (String, String)>>,
     /// Blob downloads made (for tests and metrics).
     pub blob_fetches: AtomicUsize,
 }
@@ -93,7 +95,25 @@ impl RegistryClient {
             .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");
-        Self { http, config, tokens: Mutex::new(HashMap::new()), blob_fetches: AtomicUsize::new(0) }
+        Self {
+            http,
+            config,
+            tokens: Mutex::new(HashMap::new()),
+            granted: Mutex::new(HashMap::new()),
+            blob_fetches: AtomicUsize::new(0),
+        }
+    }
+
+    /// Uses `credentials` (user, password) for `repository` of `registry` from now on,
+    /// in place of the registry-wide ones (a credential scoped to one repository).
+    pub fn grant(&self, registry: &str, repository: &str, credentials: (String, String)) {
+        let key = (registry.to_owned(), repository.to_owned());
+        let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
+        if granted.get(&key) != Some(&credentials) {
+            granted.insert(key.clone(), credentials);
+            // A cached answer to the old credential may not hold for the new one.
+            self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        }
     }
 
     fn base(&self, r: &Reference) -> String {
@@ -135,7 +155,13 @@ impl RegistryClient {
     }
 
     async fn authorize(&self, r: &Reference, challenge: &str) -> Result<String, ImageError> {
-        let creds = self.config.credentials.get(&r.registry);
+        let granted = self
+            .granted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(r.registry.clone(), r.repository.clone()))
+            .cloned();
+        let creds = granted.as_ref().or_else(|| self.config.credentials.get(&r.registry));
         let basic = creds
             .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
         let Some(params) = challenge.strip_prefix("Bearer ") else {

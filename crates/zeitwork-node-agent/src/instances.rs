@@ -109,6 +109,11 @@ async fn bring_up(
         return;
     }
     report(&client, &id, InstanceStatus::Starting, None, None, None).await;
+    if let Some(password) = &a.pull_credential {
+        if let Ok(r) = zeitwork_image::Reference::parse(&a.image) {
+            images.client.grant(&r.registry, &r.repository, ("zeitwork".into(), password.clone()));
+        }
+    }
     let image = match images.prepare(&a.image).await {
         Ok(i) => i,
         Err(e) => {

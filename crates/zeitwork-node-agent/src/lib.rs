@@ -258,14 +258,11 @@ impl NodeAgent {
             .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        // Uploaded archives are pulled from the operator, with this agent's token.
+        // Uploaded archives are pulled from the operator, with the pull
+        // credential that comes with each assignment (never this agent's token).
         let mut registries = config.registries.clone();
         let archives = zeitwork_api_types::ARCHIVE_REGISTRY.to_owned();
-        registries.endpoints.entry(archives.clone()).or_insert_with(|| config.operator_url.clone());
-        registries
-            .credentials
-            .entry(archives)
-            .or_insert_with(|| ("zeitwork".into(), config.token.clone().unwrap_or_default()));
+        registries.endpoints.entry(archives).or_insert_with(|| config.operator_url.clone());
         let images = zeitwork_image::ImageStore::new(&config.data_dir.join("images"), registries, Default::default());
         match (images, selected) {
             (Ok(images), Some(selected)) => {

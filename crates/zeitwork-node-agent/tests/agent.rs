@@ -544,20 +544,36 @@ async fn an_uploaded_archive_deploys_without_a_registry() {
         async move { req.send().await.unwrap().status().as_u16() }
     };
     assert_eq!(v2(None).await, 401);
-    assert_eq!(v2(Some(&p.agent_token)).await, 200);
     assert_eq!(v2(Some(&p.edge_token)).await, 403);
     let digest = image.rsplit_once('@').unwrap().1;
-    let manifest = reqwest::Client::new()
-        .get(format!("http://{}/v2/acme/web/manifests/{digest}", p.op.addr()))
-        .basic_auth("zeitwork", Some(&p.edge_token))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(manifest.status(), 403);
-
-    // Assignments are a long poll: an unchanged set waits, a stale version answers at once.
+    let manifest = |repo: &str, password: &str| {
+        let req = reqwest::Client::new()
+            .get(format!("http://{}/v2/{repo}/manifests/{digest}", p.op.addr()))
+            .basic_auth("zeitwork", Some(password));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(manifest("acme/web", &p.edge_token).await, 403);
+    // A node agent's own token pulls nothing: it presents the credential of one assignment.
+    assert_eq!(manifest("acme/web", &p.agent_token).await, 403);
     let agent_client = Client::new(&format!("http://{}", p.op.addr()), Some(p.agent_token.clone()));
     let node = p.agent.node().id.clone();
+    let assigned: Vec<Value> = agent_client.get(&format!("/api/v1/nodes/{node}/assignments")).await.unwrap();
+    let credential = assigned[0]["pull_credential"].as_str().expect("an archive assignment carries a pull credential");
+    assert_eq!(manifest("acme/web", credential).await, 200);
+    // It is good for that repository only, and not once tampered with.
+    let copy: Value = p
+        .admin
+        .upload("/api/v1/orgs/other/images?name=web", "application/x-tar", busybox_archive("from an archive\n").into())
+        .await
+        .unwrap();
+    assert_eq!(copy["existing"], false, "another organisation's identical upload is not revealed: {copy}");
+    assert_eq!(manifest("other/web", credential).await, 401);
+    let (head, sig) = credential.rsplit_once('.').unwrap();
+    let forged =
+        format!("{head}.{}", if sig.starts_with('0') { sig.replacen('0', "1", 1) } else { format!("0{}", &sig[1..]) });
+    assert_eq!(manifest("acme/web", &forged).await, 401);
+
+    // Assignments are a long poll: an unchanged set waits, a stale version answers at once.
     let (list, h) =
         agent_client.get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments")).await.unwrap();
     assert_eq!(list.len(), 1);

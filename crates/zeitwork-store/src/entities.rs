@@ -14,6 +14,24 @@ use crate::{
     Store, StoreError,
 };
 
+/// Reserves a host label under the apps domain (`<project>-<org>` or a
+/// deployment id) so no two projects or deployments, of any organisations,
+/// are ever served at one address.
+async fn claim_host(conn: &mut AnyConnection, label: &str, project_id: &str, kind: &str) -> Result<()> {
+    let res = sqlx::query("INSERT INTO hosts (label, project_id, kind) VALUES ($1, $2, $3)")
+        .bind(label)
+        .bind(project_id)
+        .bind(kind)
+        .execute(conn)
+        .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => {
+            Err(StoreError::Conflict(format!("the address {label:?} is taken; retry")))
+        }
+        r => r.map(drop).map_err(Into::into),
+    }
+}
+
 /// Instance statuses that still hold resources on their node.
 const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
 
@@ -812,6 +830,14 @@ impl Store {
             }
             r => r?,
         };
+        claim_host(&mut tx, &format!("{}-{}", p.name, p.org), &id, "project").await.map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!(
+                "project {:?} of {:?} would be served at {}-{}, which another organisation's project or \
+                 deployment already uses; choose another project name",
+                p.name, p.org, p.name, p.org
+            )),
+            e => e,
+        })?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         self.get_project(&p.org, &p.name).await
@@ -933,6 +959,10 @@ impl Store {
         sqlx::query("DELETE FROM env_vars WHERE project_id = $1").bind(&project.id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM domains WHERE project_id = $1").bind(&project.id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM projects WHERE id = $1").bind(&project.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM hosts WHERE project_id = $1 AND kind = 'project'")
+            .bind(&project.id)
+            .execute(&mut *tx)
+            .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         Ok(())
@@ -1129,6 +1159,7 @@ impl Store {
                 e.into()
             }
         })?;
+        claim_host(&mut tx, &d.id, &d.project_id, "deployment").await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         self.get_deployment(&d.id).await
@@ -1362,10 +1393,22 @@ fn instance_from(row: &AnyRow) -> Result<zeitwork_api_types::Instance> {
 pub struct RoutingRows {
     /// Deployments with at least one ready instance on a live node, with their instances.
     pub deployments: Vec<RoutedDeployment>,
-    /// (org, project, environment, deployment id) of every active environment.
-    pub current: Vec<(String, String, Environment, String)>,
+    /// Every active environment.
+    pub current: Vec<CurrentDeployment>,
     /// (domain, org, project, environment, verified).
     pub domains: Vec<(String, String, String, Environment, bool)>,
+}
+
+/// The deployment an environment of a project points at.
+#[derive(Debug, Clone)]
+pub struct CurrentDeployment {
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub deployment: String,
+    /// Whether the project holds its `<project>-<org>` address (projects
+    /// older than the reservation of addresses may have lost it to another).
+    pub owns_stable_host: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1552,7 +1595,11 @@ impl Store {
         }
         let mut current = Vec::new();
         for r in
-            sqlx::query("SELECT o.slug, p.name, p.current_deployments FROM projects p JOIN orgs o ON o.id = p.org_id")
+            sqlx::query(
+                "SELECT o.slug, p.name, p.current_deployments, \
+                 (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
+                 FROM projects p JOIN orgs o ON o.id = p.org_id",
+            )
                 .fetch_all(&self.reader)
                 .await?
         {
@@ -1560,7 +1607,13 @@ impl Store {
                 serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
                 if let Some(env) = Environment::parse(&env) {
-                    current.push((r.text("slug")?, r.text("name")?, env, dep));
+                    current.push(CurrentDeployment {
+                        org: r.text("slug")?,
+                        project: r.text("name")?,
+                        environment: env,
+                        deployment: dep,
+                        owns_stable_host: r.int("owns")? > 0,
+                    });
                 }
             }
         }
@@ -2272,29 +2325,50 @@ impl Store {
 
 // ---------------------------------------------------------------- GitHub intake
 
-/// A webhook as stored: the secret stays encrypted.
+/// A webhook as stored: the secret stays encrypted. A webhook belongs to
+/// one organisation and deploys only that organisation's projects; two
+/// organisations may each register the same repository, and a delivery's
+/// signature decides whose registration it is.
 #[derive(Debug, Clone)]
 pub struct StoredHook {
+    pub org: String,
     pub repo: String,
     pub events: Vec<String>,
     pub secret_enc: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+fn hook_from(r: &AnyRow) -> Result<StoredHook> {
+    Ok(StoredHook {
+        org: r.text("org")?,
+        repo: r.text("repo")?,
+        events: r.text("events")?.split(' ').filter(|e| !e.is_empty()).map(str::to_owned).collect(),
+        secret_enc: r.text("secret_enc")?,
+        created_at: ts(r.int("created_at")?),
+    })
+}
+
 impl Store {
-    /// Creates or replaces the webhook of `repo` (`owner/name`).
+    /// Creates or replaces `org`'s webhook of `repo` (`owner/name`); other organisations' are untouched.
     pub async fn put_github_hook(
         &self,
+        org: &str,
         repo: &str,
         events: &[String],
         secret_enc: &str,
         audit: &Audit,
     ) -> Result<StoredHook> {
         let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM github_hooks WHERE repo = $1").bind(repo).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM github_hooks WHERE org = $1 AND repo = $2")
+            .bind(org)
+            .bind(repo)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO github_hooks (repo, events, secret_enc, created_by, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO github_hooks (org, repo, events, secret_enc, created_by, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
+        .bind(org)
         .bind(repo)
         .bind(events.join(" "))
         .bind(secret_enc)
@@ -2304,44 +2378,61 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.github_hook(repo).await?.ok_or_else(|| StoreError::NotFound(format!("webhook of {repo}")))
+        self.github_hook(org, repo).await?.ok_or_else(|| StoreError::NotFound(format!("webhook of {repo}")))
     }
 
-    pub async fn github_hook(&self, repo: &str) -> Result<Option<StoredHook>> {
-        let row =
-            sqlx::query("SELECT * FROM github_hooks WHERE repo = $1").bind(repo).fetch_optional(&self.reader).await?;
-        row.map(|r| {
-            Ok(StoredHook {
-                repo: r.text("repo")?,
-                events: r.text("events")?.split(' ').filter(|e| !e.is_empty()).map(str::to_owned).collect(),
-                secret_enc: r.text("secret_enc")?,
-                created_at: ts(r.int("created_at")?),
-            })
-        })
-        .transpose()
+    /// `org`'s webhook of `repo`.
+    pub async fn github_hook(&self, org: &str, repo: &str) -> Result<Option<StoredHook>> {
+        let row = sqlx::query("SELECT * FROM github_hooks WHERE org = $1 AND repo = $2")
+            .bind(org)
+            .bind(repo)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(hook_from).transpose()
     }
 
-    /// Projects that deploy from GitHub repository `repo` (`owner/name`).
-    pub async fn projects_of_repo(&self, repo: &str) -> Result<Vec<Project>> {
+    /// Every organisation's webhook of `repo`, oldest first.
+    pub async fn github_hooks_of_repo(&self, repo: &str) -> Result<Vec<StoredHook>> {
+        let rows = sqlx::query("SELECT * FROM github_hooks WHERE repo = $1 ORDER BY created_at, org")
+            .bind(repo)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(hook_from).collect()
+    }
+
+    /// Projects that deploy from GitHub repository `repo` (`owner/name`), of `org` only when given.
+    pub async fn projects_of_repo(&self, repo: &str, org: Option<&str>) -> Result<Vec<Project>> {
         let mut q = Sql::new(PROJECT_SELECT);
         q.and("p.github_repo = ?", Arg::Text(repo.to_owned()));
+        if let Some(org) = org {
+            q.and("o.slug = ?", Arg::Text(org.to_owned()));
+        }
         q.query().fetch_all(&self.reader).await?.iter().map(project_from).collect()
     }
 
-    /// Whether a delivery id was recorded (GitHub redelivers with the same id).
-    pub async fn github_delivery(&self, id: &str) -> Result<Option<zeitwork_api_types::GithubDelivery>> {
-        let row =
-            sqlx::query("SELECT * FROM github_deliveries WHERE id = $1").bind(id).fetch_optional(&self.reader).await?;
+    /// Whether `org` recorded a delivery id (GitHub redelivers with the same
+    /// id). `org` is empty for deliveries no registration's secret signed.
+    pub async fn github_delivery(&self, org: &str, id: &str) -> Result<Option<zeitwork_api_types::GithubDelivery>> {
+        let row = sqlx::query("SELECT * FROM github_deliveries WHERE org = $1 AND id = $2")
+            .bind(org)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
         row.as_ref().map(delivery_from).transpose()
     }
 
-    pub async fn record_github_delivery(&self, d: &zeitwork_api_types::GithubDelivery) -> Result<()> {
+    pub async fn record_github_delivery(&self, org: &str, d: &zeitwork_api_types::GithubDelivery) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM github_deliveries WHERE id = $1").bind(&d.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM github_deliveries WHERE org = $1 AND id = $2")
+            .bind(org)
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO github_deliveries (id, repo, event, status, outcome, git_ref, sha, deployments, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO github_deliveries (org, id, repo, event, status, outcome, git_ref, sha, deployments, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
+        .bind(org)
         .bind(&d.id)
         .bind(&d.repo)
         .bind(&d.event)
@@ -2357,27 +2448,33 @@ impl Store {
         Ok(())
     }
 
-    /// Deliveries of `repo`, newest first.
+    /// Deliveries of `repo` recorded for `org`, and those no registration's
+    /// secret signed (forgeries, or a secret set wrong on GitHub), newest first.
     pub async fn list_github_deliveries(
         &self,
+        org: &str,
         repo: &str,
         limit: u32,
     ) -> Result<Vec<zeitwork_api_types::GithubDelivery>> {
-        let rows =
-            sqlx::query("SELECT * FROM github_deliveries WHERE repo = $1 ORDER BY received_at DESC, id DESC LIMIT $2")
-                .bind(repo)
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM github_deliveries WHERE (org = $1 OR org = '') AND repo = $2 \
+             ORDER BY received_at DESC, id DESC LIMIT $3",
+        )
+        .bind(org)
+        .bind(repo)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(delivery_from).collect()
     }
 
-    /// The commit last pushed to `branch` of `repo`, from its deliveries.
-    pub async fn last_pushed_sha(&self, repo: &str, branch: &str) -> Result<Option<String>> {
+    /// The commit last pushed to `branch` of `repo`, from `org`'s verified deliveries.
+    pub async fn last_pushed_sha(&self, org: &str, repo: &str, branch: &str) -> Result<Option<String>> {
         let row = sqlx::query(
-            "SELECT sha FROM github_deliveries WHERE repo = $1 AND event = 'push' AND git_ref = $2 AND sha IS NOT NULL \
-             AND status <> 'rejected' ORDER BY received_at DESC LIMIT 1",
+            "SELECT sha FROM github_deliveries WHERE org = $1 AND repo = $2 AND event = 'push' AND git_ref = $3 \
+             AND sha IS NOT NULL AND status <> 'rejected' ORDER BY received_at DESC LIMIT 1",
         )
+        .bind(org)
         .bind(repo)
         .bind(format!("refs/heads/{branch}"))
         .fetch_optional(&self.reader)

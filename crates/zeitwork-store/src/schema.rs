@@ -250,6 +250,60 @@ CREATE TABLE edges (
 "#,
     ),
     (7, "node runtime detail", "ALTER TABLE nodes ADD COLUMN runtime_detail TEXT"),
+    (
+        8,
+        "tenant isolation",
+        r#"
+CREATE TABLE hosts (
+    label {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE INDEX hosts_project ON hosts (project_id);
+INSERT INTO hosts (label, project_id, kind)
+    SELECT id, project_id, 'deployment' FROM deployments WHERE true ORDER BY created_at
+    ON CONFLICT DO NOTHING;
+INSERT INTO hosts (label, project_id, kind)
+    SELECT p.name || '-' || o.slug, p.id, 'project' FROM projects p JOIN orgs o ON o.id = p.org_id WHERE true
+    ORDER BY p.created_at ON CONFLICT DO NOTHING;
+CREATE TABLE github_hooks_by_org (
+    org {{text_key}} NOT NULL,
+    repo {{text_key}} NOT NULL,
+    events TEXT NOT NULL,
+    secret_enc TEXT NOT NULL,
+    created_by TEXT,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (org, repo)
+);
+INSERT INTO github_hooks_by_org (org, repo, events, secret_enc, created_by, created_at)
+    SELECT MIN(o.slug), h.repo, h.events, h.secret_enc, h.created_by, h.created_at
+    FROM github_hooks h JOIN projects p ON p.github_repo = h.repo JOIN orgs o ON o.id = p.org_id
+    GROUP BY h.repo, h.events, h.secret_enc, h.created_by, h.created_at
+    HAVING COUNT(DISTINCT o.slug) = 1;
+DROP TABLE github_hooks;
+ALTER TABLE github_hooks_by_org RENAME TO github_hooks;
+CREATE TABLE github_deliveries_by_org (
+    org {{text_key}} NOT NULL,
+    id TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    event TEXT NOT NULL,
+    status TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    git_ref TEXT,
+    sha TEXT,
+    deployments TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (org, id)
+);
+INSERT INTO github_deliveries_by_org (org, id, repo, event, status, outcome, git_ref, sha, deployments, received_at)
+    SELECT COALESCE((SELECT h.org FROM github_hooks h WHERE h.repo = d.repo), ''), d.id, d.repo, d.event, d.status,
+        d.outcome, d.git_ref, d.sha, d.deployments, d.received_at
+    FROM github_deliveries d;
+DROP TABLE github_deliveries;
+ALTER TABLE github_deliveries_by_org RENAME TO github_deliveries;
+CREATE INDEX github_deliveries_org_repo ON github_deliveries (org, repo, received_at)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.
@@ -258,6 +312,11 @@ pub fn latest_version() -> i64 {
 }
 
 pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<Vec<i64>, StoreError> {
+    migrate_until(pool, dialect, latest_version()).await
+}
+
+/// Applies the migrations up to and including version `until`.
+async fn migrate_until(pool: &AnyPool, dialect: Dialect, until: i64) -> Result<Vec<i64>, StoreError> {
     let mut tx = pool.begin().await?;
     if dialect == Dialect::Postgres {
         // Serialise concurrent operators; released at commit.
@@ -281,7 +340,7 @@ pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<Vec<i64>
     }
     let mut ran = Vec::new();
     for (version, name, sql) in MIGRATIONS {
-        if applied.contains(version) {
+        if applied.contains(version) || *version > until {
             continue;
         }
         let sql = render(sql, dialect);
@@ -311,5 +370,63 @@ fn render(sql: &str, dialect: Dialect) -> String {
             .replace("{{text_key}}", "TEXT COLLATE \"C\"")
             .replace("{{serial}}", "BIGSERIAL PRIMARY KEY")
             .replace("{{blob}}", "BYTEA"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exec(pool: &AnyPool, sql: &str) {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+
+    async fn texts(pool: &AnyPool, sql: &str) -> Vec<String> {
+        sqlx::query(sql).fetch_all(pool).await.unwrap().iter().map(|r| r.try_get::<String, _>(0).unwrap()).collect()
+    }
+
+    /// Data written before addresses were reserved and webhooks owned keeps
+    /// working for the rightful owner; what two organisations claimed is
+    /// given to neither.
+    #[tokio::test]
+    async fn tenant_isolation_migration_keeps_owned_data_and_drops_contested_hooks() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        migrate_until(&pool, Dialect::Sqlite, 7).await.unwrap();
+        exec(&pool, "INSERT INTO orgs VALUES ('o1', 'corp', 'corp', 1), ('o2', 'acme-corp', 'acme-corp', 2), ('o3', 'solo', 'solo', 3)").await;
+        for (id, org, name, repo, at) in [
+            ("p1", "o1", "web-acme", "gh/shared", 1),
+            ("p2", "o2", "web", "gh/shared", 2),
+            ("p3", "o3", "site", "gh/own", 3),
+        ] {
+            exec(
+                &pool,
+                &format!(
+                    "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
+                     instances_per_region, regions, current_deployments, created_at, updated_at) \
+                     VALUES ('{id}', '{org}', '{name}', '{repo}', 'main', 1, 8080, 1, 256, 1, '[]', '{{}}', {at}, {at})"
+                ),
+            )
+            .await;
+        }
+        exec(
+            &pool,
+            "INSERT INTO github_hooks VALUES ('gh/shared', 'push', 'x', NULL, 1), ('gh/own', 'push', 'y', NULL, 1)",
+        )
+        .await;
+        exec(&pool, "INSERT INTO github_deliveries VALUES ('d1', 'gh/own', 'push', 'deployed', '', NULL, NULL, '', 1)")
+            .await;
+        migrate(&pool, Dialect::Sqlite).await.unwrap();
+        // The older project keeps the address both would have had.
+        let owners = texts(&pool, "SELECT project_id FROM hosts WHERE label = 'web-acme-corp'").await;
+        assert_eq!(owners, ["p1"]);
+        assert_eq!(texts(&pool, "SELECT label FROM hosts WHERE project_id = 'p3'").await, ["site-solo"]);
+        // An uncontested hook keeps working for its only organisation; a contested one is dropped.
+        assert_eq!(texts(&pool, "SELECT org || ' ' || repo FROM github_hooks").await, ["solo gh/own"]);
+        assert_eq!(texts(&pool, "SELECT org || ' ' || id FROM github_deliveries").await, ["solo d1"]);
+        // Running again changes nothing.
+        assert!(migrate(&pool, Dialect::Sqlite).await.unwrap().is_empty());
     }
 }

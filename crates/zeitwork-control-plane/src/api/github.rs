@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use utoipa::IntoParams;
 use zeitwork_api_types::{
-    CreateGithubHook, Environment, GithubDelivery, GithubHook, GithubTrigger, Project, Role, ValidationError,
+    CreateGithubHook, Environment, GithubDelivery, GithubHook, GithubTrigger, Project, Role, TokenScope,
+    ValidationError,
 };
 
 use crate::auth::Caller;
@@ -50,28 +51,71 @@ fn full_name(org: &str, repo: &str) -> Result<String, ApiError> {
     Ok(format!("{org}/{repo}"))
 }
 
-/// Whether the caller may manage or read the intake of `repo`: platform
-/// admins, and members with at least `min` in an org with a project deploying it.
-async fn require_repo_role(
+/// The organisation a webhook call acts for: the one named, else the org
+/// token's own, else (platform admins) the only organisation with a project
+/// deploying `repo`. The caller needs `min` in it.
+async fn hook_org(
     s: &AppState,
     caller: &Caller,
+    named: Option<&str>,
     repo: &str,
     min: Role,
     action: &str,
-) -> ApiResult<Vec<Project>> {
-    let projects = s.store.projects_of_repo(repo).await?;
-    if caller.is_admin() || projects.iter().any(|p| caller.role_in(&p.org).is_some_and(|r| r >= min)) {
-        return Ok(projects);
-    }
-    let why = format!("this needs the {} role in an organisation with a project deploying {repo}", min.as_str());
-    s.deny(caller, action, repo, None, &why).await
+) -> ApiResult<String> {
+    let org = match (named, &caller.scope) {
+        (Some(o), _) => {
+            zeitwork_api_types::validate::dns_label("project_org", o)?;
+            o.to_owned()
+        }
+        (None, TokenScope::Org { org, .. }) => org.clone(),
+        (None, _) => {
+            let mut orgs: Vec<String> =
+                s.store.projects_of_repo(repo, None).await?.into_iter().map(|p| p.org).collect();
+            orgs.sort();
+            orgs.dedup();
+            match orgs.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(ValidationError::new(
+                        "project_org",
+                        format!("no project deploys {repo}; set github_repo on one, or name its organisation"),
+                    )
+                    .into())
+                }
+                _ => {
+                    return Err(ValidationError::new(
+                        "project_org",
+                        format!("projects of {} deploy {repo}; name the organisation", orgs.join(", ")),
+                    )
+                    .into())
+                }
+            }
+        }
+    };
+    s.require_role(caller, &org, min, action, repo).await?;
+    Ok(org)
 }
 
 fn hook_view(h: &zeitwork_store::StoredHook) -> GithubHook {
-    GithubHook { repo: h.repo.clone(), events: h.events.clone(), path: WEBHOOK_PATH.into(), created_at: h.created_at }
+    GithubHook {
+        project_org: h.org.clone(),
+        repo: h.repo.clone(),
+        events: h.events.clone(),
+        path: WEBHOOK_PATH.into(),
+        created_at: h.created_at,
+    }
 }
 
-/// Configure the webhook of a GitHub repository (its secret is stored encrypted).
+/// The key a webhook secret is encrypted under: bound to its organisation and repository.
+fn secret_context(org: &str, repo: &str) -> String {
+    format!("github:{org}:{repo}")
+}
+
+/// Configure an organisation's webhook of a GitHub repository (Admin; the secret is stored encrypted).
+///
+/// Each organisation keeps its own registration: registering a repository
+/// never replaces another organisation's, and a delivery acts only for the
+/// organisation whose secret signed it.
 #[utoipa::path(post, path = "/api/v1/github/webhooks", tag = "github", request_body = CreateGithubHook,
     responses((status = 201, body = GithubHook), (status = 400, body = zeitwork_api_types::ApiError),
         (status = 403, body = zeitwork_api_types::ApiError)))]
@@ -81,7 +125,8 @@ pub async fn create_hook(
     JsonBody(b): JsonBody<CreateGithubHook>,
 ) -> ApiResult<Response> {
     let repo = full_name(&b.org, &b.repo)?;
-    require_repo_role(&s, &caller, &repo, Role::Admin, "github.hook.create").await?;
+    let org = hook_org(&s, &caller, b.project_org.as_deref(), &repo, Role::Admin, "github.hook.create").await?;
+    s.store.get_org(&org).await?;
     let mut events = if b.events.is_empty() { vec!["push".to_owned()] } else { b.events.clone() };
     events.sort();
     events.dedup();
@@ -95,9 +140,25 @@ pub async fn create_hook(
     if b.secret.len() < 16 || b.secret.len() > 256 {
         return Err(ValidationError::new("secret", "use 16 to 256 characters (the secret set on GitHub)").into());
     }
-    let secret_enc = s.cipher.encrypt(&format!("github:{repo}"), &b.secret);
-    let hook = s.store.put_github_hook(&repo, &events, &secret_enc, &caller.audit("github.hook.create", &repo)).await?;
+    // Two registrations of one repository with one secret could not be told apart by signature.
+    for other in s.store.github_hooks_of_repo(&repo).await?.iter().filter(|h| h.org != org) {
+        let theirs = s
+            .cipher
+            .decrypt(&secret_context(&other.org, &other.repo), &other.secret_enc)
+            .map_err(|e| ApiError::internal("decrypting a webhook secret", e))?;
+        if subtle_eq(theirs.as_bytes(), b.secret.as_bytes()) {
+            return Err(ValidationError::new("secret", "choose another secret for this webhook").into());
+        }
+    }
+    let secret_enc = s.cipher.encrypt(&secret_context(&org, &repo), &b.secret);
+    let audit = caller.audit("github.hook.create", &repo).org(&org);
+    let hook = s.store.put_github_hook(&org, &repo, &events, &secret_enc, &audit).await?;
     Ok((StatusCode::CREATED, Json(hook_view(&hook))).into_response())
+}
+
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 #[derive(Debug, serde::Deserialize, IntoParams)]
@@ -105,9 +166,11 @@ pub async fn create_hook(
 pub struct DeliveryQuery {
     /// At most this many, newest first (1–1000, default 100).
     pub limit: Option<u32>,
+    /// The Zeitwork organisation whose deliveries to list (an org token's own by default).
+    pub project_org: Option<String>,
 }
 
-/// Deliveries of a repository's webhook, newest first, with their outcome.
+/// Deliveries of an organisation's webhook of a repository, newest first, with their outcome.
 #[utoipa::path(get, path = "/api/v1/github/webhooks/{org}/{repo}/deliveries", tag = "github",
     params(("org" = String, Path), ("repo" = String, Path), DeliveryQuery),
     responses((status = 200, body = Vec<GithubDelivery>), (status = 403, body = zeitwork_api_types::ApiError)))]
@@ -118,12 +181,15 @@ pub async fn list_deliveries(
     QueryParams(q): QueryParams<DeliveryQuery>,
 ) -> ApiResult<Json<Vec<GithubDelivery>>> {
     let repo = full_name(&org, &repo)?;
-    require_repo_role(&s, &caller, &repo, Role::Guest, "github.delivery.list").await?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(ApiError::InvalidQuery(format!("limit: {limit} is out of range; use 1 to 1000")));
     }
-    Ok(Json(s.store.list_github_deliveries(&repo, limit).await?))
+    let org = hook_org(&s, &caller, q.project_org.as_deref(), &repo, Role::Guest, "github.delivery.list").await?;
+    if s.store.github_hook(&org, &repo).await?.is_none() {
+        return Err(ApiError::NotFound(format!("{org} has no webhook for {repo}")));
+    }
+    Ok(Json(s.store.list_github_deliveries(&org, &repo, limit).await?))
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -187,13 +253,12 @@ pub async fn receive(State(s): State<AppState>, headers: HeaderMap, body: Body) 
         .filter(|r| r.split_once('/').is_some_and(|(o, n)| owner_ok(o) && repo_name_ok(n)))
         .ok_or_else(|| ApiError::InvalidBody("the payload names no repository (repository.full_name)".into()))?
         .to_owned();
-    let hook = s.store.github_hook(&repo).await?.ok_or_else(|| {
-        ApiError::NotFound(format!("no webhook is configured for {repo}; add it with POST /api/v1/github/webhooks"))
-    })?;
-    let secret = s
-        .cipher
-        .decrypt(&format!("github:{repo}"), &hook.secret_enc)
-        .map_err(|e| ApiError::internal("decrypting a webhook secret", e))?;
+    let hooks = s.store.github_hooks_of_repo(&repo).await?;
+    if hooks.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "no webhook is configured for {repo}; add it with POST /api/v1/github/webhooks"
+        )));
+    }
     let mut record = GithubDelivery {
         id: delivery.clone(),
         repo: repo.clone(),
@@ -205,19 +270,31 @@ pub async fn receive(State(s): State<AppState>, headers: HeaderMap, body: Body) 
         deployments: Vec::new(),
         received_at: chrono::Utc::now(),
     };
-    if !signature_ok(secret.as_bytes(), &raw, &signature) {
-        tracing::warn!(%repo, %delivery, "webhook signature does not match; delivery rejected");
-        // A forged delivery must not overwrite a genuine record of the same id.
-        if s.store.github_delivery(&delivery).await?.is_none() {
+    // The signature, not the repository name, decides whose registration this is.
+    let mut signed_by = None;
+    for h in hooks {
+        let secret = s
+            .cipher
+            .decrypt(&secret_context(&h.org, &h.repo), &h.secret_enc)
+            .map_err(|e| ApiError::internal("decrypting a webhook secret", e))?;
+        if signature_ok(secret.as_bytes(), &raw, &signature) {
+            signed_by = Some(h);
+            break;
+        }
+    }
+    let Some(hook) = signed_by else {
+        tracing::warn!(%repo, %delivery, "webhook signature matches no registration; delivery rejected");
+        // Kept apart from every organisation's record: a forgery must not overwrite or reveal a genuine delivery.
+        if s.store.github_delivery("", &delivery).await?.is_none() {
             record.status = "rejected".into();
             record.outcome = "X-Hub-Signature-256 does not match the configured secret".into();
-            s.store.record_github_delivery(&record).await?;
+            s.store.record_github_delivery("", &record).await?;
         }
         return Err(ApiError::Unauthorized(
             "X-Hub-Signature-256 does not match this repository's webhook secret".into(),
         ));
-    }
-    if let Some(earlier) = s.store.github_delivery(&delivery).await?.filter(|d| d.status != "rejected") {
+    };
+    if let Some(earlier) = s.store.github_delivery(&hook.org, &delivery).await? {
         return Ok(answer(
             StatusCode::OK,
             json!({"status": "duplicate", "outcome": earlier.outcome, "deployments": earlier.deployments}),
@@ -235,12 +312,12 @@ pub async fn receive(State(s): State<AppState>, headers: HeaderMap, body: Body) 
             (json!({"status": "ignored", "outcome": record.outcome}), StatusCode::ACCEPTED)
         }
         _ => {
-            push(&s, &payload, &mut record).await?;
+            push(&s, &hook.org, &payload, &mut record).await?;
             let code = if record.status == "deployed" { StatusCode::OK } else { StatusCode::ACCEPTED };
             (json!({"status": record.status, "outcome": record.outcome, "deployments": record.deployments}), code)
         }
     };
-    s.store.record_github_delivery(&record).await?;
+    s.store.record_github_delivery(&hook.org, &record).await?;
     Ok(answer(code, status))
 }
 
@@ -250,8 +327,8 @@ pub fn skips(message: &str) -> bool {
     m.contains("[skip ci]") || m.contains("[ci skip]")
 }
 
-/// Acts on a verified `push`: a deployment per project that follows the branch.
-async fn push(s: &AppState, payload: &Value, record: &mut GithubDelivery) -> ApiResult<()> {
+/// Acts on a verified `push`: a deployment per project of `org` that follows the branch.
+async fn push(s: &AppState, org: &str, payload: &Value, record: &mut GithubDelivery) -> ApiResult<()> {
     let git_ref = payload["ref"].as_str().unwrap_or_default().to_owned();
     let sha = payload["after"].as_str().unwrap_or_default().to_owned();
     record.git_ref = Some(git_ref.clone()).filter(|r| !r.is_empty());
@@ -272,7 +349,7 @@ async fn push(s: &AppState, payload: &Value, record: &mut GithubDelivery) -> Api
         record.outcome = "the commit message asks to skip ([skip ci] / [ci skip])".into();
         return Ok(());
     }
-    let projects = s.store.projects_of_repo(&record.repo).await?;
+    let projects = s.store.projects_of_repo(&record.repo, Some(org)).await?;
     let following: Vec<&Project> = projects.iter().filter(|p| p.branch == branch).collect();
     if following.is_empty() {
         record.status = "ignored".into();
@@ -305,6 +382,7 @@ async fn deploy_commit(s: &AppState, p: &Project, sha: &str, message: Option<&st
     })?;
     let image = template.replace("{sha}", sha).replace("{short_sha}", &sha[..sha.len().min(7)]);
     zeitwork_api_types::validate::image_reference("image_template", &image)?;
+    super::images::check_archive_reference(s, &p.org, &image).await?;
     let mut new = super::projects::new_deployment(s, p, Environment::Production, image.clone(), by.to_owned());
     new.commit_sha = Some(sha.to_owned());
     new.commit_message = message.map(|m| m.chars().take(1000).collect());
@@ -327,21 +405,20 @@ pub async fn trigger(
     JsonBody(b): JsonBody<GithubTrigger>,
 ) -> ApiResult<Response> {
     let repo = full_name(&b.org, &b.repo)?;
-    let projects = require_repo_role(&s, &caller, &repo, Role::Developer, "github.trigger").await?;
-    let ours: Vec<&Project> =
-        projects.iter().filter(|p| caller.role_in(&p.org).is_some_and(|r| r >= Role::Developer)).collect();
+    let org = hook_org(&s, &caller, b.project_org.as_deref(), &repo, Role::Developer, "github.trigger").await?;
+    let ours = s.store.projects_of_repo(&repo, Some(&org)).await?;
     if ours.is_empty() {
-        return Err(ApiError::NotFound(format!("no project deploys {repo}; set github_repo on one")));
+        return Err(ApiError::NotFound(format!("no project of {org} deploys {repo}; set github_repo on one")));
     }
     let r = b.git_ref.trim();
     let is_sha = (7..=40).contains(&r.len()) && r.bytes().all(|c| c.is_ascii_hexdigit());
     let mut out = Vec::new();
-    for p in ours {
+    for p in &ours {
         let sha = if is_sha {
             r.to_ascii_lowercase()
         } else {
             let branch = r.strip_prefix("refs/heads/").unwrap_or(r);
-            s.store.last_pushed_sha(&repo, branch).await?.ok_or_else(|| {
+            s.store.last_pushed_sha(&org, &repo, branch).await?.ok_or_else(|| {
                 ApiError::Conflict(format!("no push to {branch} of {repo} was received yet; give a commit SHA as ref"))
             })?
         };

@@ -11,7 +11,7 @@ use base64::Engine;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::IntoParams;
-use zeitwork_api_types::{validate, ClusterRole, Role, TokenScope, UploadedImage, ARCHIVE_REGISTRY};
+use zeitwork_api_types::{validate, Role, TokenScope, UploadedImage, ARCHIVE_REGISTRY};
 use zeitwork_store::{nanoid, StoredArchive, BLOB_CHUNK};
 
 use crate::auth::Caller;
@@ -85,12 +85,13 @@ pub async fn upload_image(
         other => ApiError::InvalidBody(format!("the archive is not a usable image: {other}")),
     })?;
     let _ = std::fs::remove_file(&tar);
-    let mut existing = true;
+    // Whether *this organisation* already had the image; identical bytes
+    // held by another organisation are shared silently, never revealed.
+    let existing = s.store.find_archive(&org, &q.name, &archive.manifest_digest).await?.is_some();
     for blob in &archive.blobs {
         if s.store.blob_size(&blob.digest).await? == Some(blob.size as i64) {
             continue;
         }
-        existing = false;
         let mut f = tokio::fs::File::open(&blob.path).await.map_err(|e| ApiError::internal("storing an upload", e))?;
         let mut seq = 0i64;
         loop {
@@ -152,8 +153,49 @@ fn registry_error(status: StatusCode, code: &str, message: &str) -> Response {
     res
 }
 
-/// Who may pull `org`'s archives: node agents, platform admins, and the org's members.
-async fn may_pull(s: &AppState, headers: &HeaderMap, org: Option<&str>) -> Result<(), Response> {
+/// Seconds in a validity window of pull credentials: a credential is the
+/// same for a whole window (so assignment lists stay stable for long polls)
+/// and valid until the end of the next one.
+const PULL_WINDOW_SECS: i64 = 24 * 3600;
+const PULL_PREFIX: &str = "zwpull";
+
+/// `(org, name)` of an uploaded image's reference (`archive.zeitwork/ORG/NAME@…`).
+pub fn archive_repository(image: &str) -> Option<(&str, &str)> {
+    let host = image.get(..ARCHIVE_REGISTRY.len())?;
+    if !host.eq_ignore_ascii_case(ARCHIVE_REGISTRY) {
+        return None;
+    }
+    let rest = image[ARCHIVE_REGISTRY.len()..].strip_prefix('/')?;
+    let path = rest.split(['@', ':']).next()?;
+    path.split_once('/')
+}
+
+fn pull_message(org: &str, name: &str, expires: i64) -> String {
+    format!("pull\n{org}/{name}\n{expires}")
+}
+
+/// The password a node agent presents to pull `org/name` for a deployment placed on it.
+pub fn pull_credential(cipher: &crate::secrets::Cipher, org: &str, name: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let expires = (now / PULL_WINDOW_SECS + 2) * PULL_WINDOW_SECS;
+    format!("{PULL_PREFIX}.{expires}.{}", cipher.sign(&pull_message(org, name, expires)))
+}
+
+/// Whether `password` is a live pull credential for `org/name`.
+fn pull_credential_ok(cipher: &crate::secrets::Cipher, password: &str, org: &str, name: &str) -> bool {
+    let mut parts = password.split('.');
+    let (Some(PULL_PREFIX), Some(expires), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Ok(expires) = expires.parse::<i64>() else { return false };
+    expires > chrono::Utc::now().timestamp() && cipher.verify(&pull_message(org, name, expires), sig)
+}
+
+/// Who may pull `org`'s archives: platform admins, the org's members, and a
+/// node agent with the pull credential of that repository (issued with an
+/// assignment of it); a node agent's own token pulls nothing.
+async fn may_pull(s: &AppState, headers: &HeaderMap, repository: Option<(&str, &str)>) -> Result<(), Response> {
     let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let token = if let Some(b) = value.strip_prefix("Bearer ") {
         Some(b.trim().to_owned())
@@ -169,12 +211,18 @@ async fn may_pull(s: &AppState, headers: &HeaderMap, org: Option<&str>) -> Resul
     let unauthorized =
         || registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "send a Zeitwork token as the password");
     let Some(token) = token else { return Err(unauthorized()) };
+    if token.starts_with(PULL_PREFIX) {
+        return match repository {
+            Some((org, name)) if pull_credential_ok(&s.cipher, &token, org, name) => Ok(()),
+            Some(_) => Err(unauthorized()),
+            None => Ok(()),
+        };
+    }
     let caller: Caller = s.authenticate(&token).await.map_err(|_| unauthorized())?;
-    let ok = match (&caller.scope, org) {
+    let ok = match (&caller.scope, repository) {
         (TokenScope::Admin, _) => true,
-        (TokenScope::Cluster { role: ClusterRole::NodeAgent }, _) => true,
         (_, None) => matches!(caller.scope, TokenScope::Org { .. }),
-        (_, Some(o)) => caller.role_in(o).is_some(),
+        (_, Some((o, _))) => caller.role_in(o).is_some(),
     };
     if ok {
         Ok(())
@@ -196,7 +244,7 @@ pub async fn registry_manifest(
     method: axum::http::Method,
     Path((org, name, reference)): Path<(String, String, String)>,
 ) -> Response {
-    if let Err(r) = may_pull(&s, &headers, Some(&org)).await {
+    if let Err(r) = may_pull(&s, &headers, Some((&org, &name))).await {
         return r;
     }
     let unknown = || registry_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "no such uploaded image");
@@ -235,7 +283,7 @@ pub async fn registry_blob(
     headers: HeaderMap,
     Path((org, name, digest)): Path<(String, String, String)>,
 ) -> Response {
-    if let Err(r) = may_pull(&s, &headers, Some(&org)).await {
+    if let Err(r) = may_pull(&s, &headers, Some((&org, &name))).await {
         return r;
     }
     let unknown = || registry_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "no such blob in this repository");
@@ -266,9 +314,23 @@ pub async fn registry_blob(
 
 /// For deployments of uploaded images: the image must be an archive of the deploying org that exists.
 pub async fn check_archive_reference(s: &AppState, org: &str, image: &str) -> ApiResult<()> {
-    let Some(rest) = image.strip_prefix(ARCHIVE_REGISTRY).and_then(|r| r.strip_prefix('/')) else {
+    let Some(rest) = image
+        .get(..ARCHIVE_REGISTRY.len())
+        .filter(|h| h.eq_ignore_ascii_case(ARCHIVE_REGISTRY))
+        .map(|_| &image[ARCHIVE_REGISTRY.len()..])
+    else {
         return Ok(());
     };
+    let invalid_host = || {
+        ApiError::InvalidField(zeitwork_api_types::ValidationError::new(
+            "image",
+            format!("uploaded images are named {ARCHIVE_REGISTRY}/ORG/NAME@sha256:…"),
+        ))
+    };
+    if !image.starts_with(ARCHIVE_REGISTRY) {
+        return Err(invalid_host());
+    }
+    let Some(rest) = rest.strip_prefix('/') else { return Err(invalid_host()) };
     let invalid = |m: String| ApiError::InvalidField(zeitwork_api_types::ValidationError::new("image", m));
     let (path, digest) = rest.split_once('@').ok_or_else(|| {
         invalid(format!("uploaded images are deployed by digest: {ARCHIVE_REGISTRY}/ORG/NAME@sha256:…"))

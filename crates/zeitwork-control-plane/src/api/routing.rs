@@ -138,6 +138,9 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             })?;
             env.insert(v.key, value);
         }
+        let pull_credential = super::images::archive_repository(&a.image)
+            .filter(|(org, _)| *org == a.org)
+            .map(|(org, name)| super::images::pull_credential(&s.cipher, org, name));
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -148,6 +151,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             resources: a.resources,
             env,
             status: a.status,
+            pull_credential,
         });
     }
     Ok(out)
