@@ -57,6 +57,7 @@ async fn main() -> Result<()> {
             region: REGIONS[i % 3].into(),
             address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
             capacity: Capacity { vcpu: 64, memory: 262_144 },
+            physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
             runtime: Some("container".into()),
             runtime_detail: None,
         };
@@ -74,6 +75,8 @@ async fn main() -> Result<()> {
         regions: None,
         image_template: None,
         rate_limit: None,
+        sleep_after_secs: 900,
+        retain_deployments: 20,
     };
     // Existing load: deployments of 10 instances each, active.
     let per = 10;

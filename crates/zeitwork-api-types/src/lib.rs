@@ -128,7 +128,11 @@ pub struct Node {
     /// URL of the node agent, e.g. `http://10.0.0.5:8081`.
     pub address: String,
     pub status: NodeStatus,
+    /// What the scheduler may place: memory as is, vCPU shared (cores x the node's `cpu_overcommit`).
     pub capacity: Capacity,
+    /// The machine itself (cores, MiB), when the agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<Capacity>,
     /// Resources held by the instances placed on this node.
     pub allocated: Capacity,
     /// Number of instances placed on this node.
@@ -147,7 +151,11 @@ pub struct RegisterNode {
     pub hostname: String,
     pub region: String,
     pub address: String,
+    /// What the scheduler may place on the node (vCPU may exceed cores: CPU is shared).
     pub capacity: Capacity,
+    /// The machine's own cores and memory.
+    #[serde(default)]
+    pub physical: Option<Capacity>,
     #[serde(default)]
     pub runtime: Option<String>,
     /// How the runtime was chosen, shown on the node (at most 2000 characters).
@@ -265,6 +273,10 @@ pub struct Project {
     /// Image to deploy for a commit, `{sha}` is replaced, e.g. `ghcr.io/acme/web:sha-{sha}`.
     pub image_template: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    /// A deployment no environment points at sleeps after this many seconds without requests (default 900).
+    pub sleep_after_secs: u32,
+    /// Sleeping deployments are retired for good only once this many newer ones exist (default 20).
+    pub retain_deployments: u32,
     /// Active deployment id per environment.
     pub current_deployment: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
@@ -294,7 +306,16 @@ pub struct CreateProject {
     pub image_template: Option<String>,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub sleep_after_secs: Option<u32>,
+    #[serde(default)]
+    pub retain_deployments: Option<u32>,
 }
+
+/// Seconds without requests after which a deployment no environment points at sleeps.
+pub const DEFAULT_SLEEP_AFTER_SECS: u32 = 900;
+/// Newer deployments a sleeping one waits for before it is retired for good.
+pub const DEFAULT_RETAIN_DEPLOYMENTS: u32 = 20;
 
 /// Any subset of a project's settable fields. `null` clears an optional field.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -321,6 +342,10 @@ pub struct PatchProject {
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_after_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_deployments: Option<u32>,
 }
 
 fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
@@ -408,18 +433,24 @@ pub enum DeploymentStatus {
     Ready,
     Active,
     Standby,
+    /// No instances and no capacity held; its URL still works: a request wakes it.
+    Sleeping,
+    /// Woken from sleep (by a request or a rollback); an instance is being placed and started.
+    Waking,
     Retired,
     Failed,
 }
 
 impl DeploymentStatus {
-    pub const ALL: [DeploymentStatus; 8] = [
+    pub const ALL: [DeploymentStatus; 10] = [
         DeploymentStatus::Pending,
         DeploymentStatus::Preparing,
         DeploymentStatus::Starting,
         DeploymentStatus::Ready,
         DeploymentStatus::Active,
         DeploymentStatus::Standby,
+        DeploymentStatus::Sleeping,
+        DeploymentStatus::Waking,
         DeploymentStatus::Retired,
         DeploymentStatus::Failed,
     ];
@@ -432,6 +463,8 @@ impl DeploymentStatus {
             DeploymentStatus::Ready => "ready",
             DeploymentStatus::Active => "active",
             DeploymentStatus::Standby => "standby",
+            DeploymentStatus::Sleeping => "sleeping",
+            DeploymentStatus::Waking => "waking",
             DeploymentStatus::Retired => "retired",
             DeploymentStatus::Failed => "failed",
         }
@@ -455,12 +488,15 @@ pub struct Deployment {
     pub commit_message: Option<String>,
     pub instances_per_region: u32,
     pub status: DeploymentStatus,
-    /// Why the deployment failed, when it did.
+    /// Why the deployment failed, or what a `pending` one waits for.
     pub reason: Option<String>,
     pub url: String,
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When an edge last served a request for it (reported every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -664,6 +700,13 @@ pub struct Route {
     #[serde(default)]
     pub acme: bool,
     pub instances: Vec<RouteInstance>,
+    /// The deployment sleeps (or is waking): a request asks the operator to
+    /// wake it and is held until an instance is ready.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wake: bool,
+    /// The deployment was retired: requests answer 410 Gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

@@ -405,6 +405,7 @@ impl CreateProject {
         if let Some(regions) = &self.regions {
             region_list("regions", regions)?;
         }
+        lifecycle(self.sleep_after_secs, self.retain_deployments)?;
         if let Some(t) = &self.image_template {
             image_template("image_template", t)?;
         }
@@ -416,6 +417,9 @@ impl CreateProject {
 }
 
 pub fn region_list(field: &str, regions: &[String]) -> Result {
+    if regions.is_empty() {
+        return Err(ValidationError::new(field, "name at least one region the project runs in"));
+    }
     for (i, r) in regions.iter().enumerate() {
         dns_label(&format!("{field}[{i}]"), r)?;
         if regions[..i].contains(r) {
@@ -455,8 +459,28 @@ impl PatchProject {
         if let Some(Some(r)) = &self.rate_limit {
             rate_limit("rate_limit", r)?;
         }
-        Ok(())
+        lifecycle(self.sleep_after_secs, self.retain_deployments)
     }
+}
+
+/// Longest idle time before a deployment sleeps: 30 days.
+pub const MAX_SLEEP_AFTER_SECS: u32 = 30 * 24 * 3600;
+
+fn lifecycle(sleep_after_secs: Option<u32>, retain_deployments: Option<u32>) -> Result {
+    if let Some(s) = sleep_after_secs {
+        if !(10..=MAX_SLEEP_AFTER_SECS).contains(&s) {
+            return Err(ValidationError::new(
+                "sleep_after_secs",
+                format!("{s} is out of range; use 10 to {MAX_SLEEP_AFTER_SECS} seconds"),
+            ));
+        }
+    }
+    if let Some(n) = retain_deployments {
+        if !(1..=1000).contains(&n) {
+            return Err(ValidationError::new("retain_deployments", format!("{n} is out of range; use 1 to 1000")));
+        }
+    }
+    Ok(())
 }
 
 impl CreateDomain {

@@ -192,6 +192,11 @@ impl Client {
         self.call(Method::POST, path, Some(to_value(body)?)).await
     }
 
+    /// A POST whose success carries no body (204).
+    pub async fn post_no_content<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
+        self.send_raw(Method::POST, path, Some(&to_value(body)?)).await.map(|_| ())
+    }
+
     pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::POST, path, None).await
     }

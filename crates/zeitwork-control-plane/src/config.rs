@@ -37,6 +37,8 @@ pub struct OperatorConfig {
     pub public_addresses: Vec<std::net::IpAddr>,
     /// Seconds without a heartbeat after which a node is down and its instances move.
     pub node_timeout_secs: u64,
+    /// Seconds a deployment waits for room (a ready node, enough memory) before it fails.
+    pub placement_timeout_secs: u64,
 }
 
 impl Default for OperatorConfig {
@@ -54,6 +56,7 @@ impl Default for OperatorConfig {
             default_instances_per_region: 3,
             public_addresses: Vec::new(),
             node_timeout_secs: 15,
+            placement_timeout_secs: 300,
         }
     }
 }
@@ -99,6 +102,9 @@ impl OperatorConfig {
         }
         if !(1..=3600).contains(&self.node_timeout_secs) {
             return err("node_timeout_secs", "use 1 to 3600".into());
+        }
+        if !(1..=86400).contains(&self.placement_timeout_secs) {
+            return err("placement_timeout_secs", "use 1 to 86400".into());
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty".into());

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use zeitwork_api_types::{DeploymentStatus, InstanceStatus, Node, NodeStatus, Resources};
-use zeitwork_store::{Audit, DeploymentFilter, NewInstance, Page, Store};
+use zeitwork_api_types::{Deployment, DeploymentStatus, Instance, InstanceStatus, Node, NodeStatus, Resources};
+use zeitwork_store::{Audit, DeploymentFilter, NewInstance, Page, Store, StoreError};
 
 /// Engine timings.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +28,12 @@ pub struct EngineConfig {
     /// Whether missed heartbeats mark nodes down. Off for the first `node_timeout`
     /// of leading: while no operator ran, no node could report.
     pub check_nodes: bool,
+    /// How long a deployment may wait for room (a ready node, enough memory) before it fails.
+    pub placement_timeout: Duration,
+    /// Instances of one deployment that may fail within `crash_window` before
+    /// the engine stops replacing them (a crash-looping build is not restarted forever).
+    pub crash_budget: usize,
+    pub crash_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +46,9 @@ impl Default for EngineConfig {
             drain_grace: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
             check_nodes: true,
+            placement_timeout: Duration::from_secs(300),
+            crash_budget: 5,
+            crash_window: Duration::from_secs(600),
         }
     }
 }
@@ -88,6 +97,7 @@ pub async fn run(
     config: EngineConfig,
     holder: String,
     changed: impl Fn() + Send + 'static,
+    nudge: std::sync::Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     // One engine at a time across operators sharing a store.
@@ -118,6 +128,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(config.tick) => {}
+            // A new deployment or a wake is acted on at once, not at the next tick.
+            _ = nudge.notified() => {}
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -255,7 +267,6 @@ fn runtime_of(nodes: &[Node], id: &str) -> Option<String> {
 /// One pass over every deployment that is not settled; returns whether anything changed.
 pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_store::StoreError> {
     let mut changed = false;
-    let by = |status| DeploymentFilter { status: Some(status), ..Default::default() };
     let now = chrono::Utc::now();
 
     // Nodes that stopped heartbeating: their instances are re-placed in the same region.
@@ -267,63 +278,91 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         changed = true;
     }
     for lost in store.instances_on_down_nodes().await? {
-        let d = store.get_deployment(&lost.deployment).await?;
-        // Only the engine that retires the instance replaces it.
-        if !store.retire_instance(&lost.id, "its node is down; replaced on another node").await? {
-            continue;
+        // The desired-count reconciler below places a replacement when there is room.
+        if store.retire_instance(&lost.id, "its node is down; replaced on another node").await? {
+            changed = true;
         }
-        changed = true;
-        if !matches!(
-            d.status,
-            DeploymentStatus::Starting | DeploymentStatus::Ready | DeploymentStatus::Active | DeploymentStatus::Standby
-        ) {
-            continue;
-        }
-        replace_instance(store, &d, &lost).await?;
     }
 
-    for d in store.list_deployments(&by(DeploymentStatus::Pending), &Page::first(100)).await?.items {
+    // Deployments nobody points at go to sleep and free their capacity first,
+    // so what waits for room below can use it in this same pass.
+    changed |= sleep_idle(store, config, now).await?;
+    for d in store.sleeping_beyond_retention().await? {
+        let audit = system("deployment.retire", &d.id, &d.org, &d.project);
+        let reason = "retired: the project keeps retain_deployments newer deployments";
+        store.retire_deployment(&d.id, reason, &audit).await?;
+        changed = true;
+    }
+
+    let mut pending = all_with(store, DeploymentStatus::Pending).await?;
+    pending.reverse(); // oldest first
+    for d in pending {
         let project = store.get_project(&d.org, &d.project).await?;
         let nodes = all_nodes(store).await?;
         let mut plan = Vec::new();
         let mut failure = None;
         if project.regions.is_empty() {
-            failure = Some("the project runs in no region; set its regions".to_owned());
+            failure = Some(Shortfall::Unplaceable("the project runs in no region; set its regions".to_owned()));
         }
         for region in &project.regions {
             match place(&nodes, region, d.instances_per_region, project.resources) {
                 Ok(picked) => plan.extend(picked.into_iter().map(|n| (n, region.clone()))),
                 Err(why) => {
-                    failure = Some(why);
+                    failure = Some(Shortfall::classify(why, region));
                     break;
                 }
             }
         }
-        if let Some(why) = failure {
-            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&format!("placement: {why}"))).await?;
-            store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
-        } else if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
-            // Claimed: no other engine places this deployment.
-            for (node, region) in plan {
-                store
-                    .create_instance(&NewInstance {
-                        deployment: d.id.clone(),
-                        runtime: runtime_of(&nodes, &node),
-                        node: Some(node),
-                        region,
-                        resources: project.resources,
-                    })
-                    .await?;
+        match failure {
+            Some(short) => {
+                let waited = now - d.created_at;
+                if matches!(short, Shortfall::Unplaceable(_))
+                    || waited > chrono::Duration::from_std(config.placement_timeout).unwrap_or_default()
+                {
+                    let why = format!(
+                        "placement: {}; waited {} s (placement_timeout_secs)",
+                        short.message(),
+                        waited.num_seconds().max(0)
+                    );
+                    store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
+                    store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
+                    changed = true;
+                } else {
+                    let reason = format!("waiting for room: {}", short.message());
+                    if d.reason.as_deref() != Some(reason.as_str()) {
+                        store.set_pending_reason(&d.id, &reason).await?;
+                        changed = true;
+                    }
+                    if let Shortfall::Capacity(region, _) = &short {
+                        changed |= make_room(store, region, &d.id).await?;
+                    }
+                }
             }
-            store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
+            None => {
+                if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
+                    // Claimed: no other engine places this deployment.
+                    for (node, region) in plan {
+                        store
+                            .create_instance(&NewInstance {
+                                deployment: d.id.clone(),
+                                runtime: runtime_of(&nodes, &node),
+                                node: Some(node),
+                                region,
+                                resources: project.resources,
+                            })
+                            .await?;
+                    }
+                    store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
+                }
+                changed = true;
+            }
         }
-        changed = true;
     }
 
     // `preparing` is a deployment whose placement was claimed; a crash before it
     // reached `starting` is repaired here like any other step.
-    let mut starting = store.list_deployments(&by(DeploymentStatus::Preparing), &Page::first(100)).await?.items;
-    starting.extend(store.list_deployments(&by(DeploymentStatus::Starting), &Page::first(100)).await?.items);
+    let mut starting = all_with(store, DeploymentStatus::Preparing).await?;
+    starting.extend(all_with(store, DeploymentStatus::Starting).await?);
     for d in starting {
         // Instances replaced after their node went down no longer count.
         let instances: Vec<_> =
@@ -348,17 +387,249 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         }
     }
 
-    let window = chrono::Duration::from_std(config.rollback_window).unwrap_or_default();
-    for d in store.list_deployments(&by(DeploymentStatus::Standby), &Page::first(100)).await?.items {
-        if now - d.updated_at > window {
-            store.set_deployment_status(&d.id, DeploymentStatus::Retired, None).await?;
-            store.record_event(&system("deployment.retire", &d.id, &d.org, &d.project), "ok").await?;
-            changed = true;
+    changed |= wake(store, config, now).await?;
+
+    // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
+    let mut running = all_with(store, DeploymentStatus::Active).await?;
+    running.extend(all_with(store, DeploymentStatus::Standby).await?);
+    for d in running {
+        let woken = store.wakefulness(&d.id).await?.woken_at.is_some();
+        let desired = if d.status == DeploymentStatus::Standby && woken { 1 } else { d.instances_per_region };
+        changed |= reconcile(store, config, &d, desired, now).await?.placed;
+    }
+    Ok(changed)
+}
+
+/// Why a deployment could not be placed.
+enum Shortfall {
+    /// No ready node in the region yet (one may register, or come back).
+    NoNode(String),
+    /// Not enough free memory or vCPU in the region (something may sleep, retire or leave).
+    Capacity(String, String),
+    /// Nothing that happens later helps.
+    Unplaceable(String),
+}
+
+impl Shortfall {
+    fn classify(why: String, region: &str) -> Self {
+        if why.contains("no ready node") {
+            Shortfall::NoNode(why)
+        } else {
+            Shortfall::Capacity(region.to_owned(), why)
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Shortfall::NoNode(m) | Shortfall::Capacity(_, m) | Shortfall::Unplaceable(m) => m,
+        }
+    }
+}
+
+/// Deployments with `status`, newest first, every page.
+async fn all_with(store: &Store, status: DeploymentStatus) -> Result<Vec<Deployment>, StoreError> {
+    let filter = DeploymentFilter { status: Some(status), ..Default::default() };
+    let mut out = Vec::new();
+    let mut page = Page::first(500);
+    loop {
+        let l = store.list_deployments(&filter, &page).await?;
+        out.extend(l.items);
+        match l.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Standby deployments (replaced, or woken from sleep) that nobody uses go to sleep:
+/// a replaced one after the rollback window, a woken one after its project's
+/// `sleep_after_secs`, and neither while requests keep arriving within that time.
+async fn sleep_idle(
+    store: &Store,
+    config: &EngineConfig,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
+    let now_ms = now.timestamp_millis();
+    for d in all_with(store, DeploymentStatus::Standby).await? {
+        let project = store.get_project(&d.org, &d.project).await?;
+        let w = store.wakefulness(&d.id).await?;
+        let idle_ms = i64::from(project.sleep_after_secs) * 1000;
+        let since = match w.woken_at {
+            Some(woken) => woken + idle_ms,
+            None => d.updated_at.timestamp_millis() + config.rollback_window.as_millis() as i64,
+        };
+        let recent = w.last_request_at.is_some_and(|at| at + idle_ms > now_ms);
+        if now_ms >= since && !recent {
+            let audit = system("deployment.sleep", &d.id, &d.org, &d.project);
+            if store.sleep_deployment(&d.id, "idle: no environment points at it and no requests came", &audit).await? {
+                tracing::info!(deployment = %d.id, "deployment went to sleep");
+                changed = true;
+            }
         }
     }
     Ok(changed)
 }
 
+/// Frees room in `region` for `waiting`: the standby deployment holding
+/// capacity there that was replaced longest ago goes to sleep early (it wakes
+/// on its next request). One per pass, so nothing sleeps that need not.
+async fn make_room(store: &Store, region: &str, waiting: &str) -> Result<bool, StoreError> {
+    let mut standby = all_with(store, DeploymentStatus::Standby).await?;
+    standby.sort_by_key(|d| d.updated_at);
+    for d in standby {
+        let holds = store.list_instances(&d.id).await?.iter().any(|i| {
+            i.region == region
+                && !matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited)
+        });
+        if !holds {
+            continue;
+        }
+        let audit = system("deployment.sleep", &d.id, &d.org, &d.project)
+            .detail(serde_json::json!({"reason": "room for another deployment", "for": waiting}));
+        if store.sleep_deployment(&d.id, &format!("slept early to make room for {waiting}"), &audit).await? {
+            tracing::info!(deployment = %d.id, %waiting, "a standby deployment went to sleep early to make room");
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Waking deployments: an instance per region (all of `instances_per_region`
+/// for a rollback) is placed and started; once ready, a rollback switches
+/// its environment over and a woken one serves as standby. One that cannot
+/// come up goes back to sleep with the reason, its URL still working.
+async fn wake(store: &Store, config: &EngineConfig, now: chrono::DateTime<chrono::Utc>) -> Result<bool, StoreError> {
+    let mut changed = false;
+    for d in all_with(store, DeploymentStatus::Waking).await? {
+        let w = store.wakefulness(&d.id).await?;
+        let desired = if w.wake_for.is_some() { d.instances_per_region } else { 1 };
+        let r = reconcile(store, config, &d, desired, now).await?;
+        changed |= r.placed;
+        let woken_ms = w.woken_at.unwrap_or_else(|| d.updated_at.timestamp_millis());
+        let waited = now.timestamp_millis() - woken_ms;
+        if r.ready {
+            match w.wake_for {
+                Some(env) => {
+                    let audit = system("deployment.rollback", &d.id, &d.org, &d.project)
+                        .detail(serde_json::json!({"environment": env, "woken": true}));
+                    store.point_environment(&d.id, env, &audit).await?;
+                    tracing::info!(deployment = %d.id, environment = env.as_str(), "woken deployment took over its environment");
+                }
+                None => {
+                    store.finish_waking(&d.id).await?;
+                    tracing::info!(deployment = %d.id, waited_ms = waited, "deployment woke");
+                }
+            }
+            changed = true;
+        } else if let Some(why) = r.stuck {
+            changed |= store.back_to_sleep(&d.id, &format!("could not wake: {why}")).await?;
+        } else if waited > config.start_timeout.as_millis() as i64 {
+            let why = format!("could not wake: no instance was ready within {} s", config.start_timeout.as_secs());
+            changed |= store.back_to_sleep(&d.id, &why).await?;
+        } else if r.short_of_room.is_some() && waited > config.placement_timeout.as_millis() as i64 {
+            let why = format!("could not wake: {}", r.short_of_room.unwrap_or_default());
+            changed |= store.back_to_sleep(&d.id, &why).await?;
+        } else if let Some(region) = r.room_needed_in {
+            changed |= make_room(store, &region, &d.id).await?;
+        }
+    }
+    Ok(changed)
+}
+
+/// What one reconcile of a deployment did and found.
+#[derive(Debug, Default)]
+struct Reconciled {
+    placed: bool,
+    /// Every region has its desired count of live instances, all ready.
+    ready: bool,
+    /// The last placement failure, when some instance could not be placed.
+    short_of_room: Option<String>,
+    /// A region where capacity (not a missing node) stopped placement.
+    room_needed_in: Option<String>,
+    /// Instances keep failing: the engine stopped replacing them.
+    stuck: Option<String>,
+}
+
+/// Keeps `desired` live instances of `d` in each of its project's regions:
+/// places what is missing where there is room (lost instances, a node that
+/// went down, a crash loop that ended), unless too many failed lately.
+async fn reconcile(
+    store: &Store,
+    config: &EngineConfig,
+    d: &Deployment,
+    desired: u32,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Reconciled, StoreError> {
+    let mut out = Reconciled { ready: true, ..Default::default() };
+    let project = store.get_project(&d.org, &d.project).await?;
+    let instances = store.list_instances(&d.id).await?;
+    let dead =
+        |i: &Instance| matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited);
+    let window = chrono::Duration::from_std(config.crash_window).unwrap_or_default();
+    let crashed: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited) && now - i.created_at < window)
+        .collect();
+    let mut nodes: Option<Vec<Node>> = None;
+    for region in &project.regions {
+        let live: Vec<&Instance> = instances.iter().filter(|i| &i.region == region && !dead(i)).collect();
+        let ready = live.iter().filter(|i| i.status == InstanceStatus::Ready).count() as u32;
+        if ready < desired {
+            out.ready = false;
+        }
+        let missing = desired.saturating_sub(live.len() as u32);
+        if missing == 0 {
+            continue;
+        }
+        if crashed.len() >= config.crash_budget {
+            let last = crashed.iter().max_by_key(|i| i.created_at).and_then(|i| i.exit_reason.clone());
+            out.stuck = Some(format!(
+                "{} instances failed within {} s (last: {}); not replaced",
+                crashed.len(),
+                config.crash_window.as_secs(),
+                last.unwrap_or_else(|| "no reason recorded".into())
+            ));
+            continue;
+        }
+        if nodes.is_none() {
+            nodes = Some(all_nodes(store).await?);
+        }
+        let Some(nodes) = nodes.as_mut() else { continue };
+        match place(nodes, region, missing, project.resources) {
+            Ok(picked) => {
+                for node in picked {
+                    let new = NewInstance {
+                        deployment: d.id.clone(),
+                        runtime: runtime_of(nodes, &node),
+                        node: Some(node.clone()),
+                        region: region.clone(),
+                        resources: project.resources,
+                    };
+                    let i = store.create_instance(&new).await?;
+                    // Later placements of this pass see what this one took.
+                    if let Some(n) = nodes.iter_mut().find(|n| n.id == node) {
+                        n.allocated.vcpu += project.resources.vcpu;
+                        n.allocated.memory += project.resources.memory;
+                    }
+                    tracing::info!(deployment = %d.id, instance = %i.id, %region, "placed an instance to reach the desired count");
+                    out.placed = true;
+                }
+            }
+            Err(why) => {
+                tracing::debug!(deployment = %d.id, %region, %why, "cannot place an instance yet");
+                if !why.contains("no ready node") {
+                    out.room_needed_in = Some(region.clone());
+                }
+                out.short_of_room = Some(why);
+            }
+        }
+    }
+    if project.regions.is_empty() {
+        out.ready = false;
+    }
+    Ok(out)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +643,7 @@ mod tests {
             address: "http://x:1".into(),
             status,
             capacity: Capacity { vcpu: 8, memory: mem },
+            physical: None,
             allocated: Capacity { vcpu: 0, memory: used },
             instances: 0,
             runtime: "container".into(),

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// (409)
     #[error("{0}")]
     Conflict(String),
+    /// It existed and is gone for good (410).
+    #[error("{0}")]
+    Gone(String),
     /// (413)
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::PayloadTooLarge(_) | ApiError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }

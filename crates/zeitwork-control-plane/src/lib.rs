@@ -44,6 +44,8 @@ pub struct AppState {
     pub assignments: Arc<watch::Sender<u64>>,
     /// Changes of deployments, instances and nodes, for event streams.
     pub feed: Arc<feed::Feed>,
+    /// Wakes this operator's deployment engine for a pass now (a new deployment, a wake).
+    pub engine: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
     pub fn changed(&self) {
         self.routing.changed();
         self.assignments.send_modify(|v| *v = v.wrapping_add(1));
+        self.engine.notify_one();
     }
 }
 
@@ -123,10 +126,12 @@ impl Operator {
         let assignments = Arc::new(watch::Sender::new(0u64));
         let bump = assignments.clone();
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
+        let engine_nudge = Arc::new(tokio::sync::Notify::new());
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig {
                 node_timeout: std::time::Duration::from_secs(config.node_timeout_secs),
+                placement_timeout: std::time::Duration::from_secs(config.placement_timeout_secs),
                 ..Default::default()
             },
             engine_id.clone(),
@@ -134,6 +139,7 @@ impl Operator {
                 hub.changed();
                 bump.send_modify(|v| *v = v.wrapping_add(1));
             },
+            engine_nudge.clone(),
             rx.clone(),
         ));
         let state = AppState {
@@ -149,6 +155,7 @@ impl Operator {
                 .unwrap_or_default(),
             assignments,
             feed: feed::Feed::new(),
+            engine: engine_nudge,
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let app = api::router(state);

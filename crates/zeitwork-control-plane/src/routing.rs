@@ -87,6 +87,8 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         environment: env,
         rate_limit: d.rate_limit,
         instances: d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect(),
+        wake: d.wake,
+        gone: d.gone,
     };
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();

@@ -308,6 +308,8 @@ async fn the_event_stream_shows_a_deployment_going_live() {
             loop {
                 let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
                 if let Some(i) = is.first() {
+                    // As long as a real instance takes to start, so the feed sees it starting first.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     let body = json!({"status": "ready", "address": "10.88.0.2:8080"});
                     let _ = agent
                         .put::<_, Value>(&format!("/api/v1/instances/{}/status", i["id"].as_str().unwrap()), &body)

@@ -479,7 +479,10 @@ pub(crate) async fn serve(
             }
         };
         let start = Instant::now();
-        let admission = admit(&state, &plan, &conn);
+        let admission = match admit(&state, &plan, &conn) {
+            Admission::Proxy(route) => crate::wake::hold(&state, &plan.host, route).await,
+            answer => answer,
+        };
         let route = match admission {
             Admission::Proxy(route) => route,
             Admission::Answer { response, routed } => {

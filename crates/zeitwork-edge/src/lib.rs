@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod table;
 pub mod tls;
+pub mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -80,6 +81,9 @@ pub struct EdgeConfig {
     /// Threads serving client connections, each with its own event loop,
     /// listening socket and upstream connections (0 = one per CPU core).
     pub workers: usize,
+    /// Seconds a request for a sleeping deployment is held while it wakes,
+    /// before it is answered 503 with `Retry-After`.
+    pub wake_hold_secs: u64,
 }
 
 /// Tells the operator every 5 s where this edge listens (load balancers follow the list).
@@ -132,6 +136,7 @@ impl Default for EdgeConfig {
             acme_directory: None,
             advertise_address: None,
             workers: 0,
+            wake_hold_secs: 30,
             acme_contact: None,
             acme_ca_root: None,
             acme_challenge: acme::Challenge::Http01,
@@ -168,6 +173,9 @@ impl EdgeConfig {
         }
         if self.max_header_bytes < 8192 {
             return err("max_header_bytes", "use at least 8192".into());
+        }
+        if !(1..=300).contains(&self.wake_hold_secs) {
+            return err("wake_hold_secs", format!("{} is out of range; use 1 to 300", self.wake_hold_secs));
         }
         if self.idle_timeout_secs == 0 || self.header_read_timeout_secs == 0 {
             return err("idle_timeout_secs", "timeouts must be at least 1 second".into());
@@ -297,6 +305,8 @@ pub struct EdgeState {
     trusted: Vec<Cidr>,
     /// ACME HTTP-01 answers by (host, token).
     acme: RwLock<HashMap<(String, String), String>>,
+    /// Requests held for waking deployments, and request activity for the operator.
+    pub wakes: wake::Wakes,
 }
 
 impl EdgeState {
@@ -337,6 +347,7 @@ impl EdgeState {
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         self.routes_generation.fetch_add(1, Ordering::Release);
         self.balancer.retain(&live);
+        self.wakes.table_changed();
     }
 
     /// The route of `host`, from this thread's own copy of the table: the
@@ -383,6 +394,7 @@ impl EdgeProxy {
             trusted,
             acme: RwLock::new(HashMap::new()),
             operator: Client::new(&config.operator_url, config.token.clone()),
+            wakes: wake::Wakes::default(),
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -476,6 +488,7 @@ impl EdgeProxy {
         } else {
             tracing::info!("not announced to load balancers: listening on all addresses; set advertise_address");
         }
+        tasks.push(tokio::spawn(wake::report_loop(state.clone(), client.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
         Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks, workers: pool })

@@ -240,6 +240,9 @@ pub(crate) fn admit(
         let response = page(StatusCode::NOT_FOUND, "Not found", "No application is deployed at this address.");
         return Admission::Answer { response, routed: false };
     };
+    if route.gone {
+        return crate::wake::gone();
+    }
     // Custom domains with a certificate are served over HTTPS only.
     if !conn.tls && route.environment.is_some() && !is_apps_host(host, &state.apps_domain()) && state.certs.has(host) {
         let location = format!("https://{host}{path_and_query}");
@@ -266,6 +269,7 @@ pub(crate) fn admit(
         );
         return Admission::Answer { response, routed: true };
     }
+    state.wakes.note_request(&route.deployment);
     Admission::Proxy(route)
 }
 
@@ -306,7 +310,11 @@ async fn route_request(
     let content_length =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let route = match admit(state, &host, conn, pq, content_length) {
+    let admission = match admit(state, &host, conn, pq, content_length) {
+        Admission::Proxy(route) => crate::wake::hold(state, &host, route).await,
+        answer => answer,
+    };
+    let route = match admission {
         Admission::Proxy(route) => route,
         Admission::Answer { response, routed } => return (response, routed.then_some(host), None),
     };

@@ -77,6 +77,8 @@ mod tests {
                 .iter()
                 .map(|i| RouteInstance { id: (*i).into(), upstream: "http://n:1".into() })
                 .collect(),
+            wake: false,
+            gone: false,
         }
     }
 

@@ -34,9 +34,13 @@ pub struct NodeAgentConfig {
     /// URL the operator and edge proxies reach this agent at; derived from
     /// `listen` when absent.
     pub advertise_url: Option<String>,
+    /// Cores of this machine the agent offers (all by default).
     pub vcpu: Option<u32>,
     /// MiB.
     pub memory: Option<u32>,
+    /// vCPU the scheduler may place per core: CPU is shared between instances
+    /// (cgroup weights), memory is a hard limit and never overcommitted.
+    pub cpu_overcommit: u32,
     /// `auto` (the best driver that works here, by probe), `firecracker`,
     /// `qemu` or `container`.
     pub runtime: String,
@@ -82,6 +86,7 @@ impl Default for NodeAgentConfig {
             advertise_url: None,
             vcpu: None,
             memory: None,
+            cpu_overcommit: 4,
             runtime: "auto".into(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             firecracker: None,
@@ -149,6 +154,9 @@ impl NodeAgentConfig {
         if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
             return err("liveness_interval_secs", "use 1 to 3600".into());
         }
+        if !(1..=64).contains(&self.cpu_overcommit) {
+            return err("cpu_overcommit", format!("{} is out of range; use 1 (no sharing) to 64", self.cpu_overcommit));
+        }
         if self.liveness_failures == 0 || self.liveness_failures > 100 {
             return err("liveness_failures", "use 1 to 100".into());
         }
@@ -158,11 +166,18 @@ impl NodeAgentConfig {
         Ok(())
     }
 
-    fn capacity(&self) -> Capacity {
+    /// The machine's cores and memory as offered.
+    fn physical(&self) -> Capacity {
         let vcpu =
             self.vcpu.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
         let memory = self.memory.unwrap_or_else(host_memory_mib);
         Capacity { vcpu, memory }
+    }
+
+    /// What the scheduler may place: cores x `cpu_overcommit` vCPU, memory as is.
+    fn capacity(&self) -> Capacity {
+        let p = self.physical();
+        Capacity { vcpu: p.vcpu.saturating_mul(self.cpu_overcommit), memory: p.memory }
     }
 }
 
@@ -233,6 +248,7 @@ impl NodeAgent {
             region: config.region.clone(),
             address: advertise,
             capacity: config.capacity(),
+            physical: Some(config.physical()),
             runtime: Some(selected.as_ref().map_or("container", |s| s.name).into()),
             runtime_detail: Some(match &selected {
                 Some(s) => s.detail.chars().take(2000).collect(),

@@ -33,9 +33,9 @@ async fn claim_host(conn: &mut AnyConnection, label: &str, project_id: &str, kin
 }
 
 /// Instance statuses that still hold resources on their node.
-const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
+pub(crate) const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
 
-async fn append_event(conn: &mut AnyConnection, audit: &Audit, result: &str) -> Result<()> {
+pub(crate) async fn append_event(conn: &mut AnyConnection, audit: &Audit, result: &str) -> Result<()> {
     sqlx::query(
         "INSERT INTO events (at, actor, action, target, org, project, result, detail) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -68,7 +68,7 @@ fn region_from(row: &AnyRow) -> Result<Region> {
 // ------------------------------------------------------------------ nodes
 
 const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
-    n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
+    n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
     (SELECT COUNT(*) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS inst_count, \
     (SELECT CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_vcpu, \
     (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
@@ -82,6 +82,10 @@ fn node_from(row: &AnyRow) -> Result<Node> {
         address: row.text("address")?,
         status: row.parsed("status", NodeStatus::parse)?,
         capacity: Capacity { vcpu: row.int("vcpu")? as u32, memory: row.int("memory")? as u32 },
+        physical: match (row.opt_int("physical_vcpu")?, row.opt_int("physical_memory")?) {
+            (Some(vcpu), Some(memory)) => Some(Capacity { vcpu: vcpu as u32, memory: memory as u32 }),
+            _ => None,
+        },
         allocated: Capacity { vcpu: row.int("alloc_vcpu")? as u32, memory: row.int("alloc_memory")? as u32 },
         instances: row.int("inst_count")? as u64,
         runtime: row.text("runtime")?,
@@ -128,11 +132,13 @@ pub struct NewProject {
     pub regions: Option<Vec<String>>,
     pub image_template: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    pub sleep_after_secs: u32,
+    pub retain_deployments: u32,
 }
 
 const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -169,6 +175,8 @@ fn project_from(row: &AnyRow) -> Result<Project> {
         regions,
         image_template: row.opt_text("image_template")?,
         rate_limit,
+        sleep_after_secs: row.int("sleep_after_secs")? as u32,
+        retain_deployments: row.int("retain_deployments")? as u32,
         current_deployment: current,
         created_at: ts(row.int("created_at")?),
         updated_at: ts(row.int("updated_at")?),
@@ -225,7 +233,7 @@ pub struct DeploymentFilter {
     pub environment: Option<Environment>,
 }
 
-fn deployment_from(row: &AnyRow) -> Result<Deployment> {
+pub(crate) fn deployment_from(row: &AnyRow) -> Result<Deployment> {
     Ok(Deployment {
         id: row.text("id")?,
         org: row.text("org")?,
@@ -242,6 +250,7 @@ fn deployment_from(row: &AnyRow) -> Result<Deployment> {
         created_by: row.opt_text("created_by")?,
         created_at: ts(row.int("created_at")?),
         updated_at: ts(row.int("updated_at")?),
+        last_request_at: row.opt_int("last_request_at")?.map(ts),
     })
 }
 
@@ -478,7 +487,7 @@ impl Store {
                 sqlx::query(
                     "UPDATE nodes SET region = $1, address = $2, vcpu = $3, memory = $4, runtime = $5, \
                      last_heartbeat = $6, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END, \
-                     runtime_detail = $8 WHERE id = $7",
+                     runtime_detail = $8, physical_vcpu = $9, physical_memory = $10 WHERE id = $7",
                 )
                 .bind(&r.region)
                 .bind(&r.address)
@@ -488,6 +497,8 @@ impl Store {
                 .bind(now)
                 .bind(&id)
                 .bind(&r.runtime_detail)
+                .bind(r.physical.map(|p| i64::from(p.vcpu)))
+                .bind(r.physical.map(|p| i64::from(p.memory)))
                 .execute(&mut *tx)
                 .await?;
                 (id, false)
@@ -495,8 +506,9 @@ impl Store {
             None => {
                 let id = format!("node_{}", nanoid(12));
                 let res = sqlx::query(
-                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at, runtime_detail) \
-                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at, \
+                     runtime_detail, physical_vcpu, physical_memory) \
+                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $10, $11, $12)",
                 )
                 .bind(&id)
                 .bind(&r.hostname)
@@ -508,6 +520,8 @@ impl Store {
                 .bind(now)
                 .bind(now)
                 .bind(&r.runtime_detail)
+                .bind(r.physical.map(|p| i64::from(p.vcpu)))
+                .bind(r.physical.map(|p| i64::from(p.memory)))
                 .execute(&mut *tx)
                 .await;
                 match res {
@@ -801,8 +815,9 @@ impl Store {
         let now = now_ms();
         let res = sqlx::query(
             "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
-             instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15)",
+             instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at, \
+             sleep_after_secs, retain_deployments) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17)",
         )
         .bind(&id)
         .bind(&org.id)
@@ -819,6 +834,8 @@ impl Store {
         .bind(p.rate_limit.map(|r| serde_json::to_string(&r).unwrap_or_default()))
         .bind(now)
         .bind(now)
+        .bind(i64::from(p.sleep_after_secs))
+        .bind(i64::from(p.retain_deployments))
         .execute(&mut *tx)
         .await;
         match res {
@@ -921,6 +938,12 @@ impl Store {
         }
         if let Some(v) = patch.instances_per_region {
             set(&mut q, "instances_per_region", Arg::Int(i64::from(v)));
+        }
+        if let Some(v) = patch.sleep_after_secs {
+            set(&mut q, "sleep_after_secs", Arg::Int(i64::from(v)));
+        }
+        if let Some(v) = patch.retain_deployments {
+            set(&mut q, "retain_deployments", Arg::Int(i64::from(v)));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")
@@ -1419,6 +1442,10 @@ pub struct RoutedDeployment {
     pub rate_limit: Option<RateLimit>,
     /// (instance id, node agent URL)
     pub instances: Vec<(String, String)>,
+    /// Asleep: a request wakes it.
+    pub wake: bool,
+    /// Retired: requests answer 410.
+    pub gone: bool,
 }
 
 impl Store {
@@ -1587,11 +1614,42 @@ impl Store {
                     project: r.text("project")?,
                     rate_limit,
                     instances: Vec::new(),
+                    wake: false,
+                    gone: false,
                 });
             }
             if let Some(d) = deployments.last_mut() {
                 d.instances.push((r.text("instance_id")?, r.text("upstream")?));
             }
+        }
+        // Sleeping (or waking, not yet ready) deployments route to a wake; retired ones to 410 Gone.
+        let routed: std::collections::HashSet<String> = deployments.iter().map(|d| d.id.clone()).collect();
+        let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
+        for r in sqlx::query(
+            "SELECT d.id, d.org, d.project, d.status, p.rate_limit FROM deployments d JOIN projects p ON p.id = d.project_id \
+             WHERE d.status IN ('sleeping', 'waking') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
+        )
+        .bind(month_ago)
+        .fetch_all(&self.reader)
+        .await?
+        {
+            let id = r.text("id")?;
+            if routed.contains(&id) {
+                continue;
+            }
+            let retired = r.text("status")? == "retired";
+            deployments.push(RoutedDeployment {
+                id,
+                org: r.text("org")?,
+                project: r.text("project")?,
+                rate_limit: r
+                    .opt_text("rate_limit")?
+                    .and_then(|s| serde_json::from_str::<Option<RateLimit>>(&s).ok())
+                    .flatten(),
+                instances: Vec::new(),
+                wake: !retired,
+                gone: retired,
+            });
         }
         let mut current = Vec::new();
         for r in
@@ -2204,43 +2262,7 @@ impl Store {
     /// Stops a deployment that serves no environment: it is retired and its
     /// instances stop. Stopping one already retired or failed changes nothing.
     pub async fn stop_deployment(&self, id: &str, audit: &Audit) -> Result<Deployment> {
-        let mut tx = self.writer.begin().await?;
-        let row =
-            sqlx::query(&format!("SELECT status, project_id FROM deployments WHERE id = $1{}", self.for_update()))
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
-        let status = row.text("status")?;
-        if status != "retired" && status != "failed" {
-            let current: String = sqlx::query("SELECT current_deployments FROM projects WHERE id = $1")
-                .bind(row.text("project_id")?)
-                .fetch_one(&mut *tx)
-                .await?
-                .text("current_deployments")?;
-            let serving: BTreeMap<String, String> = serde_json::from_str(&current).unwrap_or_default();
-            if let Some((env, _)) = serving.iter().find(|(_, d)| *d == id) {
-                return Err(StoreError::Conflict(format!(
-                    "deployment {id:?} serves {env}; deploy or roll back to another deployment first"
-                )));
-            }
-            sqlx::query("UPDATE deployments SET status = 'retired', reason = $1, updated_at = $2 WHERE id = $3")
-                .bind(format!("stopped by {}", audit.actor))
-                .bind(now_ms())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(&format!(
-                "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment was stopped' \
-                 WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
-            ))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            append_event(&mut tx, audit, "ok").await?;
-        }
-        tx.commit().await?;
-        self.get_deployment(id).await
+        self.retire_deployment(id, &format!("stopped by {}", audit.actor), audit).await
     }
 }
 
@@ -2274,22 +2296,7 @@ impl Store {
     pub async fn feed_snapshot(&self, since_ms: i64) -> Result<Vec<FeedRow>> {
         let mut out = Vec::new();
         let recent = "(d.status NOT IN ('retired', 'failed') OR d.updated_at >= $1)";
-        for r in
-            sqlx::query(&format!("SELECT d.id, d.org, d.project, d.status, d.reason FROM deployments d WHERE {recent}"))
-                .bind(since_ms)
-                .fetch_all(&self.reader)
-                .await?
-        {
-            out.push(FeedRow {
-                kind: "deployment",
-                id: r.text("id")?,
-                org: Some(r.text("org")?),
-                project: Some(r.text("project")?),
-                deployment: None,
-                status: r.text("status")?,
-                reason: r.opt_text("reason")?,
-            });
-        }
+        // Instances first: an instance getting ready comes before the activation it causes.
         for r in sqlx::query(&format!(
             "SELECT i.id, i.deployment_id, i.status, i.exit_reason, d.org, d.project FROM instances i \
              JOIN deployments d ON d.id = i.deployment_id WHERE {recent}"
@@ -2306,6 +2313,22 @@ impl Store {
                 deployment: Some(r.text("deployment_id")?),
                 status: r.text("status")?,
                 reason: r.opt_text("exit_reason")?,
+            });
+        }
+        for r in
+            sqlx::query(&format!("SELECT d.id, d.org, d.project, d.status, d.reason FROM deployments d WHERE {recent}"))
+                .bind(since_ms)
+                .fetch_all(&self.reader)
+                .await?
+        {
+            out.push(FeedRow {
+                kind: "deployment",
+                id: r.text("id")?,
+                org: Some(r.text("org")?),
+                project: Some(r.text("project")?),
+                deployment: None,
+                status: r.text("status")?,
+                reason: r.opt_text("reason")?,
             });
         }
         for r in sqlx::query("SELECT id, status FROM nodes").fetch_all(&self.reader).await? {

@@ -9,6 +9,7 @@
 //! validated input and already encrypted secrets.
 
 mod entities;
+mod lifecycle;
 mod schema;
 
 use std::path::Path;
@@ -19,6 +20,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use entities::*;
+pub use lifecycle::*;
 pub use schema::latest_version;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.

@@ -304,6 +304,21 @@ ALTER TABLE github_deliveries_by_org RENAME TO github_deliveries;
 CREATE INDEX github_deliveries_org_repo ON github_deliveries (org, repo, received_at)
 "#,
     ),
+    (
+        9,
+        "shared capacity and sleeping deployments",
+        r#"
+ALTER TABLE nodes ADD COLUMN physical_vcpu BIGINT;
+ALTER TABLE nodes ADD COLUMN physical_memory BIGINT;
+ALTER TABLE projects ADD COLUMN sleep_after_secs BIGINT NOT NULL DEFAULT 900;
+ALTER TABLE projects ADD COLUMN retain_deployments BIGINT NOT NULL DEFAULT 20;
+ALTER TABLE deployments ADD COLUMN last_request_at BIGINT;
+ALTER TABLE deployments ADD COLUMN woken_at BIGINT;
+ALTER TABLE deployments ADD COLUMN wake_for TEXT;
+CREATE INDEX deployments_status ON deployments (status, updated_at);
+CREATE INDEX instances_deployment ON instances (deployment_id)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -78,6 +78,7 @@ fn node(hostname: &str, region: &str) -> RegisterNode {
         region: region.into(),
         address: format!("http://{hostname}:8081"),
         capacity: Capacity { vcpu: 8, memory: 16384 },
+        physical: Some(Capacity { vcpu: 2, memory: 16384 }),
         runtime: None,
         runtime_detail: None,
     }
@@ -96,6 +97,8 @@ fn new_project(org: &str, name: &str) -> NewProject {
         regions: None,
         image_template: None,
         rate_limit: None,
+        sleep_after_secs: 900,
+        retain_deployments: 20,
     }
 }
 

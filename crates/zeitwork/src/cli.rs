@@ -282,6 +282,12 @@ pub struct ProjectSettings {
     /// Image to deploy per commit, `{sha}` replaced.
     #[arg(long)]
     image_template: Option<String>,
+    /// Seconds without requests after which a deployment no environment points at sleeps (10-2592000).
+    #[arg(long)]
+    sleep_after_secs: Option<u32>,
+    /// Sleeping deployments are retired once this many newer ones exist (1-1000).
+    #[arg(long)]
+    retain_deployments: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,6 +400,14 @@ pub enum DeploymentCmd {
     },
     /// Stop a deployment that serves no environment (its instances stop).
     Stop {
+        id: String,
+    },
+    /// Put a deployment no environment points at to sleep (its URL keeps working and wakes it).
+    Sleep {
+        id: String,
+    },
+    /// Wake a sleeping deployment now, instead of on its first request.
+    Wake {
         id: String,
     },
     /// The instances of a deployment.
@@ -518,6 +532,29 @@ pub async fn run(verb: Verb) -> Result<()> {
                     "{} is retired; redeploying its image as {} (follow with `zeitwork deployments show {}`).",
                     a.project, d.id, d.id
                 );
+            } else if d.status == DeploymentStatus::Waking {
+                println!("{} was asleep; waking it. Traffic moves to it once it is ready…", d.id);
+                let started = std::time::Instant::now();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    let now: Deployment = c.get(&format!("/api/v1/deployments/{}", encode(&d.id))).await?;
+                    match now.status {
+                        DeploymentStatus::Active => {
+                            println!("{} now serves {} ({}).", a.project, now.id, now.url);
+                            break;
+                        }
+                        DeploymentStatus::Sleeping | DeploymentStatus::Failed => anyhow::bail!(
+                            "{} could not wake: {}; {} keeps serving",
+                            now.id,
+                            now.reason.unwrap_or_else(|| "no reason recorded".into()),
+                            a.project
+                        ),
+                        _ if started.elapsed().as_secs() > 600 => {
+                            anyhow::bail!("stopped waiting for {} after 600 s; it is {}", now.id, now.status.as_str())
+                        }
+                        _ => {}
+                    }
+                }
             } else {
                 println!("{} now serves {} ({}).", a.project, d.id, d.url);
             }
@@ -601,7 +638,7 @@ async fn regions(conn: Conn, cmd: RegionCmd) -> Result<()> {
 
 fn node_rows(ns: &[Node]) {
     table(
-        &["id", "hostname", "region", "status", "instances", "vcpu", "memory", "heartbeat"],
+        &["id", "hostname", "region", "status", "instances", "vcpu used/schedulable", "cores", "memory", "heartbeat"],
         ns.iter()
             .map(|n| {
                 vec![
@@ -611,6 +648,7 @@ fn node_rows(ns: &[Node]) {
                     n.status.as_str().into(),
                     n.instances.to_string(),
                     format!("{}/{}", n.allocated.vcpu, n.capacity.vcpu),
+                    n.physical.map(|p| p.vcpu.to_string()).unwrap_or_else(|| "-".into()),
                     format!("{}/{} MiB", n.allocated.memory, n.capacity.memory),
                     n.last_heartbeat.as_ref().map(ago).unwrap_or_else(|| "never".into()),
                 ]
@@ -778,6 +816,8 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 regions: settings.regions,
                 image_template: settings.image_template,
                 rate_limit: None,
+                sleep_after_secs: settings.sleep_after_secs,
+                retain_deployments: settings.retain_deployments,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -811,6 +851,8 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 regions: settings.regions,
                 image_template: settings.image_template.map(Some),
                 rate_limit: None,
+                sleep_after_secs: settings.sleep_after_secs,
+                retain_deployments: settings.retain_deployments,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
@@ -1103,6 +1145,22 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 println!("Deployment {} is {}.", d.id, d.status.as_str())
             }
         }
+        DeploymentCmd::Sleep { id } => {
+            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/sleep", encode(&id))).await?;
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Deployment {} is {}; its URL wakes it.", d.id, d.status.as_str())
+            }
+        }
+        DeploymentCmd::Wake { id } => {
+            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/wake", encode(&id))).await?;
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Deployment {} is {}.", d.id, d.status.as_str())
+            }
+        }
         DeploymentCmd::Metrics { id } => {
             let m: DeploymentMetrics = c.get(&format!("/api/v1/deployments/{}/metrics", encode(&id))).await?;
             if conn.json {
@@ -1378,7 +1436,10 @@ async fn deploy(a: DeployArgs) -> Result<()> {
             c.get(&format!("/api/v1/deployments/{}/instances", encode(&d.id))).await.unwrap_or_default();
         let ready = instances.iter().filter(|i| i.status == InstanceStatus::Ready).count();
         let line = match d.status {
-            DeploymentStatus::Pending => "  placing instances…".to_owned(),
+            DeploymentStatus::Pending => match &d.reason {
+                Some(why) => format!("  pending, {why}"),
+                None => "  placing instances…".to_owned(),
+            },
             DeploymentStatus::Starting | DeploymentStatus::Preparing => {
                 let mut by_region: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
                 for i in &instances {

@@ -67,6 +67,8 @@ pub async fn create_project(
         regions: b.regions,
         image_template: b.image_template,
         rate_limit: b.rate_limit,
+        sleep_after_secs: b.sleep_after_secs.unwrap_or(zeitwork_api_types::DEFAULT_SLEEP_AFTER_SECS),
+        retain_deployments: b.retain_deployments.unwrap_or(zeitwork_api_types::DEFAULT_RETAIN_DEPLOYMENTS),
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))
@@ -364,6 +366,7 @@ pub async fn create_deployment(
         .project(&p.name)
         .detail(serde_json::json!({"image": b.image, "environment": new.environment}));
     let d = s.store.create_deployment(&new, &audit).await?;
+    s.engine.notify_one();
     Ok((StatusCode::ACCEPTED, Json(d)).into_response())
 }
 
@@ -481,7 +484,13 @@ pub async fn rollback(
             list.into_iter()
                 .find(|d| {
                     Some(&d.id) != current.as_ref()
-                        && matches!(d.status, DeploymentStatus::Standby | DeploymentStatus::Retired)
+                        && matches!(
+                            d.status,
+                            DeploymentStatus::Standby
+                                | DeploymentStatus::Sleeping
+                                | DeploymentStatus::Waking
+                                | DeploymentStatus::Retired
+                        )
                 })
                 .ok_or_else(|| {
                     ApiError::Conflict(format!("{target} has no earlier {} deployment to roll back to", env.as_str()))
@@ -497,6 +506,13 @@ pub async fn rollback(
             s.store.point_environment(&to.id, env, &audit).await?;
             s.changed();
             Ok(Json(s.store.get_deployment(&to.id).await?).into_response())
+        }
+        DeploymentStatus::Sleeping | DeploymentStatus::Waking => {
+            // Woken first; the environment switches only once it is ready, so nothing is lost meanwhile.
+            let audit = audit.detail(serde_json::json!({"environment": env, "wakes": true}));
+            s.store.wake_deployment(&to.id, Some(env), &audit).await?;
+            s.changed();
+            Ok((StatusCode::ACCEPTED, Json(s.store.get_deployment(&to.id).await?)).into_response())
         }
         DeploymentStatus::Retired => {
             // Its instances are gone: deploy the recorded image (by digest when known) again.
@@ -564,6 +580,78 @@ pub async fn deployment_instances(
         readable_deployment(&s, &caller, &id).await?;
     }
     Ok(Json(s.store.list_instances(&id).await?))
+}
+
+/// Retire a deployment that serves no environment, for good: its instances stop, its URL answers 410.
+#[utoipa::path(delete, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError),
+        (status = 409, body = zeitwork_api_types::ApiError, description = "it serves an environment")))]
+pub async fn delete_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Deployment>> {
+    let d = readable_deployment(&s, &caller, &id).await?;
+    s.require_role(&caller, &d.org, Role::Developer, "deployment.delete", &id).await?;
+    let audit = caller.audit("deployment.delete", &id).org(&d.org).project(&d.project);
+    let d = s.store.retire_deployment(&id, &format!("deleted by {}", caller.actor()), &audit).await?;
+    s.changed();
+    Ok(Json(d))
+}
+
+/// Wake a sleeping deployment (edges call this on a request for it): it
+/// goes `waking`, one instance per region starts, and it serves until idle again.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/wake", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 202, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError),
+        (status = 410, body = zeitwork_api_types::ApiError, description = "it was retired")))]
+pub async fn wake_deployment(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    let by_edge = matches!(
+        caller.scope,
+        zeitwork_api_types::TokenScope::Cluster { role: zeitwork_api_types::ClusterRole::EdgeProxy }
+    );
+    let d = if by_edge { s.store.get_deployment(&id).await? } else { readable_deployment(&s, &caller, &id).await? };
+    if !by_edge {
+        s.require_role(&caller, &d.org, Role::Developer, "deployment.wake", &id).await?;
+    }
+    match d.status {
+        DeploymentStatus::Retired => {
+            return Err(ApiError::Gone(format!("{id} was retired; deploy again or roll back to it")))
+        }
+        DeploymentStatus::Failed => return Err(ApiError::Conflict(format!("{id} failed and cannot serve"))),
+        _ => {}
+    }
+    let audit = caller.audit("deployment.wake", &id).org(&d.org).project(&d.project);
+    if s.store.wake_deployment(&id, None, &audit).await? {
+        tracing::info!(deployment = %id, by = %caller.name, "waking a sleeping deployment");
+        s.changed();
+    }
+    Ok((StatusCode::ACCEPTED, Json(s.store.get_deployment(&id).await?)).into_response())
+}
+
+/// Put a deployment that serves no environment to sleep now: its instances
+/// stop and free their capacity; its URL keeps working and wakes it.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/sleep", tag = "deployments", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment), (status = 404, body = zeitwork_api_types::ApiError),
+        (status = 409, body = zeitwork_api_types::ApiError, description = "it serves an environment, or is not running")))]
+pub async fn sleep_deployment(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Deployment>> {
+    let d = readable_deployment(&s, &caller, &id).await?;
+    s.require_role(&caller, &d.org, Role::Developer, "deployment.sleep", &id).await?;
+    if d.status == DeploymentStatus::Sleeping {
+        return Ok(Json(d));
+    }
+    let audit = caller.audit("deployment.sleep", &id).org(&d.org).project(&d.project);
+    if !s.store.sleep_deployment(&id, &format!("put to sleep by {}", caller.actor()), &audit).await? {
+        return Err(ApiError::Conflict(format!(
+            "{id} is {}; only a deployment no environment points at (standby) can sleep",
+            d.status.as_str()
+        )));
+    }
+    s.changed();
+    Ok(Json(s.store.get_deployment(&id).await?))
 }
 
 /// Stop a deployment that serves no environment: its instances stop and it is retired.

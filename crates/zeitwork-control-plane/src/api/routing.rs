@@ -167,3 +167,43 @@ pub async fn whoami(caller: Caller) -> Json<zeitwork_api_types::WhoAmI> {
         read_only: caller.read_only,
     })
 }
+
+/// Requests edges served, per deployment: `{"deployments": {"<id>": <unix ms of the last request>}}`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Activity {
+    pub deployments: std::collections::BTreeMap<String, i64>,
+}
+
+/// Most deployments one activity report may name.
+const MAX_ACTIVITY: usize = 10_000;
+
+/// Report when deployments last served requests (edge proxies, every few
+/// seconds): idle deployments that no environment points at go to sleep.
+#[utoipa::path(post, path = "/api/v1/routing/activity", tag = "routing", request_body = Activity,
+    responses((status = 204, description = "recorded"), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn report_activity(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(a): JsonBody<Activity>,
+) -> ApiResult<StatusCode> {
+    s.require_cluster(&caller, &[ClusterRole::EdgeProxy], "routing.activity", "deployments").await?;
+    if a.deployments.len() > MAX_ACTIVITY {
+        return Err(zeitwork_api_types::ValidationError::new(
+            "deployments",
+            format!("name at most {MAX_ACTIVITY} deployments per report"),
+        )
+        .into());
+    }
+    if let Some((id, _)) = a.deployments.iter().find(|(id, at)| id.is_empty() || id.len() > 200 || **at < 0) {
+        return Err(zeitwork_api_types::ValidationError::new(
+            "deployments",
+            format!("{id:?}: give deployment ids with a time in unix milliseconds"),
+        )
+        .into());
+    }
+    let seen: Vec<(String, i64)> = a.deployments.into_iter().collect();
+    s.store.record_requests(&seen).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,198 @@
+//! Deployments after they served: sleeping (no instances, no capacity held,
+//! URL kept), waking on request or for a rollback, retiring for good, and
+//! the request activity edges report that decides when to sleep.
+
+use zeitwork_api_types::{Deployment, Environment};
+
+use crate::entities::{append_event, LIVE_INSTANCE};
+use crate::{now_ms, Audit, Result, RowExt, Store, StoreError};
+
+/// What the engine needs to know of a deployment beyond its public fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wakefulness {
+    /// When it was last woken from sleep (ms), while it has not slept since.
+    pub woken_at: Option<i64>,
+    /// The environment to point at it once awake (a rollback to a sleeping deployment).
+    pub wake_for: Option<Environment>,
+    /// When an edge last served a request for it (ms).
+    pub last_request_at: Option<i64>,
+}
+
+impl Store {
+    pub async fn wakefulness(&self, id: &str) -> Result<Wakefulness> {
+        let row = sqlx::query("SELECT woken_at, wake_for, last_request_at FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        Ok(Wakefulness {
+            woken_at: row.opt_int("woken_at")?,
+            wake_for: row.opt_text("wake_for")?.and_then(|e| Environment::parse(&e)),
+            last_request_at: row.opt_int("last_request_at")?,
+        })
+    }
+
+    /// Puts a deployment that no environment points at to sleep: its
+    /// instances stop and release their capacity; its URL keeps working.
+    /// Returns whether it went to sleep now (false: it is serving, or not awake).
+    pub async fn sleep_deployment(&self, id: &str, reason: &str, audit: &Audit) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query(
+            "UPDATE deployments SET status = 'sleeping', reason = $1, woken_at = NULL, wake_for = NULL, updated_at = $2 \
+             WHERE id = $3 AND status IN ('standby', 'waking')",
+        )
+        .bind(reason)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment went to sleep' \
+             WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
+        ))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Wakes a sleeping deployment (it goes `waking`; the engine places an
+    /// instance). With `for_env`, the environment is pointed at it once it is
+    /// ready (a rollback). Returns whether this call woke it: of two requests
+    /// racing, exactly one does.
+    pub async fn wake_deployment(&self, id: &str, for_env: Option<Environment>, audit: &Audit) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let woke = sqlx::query(
+            "UPDATE deployments SET status = 'waking', reason = NULL, woken_at = $1, wake_for = $2, updated_at = $1 \
+             WHERE id = $3 AND status = 'sleeping'",
+        )
+        .bind(now)
+        .bind(for_env.map(|e| e.as_str().to_owned()))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if !woke {
+            if let Some(env) = for_env {
+                // Already waking: a rollback still switches once it is awake.
+                sqlx::query("UPDATE deployments SET wake_for = $1 WHERE id = $2 AND status = 'waking'")
+                    .bind(env.as_str())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        if woke {
+            append_event(&mut tx, audit, "ok").await?;
+        }
+        tx.commit().await?;
+        Ok(woke)
+    }
+
+    /// A waking deployment that cannot come up goes back to sleep with `reason` (its URL keeps working).
+    pub async fn back_to_sleep(&self, id: &str, reason: &str) -> Result<bool> {
+        self.sleep_deployment(id, reason, &Audit::new("system", "deployment.sleep", id)).await
+    }
+
+    /// A woken deployment is up: it stays running (standby) until idle for its project's `sleep_after_secs`.
+    pub async fn finish_waking(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE deployments SET status = 'standby', wake_for = NULL, updated_at = $1 WHERE id = $2 AND status = 'waking'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Retires a deployment for good (its URL then answers 410): refused
+    /// while it serves an environment. Its live instances stop.
+    pub async fn retire_deployment(&self, id: &str, reason: &str, audit: &Audit) -> Result<Deployment> {
+        let mut tx = self.writer.begin().await?;
+        let row =
+            sqlx::query(&format!("SELECT status, project_id FROM deployments WHERE id = $1{}", self.for_update()))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        let status = row.text("status")?;
+        if status != "retired" {
+            let current: String = sqlx::query("SELECT current_deployments FROM projects WHERE id = $1")
+                .bind(row.text("project_id")?)
+                .fetch_one(&mut *tx)
+                .await?
+                .text("current_deployments")?;
+            let serving: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(&current).unwrap_or_default();
+            if let Some((env, _)) = serving.iter().find(|(_, d)| *d == id) {
+                return Err(StoreError::Conflict(format!(
+                    "deployment {id:?} serves {env}; deploy or roll back to another deployment first"
+                )));
+            }
+            sqlx::query("UPDATE deployments SET status = 'retired', reason = $1, updated_at = $2 WHERE id = $3")
+                .bind(reason)
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment was retired' \
+                 WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
+            ))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            append_event(&mut tx, audit, "ok").await?;
+        }
+        tx.commit().await?;
+        self.get_deployment(id).await
+    }
+
+    /// Sleeping deployments with at least their project's `retain_deployments` newer deployments.
+    pub async fn sleeping_beyond_retention(&self) -> Result<Vec<Deployment>> {
+        let rows = sqlx::query(
+            "SELECT d.* FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.status = 'sleeping' \
+             AND (SELECT COUNT(*) FROM deployments n WHERE n.project_id = d.project_id AND n.created_at > d.created_at) \
+             >= p.retain_deployments ORDER BY d.created_at LIMIT 100",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(crate::entities::deployment_from).collect()
+    }
+
+    /// Records requests edges served: the newest time per deployment wins; times in the future count as now.
+    pub async fn record_requests(&self, seen: &[(String, i64)]) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        for (id, at) in seen {
+            sqlx::query(
+                "UPDATE deployments SET last_request_at = $1 WHERE id = $2 \
+                 AND (last_request_at IS NULL OR last_request_at < $1)",
+            )
+            .bind((*at).min(now))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Says what a `pending` deployment waits for, without touching its timestamps.
+    pub async fn set_pending_reason(&self, id: &str, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE deployments SET reason = $1 WHERE id = $2 AND status = 'pending'")
+            .bind(reason)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}
