@@ -39,6 +39,8 @@ pub struct OperatorConfig {
     pub node_timeout_secs: u64,
     /// Seconds a deployment waits for room (a ready node, enough memory) before it fails.
     pub placement_timeout_secs: u64,
+    /// Seconds a replaced deployment keeps its instances for an instant rollback before it sleeps.
+    pub rollback_window_secs: u64,
 }
 
 impl Default for OperatorConfig {
@@ -57,6 +59,7 @@ impl Default for OperatorConfig {
             public_addresses: Vec::new(),
             node_timeout_secs: 15,
             placement_timeout_secs: 300,
+            rollback_window_secs: 600,
         }
     }
 }
@@ -105,6 +108,9 @@ impl OperatorConfig {
         }
         if !(1..=86400).contains(&self.placement_timeout_secs) {
             return err("placement_timeout_secs", "use 1 to 86400".into());
+        }
+        if !(1..=86400).contains(&self.rollback_window_secs) {
+            return err("rollback_window_secs", "use 1 to 86400".into());
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty".into());

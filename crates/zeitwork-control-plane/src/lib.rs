@@ -132,6 +132,7 @@ impl Operator {
             engine::EngineConfig {
                 node_timeout: std::time::Duration::from_secs(config.node_timeout_secs),
                 placement_timeout: std::time::Duration::from_secs(config.placement_timeout_secs),
+                rollback_window: std::time::Duration::from_secs(config.rollback_window_secs),
                 ..Default::default()
             },
             engine_id.clone(),

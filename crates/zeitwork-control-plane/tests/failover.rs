@@ -332,3 +332,106 @@ async fn the_event_stream_shows_a_deployment_going_live() {
     assert!(active["previous"].is_string(), "{active}");
     op.shutdown().await;
 }
+
+/// A deployment with no room yet waits `pending` with the reason, goes live
+/// once a node with room registers, and fails only after the placement
+/// timeout; an instance reported failed after going live is placed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        placement_timeout_secs: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let project =
+        json!({"name": "web", "org": "acme", "instances_per_region": 1, "resources": {"vcpu": 1, "memory": 512}});
+    admin.post::<_, Value>("/api/v1/projects", &project).await.unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1"}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let show = |id: String| {
+        let admin = admin.clone();
+        async move { admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap() }
+    };
+    // No node yet: it waits, saying for what.
+    let waiting = until("a waiting reason", || async {
+        let d = show(dep.clone()).await;
+        d["reason"].as_str().is_some_and(|r| r.contains("no ready node")).then_some(d)
+    })
+    .await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+
+    // A node too small for it: still waiting, now for room.
+    let register = |host: &str, memory: u32| {
+        let agent = agent.clone();
+        let body = json!({"hostname": host, "region": "eu", "address": format!("http://{host}:8081"),
+            "capacity": {"vcpu": 8, "memory": memory}, "physical": {"vcpu": 2, "memory": memory}});
+        async move { agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap() }
+    };
+    let small = register("node-small", 256).await;
+    assert_eq!(small["physical"]["vcpu"], 2, "{small}");
+    assert_eq!(small["capacity"]["vcpu"], 8, "{small}");
+    until("a capacity reason", || async {
+        let d = show(dep.clone()).await;
+        (d["status"] == "pending" && d["reason"].as_str().is_some_and(|r| r.contains("lacks capacity"))).then_some(d)
+    })
+    .await;
+
+    // Room appears: it is placed and goes live.
+    register("node-big", 4096).await;
+    let instance = until("a placement", || async {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().cloned()
+    })
+    .await;
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let report = |id: String, status: &'static str| {
+        let agent = agent.clone();
+        async move {
+            let body = json!({"status": status, "address": "10.88.0.2:8080", "reason": "test"});
+            agent.put::<_, Value>(&format!("/api/v1/instances/{id}/status"), &body).await.ok();
+        }
+    };
+    report(id.clone(), "ready").await;
+    until("activation", || async { Some(show(dep.clone()).await).filter(|d| d["status"] == "active") }).await;
+
+    // The instance dies: the desired-count reconciler places another one.
+    report(id.clone(), "failed").await;
+    let again = until("a replacement", || async {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.into_iter().find(|i| i["id"] != id.as_str() && i["status"] == "pending")
+    })
+    .await;
+    assert_eq!(show(dep.clone()).await["status"], "active");
+    assert_ne!(again["id"], id.as_str());
+
+    // What can never fit fails after placement_timeout_secs, saying why.
+    let huge =
+        json!({"name": "huge", "org": "acme", "instances_per_region": 1, "resources": {"vcpu": 1, "memory": 65536}});
+    admin.post::<_, Value>("/api/v1/projects", &huge).await.unwrap();
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "huge", "image": "acme/huge:1"}))
+        .await
+        .unwrap();
+    let big = d["id"].as_str().unwrap().to_owned();
+    let failed =
+        until("the placement timeout", || async { Some(show(big.clone()).await).filter(|d| d["status"] == "failed") })
+            .await;
+    assert!(failed["reason"].as_str().unwrap().contains("placement_timeout_secs"), "{failed}");
+    op.shutdown().await;
+}

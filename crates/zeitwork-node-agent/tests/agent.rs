@@ -20,12 +20,22 @@ struct Platform {
 }
 
 async fn platform(range: &str, start_timeout: u64) -> Platform {
+    platform_with(range, start_timeout, OperatorConfig::default(), |_| {}).await
+}
+
+/// A platform whose operator and agent settings `op_config` and `tune` adjust.
+async fn platform_with(
+    range: &str,
+    start_timeout: u64,
+    op_config: OperatorConfig,
+    tune: impl FnOnce(&mut NodeAgentConfig),
+) -> Platform {
     let dir = tempfile::tempdir().unwrap();
     let op = Operator::start(OperatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("op"),
         apps_scheme: "http".into(),
-        ..Default::default()
+        ..op_config
     })
     .await
     .unwrap();
@@ -56,7 +66,9 @@ async fn platform(range: &str, start_timeout: u64) -> Platform {
     };
     let agent_token = token("node-agent").await;
     let edge_token = token("edge-proxy").await;
-    let agent = NodeAgent::start(agent_config(&op, dir.path(), range, &agent_token, start_timeout)).await.unwrap();
+    let mut config = agent_config(&op, dir.path(), range, &agent_token, start_timeout);
+    tune(&mut config);
+    let agent = NodeAgent::start(config).await.unwrap();
     Platform { op, admin, agent, edge_token, agent_token, _dir: dir }
 }
 
@@ -813,4 +825,160 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the first VMM is gone");
     let log = std::fs::read_to_string(dir.path().join("agent/logs").join(format!("{inst}.jsonl"))).unwrap();
     assert!(log.contains("got SIGTERM"), "the app did not see SIGTERM: {log}");
+}
+
+/// On a one-core node (4 schedulable vCPU), six deployments in a row of a
+/// project needing 1 vCPU each all go live: replaced ones sleep and free
+/// their share. Every earlier deployment's URL still answers with its own
+/// version, waking it on request (two requests at once start one instance);
+/// rolling back to a sleeping deployment under load fails no request; a
+/// retired deployment's URL answers 410.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let mut images = Vec::new();
+    for v in 1..=6 {
+        let script = format!("echo v{v} > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp");
+        images.push(reg.push_busybox("acme/web", &format!("v{v}"), &script).await.unwrap());
+    }
+    let op_config = OperatorConfig { rollback_window_secs: 1, ..Default::default() };
+    let p = platform_with("10.221.0.0", 30, op_config, |a| a.vcpu = Some(1)).await;
+    let node: Value = p.admin.get(&format!("/api/v1/nodes/{}", p.agent.node().id)).await.unwrap();
+    assert_eq!((node["physical"]["vcpu"].as_u64(), node["capacity"]["vcpu"].as_u64()), (Some(1), Some(4)), "{node}");
+    p.admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"sleep_after_secs": 10})).await.unwrap();
+    let edge = p.edge().await;
+    let edge_addr = edge.http_addr();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let fetch = {
+        let http = http.clone();
+        move |host: String| {
+            let http = http.clone();
+            async move {
+                match http.get(format!("http://{edge_addr}/")).header("host", host).send().await {
+                    Ok(res) => (res.status().as_u16(), res.text().await.unwrap_or_default()),
+                    Err(e) => (0, e.to_string()),
+                }
+            }
+        }
+    };
+    let wait_active = |id: String| {
+        let admin = p.admin.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
+                if d["status"] == "active" {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{id} never became active: {d}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // Six deployments in a row: all go live, none fails for capacity.
+    let mut ids = Vec::new();
+    for image in &images {
+        let d: Value = p
+            .admin
+            .post(
+                "/api/v1/deployments",
+                &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
+            )
+            .await
+            .unwrap();
+        let id = d["id"].as_str().unwrap().to_owned();
+        wait_active(id.clone()).await;
+        ids.push(id);
+    }
+    // The replaced ones sleep: they hold no instance.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: Value = p.admin.get(&format!("/api/v1/deployments/{}", ids[0])).await.unwrap();
+        if d["status"] == "sleeping" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} never slept: {d}", ids[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let node: Value = p.admin.get(&format!("/api/v1/nodes/{}", p.agent.node().id)).await.unwrap();
+    assert!(node["allocated"]["vcpu"].as_u64().unwrap() <= 4, "{node}");
+
+    // Every earlier URL answers with its own version, waking it; two requests at once start one instance.
+    let host = |id: &str| format!("{id}.zeitwork.localhost");
+    let (a, b) = tokio::join!(fetch(host(&ids[0])), fetch(host(&ids[0])));
+    assert_eq!(a, (200, "v1\n".to_owned()));
+    assert_eq!(b, (200, "v1\n".to_owned()));
+    let live: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{}/instances", ids[0])).await.unwrap();
+    let live = live.iter().filter(|i| i["status"] != "stopped").count();
+    assert_eq!(live, 1, "one wake starts one instance");
+    for (n, id) in ids.iter().enumerate().skip(1) {
+        let (status, body) = fetch(host(id)).await;
+        assert_eq!((status, body.as_str()), (200, format!("v{}\n", n + 1).as_str()), "{id}");
+    }
+
+    // Roll production back to a sleeping deployment while requests keep coming: none fails.
+    let asleep = ids[1].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = p.admin.post::<_, Value>(&format!("/api/v1/deployments/{asleep}/sleep"), &json!({})).await;
+        if r.is_ok_and(|d| d["status"] == "sleeping") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{asleep} could not be put to sleep");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (stop, fetch) = (stop.clone(), fetch.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut bad, mut last) = (0, Vec::new(), String::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = fetch("web-acme.zeitwork.localhost".into()).await;
+                if status == 200 {
+                    ok += 1;
+                    last = body;
+                } else {
+                    bad.push((status, body));
+                }
+            }
+            (ok, bad, last)
+        })
+    };
+    let back: Value = p.admin.post("/api/v1/projects/acme/web/rollback", &json!({"to": asleep})).await.unwrap();
+    assert_eq!(back["status"], "waking", "{back}");
+    wait_active(asleep.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad, last) = hammer.await.unwrap();
+    assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
+    assert_eq!(last, "v2\n");
+
+    // Retired for good: 410, and its name is refused by the wake endpoint.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: Value = p.admin.get(&format!("/api/v1/deployments/{}", ids[2])).await.unwrap();
+        if d["status"] == "sleeping" || d["status"] == "standby" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{d}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    p.admin.delete(&format!("/api/v1/deployments/{}", ids[2])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = fetch(host(&ids[2])).await;
+        if status == 410 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a retired deployment answered {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let serving = p.admin.delete(&format!("/api/v1/deployments/{asleep}")).await.unwrap_err();
+    assert_eq!(serving.status(), Some(409), "{serving}");
+    let bad =
+        p.admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"sleep_after_secs": 1})).await.unwrap_err();
+    assert!(bad.to_string().contains("sleep_after_secs"), "{bad}");
+    edge.shutdown().await;
+    p.agent.shutdown().await;
 }
