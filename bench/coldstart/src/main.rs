@@ -12,77 +12,17 @@
 //!
 //! `cargo run --release -p zeitwork-bench-coldstart -- [--runs 10] [--vm-runs 5]`
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use zeitwork_bench_coldstart::{bare_runc, first_200, median, ms};
 use zeitwork_bench_edge::flag;
 use zeitwork_image::{ImageStore, Limits, RegistryConfig};
 use zeitwork_runtime::container::ContainerRuntime;
 use zeitwork_runtime::logs::LogStore;
 use zeitwork_runtime::{InstanceSpec, Runtime};
-
-/// Polls until the app answers 200; returns when it did.
-async fn first_200(addr: SocketAddr, deadline: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
-            let mut buf = [0u8; 12];
-            if s.read_exact(&mut buf).await.is_ok() && &buf[9..12] == b"200" {
-                return Ok(());
-            }
-        }
-        if start.elapsed() > deadline {
-            bail!("{addr} never answered 200");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Bare runc: the same root filesystem, host network, no overlay.
-async fn bare_runc(rootfs: &Path, port: u16, work: &Path, id: &str) -> Result<Duration> {
-    let bundle = work.join(id);
-    std::fs::create_dir_all(&bundle)?;
-    let config = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": {"terminal": false, "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/busybox", "httpd", "-f", "-p", port.to_string(), "-h", "/www"],
-            "env": ["PATH=/bin"], "cwd": "/"},
-        "root": {"path": rootfs, "readonly": true},
-        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}
-    });
-    std::fs::write(bundle.join("config.json"), config.to_string())?;
-    let t = Instant::now();
-    let mut child = tokio::process::Command::new("runc")
-        .args(["run", "--bundle"])
-        .arg(&bundle)
-        .arg(id)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("runc is needed (apt-get install runc)")?;
-    first_200(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20)).await?;
-    let took = t.elapsed();
-    let _ = tokio::process::Command::new("runc").args(["kill", id, "KILL"]).output().await;
-    let _ = child.wait().await;
-    let _ = tokio::process::Command::new("runc").args(["delete", "--force", id]).output().await;
-    Ok(took)
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {

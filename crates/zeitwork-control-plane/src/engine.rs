@@ -612,7 +612,7 @@ async fn reconcile(
                         n.allocated.vcpu += project.resources.vcpu;
                         n.allocated.memory += project.resources.memory;
                     }
-                    tracing::info!(deployment = %d.id, instance = %i.id, %region, "placed an instance to reach the desired count");
+                    tracing::info!(deployment = %d.id, instance = %i.id, %region, status = d.status.as_str(), desired, live = live.len(), "placed an instance to reach the desired count");
                     out.placed = true;
                 }
             }

@@ -351,19 +351,26 @@ async fn converge(
     assigned: Vec<Assignment>,
 ) {
     let wanted: HashMap<String, Assignment> = assigned.into_iter().map(|a| (a.instance.clone(), a)).collect();
-    // Stop what is no longer assigned.
+    // Stop what is no longer assigned, in the background: an app that takes
+    // its whole grace period to stop must not hold up instances starting now.
     let gone: Vec<String> = table.read().await.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
     for id in gone {
         let local = table.write().await.remove(&id);
-        // An instance that already ended (and was reported so) is only cleaned up.
-        let ended = local.is_some_and(|l| l.failed) || matches!(runtime.state(&id).await, Ok(InstanceState::Exited(_)));
-        let exit = runtime.stop(&id, s.stop_grace).await.ok();
-        let _ = runtime.destroy(&id).await;
-        if !ended {
-            let code = exit.as_ref().and_then(|e| e.code);
-            report(client, &id, InstanceStatus::Stopped, None, code, Some("no longer assigned to this node".into()))
-                .await;
-        }
+        let (client, runtime, grace) = (client.clone(), runtime.clone(), s.stop_grace);
+        tokio::spawn(async move {
+            // An instance that already ended (and was reported so) is only cleaned up.
+            let ended =
+                local.is_some_and(|l| l.failed) || matches!(runtime.state(&id).await, Ok(InstanceState::Exited(_)));
+            let exit = runtime.stop(&id, grace).await.ok();
+            if let Err(e) = runtime.destroy(&id).await {
+                tracing::warn!(instance = %id, error = %e, "cannot clean up a stopped instance; it may leak");
+            }
+            if !ended {
+                let code = exit.as_ref().and_then(|e| e.code);
+                let reason = "no longer assigned to this node";
+                report(&client, &id, InstanceStatus::Stopped, None, code, Some(reason.into())).await;
+            }
+        });
     }
     for (id, a) in wanted {
         let known = table.read().await.get(&id).cloned();
