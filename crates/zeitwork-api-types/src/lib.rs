@@ -143,6 +143,11 @@ pub struct Node {
     pub runtime_detail: Option<String>,
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Only in the answer to a registration with the shared node-agent token:
+    /// this node's own credential, shown once. It acts for this node only
+    /// (heartbeats, assignments, instance reports); the agent uses it from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -590,6 +595,9 @@ pub struct Token {
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// A node's own credential acts for that node only (issued when the node registers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

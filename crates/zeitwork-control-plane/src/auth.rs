@@ -48,6 +48,7 @@ pub fn mint(
                 created_by,
                 created_at: now,
                 expires_at: expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d))),
+                node: None,
             },
             secret_hash: hash_secret(&secret),
         },
@@ -65,6 +66,8 @@ pub struct Caller {
     pub name: String,
     pub scope: TokenScope,
     pub read_only: bool,
+    /// The node a node's own credential acts for.
+    pub node: Option<String>,
 }
 
 impl Caller {
@@ -153,6 +156,24 @@ impl AppState {
         }
     }
 
+    /// Calls a node makes about itself: its own credential (or a platform
+    /// admin). The shared node-agent token only registers nodes.
+    pub async fn require_node(&self, caller: &Caller, node: &str, action: &str) -> Result<(), ApiError> {
+        match (&caller.scope, caller.node.as_deref()) {
+            (TokenScope::Admin, _) => Ok(()),
+            (TokenScope::Cluster { role: ClusterRole::NodeAgent }, Some(own)) if own == node => Ok(()),
+            (TokenScope::Cluster { role: ClusterRole::NodeAgent }, Some(own)) => {
+                let why = format!("this credential acts for node {own} only");
+                self.deny(caller, action, node, None, &why).await
+            }
+            (TokenScope::Cluster { role: ClusterRole::NodeAgent }, None) => {
+                let why = "register the node first (POST /api/v1/nodes) and use the credential it returns";
+                self.deny(caller, action, node, None, why).await
+            }
+            _ => self.deny(caller, action, node, None, "this needs the node's own credential").await,
+        }
+    }
+
     pub async fn deny<T>(
         &self,
         caller: &Caller,
@@ -199,6 +220,7 @@ impl AppState {
             name: stored.token.name,
             scope: stored.token.scope,
             read_only: stored.token.read_only,
+            node: stored.token.node,
         })
     }
 }

@@ -650,6 +650,7 @@ mod tests {
             runtime_detail: None,
             last_heartbeat: None,
             created_at: chrono::Utc::now(),
+            credential: None,
         }
     }
 

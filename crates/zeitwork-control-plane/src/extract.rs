@@ -47,8 +47,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::InvalidBody("the request body is empty; send a JSON object".into()));
     }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
@@ -59,6 +59,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             ApiError::InvalidBody(format!("{path}: {msg}"))
         }
     })?;
+    // One JSON value and nothing after it (whitespace aside): `{"a":1}{"b":2}` is not a body.
+    de.end().map_err(|e| ApiError::InvalidBody(format!("invalid JSON body: data after the JSON value: {e}")))?;
     Ok(value)
 }
 
@@ -92,4 +94,23 @@ pub struct PageQuery {
     pub limit: Option<u32>,
     /// The `X-Next-Cursor` of the previous page.
     pub cursor: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_json_value_and_nothing_after_it() {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Org {
+            slug: String,
+        }
+        assert!(parse_json::<Org>(br#"{"slug":"a"}"#).is_ok());
+        assert!(parse_json::<Org>(b"{\"slug\":\"a\"}\n  ").is_ok());
+        let err = parse_json::<Org>(br#"{"slug":"a"}{"slug":"b"} garbage"#).err().unwrap();
+        assert!(err.to_string().contains("after the JSON value"), "{err}");
+        assert!(parse_json::<Org>(br#"{"slug":"a"} x"#).is_err());
+    }
 }

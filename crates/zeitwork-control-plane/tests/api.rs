@@ -170,7 +170,30 @@ async fn scenario(env: Env) {
     assert_eq!(nodes[0]["instances"], 0);
     let one: Value = e.admin.get(&format!("/api/v1/nodes/{node_id}")).await.unwrap();
     assert!(one["instances"].is_u64());
-    agent.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/heartbeat")).await.unwrap();
+    // Each registration returns the node's own credential; the shared token only registers,
+    // and a node's credential acts for that node only.
+    let own = n2["credential"].as_str().expect("a registration returns the node's credential").to_owned();
+    assert!(one.get("credential").is_none(), "the credential is shown once: {one}");
+    let node = e.client(&own);
+    node.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/heartbeat")).await.unwrap();
+    assert_error(e.post(&format!("/api/v1/nodes/{node_id}/heartbeat"), &agent_token, "{}").await, 403, "register");
+    let old = n1["credential"].as_str().unwrap();
+    assert_eq!(
+        e.post(&format!("/api/v1/nodes/{node_id}/heartbeat"), old, "{}").await.0,
+        401,
+        "re-registering replaced it"
+    );
+    let other = json!({"hostname": "worker-2", "region": "us-east", "address": "http://10.0.0.6:8081", "capacity": {"vcpu": 8, "memory": 16384}});
+    let (_, n3) = e.post("/api/v1/nodes", &agent_token, &other.to_string()).await;
+    let other_id = n3["id"].as_str().unwrap();
+    assert_error(e.post(&format!("/api/v1/nodes/{other_id}/heartbeat"), &own, "{}").await, 403, "acts for node");
+    assert_error(
+        e.raw("GET", &format!("/api/v1/nodes/{other_id}/assignments"), Some(&own), None, None).await,
+        403,
+        "acts for node",
+    );
+    assert_error(e.post("/api/v1/nodes", &own, &other.to_string()).await, 403, "acts for node");
+    e.admin.delete(&format!("/api/v1/nodes/{other_id}")).await.unwrap();
     assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "mars", "address": "http://x:1", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "region");
     assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "us-east", "address": "ftp://x", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "address");
     // A node agent cannot drain or delete; only admins can.

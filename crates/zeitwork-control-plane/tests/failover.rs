@@ -10,6 +10,12 @@ use serde_json::{json, Value};
 use zeitwork_client::Client;
 use zeitwork_control_plane::{Operator, OperatorConfig};
 
+/// A registered node's id and a client acting with the node's own credential.
+fn own_credential(base: &str, registered: Value) -> (String, Client) {
+    let credential = registered["credential"].as_str().expect("a registration returns the node's credential");
+    (registered["id"].as_str().unwrap().to_owned(), Client::new(base, Some(credential.to_owned())))
+}
+
 async fn until<F, Fut>(what: &str, f: F) -> Value
 where
     F: Fn() -> Fut,
@@ -38,19 +44,19 @@ async fn instances_of_a_down_node_move_to_another_node() {
         .unwrap();
     let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
     let register = |host: &str, memory: u32| {
-        let agent = agent.clone();
+        let (agent, base) = (agent.clone(), base.clone());
         let body = json!({"hostname": host, "region": "eu", "address": format!("http://{host}:8081"), "capacity": {"vcpu": 4, "memory": memory}});
-        async move { agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap()["id"].as_str().unwrap().to_owned() }
+        async move { own_credential(&base, agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap()) }
     };
     // The bigger node gets the first instance.
-    let a = register("node-a", 8192).await;
-    let b = register("node-b", 4096).await;
+    let (a, node_a) = register("node-a", 8192).await;
+    let (b, node_b) = register("node-b", 4096).await;
     let beating = {
-        let agent = agent.clone();
+        let node_b = node_b.clone();
         let b = b.clone();
         tokio::spawn(async move {
             loop {
-                let _ = agent.post_empty::<Value>(&format!("/api/v1/nodes/{b}/heartbeat")).await;
+                let _ = node_b.post_empty::<Value>(&format!("/api/v1/nodes/{b}/heartbeat")).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         })
@@ -76,7 +82,7 @@ async fn instances_of_a_down_node_move_to_another_node() {
     assert_eq!(first["node"], a.as_str(), "spread, then the node with the most free memory");
     let id = first["id"].as_str().unwrap().to_owned();
     // The agent of node A reports the instance ready: the deployment goes live.
-    agent
+    node_a
         .put::<_, Value>(
             &format!("/api/v1/instances/{id}/status"),
             &json!({"status": "ready", "address": "10.88.0.2:8080"}),
@@ -107,7 +113,7 @@ async fn instances_of_a_down_node_move_to_another_node() {
     assert_eq!(old["status"], "stopped");
     assert!(old["exit_reason"].as_str().unwrap().contains("node is down"));
     let rid = replacement["id"].as_str().unwrap();
-    agent
+    node_b
         .put::<_, Value>(
             &format!("/api/v1/instances/{rid}/status"),
             &json!({"status": "ready", "address": "10.88.0.6:8080"}),
@@ -175,14 +181,17 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     let mut nodes = Vec::new();
     for host in ["node-a", "node-b"] {
         let body = json!({"hostname": host, "region": "eu", "address": format!("http://{host}:8081"), "capacity": {"vcpu": 8, "memory": 8192}});
-        nodes.push(agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap()["id"].as_str().unwrap().to_owned());
+        nodes.push(own_credential(
+            &format!("http://{}", b.addr()),
+            agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap(),
+        ));
     }
     let beating = {
-        let (agent, nodes) = (agent.clone(), nodes.clone());
+        let nodes = nodes.clone();
         tokio::spawn(async move {
             loop {
-                for n in &nodes {
-                    let _ = agent.post_empty::<Value>(&format!("/api/v1/nodes/{n}/heartbeat")).await;
+                for (n, own) in &nodes {
+                    let _ = own.post_empty::<Value>(&format!("/api/v1/nodes/{n}/heartbeat")).await;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -280,7 +289,7 @@ async fn the_event_stream_shows_a_deployment_going_live() {
         .unwrap();
     let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
     let body = json!({"hostname": "node-a", "region": "eu", "address": "http://node-a:8081", "capacity": {"vcpu": 4, "memory": 8192}});
-    agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap();
+    let (_, node_a) = own_credential(&base, agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap());
 
     // Bad filters and cluster tokens are refused.
     assert_eq!(admin.stream("/api/v1/events/stream?project=web").await.unwrap_err().status(), Some(400));
@@ -303,7 +312,7 @@ async fn the_event_stream_shows_a_deployment_going_live() {
         .unwrap();
     let dep = d["id"].as_str().unwrap().to_owned();
     let reporter = {
-        let (admin, agent, dep) = (admin.clone(), agent.clone(), dep.clone());
+        let (admin, agent, dep) = (admin.clone(), node_a.clone(), dep.clone());
         tokio::spawn(async move {
             loop {
                 let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
@@ -384,6 +393,8 @@ async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
         async move { agent.post::<_, Value>("/api/v1/nodes", &body).await.unwrap() }
     };
     let small = register("node-small", 256).await;
+    let mut credentials = std::collections::HashMap::new();
+    credentials.insert(small["id"].as_str().unwrap().to_owned(), own_credential(&base, small.clone()).1);
     assert_eq!(small["physical"]["vcpu"], 2, "{small}");
     assert_eq!(small["capacity"]["vcpu"], 8, "{small}");
     until("a capacity reason", || async {
@@ -393,15 +404,17 @@ async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
     .await;
 
     // Room appears: it is placed and goes live.
-    register("node-big", 4096).await;
+    let big_node = register("node-big", 4096).await;
+    credentials.insert(big_node["id"].as_str().unwrap().to_owned(), own_credential(&base, big_node.clone()).1);
     let instance = until("a placement", || async {
         let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
         is.first().cloned()
     })
     .await;
     let id = instance["id"].as_str().unwrap().to_owned();
+    let on_node = credentials[instance["node"].as_str().unwrap()].clone();
     let report = |id: String, status: &'static str| {
-        let agent = agent.clone();
+        let agent = on_node.clone();
         async move {
             let body = json!({"status": status, "address": "10.88.0.2:8080", "reason": "test"});
             agent.put::<_, Value>(&format!("/api/v1/instances/{id}/status"), &body).await.ok();

@@ -145,8 +145,9 @@ impl World {
                 })
                 .await
                 .unwrap();
-            let _: Value = self
-                .agent
+            // The node reports with its own credential, as its agent would.
+            let own = node["credential"].as_str().expect("a registration returns the node's credential");
+            let _: Value = Client::new(&format!("http://{}", self.op().addr()), Some(own.to_owned()))
                 .put(
                     &format!("/api/v1/instances/{}/status", inst.id),
                     &json!({"status": "ready", "address": "10.0.0.2:8080"}),

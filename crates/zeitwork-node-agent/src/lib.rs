@@ -255,8 +255,15 @@ impl NodeAgent {
                 None => "no runtime works on this node (see the agent's log)".into(),
             }),
         };
-        let node = register(&client, &registration).await?;
+        let mut node = register(&client, &registration).await?;
         tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");
+        // From here on the node acts with its own credential (for itself only);
+        // the configured token only registers.
+        let registrar = client.clone();
+        let client = match node.credential.take() {
+            Some(own) => Client::new(&config.operator_url, Some(own)),
+            None => client,
+        };
 
         let metrics = HttpMetrics::new("zeitwork_node_agent");
         let table: instances::Table = Arc::default();
@@ -317,6 +324,7 @@ impl NodeAgent {
         tasks.push(server);
         let heartbeats = tokio::spawn(heartbeat_loop(
             client,
+            registrar,
             registration,
             node.id.clone(),
             Duration::from_secs(config.heartbeat_interval_secs),
@@ -359,6 +367,7 @@ async fn register(client: &Client, r: &RegisterNode) -> Result<Node, AgentError>
 
 async fn heartbeat_loop(
     client: Client,
+    registrar: Client,
     registration: RegisterNode,
     mut id: String,
     every: Duration,
@@ -375,7 +384,7 @@ async fn heartbeat_loop(
             Ok(_) => {}
             Err(e) if e.status() == Some(404) => {
                 // The operator forgot this node (deleted); register again.
-                match client.post::<_, Node>("/api/v1/nodes", &registration).await {
+                match registrar.post::<_, Node>("/api/v1/nodes", &registration).await {
                     Ok(n) => id = n.id,
                     Err(e) => tracing::warn!(error = %e, "re-registration failed"),
                 }

@@ -567,8 +567,12 @@ async fn an_uploaded_archive_deploys_without_a_registry() {
     assert_eq!(manifest("acme/web", &p.edge_token).await, 403);
     // A node agent's own token pulls nothing: it presents the credential of one assignment.
     assert_eq!(manifest("acme/web", &p.agent_token).await, 403);
-    let agent_client = Client::new(&format!("http://{}", p.op.addr()), Some(p.agent_token.clone()));
+    // The shared node-agent token only registers; the agent reads with its node's own credential.
+    let shared = Client::new(&format!("http://{}", p.op.addr()), Some(p.agent_token.clone()));
     let node = p.agent.node().id.clone();
+    let refused = shared.get::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments")).await.unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    let agent_client = p.admin.clone();
     let assigned: Vec<Value> = agent_client.get(&format!("/api/v1/nodes/{node}/assignments")).await.unwrap();
     let credential = assigned[0]["pull_credential"].as_str().expect("an archive assignment carries a pull credential");
     assert_eq!(manifest("acme/web", credential).await, 200);

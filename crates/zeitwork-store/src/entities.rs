@@ -92,6 +92,7 @@ fn node_from(row: &AnyRow) -> Result<Node> {
         runtime_detail: row.opt_text("runtime_detail")?,
         last_heartbeat: row.opt_int("last_heartbeat")?.map(ts),
         created_at: ts(row.int("created_at")?),
+        credential: None,
     })
 }
 
@@ -308,6 +309,7 @@ fn token_from(row: &AnyRow) -> Result<StoredToken> {
             created_by: row.opt_text("created_by")?,
             created_at: ts(row.int("created_at")?),
             expires_at: row.opt_int("expires_at")?.map(ts),
+            node: row.opt_text("node_id")?,
         },
         secret_hash: row.text("secret_hash")?,
     })
@@ -1241,6 +1243,21 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a node's own credential (bound to `t.token.node`), replacing the
+    /// ones issued to that node before: a re-registered node holds one credential.
+    pub async fn issue_node_credential(&self, t: &StoredToken, audit: &Audit) -> Result<()> {
+        let node = t.token.node.clone().ok_or_else(|| StoreError::Invalid {
+            field: "node".into(),
+            message: "a node credential names its node".into(),
+        })?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM tokens WHERE node_id = $1").bind(&node).execute(&mut *tx).await?;
+        insert_token(&mut tx, t).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Stores the first admin token unless one was bootstrapped before.
     /// Returns false when the platform already has its first admin token.
     pub async fn bootstrap_admin_token(&self, t: &StoredToken) -> Result<bool> {
@@ -1291,8 +1308,8 @@ impl Store {
 async fn insert_token(conn: &mut AnyConnection, t: &StoredToken) -> Result<()> {
     let (kind, org, role) = scope_columns(&t.token.scope);
     sqlx::query(
-        "INSERT INTO tokens (id, name, secret_hash, scope_kind, scope_org, scope_role, read_only, created_by, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO tokens (id, name, secret_hash, scope_kind, scope_org, scope_role, read_only, created_by, created_at, \
+         expires_at, node_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&t.token.id)
     .bind(&t.token.name)
@@ -1304,6 +1321,7 @@ async fn insert_token(conn: &mut AnyConnection, t: &StoredToken) -> Result<()> {
     .bind(t.token.created_by.clone())
     .bind(t.token.created_at.timestamp_millis())
     .bind(t.token.expires_at.map(|e| e.timestamp_millis()))
+    .bind(t.token.node.clone())
     .execute(conn)
     .await
     .map_err(|e| {

@@ -319,6 +319,7 @@ CREATE INDEX deployments_status ON deployments (status, updated_at);
 CREATE INDEX instances_deployment ON instances (deployment_id)
 "#,
     ),
+    (10, "node credentials", "ALTER TABLE tokens ADD COLUMN node_id TEXT"),
 ];
 
 /// Newest schema version this build knows.

@@ -407,6 +407,7 @@ fn token(id: &str, scope: TokenScope) -> StoredToken {
             created_by: None,
             created_at: chrono::Utc::now(),
             expires_at: None,
+            node: None,
         },
         secret_hash: "00".repeat(32),
     }

@@ -96,16 +96,14 @@ fn verbs_print_tables_json_and_exit_codes() {
     let shown = ok(cli(&r, &["deployments", "show", dep["id"].as_str().unwrap()]));
     assert!(shown.contains("ghcr.io/acme/web:1"), "{shown}");
 
-    // `deploy` follows the deployment; with no node in the region it fails and says why.
-    let out = cli(&r, &["deploy", "acme/web", "--image", "ghcr.io/acme/web:2", "--timeout", "30"]);
+    // `deploy` follows the deployment; with no node in the region it waits, showing
+    // what it waits for, until the CLI's own timeout.
+    let out = cli(&r, &["deploy", "acme/web", "--image", "ghcr.io/acme/web:2", "--timeout", "3"]);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Deploying ghcr.io/acme/web:2 as web-"), "{stdout}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("region us-east has no ready node"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(stdout.contains("pending, waiting for room: region us-east has no ready node"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("it is pending"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Nothing to roll back to or promote yet: a conflict that says so.
     let out = cli(&r, &["rollback", "acme/web"]);

@@ -86,7 +86,32 @@ pub async fn register_node(
 ) -> ApiResult<Response> {
     s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.register", &body.hostname).await?;
     body.validate()?;
-    let (node, new) = s.store.register_node(&body, &caller.audit("node.register", &body.hostname)).await?;
+    // A node's own credential re-registers only its own node.
+    if let Some(own) = &caller.node {
+        let mine = s.store.get_node(own).await.ok();
+        if mine.as_ref().map(|n| n.hostname.as_str()) != Some(body.hostname.as_str()) {
+            let why = format!(
+                "this credential acts for node {own} only; register {} with the node-agent token",
+                body.hostname
+            );
+            return s.deny(&caller, "node.register", &body.hostname, None, &why).await;
+        }
+    }
+    let (mut node, new) = s.store.register_node(&body, &caller.audit("node.register", &body.hostname)).await?;
+    if caller.node.is_none() && matches!(caller.scope, zeitwork_api_types::TokenScope::Cluster { .. }) {
+        // The shared token registered it: the node gets a credential of its own, for itself only.
+        let mut minted = crate::auth::mint(
+            &format!("node {}", node.hostname),
+            zeitwork_api_types::TokenScope::Cluster { role: ClusterRole::NodeAgent },
+            false,
+            Some(caller.actor()),
+            None,
+        );
+        minted.stored.token.node = Some(node.id.clone());
+        let audit = caller.audit("node.credential", &node.id);
+        s.store.issue_node_credential(&minted.stored, &audit).await?;
+        node.credential = Some(minted.bearer);
+    }
     Ok(if new { created(node) } else { Json(node).into_response() })
 }
 
@@ -106,7 +131,7 @@ pub async fn node_heartbeat(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Node>> {
-    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.heartbeat", &id).await?;
+    s.require_node(&caller, &id, "node.heartbeat").await?;
     Ok(Json(s.store.node_heartbeat(&id).await?))
 }
 

@@ -77,6 +77,9 @@ pub async fn report_instance(
     JsonBody(r): JsonBody<InstanceReport>,
 ) -> ApiResult<StatusCode> {
     s.require_cluster(&caller, &[ClusterRole::NodeAgent], "instance.report", &id).await?;
+    // A node reports on its own instances only.
+    let placed_on = s.store.get_instance(&id).await?.node.unwrap_or_default();
+    s.require_node(&caller, &placed_on, "instance.report").await?;
     if let Some(reason) = &r.reason {
         zeitwork_api_types::validate::text("reason", reason, 1000)?;
     }
@@ -102,7 +105,7 @@ pub async fn node_assignments(
     QueryParams(q): QueryParams<WatchQuery>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
-    s.require_cluster(&caller, &[ClusterRole::NodeAgent], "node.assignments", &id).await?;
+    s.require_node(&caller, &id, "node.assignments").await?;
     s.store.get_node(&id).await?;
     let timeout = q.timeout.unwrap_or(25);
     if !(1..=60).contains(&timeout) {
