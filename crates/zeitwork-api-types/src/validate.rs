@@ -337,8 +337,26 @@ impl RegisterNode {
         if self.capacity.vcpu == 0 || self.capacity.vcpu > 4096 {
             return Err(ValidationError::new("capacity.vcpu", "use 1 to 4096"));
         }
-        if self.capacity.memory < 128 {
-            return Err(ValidationError::new("capacity.memory", "use at least 128 MiB"));
+        // 16 TiB: more than any machine a node agent runs on; a larger figure would only attract placements.
+        if self.capacity.memory < 128 || self.capacity.memory > 16 * 1024 * 1024 {
+            return Err(ValidationError::new("capacity.memory", "use 128 MiB to 16 TiB (16777216 MiB)"));
+        }
+        if let Some(p) = &self.physical {
+            if p.vcpu == 0 || p.vcpu > 1024 {
+                return Err(ValidationError::new("physical.vcpu", "use 1 to 1024 cores"));
+            }
+            if self.capacity.vcpu > p.vcpu.saturating_mul(64) {
+                return Err(ValidationError::new(
+                    "capacity.vcpu",
+                    format!("{} vCPU on {} cores is more than 64 per core", self.capacity.vcpu, p.vcpu),
+                ));
+            }
+            if self.capacity.memory > p.memory {
+                return Err(ValidationError::new(
+                    "capacity.memory",
+                    "memory is never overcommitted: offer at most the machine's own",
+                ));
+            }
         }
         if self.runtime_detail.as_ref().is_some_and(|d| d.len() > 2000) {
             return Err(ValidationError::new("runtime_detail", "use at most 2000 characters"));

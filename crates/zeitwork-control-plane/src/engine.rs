@@ -98,6 +98,7 @@ pub async fn run(
     holder: String,
     changed: impl Fn() + Send + 'static,
     nudge: std::sync::Arc<tokio::sync::Notify>,
+    leader: prometheus_client::metrics::gauge::Gauge,
     mut stop: watch::Receiver<bool>,
 ) {
     // One engine at a time across operators sharing a store.
@@ -118,6 +119,7 @@ pub async fn run(
                 leading = false;
             }
         }
+        leader.set(i64::from(leading));
         if leading {
             let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config };
             match pass(&store, &config).await {
@@ -133,8 +135,11 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
+    leader.set(0);
     if leading {
-        let _ = store.release_lease(ENGINE_LEASE, &holder).await;
+        if let Err(e) = store.release_lease(ENGINE_LEASE, &holder).await {
+            tracing::warn!(error = %e, "cannot release the engine lease; another operator takes over when it lapses");
+        }
     }
 }
 

@@ -46,6 +46,10 @@ pub struct AppState {
     pub feed: Arc<feed::Feed>,
     /// Wakes this operator's deployment engine for a pass now (a new deployment, a wake).
     pub engine: Arc<tokio::sync::Notify>,
+    /// This operator's name as a holder of the engine lease.
+    pub engine_id: String,
+    /// 1 while this operator runs the engine.
+    pub leader: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl AppState {
@@ -127,6 +131,11 @@ impl Operator {
         let bump = assignments.clone();
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine_nudge = Arc::new(tokio::sync::Notify::new());
+        let metrics = HttpMetrics::new("zeitwork_operator");
+        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        metrics.with_registry(|r| {
+            r.register("engine_leader", "1 while this operator runs the deployment engine", leader.clone())
+        });
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig {
@@ -141,13 +150,14 @@ impl Operator {
                 bump.send_modify(|v| *v = v.wrapping_add(1));
             },
             engine_nudge.clone(),
+            leader.clone(),
             rx.clone(),
         ));
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
             cipher,
-            metrics: HttpMetrics::new("zeitwork_operator"),
+            metrics,
             routing,
             internal_token: Arc::default(),
             http: reqwest::Client::builder()
@@ -157,6 +167,8 @@ impl Operator {
             assignments,
             feed: feed::Feed::new(),
             engine: engine_nudge,
+            engine_id: engine_id.clone(),
+            leader,
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let app = api::router(state);

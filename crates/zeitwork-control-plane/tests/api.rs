@@ -196,6 +196,9 @@ async fn scenario(env: Env) {
     e.admin.delete(&format!("/api/v1/nodes/{other_id}")).await.unwrap();
     assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "mars", "address": "http://x:1", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "region");
     assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "us-east", "address": "ftp://x", "capacity": {"vcpu": 1, "memory": 512}}).to_string()).await, 400, "address");
+    // Implausible capacity is refused: it would only attract placements.
+    assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "us-east", "address": "http://10.0.0.7:8081", "capacity": {"vcpu": 4096, "memory": 2_147_483_647u32}}).to_string()).await, 400, "capacity.memory");
+    assert_error(e.post("/api/v1/nodes", &agent_token, &json!({"hostname": "w2", "region": "us-east", "address": "http://10.0.0.7:8081", "capacity": {"vcpu": 4096, "memory": 4096}, "physical": {"vcpu": 2, "memory": 4096}}).to_string()).await, 400, "per core");
     // A node agent cannot drain or delete; only admins can.
     assert_eq!(status(agent.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/drain")).await.unwrap_err()), 403);
     assert_error(e.raw("DELETE", "/api/v1/regions/us-east", Some(&e.token), None, None).await, 409, "node");
@@ -256,6 +259,37 @@ async fn scenario(env: Env) {
     );
     let huge = json!({"name": "x", "org": "acme", "github_repo": "a".repeat(100_000)}).to_string();
     assert_error(e.post("/api/v1/projects", &e.token, &huge).await, 413, "larger");
+    // A declared length over the limit is refused before the body is read.
+    let mut declared = tokio::net::TcpStream::connect(e.base.trim_start_matches("http://")).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST /api/v1/projects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{{",
+        e.token
+    );
+    declared.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    declared.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer[9..12], b"413", "{}", String::from_utf8_lossy(&answer));
+    // One JSON value per body; trailing data is refused and nothing is created.
+    assert_error(
+        e.post("/api/v1/orgs", &e.token, r#"{"slug":"trail-a"}{"slug":"trail-b"} garbage"#).await,
+        400,
+        "after the JSON value",
+    );
+    assert_eq!(status(e.admin.get::<Value>("/api/v1/orgs/trail-a").await.unwrap_err()), 404);
+    // A project runs in at least one region.
+    assert_error(
+        e.raw(
+            "PATCH",
+            "/api/v1/projects/acme/webapp",
+            Some(&e.token),
+            Some(r#"{"regions":[]}"#),
+            Some("application/json"),
+        )
+        .await,
+        400,
+        "at least one region",
+    );
     assert_error(
         e.raw("POST", "/api/v1/projects", Some(&e.token), Some(&body.to_string()), None).await,
         415,

@@ -206,6 +206,22 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     .await;
     let holder = holder.as_str().unwrap().to_owned();
     assert!(holder == a.engine_id || holder == b.engine_id, "{holder}");
+    // Both say who leads, and which of them they are; the metrics agree.
+    let state_a: Value = via_a.get("/api/v1/cluster").await.unwrap();
+    let state_b: Value = via_b.get("/api/v1/cluster").await.unwrap();
+    assert_eq!(state_a["engine_leader"], holder.as_str(), "{state_a}");
+    assert_eq!(state_b["engine_leader"], holder.as_str(), "{state_b}");
+    assert_eq!(state_a["operator"], a.engine_id.as_str());
+    let leaders = [&state_a, &state_b].iter().filter(|s| s["leading"] == true).count();
+    assert_eq!(leaders, 1, "{state_a} {state_b}");
+    let metrics =
+        reqwest::get(format!("http://{}/metrics", if state_a["leading"] == true { a.addr() } else { b.addr() }))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(metrics.contains("zeitwork_operator_engine_leader 1"), "{metrics}");
     let deploy = |client: Client| async move {
         let d: Value = client
             .post(

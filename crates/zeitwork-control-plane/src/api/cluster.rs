@@ -196,3 +196,31 @@ pub async fn list_edges(
     let since = chrono::Utc::now().timestamp_millis() - EDGE_TTL_SECS * 1000;
     Ok(Json(s.store.live_edges(since).await?))
 }
+
+/// Which operator runs the deployment engine, as this operator sees it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterState {
+    /// This operator's name as a holder of the engine lease.
+    pub operator: String,
+    /// Whether this operator runs the engine now.
+    pub leading: bool,
+    /// The operator holding the engine lease, if any holds it.
+    pub engine_leader: Option<String>,
+    /// When that lease lapses unless renewed.
+    pub lease_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The control plane's own state: which operator leads the engine (platform admin).
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "nodes",
+    responses((status = 200, body = ClusterState), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn cluster_state(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<ClusterState>> {
+    s.require_admin(&caller, "cluster.read", "engine").await?;
+    let lease = s.store.lease(crate::engine::ENGINE_LEASE).await?;
+    let live = lease.filter(|(_, until)| *until > chrono::Utc::now().timestamp_millis());
+    Ok(Json(ClusterState {
+        operator: s.engine_id.clone(),
+        leading: s.leader.get() == 1,
+        lease_until: live.as_ref().and_then(|(_, until)| chrono::DateTime::from_timestamp_millis(*until)),
+        engine_leader: live.map(|(holder, _)| holder),
+    }))
+}

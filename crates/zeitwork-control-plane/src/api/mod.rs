@@ -87,6 +87,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::wake_deployment))
         .routes(routes!(projects::sleep_deployment))
         .routes(routes!(routing::report_activity))
+        .routes(routes!(cluster::cluster_state))
         .routes(routes!(projects::list_project_deployments))
         .routes(routes!(projects::current_deployment))
         .routes(routes!(projects::rollback))
@@ -143,8 +144,32 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.config.clone(), refuse_declared_oversize))
         .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track))
         .with_state(state)
+}
+
+/// Answers 413 at once to a request whose declared `Content-Length` is over
+/// the limit, before a byte of its body is read (uploads have their own, larger one).
+async fn refuse_declared_oversize(
+    axum::extract::State(config): axum::extract::State<std::sync::Arc<crate::OperatorConfig>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let upload = req.uri().path().ends_with("/images");
+    let limit = if upload { config.max_archive_bytes } else { config.max_body_bytes as u64 };
+    match declared {
+        Some(n) if n > limit => {
+            let m = format!("the body declares {n} bytes, larger than the {limit} bytes this route takes");
+            ApiError::TooLarge(m).into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// Turns `?limit=&cursor=` into a store page.
