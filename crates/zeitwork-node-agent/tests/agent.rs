@@ -986,3 +986,62 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
     edge.shutdown().await;
     p.agent.shutdown().await;
 }
+
+/// A hostile tenant's instance tries a service of the host on every host
+/// address (the gateway of its own link and the host's other addresses):
+/// the instance firewall refuses them all, while the host itself reaches the
+/// service and the instance still serves its own traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_cannot_reach_the_hosts_services() {
+    let service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
+    let accepting = std::thread::spawn(move || {
+        // Count connections that got through, until the test ends.
+        service.set_nonblocking(true).unwrap();
+        let mut reached = 0;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            match service.accept() {
+                Ok(_) => reached += 1,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+            if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        reached
+    });
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let script = "GW=$(/bin/busybox route -n | /bin/busybox awk '$1==\"0.0.0.0\"{print $2}'); \
+        for h in $GW $PROBE_HOSTS; do \
+          if /bin/busybox nc -w 2 $h $PROBE_PORT </dev/null >/dev/null 2>&1; then echo \"$h open\"; else echo \"$h closed\"; fi; \
+        done > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
+    let image = reg.push_busybox("acme/probe", "v1", script).await.unwrap();
+    let p = platform("10.222.0.0", 60).await;
+    let hosts: Vec<String> = zeitwork_runtime::net::host_addresses()
+        .await
+        .into_iter()
+        .filter(|a| !a.is_loopback() && !a.octets().starts_with(&[10, 222]))
+        .map(|a| a.to_string())
+        .collect();
+    assert!(!hosts.is_empty(), "the host has an address besides loopback");
+    for (k, v) in [("PROBE_PORT", port.to_string()), ("PROBE_HOSTS", hosts.join(" "))] {
+        p.admin.put::<_, Value>(&format!("/api/v1/projects/acme/web/env/{k}"), &json!({"value": v})).await.unwrap();
+    }
+    // The host reaches its own service on those addresses: the probe can tell open from closed.
+    for h in &hosts {
+        assert!(std::net::TcpStream::connect((h.as_str(), port)).is_ok(), "{h}:{port} is open from the host");
+    }
+    let (_, inst) = p.deploy(&image).await;
+    let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(60)).await;
+    let report = reqwest::get(format!("http://{}/", ready.address.unwrap())).await.unwrap().text().await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), hosts.len() + 1, "every host address was tried: {report:?}");
+    assert!(lines.iter().all(|l| l.ends_with(" closed")), "an instance reached the host: {report:?}");
+    let reached = accepting.join().unwrap();
+    assert_eq!(reached, hosts.len(), "only the host's own connections got through");
+    p.agent.shutdown().await;
+}

@@ -80,6 +80,7 @@ impl ContainerRuntime {
             }
             Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
         }
+        crate::net::apply_policy(base).await?;
         let rt =
             Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;

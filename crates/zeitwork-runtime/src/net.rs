@@ -110,6 +110,90 @@ pub async fn destroy(link: &Link) -> Result<(), RuntimeError> {
     run(&["netns", "del", &link.netns]).await
 }
 
+/// Destinations an instance never reaches through the host: private,
+/// shared, link-local (metadata services), loopback, multicast and
+/// reserved ranges. The host's own addresses are closed by the input rule.
+const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, \
+    192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3 }";
+
+/// The nftables rules that fence this node's instances in (default deny):
+/// an instance reaches no service of the host (on any of its addresses,
+/// IPv4 or IPv6), no other instance, nothing private, link-local or
+/// loopback, only the host's DNS resolvers and the internet through NAT
+/// (when the host forwards). Connections the host opens to an instance
+/// (health checks, forwarding) and their answers are untouched.
+pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr]) -> String {
+    let range = format!("{base}/16");
+    let mut dns = String::new();
+    for r in resolvers {
+        dns.push_str(&format!(
+            "        iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {r} udp dport 53 accept\n        \
+             iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {r} tcp dport 53 accept\n"
+        ));
+    }
+    format!(
+        "table inet {table} {{
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname {{ \"zwh*\", \"zwt*\" }} ct state established,related accept
+{dns}        iifname {{ \"zwh*\", \"zwt*\" }} counter drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname {{ \"zwh*\", \"zwt*\" }} ct state established,related accept
+        iifname {{ \"zwh*\", \"zwt*\" }} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
+{dns}        iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {CLOSED_V4} counter drop
+        iifname {{ \"zwh*\", \"zwt*\" }} meta nfproto ipv6 counter drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {range} oifname != {{ \"zwh*\", \"zwt*\" }} masquerade
+    }}
+}}
+"
+    )
+}
+
+/// IPv4 name servers of the host (`/etc/resolv.conf`) that instances may ask.
+pub fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// Installs (or replaces) the default-deny rules of the instance range `base`.
+pub async fn apply_policy(base: Ipv4Addr) -> Result<(), RuntimeError> {
+    let [a, b, ..] = base.octets();
+    let table = format!("zeitwork_{a}_{b}");
+    // Replace atomically: one transaction creates, empties and refills the table.
+    let script =
+        format!("add table inet {table}\ndelete table inet {table}\n{}", policy_rules(&table, base, &host_resolvers()));
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| RuntimeError::Unavailable("nft (nftables, for the instances' firewall)", e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(script.as_bytes()).await.map_err(|e| RuntimeError::failed("nft", e))?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| RuntimeError::failed("nft", e))?;
+    if !out.status.success() {
+        return Err(RuntimeError::failed(
+            "installing the instance firewall (nft)",
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    tracing::info!(%table, range = %format!("{base}/16"), "instance firewall installed: default deny towards the host, other instances and private ranges");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -118,5 +202,21 @@ mod tests {
         assert_eq!(super::slot_addresses(base, 0), ("10.88.0.1".parse().unwrap(), "10.88.0.2".parse().unwrap()));
         assert_eq!(super::slot_addresses(base, 1), ("10.88.0.5".parse().unwrap(), "10.88.0.6".parse().unwrap()));
         assert_eq!(super::slot_addresses(base, 64), ("10.88.1.1".parse().unwrap(), "10.88.1.2".parse().unwrap()));
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn rules_close_the_host_and_private_ranges_and_keep_dns() {
+        let r = policy_rules("zeitwork_10_88", "10.88.0.0".parse().unwrap(), &["10.255.255.53".parse().unwrap()]);
+        assert!(r.contains("ct state established,related accept"));
+        assert!(r.contains("ip daddr 10.255.255.53 udp dport 53 accept"));
+        // DNS is allowed before the private ranges are closed.
+        assert!(r.find("udp dport 53").unwrap() < r.find("169.254.0.0/16").unwrap());
+        assert!(r.contains("ip saddr 10.88.0.0/16"));
+        assert!(r.contains("masquerade"));
     }
 }

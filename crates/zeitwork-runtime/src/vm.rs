@@ -394,6 +394,7 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
 impl VmRuntime {
     pub async fn new(s: VmSettings, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
         std::fs::create_dir_all(&s.dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
+        crate::net::apply_policy(s.base).await?;
         let rt = Self { s, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;
         Ok(rt)

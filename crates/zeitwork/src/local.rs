@@ -11,7 +11,8 @@ use zeitwork_client::Client;
 use zeitwork_image::archive::layer_tar;
 
 /// (what must exist, the Debian package that provides it).
-const HOST_PROGRAMS: &[(&str, &str)] = &[("runc", "runc"), ("ip", "iproute2"), ("mkfs.ext4", "e2fsprogs")];
+const HOST_PROGRAMS: &[(&str, &str)] =
+    &[("runc", "runc"), ("ip", "iproute2"), ("mkfs.ext4", "e2fsprogs"), ("nft", "nftables")];
 /// The demo app's image is built from the host's static busybox.
 pub const BUSYBOX: &str = "/usr/bin/busybox";
 
