@@ -187,8 +187,10 @@ impl ContainerRuntime {
                 "cgroupsPath": format!("/zeitwork/{}", container_id(&spec.id)),
                 "resources": {
                     "memory": {"limit": u64::from(spec.memory_mib) * 1024 * 1024},
-                    "cpu": {"quota": i64::from(spec.vcpu) * 100_000, "period": 100_000}
+                    "cpu": {"quota": i64::from(spec.vcpu) * 100_000, "period": 100_000},
+                    "pids": {"limit": PIDS_LIMIT}
                 },
+                "seccomp": seccomp_profile(),
                 "namespaces": [
                     {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                     {"type": "network", "path": format!("/var/run/netns/{netns}")}
@@ -198,6 +200,95 @@ impl ContainerRuntime {
             }
         })
     }
+}
+
+/// Processes and threads one instance may have at once (a fork bomb stops here).
+pub const PIDS_LIMIT: i64 = 1024;
+
+/// System calls an instance may not make, as in the container runtimes'
+/// default profile: kernel modules and keyrings, mounts and namespaces (no
+/// nested user namespaces: `unshare -U` would hand out mount and network
+/// admin inside), tracing other processes, clocks, swap, reboot, BPF and
+/// performance counters. They fail with EPERM; everything else is allowed.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// The seccomp filter of every container instance (OCI runtime spec form).
+pub fn seccomp_profile() -> serde_json::Value {
+    // CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
+    const CLONE_NAMESPACES: [u64; 7] =
+        [0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
+    let mut rules = vec![json!({"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1})];
+    // clone with a namespace flag is refused (one rule per flag: rules are alternatives);
+    // plain clone (threads, fork) is not.
+    for flag in CLONE_NAMESPACES {
+        rules.push(json!({"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}));
+    }
+    // clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc fall back to clone.
+    rules.push(json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}));
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": rules
+    })
 }
 
 /// The image's entrypoint and command, joined (a shell when both are empty).

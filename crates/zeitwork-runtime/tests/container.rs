@@ -45,12 +45,19 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
     .await
     .expect("runc is needed (apt-get install runc; .ci/run installs it)");
 
+    // The app also tries what the seccomp filter and limits refuse: nested user
+    // and network namespaces, mounts; and shows the host no paths in /proc/mounts.
     let web = images
         .prepare(
             &busybox_image(
                 &reg,
                 "web",
-                "echo booting $GREETING; echo warn >&2; exec /bin/busybox httpd -f -p $PORT -h /www",
+                "echo booting $GREETING; echo warn >&2; \
+                 /bin/busybox unshare -U -r /bin/busybox true 2>/dev/null && echo userns-open || echo userns-closed; \
+                 /bin/busybox unshare -n /bin/busybox true 2>/dev/null && echo netns-open || echo netns-closed; \
+                 /bin/busybox mount -t tmpfs none /tmp 2>/dev/null && echo mount-open || echo mount-closed; \
+                 (/bin/busybox sh -c 'echo forked') ; \
+                 exec /bin/busybox httpd -f -p $PORT -h /www",
             )
             .await,
         )
@@ -87,8 +94,17 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
     assert!(stats.memory_bytes > 0 && stats.memory_bytes < stats.memory_limit_bytes, "{stats:?}");
     assert!(stats.processes >= 1, "{stats:?}");
 
+    // At most PIDS_LIMIT processes.
+    let pids = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/zeitwork/zw-{id}/pids.max"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/zeitwork/zw-{id}/pids.max")))
+        .expect("a pids cgroup for the instance");
+    assert_eq!(pids.trim(), zeitwork_runtime::container::PIDS_LIMIT.to_string());
+
     // Logs: both streams, timestamped, with the project's env in effect.
     let logs = runtime.logs(&id).await.unwrap();
+    for refused in ["userns-closed", "netns-closed", "mount-closed", "forked"] {
+        assert!(logs.iter().any(|l| l.line == refused), "{refused} missing: {logs:?}");
+    }
     assert!(logs.iter().any(|l| l.stream == "stdout" && l.line == "booting hi"), "{logs:?}");
     assert!(logs.iter().any(|l| l.stream == "stderr" && l.line == "warn"), "{logs:?}");
 
