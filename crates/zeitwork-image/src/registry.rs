@@ -89,7 +89,23 @@ pub fn digest_of(bytes: &[u8]) -> String {
 
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Self {
+        // Redirects (blob storage) are followed, but never to an internal address
+        // from a registry that is not itself internal: a registry must not make
+        // the node fetch from its own network.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            let from = attempt.previous().first().and_then(|u| u.host_str()).map(str::to_owned);
+            let to = attempt.url().host_str().map(str::to_owned);
+            if attempt.previous().len() > 5 {
+                attempt.error("too many redirects")
+            } else if to.as_deref().is_some_and(internal_host) && !from.as_deref().is_some_and(internal_host) {
+                let url = attempt.url().clone();
+                attempt.error(format!("refused a redirect to an internal address ({url})"))
+            } else {
+                attempt.follow()
+            }
+        });
         let http = reqwest::Client::builder()
+            .redirect(redirects)
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(config.timeout_secs.unwrap_or(60).max(1)))
             .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
@@ -177,6 +193,7 @@ impl RegistryClient {
         };
         let realm = field("realm")
             .ok_or_else(|| ImageError::Registry(format!("{}: bearer challenge without realm", r.registry)))?;
+        self.check_realm(r, &realm).await?;
         let mut req = self
             .http
             .get(&realm)
@@ -205,6 +222,38 @@ impl RegistryClient {
             .or(t.access_token)
             .map(|t| format!("Bearer {t}"))
             .ok_or_else(|| ImageError::Registry(format!("{realm} sent no token")))
+    }
+
+    /// A registry may send the node for its token anywhere public, or to its
+    /// own host; never to a loopback, private or link-local address it does not
+    /// live on itself (the token request would carry the node's credentials
+    /// there and the answer would be sent on as a bearer token).
+    async fn check_realm(&self, r: &Reference, realm: &str) -> Result<(), ImageError> {
+        let refused =
+            |why: &str| ImageError::Unauthorized(format!("{}: refused the token service it named ({why})", r.registry));
+        let url = reqwest::Url::parse(realm).map_err(|_| refused("not a URL"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(refused("not http or https"));
+        }
+        let host = url.host_str().ok_or_else(|| refused("no host"))?.trim_start_matches('[').trim_end_matches(']');
+        let base = self.base(r);
+        let registry_host = reqwest::Url::parse(&base).ok().and_then(|u| u.host_str().map(str::to_owned));
+        let registry_host = registry_host.as_deref().map(|h| h.trim_start_matches('[').trim_end_matches(']'));
+        if registry_host == Some(host) || self.config.insecure.iter().any(|h| h.split(':').next() == Some(host)) {
+            return Ok(());
+        }
+        if internal_host(host) {
+            return Err(refused("an internal address"));
+        }
+        let port = url.port_or_known_default().unwrap_or(443);
+        if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
+            for a in addrs {
+                if internal_ip(a.ip()) {
+                    return Err(refused("it resolves to an internal address"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The image manifest for linux/amd64 and its digest.
@@ -336,4 +385,63 @@ async fn read_limited(mut res: reqwest::Response, max: usize) -> Result<Vec<u8>,
         }
     }
     Ok(out)
+}
+
+/// Loopback, private, shared, link-local, unspecified and multicast addresses.
+pub fn internal_ip(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let seg = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg & 0xfe00) == 0xfc00
+                || (seg & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some_and(|v4| internal_ip(v4.into()))
+        }
+    }
+}
+
+/// Whether a host name is an internal address literal or a local name.
+pub fn internal_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let lower = host.to_ascii_lowercase();
+    lower == "localhost" || lower.ends_with(".localhost") || host.parse().is_ok_and(internal_ip)
+}
+
+#[cfg(test)]
+mod ssrf_tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for h in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "192.168.1.1",
+            "100.64.0.1",
+            "localhost",
+            "a.localhost",
+            "[::1]",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(internal_host(h), "{h}");
+        }
+        for h in ["registry-1.docker.io", "8.8.8.8", "2001:db8::1", "auth.docker.io"] {
+            assert!(!internal_host(h), "{h}");
+        }
+    }
 }

@@ -257,3 +257,32 @@ async fn hostile_registries_fail_with_a_reason() {
     assert!(matches!(err, ImageError::UnsupportedMediaType(ref m) if m == "application/vnd.example.squashfs"), "{err}");
     assert!(std::fs::read_dir(dir.path().join("rootfs")).unwrap().next().is_none(), "nothing was cached");
 }
+
+/// A registry whose auth challenge names a token service on an internal
+/// address (the cloud metadata address here) gets no token request: the
+/// pull fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_service_on_an_internal_address_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let answer = "HTTP/1.1 401 Unauthorized\r\n\
+                WWW-Authenticate: Bearer realm=\"http://169.254.169.254/latest/meta-data/token\",service=\"x\"\r\n\
+                Content-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(dir.path(), RegistryConfig::default(), Limits::default()).unwrap();
+    let err = store.prepare(&format!("{addr}/team/web:v1")).await.unwrap_err();
+    assert!(matches!(err, ImageError::Unauthorized(_)), "{err}");
+    assert!(err.to_string().contains("refused the token service"), "{err}");
+    assert_eq!(seen.load(Ordering::SeqCst), 1, "only the registry itself was asked");
+}
