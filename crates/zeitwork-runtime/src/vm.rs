@@ -57,7 +57,7 @@ pub struct Jailer {
     pub binary: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    /// Where the jailer builds each VM's chroot (`<base>/firecracker/<id>/root`).
+    /// Where the jailer builds each VM's chroot (`<base>/<firecracker binary's file name>/<id>/root`).
     #[serde(default = "default_chroot_base")]
     pub chroot_base: PathBuf,
 }
@@ -127,7 +127,8 @@ pub fn kernel_args(vmm: &Vmm, probe: bool) -> String {
         // reboot=t: a triple fault resets the VM, and -no-reboot turns that into QEMU's exit.
         Vmm::Qemu { .. } => "console=ttyS0 reboot=t panic=-1 quiet i8042.noaux i8042.nomux".to_owned(),
         // Firecracker ends on the guest's reboot (the i8042 reset).
-        Vmm::Firecracker { .. } => "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux".to_owned(),
+        // (Firecracker adds `pci=off` itself.)
+        Vmm::Firecracker { .. } => "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux".to_owned(),
     };
     args.push_str(" tsc=reliable no_timer_check");
     // Under TCG the guest reads the host's TSC, but calibrating it against the
@@ -296,6 +297,13 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether VMM output says the hypervisor stopped the guest: QEMU's
+/// "emulation failure" / "KVM internal error", Firecracker's
+/// "Received KVM_EXIT_INTERNAL_ERROR signal".
+pub fn kvm_crashed(out: &str) -> bool {
+    out.contains("emulation failure") || out.contains("KVM internal error") || out.contains("KVM_EXIT_INTERNAL_ERROR")
+}
+
 /// Boots a guest in probe mode and reports whether it came up (and how long it took).
 pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Duration) -> Result<Duration, String> {
     if vmm.accel() == Accel::Kvm {
@@ -360,7 +368,7 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
                 return true;
             }
             // A broken KVM stops the vCPU and leaves the VMM waiting: no need to wait for the timeout.
-            if out.contains("emulation failure") || out.contains("KVM internal error") {
+            if kvm_crashed(&out) {
                 return false;
             }
         }
@@ -373,8 +381,7 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
         Ok(true) => Ok(started.elapsed()),
         Ok(false) | Err(_) => {
             let lines: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            let kvm: Vec<&str> =
-                lines.iter().copied().filter(|l| l.contains("KVM") || l.contains("emulation failure")).collect();
+            let kvm: Vec<&str> = lines.iter().copied().filter(|l| l.contains("KVM") || kvm_crashed(l)).collect();
             let tail =
                 if kvm.is_empty() { lines[lines.len().saturating_sub(6)..].join(" | ") } else { kvm.join(" | ") };
             let what = if result.is_err() {
@@ -476,29 +483,32 @@ impl VmRuntime {
         jailer: &Option<Jailer>,
     ) -> Result<Child, RuntimeError> {
         let config = dir.join("config.img");
-        let files = [&self.s.assets.vmlinux, &self.s.assets.initramfs, &disk.to_path_buf(), &config];
-        // Paths as Firecracker sees them, and where its API socket is.
-        let (mut cmd, socket, paths): (Command, PathBuf, Vec<String>) = match jailer {
+        // Shared (kernel, initramfs, the image's ext4) and this VM's own (its configuration).
+        let files = [
+            (&self.s.assets.vmlinux, true),
+            (&self.s.assets.initramfs, true),
+            (&disk.to_path_buf(), true),
+            (&config, false),
+        ];
+        // Paths as Firecracker sees them, where its API socket is, and its own log
+        // (kept apart from the serial console, which is its stdout).
+        let (mut cmd, socket, paths, jail): (Command, PathBuf, Vec<String>, Option<PathBuf>) = match jailer {
             None => {
                 let socket = dir.join("api.sock");
+                let log = dir.join("vmm.log");
+                std::fs::write(&log, b"").map_err(|e| RuntimeError::failed("creating the VMM's log", e))?;
                 let mut c = Command::new(binary);
                 c.arg("--api-sock").arg(&socket).arg("--id").arg(jail_id(&spec.id));
-                (c, socket, files.iter().map(|f| f.display().to_string()).collect())
+                c.arg("--log-path").arg(&log).arg("--level").arg("Warning");
+                (c, socket, files.iter().map(|(f, _)| f.display().to_string()).collect(), None)
             }
             Some(j) => {
-                let root = j.chroot_base.join("firecracker").join(jail_id(&spec.id)).join("root");
-                std::fs::create_dir_all(&root).map_err(|e| RuntimeError::failed("creating the jail", e))?;
-                let mut inside = Vec::new();
-                for (i, f) in files.iter().enumerate() {
-                    let name = format!("f{i}");
-                    let target = root.join(&name);
-                    let _ = std::fs::remove_file(&target);
-                    if std::fs::hard_link(f, &target).is_err() {
-                        std::fs::copy(f, &target).map_err(|e| RuntimeError::failed("copying into the jail", e))?;
-                    }
-                    std::os::unix::fs::chown(&target, Some(j.uid), Some(j.gid))
-                        .map_err(|e| RuntimeError::failed("handing the jail's files to its user", e))?;
-                    inside.push(format!("/{name}"));
+                let jail = jail_dir(j, binary, &spec.id);
+                let root = jail.join("root");
+                let prepared = prepare_jail(&root, &files, j.uid, j.gid);
+                if let Err(e) = prepared {
+                    remove_jail(&jail);
+                    return Err(e);
                 }
                 let mut c = Command::new(&j.binary);
                 c.arg("--id")
@@ -515,17 +525,29 @@ impl VmRuntime {
                     .arg(if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { "2" } else { "1" })
                     .arg("--")
                     .arg("--api-sock")
-                    .arg("/run/firecracker.socket");
-                (c, root.join("run/firecracker.socket"), inside)
+                    .arg("/run/firecracker.socket")
+                    .arg("--log-path")
+                    .arg("/vmm.log")
+                    .arg("--level")
+                    .arg("Warning");
+                let _ = std::fs::write(dir.join("vmm.log.path"), root.join("vmm.log").display().to_string());
+                let inside = (0..files.len()).map(|i| format!("/f{i}")).collect();
+                (c, root.join("run/firecracker.socket"), inside, Some(jail))
             }
         };
         let _ = std::fs::remove_file(&socket);
-        let child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| RuntimeError::Unavailable("firecracker", format!("{}: {e}", binary.display())))?;
+        let fail = |jail: &Option<PathBuf>| {
+            if let Some(j) = jail {
+                remove_jail(j);
+            }
+        };
+        let mut child = match cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                fail(&jail);
+                return Err(RuntimeError::Unavailable("firecracker", format!("{}: {e}", binary.display())));
+            }
+        };
         if let Some(pid) = child.id() {
             let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
         }
@@ -533,7 +555,21 @@ impl VmRuntime {
             if let Some(pid) = child.id() {
                 kill(pid);
             }
-            return Err(RuntimeError::failed("starting firecracker", "its API socket did not appear within 10 s"));
+            // What the jailer or the VMM said is the reason (a missing library, a bad path, …).
+            let mut said = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(2), err.read_to_end(&mut buf)).await;
+                said = String::from_utf8_lossy(&buf).trim().chars().take(1000).collect();
+            }
+            let _ = child.wait().await;
+            fail(&jail);
+            let why = if said.is_empty() {
+                "its API socket did not appear within 10 s".to_owned()
+            } else {
+                format!("its API socket did not appear within 10 s: {said}")
+            };
+            return Err(RuntimeError::failed("starting firecracker", why));
         }
         let requests = firecracker_requests(
             (&paths[0], &paths[1]),
@@ -548,6 +584,8 @@ impl VmRuntime {
                 if let Some(pid) = child.id() {
                     kill(pid);
                 }
+                let _ = child.wait().await;
+                fail(&jail);
                 return Err(RuntimeError::failed("configuring the VM through Firecracker's API", e));
             }
         }
@@ -577,6 +615,50 @@ impl VmRuntime {
 
 fn jail_id(id: &str) -> String {
     id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(60).collect()
+}
+
+/// Where the jailer puts a VM: `<chroot base>/<exec file's name>/<id>` (the jailer
+/// names the directory after the binary, e.g. `firecracker-v1.16.1-x86_64`).
+pub fn jail_dir(j: &Jailer, binary: &Path, id: &str) -> PathBuf {
+    let exec = binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "firecracker".into());
+    j.chroot_base.join(exec).join(jail_id(id))
+}
+
+/// Puts a VM's files into its jail as `/f0`, `/f1`, …. Shared files (kernel,
+/// initramfs, the image) are hard-linked when the jail's user may read them as
+/// they are, and never handed to that user: a chown of a hard link would change
+/// the owner of the shared file itself. Otherwise, and for the VM's own files,
+/// the jail gets a copy of its own, owned by its user.
+pub fn prepare_jail(root: &Path, files: &[(&PathBuf, bool)], uid: u32, gid: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(root).map_err(|e| RuntimeError::failed("creating the jail", e))?;
+    for (i, (f, shared)) in files.iter().enumerate() {
+        let target = root.join(format!("f{i}"));
+        let _ = std::fs::remove_file(&target);
+        let meta = std::fs::metadata(f).map_err(|e| RuntimeError::failed(format!("reading {}", f.display()), e))?;
+        let world_readable = meta.mode() & 0o004 != 0;
+        if *shared && world_readable && std::fs::hard_link(f, &target).is_ok() {
+            continue;
+        }
+        std::fs::copy(f, &target).map_err(|e| RuntimeError::failed("copying into the jail", e))?;
+        std::os::unix::fs::chown(&target, Some(uid), Some(gid))
+            .map_err(|e| RuntimeError::failed("handing the jail's own copy to its user", e))?;
+    }
+    // The VMM's own log, written by the jail's user.
+    let log = root.join("vmm.log");
+    std::fs::write(&log, b"").map_err(|e| RuntimeError::failed("creating the VMM's log", e))?;
+    std::os::unix::fs::chown(&log, Some(uid), Some(gid))
+        .map_err(|e| RuntimeError::failed("handing the VMM's log to its user", e))?;
+    Ok(())
+}
+
+/// Removes a jail and everything in it (hard links only drop a name of the shared file).
+fn remove_jail(jail: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(jail) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(jail = %jail.display(), error = %e, "cannot remove a jail; it is left behind");
+        }
+    }
 }
 
 /// One QMP command (after the capabilities handshake).
@@ -758,8 +840,8 @@ impl Runtime for VmRuntime {
             kill(pid);
         }
         let _ = net::destroy_tap(&inst.tap).await;
-        if let Vmm::Firecracker { jailer: Some(j), .. } = &self.s.vmm {
-            let _ = std::fs::remove_dir_all(j.chroot_base.join("firecracker").join(jail_id(id)));
+        if let Vmm::Firecracker { binary, jailer: Some(j) } = &self.s.vmm {
+            remove_jail(&jail_dir(j, binary, id));
         }
         std::fs::remove_dir_all(&inst.dir)
             .map_err(|e| RuntimeError::failed(format!("removing {}", inst.dir.display()), e))?;
@@ -804,7 +886,18 @@ impl Runtime for VmRuntime {
     async fn diagnose(&self, id: &str) -> Option<String> {
         let instances = self.instances.lock().await;
         let inst = instances.get(id)?;
-        let tail = tail_text(&inst.tail, 12);
+        let mut tail = tail_text(&inst.tail, 12);
+        // Firecracker's own log is kept apart from the console: its last lines say why the VMM stopped.
+        let log = std::fs::read_to_string(inst.dir.join("vmm.log.path"))
+            .map(|p| PathBuf::from(p.trim()))
+            .unwrap_or_else(|_| inst.dir.join("vmm.log"));
+        if let Ok(text) = std::fs::read_to_string(log) {
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            if !lines.is_empty() {
+                tail.push_str(&format!("\nthe VMM's log:\n{}", lines[lines.len().saturating_sub(6)..].join("\n")));
+            }
+        }
+        let tail = tail.trim().to_owned();
         (!tail.is_empty()).then_some(tail)
     }
 }
