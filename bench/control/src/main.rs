@@ -77,6 +77,7 @@ async fn main() -> Result<()> {
         rate_limit: None,
         sleep_after_secs: 900,
         retain_deployments: 20,
+        scaling: None,
     };
     // Existing load: deployments of 10 instances each, active.
     let per = 10;

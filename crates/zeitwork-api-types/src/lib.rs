@@ -280,6 +280,9 @@ pub struct Project {
     pub rate_limit: Option<RateLimit>,
     /// A deployment no environment points at sleeps after this many seconds without requests (default 900).
     pub sleep_after_secs: u32,
+    /// Instance count of the active deployment between bounds, by load; none: `instances_per_region` fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
     /// Sleeping deployments are retired for good only once this many newer ones exist (default 20).
     pub retain_deployments: u32,
     /// Active deployment id per environment.
@@ -315,6 +318,25 @@ pub struct CreateProject {
     pub sleep_after_secs: Option<u32>,
     #[serde(default)]
     pub retain_deployments: Option<u32>,
+    #[serde(default)]
+    pub scaling: Option<Scaling>,
+}
+
+/// Autoscaling of a project's active deployments, per region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Scaling {
+    /// Fewest instances per region (0: scale to zero: the deployment sleeps when
+    /// idle for `sleep_after_secs` and wakes on its next request).
+    pub min_per_region: u32,
+    /// Most instances per region.
+    pub max_per_region: u32,
+    /// Add instances while their average CPU use is above this share of their vCPU (1-100).
+    #[serde(default)]
+    pub target_cpu_percent: Option<u32>,
+    /// Add instances while their average memory use is above this share of their limit (1-100).
+    #[serde(default)]
+    pub target_memory_percent: Option<u32>,
 }
 
 /// Seconds without requests after which a deployment no environment points at sleeps.
@@ -351,6 +373,10 @@ pub struct PatchProject {
     pub sleep_after_secs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain_deployments: Option<u32>,
+    /// `null` returns to the fixed `instances_per_region`.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Scaling>)]
+    pub scaling: Option<Option<Scaling>>,
 }
 
 fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>

@@ -424,6 +424,9 @@ impl CreateProject {
             region_list("regions", regions)?;
         }
         lifecycle(self.sleep_after_secs, self.retain_deployments)?;
+        if let Some(sc) = &self.scaling {
+            scaling(sc)?;
+        }
         if let Some(t) = &self.image_template {
             image_template("image_template", t)?;
         }
@@ -477,8 +480,36 @@ impl PatchProject {
         if let Some(Some(r)) = &self.rate_limit {
             rate_limit("rate_limit", r)?;
         }
+        if let Some(Some(sc)) = &self.scaling {
+            scaling(sc)?;
+        }
         lifecycle(self.sleep_after_secs, self.retain_deployments)
     }
+}
+
+/// Bounds and targets of autoscaling, each checked with the field it is in.
+pub fn scaling(s: &crate::Scaling) -> Result {
+    if s.min_per_region > 100 {
+        return Err(ValidationError::new("scaling.min_per_region", "use 0 to 100"));
+    }
+    if !(1..=100).contains(&s.max_per_region) {
+        return Err(ValidationError::new("scaling.max_per_region", "use 1 to 100"));
+    }
+    if s.min_per_region > s.max_per_region {
+        return Err(ValidationError::new(
+            "scaling.min_per_region",
+            format!("{} is more than max_per_region ({})", s.min_per_region, s.max_per_region),
+        ));
+    }
+    for (field, v) in [
+        ("scaling.target_cpu_percent", s.target_cpu_percent),
+        ("scaling.target_memory_percent", s.target_memory_percent),
+    ] {
+        if v.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(ValidationError::new(field, "use 1 to 100 (percent)"));
+        }
+    }
+    Ok(())
 }
 
 /// Longest idle time before a deployment sleeps: 30 days.

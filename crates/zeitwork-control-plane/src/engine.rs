@@ -398,9 +398,93 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     let mut running = all_with(store, DeploymentStatus::Active).await?;
     running.extend(all_with(store, DeploymentStatus::Standby).await?);
     for d in running {
-        let woken = store.wakefulness(&d.id).await?.woken_at.is_some();
-        let desired = if d.status == DeploymentStatus::Standby && woken { 1 } else { d.instances_per_region };
+        let w = store.wakefulness(&d.id).await?;
+        let (desired, scaled) = match d.status {
+            DeploymentStatus::Standby if w.woken_at.is_some() => (1, false),
+            DeploymentStatus::Standby => (d.instances_per_region, false),
+            _ => {
+                let project = store.get_project(&d.org, &d.project).await?;
+                match project.scaling {
+                    Some(s) => (active_desired(&d, &w, s, project.sleep_after_secs, now), true),
+                    None => (d.instances_per_region, false),
+                }
+            }
+        };
         changed |= reconcile(store, config, &d, desired, now).await?.placed;
+        if scaled {
+            changed |= scale_down(store, config, &d, desired, now).await?;
+        }
+    }
+    if store.finish_stopping(now.timestamp_millis()).await? > 0 {
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Instances per region an autoscaled active deployment should run: the
+/// autoscaler's count within the bounds; none with `min_per_region: 0` once
+/// no request came for `sleep_after_secs` (since it went live or last woke).
+pub fn active_desired(
+    d: &Deployment,
+    w: &zeitwork_store::Wakefulness,
+    s: zeitwork_api_types::Scaling,
+    sleep_after_secs: u32,
+    now: chrono::DateTime<chrono::Utc>,
+) -> u32 {
+    let base = w.scale_target.unwrap_or(d.instances_per_region).clamp(s.min_per_region.max(1), s.max_per_region);
+    if s.min_per_region > 0 {
+        return base;
+    }
+    let last = [w.last_request_at, w.woken_at, Some(d.updated_at.timestamp_millis())].into_iter().flatten().max();
+    let idle = last.is_some_and(|at| now.timestamp_millis() - at > i64::from(sleep_after_secs) * 1000);
+    if idle {
+        0
+    } else {
+        base
+    }
+}
+
+/// Takes the newest instances beyond `desired` per region out of traffic;
+/// they stop after the drain grace, so requests in flight finish.
+async fn scale_down(
+    store: &Store,
+    config: &EngineConfig,
+    d: &Deployment,
+    desired: u32,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
+    let instances = store.list_instances(&d.id).await?;
+    let mut regions: Vec<&str> = instances.iter().map(|i| i.region.as_str()).collect();
+    regions.sort();
+    regions.dedup();
+    for region in regions {
+        let mut serving: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| {
+                i.region == region
+                    && !matches!(
+                        i.status,
+                        InstanceStatus::Stopping
+                            | InstanceStatus::Stopped
+                            | InstanceStatus::Failed
+                            | InstanceStatus::Exited
+                    )
+            })
+            .collect();
+        if serving.len() as u32 <= desired {
+            continue;
+        }
+        // Not-yet-ready ones go first, then the newest.
+        serving.sort_by_key(|i| (i.status == InstanceStatus::Ready, std::cmp::Reverse(i.created_at)));
+        let extra = serving.len() - desired as usize;
+        for i in serving.into_iter().take(extra) {
+            let after = now.timestamp_millis() + config.drain_grace.as_millis() as i64;
+            if store.begin_stopping(&i.id, after).await? {
+                tracing::info!(deployment = %d.id, instance = %i.id, desired, "scaling down: instance out of traffic");
+                changed = true;
+            }
+        }
     }
     Ok(changed)
 }

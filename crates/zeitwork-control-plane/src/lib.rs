@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -91,6 +92,7 @@ pub struct Operator {
     refresher: tokio::task::JoinHandle<()>,
     engine: tokio::task::JoinHandle<()>,
     feeder: tokio::task::JoinHandle<()>,
+    autoscaler: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -171,6 +173,7 @@ impl Operator {
             leader,
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
+        let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
         let app = api::router(state);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -187,6 +190,7 @@ impl Operator {
             refresher,
             engine,
             feeder,
+            autoscaler,
             admin_token,
             admin_token_path,
             store,
@@ -205,6 +209,7 @@ impl Operator {
         self.refresher.abort();
         self.engine.abort();
         self.feeder.abort();
+        self.autoscaler.abort();
     }
 
     pub async fn shutdown(self) {
@@ -217,6 +222,7 @@ impl Operator {
         let _ = self.refresher.await;
         let _ = self.engine.await;
         let _ = self.feeder.await;
+        let _ = self.autoscaler.await;
         self.store.close().await;
     }
 }

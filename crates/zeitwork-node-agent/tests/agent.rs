@@ -1045,3 +1045,89 @@ async fn an_instance_cannot_reach_the_hosts_services() {
     assert_eq!(reached, hosts.len(), "only the host's own connections got through");
     p.agent.shutdown().await;
 }
+
+/// Autoscaling: a project with `scaling` grows its production deployment under
+/// CPU load (up to max), scales it to zero when no request comes for
+/// `sleep_after_secs`, and its next request wakes it and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_scales_with_load_and_to_zero() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    // Busy for a while (one full vCPU), then idle: load the autoscaler can see.
+    let script = "(/bin/busybox timeout 25 /bin/busybox sh -c 'while :; do :; done') & \
+        echo busy > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
+    let image = reg.push_busybox("acme/busy", "v1", script).await.unwrap();
+    let p = platform("10.223.0.0", 30).await;
+    let bad = p
+        .admin
+        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"scaling": {"min_per_region": 3, "max_per_region": 2}}))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("scaling.min_per_region"), "{bad}");
+    let bad = p
+        .admin
+        .patch::<_, Value>(
+            "/api/v1/projects/acme/web",
+            &json!({"scaling": {"min_per_region": 0, "max_per_region": 2, "target_cpu_percent": 150}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("scaling.target_cpu_percent"), "{bad}");
+    let scaling = json!({"min_per_region": 0, "max_per_region": 2, "target_cpu_percent": 50});
+    p.admin
+        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"scaling": scaling, "sleep_after_secs": 10}))
+        .await
+        .unwrap();
+    let edge = p.edge().await;
+    let edge_addr = edge.http_addr();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let fetch = || {
+        let http = http.clone();
+        async move {
+            match http.get(format!("http://{edge_addr}/")).header("host", "web-acme.zeitwork.localhost").send().await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            }
+        }
+    };
+    let (dep, _) = p.deploy(&image).await;
+    let live = |dep: String| {
+        let admin = p.admin.clone();
+        async move {
+            let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+            let ready = is.iter().filter(|i| i["status"] == "ready").count();
+            let live =
+                is.iter().filter(|i| !["stopped", "failed", "exited"].contains(&i["status"].as_str().unwrap())).count();
+            (ready, live)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.deployment(&dep).await["status"] != "active" {
+        assert!(Instant::now() < deadline, "never went live: {}", p.deployment(&dep).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Under load (and with requests coming), it grows to max_per_region.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = fetch().await;
+        assert_eq!(status, 200);
+        if live(dep.clone()).await.0 == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never scaled up: {:?}", live(dep.clone()).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let events: Vec<Value> = p.admin.get("/api/v1/events?org=acme").await.unwrap();
+    assert!(events.iter().any(|e| e["action"] == "deployment.scale"), "scaling is an audit event");
+    // No requests for sleep_after_secs: it scales to zero, still the active deployment.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while live(dep.clone()).await.1 > 0 {
+        assert!(Instant::now() < deadline, "never scaled to zero: {:?}", live(dep.clone()).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(p.deployment(&dep).await["status"], "active");
+    // The next request wakes it and is answered.
+    let (status, body) = fetch().await;
+    assert_eq!((status, body.as_str()), (200, "busy\n"));
+    edge.shutdown().await;
+    p.agent.shutdown().await;
+}

@@ -135,11 +135,12 @@ pub struct NewProject {
     pub rate_limit: Option<RateLimit>,
     pub sleep_after_secs: u32,
     pub retain_deployments: u32,
+    pub scaling: Option<zeitwork_api_types::Scaling>,
 }
 
 const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -177,6 +178,11 @@ fn project_from(row: &AnyRow) -> Result<Project> {
         image_template: row.opt_text("image_template")?,
         rate_limit,
         sleep_after_secs: row.int("sleep_after_secs")? as u32,
+        scaling: from_json("scaling")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column scaling: {e}")))?,
         retain_deployments: row.int("retain_deployments")? as u32,
         current_deployment: current,
         created_at: ts(row.int("created_at")?),
@@ -818,8 +824,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
              instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at, \
-             sleep_after_secs, retain_deployments) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17)",
+             sleep_after_secs, retain_deployments, scaling) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18)",
         )
         .bind(&id)
         .bind(&org.id)
@@ -838,6 +844,7 @@ impl Store {
         .bind(now)
         .bind(i64::from(p.sleep_after_secs))
         .bind(i64::from(p.retain_deployments))
+        .bind(p.scaling.map(|sc| serde_json::to_string(&sc).unwrap_or_default()))
         .execute(&mut *tx)
         .await;
         match res {
@@ -946,6 +953,9 @@ impl Store {
         }
         if let Some(v) = patch.retain_deployments {
             set(&mut q, "retain_deployments", Arg::Int(i64::from(v)));
+        }
+        if let Some(v) = &patch.scaling {
+            set_opt(&mut q, "scaling", &v.map(|sc| serde_json::to_string(&sc).unwrap_or_default()));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")
@@ -1640,12 +1650,13 @@ impl Store {
                 d.instances.push((r.text("instance_id")?, r.text("upstream")?));
             }
         }
-        // Sleeping (or waking, not yet ready) deployments route to a wake; retired ones to 410 Gone.
+        // Sleeping (or waking, not yet ready) deployments route to a wake, as do active ones with no
+        // ready instance (scaled to zero, or every instance lost); retired ones to 410 Gone.
         let routed: std::collections::HashSet<String> = deployments.iter().map(|d| d.id.clone()).collect();
         let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
         for r in sqlx::query(
             "SELECT d.id, d.org, d.project, d.status, p.rate_limit FROM deployments d JOIN projects p ON p.id = d.project_id \
-             WHERE d.status IN ('sleeping', 'waking') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
+             WHERE d.status IN ('sleeping', 'waking', 'active') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
         )
         .bind(month_ago)
         .fetch_all(&self.reader)

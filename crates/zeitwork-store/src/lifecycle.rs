@@ -16,20 +16,60 @@ pub struct Wakefulness {
     pub wake_for: Option<Environment>,
     /// When an edge last served a request for it (ms).
     pub last_request_at: Option<i64>,
+    /// The autoscaler's instance count per region, when it set one.
+    pub scale_target: Option<u32>,
 }
 
 impl Store {
     pub async fn wakefulness(&self, id: &str) -> Result<Wakefulness> {
-        let row = sqlx::query("SELECT woken_at, wake_for, last_request_at FROM deployments WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        let row =
+            sqlx::query("SELECT woken_at, wake_for, last_request_at, scale_target FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
         Ok(Wakefulness {
             woken_at: row.opt_int("woken_at")?,
             wake_for: row.opt_text("wake_for")?.and_then(|e| Environment::parse(&e)),
             last_request_at: row.opt_int("last_request_at")?,
+            scale_target: row.opt_int("scale_target")?.map(|n| n as u32),
         })
+    }
+
+    /// Records the autoscaler's instance count per region for a deployment.
+    pub async fn set_scale_target(&self, id: &str, per_region: u32, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE deployments SET scale_target = $1 WHERE id = $2")
+            .bind(i64::from(per_region))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A request arrived for an active deployment scaled to zero: it is wanted again.
+    pub async fn note_demand(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE deployments SET woken_at = $1 WHERE id = $2 AND status = 'active'")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Instances taken out of traffic (`stopping`) whose grace has passed stop; returns how many.
+    pub async fn finish_stopping(&self, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE instances SET status = 'stopped', exit_reason = COALESCE(exit_reason, 'scaled down') \
+             WHERE status = 'stopping' AND stop_after IS NOT NULL AND stop_after <= $1 \
+             AND node_id NOT IN (SELECT id FROM nodes WHERE status IN ('draining', 'drained'))",
+        )
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Puts a deployment that no environment points at to sleep: its

@@ -320,6 +320,14 @@ CREATE INDEX instances_deployment ON instances (deployment_id)
 "#,
     ),
     (10, "node credentials", "ALTER TABLE tokens ADD COLUMN node_id TEXT"),
+    (
+        11,
+        "autoscaling",
+        r#"
+ALTER TABLE projects ADD COLUMN scaling TEXT;
+ALTER TABLE deployments ADD COLUMN scale_target BIGINT
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

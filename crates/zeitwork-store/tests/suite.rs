@@ -99,6 +99,7 @@ fn new_project(org: &str, name: &str) -> NewProject {
         rate_limit: None,
         sleep_after_secs: 900,
         retain_deployments: 20,
+        scaling: None,
     }
 }
 

@@ -818,6 +818,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
+                scaling: None,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -853,6 +854,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
+                scaling: None,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {

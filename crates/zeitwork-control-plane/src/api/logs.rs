@@ -246,7 +246,10 @@ struct AgentStats {
 }
 
 /// One instance's numbers from its node agent.
-async fn instance_metrics(s: &AppState, i: zeitwork_api_types::Instance) -> zeitwork_api_types::InstanceMetrics {
+pub(crate) async fn instance_metrics(
+    s: &AppState,
+    i: zeitwork_api_types::Instance,
+) -> zeitwork_api_types::InstanceMetrics {
     let mut m = zeitwork_api_types::InstanceMetrics {
         instance: i.id.clone(),
         node: i.node.clone(),

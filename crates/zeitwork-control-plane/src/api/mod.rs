@@ -6,7 +6,7 @@ mod cluster;
 mod github;
 mod health;
 pub(crate) mod images;
-mod logs;
+pub(crate) mod logs;
 mod orgs;
 mod projects;
 mod routing;

@@ -69,6 +69,7 @@ pub async fn create_project(
         rate_limit: b.rate_limit,
         sleep_after_secs: b.sleep_after_secs.unwrap_or(zeitwork_api_types::DEFAULT_SLEEP_AFTER_SECS),
         retain_deployments: b.retain_deployments.unwrap_or(zeitwork_api_types::DEFAULT_RETAIN_DEPLOYMENTS),
+        scaling: b.scaling,
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))
@@ -621,7 +622,12 @@ pub async fn wake_deployment(State(s): State<AppState>, caller: Caller, Path(id)
         _ => {}
     }
     let audit = caller.audit("deployment.wake", &id).org(&d.org).project(&d.project);
-    if s.store.wake_deployment(&id, None, &audit).await? {
+    if d.status == DeploymentStatus::Active {
+        // Scaled to zero (or every instance lost): wanted again.
+        if s.store.note_demand(&id).await? {
+            s.changed();
+        }
+    } else if s.store.wake_deployment(&id, None, &audit).await? {
         tracing::info!(deployment = %id, by = %caller.name, "waking a sleeping deployment");
         s.changed();
     }
