@@ -1014,3 +1014,34 @@ pub struct EdgeInfo {
     pub https_address: Option<String>,
     pub last_seen: DateTime<Utc>,
 }
+
+// ---------------------------------------------------------------- notifications
+
+/// Adds a notification channel to a project.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChannel {
+    /// `webhook` (a signed JSON POST) or `slack` (an incoming webhook URL).
+    pub kind: String,
+    /// Where to deliver: the webhook's URL, or Slack's incoming-webhook URL (stored encrypted).
+    pub url: String,
+    /// `webhook` only: the key of the `X-Zeitwork-Signature` HMAC (16-256 characters; stored encrypted).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Events to send (e.g. `deployment.activate`, `deployment.fail`); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// A notification channel; its URL shows only scheme and host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Channel {
+    pub id: String,
+    pub org: String,
+    pub project: Option<String>,
+    pub kind: String,
+    /// Scheme and host only: the rest of a webhook URL is often its secret.
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}

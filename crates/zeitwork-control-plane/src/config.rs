@@ -41,6 +41,12 @@ pub struct OperatorConfig {
     pub placement_timeout_secs: u64,
     /// Seconds a replaced deployment keeps its instances for an instant rollback before it sleeps.
     pub rollback_window_secs: u64,
+    /// Attempts to deliver a notification before it goes to the dead-letter queue.
+    pub notify_max_attempts: u32,
+    /// First retry delay of a notification in ms; doubled per attempt (with jitter), at most 10 minutes.
+    pub notify_backoff_ms: u64,
+    /// Let notification channels point at loopback or private addresses (tests, private receivers).
+    pub notifications_allow_internal: bool,
 }
 
 impl Default for OperatorConfig {
@@ -60,6 +66,9 @@ impl Default for OperatorConfig {
             node_timeout_secs: 15,
             placement_timeout_secs: 300,
             rollback_window_secs: 600,
+            notify_max_attempts: 8,
+            notify_backoff_ms: 1000,
+            notifications_allow_internal: false,
         }
     }
 }
@@ -111,6 +120,12 @@ impl OperatorConfig {
         }
         if !(1..=86400).contains(&self.rollback_window_secs) {
             return err("rollback_window_secs", "use 1 to 86400".into());
+        }
+        if !(1..=100).contains(&self.notify_max_attempts) {
+            return err("notify_max_attempts", "use 1 to 100".into());
+        }
+        if !(10..=600_000).contains(&self.notify_backoff_ms) {
+            return err("notify_backoff_ms", "use 10 to 600000".into());
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty".into());

@@ -330,7 +330,9 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
                         waited.num_seconds().max(0)
                     );
                     store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
-                    store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
+                    let audit =
+                        system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": why}));
+                    store.record_event(&audit, "failed").await?;
                     changed = true;
                 } else {
                     let reason = format!("waiting for room: {}", short.message());
@@ -375,10 +377,11 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         let broken = instances.iter().find(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited));
         if let Some(i) = broken {
             let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));
-            store
-                .set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&format!("instance {}: {why}", i.id)))
-                .await?;
-            store.record_event(&system("deployment.fail", &d.id, &d.org, &d.project), "failed").await?;
+            let reason = format!("instance {}: {why}", i.id);
+            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+            let audit =
+                system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
+            store.record_event(&audit, "failed").await?;
             changed = true;
         } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
             // Traffic moves only now that every instance is ready; the one it
@@ -388,6 +391,9 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
             let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+            let audit =
+                system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
+            store.record_event(&audit, "failed").await?;
             changed = true;
         }
     }

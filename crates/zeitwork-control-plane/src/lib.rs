@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod feed;
+pub mod notify;
 pub mod routing;
 pub mod secrets;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub engine_id: String,
     /// 1 while this operator runs the engine.
     pub leader: prometheus_client::metrics::gauge::Gauge,
+    /// Wakes the outbox worker (a new notification may be queued).
+    pub outbox: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
         self.routing.changed();
         self.assignments.send_modify(|v| *v = v.wrapping_add(1));
         self.engine.notify_one();
+        self.outbox.notify_one();
     }
 }
 
@@ -93,6 +97,7 @@ pub struct Operator {
     engine: tokio::task::JoinHandle<()>,
     feeder: tokio::task::JoinHandle<()>,
     autoscaler: tokio::task::JoinHandle<()>,
+    notifier: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -171,9 +176,11 @@ impl Operator {
             engine: engine_nudge,
             engine_id: engine_id.clone(),
             leader,
+            outbox: Arc::new(tokio::sync::Notify::new()),
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
+        let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
         let app = api::router(state);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -191,6 +198,7 @@ impl Operator {
             engine,
             feeder,
             autoscaler,
+            notifier,
             admin_token,
             admin_token_path,
             store,
@@ -210,6 +218,7 @@ impl Operator {
         self.engine.abort();
         self.feeder.abort();
         self.autoscaler.abort();
+        self.notifier.abort();
     }
 
     pub async fn shutdown(self) {
@@ -223,6 +232,7 @@ impl Operator {
         let _ = self.engine.await;
         let _ = self.feeder.await;
         let _ = self.autoscaler.await;
+        let _ = self.notifier.await;
         self.store.close().await;
     }
 }

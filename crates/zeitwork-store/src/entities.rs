@@ -48,9 +48,10 @@ pub(crate) async fn append_event(conn: &mut AnyConnection, audit: &Audit, result
     .bind(audit.project.clone())
     .bind(result)
     .bind(audit.detail.as_ref().map(|d| d.to_string()))
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
-    Ok(())
+    // What is worth telling goes to the outbox in the same transaction.
+    crate::outbox::enqueue(conn, audit, result).await
 }
 
 // ------------------------------------------------------------------ regions
@@ -360,8 +361,10 @@ impl Store {
 
     /// Records a call that changed nothing (e.g. a denied one).
     pub async fn record_event(&self, audit: &Audit, result: &str) -> Result<()> {
-        let mut conn = self.writer.acquire().await?;
-        append_event(&mut conn, audit, result).await
+        let mut tx = self.writer.begin().await?;
+        append_event(&mut tx, audit, result).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn list_events(&self, filter: &EventFilter, page: &Page) -> Result<Listing<Event>> {

@@ -10,6 +10,7 @@
 
 mod entities;
 mod lifecycle;
+mod outbox;
 mod schema;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 pub use entities::*;
 pub use lifecycle::*;
+pub use outbox::*;
 pub use schema::latest_version;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.

@@ -328,6 +328,36 @@ ALTER TABLE projects ADD COLUMN scaling TEXT;
 ALTER TABLE deployments ADD COLUMN scale_target BIGINT
 "#,
     ),
+    (
+        12,
+        "notifications and outbox",
+        r#"
+CREATE TABLE notification_channels (
+    id TEXT PRIMARY KEY,
+    org {{text_key}} NOT NULL,
+    project {{text_key}},
+    kind TEXT NOT NULL,
+    target_enc TEXT NOT NULL,
+    secret_enc TEXT,
+    events TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX notification_channels_org ON notification_channels (org, project);
+CREATE TABLE outbox (
+    id {{serial}},
+    channel_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL,
+    next_at BIGINT NOT NULL,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    delivered_at BIGINT
+);
+CREATE INDEX outbox_channel ON outbox (channel_id, status, id)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -7,6 +7,7 @@ mod github;
 mod health;
 pub(crate) mod images;
 pub(crate) mod logs;
+mod notifications;
 mod orgs;
 mod projects;
 mod routing;
@@ -88,6 +89,15 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::sleep_deployment))
         .routes(routes!(routing::report_activity))
         .routes(routes!(cluster::cluster_state))
+        .routes(routes!(notifications::create_channel, notifications::list_channels))
+        .routes(routes!(notifications::delete_channel))
+        .routes(routes!(notifications::test_channels))
+        .routes(routes!(notifications::outbox_stats))
+        .routes(routes!(notifications::dlq_stats))
+        .routes(routes!(notifications::dlq_list))
+        .routes(routes!(notifications::dlq_retry_all))
+        .routes(routes!(notifications::dlq_retry))
+        .routes(routes!(notifications::dlq_drop))
         .routes(routes!(projects::list_project_deployments))
         .routes(routes!(projects::current_deployment))
         .routes(routes!(projects::rollback))

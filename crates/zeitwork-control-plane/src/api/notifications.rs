@@ -1,0 +1,245 @@
+//! Notification channels of a project, and the outbox and dead-letter queue
+//! that deliver to them (platform admins).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use zeitwork_api_types::{Channel, CreateChannel, Role, ValidationError};
+use zeitwork_store::{StoredChannel, NOTIFIED};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::notify::{secret_context, target_context};
+use crate::AppState;
+
+fn view(c: &StoredChannel, url: &str) -> Channel {
+    let shown = reqwest::Url::parse(url)
+        .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("")))
+        .unwrap_or_else(|_| "…".into());
+    Channel {
+        id: c.id.clone(),
+        org: c.org.clone(),
+        project: c.project.clone(),
+        kind: c.kind.clone(),
+        url: shown,
+        events: c.events.clone(),
+        created_at: c.created_at,
+    }
+}
+
+fn check(s: &AppState, b: &CreateChannel) -> Result<(), ValidationError> {
+    if !matches!(b.kind.as_str(), "webhook" | "slack") {
+        return Err(ValidationError::new("kind", format!("{:?} is not a channel kind; use webhook or slack", b.kind)));
+    }
+    let url = reqwest::Url::parse(&b.url)
+        .map_err(|_| ValidationError::new("url", "give an absolute http:// or https:// URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || b.url.len() > 2000 {
+        return Err(ValidationError::new("url", "give an absolute http:// or https:// URL"));
+    }
+    let host = url.host_str().unwrap_or_default();
+    if !s.config.notifications_allow_internal && zeitwork_image::registry::internal_host(host) {
+        return Err(ValidationError::new(
+            "url",
+            "points at a loopback, private or link-local address; notifications go to public receivers \
+             (an operator may allow internal ones with notifications_allow_internal)",
+        ));
+    }
+    match (&b.kind[..], &b.secret) {
+        ("webhook", None) => {
+            return Err(ValidationError::new(
+                "secret",
+                "a webhook needs a secret to sign its deliveries (16-256 characters)",
+            ))
+        }
+        (_, Some(sec)) if sec.len() < 16 || sec.len() > 256 => {
+            return Err(ValidationError::new("secret", "use 16 to 256 characters"))
+        }
+        _ => {}
+    }
+    if let Some(e) = b.events.iter().find(|e| !NOTIFIED.contains(&e.as_str())) {
+        return Err(ValidationError::new(
+            "events",
+            format!("{e:?} is not an event; use any of {}", NOTIFIED.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+/// Add a notification channel to a project (Admin). The URL and secret are stored encrypted.
+#[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/notifications", tag = "notifications",
+    params(("org" = String, Path), ("project" = String, Path)), request_body = CreateChannel,
+    responses((status = 201, body = Channel), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn create_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+    JsonBody(b): JsonBody<CreateChannel>,
+) -> ApiResult<Response> {
+    let target = format!("{org}/{name}");
+    s.require_role(&caller, &org, Role::Admin, "notification.create", &target).await?;
+    s.store.get_project(&org, &name).await?;
+    check(&s, &b)?;
+    let id = zeitwork_store::channel_id();
+    let stored = StoredChannel {
+        id: id.clone(),
+        org: org.clone(),
+        project: Some(name.clone()),
+        kind: b.kind.clone(),
+        target_enc: s.cipher.encrypt(&target_context(&id), &b.url),
+        secret_enc: b.secret.as_ref().map(|sec| s.cipher.encrypt(&secret_context(&id), sec)),
+        events: b.events.clone(),
+        created_at: chrono::Utc::now(),
+    };
+    let audit = caller.audit("notification.create", &id).org(&org).project(&name);
+    let c = s.store.create_channel(&stored, &audit).await?;
+    Ok((StatusCode::CREATED, Json(view(&c, &b.url))).into_response())
+}
+
+/// A project's notification channels (URLs show scheme and host only).
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/notifications", tag = "notifications",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 200, body = Vec<Channel>), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn list_channels(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Channel>>> {
+    s.require_role(&caller, &org, Role::Guest, "notification.list", &format!("{org}/{name}")).await?;
+    s.store.get_project(&org, &name).await?;
+    let mut out = Vec::new();
+    for c in s.store.list_channels(&org, &name).await? {
+        let url = s.cipher.decrypt(&target_context(&c.id), &c.target_enc).unwrap_or_default();
+        out.push(view(&c, &url));
+    }
+    Ok(Json(out))
+}
+
+async fn own_channel(s: &AppState, org: &str, name: &str, id: &str) -> ApiResult<StoredChannel> {
+    let c = s.store.channel(id).await?;
+    if c.org != org || c.project.as_deref() != Some(name) {
+        return Err(ApiError::NotFound(format!("notification channel {id:?} is not one of {org}/{name}")));
+    }
+    Ok(c)
+}
+
+/// Remove a notification channel (Admin); what is still queued for it goes too.
+#[utoipa::path(delete, path = "/api/v1/projects/{org}/{project}/notifications/{id}", tag = "notifications",
+    params(("org" = String, Path), ("project" = String, Path), ("id" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name, id)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    s.require_role(&caller, &org, Role::Admin, "notification.delete", &id).await?;
+    own_channel(&s, &org, &name, &id).await?;
+    s.store.delete_channel(&id, &caller.audit("notification.delete", &id).org(&org).project(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Send a sample notification through the project's channels that want it (Developer).
+#[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/notifications/test", tag = "notifications",
+    params(("org" = String, Path), ("project" = String, Path)),
+    responses((status = 202), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn test_channels(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.require_role(&caller, &org, Role::Developer, "notification.test", &format!("{org}/{name}")).await?;
+    s.store.get_project(&org, &name).await?;
+    let audit = caller.audit("notification.test", format!("{org}/{name}")).org(&org).project(&name);
+    s.store.record_event(&audit, "ok").await?;
+    s.changed();
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// The outbox: pending, delivered and dead rows, failed attempts, the oldest pending age, per channel.
+#[utoipa::path(get, path = "/api/admin/outbox/stats", tag = "notifications",
+    responses((status = 200, description = "outbox figures"), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn outbox_stats(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    s.require_admin(&caller, "outbox.stats", "outbox").await?;
+    let c = s.store.outbox_counts().await?;
+    let by: Vec<serde_json::Value> =
+        c.by_channel.iter().map(|(id, p, d)| serde_json::json!({"channel": id, "pending": p, "dead": d})).collect();
+    Ok(Json(serde_json::json!({
+        "pending": c.pending, "in_flight": 0, "delivered": c.delivered, "failed_attempts": c.failed_attempts,
+        "dead": c.dead, "oldest_pending_secs": c.oldest_pending_secs, "by_destination": by,
+    })))
+}
+
+/// The dead-letter queue in figures: how many, the oldest, by destination and reason.
+#[utoipa::path(get, path = "/api/admin/dlq/stats", tag = "notifications",
+    responses((status = 200, description = "dead-letter figures"), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn dlq_stats(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    s.require_admin(&caller, "dlq.stats", "dlq").await?;
+    let dead = s.store.dead_letters(10_000).await?;
+    let mut by_dest: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
+    for d in &dead {
+        *by_dest.entry(d.channel_id.clone()).or_default() += 1;
+        *by_reason.entry(d.last_error.clone().unwrap_or_default()).or_default() += 1;
+    }
+    Ok(Json(serde_json::json!({
+        "count": dead.len(),
+        "oldest": dead.first().map(|d| d.created_at),
+        "by_destination": by_dest,
+        "by_reason": by_reason,
+    })))
+}
+
+/// The dead letters, oldest first.
+#[utoipa::path(get, path = "/api/admin/dlq", tag = "notifications",
+    responses((status = 200, description = "dead letters"), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn dlq_list(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    s.require_admin(&caller, "dlq.list", "dlq").await?;
+    let rows = s.store.dead_letters(1000).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| {
+                serde_json::json!({"id": r.id, "channel": r.channel_id, "event": r.event, "attempts": r.attempts,
+                    "error": r.last_error, "created_at": r.created_at, "payload": r.payload})
+            })
+            .collect(),
+    ))
+}
+
+/// Put every dead letter back in the queue.
+#[utoipa::path(post, path = "/api/admin/dlq/retry", tag = "notifications",
+    responses((status = 200, description = "how many were queued again"), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn dlq_retry_all(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
+    s.require_admin(&caller, "dlq.retry", "dlq").await?;
+    let n = s.store.retry_dead(None).await?;
+    s.changed();
+    Ok(Json(serde_json::json!({"retried": n})))
+}
+
+/// Put one dead letter back in the queue.
+#[utoipa::path(post, path = "/api/admin/dlq/{id}/retry", tag = "notifications", params(("id" = i64, Path)),
+    responses((status = 200, description = "queued again"), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn dlq_retry(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    s.require_admin(&caller, "dlq.retry", &id.to_string()).await?;
+    if s.store.retry_dead(Some(id)).await? == 0 {
+        return Err(ApiError::NotFound(format!("no dead letter {id}")));
+    }
+    s.changed();
+    Ok(Json(serde_json::json!({"retried": 1})))
+}
+
+/// Drop a dead letter for good.
+#[utoipa::path(delete, path = "/api/admin/dlq/{id}", tag = "notifications", params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn dlq_drop(State(s): State<AppState>, caller: Caller, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+    s.require_admin(&caller, "dlq.drop", &id.to_string()).await?;
+    if !s.store.drop_dead(id).await? {
+        return Err(ApiError::NotFound(format!("no dead letter {id}")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

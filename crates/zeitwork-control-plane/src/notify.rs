@@ -1,0 +1,192 @@
+//! The outbox worker: delivers notifications to their channels, in order
+//! per channel, at least once (each carries its outbox id as an idempotency
+//! key), retrying with exponential backoff and jitter, and parks what keeps
+//! failing in the dead-letter queue. Only the operator running the engine
+//! delivers, so two operators never send one row twice; a crash between
+//! sending and recording sends that row again (receivers drop repeats by id).
+//!
+//! Webhooks are signed: `X-Zeitwork-Signature: sha256=<hex HMAC-SHA256 of
+//! "<X-Zeitwork-Timestamp>.<body>" under the channel's secret>`.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sha2::Sha256;
+use tokio::sync::{watch, Notify};
+use zeitwork_store::{OutboxRow, StoredChannel};
+
+use crate::AppState;
+
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// A receiver gets this long to answer.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The context a channel's URL is encrypted under.
+pub fn target_context(id: &str) -> String {
+    format!("notify:{id}:url")
+}
+
+/// The context a channel's signing secret is encrypted under.
+pub fn secret_context(id: &str) -> String {
+    format!("notify:{id}:secret")
+}
+
+/// `sha256=<hex>` over `"{timestamp}.{body}"`.
+pub fn signature(secret: &str, timestamp: i64, body: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The wait before attempt `attempts + 1`: doubling from `base`, ±20 % jitter, capped.
+pub fn backoff(base: Duration, attempts: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempts.min(16)).min(MAX_BACKOFF);
+    let jitter = rand::thread_rng().gen_range(0.8..1.2);
+    exp.mul_f64(jitter).min(MAX_BACKOFF)
+}
+
+/// One line a person reads in Slack.
+fn summary(p: &serde_json::Value) -> String {
+    let event = p["event"].as_str().unwrap_or("event");
+    let what = match event {
+        "deployment.create" => "deployment created",
+        "deployment.activate" => "is live",
+        "deployment.fail" => "deployment failed",
+        "deployment.rollback" => "rolled back",
+        "deployment.promote" => "promoted",
+        "deployment.sleep" => "went to sleep",
+        "deployment.wake" => "woke up",
+        "deployment.retire" | "deployment.delete" => "retired",
+        "deployment.scale" => "scaled",
+        "notification.test" => "test notification",
+        other => other,
+    };
+    let project = format!("{}/{}", p["org"].as_str().unwrap_or(""), p["project"].as_str().unwrap_or(""));
+    let mut line = format!("*{project}* {what}: `{}`", p["target"].as_str().unwrap_or(""));
+    if let Some(url) = p["deployment"]["url"].as_str() {
+        line.push_str(&format!(" <{url}>"));
+    }
+    if let Some(c) = p["deployment"]["commit"].as_str() {
+        line.push_str(&format!(" (commit {})", &c[..c.len().min(7)]));
+    }
+    if let Some(r) = p["deployment"]["reason"].as_str().filter(|_| event == "deployment.fail") {
+        line.push_str(&format!("\n> {r}"));
+    }
+    line.push_str(&format!(" — {}", p["actor"].as_str().unwrap_or("system")));
+    line
+}
+
+/// Delivers until `stop`; `nudge` starts a pass at once (a new row).
+pub async fn run(s: AppState, nudge: std::sync::Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let http = reqwest::Client::builder()
+        .timeout(DELIVERY_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = nudge.notified() => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        if s.leader.get() != 1 {
+            continue;
+        }
+        if let Err(e) = pass(&s, &http).await {
+            tracing::warn!(error = %e, "outbox pass failed; trying again");
+        }
+    }
+}
+
+async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store::StoreError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let due = s.store.due_deliveries(now, 50).await?;
+    // Channels are independent: one slow receiver does not hold the others up.
+    let sends = due.into_iter().map(|row| async move {
+        let channel = match s.store.channel(&row.channel_id).await {
+            Ok(c) => c,
+            Err(e) => return (row, Err(format!("channel: {e}"))),
+        };
+        let result = deliver(s, http, &channel, &row).await;
+        (row, result)
+    });
+    for (row, result) in futures::future::join_all(sends).await {
+        match result {
+            Ok(()) => s.store.mark_delivered(row.id).await?,
+            Err(why) => {
+                let dead = row.attempts + 1 >= s.config.notify_max_attempts;
+                let wait = backoff(Duration::from_millis(s.config.notify_backoff_ms), row.attempts);
+                let next = chrono::Utc::now().timestamp_millis() + wait.as_millis() as i64;
+                if dead {
+                    tracing::warn!(row = row.id, channel = %row.channel_id, %why, "notification dead-lettered");
+                } else {
+                    tracing::info!(row = row.id, channel = %row.channel_id, %why, retry_in = ?wait, "notification failed; retrying");
+                }
+                s.store.mark_attempt_failed(row.id, &why, next, dead).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &OutboxRow) -> Result<(), String> {
+    let url = s.cipher.decrypt(&target_context(&c.id), &c.target_enc).map_err(|e| e.to_string())?;
+    let req = match c.kind.as_str() {
+        "slack" => {
+            let text = summary(&row.payload);
+            let body = serde_json::json!({
+                "text": text,
+                "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
+            });
+            http.post(&url).json(&body)
+        }
+        _ => {
+            let body = row.payload.to_string();
+            let ts = chrono::Utc::now().timestamp();
+            let mut req = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-zeitwork-event", &row.event)
+                .header("x-zeitwork-delivery", row.id.to_string())
+                .header("x-zeitwork-timestamp", ts.to_string());
+            if let Some(enc) = &c.secret_enc {
+                let secret = s.cipher.decrypt(&secret_context(&c.id), enc).map_err(|e| e.to_string())?;
+                req = req.header("x-zeitwork-signature", signature(&secret, ts, &body));
+            }
+            req.body(body)
+        }
+    };
+    let res = req.send().await.map_err(|e| format!("the receiver is unreachable: {e}"))?;
+    if res.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("the receiver answered {}", res.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_cover_timestamp_and_body() {
+        let a = signature("secret-of-sixteen", 1700000000, "{}");
+        assert_eq!(a, signature("secret-of-sixteen", 1700000000, "{}"));
+        assert_ne!(a, signature("secret-of-sixteen", 1700000001, "{}"));
+        assert_ne!(a, signature("another-secret-16", 1700000000, "{}"));
+        assert!(a.starts_with("sha256=") && a.len() == 7 + 64);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let base = Duration::from_secs(1);
+        let b0 = backoff(base, 0);
+        assert!(b0 >= Duration::from_millis(800) && b0 <= Duration::from_millis(1200), "{b0:?}");
+        let b3 = backoff(base, 3);
+        assert!(b3 >= Duration::from_millis(6400) && b3 <= Duration::from_millis(9600), "{b3:?}");
+        assert!(backoff(base, 40) <= MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,219 @@
+//! Events that leave the platform: a project's webhook and Slack channels
+//! receive a deployment going live (signed, with its URL) and failing (with
+//! the reason), against local receivers standing in for the real ones; a
+//! receiver that is down fills the outbox, then the dead-letter queue, and a
+//! retry once it is back delivers everything.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+
+type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+
+/// A receiver on `listener` that records every POST and answers 204.
+fn receiver(listener: tokio::net::TcpListener) -> Received {
+    let got: Received = Arc::default();
+    let store = got.clone();
+    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: String| {
+        let store = store.clone();
+        async move {
+            store.lock().unwrap().push((headers, body));
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    got
+}
+
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
+    const SECRET: &str = "a webhook secret of ours";
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        notify_max_attempts: 2,
+        notify_backoff_ms: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme", "instances_per_region": 1}))
+        .await
+        .unwrap();
+
+    let hook_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_at = hook_listener.local_addr().unwrap();
+    let hooks = receiver(hook_listener);
+    let slack_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slack_addr = slack_listener.local_addr().unwrap();
+    let slack = receiver(slack_listener);
+
+    // Bad channels are refused, naming the field.
+    let bad = admin
+        .post::<_, Value>("/api/v1/projects/acme/web/notifications", &json!({"kind": "webhook", "url": "ftp://x/"}))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("url"), "{bad}");
+    let bad = admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{hook_at}/hook")}),
+        )
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("secret"), "{bad}");
+    let webhook: Value = admin
+        .post(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{hook_at}/hook/s3cr3t-path"), "secret": SECRET}),
+        )
+        .await
+        .unwrap();
+    assert!(!webhook.to_string().contains("s3cr3t-path"), "the URL is redacted: {webhook}");
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "slack", "url": format!("http://{slack_addr}/services/T0/B0/xyz"),
+                    "events": ["deployment.activate", "deployment.fail"]}),
+        )
+        .await
+        .unwrap();
+
+    // A deployment goes live on a simulated node.
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let n: Value = agent
+        .post("/api/v1/nodes", &json!({"hostname": "n1", "region": "eu", "address": "http://n1:8081", "capacity": {"vcpu": 8, "memory": 8192}}))
+        .await
+        .unwrap();
+    let node = Client::new(&base, n["credential"].as_str().map(str::to_owned));
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1", "commit_sha": "0123456789abcdef0123456789abcdef01234567"}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let inst = until("placement", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    node.put::<_, Value>(
+        &format!("/api/v1/instances/{inst}/status"),
+        &json!({"status": "ready", "address": "10.0.0.2:8080"}),
+    )
+    .await
+    .ok();
+
+    // The webhook gets "created" then "active", signed over timestamp and body.
+    let got = until("the webhook deliveries", async || {
+        let got = hooks.lock().unwrap().clone();
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    let events: Vec<String> = got.iter().map(|(h, _)| h["x-zeitwork-event"].to_str().unwrap().to_owned()).collect();
+    assert_eq!(events, ["deployment.create", "deployment.activate"], "in order");
+    for (h, body) in &got {
+        let ts: i64 = h["x-zeitwork-timestamp"].to_str().unwrap().parse().unwrap();
+        let sig = h["x-zeitwork-signature"].to_str().unwrap();
+        assert_eq!(sig, zeitwork_control_plane::notify::signature(SECRET, ts, body), "the documented signature");
+        assert!(h["x-zeitwork-delivery"].to_str().unwrap().parse::<i64>().is_ok(), "an idempotency key");
+    }
+    let active: Value = serde_json::from_str(&got[1].1).unwrap();
+    assert_eq!(active["deployment"]["url"], d["url"]);
+    assert_eq!(active["deployment"]["commit"], "0123456789abcdef0123456789abcdef01234567");
+    // Slack only gets what it asked for, as a message a person reads.
+    let s = until("the slack message", async || slack.lock().unwrap().first().cloned()).await;
+    let msg: Value = serde_json::from_str(&s.1).unwrap();
+    let text = msg["text"].as_str().unwrap();
+    assert!(
+        text.contains("acme/web") && text.contains("is live") && text.contains(d["url"].as_str().unwrap()),
+        "{text}"
+    );
+    assert_eq!(slack.lock().unwrap().len(), 1, "no deployment.create for slack");
+
+    // A failed deployment says why.
+    let d2: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:2"}))
+        .await
+        .unwrap();
+    let dep2 = d2["id"].as_str().unwrap().to_owned();
+    let inst2 = until("placement", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep2}/instances")).await.unwrap();
+        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    node.put::<_, Value>(
+        &format!("/api/v1/instances/{inst2}/status"),
+        &json!({"status": "failed", "reason": "the app did not answer on port 8080 within 60 s"}),
+    )
+    .await
+    .ok();
+    let failed = until("the failure message", async || {
+        let got = slack.lock().unwrap().clone();
+        got.into_iter().map(|(_, b)| b).find(|b| b.contains("deployment failed"))
+    })
+    .await;
+    assert!(failed.contains("did not answer on port 8080"), "{failed}");
+
+    // A receiver that is down: retried, then dead-lettered; a retry after it is back delivers.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_addr = down.local_addr().unwrap();
+    drop(down);
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{down_addr}/"), "secret": SECRET}),
+        )
+        .await
+        .unwrap();
+    // A sample goes to every channel that takes it.
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+    let dlq = until("a dead letter", async || {
+        let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+        (st["count"].as_u64().unwrap_or(0) >= 1).then_some(st)
+    })
+    .await;
+    assert!(dlq["by_reason"].to_string().contains("unreachable"), "{dlq}");
+    let stats: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
+    assert!(stats["dead"].as_u64().unwrap() >= 1 && stats["delivered"].as_u64().unwrap() >= 4, "{stats}");
+    // The receiver comes back; everything is retried and delivered.
+    let back = receiver(tokio::net::TcpListener::bind(down_addr).await.unwrap());
+    let retried: Value = admin.post("/api/admin/dlq/retry", &json!({})).await.unwrap();
+    assert!(retried["retried"].as_u64().unwrap() >= 1);
+    until("the retried delivery", async || (!back.lock().unwrap().is_empty()).then_some(())).await;
+    let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+    assert_eq!(st["count"], 0, "{st}");
+    // Only platform admins read the queues.
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "admin"}}))
+        .await
+        .unwrap();
+    let org_admin = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    assert_eq!(org_admin.get::<Value>("/api/admin/outbox/stats").await.unwrap_err().status(), Some(403));
+    op.shutdown().await;
+}
