@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod autoscale;
+pub mod backup;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -8,6 +8,7 @@
 //! check permissions, encrypt, or know about HTTP; callers pass already
 //! validated input and already encrypted secrets.
 
+mod backup;
 mod entities;
 mod lifecycle;
 mod outbox;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use backup::*;
 pub use entities::*;
 pub use lifecycle::*;
 pub use outbox::*;

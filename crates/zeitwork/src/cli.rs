@@ -94,6 +94,32 @@ pub enum Verb {
     Tokens(With<TokenCmd>),
     /// The audit log.
     Events(With<EventCmd>),
+    /// Write a consistent snapshot of a single-machine operator's whole state (online).
+    Backup(BackupArgs),
+    /// Put a backup in place as an operator's state (the operator stopped; the same encryption key).
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The operator's data directory (default: the one `zeitwork up` uses).
+    #[arg(long, env = "ZEITWORK_DATA")]
+    data: Option<PathBuf>,
+    /// The file to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup file.
+    file: PathBuf,
+    /// The operator's data directory (default: the one `zeitwork up` uses); its secret.key decrypts the backup.
+    #[arg(long, env = "ZEITWORK_DATA")]
+    data: Option<PathBuf>,
+    /// Set an existing state aside (renamed, not deleted) instead of refusing.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -588,6 +614,32 @@ pub async fn run(verb: Verb) -> Result<()> {
         Verb::Deployments(w) => deployments(w.conn, w.cmd).await,
         Verb::Tokens(w) => tokens(w.conn, w.cmd).await,
         Verb::Events(w) => events(w.conn, w.cmd).await,
+        Verb::Backup(a) => {
+            let data = a.data.unwrap_or_else(crate::roles::default_data_dir);
+            let info = zeitwork_control_plane::backup::backup(&data, &a.out).await?;
+            println!(
+                "Wrote {} (schema {}, {} projects, {} deployments). It holds env values encrypted: keep {} safe, apart from it.",
+                a.out.display(),
+                info.schema_version,
+                info.projects,
+                info.deployments,
+                data.join("secret.key").display()
+            );
+            Ok(())
+        }
+        Verb::Restore(a) => {
+            let data = a.data.unwrap_or_else(crate::roles::default_data_dir);
+            let info = zeitwork_control_plane::backup::restore(&a.file, &data, None, a.force).await?;
+            println!(
+                "Restored {} into {} (schema {}, {} projects, {} deployments). Start the operator to serve it.",
+                a.file.display(),
+                data.display(),
+                info.schema_version,
+                info.projects,
+                info.deployments
+            );
+            Ok(())
+        }
     }
 }
 
