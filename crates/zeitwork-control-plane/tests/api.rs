@@ -91,9 +91,12 @@ fn assert_error(got: (StatusCode, Value), want: u16, needle: &str) {
 async fn scenario(env: Env) {
     let e = &env;
     // Health, version, metrics and the API description need no token.
-    assert_eq!(e.raw("GET", "/health", None, None, None).await.1["status"], "ok");
+    assert_eq!(e.raw("GET", "/health", None, None, None).await.1["status"], "healthy");
+    assert_eq!(e.raw("GET", "/healthz", None, None, None).await.1["status"], "healthy");
     let ready = e.raw("GET", "/api/health/ready", None, None, None).await;
     assert_eq!((ready.0, ready.1["checks"]["store"]["ok"].clone()), (StatusCode::OK, json!(true)));
+    assert_eq!(ready.1["status"], "ready");
+    assert_eq!(e.raw("GET", "/api/health/startup", None, None, None).await.1["status"], "started");
     assert_eq!(e.raw("GET", "/api/health/startup", None, None, None).await.0, StatusCode::OK);
     let v = e.raw("GET", "/api/version", None, None, None).await.1;
     assert!(v["version"].is_string() && v["commit"].is_string() && v["build_time"].is_string(), "{v}");

@@ -9,10 +9,16 @@ use zeitwork_api_types::{CheckResult, Health, Readiness, Version};
 
 use crate::AppState;
 
-/// Liveness: the process serves HTTP.
+/// Liveness: the process serves HTTP (`{"status":"healthy"}`, as the runbooks expect).
 #[utoipa::path(get, path = "/health", tag = "health", security(), responses((status = 200, body = Health)))]
 pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health { status: "healthy".into() })
+}
+
+/// Liveness under the name Kubernetes-style checks use; the same as `/health`.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    health().await
 }
 
 /// Readiness: every dependency answers (the store).
@@ -36,7 +42,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     };
     let ok = store.ok;
     let body = Readiness {
-        status: if ok { "ok" } else { "unavailable" }.into(),
+        status: if ok { "ready" } else { "not_ready" }.into(),
         checks: BTreeMap::from([("store".to_owned(), store)]),
     };
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -49,7 +55,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub async fn startup() -> Json<Readiness> {
     let done = CheckResult { ok: true, message: None, duration_ms: 0 };
     Json(Readiness {
-        status: "ok".into(),
+        status: "started".into(),
         checks: BTreeMap::from([("migrations".to_owned(), done.clone()), ("bootstrap".to_owned(), done)]),
     })
 }

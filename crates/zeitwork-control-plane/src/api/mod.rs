@@ -55,6 +55,7 @@ impl Modify for BearerAuth {
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
+        .routes(routes!(health::healthz))
         .routes(routes!(health::ready))
         .routes(routes!(health::startup))
         .routes(routes!(health::version))
