@@ -1,4 +1,4 @@
-//! Events that leave the platform: a project's webhook and Slack channels
+//! Events that leave the platform, and the analytics read from them: a project's webhook and Slack channels
 //! receive a deployment going live (signed, with its URL) and failing (with
 //! the reason), against local receivers standing in for the real ones; a
 //! receiver that is down fills the outbox, then the dead-letter queue, and a
@@ -208,6 +208,26 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     until("the retried delivery", async || (!back.lock().unwrap().is_empty()).then_some(())).await;
     let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
     assert_eq!(st["count"], 0, "{st}");
+    // The same deployments, as the analytics endpoints count them: one live, one failed.
+    let freq: Value = admin.get("/api/v1/analytics/deployments/frequency?org=acme").await.unwrap();
+    assert_eq!(freq["total"], 2, "{freq}");
+    assert_eq!(freq["series"][0]["deployments"], 2, "{freq}");
+    let rate: Value = admin.get("/api/v1/analytics/deployments/success-rate?org=acme&project=web").await.unwrap();
+    assert_eq!(rate["projects"][0]["succeeded"], 1, "{rate}");
+    assert_eq!(rate["projects"][0]["failed"], 1, "{rate}");
+    assert_eq!(rate["projects"][0]["success_rate"], 0.5, "{rate}");
+    let took: Value = admin.get("/api/v1/analytics/deployments/duration").await.unwrap();
+    assert_eq!(took["create_to_active"]["count"], 1, "{took}");
+    assert!(took["create_to_active"]["p50_secs"].as_f64().unwrap() >= 0.0, "{took}");
+    let held: Value = admin.get("/api/v1/analytics/resources/by-org?org=acme").await.unwrap();
+    assert_eq!(held["orgs"][0]["instances"], 1, "{held}");
+    let reversed =
+        admin.get::<Value>("/api/v1/analytics/deployments/frequency?from=2026-12-01&to=2026-11-01").await.unwrap_err();
+    assert_eq!(reversed.status(), Some(400));
+    assert!(reversed.to_string().contains("from"), "{reversed}");
+    let too_long = admin.get::<Value>("/api/v1/analytics/deployments/frequency?from=2020-01-01").await.unwrap_err();
+    assert_eq!(too_long.status(), Some(400));
+
     // Only platform admins read the queues.
     let t: Value = admin
         .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "admin"}}))
@@ -215,5 +235,10 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
         .unwrap();
     let org_admin = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
     assert_eq!(org_admin.get::<Value>("/api/admin/outbox/stats").await.unwrap_err().status(), Some(403));
+    // An org's token reads its own org's analytics, and no other's.
+    let own: Value = org_admin.get("/api/v1/analytics/deployments/frequency").await.unwrap();
+    assert_eq!(own["total"], 2);
+    let other = org_admin.get::<Value>("/api/v1/analytics/deployments/frequency?org=other").await.unwrap_err();
+    assert_eq!(other.status(), Some(403));
     op.shutdown().await;
 }

@@ -236,3 +236,72 @@ impl Store {
         Ok(())
     }
 }
+
+/// One deployment as analytics read it.
+#[derive(Debug, Clone)]
+pub struct DeploymentFacts {
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    pub status: String,
+    pub created_at: i64,
+    /// When it first went live (its first activation event).
+    pub activated_at: Option<i64>,
+    /// When its first instance became ready.
+    pub first_ready_at: Option<i64>,
+}
+
+/// Live instances' reservations per org: (org, instances, vCPU, MiB).
+pub type OrgAllocation = (String, i64, i64, i64);
+
+impl Store {
+    /// Deployments created in `[from, to)` (ms), of `org` and `project` when given.
+    pub async fn deployment_facts(
+        &self,
+        from: i64,
+        to: i64,
+        org: Option<&str>,
+        project: Option<&str>,
+    ) -> Result<Vec<DeploymentFacts>> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.org, d.project, d.status, d.created_at, \
+             (SELECT MIN(e.at) FROM events e WHERE e.target = d.id AND e.action = 'deployment.activate') AS activated_at, \
+             (SELECT MIN(i.ready_at) FROM instances i WHERE i.deployment_id = d.id) AS first_ready_at \
+             FROM deployments d WHERE d.created_at >= $1 AND d.created_at < $2 \
+             AND ($3 = '' OR d.org = $3) AND ($4 = '' OR d.project = $4) ORDER BY d.created_at",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(org.unwrap_or_default())
+        .bind(project.unwrap_or_default())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeploymentFacts {
+                    id: r.text("id")?,
+                    org: r.text("org")?,
+                    project: r.text("project")?,
+                    status: r.text("status")?,
+                    created_at: r.int("created_at")?,
+                    activated_at: r.opt_int("activated_at")?,
+                    first_ready_at: r.opt_int("first_ready_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// What live instances hold now, per org (of `org` when given).
+    pub async fn allocation_by_org(&self, org: Option<&str>) -> Result<Vec<OrgAllocation>> {
+        let rows = sqlx::query(&format!(
+            "SELECT d.org, COUNT(*) AS n, CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) AS vcpu, \
+             CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) AS memory FROM instances i \
+             JOIN deployments d ON d.id = i.deployment_id WHERE i.{LIVE_INSTANCE} AND ($1 = '' OR d.org = $1) \
+             GROUP BY d.org ORDER BY d.org"
+        ))
+        .bind(org.unwrap_or_default())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok((r.text("org")?, r.int("n")?, r.int("vcpu")?, r.int("memory")?))).collect()
+    }
+}

@@ -2,6 +2,7 @@
 //! its input, and calls the store; the OpenAPI document is generated from the
 //! same annotations the router is built from, so the two cannot drift.
 
+mod analytics;
 mod cluster;
 mod github;
 mod health;
@@ -90,6 +91,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::sleep_deployment))
         .routes(routes!(routing::report_activity))
         .routes(routes!(cluster::cluster_state))
+        .routes(routes!(analytics::frequency))
+        .routes(routes!(analytics::duration))
+        .routes(routes!(analytics::success_rate))
+        .routes(routes!(analytics::resources_by_org))
         .routes(routes!(notifications::create_channel, notifications::list_channels))
         .routes(routes!(notifications::delete_channel))
         .routes(routes!(notifications::test_channels))
