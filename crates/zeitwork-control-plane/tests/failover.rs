@@ -3,6 +3,7 @@
 //! node stops heartbeating.
 
 mod common;
+use common::until;
 
 use std::time::{Duration, Instant};
 
@@ -14,21 +15,6 @@ use zeitwork_control_plane::{Operator, OperatorConfig};
 fn own_credential(base: &str, registered: Value) -> (String, Client) {
     let credential = registered["credential"].as_str().expect("a registration returns the node's credential");
     (registered["id"].as_str().unwrap().to_owned(), Client::new(base, Some(credential.to_owned())))
-}
-
-async fn until<F, Fut>(what: &str, f: F) -> Value
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<Value>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,16 +350,12 @@ async fn the_event_stream_shows_a_deployment_going_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    let (op, base, admin) = common::operator_with(OperatorConfig {
         data_dir: dir.path().to_owned(),
         placement_timeout_secs: 3,
         ..Default::default()
     })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    .await;
     admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
     let project =

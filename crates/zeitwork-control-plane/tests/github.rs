@@ -70,11 +70,7 @@ async fn pushes_deploy_and_every_delivery_is_recorded() {
         .await
         .unwrap_err();
     assert_eq!(bad_repo.status(), Some(400), "{bad_repo}");
-    let t: Value = admin
-        .post("/api/v1/tokens", &json!({"name": "dev", "scope": {"kind": "org", "org": "acme", "role": "developer"}}))
-        .await
-        .unwrap();
-    let dev = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let dev = org_client(&base, &admin, "acme", "developer").await;
     let denied = dev
         .post::<_, Value>(
             "/api/v1/github/webhooks",

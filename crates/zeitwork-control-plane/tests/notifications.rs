@@ -5,12 +5,14 @@
 //! retry once it is back delivers everything.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use serde_json::{json, Value};
 use zeitwork_client::Client;
-use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_control_plane::OperatorConfig;
+
+mod common;
+use common::until;
 
 type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
 
@@ -29,33 +31,18 @@ fn receiver(listener: tokio::net::TcpListener) -> Received {
     got
 }
 
-async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     const SECRET: &str = "a webhook secret of ours";
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    let (op, base, admin) = common::operator_with(OperatorConfig {
         data_dir: dir.path().to_owned(),
         notifications_allow_internal: true,
         notify_max_attempts: 2,
         notify_backoff_ms: 100,
         ..Default::default()
     })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    .await;
     admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
     admin

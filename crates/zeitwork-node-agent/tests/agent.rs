@@ -98,8 +98,8 @@ impl Platform {
         self.deploy_on(image, &self.agent.node().id).await
     }
 
-    /// Deploys `image` with one instance, expected on `node`.
-    async fn deploy_on(&self, image: &str, node: &str) -> (String, String) {
+    /// Records a deployment of `image` with one instance; its id.
+    async fn create_deployment(&self, image: &str) -> String {
         let d: Value = self
             .admin
             .post(
@@ -108,7 +108,12 @@ impl Platform {
             )
             .await
             .unwrap();
-        let dep = d["id"].as_str().unwrap().to_owned();
+        d["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Deploys `image` with one instance, expected on `node`.
+    async fn deploy_on(&self, image: &str, node: &str) -> (String, String) {
+        let dep = self.create_deployment(image).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(i) = self.op.store.list_instances(&dep).await.unwrap().first() {
@@ -883,15 +888,7 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
     // Six deployments in a row: all go live, none fails for capacity.
     let mut ids = Vec::new();
     for image in &images {
-        let d: Value = p
-            .admin
-            .post(
-                "/api/v1/deployments",
-                &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
-            )
-            .await
-            .unwrap();
-        let id = d["id"].as_str().unwrap().to_owned();
+        let id = p.create_deployment(image).await;
         wait_active(id.clone()).await;
         ids.push(id);
     }

@@ -20,6 +20,18 @@ pub struct Wakefulness {
     pub scale_target: Option<u32>,
 }
 
+/// Marks a deployment's live instances stopped (their agents stop them), saying why.
+async fn stop_live_instances(conn: &mut sqlx::AnyConnection, deployment: &str, reason: &str) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE instances SET status = 'stopped', exit_reason = $1 WHERE deployment_id = $2 AND {LIVE_INSTANCE}"
+    ))
+    .bind(reason)
+    .bind(deployment)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 impl Store {
     pub async fn wakefulness(&self, id: &str) -> Result<Wakefulness> {
         let row =
@@ -89,13 +101,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        sqlx::query(&format!(
-            "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment went to sleep' \
-             WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
-        ))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        stop_live_instances(&mut tx, id, "the deployment went to sleep").await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         Ok(true)
@@ -183,13 +189,7 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(&format!(
-                "UPDATE instances SET status = 'stopped', exit_reason = 'the deployment was retired' \
-                 WHERE deployment_id = $1 AND {LIVE_INSTANCE}"
-            ))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+            stop_live_instances(&mut tx, id, "the deployment was retired").await?;
             append_event(&mut tx, audit, "ok").await?;
         }
         tx.commit().await?;

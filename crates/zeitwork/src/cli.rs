@@ -143,6 +143,22 @@ pub enum AnalyticsCmd {
     },
 }
 
+/// `POST /api/v1/deployments/{id}/{action}`, then the deployment's new status.
+async fn deployment_action(c: &Client, as_json: bool, id: &str, action: &str, note: &str) -> Result<()> {
+    let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/{action}", encode(id))).await?;
+    if as_json {
+        json(&d)
+    } else {
+        println!("Deployment {} is {}{note}.", d.id, d.status.as_str())
+    }
+    Ok(())
+}
+
+/// `org/project` of an analytics row.
+fn project_of(r: &serde_json::Value) -> String {
+    format!("{}/{}", r["org"].as_str().unwrap_or(""), r["project"].as_str().unwrap_or(""))
+}
+
 /// Turns an analytics answer into table headers and rows.
 type RowsOf = fn(&serde_json::Value) -> (Vec<&'static str>, Vec<Vec<String>>);
 
@@ -173,11 +189,7 @@ async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
                     .into_iter()
                     .flatten()
                     .map(|r| {
-                        vec![
-                            format!("{}/{}", r["org"].as_str().unwrap_or(""), r["project"].as_str().unwrap_or("")),
-                            r["period"].as_str().unwrap_or("").to_owned(),
-                            r["deployments"].to_string(),
-                        ]
+                        vec![project_of(r), r["period"].as_str().unwrap_or("").to_owned(), r["deployments"].to_string()]
                     })
                     .collect();
                 (vec!["project", "period", "deployments"], rows)
@@ -191,7 +203,7 @@ async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
                     .flatten()
                     .map(|r| {
                         vec![
-                            format!("{}/{}", r["org"].as_str().unwrap_or(""), r["project"].as_str().unwrap_or("")),
+                            project_of(r),
                             r["count"].to_string(),
                             r["p50_secs"].as_f64().map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
                             r["p95_secs"].as_f64().map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
@@ -209,7 +221,7 @@ async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
                     .flatten()
                     .map(|r| {
                         vec![
-                            format!("{}/{}", r["org"].as_str().unwrap_or(""), r["project"].as_str().unwrap_or("")),
+                            project_of(r),
                             r["succeeded"].to_string(),
                             r["failed"].to_string(),
                             r["in_progress"].to_string(),
@@ -1354,30 +1366,9 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 println!("Deployment {} is {}.\nURL: {}", d.id, d.status.as_str(), d.url)
             }
         }
-        DeploymentCmd::Stop { id } => {
-            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/stop", encode(&id))).await?;
-            if conn.json {
-                json(&d)
-            } else {
-                println!("Deployment {} is {}.", d.id, d.status.as_str())
-            }
-        }
-        DeploymentCmd::Sleep { id } => {
-            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/sleep", encode(&id))).await?;
-            if conn.json {
-                json(&d)
-            } else {
-                println!("Deployment {} is {}; its URL wakes it.", d.id, d.status.as_str())
-            }
-        }
-        DeploymentCmd::Wake { id } => {
-            let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/wake", encode(&id))).await?;
-            if conn.json {
-                json(&d)
-            } else {
-                println!("Deployment {} is {}.", d.id, d.status.as_str())
-            }
-        }
+        DeploymentCmd::Stop { id } => deployment_action(&c, conn.json, &id, "stop", "").await?,
+        DeploymentCmd::Sleep { id } => deployment_action(&c, conn.json, &id, "sleep", "; its URL wakes it").await?,
+        DeploymentCmd::Wake { id } => deployment_action(&c, conn.json, &id, "wake", "").await?,
         DeploymentCmd::Metrics { id } => {
             let m: DeploymentMetrics = c.get(&format!("/api/v1/deployments/{}/metrics", encode(&id))).await?;
             if conn.json {

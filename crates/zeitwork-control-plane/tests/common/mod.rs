@@ -1,19 +1,30 @@
-//! What several test binaries of the operator share.
+//! What several test binaries of the operator share (each uses a part of it).
+#![allow(dead_code)]
 
 use zeitwork_client::Client;
 use zeitwork_control_plane::{Operator, OperatorConfig};
 
 /// An operator on SQLite in `dir` on a free loopback port, its base URL and an admin client.
 pub async fn operator(dir: &std::path::Path, node_timeout_secs: u64) -> (Operator, String, Client) {
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_owned(),
-        node_timeout_secs,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    operator_with(OperatorConfig { data_dir: dir.to_owned(), node_timeout_secs, ..Default::default() }).await
+}
+
+/// An operator with `config` (its listen address a free loopback port), its base URL and an admin client.
+pub async fn operator_with(config: OperatorConfig) -> (Operator, String, Client) {
+    let op = Operator::start(OperatorConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config }).await.unwrap();
     let base = format!("http://{}", op.addr());
     let admin = Client::new(&base, op.admin_token.clone());
     (op, base, admin)
+}
+
+/// Polls `f` until it gives a value; fails the test after 30 s naming `what`.
+pub async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
