@@ -47,6 +47,10 @@ pub struct OperatorConfig {
     pub notify_backoff_ms: u64,
     /// Let notification channels point at loopback or private addresses (tests, private receivers).
     pub notifications_allow_internal: bool,
+    /// Seconds a client has to send a request's head before its connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// Open connections one client address may hold.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for OperatorConfig {
@@ -69,6 +73,8 @@ impl Default for OperatorConfig {
             notify_max_attempts: 8,
             notify_backoff_ms: 1000,
             notifications_allow_internal: false,
+            header_read_timeout_secs: 10,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -123,6 +129,12 @@ impl OperatorConfig {
         }
         if !(1..=100).contains(&self.notify_max_attempts) {
             return err("notify_max_attempts", "use 1 to 100".into());
+        }
+        if !(1..=300).contains(&self.header_read_timeout_secs) {
+            return err("header_read_timeout_secs", "use 1 to 300".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_connections_per_client) {
+            return err("max_connections_per_client", "use 1 to 1000000".into());
         }
         if !(10..=600_000).contains(&self.notify_backoff_ms) {
             return err("notify_backoff_ms", "use 10 to 600000".into());

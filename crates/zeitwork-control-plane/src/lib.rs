@@ -17,6 +17,7 @@ pub mod feed;
 pub mod notify;
 pub mod routing;
 pub mod secrets;
+pub mod serve;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -132,7 +133,7 @@ impl Operator {
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let routing = routing::RoutingHub::new(&config.apps_domain);
-        let (tx, mut rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
         let hub = routing.clone();
         let assignments = Arc::new(watch::Sender::new(0u64));
@@ -182,13 +183,15 @@ impl Operator {
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
         let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
+        let limits = serve::Limits {
+            header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
+            connections_per_client: state.config.max_connections_per_client,
+            ..Default::default()
+        };
         let app = api::router(state);
         let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
+            serve::serve(listener, app, rx, limits).await;
+            Ok::<(), std::io::Error>(())
         });
         tracing::info!(%addr, "operator API listening");
         Ok(Operator {

@@ -2,6 +2,7 @@
 //! throwaway PostgreSQL, driven through the typed client.
 
 use std::path::Path;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -610,4 +611,54 @@ async fn bad_config_names_the_field() {
         OperatorConfig { apps_domain: "no".into(), data_dir: Path::new("/nonexistent/x").into(), ..Default::default() };
     let err = Operator::start(config).await.unwrap_err();
     assert!(err.to_string().contains("apps_domain"), "{err}");
+}
+
+/// A client that sends its request head too slowly is cut off, and one client
+/// cannot hold more connections than its share; others' requests go on.
+#[tokio::test]
+async fn slow_and_greedy_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        header_read_timeout_secs: 1,
+        max_connections_per_client: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = op.addr();
+    // Whether the server closes the connection within `within` (whatever it says first).
+    let closed = |mut s: tokio::net::TcpStream, within: Duration| async move {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    };
+    // Three half-sent heads fill this client's share; a fourth connection is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed(fourth, Duration::from_millis(500)).await, "a fourth connection is refused");
+    // The slow ones are cut off after the header timeout...
+    for s in held {
+        assert!(closed(s, Duration::from_secs(3)).await, "a half-sent head is cut off");
+    }
+    // ...and the client is served again.
+    let ok = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    op.shutdown().await;
 }
