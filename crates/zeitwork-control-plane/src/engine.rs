@@ -91,6 +91,15 @@ pub fn place(nodes: &[Node], region: &str, count: u32, need: Resources) -> Resul
     Ok(picked)
 }
 
+/// What the engine loop reports as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EngineGauges {
+    /// 1 while this operator runs the engine.
+    pub leader: prometheus_client::metrics::gauge::Gauge,
+    /// 1 while the store answers (the lease is renewed every tick).
+    pub database_up: prometheus_client::metrics::gauge::Gauge,
+}
+
 /// Runs passes until `stop`.
 pub async fn run(
     store: Store,
@@ -98,15 +107,18 @@ pub async fn run(
     holder: String,
     changed: impl Fn() + Send + 'static,
     nudge: std::sync::Arc<tokio::sync::Notify>,
-    leader: prometheus_client::metrics::gauge::Gauge,
+    gauges: EngineGauges,
     mut stop: watch::Receiver<bool>,
 ) {
+    let EngineGauges { leader, database_up } = gauges;
     // One engine at a time across operators sharing a store.
     let mut leading = false;
     let mut leading_since = tokio::time::Instant::now();
     loop {
         let ttl = config.lease_ttl.as_millis() as i64;
-        match store.acquire_lease(ENGINE_LEASE, &holder, ttl).await {
+        let lease = store.acquire_lease(ENGINE_LEASE, &holder, ttl).await;
+        database_up.set(i64::from(lease.is_ok()));
+        match lease {
             Ok(held) => {
                 if held != leading {
                     tracing::info!(%holder, leading = held, "deployment engine lease {}", if held { "taken" } else { "lost" });

@@ -141,9 +141,11 @@ impl Operator {
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine_nudge = Arc::new(tokio::sync::Notify::new());
         let metrics = HttpMetrics::new("zeitwork_operator");
-        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        let gauges = engine::EngineGauges::default();
+        let leader = gauges.leader.clone();
         metrics.with_registry(|r| {
-            r.register("engine_leader", "1 while this operator runs the deployment engine", leader.clone())
+            r.register("engine_leader", "1 while this operator runs the deployment engine", leader.clone());
+            r.register("database_up", "1 while the store answers", gauges.database_up.clone());
         });
         let engine = tokio::spawn(engine::run(
             store.clone(),
@@ -159,7 +161,7 @@ impl Operator {
                 bump.send_modify(|v| *v = v.wrapping_add(1));
             },
             engine_nudge.clone(),
-            leader.clone(),
+            gauges,
             rx.clone(),
         ));
         let state = AppState {

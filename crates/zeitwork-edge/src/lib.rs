@@ -215,7 +215,7 @@ pub struct EdgeMetrics {
 
 impl EdgeMetrics {
     fn new() -> Self {
-        let http = zeitwork_telemetry::HttpMetrics::new("zeitwork_edge_admin");
+        let http = zeitwork_telemetry::HttpMetrics::new("zeitwork_edge");
         let m = Self {
             http,
             requests: Family::default(),
@@ -230,18 +230,14 @@ impl EdgeMetrics {
             cert_expiry: Family::default(),
         };
         m.http.with_registry(|r| {
-            r.register("zeitwork_edge_requests", "Proxied requests by host and status", m.requests.clone());
-            r.register("zeitwork_edge_request_duration_seconds", "Proxied request latency by host", m.latency.clone());
+            r.register("requests", "Proxied requests by host and status", m.requests.clone());
+            r.register("request_duration_seconds", "Proxied request latency by host", m.latency.clone());
+            r.register("upstream_errors", "Requests that could not reach an instance", m.upstream_errors.clone());
+            r.register("retries", "Requests retried on another instance", m.retries.clone());
+            r.register("rate_limited", "Requests refused by a rate limit", m.rate_limited.clone());
+            r.register("open_connections", "Client connections open", m.open_connections.clone());
             r.register(
-                "zeitwork_edge_upstream_errors",
-                "Requests that could not reach an instance",
-                m.upstream_errors.clone(),
-            );
-            r.register("zeitwork_edge_retries", "Requests retried on another instance", m.retries.clone());
-            r.register("zeitwork_edge_rate_limited", "Requests refused by a rate limit", m.rate_limited.clone());
-            r.register("zeitwork_edge_open_connections", "Client connections open", m.open_connections.clone());
-            r.register(
-                "zeitwork_edge_certificate_expiry_timestamp_seconds",
+                "certificate_expiry_timestamp_seconds",
                 "When each served certificate expires",
                 m.cert_expiry.clone(),
             );

@@ -292,17 +292,17 @@ struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let m = Self {
-            http: zeitwork_telemetry::HttpMetrics::new("zeitwork_lb_admin"),
+            http: zeitwork_telemetry::HttpMetrics::new("zeitwork_lb"),
             connections: Family::default(),
             active: Family::default(),
             healthy: Family::default(),
             failed: Counter::default(),
         };
         m.http.with_registry(|r| {
-            r.register("zeitwork_lb_connections", "Connections forwarded, by backend", m.connections.clone());
-            r.register("zeitwork_lb_active_connections", "Connections open, by backend", m.active.clone());
-            r.register("zeitwork_lb_backend_healthy", "1 when the backend passes its health checks", m.healthy.clone());
-            r.register("zeitwork_lb_failed_connections", "Connections no backend would take", m.failed.clone());
+            r.register("connections", "Connections forwarded, by backend", m.connections.clone());
+            r.register("active_connections", "Connections open, by backend", m.active.clone());
+            r.register("backend_healthy", "1 when the backend passes its health checks", m.healthy.clone());
+            r.register("failed_connections", "Connections no backend would take", m.failed.clone());
         });
         m
     }
