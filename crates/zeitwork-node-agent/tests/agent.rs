@@ -1044,13 +1044,14 @@ async fn an_instance_cannot_reach_the_hosts_services() {
 }
 
 /// Autoscaling: a project with `scaling` grows its production deployment under
-/// CPU load (up to max), scales it to zero when no request comes for
+/// memory load (up to max), scales it to zero when no request comes for
 /// `sleep_after_secs`, and its next request wakes it and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn production_scales_with_load_and_to_zero() {
     let reg = zeitwork_testkit::Registry::start().unwrap();
-    // Busy for a while (one full vCPU), then idle: load the autoscaler can see.
-    let script = "(/bin/busybox timeout 25 /bin/busybox sh -c 'while :; do :; done') & \
+    // Each instance holds 60 MiB of its 128 (tmpfs counts against its memory): load the
+    // autoscaler can see without burning the CPU other tests need.
+    let script = "/bin/busybox dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=60 2>/dev/null; \
         echo busy > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
     let image = reg.push_busybox("acme/busy", "v1", script).await.unwrap();
     let p = platform("10.223.0.0", 30).await;
@@ -1069,7 +1070,7 @@ async fn production_scales_with_load_and_to_zero() {
         .await
         .unwrap_err();
     assert!(bad.to_string().contains("scaling.target_cpu_percent"), "{bad}");
-    let scaling = json!({"min_per_region": 0, "max_per_region": 2, "target_cpu_percent": 50});
+    let scaling = json!({"min_per_region": 0, "max_per_region": 2, "target_memory_percent": 30});
     p.admin
         .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"scaling": scaling, "sleep_after_secs": 10}))
         .await
@@ -1102,7 +1103,7 @@ async fn production_scales_with_load_and_to_zero() {
         assert!(Instant::now() < deadline, "never went live: {}", p.deployment(&dep).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Under load (and with requests coming), it grows to max_per_region.
+    // Under memory load (and with requests coming), it grows to max_per_region.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, _) = fetch().await;
