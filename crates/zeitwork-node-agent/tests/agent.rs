@@ -465,6 +465,44 @@ async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promo
     assert_eq!(err.status(), Some(409));
     let instances: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{d3}/instances")).await.unwrap();
     assert_eq!(instances.len(), 1);
+
+    // New resources roll over to a new deployment of the same image, with no failed request.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = fetch("web-acme.zeitwork.localhost").await;
+                if status == 200 && body == "v3\n" {
+                    ok += 1;
+                } else {
+                    bad.push((status, body));
+                }
+            }
+            (ok, bad)
+        })
+    };
+    p.admin
+        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"resources": {"vcpu": 1, "memory": 192}}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rolled = loop {
+        let current: Value = p.admin.get("/api/v1/projects/acme/web/deployments/current").await.unwrap();
+        if current["id"] != d3.as_str() {
+            break current["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the new resources never rolled over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad) = hammer.await.unwrap();
+    assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
+    let assigned = p.op.store.node_assignments(&p.agent.node().id).await.unwrap();
+    let new = assigned.iter().find(|a| a.deployment == rolled).expect("the new deployment runs on the node");
+    assert_eq!(new.resources.memory, 192, "it runs with the new resources");
     edge.shutdown().await;
     p.agent.shutdown().await;
 }
@@ -851,7 +889,7 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
         images.push(reg.push_busybox("acme/web", &format!("v{v}"), &script).await.unwrap());
     }
     let op_config = OperatorConfig { rollback_window_secs: 1, ..Default::default() };
-    let p = platform_with("10.221.0.0", 30, op_config, |a| a.vcpu = Some(1)).await;
+    let p = platform_with("10.234.0.0", 30, op_config, |a| a.vcpu = Some(1)).await;
     let node: Value = p.admin.get(&format!("/api/v1/nodes/{}", p.agent.node().id)).await.unwrap();
     assert_eq!((node["physical"]["vcpu"].as_u64(), node["capacity"]["vcpu"].as_u64()), (Some(1), Some(4)), "{node}");
     p.admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"sleep_after_secs": 10})).await.unwrap();
@@ -1016,12 +1054,14 @@ async fn an_instance_cannot_reach_the_hosts_services() {
           if /bin/busybox nc -w 2 $h $PROBE_PORT </dev/null >/dev/null 2>&1; then echo \"$h open\"; else echo \"$h closed\"; fi; \
         done > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
     let image = reg.push_busybox("acme/probe", "v1", script).await.unwrap();
-    let p = platform("10.222.0.0", 60).await;
-    let hosts: Vec<String> = zeitwork_runtime::net::host_addresses()
-        .await
-        .into_iter()
-        .filter(|a| !a.is_loopback() && !a.octets().starts_with(&[10, 222]))
-        .map(|a| a.to_string())
+    let p = platform("10.235.0.0", 60).await;
+    // The host's own addresses (not the instance links other tests create and remove meanwhile).
+    let listed = std::process::Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
+    let hosts: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|iface| !iface.starts_with("zw") && iface != "lo"))
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .filter_map(|cidr| cidr.split('/').next().map(str::to_owned))
         .collect();
     assert!(!hosts.is_empty(), "the host has an address besides loopback");
     for (k, v) in [("PROBE_PORT", port.to_string()), ("PROBE_HOSTS", hosts.join(" "))] {
@@ -1054,7 +1094,7 @@ async fn production_scales_with_load_and_to_zero() {
     let script = "/bin/busybox dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=60 2>/dev/null; \
         echo busy > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
     let image = reg.push_busybox("acme/busy", "v1", script).await.unwrap();
-    let p = platform("10.223.0.0", 30).await;
+    let p = platform("10.236.0.0", 30).await;
     let bad = p
         .admin
         .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"scaling": {"min_per_region": 3, "max_per_region": 2}}))

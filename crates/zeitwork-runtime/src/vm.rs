@@ -192,6 +192,10 @@ pub fn qemu_args(
         "-monitor".into(),
         "none".into(),
         "-no-reboot".into(),
+        // QEMU's own seccomp filter: no obsolete system calls, no setuid, no
+        // spawning processes, no changing its scheduling or resource limits.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
         "-kernel".into(),
         assets.vmlinux.display().to_string(),
         "-initrd".into(),
@@ -1027,6 +1031,7 @@ mod tests {
         assert!(joined.contains("file=/d,format=raw,if=none,readonly=on"));
         assert!(joined.contains("tap,id=net0,ifname=zwt1,script=no"));
         assert!(joined.contains("-no-reboot"));
+        assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
         let t = qemu_args(Accel::Tcg, &assets, 1, 128, &[], None, None, true).join(" ");
         assert!(t.contains("-accel tcg -cpu max"));
     }

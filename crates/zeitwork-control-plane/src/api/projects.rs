@@ -103,7 +103,39 @@ pub async fn patch_project(
     patch.validate()?;
     let detail = serde_json::to_value(&patch).unwrap_or_default();
     let audit = caller.audit("project.update", &target).org(&org).project(&name).detail(detail);
-    Ok(Json(s.store.update_project(&org, &name, &patch, &audit).await?))
+    let before = s.store.get_project(&org, &name).await?;
+    let after = s.store.update_project(&org, &name, &patch, &audit).await?;
+    if after.resources != before.resources {
+        roll_over(&s, &caller, &after).await?;
+    }
+    Ok(Json(after))
+}
+
+/// New resources take effect by a new deployment of each environment's
+/// active image: it starts with them, and traffic moves only once it is ready
+/// (no failed requests); the old one goes to standby as after any deploy.
+async fn roll_over(s: &AppState, caller: &Caller, p: &Project) -> ApiResult<()> {
+    for (env, id) in &p.current_deployment {
+        let Some(env) = Environment::parse(env) else { continue };
+        let current = s.store.get_deployment(id).await?;
+        let image = match &current.image_digest {
+            Some(d) => format!("{}@{d}", current.image.split('@').next().unwrap_or(&current.image)),
+            None => current.image.clone(),
+        };
+        let mut new = new_deployment(s, p, env, image, caller.actor());
+        new.commit_sha = current.commit_sha.clone();
+        new.commit_message = current.commit_message.clone();
+        new.instances_per_region = current.instances_per_region;
+        let audit = caller
+            .audit("deployment.create", &new.id)
+            .org(&p.org)
+            .project(&p.name)
+            .detail(serde_json::json!({"reason": "resources changed", "replaces": id, "resources": p.resources}));
+        let d = s.store.create_deployment(&new, &audit).await?;
+        tracing::info!(deployment = %d.id, replaces = %id, "resources changed: rolling over to a new deployment");
+    }
+    s.changed();
+    Ok(())
 }
 
 /// Delete a project, its env vars and domains (Admin); 409 while instances run.
