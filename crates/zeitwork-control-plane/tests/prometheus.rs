@@ -47,7 +47,8 @@ async fn the_operator_metrics_the_alerts_use_exist() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
         let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-        if m.contains("zeitwork_operator_engine_leader 1") || std::time::Instant::now() > deadline {
+        // Whole lines: the metric's HELP text reads "… engine_leader 1 while …" too.
+        if m.lines().any(|l| l == "zeitwork_operator_engine_leader 1") || std::time::Instant::now() > deadline {
             break m;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
