@@ -488,6 +488,41 @@ pub struct ProjectSettings {
     /// Sleeping deployments are retired once this many newer ones exist (1-1000).
     #[arg(long)]
     retain_deployments: Option<u32>,
+    /// Autoscaling: fewest instances per region (0: scale to zero when idle); with --max-per-region.
+    #[arg(long)]
+    min_per_region: Option<u32>,
+    /// Autoscaling: most instances per region; with --min-per-region.
+    #[arg(long)]
+    max_per_region: Option<u32>,
+    /// Autoscaling: add instances above this average CPU use (1-100 %).
+    #[arg(long)]
+    target_cpu_percent: Option<u32>,
+    /// Autoscaling: add instances above this average memory use (1-100 %).
+    #[arg(long)]
+    target_memory_percent: Option<u32>,
+    /// Back to the fixed instances_per_region (update only).
+    #[arg(long, conflicts_with_all = ["min_per_region", "max_per_region", "target_cpu_percent", "target_memory_percent"])]
+    no_scaling: bool,
+}
+
+/// The `scaling` the flags ask for: `None` when they say nothing.
+fn scaling_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::Scaling>> {
+    let any = s.min_per_region.is_some()
+        || s.max_per_region.is_some()
+        || s.target_cpu_percent.is_some()
+        || s.target_memory_percent.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let (Some(min), Some(max)) = (s.min_per_region, s.max_per_region) else {
+        return Err(UsageError("autoscaling needs both --min-per-region and --max-per-region".into()).into());
+    };
+    Ok(Some(zeitwork_api_types::Scaling {
+        min_per_region: min,
+        max_per_region: max,
+        target_cpu_percent: s.target_cpu_percent,
+        target_memory_percent: s.target_memory_percent,
+    }))
 }
 
 #[derive(Debug, Subcommand)]
@@ -1031,6 +1066,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
         }
         ProjectCmd::Create { project, settings } => {
             let (org, name) = split_project(&project)?;
+            let scaling = scaling_from(&settings)?;
             let body = CreateProject {
                 name,
                 org,
@@ -1045,7 +1081,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
-                scaling: None,
+                scaling,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -1069,6 +1105,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
             } else {
                 None
             };
+            let scaling = if settings.no_scaling { Some(None) } else { scaling_from(&settings)?.map(Some) };
             let patch = PatchProject {
                 resources: resources_from(&settings, current)?,
                 github_repo: settings.repo.map(Some),
@@ -1081,7 +1118,7 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 rate_limit: None,
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
-                scaling: None,
+                scaling,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {

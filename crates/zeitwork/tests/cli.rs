@@ -82,6 +82,35 @@ fn verbs_print_tables_json_and_exit_codes() {
     let json: serde_json::Value =
         serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--memory", "1024", "--json"]))).unwrap();
     assert_eq!(json["resources"], serde_json::json!({"vcpu": 2, "memory": 1024}));
+    // Autoscaling from flags: both bounds, targets optional; --no-scaling returns to the fixed count.
+    let json: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &[
+            "projects",
+            "update",
+            "acme/web",
+            "--min-per-region",
+            "0",
+            "--max-per-region",
+            "3",
+            "--target-cpu-percent",
+            "60",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(
+        json["scaling"],
+        serde_json::json!({"min_per_region": 0, "max_per_region": 3, "target_cpu_percent": 60, "target_memory_percent": null})
+    );
+    assert_eq!(cli(&r, &["projects", "update", "acme/web", "--min-per-region", "1"]).status.code(), Some(2));
+    assert_eq!(
+        cli(&r, &["projects", "update", "acme/web", "--min-per-region", "4", "--max-per-region", "2"]).status.code(),
+        Some(2)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--no-scaling", "--json"]))).unwrap();
+    assert!(json.get("scaling").is_none(), "{json}");
 
     ok(cli(&r, &["env", "set", "acme/web", "SECRET=hunter2", "MODE=prod"]));
     let env: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["env", "list", "acme/web", "--json"]))).unwrap();
