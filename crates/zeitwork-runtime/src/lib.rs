@@ -9,8 +9,10 @@
 
 pub mod container;
 pub mod guest;
+pub mod jail;
 pub mod logs;
 pub mod net;
+pub mod qmp;
 pub mod select;
 pub mod vm;
 

@@ -23,7 +23,7 @@ pub struct Conn {
     token: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -34,7 +34,7 @@ struct CliFile {
 }
 
 impl Conn {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         let file = cli_config_path()
             .and_then(|p| std::fs::read_to_string(&p).ok().map(|t| (p, t)))
             .map(|(p, t)| toml::from_str::<CliFile>(&t).map_err(|e| UsageError(format!("{}: {e}", p.display()))))
@@ -95,205 +95,11 @@ pub enum Verb {
     /// The audit log.
     Events(With<EventCmd>),
     /// Deployment frequency, duration, success rate, and what each org holds.
-    Analytics(With<AnalyticsCmd>),
+    Analytics(With<crate::ops::AnalyticsCmd>),
     /// Write a consistent snapshot of a single-machine operator's whole state (online).
-    Backup(BackupArgs),
+    Backup(crate::ops::BackupArgs),
     /// Put a backup in place as an operator's state (the operator stopped; the same encryption key).
-    Restore(RestoreArgs),
-}
-
-/// The window and scope of an analytics question.
-#[derive(Debug, Args)]
-pub struct Window {
-    /// Start: RFC 3339 or a date (default: 30 days ago).
-    #[arg(long)]
-    from: Option<String>,
-    /// End: RFC 3339 or a date (default: now).
-    #[arg(long)]
-    to: Option<String>,
-    #[arg(long)]
-    org: Option<String>,
-    #[arg(long)]
-    project: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AnalyticsCmd {
-    /// Deployments per project per day (or `--week`).
-    Frequency {
-        #[command(flatten)]
-        window: Window,
-        #[arg(long)]
-        week: bool,
-    },
-    /// Time from creation to live: p50, p95, mean.
-    Duration {
-        #[command(flatten)]
-        window: Window,
-    },
-    /// Per project: succeeded, failed, in progress.
-    SuccessRate {
-        #[command(flatten)]
-        window: Window,
-    },
-    /// What each org's live instances hold.
-    Resources {
-        #[arg(long)]
-        org: Option<String>,
-    },
-}
-
-/// `POST /api/v1/deployments/{id}/{action}`, then the deployment's new status.
-async fn deployment_action(c: &Client, as_json: bool, id: &str, action: &str, note: &str) -> Result<()> {
-    let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/{action}", encode(id))).await?;
-    if as_json {
-        json(&d)
-    } else {
-        println!("Deployment {} is {}{note}.", d.id, d.status.as_str())
-    }
-    Ok(())
-}
-
-/// `org/project` of an analytics row.
-fn project_of(r: &serde_json::Value) -> String {
-    format!("{}/{}", r["org"].as_str().unwrap_or(""), r["project"].as_str().unwrap_or(""))
-}
-
-/// Turns an analytics answer into table headers and rows.
-type RowsOf = fn(&serde_json::Value) -> (Vec<&'static str>, Vec<Vec<String>>);
-
-async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
-    let c = conn.client()?;
-    let q = |w: &Window, extra: Option<(&str, String)>| {
-        let mut pairs = vec![
-            ("from", w.from.clone()),
-            ("to", w.to.clone()),
-            ("org", w.org.clone()),
-            ("project", w.project.clone()),
-        ];
-        if let Some((k, v)) = extra {
-            pairs.push((k, Some(v)));
-        }
-        query(&pairs)
-    };
-    let num = |v: &serde_json::Value| v.as_f64().map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into());
-    let (path, rows_of): (String, RowsOf) = match &cmd {
-        AnalyticsCmd::Frequency { window, week } => (
-            format!(
-                "/api/v1/analytics/deployments/frequency{}",
-                q(window, Some(("interval", if *week { "week" } else { "day" }.into())))
-            ),
-            |v| {
-                let rows = v["series"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        vec![project_of(r), r["period"].as_str().unwrap_or("").to_owned(), r["deployments"].to_string()]
-                    })
-                    .collect();
-                (vec!["project", "period", "deployments"], rows)
-            },
-        ),
-        AnalyticsCmd::Duration { window } => {
-            (format!("/api/v1/analytics/deployments/duration{}", q(window, None)), |v| {
-                let rows = v["by_project"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        vec![
-                            project_of(r),
-                            r["count"].to_string(),
-                            r["p50_secs"].as_f64().map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
-                            r["p95_secs"].as_f64().map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
-                        ]
-                    })
-                    .collect();
-                (vec!["project", "live", "p50 s", "p95 s"], rows)
-            })
-        }
-        AnalyticsCmd::SuccessRate { window } => {
-            (format!("/api/v1/analytics/deployments/success-rate{}", q(window, None)), |v| {
-                let rows = v["projects"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        vec![
-                            project_of(r),
-                            r["succeeded"].to_string(),
-                            r["failed"].to_string(),
-                            r["in_progress"].to_string(),
-                            r["success_rate"]
-                                .as_f64()
-                                .map(|f| format!("{:.0} %", f * 100.0))
-                                .unwrap_or_else(|| "-".into()),
-                        ]
-                    })
-                    .collect();
-                (vec!["project", "succeeded", "failed", "in progress", "rate"], rows)
-            })
-        }
-        AnalyticsCmd::Resources { org } => {
-            (format!("/api/v1/analytics/resources/by-org{}", query(&[("org", org.clone())])), |v| {
-                let rows = v["orgs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        vec![
-                            r["org"].as_str().unwrap_or("").to_owned(),
-                            r["instances"].to_string(),
-                            r["vcpu"].to_string(),
-                            format!("{} MiB", r["memory_mib"]),
-                        ]
-                    })
-                    .collect();
-                (vec!["org", "instances", "vcpu", "memory"], rows)
-            })
-        }
-    };
-    let v: serde_json::Value = c.get(&path).await?;
-    if conn.json {
-        json(&v);
-        return Ok(());
-    }
-    if let AnalyticsCmd::Duration { .. } = cmd {
-        let all = &v["create_to_active"];
-        println!(
-            "create to active: {} live, p50 {} s, p95 {} s, mean {} s",
-            all["count"],
-            num(&all["p50_secs"]),
-            num(&all["p95_secs"]),
-            num(&all["mean_secs"])
-        );
-    }
-    let (headers, rows) = rows_of(&v);
-    table(&headers, rows);
-    Ok(())
-}
-
-#[derive(Debug, Args)]
-pub struct BackupArgs {
-    /// The operator's data directory (default: the one `zeitwork up` uses).
-    #[arg(long, env = "ZEITWORK_DATA")]
-    data: Option<PathBuf>,
-    /// The file to write (must not exist).
-    #[arg(long)]
-    out: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct RestoreArgs {
-    /// The backup file.
-    file: PathBuf,
-    /// The operator's data directory (default: the one `zeitwork up` uses); its secret.key decrypts the backup.
-    #[arg(long, env = "ZEITWORK_DATA")]
-    data: Option<PathBuf>,
-    /// Set an existing state aside (renamed, not deleted) instead of refusing.
-    #[arg(long)]
-    force: bool,
+    Restore(crate::ops::RestoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -743,7 +549,7 @@ fn project_path(s: &str) -> Result<String> {
     Ok(format!("/api/v1/projects/{}/{}", encode(&o), encode(&p)))
 }
 
-fn query(pairs: &[(&str, Option<String>)]) -> String {
+pub(crate) fn query(pairs: &[(&str, Option<String>)]) -> String {
     let parts: Vec<String> =
         pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
     if parts.is_empty() {
@@ -823,34 +629,21 @@ pub async fn run(verb: Verb) -> Result<()> {
         Verb::Deployments(w) => deployments(w.conn, w.cmd).await,
         Verb::Tokens(w) => tokens(w.conn, w.cmd).await,
         Verb::Events(w) => events(w.conn, w.cmd).await,
-        Verb::Analytics(w) => analytics(w.conn, w.cmd).await,
-        Verb::Backup(a) => {
-            let data = a.data.unwrap_or_else(crate::roles::default_data_dir);
-            let info = zeitwork_control_plane::backup::backup(&data, &a.out).await?;
-            println!(
-                "Wrote {} (schema {}, {} projects, {} deployments). It holds env values encrypted: keep {} safe, apart from it.",
-                a.out.display(),
-                info.schema_version,
-                info.projects,
-                info.deployments,
-                data.join("secret.key").display()
-            );
-            Ok(())
-        }
-        Verb::Restore(a) => {
-            let data = a.data.unwrap_or_else(crate::roles::default_data_dir);
-            let info = zeitwork_control_plane::backup::restore(&a.file, &data, None, a.force).await?;
-            println!(
-                "Restored {} into {} (schema {}, {} projects, {} deployments). Start the operator to serve it.",
-                a.file.display(),
-                data.display(),
-                info.schema_version,
-                info.projects,
-                info.deployments
-            );
-            Ok(())
-        }
+        Verb::Analytics(w) => crate::ops::analytics(w.conn, w.cmd).await,
+        Verb::Backup(a) => crate::ops::backup(a).await,
+        Verb::Restore(a) => crate::ops::restore(a).await,
     }
+}
+
+/// `POST /api/v1/deployments/{id}/{action}`, then the deployment's new status.
+async fn deployment_action(c: &Client, as_json: bool, id: &str, action: &str, note: &str) -> Result<()> {
+    let d: Deployment = c.post_empty(&format!("/api/v1/deployments/{}/{action}", encode(id))).await?;
+    if as_json {
+        json(&d)
+    } else {
+        println!("Deployment {} is {}{note}.", d.id, d.status.as_str())
+    }
+    Ok(())
 }
 
 fn region_rows(rs: &[Region]) {

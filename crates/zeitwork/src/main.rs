@@ -6,6 +6,7 @@
 
 mod cli;
 mod local;
+mod ops;
 mod output;
 mod roles;
 
