@@ -3,6 +3,7 @@
 //! same annotations the router is built from, so the two cannot drift.
 
 mod analytics;
+pub(crate) mod builds;
 mod cluster;
 mod github;
 mod health;
@@ -115,6 +116,14 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::project_routing))
         .routes(routes!(projects::project_health))
         .routes(routes!(images::upload_image))
+        .routes(routes!(builds::upload_source))
+        .routes(routes!(builds::get_build))
+        .routes(routes!(builds::build_log))
+        .routes(routes!(builds::claim_build))
+        .routes(routes!(builds::build_source))
+        .routes(routes!(builds::report_build_log))
+        .routes(routes!(builds::build_image))
+        .routes(routes!(builds::build_failed))
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))
@@ -177,8 +186,14 @@ async fn refuse_declared_oversize(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let upload = req.uri().path().ends_with("/images");
-    let limit = if upload { config.max_archive_bytes } else { config.max_body_bytes as u64 };
+    let path = req.uri().path();
+    let limit = if path.ends_with("/images") || path.ends_with("/image") {
+        config.max_archive_bytes
+    } else if path.ends_with("/sources") {
+        config.max_source_bytes
+    } else {
+        config.max_body_bytes as u64
+    };
     match declared {
         Some(n) if n > limit => {
             let m = format!("the body declares {n} bytes, larger than the {limit} bytes this route takes");
