@@ -1088,6 +1088,9 @@ pub struct GithubHook {
     pub events: Vec<String>,
     /// Path of the payload URL to set on GitHub, on this operator's address.
     pub path: String,
+    /// Whether a repository token is stored (clones of private repositories, commit statuses).
+    #[serde(default)]
+    pub token: bool,
     pub created_at: DateTime<Utc>,
 }
 

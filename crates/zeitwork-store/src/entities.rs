@@ -32,6 +32,16 @@ pub(crate) async fn claim_host(conn: &mut AnyConnection, label: &str, project_id
     }
 }
 
+/// The key of a pull request's preview in a project's current deployments.
+pub fn preview_slot(pull_request: u32) -> String {
+    format!("preview-{pull_request}")
+}
+
+/// The address label of a pull request's preview: `<project>-pr-<n>-<org>`.
+pub fn preview_label(project: &str, pull_request: u32, org: &str) -> String {
+    format!("{project}-pr-{pull_request}-{org}")
+}
+
 /// Instance statuses that still hold resources on their node.
 pub(crate) const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
 
@@ -1497,6 +1507,8 @@ pub struct CurrentDeployment {
     pub org: String,
     pub project: String,
     pub environment: Environment,
+    /// For a pull request's preview: its number.
+    pub pull_request: Option<u32>,
     pub deployment: String,
     /// Whether the project holds its `<project>-<org>` address (projects
     /// older than the reservation of addresses may have lost it to another).
@@ -1630,7 +1642,12 @@ impl Store {
         let mut current: BTreeMap<String, String> = serde_json::from_str(&row.text("current_deployments")?)
             .map_err(|e| StoreError::Corrupt(format!("current_deployments: {e}")))?;
         let now = now_ms();
-        if let Some(previous) = current.insert(env.as_str().to_owned(), d.id.clone()) {
+        // Each pull request's preview is a slot of its own.
+        let slot = match (env, d.pull_request) {
+            (Environment::Preview, Some(n)) => preview_slot(n),
+            _ => env.as_str().to_owned(),
+        };
+        if let Some(previous) = current.insert(slot, d.id.clone()) {
             // The one replaced goes to standby unless it still serves another environment.
             if previous != d.id && !current.values().any(|v| *v == previous) {
                 sqlx::query(
@@ -1721,10 +1738,17 @@ impl Store {
                 gone: retired,
             });
         }
+        let preview_hosts: std::collections::HashSet<(String, String)> =
+            sqlx::query("SELECT label, project_id FROM hosts WHERE kind = 'preview'")
+                .fetch_all(&self.reader)
+                .await?
+                .iter()
+                .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
+                .collect::<Result<_>>()?;
         let mut current = Vec::new();
         for r in
             sqlx::query(
-                "SELECT o.slug, p.name, p.current_deployments, \
+                "SELECT o.slug, p.id, p.name, p.current_deployments, \
                  (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
                  FROM projects p JOIN orgs o ON o.id = p.org_id",
             )
@@ -1734,11 +1758,23 @@ impl Store {
             let map: BTreeMap<String, String> =
                 serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
-                if let Some(env) = Environment::parse(&env) {
+                let (org, project) = (r.text("slug")?, r.text("name")?);
+                if let Some(n) = env.strip_prefix("preview-").and_then(|n| n.parse::<u32>().ok()) {
+                    let owns = preview_hosts.contains(&(preview_label(&project, n, &org), r.text("id")?));
                     current.push(CurrentDeployment {
-                        org: r.text("slug")?,
-                        project: r.text("name")?,
+                        org,
+                        project,
+                        environment: Environment::Preview,
+                        pull_request: Some(n),
+                        deployment: dep,
+                        owns_stable_host: owns,
+                    });
+                } else if let Some(env) = Environment::parse(&env) {
+                    current.push(CurrentDeployment {
+                        org,
+                        project,
                         environment: env,
+                        pull_request: None,
                         deployment: dep,
                         owns_stable_host: r.int("owns")? > 0,
                     });
@@ -2428,6 +2464,8 @@ pub struct StoredHook {
     pub repo: String,
     pub events: Vec<String>,
     pub secret_enc: String,
+    /// A repository token (clones, commit statuses), encrypted.
+    pub token_enc: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -2437,6 +2475,7 @@ fn hook_from(r: &AnyRow) -> Result<StoredHook> {
         repo: r.text("repo")?,
         events: r.text("events")?.split(' ').filter(|e| !e.is_empty()).map(str::to_owned).collect(),
         secret_enc: r.text("secret_enc")?,
+        token_enc: r.opt_text("token_enc")?,
         created_at: ts(r.int("created_at")?),
     })
 }
@@ -2449,6 +2488,7 @@ impl Store {
         repo: &str,
         events: &[String],
         secret_enc: &str,
+        token_enc: Option<&str>,
         audit: &Audit,
     ) -> Result<StoredHook> {
         let mut tx = self.writer.begin().await?;
@@ -2458,8 +2498,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO github_hooks (org, repo, events, secret_enc, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO github_hooks (org, repo, events, secret_enc, created_by, created_at, token_enc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(org)
         .bind(repo)
@@ -2467,6 +2507,7 @@ impl Store {
         .bind(secret_enc)
         .bind(audit.actor.clone())
         .bind(now_ms())
+        .bind(token_enc.map(str::to_owned))
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "ok").await?;

@@ -6,6 +6,7 @@ mod analytics;
 pub(crate) mod builds;
 mod cluster;
 mod github;
+pub use github::token_context as github_token_context;
 mod health;
 pub(crate) mod images;
 pub(crate) mod logs;
