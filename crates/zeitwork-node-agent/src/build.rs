@@ -553,7 +553,7 @@ async fn run_logged<S: AsRef<std::ffi::OsStr>>(
     let outcome = tokio::select! {
         status = child.wait() => status.map_err(|e| format!("{name} failed: {e}")),
         _ = tokio::time::sleep(limit) => Err(format!("the build took longer than its limit of {} s", limit.as_secs())),
-        _ = cancel.wait_for(|c| *c) => Err("the build was cancelled".into()),
+        _ = cancelled(cancel) => Err("the build was cancelled".into()),
     };
     if outcome.is_err() {
         kill_group(pid).await;
@@ -569,6 +569,13 @@ async fn run_logged<S: AsRef<std::ffi::OsStr>>(
             "{name} {} exited with {status}",
             args.iter().find(|a| !a.starts_with('-') && !a.starts_with('/')).map(String::as_str).unwrap_or("")
         ))
+    }
+}
+
+/// Resolves when the build is cancelled; never when nobody can cancel it.
+async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
