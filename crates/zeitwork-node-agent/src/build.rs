@@ -5,7 +5,11 @@
 //! in a user namespace (root inside is an unprivileged host uid), with no
 //! network at all (`--network none`: it reaches neither the platform's
 //! services nor other tenants), under memory, CPU and pids limits, and the
-//! whole build under a wall-time limit. Base images are pulled by buildah
+//! whole build under a wall-time limit. The layer stores use the `vfs`
+//! driver by default: buildah releases before 1.30 (Debian 12 ships 1.28)
+//! fail user-namespaced layered builds on `overlay` (a `COPY` into a
+//! directory a `RUN` made, any `RUN --mount`); set `build_storage_driver =
+//! "overlay"` with a newer buildah for faster cold builds. Base images are pulled by buildah
 //! itself from the registries the build names. Each project keeps its own
 //! layer store (a cache that survives between builds and is never shared
 //! with another project). Secrets are passed as build secrets
@@ -34,6 +38,8 @@ pub struct BuilderSettings {
     /// Work directories and the per-project layer stores.
     pub dir: PathBuf,
     pub registries: zeitwork_image::RegistryConfig,
+    /// containers-storage driver of the layer stores (`vfs` or `overlay`).
+    pub storage_driver: String,
 }
 
 /// The builder binary to use: the configured one, else `buildah` on `PATH`.
@@ -257,12 +263,16 @@ async fn build_in(
     write_private(&auth, auth_json(&settings.registries).as_bytes()).await?;
     let secrets_dir = work.join("secrets");
     tokio::fs::create_dir_all(&secrets_dir).await.map_err(|e| format!("cannot store build secrets: {e}"))?;
-    let tag = format!("localhost/zeitwork-build/{}", job.id);
+    // One tag per project, moved by each build: removing a built image would remove the
+    // intermediate images that are its steps' cache.
+    let tag = format!("localhost/zeitwork-build/{}:latest", job.project);
     let mut args: Vec<String> = vec![
         "--root".into(),
         storage.display().to_string(),
         "--runroot".into(),
         runroot.display().to_string(),
+        "--storage-driver".into(),
+        settings.storage_driver.clone(),
         "build".into(),
         "--isolation".into(),
         "oci".into(),
@@ -286,15 +296,8 @@ async fn build_in(
         "--tag".into(),
         tag.clone(),
     ];
-    // Each step's layer is cached in the project's store and reused by the next build, except
-    // for Dockerfiles with `RUN --mount` (secrets): buildah cannot mount into a step of a
-    // user-namespaced layered build, so those build in one working container (base images
-    // stay cached).
-    let mounts = tokio::fs::read_to_string(&dockerfile).await.map(|d| uses_run_mounts(&d)).unwrap_or(true);
-    args.push(format!("--layers={}", !mounts));
-    if mounts {
-        out.say("==> the Dockerfile mounts into RUN steps: step caching is off for this build");
-    }
+    // Each step's layer is cached in the project's store and reused by the next build.
+    args.push("--layers=true".into());
     if let Some(t) = &job.target {
         args.extend(["--target".into(), t.clone()]);
     }
@@ -333,25 +336,14 @@ async fn build_in(
         storage.display().to_string(),
         "--runroot".into(),
         runroot.display().to_string(),
+        "--storage-driver".into(),
+        settings.storage_driver.clone(),
         "push".into(),
         "--quiet".into(),
         tag.clone(),
         format!("oci-archive:{}", archive.display()),
     ];
     let pushed = run_logged(&settings.buildah, &push, &envs, out, remaining, &mut cancel).await;
-    // The layers stay cached; the final tag does not need to.
-    let rmi = vec![
-        "--root".into(),
-        storage.display().to_string(),
-        "--runroot".into(),
-        runroot.display().to_string(),
-        "rmi".into(),
-        tag,
-    ];
-    let quiet = Output::discard();
-    if let Err(e) = run_logged(&settings.buildah, &rmi, &envs, &quiet, Duration::from_secs(60), &mut cancel).await {
-        tracing::warn!(build = %job.id, error = %e, "untagging a built image failed");
-    }
     remove_working_containers(settings, &storage, &runroot, &envs).await;
     pushed?;
     let size = tokio::fs::metadata(&archive).await.map(|m| m.len()).unwrap_or(0);
@@ -371,14 +363,6 @@ async fn build_in(
     Ok(uploaded.image)
 }
 
-/// Whether a Dockerfile mounts anything into a `RUN` step (`RUN --mount=…`).
-pub fn uses_run_mounts(dockerfile: &str) -> bool {
-    dockerfile.lines().any(|l| {
-        let l = l.trim_start();
-        l.get(..3).is_some_and(|k| k.eq_ignore_ascii_case("run")) && l.contains("--mount")
-    })
-}
-
 /// Removes what a build left in the project's store (working containers, their mounts).
 async fn remove_working_containers(
     settings: &BuilderSettings,
@@ -391,6 +375,8 @@ async fn remove_working_containers(
         storage.display().to_string(),
         "--runroot".into(),
         runroot.display().to_string(),
+        "--storage-driver".into(),
+        settings.storage_driver.clone(),
         "rm".into(),
         "--all".into(),
     ];

@@ -76,6 +76,8 @@ pub struct NodeAgentConfig {
     pub builds: bool,
     /// The buildah binary; `buildah` on `PATH` when absent.
     pub buildah: Option<PathBuf>,
+    /// Storage driver of the builds' layer stores: `vfs` (works with every buildah) or `overlay`.
+    pub build_storage_driver: String,
 }
 
 impl Default for NodeAgentConfig {
@@ -110,6 +112,7 @@ impl Default for NodeAgentConfig {
             image_cache_bytes: 20 << 30,
             builds: true,
             buildah: None,
+            build_storage_driver: "vfs".into(),
         }
     }
 }
@@ -160,6 +163,9 @@ impl NodeAgentConfig {
         }
         if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
             return err("liveness_interval_secs", "use 1 to 3600".into());
+        }
+        if !matches!(self.build_storage_driver.as_str(), "vfs" | "overlay") {
+            return err("build_storage_driver", format!("{:?} is not vfs or overlay", self.build_storage_driver));
         }
         if !(1..=64).contains(&self.cpu_overcommit) {
             return err("cpu_overcommit", format!("{} is out of range; use 1 (no sharing) to 64", self.cpu_overcommit));
@@ -327,6 +333,7 @@ impl NodeAgent {
                     buildah,
                     dir: config.data_dir.join("builds"),
                     registries: config.registries.clone(),
+                    storage_driver: config.build_storage_driver.clone(),
                 };
                 tasks.push(tokio::spawn(build::run(client.clone(), settings, rx.clone())));
             }

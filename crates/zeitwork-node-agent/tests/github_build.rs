@@ -316,6 +316,10 @@ async fn pushes_tags_and_pull_requests_build_from_git_and_serve_their_urls() {
     let stage = active(&admin, r["deployments"][0].as_str().unwrap()).await;
     assert_eq!(stage["environment"], "staging");
     page(at, &format!("{}.zeitwork.localhost", stage["id"].as_str().unwrap()), "staging").await;
+    // The project's layer cache survived the first build: its unchanged steps were not run again.
+    let log = admin.stream(&format!("/api/v1/deployments/{}/build/log", stage["id"].as_str().unwrap())).await.unwrap();
+    let log = log.text().await.unwrap();
+    assert!(log.contains("Using cache"), "{log}");
     page(at, "web-acme.zeitwork.localhost", "production").await;
 
     // A tag matching tag_pattern: the tagged commit goes to production.

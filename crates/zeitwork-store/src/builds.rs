@@ -165,11 +165,13 @@ impl Store {
     }
 
     /// Appends output of a running build by `node` (and counts as its
-    /// heartbeat). False when the build is no longer this node's to run.
+    /// heartbeat). False when the build is no longer this node's to run, or
+    /// its deployment no longer waits for it (deleted): the builder stops.
     pub async fn append_build_log(&self, id: &str, node: &str, text: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE builds SET log = CASE WHEN length(log) + length($1) <= $2 THEN log || $1 ELSE log END, \
-             heartbeat_at = $3 WHERE id = $4 AND node_id = $5 AND status = 'running'",
+             heartbeat_at = $3 WHERE id = $4 AND node_id = $5 AND status = 'running' \
+             AND EXISTS (SELECT 1 FROM deployments d WHERE d.id = builds.id AND d.status = 'building')",
         )
         .bind(text)
         .bind(MAX_BUILD_LOG)

@@ -571,3 +571,77 @@ pub async fn watch_builds(s: AppState, mut stop: tokio::sync::watch::Receiver<bo
 
 /// Shared handle type for the metrics in [`AppState`].
 pub type SharedBuildMetrics = Arc<BuildMetrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(entries: &[(&str, tar::EntryType, &str)]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let gz = flate2::write::GzEncoder::new(file.reopen().unwrap(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        for (name, kind, body) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            if *kind == tar::EntryType::Symlink {
+                h.set_size(0);
+                b.append_link(&mut h, name, body).unwrap();
+            } else {
+                h.set_size(body.len() as u64);
+                // Written raw: tar's own path checks would refuse the hostile names built here.
+                let bytes = name.as_bytes();
+                h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+                h.set_cksum();
+                b.append(&h, body.as_bytes()).unwrap();
+            }
+        }
+        b.into_inner().unwrap().finish().unwrap();
+        file
+    }
+
+    #[test]
+    fn sources_stay_inside_their_directory() {
+        let ok = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("a/b.txt", tar::EntryType::Regular, "x"),
+        ]);
+        assert_eq!(check_source(ok.path(), 1 << 20), Ok(()));
+        let up = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("../evil", tar::EntryType::Regular, "x"),
+        ]);
+        assert!(check_source(up.path(), 1 << 20).unwrap_err().contains("escapes the build context"));
+        let abs = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("/etc/passwd", tar::EntryType::Regular, "x"),
+        ]);
+        assert!(check_source(abs.path(), 1 << 20).is_err());
+        let link = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("l", tar::EntryType::Symlink, "../../etc"),
+        ]);
+        assert!(check_source(link.path(), 1 << 20).unwrap_err().contains("outside the build context"));
+        let inner_link = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("a/l", tar::EntryType::Symlink, "../Dockerfile"),
+        ]);
+        assert_eq!(check_source(inner_link.path(), 1 << 20), Ok(()));
+        let none = archive(&[("app.js", tar::EntryType::Regular, "x")]);
+        assert!(check_source(none.path(), 1 << 20).unwrap_err().contains("no Dockerfile"));
+        let big = archive(&[
+            ("Dockerfile", tar::EntryType::Regular, "FROM scratch"),
+            ("big", tar::EntryType::Regular, &"x".repeat(4096)),
+        ]);
+        assert!(check_source(big.path(), 1024).unwrap_err().contains("unpacks to more than"));
+        let junk = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(junk.path(), b"not a tarball").unwrap();
+        assert!(check_source(junk.path(), 1 << 20).unwrap_err().contains("gzip"));
+    }
+
+    #[test]
+    fn tag_patterns_are_checked() {
+        assert!(tag_regex("^v[0-9]+\\.").unwrap().is_match("v1.2"));
+        assert!(tag_regex("v(1").is_err());
+    }
+}
