@@ -691,6 +691,8 @@ pub struct BuildJob {
     pub timeout_secs: u64,
     pub memory_mib: u32,
     pub vcpu: u32,
+    /// Disk the project's layer store and the build's work directory may hold.
+    pub disk_mib: u64,
 }
 
 /// A builder's report that a build failed.

@@ -57,6 +57,8 @@ pub struct OperatorConfig {
     pub build_timeout_secs: u64,
     pub build_memory_mib: u32,
     pub build_vcpu: u32,
+    /// Disk a project's layer store (its build cache) and a build's work directory may hold, MiB.
+    pub build_disk_mib: u64,
     /// Where commits are cloned from for builds: `<git_base_url>/<owner>/<repo>.git`.
     pub github_git_url: String,
     /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`), for commit statuses and preview comments.
@@ -89,6 +91,7 @@ impl Default for OperatorConfig {
             build_timeout_secs: 1800,
             build_memory_mib: 4096,
             build_vcpu: 2,
+            build_disk_mib: 20 << 10,
             github_git_url: "https://github.com".into(),
             github_api_url: "https://api.github.com".into(),
         }
@@ -133,6 +136,9 @@ impl OperatorConfig {
         }
         if !(64..=1 << 20).contains(&self.build_memory_mib) {
             return err("build_memory_mib", "use 64 to 1048576".into());
+        }
+        if self.build_disk_mib < 64 {
+            return err("build_disk_mib", "use at least 64".into());
         }
         if !(1..=256).contains(&self.build_vcpu) {
             return err("build_vcpu", "use 1 to 256".into());

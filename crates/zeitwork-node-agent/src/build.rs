@@ -127,7 +127,7 @@ fn spawn_reporter(
     client: Client,
     id: String,
     secrets: Vec<String>,
-    cancel: watch::Sender<bool>,
+    stop: Stopper,
 ) -> (Output, tokio::task::JoinHandle<VecDeque<String>>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let (flush_tx, mut flush_rx) = mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
@@ -173,7 +173,7 @@ fn spawn_reporter(
                 match client.post_bytes(&path, "text/plain; charset=utf-8", body).await {
                     Ok(()) => {}
                     Err(e) if e.status() == Some(409) => {
-                        let _ = cancel.send(true);
+                        stop.stop("the deployment no longer waits for this build (it was deleted)");
                     }
                     Err(e) => tracing::warn!(build = %id, error = %e, "sending build output failed"),
                 }
@@ -185,6 +185,66 @@ fn spawn_reporter(
         tail
     });
     (Output { lines: tx, flushes: flush_tx }, task)
+}
+
+/// Stops a build from outside its steps (the operator gave it up, a limit), saying why.
+#[derive(Clone)]
+struct Stopper {
+    tx: std::sync::Arc<watch::Sender<bool>>,
+    why: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Stopper {
+    fn new() -> (Stopper, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Stopper { tx: std::sync::Arc::new(tx), why: Default::default() }, rx)
+    }
+
+    fn stop(&self, why: &str) {
+        if let Ok(mut w) = self.why.lock() {
+            w.get_or_insert_with(|| why.to_owned());
+        }
+        let _ = self.tx.send(true);
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.why.lock().ok().and_then(|w| w.clone())
+    }
+}
+
+/// Bytes of the files under `dir` (not following links).
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Stops the build once its project's layer store and work directory hold more than `limit_mib`.
+fn watch_disk(dirs: Vec<PathBuf>, limit_mib: u64, stop: Stopper) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let dirs = dirs.clone();
+            let used =
+                tokio::task::spawn_blocking(move || dirs.iter().map(|d| dir_size(d)).sum::<u64>()).await.unwrap_or(0);
+            if used > limit_mib << 20 {
+                stop.stop(&format!(
+                    "the build used more than its disk limit of {limit_mib} MiB (the project's layer cache included)"
+                ));
+                return;
+            }
+        }
+    })
 }
 
 /// A line of output with the build's secrets masked, remembered in the tail.
@@ -205,10 +265,17 @@ async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Re
     let work = settings.dir.join("work").join(&job.id);
     let _ = tokio::fs::remove_dir_all(&work).await;
     tokio::fs::create_dir_all(&work).await.map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (stopper, cancel_rx) = Stopper::new();
     let secrets: Vec<String> = job.secrets.values().cloned().collect();
-    let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, cancel_tx);
+    let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, stopper.clone());
+    let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
+    let disk = watch_disk(vec![storage, work.clone()], job.disk_mib, stopper.clone());
     let result = build_in(client, settings, &job, &work, &out, cancel_rx).await;
+    disk.abort();
+    let result = result.map_err(|e| match stopper.reason() {
+        Some(why) if e.contains("cancelled") => why,
+        _ => e,
+    });
     if let Err(e) = &result {
         out.say(format!("==> build failed: {e}"));
     }
@@ -311,12 +378,13 @@ async fn build_in(
     }
     args.push(ctx.display().to_string());
     out.say(format!(
-        "==> building {} (target {}) with buildah; limits: {} MiB, {} vCPU, {} s, no network in RUN steps",
+        "==> building {} (target {}) with buildah; limits: {} MiB memory, {} vCPU, {} s, {} MiB disk, no network in RUN steps",
         job.dockerfile,
         job.target.as_deref().unwrap_or("last stage"),
         job.memory_mib,
         job.vcpu,
-        job.timeout_secs
+        job.timeout_secs,
+        job.disk_mib
     ));
     let limit = Duration::from_secs(job.timeout_secs);
     let envs = [

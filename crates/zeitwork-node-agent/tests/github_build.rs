@@ -388,3 +388,121 @@ async fn pushes_tags_and_pull_requests_build_from_git_and_serve_their_urls() {
     agent.shutdown().await;
     op.shutdown().await;
 }
+
+/// Packs a build context holding busybox and `dockerfile`.
+fn source(dockerfile: &str) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let mut add = |name: &str, mode: u32, body: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body).unwrap();
+    };
+    add("Dockerfile", 0o644, dockerfile.as_bytes());
+    add("busybox", 0o755, &std::fs::read("/usr/bin/busybox").unwrap());
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+/// Builds that run over their time, memory or disk fail saying which limit,
+/// and leave no process, working container or work directory behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builds_over_their_limits_fail_and_leave_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("op"),
+        build_timeout_secs: 10,
+        build_memory_mib: 64,
+        build_disk_mib: 96,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agent", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent_dir = dir.path().join("agent");
+    let agent = NodeAgent::start(NodeAgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: base.clone(),
+        token: t["secret"].as_str().map(str::to_owned),
+        hostname: "builder-2".into(),
+        region: "local".into(),
+        data_dir: agent_dir.clone(),
+        instance_range: "10.241.0.0".parse().unwrap(),
+        runtime: "container".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let build = |dockerfile: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let up: Value =
+                admin.upload("/api/v1/orgs/acme/sources", "application/gzip", source(dockerfile).into()).await.unwrap();
+            let d: Value = admin
+                .post(
+                    "/api/v1/deployments",
+                    &json!({"org": "acme", "project": "web", "build": {"source": up["source"]}}),
+                )
+                .await
+                .unwrap();
+            let id = d["id"].as_str().unwrap().to_owned();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
+                if d["status"] == "failed" {
+                    return d["reason"].as_str().unwrap_or_default().to_owned();
+                }
+                assert_ne!(d["status"], "pending", "the build should have failed: {d}");
+                assert!(Instant::now() < deadline, "the build never ended: {d}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let slow = build("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sleep\", \"60\"]\n").await;
+    assert!(slow.contains("longer than its limit of 10 s"), "{slow}");
+    let greedy = build(
+        "FROM scratch\nCOPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"dd\", \"if=/dev/zero\", \"of=/dev/null\", \"bs=256M\", \"count=1\"]\n",
+    )
+    .await;
+    assert!(greedy.contains("137") || greedy.to_lowercase().contains("killed"), "killed for memory: {greedy}");
+    let hoarder = build(
+        "FROM scratch\nCOPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox dd if=/dev/zero of=/big bs=1M count=200 && /bin/busybox sleep 30\"]\n",
+    )
+    .await;
+    assert!(hoarder.contains("disk limit of 96 MiB"), "{hoarder}");
+
+    // Nothing is left: no build processes, no working containers, no work directories.
+    let store = agent_dir.join("builds/cache/acme/web");
+    let containers = Command::new("buildah")
+        .arg("--root")
+        .arg(&store)
+        .arg("--runroot")
+        .arg(dir.path().join("inspect-run"))
+        .args(["--storage-driver", "vfs", "containers", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(containers.status.success(), "{}", String::from_utf8_lossy(&containers.stderr));
+    assert_eq!(String::from_utf8_lossy(&containers.stdout).trim(), "", "working containers left");
+    let work: Vec<_> = std::fs::read_dir(agent_dir.join("builds/work")).unwrap().flatten().collect();
+    assert!(work.is_empty(), "work directories left: {work:?}");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(!ps.lines().any(|l| l.contains(&store.display().to_string())), "build processes left:\n{ps}");
+    agent.shutdown().await;
+    op.shutdown().await;
+}

@@ -401,6 +401,7 @@ pub async fn claim_build(State(s): State<AppState>, caller: Caller, Path(node): 
                 timeout_secs: s.config.build_timeout_secs,
                 memory_mib: s.config.build_memory_mib,
                 vcpu: s.config.build_vcpu,
+                disk_mib: s.config.build_disk_mib,
             };
             return Ok(Json(job).into_response());
         }
