@@ -10,6 +10,7 @@ pub mod auth;
 pub mod autoscale;
 pub mod backup;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod extract;

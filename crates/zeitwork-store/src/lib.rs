@@ -13,6 +13,7 @@ mod entities;
 mod lifecycle;
 mod outbox;
 mod schema;
+mod sessions;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -26,6 +27,7 @@ pub use entities::*;
 pub use lifecycle::*;
 pub use outbox::*;
 pub use schema::latest_version;
+pub use sessions::*;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.
 #[derive(Debug, thiserror::Error)]

@@ -358,6 +358,21 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_channel ON outbox (channel_id, status, id)
 "#,
     ),
+    (
+        13,
+        "console sessions",
+        r#"
+CREATE TABLE console_sessions (
+    id_hash {{text_key}} PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    owns_token BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.
