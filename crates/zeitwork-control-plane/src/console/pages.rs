@@ -270,7 +270,7 @@ pub fn overview(s: &Session, o: &Overview) -> Markup {
                                 @for org in &writable { option value=(org.slug) { (org.slug) } }
                             }
                             label for="np-name" { "Name" }
-                            input #np-name name="name" required pattern="[a-z0-9]([a-z0-9-]*[a-z0-9])?" maxlength="40"
+                            input #np-name name="name" required pattern="[a-z0-9]([a-z0-9\\-]*[a-z0-9])?" maxlength="40"
                                 autocomplete="off" aria-describedby="np-hint";
                             p #np-hint .hint { "Lowercase letters, digits and dashes." }
                         }))

@@ -167,6 +167,7 @@
       window.zwStream = es;
       es.onopen = () => { if (dropped) { dropped = false; resync(); } offline(false); };
       es.onerror = () => {
+        if (leaving.signal.aborted) return;
         dropped = true;
         offline(true);
         if (es.readyState === EventSource.CLOSED) setTimeout(open, 3000);
@@ -186,11 +187,18 @@
 
   // ---------------------------------------------------------------- logs
 
+  // Long-lived requests end with the page: a browser holds only six connections to a host over HTTP/1.1.
+  const leaving = new AbortController();
+  window.addEventListener("pagehide", () => {
+    leaving.abort();
+    if (window.zwStream) window.zwStream.close();
+  });
+
   async function follow(pre) {
     const max = 2000;
-    for (;;) {
+    while (!leaving.signal.aborted) {
       try {
-        const res = await fetch(pre.dataset.follow, { credentials: "same-origin" });
+        const res = await fetch(pre.dataset.follow, { credentials: "same-origin", signal: leaving.signal });
         if (!res.ok) throw new Error("logs: " + res.status);
         const reader = res.body.getReader();
         const dec = new TextDecoder();

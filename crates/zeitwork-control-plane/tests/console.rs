@@ -1,0 +1,577 @@
+//! The web console in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver) against an operator with a stand-in node agent. It signs in,
+//! creates a project and deploys from the pages, watches the status go live
+//! without a reload, follows logs, rolls back, checks escaping and CSRF, and
+//! writes screenshots at desktop and phone widths under
+//! `target/tmp/console-screenshots/`.
+//!
+//! Needs `chromium` and `chromium-driver` (scripts/test-deps installs them);
+//! it fails, naming them, when they are missing.
+
+mod common;
+use common::until;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use axum::extract::Path;
+use axum::routing::get;
+use base64::Engine;
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+
+/// Strings that would run script if any page put them into HTML unescaped.
+const XSS_SCRIPT: &str = "<script>window.__xss=1</script>";
+const XSS_ATTR: &str = "\"><img src=x onerror=\"window.__xss=2\">";
+
+// ------------------------------------------------------------------ WebDriver
+
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain(["/usr/bin".into(), "/usr/lib/chromium".into()]) {
+        for n in names {
+            let p = dir.join(n);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// A chromedriver process and one headless Chromium session.
+struct Browser {
+    http: reqwest::Client,
+    url: String,
+    driver: tokio::process::Child,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver = find_program(&["chromedriver"]).expect(
+            "the console test needs chromedriver and Chromium: apt-get install chromium chromium-driver (scripts/test-deps)",
+        );
+        let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"])
+            .expect("the console test needs Chromium: apt-get install chromium (scripts/test-deps)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = tokio::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        until("chromedriver to answer", async || {
+            let r = http.get(format!("{base}/status")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1280,900", "--no-first-run", "--disable-extensions"],
+            },
+        }}});
+        let res: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
+        let id = res["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no browser session: {res}")).to_owned();
+        Browser { http, url: format!("{base}/session/{id}"), driver: child }
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        if v["value"].get("error").is_some() {
+            panic!("webdriver {path}: {}", v["value"]);
+        }
+        v["value"].clone()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.cmd(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn goto(&self, url: &str) {
+        self.post("/url", json!({"url": url})).await;
+    }
+
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.post("/execute/sync", json!({"script": script, "args": args})).await
+    }
+
+    /// Evaluates `expr` until it is truthy; fails naming `what` after 30 s.
+    async fn wait(&self, what: &str, expr: &str) -> Value {
+        let script = format!("return ({expr});");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.js(&script, json!([])).await;
+            if !(v.is_null() || v == false || v == "" || v == 0) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let body = self.js("return document.body ? document.body.innerText : ''", json!([])).await;
+                panic!("timed out waiting for {what}; the page reads:\n{}", body.as_str().unwrap_or(""));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let v = self.post("/element", json!({"using": "css selector", "value": css})).await;
+        v.as_object().and_then(|o| o.values().next()).and_then(|v| v.as_str()).unwrap().to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let el = self.element(css).await;
+        self.post(&format!("/element/{el}/clear"), json!({})).await;
+        self.post(&format!("/element/{el}/value"), json!({"text": text})).await;
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.element(css).await;
+        self.post(&format!("/element/{el}/click"), json!({})).await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let v = self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : null", json!([css])).await;
+        v.as_str().unwrap_or_else(|| panic!("no element {css}")).to_owned()
+    }
+
+    async fn path(&self) -> String {
+        self.js("return location.pathname + location.search", json!([])).await.as_str().unwrap().to_owned()
+    }
+
+    async fn resize(&self, width: u32, height: u32) {
+        self.post("/window/rect", json!({"width": width, "height": height})).await;
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let png = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        let dir = screenshots();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), bytes).unwrap();
+    }
+
+    /// Browser console entries since the last call (chromedriver's log endpoint).
+    async fn console(&self) -> Vec<Value> {
+        self.post("/se/log", json!({"type": "browser"})).await.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Console errors since the last call, less those `allowed` explains.
+    async fn console_errors(&self, allowed: &[&str]) -> Vec<String> {
+        self.console()
+            .await
+            .into_iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+            .filter(|m| !allowed.iter().any(|a| m.contains(a)))
+            .collect()
+    }
+
+    /// Page weight and timing of the page on screen.
+    async fn timing(&self) -> Value {
+        self.js(
+            "const n = performance.getEntriesByType('navigation')[0]; \
+             const p = performance.getEntriesByName('first-contentful-paint')[0]; \
+             const r = performance.getEntriesByType('resource').reduce((a, e) => a + e.encodedBodySize, 0); \
+             return {server_ms: n.responseEnd - n.requestStart, paint_ms: p ? p.startTime : null, \
+                     bytes: n.encodedBodySize + r};",
+            json!([]),
+        )
+        .await
+    }
+
+    async fn quit(mut self) {
+        let _ = self.http.delete(&self.url).send().await;
+        if let Err(e) = self.driver.kill().await {
+            eprintln!("chromedriver did not stop: {e}");
+        }
+    }
+}
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots")
+}
+
+// ------------------------------------------------------------------ a stand-in node agent
+
+/// Serves what the operator asks a node agent for: logs that follow (with a
+/// line meant to break out of the page) and metrics.
+async fn fake_agent() -> (String, tokio::task::JoinHandle<()>) {
+    async fn logs(Path(id): Path<String>) -> axum::response::Response {
+        let stream = futures::stream::unfold(0u64, move |n| {
+            let id = id.clone();
+            async move {
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                let line = match n {
+                    0 => format!("hello from {id}"),
+                    1 => format!("user input: {XSS_SCRIPT} {XSS_ATTR}"),
+                    _ => format!("tick {n}"),
+                };
+                let l = json!({"at": chrono::Utc::now(), "stream": "stdout", "line": line});
+                Some((Ok::<_, std::convert::Infallible>(format!("{l}\n")), n + 1))
+            }
+        });
+        axum::response::Response::new(axum::body::Body::from_stream(stream))
+    }
+    async fn metrics() -> axum::Json<Value> {
+        let used = 40_000_000 + (chrono::Utc::now().timestamp_subsec_millis() as u64) * 10_000;
+        axum::Json(json!({"memory_bytes": used, "memory_limit_bytes": 268435456u64, "cpu_seconds": 1.5, "processes": 3}))
+    }
+    let app = axum::Router::new()
+        .route("/v1/instances/{id}/logs", get(logs))
+        .route("/v1/instances/{id}/metrics", get(metrics));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), task)
+}
+
+/// Registers a node at `agent_url`, keeps it beating, and reports every
+/// instance placed on it ready a moment after it appears (as a real agent
+/// would once the instance started).
+async fn simulate_node(base: &str, admin: &Client, agent_url: &str) -> tokio::task::JoinHandle<()> {
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let body = json!({"hostname": "node-a", "region": "eu", "address": agent_url,
+                      "capacity": {"vcpu": 8, "memory": 8192}, "runtime": "container"});
+    let node: Value = agent.post("/api/v1/nodes", &body).await.unwrap();
+    let node_id = node["id"].as_str().unwrap().to_owned();
+    let own = Client::new(base, Some(node["credential"].as_str().unwrap().to_owned()));
+    let (admin, base, credential) = (admin.clone(), base.to_owned(), node["credential"].as_str().unwrap().to_owned());
+    tokio::spawn(async move {
+        let raw = reqwest::Client::new();
+        let mut first_seen: std::collections::HashMap<String, Instant> = Default::default();
+        loop {
+            let _ = own.post_empty::<Value>(&format!("/api/v1/nodes/{node_id}/heartbeat")).await;
+            let deployments: Vec<Value> = admin.get("/api/v1/deployments?limit=50").await.unwrap_or_default();
+            for d in deployments {
+                if !matches!(d["status"].as_str(), Some("pending" | "preparing" | "starting" | "waking")) {
+                    continue;
+                }
+                let id = d["id"].as_str().unwrap();
+                let list: Vec<Value> = admin.get(&format!("/api/v1/deployments/{id}/instances")).await.unwrap_or_default();
+                for i in list {
+                    let iid = i["id"].as_str().unwrap().to_owned();
+                    let seen = *first_seen.entry(iid.clone()).or_insert_with(Instant::now);
+                    // Slow enough that the page sees the deployment before it is live.
+                    if i["status"] != "ready" && seen.elapsed() > Duration::from_millis(2500) {
+                        let _ = raw
+                            .put(format!("{base}/api/v1/instances/{iid}/status"))
+                            .bearer_auth(&credential)
+                            .json(&json!({"status": "ready", "address": "10.237.0.2:8080"}))
+                            .send()
+                            .await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+// ------------------------------------------------------------------ the test
+
+/// Signs a plain HTTP client in with `token`; returns the cookie header and the CSRF token.
+async fn sign_in_raw(base: &str, token: &str) -> (reqwest::StatusCode, String, String) {
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let page = http.get(format!("{base}/sign-in")).send().await.unwrap();
+    let pairing = page.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let html = page.text().await.unwrap();
+    let nonce = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let res = http
+        .post(format!("{base}/sign-in"))
+        .header("cookie", &pairing)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={nonce}&token={token}"))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let session = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("zw_session="))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+        .unwrap_or_default();
+    let mut csrf = String::new();
+    if !session.is_empty() {
+        let home = http.get(format!("{base}/")).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+        csrf = home.split("name=\"csrf-token\" content=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    }
+    (status, session, csrf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: data.clone(),
+        default_instances_per_region: 1,
+        apps_scheme: "http".into(),
+        apps_port: Some(8083),
+        ..Default::default()
+    })
+    .await;
+    let admin_token = op.admin_token.clone().unwrap();
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "Europe", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let (agent_url, agent_task) = fake_agent().await;
+    let node_task = simulate_node(&base, &admin, &agent_url).await;
+    let raw = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    // ---- sign-in, CSRF and roles over plain HTTP
+    let res = raw.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(res.status(), 303, "signed-out visitors go to the sign-in page");
+    assert_eq!(res.headers()["location"], "/sign-in");
+    let (status, session, _) = sign_in_raw(&base, "zw_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await;
+    assert_eq!((status.as_u16(), session.as_str()), (401, ""), "a wrong token opens no session");
+    let res = raw
+        .post(format!("{base}/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf=forged&token={admin_token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "a sign-in form from elsewhere is refused");
+    let mut expired = zeitwork_control_plane::auth::mint(
+        "old",
+        zeitwork_api_types::TokenScope::Org { org: "acme".into(), role: zeitwork_api_types::Role::Admin },
+        false,
+        None,
+        None,
+    );
+    expired.stored.token.expires_at = Some(chrono::Utc::now() - chrono::Duration::hours(1));
+    op.store.create_token(&expired.stored, &zeitwork_store::Audit::new("test", "token.create", "old")).await.unwrap();
+    let (status, session, _) = sign_in_raw(&base, &expired.bearer).await;
+    assert_eq!((status.as_u16(), session.as_str()), (401, ""), "an expired token opens no session");
+
+    let (status, cookie, csrf) = sign_in_raw(&base, &admin_token).await;
+    assert_eq!(status, 303);
+    assert!(!cookie.is_empty() && csrf.len() == 43, "{cookie} {csrf}");
+    let create = |csrf: Option<&str>, name: &str| {
+        let mut req = raw
+            .post(format!("{base}/api/v1/projects"))
+            .header("cookie", &cookie)
+            .json(&json!({"org": "acme", "name": name}));
+        if let Some(c) = csrf {
+            req = req.header("x-csrf-token", c);
+        }
+        req.send()
+    };
+    assert_eq!(create(None, "forged").await.unwrap().status(), 403, "no CSRF token, no change");
+    assert_eq!(create(Some("wrong"), "forged").await.unwrap().status(), 403, "a wrong CSRF token, no change");
+    assert_eq!(admin.get::<Value>("/api/v1/projects/acme/forged").await.unwrap_err().status(), Some(404));
+    assert_eq!(create(Some(&csrf), "api").await.unwrap().status(), 201, "the session's CSRF token allows the change");
+    let res = raw.get(format!("{base}/api/v1/projects/acme/api")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(res.status(), 200, "reads need no CSRF token");
+
+    // Names the API refuses never reach a page; the ones it takes are shown as text.
+    for (path, body) in [
+        ("/api/v1/projects", json!({"org": "acme", "name": XSS_SCRIPT})),
+        ("/api/v1/projects/acme/api/domains", json!({"name": XSS_ATTR})),
+    ] {
+        assert_eq!(admin.post::<_, Value>(path, &body).await.unwrap_err().status(), Some(400), "{path}");
+    }
+    let res = raw.put(format!("{base}/api/v1/projects/acme/api/env/{}", "%3Cscript%3E")).bearer_auth(&admin_token);
+    assert_eq!(res.json(&json!({"value": "x"})).send().await.unwrap().status(), 400, "env keys are validated");
+    admin.put::<_, Value>("/api/v1/projects/acme/api/env/GREETING", &json!({"value": XSS_ATTR})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs/acme/members", &json!({"user": XSS_SCRIPT, "role": "guest"})).await.ok();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": XSS_ATTR, "scope": {"kind": "org", "org": "acme", "role": "guest"}}))
+        .await
+        .unwrap();
+    let guest_token = t["secret"].as_str().unwrap().to_owned();
+
+    // A Guest sees redacted values and no buttons that would fail.
+    let (_, guest, _) = sign_in_raw(&base, &guest_token).await;
+    let page = raw.get(format!("{base}/projects/acme/api/env")).header("cookie", &guest).send().await.unwrap();
+    let html = page.text().await.unwrap();
+    assert!(html.contains("redacted") && !html.contains("Delete") && !html.contains("Save"), "{html}");
+    let html =
+        raw.get(format!("{base}/projects/acme/api")).header("cookie", &guest).send().await.unwrap().text().await.unwrap();
+    assert!(!html.contains("data-method"), "a Guest gets no action forms");
+    assert!(html.contains("&lt;img src=x onerror="), "the guest token's name is shown escaped");
+    // Sign-out ends the session.
+    let res = raw
+        .post(format!("{base}/sign-out"))
+        .header("cookie", &guest)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("csrf=wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "sign-out needs the CSRF token too");
+
+    // ---- the browser
+    let b = Browser::start().await;
+    b.goto(&format!("{base}/")).await;
+    assert_eq!(b.path().await, "/sign-in");
+    b.type_into("#token", "zw_notatoken").await;
+    b.click("form[action='/sign-in'] button").await;
+    b.wait("the wrong-token message", "document.querySelector('p.error')").await;
+    assert!(b.text("p.error").await.contains("not valid"));
+    b.screenshot("sign-in-wrong-token").await;
+    b.console().await; // the 401 of the wrong token above is expected
+    b.type_into("#token", &admin_token).await;
+    b.click("form[action='/sign-in'] button").await;
+    b.wait("the overview", "document.querySelector('h1') && document.querySelector('h1').textContent === 'Overview'").await;
+    let timing = b.timing().await;
+    eprintln!("overview: {timing}");
+    assert!(timing["server_ms"].as_f64().unwrap() < 200.0, "the overview took {timing}");
+    assert!(timing["bytes"].as_u64().unwrap() < 100_000, "the overview weighs {timing}");
+
+    // A project from the page.
+    b.click("details summary").await;
+    b.type_into("#np-name", "web").await;
+    b.click("form[data-path='/api/v1/projects'] button").await;
+    b.wait("the project page", "location.pathname === '/projects/acme/web'").await;
+
+    // A deployment from the page, with a commit message meant to break out.
+    b.type_into("#dp-image", "acme/web:1").await;
+    b.type_into("#dp-msg", &format!("fix {XSS_SCRIPT} {XSS_ATTR}")).await;
+    b.click("form[data-path='/api/v1/deployments'] button").await;
+    b.wait("the deployment page", "location.pathname.startsWith('/deployments/web-')").await;
+    let first = b.path().await.trim_start_matches("/deployments/").to_owned();
+    b.js("window.__loaded_once = true", json!([])).await;
+    let shown = b.text(&format!("h1 [data-status-of='{first}']")).await;
+    assert_ne!(shown, "active", "the deployment is not live yet when its page opens");
+    b.wait("the status to turn active on screen", &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'")).await;
+    assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
+    let timeline = b.text("#timeline").await;
+    assert!(timeline.contains("→ active"), "the timeline gained the change: {timeline}");
+    b.wait("logs that follow", "document.querySelector('#logs').textContent.includes('tick 3')").await;
+    let logs = b.text("#logs").await;
+    assert!(logs.contains(XSS_SCRIPT) && logs.contains(XSS_ATTR), "log lines are text: {logs}");
+    b.wait("the memory sparkline", "document.querySelector('#spark polyline')").await;
+    let commit = b.text("dl.facts").await;
+    assert!(commit.contains(XSS_SCRIPT), "the commit message is shown as text: {commit}");
+    b.screenshot("deployment-desktop").await;
+
+    // A second deployment from the project page; the history gets its row live.
+    b.goto(&format!("{base}/projects/acme/web")).await;
+    b.js("window.__loaded_once = true", json!([])).await;
+    b.type_into("#dp-image", "acme/web:2").await;
+    let second: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:2", "commit_sha": "abcdef1234"}))
+        .await
+        .unwrap();
+    let second = second["id"].as_str().unwrap().to_owned();
+    b.wait("a row for the new deployment", &format!("document.querySelector(\"#history [data-status-of='{second}']\")")).await;
+    b.wait("it to go live", &format!("document.querySelector(\"#history [data-status-of='{second}']\").textContent === 'active'")).await;
+    b.wait("the first one to stand by", &format!("document.querySelector(\"#history [data-status-of='{first}']\").textContent === 'standby'")).await;
+    assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
+    b.goto(&format!("{base}/projects/acme/web")).await;
+    b.screenshot("project-desktop").await;
+
+    // Roll back from the first deployment's page.
+    b.goto(&format!("{base}/deployments/{first}")).await;
+    b.wait("the rollback button", "document.querySelector('form[data-path$=\"/rollback\"] button')").await;
+    b.click("form[data-path$='/rollback'] button").await;
+    until("production to point at the first deployment again", async || {
+        let p: Value = admin.get("/api/v1/projects/acme/web").await.ok()?;
+        (p["current_deployment"]["production"] == first.as_str()).then_some(())
+    })
+    .await;
+    b.wait("the rolled-back deployment shown serving", "document.body.innerText.includes('(serving)')").await;
+    b.wait("its status active", &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'")).await;
+
+    // Env vars: one by one and a pasted .env; domains.
+    b.goto(&format!("{base}/projects/acme/web/env")).await;
+    b.type_into("#nv-key", "API_URL").await;
+    b.type_into("#nv-value", XSS_ATTR).await;
+    b.click("form[data-path$='/env/{key}'] button").await;
+    b.wait("the new variable", "document.querySelector('#env') && document.querySelector('#env').textContent.includes('API_URL')").await;
+    b.type_into("#dotenv", "# settings\nexport PORT=8080\nNAME=\"web app\"\n").await;
+    b.click("form[data-kind='dotenv'] button").await;
+    b.wait("the pasted variables", "document.querySelector('#env') && document.querySelector('#env').textContent.includes('PORT')").await;
+    let v: Vec<Value> = admin.get("/api/v1/projects/acme/web/env").await.unwrap();
+    let value = |k: &str| v.iter().find(|e| e["key"] == k).map(|e| e["value"].clone());
+    assert_eq!(value("NAME"), Some(json!("web app")));
+    assert_eq!(value("API_URL"), Some(json!(XSS_ATTR)));
+    b.screenshot("env-desktop").await;
+    b.goto(&format!("{base}/projects/acme/web/domains")).await;
+    b.type_into("#nd-name", "www.example.com").await;
+    b.click("form[data-path$='/domains'] button").await;
+    b.wait("the domain row", "document.querySelector('#domains') && document.querySelector('#domains').textContent.includes('CNAME web-acme.zeitwork.localhost')").await;
+    b.screenshot("domains-desktop").await;
+
+    // Members & tokens, the audit log with a filter.
+    b.goto(&format!("{base}/settings")).await;
+    b.wait("the token list", "document.querySelector('#tokens')").await;
+    b.screenshot("settings-desktop").await;
+    b.goto(&format!("{base}/audit?org=acme&action=deployment.rollback")).await;
+    let audit = b.text("#audit").await;
+    assert!(audit.contains("deployment.rollback") && !audit.contains("project.create"), "{audit}");
+    b.goto(&format!("{base}/audit")).await;
+    b.screenshot("audit-desktop").await;
+
+    // Nothing injected ran, on any page.
+    for page in ["/", "/projects/acme/api/env", "/settings", "/audit", &format!("/deployments/{first}")] {
+        b.goto(&format!("{base}{page}")).await;
+        let ran = b.js("return [window.__xss || 0, document.querySelectorAll('img, script:not([src])').length]", json!([])).await;
+        assert_eq!(ran, json!([0, 0]), "{page}: injected markup ran or became elements");
+        let t = b.timing().await;
+        assert!(t["server_ms"].as_f64().unwrap() < 200.0 && t["bytes"].as_u64().unwrap() < 100_000, "{page}: {t}");
+    }
+    b.goto(&format!("{base}/")).await;
+    b.screenshot("overview-desktop").await;
+    let errors = b.console_errors(&[]).await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+
+    // Phone width.
+    b.resize(390, 844).await;
+    for (name, page) in [("overview", "/".to_owned()), ("project", "/projects/acme/web".into()), ("deployment", format!("/deployments/{first}"))] {
+        b.goto(&format!("{base}{page}")).await;
+        let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth", json!([])).await;
+        assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways on a phone: {overflow}");
+        b.screenshot(&format!("{name}-phone")).await;
+    }
+    b.resize(1280, 900).await;
+
+    // The event stream drops (the operator stops): a banner, changes disabled; it comes back on its own.
+    b.goto(&format!("{base}/deployments/{first}")).await;
+    b.wait("the stream to be open", "document.querySelector('#banner').hidden === true && window.zwStream && window.zwStream.readyState === 1").await;
+    let addr = op.addr();
+    op.abort();
+    b.wait("the read-only banner", "document.querySelector('#banner').hidden === false").await;
+    assert_eq!(b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await, true);
+    b.screenshot("stream-dropped").await;
+    let op = Operator::start(OperatorConfig { listen: addr, data_dir: data, apps_scheme: "http".into(), ..Default::default() })
+        .await
+        .unwrap();
+    b.wait("the stream to come back", "document.querySelector('#banner').hidden === true").await;
+    assert_eq!(b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await, false);
+
+    // Sign out from the page.
+    b.click("form[action='/sign-out'] button").await;
+    b.wait("the sign-in page", "location.pathname === '/sign-in'").await;
+    b.goto(&format!("{base}/settings")).await;
+    assert_eq!(b.path().await, "/sign-in", "the ended session no longer opens pages");
+
+    b.quit().await;
+    node_task.abort();
+    agent_task.abort();
+    op.shutdown().await;
+    eprintln!("screenshots in {}", screenshots().display());
+}
