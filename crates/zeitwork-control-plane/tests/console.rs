@@ -575,3 +575,119 @@ async fn the_console_in_a_browser() {
     op.shutdown().await;
     eprintln!("screenshots in {}", screenshots().display());
 }
+
+/// A stand-in for GitHub's OAuth and REST endpoints: the code names the user.
+async fn fake_github() -> (String, tokio::task::JoinHandle<()>) {
+    async fn token(body: String) -> axum::Json<Value> {
+        let code = body.split('&').find_map(|kv| kv.strip_prefix("code=")).unwrap_or("").to_owned();
+        axum::Json(json!({"access_token": format!("gho_{code}"), "token_type": "bearer"}))
+    }
+    fn login(headers: &axum::http::HeaderMap) -> String {
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        auth.trim_start_matches("Bearer gho_").to_owned()
+    }
+    async fn user(headers: axum::http::HeaderMap) -> axum::Json<Value> {
+        axum::Json(json!({"login": login(&headers), "id": 1}))
+    }
+    async fn orgs(headers: axum::http::HeaderMap) -> axum::Json<Value> {
+        let org = if login(&headers) == "alice" { "AcmeCorp" } else { "elsewhere" };
+        axum::Json(json!([{"login": org, "id": 2}]))
+    }
+    let app = axum::Router::new()
+        .route("/login/oauth/access_token", axum::routing::post(token))
+        .route("/user", get(user))
+        .route("/user/orgs", get(orgs));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), task)
+}
+
+fn set_cookie(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_sign_in_maps_organisation_membership_to_a_role() {
+    use zeitwork_control_plane::config::{GithubOAuth, GithubOrgRole};
+    let (gh, gh_task) = fake_github().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().join("data"),
+        github_oauth: Some(GithubOAuth {
+            client_id: "Iv1.console".into(),
+            client_secret: "s3cret".into(),
+            authorize_url: format!("{gh}/login/oauth/authorize"),
+            token_url: format!("{gh}/login/oauth/access_token"),
+            api_url: gh.clone(),
+            orgs: vec![GithubOrgRole {
+                github_org: "acmecorp".into(),
+                org: "acme".into(),
+                role: zeitwork_api_types::Role::Developer,
+            }],
+        }),
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let page = http.get(format!("{base}/sign-in")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("href=\"/auth/github\""), "the sign-in page offers GitHub");
+    let start = |http: reqwest::Client| {
+        let base = base.clone();
+        async move {
+            let res = http.get(format!("{base}/auth/github")).send().await.unwrap();
+            assert_eq!(res.status(), 303);
+            let to = res.headers()["location"].to_str().unwrap().to_owned();
+            assert!(to.starts_with(&format!("{gh}/login/oauth/authorize?client_id=Iv1.console")), "{to}");
+            let state = to.split("state=").nth(1).unwrap().to_owned();
+            (set_cookie(&res, "zw_oauth").unwrap(), state)
+        }
+    };
+    let (oauth, state) = start(http.clone()).await;
+    let callback = |code: &str, state: &str, cookie: &str| {
+        http.get(format!("{base}/auth/github/callback?code={code}&state={state}")).header("cookie", cookie).send()
+    };
+
+    let res = callback("alice", "forged", &oauth).await.unwrap();
+    assert_eq!(res.headers()["location"], "/sign-in?error=github", "a state this browser was not given is refused");
+    let res = callback("bob", &state, &oauth).await.unwrap();
+    assert_eq!(res.headers()["location"], "/sign-in?error=github-role", "no mapped organisation, no session");
+
+    let res = callback("alice", &state, &oauth).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let session = set_cookie(&res, "zw_session").expect("a session cookie");
+    let home = http.get(format!("{base}/")).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    assert!(home.contains("github:alice · developer of acme"), "{home}");
+    let tokens: Vec<Value> = admin.get("/api/v1/tokens").await.unwrap();
+    assert!(tokens.iter().any(|t| t["name"] == "github:alice"));
+
+    // Signing out deletes the token the sign-in minted.
+    let csrf = home.split("name=\"csrf-token\" content=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let res = http
+        .post(format!("{base}/sign-out"))
+        .header("cookie", &session)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["location"], "/sign-in");
+    let tokens: Vec<Value> = admin.get("/api/v1/tokens").await.unwrap();
+    assert!(!tokens.iter().any(|t| t["name"] == "github:alice"), "{tokens:?}");
+    let res = http.get(format!("{base}/")).header("cookie", &session).send().await.unwrap();
+    assert_eq!(res.headers()["location"], "/sign-in?ended=1");
+    let res = http.get(format!("{base}/api/v1/projects")).header("cookie", &session).send().await.unwrap();
+    assert_eq!(res.status(), 401, "the API no longer takes the ended session");
+
+    gh_task.abort();
+    op.shutdown().await;
+}

@@ -190,10 +190,12 @@ async fn project(
     };
     let (health_path, routes_path, history_path) =
         (format!("{base}/health"), format!("{base}/routing"), format!("{base}/deployments?limit=50"));
-    let (health, routes, history) = tokio::join!(
+    let channels_path = format!("{base}/notifications");
+    let (health, routes, history, channels) = tokio::join!(
         c.get::<Vec<zeitwork_api_types::EnvironmentHealth>>(&s.caller, &health_path),
         c.get::<Vec<zeitwork_api_types::ProjectRoute>>(&s.caller, &routes_path),
         c.get::<Vec<zeitwork_api_types::Deployment>>(&s.caller, &history_path),
+        c.get::<Vec<zeitwork_api_types::Channel>>(&s.caller, &channels_path),
     );
     let config = &c.state.config;
     let url_port = match (config.apps_scheme.as_str(), config.apps_port) {
@@ -208,6 +210,7 @@ async fn project(
         health: health.unwrap_or_default(),
         routes: routes.unwrap_or_default(),
         history: history.unwrap_or_default(),
+        channels: channels.ok(),
     };
     html(StatusCode::OK, pages::project(&s, &data))
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use maud::{html, Markup, DOCTYPE};
 use zeitwork_api_types::{
-    Deployment, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node, Org, Project, ProjectRoute, Region,
+    Channel, Deployment, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node, Org, Project, ProjectRoute, Region,
     Role, Token, TokenScope,
 };
 
@@ -48,6 +48,7 @@ fn page(title: &str, body: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="color-scheme" content="light dark";
+                link rel="icon" href="data:,";
                 title { (title) " · Zeitwork" }
                 link rel="stylesheet" href={ "/console/console.css?v=" (v) };
                 script src={ "/console/console.js?v=" (v) } defer {}
@@ -335,6 +336,8 @@ pub struct ProjectPage {
     pub health: Vec<EnvironmentHealth>,
     pub routes: Vec<ProjectRoute>,
     pub history: Vec<Deployment>,
+    /// None when the caller may not list them.
+    pub channels: Option<Vec<Channel>>,
     /// What custom domains point their CNAME at.
     pub cname: String,
     /// `scheme://` and `:port` of app URLs.
@@ -445,6 +448,41 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                 (deployments_table(&d.history, false))
                 (cli(&format!("zeitwork deployments list {full}")))
             }
+            section aria-labelledby="notify-h" {
+                h2 #notify-h { "Notifications" }
+                @let npath = format!("/api/v1/projects/{}/{}/notifications", enc(&p.org), enc(&p.name));
+                @match &d.channels {
+                    None => p.muted { "The notification channels could not be read." },
+                    Some(list) if list.is_empty() => p.empty { "No notification channels." },
+                    Some(list) => div.scroll { table #channels {
+                        thead { tr { th scope="col" { "Kind" } th scope="col" { "Delivers to" } th scope="col" { "Events" }
+                            @if can_admin(s, &p.org) { th scope="col" { span.sr { "Actions" } } } } }
+                        tbody { @for ch in list { tr {
+                            td { (ch.kind) } td { code { (ch.url) } }
+                            td { @if ch.events.is_empty() { "all" } @else { (ch.events.join(", ")) } }
+                            @if can_admin(s, &p.org) { td {
+                                (action("DELETE", &format!("{npath}/{}", enc(&ch.id)), "reload", "Remove", html! {}))
+                            } }
+                        } } }
+                    } },
+                }
+                @if can_admin(s, &p.org) {
+                    details {
+                        summary { "Add a channel" }
+                        (action("POST", &npath, "reload", "Add channel", html! {
+                            label for="nc-kind" { "Kind" }
+                            select #nc-kind name="kind" { option value="webhook" { "signed webhook" } option value="slack" { "Slack" } }
+                            label for="nc-url" { "URL" }
+                            input #nc-url name="url" type="url" required autocomplete="off";
+                            label for="nc-secret" { "Signing secret (webhooks)" }
+                            input #nc-secret name="secret" type="password" minlength="16" autocomplete="off";
+                            label for="nc-events" { "Events (comma-separated; empty: all)" }
+                            input #nc-events name="events" data-list placeholder="deployment.activate, deployment.fail" autocomplete="off";
+                        }))
+                        p.cli { span { "API " } code { "POST " (npath) } }
+                    }
+                }
+            }
             section aria-labelledby="settings-h" {
                 h2 #settings-h { "Settings" }
                 dl.facts {
@@ -532,7 +570,7 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
             }
             section aria-labelledby="timeline-h" {
                 h2 #timeline-h { "Timeline" }
-                ol #timeline .timeline data-deployment=(d.id) {
+                ol #timeline .timeline data-deployment=(d.id) data-last=(d.status.as_str()) {
                     li { (time(d.created_at)) " created " span.muted { "by " (d.created_by.as_deref().unwrap_or("—")) } }
                     @for e in &events {
                         li { (time(e.at)) " " (e.action) " " span.muted { "by " (e.actor) " (" (e.result) ")" } }

@@ -34,6 +34,7 @@
       if (el.dataset.in === "path") { path = path.replace("{" + el.name + "}", encodeURIComponent(v)); continue; }
       if (v === "") continue;
       if (el.hasAttribute("data-number")) v = Number(v);
+      if (el.hasAttribute("data-list")) v = v.split(",").map((x) => x.trim()).filter((x) => x);
       const keys = el.name.split(".");
       let o = body;
       while (keys.length > 1) { const k = keys.shift(); o = o[k] = o[k] || {}; }
@@ -114,6 +115,8 @@
   function timelineEntry(change) {
     const list = $("#timeline");
     if (!list || change.kind !== "deployment" || list.dataset.deployment !== change.id) return;
+    if (list.dataset.last === change.status) return;
+    list.dataset.last = change.status;
     const li = document.createElement("li");
     const t = document.createElement("time");
     t.dateTime = change.at;
