@@ -236,7 +236,9 @@ impl FromRequestParts<AppState> for Caller {
                     .ok()
                     .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                     .map(str::trim)
-                    .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+                    .ok_or_else(|| {
+                        ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+                    })?;
                 state.authenticate(value).await?
             }
             // The web console: its session cookie, or its own in-process calls.

@@ -142,7 +142,9 @@ impl Browser {
     }
 
     async fn text(&self, css: &str) -> String {
-        let v = self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : null", json!([css])).await;
+        let v = self
+            .js("const e = document.querySelector(arguments[0]); return e ? e.textContent : null", json!([css]))
+            .await;
         v.as_str().unwrap_or_else(|| panic!("no element {css}")).to_owned()
     }
 
@@ -228,7 +230,9 @@ async fn fake_agent() -> (String, tokio::task::JoinHandle<()>) {
     }
     async fn metrics() -> axum::Json<Value> {
         let used = 40_000_000 + (chrono::Utc::now().timestamp_subsec_millis() as u64) * 10_000;
-        axum::Json(json!({"memory_bytes": used, "memory_limit_bytes": 268435456u64, "cpu_seconds": 1.5, "processes": 3}))
+        axum::Json(
+            json!({"memory_bytes": used, "memory_limit_bytes": 268435456u64, "cpu_seconds": 1.5, "processes": 3}),
+        )
     }
     let app = axum::Router::new()
         .route("/v1/instances/{id}/logs", get(logs))
@@ -267,7 +271,8 @@ async fn simulate_node(base: &str, admin: &Client, agent_url: &str) -> tokio::ta
                     continue;
                 }
                 let id = d["id"].as_str().unwrap();
-                let list: Vec<Value> = admin.get(&format!("/api/v1/deployments/{id}/instances")).await.unwrap_or_default();
+                let list: Vec<Value> =
+                    admin.get(&format!("/api/v1/deployments/{id}/instances")).await.unwrap_or_default();
                 for i in list {
                     let iid = i["id"].as_str().unwrap().to_owned();
                     let seen = *first_seen.entry(iid.clone()).or_insert_with(Instant::now);
@@ -408,8 +413,15 @@ async fn the_console_in_a_browser() {
     let page = raw.get(format!("{base}/projects/acme/api/env")).header("cookie", &guest).send().await.unwrap();
     let html = page.text().await.unwrap();
     assert!(html.contains("redacted") && !html.contains("Delete") && !html.contains("Save"), "{html}");
-    let html =
-        raw.get(format!("{base}/projects/acme/api")).header("cookie", &guest).send().await.unwrap().text().await.unwrap();
+    let html = raw
+        .get(format!("{base}/projects/acme/api"))
+        .header("cookie", &guest)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!html.contains("data-method"), "a Guest gets no action forms");
     assert!(html.contains("&lt;img src=x onerror="), "the guest token's name is shown escaped");
     // Sign-out ends the session.
@@ -435,7 +447,8 @@ async fn the_console_in_a_browser() {
     b.console().await; // the 401 of the wrong token above is expected
     b.type_into("#token", &admin_token).await;
     b.click("form[action='/sign-in'] button").await;
-    b.wait("the overview", "document.querySelector('h1') && document.querySelector('h1').textContent === 'Overview'").await;
+    b.wait("the overview", "document.querySelector('h1') && document.querySelector('h1').textContent === 'Overview'")
+        .await;
     let timing = b.timing().await;
     eprintln!("overview: {timing}");
     assert!(timing["server_ms"].as_f64().unwrap() < 200.0, "the overview took {timing}");
@@ -456,7 +469,11 @@ async fn the_console_in_a_browser() {
     b.js("window.__loaded_once = true", json!([])).await;
     let shown = b.text(&format!("h1 [data-status-of='{first}']")).await;
     assert_ne!(shown, "active", "the deployment is not live yet when its page opens");
-    b.wait("the status to turn active on screen", &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'")).await;
+    b.wait(
+        "the status to turn active on screen",
+        &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'"),
+    )
+    .await;
     assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
     let timeline = b.text("#timeline").await;
     assert!(timeline.contains("→ active"), "the timeline gained the change: {timeline}");
@@ -473,13 +490,28 @@ async fn the_console_in_a_browser() {
     b.js("window.__loaded_once = true", json!([])).await;
     b.type_into("#dp-image", "acme/web:2").await;
     let second: Value = admin
-        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:2", "commit_sha": "abcdef1234"}))
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": "acme/web:2", "commit_sha": "abcdef1234"}),
+        )
         .await
         .unwrap();
     let second = second["id"].as_str().unwrap().to_owned();
-    b.wait("a row for the new deployment", &format!("document.querySelector(\"#history [data-status-of='{second}']\")")).await;
-    b.wait("it to go live", &format!("document.querySelector(\"#history [data-status-of='{second}']\").textContent === 'active'")).await;
-    b.wait("the first one to stand by", &format!("document.querySelector(\"#history [data-status-of='{first}']\").textContent === 'standby'")).await;
+    b.wait(
+        "a row for the new deployment",
+        &format!("document.querySelector(\"#history [data-status-of='{second}']\")"),
+    )
+    .await;
+    b.wait(
+        "it to go live",
+        &format!("document.querySelector(\"#history [data-status-of='{second}']\").textContent === 'active'"),
+    )
+    .await;
+    b.wait(
+        "the first one to stand by",
+        &format!("document.querySelector(\"#history [data-status-of='{first}']\").textContent === 'standby'"),
+    )
+    .await;
     assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
     b.goto(&format!("{base}/projects/acme/web")).await;
     b.screenshot("project-desktop").await;
@@ -494,17 +526,29 @@ async fn the_console_in_a_browser() {
     })
     .await;
     b.wait("the rolled-back deployment shown serving", "document.body.innerText.includes('(serving)')").await;
-    b.wait("its status active", &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'")).await;
+    b.wait(
+        "its status active",
+        &format!("document.querySelector(\"h1 [data-status-of='{first}']\").textContent === 'active'"),
+    )
+    .await;
 
     // Env vars: one by one and a pasted .env; domains.
     b.goto(&format!("{base}/projects/acme/web/env")).await;
     b.type_into("#nv-key", "API_URL").await;
     b.type_into("#nv-value", XSS_ATTR).await;
     b.click("form[data-path$='/env/{key}'] button").await;
-    b.wait("the new variable", "document.querySelector('#env') && document.querySelector('#env').textContent.includes('API_URL')").await;
+    b.wait(
+        "the new variable",
+        "document.querySelector('#env') && document.querySelector('#env').textContent.includes('API_URL')",
+    )
+    .await;
     b.type_into("#dotenv", "# settings\nexport PORT=8080\nNAME=\"web app\"\n").await;
     b.click("form[data-kind='dotenv'] button").await;
-    b.wait("the pasted variables", "document.querySelector('#env') && document.querySelector('#env').textContent.includes('PORT')").await;
+    b.wait(
+        "the pasted variables",
+        "document.querySelector('#env') && document.querySelector('#env').textContent.includes('PORT')",
+    )
+    .await;
     let v: Vec<Value> = admin.get("/api/v1/projects/acme/web/env").await.unwrap();
     let value = |k: &str| v.iter().find(|e| e["key"] == k).map(|e| e["value"].clone());
     assert_eq!(value("NAME"), Some(json!("web app")));
@@ -529,7 +573,9 @@ async fn the_console_in_a_browser() {
     // Nothing injected ran, on any page.
     for page in ["/", "/projects/acme/api/env", "/settings", "/audit", &format!("/deployments/{first}")] {
         b.goto(&format!("{base}{page}")).await;
-        let ran = b.js("return [window.__xss || 0, document.querySelectorAll('img, script:not([src])').length]", json!([])).await;
+        let ran = b
+            .js("return [window.__xss || 0, document.querySelectorAll('img, script:not([src])').length]", json!([]))
+            .await;
         assert_eq!(ran, json!([0, 0]), "{page}: injected markup ran or became elements");
         let t = b.timing().await;
         assert!(t["server_ms"].as_f64().unwrap() < 200.0 && t["bytes"].as_u64().unwrap() < 100_000, "{page}: {t}");
@@ -541,7 +587,11 @@ async fn the_console_in_a_browser() {
 
     // Phone width.
     b.resize(390, 844).await;
-    for (name, page) in [("overview", "/".to_owned()), ("project", "/projects/acme/web".into()), ("deployment", format!("/deployments/{first}"))] {
+    for (name, page) in [
+        ("overview", "/".to_owned()),
+        ("project", "/projects/acme/web".into()),
+        ("deployment", format!("/deployments/{first}")),
+    ] {
         b.goto(&format!("{base}{page}")).await;
         let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth", json!([])).await;
         assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways on a phone: {overflow}");
@@ -551,17 +601,32 @@ async fn the_console_in_a_browser() {
 
     // The event stream drops (the operator stops): a banner, changes disabled; it comes back on its own.
     b.goto(&format!("{base}/deployments/{first}")).await;
-    b.wait("the stream to be open", "document.querySelector('#banner').hidden === true && window.zwStream && window.zwStream.readyState === 1").await;
+    b.wait(
+        "the stream to be open",
+        "document.querySelector('#banner').hidden === true && window.zwStream && window.zwStream.readyState === 1",
+    )
+    .await;
     let addr = op.addr();
     op.abort();
     b.wait("the read-only banner", "document.querySelector('#banner').hidden === false").await;
-    assert_eq!(b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await, true);
+    assert_eq!(
+        b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await,
+        true
+    );
     b.screenshot("stream-dropped").await;
-    let op = Operator::start(OperatorConfig { listen: addr, data_dir: data, apps_scheme: "http".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: addr,
+        data_dir: data,
+        apps_scheme: "http".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     b.wait("the stream to come back", "document.querySelector('#banner').hidden === true").await;
-    assert_eq!(b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await, false);
+    assert_eq!(
+        b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await,
+        false
+    );
 
     // Sign out from the page.
     b.click("form[action='/sign-out'] button").await;

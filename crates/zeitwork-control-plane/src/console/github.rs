@@ -116,8 +116,9 @@ pub async fn callback(State(c): State<Console>, headers: HeaderMap, Query(q): Qu
     let scope = TokenScope::Org { org: best.org.clone(), role: best.role };
     let minted =
         crate::auth::mint(&format!("github:{}", user.login), scope, false, Some("console (GitHub)".into()), Some(1));
-    let audit = zeitwork_store::Audit::new(&format!("github:{}", user.login), "console.sign_in", &minted.stored.token.id)
-        .org(&best.org);
+    let audit =
+        zeitwork_store::Audit::new(&format!("github:{}", user.login), "console.sign_in", &minted.stored.token.id)
+            .org(&best.org);
     if let Err(e) = c.state.store.create_token(&minted.stored, &audit).await {
         return crate::error::ApiError::from(e).into_response();
     }

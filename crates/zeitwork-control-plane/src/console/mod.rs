@@ -13,11 +13,11 @@ mod pages;
 pub mod session;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::body::Bytes;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower::ServiceExt;
@@ -154,7 +154,7 @@ fn error_page(s: &Session, e: ReadError) -> Response {
 async fn overview(State(c): State<Console>, headers: HeaderMap) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let caller = &s.caller;
     let (orgs, projects, deployments, nodes, regions) = tokio::join!(
@@ -174,14 +174,10 @@ async fn overview(State(c): State<Console>, headers: HeaderMap) -> Response {
     html(StatusCode::OK, pages::overview(&s, &data))
 }
 
-async fn project(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Path((org, name)): Path<(String, String)>,
-) -> Response {
+async fn project(State(c): State<Console>, headers: HeaderMap, Path((org, name)): Path<(String, String)>) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let base = format!("/api/v1/projects/{}/{}", enc(&org), enc(&name));
     let p = match c.get::<zeitwork_api_types::Project>(&s.caller, &base).await {
@@ -215,14 +211,10 @@ async fn project(
     html(StatusCode::OK, pages::project(&s, &data))
 }
 
-async fn env_vars(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Path((org, name)): Path<(String, String)>,
-) -> Response {
+async fn env_vars(State(c): State<Console>, headers: HeaderMap, Path((org, name)): Path<(String, String)>) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let path = format!("/api/v1/projects/{}/{}/env", enc(&org), enc(&name));
     match c.get::<Vec<zeitwork_api_types::EnvVar>>(&s.caller, &path).await {
@@ -231,14 +223,10 @@ async fn env_vars(
     }
 }
 
-async fn domains(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Path((org, name)): Path<(String, String)>,
-) -> Response {
+async fn domains(State(c): State<Console>, headers: HeaderMap, Path((org, name)): Path<(String, String)>) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let path = format!("/api/v1/projects/{}/{}/domains", enc(&org), enc(&name));
     match c.get::<Vec<zeitwork_api_types::Domain>>(&s.caller, &path).await {
@@ -253,7 +241,7 @@ async fn domains(
 async fn deployment(State(c): State<Console>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let base = format!("/api/v1/deployments/{}", enc(&id));
     let d = match c.get::<zeitwork_api_types::Deployment>(&s.caller, &base).await {
@@ -298,10 +286,11 @@ fn blank(v: &Option<String>) -> bool {
 async fn audit(State(c): State<Console>, headers: HeaderMap, Query(f): Query<AuditFilter>) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let q = serde_urlencoded::to_string(&f).unwrap_or_default();
-    let path = if q.is_empty() { "/api/v1/events?limit=200".to_owned() } else { format!("/api/v1/events?{q}&limit=200") };
+    let path =
+        if q.is_empty() { "/api/v1/events?limit=200".to_owned() } else { format!("/api/v1/events?{q}&limit=200") };
     let events = c.get::<Vec<zeitwork_api_types::Event>>(&s.caller, &path).await;
     html(if events.is_ok() { StatusCode::OK } else { StatusCode::BAD_REQUEST }, pages::audit(&s, &f, events))
 }
@@ -309,7 +298,7 @@ async fn audit(State(c): State<Console>, headers: HeaderMap, Query(f): Query<Aud
 async fn settings(State(c): State<Console>, headers: HeaderMap) -> Response {
     let s = match signed_in(&c, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let orgs = c.get::<Vec<zeitwork_api_types::Org>>(&s.caller, "/api/v1/orgs").await.unwrap_or_default();
     let mut members = Vec::new();
@@ -367,16 +356,15 @@ struct SignInForm {
 }
 
 /// A form body (`application/x-www-form-urlencoded`).
-fn form<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_urlencoded::from_bytes(body).map_err(|e| {
-        crate::error::ApiError::InvalidBody(format!("the form is incomplete: {e}")).into_response()
-    })
+fn form<T: DeserializeOwned>(body: &Bytes) -> Result<T, crate::error::ApiError> {
+    serde_urlencoded::from_bytes(body)
+        .map_err(|e| crate::error::ApiError::InvalidBody(format!("the form is incomplete: {e}")))
 }
 
 async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
     let f: SignInForm = match form(&body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let paired = session::cookie(&headers, session::LOGIN_COOKIE).is_some_and(|v| session::equal(v, &f.csrf));
     if !paired {
@@ -418,9 +406,10 @@ async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> R
 fn signed_in_response(headers: &HeaderMap, secret: &str, mut res: Response) -> Response {
     let tls = session::over_tls(headers);
     let max_age = session::LIFETIME.num_seconds();
-    for cookie in
-        [session::set_cookie(session::COOKIE, secret, max_age, tls), session::set_cookie(session::LOGIN_COOKIE, "", 0, tls)]
-    {
+    for cookie in [
+        session::set_cookie(session::COOKIE, secret, max_age, tls),
+        session::set_cookie(session::LOGIN_COOKIE, "", 0, tls),
+    ] {
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             res.headers_mut().append(header::SET_COOKIE, v);
         }
@@ -436,7 +425,7 @@ struct SignOutForm {
 async fn sign_out(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
     let f: SignOutForm = match form(&body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Ok(Some(s)) = session::find(&c.state, &headers).await else {
         return Redirect::to("/sign-in").into_response();
@@ -444,7 +433,10 @@ async fn sign_out(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> 
     if !session::equal(&f.csrf, &s.csrf) {
         return html(
             StatusCode::FORBIDDEN,
-            pages::error(&s, &ReadError { status: StatusCode::FORBIDDEN, message: "the form's CSRF token is wrong".into() }),
+            pages::error(
+                &s,
+                &ReadError { status: StatusCode::FORBIDDEN, message: "the form's CSRF token is wrong".into() },
+            ),
         );
     }
     if let Some(secret) = session::cookie(&headers, session::COOKIE) {

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use maud::{html, Markup, DOCTYPE};
 use zeitwork_api_types::{
-    Channel, Deployment, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node, Org, Project, ProjectRoute, Region,
-    Role, Token, TokenScope,
+    Channel, Deployment, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node, Org, Project, ProjectRoute,
+    Region, Role, Token, TokenScope,
 };
 
 use super::session::Session;
@@ -347,7 +347,8 @@ pub struct ProjectPage {
 
 fn project_nav(org: &str, name: &str, here: &str) -> Markup {
     let base = format!("/projects/{}/{}", enc(org), enc(name));
-    let tabs = [("Overview", base.clone()), ("Env vars", format!("{base}/env")), ("Domains", format!("{base}/domains"))];
+    let tabs =
+        [("Overview", base.clone()), ("Env vars", format!("{base}/env")), ("Domains", format!("{base}/domains"))];
     html! {
         nav.tabs aria-label="Project" {
             @for (label, href) in tabs {

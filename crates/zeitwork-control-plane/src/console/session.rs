@@ -176,3 +176,33 @@ pub(crate) async fn caller_without_bearer(parts: &Parts, state: &AppState) -> Re
     }
     Ok(Some(session.caller))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_read_and_written_strictly() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1; zw_session=abc".parse().unwrap());
+        h.append(header::COOKIE, "zw_signin=n".parse().unwrap());
+        assert_eq!(cookie(&h, COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, LOGIN_COOKIE), Some("n"));
+        assert_eq!(cookie(&h, "zw"), None);
+        let plain = set_cookie(COOKIE, "v", 60, false);
+        assert_eq!(plain, "zw_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=60");
+        assert!(set_cookie(COOKIE, "v", 60, true).ends_with("; Secure"));
+        h.insert("x-forwarded-proto", "HTTPS".parse().unwrap());
+        assert!(over_tls(&h));
+    }
+
+    #[test]
+    fn secrets_are_random_and_compared_whole() {
+        let (a, b) = (random_secret(), random_secret());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(equal(&a, &a.clone()));
+        assert!(!equal(&a, &b) && !equal(&a, &a[..42]) && !equal("", &a));
+        assert_eq!(hash(&a).len(), 64);
+    }
+}
