@@ -193,6 +193,34 @@ impl Browser {
         .await
     }
 
+    async fn accept_alert(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = self
+                .http
+                .post(format!("{}/alert/accept", self.url))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["value"].get("error").is_none() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no confirmation dialog: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Emulates the OS colour scheme (`light` or `dark`) through the DevTools protocol.
+    async fn color_scheme(&self, scheme: &str) {
+        let features = json!([{"name": "prefers-color-scheme", "value": scheme}]);
+        self.post("/goog/cdp/execute", json!({"cmd": "Emulation.setEmulatedMedia", "params": {"features": features}}))
+            .await;
+    }
+
     async fn quit(mut self) {
         let _ = self.http.delete(&self.url).send().await;
         if let Err(e) = self.driver.kill().await {
@@ -532,6 +560,26 @@ async fn the_console_in_a_browser() {
     )
     .await;
 
+    // Stop asks first; the API's refusal shows on the page; a standby one stops.
+    b.click("form[data-path$='/stop'] button").await;
+    b.accept_alert().await;
+    b.wait(
+        "the refusal to stop a serving deployment",
+        "!document.querySelector('form[data-path$=\"/stop\"] .error').hidden",
+    )
+    .await;
+    let errors =
+        b.console_errors(&["/stop - Failed to load resource: the server responded with a status of 409"]).await;
+    assert!(errors.is_empty(), "console errors besides the expected 409: {errors:#?}");
+    b.goto(&format!("{base}/deployments/{second}")).await;
+    b.click("form[data-path$='/stop'] button").await;
+    b.accept_alert().await;
+    until("the standby deployment to stop", async || {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{second}")).await.ok()?;
+        (d["status"] != "standby").then_some(())
+    })
+    .await;
+
     // Env vars: one by one and a pasted .env; domains.
     b.goto(&format!("{base}/projects/acme/web/env")).await;
     b.type_into("#nv-key", "API_URL").await;
@@ -598,6 +646,14 @@ async fn the_console_in_a_browser() {
         b.screenshot(&format!("{name}-phone")).await;
     }
     b.resize(1280, 900).await;
+    b.color_scheme("dark").await;
+    for (name, page) in [("overview", "/".to_owned()), ("deployment", format!("/deployments/{first}"))] {
+        b.goto(&format!("{base}{page}")).await;
+        let bg = b.js("return getComputedStyle(document.documentElement).backgroundColor", json!([])).await;
+        assert_eq!(bg, "rgb(17, 20, 24)", "dark colours follow the OS setting");
+        b.screenshot(&format!("{name}-dark")).await;
+    }
+    b.color_scheme("light").await;
 
     // The event stream drops (the operator stops): a banner, changes disabled; it comes back on its own.
     b.goto(&format!("{base}/deployments/{first}")).await;

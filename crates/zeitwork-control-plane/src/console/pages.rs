@@ -113,6 +113,16 @@ fn action(method: &str, path: &str, then: &str, label: &str, fields: Markup) -> 
     }
 }
 
+/// A one-button action in a table row; the button names what it acts on for screen readers.
+fn row_action(method: &str, path: &str, label: &str, what: &str, confirm: Option<&str>) -> Markup {
+    html! {
+        form.action data-method=(method) data-path=(path) data-then="reload" data-confirm=[confirm] {
+            button type="submit" aria-label={ (label) " " (what) } { (label) }
+            p.error role="alert" hidden {}
+        }
+    }
+}
+
 fn duration(d: &Deployment) -> String {
     let secs = (d.updated_at - d.created_at).num_seconds().max(0);
     if secs < 120 {
@@ -462,7 +472,7 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                             td { (ch.kind) } td { code { (ch.url) } }
                             td { @if ch.events.is_empty() { "all" } @else { (ch.events.join(", ")) } }
                             @if can_admin(s, &p.org) { td {
-                                (action("DELETE", &format!("{npath}/{}", enc(&ch.id)), "reload", "Remove", html! {}))
+                                (row_action("DELETE", &format!("{npath}/{}", enc(&ch.id)), "Remove", &format!("the {} channel to {}", ch.kind, ch.url), None))
                             } }
                         } } }
                     } },
@@ -563,7 +573,7 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
                             }
                         }
                         div {
-                            (action("POST", &format!("/api/v1/deployments/{}/stop", enc(&d.id)), "reload", "Stop", html! {}))
+                            (row_action("POST", &format!("/api/v1/deployments/{}/stop", enc(&d.id)), "Stop", &d.id, Some("Stop this deployment? Its instances end.")))
                             (cli(&format!("zeitwork deployments stop {}", d.id)))
                         }
                     }
@@ -660,7 +670,7 @@ pub fn env_vars(s: &Session, org: &str, name: &str, vars: &[EnvVar]) -> Markup {
                                 }
                                 td { (time(v.updated_at)) }
                                 @if write {
-                                    td { (action("DELETE", &format!("{base}/{}", enc(&v.key)), "reload", "Delete", html! {})) }
+                                    td { (row_action("DELETE", &format!("{base}/{}", enc(&v.key)), "Delete", &v.key, None)) }
                                 }
                             }
                         }
@@ -717,7 +727,7 @@ pub fn domains(s: &Session, org: &str, name: &str, cname: &str, list: &[Domain])
                                 td { code { (d.name) " CNAME " (cname) } }
                                 td { @if d.verified { "yes" } @else { "not yet" } }
                                 td { span.status.{"s-" (d.certificate)} { (d.certificate) } }
-                                @if write { td { (action("DELETE", &format!("{base}/{}", enc(&d.name)), "reload", "Remove", html! {})) } }
+                                @if write { td { (row_action("DELETE", &format!("{base}/{}", enc(&d.name)), "Remove", &d.name, None)) } }
                             }
                         }
                     }
@@ -732,6 +742,7 @@ pub fn domains(s: &Session, org: &str, name: &str, cname: &str, list: &[Domain])
                     select #nd-env name="environment" { @for e in ENVIRONMENTS { option value=(e) { (e) } } }
                 }))
                 (cli(&format!("zeitwork domains add {full} DOMAIN --environment production")))
+                p.hint { "To remove one: " code { "zeitwork domains remove " (full) " DOMAIN" } }
             }
         },
     )
@@ -762,7 +773,7 @@ pub fn settings(
                                 tbody { @for m in list { tr {
                                     th scope="row" { (m.user) } td { (m.role.as_str()) } td { (time(m.created_at)) }
                                     @if can_admin(s, org) { td {
-                                        (action("DELETE", &format!("/api/v1/orgs/{}/members?user={}", enc(org), enc(&m.user)), "reload", "Remove", html! {}))
+                                        (row_action("DELETE", &format!("/api/v1/orgs/{}/members?user={}", enc(org), enc(&m.user)), "Remove", &m.user, None))
                                     } }
                                 } } }
                             } }
@@ -778,6 +789,7 @@ pub fn settings(
                             }
                         }))
                         (cli(&format!("zeitwork orgs add-member {org} USER --role ROLE")))
+                        p.hint { "To remove one: " code { "zeitwork orgs remove-member " (org) " USER" } }
                     }
                 }
             }
@@ -801,7 +813,7 @@ pub fn settings(
                                     td { @if t.read_only { "yes" } @else { "no" } }
                                     td { @if let Some(e) = t.expires_at { (time(e)) } @else { "never" } }
                                     td { @if revocable && t.id != s.caller.token_id {
-                                        (action("DELETE", &format!("/api/v1/tokens/{}", enc(&t.id)), "reload", "Revoke", html! {}))
+                                        (row_action("DELETE", &format!("/api/v1/tokens/{}", enc(&t.id)), "Revoke", &t.name, Some("Revoke this token? Whatever uses it stops working.")))
                                     } }
                                 }
                             } }

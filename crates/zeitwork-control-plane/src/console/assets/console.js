@@ -80,6 +80,7 @@
     const form = ev.target;
     if (!form.matches("form.action")) return;
     ev.preventDefault();
+    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) return;
     const err = $(".error", form);
     const button = $("button[type=submit]", form);
     err.hidden = true;
