@@ -452,7 +452,17 @@ async fn the_console_in_a_browser() {
         .unwrap();
     assert!(!html.contains("data-method"), "a Guest gets no action forms");
     assert!(html.contains("&lt;img src=x onerror="), "the guest token's name is shown escaped");
-    // Sign-out ends the session.
+    for page in ["/", "/settings", "/audit", "/projects/acme/api/domains"] {
+        let res = raw.get(format!("{base}{page}")).header("cookie", &guest).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{page}");
+    }
+    let denied: Vec<Value> = admin.get("/api/v1/events?result=denied").await.unwrap();
+    let guest_id = t["id"].as_str().unwrap();
+    assert!(
+        !denied.iter().any(|e| e["actor"].as_str().unwrap_or("").contains(guest_id)),
+        "browsing the console as a Guest asks for nothing it may not read: {denied:#?}"
+    );
+    // Sign-out needs its CSRF token.
     let res = raw
         .post(format!("{base}/sign-out"))
         .header("cookie", &guest)

@@ -157,18 +157,26 @@ async fn overview(State(c): State<Console>, headers: HeaderMap) -> Response {
         Err(e) => return e.into_response(),
     };
     let caller = &s.caller;
+    // Only platform admins may list nodes; asking for others would fill the audit log with denials.
+    let nodes = async {
+        if caller.is_admin() {
+            c.get::<Vec<zeitwork_api_types::Node>>(caller, "/api/v1/nodes?limit=1000").await.ok()
+        } else {
+            None
+        }
+    };
     let (orgs, projects, deployments, nodes, regions) = tokio::join!(
         c.get::<Vec<zeitwork_api_types::Org>>(caller, "/api/v1/orgs"),
         c.get::<Vec<zeitwork_api_types::Project>>(caller, "/api/v1/projects?limit=200"),
         c.get::<Vec<zeitwork_api_types::Deployment>>(caller, "/api/v1/deployments?limit=20"),
-        c.get::<Vec<zeitwork_api_types::Node>>(caller, "/api/v1/nodes"),
+        nodes,
         c.get::<Vec<zeitwork_api_types::Region>>(caller, "/api/v1/regions"),
     );
     let data = pages::Overview {
         orgs: orgs.unwrap_or_default(),
         projects: projects.unwrap_or_default(),
         deployments: deployments.unwrap_or_default(),
-        nodes: nodes.ok(),
+        nodes,
         regions: regions.unwrap_or_default(),
     };
     html(StatusCode::OK, pages::overview(&s, &data))
@@ -306,7 +314,17 @@ async fn settings(State(c): State<Console>, headers: HeaderMap) -> Response {
         let path = format!("/api/v1/orgs/{}/members", enc(&o.slug));
         members.push((o.slug.clone(), c.get::<Vec<zeitwork_api_types::Member>>(&s.caller, &path).await));
     }
-    let tokens = c.get::<Vec<zeitwork_api_types::Token>>(&s.caller, "/api/v1/tokens").await;
+    // Tokens are listed for platform admins and org Admins only; others are not asked (no denial to record).
+    let lists_tokens = match &s.caller.scope {
+        zeitwork_api_types::TokenScope::Admin => true,
+        zeitwork_api_types::TokenScope::Org { role, .. } => *role >= zeitwork_api_types::Role::Admin,
+        zeitwork_api_types::TokenScope::Cluster { .. } => false,
+    };
+    let tokens = if lists_tokens {
+        c.get::<Vec<zeitwork_api_types::Token>>(&s.caller, "/api/v1/tokens?limit=1000").await
+    } else {
+        Err(ReadError { status: StatusCode::FORBIDDEN, message: "Tokens are shown to Admins.".into() })
+    };
     html(StatusCode::OK, pages::settings(&s, &members, tokens))
 }
 
