@@ -136,6 +136,11 @@ impl Browser {
         self.post(&format!("/element/{el}/value"), json!({"text": text})).await;
     }
 
+    async fn choose_file(&self, css: &str, path: &std::path::Path) {
+        let el = self.element(css).await;
+        self.post(&format!("/element/{el}/value"), json!({"text": path.to_str().unwrap()})).await;
+    }
+
     async fn click(&self, css: &str) {
         let el = self.element(css).await;
         self.post(&format!("/element/{el}/click"), json!({})).await;
@@ -492,14 +497,30 @@ async fn the_console_in_a_browser() {
     assert!(timing["server_ms"].as_f64().unwrap() < 200.0, "the overview took {timing}");
     assert!(timing["bytes"].as_u64().unwrap() < 100_000, "the overview weighs {timing}");
 
-    // A project from the page.
-    b.click("details summary").await;
+    // An organisation and a project from the page.
+    b.click("details:has(#no-slug) summary").await;
+    b.type_into("#no-slug", "beta").await;
+    b.click("form[data-path='/api/v1/orgs'] button").await;
+    b.wait(
+        "the new organisation",
+        "Array.from(document.querySelectorAll('#np-org option')).some(o => o.value === 'beta')",
+    )
+    .await;
+    admin.get::<Value>("/api/v1/orgs/beta").await.unwrap();
+    b.click("details:has(#np-name) summary").await;
+    b.js("document.querySelector('#np-org').value = 'acme'", json!([])).await;
     b.type_into("#np-name", "web").await;
     b.click("form[data-path='/api/v1/projects'] button").await;
     b.wait("the project page", "location.pathname === '/projects/acme/web'").await;
 
-    // A deployment from the page, with a commit message meant to break out.
-    b.type_into("#dp-image", "acme/web:1").await;
+    // A deployment from the page (an uploaded image archive), with a commit message meant to break out.
+    let archive = dir.path().join("web.tar");
+    let layers = vec![zeitwork_testkit::layer_tar(&[("www/", b""), ("www/index.html", b"hello\n")])];
+    let config = zeitwork_image::archive::BuildConfig { cmd: vec!["/bin/httpd".into()], ..Default::default() };
+    let mut tar = Vec::new();
+    zeitwork_image::archive::write_oci_archive(&mut tar, &layers, &config).unwrap();
+    std::fs::write(&archive, tar).unwrap();
+    b.choose_file("#dp-archive", &archive).await;
     b.type_into("#dp-msg", &format!("fix {XSS_SCRIPT} {XSS_ATTR}")).await;
     b.click("form[data-path='/api/v1/deployments'] button").await;
     b.wait("the deployment page", "location.pathname.startsWith('/deployments/web-')").await;

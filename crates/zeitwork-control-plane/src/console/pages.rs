@@ -289,6 +289,18 @@ pub fn overview(s: &Session, o: &Overview) -> Markup {
                     }
                 }
             }
+            @if s.caller.is_admin() && !s.caller.read_only {
+                details open[o.orgs.is_empty()] {
+                    summary { "New organisation" }
+                    (action("POST", "/api/v1/orgs", "reload", "Create organisation", html! {
+                        label for="no-slug" { "Slug" }
+                        input #no-slug name="slug" required pattern="[a-z0-9]([a-z0-9\\-]*[a-z0-9])?" maxlength="40" autocomplete="off";
+                        label for="no-name" { "Display name (optional)" }
+                        input #no-name name="name" autocomplete="off";
+                    }))
+                    (cli("zeitwork orgs create SLUG"))
+                }
+            }
             section aria-labelledby="nodes-h" {
                 h2 #nodes-h { "Nodes by region" }
                 @match &o.nodes {
@@ -441,7 +453,10 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                         input type="hidden" name="org" value=(p.org);
                         input type="hidden" name="project" value=(p.name);
                         label for="dp-image" { "Image" }
-                        input #dp-image name="image" required placeholder="registry.example.com/acme/web:1.2" autocomplete="off";
+                        input #dp-image name="image" placeholder="registry.example.com/acme/web:1.2" autocomplete="off";
+                        label for="dp-archive" { "or an image archive (.tar)" }
+                        input #dp-archive type="file" accept=".tar,application/x-tar"
+                            data-upload={ "/api/v1/orgs/" (enc(&p.org)) "/images?name=" (enc(&p.name)) };
                         label for="dp-env" { "Environment" }
                         select #dp-env name="environment" {
                             @for e in ENVIRONMENTS { option value=(e) { (e) } }
@@ -452,6 +467,8 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                         input #dp-msg name="commit_message" autocomplete="off";
                     }))
                     (cli(&format!("zeitwork deploy {full} --image IMAGE --environment ENVIRONMENT")))
+                    p.hint { "With an archive (" code { "docker save" } " or an OCI archive): "
+                        code { "zeitwork deploy " (full) " --archive app.tar" } }
                 }
             }
             section aria-labelledby="history-h" {

@@ -7,9 +7,12 @@
   const $ = (sel, root) => (root || document).querySelector(sel);
   const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
 
-  async function call(method, path, body) {
+  async function call(method, path, body, file) {
     const opts = { method, credentials: "same-origin", headers: { "X-CSRF-Token": csrf() } };
-    if (body !== undefined) {
+    if (file) {
+      opts.headers["Content-Type"] = "application/x-tar";
+      opts.body = file;
+    } else if (body !== undefined) {
       opts.headers["Content-Type"] = "application/json";
       opts.body = JSON.stringify(body);
     }
@@ -24,7 +27,14 @@
 
   // Form fields → JSON body: `a.b` nests, checkboxes are booleans, data-number is a number,
   // empty fields are left out, data-in="path" fields fill {name} in the path instead.
-  function formCall(form) {
+  async function formCall(form) {
+    // An image archive is uploaded first; the deployment then names what it became.
+    const file = $("input[type=file][data-upload]", form);
+    if (file && file.files.length) {
+      const up = await call("POST", file.dataset.upload, undefined, file.files[0]);
+      form.elements.image.value = up.image;
+    }
+    if (form.elements.image && !form.elements.image.value) throw new Error("Give an image or choose an archive.");
     let path = form.dataset.path;
     const body = {};
     let any = false;
