@@ -227,9 +227,28 @@ impl Browser {
     }
 
     async fn quit(mut self) {
-        let _ = self.http.delete(&self.url).send().await;
+        if let Err(e) = self.http.delete(&self.url).send().await {
+            eprintln!("the browser session did not end: {e}");
+        }
+        self.url.clear();
         if let Err(e) = self.driver.kill().await {
             eprintln!("chromedriver did not stop: {e}");
+        }
+    }
+}
+
+impl Drop for Browser {
+    /// A failed test still closes Chromium: chromedriver only ends the browsers of
+    /// sessions it is asked to end (killing chromedriver would orphan them).
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let Some(rest) = self.url.strip_prefix("http://") else { return };
+        let Some((host, path)) = rest.split_once('/') else { return };
+        let Ok(mut conn) = std::net::TcpStream::connect(host) else { return };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let req = format!("DELETE /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        if conn.write_all(req.as_bytes()).is_ok() {
+            let _ = conn.read(&mut [0u8; 256]);
         }
     }
 }
@@ -310,7 +329,7 @@ async fn simulate_node(base: &str, admin: &Client, agent_url: &str) -> tokio::ta
                     let iid = i["id"].as_str().unwrap().to_owned();
                     let seen = *first_seen.entry(iid.clone()).or_insert_with(Instant::now);
                     // Slow enough that the page sees the deployment before it is live.
-                    if i["status"] != "ready" && seen.elapsed() > Duration::from_millis(2500) {
+                    if i["status"] != "ready" && seen.elapsed() > Duration::from_millis(4000) {
                         let _ = raw
                             .put(format!("{base}/api/v1/instances/{iid}/status"))
                             .bearer_auth(&credential)

@@ -129,6 +129,11 @@ pub async fn callback(State(c): State<Console>, headers: HeaderMap, Query(q): Qu
     };
     // A page of our own, not a redirect: the Strict session cookie is sent
     // only on navigations that start on this site, and this one started on GitHub's.
-    let page = super::html(StatusCode::OK, super::pages::continue_to("/"));
+    let mut page = super::html(StatusCode::OK, super::pages::continue_to("/"));
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("{STATE_COOKIE}=; Path=/auth/github; HttpOnly; SameSite=Lax; Max-Age=0"))
+    {
+        page.headers_mut().append(header::SET_COOKIE, v);
+    }
     super::signed_in_response(&headers, &opened.secret, page)
 }

@@ -462,6 +462,13 @@ async fn sign_out(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> 
             return e.into_response();
         }
     }
+    let mut audit = s.caller.audit("console.sign_out", &s.caller.token_id);
+    if let zeitwork_api_types::TokenScope::Org { org, .. } = &s.caller.scope {
+        audit = audit.org(org);
+    }
+    if let Err(e) = c.state.store.record_event(&audit, "ok").await {
+        tracing::warn!(error = %e, "could not record a console sign-out");
+    }
     let mut res = Redirect::to("/sign-in").into_response();
     let cookie = session::set_cookie(session::COOKIE, "", 0, session::over_tls(&headers));
     if let Ok(v) = HeaderValue::from_str(&cookie) {
