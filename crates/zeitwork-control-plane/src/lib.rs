@@ -1,6 +1,6 @@
 //! The control plane: the operator's REST API, authentication and
-//! authorisation, encryption of secrets, and (in later parts) scheduling and
-//! reconciliation.
+//! authorisation, encryption of secrets, scheduling and reconciliation, and
+//! the web console served at `/`.
 //!
 //! It owns what the API means; it must not hold SQL (that is the store) or
 //! talk to instances directly (that is the node agent).

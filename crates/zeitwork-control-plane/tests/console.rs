@@ -610,6 +610,17 @@ async fn the_console_in_a_browser() {
     )
     .await;
 
+    // Promote production's deployment to staging.
+    b.wait("the promote form", "document.querySelector('form[data-path$=\"/promote\"] button')").await;
+    b.js("document.querySelector('#pr-to').value = 'staging'", json!([])).await;
+    b.click("form[data-path$='/promote'] button").await;
+    until("staging to run the promoted deployment", async || {
+        let p: Value = admin.get("/api/v1/projects/acme/web").await.ok()?;
+        (p["current_deployment"]["staging"] == first.as_str()).then_some(())
+    })
+    .await;
+    b.wait("the page after promoting", "document.querySelector('form[data-path$=\"/stop\"] button')").await;
+
     // Stop asks first; the API's refusal shows on the page; a standby one stops.
     b.click("form[data-path$='/stop'] button").await;
     b.accept_alert().await;
@@ -661,6 +672,17 @@ async fn the_console_in_a_browser() {
     // Members & tokens, the audit log with a filter.
     b.goto(&format!("{base}/settings")).await;
     b.wait("the token list", "document.querySelector('#tokens')").await;
+    b.type_into("#nt-name", "ci").await;
+    b.click("form[data-path='/api/v1/tokens'] button").await;
+    let secret = b
+        .wait(
+            "the new token's secret, shown once",
+            "!document.querySelector('#secret').hidden && document.querySelector('#secret').textContent",
+        )
+        .await;
+    let secret = secret.as_str().unwrap().rsplit(' ').next().unwrap().to_owned();
+    let ci = Client::new(&base, Some(secret));
+    assert_eq!(ci.get::<Vec<Value>>("/api/v1/projects?org=acme").await.unwrap().len(), 2, "the new token works");
     b.screenshot("settings-desktop").await;
     b.goto(&format!("{base}/audit?org=acme&action=deployment.rollback")).await;
     let audit = b.text("#audit").await;

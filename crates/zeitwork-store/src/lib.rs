@@ -1,5 +1,6 @@
 //! Zeitwork's store: the single source of truth for regions, nodes,
-//! organisations, projects, deployments, instances, tokens and the audit log.
+//! organisations, projects, deployments, instances, tokens, console sessions
+//! and the audit log.
 //!
 //! One [`Store`] type, two real backends chosen by URL: SQLite (embedded, one
 //! file, WAL, one writer connection) and PostgreSQL (pooled, for several
