@@ -590,6 +590,11 @@ async fn the_console_in_a_browser() {
         &format!("document.querySelector(\"#history [data-status-of='{first}']\").textContent === 'standby'"),
     )
     .await;
+    b.wait(
+        "the current deployment's row to follow",
+        &format!("document.querySelector(\"#current a[href='/deployments/{second}']\")"),
+    )
+    .await;
     assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
     b.goto(&format!("{base}/projects/acme/web")).await;
     b.screenshot("project-desktop").await;

@@ -301,7 +301,7 @@ pub fn overview(s: &Session, o: &Overview) -> Markup {
                     (cli("zeitwork orgs create SLUG"))
                 }
             }
-            section aria-labelledby="nodes-h" {
+            section #nodes aria-labelledby="nodes-h" data-refresh {
                 h2 #nodes-h { "Nodes by region" }
                 @match &o.nodes {
                     None => p.muted { "Nodes are shown to platform admins." },
@@ -407,7 +407,7 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
         html! {
             h1 { (full) }
             (project_nav(&p.org, &p.name, "Overview"))
-            section aria-labelledby="urls-h" {
+            section #urls aria-labelledby="urls-h" data-refresh {
                 h2 #urls-h { "URLs" }
                 @let env_routes: Vec<&ProjectRoute> = d.routes.iter().filter(|r| r.environment.is_some()).collect();
                 @if env_routes.is_empty() { p.empty { "Nothing is live yet: deploy an image below." } } @else {
@@ -423,7 +423,7 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                     }
                 }
             }
-            section aria-labelledby="health-h" {
+            section #current aria-labelledby="health-h" data-refresh {
                 h2 #health-h { "Current deployments" }
                 @if d.health.is_empty() { p.empty { "No environment has an active deployment." } } @else {
                     div.scroll { table {
@@ -606,7 +606,7 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
                     li { (time(d.updated_at)) " " (d.status.as_str()) @if let Some(r) = &d.reason { " — " (r) } }
                 }
             }
-            section aria-labelledby="instances-h" {
+            section #instances-section aria-labelledby="instances-h" data-refresh {
                 h2 #instances-h { "Instances" }
                 @if p.instances.is_empty() { p.empty { "No instances." } } @else {
                     div.scroll { table #instances {

@@ -157,6 +157,26 @@
     table.prepend(tr);
   }
 
+  // Sections marked data-refresh (current deployments, URLs, instances, nodes) are
+  // re-rendered by the server after changes: fetched as a page, parsed, swapped in.
+  let refreshTimer;
+  function refreshSections() {
+    const sections = $$("[data-refresh][id]");
+    if (!sections.length) return;
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(async () => {
+      try {
+        const res = await fetch(location.href, { credentials: "same-origin" });
+        if (!res.ok) return;
+        const doc = new DOMParser().parseFromString(await res.text(), "text/html");
+        for (const s of sections) {
+          const fresh = doc.getElementById(s.id);
+          if (fresh && s.isConnected) s.replaceWith(document.importNode(fresh, true));
+        }
+      } catch (_) { /* the next change tries again */ }
+    }, 500);
+  }
+
   let dropped = false;
   function offline(on) {
     $("#banner").hidden = !on;
@@ -179,7 +199,7 @@
     const open = () => {
       es = new EventSource(url);
       window.zwStream = es;
-      es.onopen = () => { if (dropped) { dropped = false; resync(); } offline(false); };
+      es.onopen = () => { if (dropped) { dropped = false; resync(); refreshSections(); } offline(false); };
       es.onerror = () => {
         if (leaving.signal.aborted) return;
         dropped = true;
@@ -192,6 +212,7 @@
         setStatus(change.id, change.status);
         timelineEntry(change);
         historyRow(change);
+        refreshSections();
       };
       for (const kind of ["deployment", "instance", "node"]) es.addEventListener(kind, on);
       es.addEventListener("lagged", resync);
