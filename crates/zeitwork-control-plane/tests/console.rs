@@ -703,6 +703,7 @@ async fn the_console_in_a_browser() {
             .await;
         assert_eq!(ran, json!([0, 0]), "{page}: injected markup ran or became elements");
         let t = b.timing().await;
+        eprintln!("{page}: {t}");
         assert!(t["server_ms"].as_f64().unwrap() < 200.0 && t["bytes"].as_u64().unwrap() < 100_000, "{page}: {t}");
     }
     b.goto(&format!("{base}/")).await;

@@ -553,7 +553,7 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
         &stream,
         html! {
             p.crumbs { a href={ "/projects/" (enc(&d.org)) "/" (enc(&d.project)) } { (full) } " › deployment" }
-            h1 { (d.id) " " (status(&d.id, d.status.as_str())) }
+            h1 { (d.id) " " span aria-live="polite" { (status(&d.id, d.status.as_str())) } }
             @if let Some(r) = &d.reason { p.reason { (r) } }
             dl.facts {
                 dt { "Environment" } dd { (env) @if serving_here { " (serving)" } }
