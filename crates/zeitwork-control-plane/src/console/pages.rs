@@ -824,11 +824,21 @@ pub fn settings(
                                     TokenScope::Org { org, role } => format!("{} of {org}", role.as_str()),
                                     TokenScope::Cluster { role } => format!("cluster {}", role.as_str()),
                                 };
-                                @let revocable = match &t.scope { TokenScope::Org { org, .. } => can_admin(s, org), _ => s.caller.is_admin() && !s.caller.read_only };
+                                // An operator's own token towards node agents is renewed only every 12 hours: revoking it breaks logs.
+                                @let revocable = match &t.scope {
+                                    TokenScope::Org { org, .. } => can_admin(s, org),
+                                    TokenScope::Cluster { role: zeitwork_api_types::ClusterRole::Operator } => false,
+                                    _ => s.caller.is_admin() && !s.caller.read_only,
+                                };
                                 tr {
                                     th scope="row" { (t.name) } td { code { (t.id) } } td { (scope) }
                                     td { @if t.read_only { "yes" } @else { "no" } }
-                                    td { @if let Some(e) = t.expires_at { (time(e)) } @else { "never" } }
+                                    td {
+                                        @if let Some(e) = t.expires_at {
+                                            @if e < Utc::now() { span.status.s-failed { "expired" } " " }
+                                            (time(e))
+                                        } @else { "never" }
+                                    }
                                     td { @if revocable && t.id != s.caller.token_id {
                                         (row_action("DELETE", &format!("/api/v1/tokens/{}", enc(&t.id)), "Revoke", &t.name, Some("Revoke this token? Whatever uses it stops working.")))
                                     } }
