@@ -26,7 +26,7 @@
   }
 
   // Form fields → JSON body: `a.b` nests, checkboxes are booleans, data-number is a number,
-  // empty fields are left out, data-in="path" fields fill {name} in the path instead.
+  // empty fields are left out (but for PUT), data-in="path" fields fill {name} in the path instead.
   async function formCall(form) {
     // An image archive is uploaded first; the deployment then names what it became.
     const file = $("input[type=file][data-upload]", form);
@@ -36,13 +36,15 @@
     }
     if (form.elements.image && !form.elements.image.value) throw new Error("Give an image or choose an archive.");
     let path = form.dataset.path;
+    const method = form.dataset.method;
     const body = {};
     let any = false;
     for (const el of form.elements) {
       if (!el.name) continue;
       let v = el.type === "checkbox" ? el.checked : el.value;
       if (el.dataset.in === "path") { path = path.replace("{" + el.name + "}", encodeURIComponent(v)); continue; }
-      if (v === "") continue;
+      if (v === "" && method !== "PUT") continue; // PUT sets a value, and an empty one is a value
+
       if (el.hasAttribute("data-number")) v = Number(v);
       if (el.hasAttribute("data-list")) v = v.split(",").map((x) => x.trim()).filter((x) => x);
       const keys = el.name.split(".");
@@ -51,7 +53,6 @@
       o[keys[0]] = v;
       any = true;
     }
-    const method = form.dataset.method;
     return call(method, path, any || method === "PUT" ? body : undefined);
   }
 
