@@ -12,8 +12,7 @@ mod github;
 mod pages;
 pub mod session;
 
-use axum::body::Body;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -52,7 +51,10 @@ pub struct ReadError {
 impl Console {
     /// `GET path` of the API as `caller`, decoded.
     async fn get<T: DeserializeOwned>(&self, caller: &Caller, path: &str) -> Result<T, ReadError> {
-        let mut req = Request::get(path).body(Body::empty()).expect("a GET request builds");
+        let mut req = Request::get(path).body(Body::empty()).map_err(|e| ReadError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("not a path of the API: {e}"),
+        })?;
         req.extensions_mut().insert(InternalCaller(caller.clone()));
         let res = self.api.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
         let status = res.status();
