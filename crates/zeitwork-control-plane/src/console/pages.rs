@@ -258,7 +258,7 @@ pub fn overview(s: &Session, o: &Overview) -> Markup {
         "/api/v1/events/stream",
         html! {
             h1 { "Overview" }
-            section aria-labelledby="projects-h" {
+            section #projects aria-labelledby="projects-h" {
                 h2 #projects-h { "Projects" }
                 @if o.projects.is_empty() { p.empty { "No projects yet." } } @else {
                     ul.cards {
@@ -341,7 +341,7 @@ pub fn overview(s: &Session, o: &Overview) -> Markup {
                 }
                 (cli("zeitwork nodes list"))
             }
-            section aria-labelledby="recent-h" {
+            section #recent aria-labelledby="recent-h" data-refresh {
                 h2 #recent-h { "Recent deployments" }
                 (deployments_table(&o.deployments, true))
                 (cli("zeitwork deployments list"))
@@ -471,7 +471,7 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                         code { "zeitwork deploy " (full) " --archive app.tar" } }
                 }
             }
-            section aria-labelledby="history-h" {
+            section #history-section aria-labelledby="history-h" data-refresh {
                 h2 #history-h { "Deployment history" }
                 (deployments_table(&d.history, false))
                 (cli(&format!("zeitwork deployments list {full}")))
