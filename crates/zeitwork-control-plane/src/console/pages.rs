@@ -802,7 +802,10 @@ pub fn settings(
                             input id={ "am-user-" (org) } name="user" required autocomplete="off";
                             label for={ "am-role-" (org) } { "Role" }
                             select id={ "am-role-" (org) } name="role" {
-                                @for r in ["guest", "developer", "admin", "owner"] { option value=(r) { (r) } }
+                                // Only an Owner grants Owner.
+                                @for r in [Role::Guest, Role::Developer, Role::Admin, Role::Owner] {
+                                    @if r < Role::Owner || role(s, org) == Some(Role::Owner) { option value=(r.as_str()) { (r.as_str()) } }
+                                }
                             }
                         }))
                         (cli(&format!("zeitwork orgs add-member {org} USER --role ROLE")))
