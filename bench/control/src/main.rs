@@ -78,6 +78,9 @@ async fn main() -> Result<()> {
         sleep_after_secs: 900,
         retain_deployments: 20,
         scaling: None,
+        staging_branch: None,
+        tag_pattern: None,
+        build: Default::default(),
     };
     // Existing load: deployments of 10 instances each, active.
     let per = 10;
@@ -96,6 +99,7 @@ async fn main() -> Result<()> {
             instances_per_region: 3,
             url: format!("http://{id}.zeitwork.localhost"),
             created_by: None,
+            pull_request: None,
         };
         store.create_deployment(&new, &audit).await?;
         for k in 0..per {

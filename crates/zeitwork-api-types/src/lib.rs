@@ -285,7 +285,16 @@ pub struct Project {
     pub scaling: Option<Scaling>,
     /// Sleeping deployments are retired for good only once this many newer ones exist (default 20).
     pub retain_deployments: u32,
-    /// Active deployment id per environment.
+    /// Pushes to this branch deploy to staging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_branch: Option<String>,
+    /// Tag pushes whose tag matches this regular expression deploy to production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_pattern: Option<String>,
+    /// How images are built from source (projects without an `image_template` build every commit).
+    #[serde(default)]
+    pub build: BuildSettings,
+    /// Active deployment id per environment (`preview-<n>` for pull request previews).
     pub current_deployment: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -320,6 +329,12 @@ pub struct CreateProject {
     pub retain_deployments: Option<u32>,
     #[serde(default)]
     pub scaling: Option<Scaling>,
+    #[serde(default)]
+    pub staging_branch: Option<String>,
+    #[serde(default)]
+    pub tag_pattern: Option<String>,
+    #[serde(default)]
+    pub build: Option<BuildSettings>,
 }
 
 /// Autoscaling of a project's active deployments, per region.
@@ -377,6 +392,14 @@ pub struct PatchProject {
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Scaling>)]
     pub scaling: Option<Option<Scaling>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub staging_branch: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub tag_pattern: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSettings>,
 }
 
 fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
@@ -458,6 +481,8 @@ impl Environment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentStatus {
+    /// Its image is being built from source; placed once the build succeeds.
+    Building,
     Pending,
     Preparing,
     Starting,
@@ -473,7 +498,8 @@ pub enum DeploymentStatus {
 }
 
 impl DeploymentStatus {
-    pub const ALL: [DeploymentStatus; 10] = [
+    pub const ALL: [DeploymentStatus; 11] = [
+        DeploymentStatus::Building,
         DeploymentStatus::Pending,
         DeploymentStatus::Preparing,
         DeploymentStatus::Starting,
@@ -488,6 +514,7 @@ impl DeploymentStatus {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            DeploymentStatus::Building => "building",
             DeploymentStatus::Pending => "pending",
             DeploymentStatus::Preparing => "preparing",
             DeploymentStatus::Starting => "starting",
@@ -528,6 +555,12 @@ pub struct Deployment {
     /// When an edge last served a request for it (reported every few seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_request_at: Option<DateTime<Utc>>,
+    /// The pull request a preview deployment shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<u32>,
+    /// Milliseconds its image took to build, for deployments built from source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -535,7 +568,12 @@ pub struct Deployment {
 pub struct CreateDeployment {
     pub org: String,
     pub project: String,
+    /// The image to run; leave empty and give `build` to build one from source.
+    #[serde(default)]
     pub image: String,
+    /// Build the image from an uploaded source archive instead of naming one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildRequest>,
     #[serde(default)]
     pub commit_sha: Option<String>,
     #[serde(default)]
@@ -544,6 +582,122 @@ pub struct CreateDeployment {
     pub instances_per_region: Option<u32>,
     #[serde(default)]
     pub environment: Option<Environment>,
+}
+
+// ---------------------------------------------------------------- builds
+
+/// How a project's images are built from source (a `Dockerfile` in the repository or the uploaded directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSettings {
+    /// Path of the Dockerfile inside the source (default `Dockerfile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// The stage of a multi-stage Dockerfile to build (default: the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `--build-arg` values (not secret: they may end up in the image's history).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
+}
+
+/// A build from source, as asked for with a deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// The digest of a source archive uploaded with `POST /api/v1/orgs/{org}/sources`.
+    pub source: String,
+    /// Overrides the project's Dockerfile path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// Overrides the project's target stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Added to (and overriding) the project's build args.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
+    /// Secret values, given to the build as build secrets (`RUN --mount=type=secret,id=NAME`):
+    /// stored encrypted, never written into the image or the build log.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// A stored source archive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedSource {
+    /// `sha256:…` of the archive, to name in a deployment's `build.source`.
+    pub source: String,
+    pub size: u64,
+    pub existing: bool,
+}
+
+/// Status of a build: `queued` (waiting for a builder), `running`, `succeeded`, `failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Build {
+    /// The deployment it builds the image of.
+    pub deployment: String,
+    pub org: String,
+    pub project: String,
+    pub status: String,
+    /// The node building it.
+    pub node: Option<String>,
+    pub dockerfile: String,
+    pub target: Option<String>,
+    /// Names of the build args and secrets (values are not shown).
+    pub args: Vec<String>,
+    pub secrets: Vec<String>,
+    /// Where the source came from: `upload sha256:…` or `git <url> <sha>`.
+    pub source: String,
+    /// The image it produced.
+    pub image: Option<String>,
+    pub error: Option<String>,
+    /// Bytes of build output kept.
+    pub log_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<u64>,
+}
+
+/// Where a builder gets the source of a build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BuildSource {
+    /// A gzip-compressed tar, fetched from `GET /api/v1/builds/{id}/source`.
+    Upload { digest: String },
+    /// A commit of a git repository, cloned over HTTP(S).
+    Git {
+        url: String,
+        sha: String,
+        /// `Authorization` header value for the clone, when the repository is private.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authorization: Option<String>,
+    },
+}
+
+/// A build handed to a node's builder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildJob {
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    pub source: BuildSource,
+    pub dockerfile: String,
+    pub target: Option<String>,
+    pub args: BTreeMap<String, String>,
+    /// Secret build values (plaintext, only to the builder that claimed the build).
+    pub secrets: BTreeMap<String, String>,
+    /// Build limits.
+    pub timeout_secs: u64,
+    pub memory_mib: u32,
+    pub vcpu: u32,
+}
+
+/// A builder's report that a build failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFailure {
+    pub error: String,
 }
 
 // ---------------------------------------------------------------- events
@@ -916,6 +1070,12 @@ pub struct CreateGithubHook {
     /// organisation's projects ever deploy from deliveries signed with this secret.
     #[serde(default)]
     pub project_org: Option<String>,
+    /// A token for the repository (a fine-grained personal access token or an
+    /// installation token with contents:read and statuses:write): used to clone
+    /// private repositories for builds and to post commit statuses and preview
+    /// comments. Stored encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// A configured webhook (the secret is never shown).
@@ -928,6 +1088,9 @@ pub struct GithubHook {
     pub events: Vec<String>,
     /// Path of the payload URL to set on GitHub, on this operator's address.
     pub path: String,
+    /// Whether a repository token is stored (clones of private repositories, commit statuses).
+    #[serde(default)]
+    pub token: bool,
     pub created_at: DateTime<Utc>,
 }
 

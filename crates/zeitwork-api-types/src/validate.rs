@@ -1,6 +1,8 @@
 //! Validation of every field that comes from outside. Each check returns a
 //! [`ValidationError`] naming the field and saying what a valid value looks like.
 
+use std::collections::BTreeMap;
+
 use crate::{
     CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken, PatchProject, RateLimit,
     RegisterNode, Resources, TokenScope,
@@ -433,7 +435,94 @@ impl CreateProject {
         if let Some(r) = &self.rate_limit {
             rate_limit("rate_limit", r)?;
         }
+        if let Some(b) = &self.staging_branch {
+            branch("staging_branch", b)?;
+        }
+        if let Some(t) = &self.tag_pattern {
+            text("tag_pattern", t, 200)?;
+        }
+        if let Some(b) = &self.build {
+            build_settings("build", b)?;
+        }
         Ok(())
+    }
+}
+
+/// A path inside a build's source: relative, without `..`, of printable characters.
+pub fn source_path(field: &str, p: &str) -> Result {
+    if p.is_empty() || p.len() > 255 {
+        return Err(ValidationError::new(field, "give a path inside the source, 1 to 255 characters"));
+    }
+    if p.starts_with('/') || p.split('/').any(|part| part == "..") || p.chars().any(|c| c.is_control()) {
+        return Err(ValidationError::new(
+            field,
+            format!("{p:?} must be a relative path inside the source, without '..'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A build argument's or secret's name, as Dockerfiles write them.
+pub fn build_arg_name(field: &str, name: &str) -> Result {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(field, format!("{name:?} is not a build argument name (letters, digits, _ - .)")))
+    }
+}
+
+fn build_values(field: &str, values: &BTreeMap<String, String>) -> Result {
+    if values.len() > 64 {
+        return Err(ValidationError::new(field, "at most 64 entries"));
+    }
+    for (k, v) in values {
+        build_arg_name(&format!("{field}.{k}"), k)?;
+        if v.len() > 16 * 1024 {
+            return Err(ValidationError::new(format!("{field}.{k}"), "values are limited to 16 KiB"));
+        }
+    }
+    Ok(())
+}
+
+/// A stage name of a multi-stage Dockerfile.
+pub fn build_target(field: &str, t: &str) -> Result {
+    if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(ValidationError::new(field, format!("{t:?} is not a stage name (letters, digits, - _ .)")));
+    }
+    Ok(())
+}
+
+pub fn build_settings(field: &str, b: &crate::BuildSettings) -> Result {
+    if let Some(d) = &b.dockerfile {
+        source_path(&format!("{field}.dockerfile"), d)?;
+    }
+    if let Some(t) = &b.target {
+        build_target(&format!("{field}.target"), t)?;
+    }
+    build_values(&format!("{field}.args"), &b.args)
+}
+
+impl crate::BuildRequest {
+    pub fn validate(&self) -> Result {
+        let hex = self.source.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ValidationError::new(
+                "build.source",
+                "name an uploaded source by its digest (sha256:…), as POST /api/v1/orgs/{org}/sources answered",
+            ));
+        }
+        if let Some(d) = &self.dockerfile {
+            source_path("build.dockerfile", d)?;
+        }
+        if let Some(t) = &self.target {
+            build_target("build.target", t)?;
+        }
+        build_values("build.args", &self.args)?;
+        build_values("build.secrets", &self.secrets)
     }
 }
 
@@ -482,6 +571,15 @@ impl PatchProject {
         }
         if let Some(Some(sc)) = &self.scaling {
             scaling(sc)?;
+        }
+        if let Some(Some(b)) = &self.staging_branch {
+            branch("staging_branch", b)?;
+        }
+        if let Some(Some(t)) = &self.tag_pattern {
+            text("tag_pattern", t, 200)?;
+        }
+        if let Some(b) = &self.build {
+            build_settings("build", b)?;
         }
         lifecycle(self.sleep_after_secs, self.retain_deployments)
     }
@@ -542,7 +640,19 @@ impl CreateDeployment {
     pub fn validate(&self) -> Result {
         dns_label("org", &self.org)?;
         dns_label("project", &self.project)?;
-        image_reference("image", &self.image)?;
+        match &self.build {
+            Some(b) if self.image.is_empty() => b.validate()?,
+            Some(_) => {
+                return Err(ValidationError::new("image", "give either an image or a build from source, not both"))
+            }
+            None if self.image.is_empty() => {
+                return Err(ValidationError::new(
+                    "image",
+                    "name the image to deploy, or give build.source to build one from source",
+                ))
+            }
+            None => image_reference("image", &self.image)?,
+        }
         if let Some(s) = &self.commit_sha {
             commit_sha("commit_sha", s)?;
         }

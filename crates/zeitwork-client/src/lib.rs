@@ -141,6 +141,23 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// POSTs a raw body and ignores the answer's body (reports such as build output).
+    pub async fn post_bytes(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<(), ClientError> {
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if !res.status().is_success() {
+            return Err(Self::error_of(res).await);
+        }
+        Ok(())
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,

@@ -51,6 +51,16 @@ pub struct OperatorConfig {
     pub header_read_timeout_secs: u64,
     /// Open connections one client address may hold.
     pub max_connections_per_client: usize,
+    /// Largest accepted source archive (a directory to build), in bytes.
+    pub max_source_bytes: u64,
+    /// Limits of one build: wall time, memory (MiB) and CPUs of its builder.
+    pub build_timeout_secs: u64,
+    pub build_memory_mib: u32,
+    pub build_vcpu: u32,
+    /// Where commits are cloned from for builds: `<git_base_url>/<owner>/<repo>.git`.
+    pub github_git_url: String,
+    /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`), for commit statuses and preview comments.
+    pub github_api_url: String,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
 }
@@ -117,6 +127,12 @@ impl Default for OperatorConfig {
             notifications_allow_internal: false,
             header_read_timeout_secs: 10,
             max_connections_per_client: 256,
+            max_source_bytes: 512 << 20,
+            build_timeout_secs: 1800,
+            build_memory_mib: 4096,
+            build_vcpu: 2,
+            github_git_url: "https://github.com".into(),
+            github_api_url: "https://api.github.com".into(),
             github_oauth: None,
         }
     }
@@ -153,6 +169,23 @@ impl OperatorConfig {
         if let Some(key) = &self.encryption_key {
             if let Err(e) = crate::secrets::Cipher::from_base64(key) {
                 return err("encryption_key", e.to_string());
+            }
+        }
+        if !(1..=3 * 3600 * 24).contains(&self.build_timeout_secs) {
+            return err("build_timeout_secs", "use 1 to 259200".into());
+        }
+        if !(64..=1 << 20).contains(&self.build_memory_mib) {
+            return err("build_memory_mib", "use 64 to 1048576".into());
+        }
+        if !(1..=256).contains(&self.build_vcpu) {
+            return err("build_vcpu", "use 1 to 256".into());
+        }
+        if self.max_source_bytes == 0 {
+            return err("max_source_bytes", "use a positive number of bytes".into());
+        }
+        for (field, url) in [("github_git_url", &self.github_git_url), ("github_api_url", &self.github_api_url)] {
+            if !(url.starts_with("https://") || url.starts_with("http://")) || url.ends_with('/') {
+                return err(field, format!("{url:?} is not an http(s) base URL without a trailing slash"));
             }
         }
         if !(1024..=1024 * 1024 * 1024).contains(&self.max_body_bytes) {

@@ -57,6 +57,8 @@ pub struct AppState {
     pub leader: prometheus_client::metrics::gauge::Gauge,
     /// Wakes the outbox worker (a new notification may be queued).
     pub outbox: Arc<tokio::sync::Notify>,
+    /// Build counters and durations.
+    pub builds: api::builds::SharedBuildMetrics,
 }
 
 impl AppState {
@@ -101,6 +103,7 @@ pub struct Operator {
     feeder: tokio::task::JoinHandle<()>,
     autoscaler: tokio::task::JoinHandle<()>,
     notifier: tokio::task::JoinHandle<()>,
+    build_watch: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -148,6 +151,8 @@ impl Operator {
             r.register("engine_leader", "1 while this operator runs the deployment engine", leader.clone());
             r.register("database_up", "1 while the store answers", gauges.database_up.clone());
         });
+        let build_metrics = Arc::new(api::builds::BuildMetrics::default());
+        metrics.with_registry(|r| build_metrics.register(r));
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig {
@@ -182,10 +187,12 @@ impl Operator {
             engine_id: engine_id.clone(),
             leader,
             outbox: Arc::new(tokio::sync::Notify::new()),
+            builds: build_metrics,
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
         let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
+        let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,
@@ -206,6 +213,7 @@ impl Operator {
             feeder,
             autoscaler,
             notifier,
+            build_watch,
             admin_token,
             admin_token_path,
             store,
@@ -226,6 +234,7 @@ impl Operator {
         self.feeder.abort();
         self.autoscaler.abort();
         self.notifier.abort();
+        self.build_watch.abort();
     }
 
     pub async fn shutdown(self) {
@@ -240,6 +249,7 @@ impl Operator {
         let _ = self.feeder.await;
         let _ = self.autoscaler.await;
         let _ = self.notifier.await;
+        let _ = self.build_watch.await;
         self.store.close().await;
     }
 }

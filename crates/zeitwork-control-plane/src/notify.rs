@@ -106,6 +106,10 @@ async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store
     let due = s.store.due_deliveries(now, 50).await?;
     // Channels are independent: one slow receiver does not hold the others up.
     let sends = due.into_iter().map(|row| async move {
+        if let Some(dest) = row.channel_id.strip_prefix("github:") {
+            let result = deliver_github(s, http, dest, &row).await;
+            return (row, result);
+        }
         let channel = match s.store.channel(&row.channel_id).await {
             Ok(c) => c,
             Err(e) => return (row, Err(format!("channel: {e}"))),
@@ -165,6 +169,70 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
     } else {
         Err(format!("the receiver answered {}", res.status()))
     }
+}
+
+/// Tells GitHub about a deployment of a commit: a commit status (pending,
+/// success with the URL, failure with the reason) and, when a pull request's
+/// preview goes live, a comment with its address. `dest` is `<org>:<owner/name>`.
+async fn deliver_github(s: &AppState, http: &reqwest::Client, dest: &str, row: &OutboxRow) -> Result<(), String> {
+    let (org, repo) = dest.split_once(':').ok_or("malformed GitHub destination")?;
+    let Some(hook) = s.store.github_hook(org, repo).await.map_err(|e| e.to_string())? else {
+        return Ok(()); // The webhook was removed: nothing to tell any more.
+    };
+    let Some(enc) = &hook.token_enc else { return Ok(()) };
+    let token = s.cipher.decrypt(&crate::api::github_token_context(org, repo), enc).map_err(|e| e.to_string())?;
+    let p = &row.payload;
+    let d = &p["deployment"];
+    let Some(sha) = d["commit"].as_str().filter(|c| c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit())) else {
+        return Ok(());
+    };
+    let project = p["project"].as_str().unwrap_or_default();
+    let env = d["environment"].as_str().unwrap_or("production");
+    let pr = d["pull_request"].as_u64();
+    let url = match pr {
+        Some(n) => s.config.app_url(&zeitwork_store::preview_label(project, n as u32, org)),
+        None => d["url"].as_str().unwrap_or_default().to_owned(),
+    };
+    let (state, description) = match row.event.as_str() {
+        "deployment.create" => ("pending", format!("Deploying to {env}")),
+        "deployment.activate" => ("success", format!("Live at {url}")),
+        _ => ("failure", d["reason"].as_str().unwrap_or("the deployment failed").to_owned()),
+    };
+    let api = &s.config.github_api_url;
+    let send = |path: String, body: serde_json::Value| {
+        http.post(format!("{api}{path}"))
+            .bearer_auth(&token)
+            .header("accept", "application/vnd.github+json")
+            .header("x-github-api-version", "2022-11-28")
+            .json(&body)
+    };
+    let description: String = description.chars().take(140).collect();
+    let context =
+        if pr.is_some() { format!("zeitwork/{project}/preview") } else { format!("zeitwork/{project}/{env}") };
+    let status = serde_json::json!({"state": state, "target_url": url, "description": description, "context": context});
+    let res = send(format!("/repos/{repo}/statuses/{sha}"), status)
+        .send()
+        .await
+        .map_err(|e| format!("GitHub is unreachable: {e}"))?;
+    if !res.status().is_success() {
+        return Err(format!("GitHub answered {} to the commit status", res.status()));
+    }
+    if let (Some(n), "deployment.activate") = (pr, row.event.as_str()) {
+        let body = format!(
+            "**{project}** preview of {} is live: {url}\n\nDeployment `{}` · {}",
+            &sha[..7],
+            p["target"].as_str().unwrap_or_default(),
+            d["url"].as_str().unwrap_or_default()
+        );
+        let res = send(format!("/repos/{repo}/issues/{n}/comments"), serde_json::json!({"body": body}))
+            .send()
+            .await
+            .map_err(|e| format!("GitHub is unreachable: {e}"))?;
+        if !res.status().is_success() {
+            return Err(format!("GitHub answered {} to the preview comment", res.status()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ impl RoutingHub {
 
 /// Builds the table: `<deployment>.<apps>` for every deployment with ready
 /// instances, `<project>-<org>.<apps>` for production's active deployment,
+/// `<project>-pr-<n>-<org>.<apps>` for pull request `n`'s preview,
 /// and custom domains for their environment's active deployment.
 ///
 /// Addresses are reserved in the store so two routes never claim one host;
@@ -94,10 +95,17 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
     for c in &rows.current {
-        active.insert((&c.org, &c.project, c.environment), &c.deployment);
-        if c.environment == Environment::Production && c.owns_stable_host {
+        if c.pull_request.is_none() {
+            active.insert((&c.org, &c.project, c.environment), &c.deployment);
+        }
+        let stable = match (c.environment, c.pull_request) {
+            (Environment::Production, _) => Some(format!("{}-{}", c.project, c.org)),
+            (Environment::Preview, Some(n)) => Some(zeitwork_store::preview_label(&c.project, n, &c.org)),
+            _ => None,
+        };
+        if let (Some(label), true) = (stable, c.owns_stable_host) {
             if let Some(d) = by_id.get(c.deployment.as_str()) {
-                routes.push(route(format!("{}-{}.{apps_domain}", c.project, c.org), d, Some(c.environment)));
+                routes.push(route(format!("{label}.{apps_domain}"), d, Some(c.environment)));
             }
         }
     }

@@ -624,19 +624,10 @@ async fn the_console_in_a_browser() {
         (p["current_deployment"]["staging"] == first.as_str()).then_some(())
     })
     .await;
-    b.wait("the page after promoting", "document.querySelector('form[data-path$=\"/stop\"] button')").await;
+    b.wait("the page after promoting", "document.body.innerText.includes('To stop it, roll back')").await;
 
-    // Stop asks first; the API's refusal shows on the page; a standby one stops.
-    b.click("form[data-path$='/stop'] button").await;
-    b.accept_alert().await;
-    b.wait(
-        "the refusal to stop a serving deployment",
-        "!document.querySelector('form[data-path$=\"/stop\"] .error').hidden",
-    )
-    .await;
-    let errors =
-        b.console_errors(&["/stop - Failed to load resource: the server responded with a status of 409"]).await;
-    assert!(errors.is_empty(), "console errors besides the expected 409: {errors:#?}");
+    // A serving deployment offers no stop (the API would refuse); a standby one stops, after a confirmation.
+    assert_eq!(b.js("return document.querySelector('form[data-path$=\"/stop\"]')", json!([])).await, Value::Null);
     b.goto(&format!("{base}/deployments/{second}")).await;
     b.click("form[data-path$='/stop'] button").await;
     b.accept_alert().await;
@@ -672,6 +663,13 @@ async fn the_console_in_a_browser() {
     b.type_into("#nd-name", "www.example.com").await;
     b.click("form[data-path$='/domains'] button").await;
     b.wait("the domain row", "document.querySelector('#domains') && document.querySelector('#domains').textContent.includes('CNAME web-acme.zeitwork.localhost')").await;
+    // The API's refusal (the domain is taken) shows on the page.
+    b.type_into("#nd-name", "www.example.com").await;
+    b.click("form[data-path$='/domains'] button").await;
+    b.wait("the refusal", "!document.querySelector('form[data-path$=\"/domains\"] .error').hidden").await;
+    let errors =
+        b.console_errors(&["/domains - Failed to load resource: the server responded with a status of 409"]).await;
+    assert!(errors.is_empty(), "console errors besides the expected 409: {errors:#?}");
     b.screenshot("domains-desktop").await;
 
     // Members & tokens, the audit log with a filter.
@@ -711,6 +709,52 @@ async fn the_console_in_a_browser() {
     let errors = b.console_errors(&[]).await;
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 
+    // A deployment built from source: its build log follows on the page, as text, and its failure shows.
+    let mut context = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let dockerfile = b"FROM scratch\nCOPY index.html /\n";
+    for (name, data) in [("Dockerfile", &dockerfile[..]), ("index.html", b"hi\n")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        context.append_data(&mut h, name, data).unwrap();
+    }
+    let context = context.into_inner().unwrap().finish().unwrap();
+    let up: Value = admin.upload("/api/v1/orgs/acme/sources", "application/gzip", context.into()).await.unwrap();
+    let body = json!({"org": "acme", "project": "web", "image": "", "build": {"source": up["source"]}, "environment": "preview"});
+    let built: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
+    let built = built["id"].as_str().unwrap().to_owned();
+    b.goto(&format!("{base}/deployments/{built}")).await;
+    b.wait("the build section", "document.querySelector('#build-log')").await;
+    let nodes: Vec<Value> = admin.get("/api/v1/nodes").await.unwrap();
+    let node = nodes[0]["id"].as_str().unwrap();
+    let job: Value = admin.post_empty(&format!("/api/v1/nodes/{node}/builds/claim")).await.unwrap();
+    assert_eq!(job["id"], built.as_str());
+    let report = |path: String, body: reqwest::Body, ctype: &'static str| {
+        raw.post(format!("{base}{path}")).bearer_auth(&admin_token).header("content-type", ctype).body(body).send()
+    };
+    let log = format!("STEP 1/2: FROM scratch\nSTEP 2/2: COPY {XSS_SCRIPT} {XSS_ATTR}\n");
+    report(format!("/api/v1/builds/{built}/log"), log.into(), "text/plain").await.unwrap().error_for_status().unwrap();
+    b.wait("the build output", "document.querySelector('#build-log').textContent.includes('STEP 2/2')").await;
+    assert!(b.text("#build-log").await.contains(XSS_ATTR), "build output is text");
+    let failure = json!({"error": format!("COPY failed: {XSS_SCRIPT}")}).to_string();
+    report(format!("/api/v1/builds/{built}/fail"), failure.into(), "application/json")
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    b.wait("the build to show failed", "document.querySelector('#build-status').textContent === 'failed'").await;
+    b.wait(
+        "the deployment to show failed",
+        &format!("document.querySelector(\"h1 [data-status-of='{built}']\").textContent === 'failed'"),
+    )
+    .await;
+    assert_eq!(
+        b.js("return [window.__xss || 0, document.querySelectorAll('img').length]", json!([])).await,
+        json!([0, 0])
+    );
+    b.screenshot("build-desktop").await;
+
     // Phone width.
     b.resize(390, 844).await;
     for (name, page) in [
@@ -744,7 +788,7 @@ async fn the_console_in_a_browser() {
     op.abort();
     b.wait("the read-only banner", "document.querySelector('#banner').hidden === false").await;
     assert_eq!(
-        b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await,
+        b.js("return document.querySelector('form[data-path$=\"/promote\"] button').disabled", json!([])).await,
         true
     );
     b.screenshot("stream-dropped").await;
@@ -758,7 +802,7 @@ async fn the_console_in_a_browser() {
     .unwrap();
     b.wait("the stream to come back", "document.querySelector('#banner').hidden === true").await;
     assert_eq!(
-        b.js("return document.querySelector('form[data-path$=\"/rollback\"] button').disabled", json!([])).await,
+        b.js("return document.querySelector('form[data-path$=\"/promote\"] button').disabled", json!([])).await,
         false
     );
 

@@ -304,3 +304,182 @@ async fn another_organisation_cannot_hijack_a_repository() {
     assert_ne!(body["status"], "duplicate", "{body}");
     op.shutdown().await;
 }
+
+/// What a local stand-in for GitHub's REST API received: (path, authorization, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>;
+
+/// A stand-in for GitHub's REST API on loopback that records every call and answers 201.
+async fn github_stand_in() -> (String, Received) {
+    use axum::extract::State;
+    let got: Received = Default::default();
+    let app = axum::Router::new()
+        .fallback(
+            |State(got): State<Received>, uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                got.lock().unwrap().push((uri.path().to_owned(), auth, json));
+                (axum::http::StatusCode::CREATED, "{}")
+            },
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), got)
+}
+
+/// Branches map to environments (branch → production, staging_branch →
+/// staging), tags deploy when they match tag_pattern, skip markers skip, pull
+/// requests get previews at `<project>-pr-<n>-<org>` (forks do not), closing a
+/// pull request retires its preview, and every deployment of a commit is
+/// reported to GitHub as a commit status (and a live preview as a comment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_tags_and_pull_requests_deploy_where_they_belong_and_report_to_github() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, got) = github_stand_in().await;
+    let (op, base, admin) = common::operator_with(zeitwork_control_plane::OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        github_api_url: api,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let bad = admin
+        .post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme", "tag_pattern": "v(1"}))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.status(), Some(400), "an invalid tag_pattern is refused: {bad}");
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "github_repo": "Codertocat/Hello-World", "branch": "master",
+                    "staging_branch": "staging", "tag_pattern": "^v[0-9]+\\.", "auto_deploy": true,
+                    "image_template": "registry.example.com/acme/web:sha-{sha}"}),
+        )
+        .await
+        .unwrap();
+    let hook: Value = admin
+        .post(
+            "/api/v1/github/webhooks",
+            &json!({"org": "Codertocat", "repo": "Hello-World", "secret": SECRET,
+                    "events": ["push", "pull_request"], "token": "ghp_stand_in_token_1"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hook["token"], true);
+    assert!(!hook.to_string().contains("ghp_stand_in_token_1"));
+    let env_of = |body: &Value| {
+        let admin = admin.clone();
+        let id = body["deployments"][0].as_str().map(str::to_owned);
+        async move {
+            let d: Value = admin.get(&format!("/api/v1/deployments/{}", id.expect("a deployment"))).await.unwrap();
+            d
+        }
+    };
+    let push = example("push", |e| e["ref"] == "refs/heads/master" && e["deleted"] == false);
+    let sha = push["after"].as_str().unwrap().to_owned();
+    let send = |event: &'static str, id: &'static str, payload: Value| {
+        let base = base.clone();
+        async move {
+            let raw = serde_json::to_vec(&payload).unwrap();
+            deliver(&base, event, id, &raw, Some(sign(SECRET, &raw))).await
+        }
+    };
+
+    // branch → production, staging_branch → staging.
+    let (status, body) = send("push", "p-main", push.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(env_of(&body).await["environment"], "production");
+    let mut staging = push.clone();
+    staging["ref"] = json!("refs/heads/staging");
+    let (_, body) = send("push", "p-staging", staging).await;
+    assert_eq!(body["status"], "deployed", "{body}");
+    assert_eq!(env_of(&body).await["environment"], "staging");
+
+    // Tags: a matching one deploys to production, another is ignored.
+    let mut tag = push.clone();
+    tag["ref"] = json!("refs/tags/v1.2.0");
+    let (_, body) = send("push", "p-tag", tag.clone()).await;
+    assert_eq!(body["status"], "deployed", "{body}");
+    assert_eq!(env_of(&body).await["environment"], "production");
+    tag["ref"] = json!("refs/tags/nightly");
+    let (status, body) = send("push", "p-tag-2", tag).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")), "{body}");
+
+    // Skip markers anywhere in the message, bracketed or not.
+    for (i, m) in ["docs: skip ci", "wip [ci skip]", "CI SKIP for now"].iter().enumerate() {
+        let mut skip = push.clone();
+        skip["head_commit"]["message"] = json!(m);
+        let id: &'static str = ["s-1", "s-2", "s-3"][i];
+        let (_, body) = send("push", id, skip).await;
+        assert_eq!(body["status"], "skipped", "{m}: {body}");
+    }
+
+    // A pull request: a preview of its head commit.
+    let mut pr = example("pull_request", |e| e["action"] == "opened");
+    let number = pr["number"].as_u64().unwrap();
+    let head = pr["pull_request"]["head"]["sha"].as_str().unwrap().to_owned();
+    pr["repository"]["full_name"] = json!("Codertocat/Hello-World");
+    pr["pull_request"]["head"]["repo"]["full_name"] = json!("Codertocat/Hello-World");
+    let (status, body) = send("pull_request", "pr-open", pr.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let preview = env_of(&body).await;
+    assert_eq!(preview["environment"], "preview");
+    assert_eq!(preview["pull_request"], number);
+    assert_eq!(preview["commit_sha"], head.as_str());
+    let preview_id = preview["id"].as_str().unwrap().to_owned();
+    // Pull requests from forks are not built.
+    let mut fork = pr.clone();
+    fork["pull_request"]["head"]["repo"]["full_name"] = json!("mallory/Hello-World");
+    let (_, body) = send("pull_request", "pr-fork", fork).await;
+    assert_eq!(body["status"], "ignored", "{body}");
+
+    // When the preview goes live it is served at <project>-pr-<n>-<org>, and GitHub hears of it.
+    let audit = zeitwork_store::Audit::new("system", "deployment.activate", &preview_id).org("acme").project("web");
+    op.store.activate_deployment(&preview_id, &audit).await.unwrap();
+    let host = format!("web-pr-{number}-acme.zeitwork.localhost");
+    common::until("the preview's address", async || {
+        let routes: Vec<Value> = admin.get("/api/v1/projects/acme/web/routing").await.unwrap();
+        routes.iter().any(|r| r["host"] == host.as_str() && r["deployment"] == preview_id.as_str()).then_some(())
+    })
+    .await;
+    let comment_path = format!("/repos/Codertocat/Hello-World/issues/{number}/comments");
+    common::until("the preview comment", async || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _, b)| *p == comment_path && b["body"].as_str().unwrap_or("").contains(&host))
+            .then_some(())
+    })
+    .await;
+    let calls = got.lock().unwrap().clone();
+    let statuses = |sha: &str| -> Vec<Value> {
+        let path = format!("/repos/Codertocat/Hello-World/statuses/{sha}");
+        calls.iter().filter(|(p, _, _)| *p == path).map(|(_, _, b)| b.clone()).collect()
+    };
+    assert!(calls.iter().all(|(_, auth, _)| auth == "Bearer ghp_stand_in_token_1"), "{calls:?}");
+    let main_statuses = statuses(&sha);
+    assert!(
+        main_statuses.iter().any(|b| b["state"] == "pending" && b["context"] == "zeitwork/web/production"),
+        "{main_statuses:?}"
+    );
+    assert!(main_statuses.iter().any(|b| b["context"] == "zeitwork/web/staging"), "{main_statuses:?}");
+    let pr_statuses = statuses(&head);
+    assert!(
+        pr_statuses.iter().any(|b| b["state"] == "success" && b["target_url"].as_str().unwrap().contains(&host)),
+        "{pr_statuses:?}"
+    );
+
+    // Closing the pull request retires its preview and frees the address.
+    pr["action"] = json!("closed");
+    let (_, body) = send("pull_request", "pr-close", pr).await;
+    assert_eq!(body["status"], "closed", "{body}");
+    let d: Value = admin.get(&format!("/api/v1/deployments/{preview_id}")).await.unwrap();
+    assert_eq!(d["status"], "retired");
+    common::until("the preview's address to go", async || {
+        let routes: Vec<Value> = admin.get("/api/v1/projects/acme/web/routing").await.unwrap();
+        (!routes.iter().any(|r| r["host"] == host.as_str())).then_some(())
+    })
+    .await;
+    op.shutdown().await;
+}

@@ -4,6 +4,7 @@
 //! It talks to the operator only through the typed client with a node-agent
 //! cluster token, and never touches the store.
 
+pub mod build;
 pub mod forward;
 pub mod instances;
 pub mod logs;
@@ -71,6 +72,10 @@ pub struct NodeAgentConfig {
     pub liveness_failures: u32,
     /// Disk the image cache may use, in bytes; least recently used images not in use go beyond it.
     pub image_cache_bytes: u64,
+    /// Build images from source on this node (with buildah, when it is installed).
+    pub builds: bool,
+    /// The buildah binary; `buildah` on `PATH` when absent.
+    pub buildah: Option<PathBuf>,
 }
 
 impl Default for NodeAgentConfig {
@@ -103,6 +108,8 @@ impl Default for NodeAgentConfig {
             liveness_interval_secs: 10,
             liveness_failures: 3,
             image_cache_bytes: 20 << 30,
+            builds: true,
+            buildah: None,
         }
     }
 }
@@ -312,6 +319,19 @@ impl NodeAgent {
             }
             (Err(e), _) => tracing::error!(error = %e, "no image cache; this node cannot run instances"),
             (_, None) => {}
+        }
+        match (config.builds, build::find_buildah(config.buildah.as_deref())) {
+            (true, Some(buildah)) => {
+                let settings = build::BuilderSettings {
+                    node: node.id.clone(),
+                    buildah,
+                    dir: config.data_dir.join("builds"),
+                    registries: config.registries.clone(),
+                };
+                tasks.push(tokio::spawn(build::run(client.clone(), settings, rx.clone())));
+            }
+            (true, None) => tracing::info!("no buildah on this node; builds from source run on other nodes"),
+            (false, _) => {}
         }
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {

@@ -17,7 +17,7 @@ use crate::{
 /// Reserves a host label under the apps domain (`<project>-<org>` or a
 /// deployment id) so no two projects or deployments, of any organisations,
 /// are ever served at one address.
-async fn claim_host(conn: &mut AnyConnection, label: &str, project_id: &str, kind: &str) -> Result<()> {
+pub(crate) async fn claim_host(conn: &mut AnyConnection, label: &str, project_id: &str, kind: &str) -> Result<()> {
     let res = sqlx::query("INSERT INTO hosts (label, project_id, kind) VALUES ($1, $2, $3)")
         .bind(label)
         .bind(project_id)
@@ -32,8 +32,57 @@ async fn claim_host(conn: &mut AnyConnection, label: &str, project_id: &str, kin
     }
 }
 
+/// The key of a pull request's preview in a project's current deployments.
+pub fn preview_slot(pull_request: u32) -> String {
+    format!("preview-{pull_request}")
+}
+
+/// The address label of a pull request's preview: `<project>-pr-<n>-<org>`.
+pub fn preview_label(project: &str, pull_request: u32, org: &str) -> String {
+    format!("{project}-pr-{pull_request}-{org}")
+}
+
 /// Instance statuses that still hold resources on their node.
 pub(crate) const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
+
+/// Inserts a deployment row in `status` and reserves its host.
+pub(crate) async fn insert_deployment(
+    conn: &mut AnyConnection,
+    d: &NewDeployment,
+    status: DeploymentStatus,
+) -> Result<()> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO deployments (id, project_id, org, project, environment, image, commit_sha, commit_message, \
+         instances_per_region, status, url, created_by, created_at, updated_at, pull_request) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(&d.id)
+    .bind(&d.project_id)
+    .bind(&d.org)
+    .bind(&d.project)
+    .bind(d.environment.as_str())
+    .bind(&d.image)
+    .bind(d.commit_sha.clone())
+    .bind(d.commit_message.clone())
+    .bind(i64::from(d.instances_per_region))
+    .bind(status.as_str())
+    .bind(&d.url)
+    .bind(d.created_by.clone())
+    .bind(now)
+    .bind(now)
+    .bind(d.pull_request.map(i64::from))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("deployment id {:?} is taken; retry", d.id))
+        } else {
+            e.into()
+        }
+    })?;
+    claim_host(conn, &d.id, &d.project_id, "deployment").await
+}
 
 pub(crate) async fn append_event(conn: &mut AnyConnection, audit: &Audit, result: &str) -> Result<()> {
     sqlx::query(
@@ -137,11 +186,14 @@ pub struct NewProject {
     pub sleep_after_secs: u32,
     pub retain_deployments: u32,
     pub scaling: Option<zeitwork_api_types::Scaling>,
+    pub staging_branch: Option<String>,
+    pub tag_pattern: Option<String>,
+    pub build: zeitwork_api_types::BuildSettings,
 }
 
 const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.scaling, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -185,6 +237,14 @@ fn project_from(row: &AnyRow) -> Result<Project> {
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("column scaling: {e}")))?,
         retain_deployments: row.int("retain_deployments")? as u32,
+        staging_branch: row.opt_text("staging_branch")?,
+        tag_pattern: row.opt_text("tag_pattern")?,
+        build: from_json("build")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column build: {e}")))?
+            .unwrap_or_default(),
         current_deployment: current,
         created_at: ts(row.int("created_at")?),
         updated_at: ts(row.int("updated_at")?),
@@ -229,6 +289,8 @@ pub struct NewDeployment {
     pub instances_per_region: u32,
     pub url: String,
     pub created_by: Option<String>,
+    /// The pull request of a preview.
+    pub pull_request: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -259,6 +321,8 @@ pub(crate) fn deployment_from(row: &AnyRow) -> Result<Deployment> {
         created_at: ts(row.int("created_at")?),
         updated_at: ts(row.int("updated_at")?),
         last_request_at: row.opt_int("last_request_at")?.map(ts),
+        pull_request: row.opt_int("pull_request")?.map(|n| n as u32),
+        build_ms: row.opt_int("build_ms")?.map(|n| n as u64),
     })
 }
 
@@ -827,8 +891,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
              instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at, \
-             sleep_after_secs, retain_deployments, scaling) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18)",
+             sleep_after_secs, retain_deployments, scaling, staging_branch, tag_pattern, build) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18, $19, $20, $21)",
         )
         .bind(&id)
         .bind(&org.id)
@@ -848,6 +912,9 @@ impl Store {
         .bind(i64::from(p.sleep_after_secs))
         .bind(i64::from(p.retain_deployments))
         .bind(p.scaling.map(|sc| serde_json::to_string(&sc).unwrap_or_default()))
+        .bind(p.staging_branch.clone())
+        .bind(p.tag_pattern.clone())
+        .bind(serde_json::to_string(&p.build).unwrap_or_default())
         .execute(&mut *tx)
         .await;
         match res {
@@ -959,6 +1026,15 @@ impl Store {
         }
         if let Some(v) = &patch.scaling {
             set_opt(&mut q, "scaling", &v.map(|sc| serde_json::to_string(&sc).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.staging_branch {
+            set_opt(&mut q, "staging_branch", v);
+        }
+        if let Some(v) = &patch.tag_pattern {
+            set_opt(&mut q, "tag_pattern", v);
+        }
+        if let Some(v) = &patch.build {
+            set(&mut q, "build", Arg::Text(serde_json::to_string(v).unwrap_or_default()));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")
@@ -1169,35 +1245,7 @@ impl Store {
 
     pub async fn create_deployment(&self, d: &NewDeployment, audit: &Audit) -> Result<Deployment> {
         let mut tx = self.writer.begin().await?;
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO deployments (id, project_id, org, project, environment, image, commit_sha, commit_message, \
-             instances_per_region, status, url, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13)",
-        )
-        .bind(&d.id)
-        .bind(&d.project_id)
-        .bind(&d.org)
-        .bind(&d.project)
-        .bind(d.environment.as_str())
-        .bind(&d.image)
-        .bind(d.commit_sha.clone())
-        .bind(d.commit_message.clone())
-        .bind(i64::from(d.instances_per_region))
-        .bind(&d.url)
-        .bind(d.created_by.clone())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("deployment id {:?} is taken; retry", d.id))
-            } else {
-                e.into()
-            }
-        })?;
-        claim_host(&mut tx, &d.id, &d.project_id, "deployment").await?;
+        insert_deployment(&mut tx, d, DeploymentStatus::Pending).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         self.get_deployment(&d.id).await
@@ -1459,6 +1507,8 @@ pub struct CurrentDeployment {
     pub org: String,
     pub project: String,
     pub environment: Environment,
+    /// For a pull request's preview: its number.
+    pub pull_request: Option<u32>,
     pub deployment: String,
     /// Whether the project holds its `<project>-<org>` address (projects
     /// older than the reservation of addresses may have lost it to another).
@@ -1592,7 +1642,12 @@ impl Store {
         let mut current: BTreeMap<String, String> = serde_json::from_str(&row.text("current_deployments")?)
             .map_err(|e| StoreError::Corrupt(format!("current_deployments: {e}")))?;
         let now = now_ms();
-        if let Some(previous) = current.insert(env.as_str().to_owned(), d.id.clone()) {
+        // Each pull request's preview is a slot of its own.
+        let slot = match (env, d.pull_request) {
+            (Environment::Preview, Some(n)) => preview_slot(n),
+            _ => env.as_str().to_owned(),
+        };
+        if let Some(previous) = current.insert(slot, d.id.clone()) {
             // The one replaced goes to standby unless it still serves another environment.
             if previous != d.id && !current.values().any(|v| *v == previous) {
                 sqlx::query(
@@ -1683,10 +1738,17 @@ impl Store {
                 gone: retired,
             });
         }
+        let preview_hosts: std::collections::HashSet<(String, String)> =
+            sqlx::query("SELECT label, project_id FROM hosts WHERE kind = 'preview'")
+                .fetch_all(&self.reader)
+                .await?
+                .iter()
+                .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
+                .collect::<Result<_>>()?;
         let mut current = Vec::new();
         for r in
             sqlx::query(
-                "SELECT o.slug, p.name, p.current_deployments, \
+                "SELECT o.slug, p.id, p.name, p.current_deployments, \
                  (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
                  FROM projects p JOIN orgs o ON o.id = p.org_id",
             )
@@ -1696,11 +1758,23 @@ impl Store {
             let map: BTreeMap<String, String> =
                 serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
-                if let Some(env) = Environment::parse(&env) {
+                let (org, project) = (r.text("slug")?, r.text("name")?);
+                if let Some(n) = env.strip_prefix("preview-").and_then(|n| n.parse::<u32>().ok()) {
+                    let owns = preview_hosts.contains(&(preview_label(&project, n, &org), r.text("id")?));
                     current.push(CurrentDeployment {
-                        org: r.text("slug")?,
-                        project: r.text("name")?,
+                        org,
+                        project,
+                        environment: Environment::Preview,
+                        pull_request: Some(n),
+                        deployment: dep,
+                        owns_stable_host: owns,
+                    });
+                } else if let Some(env) = Environment::parse(&env) {
+                    current.push(CurrentDeployment {
+                        org,
+                        project,
                         environment: env,
+                        pull_request: None,
                         deployment: dep,
                         owns_stable_host: r.int("owns")? > 0,
                     });
@@ -2390,6 +2464,8 @@ pub struct StoredHook {
     pub repo: String,
     pub events: Vec<String>,
     pub secret_enc: String,
+    /// A repository token (clones, commit statuses), encrypted.
+    pub token_enc: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -2399,6 +2475,7 @@ fn hook_from(r: &AnyRow) -> Result<StoredHook> {
         repo: r.text("repo")?,
         events: r.text("events")?.split(' ').filter(|e| !e.is_empty()).map(str::to_owned).collect(),
         secret_enc: r.text("secret_enc")?,
+        token_enc: r.opt_text("token_enc")?,
         created_at: ts(r.int("created_at")?),
     })
 }
@@ -2411,6 +2488,7 @@ impl Store {
         repo: &str,
         events: &[String],
         secret_enc: &str,
+        token_enc: Option<&str>,
         audit: &Audit,
     ) -> Result<StoredHook> {
         let mut tx = self.writer.begin().await?;
@@ -2420,8 +2498,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO github_hooks (org, repo, events, secret_enc, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO github_hooks (org, repo, events, secret_enc, created_by, created_at, token_enc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(org)
         .bind(repo)
@@ -2429,6 +2507,7 @@ impl Store {
         .bind(secret_enc)
         .bind(audit.actor.clone())
         .bind(now_ms())
+        .bind(token_enc.map(str::to_owned))
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "ok").await?;

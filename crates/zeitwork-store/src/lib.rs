@@ -10,6 +10,7 @@
 //! validated input and already encrypted secrets.
 
 mod backup;
+mod builds;
 mod entities;
 mod lifecycle;
 mod outbox;
@@ -24,6 +25,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use backup::*;
+pub use builds::*;
 pub use entities::*;
 pub use lifecycle::*;
 pub use outbox::*;

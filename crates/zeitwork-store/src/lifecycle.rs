@@ -196,6 +196,75 @@ impl Store {
         self.get_deployment(id).await
     }
 
+    /// Reserves a pull request preview's address for a project; true when it
+    /// holds it (now or before), false when another project has it.
+    pub async fn claim_preview_host(&self, label: &str, project_id: &str) -> Result<bool> {
+        let held = sqlx::query("SELECT project_id FROM hosts WHERE label = $1")
+            .bind(label)
+            .fetch_optional(&self.reader)
+            .await?;
+        if let Some(h) = held {
+            return Ok(h.text("project_id")? == project_id);
+        }
+        let mut conn = self.writer.acquire().await?;
+        match crate::entities::claim_host(&mut conn, label, project_id, "preview").await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A pull request was closed: its preview address stops routing and its
+    /// deployments retire (their URLs answer 410). Returns their ids.
+    pub async fn close_preview(
+        &self,
+        project_id: &str,
+        pull_request: u32,
+        reason: &str,
+        audit: &Audit,
+    ) -> Result<Vec<String>> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT current_deployments FROM projects WHERE id = $1{}", self.for_update()))
+            .bind(project_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("project {project_id:?} does not exist")))?;
+        let mut current: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&row.text("current_deployments")?).unwrap_or_default();
+        current.remove(&crate::entities::preview_slot(pull_request));
+        let now = now_ms();
+        sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
+            .bind(serde_json::to_string(&current).unwrap_or_default())
+            .bind(now)
+            .bind(project_id)
+            .execute(&mut *tx)
+            .await?;
+        let ids: Vec<String> = sqlx::query(
+            "SELECT id FROM deployments WHERE project_id = $1 AND environment = 'preview' AND pull_request = $2 \
+             AND status NOT IN ('retired', 'failed')",
+        )
+        .bind(project_id)
+        .bind(i64::from(pull_request))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.text("id"))
+        .collect::<Result<_>>()?;
+        for id in &ids {
+            sqlx::query("UPDATE deployments SET status = 'retired', reason = $1, updated_at = $2 WHERE id = $3")
+                .bind(reason)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            stop_live_instances(&mut tx, id, reason).await?;
+            let a = Audit { target: id.clone(), ..audit.clone() };
+            append_event(&mut tx, &a, "ok").await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     /// Sleeping deployments with at least their project's `retain_deployments` newer deployments.
     pub async fn sleeping_beyond_retention(&self) -> Result<Vec<Deployment>> {
         let rows = sqlx::query(

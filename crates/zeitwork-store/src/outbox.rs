@@ -25,6 +25,14 @@ pub const NOTIFIED: &[&str] = &[
     "notification.test",
 ];
 
+/// Deployment changes told to GitHub as commit statuses.
+pub const GITHUB_STATUS_EVENTS: &[&str] = &["deployment.create", "deployment.activate", "deployment.fail"];
+
+/// The outbox destination of commit statuses for `org`'s webhook of `repo`: `github:<org>:<owner/name>`.
+pub fn github_destination(org: &str, repo: &str) -> String {
+    format!("github:{org}:{repo}")
+}
+
 /// A notification channel as stored: its target (URL) and secret stay encrypted.
 #[derive(Debug, Clone)]
 pub struct StoredChannel {
@@ -96,18 +104,42 @@ pub(crate) async fn enqueue(conn: &mut AnyConnection, audit: &Audit, result: &st
             .iter()
             .map(channel_from)
             .collect::<Result<_>>()?;
-    let wanted: Vec<&StoredChannel> =
-        channels.iter().filter(|c| c.events.is_empty() || c.events.contains(&audit.action)).collect();
-    if wanted.is_empty() {
-        return Ok(());
-    }
+    let mut wanted: Vec<String> = channels
+        .iter()
+        .filter(|c| c.events.is_empty() || c.events.contains(&audit.action))
+        .map(|c| c.id.clone())
+        .collect();
     // What people want to see: the deployment's address, image and commit when the target is one.
     let deployment = sqlx::query(
-        "SELECT url, image, commit_sha, commit_message, environment, reason FROM deployments WHERE id = $1",
+        "SELECT d.url, d.image, d.commit_sha, d.commit_message, d.environment, d.reason, d.pull_request, \
+         p.github_repo FROM deployments d LEFT JOIN projects p ON p.id = d.project_id WHERE d.id = $1",
     )
     .bind(&audit.target)
     .fetch_optional(&mut *conn)
     .await?;
+    // Commit statuses (and preview comments) go to GitHub for commits of a repository whose
+    // webhook of this organisation has a token.
+    if let Some(d) = &deployment {
+        if let (Some(_), Some(repo), true) = (
+            d.opt_text("commit_sha")?,
+            d.opt_text("github_repo")?,
+            GITHUB_STATUS_EVENTS.contains(&audit.action.as_str()),
+        ) {
+            let hooked = sqlx::query(
+                "SELECT repo FROM github_hooks WHERE org = $1 AND lower(repo) = lower($2) AND token_enc IS NOT NULL",
+            )
+            .bind(org)
+            .bind(&repo)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(h) = hooked {
+                wanted.push(github_destination(org, &h.text("repo")?));
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
     let now = now_ms();
     let mut payload = serde_json::json!({
         "event": audit.action,
@@ -128,15 +160,16 @@ pub(crate) async fn enqueue(conn: &mut AnyConnection, audit: &Audit, result: &st
             "message": d.opt_text("commit_message")?,
             "environment": d.text("environment")?,
             "reason": d.opt_text("reason")?,
+            "pull_request": d.opt_int("pull_request")?,
         });
     }
     let body = payload.to_string();
-    for c in wanted {
+    for c in &wanted {
         sqlx::query(
             "INSERT INTO outbox (channel_id, event, payload, status, attempts, next_at, created_at) \
              VALUES ($1, $2, $3, 'pending', 0, $4, $4)",
         )
-        .bind(&c.id)
+        .bind(c)
         .bind(&audit.action)
         .bind(&body)
         .bind(now)

@@ -360,6 +360,42 @@ CREATE INDEX outbox_channel ON outbox (channel_id, status, id)
     ),
     (
         13,
+        "builds from source and previews",
+        r#"
+CREATE TABLE sources (
+    org {{text_key}} NOT NULL,
+    digest {{text_key}} NOT NULL,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (org, digest)
+);
+CREATE TABLE builds (
+    id {{text_key}} PRIMARY KEY,
+    org TEXT NOT NULL,
+    project TEXT NOT NULL,
+    status TEXT NOT NULL,
+    node_id TEXT,
+    spec TEXT NOT NULL,
+    secrets_enc TEXT,
+    log TEXT NOT NULL,
+    image TEXT,
+    error TEXT,
+    created_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    heartbeat_at BIGINT
+);
+CREATE INDEX builds_status ON builds (status, created_at);
+ALTER TABLE deployments ADD COLUMN pull_request BIGINT;
+ALTER TABLE deployments ADD COLUMN build_ms BIGINT;
+ALTER TABLE projects ADD COLUMN staging_branch TEXT;
+ALTER TABLE projects ADD COLUMN tag_pattern TEXT;
+ALTER TABLE projects ADD COLUMN build TEXT;
+ALTER TABLE github_hooks ADD COLUMN token_enc TEXT
+"#,
+    ),
+    (
+        14,
         "console sessions",
         r#"
 CREATE TABLE console_sessions (

@@ -25,6 +25,7 @@ cases!(
     env_vars,
     domains,
     deployments,
+    builds_queue_claim_log_and_finish,
     events_are_atomic_with_changes,
     tokens,
     console_sessions,
@@ -101,6 +102,9 @@ fn new_project(org: &str, name: &str) -> NewProject {
         sleep_after_secs: 900,
         retain_deployments: 20,
         scaling: None,
+        staging_branch: None,
+        tag_pattern: None,
+        build: Default::default(),
     }
 }
 
@@ -330,6 +334,7 @@ fn new_deployment(p: &Project, env: Environment) -> NewDeployment {
         commit_message: Some("first".into()),
         instances_per_region: 1,
         created_by: Some("test".into()),
+        pull_request: None,
     }
 }
 
@@ -495,4 +500,75 @@ async fn blobs_and_archives(store: Store) {
     assert!(store.archive_names_blob("acme", "web", &a.manifest_digest).await.unwrap());
     assert!(!store.archive_names_blob("acme", "api", &digest).await.unwrap());
     assert!(!store.archive_names_blob("acme", "web", "sha256:00").await.unwrap());
+}
+
+async fn builds_queue_claim_log_and_finish(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    assert!(!store.put_source("acme", "sha256:aa", 10).await.unwrap());
+    assert!(store.put_source("acme", "sha256:aa", 10).await.unwrap(), "the second upload is known");
+    assert_eq!(store.source_size("acme", "sha256:aa").await.unwrap(), Some(10));
+    assert_eq!(store.source_size("other", "sha256:aa").await.unwrap(), None, "sources belong to one org");
+    let spec = BuildSpec {
+        source: zeitwork_api_types::BuildSource::Upload { digest: "sha256:aa".into() },
+        dockerfile: "Dockerfile".into(),
+        target: None,
+        args: Default::default(),
+        secret_names: vec![],
+    };
+    let mut one = new_deployment(&p, Environment::Production);
+    one.image = String::new();
+    let d = store.create_build(&one, &spec, Some("enc".into()), &audit("deployment.create")).await.unwrap();
+    assert_eq!(d.status, DeploymentStatus::Building);
+    let mut two = new_deployment(&p, Environment::Production);
+    two.image = String::new();
+    store.create_build(&two, &spec, None, &audit("deployment.create")).await.unwrap();
+
+    // Oldest first, and never to two builders.
+    let b = store.claim_build("node-a").await.unwrap().unwrap();
+    assert_eq!(b.id, one.id);
+    assert_eq!(b.spec, spec);
+    assert_eq!(b.secrets_enc.as_deref(), Some("enc"));
+    let c = store.claim_build("node-b").await.unwrap().unwrap();
+    assert_eq!(c.id, two.id);
+    assert!(store.claim_build("node-c").await.unwrap().is_none());
+
+    assert!(store.append_build_log(&one.id, "node-a", "step 1\n").await.unwrap());
+    assert!(store.append_build_log(&one.id, "node-a", "step 2 ✓\n").await.unwrap());
+    assert!(!store.append_build_log(&one.id, "node-b", "not yours\n").await.unwrap());
+    let (all, status) = store.build_log(&one.id, 0).await.unwrap();
+    assert_eq!((all.as_str(), status.as_str()), ("step 1\nstep 2 ✓\n", "running"));
+    let (rest, _) = store.build_log(&one.id, 7).await.unwrap();
+    assert_eq!(rest, "step 2 ✓\n", "offsets count characters");
+
+    store
+        .finish_build(&one.id, "node-a", "archive.zeitwork/acme/web@sha256:bb", "sha256:bb", &audit("build.succeed"))
+        .await
+        .unwrap();
+    let d = store.get_deployment(&one.id).await.unwrap();
+    assert_eq!(d.status, DeploymentStatus::Pending, "built: placed like any deployment");
+    assert_eq!(d.image, "archive.zeitwork/acme/web@sha256:bb");
+    assert!(d.build_ms.is_some());
+    assert!(!store.append_build_log(&one.id, "node-a", "late\n").await.unwrap(), "a finished build takes no output");
+
+    assert!(store
+        .fail_build(&two.id, Some("node-b"), "build failed: exit 1", &audit("deployment.fail"))
+        .await
+        .unwrap());
+    assert!(
+        !store.fail_build(&two.id, None, "again", &audit("deployment.fail")).await.unwrap(),
+        "failing twice is a no-op"
+    );
+    let d = store.get_deployment(&two.id).await.unwrap();
+    assert_eq!((d.status, d.reason.as_deref()), (DeploymentStatus::Failed, Some("build failed: exit 1")));
+    assert_eq!(store.get_build(&two.id).await.unwrap().status, "failed");
+
+    // A builder that went silent is found.
+    let mut three = new_deployment(&p, Environment::Staging);
+    three.image = String::new();
+    store.create_build(&three, &spec, None, &audit("deployment.create")).await.unwrap();
+    store.claim_build("node-c").await.unwrap().unwrap();
+    let later = chrono::Utc::now().timestamp_millis() + 1000;
+    let stale: Vec<String> = store.stale_builds(later).await.unwrap().into_iter().map(|b| b.id).collect();
+    assert_eq!(stale, vec![three.id.clone()]);
 }

@@ -379,9 +379,14 @@ impl Registry {
             let d = self.push_blob(repo, &gz).await?;
             descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
         }
+        // One history entry per layer, as builders write them (and as builders building on it expect).
+        let history: Vec<serde_json::Value> = (0..layers.len())
+            .map(|i| serde_json::json!({"created": "2026-01-01T00:00:00Z", "created_by": format!("layer {i}")}))
+            .collect();
         let cfg = serde_json::json!({
             "architecture": "amd64", "os": "linux", "config": config,
-            "rootfs": {"type": "layers", "diff_ids": diff_ids}
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": history
         });
         let cfg_bytes = serde_json::to_vec(&cfg)?;
         let cfg_digest = self.push_blob(repo, &cfg_bytes).await?;
@@ -423,7 +428,7 @@ impl Registry {
             std::fs::read("/usr/bin/busybox").context("busybox-static is needed (apt-get install busybox-static)")?;
         let layers = vec![
             layer_tar(&[("bin/", b""), ("bin/busybox", &busybox), ("bin/sh", b"->busybox")]),
-            layer_tar(&[("www/", b""), ("www/index.html", b"hello from a container\n"), ("tmp/", b"")]),
+            layer_tar(&[("www/", b""), ("www/index.html", b"hello from a container\n"), ("tmp/", b""), ("run/", b"")]),
         ];
         let config = serde_json::json!({
             "Entrypoint": ["/bin/busybox", "sh", "-c", script],

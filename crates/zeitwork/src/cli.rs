@@ -136,6 +136,9 @@ pub struct LogsArgs {
     /// With ORG/PROJECT: which environment's deployment.
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
+    /// The output of the deployment's build from source instead of its instances' logs.
+    #[arg(long)]
+    build: bool,
 }
 
 #[derive(Debug, Args)]
@@ -157,11 +160,28 @@ pub struct DeployArgs {
     /// ORG/PROJECT
     project: String,
     /// Image reference, e.g. registry.example.com/acme/web:1.2
-    #[arg(long, required_unless_present = "archive", conflicts_with = "archive")]
+    #[arg(long, required_unless_present_any = ["archive", "source"], conflicts_with_all = ["archive", "source"])]
     image: Option<String>,
     /// An image archive to upload and deploy (`docker save` or oci-archive tar), no registry needed.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "source")]
     archive: Option<PathBuf>,
+    /// Build the image on the platform from a directory with a Dockerfile (`.` when no DIR is given);
+    /// `.dockerignore` and `.gitignore` leave files out.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = ".")]
+    source: Option<PathBuf>,
+    /// With --source: the Dockerfile's path inside DIR (the project's setting, else `Dockerfile`).
+    #[arg(long, requires = "source")]
+    dockerfile: Option<String>,
+    /// With --source: the stage of a multi-stage Dockerfile to build.
+    #[arg(long, requires = "source")]
+    target: Option<String>,
+    /// With --source: NAME=VALUE passed as a build argument (repeatable).
+    #[arg(long = "build-arg", value_name = "NAME=VALUE", requires = "source")]
+    build_args: Vec<String>,
+    /// With --source: NAME[=ENV] passed as a build secret (`RUN --mount=type=secret,id=NAME`),
+    /// its value read from the environment variable ENV (NAME by default) (repeatable).
+    #[arg(long = "build-secret", value_name = "NAME[=ENV]", requires = "source")]
+    build_secrets: Vec<String>,
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
     #[arg(long)]
@@ -268,6 +288,18 @@ pub struct ProjectSettings {
     repo: Option<String>,
     #[arg(long)]
     branch: Option<String>,
+    /// Pushes to this branch deploy to staging.
+    #[arg(long)]
+    staging_branch: Option<String>,
+    /// Tag pushes matching this regular expression deploy to production (e.g. `^v[0-9]+`).
+    #[arg(long)]
+    tag_pattern: Option<String>,
+    /// Builds from source: the Dockerfile's path in the repository.
+    #[arg(long = "build-dockerfile", value_name = "PATH")]
+    build_dockerfile: Option<String>,
+    /// Builds from source: the stage to build.
+    #[arg(long = "build-target", value_name = "STAGE")]
+    build_target: Option<String>,
     /// Deploy pushes to the branch automatically.
     #[arg(long)]
     auto_deploy: Option<bool>,
@@ -846,6 +878,17 @@ fn resources_from(s: &ProjectSettings, current: Option<Resources>) -> Result<Opt
     }
 }
 
+fn build_settings_from(
+    dockerfile: &Option<String>,
+    target: &Option<String>,
+) -> Option<zeitwork_api_types::BuildSettings> {
+    (dockerfile.is_some() || target.is_some()).then(|| zeitwork_api_types::BuildSettings {
+        dockerfile: dockerfile.clone(),
+        target: target.clone(),
+        args: Default::default(),
+    })
+}
+
 async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
     let c = conn.client()?;
     match cmd {
@@ -875,6 +918,9 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
                 scaling,
+                staging_branch: settings.staging_branch,
+                tag_pattern: settings.tag_pattern,
+                build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -912,6 +958,9 @@ async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 sleep_after_secs: settings.sleep_after_secs,
                 retain_deployments: settings.retain_deployments,
                 scaling,
+                staging_branch: settings.staging_branch.map(Some),
+                tag_pattern: settings.tag_pattern.map(Some),
+                build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
@@ -1184,6 +1233,7 @@ async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 org,
                 project,
                 image,
+                build: None,
                 commit_sha,
                 commit_message,
                 instances_per_region,
@@ -1395,6 +1445,9 @@ async fn logs(a: LogsArgs) -> Result<()> {
     } else {
         a.target.clone()
     };
+    if a.build {
+        return crate::build::print_log(&c, &id, a.follow, "").await;
+    }
     let path = format!(
         "/api/v1/deployments/{}/logs{}",
         encode(&id),
@@ -1436,14 +1489,24 @@ async fn upload_archive(c: &Client, org: &str, name: &str, file: &std::path::Pat
 async fn deploy(a: DeployArgs) -> Result<()> {
     let c = a.conn.client()?;
     let (org, project) = split_project(&a.project)?;
-    let image = match (&a.image, &a.archive) {
-        (Some(i), _) => i.clone(),
-        (None, Some(file)) => upload_archive(&c, &org, &project, file, a.conn.json).await?,
-        (None, None) => return Err(UsageError("give --image REF or --archive FILE".into()).into()),
+    let mut build = None;
+    let image = match (&a.image, &a.archive, &a.source) {
+        (Some(i), _, _) => i.clone(),
+        (None, Some(file), _) => upload_archive(&c, &org, &project, file, a.conn.json).await?,
+        (None, None, Some(dir)) => {
+            let mut b = crate::build::upload(&c, &org, dir, a.dockerfile.as_deref(), a.conn.json).await?;
+            b.target = a.target.clone();
+            b.args = crate::build::build_args(&a.build_args)?;
+            b.secrets = crate::build::build_secrets(&a.build_secrets)?;
+            build = Some(b);
+            String::new()
+        }
+        (None, None, None) => return Err(UsageError("give --image REF, --archive FILE or --source DIR".into()).into()),
     };
     let body = CreateDeployment {
         org,
         project,
+        build,
         image: image.clone(),
         commit_sha: a.commit_sha,
         commit_message: a.commit_message,
@@ -1451,7 +1514,10 @@ async fn deploy(a: DeployArgs) -> Result<()> {
         environment: a.environment.map(Into::into),
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
-    if !a.conn.json {
+    if !a.conn.json && d.status == DeploymentStatus::Building {
+        println!("Building {} from source", d.id);
+        crate::build::print_log(&c, &d.id, true, "  │ ").await?;
+    } else if !a.conn.json {
         println!("Deploying {image} as {}", d.id);
     }
     let started = std::time::Instant::now();

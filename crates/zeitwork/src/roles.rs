@@ -377,6 +377,9 @@ pub struct UpArgs {
     /// A firecracker binary (for --runtime firecracker or auto).
     #[arg(long, env = "ZEITWORK_FIRECRACKER")]
     firecracker: Option<PathBuf>,
+    /// The /16 instances get their addresses from (change it when 10.88.0.0/16 is in use here).
+    #[arg(long, env = "ZEITWORK_INSTANCE_RANGE", default_value = "10.88.0.0")]
+    instance_range: std::net::Ipv4Addr,
 }
 
 /// Where `zeitwork up` keeps its data unless told otherwise.
@@ -426,10 +429,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
         data_dir: data.join("agent"),
         runtime: args.runtime.clone(),
         firecracker: args.firecracker.clone(),
+        instance_range: args.instance_range,
         ..Default::default()
     })
     .await
     .context("the node agent could not start")?;
+    if zeitwork_node_agent::build::find_buildah(None).is_none() {
+        println!("Builds from source (`zeitwork deploy --source`) need buildah: sudo apt-get install -y buildah");
+    }
     let edge_token = ensure_cluster_token(&client, &data.join("edge-proxy.token"), ClusterRole::EdgeProxy).await?;
     let (cert, key) = crate::local::local_tls(&data, "zeitwork.localhost").context("cannot set up the local CA")?;
     let edge = EdgeProxy::start(EdgeConfig {

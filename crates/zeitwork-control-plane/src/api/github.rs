@@ -3,7 +3,9 @@
 //! which verifies `X-Hub-Signature-256` (HMAC-SHA256 of the raw body,
 //! compared in constant time) before reading anything from the payload it
 //! acts on, records every delivery, answers `ping`, and turns a `push` to a
-//! project's branch into a deployment of the project's image template.
+//! project's branch (production), staging branch or a matching tag, and a
+//! pull request (a preview at `<project>-pr-<n>-<org>`), into a deployment:
+//! of the project's image template, or built from the pushed commit.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,6 +21,8 @@ use zeitwork_api_types::{
     CreateGithubHook, Environment, GithubDelivery, GithubHook, GithubTrigger, Project, Role, TokenScope,
     ValidationError,
 };
+
+use zeitwork_store::StoredHook;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -102,6 +106,7 @@ fn hook_view(h: &zeitwork_store::StoredHook) -> GithubHook {
         repo: h.repo.clone(),
         events: h.events.clone(),
         path: WEBHOOK_PATH.into(),
+        token: h.token_enc.is_some(),
         created_at: h.created_at,
     }
 }
@@ -109,6 +114,11 @@ fn hook_view(h: &zeitwork_store::StoredHook) -> GithubHook {
 /// The key a webhook secret is encrypted under: bound to its organisation and repository.
 fn secret_context(org: &str, repo: &str) -> String {
     format!("github:{org}:{repo}")
+}
+
+/// The key a repository token is encrypted under.
+pub fn token_context(org: &str, repo: &str) -> String {
+    format!("github-token:{org}:{repo}")
 }
 
 /// Configure an organisation's webhook of a GitHub repository (Admin; the secret is stored encrypted).
@@ -130,12 +140,21 @@ pub async fn create_hook(
     let mut events = if b.events.is_empty() { vec!["push".to_owned()] } else { b.events.clone() };
     events.sort();
     events.dedup();
-    if let Some(e) = events.iter().find(|e| !matches!(e.as_str(), "push" | "ping")) {
+    if let Some(e) = events.iter().find(|e| !matches!(e.as_str(), "push" | "pull_request" | "ping")) {
         return Err(ValidationError::new(
             "events",
-            format!("{e:?} is not handled; use push (ping is always answered)"),
+            format!("{e:?} is not handled; use push and pull_request (ping is always answered)"),
         )
         .into());
+    }
+    if let Some(t) = &b.token {
+        if t.len() < 8 || t.len() > 1024 || t.bytes().any(|c| c.is_ascii_whitespace() || c.is_ascii_control()) {
+            return Err(ValidationError::new(
+                "token",
+                "give the repository token as GitHub shows it (8 to 1024 characters, no spaces)",
+            )
+            .into());
+        }
     }
     if b.secret.len() < 16 || b.secret.len() > 256 {
         return Err(ValidationError::new("secret", "use 16 to 256 characters (the secret set on GitHub)").into());
@@ -151,8 +170,9 @@ pub async fn create_hook(
         }
     }
     let secret_enc = s.cipher.encrypt(&secret_context(&org, &repo), &b.secret);
-    let audit = caller.audit("github.hook.create", &repo).org(&org);
-    let hook = s.store.put_github_hook(&org, &repo, &events, &secret_enc, &audit).await?;
+    let token_enc = b.token.as_ref().map(|t| s.cipher.encrypt(&token_context(&org, &repo), t));
+    let audit = caller.audit("github.hook.create", &repo).org(&org).detail(json!({"token": b.token.is_some()}));
+    let hook = s.store.put_github_hook(&org, &repo, &events, &secret_enc, token_enc.as_deref(), &audit).await?;
     Ok((StatusCode::CREATED, Json(hook_view(&hook))).into_response())
 }
 
@@ -312,7 +332,11 @@ pub async fn receive(State(s): State<AppState>, headers: HeaderMap, body: Body) 
             (json!({"status": "ignored", "outcome": record.outcome}), StatusCode::ACCEPTED)
         }
         _ => {
-            push(&s, &hook.org, &payload, &mut record).await?;
+            if event == "pull_request" {
+                pull_request(&s, &hook, &payload, &mut record).await?;
+            } else {
+                push(&s, &hook, &payload, &mut record).await?;
+            }
             let code = if record.status == "deployed" { StatusCode::OK } else { StatusCode::ACCEPTED };
             (json!({"status": record.status, "outcome": record.outcome, "deployments": record.deployments}), code)
         }
@@ -321,50 +345,90 @@ pub async fn receive(State(s): State<AppState>, headers: HeaderMap, body: Body) 
     Ok(answer(code, status))
 }
 
-/// Whether a commit message asks to skip deployment.
+/// Whether a commit message asks to skip deployment: `[skip ci]`, `[ci skip]`,
+/// `skip ci` or `ci skip` anywhere in it, in any case.
 pub fn skips(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    m.contains("[skip ci]") || m.contains("[ci skip]")
+    m.contains("skip ci") || m.contains("ci skip")
 }
 
-/// Acts on a verified `push`: a deployment per project of `org` that follows the branch.
-async fn push(s: &AppState, org: &str, payload: &Value, record: &mut GithubDelivery) -> ApiResult<()> {
-    let git_ref = payload["ref"].as_str().unwrap_or_default().to_owned();
-    let sha = payload["after"].as_str().unwrap_or_default().to_owned();
+fn is_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()) && !s.bytes().all(|b| b == b'0')
+}
+
+/// Where a push deploys for one project: the environment, or why not.
+fn push_target(p: &Project, git_ref: &str) -> Result<Environment, String> {
+    if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
+        if p.branch == branch {
+            return Ok(Environment::Production);
+        }
+        if p.staging_branch.as_deref() == Some(branch) {
+            return Ok(Environment::Staging);
+        }
+        return Err(format!("{}/{} follows {} (not {branch})", p.org, p.name, p.branch));
+    }
+    if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
+        return match p.tag_pattern.as_deref().map(super::builds::tag_regex) {
+            Some(Ok(re)) if re.is_match(tag) => Ok(Environment::Production),
+            Some(Ok(_)) => Err(format!("{}/{}: tag {tag} does not match tag_pattern", p.org, p.name)),
+            Some(Err(_)) => Err(format!("{}/{}: tag_pattern is not a valid expression", p.org, p.name)),
+            None => Err(format!("{}/{} deploys no tags (set tag_pattern)", p.org, p.name)),
+        };
+    }
+    Err(format!("{git_ref} is neither a branch nor a tag"))
+}
+
+/// Acts on a verified `push`: a deployment per project of the hook's org that
+/// follows the branch (production), the staging branch, or matching tags.
+async fn push(s: &AppState, hook: &StoredHook, payload: &Value, record: &mut GithubDelivery) -> ApiResult<()> {
+    let git_ref = payload["ref"].as_str().unwrap_or_default().chars().take(300).collect::<String>();
+    let sha = payload["after"].as_str().unwrap_or_default().to_ascii_lowercase();
     record.git_ref = Some(git_ref.clone()).filter(|r| !r.is_empty());
-    record.sha = Some(sha.clone()).filter(|s| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()));
-    let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
+    record.sha = Some(sha.clone()).filter(|s| is_sha(s));
+    if !(git_ref.starts_with("refs/heads/") || git_ref.starts_with("refs/tags/")) {
         record.status = "ignored".into();
-        record.outcome = format!("{git_ref} is not a branch");
+        record.outcome = format!("{git_ref} is neither a branch nor a tag");
         return Ok(());
-    };
-    if payload["deleted"].as_bool() == Some(true) || record.sha.is_none() || sha.bytes().all(|b| b == b'0') {
+    }
+    if payload["deleted"].as_bool() == Some(true) || record.sha.is_none() {
         record.status = "ignored".into();
-        record.outcome = format!("branch {branch} was deleted");
+        record.outcome = format!("{git_ref} was deleted");
         return Ok(());
     }
     let message = payload["head_commit"]["message"].as_str().unwrap_or_default().to_owned();
     if skips(&message) {
         record.status = "skipped".into();
-        record.outcome = "the commit message asks to skip ([skip ci] / [ci skip])".into();
+        record.outcome = "the commit message asks to skip ([skip ci], [ci skip], skip ci, ci skip)".into();
         return Ok(());
     }
-    let projects = s.store.projects_of_repo(&record.repo, Some(org)).await?;
-    let following: Vec<&Project> = projects.iter().filter(|p| p.branch == branch).collect();
+    let projects = s.store.projects_of_repo(&record.repo, Some(&hook.org)).await?;
+    let mut notes = Vec::new();
+    let mut following = Vec::new();
+    for p in &projects {
+        match push_target(p, &git_ref) {
+            Ok(env) => following.push((p, env)),
+            Err(why) => notes.push(why),
+        }
+    }
     if following.is_empty() {
         record.status = "ignored".into();
-        record.outcome = format!("no project deploys branch {branch} of {}", record.repo);
+        record.outcome = if notes.is_empty() {
+            format!("no project of {} deploys {}", hook.org, record.repo)
+        } else {
+            notes.join("; ")
+        };
         return Ok(());
     }
-    let mut notes = Vec::new();
-    for p in following {
+    notes.clear();
+    for (p, env) in following {
         if !p.auto_deploy {
             notes.push(format!("{}/{}: auto_deploy is off", p.org, p.name));
             continue;
         }
-        match deploy_commit(s, p, &sha, Some(&message), "github").await {
+        let commit = Commit { sha: &sha, message: Some(&message), environment: env, pull_request: None };
+        match deploy_commit(s, hook, p, &commit, "github").await {
             Ok(id) => {
-                notes.push(format!("{}/{}: deployment {id}", p.org, p.name));
+                notes.push(format!("{}/{}: {} deployment {id}", p.org, p.name, env.as_str()));
                 record.deployments.push(id);
             }
             Err(e) => notes.push(format!("{}/{}: {e}", p.org, p.name)),
@@ -375,21 +439,160 @@ async fn push(s: &AppState, org: &str, payload: &Value, record: &mut GithubDeliv
     Ok(())
 }
 
-/// Creates a production deployment of `p` at commit `sha` from its image template.
-async fn deploy_commit(s: &AppState, p: &Project, sha: &str, message: Option<&str>, by: &str) -> ApiResult<String> {
-    let template = p.image_template.as_deref().ok_or_else(|| {
-        ApiError::Conflict(format!("{}/{} has no image_template to build the commit's image name from", p.org, p.name))
-    })?;
+/// Acts on a verified `pull_request`: opened, reopened and new commits
+/// (synchronize) build and deploy a preview of the head commit; closing
+/// (or merging) retires the pull request's previews.
+async fn pull_request(s: &AppState, hook: &StoredHook, payload: &Value, record: &mut GithubDelivery) -> ApiResult<()> {
+    let action = payload["action"].as_str().unwrap_or_default();
+    let number = payload["number"].as_u64().or_else(|| payload["pull_request"]["number"].as_u64());
+    let Some(number) = number.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0 && *n < 10_000_000) else {
+        return Err(ApiError::InvalidBody("the pull_request payload has no number".into()));
+    };
+    let pr = &payload["pull_request"];
+    let sha = pr["head"]["sha"].as_str().unwrap_or_default().to_ascii_lowercase();
+    record.git_ref = Some(format!("refs/pull/{number}/head"));
+    record.sha = Some(sha.clone()).filter(|s| is_sha(s));
+    let projects: Vec<Project> =
+        s.store.projects_of_repo(&record.repo, Some(&hook.org)).await?.into_iter().filter(|p| p.auto_deploy).collect();
+    if projects.is_empty() {
+        record.status = "ignored".into();
+        record.outcome = format!("no project of {} deploys {} automatically", hook.org, record.repo);
+        return Ok(());
+    }
+    match action {
+        "opened" | "reopened" | "synchronize" => {}
+        "closed" => {
+            let mut notes = Vec::new();
+            for p in &projects {
+                let audit = zeitwork_store::Audit::new("github", "deployment.retire", "")
+                    .org(&p.org)
+                    .project(&p.name)
+                    .detail(json!({"pull_request": number}));
+                let reason = format!("pull request #{number} was closed");
+                let retired = s.store.close_preview(&p.id, number, &reason, &audit).await?;
+                notes.push(format!("{}/{}: {} preview deployment(s) retired", p.org, p.name, retired.len()));
+                record.deployments.extend(retired);
+            }
+            s.changed();
+            record.status = "closed".into();
+            record.outcome = notes.join("; ");
+            return Ok(());
+        }
+        other => {
+            record.status = "ignored".into();
+            record.outcome = format!("pull request action {other:?} changes no preview");
+            return Ok(());
+        }
+    }
+    if record.sha.is_none() {
+        return Err(ApiError::InvalidBody(
+            "the pull_request payload has no head commit (pull_request.head.sha)".into(),
+        ));
+    }
+    // Code from forks is not built with this repository's settings and secrets.
+    let head_repo = pr["head"]["repo"]["full_name"].as_str().unwrap_or_default();
+    if !head_repo.eq_ignore_ascii_case(&record.repo) {
+        record.status = "ignored".into();
+        record.outcome = format!(
+            "pull request #{number} comes from {head_repo:?}; previews are built for branches of {} only",
+            record.repo
+        );
+        return Ok(());
+    }
+    let title = pr["title"].as_str().unwrap_or_default().to_owned();
+    if skips(&title) {
+        record.status = "skipped".into();
+        record.outcome = "the pull request's title asks to skip ([skip ci], [ci skip], skip ci, ci skip)".into();
+        return Ok(());
+    }
+    let mut notes = Vec::new();
+    for p in &projects {
+        let label = zeitwork_store::preview_label(&p.name, number, &p.org);
+        if zeitwork_api_types::validate::dns_label("preview", &label).is_err() {
+            notes.push(format!(
+                "{}/{}: {label} is too long for an address; the preview has its deployment URL only",
+                p.org, p.name
+            ));
+        } else if !s.store.claim_preview_host(&label, &p.id).await? {
+            notes.push(format!(
+                "{}/{}: {label} belongs to another project; the preview has its deployment URL only",
+                p.org, p.name
+            ));
+        }
+        let commit =
+            Commit { sha: &sha, message: Some(&title), environment: Environment::Preview, pull_request: Some(number) };
+        match deploy_commit(s, hook, p, &commit, "github").await {
+            Ok(id) => {
+                notes.push(format!("{}/{}: preview {id} at {}", p.org, p.name, s.config.app_url(&label)));
+                record.deployments.push(id);
+            }
+            Err(e) => notes.push(format!("{}/{}: {e}", p.org, p.name)),
+        }
+    }
+    record.status = if record.deployments.is_empty() { "failed" } else { "deployed" }.into();
+    record.outcome = notes.join("; ");
+    Ok(())
+}
+
+/// A commit to deploy, and where.
+struct Commit<'a> {
+    sha: &'a str,
+    message: Option<&'a str>,
+    environment: Environment,
+    pull_request: Option<u32>,
+}
+
+/// Creates a deployment of `p` at a commit: of its image template when it has one,
+/// else built from the commit (cloned with the hook's token).
+async fn deploy_commit(s: &AppState, hook: &StoredHook, p: &Project, c: &Commit<'_>, by: &str) -> ApiResult<String> {
+    let audit_for = |id: &str, detail: Value| {
+        zeitwork_store::Audit::new(by, "deployment.create", id).org(&p.org).project(&p.name).detail(detail)
+    };
+    let Some(template) = p.image_template.as_deref() else {
+        if !is_sha(c.sha) {
+            return Err(ApiError::InvalidField(ValidationError::new(
+                "ref",
+                "building from source needs the full 40-character commit SHA (or a branch that was pushed)",
+            )));
+        }
+        let repo = hook.repo.clone();
+        let mut new = super::projects::new_deployment(s, p, c.environment, String::new(), by.to_owned());
+        new.image = format!("{}/{}/{}", zeitwork_api_types::ARCHIVE_REGISTRY, p.org, p.name);
+        new.commit_sha = Some(c.sha.to_owned());
+        new.commit_message = c.message.map(|m| m.chars().take(1000).collect());
+        new.pull_request = c.pull_request;
+        let authorization = match &hook.token_enc {
+            Some(enc) => {
+                use base64::Engine;
+                let token = s
+                    .cipher
+                    .decrypt(&token_context(&hook.org, &hook.repo), enc)
+                    .map_err(|e| ApiError::internal("decrypting a repository token", e))?;
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
+                ))
+            }
+            None => None,
+        };
+        let source = zeitwork_api_types::BuildSource::Git {
+            url: format!("{}/{repo}.git", s.config.github_git_url),
+            sha: c.sha.to_owned(),
+            authorization: None,
+        };
+        let audit = audit_for(&new.id, json!({"commit": c.sha, "environment": c.environment, "build": "git"}));
+        let d = super::builds::queue_build(s, p, new, source, None, authorization, audit).await?;
+        return Ok(d.id);
+    };
+    let sha = c.sha;
     let image = template.replace("{sha}", sha).replace("{short_sha}", &sha[..sha.len().min(7)]);
     zeitwork_api_types::validate::image_reference("image_template", &image)?;
     super::images::check_archive_reference(s, &p.org, &image).await?;
-    let mut new = super::projects::new_deployment(s, p, Environment::Production, image.clone(), by.to_owned());
+    let mut new = super::projects::new_deployment(s, p, c.environment, image.clone(), by.to_owned());
     new.commit_sha = Some(sha.to_owned());
-    new.commit_message = message.map(|m| m.chars().take(1000).collect());
-    let audit = zeitwork_store::Audit::new(by, "deployment.create", &new.id)
-        .org(&p.org)
-        .project(&p.name)
-        .detail(json!({"image": image, "commit": sha}));
+    new.commit_message = c.message.map(|m| m.chars().take(1000).collect());
+    new.pull_request = c.pull_request;
+    let audit = audit_for(&new.id, json!({"image": image, "commit": sha, "environment": c.environment}));
     let d = s.store.create_deployment(&new, &audit).await?;
     s.changed();
     Ok(d.id)
@@ -410,6 +613,9 @@ pub async fn trigger(
     if ours.is_empty() {
         return Err(ApiError::NotFound(format!("no project of {org} deploys {repo}; set github_repo on one")));
     }
+    let hook = s.store.github_hook(&org, &repo).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("{org} has no webhook for {repo}; add it with POST /api/v1/github/webhooks"))
+    })?;
     let r = b.git_ref.trim();
     let is_sha = (7..=40).contains(&r.len()) && r.bytes().all(|c| c.is_ascii_hexdigit());
     let mut out = Vec::new();
@@ -422,7 +628,8 @@ pub async fn trigger(
                 ApiError::Conflict(format!("no push to {branch} of {repo} was received yet; give a commit SHA as ref"))
             })?
         };
-        let id = deploy_commit(&s, p, &sha, None, &caller.actor()).await?;
+        let commit = Commit { sha: &sha, message: None, environment: Environment::Production, pull_request: None };
+        let id = deploy_commit(&s, &hook, p, &commit, &caller.actor()).await?;
         out.push(s.store.get_deployment(&id).await?);
     }
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
@@ -447,6 +654,8 @@ mod tests {
     fn skip_markers() {
         assert!(skips("fix typo [skip ci]"));
         assert!(skips("[CI SKIP] docs"));
+        assert!(skips("docs only, skip ci please"));
+        assert!(skips("ci skip"));
         assert!(!skips("skip the ci step"));
     }
 

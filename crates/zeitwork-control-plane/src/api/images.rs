@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::IntoParams;
 use zeitwork_api_types::{validate, Role, TokenScope, UploadedImage, ARCHIVE_REGISTRY};
-use zeitwork_store::{nanoid, StoredArchive, BLOB_CHUNK};
+use zeitwork_store::{nanoid, Audit, StoredArchive, BLOB_CHUNK};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -72,10 +72,28 @@ pub async fn upload_image(
             "the body is empty; send the archive (oci-archive or docker save tar)".into(),
         ));
     }
-    let unpack = work.path().join("files");
+    let audit = caller.audit("image.upload", format!("{org}/{}", q.name)).org(&org);
+    let body = store_archive(&s, &org, &q.name, &tar, work.path(), Some(caller.token_id.clone()), audit).await?;
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+/// Verifies the image archive at `tar` and stores its blobs and record for
+/// `org/name` (`work`: a scratch directory next to it).
+pub(crate) async fn store_archive(
+    s: &AppState,
+    org: &str,
+    name: &str,
+    tar: &std::path::Path,
+    work: &std::path::Path,
+    created_by: Option<String>,
+    audit: Audit,
+) -> ApiResult<UploadedImage> {
+    let max = s.config.max_archive_bytes;
+    let org = org.to_owned();
+    let unpack = work.join("files");
     std::fs::create_dir(&unpack).map_err(|e| ApiError::internal("storing an upload", e))?;
     let read = {
-        let (tar, unpack) = (tar.clone(), unpack.clone());
+        let (tar, unpack) = (tar.to_path_buf(), unpack.clone());
         tokio::task::spawn_blocking(move || zeitwork_image::archive::read_archive(&tar, &unpack, max.saturating_mul(4)))
             .await
             .map_err(|e| ApiError::internal("storing an upload", e))?
@@ -84,33 +102,12 @@ pub async fn upload_image(
         zeitwork_image::ImageError::TooLarge(m) => ApiError::TooLarge(m),
         other => ApiError::InvalidBody(format!("the archive is not a usable image: {other}")),
     })?;
-    let _ = std::fs::remove_file(&tar);
+    let _ = std::fs::remove_file(tar);
     // Whether *this organisation* already had the image; identical bytes
     // held by another organisation are shared silently, never revealed.
-    let existing = s.store.find_archive(&org, &q.name, &archive.manifest_digest).await?.is_some();
+    let existing = s.store.find_archive(&org, name, &archive.manifest_digest).await?.is_some();
     for blob in &archive.blobs {
-        if s.store.blob_size(&blob.digest).await? == Some(blob.size as i64) {
-            continue;
-        }
-        let mut f = tokio::fs::File::open(&blob.path).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-        let mut seq = 0i64;
-        loop {
-            let mut buf = Vec::with_capacity(BLOB_CHUNK);
-            let n = (&mut f)
-                .take(BLOB_CHUNK as u64)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| ApiError::internal("storing an upload", e))?;
-            if n == 0 && seq > 0 {
-                break;
-            }
-            s.store.put_blob_chunk(&blob.digest, seq, buf).await?;
-            seq += 1;
-            if n < BLOB_CHUNK {
-                break;
-            }
-        }
-        s.store.finish_blob(&blob.digest, blob.size as i64).await?;
+        store_blob_file(s, &blob.digest, blob.size, &blob.path).await?;
     }
     let manifest_len = archive.manifest.len() as i64;
     if s.store.blob_size(&archive.manifest_digest).await? != Some(manifest_len) {
@@ -121,15 +118,15 @@ pub async fn upload_image(
     let stored = StoredArchive {
         id: format!("img_{}", nanoid(12)),
         org: org.clone(),
-        name: q.name.clone(),
+        name: name.to_owned(),
         manifest_digest: archive.manifest_digest.clone(),
         media_type: archive.manifest_media_type.clone(),
         blobs: archive.blobs.iter().map(|b| b.digest.clone()).collect(),
         size: size as i64,
-        created_by: Some(caller.token_id.clone()),
+        created_by,
     };
-    let image = format!("{ARCHIVE_REGISTRY}/{org}/{}@{}", q.name, archive.manifest_digest);
-    let audit = caller.audit("image.upload", &image).org(&org).detail(serde_json::json!({"size": size}));
+    let image = format!("{ARCHIVE_REGISTRY}/{org}/{}@{}", name, archive.manifest_digest);
+    let audit = Audit { target: image.clone(), ..audit }.detail(serde_json::json!({"size": size}));
     s.store.create_archive(&stored, &audit).await?;
     tracing::info!(%image, size, "image archive stored");
     let body = UploadedImage {
@@ -139,7 +136,7 @@ pub async fn upload_image(
         layers: archive.blobs.len().saturating_sub(1) as u32,
         existing,
     };
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    Ok(body)
 }
 
 // ------------------------------------------------------------ registry API
@@ -294,8 +291,13 @@ pub async fn registry_blob(
         Ok(Some(n)) => n,
         _ => return unknown(),
     };
+    blob_response(&s.store, digest, size)
+}
+
+/// A stored blob of `size` bytes as a streamed response.
+pub(crate) fn blob_response(store: &zeitwork_store::Store, digest: String, size: i64) -> Response {
     let chunks = (size + BLOB_CHUNK as i64 - 1) / BLOB_CHUNK as i64;
-    let store = s.store.clone();
+    let store = store.clone();
     let stream = futures::stream::iter(0..chunks.max(1)).then(move |seq| {
         let (store, digest) = (store.clone(), digest.clone());
         async move {
@@ -310,6 +312,33 @@ pub async fn registry_blob(
     res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     res
+}
+
+/// Stores the file at `path` as the blob `digest` (in chunks), unless it is stored already.
+pub(crate) async fn store_blob_file(s: &AppState, digest: &str, size: u64, path: &std::path::Path) -> ApiResult<()> {
+    if s.store.blob_size(digest).await? == Some(size as i64) {
+        return Ok(());
+    }
+    let mut f = tokio::fs::File::open(path).await.map_err(|e| ApiError::internal("storing an upload", e))?;
+    let mut seq = 0i64;
+    loop {
+        let mut buf = Vec::with_capacity(BLOB_CHUNK);
+        let n = (&mut f)
+            .take(BLOB_CHUNK as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| ApiError::internal("storing an upload", e))?;
+        if n == 0 && seq > 0 {
+            break;
+        }
+        s.store.put_blob_chunk(digest, seq, buf).await?;
+        seq += 1;
+        if n < BLOB_CHUNK {
+            break;
+        }
+    }
+    s.store.finish_blob(digest, size as i64).await?;
+    Ok(())
 }
 
 /// For deployments of uploaded images: the image must be an archive of the deploying org that exists.

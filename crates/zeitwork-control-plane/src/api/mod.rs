@@ -3,8 +3,10 @@
 //! same annotations the router is built from, so the two cannot drift.
 
 mod analytics;
+pub(crate) mod builds;
 mod cluster;
 mod github;
+pub use github::token_context as github_token_context;
 mod health;
 pub(crate) mod images;
 pub(crate) mod logs;
@@ -115,6 +117,14 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::project_routing))
         .routes(routes!(projects::project_health))
         .routes(routes!(images::upload_image))
+        .routes(routes!(builds::upload_source))
+        .routes(routes!(builds::get_build))
+        .routes(routes!(builds::build_log))
+        .routes(routes!(builds::claim_build))
+        .routes(routes!(builds::build_source))
+        .routes(routes!(builds::report_build_log))
+        .routes(routes!(builds::build_image))
+        .routes(routes!(builds::build_failed))
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::report_instance))
@@ -183,8 +193,14 @@ async fn refuse_declared_oversize(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let upload = req.uri().path().ends_with("/images");
-    let limit = if upload { config.max_archive_bytes } else { config.max_body_bytes as u64 };
+    let path = req.uri().path();
+    let limit = if path.ends_with("/images") || path.ends_with("/image") {
+        config.max_archive_bytes
+    } else if path.ends_with("/sources") {
+        config.max_source_bytes
+    } else {
+        config.max_body_bytes as u64
+    };
     match declared {
         Some(n) if n > limit => {
             let m = format!("the body declares {n} bytes, larger than the {limit} bytes this route takes");

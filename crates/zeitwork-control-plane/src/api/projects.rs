@@ -55,6 +55,9 @@ pub async fn create_project(
     let target = format!("{}/{}", b.org, b.name);
     s.require_role(&caller, &b.org, Role::Developer, "project.create", &target).await?;
     b.validate()?;
+    if let Some(t) = &b.tag_pattern {
+        super::builds::tag_regex(t)?;
+    }
     let new = NewProject {
         org: b.org.clone(),
         name: b.name.clone(),
@@ -70,6 +73,9 @@ pub async fn create_project(
         sleep_after_secs: b.sleep_after_secs.unwrap_or(zeitwork_api_types::DEFAULT_SLEEP_AFTER_SECS),
         retain_deployments: b.retain_deployments.unwrap_or(zeitwork_api_types::DEFAULT_RETAIN_DEPLOYMENTS),
         scaling: b.scaling,
+        staging_branch: b.staging_branch,
+        tag_pattern: b.tag_pattern,
+        build: b.build.unwrap_or_default(),
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))
@@ -101,6 +107,9 @@ pub async fn patch_project(
     let target = format!("{org}/{name}");
     s.require_role(&caller, &org, Role::Developer, "project.update", &target).await?;
     patch.validate()?;
+    if let Some(Some(t)) = &patch.tag_pattern {
+        super::builds::tag_regex(t)?;
+    }
     let detail = serde_json::to_value(&patch).unwrap_or_default();
     let audit = caller.audit("project.update", &target).org(&org).project(&name).detail(detail);
     let before = s.store.get_project(&org, &name).await?;
@@ -371,6 +380,7 @@ pub(crate) fn new_deployment(
         commit_message: None,
         instances_per_region: p.instances_per_region,
         created_by: Some(created_by),
+        pull_request: None,
     }
 }
 
@@ -386,8 +396,17 @@ pub async fn create_deployment(
     let target = format!("{}/{}", b.org, b.project);
     s.require_role(&caller, &b.org, Role::Developer, "deployment.create", &target).await?;
     b.validate()?;
-    super::images::check_archive_reference(&s, &b.org, &b.image).await?;
     let p = s.store.get_project(&b.org, &b.project).await?;
+    if let Some(build) = &b.build {
+        let mut new =
+            new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), String::new(), caller.actor());
+        new.commit_sha = b.commit_sha.clone();
+        new.commit_message = b.commit_message.clone();
+        new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
+        let d = super::builds::queue_upload_build(&s, &caller, &p, new, build).await?;
+        return Ok((StatusCode::ACCEPTED, Json(d)).into_response());
+    }
+    super::images::check_archive_reference(&s, &b.org, &b.image).await?;
     let mut new =
         new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), caller.actor());
     new.commit_sha = b.commit_sha.clone();

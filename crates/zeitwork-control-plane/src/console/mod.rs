@@ -260,17 +260,20 @@ async fn deployment(State(c): State<Console>, headers: HeaderMap, Path(id): Path
     };
     let events_path = format!("/api/v1/events?org={}&project={}&limit=200", enc(&d.org), enc(&d.project));
     let project_path = format!("/api/v1/projects/{}/{}", enc(&d.org), enc(&d.project));
-    let instances_path = format!("{base}/instances");
-    let (instances, events, project) = tokio::join!(
+    let (instances_path, build_path) = (format!("{base}/instances"), format!("{base}/build"));
+    let (instances, events, project, build) = tokio::join!(
         c.get::<Vec<zeitwork_api_types::Instance>>(&s.caller, &instances_path),
         c.get::<Vec<zeitwork_api_types::Event>>(&s.caller, &events_path),
         c.get::<zeitwork_api_types::Project>(&s.caller, &project_path),
+        // 404 for a deployment of a ready-made image: it had no build.
+        c.get::<zeitwork_api_types::Build>(&s.caller, &build_path),
     );
     let events = events.unwrap_or_default().into_iter().filter(|e| e.target == d.id).collect();
     let data = pages::DeploymentPage {
         instances: instances.unwrap_or_default(),
         events,
         serving: project.map(|p| p.current_deployment).unwrap_or_default(),
+        build: build.ok(),
         deployment: d,
     };
     html(StatusCode::OK, pages::deployment(&s, &data))

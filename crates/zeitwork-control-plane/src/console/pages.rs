@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use maud::{html, Markup, DOCTYPE};
 use zeitwork_api_types::{
-    Channel, Deployment, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node, Org, Project, ProjectRoute,
-    Region, Role, Token, TokenScope,
+    Build, Channel, Deployment, DeploymentStatus, Domain, EnvVar, EnvironmentHealth, Event, Instance, Member, Node,
+    Org, Project, ProjectRoute, Region, Role, Token, TokenScope,
 };
 
 use super::session::Session;
@@ -537,6 +537,8 @@ pub struct DeploymentPage {
     pub events: Vec<Event>,
     /// The project's active deployment per environment.
     pub serving: BTreeMap<String, String>,
+    /// Its build, when it was built from source.
+    pub build: Option<Build>,
 }
 
 pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
@@ -544,6 +546,16 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
     let full = format!("{}/{}", d.org, d.project);
     let env = d.environment.as_str();
     let serving_here = p.serving.get(env) == Some(&d.id);
+    // What a rollback can route to: running, asleep, or retired (deployed again from its image).
+    let can_serve = matches!(
+        d.status,
+        DeploymentStatus::Ready
+            | DeploymentStatus::Active
+            | DeploymentStatus::Standby
+            | DeploymentStatus::Sleeping
+            | DeploymentStatus::Waking
+            | DeploymentStatus::Retired
+    );
     let stream = format!("{}&deployment={}", project_stream(&d.org, &d.project), enc(&d.id));
     let mut events = p.events.clone();
     events.sort_by_key(|e| e.at);
@@ -567,15 +579,18 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
             @if can_write(s, &d.org) {
                 section aria-labelledby="actions-h" .actions {
                     h2 #actions-h { "Actions" }
+                    @if serving_here {
+                        p.muted { "This deployment serves " (env) ". To stop it, roll back to or deploy another first." }
+                    }
                     div.row {
-                        div {
+                        @if can_serve && !serving_here { div {
                             (action("POST", &format!("/api/v1/projects/{}/{}/rollback", enc(&d.org), enc(&d.project)), "reload",
                                 "Roll back to this", html! {
                                 input type="hidden" name="to" value=(d.id);
                                 input type="hidden" name="environment" value=(env);
                             }))
                             (cli(&format!("zeitwork rollback {full} --to {} --environment {env}", d.id)))
-                        }
+                        } }
                         @if serving_here {
                             div {
                                 (action("POST", &format!("/api/v1/projects/{}/{}/promote", enc(&d.org), enc(&d.project)), "reload",
@@ -589,10 +604,10 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
                                 (cli(&format!("zeitwork promote {full} --from {env} --to ENVIRONMENT")))
                             }
                         }
-                        div {
+                        @if !serving_here && d.status != DeploymentStatus::Retired { div {
                             (row_action("POST", &format!("/api/v1/deployments/{}/stop", enc(&d.id)), "Stop", &d.id, Some("Stop this deployment? Its instances end.")))
                             (cli(&format!("zeitwork deployments stop {}", d.id)))
-                        }
+                        } }
                     }
                 }
             }
@@ -639,9 +654,27 @@ pub fn deployment(s: &Session, p: &DeploymentPage) -> Markup {
                 }
                 (cli(&format!("zeitwork deployments metrics {}", d.id)))
             }
+            section aria-labelledby="build-h" {
+                h2 #build-h { "Build" }
+                @match &p.build {
+                    None => p.muted { "Deployed from the image " code { (d.image) } "; no build ran." },
+                    Some(b) => {
+                        dl.facts {
+                            dt { "Status" } dd { span.status.{"s-" (b.status)} #build-status { (b.status) } }
+                            dt { "Source" } dd { code { (b.source) } }
+                            dt { "Dockerfile" } dd { code { (b.dockerfile) } @if let Some(t) = &b.target { " (stage " (t) ")" } }
+                            @if let Some(ms) = b.duration_ms { dt { "Took" } dd { (ms / 1000) " s" } }
+                            @if let Some(i) = &b.image { dt { "Image" } dd { code { (i) } } }
+                            @if let Some(e) = &b.error { dt { "Error" } dd.error { (e) } }
+                        }
+                        pre #build-log .logs tabindex="0" aria-label="build log"
+                            data-build={ "/api/v1/deployments/" (enc(&d.id)) "/build" } {}
+                        (cli(&format!("zeitwork logs {} --build --follow", d.id)))
+                    }
+                }
+            }
             section aria-labelledby="logs-h" {
                 h2 #logs-h { "Logs" }
-                p.muted { "Build: " @if d.image.is_empty() { "built from source" } @else { "deployed from image " code { (d.image) } "; no build step ran." } }
                 pre #logs .logs tabindex="0" aria-label="live logs"
                     data-follow={ "/api/v1/deployments/" (enc(&d.id)) "/logs?follow=true&since=1d" } {}
                 (cli(&format!("zeitwork logs {} --follow", d.id)))

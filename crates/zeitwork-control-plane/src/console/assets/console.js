@@ -258,6 +258,33 @@
     }
   }
 
+  // A build's output: followed while it runs, picked up where it broke off.
+  async function followBuild(pre) {
+    let received = 0;
+    while (!leaving.signal.aborted) {
+      try {
+        const res = await fetch(pre.dataset.build + "/log?follow=true&offset=" + received, { credentials: "same-origin", signal: leaving.signal });
+        if (!res.ok) throw new Error("build log: " + res.status);
+        const reader = res.body.getReader();
+        const dec = new TextDecoder();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          const text = dec.decode(value, { stream: true });
+          received += Array.from(text).length;
+          const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+          pre.append(document.createTextNode(text));
+          if (atEnd) pre.scrollTop = pre.scrollHeight;
+        }
+        const b = await call("GET", pre.dataset.build);
+        const badge = $("#build-status");
+        if (badge) { badge.textContent = b.status; badge.className = "status s-" + b.status; }
+        if (b.status === "succeeded" || b.status === "failed") return;
+      } catch (_) { /* retried below */ }
+      await new Promise((r) => setTimeout(r, 3000));
+    }
+  }
+
   // ---------------------------------------------------------------- metrics
 
   function sparkline(svg) {
@@ -284,6 +311,8 @@
     stream();
     const pre = $("#logs[data-follow]");
     if (pre) follow(pre);
+    const build = $("#build-log[data-build]");
+    if (build) followBuild(build);
     const svg = $("#spark[data-metrics]");
     if (svg) sparkline(svg);
   });
