@@ -229,16 +229,23 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::Unauthorized("missing Authorization header; send `Authorization: Bearer <token>`".into())
-        })?;
-        let value = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
-        let caller = state.authenticate(value).await?;
+        let caller = match parts.headers.get(axum::http::header::AUTHORIZATION) {
+            Some(header) => {
+                let value = header
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                    .map(str::trim)
+                    .ok_or_else(|| {
+                        ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+                    })?;
+                state.authenticate(value).await?
+            }
+            // The web console: its session cookie, or its own in-process calls.
+            None => crate::console::session::caller_without_bearer(parts, state).await?.ok_or_else(|| {
+                ApiError::Unauthorized("missing Authorization header; send `Authorization: Bearer <token>`".into())
+            })?,
+        };
         if caller.read_only && !matches!(parts.method, Method::GET | Method::HEAD) {
             let target = parts.uri.path().to_owned();
             return state.deny(&caller, "write", &target, None, "this token is read-only").await;

@@ -63,6 +63,48 @@ pub struct OperatorConfig {
     pub github_git_url: String,
     /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`), for commit statuses and preview comments.
     pub github_api_url: String,
+    /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
+    pub github_oauth: Option<GithubOAuth>,
+}
+
+/// A GitHub OAuth app for console sign-in, and how GitHub organisations map to Zeitwork roles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubOAuth {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Where browsers are sent to authorise (GitHub's unless set, e.g. a stand-in for tests).
+    #[serde(default = "GithubOAuth::default_authorize_url")]
+    pub authorize_url: String,
+    /// Where the operator exchanges the code for an access token.
+    #[serde(default = "GithubOAuth::default_token_url")]
+    pub token_url: String,
+    /// GitHub's REST API (`/user`, `/user/orgs`).
+    #[serde(default = "GithubOAuth::default_api_url")]
+    pub api_url: String,
+    /// Members of `github_org` get `role` in the Zeitwork organisation `org`; the highest match wins.
+    pub orgs: Vec<GithubOrgRole>,
+}
+
+/// One mapping of GitHub organisation membership to a Zeitwork role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubOrgRole {
+    pub github_org: String,
+    pub org: String,
+    pub role: zeitwork_api_types::Role,
+}
+
+impl GithubOAuth {
+    fn default_authorize_url() -> String {
+        "https://github.com/login/oauth/authorize".into()
+    }
+    fn default_token_url() -> String {
+        "https://github.com/login/oauth/access_token".into()
+    }
+    fn default_api_url() -> String {
+        "https://api.github.com".into()
+    }
 }
 
 impl Default for OperatorConfig {
@@ -94,6 +136,7 @@ impl Default for OperatorConfig {
             build_disk_mib: 20 << 10,
             github_git_url: "https://github.com".into(),
             github_api_url: "https://api.github.com".into(),
+            github_oauth: None,
         }
     }
 }
@@ -177,6 +220,19 @@ impl OperatorConfig {
         }
         if !(10..=600_000).contains(&self.notify_backoff_ms) {
             return err("notify_backoff_ms", "use 10 to 600000".into());
+        }
+        if let Some(g) = &self.github_oauth {
+            if g.client_id.is_empty() || g.client_secret.is_empty() {
+                return err("github_oauth", "client_id and client_secret must not be empty".into());
+            }
+            for url in [&g.authorize_url, &g.token_url, &g.api_url] {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return err("github_oauth", format!("{url:?} is not an http(s) URL"));
+                }
+            }
+            if g.orgs.is_empty() {
+                return err("github_oauth", "map at least one GitHub organisation in `orgs`".into());
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return err("data_dir", "must not be empty".into());

@@ -1,6 +1,6 @@
 //! The control plane: the operator's REST API, authentication and
-//! authorisation, encryption of secrets, and (in later parts) scheduling and
-//! reconciliation.
+//! authorisation, encryption of secrets, scheduling and reconciliation, and
+//! the web console served at `/`.
 //!
 //! It owns what the API means; it must not hold SQL (that is the store) or
 //! talk to instances directly (that is the node agent).
@@ -10,6 +10,7 @@ pub mod auth;
 pub mod autoscale;
 pub mod backup;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod extract;

@@ -1,5 +1,6 @@
 //! Zeitwork's store: the single source of truth for regions, nodes,
-//! organisations, projects, deployments, instances, tokens and the audit log.
+//! organisations, projects, deployments, instances, tokens, console sessions
+//! and the audit log.
 //!
 //! One [`Store`] type, two real backends chosen by URL: SQLite (embedded, one
 //! file, WAL, one writer connection) and PostgreSQL (pooled, for several
@@ -14,6 +15,7 @@ mod entities;
 mod lifecycle;
 mod outbox;
 mod schema;
+mod sessions;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -28,6 +30,7 @@ pub use entities::*;
 pub use lifecycle::*;
 pub use outbox::*;
 pub use schema::latest_version;
+pub use sessions::*;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.
 #[derive(Debug, thiserror::Error)]

@@ -394,6 +394,21 @@ ALTER TABLE projects ADD COLUMN build TEXT;
 ALTER TABLE github_hooks ADD COLUMN token_enc TEXT
 "#,
     ),
+    (
+        14,
+        "console sessions",
+        r#"
+CREATE TABLE console_sessions (
+    id_hash {{text_key}} PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    owns_token BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -28,6 +28,7 @@ cases!(
     builds_queue_claim_log_and_finish,
     events_are_atomic_with_changes,
     tokens,
+    console_sessions,
     blobs_and_archives,
 );
 
@@ -434,6 +435,32 @@ async fn tokens(store: Store) {
     assert_eq!(store.list_tokens(Some("acme"), &Page::first(10)).await.unwrap().items.len(), 1);
     store.delete_token("tok_c", &audit("token.delete")).await.unwrap();
     assert!(matches!(store.delete_token("tok_c", &audit("token.delete")).await, Err(StoreError::NotFound(_))));
+}
+
+async fn console_sessions(store: Store) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let session = |hash: &str, token: &str, expires_at_ms: i64, owns_token: bool| ConsoleSession {
+        id_hash: hash.into(),
+        token_id: token.into(),
+        csrf: format!("csrf-{hash}"),
+        owns_token,
+        created_at_ms: now,
+        expires_at_ms,
+    };
+    let live = session("h1", "tok_a", now + 3_600_000, false);
+    store.create_console_session(&live).await.unwrap();
+    store.create_console_session(&session("h2", "tok_b", now - 1, true)).await.unwrap();
+    store.create_console_session(&session("h3", "tok_c", now - 1, false)).await.unwrap();
+    assert_eq!(store.get_console_session("h1").await.unwrap(), live);
+    assert!(matches!(store.get_console_session("h2").await, Err(StoreError::NotFound(_))), "expired is gone");
+    assert_eq!(
+        store.expire_console_sessions().await.unwrap(),
+        vec!["tok_b".to_owned()],
+        "owned tokens of expired ones"
+    );
+    assert!(store.expire_console_sessions().await.unwrap().is_empty());
+    assert_eq!(store.delete_console_session("h1").await.unwrap(), Some(live));
+    assert_eq!(store.delete_console_session("h1").await.unwrap(), None);
 }
 
 async fn blobs_and_archives(store: Store) {

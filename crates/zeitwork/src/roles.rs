@@ -456,6 +456,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!();
     println!("Zeitwork is running.");
     println!("  API      {api}");
+    println!("  Console  {api}/ (sign in with the token below)");
     println!("  Token    {}", op.admin_token_path.display());
     println!(
         "  Node     {} in region local ({}), runtime {}",

@@ -150,7 +150,13 @@ pub fn openapi_json() -> String {
     s
 }
 
+/// The operator's HTTP surface: the API, and the web console at `/` that renders from it.
 pub fn router(state: AppState) -> Router {
+    let api = api_app(state.clone());
+    crate::console::router(state, api.clone()).merge(api)
+}
+
+fn api_app(state: AppState) -> Router {
     let (routes, doc) = api_router().split_for_parts();
     let doc = std::sync::Arc::new(doc);
     let metrics = state.metrics.clone();
