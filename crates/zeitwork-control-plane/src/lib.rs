@@ -59,6 +59,10 @@ pub struct AppState {
     pub outbox: Arc<tokio::sync::Notify>,
     /// Build counters and durations.
     pub builds: api::builds::SharedBuildMetrics,
+    /// Event stream figures.
+    pub sse: Arc<api::stream::SseStats>,
+    /// Outbox and database pool gauges.
+    pub gauges: Arc<notify::QueueGauges>,
 }
 
 impl AppState {
@@ -153,6 +157,10 @@ impl Operator {
         });
         let build_metrics = Arc::new(api::builds::BuildMetrics::default());
         metrics.with_registry(|r| build_metrics.register(r));
+        let sse = Arc::new(api::stream::SseStats::default());
+        metrics.with_registry(|r| sse.register(r));
+        let queue_gauges = Arc::new(notify::QueueGauges::default());
+        metrics.with_registry(|r| queue_gauges.register(r));
         let engine = tokio::spawn(engine::run(
             store.clone(),
             engine::EngineConfig {
@@ -188,6 +196,8 @@ impl Operator {
             leader,
             outbox: Arc::new(tokio::sync::Notify::new()),
             builds: build_metrics,
+            sse,
+            gauges: queue_gauges,
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));

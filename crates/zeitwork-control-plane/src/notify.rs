@@ -78,6 +78,44 @@ fn summary(p: &serde_json::Value) -> String {
     line
 }
 
+/// Queue depths and the database pool, as gauges (refreshed every few seconds by the worker).
+#[derive(Debug, Default)]
+pub struct QueueGauges {
+    pub outbox_pending: prometheus_client::metrics::gauge::Gauge,
+    pub outbox_dead: prometheus_client::metrics::gauge::Gauge,
+    pub outbox_oldest_pending_seconds: prometheus_client::metrics::gauge::Gauge,
+    pub db_connections_in_use: prometheus_client::metrics::gauge::Gauge,
+    pub db_connections_idle: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl QueueGauges {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("outbox_pending", "Notifications waiting to be delivered", self.outbox_pending.clone());
+        r.register("outbox_dead", "Notifications in the dead-letter queue", self.outbox_dead.clone());
+        r.register(
+            "outbox_oldest_pending_seconds",
+            "Age of the oldest notification waiting",
+            self.outbox_oldest_pending_seconds.clone(),
+        );
+        r.register("db_connections_in_use", "Store connections in use", self.db_connections_in_use.clone());
+        r.register("db_connections_idle", "Store connections idle in the pool", self.db_connections_idle.clone());
+    }
+
+    async fn refresh(&self, s: &AppState) {
+        let (size, idle) = s.store.pool_stats();
+        self.db_connections_in_use.set(i64::from(size.saturating_sub(idle)));
+        self.db_connections_idle.set(i64::from(idle));
+        match s.store.outbox_counts().await {
+            Ok(c) => {
+                self.outbox_pending.set(c.pending);
+                self.outbox_dead.set(c.dead);
+                self.outbox_oldest_pending_seconds.set(c.oldest_pending_secs.unwrap_or(0));
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the outbox's figures failed"),
+        }
+    }
+}
+
 /// Delivers until `stop`; `nudge` starts a pass at once (a new row).
 pub async fn run(s: AppState, nudge: std::sync::Arc<Notify>, mut stop: watch::Receiver<bool>) {
     let http = reqwest::Client::builder()
@@ -86,11 +124,16 @@ pub async fn run(s: AppState, nudge: std::sync::Arc<Notify>, mut stop: watch::Re
         .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default();
+    let mut last_refresh = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = nudge.notified() => {}
             _ = stop.wait_for(|v| *v) => return,
+        }
+        if last_refresh.elapsed() >= Duration::from_secs(5) {
+            s.gauges.refresh(&s).await;
+            last_refresh = std::time::Instant::now();
         }
         if s.leader.get() != 1 {
             continue;

@@ -186,6 +186,13 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     })
     .await;
     assert!(dlq["by_reason"].to_string().contains("unreachable"), "{dlq}");
+    // The queue's depths are gauges on /metrics too, for alerting.
+    let metrics = until("the dead-letter gauge", async || {
+        let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        m.lines().any(|l| l.starts_with("zeitwork_operator_outbox_dead ") && !l.ends_with(" 0")).then_some(m)
+    })
+    .await;
+    assert!(metrics.contains("zeitwork_operator_db_connections_idle"), "{metrics}");
     let stats: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
     assert!(stats["dead"].as_u64().unwrap() >= 1 && stats["delivered"].as_u64().unwrap() >= 4, "{stats}");
     // The receiver comes back; everything is retried and delivered.
@@ -222,6 +229,21 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
         .unwrap();
     let org_admin = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
     assert_eq!(org_admin.get::<Value>("/api/admin/outbox/stats").await.unwrap_err().status(), Some(403));
+    assert_eq!(org_admin.get::<Value>("/api/admin/sse/stats").await.unwrap_err().status(), Some(403));
+    // Open event streams are counted by organisation, and the changes they were sent.
+    let listening = org_admin.stream("/api/v1/events/stream").await.unwrap();
+    let sse = until("the open stream counted", async || {
+        let st: Value = admin.get("/api/admin/sse/stats").await.unwrap();
+        (st["by_org"]["acme"] == 1).then_some(st)
+    })
+    .await;
+    assert!(sse["connections"].as_i64().unwrap() >= 1, "{sse}");
+    drop(listening);
+    until("the closed stream uncounted", async || {
+        let st: Value = admin.get("/api/admin/sse/stats").await.unwrap();
+        st["by_org"].get("acme").is_none().then_some(())
+    })
+    .await;
     // An org's token reads its own org's analytics, and no other's.
     let own: Value = org_admin.get("/api/v1/analytics/deployments/frequency").await.unwrap();
     assert_eq!(own["total"], 2);

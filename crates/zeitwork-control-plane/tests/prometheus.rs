@@ -58,6 +58,8 @@ async fn the_operator_metrics_the_alerts_use_exist() {
         "zeitwork_operator_database_up",
         "zeitwork_operator_engine_leader",
         "zeitwork_operator_http_request_duration_seconds_bucket",
+        "zeitwork_operator_outbox_dead",
+        "zeitwork_operator_outbox_oldest_pending_seconds",
     ] {
         assert!(rules.contains(name), "the rules use {name}");
         assert!(metrics.lines().any(|l| l.starts_with(name)), "{name} is exported: {metrics}");

@@ -183,6 +183,15 @@ impl Store {
         Ok(store)
     }
 
+    /// Connections of the store's pools: (open, idle).
+    pub fn pool_stats(&self) -> (u32, u32) {
+        if self.dialect == Dialect::Postgres {
+            (self.writer.size(), self.writer.num_idle() as u32)
+        } else {
+            (self.reader.size() + self.writer.size(), (self.reader.num_idle() + self.writer.num_idle()) as u32)
+        }
+    }
+
     pub fn dialect(&self) -> Dialect {
         self.dialect
     }

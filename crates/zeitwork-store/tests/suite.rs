@@ -520,6 +520,8 @@ async fn builds_queue_claim_log_and_finish(store: Store) {
     one.image = String::new();
     let d = store.create_build(&one, &spec, Some("enc".into()), &audit("deployment.create")).await.unwrap();
     assert_eq!(d.status, DeploymentStatus::Building);
+    // Queued in a later millisecond, so "oldest first" has one answer.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let mut two = new_deployment(&p, Environment::Production);
     two.image = String::new();
     store.create_build(&two, &spec, None, &audit("deployment.create")).await.unwrap();
@@ -571,4 +573,39 @@ async fn builds_queue_claim_log_and_finish(store: Store) {
     let later = chrono::Utc::now().timestamp_millis() + 1000;
     let stale: Vec<String> = store.stale_builds(later).await.unwrap().into_iter().map(|b| b.id).collect();
     assert_eq!(stale, vec![three.id.clone()]);
+}
+
+/// The store speaks TLS to PostgreSQL: `sslmode=require` encrypts, and
+/// `sslmode=verify-full` with `sslrootcert` also checks the server's certificate.
+#[tokio::test]
+async fn postgres_over_tls() {
+    let pg = zeitwork_testkit::Postgres::start_tls().expect("a PostgreSQL server with TLS");
+    let url = pg.create_database("tls").unwrap();
+    let ca = pg.ca_path().display().to_string();
+    for (i, params) in
+        ["sslmode=require".to_owned(), format!("sslmode=verify-full&sslrootcert={ca}")].iter().enumerate()
+    {
+        let u = url.replace("127.0.0.1", "localhost");
+        let store = Store::connect(&format!("{u}?{params}")).await.unwrap_or_else(|e| panic!("{params}: {e}"));
+        store.migrate().await.unwrap();
+        org(&store, &format!("acme{i}")).await;
+        store.close().await;
+    }
+    // Encrypted for real: the server reports the session's TLS.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&format!("{url}?sslmode=require")).await.unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(ssl, "the session is not encrypted");
+    // A certificate from another CA is refused under verify-full.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(other.path(), params.self_signed(&key).unwrap().pem()).unwrap();
+    let wrong =
+        format!("{}?sslmode=verify-full&sslrootcert={}", url.replace("127.0.0.1", "localhost"), other.path().display());
+    assert!(Store::connect(&wrong).await.is_err(), "a server certificate from an unknown CA must be refused");
 }

@@ -56,6 +56,47 @@ impl Postgres {
     /// initdb + pg_ctl start. As root the server runs as `nobody`, since
     /// PostgreSQL refuses to run as root.
     pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Postgres::start`], serving TLS with a certificate for `localhost`
+    /// and 127.0.0.1 from a CA of its own, whose root is at [`Postgres::ca_path`].
+    pub fn start_tls() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    /// The root certificate the server's TLS certificate chains to.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn write_tls(&self) -> Result<String> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "Zeitwork test database CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_key = KeyPair::generate()?;
+        std::fs::write(self.ca_path(), ca.self_signed(&ca_key)?.pem())?;
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
+        leaf.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        leaf.distinguished_name.push(DnType::CommonName, "localhost");
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let (cert_path, key_path) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        use std::os::unix::fs::PermissionsExt;
+        // PostgreSQL refuses a key others may read.
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&key_path, Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&cert_path, Some(uid), Some(gid))?;
+        }
+        Ok(format!(" -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'", cert_path.display(), key_path.display()))
+    }
+
+    fn start_with(tls: bool) -> Result<Self> {
         let bin = postgres_bin_dir()
             .context("PostgreSQL server binaries not found: install the postgresql package or set ZEITWORK_PG_BIN")?;
         let dir = tempfile::Builder::new().prefix("zeitwork-pg-").tempdir()?;
@@ -71,10 +112,13 @@ impl Postgres {
             "initdb",
             &["-D", &pg.data_dir(), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
         )?;
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c max_connections=200",
             pg.port
         );
+        if tls {
+            opts.push_str(&pg.write_tls()?);
+        }
         let log = pg.dir.path().join("server.log").display().to_string();
         pg.run("pg_ctl", &["-D", &pg.data_dir(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])?;
         pg.wait_ready()?;

@@ -96,6 +96,8 @@ pub enum Verb {
     Events(With<EventCmd>),
     /// Deployment frequency, duration, success rate, and what each org holds.
     Analytics(With<crate::ops::AnalyticsCmd>),
+    /// The outbox and its dead-letter queue: figures, list, retry, drop (platform admins).
+    Notifications(With<crate::ops::NotificationsCmd>),
     /// Write a consistent snapshot of a single-machine operator's whole state (online).
     Backup(crate::ops::BackupArgs),
     /// Put a backup in place as an operator's state (the operator stopped; the same encryption key).
@@ -662,6 +664,7 @@ pub async fn run(verb: Verb) -> Result<()> {
         Verb::Tokens(w) => tokens(w.conn, w.cmd).await,
         Verb::Events(w) => events(w.conn, w.cmd).await,
         Verb::Analytics(w) => crate::ops::analytics(w.conn, w.cmd).await,
+        Verb::Notifications(w) => crate::ops::notifications(w.conn, w.cmd).await,
         Verb::Backup(a) => crate::ops::backup(a).await,
         Verb::Restore(a) => crate::ops::restore(a).await,
     }

@@ -199,3 +199,107 @@ pub async fn restore(a: RestoreArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, Subcommand)]
+pub enum NotificationsCmd {
+    /// The outbox, the dead-letter queue and the event streams in figures (platform admins).
+    Stats,
+    /// The dead-letter queue: notifications that kept failing (platform admins).
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List dead letters, oldest first.
+    List,
+    /// Queue one dead letter again, or all with --all.
+    Retry {
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Drop a dead letter for good.
+    Drop { id: i64 },
+}
+
+pub async fn notifications(conn: Conn, cmd: NotificationsCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        NotificationsCmd::Stats => {
+            let outbox: Value = c.get("/api/admin/outbox/stats").await?;
+            let dlq: Value = c.get("/api/admin/dlq/stats").await?;
+            let sse: Value = c.get("/api/admin/sse/stats").await?;
+            if conn.json {
+                json(&serde_json::json!({"outbox": outbox, "dlq": dlq, "sse": sse}));
+                return Ok(());
+            }
+            let n = n_or;
+            table(
+                &["queue", "pending", "delivered", "dead", "failed attempts", "oldest pending"],
+                vec![vec![
+                    "outbox".into(),
+                    n(&outbox["pending"]),
+                    n(&outbox["delivered"]),
+                    n(&outbox["dead"]),
+                    n(&outbox["failed_attempts"]),
+                    outbox["oldest_pending_secs"].as_i64().map_or("-".into(), |s| format!("{s} s")),
+                ]],
+            );
+            println!();
+            table(
+                &["event streams", "open", "events sent", "dropped"],
+                vec![vec!["all".into(), n(&sse["connections"]), n(&sse["events_sent"]), n(&sse["events_dropped"])]],
+            );
+        }
+        NotificationsCmd::Dlq { cmd: DlqCmd::List } => {
+            let dead: Value = c.get("/api/admin/dlq").await?;
+            if conn.json {
+                json(&dead);
+                return Ok(());
+            }
+            let rows = dead
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    vec![
+                        n_or(&d["id"]),
+                        d["channel"].as_str().unwrap_or("").to_owned(),
+                        d["event"].as_str().unwrap_or("").to_owned(),
+                        n_or(&d["attempts"]),
+                        d["error"].as_str().unwrap_or("").chars().take(60).collect(),
+                    ]
+                })
+                .collect();
+            table(&["id", "destination", "event", "attempts", "last error"], rows);
+        }
+        NotificationsCmd::Dlq { cmd: DlqCmd::Retry { id, all } } => {
+            let done: Value = match (id, all) {
+                (Some(id), _) => c.post_empty(&format!("/api/admin/dlq/{id}/retry")).await?,
+                (None, true) => c.post_empty("/api/admin/dlq/retry").await?,
+                (None, false) => {
+                    return Err(crate::roles::UsageError("give a dead letter's id, or --all".into()).into())
+                }
+            };
+            if conn.json {
+                json(&done)
+            } else {
+                println!("Queued {} notification(s) again.", n_or(&done["retried"]));
+            }
+        }
+        NotificationsCmd::Dlq { cmd: DlqCmd::Drop { id } } => {
+            c.delete(&format!("/api/admin/dlq/{id}")).await?;
+            if !conn.json {
+                println!("Dropped dead letter {id}.");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn n_or(v: &Value) -> String {
+    v.as_i64().map_or_else(|| "-".to_owned(), |n| n.to_string())
+}

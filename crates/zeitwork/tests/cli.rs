@@ -185,6 +185,16 @@ fn verbs_print_tables_json_and_exit_codes() {
     let text = ok(cli(&r, &["status"]));
     assert!(text.contains("Nodes") && text.contains("Deployments"), "{text}");
 
+    // The outbox and its dead-letter queue.
+    let stats = ok(cli(&r, &["notifications", "stats"]));
+    assert!(stats.contains("outbox") && stats.contains("EVENT STREAMS"), "{stats}");
+    let dead: serde_json::Value =
+        serde_json::from_str(&ok(cli(&r, &["notifications", "dlq", "list", "--json"]))).unwrap();
+    assert_eq!(dead, serde_json::json!([]));
+    assert_eq!(cli(&r, &["notifications", "dlq", "retry"]).status.code(), Some(2), "an id or --all");
+    assert_eq!(cli(&r, &["notifications", "dlq", "drop", "999"]).status.code(), Some(3));
+    assert!(ok(cli(&r, &["notifications", "dlq", "retry", "--all"])).contains("Queued 0"));
+
     // Shell completion scripts.
     let bash = ok(cli(&r, &["completions", "bash"]));
     assert!(bash.contains("_zeitwork") && bash.contains("deploy"), "{}", &bash[..200.min(bash.len())]);

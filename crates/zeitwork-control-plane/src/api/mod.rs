@@ -14,7 +14,7 @@ mod notifications;
 mod orgs;
 mod projects;
 mod routing;
-mod stream;
+pub(crate) mod stream;
 mod tls;
 
 use axum::http::{HeaderValue, StatusCode};
@@ -81,6 +81,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(github::receive))
         .routes(routes!(github::trigger))
         .routes(routes!(stream::event_stream))
+        .routes(routes!(stream::sse_stats))
         .routes(routes!(projects::list_projects, projects::create_project))
         .routes(routes!(projects::get_project, projects::patch_project, projects::delete_project))
         .routes(routes!(projects::list_env, projects::replace_env))

@@ -50,11 +50,23 @@ pub async fn event_stream(
     let visible = caller.visible_orgs();
     let admin = caller.is_admin();
     let mut rx = s.feed.subscribe();
+    let stats = s.sse.clone();
     let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Event>| async move {
+        // Counted as open until the client goes away.
+        let _open = stats.open(q.org.as_deref().or(match &caller.scope {
+            TokenScope::Org { org, .. } => Some(org.as_str()),
+            _ => None,
+        }));
         loop {
-            let change = match rx.recv().await {
+            // A client that went away ends the task (and its count) without waiting for a change.
+            let next = tokio::select! {
+                c = rx.recv() => c,
+                _ = tx.closed() => return,
+            };
+            let change = match next {
                 Ok(c) => c,
                 Err(RecvError::Lagged(n)) => {
+                    stats.dropped.inc_by(n);
                     let note =
                         Event::default().event("lagged").data(format!("{n} changes were dropped; re-read state"));
                     if tx.send(note).await.is_err() {
@@ -78,9 +90,81 @@ pub async fn event_stream(
             if tx.send(event).await.is_err() {
                 return;
             }
+            stats.sent.inc();
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+}
+
+/// Figures of the event streams, for `GET /api/admin/sse/stats` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct SseStats {
+    /// Open streams by organisation (`""`: platform-wide streams).
+    open: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
+    pub connections: prometheus_client::metrics::gauge::Gauge,
+    pub sent: prometheus_client::metrics::counter::Counter,
+    pub dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// One open stream; closes its count when dropped.
+pub struct OpenStream {
+    stats: std::sync::Arc<SseStats>,
+    org: String,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.stats.connections.dec();
+        if let Ok(mut open) = self.stats.open.lock() {
+            if let Some(n) = open.get_mut(&self.org) {
+                *n -= 1;
+                if *n <= 0 {
+                    open.remove(&self.org);
+                }
+            }
+        }
+    }
+}
+
+impl SseStats {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("sse_connections", "Open event streams", self.connections.clone());
+        r.register("sse_events_sent", "Changes sent on event streams", self.sent.clone());
+        r.register("sse_events_dropped", "Changes dropped for event streams that fell behind", self.dropped.clone());
+    }
+
+    fn open(self: &std::sync::Arc<Self>, org: Option<&str>) -> OpenStream {
+        let org = org.unwrap_or_default().to_owned();
+        self.connections.inc();
+        if let Ok(mut open) = self.open.lock() {
+            *open.entry(org.clone()).or_default() += 1;
+        }
+        OpenStream { stats: self.clone(), org }
+    }
+
+    /// Open streams by organisation.
+    pub fn by_org(&self) -> std::collections::BTreeMap<String, i64> {
+        self.open.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+}
+
+/// The event streams in figures: open connections (by organisation), changes sent and dropped.
+#[utoipa::path(get, path = "/api/admin/sse/stats", tag = "events",
+    responses((status = 200, description = "event stream figures"), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn sse_stats(State(s): State<AppState>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+    s.require_admin(&caller, "sse.stats", "sse").await?;
+    let by_org: serde_json::Map<String, serde_json::Value> = s
+        .sse
+        .by_org()
+        .into_iter()
+        .map(|(org, n)| (if org.is_empty() { "(all organisations)".into() } else { org }, n.into()))
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "connections": s.sse.connections.get(),
+        "by_org": by_org,
+        "events_sent": s.sse.sent.get(),
+        "events_dropped": s.sse.dropped.get(),
+    })))
 }
 
 /// A stream fed by a task; the task ends when the response is dropped.
