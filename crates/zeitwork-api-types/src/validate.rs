@@ -683,6 +683,47 @@ impl CreateToken {
     }
 }
 
+impl crate::HealthCheckSpec {
+    pub fn validate(&self) -> Result {
+        if !self.path.starts_with('/')
+            || self.path.len() > 1024
+            || self.path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ValidationError::new("path", format!("{:?} is not a URL path like /healthz", self.path)));
+        }
+        if !matches!(self.method.as_str(), "GET" | "HEAD") {
+            return Err(ValidationError::new("method", format!("{:?}: use GET or HEAD", self.method)));
+        }
+        if !(100..=599).contains(&self.expected_status) {
+            return Err(ValidationError::new("expected_status", "use an HTTP status, 100 to 599"));
+        }
+        if let Some(b) = &self.body_contains {
+            if b.is_empty() || b.len() > 256 {
+                return Err(ValidationError::new("body_contains", "use 1 to 256 characters"));
+            }
+            if self.method == "HEAD" {
+                return Err(ValidationError::new("body_contains", "HEAD answers have no body; use GET"));
+            }
+        }
+        if !(10..=3600).contains(&self.interval_secs) {
+            return Err(ValidationError::new(
+                "interval_secs",
+                format!("{} is out of range; use 10 to 3600", self.interval_secs),
+            ));
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 60 || self.timeout_secs > self.interval_secs {
+            return Err(ValidationError::new("timeout_secs", "use 1 to 60 seconds, at most interval_secs"));
+        }
+        if !(1..=60_000).contains(&self.degraded_ms) {
+            return Err(ValidationError::new("degraded_ms", "use 1 to 60000"));
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            dns_label(&format!("regions[{i}]"), r)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,13 @@ pub struct OperatorConfig {
     pub github_git_url: String,
     /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`), for commit statuses and preview comments.
     pub github_api_url: String,
+    /// The region this operator probes uptime checks from (a region code).
+    pub region: String,
+    /// Send uptime probes to this edge proxy address (with the app's Host header)
+    /// instead of resolving the app's URL (single machines, split DNS).
+    pub uptime_via: Option<SocketAddr>,
+    /// Days uptime samples are kept.
+    pub health_sample_retention_days: u32,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
 }
@@ -136,6 +143,9 @@ impl Default for OperatorConfig {
             build_disk_mib: 20 << 10,
             github_git_url: "https://github.com".into(),
             github_api_url: "https://api.github.com".into(),
+            region: "local".into(),
+            uptime_via: None,
+            health_sample_retention_days: 30,
             github_oauth: None,
         }
     }
@@ -185,6 +195,12 @@ impl OperatorConfig {
         }
         if !(1..=256).contains(&self.build_vcpu) {
             return err("build_vcpu", "use 1 to 256".into());
+        }
+        if let Err(e) = zeitwork_api_types::validate::dns_label("region", &self.region) {
+            return err("region", e.message);
+        }
+        if !(1..=3650).contains(&self.health_sample_retention_days) {
+            return err("health_sample_retention_days", "use 1 to 3650".into());
         }
         if self.max_source_bytes == 0 {
             return err("max_source_bytes", "use a positive number of bytes".into());

@@ -19,6 +19,7 @@ pub mod notify;
 pub mod routing;
 pub mod secrets;
 pub mod serve;
+pub mod uptime;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub sse: Arc<api::stream::SseStats>,
     /// Outbox and database pool gauges.
     pub gauges: Arc<notify::QueueGauges>,
+    /// Wakes the uptime prober (a check was added or changed).
+    pub uptime: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -108,6 +111,7 @@ pub struct Operator {
     autoscaler: tokio::task::JoinHandle<()>,
     notifier: tokio::task::JoinHandle<()>,
     build_watch: tokio::task::JoinHandle<()>,
+    prober: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -198,11 +202,13 @@ impl Operator {
             builds: build_metrics,
             sse,
             gauges: queue_gauges,
+            uptime: Arc::new(tokio::sync::Notify::new()),
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
         let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
         let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
+        let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,
@@ -224,6 +230,7 @@ impl Operator {
             autoscaler,
             notifier,
             build_watch,
+            prober,
             admin_token,
             admin_token_path,
             store,
@@ -245,6 +252,7 @@ impl Operator {
         self.autoscaler.abort();
         self.notifier.abort();
         self.build_watch.abort();
+        self.prober.abort();
     }
 
     pub async fn shutdown(self) {
@@ -260,6 +268,7 @@ impl Operator {
         let _ = self.autoscaler.await;
         let _ = self.notifier.await;
         let _ = self.build_watch.await;
+        let _ = self.prober.await;
         self.store.close().await;
     }
 }

@@ -60,6 +60,12 @@ fn summary(p: &serde_json::Value) -> String {
         "deployment.wake" => "woke up",
         "deployment.retire" | "deployment.delete" => "retired",
         "deployment.scale" => "scaled",
+        "health_check.state" => match p["detail"]["to"].as_str() {
+            Some("down") => "is DOWN",
+            Some("degraded") => "is degraded",
+            Some("up") => "is up again",
+            _ => "uptime check changed",
+        },
         "notification.test" => "test notification",
         other => other,
     };

@@ -11,6 +11,7 @@
 
 mod backup;
 mod builds;
+mod checks;
 mod entities;
 mod lifecycle;
 mod outbox;
@@ -26,6 +27,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 pub use backup::*;
 pub use builds::*;
+pub use checks::*;
 pub use entities::*;
 pub use lifecycle::*;
 pub use outbox::*;

@@ -22,6 +22,7 @@ pub const NOTIFIED: &[&str] = &[
     "deployment.retire",
     "deployment.delete",
     "deployment.scale",
+    "health_check.state",
     "notification.test",
 ];
 

@@ -409,6 +409,37 @@ CREATE TABLE console_sessions (
 CREATE INDEX console_sessions_expiry ON console_sessions (expires_at)
 "#,
     ),
+    (
+        15,
+        "uptime checks",
+        r#"
+CREATE TABLE health_checks (
+    id {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    org TEXT NOT NULL,
+    project TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    fails BIGINT NOT NULL,
+    passes BIGINT NOT NULL,
+    next_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX health_checks_project ON health_checks (org, project);
+CREATE TABLE health_samples (
+    id {{serial}},
+    check_id TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    region TEXT NOT NULL,
+    ok BIGINT NOT NULL,
+    status BIGINT,
+    latency_ms BIGINT NOT NULL,
+    error TEXT
+);
+CREATE INDEX health_samples_check ON health_samples (check_id, at)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -26,6 +26,7 @@ cases!(
     domains,
     deployments,
     builds_queue_claim_log_and_finish,
+    uptime_checks_and_samples,
     events_are_atomic_with_changes,
     tokens,
     console_sessions,
@@ -608,4 +609,49 @@ async fn postgres_over_tls() {
     let wrong =
         format!("{}?sslmode=verify-full&sslrootcert={}", url.replace("127.0.0.1", "localhost"), other.path().display());
     assert!(Store::connect(&wrong).await.is_err(), "a server certificate from an unknown CA must be refused");
+}
+
+async fn uptime_checks_and_samples(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let now = chrono::Utc::now();
+    let c = StoredCheck {
+        id: "chk_one".into(),
+        project_id: p.id.clone(),
+        org: "acme".into(),
+        project: "web".into(),
+        spec: serde_json::json!({"path": "/", "interval_secs": 10}),
+        state: "unknown".into(),
+        fails: 0,
+        passes: 0,
+        next_at: now.timestamp_millis(),
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_check(&c, &audit("health_check.create")).await.unwrap();
+    let due = store.due_checks(now.timestamp_millis()).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(store.due_checks(now.timestamp_millis()).await.unwrap().is_empty(), "claimed until its next run");
+    let sample = |ok: bool, at: i64| Sample {
+        id: 0,
+        at: chrono::DateTime::from_timestamp_millis(at).unwrap(),
+        region: "local".into(),
+        ok,
+        status: Some(if ok { 200 } else { 500 }),
+        latency_ms: 12,
+        error: (!ok).then(|| "answered 500".to_owned()),
+    };
+    let t = now.timestamp_millis();
+    assert_eq!(store.record_sample("chk_one", &sample(true, t - 3000), false).await.unwrap().1, "up");
+    assert_eq!(store.record_sample("chk_one", &sample(false, t - 2000), false).await.unwrap().1, "degraded");
+    let (before, after) = store.record_sample("chk_one", &sample(false, t - 1000), false).await.unwrap();
+    assert_eq!((before.as_str(), after.as_str()), ("degraded", "down"));
+    let all = store.samples("chk_one", t - 10_000, t, 0, 100).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2].status, Some(500));
+    let page = store.samples("chk_one", t - 10_000, t, all[0].id, 1).await.unwrap();
+    assert_eq!(page[0].id, all[1].id, "paged after a cursor");
+    assert_eq!(store.prune_samples(t - 1500, 1000).await.unwrap(), 2);
+    store.delete_check("chk_one", &audit("health_check.delete")).await.unwrap();
+    assert!(store.samples("chk_one", 0, t, 0, 100).await.unwrap().is_empty());
 }

@@ -406,6 +406,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         apps_scheme: "http".into(),
         apps_port: Some(args.http_port),
         default_instances_per_region: 1,
+        // Uptime checks reach apps through this machine's edge (`*.localhost` is not in DNS).
+        uptime_via: Some(SocketAddr::from(([127, 0, 0, 1], args.http_port))),
         ..Default::default()
     };
     config.validate()?;

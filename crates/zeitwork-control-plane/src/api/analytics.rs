@@ -32,7 +32,7 @@ pub struct Window {
     interval: Option<String>,
 }
 
-fn time(field: &str, s: &str) -> Result<DateTime<Utc>, ValidationError> {
+pub(crate) fn time(field: &str, s: &str) -> Result<DateTime<Utc>, ValidationError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }

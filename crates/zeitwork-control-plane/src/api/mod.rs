@@ -2,8 +2,9 @@
 //! its input, and calls the store; the OpenAPI document is generated from the
 //! same annotations the router is built from, so the two cannot drift.
 
-mod analytics;
+pub(crate) mod analytics;
 pub(crate) mod builds;
+pub(crate) mod checks;
 mod cluster;
 mod github;
 pub use github::token_context as github_token_context;
@@ -118,6 +119,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::project_routing))
         .routes(routes!(projects::project_health))
         .routes(routes!(images::upload_image))
+        .routes(routes!(checks::list_checks, checks::create_check))
+        .routes(routes!(checks::patch_check, checks::delete_check))
+        .routes(routes!(checks::samples))
         .routes(routes!(builds::upload_source))
         .routes(routes!(builds::get_build))
         .routes(routes!(builds::build_log))

@@ -1,0 +1,232 @@
+//! Uptime checks with real parts: an app in a runc container behind the edge,
+//! probed through the edge by the operator; when the app starts answering 500
+//! its check goes `down`, a notification says so, and the samples show it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+
+/// A layer of (path, mode, contents); a path ending in `/` is a directory, contents `->x` a link.
+fn layer(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        if path.ends_with('/') {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            b.append_data(&mut h, path, &b""[..]).unwrap();
+        } else if let Some(target) = body.strip_prefix(b"->") {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, path, std::str::from_utf8(target).unwrap()).unwrap();
+        } else {
+            h.set_size(body.len() as u64);
+            b.append_data(&mut h, path, *body).unwrap();
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// busybox httpd with two CGI scripts: `/cgi-bin/health` answers 200 until `/cgi-bin/break` is called, then 500.
+const HEALTH: &[u8] = b"#!/bin/sh\nif [ -e /tmp/broken ]; then printf 'Status: 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nbroken\\n'; else printf 'Content-Type: text/plain\\r\\n\\r\\nall good\\n'; fi\n";
+const BREAK: &[u8] = b"#!/bin/sh\n: > /tmp/broken\nprintf 'Content-Type: text/plain\\r\\n\\r\\nbroken now\\n'\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_answering_500_turns_its_check_down_and_notifies() {
+    let busybox = std::fs::read("/usr/bin/busybox").expect("busybox-static");
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let layers = vec![
+        layer(&[("bin/", 0o755, b""), ("bin/busybox", 0o755, &busybox), ("bin/sh", 0o777, b"->busybox")]),
+        layer(&[
+            ("www/", 0o755, b""),
+            ("www/index.html", 0o644, b"hello\n"),
+            ("www/cgi-bin/", 0o755, b""),
+            ("www/cgi-bin/health", 0o755, HEALTH),
+            ("www/cgi-bin/break", 0o755, BREAK),
+            ("tmp/", 0o1777, b""),
+        ]),
+    ];
+    let config =
+        json!({"Entrypoint": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"], "Env": ["PATH=/bin"]});
+    reg.push_image("acme/checked", "1", &layers, config).await.unwrap();
+    let image = format!("{}/acme/checked:1", reg.addr);
+
+    // A receiver for the notifications.
+    let got: Arc<Mutex<Vec<Value>>> = Default::default();
+    let sink = got.clone();
+    let app = axum::Router::new().fallback(move |body: String| {
+        let sink = sink.clone();
+        async move {
+            sink.lock().unwrap().push(serde_json::from_str(&body).unwrap_or(Value::Null));
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let edge_port = zeitwork_testkit::free_port();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("op"),
+        apps_scheme: "http".into(),
+        uptime_via: Some(([127, 0, 0, 1], edge_port).into()),
+        notifications_allow_internal: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{receiver}/"), "secret": "a signing secret of 32 chars.", "events": ["health_check.state"]}),
+        )
+        .await
+        .unwrap();
+    let token = |role: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let t: Value = admin
+                .post("/api/v1/tokens", &json!({"name": role, "scope": {"kind": "cluster", "role": role}}))
+                .await
+                .unwrap();
+            t["secret"].as_str().unwrap().to_owned()
+        }
+    };
+    let agent = NodeAgent::start(NodeAgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: base.clone(),
+        token: Some(token("node-agent").await),
+        hostname: "uptime-node".into(),
+        region: "local".into(),
+        data_dir: dir.path().join("agent"),
+        instance_range: "10.242.0.0".parse().unwrap(),
+        runtime: "container".into(),
+        vcpu: Some(16),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+        http_listen: ([127, 0, 0, 1], edge_port).into(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: base.clone(),
+        token: Some(token("edge-proxy").await),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d: Value =
+        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
+    let id = d["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap()["status"] != "active" {
+        if Instant::now() > deadline {
+            let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
+            let i: Value = admin.get(&format!("/api/v1/deployments/{id}/instances")).await.unwrap();
+            panic!("the app never went live: {d}\n{i}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Bad settings are refused, naming the field.
+    for (body, field) in [
+        (json!({"interval_secs": 5}), "interval_secs"),
+        (json!({"regions": ["mars"]}), "regions[0]"),
+        (json!({"path": "healthz"}), "path"),
+        (json!({"timeout_secs": 30, "interval_secs": 10}), "timeout_secs"),
+    ] {
+        let e = admin.post::<_, Value>("/api/v1/projects/acme/web/health-checks", &body).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{body}: {e}");
+        assert!(e.to_string().contains(field), "{body}: {e}");
+    }
+    let check: Value = admin
+        .post(
+            "/api/v1/projects/acme/web/health-checks",
+            &json!({"path": "/cgi-bin/health", "interval_secs": 10, "timeout_secs": 5, "body_contains": "good"}),
+        )
+        .await
+        .unwrap();
+    let check_id = check["id"].as_str().unwrap().to_owned();
+    assert_eq!(check["url"], "http://web-acme.zeitwork.localhost/cgi-bin/health");
+    let state = |want: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let checks: Vec<Value> = admin.get("/api/v1/projects/acme/web/health-checks").await.unwrap();
+                if checks[0]["state"] == want {
+                    return checks[0].clone();
+                }
+                assert!(Instant::now() < deadline, "the check never became {want}: {}", checks[0]);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let up = state("up").await;
+    assert_eq!(up["uptime_percent"], 100.0, "{up}");
+    let started = chrono::Utc::now();
+
+    // The app starts answering 500.
+    let res = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{edge_port}/cgi-bin/break"))
+        .header("host", "web-acme.zeitwork.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let down = state("down").await;
+    assert!(down["uptime_percent"].as_f64().unwrap() < 100.0, "{down}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = got.lock().unwrap().clone();
+        if seen.iter().any(|n| n["event"] == "health_check.state" && n["detail"]["to"] == "down") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no notification of the check going down: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let from = started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let samples: Vec<Value> = admin
+        .get(&format!("/api/v1/health-checks/{check_id}/samples?from={}", from.replace('+', "%2B")))
+        .await
+        .unwrap();
+    let failing: Vec<&Value> = samples.iter().filter(|s| s["ok"] == false).collect();
+    assert!(failing.len() >= 2, "{samples:?}");
+    assert!(failing.iter().all(|s| s["status"] == 500 && s["error"].as_str().unwrap().contains("500")), "{samples:?}");
+    let paged = admin
+        .get_with_headers::<Vec<Value>>(&format!("/api/v1/health-checks/{check_id}/samples?limit=1"))
+        .await
+        .unwrap();
+    assert_eq!(paged.0.len(), 1);
+    let bad =
+        admin.get::<Value>(&format!("/api/v1/health-checks/{check_id}/samples?from=yesterday")).await.unwrap_err();
+    assert_eq!(bad.status(), Some(400));
+
+    edge.shutdown().await;
+    agent.shutdown().await;
+    op.shutdown().await;
+}
