@@ -58,6 +58,8 @@ pub struct Settings {
     pub liveness_failures: u32,
     /// Bytes the image cache may hold; unused images beyond it are removed.
     pub image_cache_bytes: u64,
+    /// Where instance logs are also sent (syslog), to name each instance's app.
+    pub forward: Option<Arc<zeitwork_runtime::syslog::Forwarder>>,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -356,6 +358,9 @@ async fn converge(
     let gone: Vec<String> = table.read().await.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
     for id in gone {
         let local = table.write().await.remove(&id);
+        if let Some(f) = &s.forward {
+            f.forget(&id);
+        }
         let (client, runtime, grace) = (client.clone(), runtime.clone(), s.stop_grace);
         tokio::spawn(async move {
             // An instance that already ended (and was reported so) is only cleaned up.
@@ -376,6 +381,14 @@ async fn converge(
         let known = table.read().await.get(&id).cloned();
         match known {
             None => {
+                if let Some(f) = &s.forward {
+                    let source = zeitwork_runtime::syslog::Source {
+                        org: a.org.clone(),
+                        project: a.project.clone(),
+                        deployment: a.deployment.clone(),
+                    };
+                    f.register(&id, source);
+                }
                 let local = Local::starting(a.clone(), Vec::new());
                 let generation = local.generation;
                 table.write().await.insert(id.clone(), local);

@@ -78,6 +78,10 @@ pub struct NodeAgentConfig {
     pub buildah: Option<PathBuf>,
     /// Storage driver of the builds' layer stores: `vfs` (works with every buildah) or `overlay`.
     pub build_storage_driver: String,
+    /// Also send instance logs to this syslog receiver: `udp://HOST:PORT` or `tcp://HOST:PORT` (RFC 5424).
+    pub log_forward: Option<String>,
+    /// Days instance logs are kept on the node after their instance last wrote.
+    pub log_retention_days: u32,
 }
 
 impl Default for NodeAgentConfig {
@@ -113,6 +117,8 @@ impl Default for NodeAgentConfig {
             builds: true,
             buildah: None,
             build_storage_driver: "vfs".into(),
+            log_forward: None,
+            log_retention_days: 3,
         }
     }
 }
@@ -163,6 +169,14 @@ impl NodeAgentConfig {
         }
         if self.liveness_interval_secs == 0 || self.liveness_interval_secs > 3600 {
             return err("liveness_interval_secs", "use 1 to 3600".into());
+        }
+        if let Some(t) = &self.log_forward {
+            if let Err(e) = zeitwork_runtime::syslog::Target::parse(t) {
+                return err("log_forward", e);
+            }
+        }
+        if !(1..=3650).contains(&self.log_retention_days) {
+            return err("log_retention_days", "use 1 to 3650".into());
         }
         if !matches!(self.build_storage_driver.as_str(), "vfs" | "overlay") {
             return err("build_storage_driver", format!("{:?} is not vfs or overlay", self.build_storage_driver));
@@ -230,11 +244,18 @@ impl NodeAgent {
         });
         let client = Client::new(&config.operator_url, config.token.clone());
         let log_dir = config.data_dir.join("logs");
-        let logs = Arc::new(
-            zeitwork_runtime::logs::LogStore::new(&log_dir)
-                .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?,
-        );
-        logs.prune(zeitwork_runtime::logs::RETENTION);
+        let forward = config
+            .log_forward
+            .as_deref()
+            .and_then(|t| zeitwork_runtime::syslog::Target::parse(t).ok())
+            .map(|t| zeitwork_runtime::syslog::Forwarder::start(t, &config.hostname));
+        let mut store = zeitwork_runtime::logs::LogStore::new(&log_dir)
+            .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?;
+        if let Some(f) = &forward {
+            store = store.forwarding(f.clone());
+        }
+        let logs = Arc::new(store);
+        logs.prune(Duration::from_secs(u64::from(config.log_retention_days) * 86_400));
         let options = zeitwork_runtime::select::SelectOptions {
             requested: config.runtime.clone(),
             dir: config.data_dir.clone(),
@@ -311,6 +332,7 @@ impl NodeAgent {
                     liveness_every: Duration::from_secs(config.liveness_interval_secs),
                     liveness_failures: config.liveness_failures,
                     image_cache_bytes: config.image_cache_bytes,
+                    forward: forward.clone(),
                 };
                 let runtime = Arc::new(selected.runtime);
                 let _ = runtime_cell.set(runtime.clone());
@@ -340,6 +362,17 @@ impl NodeAgent {
             (true, None) => tracing::info!("no buildah on this node; builds from source run on other nodes"),
             (false, _) => {}
         }
+        // Logs of instances gone for longer than the retention are removed, hourly.
+        let (prune_logs, mut prune_stop, keep) =
+            (logs.clone(), rx.clone(), Duration::from_secs(u64::from(config.log_retention_days) * 86_400));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => prune_logs.prune(keep),
+                    _ = prune_stop.wait_for(|s| *s) => return,
+                }
+            }
+        }));
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)

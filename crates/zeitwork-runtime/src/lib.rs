@@ -14,6 +14,7 @@ pub mod logs;
 pub mod net;
 pub mod qmp;
 pub mod select;
+pub mod syslog;
 pub mod vm;
 
 use std::net::SocketAddr;
@@ -180,6 +181,9 @@ pub struct LogLine {
     /// `stdout` or `stderr`.
     pub stream: String,
     pub line: String,
+    /// Syslog severity name (`err`, `warning`, `info`, …): a level the line states, else by stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
 }
 
 /// Resource use of a running instance.

@@ -26,6 +26,8 @@ pub const RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 pub struct LogStore {
     dir: PathBuf,
     cap: u64,
+    /// Where lines also go (a syslog receiver), when set.
+    forward: Option<Arc<crate::syslog::Forwarder>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -35,7 +37,17 @@ fn valid_id(id: &str) -> bool {
 impl LogStore {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP })
+        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP, forward: None })
+    }
+
+    /// A store that also forwards every line.
+    pub fn forwarding(self, forward: Arc<crate::syslog::Forwarder>) -> Self {
+        Self { forward: Some(forward), ..self }
+    }
+
+    /// The forwarder lines go to, if any.
+    pub fn forwarder(&self) -> Option<&Arc<crate::syslog::Forwarder>> {
+        self.forward.as_ref()
     }
 
     /// A store rotating at `cap` bytes (tests).
@@ -63,7 +75,11 @@ impl LogStore {
             line.truncate(cut);
             line.push_str(" [line cut]");
         }
-        let entry = LogLine { at: Utc::now(), stream: stream.into(), line };
+        let severity = crate::syslog::severity(stream, &line);
+        if let Some(f) = &self.forward {
+            f.send(id, stream, severity, Utc::now(), &line);
+        }
+        let entry = LogLine { at: Utc::now(), stream: stream.into(), line, severity: Some(severity.name().into()) };
         let mut text = serde_json::to_string(&entry).unwrap_or_default();
         text.push('\n');
         if tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() + text.len() as u64 > self.cap) {

@@ -43,6 +43,9 @@ pub struct DeploymentLogLine {
     /// `stdout`, `stderr`, or `zeitwork` for notes from the platform.
     pub stream: String,
     pub line: String,
+    /// Syslog severity name (`err`, `warning`, `info`, …), from a level the line states, else by stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +53,8 @@ struct AgentLine {
     at: DateTime<Utc>,
     stream: String,
     line: String,
+    #[serde(default)]
+    severity: Option<String>,
 }
 
 /// `since` as a time: RFC 3339, or an age before now.
@@ -98,6 +103,7 @@ async fn pump(
         instance: instance.id.clone(),
         stream: "zeitwork".into(),
         line,
+        severity: None,
     };
     let Some(node) = instance.node.clone() else { return };
     let node = match s.store.get_node(&node).await {
@@ -148,8 +154,13 @@ async fn pump(
         while let Some(i) = pending.iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = pending.drain(..=i).collect();
             if let Ok(l) = serde_json::from_slice::<AgentLine>(&raw) {
-                let line =
-                    DeploymentLogLine { at: l.at, instance: instance.id.clone(), stream: l.stream, line: l.line };
+                let line = DeploymentLogLine {
+                    at: l.at,
+                    instance: instance.id.clone(),
+                    stream: l.stream,
+                    line: l.line,
+                    severity: l.severity,
+                };
                 if tx.send(line).await.is_err() {
                     return;
                 }

@@ -1,0 +1,143 @@
+//! Log forwarding with a real receiver: rsyslog listening on UDP gets each
+//! line of an app as an RFC 5424 message with its severity, app and instance.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+
+/// rsyslogd with a config of its own: UDP on `port`, every message to `out` as `pri|app|procid|msgid|sd|msg`.
+struct Rsyslog(std::process::Child);
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rsyslog(dir: &std::path::Path, port: u16, out: &std::path::Path) -> Rsyslog {
+    let conf = dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{dir}\")\n\
+             module(load=\"imudp\")\n\
+             input(type=\"imudp\" address=\"127.0.0.1\" port=\"{port}\")\n\
+             template(name=\"line\" type=\"string\" string=\"%pri%|%app-name%|%procid%|%msgid%|%structured-data%|%msg%\\n\")\n\
+             action(type=\"omfile\" file=\"{out}\" template=\"line\")\n",
+            dir = dir.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("rsyslogd")
+        .args(["-n", "-f"])
+        .arg(&conf)
+        .arg("-i")
+        .arg(dir.join("rsyslogd.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rsyslogd (apt-get install rsyslog; scripts/test-deps installs it)");
+    Rsyslog(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let out = dir.path().join("received.log");
+    let _rsyslog = rsyslog(dir.path(), port, &out);
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg
+        .push_busybox(
+            "acme/web",
+            "1",
+            "echo 'ERROR: the disk is on fire'; echo 'hello from stdout'; echo 'oops' >&2; exec /bin/busybox httpd -f -p 8080 -h /www",
+        )
+        .await
+        .unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("op"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agent", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let bad = NodeAgentConfig { log_forward: Some("http://x:1".into()), token: Some("t".into()), ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("log_forward"));
+    let agent = NodeAgent::start(NodeAgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: base.clone(),
+        token: t["secret"].as_str().map(str::to_owned),
+        hostname: "syslog-node".into(),
+        region: "local".into(),
+        data_dir: dir.path().join("agent"),
+        instance_range: "10.243.0.0".parse().unwrap(),
+        runtime: "container".into(),
+        vcpu: Some(16),
+        log_forward: Some(format!("udp://127.0.0.1:{port}")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d: Value =
+        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
+    let id = d["id"].as_str().unwrap().to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("oops") && text.contains("hello from stdout") && text.contains("disk is on fire") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "rsyslog did not receive the app's lines: {text:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let line =
+        |what: &str| text.lines().find(|l| l.ends_with(what)).unwrap_or_else(|| panic!("{what}: {text}")).to_owned();
+    let fire = line("ERROR: the disk is on fire");
+    let parts: Vec<&str> = fire.splitn(6, '|').collect();
+    assert_eq!(parts[0], "11", "user.err: {fire}");
+    assert_eq!(parts[1], "acme/web");
+    assert!(parts[2].starts_with("ins_"), "the instance as PROCID: {fire}");
+    assert_eq!(parts[3], "stdout");
+    assert!(parts[4].contains(&format!("deployment=\"{id}\"")), "{fire}");
+    assert!(line("hello from stdout").starts_with("14|"), "user.info: {text}");
+    assert!(line("oops").starts_with("11|acme/web|"), "stderr is err: {text}");
+    // The operator's log API shows the severity too.
+    let logs = admin.stream(&format!("/api/v1/deployments/{id}/logs?format=json")).await.unwrap().text().await.unwrap();
+    let fire: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["line"] == "ERROR: the disk is on fire")
+        .unwrap();
+    assert_eq!(fire["severity"], "err", "{logs}");
+    agent.shutdown().await;
+    op.shutdown().await;
+}
