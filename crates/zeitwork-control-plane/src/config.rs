@@ -70,6 +70,10 @@ pub struct OperatorConfig {
     pub uptime_via: Option<SocketAddr>,
     /// Days uptime samples are kept.
     pub health_sample_retention_days: u32,
+    /// Days audit events are kept.
+    pub audit_retention_days: u32,
+    /// Days delivered notifications are kept in the outbox (dead letters stay until retried or dropped).
+    pub outbox_retention_days: u32,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
 }
@@ -146,6 +150,8 @@ impl Default for OperatorConfig {
             region: "local".into(),
             uptime_via: None,
             health_sample_retention_days: 30,
+            audit_retention_days: 365,
+            outbox_retention_days: 7,
             github_oauth: None,
         }
     }
@@ -199,8 +205,14 @@ impl OperatorConfig {
         if let Err(e) = zeitwork_api_types::validate::dns_label("region", &self.region) {
             return err("region", e.message);
         }
-        if !(1..=3650).contains(&self.health_sample_retention_days) {
-            return err("health_sample_retention_days", "use 1 to 3650".into());
+        for (field, days) in [
+            ("health_sample_retention_days", self.health_sample_retention_days),
+            ("audit_retention_days", self.audit_retention_days),
+            ("outbox_retention_days", self.outbox_retention_days),
+        ] {
+            if !(1..=3650).contains(&days) {
+                return err(field, format!("{days} is out of range; use 1 to 3650 days"));
+            }
         }
         if self.max_source_bytes == 0 {
             return err("max_source_bytes", "use a positive number of bytes".into());

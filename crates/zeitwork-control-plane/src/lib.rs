@@ -16,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod feed;
 pub mod notify;
+pub mod retention;
 pub mod routing;
 pub mod secrets;
 pub mod serve;
@@ -112,6 +113,7 @@ pub struct Operator {
     notifier: tokio::task::JoinHandle<()>,
     build_watch: tokio::task::JoinHandle<()>,
     prober: tokio::task::JoinHandle<()>,
+    pruner: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -209,6 +211,7 @@ impl Operator {
         let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
         let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
         let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
+        let pruner = tokio::spawn(retention::run(state.clone(), rx.clone()));
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,
@@ -231,6 +234,7 @@ impl Operator {
             notifier,
             build_watch,
             prober,
+            pruner,
             admin_token,
             admin_token_path,
             store,
@@ -253,6 +257,7 @@ impl Operator {
         self.notifier.abort();
         self.build_watch.abort();
         self.prober.abort();
+        self.pruner.abort();
     }
 
     pub async fn shutdown(self) {
@@ -269,6 +274,7 @@ impl Operator {
         let _ = self.notifier.await;
         let _ = self.build_watch.await;
         let _ = self.prober.await;
+        let _ = self.pruner.await;
         self.store.close().await;
     }
 }

@@ -1,6 +1,6 @@
 //! The uptime prober: runs due checks (only on the operator holding the
-//! engine lease, so a check is probed once per interval), records each
-//! sample and state change, and prunes samples past their retention.
+//! engine lease, so a check is probed once per interval) and records each
+//! sample and state change. Old samples go in [`crate::retention`].
 //! Probes go to the project's address like any visitor's request, or to
 //! `uptime_via` (an edge proxy) with the address as its Host.
 
@@ -20,7 +20,6 @@ pub async fn run(s: AppState, nudge: Arc<Notify>, mut stop: watch::Receiver<bool
         .user_agent(concat!("zeitwork-uptime/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default();
-    let mut pruned = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -39,20 +38,6 @@ pub async fn run(s: AppState, nudge: Arc<Notify>, mut stop: watch::Receiver<bool
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading due uptime checks failed"),
-        }
-        if pruned.elapsed() > Duration::from_secs(60) {
-            pruned = Instant::now();
-            let before = now - i64::from(s.config.health_sample_retention_days) * 86_400_000;
-            loop {
-                match s.store.prune_samples(before, 1000).await {
-                    Ok(1000) => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pruning uptime samples failed");
-                        break;
-                    }
-                }
-            }
         }
     }
 }

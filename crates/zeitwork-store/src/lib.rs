@@ -15,6 +15,7 @@ mod checks;
 mod entities;
 mod lifecycle;
 mod outbox;
+mod retention;
 mod schema;
 mod sessions;
 

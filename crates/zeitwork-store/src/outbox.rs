@@ -289,6 +289,19 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes delivered rows created before `before_ms`, at most `batch`; how many went.
+    pub async fn prune_delivered(&self, before_ms: i64, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE id IN \
+             (SELECT id FROM outbox WHERE status = 'delivered' AND created_at < $1 ORDER BY id LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(i64::from(batch))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn outbox_counts(&self) -> Result<OutboxCounts> {
         let mut c = OutboxCounts::default();
         for r in sqlx::query(

@@ -653,5 +653,11 @@ async fn uptime_checks_and_samples(store: Store) {
     assert_eq!(page[0].id, all[1].id, "paged after a cursor");
     assert_eq!(store.prune_samples(t - 1500, 1000).await.unwrap(), 2);
     store.delete_check("chk_one", &audit("health_check.delete")).await.unwrap();
+    // The audit log and delivered notifications are pruned by age, in batches.
+    let events = store.list_events(&EventFilter::default(), &Page::first(1000)).await.unwrap().items.len() as u64;
+    assert!(events >= 4);
+    assert_eq!(store.prune_events(0, 1000).await.unwrap(), 0, "nothing is older than the epoch");
+    assert_eq!(store.prune_events(chrono::Utc::now().timestamp_millis() + 1, 2).await.unwrap(), 2, "one batch");
+    assert_eq!(store.prune_delivered(chrono::Utc::now().timestamp_millis() + 1, 1000).await.unwrap(), 0);
     assert!(store.samples("chk_one", 0, t, 0, 100).await.unwrap().is_empty());
 }
