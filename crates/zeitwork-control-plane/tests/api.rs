@@ -486,6 +486,19 @@ async fn scenario(env: Env) {
         .unwrap();
     assert_eq!(rest.items.len(), 1);
     assert_ne!(rest.items[0]["id"], page.items[0]["id"]);
+    // The next page is also a Link (RFC 8288), the request's own query with the cursor.
+    let (_, headers) =
+        e.admin.get_with_headers::<Value>("/api/v1/projects/acme/webapp/deployments?limit=1").await.unwrap();
+    let link = headers.get("link").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let cursor = headers.get("x-next-cursor").and_then(|v| v.to_str().ok()).unwrap().to_owned();
+    assert!(
+        link.starts_with("</api/v1/projects/acme/webapp/deployments?limit=1&cursor=")
+            && link.ends_with(">; rel=\"next\""),
+        "{link}"
+    );
+    let linked = link.trim_start_matches('<').split('>').next().unwrap().to_owned();
+    let via_link = e.admin.list::<Value>(&linked).await.unwrap();
+    assert_eq!(via_link.items[0]["id"], rest.items[0]["id"], "{link} vs cursor {cursor}");
 
     // 50 concurrent creates of one project: exactly one 201.
     let creates = (0..50).map(|_| e.post("/api/v1/projects", &e.token, r#"{"name":"race","org":"acme"}"#));

@@ -312,9 +312,35 @@ impl NodeAgent {
             .route("/v1/instances/{id}/metrics", get(logs::instance_metrics).with_state(own))
             .fallback(|| async { forward::refuse(axum::http::StatusCode::NOT_FOUND, "not found") })
             .layer(axum::middleware::from_fn_with_state(forwarder, forward::route))
-            .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track));
+            .layer(axum::middleware::from_fn_with_state(metrics.clone(), zeitwork_telemetry::track));
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        if let Some(f) = forward.clone() {
+            // The forwarder's running totals, as counters.
+            let sent = prometheus_client::metrics::counter::Counter::<u64>::default();
+            let dropped = prometheus_client::metrics::counter::Counter::<u64>::default();
+            metrics.with_registry(|r| {
+                r.register("log_lines_forwarded", "Instance log lines sent to the syslog receiver", sent.clone());
+                r.register(
+                    "log_lines_dropped",
+                    "Instance log lines dropped: the forwarding queue was full",
+                    dropped.clone(),
+                );
+            });
+            let mut stop = rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    let s = f.sent.load(std::sync::atomic::Ordering::Relaxed);
+                    let d = f.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                    sent.inc_by(s.saturating_sub(sent.get()));
+                    dropped.inc_by(d.saturating_sub(dropped.get()));
+                }
+            }));
+        }
         // Uploaded archives are pulled from the operator, with the pull
         // credential that comes with each assignment (never this agent's token).
         let mut registries = config.registries.clone();

@@ -138,6 +138,16 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
         .find(|l| l["line"] == "ERROR: the disk is on fire")
         .unwrap();
     assert_eq!(fire["severity"], "err", "{logs}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = reqwest::get(format!("http://{}/metrics", agent.addr())).await.unwrap().text().await.unwrap();
+        if m.lines().any(|l| l.starts_with("zeitwork_node_agent_log_lines_forwarded_total ") && !l.ends_with(" 0")) {
+            assert!(m.contains("zeitwork_node_agent_log_lines_dropped_total 0"), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no forwarded lines counted: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     agent.shutdown().await;
     op.shutdown().await;
 }

@@ -20,6 +20,17 @@ const QUEUE: usize = 10_000;
 /// Private enterprise number used for Zeitwork's structured data (a placeholder number, as RFC 5424 examples use).
 const SD_ID: &str = "zeitwork@32473";
 
+const SEVERITIES: [Severity; 8] = [
+    Severity::Emergency,
+    Severity::Alert,
+    Severity::Critical,
+    Severity::Error,
+    Severity::Warning,
+    Severity::Notice,
+    Severity::Info,
+    Severity::Debug,
+];
+
 /// Syslog severities (RFC 5424).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
@@ -66,6 +77,12 @@ impl Severity {
 /// leading level word (`ERROR …`, `[warn] …`, `level=debug …`), else by stream.
 pub fn severity(stream: &str, line: &str) -> Severity {
     let t = line.trim_start();
+    // A syslog-formatted line: `<PRI>…`, the severity being PRI's low three bits.
+    if let Some(pri) = t.strip_prefix('<').and_then(|r| r.split_once('>')).and_then(|(n, _)| n.parse::<u8>().ok()) {
+        if pri <= 191 {
+            return SEVERITIES[usize::from(pri % 8)];
+        }
+    }
     if t.starts_with('{') {
         if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(t) {
             for key in ["level", "severity", "lvl", "log.level"] {
@@ -273,6 +290,9 @@ mod tests {
         assert_eq!(severity("stdout", "GET / 200"), Severity::Info);
         assert_eq!(severity("stderr", "something odd"), Severity::Error);
         assert_eq!(severity("stderr", "INFO listening on 8080"), Severity::Info);
+        assert_eq!(severity("stdout", "<11>payment failed"), Severity::Error);
+        assert_eq!(severity("stderr", "<14>all fine"), Severity::Info);
+        assert_eq!(severity("stdout", "<999>not a priority"), Severity::Info);
     }
 
     #[test]

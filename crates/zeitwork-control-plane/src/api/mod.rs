@@ -181,9 +181,30 @@ fn api_app(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route; the API is described at /api/v1/openapi.json".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(link_next_page))
         .layer(axum::middleware::from_fn_with_state(state.config.clone(), refuse_declared_oversize))
         .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track))
         .with_state(state)
+}
+
+/// A list answer with more pages gets `Link: <…?cursor=…>; rel="next"` (RFC 8288)
+/// next to `X-Next-Cursor`: the request's own path and query with the cursor replaced.
+async fn link_next_page(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri().clone();
+    let mut res = next.run(req).await;
+    let Some(cursor) = res.headers().get("x-next-cursor").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+        return res;
+    };
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .filter(|(k, _)| k != "cursor")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    pairs.push(("cursor".into(), cursor));
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish();
+    if let Ok(v) = HeaderValue::from_str(&format!("<{}?{query}>; rel=\"next\"", uri.path())) {
+        res.headers_mut().insert(axum::http::header::LINK, v);
+    }
+    res
 }
 
 /// Answers 413 at once to a request whose declared `Content-Length` is over
