@@ -1275,10 +1275,18 @@ pub struct EdgeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
-    /// `webhook` (a signed JSON POST) or `slack` (an incoming webhook URL).
+    /// `webhook` (a signed JSON POST) or `slack` (an incoming webhook URL, or a bot token and a channel).
     pub kind: String,
     /// Where to deliver: the webhook's URL, or Slack's incoming-webhook URL (stored encrypted).
+    /// Empty for a Slack bot (`token` and `channel`).
+    #[serde(default)]
     pub url: String,
+    /// `slack` with a bot: the bot token (`xoxb-…`, stored encrypted).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `slack` with a bot: the channel to post in (`#deploys` or a channel id).
+    #[serde(default)]
+    pub channel: Option<String>,
     /// `webhook` only: the key of the `X-Zeitwork-Signature` HMAC (16-256 characters; stored encrypted).
     #[serde(default)]
     pub secret: Option<String>,

@@ -63,6 +63,8 @@ pub struct OperatorConfig {
     pub github_git_url: String,
     /// GitHub's REST API (GitHub Enterprise: `https://HOST/api/v3`), for commit statuses and preview comments.
     pub github_api_url: String,
+    /// Slack's Web API, for channels that post as a bot (`chat.postMessage`).
+    pub slack_api_url: String,
     /// The region this operator probes uptime checks from (a region code).
     pub region: String,
     /// Send uptime probes to this edge proxy address (with the app's Host header)
@@ -147,6 +149,7 @@ impl Default for OperatorConfig {
             build_disk_mib: 20 << 10,
             github_git_url: "https://github.com".into(),
             github_api_url: "https://api.github.com".into(),
+            slack_api_url: "https://slack.com/api".into(),
             region: "local".into(),
             uptime_via: None,
             health_sample_retention_days: 30,
@@ -217,7 +220,11 @@ impl OperatorConfig {
         if self.max_source_bytes == 0 {
             return err("max_source_bytes", "use a positive number of bytes".into());
         }
-        for (field, url) in [("github_git_url", &self.github_git_url), ("github_api_url", &self.github_api_url)] {
+        for (field, url) in [
+            ("github_git_url", &self.github_git_url),
+            ("github_api_url", &self.github_api_url),
+            ("slack_api_url", &self.slack_api_url),
+        ] {
             if !(url.starts_with("https://") || url.starts_with("http://")) || url.ends_with('/') {
                 return err(field, format!("{url:?} is not an http(s) base URL without a trailing slash"));
             }

@@ -190,10 +190,29 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
     let req = match c.kind.as_str() {
         "slack" => {
             let text = summary(&row.payload);
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "text": text,
                 "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
             });
+            if let Some(channel) = url.strip_prefix(crate::api::SLACK_BOT) {
+                // A bot: chat.postMessage with its token; Slack answers 200 with "ok": false on errors.
+                let enc = c.secret_enc.as_ref().ok_or("the Slack bot's token is missing")?;
+                let token = s.cipher.decrypt(&secret_context(&c.id), enc).map_err(|e| e.to_string())?;
+                body["channel"] = channel.into();
+                let res = http
+                    .post(format!("{}/chat.postMessage", s.config.slack_api_url))
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("Slack is unreachable: {e}"))?;
+                let status = res.status();
+                let answer: serde_json::Value = res.json().await.unwrap_or_default();
+                return match (status.is_success(), answer["ok"].as_bool()) {
+                    (true, Some(true)) => Ok(()),
+                    _ => Err(format!("Slack answered {status}: {}", answer["error"].as_str().unwrap_or("no reason"))),
+                };
+            }
             http.post(&url).json(&body)
         }
         _ => {

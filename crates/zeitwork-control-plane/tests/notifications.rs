@@ -251,3 +251,97 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     assert_eq!(other.status(), Some(403));
     op.shutdown().await;
 }
+
+/// An organisation's default channels get every project's events; a Slack
+/// channel may post as a bot (token and channel, through Slack's Web API at a
+/// configurable address), and Slack's `"ok": false` counts as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_default_channels_and_slack_bots() {
+    // A stand-in for Slack's chat.postMessage: "#nowhere" does not exist.
+    let got: Received = Arc::default();
+    let sink = got.clone();
+    let slack = axum::Router::new().route(
+        "/api/chat.postMessage",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                sink.lock().unwrap().push((headers, body));
+                if v["channel"] == "#nowhere" {
+                    axum::Json(json!({"ok": false, "error": "channel_not_found"}))
+                } else {
+                    axum::Json(json!({"ok": true, "ts": "1.2"}))
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, slack).await.ok() });
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        slack_api_url: format!("http://{at}/api"),
+        notify_max_attempts: 1,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "api", "org": "acme"})).await.unwrap();
+    for (body, field) in [
+        (
+            json!({"kind": "slack", "url": "https://hooks.slack.com/x", "token": "xoxb-12345678", "channel": "#a"}),
+            "url",
+        ),
+        (json!({"kind": "slack", "token": "xoxb-12345678"}), "channel"),
+        (
+            json!({"kind": "webhook", "url": "https://example.com/", "secret": "a secret of sixteen", "token": "xoxb-12345678"}),
+            "token",
+        ),
+    ] {
+        let e = admin.post::<_, Value>("/api/v1/orgs/acme/notifications", &body).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{body}: {e}");
+        assert!(e.to_string().contains(field), "{body}: {e}");
+    }
+    let bot: Value = admin
+        .post(
+            "/api/v1/orgs/acme/notifications",
+            &json!({"kind": "slack", "token": "xoxb-bot-token-1", "channel": "#deploys", "events": ["notification.test"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(bot["project"], Value::Null);
+    assert_eq!(bot["url"], "slack bot → #deploys");
+    admin
+        .post::<_, Value>(
+            "/api/v1/orgs/acme/notifications",
+            &json!({"kind": "slack", "token": "xoxb-bot-token-1", "channel": "#nowhere", "events": ["notification.test"]}),
+        )
+        .await
+        .unwrap();
+    let listed: Vec<Value> = admin.get("/api/v1/orgs/acme/notifications").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(!serde_json::to_string(&listed).unwrap().contains("xoxb"), "tokens are never shown");
+
+    // A project's event reaches the org's default channel, posted as the bot.
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/api/notifications/test", None).await.unwrap();
+    let posted = until("the bot's message", async || {
+        let seen = got.lock().unwrap().clone();
+        seen.into_iter().find(|(_, b)| b.contains("#deploys"))
+    })
+    .await;
+    assert_eq!(posted.0["authorization"], "Bearer xoxb-bot-token-1");
+    let body: Value = serde_json::from_str(&posted.1).unwrap();
+    assert!(body["text"].as_str().unwrap().contains("acme/api"), "{body}");
+    assert!(body["blocks"].is_array());
+    // Slack's refusal is a failure, with Slack's reason, in the dead-letter queue.
+    let dead = until("the refused message dead-lettered", async || {
+        let dead: Vec<Value> = admin.get("/api/admin/dlq").await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert!(dead[0]["error"].as_str().unwrap().contains("channel_not_found"), "{dead:?}");
+    admin.delete(&format!("/api/v1/orgs/acme/notifications/{}", bot["id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(admin.get::<Vec<Value>>("/api/v1/orgs/acme/notifications").await.unwrap().len(), 1);
+    op.shutdown().await;
+}

@@ -226,13 +226,26 @@ impl Store {
     }
 
     /// A project's channels.
-    pub async fn list_channels(&self, org: &str, project: &str) -> Result<Vec<StoredChannel>> {
+    /// A project's channels; `None`: the org's default channels (they get every project's events).
+    pub async fn list_channels(&self, org: &str, project: Option<&str>) -> Result<Vec<StoredChannel>> {
         let rows =
-            sqlx::query("SELECT * FROM notification_channels WHERE org = $1 AND project = $2 ORDER BY created_at, id")
+            match project {
+                Some(p) => {
+                    sqlx::query(
+                        "SELECT * FROM notification_channels WHERE org = $1 AND project = $2 ORDER BY created_at, id",
+                    )
+                    .bind(org)
+                    .bind(p)
+                    .fetch_all(&self.reader)
+                    .await?
+                }
+                None => sqlx::query(
+                    "SELECT * FROM notification_channels WHERE org = $1 AND project IS NULL ORDER BY created_at, id",
+                )
                 .bind(org)
-                .bind(project)
                 .fetch_all(&self.reader)
-                .await?;
+                .await?,
+            };
         rows.iter().map(channel_from).collect()
     }
 

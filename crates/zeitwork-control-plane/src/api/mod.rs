@@ -12,6 +12,7 @@ mod health;
 pub(crate) mod images;
 pub(crate) mod logs;
 mod notifications;
+pub use notifications::SLACK_BOT;
 mod orgs;
 mod projects;
 mod routing;
@@ -101,6 +102,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(analytics::resources_by_org))
         .routes(routes!(notifications::create_channel, notifications::list_channels))
         .routes(routes!(notifications::delete_channel))
+        .routes(routes!(notifications::create_org_channel, notifications::list_org_channels))
+        .routes(routes!(notifications::delete_org_channel))
         .routes(routes!(notifications::test_channels))
         .routes(routes!(notifications::outbox_stats))
         .routes(routes!(notifications::dlq_stats))

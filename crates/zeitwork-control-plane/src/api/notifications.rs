@@ -15,9 +15,12 @@ use crate::notify::{secret_context, target_context};
 use crate::AppState;
 
 fn view(c: &StoredChannel, url: &str) -> Channel {
-    let shown = reqwest::Url::parse(url)
-        .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("")))
-        .unwrap_or_else(|_| "…".into());
+    let shown = match url.strip_prefix(SLACK_BOT) {
+        Some(channel) => format!("slack bot → {channel}"),
+        None => reqwest::Url::parse(url)
+            .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("")))
+            .unwrap_or_else(|_| "…".into()),
+    };
     Channel {
         id: c.id.clone(),
         org: c.org.clone(),
@@ -29,9 +32,44 @@ fn view(c: &StoredChannel, url: &str) -> Channel {
     }
 }
 
-fn check(s: &AppState, b: &CreateChannel) -> Result<(), ValidationError> {
+/// The stored target of a Slack bot channel: this prefix and the channel.
+pub const SLACK_BOT: &str = "slack-bot:";
+
+/// What a channel delivers to (stored encrypted): its URL, or `slack-bot:<channel>`.
+fn check(s: &AppState, b: &CreateChannel) -> Result<String, ValidationError> {
     if !matches!(b.kind.as_str(), "webhook" | "slack") {
         return Err(ValidationError::new("kind", format!("{:?} is not a channel kind; use webhook or slack", b.kind)));
+    }
+    if let Some(e) = b.events.iter().find(|e| !NOTIFIED.contains(&e.as_str())) {
+        return Err(ValidationError::new(
+            "events",
+            format!("{e:?} is not an event; use any of {}", NOTIFIED.join(", ")),
+        ));
+    }
+    if b.kind == "slack" && (b.token.is_some() || b.channel.is_some()) {
+        let token = b.token.as_deref().unwrap_or_default();
+        let channel = b.channel.as_deref().unwrap_or_default();
+        if !b.url.is_empty() {
+            return Err(ValidationError::new("url", "give either an incoming-webhook url, or a bot token and channel"));
+        }
+        if token.len() < 8
+            || token.len() > 512
+            || token.bytes().any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        {
+            return Err(ValidationError::new("token", "give the bot's token as Slack shows it (xoxb-…)"));
+        }
+        let name = channel.strip_prefix('#').unwrap_or(channel);
+        if name.is_empty() || name.len() > 80 || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
+            return Err(ValidationError::new(
+                "channel",
+                format!("{channel:?} is not a Slack channel (#name or an id)"),
+            ));
+        }
+        return Ok(format!("{SLACK_BOT}{channel}"));
+    }
+    if b.token.is_some() || b.channel.is_some() {
+        return Err(ValidationError::new("token", "token and channel are for Slack bots (kind slack)"));
     }
     let url = reqwest::Url::parse(&b.url)
         .map_err(|_| ValidationError::new("url", "give an absolute http:// or https:// URL"))?;
@@ -58,13 +96,91 @@ fn check(s: &AppState, b: &CreateChannel) -> Result<(), ValidationError> {
         }
         _ => {}
     }
-    if let Some(e) = b.events.iter().find(|e| !NOTIFIED.contains(&e.as_str())) {
-        return Err(ValidationError::new(
-            "events",
-            format!("{e:?} is not an event; use any of {}", NOTIFIED.join(", ")),
-        ));
+    Ok(b.url.clone())
+}
+
+/// Stores a channel of `org` (of `project`, or the org's default when none).
+async fn add_channel(
+    s: &AppState,
+    caller: &Caller,
+    org: &str,
+    project: Option<&str>,
+    b: &CreateChannel,
+) -> ApiResult<Response> {
+    let target = check(s, b)?;
+    let id = zeitwork_store::channel_id();
+    let secret = if target.starts_with(SLACK_BOT) { b.token.as_ref() } else { b.secret.as_ref() };
+    let stored = StoredChannel {
+        id: id.clone(),
+        org: org.to_owned(),
+        project: project.map(str::to_owned),
+        kind: b.kind.clone(),
+        target_enc: s.cipher.encrypt(&target_context(&id), &target),
+        secret_enc: secret.map(|sec| s.cipher.encrypt(&secret_context(&id), sec)),
+        events: b.events.clone(),
+        created_at: chrono::Utc::now(),
+    };
+    let mut audit = caller.audit("notification.create", &id).org(org);
+    if let Some(p) = project {
+        audit = audit.project(p);
     }
-    Ok(())
+    let c = s.store.create_channel(&stored, &audit).await?;
+    Ok((StatusCode::CREATED, Json(view(&c, &target))).into_response())
+}
+
+fn views(s: &AppState, channels: Vec<StoredChannel>) -> Vec<Channel> {
+    channels
+        .iter()
+        .map(|c| view(c, &s.cipher.decrypt(&target_context(&c.id), &c.target_enc).unwrap_or_default()))
+        .collect()
+}
+
+/// Add a default notification channel to an organisation (Admin): it gets the events of every project.
+#[utoipa::path(post, path = "/api/v1/orgs/{org}/notifications", tag = "notifications",
+    params(("org" = String, Path)), request_body = CreateChannel,
+    responses((status = 201, body = Channel), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn create_org_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(b): JsonBody<CreateChannel>,
+) -> ApiResult<Response> {
+    s.require_role(&caller, &org, Role::Admin, "notification.create", &org).await?;
+    s.store.get_org(&org).await?;
+    add_channel(&s, &caller, &org, None, &b).await
+}
+
+/// An organisation's default notification channels.
+#[utoipa::path(get, path = "/api/v1/orgs/{org}/notifications", tag = "notifications",
+    params(("org" = String, Path)),
+    responses((status = 200, body = Vec<Channel>), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn list_org_channels(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<Vec<Channel>>> {
+    s.require_role(&caller, &org, Role::Guest, "notification.list", &org).await?;
+    s.store.get_org(&org).await?;
+    Ok(Json(views(&s, s.store.list_channels(&org, None).await?)))
+}
+
+/// Remove one of an organisation's default channels (Admin).
+#[utoipa::path(delete, path = "/api/v1/orgs/{org}/notifications/{id}", tag = "notifications",
+    params(("org" = String, Path), ("id" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_org_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.require_role(&caller, &org, Role::Admin, "notification.delete", &id).await?;
+    let c = s.store.channel(&id).await?;
+    if c.org != org || c.project.is_some() {
+        return Err(ApiError::NotFound(format!("notification channel {id:?} is not a default channel of {org}")));
+    }
+    s.store.delete_channel(&id, &caller.audit("notification.delete", &id).org(&org)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Add a notification channel to a project (Admin). The URL and secret are stored encrypted.
@@ -81,21 +197,7 @@ pub async fn create_channel(
     let target = format!("{org}/{name}");
     s.require_role(&caller, &org, Role::Admin, "notification.create", &target).await?;
     s.store.get_project(&org, &name).await?;
-    check(&s, &b)?;
-    let id = zeitwork_store::channel_id();
-    let stored = StoredChannel {
-        id: id.clone(),
-        org: org.clone(),
-        project: Some(name.clone()),
-        kind: b.kind.clone(),
-        target_enc: s.cipher.encrypt(&target_context(&id), &b.url),
-        secret_enc: b.secret.as_ref().map(|sec| s.cipher.encrypt(&secret_context(&id), sec)),
-        events: b.events.clone(),
-        created_at: chrono::Utc::now(),
-    };
-    let audit = caller.audit("notification.create", &id).org(&org).project(&name);
-    let c = s.store.create_channel(&stored, &audit).await?;
-    Ok((StatusCode::CREATED, Json(view(&c, &b.url))).into_response())
+    add_channel(&s, &caller, &org, Some(&name), &b).await
 }
 
 /// A project's notification channels (URLs show scheme and host only).
@@ -109,12 +211,7 @@ pub async fn list_channels(
 ) -> ApiResult<Json<Vec<Channel>>> {
     s.require_role(&caller, &org, Role::Guest, "notification.list", &format!("{org}/{name}")).await?;
     s.store.get_project(&org, &name).await?;
-    let mut out = Vec::new();
-    for c in s.store.list_channels(&org, &name).await? {
-        let url = s.cipher.decrypt(&target_context(&c.id), &c.target_enc).unwrap_or_default();
-        out.push(view(&c, &url));
-    }
-    Ok(Json(out))
+    Ok(Json(views(&s, s.store.list_channels(&org, Some(&name)).await?)))
 }
 
 async fn own_channel(s: &AppState, org: &str, name: &str, id: &str) -> ApiResult<StoredChannel> {
