@@ -1275,7 +1275,9 @@ pub struct EdgeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
-    /// `webhook` (a signed JSON POST) or `slack` (an incoming webhook URL, or a bot token and a channel).
+    /// `webhook` (a signed JSON POST), `slack` (an incoming webhook URL, or a bot token and a
+    /// channel) or `email` (an SMTP relay: `smtp://USER:PASSWORD@HOST:587` with STARTTLS,
+    /// `smtps://…:465` with TLS; `?tls=opportunistic` or `?tls=none` for relays without it).
     pub kind: String,
     /// Where to deliver: the webhook's URL, or Slack's incoming-webhook URL (stored encrypted).
     /// Empty for a Slack bot (`token` and `channel`).
@@ -1287,6 +1289,12 @@ pub struct CreateChannel {
     /// `slack` with a bot: the channel to post in (`#deploys` or a channel id).
     #[serde(default)]
     pub channel: Option<String>,
+    /// `email`: recipients (1 to 20 addresses).
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// `email`: the sender address.
+    #[serde(default)]
+    pub from: Option<String>,
     /// `webhook` only: the key of the `X-Zeitwork-Signature` HMAC (16-256 characters; stored encrypted).
     #[serde(default)]
     pub secret: Option<String>,

@@ -188,6 +188,19 @@ async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store
 async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &OutboxRow) -> Result<(), String> {
     let url = s.cipher.decrypt(&target_context(&c.id), &c.target_enc).map_err(|e| e.to_string())?;
     let req = match c.kind.as_str() {
+        "email" => {
+            let p = &row.payload;
+            let subject = format!(
+                "[zeitwork] {}",
+                summary(p).lines().next().unwrap_or_default().replace('*', "").replace('`', "")
+            );
+            let text = format!(
+                "{}\n\nThe event as JSON:\n{}\n",
+                summary(p).replace('*', "").replace('`', ""),
+                serde_json::to_string_pretty(p).unwrap_or_default()
+            );
+            return crate::email::send(&url, row.id, &subject, &text).await;
+        }
         "slack" => {
             let text = summary(&row.payload);
             let mut body = serde_json::json!({

@@ -345,3 +345,114 @@ async fn org_default_channels_and_slack_bots() {
     assert_eq!(admin.get::<Vec<Value>>("/api/v1/orgs/acme/notifications").await.unwrap().len(), 1);
     op.shutdown().await;
 }
+
+/// What a stand-in SMTP relay received: (AUTH line, MAIL FROM, RCPT TOs, DATA).
+type Mail = Arc<Mutex<Vec<(String, String, Vec<String>, String)>>>;
+
+/// A stand-in SMTP relay on loopback (plain SMTP with AUTH PLAIN) that records each message.
+async fn smtp_stand_in() -> (std::net::SocketAddr, Mail) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let got: Mail = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sink = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let _ = w.write_all(b"220 stand-in ESMTP\r\n").await;
+                let (mut auth, mut from, mut to, mut data) = (String::new(), String::new(), Vec::new(), String::new());
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let upper = line.to_ascii_uppercase();
+                    let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+                        b"250-stand-in\r\n250 AUTH PLAIN LOGIN\r\n"
+                    } else if upper.starts_with("AUTH") {
+                        auth = line.clone();
+                        b"235 2.7.0 accepted\r\n"
+                    } else if upper.starts_with("MAIL FROM") {
+                        from = line.clone();
+                        b"250 ok\r\n"
+                    } else if upper.starts_with("RCPT TO") {
+                        to.push(line.clone());
+                        b"250 ok\r\n"
+                    } else if upper == "DATA" {
+                        let _ = w.write_all(b"354 go on\r\n").await;
+                        while let Ok(Some(l)) = lines.next_line().await {
+                            if l == "." {
+                                break;
+                            }
+                            data.push_str(&l);
+                            data.push('\n');
+                        }
+                        sink.lock().unwrap().push((auth.clone(), from.clone(), to.clone(), data.clone()));
+                        b"250 queued\r\n"
+                    } else if upper == "QUIT" {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+/// Email channels send through an SMTP relay with its credentials; bad addresses are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_channels_send_through_an_smtp_relay() {
+    let (relay, mail) = smtp_stand_in().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let url = format!("smtp://alerts%40acme.test:s3cr%40t@{relay}?tls=none");
+    for (body, field) in [
+        (json!({"kind": "email", "url": url, "to": [], "from": "zeitwork@acme.test"}), "to"),
+        (json!({"kind": "email", "url": url, "to": ["not an address"], "from": "zeitwork@acme.test"}), "to[0]"),
+        (json!({"kind": "email", "url": url, "to": ["ops@acme.test"]}), "from"),
+        (
+            json!({"kind": "email", "url": "https://example.com/", "to": ["ops@acme.test"], "from": "z@acme.test"}),
+            "url",
+        ),
+        (
+            json!({"kind": "email", "url": format!("{url}&tls=maybe"), "to": ["ops@acme.test"], "from": "z@acme.test"}),
+            "url",
+        ),
+    ] {
+        let e = admin.post::<_, Value>("/api/v1/projects/acme/web/notifications", &body).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{body}: {e}");
+        assert!(e.to_string().contains(field), "{body}: {e}");
+    }
+    let ch: Value = admin
+        .post(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "email", "url": url, "to": ["ops@acme.test", "oncall@acme.test"], "from": "Zeitwork <zeitwork@acme.test>"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ch["url"], "smtp://127.0.0.1/… → ops@acme.test, oncall@acme.test");
+    assert!(!ch.to_string().contains("s3cr"), "the relay's password is never shown");
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+    let (auth, from, to, data) = until("the email", async || mail.lock().unwrap().first().cloned()).await;
+    use base64::Engine;
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0alerts@acme.test\0s3cr@t");
+    assert!(auth.ends_with(&plain), "AUTH PLAIN with the URL's credentials: {auth}");
+    assert!(from.contains("<zeitwork@acme.test>"), "{from}");
+    assert_eq!(to.len(), 2, "{to:?}");
+    assert!(data.contains("Subject: [zeitwork] acme/web test notification"), "{data}");
+    assert!(data.contains("Message-ID: <zeitwork-"), "{data}");
+    op.shutdown().await;
+}

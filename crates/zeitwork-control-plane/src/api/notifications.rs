@@ -17,6 +17,7 @@ use crate::AppState;
 fn view(c: &StoredChannel, url: &str) -> Channel {
     let shown = match url.strip_prefix(SLACK_BOT) {
         Some(channel) => format!("slack bot → {channel}"),
+        None if url.starts_with(crate::email::EMAIL) => crate::email::shown(url).unwrap_or_else(|| "…".into()),
         None => reqwest::Url::parse(url)
             .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("")))
             .unwrap_or_else(|_| "…".into()),
@@ -37,14 +38,23 @@ pub const SLACK_BOT: &str = "slack-bot:";
 
 /// What a channel delivers to (stored encrypted): its URL, or `slack-bot:<channel>`.
 fn check(s: &AppState, b: &CreateChannel) -> Result<String, ValidationError> {
-    if !matches!(b.kind.as_str(), "webhook" | "slack") {
-        return Err(ValidationError::new("kind", format!("{:?} is not a channel kind; use webhook or slack", b.kind)));
+    if !matches!(b.kind.as_str(), "webhook" | "slack" | "email") {
+        return Err(ValidationError::new(
+            "kind",
+            format!("{:?} is not a channel kind; use webhook, slack or email", b.kind),
+        ));
     }
     if let Some(e) = b.events.iter().find(|e| !NOTIFIED.contains(&e.as_str())) {
         return Err(ValidationError::new(
             "events",
             format!("{e:?} is not an event; use any of {}", NOTIFIED.join(", ")),
         ));
+    }
+    if b.kind == "email" {
+        return crate::email::check(b, s.config.notifications_allow_internal);
+    }
+    if !b.to.is_empty() || b.from.is_some() {
+        return Err(ValidationError::new("to", "to and from are for email channels"));
     }
     if b.kind == "slack" && (b.token.is_some() || b.channel.is_some()) {
         let token = b.token.as_deref().unwrap_or_default();
