@@ -190,13 +190,11 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
     let req = match c.kind.as_str() {
         "email" => {
             let p = &row.payload;
-            let subject = format!(
-                "[zeitwork] {}",
-                summary(p).lines().next().unwrap_or_default().replace('*', "").replace('`', "")
-            );
+            let subject =
+                format!("[zeitwork] {}", summary(p).lines().next().unwrap_or_default().replace(['*', '`'], ""));
             let text = format!(
                 "{}\n\nThe event as JSON:\n{}\n",
-                summary(p).replace('*', "").replace('`', ""),
+                summary(p).replace(['*', '`'], ""),
                 serde_json::to_string_pretty(p).unwrap_or_default()
             );
             return crate::email::send(&url, row.id, &subject, &text).await;
