@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use zeitwork_api_types::{BuildSource, Deployment, DeploymentStatus};
 
-use crate::entities::{append_event, insert_deployment, NewDeployment};
+use crate::deployments::{insert_deployment, NewDeployment};
+use crate::events::append_event;
 use crate::{now_ms, ts, Audit, Result, RowExt, Store, StoreError};
 
 /// Build output kept per build; what comes beyond is dropped with a note.

@@ -6,7 +6,7 @@
 
 use sqlx::any::AnyRow;
 
-use crate::entities::append_event;
+use crate::events::append_event;
 use crate::{now_ms, ts, Audit, Result, RowExt, Store, StoreError};
 
 /// Failed samples in a row that make a check `down`.

@@ -10,11 +10,22 @@
 //! validated input and already encrypted secrets.
 
 mod backup;
+mod blobs;
 mod builds;
+mod certificates;
 mod checks;
-mod entities;
+mod deployments;
+mod edges;
+mod events;
+mod feed;
+mod github;
+mod leases;
 mod lifecycle;
+mod nodes;
+mod orgs;
 mod outbox;
+mod projects;
+mod regions;
 mod retention;
 mod schema;
 mod sessions;
@@ -27,11 +38,19 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use backup::*;
+pub use blobs::*;
 pub use builds::*;
+pub use certificates::*;
 pub use checks::*;
-pub use entities::*;
+pub use deployments::*;
+pub use events::*;
+pub use feed::*;
+pub use github::*;
 pub use lifecycle::*;
+pub use nodes::*;
+pub use orgs::*;
 pub use outbox::*;
+pub use projects::*;
 pub use schema::latest_version;
 pub use sessions::*;
 
@@ -356,6 +375,41 @@ pub(crate) fn paginate<T>(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) 
         None
     };
     Listing { items, next_cursor }
+}
+
+pub(crate) fn limit_arg(page: &Page) -> Arg {
+    Arg::Int(i64::from(page.limit) + 1)
+}
+
+impl Store {
+    /// Runs `q` as one keyset page ordered by `key` (ascending), after the
+    /// page's cursor.
+    pub(crate) async fn keyset_page<T>(
+        &self,
+        mut q: Sql,
+        key: &str,
+        page: &Page,
+        from: fn(&AnyRow) -> Result<T>,
+        cursor_of: impl Fn(&T) -> String,
+    ) -> Result<Listing<T>> {
+        if let Some(c) = &page.cursor {
+            q.and(&format!("{key} > ?"), Arg::Text(c.clone()));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY {key} LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, cursor_of))
+    }
+}
+
+pub(crate) fn in_list(q: &mut Sql, col: &str, values: &[String]) {
+    if values.is_empty() {
+        q.push(" AND 1 = 0");
+        return;
+    }
+    let params: Vec<String> = values.iter().map(|v| q.arg(Arg::Text(v.clone()))).collect();
+    q.push(&format!(" AND {col} IN ({})", params.join(", ")));
 }
 
 impl FromStr for Dialect {

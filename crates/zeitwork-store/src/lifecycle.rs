@@ -4,7 +4,8 @@
 
 use zeitwork_api_types::{Deployment, Environment};
 
-use crate::entities::{append_event, LIVE_INSTANCE};
+use crate::deployments::LIVE_INSTANCE;
+use crate::events::append_event;
 use crate::{now_ms, Audit, Result, RowExt, Store, StoreError};
 
 /// What the engine needs to know of a deployment beyond its public fields.
@@ -207,7 +208,7 @@ impl Store {
             return Ok(h.text("project_id")? == project_id);
         }
         let mut conn = self.writer.acquire().await?;
-        match crate::entities::claim_host(&mut conn, label, project_id, "preview").await {
+        match crate::projects::claim_host(&mut conn, label, project_id, "preview").await {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict(_)) => Ok(false),
             Err(e) => Err(e),
@@ -231,7 +232,7 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("project {project_id:?} does not exist")))?;
         let mut current: std::collections::BTreeMap<String, String> =
             serde_json::from_str(&row.text("current_deployments")?).unwrap_or_default();
-        current.remove(&crate::entities::preview_slot(pull_request));
+        current.remove(&crate::deployments::preview_slot(pull_request));
         let now = now_ms();
         sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
             .bind(serde_json::to_string(&current).unwrap_or_default())
@@ -274,7 +275,7 @@ impl Store {
         )
         .fetch_all(&self.reader)
         .await?;
-        rows.iter().map(crate::entities::deployment_from).collect()
+        rows.iter().map(crate::deployments::deployment_from).collect()
     }
 
     /// Records requests edges served: the newest time per deployment wins; times in the future count as now.

@@ -211,7 +211,7 @@ impl Store {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        crate::entities::append_event(&mut tx, audit, "ok").await?;
+        crate::events::append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         self.channel(&c.id).await
     }
@@ -260,7 +260,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("notification channel {id:?} does not exist")));
         }
-        crate::entities::append_event(&mut tx, audit, "ok").await?;
+        crate::events::append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
         Ok(())
     }

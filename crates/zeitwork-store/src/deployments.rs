@@ -1,0 +1,547 @@
+//! Deployments and their instances: recording them, status changes,
+//! pointing environments at them, and the rows the routing table is built from.
+
+use std::collections::BTreeMap;
+
+use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
+use zeitwork_api_types::{Deployment, DeploymentStatus, Environment, RateLimit, Resources};
+
+use crate::events::append_event;
+use crate::projects::claim_host;
+use crate::{
+    in_list, is_unique_violation, limit_arg, nanoid, now_ms, paginate, ts, Arg, Audit, Listing, Page, Result, RowExt,
+    Sql, Store, StoreError,
+};
+
+/// The key of a pull request's preview in a project's current deployments.
+pub fn preview_slot(pull_request: u32) -> String {
+    format!("preview-{pull_request}")
+}
+
+/// The address label of a pull request's preview: `<project>-pr-<n>-<org>`.
+pub fn preview_label(project: &str, pull_request: u32, org: &str) -> String {
+    format!("{project}-pr-{pull_request}-{org}")
+}
+
+/// Instance statuses that still hold resources on their node.
+pub(crate) const LIVE_INSTANCE: &str = "status NOT IN ('stopped', 'failed', 'exited')";
+
+/// Inserts a deployment row in `status` and reserves its host.
+pub(crate) async fn insert_deployment(
+    conn: &mut AnyConnection,
+    d: &NewDeployment,
+    status: DeploymentStatus,
+) -> Result<()> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO deployments (id, project_id, org, project, environment, image, commit_sha, commit_message, \
+         instances_per_region, status, url, created_by, created_at, updated_at, pull_request) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(&d.id)
+    .bind(&d.project_id)
+    .bind(&d.org)
+    .bind(&d.project)
+    .bind(d.environment.as_str())
+    .bind(&d.image)
+    .bind(d.commit_sha.clone())
+    .bind(d.commit_message.clone())
+    .bind(i64::from(d.instances_per_region))
+    .bind(status.as_str())
+    .bind(&d.url)
+    .bind(d.created_by.clone())
+    .bind(now)
+    .bind(now)
+    .bind(d.pull_request.map(i64::from))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("deployment id {:?} is taken; retry", d.id))
+        } else {
+            e.into()
+        }
+    })?;
+    claim_host(conn, &d.id, &d.project_id, "deployment").await
+}
+
+/// A deployment to record, with its id and URL already chosen.
+#[derive(Debug, Clone)]
+pub struct NewDeployment {
+    pub id: String,
+    pub project_id: String,
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub image: String,
+    pub commit_sha: Option<String>,
+    pub commit_message: Option<String>,
+    pub instances_per_region: u32,
+    pub url: String,
+    pub created_by: Option<String>,
+    /// The pull request of a preview.
+    pub pull_request: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeploymentFilter {
+    pub org: Option<String>,
+    /// Only these orgs (for tokens scoped to one org).
+    pub orgs_visible: Option<Vec<String>>,
+    pub project: Option<String>,
+    pub status: Option<DeploymentStatus>,
+    pub environment: Option<Environment>,
+}
+
+pub(crate) fn deployment_from(row: &AnyRow) -> Result<Deployment> {
+    Ok(Deployment {
+        id: row.text("id")?,
+        org: row.text("org")?,
+        project: row.text("project")?,
+        environment: row.parsed("environment", Environment::parse)?,
+        image: row.text("image")?,
+        image_digest: row.opt_text("image_digest")?,
+        commit_sha: row.opt_text("commit_sha")?,
+        commit_message: row.opt_text("commit_message")?,
+        instances_per_region: row.int("instances_per_region")? as u32,
+        status: row.parsed("status", DeploymentStatus::parse)?,
+        reason: row.opt_text("reason")?,
+        url: row.text("url")?,
+        created_by: row.opt_text("created_by")?,
+        created_at: ts(row.int("created_at")?),
+        updated_at: ts(row.int("updated_at")?),
+        last_request_at: row.opt_int("last_request_at")?.map(ts),
+        pull_request: row.opt_int("pull_request")?.map(|n| n as u32),
+        build_ms: row.opt_int("build_ms")?.map(|n| n as u64),
+    })
+}
+
+impl Store {
+    pub async fn create_deployment(&self, d: &NewDeployment, audit: &Audit) -> Result<Deployment> {
+        let mut tx = self.writer.begin().await?;
+        insert_deployment(&mut tx, d, DeploymentStatus::Pending).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        self.get_deployment(&d.id).await
+    }
+
+    pub async fn get_deployment(&self, id: &str) -> Result<Deployment> {
+        let row = sqlx::query("SELECT * FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
+        deployment_from(&row)
+    }
+
+    pub async fn list_deployments(&self, f: &DeploymentFilter, page: &Page) -> Result<Listing<Deployment>> {
+        let mut q = Sql::new("SELECT * FROM deployments WHERE 1 = 1");
+        if let Some(v) = &f.org {
+            q.and("org = ?", Arg::Text(v.clone()));
+        }
+        if let Some(orgs) = &f.orgs_visible {
+            in_list(&mut q, "org", orgs);
+        }
+        if let Some(v) = &f.project {
+            q.and("project = ?", Arg::Text(v.clone()));
+        }
+        if let Some(v) = f.status {
+            q.and("status = ?", Arg::Text(v.as_str().to_owned()));
+        }
+        if let Some(v) = f.environment {
+            q.and("environment = ?", Arg::Text(v.as_str().to_owned()));
+        }
+        if let Some(c) = &page.cursor {
+            let (at, id) =
+                c.split_once('_').and_then(|(a, i)| Some((a.parse::<i64>().ok()?, i.to_owned()))).ok_or_else(|| {
+                    StoreError::Invalid { field: "cursor".into(), message: "not a cursor this list returned".into() }
+                })?;
+            let a1 = q.arg(Arg::Int(at));
+            let a2 = q.arg(Arg::Int(at));
+            let i = q.arg(Arg::Text(id));
+            q.push(&format!(" AND (created_at < {a1} OR (created_at = {a2} AND id < {i}))"));
+        }
+        let l = q.arg(limit_arg(page));
+        q.push(&format!(" ORDER BY created_at DESC, id DESC LIMIT {l}"));
+        let rows = q.query().fetch_all(&self.reader).await?;
+        let items = rows.iter().map(deployment_from).collect::<Result<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |d| format!("{}_{}", d.created_at.timestamp_millis(), d.id)))
+    }
+}
+
+// ------------------------------------------------------------------ instances
+
+/// An instance to record, placed on a node.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub deployment: String,
+    pub node: Option<String>,
+    pub region: String,
+    pub resources: Resources,
+    pub runtime: Option<String>,
+}
+
+pub(crate) fn instance_from(row: &AnyRow) -> Result<zeitwork_api_types::Instance> {
+    use zeitwork_api_types::InstanceStatus;
+    Ok(zeitwork_api_types::Instance {
+        id: row.text("id")?,
+        deployment: row.text("deployment_id")?,
+        node: row.opt_text("node_id")?,
+        region: row.text("region")?,
+        address: row.opt_text("address")?,
+        status: row.parsed("status", InstanceStatus::parse)?,
+        runtime: row.opt_text("runtime")?,
+        started_at: row.opt_int("started_at")?.map(ts),
+        ready_at: row.opt_int("ready_at")?.map(ts),
+        exit_code: row.opt_int("exit_code")?,
+        exit_reason: row.opt_text("exit_reason")?,
+        created_at: ts(row.int("created_at")?),
+    })
+}
+
+/// What the routing table is built from: one row per (host kind, deployment, ready instance).
+#[derive(Debug, Clone)]
+pub struct RoutingRows {
+    /// Deployments with at least one ready instance on a live node, with their instances.
+    pub deployments: Vec<RoutedDeployment>,
+    /// Every active environment.
+    pub current: Vec<CurrentDeployment>,
+    /// (domain, org, project, environment, verified).
+    pub domains: Vec<(String, String, String, Environment, bool)>,
+}
+
+/// The deployment an environment of a project points at.
+#[derive(Debug, Clone)]
+pub struct CurrentDeployment {
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    /// For a pull request's preview: its number.
+    pub pull_request: Option<u32>,
+    pub deployment: String,
+    /// Whether the project holds its `<project>-<org>` address (projects
+    /// older than the reservation of addresses may have lost it to another).
+    pub owns_stable_host: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutedDeployment {
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    pub rate_limit: Option<RateLimit>,
+    /// (instance id, node agent URL)
+    pub instances: Vec<(String, String)>,
+    /// Asleep: a request wakes it.
+    pub wake: bool,
+    /// Retired: requests answer 410.
+    pub gone: bool,
+}
+
+impl Store {
+    pub async fn create_instance(&self, i: &NewInstance) -> Result<zeitwork_api_types::Instance> {
+        let id = format!("ins_{}", nanoid(12));
+        sqlx::query(
+            "INSERT INTO instances (id, deployment_id, node_id, region, status, runtime, vcpu, memory, created_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+        )
+        .bind(&id)
+        .bind(&i.deployment)
+        .bind(i.node.clone())
+        .bind(&i.region)
+        .bind(i.runtime.clone())
+        .bind(i64::from(i.resources.vcpu))
+        .bind(i64::from(i.resources.memory))
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        self.get_instance(&id).await
+    }
+
+    pub async fn get_instance(&self, id: &str) -> Result<zeitwork_api_types::Instance> {
+        let row = sqlx::query("SELECT * FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("instance {id:?} does not exist")))?;
+        instance_from(&row)
+    }
+
+    pub async fn list_instances(&self, deployment: &str) -> Result<Vec<zeitwork_api_types::Instance>> {
+        let rows = sqlx::query("SELECT * FROM instances WHERE deployment_id = $1 ORDER BY created_at, id")
+            .bind(deployment)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(instance_from).collect()
+    }
+
+    /// Records what a node agent reports about an instance.
+    pub async fn set_instance_status(
+        &self,
+        id: &str,
+        status: zeitwork_api_types::InstanceStatus,
+        address: Option<&str>,
+        exit: Option<(Option<i64>, String)>,
+    ) -> Result<()> {
+        use zeitwork_api_types::InstanceStatus as S;
+        let now = now_ms();
+        let (code, reason) = match exit {
+            Some((c, r)) => (c, Some(r)),
+            None => (None, None),
+        };
+        let done = sqlx::query(
+            "UPDATE instances SET status = $1, address = COALESCE($2, address), \
+             started_at = CASE WHEN $3 = 1 AND started_at IS NULL THEN $4 ELSE started_at END, \
+             ready_at = CASE WHEN $5 = 1 THEN $4 ELSE ready_at END, \
+             exit_code = COALESCE($6, exit_code), exit_reason = COALESCE($7, exit_reason) WHERE id = $8",
+        )
+        .bind(status.as_str())
+        .bind(address.map(str::to_owned))
+        .bind(i64::from(matches!(status, S::Starting | S::Ready)))
+        .bind(now)
+        .bind(i64::from(status == S::Ready))
+        .bind(code)
+        .bind(reason)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("instance {id:?} does not exist")));
+        }
+        Ok(())
+    }
+
+    pub async fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: Option<&str>) -> Result<()> {
+        let done = sqlx::query("UPDATE deployments SET status = $1, reason = $2, updated_at = $3 WHERE id = $4")
+            .bind(status.as_str())
+            .bind(reason.map(str::to_owned))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("deployment {id:?} does not exist")));
+        }
+        Ok(())
+    }
+
+    /// Points an environment of a project at a deployment (it becomes `active`;
+    /// the one it replaces becomes `standby`), in one transaction.
+    pub async fn activate_deployment(&self, deployment: &str, audit: &Audit) -> Result<()> {
+        let env = self.get_deployment(deployment).await?.environment;
+        self.point_environment(deployment, env, audit).await
+    }
+
+    /// Points environment `env` of the deployment's project at it (active),
+    /// and puts the deployment `env` served before into standby, in one
+    /// transaction. Used for activation, rollback and promotion.
+    pub async fn point_environment(&self, deployment: &str, env: Environment, audit: &Audit) -> Result<()> {
+        let d = self.get_deployment(deployment).await?;
+        let project_id = sqlx::query("SELECT project_id FROM deployments WHERE id = $1")
+            .bind(deployment)
+            .fetch_one(&self.reader)
+            .await?
+            .text("project_id")?;
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT current_deployments FROM projects WHERE id = $1{}", self.for_update()))
+            .bind(&project_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("project {}/{} does not exist", d.org, d.project)))?;
+        let mut current: BTreeMap<String, String> = serde_json::from_str(&row.text("current_deployments")?)
+            .map_err(|e| StoreError::Corrupt(format!("current_deployments: {e}")))?;
+        let now = now_ms();
+        // Each pull request's preview is a slot of its own.
+        let slot = match (env, d.pull_request) {
+            (Environment::Preview, Some(n)) => preview_slot(n),
+            _ => env.as_str().to_owned(),
+        };
+        if let Some(previous) = current.insert(slot, d.id.clone()) {
+            // The one replaced goes to standby unless it still serves another environment.
+            if previous != d.id && !current.values().any(|v| *v == previous) {
+                sqlx::query(
+                    "UPDATE deployments SET status = 'standby', updated_at = $1 WHERE id = $2 AND status = 'active'",
+                )
+                .bind(now)
+                .bind(&previous)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
+            .bind(serde_json::to_string(&current).unwrap_or_default())
+            .bind(now)
+            .bind(&project_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE deployments SET status = 'active', updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&d.id)
+            .execute(&mut *tx)
+            .await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Everything the routing table is made of, read in one go.
+    pub async fn routing_rows(&self) -> Result<RoutingRows> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.org, d.project, p.rate_limit, i.id AS instance_id, n.address AS upstream \
+             FROM deployments d JOIN projects p ON p.id = d.project_id \
+             JOIN instances i ON i.deployment_id = d.id JOIN nodes n ON n.id = i.node_id \
+             WHERE i.status = 'ready' AND n.status <> 'down' AND d.status NOT IN ('retired', 'failed') \
+             ORDER BY d.id, i.id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut deployments: Vec<RoutedDeployment> = Vec::new();
+        for r in &rows {
+            let id = r.text("id")?;
+            if deployments.last().map(|d| d.id != id).unwrap_or(true) {
+                let rate_limit = r
+                    .opt_text("rate_limit")?
+                    .and_then(|s| serde_json::from_str::<Option<RateLimit>>(&s).ok())
+                    .flatten();
+                deployments.push(RoutedDeployment {
+                    id: id.clone(),
+                    org: r.text("org")?,
+                    project: r.text("project")?,
+                    rate_limit,
+                    instances: Vec::new(),
+                    wake: false,
+                    gone: false,
+                });
+            }
+            if let Some(d) = deployments.last_mut() {
+                d.instances.push((r.text("instance_id")?, r.text("upstream")?));
+            }
+        }
+        // Sleeping (or waking, not yet ready) deployments route to a wake, as do active ones with no
+        // ready instance (scaled to zero, or every instance lost); retired ones to 410 Gone.
+        let routed: std::collections::HashSet<String> = deployments.iter().map(|d| d.id.clone()).collect();
+        let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
+        for r in sqlx::query(
+            "SELECT d.id, d.org, d.project, d.status, p.rate_limit FROM deployments d JOIN projects p ON p.id = d.project_id \
+             WHERE d.status IN ('sleeping', 'waking', 'active') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
+        )
+        .bind(month_ago)
+        .fetch_all(&self.reader)
+        .await?
+        {
+            let id = r.text("id")?;
+            if routed.contains(&id) {
+                continue;
+            }
+            let retired = r.text("status")? == "retired";
+            deployments.push(RoutedDeployment {
+                id,
+                org: r.text("org")?,
+                project: r.text("project")?,
+                rate_limit: r
+                    .opt_text("rate_limit")?
+                    .and_then(|s| serde_json::from_str::<Option<RateLimit>>(&s).ok())
+                    .flatten(),
+                instances: Vec::new(),
+                wake: !retired,
+                gone: retired,
+            });
+        }
+        let preview_hosts: std::collections::HashSet<(String, String)> =
+            sqlx::query("SELECT label, project_id FROM hosts WHERE kind = 'preview'")
+                .fetch_all(&self.reader)
+                .await?
+                .iter()
+                .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
+                .collect::<Result<_>>()?;
+        let mut current = Vec::new();
+        for r in
+            sqlx::query(
+                "SELECT o.slug, p.id, p.name, p.current_deployments, \
+                 (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
+                 FROM projects p JOIN orgs o ON o.id = p.org_id",
+            )
+                .fetch_all(&self.reader)
+                .await?
+        {
+            let map: BTreeMap<String, String> =
+                serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
+            for (env, dep) in map {
+                let (org, project) = (r.text("slug")?, r.text("name")?);
+                if let Some(n) = env.strip_prefix("preview-").and_then(|n| n.parse::<u32>().ok()) {
+                    let owns = preview_hosts.contains(&(preview_label(&project, n, &org), r.text("id")?));
+                    current.push(CurrentDeployment {
+                        org,
+                        project,
+                        environment: Environment::Preview,
+                        pull_request: Some(n),
+                        deployment: dep,
+                        owns_stable_host: owns,
+                    });
+                } else if let Some(env) = Environment::parse(&env) {
+                    current.push(CurrentDeployment {
+                        org,
+                        project,
+                        environment: env,
+                        pull_request: None,
+                        deployment: dep,
+                        owns_stable_host: r.int("owns")? > 0,
+                    });
+                }
+            }
+        }
+        let mut domains = Vec::new();
+        for r in sqlx::query(
+            "SELECT d.name, d.environment, d.verified, o.slug, p.name AS project FROM domains d JOIN projects p ON p.id = d.project_id \
+             JOIN orgs o ON o.id = p.org_id",
+        )
+        .fetch_all(&self.reader)
+        .await?
+        {
+            domains.push((
+                r.text("name")?,
+                r.text("slug")?,
+                r.text("project")?,
+                r.parsed("environment", Environment::parse)?,
+                r.int("verified")? != 0,
+            ));
+        }
+        Ok(RoutingRows { deployments, current, domains })
+    }
+}
+
+impl Store {
+    /// Moves a deployment from `from` to `to` only if it is still in `from`;
+    /// returns whether this call did it (so two engines never both act).
+    pub async fn claim_deployment(&self, id: &str, from: DeploymentStatus, to: DeploymentStatus) -> Result<bool> {
+        let done = sqlx::query("UPDATE deployments SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4")
+            .bind(to.as_str())
+            .bind(now_ms())
+            .bind(id)
+            .bind(from.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks a live instance stopped with `reason`; returns whether this call did it.
+    pub async fn retire_instance(&self, id: &str, reason: &str) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE instances SET status = 'stopped', exit_reason = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
+        ))
+        .bind(reason)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Store {
+    /// Stops a deployment that serves no environment: it is retired and its
+    /// instances stop. Stopping one already retired or failed changes nothing.
+    pub async fn stop_deployment(&self, id: &str, audit: &Audit) -> Result<Deployment> {
+        self.retire_deployment(id, &format!("stopped by {}", audit.actor), audit).await
+    }
+}

@@ -1,0 +1,365 @@
+//! Nodes: registration, heartbeats, the instances placed on each, nodes
+//! marked down when they miss heartbeats, and draining.
+
+use sqlx::any::AnyRow;
+use zeitwork_api_types::{Capacity, Node, NodeStatus, RegisterNode, Resources};
+
+use crate::deployments::{instance_from, LIVE_INSTANCE};
+use crate::events::append_event;
+use crate::{
+    is_unique_violation, nanoid, now_ms, ts, Arg, Audit, Listing, Page, Result, RowExt, Sql, Store, StoreError,
+};
+
+const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
+    n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
+    (SELECT COUNT(*) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS inst_count, \
+    (SELECT CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_vcpu, \
+    (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
+    FROM nodes n WHERE 1 = 1";
+
+fn node_from(row: &AnyRow) -> Result<Node> {
+    Ok(Node {
+        id: row.text("id")?,
+        hostname: row.text("hostname")?,
+        region: row.text("region")?,
+        address: row.text("address")?,
+        status: row.parsed("status", NodeStatus::parse)?,
+        capacity: Capacity { vcpu: row.int("vcpu")? as u32, memory: row.int("memory")? as u32 },
+        physical: match (row.opt_int("physical_vcpu")?, row.opt_int("physical_memory")?) {
+            (Some(vcpu), Some(memory)) => Some(Capacity { vcpu: vcpu as u32, memory: memory as u32 }),
+            _ => None,
+        },
+        allocated: Capacity { vcpu: row.int("alloc_vcpu")? as u32, memory: row.int("alloc_memory")? as u32 },
+        instances: row.int("inst_count")? as u64,
+        runtime: row.text("runtime")?,
+        runtime_detail: row.opt_text("runtime_detail")?,
+        last_heartbeat: row.opt_int("last_heartbeat")?.map(ts),
+        created_at: ts(row.int("created_at")?),
+        credential: None,
+    })
+}
+
+impl Store {
+    /// Registers a node, or updates the one with the same hostname.
+    /// Returns the node and whether it was new.
+    pub async fn register_node(&self, r: &RegisterNode, audit: &Audit) -> Result<(Node, bool)> {
+        let runtime = r.runtime.clone().unwrap_or_else(|| "container".to_owned());
+        let mut tx = self.writer.begin().await?;
+        let region =
+            sqlx::query("SELECT code FROM regions WHERE code = $1").bind(&r.region).fetch_optional(&mut *tx).await?;
+        if region.is_none() {
+            return Err(StoreError::Invalid {
+                field: "region".into(),
+                message: format!("region {:?} does not exist; create it first (POST /api/v1/regions)", r.region),
+            });
+        }
+        let existing = sqlx::query(&format!("SELECT id FROM nodes WHERE hostname = $1{}", self.for_update()))
+            .bind(&r.hostname)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let now = now_ms();
+        let (id, created) = match existing {
+            Some(row) => {
+                let id = row.text("id")?;
+                sqlx::query(
+                    "UPDATE nodes SET region = $1, address = $2, vcpu = $3, memory = $4, runtime = $5, \
+                     last_heartbeat = $6, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END, \
+                     runtime_detail = $8, physical_vcpu = $9, physical_memory = $10 WHERE id = $7",
+                )
+                .bind(&r.region)
+                .bind(&r.address)
+                .bind(i64::from(r.capacity.vcpu))
+                .bind(i64::from(r.capacity.memory))
+                .bind(&runtime)
+                .bind(now)
+                .bind(&id)
+                .bind(&r.runtime_detail)
+                .bind(r.physical.map(|p| i64::from(p.vcpu)))
+                .bind(r.physical.map(|p| i64::from(p.memory)))
+                .execute(&mut *tx)
+                .await?;
+                (id, false)
+            }
+            None => {
+                let id = format!("node_{}", nanoid(12));
+                let res = sqlx::query(
+                    "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at, \
+                     runtime_detail, physical_vcpu, physical_memory) \
+                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .bind(&id)
+                .bind(&r.hostname)
+                .bind(&r.region)
+                .bind(&r.address)
+                .bind(i64::from(r.capacity.vcpu))
+                .bind(i64::from(r.capacity.memory))
+                .bind(&runtime)
+                .bind(now)
+                .bind(now)
+                .bind(&r.runtime_detail)
+                .bind(r.physical.map(|p| i64::from(p.vcpu)))
+                .bind(r.physical.map(|p| i64::from(p.memory)))
+                .execute(&mut *tx)
+                .await;
+                match res {
+                    Err(e) if is_unique_violation(&e) => {
+                        // Another registration of this hostname won the race; it is the same node.
+                        drop(tx);
+                        let node = self.get_node_by_hostname(&r.hostname).await?;
+                        return Ok((node, false));
+                    }
+                    r => r?,
+                };
+                (id, true)
+            }
+        };
+        let mut audit = audit.clone();
+        audit.target = r.hostname.clone();
+        audit.action = if created { "node.register" } else { "node.update" }.into();
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        Ok((self.get_node(&id).await?, created))
+    }
+
+    pub async fn list_nodes(&self, page: &Page) -> Result<Listing<Node>> {
+        self.keyset_page(Sql::new(NODE_SELECT), "n.hostname", page, node_from, |n| n.hostname.clone()).await
+    }
+
+    pub async fn get_node(&self, id: &str) -> Result<Node> {
+        let mut q = Sql::new(NODE_SELECT);
+        q.and("n.id = ?", Arg::Text(id.to_owned()));
+        let row = q
+            .query()
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        node_from(&row)
+    }
+
+    async fn get_node_by_hostname(&self, hostname: &str) -> Result<Node> {
+        let mut q = Sql::new(NODE_SELECT);
+        q.and("n.hostname = ?", Arg::Text(hostname.to_owned()));
+        let row = q
+            .query()
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {hostname:?} does not exist")))?;
+        node_from(&row)
+    }
+
+    /// Records a heartbeat; a node marked down comes back as ready.
+    pub async fn node_heartbeat(&self, id: &str) -> Result<Node> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_heartbeat = $1, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END WHERE id = $2",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("node {id:?} does not exist; register it again")));
+        }
+        self.get_node(id).await
+    }
+
+    /// Marks a node draining (or drained at once when it holds no instances).
+    pub async fn drain_node(&self, id: &str, audit: &Audit) -> Result<Node> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT hostname FROM nodes WHERE id = $1{}", self.for_update()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        let hostname = row.text("hostname")?;
+        let live: i64 =
+            sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .int("c")?;
+        let status = if live == 0 { NodeStatus::Drained } else { NodeStatus::Draining };
+        sqlx::query("UPDATE nodes SET status = $1 WHERE id = $2")
+            .bind(status.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let mut audit = audit.clone();
+        audit.target = hostname;
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        self.get_node(id).await
+    }
+
+    pub async fn delete_node(&self, id: &str, audit: &Audit) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT hostname FROM nodes WHERE id = $1{}", self.for_update()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        let live: i64 =
+            sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .int("c")?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "node {id:?} still runs {live} instance(s); drain it first (POST /api/v1/nodes/{id}/drain) and wait until it has none"
+            )));
+        }
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let mut audit = audit.clone();
+        audit.target = row.text("hostname")?;
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// An instance placed on a node, with what is needed to run it (env still encrypted).
+#[derive(Debug, Clone)]
+pub struct NodeAssignment {
+    pub instance: String,
+    pub deployment: String,
+    pub project_id: String,
+    pub org: String,
+    pub project: String,
+    pub image: String,
+    pub port: u16,
+    pub resources: Resources,
+    pub status: zeitwork_api_types::InstanceStatus,
+}
+
+impl Store {
+    /// Live instances placed on `node` whose deployment still runs.
+    pub async fn node_assignments(&self, node: &str) -> Result<Vec<NodeAssignment>> {
+        use zeitwork_api_types::InstanceStatus;
+        let rows = sqlx::query(
+            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.image, p.port \
+             FROM instances i JOIN deployments d ON d.id = i.deployment_id JOIN projects p ON p.id = d.project_id \
+             WHERE i.node_id = $1 AND i.status NOT IN ('stopped', 'failed', 'exited') AND d.status NOT IN ('retired', 'failed') \
+             ORDER BY i.id",
+        )
+        .bind(node)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeAssignment {
+                    instance: r.text("id")?,
+                    deployment: r.text("deployment_id")?,
+                    project_id: r.text("project_id")?,
+                    org: r.text("org")?,
+                    project: r.text("project")?,
+                    image: r.text("image")?,
+                    port: r.int("port")? as u16,
+                    resources: Resources { vcpu: r.int("vcpu")? as u32, memory: r.int("memory")? as u32 },
+                    status: r.parsed("status", InstanceStatus::parse)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    /// Marks nodes whose last heartbeat is older than `cutoff_ms` as down;
+    /// returns their ids.
+    pub async fn mark_down_nodes(&self, cutoff_ms: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE nodes SET status = 'down' WHERE status IN ('ready', 'draining', 'drained') \
+             AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id, hostname",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.writer)
+        .await?;
+        for r in &rows {
+            tracing::warn!(node = %r.text("hostname")?, "node missed its heartbeats; marked down");
+        }
+        rows.iter().map(|r| r.text("id")).collect()
+    }
+
+    /// Live instances on nodes that are down (to be replaced).
+    pub async fn instances_on_down_nodes(&self) -> Result<Vec<zeitwork_api_types::Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT i.* FROM instances i JOIN nodes n ON n.id = i.node_id WHERE n.status = 'down' AND i.{LIVE_INSTANCE}"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(instance_from).collect()
+    }
+}
+
+/// A live instance on a draining node, with how far its move has come.
+#[derive(Debug, Clone)]
+pub struct DrainingInstance {
+    pub instance: zeitwork_api_types::Instance,
+    /// The instance started to take its place.
+    pub replaced_by: Option<String>,
+    /// When it may be stopped (set once its replacement is ready), ms since the epoch.
+    pub stop_after: Option<i64>,
+}
+
+impl Store {
+    /// Live instances on draining nodes.
+    pub async fn instances_on_draining_nodes(&self) -> Result<Vec<DrainingInstance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT i.* FROM instances i JOIN nodes n ON n.id = i.node_id \
+             WHERE n.status = 'draining' AND i.{LIVE_INSTANCE} ORDER BY i.id"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DrainingInstance {
+                    instance: instance_from(r)?,
+                    replaced_by: r.opt_text("replaced_by")?,
+                    stop_after: r.opt_int("stop_after")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Links an instance to its replacement (or clears the link when `None`).
+    pub async fn set_replacement(&self, id: &str, replacement: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE instances SET replaced_by = $1 WHERE id = $2")
+            .bind(replacement.map(str::to_owned))
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a live instance out of traffic (`stopping`); it is stopped after `stop_after`.
+    pub async fn begin_stopping(&self, id: &str, stop_after: i64) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE instances SET status = 'stopping', stop_after = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
+        ))
+        .bind(stop_after)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Draining nodes with no live instance left become `drained`; returns their ids.
+    pub async fn finish_drained_nodes(&self) -> Result<Vec<String>> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id FROM nodes n WHERE status = 'draining' AND NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.node_id = n.id AND i.{LIVE_INSTANCE})"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<String> = rows.iter().map(|r| r.text("id")).collect::<Result<_>>()?;
+        for id in &ids {
+            sqlx::query("UPDATE nodes SET status = 'drained' WHERE id = $1 AND status = 'draining'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            append_event(&mut tx, &Audit::new("system", "node.drained", id), "ok").await?;
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+}

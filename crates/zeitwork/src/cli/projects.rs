@@ -1,0 +1,426 @@
+//! Verbs that shape a project: `projects`, `env` and `domains`.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use zeitwork_api_types::*;
+use zeitwork_client::encode;
+
+use super::deploy::instance_rows;
+use super::{project_path, query, split_project, Conn, EnvArg};
+use crate::output::{ago, json, opt, table};
+use crate::roles::UsageError;
+
+/// Project settings shared by create and update.
+#[derive(Debug, Args)]
+pub struct ProjectSettings {
+    /// GitHub repository, owner/repo.
+    #[arg(long)]
+    repo: Option<String>,
+    #[arg(long)]
+    branch: Option<String>,
+    /// Pushes to this branch deploy to staging.
+    #[arg(long)]
+    staging_branch: Option<String>,
+    /// Tag pushes matching this regular expression deploy to production (e.g. `^v[0-9]+`).
+    #[arg(long)]
+    tag_pattern: Option<String>,
+    /// Builds from source: the Dockerfile's path in the repository.
+    #[arg(long = "build-dockerfile", value_name = "PATH")]
+    build_dockerfile: Option<String>,
+    /// Builds from source: the stage to build.
+    #[arg(long = "build-target", value_name = "STAGE")]
+    build_target: Option<String>,
+    /// Deploy pushes to the branch automatically.
+    #[arg(long)]
+    auto_deploy: Option<bool>,
+    /// Port the app listens on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Virtual CPUs per instance (1-32).
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory per instance in MiB (128-65536).
+    #[arg(long)]
+    memory: Option<u32>,
+    #[arg(long)]
+    instances_per_region: Option<u32>,
+    /// Region codes, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    regions: Option<Vec<String>>,
+    /// Image to deploy per commit, `{sha}` replaced.
+    #[arg(long)]
+    image_template: Option<String>,
+    /// Seconds without requests after which a deployment no environment points at sleeps (10-2592000).
+    #[arg(long)]
+    sleep_after_secs: Option<u32>,
+    /// Sleeping deployments are retired once this many newer ones exist (1-1000).
+    #[arg(long)]
+    retain_deployments: Option<u32>,
+    /// Autoscaling: fewest instances per region (0: scale to zero when idle); with --max-per-region.
+    #[arg(long)]
+    min_per_region: Option<u32>,
+    /// Autoscaling: most instances per region; with --min-per-region.
+    #[arg(long)]
+    max_per_region: Option<u32>,
+    /// Autoscaling: add instances above this average CPU use (1-100 %).
+    #[arg(long)]
+    target_cpu_percent: Option<u32>,
+    /// Autoscaling: add instances above this average memory use (1-100 %).
+    #[arg(long)]
+    target_memory_percent: Option<u32>,
+    /// Back to the fixed instances_per_region (update only).
+    #[arg(long, conflicts_with_all = ["min_per_region", "max_per_region", "target_cpu_percent", "target_memory_percent"])]
+    no_scaling: bool,
+}
+
+/// The `scaling` the flags ask for: `None` when they say nothing.
+fn scaling_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::Scaling>> {
+    let any = s.min_per_region.is_some()
+        || s.max_per_region.is_some()
+        || s.target_cpu_percent.is_some()
+        || s.target_memory_percent.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let (Some(min), Some(max)) = (s.min_per_region, s.max_per_region) else {
+        return Err(UsageError("autoscaling needs both --min-per-region and --max-per-region".into()).into());
+    };
+    Ok(Some(zeitwork_api_types::Scaling {
+        min_per_region: min,
+        max_per_region: max,
+        target_cpu_percent: s.target_cpu_percent,
+        target_memory_percent: s.target_memory_percent,
+    }))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCmd {
+    List {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Create ORG/NAME.
+    Create {
+        project: String,
+        #[command(flatten)]
+        settings: ProjectSettings,
+    },
+    Show {
+        project: String,
+    },
+    Update {
+        project: String,
+        #[command(flatten)]
+        settings: ProjectSettings,
+    },
+    Delete {
+        project: String,
+    },
+    /// Which deployment serves which host of ORG/PROJECT.
+    Routing {
+        project: String,
+    },
+    /// Health of the instances serving each environment of ORG/PROJECT.
+    Health {
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCmd {
+    /// List variables of ORG/PROJECT.
+    List { project: String },
+    /// Set KEY=VALUE pairs.
+    Set {
+        project: String,
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove a variable.
+    Unset { project: String, key: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainCmd {
+    List {
+        project: String,
+    },
+    Add {
+        project: String,
+        name: String,
+        #[arg(long, value_enum)]
+        environment: Option<EnvArg>,
+    },
+    Remove {
+        project: String,
+        name: String,
+    },
+}
+
+fn project_rows(ps: &[Project]) {
+    table(
+        &["project", "repo", "branch", "auto", "port", "resources", "per region", "regions"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    format!("{}/{}", p.org, p.name),
+                    opt(&p.github_repo),
+                    p.branch.clone(),
+                    if p.auto_deploy { "yes" } else { "no" }.into(),
+                    p.port.to_string(),
+                    format!("{} vCPU, {} MiB", p.resources.vcpu, p.resources.memory),
+                    p.instances_per_region.to_string(),
+                    p.regions.join(","),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn resources_from(s: &ProjectSettings, current: Option<Resources>) -> Result<Option<Resources>> {
+    match (s.vcpu, s.memory, current) {
+        (None, None, _) => Ok(None),
+        (Some(v), Some(m), _) => Ok(Some(Resources { vcpu: v, memory: m })),
+        (v, m, Some(cur)) => Ok(Some(Resources { vcpu: v.unwrap_or(cur.vcpu), memory: m.unwrap_or(cur.memory) })),
+        (v, m, None) => Ok(Some(Resources { vcpu: v.unwrap_or(1), memory: m.unwrap_or(256) })),
+    }
+}
+
+fn build_settings_from(
+    dockerfile: &Option<String>,
+    target: &Option<String>,
+) -> Option<zeitwork_api_types::BuildSettings> {
+    (dockerfile.is_some() || target.is_some()).then(|| zeitwork_api_types::BuildSettings {
+        dockerfile: dockerfile.clone(),
+        target: target.clone(),
+        args: Default::default(),
+    })
+}
+
+pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        ProjectCmd::List { org } => {
+            let ps: Vec<Project> = c.list_all(&format!("/api/v1/projects{}", query(&[("org", org)]))).await?;
+            if conn.json {
+                json(&ps)
+            } else {
+                project_rows(&ps)
+            }
+        }
+        ProjectCmd::Create { project, settings } => {
+            let (org, name) = split_project(&project)?;
+            let scaling = scaling_from(&settings)?;
+            let body = CreateProject {
+                name,
+                org,
+                resources: resources_from(&settings, None)?,
+                github_repo: settings.repo,
+                branch: settings.branch,
+                auto_deploy: settings.auto_deploy,
+                port: settings.port,
+                instances_per_region: settings.instances_per_region,
+                regions: settings.regions,
+                image_template: settings.image_template,
+                rate_limit: None,
+                sleep_after_secs: settings.sleep_after_secs,
+                retain_deployments: settings.retain_deployments,
+                scaling,
+                staging_branch: settings.staging_branch,
+                tag_pattern: settings.tag_pattern,
+                build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
+            };
+            let p: Project = c.post("/api/v1/projects", &body).await?;
+            if conn.json {
+                json(&p)
+            } else {
+                println!("Created project {}/{}.", p.org, p.name)
+            }
+        }
+        ProjectCmd::Show { project } => {
+            let p: Project = c.get(&project_path(&project)?).await?;
+            if conn.json {
+                json(&p)
+            } else {
+                project_rows(&[p])
+            }
+        }
+        ProjectCmd::Update { project, settings } => {
+            let path = project_path(&project)?;
+            let current = if settings.vcpu.is_some() != settings.memory.is_some() {
+                Some(c.get::<Project>(&path).await?.resources)
+            } else {
+                None
+            };
+            let scaling = if settings.no_scaling { Some(None) } else { scaling_from(&settings)?.map(Some) };
+            let patch = PatchProject {
+                resources: resources_from(&settings, current)?,
+                github_repo: settings.repo.map(Some),
+                branch: settings.branch,
+                auto_deploy: settings.auto_deploy,
+                port: settings.port,
+                instances_per_region: settings.instances_per_region,
+                regions: settings.regions,
+                image_template: settings.image_template.map(Some),
+                rate_limit: None,
+                sleep_after_secs: settings.sleep_after_secs,
+                retain_deployments: settings.retain_deployments,
+                scaling,
+                staging_branch: settings.staging_branch.map(Some),
+                tag_pattern: settings.tag_pattern.map(Some),
+                build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
+            };
+            let p: Project = c.patch(&path, &patch).await?;
+            if conn.json {
+                json(&p)
+            } else {
+                project_rows(&[p])
+            }
+        }
+        ProjectCmd::Delete { project } => {
+            c.delete(&project_path(&project)?).await?;
+            if !conn.json {
+                println!("Deleted project {project}.")
+            }
+        }
+        ProjectCmd::Routing { project } => {
+            let routes: Vec<ProjectRoute> = c.get(&format!("{}/routing", project_path(&project)?)).await?;
+            if conn.json {
+                json(&routes)
+            } else {
+                table(
+                    &["host", "deployment", "environment", "instances"],
+                    routes
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.host.clone(),
+                                r.deployment.clone(),
+                                r.environment.map_or("-".into(), |e| e.as_str().to_owned()),
+                                r.instances.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        ProjectCmd::Health { project } => {
+            let envs: Vec<EnvironmentHealth> = c.get(&format!("{}/health", project_path(&project)?)).await?;
+            if conn.json {
+                json(&envs)
+            } else if envs.is_empty() {
+                println!("{project} serves nothing yet; deploy it with `zeitwork deploy {project} --image REF`.");
+            } else {
+                for e in &envs {
+                    println!(
+                        "{}: {} {} ({}/{} instances ready, deployment {})",
+                        e.environment.as_str(),
+                        e.health,
+                        e.deployment,
+                        e.ready,
+                        e.total,
+                        e.status.as_str()
+                    );
+                    instance_rows(&e.instances);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn env(conn: Conn, cmd: EnvCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        EnvCmd::List { project } => {
+            let vs: Vec<EnvVar> = c.get(&format!("{}/env", project_path(&project)?)).await?;
+            if conn.json {
+                json(&vs)
+            } else {
+                table(
+                    &["key", "value", "updated"],
+                    vs.iter()
+                        .map(|v| {
+                            vec![
+                                v.key.clone(),
+                                v.value.clone().unwrap_or_else(|| "(redacted)".into()),
+                                ago(&v.updated_at),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        EnvCmd::Set { project, pairs } => {
+            let base = project_path(&project)?;
+            let mut parsed = BTreeMap::new();
+            for p in &pairs {
+                let (k, v) = p.split_once('=').ok_or_else(|| UsageError(format!("{p:?} is not KEY=VALUE")))?;
+                parsed.insert(k.to_owned(), v.to_owned());
+            }
+            for (k, v) in parsed {
+                let var: EnvVar = c.put(&format!("{base}/env/{}", encode(&k)), &PutEnvVar { value: v }).await?;
+                if conn.json {
+                    json(&var)
+                } else {
+                    println!("Set {}.", var.key)
+                }
+            }
+        }
+        EnvCmd::Unset { project, key } => {
+            c.delete(&format!("{}/env/{}", project_path(&project)?, encode(&key))).await?;
+            if !conn.json {
+                println!("Removed {key}.")
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn domains(conn: Conn, cmd: DomainCmd) -> Result<()> {
+    let c = conn.client()?;
+    match cmd {
+        DomainCmd::List { project } => {
+            let ds: Vec<Domain> = c.get(&format!("{}/domains", project_path(&project)?)).await?;
+            if conn.json {
+                json(&ds)
+            } else {
+                table(
+                    &["domain", "environment", "verified", "certificate"],
+                    ds.iter()
+                        .map(|d| {
+                            vec![
+                                d.name.clone(),
+                                d.environment.as_str().into(),
+                                d.verified.to_string(),
+                                d.certificate.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        DomainCmd::Add { project, name, environment } => {
+            let d: Domain = c
+                .post(
+                    &format!("{}/domains", project_path(&project)?),
+                    &CreateDomain { name, environment: environment.map(Into::into) },
+                )
+                .await?;
+            if conn.json {
+                json(&d)
+            } else {
+                println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str())
+            }
+        }
+        DomainCmd::Remove { project, name } => {
+            c.delete(&format!("{}/domains/{}", project_path(&project)?, encode(&name))).await?;
+            if !conn.json {
+                println!("Removed {name}.")
+            }
+        }
+    }
+    Ok(())
+}
