@@ -333,13 +333,8 @@ async fn build_in(
     // One tag per project, moved by each build: removing a built image would remove the
     // intermediate images that are its steps' cache.
     let tag = format!("localhost/zeitwork-build/{}:latest", job.project);
-    let mut args: Vec<String> = vec![
-        "--root".into(),
-        storage.display().to_string(),
-        "--runroot".into(),
-        runroot.display().to_string(),
-        "--storage-driver".into(),
-        settings.storage_driver.clone(),
+    let mut args: Vec<String> = store_args(settings, &storage, &runroot);
+    args.extend([
         "build".into(),
         "--isolation".into(),
         "oci".into(),
@@ -362,7 +357,7 @@ async fn build_in(
         dockerfile.display().to_string(),
         "--tag".into(),
         tag.clone(),
-    ];
+    ]);
     // Each step's layer is cached in the project's store and reused by the next build.
     args.push("--layers=true".into());
     if let Some(t) = &job.target {
@@ -399,18 +394,8 @@ async fn build_in(
     let remaining = limit.saturating_sub(started.elapsed());
     let archive = work.join("image.tar");
     out.say("==> exporting the image");
-    let push = vec![
-        "--root".into(),
-        storage.display().to_string(),
-        "--runroot".into(),
-        runroot.display().to_string(),
-        "--storage-driver".into(),
-        settings.storage_driver.clone(),
-        "push".into(),
-        "--quiet".into(),
-        tag.clone(),
-        format!("oci-archive:{}", archive.display()),
-    ];
+    let mut push = store_args(settings, &storage, &runroot);
+    push.extend(["push".into(), "--quiet".into(), tag.clone(), format!("oci-archive:{}", archive.display())]);
     let pushed = run_logged(&settings.buildah, &push, &envs, out, remaining, &mut cancel).await;
     remove_working_containers(settings, &storage, &runroot, &envs).await;
     pushed?;
@@ -431,6 +416,18 @@ async fn build_in(
     Ok(uploaded.image)
 }
 
+/// buildah's global options naming a project's layer store.
+fn store_args(settings: &BuilderSettings, storage: &Path, runroot: &Path) -> Vec<String> {
+    vec![
+        "--root".into(),
+        storage.display().to_string(),
+        "--runroot".into(),
+        runroot.display().to_string(),
+        "--storage-driver".into(),
+        settings.storage_driver.clone(),
+    ]
+}
+
 /// Removes what a build left in the project's store (working containers, their mounts).
 async fn remove_working_containers(
     settings: &BuilderSettings,
@@ -438,16 +435,8 @@ async fn remove_working_containers(
     runroot: &Path,
     envs: &[(&str, String)],
 ) {
-    let args = vec![
-        "--root".into(),
-        storage.display().to_string(),
-        "--runroot".into(),
-        runroot.display().to_string(),
-        "--storage-driver".into(),
-        settings.storage_driver.clone(),
-        "rm".into(),
-        "--all".into(),
-    ];
+    let mut args = store_args(settings, storage, runroot);
+    args.extend(["rm".into(), "--all".into()]);
     let quiet = Output::discard();
     let mut never = watch::channel(false).1;
     if let Err(e) = run_logged(&settings.buildah, &args, envs, &quiet, Duration::from_secs(60), &mut never).await {

@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeitwork_client::Client;
-use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_control_plane::OperatorConfig;
 use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+
+mod common;
 
 const SECRET: &str = "a webhook secret of some length";
 const TOKEN: &str = "ghs_installation_token_for_tests";
@@ -225,32 +227,16 @@ async fn pushes_tags_and_pull_requests_build_from_git_and_serve_their_urls() {
         .unwrap();
     assert!(!anonymous.status.success() && seen.lock().unwrap().unauthorized > 0);
 
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("op"),
+    let config = OperatorConfig {
         apps_scheme: "http".into(),
         github_git_url: github.clone(),
         github_api_url: github.clone(),
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
-    admin
-        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
-        .await
-        .unwrap();
-    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
-    admin
-        .post::<_, Value>(
-            "/api/v1/projects",
-            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128},
+    };
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128},
                     "instances_per_region": 1, "github_repo": "Codertocat/Hello-World", "branch": "main",
-                    "staging_branch": "staging", "tag_pattern": "^v[0-9]", "auto_deploy": true}),
-        )
-        .await
-        .unwrap();
+                    "staging_branch": "staging", "tag_pattern": "^v[0-9]", "auto_deploy": true});
+    let (op, base, admin) = common::operator(dir.path(), config, project).await;
     admin
         .post::<_, Value>(
             "/api/v1/github/webhooks",
@@ -259,40 +245,14 @@ async fn pushes_tags_and_pull_requests_build_from_git_and_serve_their_urls() {
         )
         .await
         .unwrap();
-    let token = |role: &'static str| {
-        let admin = admin.clone();
-        async move {
-            let t: Value = admin
-                .post("/api/v1/tokens", &json!({"name": role, "scope": {"kind": "cluster", "role": role}}))
-                .await
-                .unwrap();
-            t["secret"].as_str().unwrap().to_owned()
-        }
-    };
+    let token = common::cluster_token(&admin, "node-agent").await;
     let agent = NodeAgent::start(NodeAgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: Some(token("node-agent").await),
-        hostname: "builder-1".into(),
-        region: "local".into(),
-        data_dir: dir.path().join("agent"),
-        instance_range: "10.239.0.0".parse().unwrap(),
-        runtime: "container".into(),
-        vcpu: Some(16),
         stop_grace_secs: 1,
-        ..Default::default()
+        ..common::agent_config(&base, token, dir.path(), "builder-1", "10.239.0.0")
     })
     .await
     .unwrap();
-    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: Some(token("edge-proxy").await),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let edge = common::edge(&base, common::cluster_token(&admin, "edge-proxy").await, 0).await;
     let at = edge.http_addr();
 
     // A push to main: built from the clone, live at <project>-<org>.
@@ -410,42 +370,13 @@ fn source(dockerfile: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn builds_over_their_limits_fail_and_leave_nothing_running() {
     let dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("op"),
-        build_timeout_secs: 10,
-        build_memory_mib: 64,
-        build_disk_mib: 96,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
-    admin
-        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
-        .await
-        .unwrap();
-    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
-    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
-    let t: Value = admin
-        .post("/api/v1/tokens", &json!({"name": "agent", "scope": {"kind": "cluster", "role": "node-agent"}}))
-        .await
-        .unwrap();
+    let config =
+        OperatorConfig { build_timeout_secs: 10, build_memory_mib: 64, build_disk_mib: 96, ..Default::default() };
+    let (op, base, admin) = common::operator(dir.path(), config, json!({"name": "web", "org": "acme"})).await;
     let agent_dir = dir.path().join("agent");
-    let agent = NodeAgent::start(NodeAgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: t["secret"].as_str().map(str::to_owned),
-        hostname: "builder-2".into(),
-        region: "local".into(),
-        data_dir: agent_dir.clone(),
-        instance_range: "10.241.0.0".parse().unwrap(),
-        runtime: "container".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let agent =
+        NodeAgent::start(common::agent_config(&base, token, dir.path(), "builder-2", "10.241.0.0")).await.unwrap();
     let build = |dockerfile: &'static str| {
         let admin = admin.clone();
         async move {

@@ -5,9 +5,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use zeitwork_client::Client;
-use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_control_plane::OperatorConfig;
 use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+
+mod common;
 
 /// rsyslogd with a config of its own: UDP on `port`, every message to `out` as `pri|app|procid|msgid|sd|msg`.
 struct Rsyslog(std::process::Child);
@@ -64,45 +65,14 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
         )
         .await
         .unwrap();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("op"),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
-    admin
-        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
-        .await
-        .unwrap();
-    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
-    admin
-        .post::<_, Value>(
-            "/api/v1/projects",
-            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1}),
-        )
-        .await
-        .unwrap();
-    let t: Value = admin
-        .post("/api/v1/tokens", &json!({"name": "agent", "scope": {"kind": "cluster", "role": "node-agent"}}))
-        .await
-        .unwrap();
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1});
+    let (op, base, admin) = common::operator(dir.path(), OperatorConfig::default(), project).await;
     let bad = NodeAgentConfig { log_forward: Some("http://x:1".into()), token: Some("t".into()), ..Default::default() };
     assert!(bad.validate().unwrap_err().to_string().contains("log_forward"));
+    let token = common::cluster_token(&admin, "node-agent").await;
     let agent = NodeAgent::start(NodeAgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: t["secret"].as_str().map(str::to_owned),
-        hostname: "syslog-node".into(),
-        region: "local".into(),
-        data_dir: dir.path().join("agent"),
-        instance_range: "10.243.0.0".parse().unwrap(),
-        runtime: "container".into(),
-        vcpu: Some(16),
         log_forward: Some(format!("udp://127.0.0.1:{port}")),
-        ..Default::default()
+        ..common::agent_config(&base, token, dir.path(), "syslog-node", "10.243.0.0")
     })
     .await
     .unwrap();

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use zeitwork_client::Client;
-use zeitwork_control_plane::{Operator, OperatorConfig};
-use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
+use zeitwork_control_plane::OperatorConfig;
+use zeitwork_node_agent::NodeAgent;
+
+mod common;
 
 /// A layer of (path, mode, contents); a path ending in `/` is a directory, contents `->x` a link.
 fn layer(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
@@ -75,30 +76,14 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
 
     let dir = tempfile::tempdir().unwrap();
     let edge_port = zeitwork_testkit::free_port();
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("op"),
+    let config = OperatorConfig {
         apps_scheme: "http".into(),
         uptime_via: Some(([127, 0, 0, 1], edge_port).into()),
         notifications_allow_internal: true,
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
-    admin
-        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
-        .await
-        .unwrap();
-    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
-    admin
-        .post::<_, Value>(
-            "/api/v1/projects",
-            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1}),
-        )
-        .await
-        .unwrap();
+    };
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1});
+    let (op, base, admin) = common::operator(dir.path(), config, project).await;
     admin
         .post::<_, Value>(
             "/api/v1/projects/acme/web/notifications",
@@ -106,39 +91,10 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
         )
         .await
         .unwrap();
-    let token = |role: &'static str| {
-        let admin = admin.clone();
-        async move {
-            let t: Value = admin
-                .post("/api/v1/tokens", &json!({"name": role, "scope": {"kind": "cluster", "role": role}}))
-                .await
-                .unwrap();
-            t["secret"].as_str().unwrap().to_owned()
-        }
-    };
-    let agent = NodeAgent::start(NodeAgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: Some(token("node-agent").await),
-        hostname: "uptime-node".into(),
-        region: "local".into(),
-        data_dir: dir.path().join("agent"),
-        instance_range: "10.242.0.0".parse().unwrap(),
-        runtime: "container".into(),
-        vcpu: Some(16),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
-        http_listen: ([127, 0, 0, 1], edge_port).into(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        operator_url: base.clone(),
-        token: Some(token("edge-proxy").await),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let agent =
+        NodeAgent::start(common::agent_config(&base, token, dir.path(), "uptime-node", "10.242.0.0")).await.unwrap();
+    let edge = common::edge(&base, common::cluster_token(&admin, "edge-proxy").await, edge_port).await;
     let d: Value =
         admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
     let id = d["id"].as_str().unwrap().to_owned();

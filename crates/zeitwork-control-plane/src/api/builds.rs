@@ -14,14 +14,11 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 use zeitwork_api_types::{
     validate, Build, BuildFailure, BuildJob, BuildRequest, BuildSource, Deployment, Project, Role, UploadedImage,
@@ -179,28 +176,14 @@ pub async fn upload_source(
     s.require_role(&caller, &org, Role::Developer, "source.upload", &org).await?;
     s.store.get_org(&org).await?;
     let max = s.config.max_source_bytes;
-    let tmp = s.config.data_dir.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| ApiError::internal("creating the upload directory", e))?;
-    let work = tempfile::tempdir_in(&tmp).map_err(|e| ApiError::internal("creating an upload directory", e))?;
-    let path = work.path().join("source.tar.gz");
-    let mut file = tokio::fs::File::create(&path).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    let mut hash = Sha256::new();
-    let mut received = 0u64;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::InvalidBody(format!("the upload broke off: {e}")))?;
-        received += chunk.len() as u64;
-        if received > max {
-            return Err(ApiError::TooLarge(format!(
-                "the source archive is larger than {max} bytes (the operator's max_source_bytes); \
-                 leave build outputs and dependencies out with .dockerignore"
-            )));
-        }
-        hash.update(&chunk);
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    }
-    file.flush().await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    drop(file);
+    let up = super::images::receive(&s, body, "source.tar.gz", max, || {
+        format!(
+            "the source archive is larger than {max} bytes (the operator's max_source_bytes); \
+             leave build outputs and dependencies out with .dockerignore"
+        )
+    })
+    .await?;
+    let (path, received) = (up.path.clone(), up.size);
     let checked = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || check_source(&path, max.saturating_mul(8)))
@@ -208,7 +191,7 @@ pub async fn upload_source(
             .map_err(|e| ApiError::internal("reading a source archive", e))?
     };
     checked.map_err(ApiError::InvalidBody)?;
-    let digest = format!("sha256:{}", hex::encode(hash.finalize()));
+    let digest = up.digest.clone();
     super::images::store_blob_file(&s, &digest, received, &path).await?;
     let existing = s.store.put_source(&org, &digest, received as i64).await?;
     Ok((StatusCode::CREATED, Json(UploadedSource { source: digest, size: received, existing })).into_response())
@@ -478,27 +461,22 @@ pub async fn build_image(
         return Err(ApiError::Conflict(format!("build {id} is {}", b.status)));
     }
     let node = b.node_id.clone().unwrap_or_default();
-    let tmp = s.config.data_dir.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| ApiError::internal("creating the upload directory", e))?;
-    let work = tempfile::tempdir_in(&tmp).map_err(|e| ApiError::internal("creating an upload directory", e))?;
-    let tar = work.path().join("image.tar");
-    let mut file = tokio::fs::File::create(&tar).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    let mut stream = body.into_data_stream();
-    let mut received = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::InvalidBody(format!("the upload broke off: {e}")))?;
-        received += chunk.len() as u64;
-        if received > s.config.max_archive_bytes {
-            let error = format!("the built image is larger than {} bytes", s.config.max_archive_bytes);
+    let max = s.config.max_archive_bytes;
+    let up = match super::images::receive(&s, body, "image.tar", max, || {
+        format!("the built image is larger than {max} bytes")
+    })
+    .await
+    {
+        Ok(up) => up,
+        Err(ApiError::TooLarge(error)) => {
             fail(&s, &b, Some(&node), &error).await?;
             return Err(ApiError::TooLarge(error));
         }
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    }
-    file.flush().await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    drop(file);
+        Err(e) => return Err(e),
+    };
+    let (work, tar) = (&up.dir, &up.path);
     let audit = Audit::new(&format!("node {node}"), "image.build", &id).org(&b.org).project(&b.project);
-    let image = match super::images::store_archive(&s, &b.org, &b.project, &tar, work.path(), None, audit).await {
+    let image = match super::images::store_archive(&s, &b.org, &b.project, tar, work.path(), None, audit).await {
         Ok(i) => i,
         Err(e) => {
             fail(&s, &b, Some(&node), &format!("the built image could not be stored: {e}")).await?;

@@ -48,25 +48,11 @@ pub async fn upload_image(
     s.require_role(&caller, &org, Role::Developer, "image.upload", &format!("{org}/{}", q.name)).await?;
     s.store.get_org(&org).await?;
     let max = s.config.max_archive_bytes;
-    let tmp = s.config.data_dir.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| ApiError::internal("creating the upload directory", e))?;
-    let work = tempfile::tempdir_in(&tmp).map_err(|e| ApiError::internal("creating an upload directory", e))?;
-    let tar = work.path().join("upload.tar");
-    let mut file = tokio::fs::File::create(&tar).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    let mut stream = body.into_data_stream();
-    let mut received = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::InvalidBody(format!("the upload broke off: {e}")))?;
-        received += chunk.len() as u64;
-        if received > max {
-            return Err(ApiError::TooLarge(format!(
-                "the archive is larger than {max} bytes (the operator's max_archive_bytes)"
-            )));
-        }
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    }
-    file.flush().await.map_err(|e| ApiError::internal("storing an upload", e))?;
-    drop(file);
+    let up = receive(&s, body, "upload.tar", max, || {
+        format!("the archive is larger than {max} bytes (the operator's max_archive_bytes)")
+    })
+    .await?;
+    let (work, tar, received) = (up.dir, up.path, up.size);
     if received == 0 {
         return Err(ApiError::InvalidBody(
             "the body is empty; send the archive (oci-archive or docker save tar)".into(),
@@ -75,6 +61,46 @@ pub async fn upload_image(
     let audit = caller.audit("image.upload", format!("{org}/{}", q.name)).org(&org);
     let body = store_archive(&s, &org, &q.name, &tar, work.path(), Some(caller.token_id.clone()), audit).await?;
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+/// A request body written to a file of its own scratch directory.
+pub(crate) struct Received {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    pub size: u64,
+    /// `sha256:<hex>` of the bytes.
+    pub digest: String,
+}
+
+/// Writes `body` to `name` in a new scratch directory under the data dir, refusing
+/// (413, with `too_large`'s message) once it passes `max` bytes.
+pub(crate) async fn receive(
+    s: &AppState,
+    body: Body,
+    name: &str,
+    max: u64,
+    too_large: impl FnOnce() -> String,
+) -> ApiResult<Received> {
+    use sha2::Digest;
+    let tmp = s.config.data_dir.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(|e| ApiError::internal("creating the upload directory", e))?;
+    let dir = tempfile::tempdir_in(&tmp).map_err(|e| ApiError::internal("creating an upload directory", e))?;
+    let path = dir.path().join(name);
+    let mut file = tokio::fs::File::create(&path).await.map_err(|e| ApiError::internal("storing an upload", e))?;
+    let mut hash = sha2::Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::InvalidBody(format!("the upload broke off: {e}")))?;
+        size += chunk.len() as u64;
+        if size > max {
+            return Err(ApiError::TooLarge(too_large()));
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(|e| ApiError::internal("storing an upload", e))?;
+    }
+    file.flush().await.map_err(|e| ApiError::internal("storing an upload", e))?;
+    Ok(Received { dir, path, size, digest: format!("sha256:{}", hex::encode(hash.finalize())) })
 }
 
 /// Verifies the image archive at `tar` and stores its blobs and record for
