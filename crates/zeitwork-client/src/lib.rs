@@ -118,6 +118,28 @@ impl Client {
         Ok(res)
     }
 
+    /// POSTs a raw body with `http`; the answer when it is a success.
+    async fn post_raw(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = http
+            .post(format!("{}{}", self.base, path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if !res.status().is_success() {
+            return Err(Self::error_of(res).await);
+        }
+        Ok(res)
+    }
+
     /// POSTs a raw body (an upload) and decodes the JSON answer; no overall timeout.
     pub async fn upload<T: DeserializeOwned>(
         &self,
@@ -125,37 +147,14 @@ impl Client {
         content_type: &str,
         body: reqwest::Body,
     ) -> Result<T, ClientError> {
-        let mut req = self
-            .long
-            .post(format!("{}{}", self.base, path))
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
-        if !res.status().is_success() {
-            return Err(Self::error_of(res).await);
-        }
+        let res = self.post_raw(&self.long, path, content_type, body).await?;
         let bytes = res.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// POSTs a raw body and ignores the answer's body (reports such as build output).
     pub async fn post_bytes(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<(), ClientError> {
-        let mut req = self
-            .http
-            .post(format!("{}{}", self.base, path))
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
-        if !res.status().is_success() {
-            return Err(Self::error_of(res).await);
-        }
-        Ok(())
+        self.post_raw(&self.http, path, content_type, body.into()).await.map(drop)
     }
 
     async fn call<T: DeserializeOwned>(
