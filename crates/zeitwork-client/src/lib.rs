@@ -126,10 +126,8 @@ impl Client {
         content_type: &str,
         body: reqwest::Body,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut req = http
-            .post(format!("{}{}", self.base, path))
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body);
+        let mut req =
+            http.post(format!("{}{}", self.base, path)).header(reqwest::header::CONTENT_TYPE, content_type).body(body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

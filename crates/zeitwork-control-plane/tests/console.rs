@@ -597,6 +597,15 @@ async fn the_console_in_a_browser() {
     .await;
     assert_eq!(b.js("return window.__loaded_once === true", json!([])).await, true, "the page did not reload");
     b.goto(&format!("{base}/projects/acme/web")).await;
+    // An uptime check added from the page is listed with its address.
+    b.js("document.querySelector('#hc-path').closest('details').open = true", json!([])).await;
+    b.type_into("#hc-path", "/healthz").await;
+    b.click("form[data-path$='/health-checks'] button").await;
+    b.wait(
+        "the new uptime check",
+        "document.querySelector('#checks') && document.querySelector('#checks').textContent.includes('/healthz')",
+    )
+    .await;
     b.screenshot("project-desktop").await;
 
     // Roll back from the first deployment's page.
@@ -764,7 +773,13 @@ async fn the_console_in_a_browser() {
     ] {
         b.goto(&format!("{base}{page}")).await;
         let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth", json!([])).await;
-        assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways on a phone: {overflow}");
+        let wide = b
+            .js(
+                "return [...document.querySelectorAll('body *')].filter(e => !(e.parentElement && e.parentElement.closest('.scroll')) && e.getBoundingClientRect().right > window.innerWidth + 1).slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id)",
+                json!([]),
+            )
+            .await;
+        assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways on a phone: {overflow}, too wide: {wide}");
         b.screenshot(&format!("{name}-phone")).await;
     }
     b.resize(1280, 900).await;

@@ -197,11 +197,13 @@ async fn project(State(c): State<Console>, headers: HeaderMap, Path((org, name))
     let (health_path, routes_path, history_path) =
         (format!("{base}/health"), format!("{base}/routing"), format!("{base}/deployments?limit=50"));
     let channels_path = format!("{base}/notifications");
-    let (health, routes, history, channels) = tokio::join!(
+    let checks_path = format!("{base}/health-checks");
+    let (health, routes, history, channels, checks) = tokio::join!(
         c.get::<Vec<zeitwork_api_types::EnvironmentHealth>>(&s.caller, &health_path),
         c.get::<Vec<zeitwork_api_types::ProjectRoute>>(&s.caller, &routes_path),
         c.get::<Vec<zeitwork_api_types::Deployment>>(&s.caller, &history_path),
         c.get::<Vec<zeitwork_api_types::Channel>>(&s.caller, &channels_path),
+        c.get::<Vec<zeitwork_api_types::HealthCheck>>(&s.caller, &checks_path),
     );
     let config = &c.state.config;
     let url_port = match (config.apps_scheme.as_str(), config.apps_port) {
@@ -217,6 +219,7 @@ async fn project(State(c): State<Console>, headers: HeaderMap, Path((org, name))
         routes: routes.unwrap_or_default(),
         history: history.unwrap_or_default(),
         channels: channels.ok(),
+        checks: checks.ok(),
     };
     html(StatusCode::OK, pages::project(&s, &data))
 }

@@ -360,6 +360,8 @@ pub struct ProjectPage {
     pub history: Vec<Deployment>,
     /// None when the caller may not list them.
     pub channels: Option<Vec<Channel>>,
+    /// Uptime checks; None when they could not be read.
+    pub checks: Option<Vec<zeitwork_api_types::HealthCheck>>,
     /// What custom domains point their CNAME at.
     pub cname: String,
     /// `scheme://` and `:port` of app URLs.
@@ -508,6 +510,48 @@ pub fn project(s: &Session, d: &ProjectPage) -> Markup {
                             input #nc-events name="events" data-list placeholder="deployment.activate, deployment.fail" autocomplete="off";
                         }))
                         p.cli { span { "API " } code { "POST " (npath) } }
+                    }
+                }
+            }
+            section aria-labelledby="checks-h" {
+                h2 #checks-h { "Uptime checks" }
+                @let cpath = format!("/api/v1/projects/{}/{}/health-checks", enc(&p.org), enc(&p.name));
+                @match &d.checks {
+                    None => p.muted { "The uptime checks could not be read." },
+                    Some(list) if list.is_empty() => p.empty { "No uptime checks." },
+                    Some(list) => div.scroll { table #checks {
+                        thead { tr { th scope="col" { "Probes" } th scope="col" { "State" } th scope="col" { "Uptime (24 h)" }
+                            th scope="col" { "p50 / p95" } th scope="col" { "Last sample" }
+                            @if can_write(s, &p.org) { th scope="col" { span.sr { "Actions" } } } } }
+                        tbody { @for c in list { tr {
+                            td { code { (c.spec.method) " " (c.url) } " every " (c.spec.interval_secs) " s" }
+                            td { span.{"h-" (c.state)} { (c.state) } }
+                            td { @match c.uptime_percent { Some(u) => { (format!("{u:.2} %")) }, None => "—" } }
+                            td { @match (c.p50_ms, c.p95_ms) { (Some(a), Some(b)) => { (a) " / " (b) " ms" }, _ => "—" } }
+                            td { @match &c.last_sample {
+                                Some(x) => { (x.at.format("%H:%M:%S")) " " @if x.ok { "ok" } @else { (x.error.as_deref().unwrap_or("failed")) } },
+                                None => "—",
+                            } }
+                            @if can_write(s, &p.org) { td {
+                                (row_action("DELETE", &format!("{cpath}/{}", enc(&c.id)), "Remove", &format!("the check of {}", c.url), None))
+                            } }
+                        } } }
+                    } },
+                }
+                @if can_write(s, &p.org) {
+                    details {
+                        summary { "Add a check" }
+                        (action("POST", &cpath, "reload", "Add check", html! {
+                            label for="hc-path" { "Path" }
+                            input #hc-path name="path" value="/" required autocomplete="off";
+                            label for="hc-status" { "Expected status" }
+                            input #hc-status name="expected_status" type="number" min="100" max="599" value="200" data-number;
+                            label for="hc-body" { "Body contains (optional)" }
+                            input #hc-body name="body_contains" autocomplete="off";
+                            label for="hc-interval" { "Every (seconds, 10 or more)" }
+                            input #hc-interval name="interval_secs" type="number" min="10" max="3600" value="60" data-number;
+                        }))
+                        p.cli { span { "API " } code { "POST " (cpath) } }
                     }
                 }
             }
