@@ -691,12 +691,26 @@ async fn reconcile(
         }
         if crashed.len() >= config.crash_budget {
             let last = crashed.iter().max_by_key(|i| i.created_at).and_then(|i| i.exit_reason.clone());
-            out.stuck = Some(format!(
+            let why = format!(
                 "{} instances failed within {} s (last: {}); not replaced",
                 crashed.len(),
                 config.crash_window.as_secs(),
                 last.unwrap_or_else(|| "no reason recorded".into())
-            ));
+            );
+            // Told once per deployment (and so notified once), not on every pass.
+            let filter = zeitwork_store::EventFilter {
+                org: Some(d.org.clone()),
+                project: Some(d.project.clone()),
+                action: Some("instance.crash_loop".into()),
+                ..Default::default()
+            };
+            let told = store.list_events(&filter, &zeitwork_store::Page::first(100)).await?;
+            if !told.items.iter().any(|e| e.target == d.id) {
+                let audit =
+                    system("instance.crash_loop", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": why}));
+                store.record_event(&audit, "failed").await?;
+            }
+            out.stuck = Some(why);
             continue;
         }
         if nodes.is_none() {
@@ -782,5 +796,91 @@ mod tests {
         let err = place(&nodes, "eu", 20, SMALL).unwrap_err();
         assert!(err.contains("lacks capacity"), "{err}");
         assert!(place(&nodes, "ap", 1, SMALL).unwrap_err().contains("no ready node"));
+    }
+
+    /// A deployment whose instances keep failing stops being replaced, and says so once.
+    #[tokio::test]
+    async fn a_crash_loop_is_told_once() {
+        use zeitwork_api_types::{CreateRegion, RegisterNode};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
+        let a = || Audit::new("test", "test", "x");
+        let region = CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() };
+        store.create_region(&region, &a()).await.unwrap();
+        let reg = RegisterNode {
+            hostname: "n1".into(),
+            region: "eu".into(),
+            address: "http://127.0.0.1:1".into(),
+            capacity: Capacity { vcpu: 8, memory: 8192 },
+            physical: None,
+            runtime: Some("container".into()),
+            runtime_detail: None,
+        };
+        let (n, _) = store.register_node(&reg, &a()).await.unwrap();
+        store.create_org("acme", "acme", None, &a()).await.unwrap();
+        let project = zeitwork_store::NewProject {
+            org: "acme".into(),
+            name: "web".into(),
+            github_repo: None,
+            branch: "main".into(),
+            auto_deploy: false,
+            port: 8080,
+            resources: SMALL,
+            instances_per_region: 1,
+            regions: None,
+            image_template: None,
+            rate_limit: None,
+            sleep_after_secs: 900,
+            retain_deployments: 20,
+            scaling: None,
+            staging_branch: None,
+            tag_pattern: None,
+            build: Default::default(),
+        };
+        let p = store.create_project(&project, &a()).await.unwrap();
+        let new = zeitwork_store::NewDeployment {
+            id: "web-aaaaaaa-acme".into(),
+            project_id: p.id.clone(),
+            org: "acme".into(),
+            project: "web".into(),
+            environment: zeitwork_api_types::Environment::Production,
+            image: "registry.example.com/web:1".into(),
+            commit_sha: None,
+            commit_message: None,
+            instances_per_region: 1,
+            url: "http://web-aaaaaaa-acme.x".into(),
+            created_by: None,
+            pull_request: None,
+        };
+        let d = store.create_deployment(&new, &a()).await.unwrap();
+        store.activate_deployment(&d.id, &a()).await.unwrap();
+        let config = EngineConfig::default();
+        for _ in 0..config.crash_budget {
+            let i = store
+                .create_instance(&NewInstance {
+                    deployment: d.id.clone(),
+                    node: Some(n.id.clone()),
+                    region: "eu".into(),
+                    resources: SMALL,
+                    runtime: None,
+                })
+                .await
+                .unwrap();
+            store
+                .set_instance_status(&i.id, InstanceStatus::Failed, None, Some((Some(1), "exit 1".into())))
+                .await
+                .unwrap();
+        }
+        let d = store.get_deployment(&d.id).await.unwrap();
+        let now = chrono::Utc::now();
+        for _ in 0..3 {
+            let out = reconcile(&store, &config, &d, 1, now).await.unwrap();
+            assert!(out.stuck.as_deref().unwrap_or("").contains("not replaced"), "{:?}", out.stuck);
+        }
+        let filter = zeitwork_store::EventFilter { action: Some("instance.crash_loop".into()), ..Default::default() };
+        let told = store.list_events(&filter, &zeitwork_store::Page::first(10)).await.unwrap().items;
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].target, d.id);
+        assert_eq!(store.list_instances(&d.id).await.unwrap().len(), config.crash_budget, "nothing was placed");
     }
 }

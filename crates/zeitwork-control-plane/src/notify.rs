@@ -60,6 +60,11 @@ fn summary(p: &serde_json::Value) -> String {
         "deployment.wake" => "woke up",
         "deployment.retire" | "deployment.delete" => "retired",
         "deployment.scale" => "scaled",
+        "build.succeed" => "built",
+        "instance.crash_loop" => "keeps crashing; its instances are no longer replaced",
+        "instance.replace" => "lost an instance that could not be placed again",
+        "certificate.issue" => "has a new certificate",
+        "certificate.fail" => "could not get a certificate",
         "health_check.state" => match p["detail"]["to"].as_str() {
             Some("down") => "is DOWN",
             Some("degraded") => "is degraded",

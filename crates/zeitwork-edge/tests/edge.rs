@@ -602,6 +602,9 @@ async fn acme_issues(challenge: zeitwork_edge::acme::Challenge) {
     let domains: Vec<Value> = w.admin.get("/api/v1/projects/acme/web/domains").await.unwrap();
     let state = |n: &str| domains.iter().find(|d| d["name"] == n).unwrap()["certificate"].clone();
     assert_eq!((state("www.acme.test"), state("unverified.acme.test")), (json!("issued"), json!("none")));
+    // The issuance is an event of the domain's project (and so reaches its notification channels).
+    let events: Vec<Value> = w.admin.get("/api/v1/events?org=acme&action=certificate.issue").await.unwrap();
+    assert!(events.iter().any(|e| e["target"] == "www.acme.test" && e["project"] == "web"), "{events:?}");
 
     // Another edge serves the same certificate from the store without issuing.
     let other = w.edge(|_| {}).await;

@@ -139,6 +139,18 @@ impl Store {
         Ok(())
     }
 
+    /// The organisation and project a custom domain belongs to.
+    pub async fn domain_owner(&self, name: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT o.slug, p.name FROM domains d JOIN projects p ON p.id = d.project_id \
+             JOIN orgs o ON o.id = p.org_id WHERE d.name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| Ok((r.text("slug")?, r.text("name")?))).transpose()
+    }
+
     /// Records a failed issuance (a previous certificate, if any, stays served).
     pub async fn certificate_failed(&self, domain: &str, error: &str, audit: &Audit) -> Result<()> {
         let mut tx = self.writer.begin().await?;

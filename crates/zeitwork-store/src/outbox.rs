@@ -22,6 +22,11 @@ pub const NOTIFIED: &[&str] = &[
     "deployment.retire",
     "deployment.delete",
     "deployment.scale",
+    "build.succeed",
+    "instance.crash_loop",
+    "instance.replace",
+    "certificate.issue",
+    "certificate.fail",
     "health_check.state",
     "notification.test",
 ];

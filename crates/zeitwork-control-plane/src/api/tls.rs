@@ -127,6 +127,15 @@ pub async fn put_certificate(
 ) -> ApiResult<StatusCode> {
     s.require_cluster(&caller, EDGE, "certificate.store", &domain).await?;
     require_acme_domain(&s, &domain).await?;
+    // Told to the domain's project (its notification channels hear of it).
+    let owner = s.store.domain_owner(&domain).await?;
+    let owned = |action: &str| {
+        let a = caller.audit(action, &domain);
+        match &owner {
+            Some((org, project)) => a.org(org).project(project),
+            None => a,
+        }
+    };
     match (up.cert_pem, up.key_pem, up.error) {
         (Some(cert), Some(key), None) => {
             let der = certs::pem_blocks(&cert, "CERTIFICATE");
@@ -137,7 +146,7 @@ pub async fn put_certificate(
                 return Err(ValidationError::new("key_pem", "no PEM PRIVATE KEY block").into());
             }
             let enc = s.cipher.encrypt(&cert_context(&domain), &key);
-            let audit = caller.audit("certificate.issue", &domain).detail(serde_json::json!({"not_after": not_after}));
+            let audit = owned("certificate.issue").detail(serde_json::json!({"not_after": not_after}));
             s.store.store_certificate(&domain, &cert, &enc, not_after * 1000, &audit).await?;
         }
         (None, None, Some(error)) => {
@@ -146,7 +155,7 @@ pub async fn put_certificate(
                 .certificate_failed(
                     &domain,
                     &error,
-                    &caller.audit("certificate.issue", &domain).detail(serde_json::json!({"error": error})),
+                    &owned("certificate.fail").detail(serde_json::json!({"error": error})),
                 )
                 .await?;
         }
