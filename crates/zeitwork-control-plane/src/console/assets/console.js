@@ -200,7 +200,8 @@
     const open = () => {
       es = new EventSource(url);
       window.zwStream = es;
-      es.onopen = () => { if (dropped) { dropped = false; resync(); refreshSections(); } offline(false); };
+      // Changes between the page's rendering and the stream's opening are read once it is open.
+      es.onopen = () => { resync(); if (dropped) { dropped = false; refreshSections(); } offline(false); };
       es.onerror = () => {
         if (leaving.signal.aborted) return;
         dropped = true;
