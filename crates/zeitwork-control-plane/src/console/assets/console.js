@@ -280,7 +280,11 @@
         const b = await call("GET", pre.dataset.build);
         const badge = $("#build-status");
         if (badge) { badge.textContent = b.status; badge.className = "status s-" + b.status; }
-        if (b.status === "succeeded" || b.status === "failed") return;
+        if (b.status === "succeeded" || b.status === "failed") {
+          // The build decided the deployment's next status: show it without waiting for the stream.
+          try { const d = await call("GET", "/api/v1/deployments/" + encodeURIComponent(b.deployment)); setStatus(d.id, d.status); } catch (_) { /* the stream brings it */ }
+          return;
+        }
       } catch (_) { /* retried below */ }
       await new Promise((r) => setTimeout(r, 3000));
     }
