@@ -5,6 +5,10 @@
 //! field that comes from outside. It must not do I/O, talk to a store or know
 //! about HTTP servers.
 
+mod builds;
+mod checks;
+mod github;
+mod notifications;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -13,6 +17,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use builds::*;
+pub use checks::*;
+pub use github::*;
+pub use notifications::*;
 pub use validate::ValidationError;
 
 /// The body of every error response: `{"error": {"code", "message"}}`.
@@ -584,213 +592,6 @@ pub struct CreateDeployment {
     pub environment: Option<Environment>,
 }
 
-// ---------------------------------------------------------------- builds
-
-/// How a project's images are built from source (a `Dockerfile` in the repository or the uploaded directory).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BuildSettings {
-    /// Path of the Dockerfile inside the source (default `Dockerfile`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dockerfile: Option<String>,
-    /// The stage of a multi-stage Dockerfile to build (default: the last).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    /// `--build-arg` values (not secret: they may end up in the image's history).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub args: BTreeMap<String, String>,
-}
-
-/// A build from source, as asked for with a deployment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BuildRequest {
-    /// The digest of a source archive uploaded with `POST /api/v1/orgs/{org}/sources`.
-    pub source: String,
-    /// Overrides the project's Dockerfile path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dockerfile: Option<String>,
-    /// Overrides the project's target stage.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    /// Added to (and overriding) the project's build args.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub args: BTreeMap<String, String>,
-    /// Secret values, given to the build as build secrets (`RUN --mount=type=secret,id=NAME`):
-    /// stored encrypted, never written into the image or the build log.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub secrets: BTreeMap<String, String>,
-}
-
-/// A stored source archive.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct UploadedSource {
-    /// `sha256:…` of the archive, to name in a deployment's `build.source`.
-    pub source: String,
-    pub size: u64,
-    pub existing: bool,
-}
-
-/// Status of a build: `queued` (waiting for a builder), `running`, `succeeded`, `failed`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Build {
-    /// The deployment it builds the image of.
-    pub deployment: String,
-    pub org: String,
-    pub project: String,
-    pub status: String,
-    /// The node building it.
-    pub node: Option<String>,
-    pub dockerfile: String,
-    pub target: Option<String>,
-    /// Names of the build args and secrets (values are not shown).
-    pub args: Vec<String>,
-    pub secrets: Vec<String>,
-    /// Where the source came from: `upload sha256:…` or `git <url> <sha>`.
-    pub source: String,
-    /// The image it produced.
-    pub image: Option<String>,
-    pub error: Option<String>,
-    /// Bytes of build output kept.
-    pub log_bytes: u64,
-    pub created_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub duration_ms: Option<u64>,
-}
-
-/// Where a builder gets the source of a build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum BuildSource {
-    /// A gzip-compressed tar, fetched from `GET /api/v1/builds/{id}/source`.
-    Upload { digest: String },
-    /// A commit of a git repository, cloned over HTTP(S).
-    Git {
-        url: String,
-        sha: String,
-        /// `Authorization` header value for the clone, when the repository is private.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        authorization: Option<String>,
-    },
-}
-
-/// A build handed to a node's builder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct BuildJob {
-    pub id: String,
-    pub org: String,
-    pub project: String,
-    pub source: BuildSource,
-    pub dockerfile: String,
-    pub target: Option<String>,
-    pub args: BTreeMap<String, String>,
-    /// Secret build values (plaintext, only to the builder that claimed the build).
-    pub secrets: BTreeMap<String, String>,
-    /// Build limits.
-    pub timeout_secs: u64,
-    pub memory_mib: u32,
-    pub vcpu: u32,
-    /// Disk the project's layer store and the build's work directory may hold.
-    pub disk_mib: u64,
-}
-
-/// A builder's report that a build failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BuildFailure {
-    pub error: String,
-}
-
-// ---------------------------------------------------------------- uptime checks
-
-/// Settings of an uptime check: an HTTP request to the project's address through the edge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct HealthCheckSpec {
-    /// Path (and query) requested, e.g. `/healthz` (default `/`).
-    #[serde(default = "default_check_path")]
-    pub path: String,
-    /// `GET` or `HEAD` (default `GET`).
-    #[serde(default = "default_check_method")]
-    pub method: String,
-    /// The status a healthy app answers (default 200).
-    #[serde(default = "default_check_status")]
-    pub expected_status: u16,
-    /// Text the body must contain, when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body_contains: Option<String>,
-    /// Seconds between probes (10 to 3600, default 60).
-    #[serde(default = "default_check_interval")]
-    pub interval_secs: u32,
-    /// Seconds a probe may take (1 to 60, at most the interval; default 10).
-    #[serde(default = "default_check_timeout")]
-    pub timeout_secs: u32,
-    /// An answer slower than this (ms) makes the check `degraded` (default 2000).
-    #[serde(default = "default_check_slow")]
-    pub degraded_ms: u32,
-    /// The environment whose address is probed (default production).
-    #[serde(default = "default_check_env")]
-    pub environment: Environment,
-    /// Regions probing (default: every region the project runs in).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub regions: Vec<String>,
-}
-
-fn default_check_path() -> String {
-    "/".into()
-}
-fn default_check_method() -> String {
-    "GET".into()
-}
-fn default_check_status() -> u16 {
-    200
-}
-fn default_check_interval() -> u32 {
-    60
-}
-fn default_check_timeout() -> u32 {
-    10
-}
-fn default_check_slow() -> u32 {
-    2000
-}
-fn default_check_env() -> Environment {
-    Environment::Production
-}
-
-/// An uptime check, its state and figures over the last 24 hours.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct HealthCheck {
-    pub id: String,
-    pub org: String,
-    pub project: String,
-    /// The URL probed.
-    pub url: String,
-    #[serde(flatten)]
-    pub spec: HealthCheckSpec,
-    /// `unknown` (no sample yet), `up`, `degraded` (a failure, or slow) or `down` (failures in a row).
-    pub state: String,
-    /// Share of passing samples over the last 24 hours, percent.
-    pub uptime_percent: Option<f64>,
-    pub p50_ms: Option<u64>,
-    pub p95_ms: Option<u64>,
-    pub last_sample: Option<HealthSample>,
-    pub created_at: DateTime<Utc>,
-}
-
-/// One probe of an uptime check.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct HealthSample {
-    pub id: i64,
-    pub at: DateTime<Utc>,
-    pub region: String,
-    pub ok: bool,
-    pub status: Option<u16>,
-    pub latency_ms: u64,
-    pub error: Option<String>,
-}
-
 // ---------------------------------------------------------------- events
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -1140,112 +941,6 @@ pub struct Change {
     pub at: DateTime<Utc>,
 }
 
-// ---------------------------------------------------------------- GitHub
-
-/// Configures the webhook of a GitHub repository.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateGithubHook {
-    /// The repository's owner on GitHub.
-    pub org: String,
-    /// The repository's name.
-    pub repo: String,
-    /// Events acted on: `push` (and `ping`, always answered). Default `["push"]`.
-    #[serde(default)]
-    pub events: Vec<String>,
-    /// The webhook secret set on GitHub (stored encrypted).
-    pub secret: String,
-    /// The Zeitwork organisation whose projects the webhook deploys. An org
-    /// token's own organisation by default; a platform admin names it when
-    /// projects of several organisations deploy the repository. Only that
-    /// organisation's projects ever deploy from deliveries signed with this secret.
-    #[serde(default)]
-    pub project_org: Option<String>,
-    /// A token for the repository (a fine-grained personal access token or an
-    /// installation token with contents:read and statuses:write): used to clone
-    /// private repositories for builds and to post commit statuses and preview
-    /// comments. Stored encrypted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
-/// A configured webhook (the secret is never shown).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct GithubHook {
-    /// The Zeitwork organisation the webhook belongs to.
-    pub project_org: String,
-    /// `owner/name`.
-    pub repo: String,
-    pub events: Vec<String>,
-    /// Path of the payload URL to set on GitHub, on this operator's address.
-    pub path: String,
-    /// Whether a repository token is stored (clones of private repositories, commit statuses).
-    #[serde(default)]
-    pub token: bool,
-    pub created_at: DateTime<Utc>,
-}
-
-/// One webhook delivery and what came of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct GithubDelivery {
-    /// GitHub's `X-GitHub-Delivery`.
-    pub id: String,
-    pub repo: String,
-    pub event: String,
-    /// `deployed`, `skipped`, `ignored`, `answered`, `rejected` or `failed`.
-    pub status: String,
-    /// What happened, for people.
-    pub outcome: String,
-    #[serde(rename = "ref")]
-    pub git_ref: Option<String>,
-    pub sha: Option<String>,
-    pub deployments: Vec<String>,
-    pub received_at: DateTime<Utc>,
-}
-
-/// Deploys a repository's commit by hand.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GithubTrigger {
-    pub org: String,
-    pub repo: String,
-    /// A commit SHA, or a branch whose last pushed commit is known from a delivery.
-    #[serde(rename = "ref")]
-    pub git_ref: String,
-    /// The Zeitwork organisation whose projects to deploy (an org token's own by default).
-    #[serde(default)]
-    pub project_org: Option<String>,
-}
-
-/// What one instance uses, as its node agent measured it just now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct InstanceMetrics {
-    pub instance: String,
-    pub node: Option<String>,
-    pub region: String,
-    pub status: InstanceStatus,
-    /// Seconds since it became ready.
-    pub uptime_secs: Option<u64>,
-    pub memory_bytes: Option<u64>,
-    pub memory_limit_bytes: Option<u64>,
-    /// CPU time used since it started.
-    pub cpu_seconds: Option<f64>,
-    pub processes: Option<u64>,
-    /// Why the numbers are missing (node unreachable, not running).
-    pub error: Option<String>,
-}
-
-/// Resource use of a deployment's live instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct DeploymentMetrics {
-    pub deployment: String,
-    pub ready: u32,
-    pub instances: Vec<InstanceMetrics>,
-    /// Sums over the instances that answered.
-    pub memory_bytes: u64,
-    pub cpu_seconds: f64,
-}
-
 // ---------------------------------------------------------------- edge proxies
 
 /// What an edge proxy reports of itself (every few seconds).
@@ -1267,51 +962,4 @@ pub struct EdgeInfo {
     pub http_address: Option<String>,
     pub https_address: Option<String>,
     pub last_seen: DateTime<Utc>,
-}
-
-// ---------------------------------------------------------------- notifications
-
-/// Adds a notification channel to a project.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateChannel {
-    /// `webhook` (a signed JSON POST), `slack` (an incoming webhook URL, or a bot token and a
-    /// channel) or `email` (an SMTP relay: `smtp://USER:PASSWORD@HOST:587` with STARTTLS,
-    /// `smtps://…:465` with TLS; `?tls=opportunistic` or `?tls=none` for relays without it).
-    pub kind: String,
-    /// Where to deliver: the webhook's URL, or Slack's incoming-webhook URL (stored encrypted).
-    /// Empty for a Slack bot (`token` and `channel`).
-    #[serde(default)]
-    pub url: String,
-    /// `slack` with a bot: the bot token (`xoxb-…`, stored encrypted).
-    #[serde(default)]
-    pub token: Option<String>,
-    /// `slack` with a bot: the channel to post in (`#deploys` or a channel id).
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// `email`: recipients (1 to 20 addresses).
-    #[serde(default)]
-    pub to: Vec<String>,
-    /// `email`: the sender address.
-    #[serde(default)]
-    pub from: Option<String>,
-    /// `webhook` only: the key of the `X-Zeitwork-Signature` HMAC (16-256 characters; stored encrypted).
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// Events to send (e.g. `deployment.activate`, `deployment.fail`); empty: all.
-    #[serde(default)]
-    pub events: Vec<String>,
-}
-
-/// A notification channel; its URL shows only scheme and host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Channel {
-    pub id: String,
-    pub org: String,
-    pub project: Option<String>,
-    pub kind: String,
-    /// Scheme and host only: the rest of a webhook URL is often its secret.
-    pub url: String,
-    pub events: Vec<String>,
-    pub created_at: DateTime<Utc>,
 }

@@ -1,0 +1,95 @@
+//! Uptime checks of projects and their samples.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[allow(unused_imports)]
+use crate::*;
+
+/// Settings of an uptime check: an HTTP request to the project's address through the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// Path (and query) requested, e.g. `/healthz` (default `/`).
+    #[serde(default = "default_check_path")]
+    pub path: String,
+    /// `GET` or `HEAD` (default `GET`).
+    #[serde(default = "default_check_method")]
+    pub method: String,
+    /// The status a healthy app answers (default 200).
+    #[serde(default = "default_check_status")]
+    pub expected_status: u16,
+    /// Text the body must contain, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+    /// Seconds between probes (10 to 3600, default 60).
+    #[serde(default = "default_check_interval")]
+    pub interval_secs: u32,
+    /// Seconds a probe may take (1 to 60, at most the interval; default 10).
+    #[serde(default = "default_check_timeout")]
+    pub timeout_secs: u32,
+    /// An answer slower than this (ms) makes the check `degraded` (default 2000).
+    #[serde(default = "default_check_slow")]
+    pub degraded_ms: u32,
+    /// The environment whose address is probed (default production).
+    #[serde(default = "default_check_env")]
+    pub environment: Environment,
+    /// Regions probing (default: every region the project runs in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+}
+
+fn default_check_path() -> String {
+    "/".into()
+}
+fn default_check_method() -> String {
+    "GET".into()
+}
+fn default_check_status() -> u16 {
+    200
+}
+fn default_check_interval() -> u32 {
+    60
+}
+fn default_check_timeout() -> u32 {
+    10
+}
+fn default_check_slow() -> u32 {
+    2000
+}
+fn default_check_env() -> Environment {
+    Environment::Production
+}
+
+/// An uptime check, its state and figures over the last 24 hours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HealthCheck {
+    pub id: String,
+    pub org: String,
+    pub project: String,
+    /// The URL probed.
+    pub url: String,
+    #[serde(flatten)]
+    pub spec: HealthCheckSpec,
+    /// `unknown` (no sample yet), `up`, `degraded` (a failure, or slow) or `down` (failures in a row).
+    pub state: String,
+    /// Share of passing samples over the last 24 hours, percent.
+    pub uptime_percent: Option<f64>,
+    pub p50_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
+    pub last_sample: Option<HealthSample>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One probe of an uptime check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HealthSample {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub region: String,
+    pub ok: bool,
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub error: Option<String>,
+}
