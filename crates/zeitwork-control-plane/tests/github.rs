@@ -438,11 +438,19 @@ async fn branches_tags_and_pull_requests_deploy_where_they_belong_and_report_to_
     let audit = zeitwork_store::Audit::new("system", "deployment.activate", &preview_id).org("acme").project("web");
     op.store.activate_deployment(&preview_id, &audit).await.unwrap();
     let host = format!("web-pr-{number}-acme.zeitwork.localhost");
-    common::until("the preview's address", async || {
+    // Wait for the address; should it never come, say what the deployment and the table look like.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
         let routes: Vec<Value> = admin.get("/api/v1/projects/acme/web/routing").await.unwrap();
-        routes.iter().any(|r| r["host"] == host.as_str() && r["deployment"] == preview_id.as_str()).then_some(())
-    })
-    .await;
+        if routes.iter().any(|r| r["host"] == host.as_str() && r["deployment"] == preview_id.as_str()) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let d: Value = admin.get(&format!("/api/v1/deployments/{preview_id}")).await.unwrap();
+            panic!("the preview's address never came: deployment {d}, routes {routes:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let comment_path = format!("/repos/Codertocat/Hello-World/issues/{number}/comments");
     common::until("the preview comment", async || {
         got.lock()
