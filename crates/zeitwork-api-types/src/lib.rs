@@ -84,6 +84,8 @@ pub struct Region {
 pub struct CreateRegion {
     pub code: String,
     pub name: String,
+    /// ISO 3166-1 code (`US`, `USA`) or a country's name (`United States`);
+    /// stored as the alpha-2 code.
     pub country: String,
 }
 

@@ -98,16 +98,34 @@ pub fn text(field: &str, value: &str, max: usize) -> Result {
     Ok(())
 }
 
+/// The ISO 3166-1 alpha-2 code of a country given by that code (any case),
+/// its alpha-3 code, its name ("United States", "Germany") or a common alias.
+pub fn country_code(value: &str) -> Option<String> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > 100 {
+        return None;
+    }
+    // Two letters are a code, assigned or user-assigned (`XK`, `ZZ`), in any case.
+    if v.len() == 2 {
+        return v.bytes().all(|b| b.is_ascii_alphabetic()).then(|| v.to_ascii_uppercase());
+    }
+    // Names are matched without spaces, hyphens, dots or apostrophes, in any case.
+    let squeezed: String = v.chars().filter(|c| !matches!(c, ' ' | '-' | '.' | '\'' | '_' | ',')).collect();
+    let lower = squeezed.to_ascii_lowercase();
+    let stripped = lower.strip_prefix("the").filter(|s| !s.is_empty()).unwrap_or(&lower);
+    [squeezed.as_str(), stripped].iter().find_map(|s| s.parse::<celes::Country>().ok()).map(|c| c.alpha2.to_owned())
+}
+
 pub fn country(field: &str, value: &str) -> Result {
-    if value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase()) {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
+    match country_code(value) {
+        Some(_) => Ok(()),
+        None => Err(ValidationError::new(
             field,
             format!(
-                "{value:?} is not an ISO 3166-1 alpha-2 country code; use two uppercase letters (e.g. \"US\", \"DE\")"
+                "{value:?} is not a country; use an ISO 3166-1 code (e.g. \"US\", \"DE\") or a country's name \
+                 (e.g. \"United States\")"
             ),
-        ))
+        )),
     }
 }
 
@@ -726,6 +744,30 @@ impl crate::HealthCheckSpec {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn countries_by_code_or_name() {
+        for (given, code) in [
+            ("US", "US"),
+            ("de", "DE"),
+            ("ZZ", "ZZ"),
+            ("USA", "US"),
+            ("United States", "US"),
+            ("united states of america", "US"),
+            ("Germany", "DE"),
+            ("United Kingdom", "GB"),
+            ("The Netherlands", "NL"),
+            ("Japan", "JP"),
+        ] {
+            assert_eq!(country_code(given).as_deref(), Some(code), "{given}");
+            country("country", given).unwrap();
+        }
+        for bad in ["", "X1", "Atlantis", "U$", "1234", &"a".repeat(200)] {
+            assert_eq!(country_code(bad), None, "{bad}");
+            let e = country("country", bad).unwrap_err();
+            assert_eq!(e.field, "country");
+        }
+    }
     use super::*;
 
     #[test]

@@ -78,6 +78,14 @@ pub struct OperatorConfig {
     pub outbox_retention_days: u32,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
+    /// Send the audit log and build output to this log drain: syslog at `udp://HOST:PORT`,
+    /// `tcp://HOST:PORT` or `tls://HOST:PORT`, or HTTP batches at `https://…` (JSON array),
+    /// `loki+https://…` or `elasticsearch+https://…`.
+    pub log_forward: Option<String>,
+    /// PEM file of the CA that signed the drain's certificate (besides the public roots).
+    pub log_forward_ca: Option<PathBuf>,
+    /// Bearer token for an HTTP drain.
+    pub log_forward_token: Option<String>,
 }
 
 /// A GitHub OAuth app for console sign-in, and how GitHub organisations map to Zeitwork roles.
@@ -156,6 +164,9 @@ impl Default for OperatorConfig {
             audit_retention_days: 365,
             outbox_retention_days: 7,
             github_oauth: None,
+            log_forward: None,
+            log_forward_ca: None,
+            log_forward_token: None,
         }
     }
 }
@@ -215,6 +226,16 @@ impl OperatorConfig {
         ] {
             if !(1..=3650).contains(&days) {
                 return err(field, format!("{days} is out of range; use 1 to 3650 days"));
+            }
+        }
+        if let Some(t) = &self.log_forward {
+            if let Err(e) = zeitwork_telemetry::drain::Target::parse(t) {
+                return err("log_forward", e);
+            }
+        }
+        if let Some(ca) = &self.log_forward_ca {
+            if !ca.is_file() {
+                return err("log_forward_ca", format!("{} does not exist", ca.display()));
             }
         }
         if self.max_source_bytes == 0 {

@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod backup;
 pub mod config;
 pub mod console;
+pub mod drain;
 pub mod email;
 pub mod engine;
 pub mod error;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub gauges: Arc<notify::QueueGauges>,
     /// Wakes the uptime prober (a check was added or changed).
     pub uptime: Arc<tokio::sync::Notify>,
+    /// The log drain for the audit log and build output (`log_forward`).
+    pub drain: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
 }
 
 impl AppState {
@@ -115,6 +118,7 @@ pub struct Operator {
     build_watch: tokio::task::JoinHandle<()>,
     prober: tokio::task::JoinHandle<()>,
     pruner: tokio::task::JoinHandle<()>,
+    drainer: tokio::task::JoinHandle<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -185,6 +189,11 @@ impl Operator {
             gauges,
             rx.clone(),
         ));
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| engine_id.clone());
+        let drain =
+            drain::start(&config, &hostname).map_err(|message| ConfigError { field: "log_forward", message })?;
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
@@ -206,6 +215,7 @@ impl Operator {
             sse,
             gauges: queue_gauges,
             uptime: Arc::new(tokio::sync::Notify::new()),
+            drain: drain.clone(),
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
@@ -213,6 +223,10 @@ impl Operator {
         let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
         let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
         let pruner = tokio::spawn(retention::run(state.clone(), rx.clone()));
+        let drainer = match drain {
+            Some(f) => tokio::spawn(drain::run_audit(state.clone(), f, rx.clone())),
+            None => tokio::spawn(async {}),
+        };
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,
@@ -236,6 +250,7 @@ impl Operator {
             build_watch,
             prober,
             pruner,
+            drainer,
             admin_token,
             admin_token_path,
             store,
@@ -259,6 +274,7 @@ impl Operator {
         self.build_watch.abort();
         self.prober.abort();
         self.pruner.abort();
+        self.drainer.abort();
     }
 
     pub async fn shutdown(self) {
@@ -276,6 +292,7 @@ impl Operator {
         let _ = self.build_watch.await;
         let _ = self.prober.await;
         let _ = self.pruner.await;
+        let _ = self.drainer.await;
         self.store.close().await;
     }
 }

@@ -344,6 +344,12 @@ async fn branches_tags_and_pull_requests_deploy_where_they_belong_and_report_to_
     })
     .await;
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    // A region without nodes: deployments wait there for room instead of failing at once,
+    // so the engine leaves the preview this test activates by hand as it is.
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "DE"}))
+        .await
+        .unwrap();
     let bad = admin
         .post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme", "tag_pattern": "v(1"}))
         .await
@@ -352,7 +358,7 @@ async fn branches_tags_and_pull_requests_deploy_where_they_belong_and_report_to_
     admin
         .post::<_, Value>(
             "/api/v1/projects",
-            &json!({"name": "web", "org": "acme", "github_repo": "Codertocat/Hello-World", "branch": "master",
+            &json!({"name": "web", "org": "acme", "regions": ["local"], "github_repo": "Codertocat/Hello-World", "branch": "master",
                     "staging_branch": "staging", "tag_pattern": "^v[0-9]+\\.", "auto_deploy": true,
                     "image_template": "registry.example.com/acme/web:sha-{sha}"}),
         )

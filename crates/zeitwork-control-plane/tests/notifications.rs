@@ -213,6 +213,10 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     let took: Value = admin.get("/api/v1/analytics/deployments/duration").await.unwrap();
     assert_eq!(took["create_to_active"]["count"], 1, "{took}");
     assert!(took["create_to_active"]["p50_secs"].as_f64().unwrap() >= 0.0, "{took}");
+    // Phase by phase: both deployments were placed; the live one became ready and took traffic.
+    assert_eq!(took["phases"]["placement"]["count"], 2, "{took}");
+    assert_eq!(took["phases"]["ready_to_active"]["count"], 1, "{took}");
+    assert_eq!(took["phases"]["build"]["count"], 0, "nothing was built from source: {took}");
     let held: Value = admin.get("/api/v1/analytics/resources/by-org?org=acme").await.unwrap();
     assert_eq!(held["orgs"][0]["instances"], 1, "{held}");
     let reversed =

@@ -102,7 +102,7 @@ impl Default for LbConfig {
     fn default() -> Self {
         Self {
             listeners: Vec::new(),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
             health_interval_ms: 1000,
             health_timeout_ms: 500,
             fall: 2,
@@ -124,11 +124,35 @@ pub enum LbError {
     Listen { addr: SocketAddr, source: std::io::Error },
 }
 
+/// Where a load balancer without listeners serves the public, as the operations guide has it.
+pub const DEFAULT_PUBLIC_PORT: u16 = 8082;
+/// Where its metrics and health answer by default.
+pub const DEFAULT_ADMIN_PORT: u16 = 8084;
+
 impl LbConfig {
+    /// A load balancer given no listener but an operator serves `0.0.0.0:8082`,
+    /// forwarding to the edge proxies' HTTP addresses the operator lists.
+    pub fn with_default_listener(mut self) -> Self {
+        if self.listeners.is_empty() && self.operator_url.is_some() && self.token.is_some() {
+            self.listeners.push(ListenerConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PUBLIC_PORT)),
+                backends: Vec::new(),
+                backends_from: Some(EdgePort::Http),
+                algorithm: default_algorithm(),
+                proxy_protocol: true,
+            });
+        }
+        self
+    }
+
     pub fn validate(&self) -> Result<(), LbError> {
         let err = |field: String, message: &str| Err(LbError::Config { field, message: message.into() });
         if self.listeners.is_empty() {
-            return err("listeners".into(), "configure at least one listener with its backends (the edge proxies)");
+            return err(
+                "listeners".into(),
+                "configure at least one listener with its backends (the edge proxies), or set operator_url and \
+                 token to serve 0.0.0.0:8082 from the edges the operator lists",
+            );
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if l.backends.is_empty() && l.backends_from.is_none() {
@@ -560,6 +584,38 @@ mod tests {
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect()
+    }
+
+    #[test]
+    fn without_listeners_it_serves_the_guides_ports_from_the_operators_edges() {
+        let bare = LbConfig::default().with_default_listener();
+        assert!(bare.listeners.is_empty(), "no operator, no default listener");
+        assert!(bare.validate().unwrap_err().to_string().contains("operator_url"));
+        let c =
+            LbConfig { operator_url: Some("http://ops:8080".into()), token: Some("t".into()), ..Default::default() }
+                .with_default_listener();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].listen, "0.0.0.0:8082".parse().unwrap());
+        assert_eq!(c.listeners[0].backends_from, Some(EdgePort::Http));
+        assert!(c.listeners[0].proxy_protocol);
+        assert_eq!(c.admin_listen, "127.0.0.1:8084".parse().unwrap());
+        c.validate().unwrap();
+        // Configured listeners are kept as they are.
+        let own = LbConfig {
+            operator_url: Some("http://ops:8080".into()),
+            token: Some("t".into()),
+            listeners: vec![ListenerConfig {
+                listen: "0.0.0.0:443".parse().unwrap(),
+                backends: addrs(1),
+                backends_from: None,
+                algorithm: Algorithm::RoundRobin,
+                proxy_protocol: true,
+            }],
+            ..Default::default()
+        }
+        .with_default_listener();
+        assert_eq!(own.listeners.len(), 1);
+        assert_eq!(own.listeners[0].listen.port(), 443);
     }
 
     #[test]

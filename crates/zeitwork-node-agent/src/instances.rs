@@ -59,7 +59,7 @@ pub struct Settings {
     /// Bytes the image cache may hold; unused images beyond it are removed.
     pub image_cache_bytes: u64,
     /// Where instance logs are also sent (syslog), to name each instance's app.
-    pub forward: Option<Arc<zeitwork_runtime::syslog::Forwarder>>,
+    pub forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -382,7 +382,7 @@ async fn converge(
         match known {
             None => {
                 if let Some(f) = &s.forward {
-                    let source = zeitwork_runtime::syslog::Source {
+                    let source = zeitwork_telemetry::drain::Source {
                         org: a.org.clone(),
                         project: a.project.clone(),
                         deployment: a.deployment.clone(),

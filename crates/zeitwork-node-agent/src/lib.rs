@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod forward;
+pub mod host;
 pub mod instances;
 pub mod logs;
 
@@ -78,8 +79,14 @@ pub struct NodeAgentConfig {
     pub buildah: Option<PathBuf>,
     /// Storage driver of the builds' layer stores: `vfs` (works with every buildah) or `overlay`.
     pub build_storage_driver: String,
-    /// Also send instance logs to this syslog receiver: `udp://HOST:PORT` or `tcp://HOST:PORT` (RFC 5424).
+    /// Also send instance logs to this drain: syslog at `udp://HOST:PORT`, `tcp://HOST:PORT`
+    /// or `tls://HOST:PORT` (RFC 5424), or HTTP batches at `https://…` (JSON array),
+    /// `loki+https://…` or `elasticsearch+https://…`.
     pub log_forward: Option<String>,
+    /// PEM file of the CA that signed the drain's certificate (besides the public roots).
+    pub log_forward_ca: Option<PathBuf>,
+    /// Bearer token for an HTTP drain.
+    pub log_forward_token: Option<String>,
     /// Days instance logs are kept on the node after their instance last wrote.
     pub log_retention_days: u32,
 }
@@ -118,6 +125,8 @@ impl Default for NodeAgentConfig {
             buildah: None,
             build_storage_driver: "vfs".into(),
             log_forward: None,
+            log_forward_ca: None,
+            log_forward_token: None,
             log_retention_days: 3,
         }
     }
@@ -171,8 +180,13 @@ impl NodeAgentConfig {
             return err("liveness_interval_secs", "use 1 to 3600".into());
         }
         if let Some(t) = &self.log_forward {
-            if let Err(e) = zeitwork_runtime::syslog::Target::parse(t) {
+            if let Err(e) = zeitwork_telemetry::drain::Target::parse(t) {
                 return err("log_forward", e);
+            }
+        }
+        if let Some(ca) = &self.log_forward_ca {
+            if !ca.is_file() {
+                return err("log_forward_ca", format!("{} does not exist", ca.display()));
             }
         }
         if !(1..=3650).contains(&self.log_retention_days) {
@@ -244,11 +258,19 @@ impl NodeAgent {
         });
         let client = Client::new(&config.operator_url, config.token.clone());
         let log_dir = config.data_dir.join("logs");
-        let forward = config
-            .log_forward
-            .as_deref()
-            .and_then(|t| zeitwork_runtime::syslog::Target::parse(t).ok())
-            .map(|t| zeitwork_runtime::syslog::Forwarder::start(t, &config.hostname));
+        let forward = match config.log_forward.as_deref().map(zeitwork_telemetry::drain::Target::parse) {
+            Some(Ok(target)) => {
+                let options = zeitwork_telemetry::drain::Options {
+                    ca_file: config.log_forward_ca.clone(),
+                    token: config.log_forward_token.clone(),
+                };
+                Some(
+                    zeitwork_telemetry::drain::Forwarder::start(target, &config.hostname, &options)
+                        .map_err(|message| AgentError::Config { field: "log_forward", message })?,
+                )
+            }
+            _ => None,
+        };
         let mut store = zeitwork_runtime::logs::LogStore::new(&log_dir)
             .map_err(|source| AgentError::DataDir { path: log_dir.display().to_string(), source })?;
         if let Some(f) = &forward {
@@ -315,6 +337,7 @@ impl NodeAgent {
             .layer(axum::middleware::from_fn_with_state(metrics.clone(), zeitwork_telemetry::track));
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        tasks.push(host::export(&metrics, config.data_dir.clone(), rx.clone()));
         if let Some(f) = forward.clone() {
             // The forwarder's running totals, as counters.
             let sent = prometheus_client::metrics::counter::Counter::<u64>::default();

@@ -67,7 +67,7 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
         .unwrap();
     let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1});
     let (op, base, admin) = common::operator(dir.path(), OperatorConfig::default(), project).await;
-    let bad = NodeAgentConfig { log_forward: Some("http://x:1".into()), token: Some("t".into()), ..Default::default() };
+    let bad = NodeAgentConfig { log_forward: Some("ftp://x:1".into()), token: Some("t".into()), ..Default::default() };
     assert!(bad.validate().unwrap_err().to_string().contains("log_forward"));
     let token = common::cluster_token(&admin, "node-agent").await;
     let agent = NodeAgent::start(NodeAgentConfig {
@@ -113,6 +113,22 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
         let m = reqwest::get(format!("http://{}/metrics", agent.addr())).await.unwrap().text().await.unwrap();
         if m.lines().any(|l| l.starts_with("zeitwork_node_agent_log_lines_forwarded_total ") && !l.ends_with(" 0")) {
             assert!(m.contains("zeitwork_node_agent_log_lines_dropped_total 0"), "{m}");
+            // The machine's own memory and disk, for the NodeMemoryLow and NodeDiskLow alerts.
+            for series in [
+                "zeitwork_node_agent_memory_bytes{kind=\"total\"}",
+                "zeitwork_node_agent_memory_bytes{kind=\"available\"}",
+                "zeitwork_node_agent_disk_bytes{kind=\"total\"}",
+                "zeitwork_node_agent_disk_bytes{kind=\"available\"}",
+            ] {
+                let v: f64 = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix(series))
+                    .unwrap_or_else(|| panic!("{series} missing: {m}"))
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert!(v > 0.0, "{series} = {v}");
+            }
             break;
         }
         assert!(Instant::now() < deadline, "no forwarded lines counted: {m}");

@@ -14,7 +14,6 @@ pub mod logs;
 pub mod net;
 pub mod qmp;
 pub mod select;
-pub mod syslog;
 pub mod vm;
 
 use std::net::SocketAddr;

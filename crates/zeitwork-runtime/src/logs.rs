@@ -26,8 +26,8 @@ pub const RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 pub struct LogStore {
     dir: PathBuf,
     cap: u64,
-    /// Where lines also go (a syslog receiver), when set.
-    forward: Option<Arc<crate::syslog::Forwarder>>,
+    /// Where lines also go (a log drain), when set.
+    forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -41,12 +41,12 @@ impl LogStore {
     }
 
     /// A store that also forwards every line.
-    pub fn forwarding(self, forward: Arc<crate::syslog::Forwarder>) -> Self {
+    pub fn forwarding(self, forward: Arc<zeitwork_telemetry::drain::Forwarder>) -> Self {
         Self { forward: Some(forward), ..self }
     }
 
     /// The forwarder lines go to, if any.
-    pub fn forwarder(&self) -> Option<&Arc<crate::syslog::Forwarder>> {
+    pub fn forwarder(&self) -> Option<&Arc<zeitwork_telemetry::drain::Forwarder>> {
         self.forward.as_ref()
     }
 
@@ -75,7 +75,7 @@ impl LogStore {
             line.truncate(cut);
             line.push_str(" [line cut]");
         }
-        let severity = crate::syslog::severity(stream, &line);
+        let severity = zeitwork_telemetry::drain::severity(stream, &line);
         if let Some(f) = &self.forward {
             f.send(id, stream, severity, Utc::now(), &line);
         }

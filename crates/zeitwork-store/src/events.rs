@@ -59,6 +59,21 @@ impl Store {
         Ok(())
     }
 
+    /// The id of the newest event (0 when there is none).
+    pub async fn newest_event_id(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS id FROM events").fetch_one(&self.reader).await?;
+        row.int("id")
+    }
+
+    /// Events after `id`, oldest first.
+    pub async fn events_after(&self, id: i64, limit: u32) -> Result<Vec<Event>> {
+        let rows = sqlx::query(&format!("SELECT * FROM events WHERE id > $1 ORDER BY id LIMIT {limit}"))
+            .bind(id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(event_from).collect()
+    }
+
     pub async fn list_events(&self, filter: &EventFilter, page: &Page) -> Result<Listing<Event>> {
         let mut q = Sql::new("SELECT * FROM events WHERE 1 = 1");
         if let Some(org) = &filter.org {

@@ -319,6 +319,12 @@ pub struct DeploymentFacts {
     pub activated_at: Option<i64>,
     /// When its first instance became ready.
     pub first_ready_at: Option<i64>,
+    /// How long its image took to build from source, when it was.
+    pub build_ms: Option<i64>,
+    /// When its first instance was placed on a node.
+    pub placed_at: Option<i64>,
+    /// When its first instance's process started (its image pulled and unpacked).
+    pub first_started_at: Option<i64>,
 }
 
 /// Live instances' reservations per org: (org, instances, vCPU, MiB).
@@ -336,7 +342,10 @@ impl Store {
         let rows = sqlx::query(
             "SELECT d.id, d.org, d.project, d.status, d.created_at, \
              (SELECT MIN(e.at) FROM events e WHERE e.target = d.id AND e.action = 'deployment.activate') AS activated_at, \
-             (SELECT MIN(i.ready_at) FROM instances i WHERE i.deployment_id = d.id) AS first_ready_at \
+             (SELECT MIN(i.ready_at) FROM instances i WHERE i.deployment_id = d.id) AS first_ready_at, \
+             (SELECT MIN(i.created_at) FROM instances i WHERE i.deployment_id = d.id) AS placed_at, \
+             (SELECT MIN(i.started_at) FROM instances i WHERE i.deployment_id = d.id) AS first_started_at, \
+             d.build_ms \
              FROM deployments d WHERE d.created_at >= $1 AND d.created_at < $2 \
              AND ($3 = '' OR d.org = $3) AND ($4 = '' OR d.project = $4) ORDER BY d.created_at",
         )
@@ -356,6 +365,9 @@ impl Store {
                     created_at: r.int("created_at")?,
                     activated_at: r.opt_int("activated_at")?,
                     first_ready_at: r.opt_int("first_ready_at")?,
+                    build_ms: r.opt_int("build_ms")?,
+                    placed_at: r.opt_int("placed_at")?,
+                    first_started_at: r.opt_int("first_started_at")?,
                 })
             })
             .collect()

@@ -11,7 +11,11 @@ fn region_from(row: &AnyRow) -> Result<Region> {
         id: row.text("id")?,
         code: row.text("code")?,
         name: row.text("name")?,
-        country: row.text("country")?,
+        // Rows inserted by hand may name the country; the API always answers its ISO code.
+        country: {
+            let c = row.text("country")?;
+            zeitwork_api_types::validate::country_code(&c).unwrap_or(c)
+        },
         created_at: ts(row.int("created_at")?),
     })
 }

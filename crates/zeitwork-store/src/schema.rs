@@ -440,6 +440,15 @@ CREATE TABLE health_samples (
 CREATE INDEX health_samples_check ON health_samples (check_id, at)
 "#,
     ),
+    (
+        18,
+        "regions insertable by hand",
+        // The operations guide adds regions with plain SQL that names only
+        // id, name, code and country. SQLite cannot change a column's default
+        // in place; the guide's SQL is PostgreSQL's there too (gen_random_uuid).
+        "/*postgres*/ ALTER TABLE regions ALTER COLUMN created_at SET DEFAULT \
+         ((extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)",
+    ),
 ];
 
 /// Newest schema version this build knows.
@@ -481,6 +490,12 @@ async fn migrate_until(pool: &AnyPool, dialect: Dialect, until: i64) -> Result<V
         }
         let sql = render(sql, dialect);
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            // Statements marked `/*postgres*/` apply to PostgreSQL only.
+            let statement = match statement.strip_prefix("/*postgres*/") {
+                Some(_) if dialect == Dialect::Sqlite => continue,
+                Some(rest) => rest.trim(),
+                None => statement,
+            };
             sqlx::query(statement).execute(&mut *tx).await?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")

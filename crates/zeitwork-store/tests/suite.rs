@@ -661,3 +661,26 @@ async fn uptime_checks_and_samples(store: Store) {
     assert_eq!(store.prune_delivered(chrono::Utc::now().timestamp_millis() + 1, 1000).await.unwrap(), 0);
     assert!(store.samples("chk_one", 0, t, 0, 100).await.unwrap().is_empty());
 }
+
+/// The operations guide adds a region with plain SQL on PostgreSQL; the row
+/// it leaves is a region like any other, its country given by name.
+#[tokio::test]
+async fn the_guides_region_insert_works_on_postgres() {
+    let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    let url = pg.create_database("guide").unwrap();
+    let store = Store::connect(&url).await.unwrap();
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO regions (id, name, code, country) VALUES (gen_random_uuid(), 'US West', 'us-west', 'United States')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let r = store.get_region("us-west").await.unwrap();
+    assert_eq!((r.name.as_str(), r.country.as_str()), ("US West", "US"));
+    let age = chrono::Utc::now() - r.created_at;
+    assert!(age.num_seconds().abs() < 3600, "created_at defaults to now: {}", r.created_at);
+    store.register_node(&node("w1", "us-west"), &audit("node.register")).await.unwrap();
+    store.close().await;
+}

@@ -1,8 +1,11 @@
-//! Telemetry shared by every role: logging setup and Prometheus metrics for
-//! HTTP servers (requests by route and status, latency histograms).
+//! Telemetry shared by every role: logging setup, Prometheus metrics for
+//! HTTP servers (requests by route and status, latency histograms), and log
+//! drains that send lines to log services ([`drain`]).
 //!
 //! It owns no business logic and never logs request bodies or headers, so no
 //! secret can reach the logs through it.
+
+pub mod drain;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

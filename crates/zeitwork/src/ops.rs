@@ -116,6 +116,23 @@ pub async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
                 secs(&all["mean_secs"])
             );
             table(
+                &["phase", "count", "p50 s", "p95 s", "mean s"],
+                ["build", "placement", "pull_and_start", "boot_to_ready", "ready_to_active"]
+                    .iter()
+                    .map(|name| {
+                        let p = &v["phases"][*name];
+                        vec![
+                            name.replace('_', " "),
+                            p["count"].to_string(),
+                            secs(&p["p50_secs"]),
+                            secs(&p["p95_secs"]),
+                            secs(&p["mean_secs"]),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
+            table(
                 &["project", "live", "p50 s", "p95 s"],
                 rows(&v, "by_project", |r| {
                     vec![project_of(r), r["count"].to_string(), secs(&r["p50_secs"]), secs(&r["p95_secs"])]

@@ -293,9 +293,12 @@ pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
     if let Some(a) = args.admin_listen {
         c.admin_listen = a;
     }
+    let c = c.with_default_listener();
     if c.listeners.is_empty() {
         return Err(UsageError(
-            "no listener: give --listen ADDR:PORT --backend EDGE:PORT, or [[listeners]] in the config file".into(),
+            "no listener: give --listen ADDR:PORT --backend EDGE:PORT, [[listeners]] in the config file, or \
+             --operator URL --token … to serve 0.0.0.0:8082 from the operator's edge proxies"
+                .into(),
         )
         .into());
     }

@@ -146,7 +146,8 @@ fn summary(mut v: Vec<f64>) -> serde_json::Value {
     serde_json::json!({"count": v.len(), "p50_secs": percentile(&v, 50.0), "p95_secs": percentile(&v, 95.0), "mean_secs": mean})
 }
 
-/// How long deployments took from creation to live: p50, p95, mean, and the part until the first instance was ready.
+/// How long deployments took from creation to live: p50, p95, mean, and per phase
+/// (build, placement, pull and start, boot to ready, ready to active).
 #[utoipa::path(get, path = "/api/v1/analytics/deployments/duration", tag = "analytics", params(Window),
     responses((status = 200, description = "durations"), (status = 400, body = zeitwork_api_types::ApiError)))]
 pub async fn duration(
@@ -160,6 +161,13 @@ pub async fn duration(
     let total: Vec<f64> = all.iter().filter_map(|d| d.activated_at.map(|a| secs(d.created_at, a))).collect();
     let to_ready: Vec<f64> = all.iter().filter_map(|d| d.first_ready_at.map(|r| secs(d.created_at, r))).collect();
     let switch: Vec<f64> = all.iter().filter_map(|d| Some(secs(d.first_ready_at?, d.activated_at?))).collect();
+    // The way to live, phase by phase: build from source, wait for room and be
+    // placed, pull the image and start, boot until ready, switch traffic.
+    let build: Vec<f64> = all.iter().filter_map(|d| d.build_ms.map(|ms| ms.max(0) as f64 / 1000.0)).collect();
+    let placement: Vec<f64> =
+        all.iter().filter_map(|d| Some(secs(d.created_at + d.build_ms.unwrap_or(0).max(0), d.placed_at?))).collect();
+    let pull: Vec<f64> = all.iter().filter_map(|d| Some(secs(d.placed_at?, d.first_started_at?))).collect();
+    let boot: Vec<f64> = all.iter().filter_map(|d| Some(secs(d.first_started_at?, d.first_ready_at?))).collect();
     let mut by_project: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for d in &all {
         if let Some(a) = d.activated_at {
@@ -178,7 +186,14 @@ pub async fn duration(
     Ok(Json(serde_json::json!({
         "from": sc.from, "to": sc.to,
         "create_to_active": summary(total),
-        "phases": {"create_to_first_ready": summary(to_ready), "ready_to_active": summary(switch)},
+        "phases": {
+            "create_to_first_ready": summary(to_ready),
+            "build": summary(build),
+            "placement": summary(placement),
+            "pull_and_start": summary(pull),
+            "boot_to_ready": summary(boot),
+            "ready_to_active": summary(switch),
+        },
         "by_project": per,
     })))
 }

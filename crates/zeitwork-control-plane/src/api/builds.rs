@@ -442,6 +442,9 @@ pub async fn report_build_log(
     if !s.store.append_build_log(&id, node, &text).await? {
         return Err(ApiError::Conflict(format!("build {id} is no longer running; stop it")));
     }
+    if let Some(f) = &s.drain {
+        crate::drain::send_build_output(f, &b.org, &b.project, &id, &text);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

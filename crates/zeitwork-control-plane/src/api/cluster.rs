@@ -30,10 +30,12 @@ pub async fn list_regions(
 pub async fn create_region(
     State(s): State<AppState>,
     caller: Caller,
-    JsonBody(body): JsonBody<CreateRegion>,
+    JsonBody(mut body): JsonBody<CreateRegion>,
 ) -> ApiResult<Response> {
     s.require_admin(&caller, "region.create", &body.code).await?;
     body.validate()?;
+    // Stored as the ISO code, whether given as a code or as a name.
+    body.country = zeitwork_api_types::validate::country_code(&body.country).unwrap_or(body.country);
     let r = s.store.create_region(&body, &caller.audit("region.create", &body.code)).await?;
     Ok(created(r))
 }
