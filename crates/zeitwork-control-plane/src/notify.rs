@@ -72,8 +72,17 @@ fn summary(p: &serde_json::Value) -> String {
             _ => "uptime check changed",
         },
         "notification.test" => "test notification",
+        "node.down" => "is DOWN: it missed its heartbeats; its instances are placed elsewhere",
+        "node.up" => "is back",
+        "node.drain" => "is draining",
+        "node.drained" => "is drained: no instance runs on it",
         other => other,
     };
+    if event.starts_with("node.") {
+        let name = p["detail"]["hostname"].as_str().or(p["target"].as_str()).unwrap_or("");
+        let region = p["detail"]["region"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+        return format!("*node {name}*{region} {what} — {}", p["actor"].as_str().unwrap_or("system"));
+    }
     let project = format!("{}/{}", p["org"].as_str().unwrap_or(""), p["project"].as_str().unwrap_or(""));
     let mut line = format!("*{project}* {what}: `{}`", p["target"].as_str().unwrap_or(""));
     if let Some(url) = p["deployment"]["url"].as_str() {

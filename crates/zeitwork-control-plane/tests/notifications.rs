@@ -460,3 +460,90 @@ async fn email_channels_send_through_an_smtp_relay() {
     assert!(data.contains("Message-ID: <zeitwork-"), "{data}");
     op.shutdown().await;
 }
+
+/// Nodes belong to no organisation: their going down, coming back and draining
+/// go to the platform's own channels, and only there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_going_down_and_coming_back_reach_the_platforms_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        node_timeout_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let got = receiver(listener);
+    let hook = json!({"kind": "webhook", "url": format!("http://{at}/ops"), "secret": "platform hook secret 1"});
+
+    // Node events are the platform's; an organisation's channel cannot ask for them, nor the platform's for others.
+    let mut wrong = hook.clone();
+    wrong["events"] = json!(["node.down"]);
+    let e = admin.post::<_, Value>("/api/v1/orgs/acme/notifications", &wrong).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("/api/admin/notifications"), "{e}");
+    wrong["events"] = json!(["deployment.activate"]);
+    let e = admin.post::<_, Value>("/api/admin/notifications", &wrong).await.unwrap_err();
+    assert!(e.to_string().contains("events"), "{e}");
+    let org_admin: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "o", "scope": {"kind": "org", "org": "acme", "role": "admin"}}))
+        .await
+        .unwrap();
+    let org_admin = Client::new(&base, Some(org_admin["secret"].as_str().unwrap().to_owned()));
+    assert_eq!(org_admin.post::<_, Value>("/api/admin/notifications", &hook).await.unwrap_err().status(), Some(403));
+
+    let channel: Value = admin.post("/api/admin/notifications", &hook).await.unwrap();
+    assert_eq!(channel["org"], "");
+    let listed: Vec<Value> = admin.get("/api/admin/notifications").await.unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // A node registers, then misses its heartbeats.
+    let agent: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "a", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&base, Some(agent["secret"].as_str().unwrap().to_owned()));
+    let node: Value = agent
+        .post(
+            "/api/v1/nodes",
+            &json!({"hostname": "worker-7", "region": "eu", "address": "http://10.0.0.7:8081",
+                    "capacity": {"vcpu": 2, "memory": 2048}}),
+        )
+        .await
+        .unwrap();
+    let id = node["id"].as_str().unwrap().to_owned();
+    let own = Client::new(&base, Some(node["credential"].as_str().unwrap().to_owned()));
+    let told = |event: &'static str| {
+        let got = got.clone();
+        async move {
+            until(event, async || {
+                got.lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|(_, b)| serde_json::from_str::<Value>(b).ok())
+                    .find(|p| p["event"] == event)
+            })
+            .await
+        }
+    };
+    let down = told("node.down").await;
+    assert_eq!(down["target"], id.as_str());
+    assert_eq!(down["detail"]["hostname"], "worker-7");
+    assert_eq!(down["detail"]["region"], "eu");
+    // It comes back.
+    own.post_empty::<Value>(&format!("/api/v1/nodes/{id}/heartbeat")).await.unwrap();
+    let up = told("node.up").await;
+    assert_eq!(up["detail"]["hostname"], "worker-7");
+    let n: Value = admin.get(&format!("/api/v1/nodes/{id}")).await.unwrap();
+    assert_eq!(n["status"], "ready");
+    // An organisation's channel never hears of nodes.
+    let events: Vec<Value> = admin.get("/api/v1/events?action=node.down").await.unwrap();
+    assert!(events.iter().all(|e| e["org"].is_null()), "{events:?}");
+    admin.delete(&format!("/api/admin/notifications/{}", channel["id"].as_str().unwrap())).await.unwrap();
+    assert!(admin.get::<Vec<Value>>("/api/admin/notifications").await.unwrap().is_empty());
+    op.shutdown().await;
+}

@@ -149,15 +149,30 @@ impl Store {
 
     /// Records a heartbeat; a node marked down comes back as ready.
     pub async fn node_heartbeat(&self, id: &str) -> Result<Node> {
-        let done = sqlx::query(
-            "UPDATE nodes SET last_heartbeat = $1, status = CASE WHEN status = 'down' THEN 'ready' ELSE status END WHERE id = $2",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
+        let now = now_ms();
+        let done = sqlx::query("UPDATE nodes SET last_heartbeat = $1 WHERE id = $2 AND status <> 'down'")
+            .bind(now)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("node {id:?} does not exist; register it again")));
+            // Back from down: ready again, and told like its going down was.
+            let mut tx = self.writer.begin().await?;
+            let row = sqlx::query(
+                "UPDATE nodes SET last_heartbeat = $1, status = 'ready' WHERE id = $2 AND status = 'down' \
+                 RETURNING hostname, region",
+            )
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist; register it again")))?;
+            let hostname = row.text("hostname")?;
+            tracing::info!(node = %hostname, "node heartbeats again; ready");
+            let audit = Audit::new("system", "node.up", id)
+                .detail(serde_json::json!({"hostname": hostname, "region": row.text("region")?}));
+            append_event(&mut tx, &audit, "ok").await?;
+            tx.commit().await?;
         }
         self.get_node(id).await
     }
@@ -266,16 +281,24 @@ impl Store {
     /// Marks nodes whose last heartbeat is older than `cutoff_ms` as down;
     /// returns their ids.
     pub async fn mark_down_nodes(&self, cutoff_ms: i64) -> Result<Vec<String>> {
+        let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(
             "UPDATE nodes SET status = 'down' WHERE status IN ('ready', 'draining', 'drained') \
-             AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id, hostname",
+             AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id, hostname, region, last_heartbeat",
         )
         .bind(cutoff_ms)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *tx)
         .await?;
         for r in &rows {
-            tracing::warn!(node = %r.text("hostname")?, "node missed its heartbeats; marked down");
+            let hostname = r.text("hostname")?;
+            tracing::warn!(node = %hostname, "node missed its heartbeats; marked down");
+            let last = r.opt_int("last_heartbeat")?.map(|ms| ts(ms).to_rfc3339());
+            let audit = Audit::new("system", "node.down", &r.text("id")?).detail(serde_json::json!({
+                "hostname": hostname, "region": r.text("region")?, "last_heartbeat": last,
+            }));
+            append_event(&mut tx, &audit, "ok").await?;
         }
+        tx.commit().await?;
         rows.iter().map(|r| r.text("id")).collect()
     }
 
@@ -346,18 +369,22 @@ impl Store {
     pub async fn finish_drained_nodes(&self) -> Result<Vec<String>> {
         let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(&format!(
-            "SELECT id FROM nodes n WHERE status = 'draining' AND NOT EXISTS \
+            "SELECT id, hostname, region FROM nodes n WHERE status = 'draining' AND NOT EXISTS \
              (SELECT 1 FROM instances i WHERE i.node_id = n.id AND i.{LIVE_INSTANCE})"
         ))
         .fetch_all(&mut *tx)
         .await?;
-        let ids: Vec<String> = rows.iter().map(|r| r.text("id")).collect::<Result<_>>()?;
-        for id in &ids {
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id = r.text("id")?;
             sqlx::query("UPDATE nodes SET status = 'drained' WHERE id = $1 AND status = 'draining'")
-                .bind(id)
+                .bind(&id)
                 .execute(&mut *tx)
                 .await?;
-            append_event(&mut tx, &Audit::new("system", "node.drained", id), "ok").await?;
+            let audit = Audit::new("system", "node.drained", &id)
+                .detail(serde_json::json!({"hostname": r.text("hostname")?, "region": r.text("region")?}));
+            append_event(&mut tx, &audit, "ok").await?;
+            ids.push(id);
         }
         tx.commit().await?;
         Ok(ids)

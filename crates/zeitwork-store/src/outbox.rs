@@ -29,7 +29,18 @@ pub const NOTIFIED: &[&str] = &[
     "certificate.fail",
     "health_check.state",
     "notification.test",
+    "node.down",
+    "node.up",
+    "node.drain",
+    "node.drained",
 ];
+
+/// Events of the machines themselves: they belong to no organisation and go to
+/// the platform's channels (`org` = [`PLATFORM`]).
+pub const NODE_EVENTS: &[&str] = &["node.down", "node.up", "node.drain", "node.drained"];
+
+/// The `org` of the platform's own notification channels (no organisation's slug is empty).
+pub const PLATFORM: &str = "";
 
 /// Deployment changes told to GitHub as commit statuses.
 pub const GITHUB_STATUS_EVENTS: &[&str] = &["deployment.create", "deployment.activate", "deployment.fail"];
@@ -100,7 +111,11 @@ pub(crate) async fn enqueue(conn: &mut AnyConnection, audit: &Audit, result: &st
     if result == "denied" || !NOTIFIED.contains(&audit.action.as_str()) {
         return Ok(());
     }
-    let Some(org) = &audit.org else { return Ok(()) };
+    let org = match &audit.org {
+        Some(org) => org.as_str(),
+        None if NODE_EVENTS.contains(&audit.action.as_str()) => PLATFORM,
+        None => return Ok(()),
+    };
     let channels: Vec<StoredChannel> =
         sqlx::query("SELECT * FROM notification_channels WHERE org = $1 AND (project IS NULL OR project = $2)")
             .bind(org)

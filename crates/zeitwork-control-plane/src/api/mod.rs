@@ -104,6 +104,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(notifications::delete_channel))
         .routes(routes!(notifications::create_org_channel, notifications::list_org_channels))
         .routes(routes!(notifications::delete_org_channel))
+        .routes(routes!(notifications::create_platform_channel, notifications::list_platform_channels))
+        .routes(routes!(notifications::delete_platform_channel))
         .routes(routes!(notifications::test_channels))
         .routes(routes!(notifications::outbox_stats))
         .routes(routes!(notifications::dlq_stats))

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use zeitwork_api_types::{Channel, CreateChannel, Role, ValidationError};
-use zeitwork_store::{StoredChannel, NOTIFIED};
+use zeitwork_store::{StoredChannel, NODE_EVENTS, NOTIFIED, PLATFORM};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -37,7 +37,19 @@ fn view(c: &StoredChannel, url: &str) -> Channel {
 pub const SLACK_BOT: &str = "slack-bot:";
 
 /// What a channel delivers to (stored encrypted): its URL, or `slack-bot:<channel>`.
-fn check(s: &AppState, b: &CreateChannel) -> Result<String, ValidationError> {
+/// The platform's channels take node events only; organisations' channels all others.
+fn check(s: &AppState, org: &str, b: &CreateChannel) -> Result<String, ValidationError> {
+    let platform = org == PLATFORM;
+    if let Some(e) = b.events.iter().find(|e| NODE_EVENTS.contains(&e.as_str()) != platform) {
+        return Err(ValidationError::new(
+            "events",
+            if platform {
+                format!("{e:?} is an organisation's event; the platform's channels take {}", NODE_EVENTS.join(", "))
+            } else {
+                format!("{e:?} is a node event; nodes are told to the platform's channels (/api/admin/notifications)")
+            },
+        ));
+    }
     if !matches!(b.kind.as_str(), "webhook" | "slack" | "email") {
         return Err(ValidationError::new(
             "kind",
@@ -117,7 +129,7 @@ async fn add_channel(
     project: Option<&str>,
     b: &CreateChannel,
 ) -> ApiResult<Response> {
-    let target = check(s, b)?;
+    let target = check(s, org, b)?;
     let id = zeitwork_store::channel_id();
     let secret = if target.starts_with(SLACK_BOT) { b.token.as_ref() } else { b.secret.as_ref() };
     let stored = StoredChannel {
@@ -130,7 +142,10 @@ async fn add_channel(
         events: b.events.clone(),
         created_at: chrono::Utc::now(),
     };
-    let mut audit = caller.audit("notification.create", &id).org(org);
+    let mut audit = caller.audit("notification.create", &id);
+    if org != PLATFORM {
+        audit = audit.org(org);
+    }
     if let Some(p) = project {
         audit = audit.project(p);
     }
@@ -143,6 +158,45 @@ fn views(s: &AppState, channels: Vec<StoredChannel>) -> Vec<Channel> {
         .iter()
         .map(|c| view(c, &s.cipher.decrypt(&target_context(&c.id), &c.target_enc).unwrap_or_default()))
         .collect()
+}
+
+/// Add a channel of the platform's own (platform admin): it is told of nodes going down,
+/// coming back, draining and drained.
+#[utoipa::path(post, path = "/api/admin/notifications", tag = "notifications", request_body = CreateChannel,
+    responses((status = 201, body = Channel), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn create_platform_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    JsonBody(b): JsonBody<CreateChannel>,
+) -> ApiResult<Response> {
+    s.require_admin(&caller, "notification.create", "platform").await?;
+    add_channel(&s, &caller, PLATFORM, None, &b).await
+}
+
+/// The platform's own notification channels (platform admin).
+#[utoipa::path(get, path = "/api/admin/notifications", tag = "notifications",
+    responses((status = 200, body = Vec<Channel>), (status = 403, body = zeitwork_api_types::ApiError)))]
+pub async fn list_platform_channels(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Channel>>> {
+    s.require_admin(&caller, "notification.list", "platform").await?;
+    Ok(Json(views(&s, s.store.list_channels(PLATFORM, None).await?)))
+}
+
+/// Remove one of the platform's channels (platform admin).
+#[utoipa::path(delete, path = "/api/admin/notifications/{id}", tag = "notifications", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn delete_platform_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.require_admin(&caller, "notification.delete", &id).await?;
+    let c = s.store.channel(&id).await?;
+    if c.org != PLATFORM {
+        return Err(ApiError::NotFound(format!("notification channel {id:?} is not one of the platform's")));
+    }
+    s.store.delete_channel(&id, &caller.audit("notification.delete", &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Add a default notification channel to an organisation (Admin): it gets the events of every project.
