@@ -35,7 +35,8 @@ pub struct HealthCheckSpec {
     /// The environment whose address is probed (default production).
     #[serde(default = "default_check_env")]
     pub environment: Environment,
-    /// Regions probing (default: every region the project runs in).
+    /// Regions probing (default: every region the project runs in; any region may probe):
+    /// the operator's own region probes itself, every other through one of its ready nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<String>,
 }
@@ -91,5 +92,34 @@ pub struct HealthSample {
     pub ok: bool,
     pub status: Option<u16>,
     pub latency_ms: u64,
+    pub error: Option<String>,
+}
+
+/// One uptime probe an operator asks a node agent to run from its region
+/// (`POST /v1/probe` on the agent; operators only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRequest {
+    /// The address probed, e.g. `https://web-acme.apps.example.com/healthz`.
+    pub url: String,
+    /// `GET` or `HEAD`.
+    pub method: String,
+    pub expected_status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+    pub timeout_secs: u32,
+    /// Send the request to this `HOST:PORT` (an edge proxy) with the URL's host as
+    /// `Host`, instead of resolving the URL (single machines, split DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// The answer's status, when there was an answer.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// Why the probe failed (wrong status, body without the text, no answer); none when it passed.
     pub error: Option<String>,
 }

@@ -6,6 +6,8 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub mod probe;
+
 pub use zeitwork_api_types as types;
 
 #[derive(Debug, thiserror::Error)]

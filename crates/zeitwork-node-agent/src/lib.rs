@@ -9,6 +9,7 @@ pub mod forward;
 pub mod host;
 pub mod instances;
 pub mod logs;
+pub mod probe;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -332,6 +333,13 @@ impl NodeAgent {
             .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
             .route("/v1/instances/{id}/logs", get(logs::instance_logs).with_state(own.clone()))
             .route("/v1/instances/{id}/metrics", get(logs::instance_metrics).with_state(own))
+            .route(
+                "/v1/probe",
+                axum::routing::post(probe::probe).with_state(probe::ProbeState {
+                    forwarder: forwarder.clone(),
+                    http: zeitwork_client::probe::client(),
+                }),
+            )
             .fallback(|| async { forward::refuse(axum::http::StatusCode::NOT_FOUND, "not found") })
             .layer(axum::middleware::from_fn_with_state(forwarder, forward::route))
             .layer(axum::middleware::from_fn_with_state(metrics.clone(), zeitwork_telemetry::track));

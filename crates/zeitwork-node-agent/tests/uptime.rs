@@ -119,10 +119,29 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
         assert_eq!(e.status(), Some(400), "{body}: {e}");
         assert!(e.to_string().contains(field), "{body}: {e}");
     }
+    // A second region with a node of its own: the check probes from both, the
+    // operator's region by itself and `eu` through that node.
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "Germany"}))
+        .await
+        .unwrap();
+    let eu_agent = NodeAgent::start(zeitwork_node_agent::NodeAgentConfig {
+        region: "eu".into(),
+        ..common::agent_config(
+            &base,
+            common::cluster_token(&admin, "node-agent").await,
+            &dir.path().join("eu"),
+            "uptime-node-eu",
+            "10.242.128.0",
+        )
+    })
+    .await
+    .unwrap();
     let check: Value = admin
         .post(
             "/api/v1/projects/acme/web/health-checks",
-            &json!({"path": "/cgi-bin/health", "interval_secs": 10, "timeout_secs": 5, "body_contains": "good"}),
+            &json!({"path": "/cgi-bin/health", "interval_secs": 10, "timeout_secs": 5, "body_contains": "good",
+                    "regions": ["local", "eu"]}),
         )
         .await
         .unwrap();
@@ -144,6 +163,10 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
     };
     let up = state("up").await;
     assert_eq!(up["uptime_percent"], 100.0, "{up}");
+    let first: Vec<Value> = admin.get(&format!("/api/v1/health-checks/{check_id}/samples")).await.unwrap();
+    for region in ["local", "eu"] {
+        assert!(first.iter().any(|s| s["region"] == region && s["ok"] == true), "no sample from {region}: {first:?}");
+    }
     let started = chrono::Utc::now();
 
     // The app starts answering 500.
@@ -173,6 +196,7 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
     let failing: Vec<&Value> = samples.iter().filter(|s| s["ok"] == false).collect();
     assert!(failing.len() >= 2, "{samples:?}");
     assert!(failing.iter().all(|s| s["status"] == 500 && s["error"].as_str().unwrap().contains("500")), "{samples:?}");
+    assert!(failing.iter().any(|s| s["region"] == "eu"), "the eu node saw the failure too: {samples:?}");
     let paged = admin
         .get_with_headers::<Vec<Value>>(&format!("/api/v1/health-checks/{check_id}/samples?limit=1"))
         .await
@@ -183,6 +207,7 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
     assert_eq!(bad.status(), Some(400));
 
     edge.shutdown().await;
+    eu_agent.shutdown().await;
     agent.shutdown().await;
     op.shutdown().await;
 }

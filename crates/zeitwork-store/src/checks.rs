@@ -183,6 +183,12 @@ impl Store {
 
     /// Records a sample and moves the check's state; returns the state before and after.
     pub async fn record_sample(&self, id: &str, s: &Sample, slow: bool) -> Result<(String, String)> {
+        self.record_samples(id, std::slice::from_ref(s), s.ok, slow).await
+    }
+
+    /// Records one round's samples (one a region) and moves the check's state by the
+    /// round's verdict: `ok`, and `slow` for degraded; returns the state before and after.
+    pub async fn record_samples(&self, id: &str, samples: &[Sample], ok: bool, slow: bool) -> Result<(String, String)> {
         let mut tx = self.writer.begin().await?;
         let row = sqlx::query(&format!("SELECT * FROM health_checks WHERE id = $1{}", self.for_update()))
             .bind(id)
@@ -190,19 +196,21 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("health check {id:?} does not exist")))?;
         let c = check_from(&row)?;
-        sqlx::query(
-            "INSERT INTO health_samples (check_id, at, region, ok, status, latency_ms, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(id)
-        .bind(s.at.timestamp_millis())
-        .bind(&s.region)
-        .bind(i64::from(s.ok))
-        .bind(s.status.map(i64::from))
-        .bind(s.latency_ms as i64)
-        .bind(s.error.clone())
-        .execute(&mut *tx)
-        .await?;
-        let (state, fails, passes) = next_state(&c.state, c.fails, c.passes, s.ok, slow);
+        for s in samples {
+            sqlx::query(
+                "INSERT INTO health_samples (check_id, at, region, ok, status, latency_ms, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(id)
+            .bind(s.at.timestamp_millis())
+            .bind(&s.region)
+            .bind(i64::from(s.ok))
+            .bind(s.status.map(i64::from))
+            .bind(s.latency_ms as i64)
+            .bind(s.error.clone())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (state, fails, passes) = next_state(&c.state, c.fails, c.passes, ok, slow);
         sqlx::query("UPDATE health_checks SET state = $1, fails = $2, passes = $3, updated_at = $4 WHERE id = $5")
             .bind(state)
             .bind(fails)
@@ -212,10 +220,17 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if state != c.state {
+            // The sample that tells most: a failing one when there is one.
+            let Some(s) = samples.iter().find(|s| !s.ok).or(samples.first()) else {
+                return Err(StoreError::Invalid { field: "samples".into(), message: "a round has samples".into() });
+            };
             let audit = Audit::new("system", "health_check.state", id).org(&c.org).project(&c.project).detail(
                 serde_json::json!({
                     "from": c.state, "to": state, "status": s.status, "error": s.error,
                     "latency_ms": s.latency_ms, "region": s.region,
+                    "regions": samples.iter().map(|r| serde_json::json!({
+                        "region": r.region, "ok": r.ok, "status": r.status, "error": r.error, "latency_ms": r.latency_ms,
+                    })).collect::<Vec<_>>(),
                 }),
             );
             append_event(&mut tx, &audit, "ok").await?;

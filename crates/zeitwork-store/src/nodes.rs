@@ -125,6 +125,15 @@ impl Store {
         self.keyset_page(Sql::new(NODE_SELECT), "n.hostname", page, node_from, |n| n.hostname.clone()).await
     }
 
+    /// The ready nodes of a region, by hostname.
+    pub async fn ready_nodes_in(&self, region: &str) -> Result<Vec<Node>> {
+        let mut q = Sql::new(NODE_SELECT);
+        q.and("n.region = ?", Arg::Text(region.to_owned()));
+        q.and("n.status = ?", Arg::Text("ready".into()));
+        q.push(" ORDER BY n.hostname");
+        q.query().fetch_all(&self.reader).await?.iter().map(node_from).collect()
+    }
+
     pub async fn get_node(&self, id: &str) -> Result<Node> {
         let mut q = Sql::new(NODE_SELECT);
         q.and("n.id = ?", Arg::Text(id.to_owned()));
