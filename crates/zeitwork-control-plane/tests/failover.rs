@@ -446,3 +446,100 @@ async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
     assert!(failed["reason"].as_str().unwrap().contains("placement_timeout_secs"), "{failed}");
     op.shutdown().await;
 }
+
+/// The operator delivering notifications dies in the middle of a batch (its
+/// tasks aborted, as a kill would end them): the other operator on the same
+/// PostgreSQL takes the lease and delivers the rest. Nothing is lost, and a
+/// row is delivered again only if its first delivery was not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_during_delivery_loses_no_notification() {
+    use std::sync::{Arc, Mutex};
+    let pg = zeitwork_testkit::Postgres::start().expect("a throwaway PostgreSQL");
+    let url = pg.create_database("outbox").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned();
+    let start = |name: &str| {
+        let config = OperatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join(name),
+            database_url: Some(url.clone()),
+            encryption_key: Some(key.clone()),
+            notifications_allow_internal: true,
+            notify_backoff_ms: 100,
+            ..Default::default()
+        };
+        async move { Operator::start(config).await.unwrap() }
+    };
+    // A slow receiver: each delivery takes 150 ms to acknowledge; (delivery id, acknowledged).
+    let got: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let sink = got.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let sink = sink.clone();
+        async move {
+            let id = headers.get("x-zeitwork-delivery").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let at = sink.lock().unwrap().len();
+            sink.lock().unwrap().push((id, false));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            sink.lock().unwrap()[at].1 = true;
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let a = start("a").await;
+    let b = start("b").await;
+    let token = a.admin_token.clone().or(b.admin_token.clone()).unwrap();
+    let via_a = Client::new(&format!("http://{}", a.addr()), Some(token.clone()));
+    let via_b = Client::new(&format!("http://{}", b.addr()), Some(token));
+    via_a.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    via_a.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    via_a
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{receiver}/hook"), "secret": "a secret of sixteen+",
+                    "events": ["notification.test"]}),
+        )
+        .await
+        .unwrap();
+    let holder = until("an engine lease", || {
+        let store = a.store.clone();
+        async move { store.lease("engine").await.unwrap().map(|(h, _)| h) }
+    })
+    .await;
+    const SENT: usize = 12;
+    for _ in 0..SENT {
+        via_b.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+    }
+    // Kill the delivering operator once a few deliveries are through.
+    until("the first deliveries", async || (got.lock().unwrap().len() >= 3).then_some(())).await;
+    let (dead, alive, alive_client) = if holder == a.engine_id { (a, b, via_b) } else { (b, a, via_a) };
+    dead.abort();
+    let cut = got.lock().unwrap().len();
+    assert!(cut < SENT, "the crash came too late to test anything: {cut} deliveries already");
+    // The survivor takes over and delivers the rest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ids = loop {
+        let seen = got.lock().unwrap().clone();
+        let distinct: std::collections::BTreeSet<String> = seen.iter().map(|(id, _)| id.clone()).collect();
+        if distinct.len() == SENT {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "only {} of {SENT} notifications arrived: {seen:?}", distinct.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A delivery id seen twice was not acknowledged the first time (the crash cut it short).
+    for (i, (id, acked)) in ids.iter().enumerate() {
+        let again = ids[i + 1..].iter().any(|(later, _)| later == id);
+        assert!(!(again && *acked), "delivery {id} was acknowledged and still sent again: {ids:?}");
+    }
+    // The last acknowledgement is recorded; nothing stays pending.
+    until("an empty outbox", async || {
+        let stats: Value = alive_client.get("/api/admin/outbox/stats").await.unwrap();
+        (stats["pending"] == 0 && stats["dead"] == 0).then_some(())
+    })
+    .await;
+    println!("{SENT} notifications, operator killed after {cut} deliveries, {} deliveries in all", ids.len());
+    alive.shutdown().await;
+}
