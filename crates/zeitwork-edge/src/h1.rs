@@ -936,6 +936,9 @@ impl AsyncWrite for Rewind {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
