@@ -129,6 +129,12 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
     if method == "CONNECT" || !target.starts_with('/') || target.starts_with("/.well-known/acme-challenge/") {
         return Parse::General;
     }
+    // A target hyper would refuse (characters httparse lets through) or
+    // shorten (a fragment) is answered by the general path, as on TLS.
+    let same_for_hyper = hyper::Uri::try_from(target).is_ok_and(|u| u.path_and_query().map(|p| p.as_str()) == Some(target));
+    if !same_for_hyper {
+        return Parse::General;
+    }
     let mut host = None;
     let mut content_length = None;
     let mut close = false;
@@ -248,27 +254,33 @@ fn parse_response(
     if status == 101 {
         return Err("switching protocols without an upgrade request");
     }
+    // Framing is read as the general path's hyper reads it, so the two
+    // paths accept and refuse the same responses: a list of equal decimal
+    // lengths, the last transfer-encoding line deciding chunked, header
+    // values that are not visible ASCII ignored.
     let mut length: Option<u64> = None;
-    let mut chunked = None;
+    let mut length_header = false;
+    let mut length_ok = true;
+    let mut last_coding: Option<&[u8]> = None;
     let mut upstream_close = version == 0;
     let mut listed: Vec<&str> = Vec::new();
     for h in res.headers.iter() {
         if lower_eq(h.name, "content-length") {
-            let v = std::str::from_utf8(h.value).map_err(|_| "invalid content-length")?.trim();
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("invalid content-length");
+            length_header = true;
+            let Some(v) = header_text(h.value) else {
+                length_ok = false;
+                continue;
+            };
+            for item in v.split(',') {
+                match decimal(item.trim()) {
+                    Some(n) if length.is_none_or(|m| m == n) => length = Some(n),
+                    _ => length_ok = false,
+                }
             }
-            let n = v.parse::<u64>().map_err(|_| "invalid content-length")?;
-            if length.is_some_and(|m| m != n) {
-                return Err("conflicting content-length headers");
-            }
-            length = Some(n);
         } else if lower_eq(h.name, "transfer-encoding") {
-            let v = std::str::from_utf8(h.value).map_err(|_| "invalid transfer-encoding")?;
-            let last = v.rsplit(',').next().unwrap_or("").trim();
-            chunked = Some(chunked.unwrap_or(true) && lower_eq(last, "chunked"));
+            last_coding = Some(h.value);
         } else if lower_eq(h.name, "connection") {
-            let v = std::str::from_utf8(h.value).map_err(|_| "invalid connection header")?;
+            let Some(v) = header_text(h.value) else { continue };
             for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                 if version == 0 && lower_eq(token, "keep-alive") {
                     upstream_close = false;
@@ -278,20 +290,26 @@ fn parse_response(
             }
         }
     }
+    let chunked = last_coding.map(|v| {
+        header_text(v).and_then(|v| v.rsplit(',').next()).is_some_and(|last| lower_eq(last.trim(), "chunked"))
+    });
     let informational = (100..200).contains(&status);
     let framing = if informational || head_request || status == 204 || status == 304 {
         Framing::Empty
     } else {
         match (chunked, length) {
+            (Some(_), _) if version == 0 => return Err("transfer-encoding in an HTTP/1.0 response"),
             (Some(true), _) => Framing::Chunked,
             (Some(false), _) => Framing::Close,
+            (None, _) if !length_ok => return Err("invalid or conflicting content-length"),
+            (None, Some(n)) if n > u64::MAX - 2 => return Err("content-length too large"),
             (None, Some(n)) => Framing::Length(n),
             (None, None) => Framing::Close,
         }
     };
     // Both framings at once, or a transfer coding we cannot follow: the
     // connection is not trusted for another request.
-    let reusable = !upstream_close && framing != Framing::Close && !(chunked.is_some() && length.is_some());
+    let reusable = !upstream_close && framing != Framing::Close && !(chunked.is_some() && length_header);
     let close_client = close || framing == Framing::Close;
 
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -310,7 +328,7 @@ fn parse_response(
             Framing::Length(n) => header_line(out, b"content-length", n.to_string().as_bytes()),
             // A HEAD or 304 answer keeps the length it announces.
             Framing::Empty => {
-                if let Some(n) = length.filter(|_| chunked.is_none()) {
+                if let Some(n) = length.filter(|_| chunked.is_none() && length_ok) {
                     header_line(out, b"content-length", n.to_string().as_bytes());
                 }
             }
@@ -323,6 +341,20 @@ fn parse_response(
     }
     out.extend_from_slice(b"\r\n");
     Ok(Some(ResponseHead { status, head_len, framing, reusable }))
+}
+
+/// A header value as text, when it is visible ASCII (what hyper's
+/// `HeaderValue::to_str` accepts).
+fn header_text(v: &[u8]) -> Option<&str> {
+    v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)).then(|| std::str::from_utf8(v).ok()).flatten()
+}
+
+/// Decimal digits only (no sign, no blanks), as a length.
+fn decimal(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// Follows a chunked body as it goes through unchanged, to know where it
@@ -902,6 +934,9 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

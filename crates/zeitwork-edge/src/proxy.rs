@@ -103,7 +103,7 @@ pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

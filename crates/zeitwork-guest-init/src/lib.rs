@@ -199,6 +199,9 @@ pub fn parse_console_line(line: &str) -> ConsoleLine<'_> {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

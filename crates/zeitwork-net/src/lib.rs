@@ -8,6 +8,9 @@ pub mod splice;
 pub mod workers;
 pub mod x509;
 
+#[cfg(test)]
+mod props;
+
 pub use splice::splice_bidirectional;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -60,6 +60,10 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     let (tag, time, _) = tlv(after_not_before)?;
     let text = std::str::from_utf8(time).ok()?;
     let digits = text.strip_suffix('Z')?;
+    // Slicing below counts bytes: anything but ASCII digits would split a character.
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let (year, rest) = match tag {
         0x17 if digits.len() == 12 => {
             let yy: i64 = digits[..2].parse().ok()?;

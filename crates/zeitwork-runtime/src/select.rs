@@ -65,36 +65,108 @@ async fn runs(binary: &Path, arg: &str) -> Result<(), String> {
     }
 }
 
-/// A KVM probe's result, remembered for the host's current boot (in /run,
-/// which a reboot empties, else in the data directory) and probed by one
-/// caller at a time.
+/// How often a KVM probe is tried before the node settles for less: a
+/// guest that does not boot once (a busy host, a slow disk) must not keep a
+/// node on software emulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRetry {
+    pub attempts: u32,
+    /// The wait before the second attempt; it doubles for each further one.
+    pub first_wait: Duration,
+    pub max_wait: Duration,
+}
+
+pub const PROBE_RETRY: ProbeRetry =
+    ProbeRetry { attempts: 3, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(8) };
+
+impl ProbeRetry {
+    /// The wait after failed attempt `n` (from 1), or `None` when it was the last.
+    pub fn wait_after(&self, n: u32) -> Option<Duration> {
+        if n >= self.attempts {
+            return None;
+        }
+        let doubled = self.first_wait.saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX));
+        Some(doubled.min(self.max_wait))
+    }
+
+    /// Runs `probe` until it succeeds or the attempts are used up, waiting
+    /// with `sleep` in between; the last failure is the answer.
+    pub async fn run<P, PF, S, SF, T>(&self, mut probe: P, mut sleep: S) -> Result<T, String>
+    where
+        P: FnMut() -> PF,
+        PF: std::future::Future<Output = Result<T, String>>,
+        S: FnMut(Duration) -> SF,
+        SF: std::future::Future<Output = ()>,
+    {
+        let mut n = 1;
+        loop {
+            match probe().await {
+                Ok(v) => return Ok(v),
+                Err(e) => match self.wait_after(n) {
+                    Some(wait) => {
+                        tracing::warn!(attempt = n, error = %e, retry_in_ms = wait.as_millis() as u64, "KVM probe failed");
+                        sleep(wait).await;
+                        n += 1;
+                    }
+                    None if n > 1 => return Err(format!("{e} (after {n} attempts)")),
+                    None => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+/// What a saved probe result says for `key`: only a success is kept for
+/// the rest of the boot; a failure is probed again when the agent restarts.
+fn saved_result(saved: &str, key: &str) -> Option<()> {
+    let (k, result) = saved.split_once('\n')?;
+    (k == key && result == "ok").then_some(())
+}
+
+/// A KVM probe's result: a success remembered for the host's current boot
+/// (in /run, which a reboot empties, else in the data directory), a failure
+/// for this process only, after [`PROBE_RETRY`]. Probed by one caller at a
+/// time.
 async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), String> {
     static PROBING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    static FAILED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let _one = PROBING.lock().await;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot = tokio::fs::read_to_string("/proc/sys/kernel/random/boot_id").await.unwrap_or_default();
     let binary = match vmm {
         Vmm::Qemu { binary, .. } | Vmm::Firecracker { binary, .. } => binary.display().to_string(),
     };
     let key = format!("{}|{}|{}", boot.trim(), binary, assets.source.display());
+    let failed = |key: &str| FAILED.lock().ok()?.iter().find(|(k, _)| k == key).map(|(_, e)| e.clone());
+    if let Some(e) = failed(&key) {
+        return Err(e);
+    }
     let run = Path::new("/run/zeitwork");
-    let cache_dir = if std::fs::create_dir_all(run).is_ok() { run.to_path_buf() } else { dir.to_path_buf() };
+    let cache_dir = if tokio::fs::create_dir_all(run).await.is_ok() { run.to_path_buf() } else { dir.to_path_buf() };
     let cache = cache_dir.join(format!("kvm-probe-{}", vmm.name()));
-    if let Ok(saved) = std::fs::read_to_string(&cache) {
-        if let Some((k, result)) = saved.split_once('\n') {
-            if k == key {
-                return if result == "ok" { Ok(()) } else { Err(result.to_owned()) };
-            }
+    if let Ok(saved) = tokio::fs::read_to_string(&cache).await {
+        if saved_result(&saved, &key).is_some() {
+            return Ok(());
         }
     }
-    let result = vm::probe(vmm, assets, &dir.join("probe"), PROBE_TIMEOUT).await;
+    let work = dir.join("probe");
+    let work = work.as_path();
+    let result = PROBE_RETRY.run(|| vm::probe(vmm, assets, work, PROBE_TIMEOUT), tokio::time::sleep).await;
     let text = match &result {
         Ok(took) => {
             tracing::info!(vmm = vmm.name(), took_ms = took.as_millis() as u64, "KVM runs a guest here");
             "ok".to_owned()
         }
-        Err(e) => e.replace('\n', " "),
+        Err(e) => {
+            if let Ok(mut f) = FAILED.lock() {
+                f.push((key.clone(), e.clone()));
+            }
+            e.replace('\n', " ")
+        }
     };
-    let _ = std::fs::write(&cache, format!("{key}\n{text}"));
+    // The failure's text stays for people to read; it is not trusted on the next start.
+    if let Err(e) = tokio::fs::write(&cache, format!("{key}\n{text}")).await {
+        tracing::warn!(path = %cache.display(), error = %e, "could not save the KVM probe's result");
+    }
     result.map(|_| ())
 }
 
@@ -208,5 +280,75 @@ pub async fn select(o: &SelectOptions, logs: Arc<LogStore>) -> Result<Selected, 
             "that runtime",
             format!("{other:?} is not a runtime; use {}", RUNTIMES.join(", ")),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn waits_double_up_to_the_cap_and_stop_after_the_last_attempt() {
+        let p = ProbeRetry { attempts: 6, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(5) };
+        let waits: Vec<_> = (1..=7).map(|n| p.wait_after(n).map(|d| d.as_secs())).collect();
+        assert_eq!(waits, [Some(1), Some(2), Some(4), Some(5), Some(5), None, None]);
+        let once = ProbeRetry { attempts: 1, ..p };
+        assert_eq!(once.wait_after(1), None);
+        let many = ProbeRetry { attempts: u32::MAX, ..p };
+        assert_eq!(many.wait_after(80), Some(Duration::from_secs(5)), "no overflow far along");
+    }
+
+    fn run(policy: ProbeRetry, outcomes: &[Result<u32, &str>]) -> (Result<u32, String>, usize, Vec<Duration>) {
+        let calls = RefCell::new(0usize);
+        let slept = RefCell::new(Vec::new());
+        let result = block_on(policy.run(
+            || {
+                let i = *calls.borrow();
+                *calls.borrow_mut() += 1;
+                let r = outcomes[i.min(outcomes.len() - 1)].map_err(str::to_owned);
+                async move { r }
+            },
+            |d| {
+                slept.borrow_mut().push(d);
+                async {}
+            },
+        ));
+        (result, calls.into_inner(), slept.into_inner())
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried() {
+        let (r, calls, slept) = run(PROBE_RETRY, &[Err("no console"), Ok(7)]);
+        assert_eq!((r, calls), (Ok(7), 2));
+        assert_eq!(slept, [Duration::from_secs(1)]);
+    }
+
+    #[test]
+    fn a_lasting_failure_ends_after_the_attempts_with_the_last_reason() {
+        let (r, calls, slept) = run(PROBE_RETRY, &[Err("first"), Err("second"), Err("third"), Ok(1)]);
+        assert_eq!(r, Err("third (after 3 attempts)".to_owned()));
+        assert_eq!(calls, 3);
+        assert_eq!(slept, [Duration::from_secs(1), Duration::from_secs(2)]);
+        let (r, calls, slept) = run(ProbeRetry { attempts: 1, ..PROBE_RETRY }, &[Err("only")]);
+        assert_eq!((r, calls, slept.len()), (Err("only".to_owned()), 1, 0));
+    }
+
+    #[test]
+    fn a_success_needs_no_retry() {
+        let (r, calls, slept) = run(PROBE_RETRY, &[Ok(3)]);
+        assert_eq!((r, calls, slept.len()), (Ok(3), 1, 0));
+    }
+
+    #[test]
+    fn only_a_saved_success_for_this_boot_is_trusted() {
+        assert_eq!(saved_result("boot|qemu|k\nok", "boot|qemu|k"), Some(()));
+        assert_eq!(saved_result("boot|qemu|k\nthe probe guest did not boot", "boot|qemu|k"), None);
+        assert_eq!(saved_result("old-boot|qemu|k\nok", "boot|qemu|k"), None);
+        assert_eq!(saved_result("garbage", "boot|qemu|k"), None);
     }
 }

@@ -15,6 +15,18 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
 }
 
+/// A test that cannot run here calls this before returning early: it fails,
+/// naming what is missing, unless `ZEITWORK_SKIP_<WHAT>` is set, so a skip
+/// is always someone's explicit choice and never a silent `ok`.
+pub fn skip_unless_allowed(what: &str, why: &str) {
+    let var = format!("ZEITWORK_SKIP_{what}");
+    if std::env::var_os(&var).is_some_and(|v| !v.is_empty() && v != "0") {
+        eprintln!("skipped ({var} is set): {why}");
+    } else {
+        panic!("{why}; set {var}=1 to skip this test on purpose");
+    }
+}
+
 /// Where the PostgreSQL server binaries live: `ZEITWORK_PG_BIN`, `PATH`, or
 /// Debian's `/usr/lib/postgresql/<version>/bin`.
 pub fn postgres_bin_dir() -> Option<PathBuf> {
