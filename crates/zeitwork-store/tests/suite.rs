@@ -336,6 +336,8 @@ fn new_deployment(p: &Project, env: Environment) -> NewDeployment {
         instances_per_region: 1,
         created_by: Some("test".into()),
         pull_request: None,
+        release_command: None,
+        migration: false,
     }
 }
 
