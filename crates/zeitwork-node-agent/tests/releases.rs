@@ -192,6 +192,27 @@ async fn a_client_pinned_by_its_cookie_keeps_its_version_after_a_deploy() {
         assert_eq!((a.status, a.body.as_str()), (200, "shop\n"), "HTTP/{version}: {a:?}");
     }
 
+    // A sleeping deployment still serves its pinned clients: the request is held while it wakes.
+    admin.post_empty::<Value>(&format!("/api/v1/deployments/{old}/sleep")).await.unwrap();
+    wait_for(&admin, &old, "sleeping").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin
+        .get::<Value>(&format!("/api/v1/deployments/{old}/instances"))
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["status"] == "ready")
+    {
+        assert!(Instant::now() < deadline, "the sleeping deployment kept a ready instance");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = get(at, "1.1", stable, Some(&pinned_old)).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "a pinned client of a sleeping deployment: {a:?}");
+    let d: Value = admin.get(&format!("/api/v1/deployments/{old}")).await.unwrap();
+    assert_ne!(d["status"], "sleeping", "answered without waking it: {d}");
+
     // A retired deployment pins nobody: the client gets the active version and a new cookie.
     admin.delete(&format!("/api/v1/deployments/{old}")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -248,14 +269,17 @@ async fn release_commands_run_before_traffic_and_rollbacks_respect_migrations() 
         .await
         .unwrap();
     admin.put::<_, Value>("/api/v1/projects/acme/web/env/GREETING", &json!({"value": "acme-web"})).await.unwrap();
-    let first = deploy(&admin, "web", &v1, json!({})).await;
+    // Two instances: one runs the release, the other starts once it has.
+    let first = deploy(&admin, "web", &v1, json!({"instances_per_region": 2})).await;
     let d = wait_for(&admin, &first, "active").await;
     assert_eq!(d["release_command"], "echo running release for $GREETING; echo schema is at version 1");
     let (_, _, logs) =
         admin.send_raw(reqwest::Method::GET, &format!("/api/v1/deployments/{first}/logs"), None).await.unwrap();
     let logs = String::from_utf8_lossy(&logs);
     assert!(logs.contains("running release for acme-web"), "the release's output is not in the logs:\n{logs}");
-    assert!(logs.contains("schema is at version 1"), "{logs}");
+    assert_eq!(logs.matches("schema is at version 1").count(), 1, "the release ran more than once:\n{logs}");
+    let instances: Vec<Value> = admin.get(&format!("/api/v1/deployments/{first}/instances")).await.unwrap();
+    assert_eq!(instances.iter().filter(|i| i["status"] == "ready").count(), 2, "{instances:?}");
 
     // A deployment that migrates data, then one that does not.
     let migrating = deploy(
