@@ -451,7 +451,8 @@ ALTER TABLE projects ADD COLUMN skew_protection TEXT;
 ALTER TABLE projects ADD COLUMN release_command TEXT;
 ALTER TABLE deployments ADD COLUMN release_command TEXT;
 ALTER TABLE deployments ADD COLUMN migration BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE deployments ADD COLUMN served TEXT
+ALTER TABLE deployments ADD COLUMN served TEXT;
+UPDATE deployments SET served = environment WHERE status IN ('active', 'standby', 'sleeping', 'waking', 'retired')
 "#,
     ),
 ];
