@@ -572,7 +572,7 @@ pub async fn rollback(
         None => None,
     };
     let audit = caller.audit("deployment.rollback", &to.id).org(&org).project(&name);
-    let audit = match crossed {
+    let audit = match &crossed {
         Some(m) => audit.detail(serde_json::json!({"forced_past_migration": m})),
         None => audit,
     };
@@ -584,7 +584,8 @@ pub async fn rollback(
         }
         DeploymentStatus::Sleeping | DeploymentStatus::Waking => {
             // Woken first; the environment switches only once it is ready, so nothing is lost meanwhile.
-            let audit = audit.detail(serde_json::json!({"environment": env, "wakes": true}));
+            let audit =
+                audit.detail(serde_json::json!({"environment": env, "wakes": true, "forced_past_migration": crossed}));
             s.store.wake_deployment(&to.id, Some(env), &audit).await?;
             s.changed();
             Ok((StatusCode::ACCEPTED, Json(s.store.get_deployment(&to.id).await?)).into_response())
@@ -601,7 +602,8 @@ pub async fn rollback(
             new.instances_per_region = to.instances_per_region;
             // Its release ran when it was first deployed; going back runs nothing.
             new.release_command = None;
-            let d = s.store.create_deployment(&new, &audit.detail(serde_json::json!({"rollback_of": to.id}))).await?;
+            let detail = serde_json::json!({"rollback_of": to.id, "forced_past_migration": crossed});
+            let d = s.store.create_deployment(&new, &audit.detail(detail)).await?;
             Ok((StatusCode::ACCEPTED, Json(d)).into_response())
         }
         other => Err(ApiError::Conflict(format!("{} is {} and cannot serve traffic", to.id, other.as_str()))),
