@@ -100,6 +100,8 @@ async fn main() -> Result<()> {
             url: format!("http://{id}.zeitwork.localhost"),
             created_by: None,
             pull_request: None,
+            release_command: None,
+            migration: false,
         };
         store.create_deployment(&new, &audit).await?;
         for k in 0..per {

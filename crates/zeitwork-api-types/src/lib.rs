@@ -308,6 +308,32 @@ pub struct Project {
     pub current_deployment: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Pins a browser to the deployment that served it (off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skew_protection: Option<SkewProtection>,
+    /// Run once (`/bin/sh -c`) in each new deployment's image before traffic moves to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command: Option<String>,
+}
+
+/// Skew protection: a response from an environment's stable address names the
+/// deployment that served it in a cookie; later requests carrying it are served
+/// by that deployment while it still runs (or sleeps), never by another project's
+/// or environment's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SkewProtection {
+    pub enabled: bool,
+    /// How long a browser stays pinned (the cookie's `Max-Age`), 60 to 2592000 seconds; default 43200.
+    #[serde(default = "default_skew_max_age")]
+    pub max_age_secs: u32,
+}
+
+/// A browser stays pinned to one deployment for 12 hours unless the project says otherwise.
+pub const DEFAULT_SKEW_MAX_AGE_SECS: u32 = 12 * 3600;
+
+fn default_skew_max_age() -> u32 {
+    DEFAULT_SKEW_MAX_AGE_SECS
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -410,6 +436,14 @@ pub struct PatchProject {
     pub tag_pattern: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildSettings>,
+    /// `null` turns skew protection off.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<SkewProtection>)]
+    pub skew_protection: Option<Option<SkewProtection>>,
+    /// `null` or `""` removes the release command.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub release_command: Option<Option<String>>,
 }
 
 fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
@@ -571,6 +605,12 @@ pub struct Deployment {
     /// Milliseconds its image took to build, for deployments built from source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_ms: Option<u64>,
+    /// Run once in its image before traffic moves to it; its output is in the deployment's logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command: Option<String>,
+    /// It changes data irreversibly (a schema migration): rolling back past it needs `force`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migration: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -592,6 +632,12 @@ pub struct CreateDeployment {
     pub instances_per_region: Option<u32>,
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Overrides the project's `release_command` for this deployment (`""`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command: Option<String>,
+    /// The deployment migrates data: rollbacks and promotions that go back past it need `force`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migration: bool,
 }
 
 // ---------------------------------------------------------------- events
@@ -789,6 +835,13 @@ pub struct Route {
     /// The deployment was retired: requests answer 410 Gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gone: bool,
+    /// On a deployment's own host: the environments it has served (skew
+    /// protection pins a client only to a deployment of the same environment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served: Vec<Environment>,
+    /// On a stable host whose project turned skew protection on: the pin's lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skew_max_age_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
@@ -868,6 +921,10 @@ pub struct Assignment {
     /// image's repository from the operator (signed, valid for a day or two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_credential: Option<String>,
+    /// Run once (`/bin/sh -c`) in the image before the app starts; set on one
+    /// instance of a deployment, while the deployment starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_command: Option<String>,
 }
 
 /// Who a token is.

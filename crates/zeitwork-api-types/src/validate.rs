@@ -599,8 +599,43 @@ impl PatchProject {
         if let Some(b) = &self.build {
             build_settings("build", b)?;
         }
+        if let Some(Some(sp)) = &self.skew_protection {
+            skew_protection(sp)?;
+        }
+        if let Some(Some(c)) = &self.release_command {
+            release_command("release_command", c)?;
+        }
         lifecycle(self.sleep_after_secs, self.retain_deployments)
     }
+}
+
+/// Pins last from one minute to 30 days (retired deployments keep their routes that long).
+pub const SKEW_MAX_AGE_RANGE: std::ops::RangeInclusive<u32> = 60..=30 * 24 * 3600;
+
+pub fn skew_protection(s: &crate::SkewProtection) -> Result {
+    if !SKEW_MAX_AGE_RANGE.contains(&s.max_age_secs) {
+        return Err(ValidationError::new(
+            "skew_protection.max_age_secs",
+            format!(
+                "{} is out of range; use {} to {} seconds",
+                s.max_age_secs,
+                SKEW_MAX_AGE_RANGE.start(),
+                SKEW_MAX_AGE_RANGE.end()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A release command: one line of shell, at most 4096 bytes (empty: none).
+pub fn release_command(field: &str, c: &str) -> Result {
+    if c.len() > 4096 {
+        return Err(ValidationError::new(field, "must be at most 4096 bytes"));
+    }
+    if c.chars().any(|ch| ch == '\0' || (ch.is_control() && ch != '\n' && ch != '\t')) {
+        return Err(ValidationError::new(field, "must not contain control characters other than newlines and tabs"));
+    }
+    Ok(())
 }
 
 /// Bounds and targets of autoscaling, each checked with the field it is in.
@@ -681,6 +716,9 @@ impl CreateDeployment {
         }
         if let Some(n) = self.instances_per_region {
             instances_per_region("instances_per_region", n)?;
+        }
+        if let Some(c) = &self.release_command {
+            release_command("release_command", c)?;
         }
         Ok(())
     }

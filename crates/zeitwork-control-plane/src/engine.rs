@@ -851,6 +851,8 @@ mod tests {
             url: "http://web-aaaaaaa-acme.x".into(),
             created_by: None,
             pull_request: None,
+            release_command: None,
+            migration: false,
         };
         let d = store.create_deployment(&new, &a()).await.unwrap();
         store.activate_deployment(&d.id, &a()).await.unwrap();

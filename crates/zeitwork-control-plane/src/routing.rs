@@ -90,6 +90,10 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         instances: d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect(),
         wake: d.wake,
         gone: d.gone,
+        // A deployment's own host says where it may stand in (skew protection);
+        // its environment's stable hosts say for how long a client stays pinned.
+        served: if env.is_none() { d.served.clone() } else { Vec::new() },
+        skew_max_age_secs: env.filter(|e| *e != Environment::Preview).and(d.skew_max_age_secs),
     };
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();

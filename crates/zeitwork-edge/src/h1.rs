@@ -101,6 +101,10 @@ struct Plan {
     request_id: String,
     /// The client asked to close after this response.
     close: bool,
+    /// The skew protection cookie the client sent.
+    skew_cookie: Option<String>,
+    /// Header lines the edge adds to the instance's response.
+    stamp: Vec<u8>,
 }
 
 enum Parse {
@@ -131,7 +135,8 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
     }
     // A target hyper would refuse (characters httparse lets through) or
     // shorten (a fragment) is answered by the general path, as on TLS.
-    let same_for_hyper = hyper::Uri::try_from(target).is_ok_and(|u| u.path_and_query().map(|p| p.as_str()) == Some(target));
+    let same_for_hyper =
+        hyper::Uri::try_from(target).is_ok_and(|u| u.path_and_query().map(|p| p.as_str()) == Some(target));
     if !same_for_hyper {
         return Parse::General;
     }
@@ -139,6 +144,7 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
     let mut content_length = None;
     let mut close = false;
     let mut request_id = None;
+    let mut skew_cookie = None;
     let mut listed: Vec<&str> = Vec::new();
     for h in req.headers.iter() {
         let name = h.name;
@@ -167,6 +173,8 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
             }
         } else if lower_eq(name, "x-request-id") {
             request_id = Some(h.value);
+        } else if lower_eq(name, "cookie") && skew_cookie.is_none() {
+            skew_cookie = crate::skew::cookie_value(h.value).map(str::to_owned);
         }
     }
     let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()).and_then(proxy::normalize_host) else {
@@ -204,6 +212,8 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
         host,
         request_id,
         close,
+        skew_cookie,
+        stamp: Vec::new(),
     })
 }
 
@@ -240,6 +250,7 @@ fn parse_response(
     head_request: bool,
     request_id: &str,
     close: bool,
+    stamp: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -335,6 +346,7 @@ fn parse_response(
             Framing::Close => {}
         }
         header_line(out, b"x-request-id", request_id.as_bytes());
+        out.extend_from_slice(stamp);
         if close_client {
             header_line(out, b"connection", b"close");
         }
@@ -499,7 +511,7 @@ pub(crate) async fn serve(
         }
         first = false;
         let deadline = tokio::time::Instant::now() + header_timeout;
-        let plan = loop {
+        let mut plan = loop {
             match parse_request(&buf, &conn, &mut bufs.request) {
                 Parse::Ready(plan) if plan.head_len <= max_head => break plan,
                 Parse::Ready(_) | Parse::General => return general(stream, buf, conn, state, stop).await,
@@ -512,7 +524,11 @@ pub(crate) async fn serve(
         };
         let start = Instant::now();
         let admission = match admit(&state, &plan, &conn) {
-            Admission::Proxy(route) => crate::wake::hold(&state, &plan.host, route).await,
+            // A pinned deployment's route is looked up again by its own host while it wakes.
+            Admission::Proxy(route) => {
+                let lookup = route.host.clone();
+                crate::wake::hold(&state, &lookup, route).await
+            }
             answer => answer,
         };
         let route = match admission {
@@ -531,6 +547,10 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        plan.stamp.clear();
+        for (name, value) in crate::skew::stamp(&plan.host, plan.skew_cookie.as_deref(), &route, conn.tls) {
+            header_line(&mut plan.stamp, name.as_bytes(), value.as_bytes());
+        }
         // The body is small: read it whole, so a refused connection can be retried.
         let end = plan.head_len + plan.body_len;
         while buf.len() < end {
@@ -569,7 +589,7 @@ pub(crate) async fn serve(
 
 fn admit(state: &EdgeState, plan: &Plan, conn: &ConnInfo) -> Admission {
     let len = (plan.body_len > 0).then_some(plan.body_len as u64);
-    proxy::admit(state, &plan.host, conn, &plan.target, len)
+    proxy::admit(state, &plan.host, conn, &plan.target, len, plan.skew_cookie.as_deref())
 }
 
 fn finish(
@@ -769,7 +789,7 @@ async fn exchange(
         }
         loop {
             client_head.clear();
-            match parse_response(upbuf, head_request, &plan.request_id, plan.close, client_head) {
+            match parse_response(upbuf, head_request, &plan.request_id, plan.close, &plan.stamp, client_head) {
                 Ok(None) => break,
                 Err(why) => return Err(UpstreamError::Failed(why)),
                 Ok(Some(head)) if (100..200).contains(&head.status) => {
@@ -994,7 +1014,7 @@ mod tests {
 
     fn response(raw: &str, head_request: bool) -> Result<Option<(ResponseHead, String)>, &'static str> {
         let mut out = Vec::new();
-        let r = parse_response(raw.as_bytes(), head_request, "rid", false, &mut out)?;
+        let r = parse_response(raw.as_bytes(), head_request, "rid", false, b"", &mut out)?;
         Ok(r.map(|h| (h, String::from_utf8(out).unwrap())))
     }
 

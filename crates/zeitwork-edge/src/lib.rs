@@ -10,6 +10,7 @@ pub mod balance;
 mod h1;
 pub mod proxy;
 pub mod ratelimit;
+pub mod skew;
 pub mod table;
 pub mod tls;
 pub mod wake;
@@ -306,7 +307,7 @@ pub struct EdgeState {
 }
 
 impl EdgeState {
-    fn apps_domain(&self) -> String {
+    pub(crate) fn apps_domain(&self) -> String {
         self.routes.read().unwrap_or_else(|e| e.into_inner()).apps_domain.clone()
     }
 

@@ -235,6 +235,7 @@ pub(crate) fn admit(
     conn: &ConnInfo,
     path_and_query: &str,
     content_length: Option<u64>,
+    skew_cookie: Option<&str>,
 ) -> Admission {
     let Some(route) = state.route(host) else {
         let response = page(StatusCode::NOT_FOUND, "Not found", "No application is deployed at this address.");
@@ -269,6 +270,7 @@ pub(crate) fn admit(
         );
         return Admission::Answer { response, routed: true };
     }
+    let route = crate::skew::pin(state, route, skew_cookie);
     state.wakes.note_request(&route.deployment);
     Admission::Proxy(route)
 }
@@ -282,7 +284,7 @@ fn is_apps_host(host: &str, apps_domain: &str) -> bool {
 /// Returns the response, the routed host (for metrics) and the instance that answered.
 async fn route_request(
     state: &EdgeState,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: &ConnInfo,
     rid: &str,
 ) -> (Response<Body>, Option<String>, Option<String>) {
@@ -310,14 +312,43 @@ async fn route_request(
     let content_length =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let admission = match admit(state, &host, conn, pq, content_length) {
-        Admission::Proxy(route) => crate::wake::hold(state, &host, route).await,
+    // HTTP/2 may split cookies over several fields.
+    let skew_cookie: Option<String> = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .find_map(|v| crate::skew::cookie_value(v.as_bytes()).map(str::to_owned));
+    let admission = match admit(state, &host, conn, pq, content_length, skew_cookie.as_deref()) {
+        // A pinned deployment's route is looked up again by its own host while it wakes.
+        Admission::Proxy(route) => {
+            let lookup = route.host.clone();
+            crate::wake::hold(state, &lookup, route).await
+        }
         answer => answer,
     };
     let route = match admission {
         Admission::Proxy(route) => route,
         Admission::Answer { response, routed } => return (response, routed.then_some(host), None),
     };
+    let stamp = crate::skew::stamp(&host, skew_cookie.as_deref(), &route, conn.tls);
+    let (mut res, host, outcome) = forward(state, req, conn, rid, host, route).await;
+    if outcome.is_some() {
+        for (name, value) in stamp {
+            res.headers_mut().append(name, value);
+        }
+    }
+    (res, host, outcome)
+}
+
+/// Sends an admitted request to an instance of `route`.
+async fn forward(
+    state: &EdgeState,
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    rid: &str,
+    host: String,
+    route: Arc<zeitwork_api_types::Route>,
+) -> (Response<Body>, Option<String>, Option<String>) {
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

@@ -79,6 +79,8 @@ mod tests {
                 .collect(),
             wake: false,
             gone: false,
+            served: vec![],
+            skew_max_age_secs: None,
         }
     }
 

@@ -161,6 +161,21 @@ async fn bring_up(
     if !current(&*table.read().await) {
         return;
     }
+    if let Some(command) = &a.release_command {
+        let (t, still) = (&table, &current);
+        match release(&runtime, &spec, command, move || async move { still(&*t.read().await) }).await {
+            Release::Done => {}
+            Release::Overtaken => return,
+            Release::Failed(reason) => {
+                report(&client, &id, InstanceStatus::Failed, None, None, Some(reason)).await;
+                mark_failed(&table, &id).await;
+                return;
+            }
+        }
+        if !current(&*table.read().await) {
+            return;
+        }
+    }
     let running = match runtime.start(&spec).await {
         Ok(r) => r,
         Err(e) => {
@@ -208,6 +223,64 @@ async fn bring_up(
     report(&client, &id, InstanceStatus::Ready, Some(running.address), None, None).await;
     tracing::info!(instance = %id, address = %running.address, "instance ready");
     tokio::spawn(liveness(client, runtime, table, id, running.address, s));
+}
+
+/// How a release command ended.
+#[derive(Debug)]
+enum Release {
+    Done,
+    /// The instance left this node (its deployment failed or was stopped) meanwhile.
+    Overtaken,
+    /// Why the deployment fails, with the tail of the command's output.
+    Failed(String),
+}
+
+/// Lines of a failed release command's output kept in the deployment's reason.
+const RELEASE_TAIL_LINES: usize = 20;
+
+/// Runs `command` once in the instance's image, under the instance's own id
+/// (so its output is part of the deployment's logs), before the app starts.
+async fn release<F, Fut>(runtime: &AnyRuntime, spec: &InstanceSpec, command: &str, current: F) -> Release
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut one_off = spec.clone();
+    one_off.image.entrypoint = vec!["/bin/sh".into(), "-c".into()];
+    one_off.image.cmd = vec![command.to_owned()];
+    let id = spec.id.clone();
+    tracing::info!(instance = %id, "running the release command");
+    if let Err(e) = runtime.start(&one_off).await {
+        return Release::Failed(format!("release command: cannot start it: {e}"));
+    }
+    let exit = loop {
+        match runtime.state(&id).await {
+            Ok(InstanceState::Exited(e)) => break e,
+            Ok(_) if current().await => tokio::time::sleep(Duration::from_millis(200)).await,
+            Ok(_) => {
+                if let Err(e) = runtime.destroy(&id).await {
+                    tracing::warn!(instance = %id, error = %e, "cannot clean up a release command left behind");
+                }
+                return Release::Overtaken;
+            }
+            Err(_) => return Release::Overtaken,
+        }
+    };
+    let output = runtime.logs(&id).await.unwrap_or_default();
+    if let Err(e) = runtime.destroy(&id).await {
+        tracing::warn!(instance = %id, error = %e, "cannot clean up after the release command");
+    }
+    if exit.code == Some(0) {
+        tracing::info!(instance = %id, "release command succeeded");
+        return Release::Done;
+    }
+    let tail: Vec<&str> = output.iter().rev().take(RELEASE_TAIL_LINES).map(|l| l.line.as_str()).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let mut reason = format!("release command failed ({})", exit.reason);
+    if !tail.is_empty() {
+        reason.push_str(&format!("; last output:\n{}", tail.join("\n")));
+    }
+    Release::Failed(reason)
 }
 
 /// Probes a ready instance periodically: reported unhealthy after

@@ -36,8 +36,8 @@ pub(crate) async fn insert_deployment(
     let now = now_ms();
     sqlx::query(
         "INSERT INTO deployments (id, project_id, org, project, environment, image, commit_sha, commit_message, \
-         instances_per_region, status, url, created_by, created_at, updated_at, pull_request) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         instances_per_region, status, url, created_by, created_at, updated_at, pull_request, release_command, migration) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(&d.id)
     .bind(&d.project_id)
@@ -54,6 +54,8 @@ pub(crate) async fn insert_deployment(
     .bind(now)
     .bind(now)
     .bind(d.pull_request.map(i64::from))
+    .bind(d.release_command.clone().filter(|c| !c.trim().is_empty()))
+    .bind(i64::from(d.migration))
     .execute(&mut *conn)
     .await
     .map_err(|e| {
@@ -82,6 +84,10 @@ pub struct NewDeployment {
     pub created_by: Option<String>,
     /// The pull request of a preview.
     pub pull_request: Option<u32>,
+    /// Run once before traffic moves to it (`None` or empty: nothing to run).
+    pub release_command: Option<String>,
+    /// It migrates data: rolling back past it needs `force`.
+    pub migration: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -114,6 +120,8 @@ pub(crate) fn deployment_from(row: &AnyRow) -> Result<Deployment> {
         last_request_at: row.opt_int("last_request_at")?.map(ts),
         pull_request: row.opt_int("pull_request")?.map(|n| n as u32),
         build_ms: row.opt_int("build_ms")?.map(|n| n as u64),
+        release_command: row.opt_text("release_command")?,
+        migration: row.int("migration")? != 0,
     })
 }
 
@@ -237,6 +245,21 @@ pub struct RoutedDeployment {
     pub wake: bool,
     /// Retired: requests answer 410.
     pub gone: bool,
+    /// Environments it has served.
+    pub served: Vec<Environment>,
+    /// The project's skew protection pin lifetime, when it is on.
+    pub skew_max_age_secs: Option<u32>,
+}
+
+/// The `served` column: environment names, comma-separated.
+fn parse_served(s: Option<&str>) -> Vec<Environment> {
+    s.unwrap_or_default().split(',').filter_map(Environment::parse).collect()
+}
+
+/// The pin lifetime of a project's `skew_protection` column, when it is on.
+fn skew_of(column: Option<String>) -> Option<u32> {
+    let sp: zeitwork_api_types::SkewProtection = serde_json::from_str(&column?).ok()?;
+    sp.enabled.then_some(sp.max_age_secs)
 }
 
 impl Store {
@@ -375,9 +398,21 @@ impl Store {
             .bind(&project_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE deployments SET status = 'active', updated_at = $1 WHERE id = $2")
+        // The environments a deployment served are kept: skew protection pins
+        // clients of an environment only to deployments that served it.
+        let served = sqlx::query("SELECT served FROM deployments WHERE id = $1")
+            .bind(&d.id)
+            .fetch_one(&mut *tx)
+            .await?
+            .opt_text("served")?;
+        let mut served = parse_served(served.as_deref());
+        if !served.contains(&env) {
+            served.push(env);
+        }
+        sqlx::query("UPDATE deployments SET status = 'active', updated_at = $1, served = $3 WHERE id = $2")
             .bind(now)
             .bind(&d.id)
+            .bind(served.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","))
             .execute(&mut *tx)
             .await?;
         append_event(&mut tx, audit, "ok").await?;
@@ -388,7 +423,7 @@ impl Store {
     /// Everything the routing table is made of, read in one go.
     pub async fn routing_rows(&self) -> Result<RoutingRows> {
         let rows = sqlx::query(
-            "SELECT d.id, d.org, d.project, p.rate_limit, i.id AS instance_id, n.address AS upstream \
+            "SELECT d.id, d.org, d.project, d.served, p.rate_limit, p.skew_protection, i.id AS instance_id, n.address AS upstream \
              FROM deployments d JOIN projects p ON p.id = d.project_id \
              JOIN instances i ON i.deployment_id = d.id JOIN nodes n ON n.id = i.node_id \
              WHERE i.status = 'ready' AND n.status <> 'down' AND d.status NOT IN ('retired', 'failed') \
@@ -412,6 +447,8 @@ impl Store {
                     instances: Vec::new(),
                     wake: false,
                     gone: false,
+                    served: parse_served(r.opt_text("served")?.as_deref()),
+                    skew_max_age_secs: skew_of(r.opt_text("skew_protection")?),
                 });
             }
             if let Some(d) = deployments.last_mut() {
@@ -423,7 +460,7 @@ impl Store {
         let routed: std::collections::HashSet<String> = deployments.iter().map(|d| d.id.clone()).collect();
         let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
         for r in sqlx::query(
-            "SELECT d.id, d.org, d.project, d.status, p.rate_limit FROM deployments d JOIN projects p ON p.id = d.project_id \
+            "SELECT d.id, d.org, d.project, d.status, d.served, p.rate_limit, p.skew_protection FROM deployments d JOIN projects p ON p.id = d.project_id \
              WHERE d.status IN ('sleeping', 'waking', 'active') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
         )
         .bind(month_ago)
@@ -446,6 +483,8 @@ impl Store {
                 instances: Vec::new(),
                 wake: !retired,
                 gone: retired,
+                served: parse_served(r.opt_text("served")?.as_deref()),
+                skew_max_age_secs: skew_of(r.opt_text("skew_protection")?),
             });
         }
         let preview_hosts: std::collections::HashSet<(String, String)> =
@@ -543,5 +582,48 @@ impl Store {
     /// instances stop. Stopping one already retired or failed changes nothing.
     pub async fn stop_deployment(&self, id: &str, audit: &Audit) -> Result<Deployment> {
         self.retire_deployment(id, &format!("stopped by {}", audit.actor), audit).await
+    }
+}
+
+impl Store {
+    /// The newest deployment that migrated data for `env` of `to`'s project
+    /// and that pointing `env` from `from` back to `to` would go back past:
+    /// one marked `migration` that has served `env` (or is `from` itself),
+    /// created after `to` and no later than `from`. `None` when the move goes
+    /// forward or crosses no migration. Manual rollbacks and promotions ask it
+    /// before they switch; an automatic rollback must ask it too and, when it
+    /// answers `Some`, not roll back.
+    pub async fn rollback_crosses_migration(
+        &self,
+        from: &str,
+        to: &str,
+        env: Environment,
+    ) -> Result<Option<Deployment>> {
+        let (from, to) = (self.get_deployment(from).await?, self.get_deployment(to).await?);
+        if (from.org.as_str(), from.project.as_str()) != (to.org.as_str(), to.project.as_str())
+            || (to.created_at, to.id.as_str()) >= (from.created_at, from.id.as_str())
+        {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT * FROM deployments WHERE org = $1 AND project = $2 AND migration <> 0 \
+             AND created_at >= $3 AND created_at <= $4 ORDER BY created_at DESC, id DESC",
+        )
+        .bind(&to.org)
+        .bind(&to.project)
+        .bind(to.created_at.timestamp_millis())
+        .bind(from.created_at.timestamp_millis())
+        .fetch_all(&self.reader)
+        .await?;
+        for r in &rows {
+            let m = deployment_from(r)?;
+            let after_to = (m.created_at, m.id.as_str()) > (to.created_at, to.id.as_str());
+            let up_to_from = (m.created_at, m.id.as_str()) <= (from.created_at, from.id.as_str());
+            let served = parse_served(r.opt_text("served")?.as_deref()).contains(&env);
+            if after_to && up_to_from && (served || m.id == from.id) {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
     }
 }

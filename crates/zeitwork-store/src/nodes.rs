@@ -253,14 +253,24 @@ pub struct NodeAssignment {
     pub port: u16,
     pub resources: Resources,
     pub status: zeitwork_api_types::InstanceStatus,
+    /// The deployment's release command, on the one instance that runs it.
+    pub release_command: Option<String>,
 }
 
 impl Store {
     /// Live instances placed on `node` whose deployment still runs.
+    ///
+    /// A starting deployment with a release command runs it on its first
+    /// instance only, before that instance's app starts; its other instances
+    /// are handed out once the first is ready, so no new version runs against
+    /// data the release has not migrated yet.
     pub async fn node_assignments(&self, node: &str) -> Result<Vec<NodeAssignment>> {
         use zeitwork_api_types::InstanceStatus;
         let rows = sqlx::query(
-            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.image, p.port \
+            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.image, p.port, \
+             d.status AS deployment_status, d.release_command, \
+             (SELECT f.id FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_id, \
+             (SELECT f.status FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_status \
              FROM instances i JOIN deployments d ON d.id = i.deployment_id JOIN projects p ON p.id = d.project_id \
              WHERE i.node_id = $1 AND i.status NOT IN ('stopped', 'failed', 'exited') AND d.status NOT IN ('retired', 'failed') \
              ORDER BY i.id",
@@ -268,21 +278,34 @@ impl Store {
         .bind(node)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(NodeAssignment {
-                    instance: r.text("id")?,
-                    deployment: r.text("deployment_id")?,
-                    project_id: r.text("project_id")?,
-                    org: r.text("org")?,
-                    project: r.text("project")?,
-                    image: r.text("image")?,
-                    port: r.int("port")? as u16,
-                    resources: Resources { vcpu: r.int("vcpu")? as u32, memory: r.int("memory")? as u32 },
-                    status: r.parsed("status", InstanceStatus::parse)?,
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for r in &rows {
+            let id = r.text("id")?;
+            let command = r.opt_text("release_command")?.filter(|c| !c.trim().is_empty());
+            let starting = matches!(r.text("deployment_status")?.as_str(), "preparing" | "starting");
+            let first = r.opt_text("first_id")?.is_some_and(|f| f == id);
+            let mut release_command = None;
+            if command.is_some() && starting {
+                if first {
+                    release_command = command;
+                } else if r.opt_text("first_status")?.as_deref() != Some("ready") {
+                    continue;
+                }
+            }
+            out.push(NodeAssignment {
+                instance: id,
+                deployment: r.text("deployment_id")?,
+                project_id: r.text("project_id")?,
+                org: r.text("org")?,
+                project: r.text("project")?,
+                image: r.text("image")?,
+                port: r.int("port")? as u16,
+                resources: Resources { vcpu: r.int("vcpu")? as u32, memory: r.int("memory")? as u32 },
+                status: r.parsed("status", InstanceStatus::parse)?,
+                release_command,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -56,7 +56,7 @@ pub struct NewProject {
 
 pub(crate) const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -111,6 +111,12 @@ pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
         current_deployment: current,
         created_at: ts(row.int("created_at")?),
         updated_at: ts(row.int("updated_at")?),
+        skew_protection: from_json("skew_protection")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column skew_protection: {e}")))?,
+        release_command: row.opt_text("release_command")?.filter(|c| !c.is_empty()),
     })
 }
 
@@ -302,6 +308,12 @@ impl Store {
         }
         if let Some(v) = &patch.build {
             set(&mut q, "build", Arg::Text(serde_json::to_string(v).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.skew_protection {
+            set_opt(&mut q, "skew_protection", &v.map(|sp| serde_json::to_string(&sp).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.release_command {
+            set_opt(&mut q, "release_command", &v.clone().filter(|c| !c.trim().is_empty()));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")

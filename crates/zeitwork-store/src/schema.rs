@@ -440,6 +440,21 @@ CREATE TABLE health_samples (
 CREATE INDEX health_samples_check ON health_samples (check_id, at)
 "#,
     ),
+    // Numbered 17 with 16 left to another change: the runner applies each
+    // version it has not seen, in list order, so a gap or a later merge of a
+    // lower number is fine.
+    (
+        17,
+        "skew protection and release commands",
+        r#"
+ALTER TABLE projects ADD COLUMN skew_protection TEXT;
+ALTER TABLE projects ADD COLUMN release_command TEXT;
+ALTER TABLE deployments ADD COLUMN release_command TEXT;
+ALTER TABLE deployments ADD COLUMN migration BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE deployments ADD COLUMN served TEXT;
+UPDATE deployments SET served = environment WHERE status IN ('active', 'standby', 'sleeping', 'waking', 'retired')
+"#,
+    ),
     (
         18,
         "regions insertable by hand",

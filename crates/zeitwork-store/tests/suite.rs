@@ -25,6 +25,7 @@ cases!(
     env_vars,
     domains,
     deployments,
+    rollbacks_across_migrations,
     builds_queue_claim_log_and_finish,
     uptime_checks_and_samples,
     events_are_atomic_with_changes,
@@ -336,6 +337,8 @@ fn new_deployment(p: &Project, env: Environment) -> NewDeployment {
         instances_per_region: 1,
         created_by: Some("test".into()),
         pull_request: None,
+        release_command: None,
+        migration: false,
     }
 }
 
@@ -387,6 +390,44 @@ async fn deployments(store: Store) {
     }
     assert_eq!(won, 1);
     assert_eq!(store.get_deployment(&ids[0]).await.unwrap().status, DeploymentStatus::Preparing);
+}
+
+/// Which rollbacks go back past a deployment that migrated data: only
+/// migrating deployments that served the environment count, and going forward
+/// crosses nothing.
+async fn rollbacks_across_migrations(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let live = |env: Environment, migration: bool| {
+        let (store, p) = (store.clone(), p.clone());
+        async move {
+            // Creation times order deployments; keep them a few milliseconds apart.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let new = NewDeployment { migration, ..new_deployment(&p, env) };
+            let d = store.create_deployment(&new, &audit("deployment.create")).await.unwrap();
+            store.point_environment(&d.id, env, &audit("deployment.activate")).await.unwrap();
+            d.id
+        }
+    };
+    let prod = Environment::Production;
+    let d1 = live(prod, false).await;
+    let staging_migration = live(Environment::Staging, true).await;
+    let d2 = live(prod, false).await;
+    let d3 = live(prod, true).await;
+    let d4 = live(prod, false).await;
+    let crosses = |from: &str, to: &str| {
+        let (store, from, to) = (store.clone(), from.to_owned(), to.to_owned());
+        async move { store.rollback_crosses_migration(&from, &to, prod).await.unwrap().map(|d| d.id) }
+    };
+    assert_eq!(crosses(&d2, &d1).await, None, "{staging_migration} never served production");
+    assert_eq!(crosses(&d4, &d1).await, Some(d3.clone()));
+    assert_eq!(crosses(&d4, &d2).await, Some(d3.clone()));
+    assert_eq!(crosses(&d3, &d2).await, Some(d3.clone()), "leaving the migrating deployment itself");
+    assert_eq!(crosses(&d4, &d3).await, None, "back to the migrating deployment");
+    assert_eq!(crosses(&d2, &d4).await, None, "forward");
+    let got = store.get_deployment(&d3).await.unwrap();
+    assert!(got.migration);
+    assert!(!store.get_deployment(&d4).await.unwrap().migration);
 }
 
 async fn events_are_atomic_with_changes(store: Store) {

@@ -122,6 +122,9 @@ pub struct RollbackArgs {
     to: Option<String>,
     #[arg(long, value_enum)]
     environment: Option<EnvArg>,
+    /// Roll back even past a deployment that migrated data.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +143,9 @@ pub struct PromoteArgs {
     from: EnvArg,
     #[arg(long, value_enum)]
     to: EnvArg,
+    /// Promote even when that goes back past a deployment that migrated data.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,7 +226,8 @@ pub async fn run(verb: Verb) -> Result<()> {
         Verb::Deploy(a) => deploy(a).await,
         Verb::Rollback(a) => {
             let c = a.conn.client()?;
-            let body = serde_json::json!({"to": a.to, "environment": a.environment.map(Environment::from)});
+            let body =
+                serde_json::json!({"to": a.to, "environment": a.environment.map(Environment::from), "force": a.force});
             let d: Deployment = c.post(&format!("{}/rollback", project_path(&a.project)?), &body).await?;
             if a.conn.json {
                 json(&d)
@@ -259,7 +266,8 @@ pub async fn run(verb: Verb) -> Result<()> {
         }
         Verb::Promote(a) => {
             let c = a.conn.client()?;
-            let body = serde_json::json!({"from": Environment::from(a.from), "to": Environment::from(a.to)});
+            let body =
+                serde_json::json!({"from": Environment::from(a.from), "to": Environment::from(a.to), "force": a.force});
             let d: Deployment = c.post(&format!("{}/promote", project_path(&a.project)?), &body).await?;
             if a.conn.json {
                 json(&d)

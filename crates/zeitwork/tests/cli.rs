@@ -144,6 +144,27 @@ fn verbs_print_tables_json_and_exit_codes() {
     );
     let out = cli(&r, &["promote", "acme/web", "--from", "staging", "--to", "production"]);
     assert_eq!(out.status.code(), Some(5));
+    // --force goes back past migrations, but still needs something to go back to.
+    assert_eq!(cli(&r, &["rollback", "acme/web", "--force"]).status.code(), Some(5));
+
+    // Skew protection and release commands are project settings; bad ones name the field.
+    let bad = cli(&r, &["projects", "update", "acme/web", "--skew-max-age-secs", "30"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("skew_protection.max_age_secs"), "{stderr}");
+    let p: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["projects", "update", "acme/web", "--skew-protection", "on", "--release-command", "bin/migrate", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(p["skew_protection"], serde_json::json!({"enabled": true, "max_age_secs": 43200}), "{p}");
+    assert_eq!(p["release_command"], "bin/migrate", "{p}");
+    let p: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["projects", "update", "acme/web", "--skew-protection", "off", "--release-command", "", "--json"],
+    )))
+    .unwrap();
+    assert!(p.get("skew_protection").is_none() && p.get("release_command").is_none(), "{p}");
 
     // Exit codes scripts can rely on.
     assert_eq!(cli(&r, &["projects", "show", "acme/nope"]).status.code(), Some(3));

@@ -381,6 +381,8 @@ pub(crate) fn new_deployment(
         instances_per_region: p.instances_per_region,
         created_by: Some(created_by),
         pull_request: None,
+        release_command: p.release_command.clone(),
+        migration: false,
     }
 }
 
@@ -400,6 +402,7 @@ pub async fn create_deployment(
     if let Some(build) = &b.build {
         let mut new =
             new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), String::new(), caller.actor());
+        release_settings(&mut new, &b);
         new.commit_sha = b.commit_sha.clone();
         new.commit_message = b.commit_message.clone();
         new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
@@ -409,6 +412,7 @@ pub async fn create_deployment(
     super::images::check_archive_reference(&s, &b.org, &b.image).await?;
     let mut new =
         new_deployment(&s, &p, b.environment.unwrap_or(Environment::Production), b.image.clone(), caller.actor());
+    release_settings(&mut new, &b);
     new.commit_sha = b.commit_sha.clone();
     new.commit_message = b.commit_message.clone();
     new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
@@ -416,10 +420,18 @@ pub async fn create_deployment(
         .audit("deployment.create", &new.id)
         .org(&p.org)
         .project(&p.name)
-        .detail(serde_json::json!({"image": b.image, "environment": new.environment}));
+        .detail(serde_json::json!({"image": b.image, "environment": new.environment, "migration": new.migration}));
     let d = s.store.create_deployment(&new, &audit).await?;
     s.engine.notify_one();
     Ok((StatusCode::ACCEPTED, Json(d)).into_response())
+}
+
+/// A deploy request's own release command (`""`: none) overrides the project's.
+fn release_settings(new: &mut NewDeployment, b: &CreateDeployment) {
+    if let Some(c) = &b.release_command {
+        new.release_command = Some(c.clone()).filter(|c| !c.trim().is_empty());
+    }
+    new.migration = b.migration;
 }
 
 /// Show a deployment.
@@ -497,6 +509,9 @@ pub async fn current_deployment(
 pub struct RollbackRequest {
     pub to: Option<String>,
     pub environment: Option<Environment>,
+    /// Roll back even past a deployment that migrated data.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Route an environment back to an earlier deployment: at once while it is in
@@ -552,7 +567,15 @@ pub async fn rollback(
     if Some(&to.id) == current.as_ref() {
         return Err(ApiError::Conflict(format!("{} already serves {}", to.id, env.as_str())));
     }
+    let crossed = match &current {
+        Some(from) => refuse_crossing_migration(&s, from, &to.id, env, req.force, "roll back").await?,
+        None => None,
+    };
     let audit = caller.audit("deployment.rollback", &to.id).org(&org).project(&name);
+    let audit = match &crossed {
+        Some(m) => audit.detail(serde_json::json!({"forced_past_migration": m})),
+        None => audit,
+    };
     match to.status {
         DeploymentStatus::Standby | DeploymentStatus::Active => {
             s.store.point_environment(&to.id, env, &audit).await?;
@@ -561,7 +584,8 @@ pub async fn rollback(
         }
         DeploymentStatus::Sleeping | DeploymentStatus::Waking => {
             // Woken first; the environment switches only once it is ready, so nothing is lost meanwhile.
-            let audit = audit.detail(serde_json::json!({"environment": env, "wakes": true}));
+            let audit =
+                audit.detail(serde_json::json!({"environment": env, "wakes": true, "forced_past_migration": crossed}));
             s.store.wake_deployment(&to.id, Some(env), &audit).await?;
             s.changed();
             Ok((StatusCode::ACCEPTED, Json(s.store.get_deployment(&to.id).await?)).into_response())
@@ -576,7 +600,10 @@ pub async fn rollback(
             new.commit_sha = to.commit_sha.clone();
             new.commit_message = to.commit_message.clone();
             new.instances_per_region = to.instances_per_region;
-            let d = s.store.create_deployment(&new, &audit.detail(serde_json::json!({"rollback_of": to.id}))).await?;
+            // Its release ran when it was first deployed; going back runs nothing.
+            new.release_command = None;
+            let detail = serde_json::json!({"rollback_of": to.id, "forced_past_migration": crossed});
+            let d = s.store.create_deployment(&new, &audit.detail(detail)).await?;
             Ok((StatusCode::ACCEPTED, Json(d)).into_response())
         }
         other => Err(ApiError::Conflict(format!("{} is {} and cannot serve traffic", to.id, other.as_str()))),
@@ -589,6 +616,30 @@ pub async fn rollback(
 pub struct PromoteRequest {
     pub from: Environment,
     pub to: Environment,
+    /// Promote even when that goes back past a deployment of `to` that migrated data.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Refuses (409) to point `env` from `from` back to `to` past a deployment
+/// that migrated data, unless `force`; returns the deployment crossed.
+async fn refuse_crossing_migration(
+    s: &AppState,
+    from: &str,
+    to: &str,
+    env: Environment,
+    force: bool,
+    verb: &str,
+) -> ApiResult<Option<String>> {
+    let Some(m) = s.store.rollback_crosses_migration(from, to, env).await? else { return Ok(None) };
+    if force {
+        return Ok(Some(m.id));
+    }
+    Err(ApiError::Conflict(format!(
+        "{} migrated data and {to} is older: it may not understand the migrated data. \
+         Check that it does, then pass --force (API: \"force\": true) to {verb} anyway",
+        m.id
+    )))
 }
 
 /// Point one environment at the deployment active in another, with no rebuild.
@@ -610,11 +661,15 @@ pub async fn promote(
     let id = p.current_deployment.get(req.from.as_str()).ok_or_else(|| {
         ApiError::Conflict(format!("{target} has no active {} deployment to promote", req.from.as_str()))
     })?;
+    let crossed = match p.current_deployment.get(req.to.as_str()) {
+        Some(from) => refuse_crossing_migration(&s, from, id, req.to, req.force, "promote").await?,
+        None => None,
+    };
     let audit = caller
         .audit("deployment.promote", id)
         .org(&org)
         .project(&name)
-        .detail(serde_json::json!({"from": req.from, "to": req.to}));
+        .detail(serde_json::json!({"from": req.from, "to": req.to, "forced_past_migration": crossed}));
     s.store.point_environment(id, req.to, &audit).await?;
     s.changed();
     Ok(Json(s.store.get_deployment(id).await?))

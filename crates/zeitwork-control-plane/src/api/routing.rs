@@ -155,6 +155,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             env,
             status: a.status,
             pull_credential,
+            release_command: a.release_command,
         });
     }
     Ok(out)

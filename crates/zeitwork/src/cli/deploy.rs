@@ -70,6 +70,13 @@ pub struct DeployArgs {
     commit_message: Option<String>,
     #[arg(long)]
     instances_per_region: Option<u32>,
+    /// Run this (`/bin/sh -c`) once in the new image before traffic moves to it
+    /// (overrides the project's release_command; `""`: none).
+    #[arg(long, value_name = "COMMAND")]
+    release_command: Option<String>,
+    /// This deployment migrates data: rolling back past it will need --force.
+    #[arg(long)]
+    migration: bool,
     /// Give up following after this many seconds (the deployment goes on).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -258,6 +265,8 @@ pub(super) async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 commit_message,
                 instances_per_region,
                 environment: environment.map(Into::into),
+                release_command: None,
+                migration: false,
             };
             let d: Deployment = c.post("/api/v1/deployments", &body).await?;
             if conn.json {
@@ -418,6 +427,8 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         commit_message: a.commit_message,
         instances_per_region: a.instances_per_region,
         environment: a.environment.map(Into::into),
+        release_command: a.release_command.clone(),
+        migration: a.migration,
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json && d.status == DeploymentStatus::Building {

@@ -73,6 +73,16 @@ pub struct ProjectSettings {
     /// Back to the fixed instances_per_region (update only).
     #[arg(long, conflicts_with_all = ["min_per_region", "max_per_region", "target_cpu_percent", "target_memory_percent"])]
     no_scaling: bool,
+    /// Run this (`/bin/sh -c`) once in each new deployment's image before traffic moves to it;
+    /// `""` removes it (update only).
+    #[arg(long, value_name = "COMMAND")]
+    release_command: Option<String>,
+    /// Skew protection: pin browsers to the deployment that served them (update only).
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    skew_protection: Option<bool>,
+    /// How long a browser stays pinned, 60-2592000 s (turns skew protection on; update only).
+    #[arg(long)]
+    skew_max_age_secs: Option<u32>,
 }
 
 /// The `scaling` the flags ask for: `None` when they say nothing.
@@ -271,6 +281,15 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 staging_branch: settings.staging_branch.map(Some),
                 tag_pattern: settings.tag_pattern.map(Some),
                 build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
+                skew_protection: match (settings.skew_protection, settings.skew_max_age_secs) {
+                    (Some(false), _) => Some(None),
+                    (Some(true), max) | (None, max @ Some(_)) => Some(Some(zeitwork_api_types::SkewProtection {
+                        enabled: true,
+                        max_age_secs: max.unwrap_or(zeitwork_api_types::DEFAULT_SKEW_MAX_AGE_SECS),
+                    })),
+                    (None, None) => None,
+                },
+                release_command: settings.release_command.map(|c| Some(c).filter(|c| !c.is_empty())),
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
