@@ -58,7 +58,11 @@ fn run(name: &str, clients: usize, check: impl Fn(IpAddr, Instant) -> bool) {
         let ns = took.as_nanos() as f64 / per_slice as f64;
         println!("  {:>9}  {:>11.1}  {:>9}  {:>8.1}", (s + 1) * per_slice, ns, limited, rss_mib());
     }
-    println!("  rss at end {:.1} MiB; slowest slice {:.1} ns/check", rss_mib(), worst.as_nanos() as f64 / per_slice as f64);
+    println!(
+        "  rss at end {:.1} MiB; slowest slice {:.1} ns/check",
+        rss_mib(),
+        worst.as_nanos() as f64 / per_slice as f64
+    );
 }
 
 fn main() {

@@ -65,4 +65,3 @@ fn evict(map: &mut HashMap<(u128, u64), Bucket>, rate: f64, burst: f64, now: Ins
         };
     }
 }
-

@@ -131,7 +131,8 @@ fn parse_request(buf: &[u8], conn: &ConnInfo, out: &mut Vec<u8>) -> Parse {
     }
     // A target hyper would refuse (characters httparse lets through) or
     // shorten (a fragment) is answered by the general path, as on TLS.
-    let same_for_hyper = hyper::Uri::try_from(target).is_ok_and(|u| u.path_and_query().map(|p| p.as_str()) == Some(target));
+    let same_for_hyper =
+        hyper::Uri::try_from(target).is_ok_and(|u| u.path_and_query().map(|p| p.as_str()) == Some(target));
     if !same_for_hyper {
         return Parse::General;
     }

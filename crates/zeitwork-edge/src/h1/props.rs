@@ -39,7 +39,8 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
 fn ordinary_request() -> impl Strategy<Value = Vec<u8>> {
     let method = pick(&["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH"]);
     let target = pick(&["/", "/a?b=1", "/%7e/x", "//x", "/a/b/", "/?", "/x?y=\"z\"&w", "/{x}"]);
-    let name = pick(&["Accept", "X-A", "Cookie", "Connection", "X-Request-Id", "X-Zeitwork-Instance", "TE", "Keep-Alive"]);
+    let name =
+        pick(&["Accept", "X-A", "Cookie", "Connection", "X-Request-Id", "X-Zeitwork-Instance", "TE", "Keep-Alive"]);
     let value = pick(&["*/*", "1", "a=b; c=d", "keep-alive", "close", "x-a", "Close, TE", "req-1.a_b", "", "  x  "]);
     let headers = prop::collection::vec((name, value), 0..5);
     let length = prop::option::of(0usize..40);
@@ -132,8 +133,8 @@ fn odd_request() -> impl Strategy<Value = Vec<u8>> {
     let header = (name, value, prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\r\n", "\n", "\r\n "]));
     let headers = prop::collection::vec(header, 0..7);
     let host = prop::option::weighted(0.9, pick(&["web.apps.test", "Web.Apps.Test:8083", "a", "x.y."]));
-    (method, target, version, host, headers, prop::collection::vec(any::<u8>(), 0..8))
-        .prop_map(|(method, target, version, host, headers, extra)| {
+    (method, target, version, host, headers, prop::collection::vec(any::<u8>(), 0..8)).prop_map(
+        |(method, target, version, host, headers, extra)| {
             let mut head = format!("{method} {target} {version}\r\n").into_bytes();
             let mut length = None;
             if let Some(h) = host {
@@ -153,7 +154,8 @@ fn odd_request() -> impl Strategy<Value = Vec<u8>> {
             head.extend(std::iter::repeat_n(b'b', length.unwrap_or(0)));
             head.extend(extra);
             head
-        })
+        },
+    )
 }
 
 fn mutated(s: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
@@ -210,15 +212,16 @@ fn response() -> impl Strategy<Value = (Vec<u8>, bool)> {
     ];
     let body = prop_oneof![
         // A chunked body, well formed or not.
-        (prop::collection::vec((1usize..20, pick(&["", ";x=1", " ;y"])), 0..3), pick(&["", "t: 1\r\n"]))
-            .prop_map(|(chunks, trailer)| {
+        (prop::collection::vec((1usize..20, pick(&["", ";x=1", " ;y"])), 0..3), pick(&["", "t: 1\r\n"])).prop_map(
+            |(chunks, trailer)| {
                 let mut b = String::new();
                 for (n, ext) in chunks {
                     b.push_str(&format!("{n:x}{ext}\r\n{}\r\n", "c".repeat(n)));
                 }
                 b.push_str(&format!("0\r\n{trailer}\r\n"));
                 b.into_bytes()
-            }),
+            }
+        ),
         prop::collection::vec(any::<u8>(), 0..12),
         Just(b"hello".to_vec()),
     ];
@@ -323,7 +326,8 @@ fn hyper_response(raw: &[u8], head_request: bool) -> Option<usize> {
             // Keep reading so the client never sees a reset.
             let _ = server.read_to_end(&mut head).await;
         });
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client)).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client)).await.ok()?;
         let driver = tokio::spawn(conn);
         let method = if head_request { hyper::Method::HEAD } else { hyper::Method::GET };
         let req = Request::builder().method(method).uri("/").header("host", "a").body(Empty::new()).unwrap();
@@ -525,7 +529,6 @@ proptest! {
         }
     }
 }
-
 
 /// The generators reach both sides of each decision often enough for the
 /// properties above to mean something.
