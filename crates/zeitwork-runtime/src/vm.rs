@@ -777,11 +777,14 @@ impl Runtime for VmRuntime {
         if let Some(pid) = inst.pid.filter(|p| alive(*p)) {
             kill(pid);
         }
-        let _ = net::destroy_tap(&inst.tap).await;
+        if let Err(e) = net::destroy_tap(&inst.tap).await {
+            tracing::warn!(instance = %id, tap = %inst.tap, error = %e, "the tap device may be left behind");
+        }
         if let Vmm::Firecracker { binary, jailer: Some(j) } = &self.s.vmm {
             remove_jail(&jail_dir(j, binary, id));
         }
-        std::fs::remove_dir_all(&inst.dir)
+        tokio::fs::remove_dir_all(&inst.dir)
+            .await
             .map_err(|e| RuntimeError::failed(format!("removing {}", inst.dir.display()), e))?;
         Ok(())
     }
