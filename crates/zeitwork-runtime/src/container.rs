@@ -112,7 +112,7 @@ impl ContainerRuntime {
             let _ = net::destroy(&link).await;
             // The killed processes may still hold the overlay for a moment.
             for _ in 0..50 {
-                if std::fs::remove_dir_all(&path).is_ok() || !path.exists() {
+                if tokio::fs::remove_dir_all(&path).await.is_ok() || !path.exists() {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
