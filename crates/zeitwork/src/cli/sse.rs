@@ -121,4 +121,61 @@ mod tests {
         assert_eq!(events(&[b"data: unfinished\n"]), [], "no event until its blank line");
         assert_eq!(events(&["\u{feff}data: bom\n\n".as_bytes()]), [ev("message", "bom")]);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Events as a server writes them, with the line ending it chose.
+        fn encode(events: &[(String, String)], ending: &str) -> Vec<u8> {
+            let mut out = String::new();
+            for (name, data) in events {
+                if !name.is_empty() {
+                    out.push_str(&format!("event: {name}{ending}"));
+                }
+                for line in data.split('\n') {
+                    out.push_str(&format!("data: {line}{ending}"));
+                }
+                out.push_str(&format!(": comment{ending}{ending}"));
+            }
+            out.into_bytes()
+        }
+
+        fn pieces(bytes: &[u8], cuts: &[prop::sample::Index]) -> Vec<Vec<u8>> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            at.extend([0, bytes.len()]);
+            at.sort();
+            at.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_bytes_in_any_pieces_read_as_whole(
+                bytes in prop::collection::vec(prop_oneof![any::<u8>(), Just(b'\n'), Just(b'\r'), Just(b':')], 0..200),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let split = pieces(&bytes, &cuts);
+                let split: Vec<&[u8]> = split.iter().map(Vec::as_slice).collect();
+                prop_assert_eq!(events(&split), events(&[&bytes]));
+            }
+
+            #[test]
+            fn what_a_server_writes_reads_back(
+                sent in prop::collection::vec(("[a-z]{0,8}", "[^\r\n]{0,12}(\n[^\r\n]{0,12}){0,2}"), 0..5),
+                ending in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let bytes = encode(&sent, ending);
+                let split = pieces(&bytes, &cuts);
+                let split: Vec<&[u8]> = split.iter().map(Vec::as_slice).collect();
+                let want: Vec<SseEvent> = sent
+                    .iter()
+                    .map(|(n, d)| ev(if n.is_empty() { "message" } else { n }, d))
+                    .collect();
+                prop_assert_eq!(events(&split), want);
+            }
+        }
+    }
 }
