@@ -112,7 +112,7 @@ impl ContainerRuntime {
             let _ = net::destroy(&link).await;
             // The killed processes may still hold the overlay for a moment.
             for _ in 0..50 {
-                if std::fs::remove_dir_all(&path).is_ok() || !path.exists() {
+                if tokio::fs::remove_dir_all(&path).await.is_ok() || !path.exists() {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -415,10 +415,18 @@ impl Runtime for ContainerRuntime {
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
         let _ = self.stop(id, Duration::from_secs(0)).await;
         let inst = self.instances.lock().await.remove(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
-        let _ = cmd(&self.runc, &["delete", "--force", &container_id(id)]).await;
-        let _ = cmd(Path::new("umount"), &[&inst.merged.display().to_string()]).await;
-        let _ = net::destroy(&inst.link).await;
-        std::fs::remove_dir_all(&inst.dir)
+        if let Err(e) = cmd(&self.runc, &["delete", "--force", &container_id(id)]).await {
+            tracing::warn!(instance = %id, error = %e, "the runc container may be left behind");
+        }
+        if let Err(e) = cmd(Path::new("umount"), &[&inst.merged.display().to_string()]).await {
+            tracing::warn!(instance = %id, mount = %inst.merged.display(), error = %e, "the root overlay may stay mounted");
+        }
+        if let Err(e) = net::destroy(&inst.link).await {
+            let (netns, veth) = (&inst.link.netns, &inst.link.host_if);
+            tracing::warn!(instance = %id, netns, veth, error = %e, "the network namespace or veth may be left behind");
+        }
+        tokio::fs::remove_dir_all(&inst.dir)
+            .await
             .map_err(|e| RuntimeError::failed(format!("removing {}", inst.dir.display()), e))?;
         Ok(())
     }

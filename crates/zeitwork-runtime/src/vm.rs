@@ -435,10 +435,14 @@ impl VmRuntime {
                     kill(pid);
                 }
             }
-            if let Ok(tap) = std::fs::read_to_string(path.join("tap")) {
-                let _ = net::destroy_tap(tap.trim()).await;
+            if let Ok(tap) = tokio::fs::read_to_string(path.join("tap")).await {
+                if let Err(e) = net::destroy_tap(tap.trim()).await {
+                    tracing::warn!(tap = tap.trim(), error = %e, "the tap device of a leftover microVM may be left behind");
+                }
             }
-            let _ = std::fs::remove_dir_all(&path);
+            if let Err(e) = tokio::fs::remove_dir_all(&path).await {
+                tracing::warn!(dir = %path.display(), error = %e, "could not remove a leftover microVM's directory");
+            }
         }
     }
 
@@ -513,11 +517,20 @@ impl VmRuntime {
             Some(j) => {
                 let jail = jail_dir(j, binary, &spec.id);
                 let root = jail.join("root");
-                let prepared = prepare_jail(&root, &files, j.uid, j.gid);
-                if let Err(e) = prepared {
-                    remove_jail(&jail);
-                    return Err(e);
-                }
+                // Copies of whole images may be made: off the executor.
+                let owned: Vec<(PathBuf, bool)> = files.iter().map(|(f, shared)| ((*f).clone(), *shared)).collect();
+                let (at, jail_for_cleanup, uid, gid) = (root.clone(), jail.clone(), j.uid, j.gid);
+                let prepared = tokio::task::spawn_blocking(move || {
+                    let files: Vec<(&PathBuf, bool)> = owned.iter().map(|(f, shared)| (f, *shared)).collect();
+                    let prepared = prepare_jail(&at, &files, uid, gid);
+                    if prepared.is_err() {
+                        remove_jail(&jail_for_cleanup);
+                    }
+                    prepared
+                })
+                .await
+                .map_err(|e| RuntimeError::failed("preparing the jail", e))?;
+                prepared?;
                 let mut c = Command::new(&j.binary);
                 c.arg("--id")
                     .arg(jail_id(&spec.id))
@@ -682,8 +695,12 @@ impl Runtime for VmRuntime {
         let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot)).await {
             Ok(c) => c,
             Err(e) => {
-                let _ = net::destroy_tap(&tap).await;
-                let _ = std::fs::remove_dir_all(&dir);
+                if let Err(why) = net::destroy_tap(&tap).await {
+                    tracing::warn!(instance = %spec.id, tap, error = %why, "the tap device may be left behind");
+                }
+                if let Err(why) = tokio::fs::remove_dir_all(&dir).await {
+                    tracing::warn!(dir = %dir.display(), error = %why, "the instance directory is left behind");
+                }
                 return Err(e);
             }
         };
@@ -777,11 +794,17 @@ impl Runtime for VmRuntime {
         if let Some(pid) = inst.pid.filter(|p| alive(*p)) {
             kill(pid);
         }
-        let _ = net::destroy_tap(&inst.tap).await;
-        if let Vmm::Firecracker { binary, jailer: Some(j) } = &self.s.vmm {
-            remove_jail(&jail_dir(j, binary, id));
+        if let Err(e) = net::destroy_tap(&inst.tap).await {
+            tracing::warn!(instance = %id, tap = %inst.tap, error = %e, "the tap device may be left behind");
         }
-        std::fs::remove_dir_all(&inst.dir)
+        if let Vmm::Firecracker { binary, jailer: Some(j) } = &self.s.vmm {
+            let jail = jail_dir(j, binary, id);
+            if let Err(e) = tokio::task::spawn_blocking(move || remove_jail(&jail)).await {
+                tracing::warn!(instance = %id, error = %e, "removing the jail did not finish");
+            }
+        }
+        tokio::fs::remove_dir_all(&inst.dir)
+            .await
             .map_err(|e| RuntimeError::failed(format!("removing {}", inst.dir.display()), e))?;
         Ok(())
     }

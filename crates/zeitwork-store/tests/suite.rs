@@ -36,24 +36,36 @@ cases!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn suite_sqlite() {
+    let mut failed = Vec::new();
     for (name, case) in CASES {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("zeitwork.db")).await.unwrap();
         eprintln!("sqlite: {name}");
-        case(store.clone()).await;
-        store.close().await;
+        run_case(name, case, store, &mut failed).await;
     }
+    assert!(failed.is_empty(), "failing cases on SQLite: {}", failed.join(", "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn suite_postgres() {
     let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    let mut failed = Vec::new();
     for (i, (name, case)) in CASES.iter().enumerate() {
         let url = pg.create_database(&format!("case{i}")).unwrap();
         let store = Store::connect(&url).await.unwrap();
         eprintln!("postgres: {name}");
-        case(store.clone()).await;
-        store.close().await;
+        run_case(name, case, store, &mut failed).await;
+    }
+    assert!(failed.is_empty(), "failing cases on PostgreSQL: {}", failed.join(", "));
+}
+
+/// Runs one case in a task of its own, so a failing case (its panic is
+/// printed as it happens) is counted and the next case still runs.
+async fn run_case(name: &str, case: &Case, store: Store, failed: &mut Vec<String>) {
+    let outcome = tokio::spawn(case(store.clone())).await;
+    store.close().await;
+    if outcome.is_err() {
+        failed.push(name.to_owned());
     }
 }
 

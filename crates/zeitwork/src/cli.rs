@@ -4,6 +4,7 @@
 mod admin;
 mod deploy;
 mod projects;
+mod sse;
 
 use std::path::PathBuf;
 
@@ -173,25 +174,25 @@ impl From<EnvArg> for Environment {
     }
 }
 
-/// Reads Server-Sent Events from a response and hands each `data:` (as JSON) to `each`;
-/// returns when the stream ends or `each` says stop.
+/// Reads Server-Sent Events from a response and hands each change (an
+/// event's data as JSON) to `each`, with the event's name; returns when the
+/// stream ends or `each` says stop. Other events (such as `lagged`) are
+/// shown on stderr.
 async fn read_sse(res: reqwest::Response, mut each: impl FnMut(&str, Change) -> bool) -> Result<()> {
     use futures::StreamExt;
     let mut body = res.bytes_stream();
-    let (mut buf, mut event) = (String::new(), String::new());
+    let mut parser = sse::SseParser::default();
+    let mut events = Vec::new();
     while let Some(chunk) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.context("the event stream broke off")?));
-        while let Some(i) = buf.find('\n') {
-            let line: String = buf.drain(..=i).collect();
-            let line = line.trim_end();
-            if let Some(e) = line.strip_prefix("event:") {
-                event = e.trim().to_owned();
-            } else if let Some(d) = line.strip_prefix("data:") {
-                if let Ok(change) = serde_json::from_str::<Change>(d.trim()) {
-                    if !each(&event, change) {
+        parser.feed(&chunk.context("the event stream broke off")?, &mut events);
+        for e in events.drain(..) {
+            match serde_json::from_str::<Change>(&e.data) {
+                Ok(change) => {
+                    if !each(&e.name, change) {
                         return Ok(());
                     }
                 }
+                Err(_) => eprintln!("event stream: {}: {}", e.name, e.data),
             }
         }
     }
