@@ -444,6 +444,12 @@ impl CreateProject {
         if let Some(b) = &self.build {
             build_settings("build", b)?;
         }
+        if let Some(a) = &self.auto_rollback {
+            crate::releases::auto_rollback("auto_rollback", a)?;
+        }
+        if let Some(r) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
+        }
         Ok(())
     }
 }
@@ -580,6 +586,12 @@ impl PatchProject {
         }
         if let Some(b) = &self.build {
             build_settings("build", b)?;
+        }
+        if let Some(a) = &self.auto_rollback {
+            crate::releases::auto_rollback("auto_rollback", a)?;
+        }
+        if let Some(Some(r)) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
         }
         lifecycle(self.sleep_after_secs, self.retain_deployments)
     }

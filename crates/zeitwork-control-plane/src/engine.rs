@@ -396,10 +396,8 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             store.record_event(&audit, "failed").await?;
             changed = true;
         } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
-            // Traffic moves only now that every instance is ready; the one it
-            // replaces becomes standby and keeps its instances for rollback.
-            store.activate_deployment(&d.id, &system("deployment.activate", &d.id, &d.org, &d.project)).await?;
-            changed = true;
+            // Every instance is ready: a canary begins, or the switch (see `rollout`).
+            changed |= crate::rollout::on_ready(store, &d).await?;
         } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
             let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
@@ -411,6 +409,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     }
 
     changed |= wake(store, config, now).await?;
+    changed |= crate::rollout::pass(store, config).await?;
 
     // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
     let mut running = all_with(store, DeploymentStatus::Active).await?;
@@ -567,7 +566,8 @@ async fn sleep_idle(
             None => d.updated_at.timestamp_millis() + config.rollback_window.as_millis() as i64,
         };
         let recent = w.last_request_at.is_some_and(|at| at + idle_ms > now_ms);
-        if now_ms >= since && !recent {
+        // The rollback target of a rollout still moving stays awake for it.
+        if now_ms >= since && !recent && !crate::rollout::is_baseline(store, &d.id).await? {
             let audit = system("deployment.sleep", &d.id, &d.org, &d.project);
             if store.sleep_deployment(&d.id, "idle: no environment points at it and no requests came", &audit).await? {
                 tracing::info!(deployment = %d.id, "deployment went to sleep");
@@ -836,6 +836,8 @@ mod tests {
             staging_branch: None,
             tag_pattern: None,
             build: Default::default(),
+            auto_rollback: Default::default(),
+            rollout: None,
         };
         let p = store.create_project(&project, &a()).await.unwrap();
         let new = zeitwork_store::NewDeployment {

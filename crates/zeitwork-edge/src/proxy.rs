@@ -171,7 +171,8 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let rid = request_id(req.headers().get("x-request-id").map(HeaderValue::as_bytes));
-    let (res, host, outcome) = route_request(&state, req, &conn, &rid).await;
+    let mut deployment = None;
+    let (res, host, outcome) = route_request(&state, req, &conn, &rid, &mut deployment).await;
     let mut res = res;
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut().insert("x-request-id", v);
@@ -183,6 +184,7 @@ pub async fn handle(
         status: res.status().as_u16(),
         request_id: &rid,
         upstream: outcome.as_deref(),
+        deployment: deployment.as_deref(),
     };
     record(&state, &conn, start, &done);
     Ok(res)
@@ -198,11 +200,16 @@ pub(crate) struct Done<'a> {
     pub request_id: &'a str,
     /// The instance that answered.
     pub upstream: Option<&'a str>,
+    /// The deployment the request went to (none when Zeitwork answered it).
+    pub deployment: Option<&'a str>,
 }
 
 pub(crate) fn record(state: &EdgeState, conn: &ConnInfo, start: Instant, d: &Done<'_>) {
     let took = start.elapsed();
     state.metrics.observe(d.host, d.status, took);
+    if let Some(deployment) = d.deployment {
+        state.traffic.note(deployment, d.status, took);
+    }
     tracing::info!(
         target: "zeitwork_edge::access",
         client = %conn.client.ip(),
@@ -269,6 +276,7 @@ pub(crate) fn admit(
         );
         return Admission::Answer { response, routed: true };
     }
+    let route = crate::traffic::split(route, conn.client.ip());
     state.wakes.note_request(&route.deployment);
     Admission::Proxy(route)
 }
@@ -285,6 +293,7 @@ async fn route_request(
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     rid: &str,
+    deployment: &mut Option<String>,
 ) -> (Response<Body>, Option<String>, Option<String>) {
     let host = match request_host(&req) {
         Ok(h) => h,
@@ -318,6 +327,7 @@ async fn route_request(
         Admission::Proxy(route) => route,
         Admission::Answer { response, routed } => return (response, routed.then_some(host), None),
     };
+    *deployment = Some(route.deployment.clone());
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

@@ -79,6 +79,7 @@ mod tests {
                 .collect(),
             wake: false,
             gone: false,
+            canary: None,
         }
     }
 

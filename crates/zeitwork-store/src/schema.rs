@@ -440,6 +440,45 @@ CREATE TABLE health_samples (
 CREATE INDEX health_samples_check ON health_samples (check_id, at)
 "#,
     ),
+    (
+        16,
+        "releases: automatic rollback and canary rollouts",
+        r#"
+ALTER TABLE projects ADD COLUMN auto_rollback TEXT;
+ALTER TABLE projects ADD COLUMN rollout TEXT;
+CREATE TABLE traffic_samples (
+    deployment_id {{text_key}} NOT NULL,
+    edge {{text_key}} NOT NULL,
+    period BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    errors BIGINT NOT NULL,
+    latency TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, edge, period)
+);
+CREATE INDEX traffic_samples_at ON traffic_samples (at);
+CREATE TABLE rollouts (
+    deployment_id {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    org TEXT NOT NULL,
+    project TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    baseline TEXT,
+    state TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    step_secs BIGINT NOT NULL,
+    step BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    step_started_at BIGINT NOT NULL,
+    activated_at BIGINT,
+    watch_until BIGINT,
+    reason TEXT,
+    analysis TEXT,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX rollouts_state ON rollouts (state)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -106,6 +106,8 @@ fn new_project(org: &str, name: &str) -> NewProject {
         staging_branch: None,
         tag_pattern: None,
         build: Default::default(),
+        auto_rollback: Default::default(),
+        rollout: None,
     }
 }
 

@@ -76,6 +76,8 @@ pub async fn create_project(
         staging_branch: b.staging_branch,
         tag_pattern: b.tag_pattern,
         build: b.build.unwrap_or_default(),
+        auto_rollback: b.auto_rollback.unwrap_or_default(),
+        rollout: b.rollout,
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))

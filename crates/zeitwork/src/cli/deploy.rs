@@ -462,6 +462,14 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
                 let regions: Vec<String> = by_region.iter().map(|(r, (ok, all))| format!("{r} {ok}/{all}")).collect();
                 format!("  starting: {ready}/{} instances ready ({})", instances.len(), regions.join(", "))
             }
+            DeploymentStatus::Ready => {
+                let r: Option<RolloutStatus> =
+                    c.get(&format!("/api/v1/deployments/{}/rollout", encode(&d.id))).await.ok();
+                match r.filter(|r| r.state == RolloutState::Canary) {
+                    Some(r) => canary_line(&r),
+                    None => "  ready, switching…".to_owned(),
+                }
+            }
             _ => String::new(),
         };
         if !a.conn.json && !line.is_empty() && line != last {
@@ -469,13 +477,31 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
             last = line;
         }
         match d.status {
-            DeploymentStatus::Active | DeploymentStatus::Ready => {
+            DeploymentStatus::Active => {
                 if a.conn.json {
                     json(&d);
                 } else {
                     println!("Live: {} is active. {}", d.id, d.url);
+                    let r: Option<RolloutStatus> =
+                        c.get(&format!("/api/v1/deployments/{}/rollout", encode(&d.id))).await.ok();
+                    if let Some(until) = r.and_then(|r| r.watch_until.filter(|_| r.state == RolloutState::Watching)) {
+                        println!(
+                            "  watched for regressions until {} (rolled back automatically if it does worse than before)",
+                            until.format("%H:%M:%S UTC")
+                        );
+                    }
                 }
                 return Ok(());
+            }
+            DeploymentStatus::RolledBack => {
+                if a.conn.json {
+                    json(&d);
+                }
+                anyhow::bail!(
+                    "deployment {} was rolled back: {}",
+                    d.id,
+                    d.reason.unwrap_or_else(|| "no reason recorded".into())
+                );
             }
             DeploymentStatus::Failed => {
                 if a.conn.json {
@@ -501,6 +527,25 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wake.recv()).await;
         while wake.try_recv().is_ok() {}
     }
+}
+
+/// One line on a canary step and what its analysis saw.
+fn canary_line(r: &RolloutStatus) -> String {
+    let mut line = format!(
+        "  canary: {} % of {} (step {} of {}, {} s each)",
+        r.weight,
+        r.environment.as_str(),
+        r.step + 1,
+        r.steps.len(),
+        r.step_secs
+    );
+    if let Some(a) = &r.analysis {
+        line.push_str(&format!(", {} requests, {} failed", a.requests, a.errors));
+        if let Some(p) = a.p95_ms {
+            line.push_str(&format!(", p95 {p:.0} ms"));
+        }
+    }
+    line
 }
 
 /// Aborts a task when dropped.
