@@ -92,8 +92,7 @@ fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-            loop {
-                let Ok(n) = s.read(&mut chunk) else { break };
+            while let Ok(n) = s.read(&mut chunk) {
                 if n == 0 {
                     break;
                 }
