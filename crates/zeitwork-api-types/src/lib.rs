@@ -613,6 +613,9 @@ pub struct CreateDeployment {
     pub instances_per_region: Option<u32>,
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Canary steps for this deployment, instead of its project's `rollout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 // ---------------------------------------------------------------- events

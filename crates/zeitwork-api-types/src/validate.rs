@@ -676,6 +676,9 @@ impl CreateDeployment {
         if let Some(n) = self.instances_per_region {
             instances_per_region("instances_per_region", n)?;
         }
+        if let Some(r) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
+        }
         Ok(())
     }
 }

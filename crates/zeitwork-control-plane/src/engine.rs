@@ -646,10 +646,10 @@ async fn wake(store: &Store, config: &EngineConfig, now: chrono::DateTime<chrono
 
 /// What one reconcile of a deployment did and found.
 #[derive(Debug, Default)]
-struct Reconciled {
-    placed: bool,
+pub(crate) struct Reconciled {
+    pub(crate) placed: bool,
     /// Every region has its desired count of live instances, all ready.
-    ready: bool,
+    pub(crate) ready: bool,
     /// The last placement failure, when some instance could not be placed.
     short_of_room: Option<String>,
     /// A region where capacity (not a missing node) stopped placement.
@@ -661,7 +661,7 @@ struct Reconciled {
 /// Keeps `desired` live instances of `d` in each of its project's regions:
 /// places what is missing where there is room (lost instances, a node that
 /// went down, a crash loop that ended), unless too many failed lately.
-async fn reconcile(
+pub(crate) async fn reconcile(
     store: &Store,
     config: &EngineConfig,
     d: &Deployment,

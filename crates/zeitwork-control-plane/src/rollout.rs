@@ -129,7 +129,8 @@ pub async fn on_ready(store: &Store, d: &Deployment) -> Result<bool, StoreError>
         None => false,
     };
     let now = chrono::Utc::now().timestamp_millis();
-    let canary = project.rollout.filter(|r| baseline_active && d.pull_request.is_none() && r.steps.len() > 1);
+    let spec = store.deployment_rollout(&d.id).await?.or(project.rollout);
+    let canary = spec.filter(|r| baseline_active && d.pull_request.is_none() && r.steps.len() > 1);
     if let Some(r) = canary {
         store
             .start_rollout(&NewRollout {
@@ -228,9 +229,13 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                     return roll_back(store, config, &d, None, r, &format!("canary at {weight} %: {why}"), now).await;
                 }
             }
+            // The candidate keeps its instances like an active deployment; a step
+            // passes only while all of them are ready.
+            let utc = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(chrono::Utc::now);
+            let rec = crate::engine::reconcile(store, config, &d, d.instances_per_region, utc).await?;
             let step_ends = r.step_started_at.timestamp_millis() + i64::from(r.step_secs) * 1000;
-            if now < step_ends {
-                return Ok(false);
+            if now < step_ends || !rec.ready {
+                return Ok(rec.placed);
             }
             let next = r.step as usize + 1;
             if next + 1 >= r.steps.len() {

@@ -410,7 +410,7 @@ async fn a_regression_is_rolled_back_on_its_own_and_a_healthy_canary_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_release_settings_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let (_op, _base, admin) = common::operator(
+    let (op, _base, admin) = common::operator(
         dir.path(),
         OperatorConfig::default(),
         json!({"name": "web", "org": "acme", "resources": {"vcpu": 1, "memory": 128}}),
@@ -454,4 +454,17 @@ async fn bad_release_settings_are_refused_naming_the_field() {
     assert_eq!(p["rollout"]["steps"], json!([5, 100]));
     let p: Value = admin.patch("/api/v1/projects/acme/web", &json!({"rollout": null})).await.unwrap();
     assert!(p["rollout"].is_null(), "{p}");
+
+    // Per deploy: checked the same way, and kept with the deployment.
+    let deploy = |rollout: Value| json!({"org": "acme", "project": "web", "image": "registry.example.com/acme/web:1", "rollout": rollout});
+    let e = admin
+        .post::<_, Value>("/api/v1/deployments", &deploy(json!({"steps": [10, 5, 100], "step_secs": 60})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("rollout.steps[1]"), "{e}");
+    let d: Value =
+        admin.post("/api/v1/deployments", &deploy(json!({"steps": [20, 100], "step_secs": 5}))).await.unwrap();
+    let kept = op.store.deployment_rollout(d["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(kept, Some(zeitwork_api_types::Rollout { steps: vec![20, 100], step_secs: 5 }));
 }

@@ -129,6 +129,25 @@ impl Store {
 
     // ============================================================== rollouts
 
+    /// Canary steps asked for one deployment, instead of its project's.
+    pub async fn set_deployment_rollout(&self, deployment: &str, r: &zeitwork_api_types::Rollout) -> Result<()> {
+        sqlx::query("UPDATE deployments SET rollout = $1 WHERE id = $2")
+            .bind(serde_json::to_string(r).unwrap_or_default())
+            .bind(deployment)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn deployment_rollout(&self, deployment: &str) -> Result<Option<zeitwork_api_types::Rollout>> {
+        let row = sqlx::query("SELECT rollout FROM deployments WHERE id = $1")
+            .bind(deployment)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment {deployment:?} does not exist")))?;
+        Ok(row.opt_text("rollout")?.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
     /// Records a rollout for a deployment that just became ready; a second
     /// call for the same deployment changes nothing.
     pub async fn start_rollout(&self, r: &NewRollout) -> Result<()> {

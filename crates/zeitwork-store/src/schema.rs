@@ -446,6 +446,7 @@ CREATE INDEX health_samples_check ON health_samples (check_id, at)
         r#"
 ALTER TABLE projects ADD COLUMN auto_rollback TEXT;
 ALTER TABLE projects ADD COLUMN rollout TEXT;
+ALTER TABLE deployments ADD COLUMN rollout TEXT;
 CREATE TABLE traffic_samples (
     deployment_id {{text_key}} NOT NULL,
     edge {{text_key}} NOT NULL,

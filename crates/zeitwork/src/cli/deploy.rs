@@ -73,6 +73,12 @@ pub struct DeployArgs {
     /// Give up following after this many seconds (the deployment goes on).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Canary steps for this deployment in percent, e.g. 1,10,50,100 (default: the project's `rollout`).
+    #[arg(long, value_delimiter = ',')]
+    rollout_steps: Option<Vec<u32>>,
+    /// Seconds per canary step (with --rollout-steps; default 60).
+    #[arg(long, requires = "rollout_steps")]
+    rollout_step_secs: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +264,7 @@ pub(super) async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 commit_message,
                 instances_per_region,
                 environment: environment.map(Into::into),
+                rollout: None,
             };
             let d: Deployment = c.post("/api/v1/deployments", &body).await?;
             if conn.json {
@@ -418,6 +425,7 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         commit_message: a.commit_message,
         instances_per_region: a.instances_per_region,
         environment: a.environment.map(Into::into),
+        rollout: a.rollout_steps.map(|steps| Rollout { steps, step_secs: a.rollout_step_secs.unwrap_or(60) }),
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json && d.status == DeploymentStatus::Building {
