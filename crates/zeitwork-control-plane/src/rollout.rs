@@ -489,6 +489,173 @@ mod tests {
         }
     }
 
+    /// A store with org `acme`, project `web` (region `eu`, one node) and `n` deployments of it.
+    async fn store_with(
+        n: usize,
+        rollout: Option<zeitwork_api_types::Rollout>,
+    ) -> (tempfile::TempDir, Store, Vec<String>) {
+        use zeitwork_api_types::{Capacity, CreateRegion, RegisterNode, Resources};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
+        let a = || Audit::new("test", "test", "x");
+        store
+            .create_region(&CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() }, &a())
+            .await
+            .unwrap();
+        let reg = RegisterNode {
+            hostname: "n1".into(),
+            region: "eu".into(),
+            address: "http://127.0.0.1:1".into(),
+            capacity: Capacity { vcpu: 8, memory: 8192 },
+            physical: None,
+            runtime: Some("container".into()),
+            runtime_detail: None,
+        };
+        store.register_node(&reg, &a()).await.unwrap();
+        store.create_org("acme", "acme", None, &a()).await.unwrap();
+        let project = zeitwork_store::NewProject {
+            org: "acme".into(),
+            name: "web".into(),
+            github_repo: None,
+            branch: "main".into(),
+            auto_deploy: false,
+            port: 8080,
+            resources: Resources { vcpu: 1, memory: 256 },
+            instances_per_region: 1,
+            regions: None,
+            image_template: None,
+            rate_limit: None,
+            sleep_after_secs: 900,
+            retain_deployments: 20,
+            scaling: None,
+            staging_branch: None,
+            tag_pattern: None,
+            build: Default::default(),
+            auto_rollback: AutoRollback { min_requests: 10, ..Default::default() },
+            rollout,
+        };
+        let p = store.create_project(&project, &a()).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let id = format!("web-{i:07}-acme");
+            let new = zeitwork_store::NewDeployment {
+                id: id.clone(),
+                project_id: p.id.clone(),
+                org: "acme".into(),
+                project: "web".into(),
+                environment: Environment::Production,
+                image: format!("registry.example.com/web:{i}"),
+                commit_sha: None,
+                commit_message: None,
+                instances_per_region: 1,
+                url: format!("http://{id}.x"),
+                created_by: None,
+                pull_request: None,
+            };
+            store.create_deployment(&new, &a()).await.unwrap();
+            ids.push(id);
+        }
+        (dir, store, ids)
+    }
+
+    /// What one edge reports for `id`: `ok` answers and `failed` 5xx ones.
+    async fn serve(store: &Store, id: &str, ok: u64, failed: u64) {
+        let period = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        store
+            .record_traffic(
+                "edge-1",
+                period,
+                &std::collections::BTreeMap::from([(id.to_owned(), traffic(ok, failed, 4))]),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn status(store: &Store, id: &str) -> DeploymentStatus {
+        store.get_deployment(id).await.unwrap().status
+    }
+
+    /// A regression rolls back once; the deployment rolled back to is not
+    /// watched, so when it does badly too nothing bounces back and forth.
+    #[tokio::test]
+    async fn a_regression_rolls_back_once_and_never_loops() {
+        let (_dir, store, ids) = store_with(2, None).await;
+        let (one, two) = (&ids[0], &ids[1]);
+        let config = EngineConfig::default();
+        on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+        assert!(store.get_rollout(one).await.unwrap().is_none(), "nothing to roll back to: not watched");
+        serve(&store, one, 100, 0).await;
+        on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+        assert_eq!(status(&store, two).await, DeploymentStatus::Active);
+        // Healthy at first; silence and a trickle decide nothing.
+        serve(&store, two, 5, 0).await;
+        pass(&store, &config).await.unwrap();
+        assert_eq!(status(&store, two).await, DeploymentStatus::Active);
+        serve(&store, two, 0, 20).await;
+        pass(&store, &config).await.unwrap();
+        let bad = store.get_deployment(two).await.unwrap();
+        assert_eq!(bad.status, DeploymentStatus::RolledBack);
+        assert!(bad.reason.as_deref().unwrap_or("").contains("20 of 25 requests failed since the switch"), "{bad:?}");
+        assert_eq!(status(&store, one).await, DeploymentStatus::Active);
+        // The old one does badly too: it is not watched, nothing moves.
+        serve(&store, one, 0, 100).await;
+        for _ in 0..3 {
+            pass(&store, &config).await.unwrap();
+        }
+        assert_eq!(
+            (status(&store, one).await, status(&store, two).await),
+            (DeploymentStatus::Active, DeploymentStatus::RolledBack)
+        );
+        assert!(store.open_rollouts().await.unwrap().is_empty());
+        // And a person cannot abort it twice.
+        let again =
+            decide(&store, config.drain_grace, &bad, false, Audit::new("test", "rollout.abort", two)).await.unwrap();
+        assert!(again.is_err(), "{again:?}");
+    }
+
+    /// A canary of a deployment that regresses goes back to 0 %: the
+    /// environment never left the deployment serving it, which keeps serving.
+    #[tokio::test]
+    async fn a_failing_canary_is_aborted_without_touching_the_environment() {
+        let rollout = zeitwork_api_types::Rollout { steps: vec![10, 50, 100], step_secs: 60 };
+        let (_dir, store, ids) = store_with(3, Some(rollout)).await;
+        let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
+        let config = EngineConfig::default();
+        on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+        on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+        let r = store.get_rollout(two).await.unwrap().unwrap();
+        assert_eq!((r.state, r.weight, r.baseline.as_deref()), (RolloutState::Canary, 10, Some(one.as_str())));
+        assert_eq!(status(&store, two).await, DeploymentStatus::Ready);
+        let canaries = store.canaries().await.unwrap();
+        assert_eq!((canaries.len(), canaries[0].weight), (1, 10));
+        serve(&store, one, 90, 0).await;
+        serve(&store, two, 2, 10).await;
+        pass(&store, &config).await.unwrap();
+        let bad = store.get_deployment(two).await.unwrap();
+        assert_eq!(bad.status, DeploymentStatus::RolledBack, "{bad:?}");
+        assert!(
+            bad.reason.as_deref().unwrap_or("").starts_with("canary aborted automatically: canary at 10 %"),
+            "{bad:?}"
+        );
+        assert!(store.canaries().await.unwrap().is_empty(), "the split is gone");
+        assert_eq!(status(&store, one).await, DeploymentStatus::Active);
+        // The next deployment rolls out against the one still serving.
+        on_ready(&store, &store.get_deployment(three).await.unwrap()).await.unwrap();
+        let r = store.get_rollout(three).await.unwrap().unwrap();
+        assert_eq!(r.baseline.as_deref(), Some(one.as_str()));
+        // Promoted by hand: it takes the environment and is watched.
+        let d = store.get_deployment(three).await.unwrap();
+        let r = decide(&store, config.drain_grace, &d, true, Audit::new("test", "rollout.promote", three))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.state, r.weight), (RolloutState::Watching, 100));
+        assert_eq!(
+            (status(&store, three).await, status(&store, one).await),
+            (DeploymentStatus::Active, DeploymentStatus::Standby)
+        );
+    }
+
     #[test]
     fn only_a_running_deployment_that_was_not_rolled_back_takes_traffic_back() {
         assert!(rollback_target(Some(&dep("a", DeploymentStatus::Standby))).is_ok());
