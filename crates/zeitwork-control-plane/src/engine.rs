@@ -341,11 +341,15 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
                         short.message(),
                         waited.num_seconds().max(0)
                     );
-                    store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
-                    let audit =
-                        system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": why}));
-                    store.record_event(&audit, "failed").await?;
-                    changed = true;
+                    // Only if it is still pending: a deployment pointed at meanwhile
+                    // (a rollback, a promotion) is not failed by what this pass read before.
+                    if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await? {
+                        store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
+                        let audit = system("deployment.fail", &d.id, &d.org, &d.project)
+                            .detail(serde_json::json!({"reason": why}));
+                        store.record_event(&audit, "failed").await?;
+                        changed = true;
+                    }
                 } else {
                     let reason = format!("waiting for room: {}", short.message());
                     if d.reason.as_deref() != Some(reason.as_str()) {
