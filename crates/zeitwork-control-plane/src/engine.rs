@@ -675,6 +675,12 @@ pub(crate) async fn reconcile(
     let mut out = Reconciled { ready: true, ..Default::default() };
     let project = store.get_project(&d.org, &d.project).await?;
     let instances = store.list_instances(&d.id).await?;
+    // Read after its instances: a deployment retired or slept since this pass
+    // listed it (its instances stopped with it) gets none placed again.
+    if store.get_deployment(&d.id).await?.status != d.status {
+        out.ready = false;
+        return Ok(out);
+    }
     let dead =
         |i: &Instance| matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited);
     let window = chrono::Duration::from_std(config.crash_window).unwrap_or_default();
