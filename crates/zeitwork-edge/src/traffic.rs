@@ -81,6 +81,9 @@ pub(crate) async fn report_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut warned = false;
+    // Reports are keyed by reporter and period: a name of this run, so two
+    // edges with one name (or an edge and its restart) never replace each other's.
+    let reporter = format!("{}-{:08x}", state.config.name, rand::random::<u32>());
     let mut period = chrono::Utc::now().timestamp_millis();
     loop {
         tokio::select! {
@@ -93,7 +96,7 @@ pub(crate) async fn report_loop(
         if deployments.is_empty() {
             continue;
         }
-        let body = TrafficReport { edge: state.config.name.clone(), period: started, deployments };
+        let body = TrafficReport { edge: reporter.clone(), period: started, deployments };
         match client.post_no_content("/api/v1/routing/traffic", &body).await {
             Ok(()) => warned = false,
             Err(e) if !warned => {
