@@ -129,6 +129,19 @@ pub async fn on_ready(store: &Store, d: &Deployment) -> Result<bool, StoreError>
         None => false,
     };
     let now = chrono::Utc::now().timestamp_millis();
+    // A newer deployment supersedes a canary still running in its environment:
+    // that one leaves the split and stays in standby (it sleeps when idle).
+    for r in store.open_rollouts().await? {
+        if r.state != RolloutState::Canary || r.deployment == d.id || r.environment != d.environment {
+            continue;
+        }
+        let other = store.get_deployment(&r.deployment).await?;
+        if other.org == d.org && other.project == d.project && other.pull_request == d.pull_request {
+            store.finish_rollout(&other.id, Some(&format!("superseded by {}", d.id))).await?;
+            store.claim_deployment(&other.id, DeploymentStatus::Ready, DeploymentStatus::Standby).await?;
+            tracing::info!(deployment = %other.id, by = %d.id, "a newer deployment superseded a canary");
+        }
+    }
     let spec = store.deployment_rollout(&d.id).await?.or(project.rollout);
     let canary = spec.filter(|r| baseline_active && d.pull_request.is_none() && r.steps.len() > 1);
     if let Some(r) = canary {
@@ -654,6 +667,26 @@ mod tests {
             (status(&store, three).await, status(&store, one).await),
             (DeploymentStatus::Active, DeploymentStatus::Standby)
         );
+    }
+
+    /// A newer deployment supersedes a canary still running: one split per environment.
+    #[tokio::test]
+    async fn a_newer_deployment_supersedes_a_running_canary() {
+        let rollout = zeitwork_api_types::Rollout { steps: vec![10, 100], step_secs: 600 };
+        let (_dir, store, ids) = store_with(3, Some(rollout)).await;
+        for id in &ids {
+            on_ready(&store, &store.get_deployment(id).await.unwrap()).await.unwrap();
+        }
+        let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
+        let r = store.get_rollout(two).await.unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.reason.as_deref()),
+            (RolloutState::Done, Some(format!("superseded by {three}").as_str()))
+        );
+        assert_eq!(status(&store, two).await, DeploymentStatus::Standby);
+        let canaries = store.canaries().await.unwrap();
+        assert_eq!(canaries.iter().map(|c| c.deployment.as_str()).collect::<Vec<_>>(), vec![three.as_str()]);
+        assert_eq!(status(&store, one).await, DeploymentStatus::Active);
     }
 
     #[test]
