@@ -168,6 +168,17 @@ pub struct RolloutStatus {
     pub reason: Option<String>,
     /// The figures of the last analysis.
     pub analysis: Option<Analysis>,
+    /// Every request the deployment answered since its rollout began, from
+    /// every edge (complete once the edges' reports of the last second are in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<Served>,
+}
+
+/// Requests a deployment answered, and how many of them with a 5xx status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Served {
+    pub requests: u64,
+    pub errors: u64,
 }
 
 /// The figures one analysis looked at.

@@ -276,6 +276,9 @@ async fn a_regression_is_rolled_back_on_its_own_and_a_healthy_canary_passes() {
     let rollout: Value = p.admin.get(&format!("/api/v1/deployments/{v2}/rollout")).await.unwrap();
     assert_eq!(rollout["state"], "rolled_back", "{rollout}");
     assert_eq!(rollout["analysis"]["verdict"], "regressed", "{rollout}");
+    // Every failed answer a client saw was counted by the edge and reported, once.
+    let failed_seen = hits.iter().filter(|h| h.status >= 500).count() as u64;
+    assert_eq!(rollout["served"]["errors"].as_u64(), Some(failed_seen), "{rollout}");
 
     let failed: Vec<&Hit> = hits.iter().filter(|h| h.status >= 500 || h.status == 0).collect();
     let first_bad = failed.first().expect("the bad version answered some requests").at;
@@ -300,6 +303,10 @@ async fn a_regression_is_rolled_back_on_its_own_and_a_healthy_canary_passes() {
         (last_bad - first_bad).as_secs_f64(),
     );
     println!("  reason: {reason}");
+    println!(
+        "  the operator's count once every report was in: {} of {} requests to the bad version failed",
+        rollout["served"]["errors"], rollout["served"]["requests"]
+    );
 
     // Audited, and told through the outbox.
     let events: Vec<Value> = p.admin.get("/api/v1/events?org=acme&action=deployment.auto_rollback").await.unwrap();

@@ -52,6 +52,7 @@ fn rollout_from(r: &AnyRow) -> Result<RolloutStatus> {
         watch_until: r.opt_int("watch_until")?.map(ts),
         reason: r.opt_text("reason")?,
         analysis,
+        served: None,
     })
 }
 

@@ -191,6 +191,9 @@ async fn rollout(conn: Conn, cmd: RolloutCmd) -> Result<()> {
             p95(a.baseline_p95_ms)
         );
     }
+    if let Some(s) = &r.served {
+        println!("  served since the rollout began: {} requests, {} with a 5xx status", s.requests, s.errors);
+    }
     if let Some(why) = &r.reason {
         println!("  {why}");
     }

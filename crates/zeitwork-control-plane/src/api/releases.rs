@@ -65,11 +65,14 @@ pub async fn get_rollout(
 ) -> ApiResult<Json<RolloutStatus>> {
     let d = super::projects::readable_deployment(&s, &caller, &id).await?;
     s.require_role(&caller, &d.org, Role::Guest, "rollout.show", &id).await?;
-    let r = s
+    let mut r = s
         .store
         .get_rollout(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} has no rollout (it switched without one)")))?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let t = s.store.traffic_between(&id, r.started_at.timestamp_millis(), now + 1).await?;
+    r.served = Some(zeitwork_api_types::Served { requests: t.requests, errors: t.errors });
     Ok(Json(r))
 }
 
