@@ -236,7 +236,9 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                     None => DeploymentTraffic::default(),
                 };
                 let (verdict, analysis) = analyse(&cand, &base, &s);
-                store.set_rollout_analysis(&d.id, &analysis).await?;
+                if r.analysis.as_ref() != Some(&analysis) {
+                    store.set_rollout_analysis(&d.id, &analysis).await?;
+                }
                 if let Verdict::Regressed(why) = verdict {
                     let weight = r.weight;
                     return roll_back(store, config, &d, None, r, &format!("canary at {weight} %: {why}"), now).await;
@@ -291,7 +293,9 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                 None => DeploymentTraffic::default(),
             };
             let (verdict, analysis) = analyse(&cand, &base, &s);
-            store.set_rollout_analysis(&d.id, &analysis).await?;
+            if r.analysis.as_ref() != Some(&analysis) {
+                store.set_rollout_analysis(&d.id, &analysis).await?;
+            }
             let Verdict::Regressed(why) = verdict else { return Ok(false) };
             match rollback_target(baseline.as_ref()) {
                 Ok(target) => roll_back(store, config, &d, Some(target), r, &why, now).await,
