@@ -190,8 +190,12 @@ pub struct Analysis {
     pub baseline_requests: u64,
     pub baseline_errors: u64,
     pub baseline_p95_ms: Option<f64>,
-    /// `healthy`, `insufficient` (too few requests to decide) or `regressed`.
+    /// `healthy`, `insufficient` (too few requests to decide), `slower` (a p95
+    /// regression not yet held for a whole window) or `regressed`.
     pub verdict: String,
+    /// Since when the p95 regression holds (`slower`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slower_since: Option<DateTime<Utc>>,
 }
 
 // ---------------------------------------------------------------- traffic

@@ -33,6 +33,9 @@ pub enum Verdict {
     Healthy,
     /// Why, for people.
     Regressed(String),
+    /// The p95 latency regressed in this window; it counts once it has held
+    /// for a whole window (see [`settle`]).
+    Slower(String),
 }
 
 /// Judges a candidate's figures against its baseline's, by the rules of
@@ -52,6 +55,7 @@ pub fn analyse(candidate: &DeploymentTraffic, baseline: &DeploymentTraffic, s: &
         baseline_errors: baseline.errors,
         baseline_p95_ms: baseline.p95_ms(),
         verdict: "insufficient".into(),
+        slower_since: None,
     };
     if candidate.requests < min {
         return (Verdict::Insufficient, analysis);
@@ -69,7 +73,7 @@ pub fn analyse(candidate: &DeploymentTraffic, baseline: &DeploymentTraffic, s: &
         ))
     } else {
         match (analysis.p95_ms, analysis.baseline_p95_ms.filter(|_| base_known)) {
-            (Some(p), Some(b)) if p > s.latency_factor * b && p - b >= LATENCY_FLOOR_MS => Verdict::Regressed(format!(
+            (Some(p), Some(b)) if p > s.latency_factor * b && p - b >= LATENCY_FLOOR_MS => Verdict::Slower(format!(
                 "p95 latency {p:.0} ms over {} requests in the last {} s, {:.1}x the previous deployment's {b:.0} ms (threshold {}x)",
                 candidate.requests,
                 s.window_secs,
@@ -81,10 +85,39 @@ pub fn analyse(candidate: &DeploymentTraffic, baseline: &DeploymentTraffic, s: &
     };
     analysis.verdict = match verdict {
         Verdict::Regressed(_) => "regressed",
+        Verdict::Slower(_) => "slower",
         _ => "healthy",
     }
     .into();
     (verdict, analysis)
+}
+
+/// What a verdict means now, given the analysis before it: errors act at
+/// once; a slower p95 only once it has held for `window_secs` (a handful of
+/// slow answers — a new instance's first requests, a busy machine — passes).
+/// Returns why to roll back, if it is time, and the analysis to keep.
+pub fn settle(
+    verdict: Verdict,
+    mut analysis: Analysis,
+    before: Option<&Analysis>,
+    now: chrono::DateTime<chrono::Utc>,
+    window_secs: u32,
+) -> (Option<String>, Analysis) {
+    match verdict {
+        Verdict::Regressed(why) => (Some(why), analysis),
+        Verdict::Slower(why) => {
+            let since = before.filter(|b| b.verdict == "slower").and_then(|b| b.slower_since).unwrap_or(now);
+            analysis.slower_since = Some(since);
+            let held = (now - since).num_seconds();
+            if held >= i64::from(window_secs) {
+                analysis.verdict = "regressed".into();
+                (Some(format!("{why}, for {held} s")), analysis)
+            } else {
+                (None, analysis)
+            }
+        }
+        Verdict::Insufficient | Verdict::Healthy => (None, analysis),
+    }
 }
 
 /// The target of an automatic rollback: the baseline, only while it runs
@@ -236,10 +269,12 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                     None => DeploymentTraffic::default(),
                 };
                 let (verdict, analysis) = analyse(&cand, &base, &s);
+                let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(chrono::Utc::now);
+                let (regressed, analysis) = settle(verdict, analysis, r.analysis.as_ref(), at, s.window_secs);
                 if r.analysis.as_ref() != Some(&analysis) {
                     store.set_rollout_analysis(&d.id, &analysis).await?;
                 }
-                if let Verdict::Regressed(why) = verdict {
+                if let Some(why) = regressed {
                     let weight = r.weight;
                     return roll_back(store, config, &d, None, r, &format!("canary at {weight} %: {why}"), now).await;
                 }
@@ -293,10 +328,12 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                 None => DeploymentTraffic::default(),
             };
             let (verdict, analysis) = analyse(&cand, &base, &s);
+            let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(chrono::Utc::now);
+            let (regressed, analysis) = settle(verdict, analysis, r.analysis.as_ref(), at, s.window_secs);
             if r.analysis.as_ref() != Some(&analysis) {
                 store.set_rollout_analysis(&d.id, &analysis).await?;
             }
-            let Verdict::Regressed(why) = verdict else { return Ok(false) };
+            let Some(why) = regressed else { return Ok(false) };
             match rollback_target(baseline.as_ref()) {
                 Ok(target) => roll_back(store, config, &d, Some(target), r, &why, now).await,
                 Err(cannot) => {
@@ -430,6 +467,10 @@ mod tests {
         matches!(v, Verdict::Regressed(_))
     }
 
+    fn slower(v: &Verdict) -> bool {
+        matches!(v, Verdict::Slower(_))
+    }
+
     #[test]
     fn too_few_requests_decide_nothing() {
         let s = AutoRollback::default();
@@ -462,14 +503,42 @@ mod tests {
     #[test]
     fn latency_must_pass_the_factor_and_the_floor() {
         let s = AutoRollback::default();
-        assert!(regressed(&analyse(&traffic(100, 0, 300), &traffic(100, 0, 50), &s).0));
+        assert!(slower(&analyse(&traffic(100, 0, 300), &traffic(100, 0, 50), &s).0));
         assert_eq!(analyse(&traffic(100, 0, 80), &traffic(100, 0, 50), &s).0, Verdict::Healthy);
         // 3 ms against 1 ms is three times, but below the floor: noise.
         assert_eq!(analyse(&traffic(100, 0, 3), &traffic(100, 0, 1), &s).0, Verdict::Healthy);
         // Without a baseline's latency there is nothing to compare with.
         assert_eq!(analyse(&traffic(100, 0, 3000), &traffic(10, 0, 5), &s).0, Verdict::Healthy);
         let strict = AutoRollback { latency_factor: 1.2, ..Default::default() };
-        assert!(regressed(&analyse(&traffic(100, 0, 80), &traffic(100, 0, 50), &strict).0));
+        assert!(slower(&analyse(&traffic(100, 0, 80), &traffic(100, 0, 50), &strict).0));
+    }
+
+    #[test]
+    fn errors_act_at_once_and_a_slower_p95_once_it_held_a_window() {
+        let s = AutoRollback::default();
+        let t0 = chrono::Utc::now();
+        let (v, a) = analyse(&traffic(0, 100, 5), &traffic(100, 0, 5), &s);
+        assert!(settle(v, a, None, t0, s.window_secs).0.is_some(), "errors: at once");
+        let slow = || analyse(&traffic(100, 0, 300), &traffic(100, 0, 50), &s);
+        let (v, a) = slow();
+        let (go, first) = settle(v, a, None, t0, s.window_secs);
+        assert!(go.is_none());
+        assert_eq!((first.verdict.as_str(), first.slower_since), ("slower", Some(t0)));
+        let (v, a) = slow();
+        let (go, second) = settle(v, a, Some(&first), t0 + chrono::Duration::seconds(10), s.window_secs);
+        assert!(go.is_none(), "10 s of 30");
+        assert_eq!(second.slower_since, Some(t0), "held since the first");
+        let (v, a) = slow();
+        let (go, third) = settle(v, a, Some(&second), t0 + chrono::Duration::seconds(31), s.window_secs);
+        assert!(go.as_deref().unwrap_or("").contains("for 31 s"), "{go:?}");
+        assert_eq!(third.verdict, "regressed");
+        // A healthy window in between starts the count again.
+        let (v, a) = analyse(&traffic(100, 0, 50), &traffic(100, 0, 50), &s);
+        let (_, healthy) = settle(v, a, Some(&second), t0 + chrono::Duration::seconds(20), s.window_secs);
+        let (v, a) = slow();
+        let (go, again) = settle(v, a, Some(&healthy), t0 + chrono::Duration::seconds(40), s.window_secs);
+        assert!(go.is_none());
+        assert_eq!(again.slower_since, Some(t0 + chrono::Duration::seconds(40)));
     }
 
     #[test]
