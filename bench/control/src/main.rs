@@ -81,6 +81,8 @@ async fn main() -> Result<()> {
         staging_branch: None,
         tag_pattern: None,
         build: Default::default(),
+        auto_rollback: Default::default(),
+        rollout: None,
     };
     // Existing load: deployments of 10 instances each, active.
     let per = 10;

@@ -9,6 +9,7 @@ mod builds;
 mod checks;
 mod github;
 mod notifications;
+mod releases;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ pub use builds::*;
 pub use checks::*;
 pub use github::*;
 pub use notifications::*;
+pub use releases::*;
 pub use validate::ValidationError;
 
 /// The body of every error response: `{"error": {"code", "message"}}`.
@@ -308,6 +310,12 @@ pub struct Project {
     pub current_deployment: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Rolling back on its own when a new deployment regresses.
+    #[serde(default)]
+    pub auto_rollback: AutoRollback,
+    /// Canary steps of new deployments; none: the switch moves all traffic at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
     /// Pins a browser to the deployment that served it (off unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skew_protection: Option<SkewProtection>,
@@ -371,6 +379,10 @@ pub struct CreateProject {
     pub tag_pattern: Option<String>,
     #[serde(default)]
     pub build: Option<BuildSettings>,
+    #[serde(default)]
+    pub auto_rollback: Option<AutoRollback>,
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
 }
 
 /// Autoscaling of a project's active deployments, per region.
@@ -436,6 +448,12 @@ pub struct PatchProject {
     pub tag_pattern: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rollback: Option<AutoRollback>,
+    /// `null` returns to switching at once.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Rollout>)]
+    pub rollout: Option<Option<Rollout>>,
     /// `null` turns skew protection off.
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<SkewProtection>)]
@@ -539,10 +557,13 @@ pub enum DeploymentStatus {
     Waking,
     Retired,
     Failed,
+    /// Sent back by a regression (or a person) during its rollout or watch;
+    /// nothing switches traffic to it again on its own.
+    RolledBack,
 }
 
 impl DeploymentStatus {
-    pub const ALL: [DeploymentStatus; 11] = [
+    pub const ALL: [DeploymentStatus; 12] = [
         DeploymentStatus::Building,
         DeploymentStatus::Pending,
         DeploymentStatus::Preparing,
@@ -554,6 +575,7 @@ impl DeploymentStatus {
         DeploymentStatus::Waking,
         DeploymentStatus::Retired,
         DeploymentStatus::Failed,
+        DeploymentStatus::RolledBack,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -569,6 +591,7 @@ impl DeploymentStatus {
             DeploymentStatus::Waking => "waking",
             DeploymentStatus::Retired => "retired",
             DeploymentStatus::Failed => "failed",
+            DeploymentStatus::RolledBack => "rolled_back",
         }
     }
 
@@ -632,6 +655,9 @@ pub struct CreateDeployment {
     pub instances_per_region: Option<u32>,
     #[serde(default)]
     pub environment: Option<Environment>,
+    /// Canary steps for this deployment, instead of its project's `rollout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
     /// Overrides the project's `release_command` for this deployment (`""`: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_command: Option<String>,
@@ -835,6 +861,9 @@ pub struct Route {
     /// The deployment was retired: requests answer 410 Gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gone: bool,
+    /// A canary rollout: a share of clients goes to another deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<RouteCanary>,
     /// On a deployment's own host: the environments it has served (skew
     /// protection pins a client only to a deployment of the same environment).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -462,6 +462,12 @@ impl CreateProject {
         if let Some(b) = &self.build {
             build_settings("build", b)?;
         }
+        if let Some(a) = &self.auto_rollback {
+            crate::releases::auto_rollback("auto_rollback", a)?;
+        }
+        if let Some(r) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
+        }
         Ok(())
     }
 }
@@ -599,6 +605,12 @@ impl PatchProject {
         if let Some(b) = &self.build {
             build_settings("build", b)?;
         }
+        if let Some(a) = &self.auto_rollback {
+            crate::releases::auto_rollback("auto_rollback", a)?;
+        }
+        if let Some(Some(r)) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
+        }
         if let Some(Some(sp)) = &self.skew_protection {
             skew_protection(sp)?;
         }
@@ -716,6 +728,9 @@ impl CreateDeployment {
         }
         if let Some(n) = self.instances_per_region {
             instances_per_region("instances_per_region", n)?;
+        }
+        if let Some(r) = &self.rollout {
+            crate::releases::rollout("rollout", r)?;
         }
         if let Some(c) = &self.release_command {
             release_command("release_command", c)?;

@@ -341,11 +341,15 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
                         short.message(),
                         waited.num_seconds().max(0)
                     );
-                    store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
-                    let audit =
-                        system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": why}));
-                    store.record_event(&audit, "failed").await?;
-                    changed = true;
+                    // Only if it is still pending: a deployment pointed at meanwhile
+                    // (a rollback, a promotion) is not failed by what this pass read before.
+                    if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await? {
+                        store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
+                        let audit = system("deployment.fail", &d.id, &d.org, &d.project)
+                            .detail(serde_json::json!({"reason": why}));
+                        store.record_event(&audit, "failed").await?;
+                        changed = true;
+                    }
                 } else {
                     let reason = format!("waiting for room: {}", short.message());
                     if d.reason.as_deref() != Some(reason.as_str()) {
@@ -396,10 +400,8 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             store.record_event(&audit, "failed").await?;
             changed = true;
         } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
-            // Traffic moves only now that every instance is ready; the one it
-            // replaces becomes standby and keeps its instances for rollback.
-            store.activate_deployment(&d.id, &system("deployment.activate", &d.id, &d.org, &d.project)).await?;
-            changed = true;
+            // Every instance is ready: a canary begins, or the switch (see `rollout`).
+            changed |= crate::rollout::on_ready(store, &d).await?;
         } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
             let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
@@ -411,6 +413,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     }
 
     changed |= wake(store, config, now).await?;
+    changed |= crate::rollout::pass(store, config).await?;
 
     // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
     let mut running = all_with(store, DeploymentStatus::Active).await?;
@@ -567,7 +570,8 @@ async fn sleep_idle(
             None => d.updated_at.timestamp_millis() + config.rollback_window.as_millis() as i64,
         };
         let recent = w.last_request_at.is_some_and(|at| at + idle_ms > now_ms);
-        if now_ms >= since && !recent {
+        // The rollback target of a rollout still moving stays awake for it.
+        if now_ms >= since && !recent && !crate::rollout::is_baseline(store, &d.id).await? {
             let audit = system("deployment.sleep", &d.id, &d.org, &d.project);
             if store.sleep_deployment(&d.id, "idle: no environment points at it and no requests came", &audit).await? {
                 tracing::info!(deployment = %d.id, "deployment went to sleep");
@@ -646,10 +650,10 @@ async fn wake(store: &Store, config: &EngineConfig, now: chrono::DateTime<chrono
 
 /// What one reconcile of a deployment did and found.
 #[derive(Debug, Default)]
-struct Reconciled {
-    placed: bool,
+pub(crate) struct Reconciled {
+    pub(crate) placed: bool,
     /// Every region has its desired count of live instances, all ready.
-    ready: bool,
+    pub(crate) ready: bool,
     /// The last placement failure, when some instance could not be placed.
     short_of_room: Option<String>,
     /// A region where capacity (not a missing node) stopped placement.
@@ -661,7 +665,7 @@ struct Reconciled {
 /// Keeps `desired` live instances of `d` in each of its project's regions:
 /// places what is missing where there is room (lost instances, a node that
 /// went down, a crash loop that ended), unless too many failed lately.
-async fn reconcile(
+pub(crate) async fn reconcile(
     store: &Store,
     config: &EngineConfig,
     d: &Deployment,
@@ -671,6 +675,12 @@ async fn reconcile(
     let mut out = Reconciled { ready: true, ..Default::default() };
     let project = store.get_project(&d.org, &d.project).await?;
     let instances = store.list_instances(&d.id).await?;
+    // Read after its instances: a deployment retired or slept since this pass
+    // listed it (its instances stopped with it) gets none placed again.
+    if store.get_deployment(&d.id).await?.status != d.status {
+        out.ready = false;
+        return Ok(out);
+    }
     let dead =
         |i: &Instance| matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited);
     let window = chrono::Duration::from_std(config.crash_window).unwrap_or_default();
@@ -836,6 +846,8 @@ mod tests {
             staging_branch: None,
             tag_pattern: None,
             build: Default::default(),
+            auto_rollback: Default::default(),
+            rollout: None,
         };
         let p = store.create_project(&project, &a()).await.unwrap();
         let new = zeitwork_store::NewDeployment {

@@ -19,6 +19,7 @@ pub mod extract;
 pub mod feed;
 pub mod notify;
 pub mod retention;
+pub mod rollout;
 pub mod routing;
 pub mod secrets;
 pub mod serve;

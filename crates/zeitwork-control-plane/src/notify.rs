@@ -55,6 +55,8 @@ fn summary(p: &serde_json::Value) -> String {
         "deployment.activate" => "is live",
         "deployment.fail" => "deployment failed",
         "deployment.rollback" => "rolled back",
+        "deployment.auto_rollback" => "regressed and was rolled back automatically",
+        "rollout.abort" => "rollout aborted",
         "deployment.promote" => "promoted",
         "deployment.sleep" => "went to sleep",
         "deployment.wake" => "woke up",

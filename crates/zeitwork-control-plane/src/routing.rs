@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
-use zeitwork_api_types::{Environment, Route, RouteInstance, RoutingTable};
+use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RoutingTable};
 use zeitwork_store::{RoutingRows, Store};
 
 /// How often the table is rebuilt from the store, to see changes made
@@ -23,7 +23,10 @@ pub struct RoutingHub {
 
 impl RoutingHub {
     pub fn new(apps_domain: &str) -> Arc<Self> {
-        let empty = build(&RoutingRows { deployments: vec![], current: vec![], domains: vec![] }, apps_domain);
+        let empty = build(
+            &RoutingRows { deployments: vec![], current: vec![], domains: vec![], canaries: vec![] },
+            apps_domain,
+        );
         Arc::new(Self { table: watch::Sender::new(Arc::new(empty)), nudge: Notify::new() })
     }
 
@@ -94,7 +97,24 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         // its environment's stable hosts say for how long a client stays pinned.
         served: if env.is_none() { d.served.clone() } else { Vec::new() },
         skew_max_age_secs: env.filter(|e| *e != Environment::Preview).and(d.skew_max_age_secs),
+        canary: None,
     };
+    // An environment in a canary rollout sends a share of its clients to the candidate,
+    // once the candidate has ready instances.
+    let canaries: HashMap<(&str, &str, Environment), RouteCanary> = rows
+        .canaries
+        .iter()
+        .filter_map(|c| {
+            let d = by_id.get(c.deployment.as_str()).filter(|d| !d.instances.is_empty() && c.weight > 0)?;
+            let instances =
+                d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect();
+            Some((
+                (c.org.as_str(), c.project.as_str(), c.environment),
+                RouteCanary { deployment: c.deployment.clone(), weight: c.weight, instances },
+            ))
+        })
+        .collect();
+    let canary_of = |org: &str, project: &str, env: Environment| canaries.get(&(org, project, env)).cloned();
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
@@ -109,13 +129,15 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         };
         if let (Some(label), true) = (stable, c.owns_stable_host) {
             if let Some(d) = by_id.get(c.deployment.as_str()) {
-                routes.push(route(format!("{label}.{apps_domain}"), d, Some(c.environment)));
+                let canary = if c.pull_request.is_none() { canary_of(&c.org, &c.project, c.environment) } else { None };
+                routes.push(Route { canary, ..route(format!("{label}.{apps_domain}"), d, Some(c.environment)) });
             }
         }
     }
     for (domain, org, project, env, verified) in &rows.domains {
         if let Some(d) = active.get(&(org.as_str(), project.as_str(), *env)).and_then(|id| by_id.get(id)) {
-            routes.push(Route { acme: *verified, ..route(domain.clone(), d, Some(*env)) });
+            let canary = canary_of(org, project, *env);
+            routes.push(Route { acme: *verified, canary, ..route(domain.clone(), d, Some(*env)) });
         }
     }
     let mut seen: HashMap<String, (String, String)> = HashMap::new();

@@ -178,6 +178,21 @@ async fn pushes_deploy_and_every_delivery_is_recorded() {
         .await
         .unwrap_err();
     assert_eq!(unknown.status(), Some(409), "{unknown}");
+
+    // A commit that was rolled back is not put live again by a push of it.
+    op.store
+        .set_deployment_status(&dep, zeitwork_api_types::DeploymentStatus::RolledBack, Some("5xx rate 100 %"))
+        .await
+        .unwrap();
+    let (status, body) = deliver(&base, "push", "push-again", &raw, Some(sign(SECRET, &raw))).await;
+    assert_eq!(body["status"], "failed", "{status} {body}");
+    assert!(body["outcome"].as_str().unwrap_or("").contains("was rolled back"), "{body}");
+    // By hand it may be tried again.
+    let by_hand: Vec<Value> = dev
+        .post("/api/v1/github/trigger", &json!({"org": "Codertocat", "repo": "Hello-World", "ref": sha}))
+        .await
+        .unwrap();
+    assert_eq!(by_hand[0]["commit_sha"], sha.as_str());
     op.shutdown().await;
 }
 

@@ -539,7 +539,7 @@ pub(crate) async fn serve(
                 let close = plan.close || plan.body_len > 0 || *stop.borrow();
                 let written = write_page(&mut stream, response, &plan, close, &mut bufs.upstream).await;
                 let host = routed.then_some(plan.host.as_str());
-                finish(&state, &conn, start, &plan, host, status, None);
+                finish(&state, &conn, start, &plan, host, status, None, None);
                 if written.is_err() || close {
                     return;
                 }
@@ -565,7 +565,7 @@ pub(crate) async fn serve(
         let stopping = *stop.borrow();
         match result {
             Forwarded::Done { status, instance, keep_alive } => {
-                finish(&state, &conn, start, &plan, Some(&plan.host), status, Some(&instance));
+                finish(&state, &conn, start, &plan, Some(&plan.host), status, Some(&instance), Some(&route.deployment));
                 if !keep_alive || plan.close || stopping {
                     return;
                 }
@@ -574,13 +574,14 @@ pub(crate) async fn serve(
                 let status = response.status().as_u16();
                 let close = plan.close || stopping;
                 let written = write_page(&mut stream, response, &plan, close, &mut bufs.upstream).await;
-                finish(&state, &conn, start, &plan, Some(&plan.host), status, None);
+                finish(&state, &conn, start, &plan, Some(&plan.host), status, None, Some(&route.deployment));
                 if written.is_err() || close {
                     return;
                 }
             }
             Forwarded::Aborted { status, instance } => {
-                finish(&state, &conn, start, &plan, Some(&plan.host), status, instance.as_deref());
+                let dep = Some(route.deployment.as_str());
+                finish(&state, &conn, start, &plan, Some(&plan.host), status, instance.as_deref(), dep);
                 return;
             }
         }
@@ -592,6 +593,7 @@ fn admit(state: &EdgeState, plan: &Plan, conn: &ConnInfo) -> Admission {
     proxy::admit(state, &plan.host, conn, &plan.target, len, plan.skew_cookie.as_deref())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     state: &EdgeState,
     conn: &ConnInfo,
@@ -600,9 +602,10 @@ fn finish(
     host: Option<&str>,
     status: u16,
     upstream: Option<&str>,
+    deployment: Option<&str>,
 ) {
     let path = plan.target.split('?').next().unwrap_or("/");
-    let done = Done { method: &plan.method, host, path, status, request_id: &plan.request_id, upstream };
+    let done = Done { method: &plan.method, host, path, status, request_id: &plan.request_id, upstream, deployment };
     proxy::record(state, conn, start, &done);
 }
 

@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod skew;
 pub mod table;
 pub mod tls;
+pub mod traffic;
 pub mod wake;
 
 use std::collections::{HashMap, HashSet};
@@ -304,6 +305,8 @@ pub struct EdgeState {
     acme: RwLock<HashMap<(String, String), String>>,
     /// Requests held for waking deployments, and request activity for the operator.
     pub wakes: wake::Wakes,
+    /// Per-deployment requests, 5xx answers and latency for the operator's release analysis.
+    pub traffic: traffic::Traffic,
 }
 
 impl EdgeState {
@@ -392,6 +395,7 @@ impl EdgeProxy {
             acme: RwLock::new(HashMap::new()),
             operator: Client::new(&config.operator_url, config.token.clone()),
             wakes: wake::Wakes::default(),
+            traffic: traffic::Traffic::default(),
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -486,6 +490,7 @@ impl EdgeProxy {
             tracing::info!("not announced to load balancers: listening on all addresses; set advertise_address");
         }
         tasks.push(tokio::spawn(wake::report_loop(state.clone(), client.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(traffic::report_loop(state.clone(), client.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
         Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks, workers: pool })

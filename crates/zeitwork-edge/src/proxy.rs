@@ -171,7 +171,8 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let rid = request_id(req.headers().get("x-request-id").map(HeaderValue::as_bytes));
-    let (res, host, outcome) = route_request(&state, req, &conn, &rid).await;
+    let mut deployment = None;
+    let (res, host, outcome) = route_request(&state, req, &conn, &rid, &mut deployment).await;
     let mut res = res;
     if let Ok(v) = HeaderValue::from_str(&rid) {
         res.headers_mut().insert("x-request-id", v);
@@ -183,6 +184,7 @@ pub async fn handle(
         status: res.status().as_u16(),
         request_id: &rid,
         upstream: outcome.as_deref(),
+        deployment: deployment.as_deref(),
     };
     record(&state, &conn, start, &done);
     Ok(res)
@@ -198,11 +200,16 @@ pub(crate) struct Done<'a> {
     pub request_id: &'a str,
     /// The instance that answered.
     pub upstream: Option<&'a str>,
+    /// The deployment the request went to (none when Zeitwork answered it).
+    pub deployment: Option<&'a str>,
 }
 
 pub(crate) fn record(state: &EdgeState, conn: &ConnInfo, start: Instant, d: &Done<'_>) {
     let took = start.elapsed();
     state.metrics.observe(d.host, d.status, took);
+    if let Some(deployment) = d.deployment {
+        state.traffic.note(deployment, d.status, took);
+    }
     tracing::info!(
         target: "zeitwork_edge::access",
         client = %conn.client.ip(),
@@ -271,6 +278,8 @@ pub(crate) fn admit(
         return Admission::Answer { response, routed: true };
     }
     let route = crate::skew::pin(state, route, skew_cookie);
+    // A client not pinned to a deployment may be sent to a canary.
+    let route = crate::traffic::split(route, conn.client.ip());
     state.wakes.note_request(&route.deployment);
     Admission::Proxy(route)
 }
@@ -287,6 +296,7 @@ async fn route_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
     rid: &str,
+    deployment: &mut Option<String>,
 ) -> (Response<Body>, Option<String>, Option<String>) {
     let host = match request_host(&req) {
         Ok(h) => h,
@@ -330,6 +340,7 @@ async fn route_request(
         Admission::Proxy(route) => route,
         Admission::Answer { response, routed } => return (response, routed.then_some(host), None),
     };
+    *deployment = Some(route.deployment.clone());
     let stamp = crate::skew::stamp(&host, skew_cookie.as_deref(), &route, conn.tls);
     let (mut res, host, outcome) = forward(state, req, conn, rid, host, route).await;
     if outcome.is_some() {

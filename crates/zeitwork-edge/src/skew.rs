@@ -126,6 +126,7 @@ mod tests {
             gone: false,
             served: vec![],
             skew_max_age_secs: None,
+            canary: None,
         }
     }
 

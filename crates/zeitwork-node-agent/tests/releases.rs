@@ -1,348 +1,479 @@
 //! Safer releases with real parts: an operator on SQLite, a real registry,
-//! runc instances and an edge proxy in front.
-//!
-//! - Skew protection: a browser pinned by its cookie keeps getting the version
-//!   that served its page after a deploy, new browsers get the new one, and a
-//!   cookie naming another project's deployment is ignored; on both of the
-//!   edge's HTTP/1.1 paths.
-//! - Release commands run once before traffic moves, their output in the
-//!   deployment's logs; a failing one fails the deployment with its output.
-//! - A rollback across a deployment that migrated data is refused without
-//!   `force` and goes through with it.
+//! runc instances, and an edge proxy carrying continuous load from many
+//! client addresses. A version that answers 500 on its main path after
+//! passing readiness is rolled back on its own, with the reason recorded,
+//! audited and notified; a healthy version passes a 1/10/50/100 canary with
+//! every client kept on its side; bad release settings are refused naming
+//! the field.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use zeitwork_client::Client;
-use zeitwork_control_plane::OperatorConfig;
+use zeitwork_control_plane::{Operator, OperatorConfig};
 use zeitwork_node_agent::NodeAgent;
 
 mod common;
 
-/// An image answering `version` on every path.
-async fn versioned(reg: &zeitwork_testkit::Registry, version: &str) -> String {
-    let script = format!("echo {version} > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp");
-    reg.push_busybox("acme/web", version, &script).await.unwrap()
-}
+/// Instance addresses of this file's agent.
+const RANGE: &str = "10.244.0.0";
 
-/// Records a deployment (`extra` merged into the request); its id.
-async fn deploy(admin: &Client, project: &str, image: &str, extra: Value) -> String {
-    let mut body = json!({"org": "acme", "project": project, "image": image, "instances_per_region": 1});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    let d: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
-    d["id"].as_str().unwrap().to_owned()
-}
-
-/// Waits until deployment `id` is `status` (or failed, or 90 s passed: then says what it is).
-async fn wait_for(admin: &Client, id: &str, status: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
-        if d["status"] == status {
-            return d;
-        }
-        if d["status"] == "failed" || Instant::now() > deadline {
-            let i: Value = admin.get(&format!("/api/v1/deployments/{id}/instances")).await.unwrap();
-            panic!("{id} never became {status}: {d}\ninstances: {i}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A response read off the wire: status, headers (lowercase names) and body.
-#[derive(Debug)]
-struct Answer {
+/// One answer the load saw.
+#[derive(Debug, Clone)]
+struct Hit {
+    at: Instant,
+    client: usize,
+    /// 0 when no answer came (connection refused, timeout).
     status: u16,
-    headers: Vec<(String, String)>,
     body: String,
 }
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// Clients, each with its own loopback address, each asking `path` of
+/// `host` through the edge every `every` until `stop`.
+fn load(
+    edge: SocketAddr,
+    host: &str,
+    path: &str,
+    clients: &[IpAddr],
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Hit>>> {
+    clients
+        .iter()
+        .enumerate()
+        .map(|(n, ip)| {
+            let (host, url, mut stop, ip) = (host.to_owned(), format!("http://{edge}{path}"), stop.clone(), *ip);
+            tokio::spawn(async move {
+                let http =
+                    reqwest::Client::builder().local_address(ip).timeout(Duration::from_secs(5)).build().unwrap();
+                let mut hits = Vec::new();
+                while !*stop.borrow() {
+                    let (status, body) = match http.get(&url).header("host", &host).send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            (status, r.text().await.unwrap_or_default().trim().to_owned())
+                        }
+                        Err(_) => (0, String::new()),
+                    };
+                    hits.push(Hit { at: Instant::now(), client: n, status, body });
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                hits
+            })
+        })
+        .collect()
+}
+
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<Hit>>>) -> Vec<Hit> {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by_key(|h| h.at);
+    all
+}
+
+/// A webhook receiver that keeps every body it is sent (answers 204).
+fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            while let Ok(n) = s.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf);
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let len = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= head_end + 4 + len {
+                        keep.lock().unwrap().push(String::from_utf8_lossy(&buf[head_end + 4..]).into_owned());
+                        break;
+                    }
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (addr, got)
+}
+
+struct Platform {
+    op: Operator,
+    admin: Client,
+    agent: NodeAgent,
+    edge: zeitwork_edge::EdgeProxy,
+    _dir: tempfile::TempDir,
+}
+
+async fn platform() -> Platform {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("op"),
+        apps_scheme: "http".into(),
+        notifications_allow_internal: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let agent_token = common::cluster_token(&admin, "node-agent").await;
+    let edge_token = common::cluster_token(&admin, "edge-proxy").await;
+    let mut config = common::agent_config(&base, agent_token, dir.path(), "releases-node", RANGE);
+    config.stop_grace_secs = 2;
+    let agent = NodeAgent::start(config).await.unwrap();
+    let edge = zeitwork_edge::EdgeProxy::start(zeitwork_edge::EdgeConfig {
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        operator_url: base.clone(),
+        token: Some(edge_token),
+        rate_limit: zeitwork_api_types::RateLimit { requests_per_second: 100_000, burst: 100_000 },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    Platform { op, admin, agent, edge, _dir: dir }
+}
+
+impl Platform {
+    async fn deploy(&self, project: &str, image: &str) -> String {
+        let d: Value = self
+            .admin
+            .post(
+                "/api/v1/deployments",
+                &json!({"org": "acme", "project": project, "image": image, "instances_per_region": 1}),
+            )
+            .await
+            .unwrap();
+        d["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn deployment(&self, id: &str) -> Value {
+        self.admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap()
+    }
+
+    /// Waits until `id` is in one of `want`; its body then.
+    async fn wait_for(&self, id: &str, want: &[&str], within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.deployment(id).await;
+            if want.iter().any(|w| d["status"] == *w) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {want:?}: {d}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `host` answers `want` through the edge.
+    async fn wait_served(&self, host: &str, path: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let res = reqwest::Client::new()
+                .get(format!("http://{}{path}", self.edge.http_addr()))
+                .header("host", host)
+                .send()
+                .await;
+            if let Ok(r) = res {
+                if r.status() == 200 && r.text().await.unwrap_or_default().trim() == want {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{host}{path} never answered {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
-/// Sends one request to the edge as raw bytes and reads the answer until the
-/// connection closes. `HTTP/1.1` requests take the edge's lean path, `HTTP/1.0`
-/// ones its general (hyper) path.
-async fn get(edge: std::net::SocketAddr, version: &str, host: &str, cookie: Option<&str>) -> Answer {
-    let mut s = tokio::net::TcpStream::connect(edge).await.unwrap();
-    let cookie = cookie.map(|c| format!("Cookie: theme=dark; {c}\r\n")).unwrap_or_default();
-    let req = format!("GET / HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{cookie}\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer { status, headers, body: body.to_owned() }
+/// A CGI script for busybox httpd that answers `status` with `body`.
+fn cgi(status: &str, body: &str) -> String {
+    format!(
+        "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\necho \"Status: {status}\"\\necho \"Content-Type: text/plain\"\\necho\\necho {body}\\n' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && exec /bin/busybox httpd -f -p $PORT -h /www"
+    )
+}
+
+fn clients(third: u8, n: u8) -> Vec<IpAddr> {
+    (1..=n).map(|i| IpAddr::from([127, 0, third, i])).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_pinned_by_its_cookie_keeps_its_version_after_a_deploy() {
+async fn a_regression_is_rolled_back_on_its_own_and_a_healthy_canary_passes() {
     let reg = zeitwork_testkit::Registry::start().unwrap();
-    let (v1, v2) = (versioned(&reg, "v1").await, versioned(&reg, "v2").await);
-    let shop_image = versioned(&reg, "shop").await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = OperatorConfig { apps_scheme: "http".into(), ..Default::default() };
-    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
-    let (op, base, admin) = common::operator(dir.path(), config, project).await;
-    admin
+    // Both answer readiness on `/` (the static index); the bad one fails its main path.
+    let good = reg.push_busybox("acme/web", "good", &cgi("200 OK", "v1")).await.unwrap();
+    let bad = reg.push_busybox("acme/web", "bad", &cgi("500 Internal Server Error", "broken")).await.unwrap();
+    let p = platform().await;
+    let (hook_at, hooks) = webhook_receiver();
+
+    // ---- automatic rollback
+    p.admin
         .post::<_, Value>(
             "/api/v1/projects",
-            &json!({"name": "shop", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}}),
+            &json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128},
+                    "auto_rollback": {"window_secs": 10, "min_requests": 20, "watch_secs": 300}}),
         )
         .await
         .unwrap();
-
-    // Bad settings are refused, naming the field.
-    for (body, field) in [
-        (json!({"skew_protection": {"enabled": true, "max_age_secs": 5}}), "skew_protection.max_age_secs"),
-        (json!({"skew_protection": {"enabled": true, "max_age": 600}}), "max_age"),
-    ] {
-        let e = admin.patch::<_, Value>("/api/v1/projects/acme/web", &body).await.unwrap_err();
-        assert_eq!(e.status(), Some(400), "{body}: {e}");
-        assert!(e.to_string().contains(field), "{body}: {e}");
-    }
-
-    let token = common::cluster_token(&admin, "node-agent").await;
-    let agent =
-        NodeAgent::start(common::agent_config(&base, token, dir.path(), "skew-node", "10.245.0.0")).await.unwrap();
-    let edge = common::edge(&base, common::cluster_token(&admin, "edge-proxy").await, 0).await;
-    let at = edge.http_addr();
-    let stable = "web-acme.zeitwork.localhost";
-
-    let shop = deploy(&admin, "shop", &shop_image, json!({})).await;
-    let old = deploy(&admin, "web", &v1, json!({})).await;
-    wait_for(&admin, &shop, "active").await;
-    wait_for(&admin, &old, "active").await;
-
-    // Off by default: no cookie.
-    let a = get(at, "1.1", stable, None).await;
-    assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "{a:?}");
-    assert_eq!(a.header("set-cookie"), None, "{a:?}");
-
-    let p: Value = admin
-        .patch("/api/v1/projects/acme/web", &json!({"skew_protection": {"enabled": true, "max_age_secs": 600}}))
+    p.admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{hook_at}/hook"), "secret": "a webhook secret of ours",
+                    "events": ["deployment.auto_rollback"]}),
+        )
         .await
         .unwrap();
-    assert_eq!(p["skew_protection"], json!({"enabled": true, "max_age_secs": 600}));
-    // The edge learns of the setting with the next routing table.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let first = loop {
-        let a = get(at, "1.1", stable, None).await;
-        if a.header("set-cookie").is_some() {
-            break a;
-        }
-        assert!(Instant::now() < deadline, "no cookie after turning skew protection on: {a:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(first.body, "v1\n");
-    assert_eq!(
-        first.header("set-cookie"),
-        Some(format!("zeitwork_deployment={old}; Max-Age=600; Path=/; HttpOnly; SameSite=Lax").as_str()),
-        "{first:?}"
+    let v1 = p.deploy("web", &good).await;
+    p.wait_for(&v1, &["active"], Duration::from_secs(90)).await;
+    let host = "web-acme.zeitwork.localhost";
+    p.wait_served(host, "/cgi-bin/app", "v1").await;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = load(p.edge.http_addr(), host, "/cgi-bin/app", &clients(1, 6), Duration::from_millis(100), stop_rx);
+    // The previous deployment's figures make the baseline.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let v2 = p.deploy("web", &bad).await;
+    p.wait_for(&v2, &["active", "rolled_back", "failed"], Duration::from_secs(90)).await;
+    let rolled = p.wait_for(&v2, &["rolled_back"], Duration::from_secs(60)).await;
+    let rolled_seen = Instant::now();
+    // Load goes on for a while after the rollback: it must all be v1 again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send(true).unwrap();
+    let hits = gather(tasks).await;
+
+    let reason = rolled["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("rolled back automatically to") && reason.contains(&v1), "{reason}");
+    assert!(reason.contains("5xx rate"), "{reason}");
+    let project: Value = p.admin.get("/api/v1/projects/acme/web").await.unwrap();
+    assert_eq!(project["current_deployment"]["production"], v1.as_str(), "{project}");
+    assert_eq!(p.deployment(&v1).await["status"], "active");
+    let rollout: Value = p.admin.get(&format!("/api/v1/deployments/{v2}/rollout")).await.unwrap();
+    assert_eq!(rollout["state"], "rolled_back", "{rollout}");
+    assert_eq!(rollout["analysis"]["verdict"], "regressed", "{rollout}");
+    // Every failed answer a client saw was counted by the edge and reported, once.
+    let failed_seen = hits.iter().filter(|h| h.status >= 500).count() as u64;
+    assert_eq!(rollout["served"]["errors"].as_u64(), Some(failed_seen), "{rollout}");
+
+    let failed: Vec<&Hit> = hits.iter().filter(|h| h.status >= 500 || h.status == 0).collect();
+    let first_bad = failed.first().expect("the bad version answered some requests").at;
+    let last_bad = failed.last().unwrap().at;
+    let tail: Vec<&Hit> = hits.iter().filter(|h| h.at > rolled_seen + Duration::from_secs(1)).collect();
+    assert!(
+        !tail.is_empty() && tail.iter().all(|h| h.status == 200 && h.body == "v1"),
+        "after the rollback every answer is v1"
     );
-    assert_eq!(first.header("x-zeitwork-deployment"), Some(old.as_str()));
-    let pinned_old = format!("zeitwork_deployment={old}");
+    assert!(
+        hits.iter().all(|h| h.status == 200 || h.status >= 500),
+        "no request was lost to anything but the bad version"
+    );
+    // The operator's own count, from the edge's figures, is in the reason.
+    let counted = reason.split("; ").last().unwrap_or_default().to_owned();
+    println!(
+        "automatic rollback: {} of {} requests failed on the client side ({counted}); regression to rollback {:.2} s \
+         (first failure to rolled_back), first to last failure {:.2} s",
+        failed.len(),
+        hits.len(),
+        (rolled_seen - first_bad).as_secs_f64(),
+        (last_bad - first_bad).as_secs_f64(),
+    );
+    println!("  reason: {reason}");
+    println!(
+        "  the operator's count once every report was in: {} of {} requests to the bad version failed",
+        rollout["served"]["errors"], rollout["served"]["requests"]
+    );
 
-    // A new version goes live; the old one stands by.
-    let new = deploy(&admin, "web", &v2, json!({})).await;
-    wait_for(&admin, &new, "active").await;
-    wait_for(&admin, &old, "standby").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(at, "1.1", stable, None).await.body != "v2\n" {
-        assert!(Instant::now() < deadline, "the stable address never moved to v2");
+    // Audited, and told through the outbox.
+    let events: Vec<Value> = p.admin.get("/api/v1/events?org=acme&action=deployment.auto_rollback").await.unwrap();
+    assert!(events.iter().any(|e| e["target"] == v2.as_str()), "{events:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hooks.lock().unwrap().iter().any(|b| b.contains("deployment.auto_rollback") && b.contains(&v2)) {
+        assert!(Instant::now() < deadline, "the webhook never got the rollback: {:?}", hooks.lock().unwrap());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Nothing switches to a rolled-back deployment again.
+    let again = p.admin.post::<_, Value>("/api/v1/projects/acme/web/rollback", &json!({"to": v2})).await.unwrap_err();
+    assert_eq!(again.status(), Some(409), "{again}");
 
-    for version in ["1.1", "1.0"] {
-        // The pinned client keeps its version, and is not told to change its cookie.
-        let a = get(at, version, stable, Some(&pinned_old)).await;
-        assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "HTTP/{version}: {a:?}");
-        assert_eq!(a.header("x-zeitwork-deployment"), Some(old.as_str()), "HTTP/{version}: {a:?}");
-        assert_eq!(a.header("set-cookie"), None, "HTTP/{version}: {a:?}");
-
-        // A new client gets the new version, and a cookie naming it.
-        let a = get(at, version, stable, None).await;
-        assert_eq!((a.status, a.body.as_str()), (200, "v2\n"), "HTTP/{version}: {a:?}");
-        let cookie = a.header("set-cookie").unwrap_or_default();
-        assert!(cookie.starts_with(&format!("zeitwork_deployment={new};")), "HTTP/{version}: {a:?}");
-
-        // Forged or broken cookies are ignored: another project's deployment, garbage.
-        for forged in [format!("zeitwork_deployment={shop}"), "zeitwork_deployment=../../x".to_owned()] {
-            let a = get(at, version, stable, Some(&forged)).await;
-            assert_eq!((a.status, a.body.as_str()), (200, "v2\n"), "HTTP/{version} {forged}: {a:?}");
-            assert!(
-                a.header("set-cookie").unwrap_or_default().starts_with(&format!("zeitwork_deployment={new};")),
-                "HTTP/{version} {forged}: {a:?}"
-            );
-        }
-        // The other project's own address is not touched by a cookie naming web's deployment.
-        let a = get(at, version, "shop-acme.zeitwork.localhost", Some(&pinned_old)).await;
-        assert_eq!((a.status, a.body.as_str()), (200, "shop\n"), "HTTP/{version}: {a:?}");
-    }
-
-    // A sleeping deployment still serves its pinned clients: the request is held while it wakes.
-    admin.post_empty::<Value>(&format!("/api/v1/deployments/{old}/sleep")).await.unwrap();
-    wait_for(&admin, &old, "sleeping").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admin
-        .get::<Value>(&format!("/api/v1/deployments/{old}/instances"))
+    // ---- a healthy canary, 1/10/50/100
+    let shop1 = reg
+        .push_busybox("acme/shop", "v1", "echo v1 > /www/version && exec /bin/busybox httpd -f -p $PORT -h /www")
         .await
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|i| i["status"] == "ready")
-    {
-        assert!(Instant::now() < deadline, "the sleeping deployment kept a ready instance");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let a = get(at, "1.1", stable, Some(&pinned_old)).await;
-    assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "a pinned client of a sleeping deployment: {a:?}");
-    let d: Value = admin.get(&format!("/api/v1/deployments/{old}")).await.unwrap();
-    assert_ne!(d["status"], "sleeping", "answered without waking it: {d}");
-
-    // A retired deployment pins nobody: the client gets the active version and a new cookie.
-    admin.delete(&format!("/api/v1/deployments/{old}")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+        .unwrap();
+    let shop2 = reg
+        .push_busybox("acme/shop", "v2", "echo v2 > /www/version && exec /bin/busybox httpd -f -p $PORT -h /www")
+        .await
+        .unwrap();
+    // Latency on a shared test machine is noise (a few hundred requests, other
+    // builds on the same cores), not what this canary is about: only errors decide.
+    p.admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "shop", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128},
+                    "auto_rollback": {"window_secs": 5, "min_requests": 10, "latency_factor": 100},
+                    "rollout": {"steps": [1, 10, 50, 100], "step_secs": 4}}),
+        )
+        .await
+        .unwrap();
+    let c1 = p.deploy("shop", &shop1).await;
+    p.wait_for(&c1, &["active"], Duration::from_secs(90)).await;
+    let host = "shop-acme.zeitwork.localhost";
+    p.wait_served(host, "/version", "v1").await;
+    let shoppers = clients(2, 40);
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = load(p.edge.http_addr(), host, "/version", &shoppers, Duration::from_millis(250), stop_rx);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c2 = p.deploy("shop", &shop2).await;
+    // The steps as the operator reports them, with when each began.
+    let mut steps: Vec<(Instant, u32)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let a = get(at, "1.1", stable, Some(&pinned_old)).await;
-        if a.body == "v2\n" {
-            assert!(a.header("set-cookie").unwrap_or_default().contains(&new), "{a:?}");
+        let d = p.deployment(&c2).await;
+        if let Ok(r) = p.admin.get::<Value>(&format!("/api/v1/deployments/{c2}/rollout")).await {
+            let w = r["weight"].as_u64().unwrap_or(0) as u32;
+            if steps.last().map(|s| s.1) != Some(w) {
+                steps.push((Instant::now(), w));
+            }
+        }
+        assert!(d["status"] != "rolled_back" && d["status"] != "failed", "the healthy canary was sent back: {d}");
+        if d["status"] == "active" {
             break;
         }
-        assert!(Instant::now() < deadline, "a retired deployment still served a pinned client: {a:?}");
+        assert!(Instant::now() < deadline, "the canary never finished: {d}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    let hits = gather(tasks).await;
 
-    edge.shutdown().await;
-    agent.shutdown().await;
-    op.shutdown().await;
+    let weights: Vec<u32> = steps.iter().map(|s| s.1).collect();
+    assert_eq!(weights, vec![1, 10, 50, 100], "the canary went through every step");
+    let rollout: Value = p.admin.get(&format!("/api/v1/deployments/{c2}/rollout")).await.unwrap();
+    assert_eq!(rollout["state"], "watching", "{rollout}");
+    assert_eq!(p.deployment(&c1).await["status"], "standby");
+    assert!(hits.iter().all(|h| h.status == 200), "no failures during a healthy canary");
+    // Sticky: a client that reached the new version never went back to the old one.
+    let mut on_new: BTreeMap<usize, Instant> = BTreeMap::new();
+    for h in &hits {
+        match h.body.as_str() {
+            "v2" => {
+                on_new.entry(h.client).or_insert(h.at);
+            }
+            "v1" => assert!(!on_new.contains_key(&h.client), "client {} went back to v1 after v2", h.client),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(hits.iter().filter(|h| h.at > promoted + Duration::from_secs(1)).all(|h| h.body == "v2"));
+    // Figures per step, from its middle (a routing update takes a moment to reach the edge).
+    let last_hit = hits.last().map_or(promoted, |h| h.at);
+    for (i, (at, w)) in steps.iter().enumerate() {
+        let end = steps.get(i + 1).map_or(last_hit, |s| s.0);
+        let margin = Duration::from_millis(500);
+        let in_step: Vec<&Hit> = hits.iter().filter(|h| h.at >= *at + margin && h.at + margin < end).collect();
+        let new = in_step.iter().filter(|h| h.body == "v2").count();
+        let mut clients_new: Vec<usize> = in_step.iter().filter(|h| h.body == "v2").map(|h| h.client).collect();
+        clients_new.dedup();
+        clients_new.sort_unstable();
+        clients_new.dedup();
+        println!(
+            "canary step {w:>3} %: {:>4} requests, {:>5.1} % answered by the new version, {} of {} clients on it",
+            in_step.len(),
+            100.0 * new as f64 / in_step.len().max(1) as f64,
+            clients_new.len(),
+            shoppers.len()
+        );
+    }
+    p.edge.shutdown().await;
+    p.agent.shutdown().await;
+    drop(p.op);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn release_commands_run_before_traffic_and_rollbacks_respect_migrations() {
-    let reg = zeitwork_testkit::Registry::start().unwrap();
-    let (v1, v2, v3) = (versioned(&reg, "v1").await, versioned(&reg, "v2").await, versioned(&reg, "v3").await);
+/// Settings out of range, canary steps not increasing or not ending at
+/// 100: refused with 400, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_release_settings_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let config = OperatorConfig { apps_scheme: "http".into(), ..Default::default() };
-    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
-    let (op, base, admin) = common::operator(dir.path(), config, project).await;
+    let (op, _base, admin) = common::operator(
+        dir.path(),
+        OperatorConfig::default(),
+        json!({"name": "web", "org": "acme", "resources": {"vcpu": 1, "memory": 128}}),
+    )
+    .await;
+    let cases = [
+        (json!({"auto_rollback": {"error_rate": 5}}), "auto_rollback.error_rate"),
+        (json!({"auto_rollback": {"latency_factor": 1.0}}), "auto_rollback.latency_factor"),
+        (json!({"auto_rollback": {"window_secs": 0}}), "auto_rollback.window_secs"),
+        (json!({"auto_rollback": {"min_requests": 0}}), "auto_rollback.min_requests"),
+        (json!({"auto_rollback": {"watch_secs": 100000}}), "auto_rollback.watch_secs"),
+        (json!({"auto_rollback": {"enabled": true, "bogus": 1}}), "bogus"),
+        (json!({"rollout": {"steps": [1, 10, 10, 100], "step_secs": 60}}), "rollout.steps[2]"),
+        (json!({"rollout": {"steps": [50, 10, 100], "step_secs": 60}}), "rollout.steps[1]"),
+        (json!({"rollout": {"steps": [1, 10, 50], "step_secs": 60}}), "rollout.steps"),
+        (json!({"rollout": {"steps": [0, 100], "step_secs": 60}}), "rollout.steps[0]"),
+        (json!({"rollout": {"steps": [], "step_secs": 60}}), "rollout.steps"),
+        (json!({"rollout": {"steps": [10, 100], "step_secs": 0}}), "rollout.step_secs"),
+    ];
+    for (patch, field) in &cases {
+        let e = admin.patch::<_, Value>("/api/v1/projects/acme/web", patch).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{patch}: {e}");
+        assert!(e.to_string().contains(field), "{patch}: {e} should name {field}");
+        let mut create = json!({"name": "other", "org": "acme"});
+        for (k, v) in patch.as_object().unwrap() {
+            create[k] = v.clone();
+        }
+        let e = admin.post::<_, Value>("/api/v1/projects", &create).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{create}: {e}");
+    }
+    // Good settings are kept, and `null` switches canaries off again.
+    let p: Value = admin
+        .patch(
+            "/api/v1/projects/acme/web",
+            &json!({"auto_rollback": {"enabled": false}, "rollout": {"steps": [5, 100], "step_secs": 30}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p["auto_rollback"]["enabled"], false);
+    assert_eq!(p["auto_rollback"]["error_rate"], 0.05, "fields left out keep their defaults");
+    assert_eq!(p["rollout"]["steps"], json!([5, 100]));
+    let p: Value = admin.patch("/api/v1/projects/acme/web", &json!({"rollout": null})).await.unwrap();
+    assert!(p["rollout"].is_null(), "{p}");
 
-    // Bad input is refused, naming the field.
+    // Per deploy: checked the same way, and kept with the deployment.
+    let deploy = |rollout: Value| json!({"org": "acme", "project": "web", "image": "registry.example.com/acme/web:1", "rollout": rollout});
     let e = admin
-        .patch::<_, Value>("/api/v1/projects/acme/web", &json!({"release_command": "echo \u{7}"}))
+        .post::<_, Value>("/api/v1/deployments", &deploy(json!({"steps": [10, 5, 100], "step_secs": 60})))
         .await
         .unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
-    assert!(e.to_string().contains("release_command"), "{e}");
-    let body = json!({"org": "acme", "project": "web", "image": v1, "release_command": "x".repeat(5000)});
-    let e = admin.post::<_, Value>("/api/v1/deployments", &body).await.unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
-    assert!(e.to_string().contains("release_command"), "{e}");
-    let body = json!({"org": "acme", "project": "web", "image": v1, "migration": "yes"});
-    let e = admin.post::<_, Value>("/api/v1/deployments", &body).await.unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
-    assert!(e.to_string().contains("migration"), "{e}");
-
-    let token = common::cluster_token(&admin, "node-agent").await;
-    let agent =
-        NodeAgent::start(common::agent_config(&base, token, dir.path(), "release-node", "10.245.128.0")).await.unwrap();
-
-    // The project's release command runs before the first deployment goes live; its output is in the logs.
-    admin
-        .patch::<_, Value>(
-            "/api/v1/projects/acme/web",
-            &json!({"release_command": "echo running release for $GREETING; echo schema is at version 1"}),
-        )
-        .await
-        .unwrap();
-    admin.put::<_, Value>("/api/v1/projects/acme/web/env/GREETING", &json!({"value": "acme-web"})).await.unwrap();
-    // Two instances: one runs the release, the other starts once it has.
-    let first = deploy(&admin, "web", &v1, json!({"instances_per_region": 2})).await;
-    let d = wait_for(&admin, &first, "active").await;
-    assert_eq!(d["release_command"], "echo running release for $GREETING; echo schema is at version 1");
-    let (_, _, logs) =
-        admin.send_raw(reqwest::Method::GET, &format!("/api/v1/deployments/{first}/logs"), None).await.unwrap();
-    let logs = String::from_utf8_lossy(&logs);
-    assert!(logs.contains("running release for acme-web"), "the release's output is not in the logs:\n{logs}");
-    assert_eq!(logs.matches("schema is at version 1").count(), 1, "the release ran more than once:\n{logs}");
-    let instances: Vec<Value> = admin.get(&format!("/api/v1/deployments/{first}/instances")).await.unwrap();
-    assert_eq!(instances.iter().filter(|i| i["status"] == "ready").count(), 2, "{instances:?}");
-
-    // A deployment that migrates data, then one that does not.
-    let migrating = deploy(
-        &admin,
-        "web",
-        &v2,
-        json!({"migration": true, "release_command": "echo migrating the schema to version 2"}),
-    )
-    .await;
-    let d = wait_for(&admin, &migrating, "active").await;
-    assert_eq!(d["migration"], true);
-    let third = deploy(&admin, "web", &v3, json!({})).await;
-    wait_for(&admin, &third, "active").await;
-
-    // A failing release command fails its deployment with its output; traffic stays where it was.
-    let broken = deploy(
-        &admin,
-        "web",
-        &v1,
-        json!({"release_command": "echo connecting to the database; echo 'migration 7 failed: column exists' >&2; exit 3"}),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let failed = loop {
-        let d: Value = admin.get(&format!("/api/v1/deployments/{broken}")).await.unwrap();
-        if d["status"] == "failed" {
-            break d;
-        }
-        assert_ne!(d["status"], "active", "a deployment whose release failed went live: {d}");
-        assert!(Instant::now() < deadline, "{broken} never failed: {d}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let reason = failed["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("release command failed"), "{failed}");
-    assert!(reason.contains("migration 7 failed: column exists"), "{failed}");
-    assert!(reason.contains("connecting to the database"), "{failed}");
-    let current: Value = admin.get("/api/v1/projects/acme/web/deployments/current").await.unwrap();
-    assert_eq!(current["id"], third.as_str());
-
-    // Going back to the migrating deployment crosses nothing.
-    let to_migrating = json!({"to": migrating});
-    let d: Value = admin.post("/api/v1/projects/acme/web/rollback", &to_migrating).await.unwrap();
-    assert_eq!(d["id"], migrating.as_str());
-    // Going back past it is refused, saying how to insist; the engine can ask the same question.
-    let crossed = op.store.rollback_crosses_migration(&migrating, &first, zeitwork_api_types::Environment::Production);
-    assert_eq!(crossed.await.unwrap().map(|d| d.id), Some(migrating.clone()));
-    let back = json!({"to": first});
-    let e = admin.post::<_, Value>("/api/v1/projects/acme/web/rollback", &back).await.unwrap_err();
-    assert_eq!(e.status(), Some(409), "{e}");
-    assert!(e.to_string().contains("--force") && e.to_string().contains(&migrating), "{e}");
-    // From the newest deployment too: it still goes back past the migration.
-    admin.post::<_, Value>("/api/v1/projects/acme/web/rollback", &json!({"to": third})).await.unwrap();
-    let e = admin.post::<_, Value>("/api/v1/projects/acme/web/rollback", &back).await.unwrap_err();
-    assert_eq!(e.status(), Some(409), "{e}");
-    let current: Value = admin.get("/api/v1/projects/acme/web/deployments/current").await.unwrap();
-    assert_eq!(current["id"], third.as_str(), "a refused rollback moved traffic");
-    // With force it goes through.
-    let forced: Value =
-        admin.post("/api/v1/projects/acme/web/rollback", &json!({"to": first, "force": true})).await.unwrap();
-    assert_eq!(forced["id"], first.as_str());
-    let current: Value = admin.get("/api/v1/projects/acme/web/deployments/current").await.unwrap();
-    assert_eq!(current["id"], first.as_str());
-
-    agent.shutdown().await;
-    op.shutdown().await;
+    assert!(e.to_string().contains("rollout.steps[1]"), "{e}");
+    let d: Value =
+        admin.post("/api/v1/deployments", &deploy(json!({"steps": [20, 100], "step_secs": 5}))).await.unwrap();
+    let kept = op.store.deployment_rollout(d["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(kept, Some(zeitwork_api_types::Rollout { steps: vec![20, 100], step_secs: 5 }));
 }

@@ -217,6 +217,8 @@ pub struct RoutingRows {
     pub current: Vec<CurrentDeployment>,
     /// (domain, org, project, environment, verified).
     pub domains: Vec<(String, String, String, Environment, bool)>,
+    /// Environments that send a share of their clients to a canary.
+    pub canaries: Vec<crate::CanaryRow>,
 }
 
 /// The deployment an environment of a project points at.
@@ -361,12 +363,26 @@ impl Store {
     /// transaction. Used for activation, rollback and promotion.
     pub async fn point_environment(&self, deployment: &str, env: Environment, audit: &Audit) -> Result<()> {
         let d = self.get_deployment(deployment).await?;
+        let mut tx = self.writer.begin().await?;
+        self.point_environment_in(&mut tx, &d, env).await?;
+        append_event(&mut tx, audit, "ok").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `point_environment` inside a transaction the caller commits; returns
+    /// the deployment that served `env` before, if another one did.
+    pub(crate) async fn point_environment_in(
+        &self,
+        tx: &mut AnyConnection,
+        d: &Deployment,
+        env: Environment,
+    ) -> Result<Option<String>> {
         let project_id = sqlx::query("SELECT project_id FROM deployments WHERE id = $1")
-            .bind(deployment)
-            .fetch_one(&self.reader)
+            .bind(&d.id)
+            .fetch_one(&mut *tx)
             .await?
             .text("project_id")?;
-        let mut tx = self.writer.begin().await?;
         let row = sqlx::query(&format!("SELECT current_deployments FROM projects WHERE id = $1{}", self.for_update()))
             .bind(&project_id)
             .fetch_optional(&mut *tx)
@@ -380,6 +396,7 @@ impl Store {
             (Environment::Preview, Some(n)) => preview_slot(n),
             _ => env.as_str().to_owned(),
         };
+        let mut replaced = None;
         if let Some(previous) = current.insert(slot, d.id.clone()) {
             // The one replaced goes to standby unless it still serves another environment.
             if previous != d.id && !current.values().any(|v| *v == previous) {
@@ -390,6 +407,9 @@ impl Store {
                 .bind(&previous)
                 .execute(&mut *tx)
                 .await?;
+            }
+            if previous != d.id {
+                replaced = Some(previous);
             }
         }
         sqlx::query("UPDATE projects SET current_deployments = $1, updated_at = $2 WHERE id = $3")
@@ -409,15 +429,15 @@ impl Store {
         if !served.contains(&env) {
             served.push(env);
         }
-        sqlx::query("UPDATE deployments SET status = 'active', updated_at = $1, served = $3 WHERE id = $2")
-            .bind(now)
-            .bind(&d.id)
-            .bind(served.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","))
-            .execute(&mut *tx)
-            .await?;
-        append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        Ok(())
+        sqlx::query(
+            "UPDATE deployments SET status = 'active', reason = NULL, updated_at = $1, served = $3 WHERE id = $2",
+        )
+        .bind(now)
+        .bind(&d.id)
+        .bind(served.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","))
+        .execute(&mut *tx)
+        .await?;
+        Ok(replaced)
     }
 
     /// Everything the routing table is made of, read in one go.
@@ -546,7 +566,8 @@ impl Store {
                 r.int("verified")? != 0,
             ));
         }
-        Ok(RoutingRows { deployments, current, domains })
+        let canaries = self.canaries().await?;
+        Ok(RoutingRows { deployments, current, domains, canaries })
     }
 }
 

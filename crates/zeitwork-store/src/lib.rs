@@ -26,6 +26,7 @@ mod orgs;
 mod outbox;
 mod projects;
 mod regions;
+mod releases;
 mod retention;
 mod schema;
 mod sessions;
@@ -51,6 +52,7 @@ pub use nodes::*;
 pub use orgs::*;
 pub use outbox::*;
 pub use projects::*;
+pub use releases::*;
 pub use schema::latest_version;
 pub use sessions::*;
 

@@ -16,6 +16,8 @@ pub const NOTIFIED: &[&str] = &[
     "deployment.activate",
     "deployment.fail",
     "deployment.rollback",
+    "deployment.auto_rollback",
+    "rollout.abort",
     "deployment.promote",
     "deployment.sleep",
     "deployment.wake",

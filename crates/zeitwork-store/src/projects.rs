@@ -52,11 +52,13 @@ pub struct NewProject {
     pub staging_branch: Option<String>,
     pub tag_pattern: Option<String>,
     pub build: zeitwork_api_types::BuildSettings,
+    pub auto_rollback: zeitwork_api_types::AutoRollback,
+    pub rollout: Option<zeitwork_api_types::Rollout>,
 }
 
 pub(crate) const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -117,6 +119,17 @@ pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("column skew_protection: {e}")))?,
         release_command: row.opt_text("release_command")?.filter(|c| !c.is_empty()),
+        auto_rollback: from_json("auto_rollback")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column auto_rollback: {e}")))?
+            .unwrap_or_default(),
+        rollout: from_json("rollout")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column rollout: {e}")))?,
     })
 }
 
@@ -164,8 +177,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
              instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at, \
-             sleep_after_secs, retain_deployments, scaling, staging_branch, tag_pattern, build) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18, $19, $20, $21)",
+             sleep_after_secs, retain_deployments, scaling, staging_branch, tag_pattern, build, auto_rollback, rollout) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
         )
         .bind(&id)
         .bind(&org.id)
@@ -188,6 +201,8 @@ impl Store {
         .bind(p.staging_branch.clone())
         .bind(p.tag_pattern.clone())
         .bind(serde_json::to_string(&p.build).unwrap_or_default())
+        .bind(serde_json::to_string(&p.auto_rollback).unwrap_or_default())
+        .bind(p.rollout.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()))
         .execute(&mut *tx)
         .await;
         match res {
@@ -314,6 +329,12 @@ impl Store {
         }
         if let Some(v) = &patch.release_command {
             set_opt(&mut q, "release_command", &v.clone().filter(|c| !c.trim().is_empty()));
+        }
+        if let Some(v) = &patch.auto_rollback {
+            set(&mut q, "auto_rollback", Arg::Text(serde_json::to_string(v).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.rollout {
+            set_opt(&mut q, "rollout", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")

@@ -440,9 +440,46 @@ CREATE TABLE health_samples (
 CREATE INDEX health_samples_check ON health_samples (check_id, at)
 "#,
     ),
-    // Numbered 17 with 16 left to another change: the runner applies each
-    // version it has not seen, in list order, so a gap or a later merge of a
-    // lower number is fine.
+    (
+        16,
+        "releases: automatic rollback and canary rollouts",
+        r#"
+ALTER TABLE projects ADD COLUMN auto_rollback TEXT;
+ALTER TABLE projects ADD COLUMN rollout TEXT;
+ALTER TABLE deployments ADD COLUMN rollout TEXT;
+CREATE TABLE traffic_samples (
+    deployment_id {{text_key}} NOT NULL,
+    edge {{text_key}} NOT NULL,
+    period BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    errors BIGINT NOT NULL,
+    latency TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, edge, period)
+);
+CREATE INDEX traffic_samples_at ON traffic_samples (at);
+CREATE TABLE rollouts (
+    deployment_id {{text_key}} PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    org TEXT NOT NULL,
+    project TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    baseline TEXT,
+    state TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    step_secs BIGINT NOT NULL,
+    step BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    step_started_at BIGINT NOT NULL,
+    activated_at BIGINT,
+    watch_until BIGINT,
+    reason TEXT,
+    analysis TEXT,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX rollouts_state ON rollouts (state)
+"#,
+    ),
     (
         17,
         "skew protection and release commands",

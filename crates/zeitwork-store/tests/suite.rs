@@ -32,6 +32,7 @@ cases!(
     tokens,
     console_sessions,
     blobs_and_archives,
+    traffic_and_rollouts,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -119,6 +120,8 @@ fn new_project(org: &str, name: &str) -> NewProject {
         staging_branch: None,
         tag_pattern: None,
         build: Default::default(),
+        auto_rollback: Default::default(),
+        rollout: None,
     }
 }
 
@@ -736,4 +739,64 @@ async fn the_guides_region_insert_works_on_postgres() {
     assert!(age.num_seconds().abs() < 3600, "created_at defaults to now: {}", r.created_at);
     store.register_node(&node("w1", "us-west"), &audit("node.register")).await.unwrap();
     store.close().await;
+}
+
+/// Edges' traffic figures add up across edges and replace themselves when
+/// sent again; a rollback of a release switches, marks and records in one go.
+async fn traffic_and_rollouts(store: Store) {
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    assert!(p.auto_rollback.enabled, "automatic rollback is on by default");
+    let old = new_deployment(&p, Environment::Production);
+    store.create_deployment(&old, &audit("deployment.create")).await.unwrap();
+    store.activate_deployment(&old.id, &audit("deployment.activate")).await.unwrap();
+    let new = new_deployment(&p, Environment::Production);
+    store.create_deployment(&new, &audit("deployment.create")).await.unwrap();
+
+    let report = |requests: u64, errors: u64| {
+        let mut t = DeploymentTraffic::default();
+        for i in 0..requests {
+            t.observe(if i < errors { 500 } else { 200 }, std::time::Duration::from_millis(4));
+        }
+        std::collections::BTreeMap::from([(new.id.clone(), t)])
+    };
+    store.record_traffic("edge-a", 1000, &report(10, 2)).await.unwrap();
+    store.record_traffic("edge-a", 1000, &report(10, 2)).await.unwrap(); // a retry
+    store.record_traffic("edge-b", 1000, &report(5, 5)).await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let t = store.traffic_between(&new.id, now - 60_000, now + 1000).await.unwrap();
+    assert_eq!((t.requests, t.errors), (15, 7), "two edges add up, a resent report does not");
+    assert_eq!(t.latency.iter().sum::<u64>(), 15);
+    assert_eq!(store.traffic_between(&old.id, now - 60_000, now + 1000).await.unwrap().requests, 0);
+
+    // A watched release: activated, then rolled back to the previous deployment.
+    let r = NewRollout {
+        deployment: new.id.clone(),
+        environment: Environment::Production,
+        baseline: Some(old.id.clone()),
+        state: RolloutState::Watching,
+        steps: vec![],
+        step_secs: 0,
+        watch_until: Some(now + 600_000),
+    };
+    store.start_rollout(&r).await.unwrap();
+    store.start_rollout(&r).await.unwrap(); // twice changes nothing
+    store.activate_deployment(&new.id, &audit("deployment.activate")).await.unwrap();
+    assert_eq!(store.open_rollouts().await.unwrap().len(), 1);
+    let to = store.get_deployment(&old.id).await.unwrap();
+    assert_eq!(to.status, DeploymentStatus::Standby);
+    let a = Audit::new("system", "deployment.auto_rollback", &new.id).org("acme").project("web");
+    assert!(store.roll_back_release(&new.id, Some(&to), "5xx rate 100 %", now, &a).await.unwrap());
+    assert!(!store.roll_back_release(&new.id, Some(&to), "again", now, &a).await.unwrap(), "once only");
+    let bad = store.get_deployment(&new.id).await.unwrap();
+    assert_eq!((bad.status, bad.reason.as_deref()), (DeploymentStatus::RolledBack, Some("5xx rate 100 %")));
+    assert_eq!(store.get_deployment(&old.id).await.unwrap().status, DeploymentStatus::Active);
+    let p = store.get_project("acme", "web").await.unwrap();
+    assert_eq!(p.current_deployment.get("production"), Some(&old.id));
+    let r = store.get_rollout(&new.id).await.unwrap().unwrap();
+    assert_eq!((r.state, r.weight), (RolloutState::RolledBack, 0));
+    assert!(store.open_rollouts().await.unwrap().is_empty());
+    let filter = EventFilter { action: Some("deployment.auto_rollback".into()), ..Default::default() };
+    assert_eq!(store.list_events(&filter, &Page::first(10)).await.unwrap().items.len(), 1);
+    assert!(store.prune_traffic(now + 60_000).await.unwrap() >= 2);
 }

@@ -78,6 +78,8 @@ pub enum Verb {
     Rollback(RollbackArgs),
     /// Point one environment at the deployment active in another.
     Promote(PromoteArgs),
+    /// A deployment's canary rollout: show it, promote it to 100 % now, or abort it.
+    Rollout(With<RolloutCmd>),
     /// Print a deployment's logs (all its instances, merged by time); `-f` follows them live.
     Logs(LogsArgs),
     /// Nodes, running deployments and their instances at a glance.
@@ -147,6 +149,62 @@ pub struct PromoteArgs {
     /// Promote even when that goes back past a deployment that migrated data.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// The steps, the current share and the last analysis.
+    Show { deployment: String },
+    /// Move the canary to 100 % now (the watch for regressions still follows).
+    Promote { deployment: String },
+    /// Send the traffic back to the deployment serving before; the deployment is marked rolled_back.
+    Abort { deployment: String },
+}
+
+async fn rollout(conn: Conn, cmd: RolloutCmd) -> Result<()> {
+    let c = conn.client()?;
+    let (id, action) = match &cmd {
+        RolloutCmd::Show { deployment } => (deployment, None),
+        RolloutCmd::Promote { deployment } => (deployment, Some("promote")),
+        RolloutCmd::Abort { deployment } => (deployment, Some("abort")),
+    };
+    let path = format!("/api/v1/deployments/{}/rollout", encode(id));
+    let r: RolloutStatus = match action {
+        None => c.get(&path).await?,
+        Some(a) => c.post(&format!("{path}/{a}"), &serde_json::json!({})).await?,
+    };
+    if conn.json {
+        json(&r);
+        return Ok(());
+    }
+    let steps: Vec<String> = r.steps.iter().map(|s| format!("{s} %")).collect();
+    println!("{} in {}: {} at {} %", r.deployment, r.environment.as_str(), r.state.as_str(), r.weight);
+    if !steps.is_empty() {
+        println!("  steps: {} ({} s each), now step {}", steps.join(" → "), r.step_secs, r.step + 1);
+    }
+    if let Some(b) = &r.baseline {
+        println!("  previous deployment: {b}");
+    }
+    if let Some(a) = &r.analysis {
+        let p95 = |p: Option<f64>| p.map_or("-".to_owned(), |p| format!("{p:.0} ms"));
+        println!(
+            "  last analysis: {} — {} requests, {} 5xx, p95 {} (previous: {} requests, {} 5xx, p95 {})",
+            a.verdict,
+            a.requests,
+            a.errors,
+            p95(a.p95_ms),
+            a.baseline_requests,
+            a.baseline_errors,
+            p95(a.baseline_p95_ms)
+        );
+    }
+    if let Some(s) = &r.served {
+        println!("  served since the rollout began: {} requests, {} with a 5xx status", s.requests, s.errors);
+    }
+    if let Some(why) = &r.reason {
+        println!("  {why}");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +335,7 @@ pub async fn run(verb: Verb) -> Result<()> {
             }
             Ok(())
         }
+        Verb::Rollout(w) => rollout(w.conn, w.cmd).await,
         Verb::Logs(a) => logs(a).await,
         Verb::Status(a) => status(a.conn).await,
         Verb::Completions { shell } => {

@@ -223,6 +223,62 @@ fn verbs_print_tables_json_and_exit_codes() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+/// Release settings and rollouts from the CLI: bad steps are refused naming
+/// the field, good ones are kept; a deployment without a rollout says so.
+#[test]
+fn release_settings_and_rollouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start_operator(&dir.path().join("data"));
+    ok(cli(&r, &["regions", "create", "eu", "--name", "EU", "--country", "DE"]));
+    ok(cli(&r, &["orgs", "create", "acme"]));
+    ok(cli(&r, &["projects", "create", "acme/web", "--rollout-steps", "1,10,50,100"]));
+
+    let bad = cli(&r, &["projects", "update", "acme/web", "--rollout-steps", "10,5,100"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("rollout.steps[1]"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = cli(&r, &["projects", "update", "acme/web", "--auto-rollback", r#"{"error_rate": 7}"#]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("auto_rollback.error_rate"));
+    let p: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &[
+            "projects",
+            "update",
+            "acme/web",
+            "--rollout-steps",
+            "5,100",
+            "--rollout-step-secs",
+            "30",
+            "--auto-rollback",
+            r#"{"watch_secs": 120}"#,
+            "--json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(p["rollout"], serde_json::json!({"steps": [5, 100], "step_secs": 30}), "{p}");
+    assert_eq!(
+        (p["auto_rollback"]["watch_secs"].as_u64(), p["auto_rollback"]["enabled"].as_bool()),
+        (Some(120), Some(true))
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--no-rollout", "--json"]))).unwrap();
+    assert!(p["rollout"].is_null(), "{p}");
+
+    let d: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["deployments", "create", "acme/web", "--image", "registry.example.com/acme/web:1", "--json"],
+    )))
+    .unwrap();
+    let id = d["id"].as_str().unwrap();
+    assert_eq!(cli(&r, &["rollout", "show", id]).status.code(), Some(3), "no rollout yet");
+    assert_eq!(cli(&r, &["rollout", "promote", id]).status.code(), Some(5), "nothing to promote");
+    assert_eq!(cli(&r, &["rollout", "abort", "web-nope123-acme"]).status.code(), Some(3));
+}
+
 #[test]
 fn bad_config_stops_the_role_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -548,6 +548,17 @@ async fn deploy_commit(s: &AppState, hook: &StoredHook, p: &Project, c: &Commit<
     let audit_for = |id: &str, detail: Value| {
         zeitwork_store::Audit::new(by, "deployment.create", id).org(&p.org).project(&p.name).detail(detail)
     };
+    // A commit sent back by a rollback is not put live again by a push of
+    // the same commit; a person may deploy it by hand (`by` is then their token).
+    if by == "github" {
+        if let Some(bad) = rolled_back_commit(s, p, c).await? {
+            return Err(ApiError::Conflict(format!(
+                "commit {} was rolled back in {} ({bad}); deploy it by hand to try it again",
+                &c.sha[..c.sha.len().min(7)],
+                c.environment.as_str()
+            )));
+        }
+    }
     let Some(template) = p.image_template.as_deref() else {
         if !is_sha(c.sha) {
             return Err(ApiError::InvalidField(ValidationError::new(
@@ -596,6 +607,19 @@ async fn deploy_commit(s: &AppState, hook: &StoredHook, p: &Project, c: &Commit<
     let d = s.store.create_deployment(&new, &audit).await?;
     s.changed();
     Ok(d.id)
+}
+
+/// A `rolled_back` deployment of `c`'s commit in its environment, among the project's recent ones.
+async fn rolled_back_commit(s: &AppState, p: &Project, c: &Commit<'_>) -> ApiResult<Option<String>> {
+    let filter = zeitwork_store::DeploymentFilter {
+        org: Some(p.org.clone()),
+        project: Some(p.name.clone()),
+        environment: Some(c.environment),
+        status: Some(zeitwork_api_types::DeploymentStatus::RolledBack),
+        ..Default::default()
+    };
+    let recent = s.store.list_deployments(&filter, &zeitwork_store::Page::first(100)).await?.items;
+    Ok(recent.into_iter().find(|d| d.commit_sha.as_deref() == Some(c.sha)).map(|d| d.id))
 }
 
 /// Deploy a repository's commit (or a branch's last pushed commit) by hand.

@@ -15,6 +15,7 @@ mod notifications;
 pub use notifications::SLACK_BOT;
 mod orgs;
 mod projects;
+mod releases;
 mod routing;
 pub(crate) mod stream;
 mod tls;
@@ -95,6 +96,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::wake_deployment))
         .routes(routes!(projects::sleep_deployment))
         .routes(routes!(routing::report_activity))
+        .routes(routes!(releases::report_traffic))
+        .routes(routes!(releases::get_rollout))
+        .routes(routes!(releases::promote_rollout))
+        .routes(routes!(releases::abort_rollout))
         .routes(routes!(cluster::cluster_state))
         .routes(routes!(analytics::frequency))
         .routes(routes!(analytics::duration))

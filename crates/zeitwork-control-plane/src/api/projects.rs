@@ -76,6 +76,8 @@ pub async fn create_project(
         staging_branch: b.staging_branch,
         tag_pattern: b.tag_pattern,
         build: b.build.unwrap_or_default(),
+        auto_rollback: b.auto_rollback.unwrap_or_default(),
+        rollout: b.rollout,
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))
@@ -407,6 +409,9 @@ pub async fn create_deployment(
         new.commit_message = b.commit_message.clone();
         new.instances_per_region = b.instances_per_region.unwrap_or(p.instances_per_region);
         let d = super::builds::queue_upload_build(&s, &caller, &p, new, build).await?;
+        if let Some(r) = &b.rollout {
+            s.store.set_deployment_rollout(&d.id, r).await?;
+        }
         return Ok((StatusCode::ACCEPTED, Json(d)).into_response());
     }
     super::images::check_archive_reference(&s, &b.org, &b.image).await?;
@@ -422,6 +427,9 @@ pub async fn create_deployment(
         .project(&p.name)
         .detail(serde_json::json!({"image": b.image, "environment": new.environment, "migration": new.migration}));
     let d = s.store.create_deployment(&new, &audit).await?;
+    if let Some(r) = &b.rollout {
+        s.store.set_deployment_rollout(&d.id, r).await?;
+    }
     s.engine.notify_one();
     Ok((StatusCode::ACCEPTED, Json(d)).into_response())
 }

@@ -80,6 +80,12 @@ pub struct DeployArgs {
     /// Give up following after this many seconds (the deployment goes on).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Canary steps for this deployment in percent, e.g. 1,10,50,100 (default: the project's `rollout`).
+    #[arg(long, value_delimiter = ',')]
+    rollout_steps: Option<Vec<u32>>,
+    /// Seconds per canary step (with --rollout-steps; default 60).
+    #[arg(long, requires = "rollout_steps")]
+    rollout_step_secs: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +273,7 @@ pub(super) async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 environment: environment.map(Into::into),
                 release_command: None,
                 migration: false,
+                rollout: None,
             };
             let d: Deployment = c.post("/api/v1/deployments", &body).await?;
             if conn.json {
@@ -429,6 +436,7 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         environment: a.environment.map(Into::into),
         release_command: a.release_command.clone(),
         migration: a.migration,
+        rollout: a.rollout_steps.map(|steps| Rollout { steps, step_secs: a.rollout_step_secs.unwrap_or(60) }),
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json && d.status == DeploymentStatus::Building {
@@ -473,6 +481,14 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
                 let regions: Vec<String> = by_region.iter().map(|(r, (ok, all))| format!("{r} {ok}/{all}")).collect();
                 format!("  starting: {ready}/{} instances ready ({})", instances.len(), regions.join(", "))
             }
+            DeploymentStatus::Ready => {
+                let r: Option<RolloutStatus> =
+                    c.get(&format!("/api/v1/deployments/{}/rollout", encode(&d.id))).await.ok();
+                match r.filter(|r| r.state == RolloutState::Canary) {
+                    Some(r) => canary_line(&r),
+                    None => "  ready, switching…".to_owned(),
+                }
+            }
             _ => String::new(),
         };
         if !a.conn.json && !line.is_empty() && line != last {
@@ -480,13 +496,31 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
             last = line;
         }
         match d.status {
-            DeploymentStatus::Active | DeploymentStatus::Ready => {
+            DeploymentStatus::Active => {
                 if a.conn.json {
                     json(&d);
                 } else {
                     println!("Live: {} is active. {}", d.id, d.url);
+                    let r: Option<RolloutStatus> =
+                        c.get(&format!("/api/v1/deployments/{}/rollout", encode(&d.id))).await.ok();
+                    if let Some(until) = r.and_then(|r| r.watch_until.filter(|_| r.state == RolloutState::Watching)) {
+                        println!(
+                            "  watched for regressions until {} (rolled back automatically if it does worse than before)",
+                            until.format("%H:%M:%S UTC")
+                        );
+                    }
                 }
                 return Ok(());
+            }
+            DeploymentStatus::RolledBack => {
+                if a.conn.json {
+                    json(&d);
+                }
+                anyhow::bail!(
+                    "deployment {} was rolled back: {}",
+                    d.id,
+                    d.reason.unwrap_or_else(|| "no reason recorded".into())
+                );
             }
             DeploymentStatus::Failed => {
                 if a.conn.json {
@@ -512,6 +546,25 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wake.recv()).await;
         while wake.try_recv().is_ok() {}
     }
+}
+
+/// One line on a canary step and what its analysis saw.
+fn canary_line(r: &RolloutStatus) -> String {
+    let mut line = format!(
+        "  canary: {} % of {} (step {} of {}, {} s each)",
+        r.weight,
+        r.environment.as_str(),
+        r.step + 1,
+        r.steps.len(),
+        r.step_secs
+    );
+    if let Some(a) = &r.analysis {
+        line.push_str(&format!(", {} requests, {} failed", a.requests, a.errors));
+        if let Some(p) = a.p95_ms {
+            line.push_str(&format!(", p95 {p:.0} ms"));
+        }
+    }
+    line
 }
 
 /// Aborts a task when dropped.

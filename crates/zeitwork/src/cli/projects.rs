@@ -83,6 +83,42 @@ pub struct ProjectSettings {
     /// How long a browser stays pinned, 60-2592000 s (turns skew protection on; update only).
     #[arg(long)]
     skew_max_age_secs: Option<u32>,
+    /// Automatic rollback on regression, as JSON; fields left out keep their defaults, e.g.
+    /// '{"enabled": true, "error_rate": 0.05, "latency_factor": 2, "window_secs": 30, "min_requests": 50, "watch_secs": 600}'.
+    #[arg(long, value_name = "JSON")]
+    auto_rollback: Option<String>,
+    /// Canary rollouts: percentages of the environment's traffic per step, ending at 100 (e.g. 1,10,50,100).
+    #[arg(long, value_delimiter = ',')]
+    rollout_steps: Option<Vec<u32>>,
+    /// Canary rollouts: seconds per step (default 60).
+    #[arg(long)]
+    rollout_step_secs: Option<u32>,
+    /// Switch all traffic at once again, without canary steps (update only).
+    #[arg(long, conflicts_with_all = ["rollout_steps", "rollout_step_secs"])]
+    no_rollout: bool,
+}
+
+/// The `auto_rollback` the flags ask for.
+fn auto_rollback_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::AutoRollback>> {
+    match &s.auto_rollback {
+        None => Ok(None),
+        Some(j) => serde_json::from_str(j).map(Some).map_err(|e| {
+            UsageError(format!("--auto-rollback: {e}; give a JSON object such as '{{\"enabled\": false}}'")).into()
+        }),
+    }
+}
+
+/// The `rollout` the flags ask for: `None` when they say nothing.
+fn rollout_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::Rollout>> {
+    match (&s.rollout_steps, s.rollout_step_secs) {
+        (None, None) => Ok(None),
+        (Some(steps), secs) => {
+            Ok(Some(zeitwork_api_types::Rollout { steps: steps.clone(), step_secs: secs.unwrap_or(60) }))
+        }
+        (None, Some(_)) => {
+            Err(UsageError("--rollout-step-secs needs --rollout-steps (e.g. 1,10,50,100)".into()).into())
+        }
+    }
 }
 
 /// The `scaling` the flags ask for: `None` when they say nothing.
@@ -223,6 +259,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
         ProjectCmd::Create { project, settings } => {
             let (org, name) = split_project(&project)?;
             let scaling = scaling_from(&settings)?;
+            let (auto_rollback, rollout) = (auto_rollback_from(&settings)?, rollout_from(&settings)?);
             let body = CreateProject {
                 name,
                 org,
@@ -241,6 +278,8 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 staging_branch: settings.staging_branch,
                 tag_pattern: settings.tag_pattern,
                 build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
+                auto_rollback,
+                rollout,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -265,6 +304,8 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 None
             };
             let scaling = if settings.no_scaling { Some(None) } else { scaling_from(&settings)?.map(Some) };
+            let auto_rollback = auto_rollback_from(&settings)?;
+            let rollout = if settings.no_rollout { Some(None) } else { rollout_from(&settings)?.map(Some) };
             let patch = PatchProject {
                 resources: resources_from(&settings, current)?,
                 github_repo: settings.repo.map(Some),
@@ -290,6 +331,8 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                     (None, None) => None,
                 },
                 release_command: settings.release_command.map(|c| Some(c).filter(|c| !c.is_empty())),
+                auto_rollback,
+                rollout,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
