@@ -91,7 +91,23 @@ impl ProbeRetry {
 
     /// Runs `probe` until it succeeds or the attempts are used up, waiting
     /// with `sleep` in between; the last failure is the answer.
-    pub async fn run<P, PF, S, SF, T>(&self, mut probe: P, mut sleep: S) -> Result<T, String>
+    pub async fn run<P, PF, S, SF, T>(&self, probe: P, sleep: S) -> Result<T, String>
+    where
+        P: FnMut() -> PF,
+        PF: std::future::Future<Output = Result<T, String>>,
+        S: FnMut(Duration) -> SF,
+        SF: std::future::Future<Output = ()>,
+    {
+        self.run_if(probe, sleep, |_| true).await
+    }
+
+    /// As [`ProbeRetry::run`], trying again only after a failure `retryable` accepts.
+    pub async fn run_if<P, PF, S, SF, T>(
+        &self,
+        mut probe: P,
+        mut sleep: S,
+        retryable: impl Fn(&str) -> bool,
+    ) -> Result<T, String>
     where
         P: FnMut() -> PF,
         PF: std::future::Future<Output = Result<T, String>>,
@@ -102,6 +118,9 @@ impl ProbeRetry {
         loop {
             match probe().await {
                 Ok(v) => return Ok(v),
+                Err(e) if !retryable(&e) => {
+                    return Err(if n > 1 { format!("{e} (after {n} attempts)") } else { e });
+                }
                 Err(e) => match self.wait_after(n) {
                     Some(wait) => {
                         tracing::warn!(attempt = n, error = %e, retry_in_ms = wait.as_millis() as u64, "KVM probe failed");
@@ -123,10 +142,25 @@ fn saved_result(saved: &str, key: &str) -> Option<()> {
     (k == key && result == "ok").then_some(())
 }
 
-/// A KVM probe's result: a success remembered for the host's current boot
-/// (in /run, which a reboot empties, else in the data directory), a failure
-/// for this process only, after [`PROBE_RETRY`]. Probed by one caller at a
-/// time.
+/// The failure a saved probe result records for `key`, if it records one.
+fn saved_failure(saved: &str, key: &str) -> Option<String> {
+    let (k, result) = saved.split_once('\n')?;
+    (k == key && result != "ok" && !result.is_empty()).then(|| result.to_owned())
+}
+
+/// A probe that waited out its whole timeout is not tried again at once:
+/// another 20 s would only delay the start (it is probed again in the
+/// background on the next start).
+fn retryable(e: &str) -> bool {
+    !e.contains("no answer within")
+}
+
+/// A KVM probe's result, saved for the host's current boot (in /run, which a
+/// reboot empties, else in the data directory). A success is trusted for the
+/// boot. A failure answers at once on the next start, so the node starts
+/// without waiting on a probe that already failed, and that start probes again
+/// in the background: if KVM works by then, the start after uses it. Probes
+/// are retried with [`PROBE_RETRY`] (but not after a timeout) and run one at a time.
 async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), String> {
     static PROBING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     static FAILED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
@@ -147,10 +181,36 @@ async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), St
         if saved_result(&saved, &key).is_some() {
             return Ok(());
         }
+        if let Some(why) = saved_failure(&saved, &key) {
+            tracing::warn!(vmm = vmm.name(), reason = %why, "KVM failed its probe earlier this boot; starting without it and probing again in the background");
+            if let Ok(mut f) = FAILED.lock() {
+                f.push((key.clone(), why.clone()));
+            }
+            let (vmm, assets, work, cache, key) =
+                (vmm.clone(), assets.clone(), dir.join("probe"), cache.clone(), key.clone());
+            tokio::spawn(async move {
+                let _one = PROBING.lock().await;
+                let result = PROBE_RETRY
+                    .run_if(|| vm::probe(&vmm, &assets, &work, PROBE_TIMEOUT), tokio::time::sleep, retryable)
+                    .await;
+                let text = match &result {
+                    Ok(_) => {
+                        tracing::warn!(vmm = vmm.name(), "KVM runs a guest now; restart the node agent to use it");
+                        "ok".to_owned()
+                    }
+                    Err(e) => e.replace('\n', " "),
+                };
+                if let Err(e) = tokio::fs::write(&cache, format!("{key}\n{text}")).await {
+                    tracing::warn!(path = %cache.display(), error = %e, "could not save the KVM probe's result");
+                }
+            });
+            return Err(why);
+        }
     }
     let work = dir.join("probe");
     let work = work.as_path();
-    let result = PROBE_RETRY.run(|| vm::probe(vmm, assets, work, PROBE_TIMEOUT), tokio::time::sleep).await;
+    let result =
+        PROBE_RETRY.run_if(|| vm::probe(vmm, assets, work, PROBE_TIMEOUT), tokio::time::sleep, retryable).await;
     let text = match &result {
         Ok(took) => {
             tracing::info!(vmm = vmm.name(), took_ms = took.as_millis() as u64, "KVM runs a guest here");
@@ -350,5 +410,33 @@ mod tests {
         assert_eq!(saved_result("boot|qemu|k\nthe probe guest did not boot", "boot|qemu|k"), None);
         assert_eq!(saved_result("old-boot|qemu|k\nok", "boot|qemu|k"), None);
         assert_eq!(saved_result("garbage", "boot|qemu|k"), None);
+    }
+
+    #[test]
+    fn a_saved_failure_of_this_boot_answers_the_next_start() {
+        let failed = "boot|qemu|k\nthe probe guest did not boot (no answer within 20 s)";
+        assert_eq!(
+            saved_failure(failed, "boot|qemu|k").as_deref(),
+            Some("the probe guest did not boot (no answer within 20 s)")
+        );
+        assert_eq!(saved_failure(failed, "other-boot|qemu|k"), None, "a reboot probes afresh");
+        assert_eq!(saved_failure("boot|qemu|k\nok", "boot|qemu|k"), None);
+        assert_eq!(saved_failure("garbage", "boot|qemu|k"), None);
+    }
+
+    #[test]
+    fn a_probe_that_timed_out_is_not_retried_at_once() {
+        let calls = RefCell::new(0usize);
+        let r = block_on(PROBE_RETRY.run_if(
+            || {
+                *calls.borrow_mut() += 1;
+                async { Err::<u32, _>("the probe guest did not boot (no answer within 20 s)".to_owned()) }
+            },
+            |_| async {},
+            retryable,
+        ));
+        assert_eq!(*calls.borrow(), 1);
+        assert!(r.unwrap_err().contains("no answer within"));
+        assert!(retryable("/dev/kvm cannot be opened: Device or resource busy"));
     }
 }
