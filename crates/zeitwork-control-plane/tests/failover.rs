@@ -133,23 +133,27 @@ async fn instances_of_a_down_node_move_to_another_node() {
     op.shutdown().await;
 }
 
+/// An operator of the PostgreSQL store at `url` on a free port, with `config`'s other settings.
+async fn shared_store_operator(url: &str, data_dir: std::path::PathBuf, config: OperatorConfig) -> Operator {
+    // Every operator of one store needs the same key.
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned();
+    Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir,
+        database_url: Some(url.to_owned()),
+        encryption_key: Some(key),
+        ..config
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     let pg = zeitwork_testkit::Postgres::start().expect("a throwaway PostgreSQL");
     let url = pg.create_database("operators").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // Every operator of one store needs the same key.
-    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned();
-    let start = |name: &str| {
-        let config = OperatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join(name),
-            database_url: Some(url.clone()),
-            encryption_key: Some(key.clone()),
-            ..Default::default()
-        };
-        async move { Operator::start(config).await.unwrap() }
-    };
+    let start = |name: &str| shared_store_operator(&url, dir.path().join(name), OperatorConfig::default());
     let a = start("a").await;
     let b = start("b").await;
     let token = a.admin_token.clone().or(b.admin_token.clone()).expect("the first operator bootstrapped a token");
@@ -457,18 +461,10 @@ async fn a_crash_during_delivery_loses_no_notification() {
     let pg = zeitwork_testkit::Postgres::start().expect("a throwaway PostgreSQL");
     let url = pg.create_database("outbox").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned();
     let start = |name: &str| {
-        let config = OperatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join(name),
-            database_url: Some(url.clone()),
-            encryption_key: Some(key.clone()),
-            notifications_allow_internal: true,
-            notify_backoff_ms: 100,
-            ..Default::default()
-        };
-        async move { Operator::start(config).await.unwrap() }
+        let config =
+            OperatorConfig { notifications_allow_internal: true, notify_backoff_ms: 100, ..Default::default() };
+        shared_store_operator(&url, dir.path().join(name), config)
     };
     // A slow receiver: each delivery takes 150 ms to acknowledge; (delivery id, acknowledged).
     let got: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
