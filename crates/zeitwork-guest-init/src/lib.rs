@@ -49,31 +49,27 @@ pub struct GuestConfig {
     pub overlay_mib: u32,
 }
 
+/// What a value keeps as it is on the disk: printable ASCII other than `%`.
+/// Spaces, control characters and non-ASCII bytes are written as `%XX`.
+const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ').add(b'%');
+
 fn escape(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        if b.is_ascii_graphic() && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    out.extend(percent_encoding::utf8_percent_encode(value, ESCAPED));
 }
 
 fn unescape(value: &str) -> Result<String, String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = value.get(i + 1..i + 3).ok_or_else(|| format!("cut escape in {value:?}"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape %{hex}"))?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+    // The decoder leaves a malformed escape as it is; the encoder never writes
+    // one, so it means a damaged disk.
+    for (i, _) in value.match_indices('%') {
+        let hex = value.get(i + 1..i + 3).ok_or_else(|| format!("cut escape in {value:?}"))?;
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("bad escape %{hex}"));
         }
     }
-    String::from_utf8(out).map_err(|_| "a value is not UTF-8".to_owned())
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map(|v| v.into_owned())
+        .map_err(|_| "a value is not UTF-8".to_owned())
 }
 
 impl GuestConfig {

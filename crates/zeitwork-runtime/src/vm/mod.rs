@@ -9,19 +9,29 @@
 //!   with KVM when a probe shows it really runs a guest, TCG otherwise;
 //! * Firecracker, configured through its API socket, optionally under its
 //!   jailer.
+//!
+//! This file holds the driver and the types both VMMs share; each VMM's own
+//! client is in `qemu.rs` (with [`crate::qmp`]) and `firecracker.rs` (with
+//! [`crate::jail`]), the console reader in `console.rs`, and the boot probe
+//! that [`crate::select`] relies on in `probe.rs`.
+
+mod console;
+mod firecracker;
+mod probe;
+mod qemu;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{watch, Mutex};
-use zeitwork_guest_init::{parse_console_line, ConsoleLine, GuestConfig, PROBE_ARG};
+use zeitwork_guest_init::{GuestConfig, PROBE_ARG};
 
 use crate::guest::GuestAssets;
 use crate::logs::LogStore;
@@ -30,8 +40,10 @@ use crate::{
     exit_reason, ExitInfo, InstanceSpec, InstanceState, InstanceStats, LogLine, Running, Runtime, RuntimeError,
 };
 
-/// Console lines kept per instance for failure reasons.
-const CONSOLE_TAIL: usize = 40;
+use self::console::{push_tail, read_console, tail_text};
+pub use self::firecracker::{firecracker_put, firecracker_requests};
+pub use self::probe::{kvm_crashed, probe};
+pub use self::qemu::qemu_args;
 
 /// How guest code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,142 +171,6 @@ fn mac_of(slot: u32) -> String {
     format!("02:5a:57:{:02x}:{:02x}:{:02x}", (slot >> 16) & 0xff, (slot >> 8) & 0xff, slot & 0xff)
 }
 
-/// QEMU's arguments for one VM.
-#[allow(clippy::too_many_arguments)]
-pub fn qemu_args(
-    accel: Accel,
-    assets: &GuestAssets,
-    vcpu: u32,
-    memory_mib: u32,
-    disks: &[&Path],
-    tap: Option<(&str, &str)>,
-    qmp: Option<&Path>,
-    probe: bool,
-) -> Vec<String> {
-    let vmm = Vmm::Qemu { binary: PathBuf::new(), accel };
-    let mut a: Vec<String> = vec![
-        "-M".into(),
-        // The PIT and PIC let the kernel calibrate its clock under TCG too.
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on".into(),
-        "-accel".into(),
-        accel.to_string(),
-        "-cpu".into(),
-        match accel {
-            // This host CPU model without arch-capabilities, which nested KVM often lacks.
-            Accel::Kvm => "host,-arch-capabilities".into(),
-            Accel::Tcg => "max".into(),
-        },
-        "-m".into(),
-        format!("{memory_mib}M"),
-        "-smp".into(),
-        vcpu.max(1).to_string(),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-nographic".into(),
-        "-serial".into(),
-        "stdio".into(),
-        "-monitor".into(),
-        "none".into(),
-        "-no-reboot".into(),
-        // QEMU's own seccomp filter: no obsolete system calls, no setuid, no
-        // spawning processes, no changing its scheduling or resource limits.
-        "-sandbox".into(),
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-        "-kernel".into(),
-        assets.vmlinux.display().to_string(),
-        "-initrd".into(),
-        assets.initramfs.display().to_string(),
-        "-append".into(),
-        kernel_args(&vmm, probe),
-    ];
-    for (i, disk) in disks.iter().enumerate() {
-        a.push("-drive".into());
-        a.push(format!("id=disk{i},file={},format=raw,if=none,readonly=on", disk.display()));
-        a.push("-device".into());
-        a.push(format!("virtio-blk-device,drive=disk{i}"));
-    }
-    if let Some((tap, mac)) = tap {
-        a.push("-netdev".into());
-        a.push(format!("tap,id=net0,ifname={tap},script=no,downscript=no"));
-        a.push("-device".into());
-        a.push(format!("virtio-net-device,netdev=net0,mac={mac}"));
-    }
-    if let Some(q) = qmp {
-        a.push("-qmp".into());
-        a.push(format!("unix:{},server=on,wait=off", q.display()));
-    }
-    a
-}
-
-/// The Firecracker API calls that configure and start one VM, in order.
-pub fn firecracker_requests(
-    assets: (&str, &str),
-    boot_args: &str,
-    vcpu: u32,
-    memory_mib: u32,
-    disks: &[(&str, &str)],
-    tap: Option<(&str, &str)>,
-) -> Vec<(String, serde_json::Value)> {
-    let mut r = vec![
-        ("/machine-config".to_owned(), json!({"vcpu_count": vcpu.clamp(1, 32), "mem_size_mib": memory_mib})),
-        (
-            "/boot-source".to_owned(),
-            json!({"kernel_image_path": assets.0, "initrd_path": assets.1, "boot_args": boot_args}),
-        ),
-    ];
-    for (id, path) in disks {
-        r.push((
-            format!("/drives/{id}"),
-            json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": true}),
-        ));
-    }
-    if let Some((tap, mac)) = tap {
-        r.push((
-            "/network-interfaces/eth0".to_owned(),
-            json!({"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac}),
-        ));
-    }
-    r.push(("/actions".to_owned(), json!({"action_type": "InstanceStart"})));
-    r
-}
-
-/// One PUT to Firecracker's API on its Unix socket; 204 or the fault message.
-pub async fn firecracker_put(socket: &Path, path: &str, body: &serde_json::Value) -> Result<(), String> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| format!("{}: {e}", socket.display()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::put(path)
-        .header("host", "localhost")
-        .header("content-type", "application/json")
-        .header("accept", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = res.status();
-    let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    if status.is_success() {
-        return Ok(());
-    }
-    let fault = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-    Err(format!("PUT {path}: {status}: {fault}"))
-}
-
-async fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
-}
-
 fn kill(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
@@ -303,107 +179,6 @@ fn kill(pid: u32) {
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Whether VMM output says the hypervisor stopped the guest: QEMU's
-/// "emulation failure" / "KVM internal error", Firecracker's
-/// "Received KVM_EXIT_INTERNAL_ERROR signal".
-pub fn kvm_crashed(out: &str) -> bool {
-    out.contains("emulation failure") || out.contains("KVM internal error") || out.contains("KVM_EXIT_INTERNAL_ERROR")
-}
-
-/// Boots a guest in probe mode and reports whether it came up (and how long it took).
-pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Duration) -> Result<Duration, String> {
-    if vmm.accel() == Accel::Kvm {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))?;
-    }
-    let started = Instant::now();
-    let mut child = match vmm {
-        Vmm::Qemu { binary, accel } => Command::new(binary)
-            .args(qemu_args(*accel, assets, 1, 128, &[], None, None, true))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?,
-        Vmm::Firecracker { binary, .. } => {
-            std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
-            let socket = work.join(format!("probe-{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&socket);
-            let child = Command::new(binary)
-                .arg("--api-sock")
-                .arg(&socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-            if !wait_for_socket(&socket, Duration::from_secs(5)).await {
-                return Err("firecracker did not open its API socket".into());
-            }
-            let (k, i) = (assets.vmlinux.display().to_string(), assets.initramfs.display().to_string());
-            for (path, body) in firecracker_requests((&k, &i), &kernel_args(vmm, true), 1, 128, &[], None) {
-                firecracker_put(&socket, &path, &body).await?;
-            }
-            let _ = std::fs::remove_file(&socket);
-            child
-        }
-    };
-    let mut out = String::new();
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut stderr = child.stderr.take().ok_or("no stderr")?;
-    let result = tokio::time::timeout(timeout, async {
-        let (mut a, mut b) = ([0u8; 4096], [0u8; 4096]);
-        let (mut out_open, mut err_open) = (true, true);
-        while out_open || err_open {
-            tokio::select! {
-                n = stdout.read(&mut a), if out_open => match n {
-                    Ok(n) if n > 0 => out.push_str(&String::from_utf8_lossy(&a[..n])),
-                    _ => out_open = false,
-                },
-                n = stderr.read(&mut b), if err_open => match n {
-                    Ok(n) if n > 0 => out.push_str(&String::from_utf8_lossy(&b[..n])),
-                    _ => err_open = false,
-                },
-            }
-            if out.contains(zeitwork_guest_init::PROBE_OK) {
-                return true;
-            }
-            // A broken KVM stops the vCPU and leaves the VMM waiting: no need to wait for the timeout.
-            if kvm_crashed(&out) {
-                return false;
-            }
-        }
-        false
-    })
-    .await;
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    match result {
-        Ok(true) => Ok(started.elapsed()),
-        Ok(false) | Err(_) => {
-            let lines: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            let kvm: Vec<&str> = lines.iter().copied().filter(|l| l.contains("KVM") || kvm_crashed(l)).collect();
-            let tail =
-                if kvm.is_empty() { lines[lines.len().saturating_sub(6)..].join(" | ") } else { kvm.join(" | ") };
-            let what = if result.is_err() {
-                format!("no answer within {} s", timeout.as_secs())
-            } else {
-                "the VM ended".into()
-            };
-            if tail.is_empty() {
-                Err(format!("the probe guest did not boot ({what}, nothing on its console)"))
-            } else {
-                Err(format!("the probe guest did not boot ({what}): {tail}"))
-            }
-        }
-    }
 }
 
 impl VmRuntime {
@@ -481,137 +256,6 @@ impl VmRuntime {
                 self.spawn_firecracker(spec, dir, disk, tap, mac, binary, jailer).await
             }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn spawn_firecracker(
-        &self,
-        spec: &InstanceSpec,
-        dir: &Path,
-        disk: &Path,
-        tap: &str,
-        mac: &str,
-        binary: &Path,
-        jailer: &Option<Jailer>,
-    ) -> Result<Child, RuntimeError> {
-        let config = dir.join("config.img");
-        // Shared (kernel, initramfs, the image's ext4) and this VM's own (its configuration).
-        let files = [
-            (&self.s.assets.vmlinux, true),
-            (&self.s.assets.initramfs, true),
-            (&disk.to_path_buf(), true),
-            (&config, false),
-        ];
-        // Paths as Firecracker sees them, where its API socket is, and its own log
-        // (kept apart from the serial console, which is its stdout).
-        let (mut cmd, socket, paths, jail): (Command, PathBuf, Vec<String>, Option<PathBuf>) = match jailer {
-            None => {
-                let socket = dir.join("api.sock");
-                let log = dir.join("vmm.log");
-                std::fs::write(&log, b"").map_err(|e| RuntimeError::failed("creating the VMM's log", e))?;
-                let mut c = Command::new(binary);
-                c.arg("--api-sock").arg(&socket).arg("--id").arg(jail_id(&spec.id));
-                c.arg("--log-path").arg(&log).arg("--level").arg("Warning");
-                (c, socket, files.iter().map(|(f, _)| f.display().to_string()).collect(), None)
-            }
-            Some(j) => {
-                let jail = jail_dir(j, binary, &spec.id);
-                let root = jail.join("root");
-                // Copies of whole images may be made: off the executor.
-                let owned: Vec<(PathBuf, bool)> = files.iter().map(|(f, shared)| ((*f).clone(), *shared)).collect();
-                let (at, jail_for_cleanup, uid, gid) = (root.clone(), jail.clone(), j.uid, j.gid);
-                let prepared = tokio::task::spawn_blocking(move || {
-                    let files: Vec<(&PathBuf, bool)> = owned.iter().map(|(f, shared)| (f, *shared)).collect();
-                    let prepared = prepare_jail(&at, &files, uid, gid);
-                    if prepared.is_err() {
-                        remove_jail(&jail_for_cleanup);
-                    }
-                    prepared
-                })
-                .await
-                .map_err(|e| RuntimeError::failed("preparing the jail", e))?;
-                prepared?;
-                let mut c = Command::new(&j.binary);
-                c.arg("--id")
-                    .arg(jail_id(&spec.id))
-                    .arg("--exec-file")
-                    .arg(binary)
-                    .arg("--uid")
-                    .arg(j.uid.to_string())
-                    .arg("--gid")
-                    .arg(j.gid.to_string())
-                    .arg("--chroot-base-dir")
-                    .arg(&j.chroot_base)
-                    .arg("--cgroup-version")
-                    .arg(if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { "2" } else { "1" })
-                    .arg("--")
-                    .arg("--api-sock")
-                    .arg("/run/firecracker.socket")
-                    .arg("--log-path")
-                    .arg("/vmm.log")
-                    .arg("--level")
-                    .arg("Warning");
-                let _ = std::fs::write(dir.join("vmm.log.path"), root.join("vmm.log").display().to_string());
-                let inside = (0..files.len()).map(|i| format!("/f{i}")).collect();
-                (c, root.join("run/firecracker.socket"), inside, Some(jail))
-            }
-        };
-        let _ = std::fs::remove_file(&socket);
-        let fail = |jail: &Option<PathBuf>| {
-            if let Some(j) = jail {
-                remove_jail(j);
-            }
-        };
-        let mut child = match cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                fail(&jail);
-                return Err(RuntimeError::Unavailable("firecracker", format!("{}: {e}", binary.display())));
-            }
-        };
-        if let Some(pid) = child.id() {
-            let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
-        }
-        if !wait_for_socket(&socket, Duration::from_secs(10)).await {
-            if let Some(pid) = child.id() {
-                kill(pid);
-            }
-            // What the jailer or the VMM said is the reason (a missing library, a bad path, …).
-            let mut said = String::new();
-            if let Some(mut err) = child.stderr.take() {
-                let mut buf = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(2), err.read_to_end(&mut buf)).await;
-                said = String::from_utf8_lossy(&buf).trim().chars().take(1000).collect();
-            }
-            let _ = child.wait().await;
-            fail(&jail);
-            let why = if said.is_empty() {
-                "its API socket did not appear within 10 s".to_owned()
-            } else {
-                format!("its API socket did not appear within 10 s: {said}")
-            };
-            return Err(RuntimeError::failed("starting firecracker", why));
-        }
-        let requests = firecracker_requests(
-            (&paths[0], &paths[1]),
-            &kernel_args(&self.s.vmm, false),
-            spec.vcpu,
-            spec.memory_mib,
-            &[("rootfs", &paths[2]), ("config", &paths[3])],
-            Some((tap, mac)),
-        );
-        for (path, body) in requests {
-            if let Err(e) = firecracker_put(&socket, &path, &body).await {
-                if let Some(pid) = child.id() {
-                    kill(pid);
-                }
-                let _ = child.wait().await;
-                fail(&jail);
-                return Err(RuntimeError::failed("configuring the VM through Firecracker's API", e));
-            }
-        }
-        let _ = std::fs::write(dir.join("api"), socket.display().to_string());
-        Ok(child)
     }
 
     /// Asks the VMM to end the VM now: QMP `quit`, or Firecracker's ctrl-alt-del.
@@ -863,57 +507,6 @@ impl Runtime for VmRuntime {
     }
 }
 
-fn push_tail(tail: &std::sync::Mutex<VecDeque<String>>, line: String) {
-    if let Ok(mut t) = tail.lock() {
-        if t.len() == CONSOLE_TAIL {
-            t.pop_front();
-        }
-        t.push_back(line);
-    }
-}
-
-fn tail_text(tail: &std::sync::Mutex<VecDeque<String>>, n: usize) -> String {
-    let t = tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
-    t[t.len().saturating_sub(n)..].join("\n")
-}
-
-/// Splits the console into the app's logs, the exit report and the rest.
-async fn read_console(
-    id: String,
-    out: tokio::process::ChildStdout,
-    logs: Arc<LogStore>,
-    tail: Arc<std::sync::Mutex<VecDeque<String>>>,
-    code: watch::Sender<Option<Result<i32, String>>>,
-) {
-    let mut r = BufReader::with_capacity(64 * 1024, out);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match r.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf);
-        match parse_console_line(&line) {
-            ConsoleLine::Stdout(l) => logs.append(&id, "stdout", l.to_owned()).await,
-            ConsoleLine::Stderr(l) => logs.append(&id, "stderr", l.to_owned()).await,
-            ConsoleLine::Exit(c) => {
-                let _ = code.send(Some(Ok(c)));
-            }
-            ConsoleLine::Failed(reason) => {
-                push_tail(&tail, line.trim_end().to_owned());
-                let _ = code.send(Some(Err(reason.to_owned())));
-            }
-            ConsoleLine::Started | ConsoleLine::ProbeOk => {}
-            ConsoleLine::Console(l) => {
-                if !l.trim().is_empty() {
-                    push_tail(&tail, l.to_owned());
-                }
-            }
-        }
-    }
-}
-
 /// Name servers for guests: the host's, unless they are loopback addresses
 /// (unreachable from a VM).
 fn resolvers() -> Vec<Ipv4Addr> {
@@ -965,32 +558,6 @@ mod tests {
         assert!(args.contains("tsc_early_khz="), "TCG gets the clock frequency: {args}");
         let k = Vmm::Qemu { binary: "qemu".into(), accel: Accel::Kvm };
         assert!(!kernel_args(&k, false).contains("tsc_early_khz"));
-    }
-
-    #[test]
-    fn qemu_uses_microvm_with_the_accelerator_and_read_only_disks() {
-        let assets =
-            GuestAssets { vmlinux: "/k".into(), initramfs: "/i".into(), release: "r".into(), source: "/s".into() };
-        let a = qemu_args(
-            Accel::Kvm,
-            &assets,
-            2,
-            256,
-            &[Path::new("/d")],
-            Some(("zwt1", "02:00:00:00:00:01")),
-            None,
-            false,
-        );
-        let joined = a.join(" ");
-        assert!(joined.contains("-M microvm,x-option-roms=off"));
-        assert!(joined.contains("-accel kvm -cpu host,-arch-capabilities"));
-        assert!(joined.contains("-m 256M -smp 2"));
-        assert!(joined.contains("file=/d,format=raw,if=none,readonly=on"));
-        assert!(joined.contains("tap,id=net0,ifname=zwt1,script=no"));
-        assert!(joined.contains("-no-reboot"));
-        assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
-        let t = qemu_args(Accel::Tcg, &assets, 1, 128, &[], None, None, true).join(" ");
-        assert!(t.contains("-accel tcg -cpu max"));
     }
 
     #[test]
