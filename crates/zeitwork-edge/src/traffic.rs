@@ -134,6 +134,7 @@ pub(crate) fn split(route: Arc<Route>, client: IpAddr) -> Arc<Route> {
         wake: false,
         gone: false,
         canary: None,
+        shadow: None,
         ..(*route).clone()
     })
 }
