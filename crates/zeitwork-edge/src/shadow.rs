@@ -102,3 +102,51 @@ pub(crate) fn mirror(
         state.traffic.note(&deployment, status, start.elapsed());
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeitwork_api_types::{RouteInstance, RouteShadow};
+
+    fn route(share: u32, all_methods: bool) -> Route {
+        Route {
+            host: "web-acme.apps.test".into(),
+            deployment: "old".into(),
+            org: "acme".into(),
+            project: "web".into(),
+            environment: Some(zeitwork_api_types::Environment::Production),
+            rate_limit: None,
+            acme: false,
+            instances: vec![RouteInstance { id: "i-old".into(), upstream: "http://n:1".into() }],
+            wake: false,
+            gone: false,
+            served: vec![],
+            skew_max_age_secs: None,
+            canary: None,
+            shadow: Some(RouteShadow {
+                deployment: "new".into(),
+                share,
+                all_methods,
+                instances: vec![RouteInstance { id: "i-new".into(), upstream: "http://n:1".into() }],
+            }),
+        }
+    }
+
+    #[test]
+    fn only_idempotent_methods_and_a_share_of_requests_are_copied() {
+        let ids: Vec<String> = (0..2000).map(|i| format!("req-{i}")).collect();
+        let all = route(100, false);
+        assert!(ids
+            .iter()
+            .all(|id| chosen(&all, "GET", id) && chosen(&all, "HEAD", id) && chosen(&all, "OPTIONS", id)));
+        assert!(ids.iter().all(|id| !chosen(&all, "POST", id) && !chosen(&all, "DELETE", id)), "no side effects");
+        assert!(ids.iter().all(|id| chosen(&route(100, true), "POST", id)), "unless the project opted in");
+        let tenth = route(10, false);
+        let copied = ids.iter().filter(|id| chosen(&tenth, "GET", id)).count();
+        assert!((100..=300).contains(&copied), "about a tenth of 2000 requests, got {copied}");
+        let mut none = route(100, false);
+        none.shadow.as_mut().unwrap().instances.clear();
+        assert!(!chosen(&none, "GET", "req-1"), "nothing to copy to yet");
+        assert!(!chosen(&Route { shadow: None, ..all }, "GET", "req-1"));
+    }
+}
