@@ -885,7 +885,7 @@ pub struct Route {
     pub skew_max_age_secs: Option<u32>,
     /// Shadow traffic: copies of a share of requests go to a candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shadow: Option<RouteShadow>,
+    pub shadow: Option<Box<RouteShadow>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

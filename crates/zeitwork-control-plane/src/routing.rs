@@ -136,7 +136,8 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
             ))
         })
         .collect();
-    let shadow_of = |org: &str, project: &str, env: Environment| shadows.get(&(org, project, env)).cloned();
+    let shadow_of =
+        |org: &str, project: &str, env: Environment| shadows.get(&(org, project, env)).cloned().map(Box::new);
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();

@@ -123,12 +123,12 @@ mod tests {
             served: vec![],
             skew_max_age_secs: None,
             canary: None,
-            shadow: Some(RouteShadow {
+            shadow: Some(Box::new(RouteShadow {
                 deployment: "new".into(),
                 share,
                 all_methods,
                 instances: vec![RouteInstance { id: "i-new".into(), upstream: "http://n:1".into() }],
-            }),
+            })),
         }
     }
 
