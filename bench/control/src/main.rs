@@ -83,6 +83,7 @@ async fn main() -> Result<()> {
         build: Default::default(),
         auto_rollback: Default::default(),
         rollout: None,
+        shadow: None,
     };
     // Existing load: deployments of 10 instances each, active.
     let per = 10;

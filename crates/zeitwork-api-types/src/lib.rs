@@ -316,6 +316,9 @@ pub struct Project {
     /// Canary steps of new deployments; none: the switch moves all traffic at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// Shadow traffic before the switch; none: no copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
     /// Pins a browser to the deployment that served it (off unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skew_protection: Option<SkewProtection>,
@@ -383,6 +386,8 @@ pub struct CreateProject {
     pub auto_rollback: Option<AutoRollback>,
     #[serde(default)]
     pub rollout: Option<Rollout>,
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
 }
 
 /// Autoscaling of a project's active deployments, per region.
@@ -454,6 +459,10 @@ pub struct PatchProject {
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Rollout>)]
     pub rollout: Option<Option<Rollout>>,
+    /// `null` turns shadow traffic off.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Shadow>)]
+    pub shadow: Option<Option<Shadow>>,
     /// `null` turns skew protection off.
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<SkewProtection>)]
@@ -658,6 +667,9 @@ pub struct CreateDeployment {
     /// Canary steps for this deployment, instead of its project's `rollout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// Shadow traffic for this deployment, instead of its project's `shadow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
     /// Overrides the project's `release_command` for this deployment (`""`: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_command: Option<String>,
@@ -871,6 +883,9 @@ pub struct Route {
     /// On a stable host whose project turned skew protection on: the pin's lifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skew_max_age_secs: Option<u32>,
+    /// Shadow traffic: copies of a share of requests go to a candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Box<RouteShadow>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

@@ -59,6 +59,38 @@ pub struct Rollout {
     pub step_secs: u32,
 }
 
+/// Shadow traffic: before any real traffic moves, a share of live requests
+/// is copied to the new deployment, its answers are thrown away, and its
+/// status and latency are judged as automatic rollback judges them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// Percent of requests copied (1–100).
+    pub share: u32,
+    /// How long the copies run before the switch, in seconds (1–86400).
+    pub secs: u32,
+    /// Copy every method, not only GET, HEAD and OPTIONS: the copies may then
+    /// have side effects (writes happen twice). Off by default.
+    #[serde(default)]
+    pub all_methods: bool,
+}
+
+pub fn shadow(field: &str, s: &Shadow) -> Result<(), ValidationError> {
+    if !(1..=100).contains(&s.share) {
+        return Err(ValidationError::new(
+            format!("{field}.share"),
+            format!("{} is out of range; use 1 to 100 (percent of requests)", s.share),
+        ));
+    }
+    if !(1..=86_400).contains(&s.secs) {
+        return Err(ValidationError::new(
+            format!("{field}.secs"),
+            format!("{} is out of range; use 1 to 86400", s.secs),
+        ));
+    }
+    Ok(())
+}
+
 pub fn auto_rollback(field: &str, a: &AutoRollback) -> Result<(), ValidationError> {
     let bad = |f: &str, m: String| Err(ValidationError::new(format!("{field}.{f}"), m));
     if !(a.error_rate.is_finite() && (0.001..=1.0).contains(&a.error_rate)) {
@@ -116,6 +148,8 @@ pub fn rollout(field: &str, r: &Rollout) -> Result<(), ValidationError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
+    /// Copies of live requests go to the deployment; no client sees its answers.
+    Shadow,
     /// The deployment gets `weight` percent of its environment's traffic.
     Canary,
     /// It serves the whole environment and is watched for regressions until `watch_until`.
@@ -129,6 +163,7 @@ pub enum RolloutState {
 impl RolloutState {
     pub fn as_str(self) -> &'static str {
         match self {
+            RolloutState::Shadow => "shadow",
             RolloutState::Canary => "canary",
             RolloutState::Watching => "watching",
             RolloutState::Done => "done",
@@ -137,9 +172,15 @@ impl RolloutState {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [RolloutState::Canary, RolloutState::Watching, RolloutState::Done, RolloutState::RolledBack]
-            .into_iter()
-            .find(|v| v.as_str() == s)
+        [
+            RolloutState::Shadow,
+            RolloutState::Canary,
+            RolloutState::Watching,
+            RolloutState::Done,
+            RolloutState::RolledBack,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
     }
 }
 
@@ -307,6 +348,25 @@ pub struct RouteCanary {
     pub instances: Vec<crate::RouteInstance>,
 }
 
+/// Copies of a share of an environment's requests go to a candidate
+/// deployment; their answers are discarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RouteShadow {
+    pub deployment: String,
+    /// Percent of requests copied (1–100), chosen by a hash of the request id.
+    pub share: u32,
+    /// Copy every method, not only GET, HEAD and OPTIONS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_methods: bool,
+    pub instances: Vec<crate::RouteInstance>,
+}
+
+/// Whether a request of `method` may be copied: GET, HEAD and OPTIONS
+/// always, every other method only when the project opted in.
+pub fn shadow_method(method: &str, all_methods: bool) -> bool {
+    all_methods || matches!(method, "GET" | "HEAD" | "OPTIONS")
+}
+
 /// Whether a client falls in a canary of `weight` percent for `deployment`:
 /// every edge decides the same for the same client.
 pub fn in_canary(client_key: &[u8], deployment: &str, weight: u32) -> bool {
@@ -383,5 +443,22 @@ mod tests {
         assert_eq!(e.field, "rollout.steps[0]");
         let e = rollout("rollout", &Rollout { steps: vec![100], step_secs: 0 }).unwrap_err();
         assert_eq!(e.field, "rollout.step_secs");
+    }
+
+    #[test]
+    fn shadow_settings_name_the_field() {
+        assert!(shadow("shadow", &Shadow { share: 10, secs: 60, all_methods: false }).is_ok());
+        let e = shadow("shadow", &Shadow { share: 0, secs: 60, all_methods: false }).unwrap_err();
+        assert_eq!(e.field, "shadow.share");
+        let e = shadow("shadow", &Shadow { share: 101, secs: 60, all_methods: false }).unwrap_err();
+        assert_eq!(e.field, "shadow.share");
+        let e = shadow("shadow", &Shadow { share: 5, secs: 0, all_methods: false }).unwrap_err();
+        assert_eq!(e.field, "shadow.secs");
+        let parsed: Shadow = serde_json::from_str(r#"{"share": 5, "secs": 30}"#).unwrap();
+        assert!(!parsed.all_methods, "only idempotent methods unless opted in");
+        assert!(serde_json::from_str::<Shadow>(r#"{"share": 5, "secs": 30, "bogus": 1}"#).is_err());
+        assert!(shadow_method("GET", false) && shadow_method("HEAD", false) && shadow_method("OPTIONS", false));
+        assert!(!shadow_method("POST", false) && !shadow_method("DELETE", false));
+        assert!(shadow_method("POST", true));
     }
 }

@@ -468,6 +468,9 @@ impl CreateProject {
         if let Some(r) = &self.rollout {
             crate::releases::rollout("rollout", r)?;
         }
+        if let Some(sh) = &self.shadow {
+            crate::releases::shadow("shadow", sh)?;
+        }
         Ok(())
     }
 }
@@ -611,6 +614,9 @@ impl PatchProject {
         if let Some(Some(r)) = &self.rollout {
             crate::releases::rollout("rollout", r)?;
         }
+        if let Some(Some(sh)) = &self.shadow {
+            crate::releases::shadow("shadow", sh)?;
+        }
         if let Some(Some(sp)) = &self.skew_protection {
             skew_protection(sp)?;
         }
@@ -731,6 +737,9 @@ impl CreateDeployment {
         }
         if let Some(r) = &self.rollout {
             crate::releases::rollout("rollout", r)?;
+        }
+        if let Some(sh) = &self.shadow {
+            crate::releases::shadow("shadow", sh)?;
         }
         if let Some(c) = &self.release_command {
             release_command("release_command", c)?;

@@ -848,6 +848,7 @@ mod tests {
             build: Default::default(),
             auto_rollback: Default::default(),
             rollout: None,
+            shadow: None,
         };
         let p = store.create_project(&project, &a()).await.unwrap();
         let new = zeitwork_store::NewDeployment {

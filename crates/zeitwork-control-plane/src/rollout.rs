@@ -3,6 +3,10 @@
 //! report per deployment (`analyse`, pure), and the automatic rollback when
 //! a new deployment does worse than the one it replaced.
 //!
+//! Before any of that, a deployment may run a shadow stage: copies of a
+//! share of live requests reach it, their answers are thrown away, and the
+//! same analysis decides whether it may take its environment at all.
+//!
 //! The engine calls [`on_ready`] instead of switching at once, and [`pass`]
 //! once per tick. Loops are impossible by construction: only activations of
 //! new deployments are watched (a rollback is not), and a deployment sent
@@ -175,6 +179,27 @@ pub async fn on_ready(store: &Store, d: &Deployment) -> Result<bool, StoreError>
             tracing::info!(deployment = %other.id, by = %d.id, "a newer deployment superseded a canary");
         }
     }
+    // Shadow traffic comes first: the candidate is judged on copies of live
+    // requests before any client's request reaches it.
+    let shadow = store.deployment_shadow(&d.id).await?.or(project.shadow);
+    if let Some(sh) = shadow.filter(|_| baseline_active && d.pull_request.is_none()) {
+        store.set_deployment_shadow(&d.id, &sh).await?;
+        store
+            .start_rollout(&NewRollout {
+                deployment: d.id.clone(),
+                environment: d.environment,
+                baseline: baseline.clone(),
+                state: RolloutState::Shadow,
+                steps: Vec::new(),
+                step_secs: sh.secs,
+                watch_until: None,
+            })
+            .await?;
+        if store.claim_deployment(&d.id, d.status, DeploymentStatus::Ready).await? {
+            tracing::info!(deployment = %d.id, share = sh.share, secs = sh.secs, "shadow traffic began");
+        }
+        return Ok(true);
+    }
     let spec = store.deployment_rollout(&d.id).await?.or(project.rollout);
     let canary = spec.filter(|r| baseline_active && d.pull_request.is_none() && r.steps.len() > 1);
     if let Some(r) = canary {
@@ -253,6 +278,42 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
     let window = i64::from(s.window_secs) * 1000;
     let started = r.started_at.timestamp_millis();
     match r.state {
+        RolloutState::Shadow => {
+            if d.status != DeploymentStatus::Ready {
+                let why = format!("the shadow stage ended: the deployment is {}", d.status.as_str());
+                store.finish_rollout(&d.id, Some(&why)).await?;
+                return Ok(true);
+            }
+            // Copies are judged against what answers the clients now, over the
+            // last window of the stage.
+            let current = project.current_deployment.get(&slot(&d)).cloned();
+            let from = started.max(now - window);
+            let cand = store.traffic_between(&d.id, from, now + 1).await?;
+            let base = match &current {
+                Some(c) => store.traffic_between(c, from, now + 1).await?,
+                None => DeploymentTraffic::default(),
+            };
+            let (verdict, analysis) = analyse(&cand, &base, &s);
+            let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(chrono::Utc::now);
+            let (regressed, analysis) = settle(verdict, analysis, r.analysis.as_ref(), at, s.window_secs);
+            if r.analysis.as_ref() != Some(&analysis) {
+                store.set_rollout_analysis(&d.id, &analysis).await?;
+            }
+            let rec = crate::engine::reconcile(store, config, &d, d.instances_per_region, at).await?;
+            let over = now >= started + i64::from(r.step_secs) * 1000;
+            match shadow_decision(regressed, over, rec.ready) {
+                ShadowDecision::Wait => Ok(rec.placed),
+                ShadowDecision::Block(why) => roll_back(store, config, &d, None, r, &why, now).await,
+                ShadowDecision::Switch => {
+                    let watch_until = s.enabled.then_some(now + i64::from(s.watch_secs) * 1000);
+                    let audit =
+                        system("deployment.activate", &d).detail(serde_json::json!({"shadow_secs": r.step_secs}));
+                    store.promote_rollout(&d.id, watch_until, &audit).await?;
+                    tracing::info!(deployment = %d.id, "shadow traffic passed; the deployment took its environment");
+                    Ok(true)
+                }
+            }
+        }
         RolloutState::Canary => {
             if d.status != DeploymentStatus::Ready {
                 let why = format!("the canary ended: the deployment is {}", d.status.as_str());
@@ -375,6 +436,28 @@ async fn across_migration<'a>(
 
 /// Sends `d` back: to `to` when it serves its environment, out of the
 /// canary otherwise; records why with the count of failed requests.
+/// What a shadow stage does next.
+#[derive(Debug, PartialEq)]
+pub enum ShadowDecision {
+    /// Copies go on.
+    Wait,
+    /// The copies regressed: the candidate never takes traffic.
+    Block(String),
+    /// The stage passed: the candidate takes its environment.
+    Switch,
+}
+
+/// A regression blocks the switch at once (errors at once, a slower p95
+/// once it has held for a window, as [`settle`] says); otherwise the switch
+/// waits for the end of the stage and for every instance to be ready.
+pub fn shadow_decision(regressed: Option<String>, over: bool, ready: bool) -> ShadowDecision {
+    match regressed {
+        Some(why) => ShadowDecision::Block(format!("shadow traffic: {why}")),
+        None if over && ready => ShadowDecision::Switch,
+        None => ShadowDecision::Wait,
+    }
+}
+
 async fn roll_back(
     store: &Store,
     config: &EngineConfig,
@@ -389,6 +472,10 @@ async fn roll_back(
         Some(to) => format!(
             "rolled back automatically to {}: {why}; {} of {} requests failed since the switch",
             to.id, served.errors, served.requests
+        ),
+        None if r.state == RolloutState::Shadow => format!(
+            "never switched to: {why}; {} of {} copied requests failed, no client saw them",
+            served.errors, served.requests
         ),
         None => format!(
             "canary aborted automatically: {why}; {} of {} requests failed during the rollout",
@@ -655,6 +742,7 @@ mod tests {
             build: Default::default(),
             auto_rollback: AutoRollback { min_requests: 10, ..Default::default() },
             rollout,
+            shadow: None,
         };
         let p = store.create_project(&project, &a()).await.unwrap();
         let mut ids = Vec::new();
@@ -836,5 +924,62 @@ mod tests {
         assert!(e.contains("rolled_back"), "{e}");
         assert!(rollback_target(Some(&dep("a", DeploymentStatus::Sleeping))).is_err());
         assert!(rollback_target(None).is_err());
+    }
+
+    #[test]
+    fn a_shadow_stage_switches_only_when_over_ready_and_not_regressed() {
+        assert_eq!(shadow_decision(None, false, true), ShadowDecision::Wait);
+        assert_eq!(shadow_decision(None, true, false), ShadowDecision::Wait, "every instance must be ready");
+        assert_eq!(shadow_decision(None, true, true), ShadowDecision::Switch);
+        for over in [false, true] {
+            match shadow_decision(Some("5xx rate 100 %".into()), over, true) {
+                ShadowDecision::Block(why) => assert!(why.contains("shadow traffic: 5xx rate"), "{why}"),
+                other => panic!("a regression must block the switch, got {other:?}"),
+            }
+        }
+    }
+
+    /// Copies that fail block the switch: the candidate is sent back without
+    /// ever serving a client, and the environment stays where it was.
+    #[tokio::test]
+    async fn a_shadow_that_regresses_is_never_switched_to() {
+        let (_dir, store, ids) = store_with(2, None).await;
+        let (one, two) = (&ids[0], &ids[1]);
+        let config = EngineConfig::default();
+        on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+        serve(&store, one, 100, 0).await;
+        let sh = zeitwork_api_types::Shadow { share: 50, secs: 600, all_methods: false };
+        store.set_deployment_shadow(two, &sh).await.unwrap();
+        on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+        on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+        assert_eq!(
+            (status(&store, one).await, status(&store, two).await),
+            (DeploymentStatus::Active, DeploymentStatus::Ready)
+        );
+        let r = store.get_rollout(two).await.unwrap().unwrap();
+        assert_eq!((r.state, r.weight), (RolloutState::Shadow, 0), "no client goes to a shadow");
+        let shadows = store.shadows().await.unwrap();
+        assert_eq!(
+            shadows.iter().map(|s| (s.deployment.as_str(), s.shadow.share)).collect::<Vec<_>>(),
+            vec![(two.as_str(), 50)]
+        );
+        serve(&store, two, 0, 20).await;
+        pass(&store, &config).await.unwrap();
+        assert_eq!(
+            (status(&store, one).await, status(&store, two).await),
+            (DeploymentStatus::Active, DeploymentStatus::RolledBack),
+            "the candidate was never switched to"
+        );
+        let project = store.get_project("acme", "web").await.unwrap();
+        assert_eq!(project.current_deployment.get("production"), Some(one));
+        let r = store.get_rollout(two).await.unwrap().unwrap();
+        assert_eq!(r.state, RolloutState::RolledBack);
+        let reason = r.reason.unwrap_or_default();
+        assert!(reason.contains("never switched to: shadow traffic: 5xx rate"), "{reason}");
+        assert!(store.shadows().await.unwrap().is_empty(), "the copies stop");
+        let filter =
+            zeitwork_store::EventFilter { action: Some("deployment.auto_rollback".into()), ..Default::default() };
+        let told = store.list_events(&filter, &zeitwork_store::Page::first(5)).await.unwrap().items;
+        assert!(told.iter().any(|e| e.target == *two), "audited and told through the outbox: {told:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
-use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RoutingTable};
+use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RouteShadow, RoutingTable};
 use zeitwork_store::{RoutingRows, Store};
 
 /// How often the table is rebuilt from the store, to see changes made
@@ -24,7 +24,7 @@ pub struct RoutingHub {
 impl RoutingHub {
     pub fn new(apps_domain: &str) -> Arc<Self> {
         let empty = build(
-            &RoutingRows { deployments: vec![], current: vec![], domains: vec![], canaries: vec![] },
+            &RoutingRows { deployments: vec![], current: vec![], domains: vec![], canaries: vec![], shadows: vec![] },
             apps_domain,
         );
         Arc::new(Self { table: watch::Sender::new(Arc::new(empty)), nudge: Notify::new() })
@@ -98,6 +98,7 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         served: if env.is_none() { d.served.clone() } else { Vec::new() },
         skew_max_age_secs: env.filter(|e| *e != Environment::Preview).and(d.skew_max_age_secs),
         canary: None,
+        shadow: None,
     };
     // An environment in a canary rollout sends a share of its clients to the candidate,
     // once the candidate has ready instances.
@@ -115,6 +116,28 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         })
         .collect();
     let canary_of = |org: &str, project: &str, env: Environment| canaries.get(&(org, project, env)).cloned();
+    // An environment in its shadow stage copies a share of its requests to the
+    // candidate, once the candidate has ready instances.
+    let shadows: HashMap<(&str, &str, Environment), RouteShadow> = rows
+        .shadows
+        .iter()
+        .filter_map(|s| {
+            let d = by_id.get(s.deployment.as_str()).filter(|d| !d.instances.is_empty())?;
+            let instances =
+                d.instances.iter().map(|(id, up)| RouteInstance { id: id.clone(), upstream: up.clone() }).collect();
+            Some((
+                (s.org.as_str(), s.project.as_str(), s.environment),
+                RouteShadow {
+                    deployment: s.deployment.clone(),
+                    share: s.shadow.share,
+                    all_methods: s.shadow.all_methods,
+                    instances,
+                },
+            ))
+        })
+        .collect();
+    let shadow_of =
+        |org: &str, project: &str, env: Environment| shadows.get(&(org, project, env)).cloned().map(Box::new);
     let mut routes: Vec<Route> =
         rows.deployments.iter().map(|d| route(format!("{}.{apps_domain}", d.id), d, None)).collect();
     let mut active: HashMap<(&str, &str, Environment), &str> = HashMap::new();
@@ -129,15 +152,23 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         };
         if let (Some(label), true) = (stable, c.owns_stable_host) {
             if let Some(d) = by_id.get(c.deployment.as_str()) {
-                let canary = if c.pull_request.is_none() { canary_of(&c.org, &c.project, c.environment) } else { None };
-                routes.push(Route { canary, ..route(format!("{label}.{apps_domain}"), d, Some(c.environment)) });
+                let (canary, shadow) = if c.pull_request.is_none() {
+                    (canary_of(&c.org, &c.project, c.environment), shadow_of(&c.org, &c.project, c.environment))
+                } else {
+                    (None, None)
+                };
+                routes.push(Route {
+                    canary,
+                    shadow,
+                    ..route(format!("{label}.{apps_domain}"), d, Some(c.environment))
+                });
             }
         }
     }
     for (domain, org, project, env, verified) in &rows.domains {
         if let Some(d) = active.get(&(org.as_str(), project.as_str(), *env)).and_then(|id| by_id.get(id)) {
-            let canary = canary_of(org, project, *env);
-            routes.push(Route { acme: *verified, canary, ..route(domain.clone(), d, Some(*env)) });
+            let (canary, shadow) = (canary_of(org, project, *env), shadow_of(org, project, *env));
+            routes.push(Route { acme: *verified, canary, shadow, ..route(domain.clone(), d, Some(*env)) });
         }
     }
     let mut seen: HashMap<String, (String, String)> = HashMap::new();

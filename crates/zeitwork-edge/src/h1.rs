@@ -522,6 +522,10 @@ pub(crate) async fn serve(
                 },
             }
         };
+        // Copies for a candidate's shadow stage are made on the general path.
+        if state.route(&plan.host).is_some_and(|r| r.shadow.is_some()) {
+            return general(stream, buf, conn, state, stop).await;
+        }
         let start = Instant::now();
         let admission = match admit(&state, &plan, &conn) {
             // A pinned deployment's route is looked up again by its own host while it wakes.

@@ -10,6 +10,7 @@ pub mod balance;
 mod h1;
 pub mod proxy;
 pub mod ratelimit;
+pub mod shadow;
 pub mod skew;
 pub mod table;
 pub mod tls;
@@ -307,6 +308,8 @@ pub struct EdgeState {
     pub wakes: wake::Wakes,
     /// Per-deployment requests, 5xx answers and latency for the operator's release analysis.
     pub traffic: traffic::Traffic,
+    /// Copies of requests to candidates in their shadow stage.
+    pub mirrors: shadow::Mirrors,
 }
 
 impl EdgeState {
@@ -396,6 +399,7 @@ impl EdgeProxy {
             operator: Client::new(&config.operator_url, config.token.clone()),
             wakes: wake::Wakes::default(),
             traffic: traffic::Traffic::default(),
+            mirrors: shadow::Mirrors::default(),
             config,
         });
         let (stop, stop_rx) = watch::channel(false);

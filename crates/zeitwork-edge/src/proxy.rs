@@ -157,7 +157,7 @@ thread_local! {
     };
 }
 
-fn upstream(req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+pub(crate) fn upstream(req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
     UPSTREAM.with(|c| c.request(req))
 }
 
@@ -292,7 +292,7 @@ fn is_apps_host(host: &str, apps_domain: &str) -> bool {
 
 /// Returns the response, the routed host (for metrics) and the instance that answered.
 async fn route_request(
-    state: &EdgeState,
+    state: &Arc<EdgeState>,
     req: Request<Incoming>,
     conn: &ConnInfo,
     rid: &str,
@@ -353,7 +353,7 @@ async fn route_request(
 
 /// Sends an admitted request to an instance of `route`.
 async fn forward(
-    state: &EdgeState,
+    state: &Arc<EdgeState>,
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     rid: &str,
@@ -411,6 +411,10 @@ async fn forward(
         return send_once(state, &route, parts, watched.boxed(), host, client_upgrade, failure).await;
     };
     let body = replayable.unwrap_or_default();
+    // A copy for a candidate in its shadow stage leaves first and is never waited for.
+    if !upgrade {
+        crate::shadow::mirror(state, &route, &parts, &body, rid);
+    }
     let mut tried: Vec<String> = Vec::new();
     loop {
         let Some((inst, inflight)) = state.balancer.pick(&route.instances, &tried) else {
@@ -502,7 +506,7 @@ async fn send_once(
     }
 }
 
-fn upstream_request(
+pub(crate) fn upstream_request(
     parts: &hyper::http::request::Parts,
     upstream: &str,
     instance: &str,

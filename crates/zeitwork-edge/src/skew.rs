@@ -127,6 +127,7 @@ mod tests {
             served: vec![],
             skew_max_age_secs: None,
             canary: None,
+            shadow: None,
         }
     }
 

@@ -20,7 +20,7 @@ pub struct Routes {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// A host is new or now points elsewhere (other deployment, instances or limits).
-    Upsert(Route),
+    Upsert(Box<Route>),
     Remove(String),
 }
 
@@ -32,7 +32,7 @@ pub fn diff(old: &Routes, new: &RoutingTable) -> Vec<Change> {
         seen.insert(r.host.as_str());
         match old.hosts.get(&r.host) {
             Some(cur) if **cur == *r => {}
-            _ => changes.push(Change::Upsert(r.clone())),
+            _ => changes.push(Change::Upsert(Box::new(r.clone()))),
         }
     }
     let mut removed: Vec<&String> = old.hosts.keys().filter(|h| !seen.contains(h.as_str())).collect();
@@ -49,7 +49,7 @@ pub fn apply(old: &Routes, version: &str, apps_domain: &str, changes: Vec<Change
     for c in changes {
         match c {
             Change::Upsert(r) => {
-                next.hosts.insert(r.host.clone(), Arc::new(r));
+                next.hosts.insert(r.host.clone(), Arc::new(*r));
             }
             Change::Remove(h) => {
                 next.hosts.remove(&h);
@@ -82,6 +82,7 @@ mod tests {
             served: vec![],
             skew_max_age_secs: None,
             canary: None,
+            shadow: None,
         }
     }
 
@@ -103,8 +104,8 @@ mod tests {
         assert_eq!(
             c2,
             vec![
-                Change::Upsert(route("a.apps.test", "a", &["i1", "i3"])),
-                Change::Upsert(route("c.apps.test", "c", &["i4"])),
+                Change::Upsert(Box::new(route("a.apps.test", "a", &["i1", "i3"]))),
+                Change::Upsert(Box::new(route("c.apps.test", "c", &["i4"]))),
                 Change::Remove("b.apps.test".into()),
             ]
         );

@@ -134,6 +134,7 @@ pub(crate) fn split(route: Arc<Route>, client: IpAddr) -> Arc<Route> {
         wake: false,
         gone: false,
         canary: None,
+        shadow: None,
         ..(*route).clone()
     })
 }
@@ -185,6 +186,7 @@ mod tests {
                 weight: 10,
                 instances: vec![RouteInstance { id: "i-new".into(), upstream: "http://n:1".into() }],
             }),
+            shadow: None,
         });
         let clients: Vec<IpAddr> =
             (0..1000u32).map(|i| IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8])).collect();

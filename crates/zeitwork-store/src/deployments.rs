@@ -219,6 +219,8 @@ pub struct RoutingRows {
     pub domains: Vec<(String, String, String, Environment, bool)>,
     /// Environments that send a share of their clients to a canary.
     pub canaries: Vec<crate::CanaryRow>,
+    /// Environments that copy a share of their requests to a candidate.
+    pub shadows: Vec<crate::ShadowRow>,
 }
 
 /// The deployment an environment of a project points at.
@@ -567,7 +569,8 @@ impl Store {
             ));
         }
         let canaries = self.canaries().await?;
-        Ok(RoutingRows { deployments, current, domains, canaries })
+        let shadows = self.shadows().await?;
+        Ok(RoutingRows { deployments, current, domains, canaries, shadows })
     }
 }
 

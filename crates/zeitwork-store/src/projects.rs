@@ -54,11 +54,12 @@ pub struct NewProject {
     pub build: zeitwork_api_types::BuildSettings,
     pub auto_rollback: zeitwork_api_types::AutoRollback,
     pub rollout: Option<zeitwork_api_types::Rollout>,
+    pub shadow: Option<zeitwork_api_types::Shadow>,
 }
 
 pub(crate) const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout, p.shadow FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -130,6 +131,11 @@ pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("column rollout: {e}")))?,
+        shadow: from_json("shadow")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column shadow: {e}")))?,
     })
 }
 
@@ -177,8 +183,8 @@ impl Store {
         let res = sqlx::query(
             "INSERT INTO projects (id, org_id, name, github_repo, branch, auto_deploy, port, vcpu, memory, \
              instances_per_region, regions, image_template, rate_limit, current_deployments, created_at, updated_at, \
-             sleep_after_secs, retain_deployments, scaling, staging_branch, tag_pattern, build, auto_rollback, rollout) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+             sleep_after_secs, retain_deployments, scaling, staging_branch, tag_pattern, build, auto_rollback, rollout, shadow) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, '{}', $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
         )
         .bind(&id)
         .bind(&org.id)
@@ -203,6 +209,7 @@ impl Store {
         .bind(serde_json::to_string(&p.build).unwrap_or_default())
         .bind(serde_json::to_string(&p.auto_rollback).unwrap_or_default())
         .bind(p.rollout.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()))
+        .bind(p.shadow.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()))
         .execute(&mut *tx)
         .await;
         match res {
@@ -335,6 +342,9 @@ impl Store {
         }
         if let Some(v) = &patch.rollout {
             set_opt(&mut q, "rollout", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.shadow {
+            set_opt(&mut q, "shadow", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));
         }
         if let Some(regions) = &patch.regions {
             let known: Vec<String> = sqlx::query("SELECT code FROM regions")

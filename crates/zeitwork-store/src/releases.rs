@@ -34,7 +34,7 @@ fn rollout_from(r: &AnyRow) -> Result<RolloutStatus> {
     let weight = match state {
         RolloutState::Canary => steps.get(step as usize).copied().unwrap_or(0),
         RolloutState::Watching | RolloutState::Done => 100,
-        RolloutState::RolledBack => 0,
+        RolloutState::RolledBack | RolloutState::Shadow => 0,
     };
     let analysis: Option<Analysis> = r.opt_text("analysis")?.and_then(|a| serde_json::from_str(&a).ok());
     Ok(RolloutStatus {
@@ -65,6 +65,17 @@ pub struct CanaryRow {
     pub environment: Environment,
     pub deployment: String,
     pub weight: u32,
+}
+
+/// Shadow traffic as the routing table needs it: the environment of a
+/// project that copies a share of its requests to `deployment`.
+#[derive(Debug, Clone)]
+pub struct ShadowRow {
+    pub org: String,
+    pub project: String,
+    pub environment: Environment,
+    pub deployment: String,
+    pub shadow: zeitwork_api_types::Shadow,
 }
 
 impl Store {
@@ -185,11 +196,54 @@ impl Store {
 
     /// Rollouts still moving: canaries and watches.
     pub async fn open_rollouts(&self) -> Result<Vec<RolloutStatus>> {
-        let rows =
-            sqlx::query("SELECT * FROM rollouts WHERE state IN ('canary', 'watching') ORDER BY started_at LIMIT 1000")
-                .fetch_all(&self.reader)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM rollouts WHERE state IN ('shadow', 'canary', 'watching') ORDER BY started_at LIMIT 1000",
+        )
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(rollout_from).collect()
+    }
+
+    /// The shadow setting a deployment's release uses (its own, or its
+    /// project's when it became ready).
+    pub async fn set_deployment_shadow(&self, deployment: &str, s: &zeitwork_api_types::Shadow) -> Result<()> {
+        sqlx::query("UPDATE deployments SET shadow = $1 WHERE id = $2")
+            .bind(serde_json::to_string(s).unwrap_or_default())
+            .bind(deployment)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn deployment_shadow(&self, deployment: &str) -> Result<Option<zeitwork_api_types::Shadow>> {
+        let row = sqlx::query("SELECT shadow FROM deployments WHERE id = $1")
+            .bind(deployment)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment {deployment:?}")))?;
+        Ok(row.opt_text("shadow")?.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    /// Deployments in their shadow stage, for the routing table.
+    pub async fn shadows(&self) -> Result<Vec<ShadowRow>> {
+        let rows = sqlx::query(
+            "SELECT r.deployment_id, r.org, r.project, r.environment, d.shadow FROM rollouts r \
+             JOIN deployments d ON d.id = r.deployment_id WHERE r.state = 'shadow'",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let Some(shadow) = r.opt_text("shadow")?.and_then(|s| serde_json::from_str(&s).ok()) else { continue };
+            out.push(ShadowRow {
+                org: r.text("org")?,
+                project: r.text("project")?,
+                environment: r.parsed("environment", Environment::parse)?,
+                deployment: r.text("deployment_id")?,
+                shadow,
+            });
+        }
+        Ok(out)
     }
 
     /// Canaries with their current weight, for the routing table.
@@ -277,7 +331,7 @@ impl Store {
     pub async fn finish_rollout(&self, deployment: &str, reason: Option<&str>) -> Result<()> {
         sqlx::query(
             "UPDATE rollouts SET state = 'done', reason = COALESCE($1, reason), updated_at = $2 \
-             WHERE deployment_id = $3 AND state IN ('canary', 'watching')",
+             WHERE deployment_id = $3 AND state IN ('shadow', 'canary', 'watching')",
         )
         .bind(reason.map(str::to_owned))
         .bind(now_ms())
@@ -310,7 +364,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let open = sqlx::query(
             "UPDATE rollouts SET state = 'rolled_back', reason = $1, updated_at = $2 \
-             WHERE deployment_id = $3 AND state IN ('canary', 'watching')",
+             WHERE deployment_id = $3 AND state IN ('shadow', 'canary', 'watching')",
         )
         .bind(reason)
         .bind(now)

@@ -501,6 +501,14 @@ UPDATE deployments SET served = environment WHERE status IN ('active', 'standby'
         "/*postgres*/ ALTER TABLE regions ALTER COLUMN created_at SET DEFAULT \
          ((extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)",
     ),
+    (
+        19,
+        "releases: shadow traffic",
+        r#"
+ALTER TABLE projects ADD COLUMN shadow TEXT;
+ALTER TABLE deployments ADD COLUMN shadow TEXT
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -122,6 +122,7 @@ fn new_project(org: &str, name: &str) -> NewProject {
         build: Default::default(),
         auto_rollback: Default::default(),
         rollout: None,
+        shadow: None,
     }
 }
 

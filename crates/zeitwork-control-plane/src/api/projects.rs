@@ -78,6 +78,7 @@ pub async fn create_project(
         build: b.build.unwrap_or_default(),
         auto_rollback: b.auto_rollback.unwrap_or_default(),
         rollout: b.rollout,
+        shadow: b.shadow,
     };
     let audit = caller.audit("project.create", &target).org(&b.org).project(&b.name);
     Ok(created(s.store.create_project(&new, &audit).await?))
@@ -412,6 +413,9 @@ pub async fn create_deployment(
         if let Some(r) = &b.rollout {
             s.store.set_deployment_rollout(&d.id, r).await?;
         }
+        if let Some(sh) = &b.shadow {
+            s.store.set_deployment_shadow(&d.id, sh).await?;
+        }
         return Ok((StatusCode::ACCEPTED, Json(d)).into_response());
     }
     super::images::check_archive_reference(&s, &b.org, &b.image).await?;
@@ -429,6 +433,9 @@ pub async fn create_deployment(
     let d = s.store.create_deployment(&new, &audit).await?;
     if let Some(r) = &b.rollout {
         s.store.set_deployment_rollout(&d.id, r).await?;
+    }
+    if let Some(sh) = &b.shadow {
+        s.store.set_deployment_shadow(&d.id, sh).await?;
     }
     s.engine.notify_one();
     Ok((StatusCode::ACCEPTED, Json(d)).into_response())

@@ -274,6 +274,7 @@ pub(super) async fn deployments(conn: Conn, cmd: DeploymentCmd) -> Result<()> {
                 release_command: None,
                 migration: false,
                 rollout: None,
+                shadow: None,
             };
             let d: Deployment = c.post("/api/v1/deployments", &body).await?;
             if conn.json {
@@ -437,6 +438,7 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         release_command: a.release_command.clone(),
         migration: a.migration,
         rollout: a.rollout_steps.map(|steps| Rollout { steps, step_secs: a.rollout_step_secs.unwrap_or(60) }),
+        shadow: None,
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json && d.status == DeploymentStatus::Building {

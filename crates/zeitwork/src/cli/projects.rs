@@ -280,6 +280,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
                 auto_rollback,
                 rollout,
+                shadow: None,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -333,6 +334,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 release_command: settings.release_command.map(|c| Some(c).filter(|c| !c.is_empty())),
                 auto_rollback,
                 rollout,
+                shadow: None,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
