@@ -1143,6 +1143,12 @@ async fn production_scales_with_load_and_to_zero() {
         assert!(Instant::now() < deadline, "never went live: {}", p.deployment(&dep).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The edges learn of the switch a moment after the store records it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fetch().await.0 != 200 {
+        assert!(Instant::now() < deadline, "the edge never served the live deployment: {:?}", fetch().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Under memory load (and with requests coming), it grows to max_per_region.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
