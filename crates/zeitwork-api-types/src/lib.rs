@@ -405,6 +405,10 @@ pub struct Scaling {
     /// Add instances while their average memory use is above this share of their limit (1-100).
     #[serde(default)]
     pub target_memory_percent: Option<u32>,
+    /// Add instances while each serves more than this many requests at once, on
+    /// average over the last 30 s (1-1000; what the edges measured).
+    #[serde(default)]
+    pub target_concurrency: Option<u32>,
 }
 
 /// Seconds without requests after which a deployment no environment points at sleeps.

@@ -678,6 +678,12 @@ pub fn scaling(s: &crate::Scaling) -> Result {
             return Err(ValidationError::new(field, "use 1 to 100 (percent)"));
         }
     }
+    if s.target_concurrency.is_some_and(|c| !(1..=1000).contains(&c)) {
+        return Err(ValidationError::new(
+            "scaling.target_concurrency",
+            "use 1 to 1000 (requests in flight per instance)",
+        ));
+    }
     Ok(())
 }
 

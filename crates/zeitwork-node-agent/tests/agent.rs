@@ -1182,3 +1182,98 @@ async fn production_scales_with_load_and_to_zero() {
     edge.shutdown().await;
     p.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_scales_out_on_requests_in_flight() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    // Every request takes a second: a handful of clients keep several in flight.
+    let script = "mkdir -p /tmp/w/cgi-bin; \
+        printf '#!/bin/sh\\n/bin/busybox sleep 1\\necho Content-Type: text/plain\\necho\\necho slow\\n' \
+          > /tmp/w/cgi-bin/slow; \
+        /bin/busybox chmod +x /tmp/w/cgi-bin/slow; exec /bin/busybox httpd -f -p $PORT -h /tmp/w";
+    let image = reg.push_busybox("acme/slow", "v1", script).await.unwrap();
+    let p = platform("10.253.0.0", 30).await;
+    let bad = p
+        .admin
+        .patch::<_, Value>(
+            "/api/v1/projects/acme/web",
+            &json!({"scaling": {"min_per_region": 1, "max_per_region": 3, "target_concurrency": 0}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("scaling.target_concurrency"), "{bad}");
+    p.admin
+        .patch::<_, Value>(
+            "/api/v1/projects/acme/web",
+            &json!({"scaling": {"min_per_region": 1, "max_per_region": 3, "target_concurrency": 2}}),
+        )
+        .await
+        .unwrap();
+    let edge = p.edge().await;
+    let edge_addr = edge.http_addr();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let fetch = {
+        let http = http.clone();
+        move || {
+            let http = http.clone();
+            async move {
+                match http
+                    .get(format!("http://{edge_addr}/cgi-bin/slow"))
+                    .header("host", "web-acme.zeitwork.localhost")
+                    .send()
+                    .await
+                {
+                    Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                    Err(e) => (0, e.to_string()),
+                }
+            }
+        }
+    };
+    let (dep, _) = p.deploy(&image).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetch().await != (200, "slow\n".to_string()) {
+        assert!(Instant::now() < deadline, "the edge never served the deployment: {:?}", fetch().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = |dep: String| {
+        let admin = p.admin.clone();
+        async move {
+            let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+            is.iter().filter(|i| i["status"] == "ready").count()
+        }
+    };
+    assert_eq!(ready(dep.clone()).await, 1, "one instance before any load");
+    // Six clients in a loop: about six requests in flight on one instance, three
+    // times the target.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (stop, fetch) = (stop.clone(), fetch.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) = fetch().await;
+                    if status != 200 {
+                        failed.push((status, body));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while ready(dep.clone()).await < 2 {
+        assert!(Instant::now() < deadline, "never scaled out on requests in flight: {}", ready(dep.clone()).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let failed = c.await.unwrap();
+        assert!(failed.is_empty(), "requests failed while scaling out: {failed:?}");
+    }
+    let events: Vec<Value> = p.admin.get("/api/v1/events?org=acme").await.unwrap();
+    let scale = events.iter().find(|e| e["action"] == "deployment.scale").expect("scaling is an audit event");
+    assert!(scale["detail"]["concurrency"].as_f64().is_some_and(|c| c > 2.0), "{scale}");
+    edge.shutdown().await;
+    p.agent.shutdown().await;
+}

@@ -95,13 +95,21 @@ fn verbs_print_tables_json_and_exit_codes() {
             "3",
             "--target-cpu-percent",
             "60",
+            "--target-concurrency",
+            "20",
             "--json",
         ],
     )))
     .unwrap();
     assert_eq!(
         json["scaling"],
-        serde_json::json!({"min_per_region": 0, "max_per_region": 3, "target_cpu_percent": 60, "target_memory_percent": null})
+        serde_json::json!({
+            "min_per_region": 0,
+            "max_per_region": 3,
+            "target_cpu_percent": 60,
+            "target_memory_percent": null,
+            "target_concurrency": 20
+        })
     );
     assert_eq!(cli(&r, &["projects", "update", "acme/web", "--min-per-region", "1"]).status.code(), Some(2));
     assert_eq!(

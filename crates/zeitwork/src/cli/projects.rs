@@ -70,8 +70,11 @@ pub struct ProjectSettings {
     /// Autoscaling: add instances above this average memory use (1-100 %).
     #[arg(long)]
     target_memory_percent: Option<u32>,
+    /// Autoscaling: add instances above this many requests in flight per instance (1-1000).
+    #[arg(long)]
+    target_concurrency: Option<u32>,
     /// Back to the fixed instances_per_region (update only).
-    #[arg(long, conflicts_with_all = ["min_per_region", "max_per_region", "target_cpu_percent", "target_memory_percent"])]
+    #[arg(long, conflicts_with_all = ["min_per_region", "max_per_region", "target_cpu_percent", "target_memory_percent", "target_concurrency"])]
     no_scaling: bool,
     /// Run this (`/bin/sh -c`) once in each new deployment's image before traffic moves to it;
     /// `""` removes it (update only).
@@ -126,7 +129,8 @@ fn scaling_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::Scalin
     let any = s.min_per_region.is_some()
         || s.max_per_region.is_some()
         || s.target_cpu_percent.is_some()
-        || s.target_memory_percent.is_some();
+        || s.target_memory_percent.is_some()
+        || s.target_concurrency.is_some();
     if !any {
         return Ok(None);
     }
@@ -138,6 +142,7 @@ fn scaling_from(s: &ProjectSettings) -> Result<Option<zeitwork_api_types::Scalin
         max_per_region: max,
         target_cpu_percent: s.target_cpu_percent,
         target_memory_percent: s.target_memory_percent,
+        target_concurrency: s.target_concurrency,
     }))
 }
 
