@@ -379,6 +379,8 @@ pub struct EdgeProxy {
     https_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    /// Sent once open connections are done.
+    drained: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     workers: zeitwork_net::workers::Workers,
 }
@@ -493,11 +495,14 @@ impl EdgeProxy {
         } else {
             tracing::info!("not announced to load balancers: listening on all addresses; set advertise_address");
         }
-        tasks.push(tokio::spawn(wake::report_loop(state.clone(), client.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(traffic::report_loop(state.clone(), client.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(follow(client, state.clone(), stop_rx)));
+        // What open requests still need while they drain (the routing table a
+        // held request waits on, the figures of their answers) stops after them.
+        let (drained, drained_rx) = watch::channel(false);
+        tasks.push(tokio::spawn(wake::report_loop(state.clone(), client.clone(), drained_rx.clone())));
+        tasks.push(tokio::spawn(traffic::report_loop(state.clone(), client.clone(), drained_rx.clone())));
+        tasks.push(tokio::spawn(follow(client, state.clone(), drained_rx)));
         tracing::info!(%http_addr, https = ?https_addr, "edge proxy listening");
-        Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, tasks, workers: pool })
+        Ok(EdgeProxy { state, http_addr, https_addr, admin_addr, stop, drained, tasks, workers: pool })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -529,13 +534,17 @@ impl EdgeProxy {
     }
 
     /// Stops accepting, lets open requests finish (connections are asked to
-    /// close), then returns.
+    /// close; a request held for a waking deployment is still answered once it
+    /// wakes, within `wake_hold_secs`), then returns.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.stop.send_replace(true);
         self.workers.join().await;
+        self.drained.send_replace(true);
+        for t in self.tasks {
+            if let Err(e) = t.await {
+                tracing::warn!(error = %e, "an edge task ended abnormally");
+            }
+        }
     }
 }
 
@@ -574,8 +583,9 @@ async fn accept_loop(
     spread: (Arc<zeitwork_net::workers::Spread>, usize),
 ) {
     let conn_stop = stop.clone();
-    // Open connections finish their requests; they get a bounded time.
-    let drain = Duration::from_secs(30);
+    // Open connections finish their requests; they get a bounded time, enough
+    // for a request held while its deployment wakes.
+    let drain = Duration::from_secs(30.max(state.config.wake_hold_secs + 5));
     zeitwork_net::accept_until_stopped(listener, stop, drain, Some(spread), move |stream, peer| {
         connection(stream, peer, tls.clone(), state.clone(), conn_stop.clone())
     })

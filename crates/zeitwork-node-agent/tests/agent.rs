@@ -1025,7 +1025,46 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
     let bad =
         p.admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"sleep_after_secs": 1})).await.unwrap_err();
     assert!(bad.to_string().contains("sleep_after_secs"), "{bad}");
+
+    // An edge that stops while it holds a request for a waking deployment still
+    // answers it once the deployment is up: held requests are drained like any other.
+    let held = ids[3].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = p.admin.post::<_, Value>(&format!("/api/v1/deployments/{held}/sleep"), &json!({})).await;
+        if r.is_ok_and(|d| d["status"] == "sleeping") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{held} could not be put to sleep");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once the edge knows it sleeps (no instance, to be woken), a request is held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table: Value = p.admin.get("/api/v1/routing").await.unwrap();
+        let asleep = table["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["host"] == host(&held).as_str() && r["instances"].as_array().is_some_and(|i| i.is_empty()));
+        if asleep && edge.routing_version() == table["version"].as_str().unwrap() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge never learnt that {held} sleeps: {table}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = tokio::spawn(fetch(host(&held)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: Value = p.admin.get(&format!("/api/v1/deployments/{held}")).await.unwrap();
+        if d["status"] != "sleeping" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the held request never woke {held}: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     edge.shutdown().await;
+    assert_eq!(request.await.unwrap(), (200, "v4\n".to_owned()), "a request held across the edge's shutdown");
     p.agent.shutdown().await;
 }
 
