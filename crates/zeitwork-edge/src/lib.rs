@@ -389,19 +389,36 @@ impl EdgeProxy {
     pub async fn start(config: EdgeConfig) -> Result<EdgeProxy, EdgeError> {
         let trusted = config.validate()?;
         let certs = Arc::new(tls::CertStore::default());
+        // What open requests still need while they drain (the routing table a
+        // held request waits on, the figures of their answers) stops after them.
+        let (drained, drained_rx) = watch::channel(false);
+        let metrics = EdgeMetrics::new();
+        let mirrors = shadow::Mirrors::new(drained_rx.clone());
+        metrics.http.with_registry(|r| {
+            r.register(
+                "shadow_copies",
+                "Shadow copies of requests sent to a candidate deployment",
+                mirrors.sent.clone(),
+            );
+            r.register(
+                "shadow_dropped",
+                "Shadow copies dropped because too many were in flight",
+                mirrors.dropped.clone(),
+            );
+        });
         let state = Arc::new(EdgeState {
             routes: RwLock::new(Arc::new(table::Routes::default())),
             routes_generation: AtomicU64::new(0),
             balancer: balance::Balancer::default(),
             limiter: ratelimit::RateLimiter::new(config.rate_limit_clients),
             certs: certs.clone(),
-            metrics: EdgeMetrics::new(),
+            metrics,
             trusted,
             acme: RwLock::new(HashMap::new()),
             operator: Client::new(&config.operator_url, config.token.clone()),
             wakes: wake::Wakes::default(),
             traffic: traffic::Traffic::default(),
-            mirrors: shadow::Mirrors::default(),
+            mirrors,
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -495,9 +512,6 @@ impl EdgeProxy {
         } else {
             tracing::info!("not announced to load balancers: listening on all addresses; set advertise_address");
         }
-        // What open requests still need while they drain (the routing table a
-        // held request waits on, the figures of their answers) stops after them.
-        let (drained, drained_rx) = watch::channel(false);
         tasks.push(tokio::spawn(wake::report_loop(state.clone(), client.clone(), drained_rx.clone())));
         tasks.push(tokio::spawn(traffic::report_loop(state.clone(), client.clone(), drained_rx.clone())));
         tasks.push(tokio::spawn(follow(client, state.clone(), drained_rx)));

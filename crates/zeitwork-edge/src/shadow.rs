@@ -9,15 +9,16 @@
 //! headers (credentials included) and body. Only GET, HEAD and OPTIONS are
 //! copied unless the project opted in for every method, and only requests
 //! whose body is empty or already read whole. When too many copies are in
-//! flight a copy is dropped, never queued.
+//! flight a copy is dropped, never queued. Copies still out when the edge
+//! stops are abandoned: they are nobody's answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use tokio::sync::Semaphore;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{watch, Semaphore};
 use zeitwork_api_types::Route;
 
 use crate::EdgeState;
@@ -32,15 +33,23 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Mirrors {
     slots: Arc<Semaphore>,
-    /// Copies sent.
-    pub sent: AtomicU64,
-    /// Copies dropped because too many were in flight.
-    pub dropped: AtomicU64,
+    /// Copies sent (`zeitwork_edge_shadow_copies_total`).
+    pub sent: Counter,
+    /// Copies dropped because too many were in flight (`zeitwork_edge_shadow_dropped_total`).
+    pub dropped: Counter,
+    /// Set when the edge stops: copies in flight give up.
+    stopping: watch::Receiver<bool>,
 }
 
-impl Default for Mirrors {
-    fn default() -> Self {
-        Self { slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)), sent: AtomicU64::new(0), dropped: AtomicU64::new(0) }
+impl Mirrors {
+    /// Copies that give up once `stopping` turns true.
+    pub fn new(stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            sent: Counter::default(),
+            dropped: Counter::default(),
+            stopping,
+        }
     }
 }
 
@@ -68,7 +77,7 @@ pub(crate) fn mirror(
     }
     let Some(shadow) = route.shadow.as_ref() else { return };
     let Ok(slot) = state.mirrors.slots.clone().try_acquire_owned() else {
-        state.mirrors.dropped.fetch_add(1, Ordering::Relaxed);
+        state.mirrors.dropped.inc();
         return;
     };
     let pick = request_id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
@@ -79,12 +88,13 @@ pub(crate) fn mirror(
     else {
         return;
     };
-    state.mirrors.sent.fetch_add(1, Ordering::Relaxed);
+    state.mirrors.sent.inc();
     let (state, deployment) = (state.clone(), shadow.deployment.clone());
+    let mut stopping = state.mirrors.stopping.clone();
     tokio::spawn(async move {
         let _slot = slot;
         let start = Instant::now();
-        let answer = tokio::time::timeout(TIMEOUT, async {
+        let copy = tokio::time::timeout(TIMEOUT, async {
             match crate::proxy::upstream(req).await {
                 // Read whole, so the latency is the candidate's full answer.
                 Ok(res) => {
@@ -96,8 +106,12 @@ pub(crate) fn mirror(
                 }
                 Err(_) => 502,
             }
-        })
-        .await;
+        });
+        let answer = tokio::select! {
+            answer = copy => answer,
+            // Not counted: an unanswered copy at shutdown says nothing of the candidate.
+            _ = zeitwork_net::stopped(&mut stopping) => return,
+        };
         let status = answer.unwrap_or(504);
         state.traffic.note(&deployment, status, start.elapsed());
     });

@@ -238,6 +238,13 @@ async fn a_failing_shadow_is_never_switched_to_and_a_healthy_one_is() {
     let mirrored = rollout["served"]["requests"].as_u64().unwrap_or(0);
     let mirrored_failed = rollout["served"]["errors"].as_u64().unwrap_or(0);
     assert!(mirrored > 0 && mirrored_failed > 0, "the candidate received copies: {rollout}");
+    // The edge exports how many copies it sent.
+    let metrics = reqwest::get(format!("http://{}/metrics", p.edge.admin_addr())).await.unwrap().text().await.unwrap();
+    let copies = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("zeitwork_edge_shadow_copies_total ")?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no shadow copy counter in the edge's metrics:\n{metrics}"));
+    assert!(copies >= mirrored as f64, "the edge counted {copies} copies; the operator saw {mirrored}");
     let client_errors = hits.iter().filter(|h| h.status >= 500 || h.status == 0).count();
     assert!(!hits.is_empty());
     assert_eq!(client_errors, 0, "no client saw the candidate's failures");

@@ -119,6 +119,19 @@ fn verbs_print_tables_json_and_exit_codes() {
     let json: serde_json::Value =
         serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--no-scaling", "--json"]))).unwrap();
     assert!(json.get("scaling").is_none(), "{json}");
+    // Shadow traffic from flags; --no-shadow turns it off.
+    let json: serde_json::Value = serde_json::from_str(&ok(cli(
+        &r,
+        &["projects", "update", "acme/web", "--shadow-share", "10", "--shadow-secs", "120", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(json["shadow"], serde_json::json!({"share": 10, "secs": 120, "all_methods": false}), "{json}");
+    assert_eq!(cli(&r, &["projects", "update", "acme/web", "--shadow-secs", "120"]).status.code(), Some(2));
+    let bad = cli(&r, &["projects", "update", "acme/web", "--shadow-share", "0"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("shadow.share"), "{bad:?}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(cli(&r, &["projects", "update", "acme/web", "--no-shadow", "--json"]))).unwrap();
+    assert!(json.get("shadow").is_none_or(|s| s.is_null()), "{json}");
 
     ok(cli(&r, &["env", "set", "acme/web", "SECRET=hunter2", "MODE=prod"]));
     let env: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["env", "list", "acme/web", "--json"]))).unwrap();

@@ -13,6 +13,8 @@ use super::{project_path, query, read_sse, split_project, Conn, EnvArg};
 use crate::output::{ago, fields, json, opt, table};
 use crate::roles::UsageError;
 
+/// Seconds of shadow traffic when a flag asks for it without saying how long.
+pub(crate) const DEFAULT_SHADOW_SECS: u32 = 300;
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     #[command(flatten)]
@@ -86,6 +88,16 @@ pub struct DeployArgs {
     /// Seconds per canary step (with --rollout-steps; default 60).
     #[arg(long, requires = "rollout_steps")]
     rollout_step_secs: Option<u32>,
+    /// Shadow traffic for this deployment: copy this percent of its environment's
+    /// requests to it before the switch (1-100; default: the project's `shadow`).
+    #[arg(long)]
+    shadow_share: Option<u32>,
+    /// Seconds of shadow traffic before the switch (with --shadow-share; default 300).
+    #[arg(long, requires = "shadow_share")]
+    shadow_secs: Option<u32>,
+    /// Copy every method, not only GET, HEAD and OPTIONS (writes then happen twice).
+    #[arg(long, requires = "shadow_share")]
+    shadow_all_methods: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -438,7 +450,11 @@ pub(super) async fn deploy(a: DeployArgs) -> Result<()> {
         release_command: a.release_command.clone(),
         migration: a.migration,
         rollout: a.rollout_steps.map(|steps| Rollout { steps, step_secs: a.rollout_step_secs.unwrap_or(60) }),
-        shadow: None,
+        shadow: a.shadow_share.map(|share| zeitwork_api_types::Shadow {
+            share,
+            secs: a.shadow_secs.unwrap_or(DEFAULT_SHADOW_SECS),
+            all_methods: a.shadow_all_methods,
+        }),
     };
     let d: Deployment = c.post("/api/v1/deployments", &body).await?;
     if !a.conn.json && d.status == DeploymentStatus::Building {

@@ -99,6 +99,28 @@ pub struct ProjectSettings {
     /// Switch all traffic at once again, without canary steps (update only).
     #[arg(long, conflicts_with_all = ["rollout_steps", "rollout_step_secs"])]
     no_rollout: bool,
+    /// Shadow traffic: before the switch, copy this percent of the environment's
+    /// requests to each new deployment and block it if it regresses (1-100).
+    #[arg(long)]
+    shadow_share: Option<u32>,
+    /// Seconds of shadow traffic before the switch (with --shadow-share; default 300).
+    #[arg(long, requires = "shadow_share")]
+    shadow_secs: Option<u32>,
+    /// Copy every method, not only GET, HEAD and OPTIONS (writes then happen twice).
+    #[arg(long, requires = "shadow_share")]
+    shadow_all_methods: bool,
+    /// No shadow stage any more (update only).
+    #[arg(long, conflicts_with_all = ["shadow_share", "shadow_secs", "shadow_all_methods"])]
+    no_shadow: bool,
+}
+
+/// The `shadow` the flags ask for: `None` when they say nothing.
+fn shadow_from(s: &ProjectSettings) -> Option<zeitwork_api_types::Shadow> {
+    s.shadow_share.map(|share| zeitwork_api_types::Shadow {
+        share,
+        secs: s.shadow_secs.unwrap_or(super::deploy::DEFAULT_SHADOW_SECS),
+        all_methods: s.shadow_all_methods,
+    })
 }
 
 /// The `auto_rollback` the flags ask for.
@@ -265,6 +287,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
             let (org, name) = split_project(&project)?;
             let scaling = scaling_from(&settings)?;
             let (auto_rollback, rollout) = (auto_rollback_from(&settings)?, rollout_from(&settings)?);
+            let shadow = shadow_from(&settings);
             let body = CreateProject {
                 name,
                 org,
@@ -285,7 +308,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 build: build_settings_from(&settings.build_dockerfile, &settings.build_target),
                 auto_rollback,
                 rollout,
-                shadow: None,
+                shadow,
             };
             let p: Project = c.post("/api/v1/projects", &body).await?;
             if conn.json {
@@ -312,6 +335,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
             let scaling = if settings.no_scaling { Some(None) } else { scaling_from(&settings)?.map(Some) };
             let auto_rollback = auto_rollback_from(&settings)?;
             let rollout = if settings.no_rollout { Some(None) } else { rollout_from(&settings)?.map(Some) };
+            let shadow = if settings.no_shadow { Some(None) } else { shadow_from(&settings).map(Some) };
             let patch = PatchProject {
                 resources: resources_from(&settings, current)?,
                 github_repo: settings.repo.map(Some),
@@ -339,7 +363,7 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 release_command: settings.release_command.map(|c| Some(c).filter(|c| !c.is_empty())),
                 auto_rollback,
                 rollout,
-                shadow: None,
+                shadow,
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
