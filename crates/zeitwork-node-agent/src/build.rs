@@ -12,7 +12,10 @@
 //! "overlay"` with a newer buildah for faster cold builds. Base images are pulled by buildah
 //! itself from the registries the build names. Each project keeps its own
 //! layer store (a cache that survives between builds and is never shared
-//! with another project). Secrets are passed as build secrets
+//! with another project): after each build its images no build refers to
+//! any more are pruned, and when the stores of all projects together pass
+//! the node's `build_cache_bytes` the least recently built ones are
+//! removed. Secrets are passed as build secrets
 //! (`RUN --mount=type=secret`) from files that are deleted afterwards, and
 //! masked should a step print one.
 
@@ -40,7 +43,12 @@ pub struct BuilderSettings {
     pub registries: zeitwork_image::RegistryConfig,
     /// containers-storage driver of the layer stores (`vfs` or `overlay`).
     pub storage_driver: String,
+    /// Disk all projects' layer stores may use together, in bytes.
+    pub cache_bytes: u64,
 }
+
+/// A layer store's mark of its last build (its modification time).
+const LAST_BUILD: &str = ".zeitwork-last-build";
 
 /// The builder binary to use: the configured one, else `buildah` on `PATH`.
 pub fn find_buildah(configured: Option<&Path>) -> Option<PathBuf> {
@@ -268,10 +276,20 @@ async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Re
     let (stopper, cancel_rx) = Stopper::new();
     let secrets: Vec<String> = job.secrets.values().cloned().collect();
     let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, stopper.clone());
+    // Per-project layer store: the cache of one project is never read by another.
     let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
-    let disk = watch_disk(vec![storage, work.clone()], job.disk_mib, stopper.clone());
-    let result = build_in(client, settings, &job, &work, &out, cancel_rx).await;
+    let disk = watch_disk(vec![storage.clone(), work.clone()], job.disk_mib, stopper.clone());
+    let result = build_in(client, settings, &job, &work, &storage, &out, cancel_rx).await;
     disk.abort();
+    let (cache, budget, keep) = (settings.dir.join("cache"), settings.cache_bytes, storage.clone());
+    match tokio::task::spawn_blocking(move || evict_layer_stores(&cache, budget, &keep)).await {
+        Ok(removed) => {
+            for (store, bytes) in removed {
+                tracing::info!(store = %store.display(), mib = bytes >> 20, "removed a least recently built layer store");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "evicting layer stores failed"),
+    }
     let result = result.map_err(|e| match stopper.reason() {
         Some(why) if e.contains("cancelled") => why,
         _ => e,
@@ -299,6 +317,7 @@ async fn build_in(
     settings: &BuilderSettings,
     job: &BuildJob,
     work: &Path,
+    storage: &Path,
     out: &Output,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<String, String> {
@@ -318,10 +337,11 @@ async fn build_in(
     if !tokio::fs::try_exists(&dockerfile).await.unwrap_or(false) {
         return Err(format!("the source has no {} (set the project's build.dockerfile)", job.dockerfile));
     }
-    // Per-project layer store: the cache of one project is never read by another.
-    let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
     let runroot = work.join("run");
-    tokio::fs::create_dir_all(&storage).await.map_err(|e| format!("cannot create the layer store: {e}"))?;
+    tokio::fs::create_dir_all(storage).await.map_err(|e| format!("cannot create the layer store: {e}"))?;
+    if let Err(e) = tokio::fs::write(storage.join(LAST_BUILD), b"").await {
+        tracing::warn!(store = %storage.display(), error = %e, "cannot mark the layer store as used");
+    }
     let registries = work.join("registries.conf");
     tokio::fs::write(&registries, registries_conf(&settings.registries))
         .await
@@ -333,7 +353,7 @@ async fn build_in(
     // One tag per project, moved by each build: removing a built image would remove the
     // intermediate images that are its steps' cache.
     let tag = format!("localhost/zeitwork-build/{}:latest", job.project);
-    let mut args: Vec<String> = store_args(settings, &storage, &runroot);
+    let mut args: Vec<String> = store_args(settings, storage, &runroot);
     args.extend([
         "build".into(),
         "--isolation".into(),
@@ -388,17 +408,18 @@ async fn build_in(
     ];
     let built = run_logged(&settings.buildah, &args, &envs, out, limit, &mut cancel).await;
     if built.is_err() {
-        remove_working_containers(settings, &storage, &runroot, &envs).await;
+        remove_working_containers(settings, storage, &runroot, &envs).await;
     }
     built?;
     let remaining = limit.saturating_sub(started.elapsed());
     let archive = work.join("image.tar");
     out.say("==> exporting the image");
-    let mut push = store_args(settings, &storage, &runroot);
+    let mut push = store_args(settings, storage, &runroot);
     push.extend(["push".into(), "--quiet".into(), tag.clone(), format!("oci-archive:{}", archive.display())]);
     let pushed = run_logged(&settings.buildah, &push, &envs, out, remaining, &mut cancel).await;
-    remove_working_containers(settings, &storage, &runroot, &envs).await;
+    remove_working_containers(settings, storage, &runroot, &envs).await;
     pushed?;
+    prune_images(settings, storage, &runroot, &envs).await;
     let size = tokio::fs::metadata(&archive).await.map(|m| m.len()).unwrap_or(0);
     out.say(format!(
         "==> built in {:.1} s; uploading the image ({:.1} MB)",
@@ -426,6 +447,73 @@ fn store_args(settings: &BuilderSettings, storage: &Path, runroot: &Path) -> Vec
         "--storage-driver".into(),
         settings.storage_driver.clone(),
     ]
+}
+
+/// Removes the images of the project's store that no tag or image refers to
+/// any more (earlier builds' results and their steps); the steps of the
+/// latest build stay, as the next build's cache.
+async fn prune_images(settings: &BuilderSettings, storage: &Path, runroot: &Path, envs: &[(&str, String)]) {
+    let mut args = store_args(settings, storage, runroot);
+    args.extend(["rmi".into(), "--prune".into()]);
+    let out = tokio::process::Command::new(&settings.buildah)
+        .args(&args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => tracing::warn!(
+            store = %storage.display(),
+            error = %String::from_utf8_lossy(&o.stderr).trim(),
+            "pruning a layer store's unused images failed"
+        ),
+        Err(e) => tracing::warn!(store = %storage.display(), error = %e, "cannot run buildah to prune a layer store"),
+    }
+}
+
+/// Removes the least recently built projects' layer stores under `cache`
+/// (`cache/ORG/PROJECT`) until all of them together hold at most `budget`
+/// bytes; `keep` (the store just used) always stays. Returns the stores
+/// removed and their sizes.
+fn evict_layer_stores(cache: &Path, budget: u64, keep: &Path) -> Vec<(PathBuf, u64)> {
+    let subdirs = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|es| es.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let mut stores: Vec<(std::time::SystemTime, PathBuf, u64)> = subdirs(cache)
+        .iter()
+        .flat_map(|org| subdirs(org))
+        .map(|store| {
+            let used = std::fs::metadata(store.join(LAST_BUILD))
+                .or_else(|_| std::fs::metadata(&store))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let size = dir_size(&store);
+            (used, store, size)
+        })
+        .collect();
+    let mut total: u64 = stores.iter().map(|s| s.2).sum();
+    stores.sort_by_key(|s| s.0);
+    let mut removed = Vec::new();
+    for (_, store, size) in stores {
+        if total <= budget {
+            break;
+        }
+        if store == keep {
+            continue;
+        }
+        match std::fs::remove_dir_all(&store) {
+            Ok(()) => {
+                total = total.saturating_sub(size);
+                removed.push((store, size));
+            }
+            Err(e) => tracing::warn!(store = %store.display(), error = %e, "cannot remove a layer store"),
+        }
+    }
+    removed
 }
 
 /// Removes what a build left in the project's store (working containers, their mounts).
@@ -646,5 +734,41 @@ async fn kill_group(pid: Option<u32>) {
         .await;
     if let Err(e) = status {
         tracing::warn!(pid, error = %e, "killing a build's processes failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store of `mib` MiB last built `age` ago.
+    fn store(cache: &Path, org: &str, project: &str, mib: usize, age: Duration) -> PathBuf {
+        let dir = cache.join(org).join(project);
+        std::fs::create_dir_all(dir.join("vfs")).unwrap();
+        std::fs::write(dir.join("vfs").join("layer"), vec![7u8; mib << 20]).unwrap();
+        let mark = std::fs::File::create(dir.join(LAST_BUILD)).unwrap();
+        mark.set_modified(std::time::SystemTime::now() - age).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_least_recently_built_stores_go_first_and_the_current_one_stays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let oldest = store(&cache, "acme", "a", 1, Duration::from_secs(3000));
+        let older = store(&cache, "acme", "b", 1, Duration::from_secs(2000));
+        let recent = store(&cache, "other", "c", 1, Duration::from_secs(1000));
+        // The current store is the oldest by its mark, and stays anyway.
+        let current = store(&cache, "other", "d", 1, Duration::from_secs(4000));
+
+        assert!(evict_layer_stores(&cache, 4 << 20, &current).is_empty(), "within the budget nothing goes");
+        let removed = evict_layer_stores(&cache, (2 << 20) + 1, &current);
+        assert_eq!(removed.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![oldest.clone(), older.clone()]);
+        assert!(removed.iter().all(|r| r.1 >= 1 << 20), "{removed:?}");
+        assert!(!oldest.exists() && !older.exists());
+        assert!(recent.exists() && current.exists());
+        // A budget nothing fits: everything but the current store goes.
+        evict_layer_stores(&cache, 0, &current);
+        assert!(!recent.exists() && current.exists());
     }
 }

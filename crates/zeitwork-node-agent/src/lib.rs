@@ -80,6 +80,9 @@ pub struct NodeAgentConfig {
     pub buildah: Option<PathBuf>,
     /// Storage driver of the builds' layer stores: `vfs` (works with every buildah) or `overlay`.
     pub build_storage_driver: String,
+    /// Disk the builds' per-project layer stores may use together, in bytes; the least
+    /// recently built projects' stores go beyond it.
+    pub build_cache_bytes: u64,
     /// Also send instance logs to this drain: syslog at `udp://HOST:PORT`, `tcp://HOST:PORT`
     /// or `tls://HOST:PORT` (RFC 5424), or HTTP batches at `https://…` (JSON array),
     /// `loki+https://…` or `elasticsearch+https://…`.
@@ -125,6 +128,7 @@ impl Default for NodeAgentConfig {
             builds: true,
             buildah: None,
             build_storage_driver: "vfs".into(),
+            build_cache_bytes: 20 << 30,
             log_forward: None,
             log_forward_ca: None,
             log_forward_token: None,
@@ -413,6 +417,7 @@ impl NodeAgent {
                     dir: config.data_dir.join("builds"),
                     registries: config.registries.clone(),
                     storage_driver: config.build_storage_driver.clone(),
+                    cache_bytes: config.build_cache_bytes,
                 };
                 tasks.push(tokio::spawn(build::run(client.clone(), settings, rx.clone())));
             }

@@ -160,6 +160,46 @@ CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
     let metrics = reqwest::get(format!("{}/metrics", u.api)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("zeitwork_operator_builds_total{outcome=\"succeeded\"} 1"), "{metrics}");
 
+    // A second build with another argument: the first one's image is pruned from the
+    // project's layer store, whose latest steps stay as the cache.
+    let out = cli(
+        &u,
+        &[
+            "deploy",
+            "acme/web",
+            "--source",
+            &dir,
+            "--build-arg",
+            "GREETING=again",
+            "--build-secret",
+            "token=BUILD_TOKEN",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "the second build failed:\n{stdout}\n{stderr}");
+    let (status, body) = get(&url, u.http).await;
+    assert_eq!((status, body.trim()), (200, "hello from source"), "the first deployment keeps its own version");
+    // `zeitwork up` keeps the node agent's data under DATA/agent.
+    let store = data.path().join("zw/agent/builds/cache/acme/web");
+    assert!(store.is_dir(), "no layer store at {}", store.display());
+    let images = |filter: &[&str]| {
+        let o = Command::new("buildah")
+            .args([
+                "--root",
+                &store.display().to_string(),
+                "--runroot",
+                &data.path().join("runroot").display().to_string(),
+            ])
+            .args(["--storage-driver", "vfs", "images", "--quiet"])
+            .args(filter)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{:?}", text(&o));
+        String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    assert_eq!(images(&["--filter", "dangling=true"]), Vec::<String>::new(), "earlier builds' images are pruned");
+    assert!(!images(&["--all"]).is_empty(), "the latest build's steps stay as the cache");
+
     // A Dockerfile that fails: the deployment fails with the builder's error and the output's tail.
     write(&src, "Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo about-to-fail; exit 3\"]\n");
     let out = cli(&u, &["deploy", "acme/web", "--source", &dir]);
