@@ -59,6 +59,19 @@ pub struct Sample {
     pub error: Option<String>,
 }
 
+/// A check's samples over a period, summed up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleSummary {
+    pub total: u64,
+    pub passed: u64,
+    /// Median latency, ms (the sample at rank round((n - 1) / 2)).
+    pub p50_ms: Option<u64>,
+    /// 95th percentile latency, ms.
+    pub p95_ms: Option<u64>,
+    /// The latest sample.
+    pub last: Option<Sample>,
+}
+
 fn sample_from(r: &AnyRow) -> Result<Sample> {
     Ok(Sample {
         id: r.int("id")?,
@@ -255,6 +268,49 @@ impl Store {
         .iter()
         .map(sample_from)
         .collect()
+    }
+
+    /// A check's figures between `from` and `to` (unix ms), computed by the
+    /// database: however many samples the period holds, none is sent here
+    /// but the latest.
+    pub async fn sample_summary(&self, id: &str, from: i64, to: i64) -> Result<SampleSummary> {
+        const WHERE: &str = "FROM health_samples WHERE check_id = $1 AND at >= $2 AND at <= $3";
+        let row = sqlx::query(&format!("SELECT COUNT(*) AS total, CAST(SUM(ok) AS BIGINT) AS passed {WHERE}"))
+            .bind(id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.reader)
+            .await?;
+        let total = row.int("total")?.max(0) as u64;
+        let passed = row.opt_int("passed")?.unwrap_or(0).max(0) as u64;
+        // The sample at rank round((n - 1) * p) of the latencies in order.
+        let latency_at = |p: f64| {
+            let rank = ((total.saturating_sub(1)) as f64 * p).round() as i64;
+            async move {
+                if total == 0 {
+                    return Ok(None);
+                }
+                let row = sqlx::query(&format!("SELECT latency_ms {WHERE} ORDER BY latency_ms LIMIT 1 OFFSET $4"))
+                    .bind(id)
+                    .bind(from)
+                    .bind(to)
+                    .bind(rank)
+                    .fetch_optional(&self.reader)
+                    .await?;
+                row.map(|r| r.int("latency_ms").map(|v| v.max(0) as u64)).transpose()
+            }
+        };
+        let (p50_ms, p95_ms) = (latency_at(0.5).await?, latency_at(0.95).await?);
+        let last = sqlx::query(&format!("SELECT * {WHERE} ORDER BY at DESC, id DESC LIMIT 1"))
+            .bind(id)
+            .bind(from)
+            .bind(to)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(sample_from)
+            .transpose()?;
+        Ok(SampleSummary { total, passed, p50_ms, p95_ms, last })
     }
 
     /// Deletes samples older than `before_ms`, at most `batch` at a time; how many went.

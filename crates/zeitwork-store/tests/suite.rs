@@ -708,6 +708,20 @@ async fn uptime_checks_and_samples(store: Store) {
     assert_eq!(all[2].status, Some(500));
     let page = store.samples("chk_one", t - 10_000, t, all[0].id, 1).await.unwrap();
     assert_eq!(page[0].id, all[1].id, "paged after a cursor");
+    // The summary is the database's: counts, latency ranks and the latest sample.
+    let sum = store.sample_summary("chk_one", t - 10_000, t).await.unwrap();
+    assert_eq!((sum.total, sum.passed, sum.p50_ms, sum.p95_ms), (3, 1, Some(12), Some(12)));
+    assert_eq!(sum.last.as_ref().map(|s| s.id), Some(all[2].id), "{sum:?}");
+    for (i, ms) in [5u64, 40, 7, 90, 3, 11, 60].into_iter().enumerate() {
+        let at = t - 900 + i as i64 * 100;
+        store.record_sample("chk_one", &Sample { latency_ms: ms, ..sample(true, at) }, false).await.unwrap();
+    }
+    // Latencies 3 5 7 11 12 12 12 40 60 90: ranks 5 (round(4.5)) and 9 (round(8.55)).
+    let sum = store.sample_summary("chk_one", t - 10_000, t).await.unwrap();
+    assert_eq!((sum.total, sum.passed, sum.p50_ms, sum.p95_ms), (10, 8, Some(12), Some(90)));
+    assert_eq!(sum.last.as_ref().map(|s| s.latency_ms), Some(60), "the latest by time");
+    let none = store.sample_summary("chk_one", 0, t - 60_000).await.unwrap();
+    assert_eq!((none.total, none.passed, none.p50_ms, none.last), (0, 0, None, None));
     assert_eq!(store.prune_samples(t - 1500, 1000).await.unwrap(), 2);
     store.delete_check("chk_one", &audit("health_check.delete")).await.unwrap();
     // The audit log and delivered notifications are pruned by age, in batches.

@@ -33,25 +33,12 @@ pub(crate) fn check_url(s: &AppState, org: &str, project: &str, spec: &HealthChe
     format!("{}{}", s.config.app_url(&format!("{project}-{org}")), spec.path)
 }
 
-fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied()
-}
-
 async fn view(s: &AppState, c: &StoredCheck) -> ApiResult<HealthCheck> {
     let spec: HealthCheckSpec =
         serde_json::from_value(c.spec.clone()).map_err(|e| ApiError::internal("reading a health check", e))?;
     let now = Utc::now();
-    let day = s
-        .store
-        .samples(&c.id, (now - Duration::hours(24)).timestamp_millis(), now.timestamp_millis(), 0, 20_000)
-        .await?;
-    let mut latencies: Vec<u64> = day.iter().map(|x| x.latency_ms).collect();
-    latencies.sort_unstable();
-    let passed = day.iter().filter(|x| x.ok).count();
+    let day =
+        s.store.sample_summary(&c.id, (now - Duration::hours(24)).timestamp_millis(), now.timestamp_millis()).await?;
     Ok(HealthCheck {
         id: c.id.clone(),
         org: c.org.clone(),
@@ -59,10 +46,10 @@ async fn view(s: &AppState, c: &StoredCheck) -> ApiResult<HealthCheck> {
         url: check_url(s, &c.org, &c.project, &spec),
         spec,
         state: c.state.clone(),
-        uptime_percent: (!day.is_empty()).then(|| (passed as f64 * 10_000.0 / day.len() as f64).round() / 100.0),
-        p50_ms: percentile(&latencies, 0.5),
-        p95_ms: percentile(&latencies, 0.95),
-        last_sample: day.last().map(sample_view),
+        uptime_percent: (day.total > 0).then(|| (day.passed as f64 * 10_000.0 / day.total as f64).round() / 100.0),
+        p50_ms: day.p50_ms,
+        p95_ms: day.p95_ms,
+        last_sample: day.last.as_ref().map(sample_view),
         created_at: c.created_at,
     })
 }
