@@ -1,33 +1,72 @@
-//! The routing table the edge proxies follow: built from the store, versioned
-//! by content, published through a watch channel so long-polling edges learn
-//! of a change as soon as this operator sees it.
+//! The routing table the edge proxies follow: built from the store when it
+//! changes, versioned by content, and kept as one bounded log of deltas per
+//! operator, so every edge watching learns of a change in one round trip and
+//! receives only what changed.
+//!
+//! The store wakes the hub after every change to routing state (through this
+//! operator at once; through others on PostgreSQL by `LISTEN/NOTIFY`); the
+//! table is rebuilt then and compared with the last one by host. [`REFRESH`]
+//! is only a safety net that bounds staleness should a notification be lost.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
-use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RouteShadow, RoutingTable};
+use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RouteShadow, RoutingDeltas, RoutingTable};
 use zeitwork_store::{RoutingRows, Store};
 
-/// How often the table is rebuilt from the store, to see changes made
-/// through other operators. Changes through this one are seen at once.
-pub const REFRESH: Duration = Duration::from_millis(200);
+/// How often the table is rebuilt without a change notification: a safety
+/// net for a lost notification. Changes are seen at once.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Deltas kept for edges that resume; one further behind gets a snapshot.
+pub const LOG_LEN: usize = 1024;
+
+#[derive(Debug)]
+struct Delta {
+    seq: u64,
+    /// Routes set (added or changed), by host.
+    upserts: Vec<Arc<Route>>,
+    /// Hosts no longer routed.
+    removed: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Log {
+    /// The table after the newest delta, by host.
+    hosts: BTreeMap<String, Arc<Route>>,
+    table: Arc<RoutingTable>,
+    seq: u64,
+    deltas: VecDeque<Delta>,
+}
 
 #[derive(Debug)]
 pub struct RoutingHub {
     table: watch::Sender<Arc<RoutingTable>>,
+    log: RwLock<Log>,
+    /// The newest sequence number, for waiting edges.
+    seq: watch::Sender<u64>,
+    /// Names this operator's log: a cursor from another operator, or from
+    /// before a restart, is a gap (the edge gets a snapshot).
+    epoch: String,
     nudge: Notify,
 }
 
 impl RoutingHub {
     pub fn new(apps_domain: &str) -> Arc<Self> {
-        let empty = build(
+        let empty = Arc::new(build(
             &RoutingRows { deployments: vec![], current: vec![], domains: vec![], canaries: vec![], shadows: vec![] },
             apps_domain,
-        );
-        Arc::new(Self { table: watch::Sender::new(Arc::new(empty)), nudge: Notify::new() })
+        ));
+        Arc::new(Self {
+            table: watch::Sender::new(empty.clone()),
+            log: RwLock::new(Log { hosts: BTreeMap::new(), table: empty, seq: 0, deltas: VecDeque::new() }),
+            seq: watch::Sender::new(0),
+            epoch: zeitwork_store::nanoid(8),
+            nudge: Notify::new(),
+        })
     }
 
     pub fn current(&self) -> Arc<RoutingTable> {
@@ -38,31 +77,114 @@ impl RoutingHub {
         self.table.subscribe()
     }
 
-    /// Rebuild now (after a change made through this operator).
+    /// Rebuild now (after a change the store does not announce, such as a certificate).
     pub fn changed(&self) {
         self.nudge.notify_one();
     }
 
-    /// Rebuilds the table until `stop` turns true.
-    pub async fn run(self: Arc<Self>, store: Store, apps_domain: String, mut stop: watch::Receiver<bool>) {
-        loop {
-            match store.routing_rows().await {
-                Ok(rows) => {
-                    let table = build(&rows, &apps_domain);
-                    self.table.send_if_modified(|cur| {
-                        if cur.version == table.version {
-                            false
-                        } else {
-                            tracing::debug!(version = %table.version, routes = table.routes.len(), "routing table changed");
-                            *cur = Arc::new(table);
-                            true
-                        }
-                    });
+    /// Publishes `table` if it differs from the last one: appends a delta to the log.
+    pub fn publish(&self, table: RoutingTable) {
+        let mut log = self.log.write().unwrap_or_else(|e| e.into_inner());
+        if log.table.version == table.version {
+            return;
+        }
+        let mut next: BTreeMap<String, Arc<Route>> = BTreeMap::new();
+        let mut upserts = Vec::new();
+        for r in table.routes.iter() {
+            let route = match log.hosts.get(&r.host) {
+                Some(old) if **old == *r => old.clone(),
+                _ => {
+                    let new = Arc::new(r.clone());
+                    upserts.push(new.clone());
+                    new
                 }
+            };
+            next.insert(r.host.clone(), route);
+        }
+        let removed: Vec<String> = log.hosts.keys().filter(|h| !next.contains_key(*h)).cloned().collect();
+        let apps_changed = log.table.apps_domain != table.apps_domain;
+        tracing::debug!(version = %table.version, routes = table.routes.len(), set = upserts.len(), removed = removed.len(),
+            "routing table changed");
+        let seq = log.seq + 1;
+        log.seq = seq;
+        log.hosts = next;
+        if apps_changed {
+            // Deltas cannot carry a new apps domain: edges behind take a snapshot.
+            log.deltas.clear();
+        } else {
+            log.deltas.push_back(Delta { seq, upserts, removed });
+            while log.deltas.len() > LOG_LEN {
+                log.deltas.pop_front();
+            }
+        }
+        let table = Arc::new(table);
+        log.table = table.clone();
+        drop(log);
+        self.table.send_replace(table);
+        self.seq.send_replace(seq);
+    }
+
+    /// What an edge at `cursor` needs: the deltas after it merged into one,
+    /// or the whole table when the cursor is absent, from another operator or
+    /// older than the log. Waits up to `timeout` while there is nothing new.
+    pub async fn deltas(&self, cursor: Option<&str>, timeout: Duration) -> RoutingDeltas {
+        let since = cursor
+            .and_then(|c| c.split_once('.'))
+            .filter(|(e, _)| *e == self.epoch)
+            .and_then(|(_, s)| s.parse::<u64>().ok());
+        if let Some(since) = since {
+            let mut rx = self.seq.subscribe();
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s != since)).await;
+        }
+        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+        let cursor = format!("{}.{}", self.epoch, log.seq);
+        let base = RoutingDeltas {
+            cursor,
+            version: log.table.version.clone(),
+            apps_domain: log.table.apps_domain.clone(),
+            snapshot: false,
+            routes: Vec::new(),
+            removed: Vec::new(),
+        };
+        let oldest = log.deltas.front().map_or(log.seq + 1, |d| d.seq);
+        match since {
+            Some(since) if since == log.seq => base,
+            // Every delta after `since` is still kept.
+            Some(since) if since < log.seq && since + 1 >= oldest => {
+                let mut merged: BTreeMap<&str, Option<&Arc<Route>>> = BTreeMap::new();
+                for d in log.deltas.iter().filter(|d| d.seq > since) {
+                    for r in &d.upserts {
+                        merged.insert(&r.host, Some(r));
+                    }
+                    for h in &d.removed {
+                        merged.insert(h, None);
+                    }
+                }
+                let mut out = base;
+                for (host, r) in merged {
+                    match r {
+                        Some(r) => out.routes.push((**r).clone()),
+                        None => out.removed.push(host.to_owned()),
+                    }
+                }
+                out
+            }
+            _ => RoutingDeltas { snapshot: true, routes: log.table.routes.clone(), ..base },
+        }
+    }
+
+    /// Rebuilds the table whenever the store changes (and every [`REFRESH`]) until `stop` turns true.
+    pub async fn run(self: Arc<Self>, store: Store, apps_domain: String, mut stop: watch::Receiver<bool>) {
+        let mut changes = store.changes();
+        loop {
+            changes.mark_unchanged();
+            match store.routing_rows().await {
+                Ok(rows) => self.publish(build(&rows, &apps_domain)),
                 Err(e) => tracing::warn!(error = %e, "cannot rebuild the routing table; keeping the last one"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}
+                _ = changes.changed() => {}
                 _ = self.nudge.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
