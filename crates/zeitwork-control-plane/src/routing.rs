@@ -311,3 +311,110 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
     let digest = Sha256::digest(serde_json::to_vec(&(&routes, apps_domain)).unwrap_or_default());
     RoutingTable { version: hex::encode(&digest[..8]), apps_domain: apps_domain.to_owned(), routes }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: &str, deployment: &str) -> Route {
+        Route {
+            acme: false,
+            host: host.into(),
+            deployment: deployment.into(),
+            org: "acme".into(),
+            project: "web".into(),
+            environment: None,
+            rate_limit: None,
+            instances: vec![RouteInstance { id: format!("ins-{deployment}"), upstream: "http://n:1".into() }],
+            wake: false,
+            gone: false,
+            served: vec![],
+            skew_max_age_secs: None,
+            canary: None,
+            shadow: None,
+        }
+    }
+
+    fn table(version: &str, routes: &[(&str, &str)]) -> RoutingTable {
+        RoutingTable {
+            version: version.into(),
+            apps_domain: "apps.test".into(),
+            routes: routes.iter().map(|(h, d)| route(h, d)).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn edges_get_a_snapshot_then_only_what_changed() {
+        let hub = RoutingHub::new("apps.test");
+        hub.publish(table("v1", &[("a.apps.test", "d1"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
+        let first = hub.deltas(None, Duration::from_secs(1)).await;
+        assert!(first.snapshot);
+        assert_eq!(first.routes.len(), 3);
+        assert_eq!(first.version, "v1");
+
+        // A switch of `a`, `c` gone, `d` new; `b` unchanged is not sent again.
+        hub.publish(table("v2", &[("a.apps.test", "d3"), ("b.apps.test", "d1"), ("d.apps.test", "d3")]));
+        let next = hub.deltas(Some(&first.cursor), Duration::from_secs(1)).await;
+        assert!(!next.snapshot);
+        assert_eq!(next.version, "v2");
+        let set: Vec<(&str, &str)> = next.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
+        assert_eq!(set, [("a.apps.test", "d3"), ("d.apps.test", "d3")]);
+        assert_eq!(next.removed, ["c.apps.test"]);
+
+        // Two changes behind: merged into one answer, the later change winning.
+        hub.publish(table("v3", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("d.apps.test", "d3")]));
+        hub.publish(table("v4", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
+        let merged = hub.deltas(Some(&next.cursor), Duration::from_secs(1)).await;
+        assert!(!merged.snapshot);
+        let set: Vec<(&str, &str)> = merged.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
+        assert_eq!(set, [("a.apps.test", "d4"), ("c.apps.test", "d2")]);
+        assert_eq!(merged.removed, ["d.apps.test"]);
+        assert_eq!(merged.version, "v4");
+
+        // The same table again is no change.
+        hub.publish(table("v4", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
+        assert_eq!(hub.deltas(None, Duration::from_secs(1)).await.cursor, merged.cursor);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_it_cannot_resume_from_gets_the_whole_table() {
+        let hub = RoutingHub::new("apps.test");
+        hub.publish(table("v0", &[("a.apps.test", "d0")]));
+        let old = hub.deltas(None, Duration::from_secs(1)).await;
+        // Further behind than the log reaches.
+        for i in 1..=LOG_LEN + 1 {
+            hub.publish(table(&format!("v{i}"), &[("a.apps.test", &format!("d{i}"))]));
+        }
+        let behind = hub.deltas(Some(&old.cursor), Duration::from_secs(1)).await;
+        assert!(behind.snapshot, "a gap is answered with the whole table");
+        assert_eq!(behind.routes[0].deployment, format!("d{}", LOG_LEN + 1));
+        // Another operator's (or a restarted one's) cursor, or nonsense.
+        let seq = behind.cursor.split_once('.').unwrap().1;
+        for cursor in [format!("other.{seq}"), "garbage".to_owned(), format!("{}.999999", hub.epoch)] {
+            let d = hub.deltas(Some(&cursor), Duration::from_secs(1)).await;
+            assert!(d.snapshot, "{cursor} is not resumable");
+            assert_eq!(d.routes.len(), 1);
+        }
+        // The newest cursor is resumable.
+        hub.publish(table("vx", &[("b.apps.test", "dx")]));
+        let d = hub.deltas(Some(&behind.cursor), Duration::from_secs(1)).await;
+        assert!(!d.snapshot);
+        assert_eq!(d.removed, ["a.apps.test"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_edge_is_answered_by_the_change() {
+        let hub = RoutingHub::new("apps.test");
+        hub.publish(table("v1", &[("a.apps.test", "d1")]));
+        let at = hub.deltas(None, Duration::from_secs(1)).await.cursor;
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.deltas(Some(&at), Duration::from_secs(60)).await }
+        });
+        tokio::task::yield_now().await;
+        hub.publish(table("v2", &[("a.apps.test", "d2")]));
+        let d = waiting.await.unwrap();
+        assert!(!d.snapshot);
+        assert_eq!(d.routes[0].deployment, "d2");
+    }
+}
