@@ -1,22 +1,27 @@
-//! `bench/control`: the control plane at scale. 1,000 simulated nodes in 3
-//! regions running 20,000 instances (written straight to the store), then:
-//! the time to place and make active a deployment of 3 instances per region
-//! (simulated agents report ready as soon as they see their assignment), the
-//! time of one full reconcile pass, and API p99 while a load runs.
+//! `bench/control`: the control plane at scale. Simulated nodes in 3 regions
+//! running instances (written straight to the store): 1,000 / 20,000 and
+//! 10,000 / 200,000 by default. At each scale: the time to place and make
+//! active a deployment of 3 instances per region (simulated agents report
+//! ready as soon as the store says their assignment is there), one full
+//! reconcile pass, API p99 while a load runs, the process's memory, the
+//! memory of an edge's copy of the whole routing table, and the time for 100
+//! simulated edges, watching by deltas, to receive a rollback.
 //!
-//! cargo run --release -p zeitwork-bench-control -- [--nodes 1000] [--instances 20000] [--rate 200]
+//! cargo run --release -p zeitwork-bench-control -- [--nodes N --instances M] [--rate 1000]
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::{json, Value};
 use zeitwork_api_types::{
-    Capacity, CreateRegion, DeploymentStatus, Environment, InstanceStatus, RegisterNode, Resources,
+    Capacity, CreateRegion, DeploymentStatus, Environment, InstanceStatus, RegisterNode, Resources, RoutingDeltas,
+    RoutingTable,
 };
 use zeitwork_bench_edge::flag;
 use zeitwork_client::Client;
 use zeitwork_control_plane::engine::{pass, EngineConfig};
 use zeitwork_control_plane::{Operator, OperatorConfig};
+use zeitwork_edge::table;
 use zeitwork_store::{Audit, NewDeployment, NewInstance, NewProject};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
@@ -25,23 +30,36 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The resident memory of this process, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n_nodes = flag("--nodes", 1000) as usize;
-    let n_instances = flag("--instances", 20_000) as usize;
-    let rate = flag("--rate", 200).max(1);
+    let rate = flag("--rate", 1000).max(1);
+    let scales: Vec<(usize, usize)> = if std::env::args().any(|a| a == "--nodes" || a == "--instances") {
+        vec![(flag("--nodes", 1000) as usize, flag("--instances", 20_000) as usize)]
+    } else {
+        vec![(1000, 20_000), (10_000, 200_000)]
+    };
+    for (n_nodes, n_instances) in scales {
+        scale(n_nodes, n_instances, rate).await?;
+    }
+    Ok(())
+}
+
+async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let op = Operator::start(OperatorConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
-        // Simulated nodes do not heartbeat during the setup.
-        node_timeout_secs: 3600,
-        ..Default::default()
-    })
-    .await?;
-    let store = op.store.clone();
-    let base = format!("http://{}", op.addr());
-    let admin = Client::new(&base, op.admin_token.clone());
+    // The load is written before the operator starts, as one would restore it.
+    let store = zeitwork_store::Store::open_sqlite(&dir.path().join("zeitwork.db")).await?;
     let audit = Audit::new("bench", "setup", "bench");
 
     println!("setting up {n_nodes} nodes and {n_instances} instances…");
@@ -123,6 +141,42 @@ async fn main() -> Result<()> {
         store.set_deployment_status(&id, DeploymentStatus::Active, None).await?;
     }
     println!("  setup took {:.1} s", t.elapsed().as_secs_f64());
+    store.close().await;
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_owned(),
+        // Simulated nodes do not heartbeat.
+        node_timeout_secs: 3600,
+        ..Default::default()
+    })
+    .await?;
+    let store = op.store.clone();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    let edge_token: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "bench-edges", "scope": {"kind": "cluster", "role": "edge-proxy"}}))
+        .await?;
+    let edge = Client::new(&base, edge_token["secret"].as_str().map(str::to_owned));
+    // Until the operator has built its first table.
+    let table = loop {
+        let t: RoutingTable = edge.get("/api/v1/routing").await?;
+        if !t.routes.is_empty() {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // An edge's copy of the whole table, as the edge holds it.
+    let before = rss_mib();
+    let routes = table::apply(
+        &table::Routes::default(),
+        &table.version,
+        &table.apps_domain,
+        table::diff(&Default::default(), &table),
+    );
+    let (n_routes, apps) = (table.routes.len(), table.apps_domain.clone());
+    drop(table);
+    let edge_table = rss_mib() - before;
+    drop(routes);
 
     // One full reconcile pass over that state (nothing to do: the steady-state cost).
     let config = EngineConfig { node_timeout: Duration::from_secs(3600), ..Default::default() };
@@ -160,40 +214,113 @@ async fn main() -> Result<()> {
         })
     };
 
-    // A new deployment: 3 instances in each of 3 regions, agents report ready at once.
-    let p = store.create_project(&project("fresh"), &audit).await?;
-    let t = Instant::now();
-    let d: Value = admin
-        .post(
-            "/api/v1/deployments",
-            &json!({"org": "acme", "project": p.name, "image": "registry.example.com/acme/fresh:1"}),
-        )
-        .await?;
-    let id = d["id"].as_str().unwrap_or_default().to_owned();
-    let active = loop {
-        let instances = store.list_instances(&id).await?;
-        for i in instances.iter().filter(|i| i.status == InstanceStatus::Pending) {
-            store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.88.0.9:8080"), None).await?;
-        }
-        let dep = store.get_deployment(&id).await?;
-        if dep.status == DeploymentStatus::Active {
-            break t.elapsed();
-        }
-        if dep.status == DeploymentStatus::Failed {
-            anyhow::bail!("the deployment failed: {:?}", dep.reason);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // Simulated agents: each change the store announces, every pending instance reports ready.
+    let agents = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut changes = store.changes();
+            loop {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+                let Ok(d) = store
+                    .list_deployments(
+                        &zeitwork_store::DeploymentFilter {
+                            status: Some(DeploymentStatus::Starting),
+                            ..Default::default()
+                        },
+                        &zeitwork_store::Page::first(100),
+                    )
+                    .await
+                else {
+                    continue;
+                };
+                for d in d.items {
+                    for i in store.list_instances(&d.id).await.unwrap_or_default() {
+                        if i.status == InstanceStatus::Pending {
+                            let _ = store
+                                .set_instance_status(&i.id, InstanceStatus::Ready, Some("10.88.0.9:8080"), None)
+                                .await;
+                        }
+                    }
+                }
+            }
+        })
     };
+    let p = store.create_project(&project("fresh"), &audit).await?;
+    let deploy = |image: &'static str| {
+        let (admin, store, name) = (admin.clone(), store.clone(), p.name.clone());
+        async move {
+            let t = Instant::now();
+            let d: Value =
+                admin.post("/api/v1/deployments", &json!({"org": "acme", "project": name, "image": image})).await?;
+            let id = d["id"].as_str().unwrap_or_default().to_owned();
+            let mut changes = store.changes();
+            loop {
+                changes.mark_unchanged();
+                let dep = store.get_deployment(&id).await?;
+                if dep.status == DeploymentStatus::Active {
+                    return Ok::<_, anyhow::Error>((id, t.elapsed()));
+                }
+                if dep.status == DeploymentStatus::Failed {
+                    anyhow::bail!("the deployment failed: {:?}", dep.reason);
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+            }
+        }
+    };
+    let (first, _) = deploy("registry.example.com/acme/fresh:1").await?;
+
+    // 100 edges watching by deltas, each at the newest cursor.
+    let host = format!("fresh-acme.{apps}");
+    let mut edges = Vec::new();
+    for _ in 0..100 {
+        let edge = edge.clone();
+        let (host, first) = (host.clone(), first.clone());
+        let start: RoutingDeltas = edge.get("/api/v1/routing/deltas?timeout=1").await?;
+        edges.push(tokio::spawn(async move {
+            let mut cursor = start.cursor;
+            loop {
+                let path = format!("/api/v1/routing/deltas?since={}&timeout=30", zeitwork_client::encode(&cursor));
+                let d: RoutingDeltas = edge.get(&path).await?;
+                cursor = d.cursor;
+                if d.routes.iter().any(|r| r.host == host && r.deployment == first) {
+                    return Ok::<_, anyhow::Error>(Instant::now());
+                }
+            }
+        }));
+    }
+
+    let (id, active) = deploy("registry.example.com/acme/fresh:2").await?;
     let placed = store.list_instances(&id).await?.len();
     let (p99, calls, errors) = load.await?;
+
+    // A rollback to the first: the time until all 100 edges have it.
+    let t = Instant::now();
+    let _: Value = admin.post("/api/v1/projects/acme/fresh/rollback", &json!({"to": first})).await?;
+    let answered = t.elapsed();
+    let mut last = t;
+    for e in edges {
+        last = last.max(e.await??);
+    }
+    let switch = last - t;
+    agents.abort();
+    let rss = rss_mib();
 
     println!();
     println!("control plane, {n_nodes} nodes in 3 regions, {n_instances} instances (SQLite):");
     println!("  place + activate {placed} instances (3 per region): {:>8.1} ms  (goal: < 1000 ms)", ms(active));
     println!("  one full reconcile pass:                  {:>8.1} ms  (goal: < 1000 ms)", ms(one_pass));
     println!(
-        "  API p99 at {rate} req/s during the rollout:   {:>8.2} ms  (goal: < 50 ms; {calls} calls, {errors} errors)",
+        "  API p99 at {rate} req/s during the rollout:  {:>8.2} ms  (goal: < 50 ms; {calls} calls, {errors} errors)",
         ms(p99)
+    );
+    println!("  process memory (operator and bench):      {rss:>8.1} MiB");
+    println!("  edge table ({n_routes} routes):             {edge_table:>8.1} MiB  (goal: < 100 MiB)");
+    println!(
+        "  rollback to 100 edges by deltas:          {:>8.1} ms  (API answered after {:.1} ms; goal: < 100 ms)",
+        ms(switch),
+        ms(answered)
     );
     op.shutdown().await;
     Ok(())

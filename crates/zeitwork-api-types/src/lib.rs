@@ -855,6 +855,26 @@ pub struct RoutingTable {
     pub routes: Vec<Route>,
 }
 
+/// What changed in the routing table since an edge's cursor
+/// (`GET /api/v1/routing/deltas`): the routes set and the hosts removed, or
+/// the whole table (`snapshot`) when the edge has none, comes from another
+/// operator, or is further behind than the operator's log reaches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoutingDeltas {
+    /// Pass it as `since` on the next call.
+    pub cursor: String,
+    /// The version of the whole table once this answer is applied.
+    pub version: String,
+    pub apps_domain: String,
+    /// `routes` is the whole table: drop every route not in it.
+    pub snapshot: bool,
+    /// Routes added or changed (every route when `snapshot`).
+    pub routes: Vec<Route>,
+    /// Hosts no longer routed.
+    #[serde(default)]
+    pub removed: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Route {
     /// Lowercase host name without port.

@@ -13,6 +13,9 @@ use zeitwork_store::{Audit, DeploymentFilter, NewInstance, Page, Store, StoreErr
 /// Engine timings.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
+    /// How often a pass runs without a change: the clock for timeouts, the
+    /// rollback window, drain grace and rollout steps, the lease renewal, and a
+    /// safety net for a lost change notification. Changes start a pass at once.
     pub tick: Duration,
     /// How long instances may take to become ready.
     pub start_timeout: Duration,
@@ -39,7 +42,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            tick: Duration::from_millis(500),
+            tick: Duration::from_secs(1),
             start_timeout: Duration::from_secs(300),
             rollback_window: Duration::from_secs(600),
             node_timeout: Duration::from_secs(15),
@@ -114,7 +117,11 @@ pub async fn run(
     // One engine at a time across operators sharing a store.
     let mut leading = false;
     let mut leading_since = tokio::time::Instant::now();
+    // Every committed change to deployments, instances, nodes or routes starts
+    // a pass (a new deployment is placed, a completing ready report activates).
+    let mut changes = store.changes();
     loop {
+        changes.mark_unchanged();
         let ttl = config.lease_ttl.as_millis() as i64;
         let lease = store.acquire_lease(ENGINE_LEASE, &holder, ttl).await;
         database_up.set(i64::from(lease.is_ok()));
@@ -144,6 +151,7 @@ pub async fn run(
             _ = tokio::time::sleep(config.tick) => {}
             // A new deployment or a wake is acted on at once, not at the next tick.
             _ = nudge.notified() => {}
+            _ = changes.changed() => {}
             _ = stop.wait_for(|s| *s) => break,
         }
     }

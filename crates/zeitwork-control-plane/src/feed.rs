@@ -1,7 +1,9 @@
 //! The change feed behind `GET /api/v1/events/stream`: while anyone listens,
-//! the store is compared with its last snapshot twice a second and every
-//! status change of a deployment, instance or node is broadcast. Changes made
-//! through any operator of the store are seen.
+//! the store is compared with its last snapshot after every change the store
+//! announces (through any operator: on PostgreSQL by `LISTEN/NOTIFY`), and at
+//! least every [`EVERY`] as a safety net; every status change of a
+//! deployment, instance or node is broadcast. One query per change serves
+//! every listener of this operator.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +13,8 @@ use tokio::sync::{broadcast, watch};
 use zeitwork_api_types::Change;
 use zeitwork_store::Store;
 
-pub const EVERY: Duration = Duration::from_millis(500);
+/// The safety-net period: changes are seen at once.
+pub const EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Feed {
@@ -30,15 +33,18 @@ impl Feed {
     /// Compares snapshots until `stop`; idle (no queries) while no one listens.
     pub async fn run(self: Arc<Self>, store: Store, mut stop: watch::Receiver<bool>) {
         let mut last: Option<HashMap<(&'static str, String), String>> = None;
+        let mut changes = store.changes();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(EVERY) => {}
+                _ = changes.changed() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             if self.tx.receiver_count() == 0 {
                 last = None;
                 continue;
             }
+            changes.mark_unchanged();
             let since = chrono::Utc::now().timestamp_millis() - 60_000;
             let rows = match store.feed_snapshot(since).await {
                 Ok(r) => r,

@@ -112,6 +112,8 @@ pub struct Operator {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     refresher: tokio::task::JoinHandle<()>,
+    /// Wakes this operator's readers on other operators' changes (PostgreSQL).
+    change_listener: tokio::task::JoinHandle<()>,
     engine: tokio::task::JoinHandle<()>,
     feeder: tokio::task::JoinHandle<()>,
     autoscaler: tokio::task::JoinHandle<()>,
@@ -155,6 +157,10 @@ impl Operator {
         let routing = routing::RoutingHub::new(&config.apps_domain);
         let (tx, rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
+        let change_listener = {
+            let (store, rx) = (store.clone(), rx.clone());
+            tokio::spawn(async move { store.follow_changes(rx).await })
+        };
         let hub = routing.clone();
         let assignments = Arc::new(watch::Sender::new(0u64));
         let bump = assignments.clone();
@@ -244,6 +250,7 @@ impl Operator {
             shutdown: tx,
             task,
             refresher,
+            change_listener,
             engine,
             feeder,
             autoscaler,
@@ -268,6 +275,7 @@ impl Operator {
     pub fn abort(self) {
         self.task.abort();
         self.refresher.abort();
+        self.change_listener.abort();
         self.engine.abort();
         self.feeder.abort();
         self.autoscaler.abort();
@@ -286,6 +294,7 @@ impl Operator {
             Ok(Ok(())) => {}
         }
         let _ = self.refresher.await;
+        let _ = self.change_listener.await;
         let _ = self.engine.await;
         let _ = self.feeder.await;
         let _ = self.autoscaler.await;

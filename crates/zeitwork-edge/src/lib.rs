@@ -333,7 +333,25 @@ impl EdgeState {
     fn apply(&self, t: &RoutingTable) {
         let old = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         let changes = table::diff(&old, t);
-        if changes.is_empty() && old.version == t.version {
+        self.apply_changes(&old, &t.version, &t.apps_domain, changes);
+    }
+
+    /// Applies an answer of the operator's delta watch: a snapshot as a
+    /// whole table, otherwise only the routes it names.
+    fn apply_deltas(&self, d: zeitwork_api_types::RoutingDeltas) {
+        if d.snapshot {
+            let t = RoutingTable { version: d.version, apps_domain: d.apps_domain, routes: d.routes };
+            return self.apply(&t);
+        }
+        let old = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut changes: Vec<table::Change> =
+            d.routes.into_iter().map(|r| table::Change::Upsert(Box::new(r))).collect();
+        changes.extend(d.removed.into_iter().map(table::Change::Remove));
+        self.apply_changes(&old, &d.version, &d.apps_domain, changes);
+    }
+
+    fn apply_changes(&self, old: &table::Routes, version: &str, apps_domain: &str, changes: Vec<table::Change>) {
+        if changes.is_empty() && old.version == version {
             return;
         }
         for c in &changes {
@@ -344,7 +362,7 @@ impl EdgeState {
                 table::Change::Remove(h) => tracing::info!(host = %h, "route removed"),
             }
         }
-        let next = table::apply(&old, &t.version, &t.apps_domain, changes);
+        let next = table::apply(old, version, apps_domain, changes);
         let live: HashSet<String> =
             next.hosts.values().flat_map(|r| r.instances.iter().map(|i| i.id.clone())).collect();
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
@@ -562,22 +580,44 @@ impl EdgeProxy {
     }
 }
 
-/// Long-polls the operator's routing table; on failure keeps serving the last one.
+/// Follows the operator's routing table by deltas (the whole table on
+/// connect and after a gap); on failure keeps serving the last one. An
+/// operator without the delta watch is followed by whole tables.
 async fn follow(client: Client, state: Arc<EdgeState>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
+    // Where this edge stands in the operator's log; none until the first answer.
+    let mut cursor: Option<String> = None;
+    let mut whole_tables = false;
     loop {
-        let version = state.routes.read().unwrap_or_else(|e| e.into_inner()).version.clone();
-        let path = format!("/api/v1/routing/watch?version={}&timeout=25", zeitwork_client::encode(&version));
-        let res = tokio::select! {
-            r = client.get::<RoutingTable>(&path) => r,
-            _ = zeitwork_net::stopped(&mut stop) => return,
+        let res = if whole_tables {
+            let version = state.routes.read().unwrap_or_else(|e| e.into_inner()).version.clone();
+            let path = format!("/api/v1/routing/watch?version={}&timeout=25", zeitwork_client::encode(&version));
+            tokio::select! {
+                r = client.get::<RoutingTable>(&path) => r.map(|t| state.apply(&t)),
+                _ = zeitwork_net::stopped(&mut stop) => return,
+            }
+        } else {
+            let path = match &cursor {
+                Some(c) => format!("/api/v1/routing/deltas?since={}&timeout=25", zeitwork_client::encode(c)),
+                None => "/api/v1/routing/deltas?timeout=25".to_owned(),
+            };
+            tokio::select! {
+                r = client.get::<zeitwork_api_types::RoutingDeltas>(&path) => r.map(|d| {
+                    cursor = Some(d.cursor.clone());
+                    state.apply_deltas(d);
+                }),
+                _ = zeitwork_net::stopped(&mut stop) => return,
+            }
         };
         match res {
-            Ok(t) => {
-                state.apply(&t);
-                backoff = Duration::from_millis(100);
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) if !whole_tables && e.status() == Some(404) => {
+                tracing::info!("the operator has no delta watch; following whole tables");
+                whole_tables = true;
             }
             Err(e) => {
+                // Resume from the same cursor: the operator answers with a
+                // snapshot if it cannot (restarted, another operator, too far behind).
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot follow the routing table; serving the last one");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

@@ -83,7 +83,7 @@ async fn report(
 
 /// Readiness: HTTP GET on the health path answers (any status below 500), or at least a TCP connect.
 pub async fn probe(addr: SocketAddr, path: &str) -> bool {
-    // One client for every probe: readiness probes run every 100 ms per starting instance.
+    // One client for every probe: readiness probes run up to every 100 ms per starting instance.
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let http = HTTP.get_or_init(|| {
         reqwest::Client::builder().timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default()
@@ -188,6 +188,9 @@ async fn bring_up(
         l.address = Some(running.address);
     }
     let deadline = Instant::now() + s.start_timeout;
+    // Most apps listen within milliseconds of starting: probe often at first,
+    // so readiness is reported the moment it is there, then back off to 100 ms.
+    let mut pause = Duration::from_millis(2);
     loop {
         if let Ok(InstanceState::Exited(e)) = runtime.state(&id).await {
             report(
@@ -215,7 +218,8 @@ async fn bring_up(
             mark_failed(&table, &id).await;
             return;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
     if let Some(l) = table.write().await.get_mut(&id) {
         l.ready = true;

@@ -124,6 +124,7 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.get_deployment(&d.id).await
     }
 
@@ -233,6 +234,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -271,6 +273,7 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "failed").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(true)
     }
 

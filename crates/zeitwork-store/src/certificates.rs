@@ -43,6 +43,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 

@@ -131,6 +131,7 @@ impl Store {
         insert_deployment(&mut tx, d, DeploymentStatus::Pending).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.get_deployment(&d.id).await
     }
 
@@ -283,6 +284,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        self.changed().await;
         self.get_instance(&id).await
     }
 
@@ -336,6 +338,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("instance {id:?} does not exist")));
         }
+        self.changed().await;
         Ok(())
     }
 
@@ -350,6 +353,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("deployment {id:?} does not exist")));
         }
+        self.changed().await;
         Ok(())
     }
 
@@ -369,6 +373,7 @@ impl Store {
         self.point_environment_in(&mut tx, &d, env).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -585,7 +590,11 @@ impl Store {
             .bind(from.as_str())
             .execute(&self.writer)
             .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            self.changed().await;
+        }
+        Ok(done)
     }
 
     /// Marks a live instance stopped with `reason`; returns whether this call did it.
@@ -597,7 +606,11 @@ impl Store {
         .bind(id)
         .execute(&self.writer)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            self.changed().await;
+        }
+        Ok(done)
     }
 }
 

@@ -13,6 +13,7 @@ mod backup;
 mod blobs;
 mod builds;
 mod certificates;
+mod changes;
 mod checks;
 mod deployments;
 mod edges;
@@ -42,6 +43,7 @@ pub use backup::*;
 pub use blobs::*;
 pub use builds::*;
 pub use certificates::*;
+pub use changes::*;
 pub use checks::*;
 pub use deployments::*;
 pub use events::*;
@@ -99,6 +101,8 @@ pub struct Store {
     /// the pool instead of failing with SQLITE_BUSY on lock upgrades.
     writer: AnyPool,
     dialect: Dialect,
+    /// Wakes readers of routing, assignments and deployment state after a change.
+    changes: changes::ChangeBus,
 }
 
 /// A page request: at most `limit` items after `cursor`.
@@ -192,7 +196,7 @@ impl Store {
                     .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
                     .connect(url)
                     .await?;
-                Store { reader, writer, dialect }
+                Store { reader, writer, dialect, changes: changes::ChangeBus::new(None) }
             }
             Dialect::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -200,7 +204,7 @@ impl Store {
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
                     .await?;
-                Store { reader: pool.clone(), writer: pool, dialect }
+                Store { reader: pool.clone(), writer: pool, dialect, changes: changes::ChangeBus::new(Some(url)) }
             }
         };
         schema::migrate(&store.writer, dialect).await?;

@@ -59,6 +59,7 @@ impl Store {
             .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -69,7 +70,11 @@ impl Store {
             .bind(id)
             .execute(&self.writer)
             .await?;
-        Ok(done.rows_affected() > 0)
+        let done = done.rows_affected() > 0;
+        if done {
+            self.changed().await;
+        }
+        Ok(done)
     }
 
     /// Instances taken out of traffic (`stopping`) whose grace has passed stop; returns how many.
@@ -82,6 +87,9 @@ impl Store {
         .bind(now_ms)
         .execute(&self.writer)
         .await?;
+        if done.rows_affected() > 0 {
+            self.changed().await;
+        }
         Ok(done.rows_affected())
     }
 
@@ -105,6 +113,7 @@ impl Store {
         stop_live_instances(&mut tx, id, "the deployment went to sleep").await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(true)
     }
 
@@ -140,6 +149,7 @@ impl Store {
             append_event(&mut tx, audit, "ok").await?;
         }
         tx.commit().await?;
+        self.changed().await;
         Ok(woke)
     }
 
@@ -157,7 +167,11 @@ impl Store {
         .bind(id)
         .execute(&self.writer)
         .await?;
-        Ok(done.rows_affected() > 0)
+        let done = done.rows_affected() > 0;
+        if done {
+            self.changed().await;
+        }
+        Ok(done)
     }
 
     /// Retires a deployment for good (its URL then answers 410): refused
@@ -194,6 +208,7 @@ impl Store {
             append_event(&mut tx, audit, "ok").await?;
         }
         tx.commit().await?;
+        self.changed().await;
         self.get_deployment(id).await
     }
 
@@ -263,6 +278,7 @@ impl Store {
             append_event(&mut tx, &a, "ok").await?;
         }
         tx.commit().await?;
+        self.changed().await;
         Ok(ids)
     }
 

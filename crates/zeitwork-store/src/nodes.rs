@@ -118,6 +118,7 @@ impl Store {
         audit.action = if created { "node.register" } else { "node.update" }.into();
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok((self.get_node(&id).await?, created))
     }
 
@@ -182,6 +183,7 @@ impl Store {
                 .detail(serde_json::json!({"hostname": hostname, "region": row.text("region")?}));
             append_event(&mut tx, &audit, "ok").await?;
             tx.commit().await?;
+            self.changed().await;
         }
         self.get_node(id).await
     }
@@ -211,6 +213,7 @@ impl Store {
         audit.target = hostname;
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.get_node(id).await
     }
 
@@ -237,6 +240,7 @@ impl Store {
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 }
@@ -331,6 +335,9 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
         }
         tx.commit().await?;
+        if !rows.is_empty() {
+            self.changed().await;
+        }
         rows.iter().map(|r| r.text("id")).collect()
     }
 
@@ -382,6 +389,7 @@ impl Store {
             .bind(id)
             .execute(&self.writer)
             .await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -394,7 +402,11 @@ impl Store {
         .bind(id)
         .execute(&self.writer)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            self.changed().await;
+        }
+        Ok(done)
     }
 
     /// Draining nodes with no live instance left become `drained`; returns their ids.
@@ -419,6 +431,9 @@ impl Store {
             ids.push(id);
         }
         tx.commit().await?;
+        if !ids.is_empty() {
+            self.changed().await;
+        }
         Ok(ids)
     }
 }

@@ -231,6 +231,7 @@ impl Store {
         })?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.get_project(&p.org, &p.name).await
     }
 
@@ -361,6 +362,7 @@ impl Store {
         q.query().execute(&mut *tx).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.get_project(org, name).await
     }
 
@@ -389,6 +391,7 @@ impl Store {
             .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -427,6 +430,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -478,6 +482,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(updated == 0)
     }
 
@@ -493,6 +498,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -529,6 +535,7 @@ impl Store {
         };
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         self.list_domains(project_id)
             .await?
             .into_iter()
@@ -548,6 +555,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 }

@@ -182,6 +182,7 @@ impl Store {
         .bind(r.watch_until)
         .execute(&self.writer)
         .await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -286,6 +287,7 @@ impl Store {
             .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -324,6 +326,7 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -338,6 +341,7 @@ impl Store {
         .bind(deployment)
         .execute(&self.writer)
         .await?;
+        self.changed().await;
         Ok(())
     }
 
@@ -397,6 +401,7 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "failed").await?;
         tx.commit().await?;
+        self.changed().await;
         Ok(true)
     }
 }

@@ -33,6 +33,7 @@ cases!(
     console_sessions,
     blobs_and_archives,
     traffic_and_rollouts,
+    changes_wake_readers,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -68,6 +69,35 @@ async fn run_case(name: &str, case: &Case, store: Store, failed: &mut Vec<String
     if outcome.is_err() {
         failed.push(name.to_owned());
     }
+}
+
+/// A change made through one operator wakes the readers of another on the
+/// same PostgreSQL (LISTEN/NOTIFY), not only the readers of its own process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_reach_other_operators() {
+    let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    let url = pg.create_database("changes").unwrap();
+    let (a, b) = (Store::connect(&url).await.unwrap(), Store::connect(&url).await.unwrap());
+    let mut seen_by_b = b.changes();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = tokio::spawn({
+        let b = b.clone();
+        async move { b.follow_changes(stop_rx).await }
+    });
+    // The listener wakes its readers once it listens (something may have been missed before).
+    seen_by_b.changed().await.unwrap();
+    seen_by_b.mark_unchanged();
+    org(&a, "acme").await;
+    let p = a.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let wake = tokio::time::timeout(std::time::Duration::from_secs(30), seen_by_b.changed()).await;
+    assert!(wake.is_ok(), "the other operator was not told of the change");
+    // Its own readers are told at once, without the database.
+    let mut seen_by_a = a.changes();
+    seen_by_a.mark_unchanged();
+    a.create_deployment(&new_deployment(&p, Environment::Production), &audit("deployment.create")).await.unwrap();
+    assert!(seen_by_a.has_changed().unwrap());
+    stop.send(true).unwrap();
+    listener.await.unwrap();
 }
 
 #[tokio::test]
@@ -184,6 +214,47 @@ async fn nodes(store: Store) {
     store.delete_node(&n1.id, &audit("node.delete")).await.unwrap();
     assert!(matches!(store.get_node(&n1.id).await, Err(StoreError::NotFound(_))));
     assert_eq!(store.list_nodes(&Page::first(10)).await.unwrap().items.len(), 0);
+}
+
+/// Readers are woken by changes to deployments, instances and nodes, and not
+/// by what changes nothing they read (a heartbeat, a lost claim).
+async fn changes_wake_readers(store: Store) {
+    let mut rx = store.changes();
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    rx.mark_unchanged();
+    let (n, _) = store.register_node(&node("w1", "us-east"), &audit("node.register")).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a new node wakes readers");
+    rx.mark_unchanged();
+    store.node_heartbeat(&n.id).await.unwrap();
+    assert!(!rx.has_changed().unwrap(), "a heartbeat of a ready node does not wake readers");
+    org(&store, "acme").await;
+    let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    rx.mark_unchanged();
+    let d = store
+        .create_deployment(&new_deployment(&p, Environment::Production), &audit("deployment.create"))
+        .await
+        .unwrap();
+    assert!(rx.has_changed().unwrap(), "a new deployment wakes readers");
+    assert!(store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await.unwrap());
+    rx.mark_unchanged();
+    assert!(!store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await.unwrap());
+    assert!(!rx.has_changed().unwrap(), "a lost claim changes nothing");
+    let i = store
+        .create_instance(&NewInstance {
+            deployment: d.id.clone(),
+            node: Some(n.id.clone()),
+            region: "us-east".into(),
+            resources: Resources { vcpu: 1, memory: 128 },
+            runtime: None,
+        })
+        .await
+        .unwrap();
+    rx.mark_unchanged();
+    store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a ready report wakes readers");
+    rx.mark_unchanged();
+    store.activate_deployment(&d.id, &audit("deployment.activate")).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a switch wakes readers");
 }
 
 async fn orgs_and_members(store: Store) {

@@ -142,6 +142,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(builds::build_failed))
         .routes(routes!(routing::routing_table))
         .routes(routes!(routing::watch_routing))
+        .routes(routes!(routing::routing_deltas))
         .routes(routes!(routing::report_instance))
         .routes(routes!(routing::node_assignments))
         .routes(routes!(routing::whoami))

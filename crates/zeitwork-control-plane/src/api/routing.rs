@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use zeitwork_api_types::{ClusterRole, InstanceStatus, RoutingTable};
+use zeitwork_api_types::{ClusterRole, InstanceStatus, RoutingDeltas, RoutingTable};
 
 use crate::auth::Caller;
 use crate::error::ApiResult;
@@ -50,6 +50,39 @@ pub async fn watch_routing(
     let _ = tokio::time::timeout(Duration::from_secs(timeout), rx.wait_for(|t| t.version != known)).await;
     let table = rx.borrow().clone();
     Ok(Json((*table).clone()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeltasQuery {
+    /// The `cursor` of the caller's last answer; without it (or with one this
+    /// operator cannot resume from) the answer is the whole table.
+    since: Option<String>,
+    /// Longest wait in seconds (1–60, default 25) while nothing changes; then
+    /// an answer with no changes and the same cursor is returned.
+    timeout: Option<u64>,
+}
+
+/// Watch the routing table by deltas: returns as soon as something changed
+/// after `since`, with only what changed (the whole table on a gap).
+#[utoipa::path(get, path = "/api/v1/routing/deltas", tag = "routing", params(DeltasQuery),
+    responses((status = 200, body = RoutingDeltas), (status = 400, body = zeitwork_api_types::ApiError)))]
+pub async fn routing_deltas(
+    State(s): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<DeltasQuery>,
+) -> ApiResult<Json<RoutingDeltas>> {
+    s.require_cluster(&caller, READERS, "routing.read", "routing").await?;
+    let timeout = q.timeout.unwrap_or(25);
+    if !(1..=60).contains(&timeout) {
+        return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
+    }
+    if let Some(c) = &q.since {
+        if c.len() > 100 {
+            return Err(crate::error::ApiError::InvalidQuery("since: give the cursor of the last answer".into()));
+        }
+    }
+    Ok(Json(s.routing.deltas(q.since.as_deref(), Duration::from_secs(timeout)).await))
 }
 
 /// What a node agent reports about an instance.
@@ -112,8 +145,9 @@ pub async fn node_assignments(
         return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
-    let mut changes = s.assignments.subscribe();
+    let mut changes = s.store.changes();
     loop {
+        changes.mark_unchanged();
         let list = assignments_of(&s, &id).await?;
         let digest = sha2::Sha256::digest(serde_json::to_vec(&list).unwrap_or_default());
         let version = hex::encode(&digest[..8]);
@@ -124,7 +158,8 @@ pub async fn node_assignments(
             }
             return Ok(res);
         }
-        // Changes through this operator wake the call at once; others' are seen within 2 s.
+        // Changes wake the call at once (through other operators on PostgreSQL by
+        // LISTEN/NOTIFY); the 2 s recheck only bounds a lost notification.
         let wake = deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(2));
         let _ = tokio::time::timeout_at(wake, changes.changed()).await;
     }
