@@ -365,6 +365,9 @@ impl EdgeState {
         let next = table::apply(old, version, apps_domain, changes);
         let live: HashSet<String> =
             next.hosts.values().flat_map(|r| r.instances.iter().map(|i| i.id.clone())).collect();
+        let serving: HashSet<&str> =
+            next.hosts.values().filter(|r| !r.instances.is_empty()).map(|r| r.deployment.as_str()).collect();
+        self.wakes.woken(&serving);
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         self.routes_generation.fetch_add(1, Ordering::Release);
         self.balancer.retain(&live);

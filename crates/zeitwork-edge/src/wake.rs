@@ -52,6 +52,15 @@ impl Wakes {
         self.table_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// Forgets the asks of deployments that have instances again: their wake
+    /// is done, and should one sleep again at once, its next request must ask anew.
+    pub(crate) fn woken(&self, serving: &std::collections::HashSet<&str>) {
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        if !asked.is_empty() {
+            asked.retain(|d, _| !serving.contains(d.as_str()));
+        }
+    }
+
     /// Notes a request for `deployment` (cheap: a lock no other thread takes but the reporter's).
     pub(crate) fn note_request(&self, deployment: &str) {
         let me = self as *const Wakes as usize;
@@ -176,5 +185,22 @@ pub(crate) async fn report_loop(
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_is_asked_once_until_it_has_woken() {
+        let w = Wakes::default();
+        assert!(w.should_ask("web-1"));
+        assert!(!w.should_ask("web-1"), "asked again within {ASK_AGAIN:?}");
+        assert!(w.should_ask("web-2"), "another deployment is asked on its own");
+        // web-1 serves again; should it sleep at once, its next request asks anew.
+        w.woken(&["web-1"].into_iter().collect());
+        assert!(w.should_ask("web-1"));
+        assert!(!w.should_ask("web-2"), "a deployment still waking is not asked again");
     }
 }

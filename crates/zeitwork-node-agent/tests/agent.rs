@@ -1060,7 +1060,7 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
         if d["status"] != "sleeping" {
             break;
         }
-        assert!(Instant::now() < deadline, "the held request never woke {held}: {d}");
+        assert!(Instant::now() < deadline && !request.is_finished(), "the held request never woke {held}: {d}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     edge.shutdown().await;
