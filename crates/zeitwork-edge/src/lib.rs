@@ -531,9 +531,12 @@ impl EdgeProxy {
     /// Stops accepting, lets open requests finish (connections are asked to
     /// close), then returns.
     pub async fn shutdown(self) {
+        // The tasks may have ended already; then no one listens.
         let _ = self.stop.send(true);
         for t in self.tasks {
-            let _ = t.await;
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "an edge task failed while stopping");
+            }
         }
         self.workers.join().await;
     }
