@@ -293,16 +293,23 @@ impl Operator {
             Err(e) => tracing::warn!(error = %e, "operator server task failed"),
             Ok(Ok(())) => {}
         }
-        let _ = self.refresher.await;
-        let _ = self.change_listener.await;
-        let _ = self.engine.await;
-        let _ = self.feeder.await;
-        let _ = self.autoscaler.await;
-        let _ = self.notifier.await;
-        let _ = self.build_watch.await;
-        let _ = self.prober.await;
-        let _ = self.pruner.await;
-        let _ = self.drainer.await;
+        let workers = [
+            ("refresher", self.refresher),
+            ("change listener", self.change_listener),
+            ("engine", self.engine),
+            ("feeder", self.feeder),
+            ("autoscaler", self.autoscaler),
+            ("notifier", self.notifier),
+            ("build watch", self.build_watch),
+            ("prober", self.prober),
+            ("pruner", self.pruner),
+            ("drainer", self.drainer),
+        ];
+        for (name, task) in workers {
+            if let Err(e) = task.await {
+                tracing::warn!(task = name, error = %e, "operator task failed while stopping");
+            }
+        }
         self.store.close().await;
     }
 }
@@ -343,6 +350,8 @@ async fn bootstrap_admin(store: &Store, path: &Path) -> Result<Option<String>, S
         return Ok(None);
     }
     let err = |source| StartError::AdminToken { path: path.display().to_string(), source };
+    // An old file goes first; none is the usual case, and any other
+    // failure shows in `create_new` below.
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
     f.write_all(format!("{}\n", minted.bearer).as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;

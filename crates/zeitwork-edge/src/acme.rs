@@ -71,10 +71,13 @@ pub async fn run(state: Arc<EdgeState>, mut stop: watch::Receiver<bool>) {
                     Err(e) => {
                         tracing::warn!(%domain, error = %e, "certificate issuance failed; retrying in a minute");
                         let up = CertificateUpload { cert_pem: None, key_pem: None, error: Some(e.clone()) };
-                        let _ = state
+                        let told = state
                             .operator
                             .put::<_, serde_json::Value>(&format!("/api/v1/certificates/{domain}"), &up)
                             .await;
+                        if let Err(e) = told {
+                            tracing::warn!(%domain, error = %e, "could not record the failed issuance with the operator");
+                        }
                         retry_at.insert(domain, Instant::now() + Duration::from_secs(60));
                     }
                 }
@@ -183,7 +186,9 @@ async fn issue(
     .await;
     for t in &tokens {
         state.set_acme_answer(domain, t, None);
-        let _ = state.operator.delete(&format!("/api/v1/acme/challenges/{t}")).await;
+        if let Err(e) = state.operator.delete(&format!("/api/v1/acme/challenges/{t}")).await {
+            tracing::warn!(%domain, error = %e, "a used ACME challenge answer stays with the operator until it expires");
+        }
     }
     let (cert_pem, key_pem) = result?;
     let key = certified_key(&cert_pem, &key_pem)?;

@@ -154,7 +154,9 @@ impl ImageStore {
             Ok(_) => {
                 let path = self.dir.join("rootfs").join(format!("{}.json", hex_of(&digest)));
                 if let Ok(f) = std::fs::File::options().append(true).open(path) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
+                    if let Err(e) = f.set_modified(std::time::SystemTime::now()) {
+                        tracing::debug!(digest = %digest, error = %e, "last use not recorded; GC may see the image as older");
+                    }
                 }
             }
         }
@@ -266,7 +268,7 @@ impl ImageStore {
         .await
         .map_err(|e| ImageError::Io { context: "unpacking", message: e.to_string() })?;
         if let Err(e) = unpacked {
-            let _ = std::fs::remove_dir_all(&staging);
+            remove_logged(&staging);
             return Err(e);
         }
         let blob_list: Vec<&str> = wanted.iter().map(|d| d.digest.as_str()).collect();
@@ -275,7 +277,7 @@ impl ImageStore {
         std::fs::write(&config_path, serde_json::to_vec(&config).unwrap_or_default())
             .map_err(ImageError::io("writing the image config"))?;
         if let Err(e) = std::fs::rename(&staging, &rootfs) {
-            let _ = std::fs::remove_dir_all(&staging);
+            remove_logged(&staging);
             if !rootfs.is_dir() {
                 return Err(ImageError::Io { context: "storing the root filesystem", message: e.to_string() });
             }
@@ -305,7 +307,7 @@ impl ImageStore {
                 .output()
                 .map_err(|e| ImageError::Mkfs(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")))?;
             if !res.status.success() {
-                let _ = std::fs::remove_file(&tmp);
+                remove_logged(&tmp);
                 return Err(ImageError::Mkfs(String::from_utf8_lossy(&res.stderr).trim().to_owned()));
             }
             std::fs::rename(&tmp, &dest).map_err(ImageError::io("storing the ext4 image"))
@@ -360,17 +362,17 @@ fn gc_blocking(dir: &Path, budget: u64, keep: &HashSet<String>, min_age: std::ti
         let ext4 = dir.join("ext4").join(format!("{hex}.img"));
         let mut freed = dir_size(&rootfs) + std::fs::metadata(&ext4).map(|m| m.len()).unwrap_or(0);
         // Metadata first: a half-removed image is then simply not cached.
-        let _ = std::fs::remove_file(dir.join("rootfs").join(format!("{hex}.json")));
-        let _ = std::fs::remove_file(dir.join("rootfs").join(format!("{hex}.blobs")));
-        let _ = std::fs::remove_dir_all(&rootfs);
-        let _ = std::fs::remove_file(&ext4);
+        remove_logged(&dir.join("rootfs").join(format!("{hex}.json")));
+        remove_logged(&dir.join("rootfs").join(format!("{hex}.blobs")));
+        remove_logged(&rootfs);
+        remove_logged(&ext4);
         gone.insert(i);
         let still_used = |b: &String| images.iter().enumerate().any(|(j, o)| !gone.contains(&j) && o.blobs.contains(b));
         for b in &c.blobs {
             if !still_used(b) {
                 let path = dir.join("blobs/sha256").join(hex_of(b));
                 freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                let _ = std::fs::remove_file(path);
+                remove_logged(&path);
             }
         }
         tracing::info!(digest = %c.digest, freed, "image removed from the cache");
@@ -397,4 +399,16 @@ fn dir_size(path: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Removes a file or a directory tree of the cache; one that is already
+/// gone is fine, any other failure is logged with what stays on disk.
+pub(crate) fn remove_logged(path: &Path) {
+    let result = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove; it stays on disk")
+        }
+        _ => {}
+    }
 }

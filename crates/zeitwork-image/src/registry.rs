@@ -370,7 +370,12 @@ impl RegistryClient {
         }
         .await;
         if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            match tokio::fs::remove_file(&tmp).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %tmp.display(), error = %e, "a partial blob stays on disk")
+                }
+                _ => {}
+            }
         }
         result
     }

@@ -424,9 +424,12 @@ impl LoadBalancer {
 
     /// Stops accepting; open connections get `drain_timeout_secs` to finish.
     pub async fn shutdown(self) {
+        // The tasks may have ended already; then no one listens.
         let _ = self.stop.send(true);
         for t in self.tasks {
-            let _ = t.await;
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "a load balancer task failed while stopping");
+            }
         }
         self.forwarding.join().await;
     }

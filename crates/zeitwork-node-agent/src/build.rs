@@ -271,7 +271,13 @@ fn mask(mut line: String, secrets: &[String], tail: &mut VecDeque<String>) -> St
 
 async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Result<String, String> {
     let work = settings.dir.join("work").join(&job.id);
-    let _ = tokio::fs::remove_dir_all(&work).await;
+    // What an earlier attempt left; usually nothing.
+    match tokio::fs::remove_dir_all(&work).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %work.display(), error = %e, "could not clear an earlier build's work directory")
+        }
+        _ => {}
+    }
     tokio::fs::create_dir_all(&work).await.map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let (stopper, cancel_rx) = Stopper::new();
     let secrets: Vec<String> = job.secrets.values().cloned().collect();

@@ -213,7 +213,9 @@ async fn bring_up(
             if let Some(console) = runtime.diagnose(&id).await {
                 reason.push_str(&format!("; last console lines:\n{console}"));
             }
-            let _ = runtime.stop(&id, s.stop_grace).await;
+            if let Err(e) = runtime.stop(&id, s.stop_grace).await {
+                tracing::warn!(instance = %id, error = %e, "an instance that never became ready did not stop");
+            }
             report(&client, &id, InstanceStatus::Failed, Some(running.address), None, Some(reason)).await;
             mark_failed(&table, &id).await;
             return;
@@ -373,7 +375,9 @@ pub async fn run(
         let grace = s.stop_grace;
         async move {
             let exit = runtime.stop(&id, grace).await.ok();
-            let _ = runtime.destroy(&id).await;
+            if let Err(e) = runtime.destroy(&id).await {
+                tracing::warn!(instance = %id, error = %e, "teardown at shutdown incomplete; the sweeper removes the rest at the next start");
+            }
             if !failed {
                 let reason = "the node agent stopped; the instance comes back when it starts again";
                 report(
@@ -486,7 +490,9 @@ async fn converge(
                     let mut crashes: Vec<Instant> =
                         l.crashes.into_iter().filter(|t| now.duration_since(*t) < CRASH_WINDOW).collect();
                     crashes.push(now);
-                    let _ = runtime.destroy(&id).await;
+                    if let Err(e) = runtime.destroy(&id).await {
+                        tracing::warn!(instance = %id, error = %e, "teardown of a crashed instance incomplete");
+                    }
                     if crashes.len() as u32 >= CRASH_LOOP {
                         let reason = format!(
                             "crash loop: exited {} times in {} s; last: {}",

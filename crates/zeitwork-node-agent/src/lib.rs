@@ -283,6 +283,18 @@ impl NodeAgent {
         }
         let logs = Arc::new(store);
         logs.prune(Duration::from_secs(u64::from(config.log_retention_days) * 86_400));
+        // What instances of an earlier run left behind (the agent was killed
+        // before it could stop them) goes before any runtime starts.
+        let leftovers = zeitwork_runtime::sweep::sweep(&zeitwork_runtime::sweep::Scope {
+            dirs: vec![config.data_dir.join("instances"), config.data_dir.join("vms")],
+            base: config.instance_range,
+            oci_runtimes: vec![config.oci_runtime.clone()],
+            known: Default::default(),
+        })
+        .await;
+        if !leftovers.is_empty() {
+            tracing::warn!(count = leftovers.len(), "removed what an earlier run left behind");
+        }
         let options = zeitwork_runtime::select::SelectOptions {
             requested: config.runtime.clone(),
             dir: config.data_dir.clone(),
@@ -437,11 +449,15 @@ impl NodeAgent {
         }));
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
+                    // A dropped sender also means stop.
                     let _ = server_rx.wait_for(|s| *s).await;
                 })
                 .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the agent's HTTP server failed");
+            }
         });
         tasks.push(server);
         let heartbeats = tokio::spawn(heartbeat_loop(
@@ -465,9 +481,12 @@ impl NodeAgent {
     }
 
     pub async fn shutdown(self) {
+        // The tasks may have ended already; then no one listens.
         let _ = self.shutdown.send(true);
         for t in self.tasks {
-            let _ = t.await;
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "a node agent task failed while stopping");
+            }
         }
     }
 }

@@ -100,16 +100,25 @@ impl ContainerRuntime {
             let id = entry.file_name().to_string_lossy().into_owned();
             tracing::warn!(instance = %id, "cleaning up an instance left by an earlier run");
             let cid = container_id(&id);
-            let _ = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await;
-            let _ = cmd(&self.runc, &["delete", "--force", &cid]).await;
-            let _ = cmd(Path::new("umount"), &["-l", &path.join("rootfs").display().to_string()]).await;
+            // Each step may find nothing (the container ended, the host rebooted).
+            if let Err(e) = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await {
+                tracing::debug!(instance = %id, error = %e, "no leftover container process to kill");
+            }
+            if let Err(e) = cmd(&self.runc, &["delete", "--force", &cid]).await {
+                tracing::debug!(instance = %id, error = %e, "no leftover container to delete");
+            }
+            if let Err(e) = cmd(Path::new("umount"), &["-l", &path.join("rootfs").display().to_string()]).await {
+                tracing::debug!(instance = %id, error = %e, "no leftover root overlay to unmount");
+            }
             let link = Link {
                 netns: netns_name(&id),
                 host_if: format!("zwh{}", short_key(&id)),
                 host_ip: Ipv4Addr::UNSPECIFIED,
                 instance_ip: Ipv4Addr::UNSPECIFIED,
             };
-            let _ = net::destroy(&link).await;
+            if let Err(e) = net::destroy(&link).await {
+                tracing::debug!(instance = %id, netns = %link.netns, error = %e, "no leftover network to remove");
+            }
             // The killed processes may still hold the overlay for a moment.
             for _ in 0..50 {
                 if tokio::fs::remove_dir_all(&path).await.is_ok() || !path.exists() {
@@ -341,7 +350,9 @@ impl Runtime for ContainerRuntime {
         let link = match net::create(&short_key(&spec.id), self.base, slot).await {
             Ok(l) => l,
             Err(e) => {
-                let _ = cmd(Path::new("umount"), &[&merged.display().to_string()]).await;
+                if let Err(why) = cmd(Path::new("umount"), &[&merged.display().to_string()]).await {
+                    tracing::warn!(instance = %spec.id, mount = %merged.display(), error = %why, "the root overlay may stay mounted");
+                }
                 return Err(e);
             }
         };
@@ -376,6 +387,7 @@ impl Runtime for ContainerRuntime {
             let status = child.wait().await;
             // Let the log readers drain what the process wrote last.
             for t in [out, err].into_iter().flatten() {
+                // A reader that failed has nothing left to drain.
                 let _ = t.await;
             }
             let info = match status {
@@ -385,6 +397,7 @@ impl Runtime for ContainerRuntime {
                 },
                 Err(e) => ExitInfo { code: None, reason: format!("lost the process: {e}") },
             };
+            // Nobody watching any more (the instance was destroyed) is fine.
             let _ = tx.send(Some(info));
         });
         let address = SocketAddr::from((link.instance_ip, spec.port));
@@ -402,10 +415,15 @@ impl Runtime for ContainerRuntime {
             return Ok(done);
         }
         let cid = container_id(id);
-        let _ = cmd(&self.runc, &["kill", &cid, "TERM"]).await;
+        if let Err(e) = cmd(&self.runc, &["kill", &cid, "TERM"]).await {
+            tracing::debug!(instance = %id, error = %e, "SIGTERM not delivered (the app may have just exited)");
+        }
         let exited = tokio::time::timeout(grace, exit.wait_for(|e| e.is_some())).await.is_ok();
         if !exited {
-            let _ = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await;
+            if let Err(e) = cmd(&self.runc, &["kill", "--all", &cid, "KILL"]).await {
+                tracing::warn!(instance = %id, error = %e, "SIGKILL not delivered");
+            }
+            // Whether it ended is read from `exit` below.
             let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
         }
         let info = exit.borrow().clone();
@@ -413,7 +431,9 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
-        let _ = self.stop(id, Duration::from_secs(0)).await;
+        if let Err(e) = self.stop(id, Duration::from_secs(0)).await {
+            tracing::warn!(instance = %id, error = %e, "destroying an instance that did not stop");
+        }
         let inst = self.instances.lock().await.remove(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
         if let Err(e) = cmd(&self.runc, &["delete", "--force", &container_id(id)]).await {
             tracing::warn!(instance = %id, error = %e, "the runc container may be left behind");
@@ -489,12 +509,29 @@ impl Drop for ContainerRuntime {
         let instances = std::mem::take(self.instances.get_mut());
         for (id, inst) in instances {
             let cid = container_id(&id);
-            let _ = std::process::Command::new(&self.runc).args(["kill", "--all", &cid, "KILL"]).output();
-            let _ = std::process::Command::new(&self.runc).args(["delete", "--force", &cid]).output();
-            let _ = std::process::Command::new("umount").arg("-l").arg(&inst.merged).output();
-            let _ = std::process::Command::new("ip").args(["netns", "del", &inst.link.netns]).output();
-            let _ = std::process::Command::new("ip").args(["link", "del", &inst.link.host_if]).output();
-            let _ = std::fs::remove_dir_all(&inst.dir);
+            let merged = inst.merged.display().to_string();
+            last_resort(&id, self.runc.as_os_str(), &["kill", "--all", &cid, "KILL"]);
+            last_resort(&id, self.runc.as_os_str(), &["delete", "--force", &cid]);
+            last_resort(&id, "umount".as_ref(), &["-l", &merged]);
+            last_resort(&id, "ip".as_ref(), &["netns", "del", &inst.link.netns]);
+            last_resort(&id, "ip".as_ref(), &["link", "del", &inst.link.host_if]);
+            if let Err(e) = std::fs::remove_dir_all(&inst.dir) {
+                tracing::warn!(instance = %id, dir = %inst.dir.display(), error = %e, "the instance directory is left behind");
+            }
         }
+    }
+}
+
+/// Runs one teardown step from a `Drop` (no executor there); logs what it
+/// may leave behind when it fails.
+pub(crate) fn last_resort(instance: &str, program: &std::ffi::OsStr, args: &[&str]) {
+    let step = || format!("{} {}", program.to_string_lossy(), args.join(" "));
+    match std::process::Command::new(program).args(args).stdout(Stdio::null()).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            let error = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            tracing::warn!(instance, step = %step(), %error, "teardown step failed; the sweeper removes what it left at the next start");
+        }
+        Err(e) => tracing::warn!(instance, step = %step(), error = %e, "teardown step could not run"),
     }
 }

@@ -23,7 +23,12 @@ pub fn prepare_jail(root: &Path, files: &[(&PathBuf, bool)], uid: u32, gid: u32)
     std::fs::create_dir_all(root).map_err(|e| RuntimeError::failed("creating the jail", e))?;
     for (i, (f, shared)) in files.iter().enumerate() {
         let target = root.join(format!("f{i}"));
-        let _ = std::fs::remove_file(&target);
+        match std::fs::remove_file(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::failed(format!("replacing {} in the jail", target.display()), e))
+            }
+            _ => {}
+        }
         let meta = std::fs::metadata(f).map_err(|e| RuntimeError::failed(format!("reading {}", f.display()), e))?;
         let world_readable = meta.mode() & 0o004 != 0;
         if *shared && world_readable && std::fs::hard_link(f, &target).is_ok() {

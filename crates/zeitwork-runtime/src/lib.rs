@@ -14,6 +14,7 @@ pub mod logs;
 pub mod net;
 pub mod qmp;
 pub mod select;
+pub mod sweep;
 pub mod vm;
 
 use std::net::SocketAddr;

@@ -83,12 +83,17 @@ impl LogStore {
         let mut text = serde_json::to_string(&entry).unwrap_or_default();
         text.push('\n');
         if tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() + text.len() as u64 > self.cap) {
-            let _ = tokio::fs::rename(&path, path.with_extension("jsonl.1")).await;
+            if let Err(e) = tokio::fs::rename(&path, path.with_extension("jsonl.1")).await {
+                tracing::warn!(log = %path.display(), error = %e, "could not rotate an instance log");
+            }
         }
         if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await {
             // tokio writes in the background; flush so readers see the line now.
             if f.write_all(text.as_bytes()).await.is_ok() {
-                let _ = f.flush().await;
+                if let Err(e) = f.flush().await {
+                    // Per line, so debug: a full disk would flood the agent's own log.
+                    tracing::debug!(log = %path.display(), error = %e, "could not write an instance log");
+                }
             }
         }
     }
@@ -186,7 +191,9 @@ impl LogStore {
         for e in entries.flatten() {
             let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|d| d > age));
             if old {
-                let _ = std::fs::remove_file(e.path());
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    tracing::warn!(log = %e.path().display(), error = %err, "could not remove an old instance log");
+                }
             }
         }
     }

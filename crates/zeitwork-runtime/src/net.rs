@@ -62,7 +62,8 @@ pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, Runtim
     let link = Link { netns: format!("zw-{key}"), host_if: format!("zwh{key}"), host_ip, instance_ip };
     let peer = format!("zwc{key}");
     let ns = link.netns.as_str();
-    // Leftovers of a crashed attempt go first.
+    // Leftovers of a crashed attempt go first; usually there are none, so
+    // the error is expected.
     let _ = destroy(&link).await;
     run(&["netns", "add", ns]).await?;
     let result = async {
@@ -78,7 +79,9 @@ pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, Runtim
     }
     .await;
     if let Err(e) = result {
-        let _ = destroy(&link).await;
+        if let Err(why) = destroy(&link).await {
+            tracing::warn!(netns = ns, veth = %link.host_if, error = %why, "a half-made instance network may be left behind");
+        }
         return Err(e);
     }
     Ok(link)
@@ -86,6 +89,7 @@ pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, Runtim
 
 /// Creates tap device `name` for a VM, with the host's end of the /30 on it.
 pub async fn create_tap(name: &str, host_ip: Ipv4Addr) -> Result<(), RuntimeError> {
+    // A leftover of a crashed attempt goes first; usually there is none.
     let _ = destroy_tap(name).await;
     run(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
     let result = async {
@@ -94,7 +98,9 @@ pub async fn create_tap(name: &str, host_ip: Ipv4Addr) -> Result<(), RuntimeErro
     }
     .await;
     if result.is_err() {
-        let _ = destroy_tap(name).await;
+        if let Err(why) = destroy_tap(name).await {
+            tracing::warn!(tap = name, error = %why, "a half-made tap device may be left behind");
+        }
     }
     result
 }
@@ -106,7 +112,11 @@ pub async fn destroy_tap(name: &str) -> Result<(), RuntimeError> {
 
 /// Removes the namespace (its veth end, and so the pair, goes with it).
 pub async fn destroy(link: &Link) -> Result<(), RuntimeError> {
-    let _ = run(&["link", "del", &link.host_if]).await;
+    // The veth usually goes with the namespace below; deleting it first
+    // only matters when the namespace is already gone.
+    if let Err(e) = run(&["link", "del", &link.host_if]).await {
+        tracing::debug!(veth = %link.host_if, error = %e, "no host end of the veth to delete");
+    }
     run(&["netns", "del", &link.netns]).await
 }
 

@@ -128,7 +128,9 @@ pub(crate) async fn store_archive(
         zeitwork_image::ImageError::TooLarge(m) => ApiError::TooLarge(m),
         other => ApiError::InvalidBody(format!("the archive is not a usable image: {other}")),
     })?;
-    let _ = std::fs::remove_file(tar);
+    if let Err(e) = std::fs::remove_file(tar) {
+        tracing::warn!(path = %tar.display(), error = %e, "an uploaded archive stays on disk");
+    }
     // Whether *this organisation* already had the image; identical bytes
     // held by another organisation are shared silently, never revealed.
     let existing = s.store.find_archive(&org, name, &archive.manifest_digest).await?.is_some();

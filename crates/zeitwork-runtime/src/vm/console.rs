@@ -49,6 +49,7 @@ pub(super) async fn read_console(
             ConsoleLine::Stdout(l) => logs.append(&id, "stdout", l.to_owned()).await,
             ConsoleLine::Stderr(l) => logs.append(&id, "stderr", l.to_owned()).await,
             ConsoleLine::Exit(c) => {
+                // Nobody watching any more (the VM is gone) is fine.
                 let _ = code.send(Some(Ok(c)));
             }
             ConsoleLine::Failed(reason) => {

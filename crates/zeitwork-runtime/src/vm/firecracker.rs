@@ -152,12 +152,14 @@ impl VmRuntime {
                     .arg("/vmm.log")
                     .arg("--level")
                     .arg("Warning");
-                let _ = std::fs::write(dir.join("vmm.log.path"), root.join("vmm.log").display().to_string());
+                if let Err(e) = std::fs::write(dir.join("vmm.log.path"), root.join("vmm.log").display().to_string()) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "the VMM log's place is not recorded");
+                }
                 let inside = (0..files.len()).map(|i| format!("/f{i}")).collect();
                 (c, root.join("run/firecracker.socket"), inside, Some(jail))
             }
         };
-        let _ = std::fs::remove_file(&socket);
+        remove_stale(&socket);
         let fail = |jail: &Option<PathBuf>| {
             if let Some(j) = jail {
                 remove_jail(j);
@@ -171,7 +173,9 @@ impl VmRuntime {
             }
         };
         if let Some(pid) = child.id() {
-            let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
+            if let Err(e) = std::fs::write(dir.join("vmm.pid"), pid.to_string()) {
+                tracing::warn!(dir = %dir.display(), error = %e, "the VMM's pid is not recorded; after a crash only the sweeper finds it");
+            }
         }
         if !wait_for_socket(&socket, Duration::from_secs(10)).await {
             if let Some(pid) = child.id() {
@@ -181,10 +185,13 @@ impl VmRuntime {
             let mut said = String::new();
             if let Some(mut err) = child.stderr.take() {
                 let mut buf = Vec::new();
+                // What arrived within the time is all the reason there is.
                 let _ = tokio::time::timeout(Duration::from_secs(2), err.read_to_end(&mut buf)).await;
                 said = String::from_utf8_lossy(&buf).trim().chars().take(1000).collect();
             }
-            let _ = child.wait().await;
+            if let Err(e) = child.wait().await {
+                tracing::warn!(error = %e, "could not reap the VMM");
+            }
             fail(&jail);
             let why = if said.is_empty() {
                 "its API socket did not appear within 10 s".to_owned()
@@ -206,12 +213,26 @@ impl VmRuntime {
                 if let Some(pid) = child.id() {
                     kill(pid);
                 }
-                let _ = child.wait().await;
+                if let Err(e) = child.wait().await {
+                    tracing::warn!(error = %e, "could not reap the VMM");
+                }
                 fail(&jail);
                 return Err(RuntimeError::failed("configuring the VM through Firecracker's API", e));
             }
         }
-        let _ = std::fs::write(dir.join("api"), socket.display().to_string());
+        if let Err(e) = std::fs::write(dir.join("api"), socket.display().to_string()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "the API socket is not recorded; a hard stop falls back to SIGKILL");
+        }
         Ok(child)
+    }
+}
+
+/// Removes a socket a VMM left earlier (none is the usual case).
+pub(crate) fn remove_stale(socket: &Path) {
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(socket = %socket.display(), error = %e, "a stale API socket could not be removed")
+        }
+        _ => {}
     }
 }

@@ -173,7 +173,9 @@ fn mac_of(slot: u32) -> String {
 
 fn kill(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        if let Err(e) = rustix::process::kill_process(p, rustix::process::Signal::KILL) {
+            tracing::debug!(pid, error = %e, "SIGKILL not delivered (the VMM may have just ended)");
+        }
     }
 }
 
@@ -262,16 +264,25 @@ impl VmRuntime {
     async fn hard_stop(dir: &Path, vmm: &Vmm) {
         match vmm {
             Vmm::Qemu { .. } => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), qmp(&dir.join("qmp.sock"), "quit")).await;
+                match tokio::time::timeout(Duration::from_secs(2), qmp(&dir.join("qmp.sock"), "quit")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "QMP quit failed; the VMM is killed next")
+                    }
+                    Err(_) => tracing::warn!(dir = %dir.display(), "QMP quit timed out; the VMM is killed next"),
+                }
             }
             Vmm::Firecracker { .. } => {
                 if let Ok(socket) = std::fs::read_to_string(dir.join("api")) {
                     let body = json!({"action_type": "SendCtrlAltDel"});
-                    let _ = tokio::time::timeout(
+                    let sent = tokio::time::timeout(
                         Duration::from_secs(2),
                         firecracker_put(Path::new(socket.trim()), "/actions", &body),
                     )
                     .await;
+                    if !matches!(sent, Ok(Ok(_))) {
+                        tracing::warn!(dir = %dir.display(), "Firecracker's ctrl-alt-del failed; the VMM is killed next");
+                    }
                 }
             }
         }
@@ -335,7 +346,9 @@ impl Runtime for VmRuntime {
         write_private(&dir.join("config.img"), &bytes)?;
         let tap = format!("zwt{}", crate::container::short_key(&spec.id));
         net::create_tap(&tap, host_ip).await?;
-        let _ = std::fs::write(dir.join("tap"), &tap);
+        if let Err(e) = std::fs::write(dir.join("tap"), &tap) {
+            tracing::warn!(instance = %spec.id, tap, error = %e, "the tap is not recorded; after a crash only the sweeper finds it");
+        }
         let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot)).await {
             Ok(c) => c,
             Err(e) => {
@@ -371,6 +384,7 @@ impl Runtime for VmRuntime {
         tokio::spawn(async move {
             let status = child.wait().await;
             for t in [reader, errors].into_iter().flatten() {
+                // A reader that failed or lingers has nothing more to give.
                 let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
             }
             let reported = code_rx.borrow().clone();
@@ -393,6 +407,7 @@ impl Runtime for VmRuntime {
                     }
                 }
             };
+            // Nobody watching any more (the instance was destroyed) is fine.
             let _ = tx.send(Some(info));
         });
         let address = SocketAddr::from((guest_ip, spec.port));
@@ -415,8 +430,10 @@ impl Runtime for VmRuntime {
         }
         // The guest init turns this into SIGTERM, and SIGKILL after the grace period.
         if let Some(stdin) = console.lock().await.as_mut() {
-            let _ = stdin.write_all(format!("\nstop {}\n", grace.as_secs()).as_bytes()).await;
-            let _ = stdin.flush().await;
+            let sent = stdin.write_all(format!("\nstop {}\n", grace.as_secs()).as_bytes()).await;
+            if let Err(e) = sent.and(stdin.flush().await) {
+                tracing::warn!(instance = %id, error = %e, "the stop request did not reach the guest; it is stopped hard");
+            }
         }
         let margin = if self.s.vmm.accel() == Accel::Tcg { Duration::from_secs(10) } else { Duration::from_secs(3) };
         if tokio::time::timeout(grace + margin, exit.wait_for(|e| e.is_some())).await.is_err() {
@@ -425,6 +442,7 @@ impl Runtime for VmRuntime {
                 if let Some(pid) = pid {
                     kill(pid);
                 }
+                // Whether it ended is read from `exit` below.
                 let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
             }
         }
@@ -433,7 +451,9 @@ impl Runtime for VmRuntime {
     }
 
     async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
-        let _ = self.stop(id, Duration::from_secs(0)).await;
+        if let Err(e) = self.stop(id, Duration::from_secs(0)).await {
+            tracing::warn!(instance = %id, error = %e, "destroying a microVM that did not stop");
+        }
         let inst = self.instances.lock().await.remove(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
         if let Some(pid) = inst.pid.filter(|p| alive(*p)) {
             kill(pid);
@@ -538,8 +558,10 @@ impl Drop for VmRuntime {
             if let Some(pid) = inst.pid {
                 kill(pid);
             }
-            let _ = std::process::Command::new("ip").args(["link", "del", &inst.tap]).output();
-            let _ = std::fs::remove_dir_all(&inst.dir);
+            crate::container::last_resort(&inst.tap, "ip".as_ref(), &["link", "del", &inst.tap]);
+            if let Err(e) = std::fs::remove_dir_all(&inst.dir) {
+                tracing::warn!(dir = %inst.dir.display(), error = %e, "a microVM's directory is left behind");
+            }
         }
     }
 }

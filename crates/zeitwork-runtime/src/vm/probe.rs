@@ -41,7 +41,7 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
         Vmm::Firecracker { binary, .. } => {
             std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
             let socket = work.join(format!("probe-{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&socket);
+            super::firecracker::remove_stale(&socket);
             let child = Command::new(binary)
                 .arg("--api-sock")
                 .arg(&socket)
@@ -58,7 +58,7 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
             for (path, body) in firecracker_requests((&k, &i), &kernel_args(vmm, true), 1, 128, &[], None) {
                 firecracker_put(&socket, &path, &body).await?;
             }
-            let _ = std::fs::remove_file(&socket);
+            super::firecracker::remove_stale(&socket);
             child
         }
     };
@@ -90,8 +90,12 @@ pub async fn probe(vmm: &Vmm, assets: &GuestAssets, work: &Path, timeout: Durati
         false
     })
     .await;
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    // The probe VM has done its part; it may have ended by itself already.
+    if child.start_kill().is_ok() {
+        if let Err(e) = child.wait().await {
+            tracing::warn!(error = %e, "could not reap the probe VM");
+        }
+    }
     match result {
         Ok(true) => Ok(started.elapsed()),
         Ok(false) | Err(_) => {
