@@ -273,13 +273,14 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
 
     // 100 edges watching by deltas, each at the newest cursor.
     let host = format!("fresh-acme.{apps}");
+    // One snapshot gives the cursor every edge resumes from (edges that connect get a snapshot each).
+    let start: RoutingDeltas = edge.get("/api/v1/routing/deltas?timeout=1").await?;
     let mut edges = Vec::new();
     for _ in 0..100 {
         let edge = edge.clone();
-        let (host, first) = (host.clone(), first.clone());
-        let start: RoutingDeltas = edge.get("/api/v1/routing/deltas?timeout=1").await?;
+        let (host, first, start) = (host.clone(), first.clone(), start.cursor.clone());
         edges.push(tokio::spawn(async move {
-            let mut cursor = start.cursor;
+            let mut cursor = start;
             loop {
                 let path = format!("/api/v1/routing/deltas?since={}&timeout=30", zeitwork_client::encode(&cursor));
                 let d: RoutingDeltas = edge.get(&path).await?;
