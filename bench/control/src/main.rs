@@ -271,15 +271,25 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     };
     let (first, _) = deploy("registry.example.com/acme/fresh:1").await?;
 
-    // 100 edges watching by deltas, each at the newest cursor.
+    let (id, active) = deploy("registry.example.com/acme/fresh:2").await?;
+    let placed = store.list_instances(&id).await?.len();
+    let (p99, calls, errors) = load.await?;
+    // 100 edges watching by deltas, each from the cursor at which the host serves the second deployment.
     let host = format!("fresh-acme.{apps}");
+    // One snapshot gives the cursor every edge resumes from (edges that connect get a snapshot each).
+    let start: RoutingDeltas = loop {
+        let d: RoutingDeltas = edge.get("/api/v1/routing/deltas?timeout=1").await?;
+        if d.routes.iter().any(|r| r.host == host && r.deployment == id) {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let mut edges = Vec::new();
     for _ in 0..100 {
         let edge = edge.clone();
-        let (host, first) = (host.clone(), first.clone());
-        let start: RoutingDeltas = edge.get("/api/v1/routing/deltas?timeout=1").await?;
+        let (host, first, start) = (host.clone(), first.clone(), start.cursor.clone());
         edges.push(tokio::spawn(async move {
-            let mut cursor = start.cursor;
+            let mut cursor = start;
             loop {
                 let path = format!("/api/v1/routing/deltas?since={}&timeout=30", zeitwork_client::encode(&cursor));
                 let d: RoutingDeltas = edge.get(&path).await?;
@@ -291,10 +301,8 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         }));
     }
 
-    let (id, active) = deploy("registry.example.com/acme/fresh:2").await?;
-    let placed = store.list_instances(&id).await?.len();
-    let (p99, calls, errors) = load.await?;
-
+    // Time for the edges to be waiting in their long polls.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // A rollback to the first: the time until all 100 edges have it.
     let t = Instant::now();
     let _: Value = admin.post("/api/v1/projects/acme/fresh/rollback", &json!({"to": first})).await?;

@@ -9,7 +9,11 @@
 //! Next to it, in the same run, the floor: bare `runc run` of the same root
 //! filesystem to its first 200 (no platform at all).
 //!
-//! `cargo run --release -p zeitwork-bench-wake -- [--runs 20] [--vm-runs 3]`
+//! With the same platform, `--deploy-runs` times (default 10): a deployment of
+//! the cached image from the API call to `active`, and a rollback from the
+//! API's answer to the edge routing the project's host to the old deployment.
+//!
+//! `cargo run --release -p zeitwork-bench-wake -- [--runs 20] [--vm-runs 3] [--deploy-runs 10]`
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,7 +52,13 @@ async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> Result<
 }
 
 /// Wakes to first byte on a platform whose agent uses `runtime`, `runs` times.
-async fn wakes(runtime: &str, image: &str, runs: u32, range: &str) -> Result<Vec<Duration>> {
+async fn wakes(
+    runtime: &str,
+    image: &str,
+    runs: u32,
+    range: &str,
+    deploy_runs: u32,
+) -> Result<(Vec<Duration>, DeployTimes)> {
     let dir = tempfile::tempdir()?;
     let op = Operator::start(OperatorConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -143,9 +153,85 @@ async fn wakes(runtime: &str, image: &str, runs: u32, range: &str) -> Result<Vec
         })
         .await?;
     }
+    let deploys = if runtime == "container" {
+        deploy_and_roll_back(&admin, &edge, image, deploy_runs).await?
+    } else {
+        Default::default()
+    };
     edge.shutdown().await;
     agent.shutdown().await;
     op.shutdown().await;
+    Ok((out, deploys))
+}
+
+/// Times of deploys (API call to `active`) and rollbacks (API answer to the edge routing to the old deployment).
+#[derive(Debug, Default)]
+struct DeployTimes {
+    deploys: Vec<Duration>,
+    rollbacks: Vec<Duration>,
+    rollback_answers: Vec<Duration>,
+}
+
+/// A deployment of the image already on the node, API call to `active`, and
+/// a rollback to the one it replaced, API answer to the edge routing the
+/// project's host to it; `runs` times each.
+async fn deploy_and_roll_back(
+    admin: &Client,
+    edge: &zeitwork_edge::EdgeProxy,
+    image: &str,
+    runs: u32,
+) -> Result<DeployTimes> {
+    let host = "web-bench.zeitwork.localhost";
+    let serving = || {
+        let table = edge.state.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        table.hosts.get(host).map(|r| r.deployment.clone())
+    };
+    let mut out = DeployTimes::default();
+    for i in 0..runs {
+        let before = serving().context("the project's host is routed")?;
+        let t = Instant::now();
+        let d: Value =
+            admin.post("/api/v1/deployments", &json!({"org": "bench", "project": "web", "image": image})).await?;
+        let id = d["id"].as_str().context("a deployment id")?.to_owned();
+        loop {
+            let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await?;
+            if d["status"] == "failed" {
+                bail!("{id} failed: {}", d["reason"]);
+            }
+            if d["status"] == "active" {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{id} did not go live within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let deployed = t.elapsed();
+        until("the edge to route the new deployment", Duration::from_secs(10), async || {
+            Ok(serving().as_deref() == Some(id.as_str()))
+        })
+        .await?;
+        let t = Instant::now();
+        let _: Value = admin.post("/api/v1/projects/bench/web/rollback", &json!({"to": before})).await?;
+        let answered = t.elapsed();
+        while serving().as_deref() != Some(before.as_str()) {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the edge did not route {before} again within 10 s");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let visible = t.elapsed() - answered;
+        println!(
+            "  deploy {:>2}: {:>7.1} ms to active; rollback seen by the edge {:>6.1} ms after the API answered ({:.1} ms)",
+            i + 1,
+            ms(deployed),
+            ms(visible),
+            ms(answered)
+        );
+        out.deploys.push(deployed);
+        out.rollbacks.push(visible);
+        out.rollback_answers.push(answered);
+    }
     Ok(out)
 }
 
@@ -165,10 +251,11 @@ async fn main() -> Result<()> {
     }
     let runs = flag("--runs", 20).max(1);
     let vm_runs = flag("--vm-runs", 3);
+    let deploy_runs = flag("--deploy-runs", 10);
     let reg = zeitwork_testkit::Registry::start()?;
     let image = reg.push_busybox("bench/web", "v1", "exec /bin/busybox httpd -f -p $PORT -h /www").await?;
 
-    let containers = wakes("container", &image, runs, "10.232.0.0").await?;
+    let (containers, deploys) = wakes("container", &image, runs, "10.232.0.0", deploy_runs).await?;
 
     // The floor, same run: bare runc of the same root filesystem to its first 200.
     let dir = tempfile::tempdir()?;
@@ -184,7 +271,7 @@ async fn main() -> Result<()> {
             .push(bare_runc(&img.rootfs, 19_080 + i as u16, Path::new(dir.path()), &format!("zwwake-bare-{i}")).await?);
     }
 
-    let vms = if vm_runs > 0 { Some(wakes("qemu", &image, vm_runs, "10.233.0.0").await) } else { None };
+    let vms = if vm_runs > 0 { Some(wakes("qemu", &image, vm_runs, "10.233.0.0", 0).await.map(|w| w.0)) } else { None };
 
     println!();
     println!("wake to first HTTP 200 through the edge (sleeping deployment, cached image):");
@@ -198,6 +285,14 @@ async fn main() -> Result<()> {
         Some(Ok(v)) => summary("zeitwork, qemu microVM (boot)", &v),
         Some(Err(e)) => println!("  qemu microVM: not measured here ({e:#})"),
         None => println!("  qemu microVM: skipped (--vm-runs 0)"),
+    }
+    if !deploys.deploys.is_empty() {
+        println!();
+        println!("deploy and rollback through the platform (container runtime, image cached on the node):");
+        summary("deploy: API call to active", &deploys.deploys);
+        summary("rollback: API answer to edge", &deploys.rollbacks);
+        summary("rollback: API call answered", &deploys.rollback_answers);
+        println!("  goals: deploy < 500 ms, rollback visible at the edge < 100 ms after the API answers");
     }
     println!("  reference points: Knative cold start ~2-4 s (its docs), Fly Machines start ~300 ms (Fly's docs)");
     Ok(())

@@ -332,7 +332,7 @@ impl Store {
 
     /// The watch ended (or no longer applies: `reason` says why).
     pub async fn finish_rollout(&self, deployment: &str, reason: Option<&str>) -> Result<()> {
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE rollouts SET state = 'done', reason = COALESCE($1, reason), updated_at = $2 \
              WHERE deployment_id = $3 AND state IN ('shadow', 'canary', 'watching')",
         )
@@ -341,7 +341,9 @@ impl Store {
         .bind(deployment)
         .execute(&self.writer)
         .await?;
-        self.changed().await;
+        if done.rows_affected() > 0 {
+            self.changed().await;
+        }
         Ok(())
     }
 
