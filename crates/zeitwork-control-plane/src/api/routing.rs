@@ -144,6 +144,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
         let pull_credential = super::images::archive_repository(&a.image)
             .filter(|(org, _)| *org == a.org)
             .map(|(org, name)| super::images::pull_credential(&s.cipher, org, name));
+        let network = Some(private_network(s, &a).await?);
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -156,9 +157,41 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             status: a.status,
             pull_credential,
             release_command: a.release_command,
+            network,
         });
     }
     Ok(out)
+}
+
+/// The private network of an assigned instance: the /24 of its project and
+/// environment, its own address there and every live member's.
+async fn private_network(
+    s: &AppState,
+    a: &zeitwork_store::NodeAssignment,
+) -> ApiResult<zeitwork_api_types::PrivateNetwork> {
+    // Checked when the operator starts.
+    let (base, count) = crate::config::private_range(&s.config.private_network).map_err(|e| {
+        tracing::error!(error = %e, "private_network");
+        crate::error::ApiError::Internal
+    })?;
+    let idx = s.store.project_network(&a.project_id, &a.environment, count).await?;
+    let prefix = u32::from(base) + (idx << 8);
+    let address = |host: u32| std::net::Ipv4Addr::from(prefix + host).to_string();
+    let host = s.store.private_host(idx, &a.instance, 254).await?;
+    let members = s
+        .store
+        .network_members(&a.project_id, &a.environment)
+        .await?
+        .into_iter()
+        .map(|m| zeitwork_api_types::NetworkMember { address: address(m.host), instance: m.instance, ready: m.ready })
+        .collect();
+    let egress = a.egress.as_deref().and_then(|e| serde_json::from_str(e).ok());
+    Ok(zeitwork_api_types::PrivateNetwork {
+        prefix: format!("{}/24", std::net::Ipv4Addr::from(prefix)),
+        address: address(host),
+        members,
+        egress,
+    })
 }
 
 /// Who the calling token is (lets node agents check an edge's token).

@@ -96,6 +96,14 @@ pub struct ProjectSettings {
     /// Switch all traffic at once again, without canary steps (update only).
     #[arg(long, conflicts_with_all = ["rollout_steps", "rollout_step_secs"])]
     no_rollout: bool,
+    /// Egress allow-list (update only): the only destinations outside the project's private
+    /// network its instances reach, IPv4 addresses or CIDR blocks with an optional port
+    /// (e.g. 203.0.113.0/24,198.51.100.7:443).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR[:PORT]")]
+    egress_allow: Option<Vec<String>>,
+    /// Lift the egress allow-list: instances reach the internet again (update only).
+    #[arg(long, conflicts_with = "egress_allow")]
+    no_egress_allow: bool,
 }
 
 /// The `auto_rollback` the flags ask for.
@@ -335,6 +343,11 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 auto_rollback,
                 rollout,
                 shadow: None,
+                egress: if settings.no_egress_allow {
+                    Some(None)
+                } else {
+                    settings.egress_allow.map(|allow| Some(zeitwork_api_types::Egress { allow }))
+                },
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {
