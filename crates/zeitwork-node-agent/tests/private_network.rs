@@ -109,8 +109,43 @@ impl Drop for Outside {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn instances_of_a_project_find_and_reach_each_other_and_no_one_else() {
+/// Set in the copy of this test that runs inside its own network namespace.
+const INSIDE: &str = "ZEITWORK_TEST_OWN_NETNS";
+
+/// Runs `test` of this binary again inside a network namespace of its own, so
+/// the firewall tables, routes and forwarding it sets up are its own and not
+/// those of other tests on the host (every Zeitwork table fences every
+/// instance interface); the operator, registry and agent all live in it.
+fn run_in_own_netns(test: &str) {
+    let ns = format!("zwpn{}", std::process::id() % 100_000);
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+    sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+    sh(&format!("nsenter --net=/run/netns/{ns} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"));
+    // nsenter, not `ip netns exec`: that one mounts a new /sys, hiding the cgroups runc needs.
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(INSIDE, "1")
+        .status()
+        .unwrap();
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+    assert!(status.success(), "{test} failed inside its network namespace (output above)");
+}
+
+#[test]
+fn instances_of_a_project_find_and_reach_each_other_and_no_one_else() {
+    if std::env::var_os(INSIDE).is_none() {
+        return run_in_own_netns("instances_of_a_project_find_and_reach_each_other_and_no_one_else");
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap().block_on(private_network());
+}
+
+async fn private_network() {
     let reg = zeitwork_testkit::Registry::start().unwrap();
     let image = reg.push_busybox("acme/probe", "v1", PROBE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -150,11 +185,16 @@ async fn instances_of_a_project_find_and_reach_each_other_and_no_one_else() {
     // Both web instances are listed under the project's name, on its private /24.
     let deadline = Instant::now() + Duration::from_secs(30);
     let listed = loop {
-        let listed = addresses(&probe(a, "ns", "web.internal").await);
+        let answer = probe(a, "ns", "web.internal").await;
+        let listed = addresses(&answer);
         if listed.len() == 2 {
             break listed;
         }
-        assert!(Instant::now() < deadline, "web.internal never listed both instances: {listed:?}");
+        if Instant::now() >= deadline {
+            let rules = std::process::Command::new("nft").args(["list", "ruleset"]).output();
+            let rules = rules.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            panic!("web.internal never listed both instances: {answer}\nfirewall:\n{rules}");
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert!(listed.iter().all(|ip| ip.octets()[..3] == [100, 100, 0]), "{listed:?}");

@@ -26,6 +26,15 @@ impl Store {
     /// The number of the network of `project_id` in `environment` (the lowest
     /// free one below `limit` when it has none yet).
     pub async fn project_network(&self, project_id: &str, environment: &str, limit: u32) -> Result<u32> {
+        // Almost always there already: a read, no write lock.
+        let found = sqlx::query("SELECT idx FROM project_networks WHERE project_id = $1 AND environment = $2")
+            .bind(project_id)
+            .bind(environment)
+            .fetch_optional(&self.reader)
+            .await?;
+        if let Some(r) = found {
+            return Ok(r.int("idx")? as u32);
+        }
         for _ in 0..ATTEMPTS {
             let mut tx = self.writer.begin().await?;
             let found = sqlx::query("SELECT idx FROM project_networks WHERE project_id = $1 AND environment = $2")
@@ -70,6 +79,13 @@ impl Store {
     /// the lowest free one in `1..=max_host`. Numbers of instances that are no
     /// longer live are given back first.
     pub async fn private_host(&self, network: u32, instance: &str, max_host: u32) -> Result<u32> {
+        let found = sqlx::query("SELECT host FROM private_addresses WHERE instance_id = $1")
+            .bind(instance)
+            .fetch_optional(&self.reader)
+            .await?;
+        if let Some(r) = found {
+            return Ok(r.int("host")? as u32);
+        }
         for _ in 0..ATTEMPTS {
             let mut tx = self.writer.begin().await?;
             let found = sqlx::query("SELECT host FROM private_addresses WHERE instance_id = $1")
