@@ -313,6 +313,15 @@ impl OperatorConfig {
     }
 }
 
+/// The private network range as (first address, number of /24 networks in it).
+pub fn private_range(s: &str) -> Result<(std::net::Ipv4Addr, u32), String> {
+    let r = zeitwork_api_types::validate::EgressRule::parse(s)?;
+    if r.port.is_some() || !(8..=24).contains(&r.prefix_len) {
+        return Err(format!("{s:?}: use an IPv4 CIDR block from /8 to /24, e.g. 100.96.0.0/11"));
+    }
+    Ok((r.addr, 1 << (24 - r.prefix_len)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,13 +346,4 @@ mod tests {
         let c = OperatorConfig::default();
         assert_eq!(c.app_url("x"), "https://x.zeitwork.localhost");
     }
-}
-
-/// The private network range as (first address, number of /24 networks in it).
-pub fn private_range(s: &str) -> Result<(std::net::Ipv4Addr, u32), String> {
-    let r = zeitwork_api_types::validate::EgressRule::parse(s)?;
-    if r.port.is_some() || !(8..=24).contains(&r.prefix_len) {
-        return Err(format!("{s:?}: use an IPv4 CIDR block from /8 to /24, e.g. 100.96.0.0/11"));
-    }
-    Ok((r.addr, 1 << (24 - r.prefix_len)))
 }
