@@ -46,6 +46,7 @@ async fn main() -> Result<()> {
         vcpu: 1,
         memory_mib,
         disk,
+        dns_search: None,
     };
     let mut ours = Vec::new();
     let mut peer = Vec::new();

@@ -319,6 +319,9 @@ pub struct Project {
     /// Shadow traffic before the switch; none: no copies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
+    /// Egress allow-list of its instances; none: they reach the internet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
     /// Pins a browser to the deployment that served it (off unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skew_protection: Option<SkewProtection>,
@@ -467,6 +470,10 @@ pub struct PatchProject {
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Shadow>)]
     pub shadow: Option<Option<Shadow>>,
+    /// `null` lifts the egress allow-list (instances reach the internet again).
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Egress>)]
+    pub egress: Option<Option<Egress>>,
     /// `null` turns skew protection off.
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<SkewProtection>)]
@@ -993,6 +1000,42 @@ pub struct Assignment {
     /// instance of a deployment, while the deployment starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_command: Option<String>,
+    /// The instance's place in its project's private network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<PrivateNetwork>,
+}
+
+/// A project's private network (one per environment), as one instance sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrivateNetwork {
+    /// The prefix of the network, e.g. `100.96.3.0/24`.
+    pub prefix: String,
+    /// This instance's address in it.
+    pub address: String,
+    /// Every live instance of the network (on any node), this one included.
+    pub members: Vec<NetworkMember>,
+    /// Destinations outside the network this instance may reach; none: the internet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// One instance of a private network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkMember {
+    pub instance: String,
+    pub address: String,
+    /// Ready instances are the ones `<project>.internal` answers with.
+    pub ready: bool,
+}
+
+/// A project's egress allow-list: when set, its instances reach only these
+/// destinations (besides their private network and the node's resolver).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    /// IPv4 addresses or CIDR blocks, each optionally with a port:
+    /// `203.0.113.0/24`, `198.51.100.7:443`, `192.0.2.0/28:5432`.
+    pub allow: Vec<String>,
 }
 
 /// Who a token is.

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken, PatchProject, RateLimit,
-    RegisterNode, Resources, TokenScope,
+    CreateDeployment, CreateDomain, CreateOrg, CreateProject, CreateRegion, CreateToken, Egress, PatchProject,
+    RateLimit, RegisterNode, Resources, TokenScope,
 };
 
 /// A field with a value that does not fit; the message says what would.
@@ -572,6 +572,9 @@ pub fn image_template(field: &str, t: &str) -> Result {
 
 impl PatchProject {
     pub fn validate(&self) -> Result {
+        if let Some(Some(e)) = &self.egress {
+            egress("egress", e)?;
+        }
         if let Some(Some(r)) = &self.github_repo {
             github_repo("github_repo", r)?;
         }
@@ -894,5 +897,81 @@ mod tests {
             resources("resources", &Resources { vcpu: 1, memory: 65537 }).unwrap_err().field,
             "resources.memory"
         );
+    }
+}
+
+/// Most entries an egress allow-list may hold.
+pub const EGRESS_MAX: usize = 64;
+
+/// An entry of an egress allow-list: an IPv4 network and an optional port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressRule {
+    pub addr: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub port: Option<u16>,
+}
+
+impl EgressRule {
+    /// `203.0.113.0/24`, `198.51.100.7`, `198.51.100.7:443` or `192.0.2.0/28:5432`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let (net, port) = match s.rsplit_once(':') {
+            Some((net, port)) => {
+                let port: u16 =
+                    port.parse().map_err(|_| format!("{s:?}: the port must be a number from 1 to 65535"))?;
+                if port == 0 {
+                    return Err(format!("{s:?}: the port must be a number from 1 to 65535"));
+                }
+                (net, Some(port))
+            }
+            None => (s, None),
+        };
+        let (addr, len) = match net.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| format!("{s:?}: the prefix length must be a number from 0 to 32"))?,
+            ),
+            None => (net, 32),
+        };
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| {
+            format!("{s:?} is not an IPv4 address or CIDR block with an optional port (e.g. 203.0.113.0/24 or 198.51.100.7:443); host names are not supported")
+        })?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!(
+                "{s:?}: host bits are set; the network is {}/{len}",
+                std::net::Ipv4Addr::from(u32::from(addr) & mask)
+            ));
+        }
+        Ok(EgressRule { addr, prefix_len: len, port })
+    }
+}
+
+pub fn egress(field: &str, e: &Egress) -> Result {
+    if e.allow.len() > EGRESS_MAX {
+        return Err(ValidationError::new(field, format!("at most {EGRESS_MAX} destinations, not {}", e.allow.len())));
+    }
+    for a in &e.allow {
+        EgressRule::parse(a).map_err(|m| ValidationError::new(format!("{field}.allow"), m))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::EgressRule;
+
+    #[test]
+    fn egress_rules_parse_networks_and_ports() {
+        let r = EgressRule::parse("203.0.113.0/24").unwrap();
+        assert_eq!((r.addr.to_string(), r.prefix_len, r.port), ("203.0.113.0".into(), 24, None));
+        let r = EgressRule::parse("198.51.100.7:443").unwrap();
+        assert_eq!((r.prefix_len, r.port), (32, Some(443)));
+        assert_eq!(EgressRule::parse("192.0.2.0/28:5432").unwrap().port, Some(5432));
+        for bad in ["example.com:443", "203.0.113.1/24", "10.0.0.0/33", "1.2.3.4:0", "1.2.3.4:x", "", "::1"] {
+            assert!(EgressRule::parse(bad).is_err(), "{bad} was accepted");
+        }
     }
 }

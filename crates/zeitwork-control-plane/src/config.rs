@@ -41,6 +41,9 @@ pub struct OperatorConfig {
     pub placement_timeout_secs: u64,
     /// Seconds a replaced deployment keeps its instances for an instant rollback before it sleeps.
     pub rollback_window_secs: u64,
+    /// The IPv4 range private project networks come from: a /24 per project and
+    /// environment (`100.96.0.0/11`: 8,192 networks of 254 instances).
+    pub private_network: String,
     /// Attempts to deliver a notification before it goes to the dead-letter queue.
     pub notify_max_attempts: u32,
     /// First retry delay of a notification in ms; doubled per attempt (with jitter), at most 10 minutes.
@@ -145,6 +148,7 @@ impl Default for OperatorConfig {
             node_timeout_secs: 15,
             placement_timeout_secs: 300,
             rollback_window_secs: 600,
+            private_network: "100.96.0.0/11".into(),
             notify_max_attempts: 8,
             notify_backoff_ms: 1000,
             notifications_allow_internal: false,
@@ -265,6 +269,9 @@ impl OperatorConfig {
         if !(1..=86400).contains(&self.rollback_window_secs) {
             return err("rollback_window_secs", "use 1 to 86400".into());
         }
+        if let Err(m) = private_range(&self.private_network) {
+            return err("private_network", m);
+        }
         if !(1..=100).contains(&self.notify_max_attempts) {
             return err("notify_max_attempts", "use 1 to 100".into());
         }
@@ -304,6 +311,15 @@ impl OperatorConfig {
         };
         format!("{}://{host_label}.{}{port}", self.apps_scheme, self.apps_domain)
     }
+}
+
+/// The private network range as (first address, number of /24 networks in it).
+pub fn private_range(s: &str) -> Result<(std::net::Ipv4Addr, u32), String> {
+    let r = zeitwork_api_types::validate::EgressRule::parse(s)?;
+    if r.port.is_some() || !(8..=24).contains(&r.prefix_len) {
+        return Err(format!("{s:?}: use an IPv4 CIDR block from /8 to /24, e.g. 100.96.0.0/11"));
+    }
+    Ok((r.addr, 1 << (24 - r.prefix_len)))
 }
 
 #[cfg(test)]

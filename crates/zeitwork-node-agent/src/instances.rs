@@ -12,6 +12,7 @@ use tokio::sync::{watch, RwLock};
 use zeitwork_api_types::{Assignment, InstanceStatus};
 use zeitwork_client::Client;
 use zeitwork_image::ImageStore;
+use zeitwork_runtime::net::{EgressAllow, ProjectNetworks};
 use zeitwork_runtime::AnyRuntime;
 use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
 
@@ -60,6 +61,9 @@ pub struct Settings {
     pub image_cache_bytes: u64,
     /// Where instance logs are also sent (syslog), to name each instance's app.
     pub forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
+    /// The instance range whose firewall carries the private project networks,
+    /// when this node serves them (its resolver runs).
+    pub private_networks: Option<std::net::Ipv4Addr>,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -157,6 +161,7 @@ async fn bring_up(
         vcpu: a.resources.vcpu,
         memory_mib: a.resources.memory,
         disk,
+        dns_search: (s.private_networks.is_some() && a.network.is_some()).then(|| format!("{}.internal", a.project)),
     };
     if !current(&*table.read().await) {
         return;
@@ -343,12 +348,22 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_gc = Instant::now();
+    let mut networks: Option<ProjectNetworks> = None;
     let (tx, mut assigned) = watch::channel::<Option<Vec<Assignment>>>(None);
     let watcher = tokio::spawn(watch_assignments(client.clone(), s.node.clone(), tx));
     loop {
         let current = assigned.borrow_and_update().clone();
         if let Some(list) = current {
             converge(&client, &images, &runtime, &table, &s, list).await;
+        }
+        if let Some(base) = s.private_networks {
+            let want = project_networks(&*table.read().await);
+            if networks.as_ref() != Some(&want) {
+                match zeitwork_runtime::net::set_project_networks(base, &want).await {
+                    Ok(()) => networks = Some(want),
+                    Err(e) => tracing::error!(error = %e, "cannot update the private project networks"),
+                }
+            }
         }
         if last_gc.elapsed() >= GC_EVERY {
             last_gc = Instant::now();
@@ -393,6 +408,39 @@ pub async fn run(
         }
     });
     futures::future::join_all(stops).await;
+}
+
+/// The private networks of the node's running instances: who is who, who
+/// may talk to whom (instances of one network), and who may reach what outside.
+pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
+    let mut n = ProjectNetworks::default();
+    let mut by_network: HashMap<&str, Vec<std::net::Ipv4Addr>> = HashMap::new();
+    let mut locals: Vec<_> = table.values().collect();
+    locals.sort_by(|a, b| a.assignment.instance.cmp(&b.assignment.instance));
+    for l in locals {
+        let (Some(SocketAddr::V4(link)), Some(net)) = (l.address, &l.assignment.network) else { continue };
+        let Ok(private) = net.address.parse() else { continue };
+        let link = *link.ip();
+        n.addresses.push((link, private));
+        by_network.entry(net.prefix.as_str()).or_default().push(link);
+        if let Some(egress) = &net.egress {
+            let allow = egress
+                .allow
+                .iter()
+                .filter_map(|a| zeitwork_api_types::validate::EgressRule::parse(a).ok())
+                .map(|r| EgressAllow { addr: r.addr, prefix_len: r.prefix_len, port: r.port })
+                .collect();
+            n.egress.push((link, allow));
+        }
+    }
+    let mut groups: Vec<_> = by_network.into_values().collect();
+    groups.sort();
+    for links in groups {
+        for a in &links {
+            n.peers.extend(links.iter().filter(|b| *b != a).map(|b| (*a, *b)));
+        }
+    }
+    n
 }
 
 /// Long-polls this node's assignments and publishes each new set.
@@ -459,6 +507,13 @@ async fn converge(
         });
     }
     for (id, a) in wanted {
+        // The private network changes under a running instance (members come
+        // and go, the egress allow-list is edited): applied, never a restart.
+        if let Some(l) = table.write().await.get_mut(&id) {
+            if l.assignment.network != a.network {
+                l.assignment.network = a.network.clone();
+            }
+        }
         let known = table.read().await.get(&id).cloned();
         match known {
             None => {

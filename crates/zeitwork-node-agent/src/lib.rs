@@ -5,6 +5,7 @@
 //! cluster token, and never touches the store.
 
 pub mod build;
+pub mod dns;
 pub mod forward;
 pub mod host;
 pub mod instances;
@@ -63,6 +64,13 @@ pub struct NodeAgentConfig {
     pub oci_runtime: PathBuf,
     /// The /16 instance addresses come from (a /30 per instance).
     pub instance_range: Ipv4Addr,
+    /// UDP port of the resolver the node serves to its instances (`<project>.internal`);
+    /// 0 turns it and the private project networks off. Instances reach it on port 53 of
+    /// their gateway; nothing outside the node needs it.
+    pub dns_port: u16,
+    /// Resolvers asked for names outside the private networks; the host's
+    /// (`/etc/resolv.conf`) when absent. Empty: such names are refused.
+    pub dns_upstreams: Option<Vec<SocketAddr>>,
     pub registries: zeitwork_image::RegistryConfig,
     /// Readiness: HTTP GET on this path must answer below 500 (TCP connect when HTTP fails).
     pub health_path: String,
@@ -118,6 +126,8 @@ impl Default for NodeAgentConfig {
             data_dir: PathBuf::from("/var/lib/zeitwork/agent"),
             oci_runtime: PathBuf::from("runc"),
             instance_range: Ipv4Addr::new(10, 88, 0, 0),
+            dns_port: 8053,
+            dns_upstreams: None,
             registries: zeitwork_image::RegistryConfig::default(),
             health_path: "/".into(),
             start_timeout_secs: 60,
@@ -406,7 +416,20 @@ impl NodeAgent {
                     liveness_failures: config.liveness_failures,
                     image_cache_bytes: config.image_cache_bytes,
                     forward: forward.clone(),
+                    private_networks: None,
                 };
+                let mut settings = settings;
+                if config.dns_port != 0 {
+                    match start_resolver(&config, table.clone(), rx.clone()).await {
+                        Ok(task) => {
+                            tasks.push(task);
+                            settings.private_networks = Some(config.instance_range);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "no resolver; instances use the host's and have no private network")
+                        }
+                    }
+                }
                 let runtime = Arc::new(selected.runtime);
                 let _ = runtime_cell.set(runtime.clone());
                 tasks.push(tokio::spawn(instances::run(
@@ -533,4 +556,22 @@ async fn heartbeat_loop(
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }
+}
+
+/// Binds the instances' resolver and points their DNS at it (the firewall
+/// sends their queries to the host on to its port).
+async fn start_resolver(
+    config: &NodeAgentConfig,
+    table: instances::Table,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let socket = tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], config.dns_port)))
+        .await
+        .map_err(|e| format!("cannot bind the resolver to UDP port {}: {e}", config.dns_port))?;
+    zeitwork_runtime::net::apply_policy(config.instance_range, Some(config.dns_port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let upstreams = config.dns_upstreams.clone().unwrap_or_else(dns::host_upstreams);
+    tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks");
+    Ok(tokio::spawn(dns::serve(socket, table, upstreams, stop)))
 }

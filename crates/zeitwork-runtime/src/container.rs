@@ -80,7 +80,7 @@ impl ContainerRuntime {
             }
             Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
         }
-        crate::net::apply_policy(base).await?;
+        crate::net::apply_policy(base, None).await?;
         let rt =
             Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;
@@ -361,7 +361,11 @@ impl Runtime for ContainerRuntime {
             std::fs::write(dir.join(name), body).map_err(|e| RuntimeError::failed("writing the bundle", e))
         };
         write("hosts", &hosts)?;
-        write("resolv.conf", &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())?;
+        let resolv = match &spec.dns_search {
+            Some(search) => format!("nameserver {}\nsearch {search}\n", link.host_ip),
+            None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
+        write("resolv.conf", &resolv)?;
         write("config.json", &Self::oci_config(spec, &merged, &dir, &link.netns).to_string())?;
 
         let mut child = Command::new(&self.runc)

@@ -49,6 +49,10 @@ pub struct InstanceSpec {
     pub memory_mib: u32,
     /// The image as an ext4 disk, for the drivers that [want one](Runtime::wants_disk).
     pub disk: Option<PathBuf>,
+    /// Set when the instance is in a private project network: it asks the
+    /// node's resolver (its gateway) for names, with this search domain
+    /// (`<project>.internal`); otherwise the host's resolvers.
+    pub dns_search: Option<String>,
 }
 
 /// How an instance ended.

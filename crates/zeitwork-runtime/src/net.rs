@@ -132,31 +132,73 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 /// loopback, only the host's DNS resolvers and the internet through NAT
 /// (when the host forwards). Connections the host opens to an instance
 /// (health checks, forwarding) and their answers are untouched.
-pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr]) -> String {
+///
+/// A packet whose source address does not route back through the instance
+/// interface it came in on is dropped (strict reverse-path filtering), so no
+/// instance speaks with another's address: the rules below trust them.
+///
+/// Private project networks open holes in that fence, all of them kept in
+/// the table's maps and sets ([`set_project_networks`]): a private address
+/// is translated to its instance's link address (`private_to_link`), a pair
+/// of link addresses in `peers` may talk (the source then shows as its
+/// private address), and an instance in `egress_limited` reaches outside
+/// its network only what `egress_nets` and `egress_ports` allow. With a
+/// `resolver` port, DNS queries an instance sends to any address of the
+/// host go to the node agent's resolver on that port.
+pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolver: Option<u16>) -> String {
     let range = format!("{base}/16");
+    let ifs = "iifname { \"zwh*\", \"zwt*\" }";
     let mut dns = String::new();
     for r in resolvers {
         dns.push_str(&format!(
-            "        iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {r} udp dport 53 accept\n        \
-             iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {r} tcp dport 53 accept\n"
+            "        {ifs} ip daddr {r} udp dport 53 accept\n        {ifs} ip daddr {r} tcp dport 53 accept\n"
         ));
+    }
+    let (mut redirect, mut own_dns) = (String::new(), String::new());
+    if let Some(port) = resolver {
+        for proto in ["udp", "tcp"] {
+            redirect.push_str(&format!(
+                "        {ifs} ip saddr {range} fib daddr type local {proto} dport 53 redirect to :{port}\n"
+            ));
+            own_dns.push_str(&format!("        {ifs} ip saddr {range} {proto} dport {port} accept\n"));
+        }
     }
     format!(
         "table inet {table} {{
+    map private_to_link {{ type ipv4_addr : ipv4_addr; }}
+    map link_to_private {{ type ipv4_addr : ipv4_addr; }}
+    set peers {{ type ipv4_addr . ipv4_addr; }}
+    set egress_limited {{ type ipv4_addr; }}
+    set egress_nets {{ type ipv4_addr . ipv4_addr; flags interval; }}
+    set egress_ports {{ type ipv4_addr . ipv4_addr . inet_service; flags interval; }}
+    chain antispoof {{
+        type filter hook prerouting priority raw; policy accept;
+        {ifs} fib saddr . iif oif missing counter drop
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+{redirect}        {ifs} ip saddr {range} dnat ip to ip daddr map @private_to_link
+    }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
-        iifname {{ \"zwh*\", \"zwt*\" }} ct state established,related accept
-{dns}        iifname {{ \"zwh*\", \"zwt*\" }} counter drop
+        {ifs} ct state established,related accept
+{own_dns}{dns}        {ifs} counter drop
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
-        iifname {{ \"zwh*\", \"zwt*\" }} ct state established,related accept
-        iifname {{ \"zwh*\", \"zwt*\" }} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
-{dns}        iifname {{ \"zwh*\", \"zwt*\" }} ip daddr {CLOSED_V4} counter drop
-        iifname {{ \"zwh*\", \"zwt*\" }} meta nfproto ipv6 counter drop
+        {ifs} ct state established,related accept
+        {ifs} ip saddr . ip daddr @peers accept
+        {ifs} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
+{dns}        {ifs} ip saddr @egress_limited ip saddr . ip daddr @egress_nets accept
+        {ifs} ip saddr @egress_limited ip saddr . ip daddr . tcp dport @egress_ports accept
+        {ifs} ip saddr @egress_limited ip saddr . ip daddr . udp dport @egress_ports accept
+        {ifs} ip saddr @egress_limited counter drop
+        {ifs} ip daddr {CLOSED_V4} counter drop
+        {ifs} meta nfproto ipv6 counter drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
+        ip saddr . ip daddr @peers snat ip to ip saddr map @link_to_private
         ip saddr {range} oifname != {{ \"zwh*\", \"zwt*\" }} masquerade
     }}
 }}
@@ -164,24 +206,69 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr]) -> Stri
     )
 }
 
-/// IPv4 name servers of the host (`/etc/resolv.conf`) that instances may ask.
-pub fn host_resolvers() -> Vec<Ipv4Addr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .filter(|a| !a.is_loopback())
-        .collect()
+/// An allowed destination outside an instance's private network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressAllow {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub port: Option<u16>,
 }
 
-/// Installs (or replaces) the default-deny rules of the instance range `base`.
-pub async fn apply_policy(base: Ipv4Addr) -> Result<(), RuntimeError> {
+/// The private networks of this node's instances, by their link addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectNetworks {
+    /// (link address, private address) of each local instance in a network.
+    pub addresses: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Pairs of link addresses that may talk (both directions are listed).
+    pub peers: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Instances with an egress allow-list, and what it allows.
+    pub egress: Vec<(Ipv4Addr, Vec<EgressAllow>)>,
+}
+
+fn table_of(base: Ipv4Addr) -> String {
     let [a, b, ..] = base.octets();
-    let table = format!("zeitwork_{a}_{b}");
-    // Replace atomically: one transaction creates, empties and refills the table.
-    let script =
-        format!("add table inet {table}\ndelete table inet {table}\n{}", policy_rules(&table, base, &host_resolvers()));
+    format!("zeitwork_{a}_{b}")
+}
+
+/// The nft script that replaces the contents of the network maps and sets.
+pub fn project_network_script(table: &str, n: &ProjectNetworks) -> String {
+    let mut s = String::new();
+    for (kind, name) in [
+        ("map", "private_to_link"),
+        ("map", "link_to_private"),
+        ("set", "peers"),
+        ("set", "egress_limited"),
+        ("set", "egress_nets"),
+        ("set", "egress_ports"),
+    ] {
+        s.push_str(&format!("flush {kind} inet {table} {name}\n"));
+    }
+    let mut add = |set: &str, elements: Vec<String>| {
+        if !elements.is_empty() {
+            s.push_str(&format!("add element inet {table} {set} {{ {} }}\n", elements.join(", ")));
+        }
+    };
+    add("private_to_link", n.addresses.iter().map(|(link, private)| format!("{private} : {link}")).collect());
+    add("link_to_private", n.addresses.iter().map(|(link, private)| format!("{link} : {private}")).collect());
+    add("peers", n.peers.iter().map(|(a, b)| format!("{a} . {b}")).collect());
+    add("egress_limited", n.egress.iter().map(|(link, _)| link.to_string()).collect());
+    let nets = |with_port: bool| {
+        n.egress
+            .iter()
+            .flat_map(|(link, allow)| allow.iter().map(move |a| (link, a)))
+            .filter(move |(_, a)| a.port.is_some() == with_port)
+            .map(|(link, a)| match a.port {
+                Some(p) => format!("{link} . {}/{} . {p}", a.addr, a.prefix_len),
+                None => format!("{link} . {}/{}", a.addr, a.prefix_len),
+            })
+            .collect::<Vec<_>>()
+    };
+    add("egress_nets", nets(false));
+    add("egress_ports", nets(true));
+    s
+}
+
+async fn nft(script: &str, what: &str) -> Result<(), RuntimeError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -195,11 +282,38 @@ pub async fn apply_policy(base: Ipv4Addr) -> Result<(), RuntimeError> {
     }
     let out = child.wait_with_output().await.map_err(|e| RuntimeError::failed("nft", e))?;
     if !out.status.success() {
-        return Err(RuntimeError::failed(
-            "installing the instance firewall (nft)",
-            String::from_utf8_lossy(&out.stderr).trim(),
-        ));
+        return Err(RuntimeError::failed(what.to_owned(), String::from_utf8_lossy(&out.stderr).trim()));
     }
+    Ok(())
+}
+
+/// Replaces, in one transaction, who may talk to whom on the private networks
+/// of the instance range `base` (its firewall must be installed).
+pub async fn set_project_networks(base: Ipv4Addr, n: &ProjectNetworks) -> Result<(), RuntimeError> {
+    nft(&project_network_script(&table_of(base), n), "updating the private project networks (nft)").await
+}
+
+/// IPv4 name servers of the host (`/etc/resolv.conf`) that instances may ask.
+pub fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// Installs (or replaces) the default-deny rules of the instance range `base`;
+/// with `resolver`, instances' DNS queries go to that port of the host.
+pub async fn apply_policy(base: Ipv4Addr, resolver: Option<u16>) -> Result<(), RuntimeError> {
+    let table = table_of(base);
+    // Replace atomically: one transaction creates, empties and refills the table.
+    let script = format!(
+        "add table inet {table}\ndelete table inet {table}\n{}",
+        policy_rules(&table, base, &host_resolvers(), resolver)
+    );
+    nft(&script, "installing the instance firewall (nft)").await?;
     tracing::info!(%table, range = %format!("{base}/16"), "instance firewall installed: default deny towards the host, other instances and private ranges");
     Ok(())
 }
@@ -221,12 +335,49 @@ mod policy_tests {
 
     #[test]
     fn rules_close_the_host_and_private_ranges_and_keep_dns() {
-        let r = policy_rules("zeitwork_10_88", "10.88.0.0".parse().unwrap(), &["10.255.255.53".parse().unwrap()]);
+        let r = policy_rules("zeitwork_10_88", "10.88.0.0".parse().unwrap(), &["10.255.255.53".parse().unwrap()], None);
         assert!(r.contains("ct state established,related accept"));
         assert!(r.contains("ip daddr 10.255.255.53 udp dport 53 accept"));
         // DNS is allowed before the private ranges are closed.
         assert!(r.find("udp dport 53").unwrap() < r.find("169.254.0.0/16").unwrap());
         assert!(r.contains("ip saddr 10.88.0.0/16"));
         assert!(r.contains("masquerade"));
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn peers_come_before_the_fence_between_instances() {
+        let r = policy_rules("t", "10.88.0.0".parse().unwrap(), &[], Some(5300));
+        assert!(r.find("@peers accept").unwrap() < r.find("oifname { \"zwh*\", \"zwt*\" } counter drop").unwrap());
+        assert!(r.find("@egress_limited counter drop").unwrap() < r.find("169.254.0.0/16").unwrap());
+        assert!(r.contains("udp dport 53 redirect to :5300"));
+        assert!(r.contains("udp dport 5300 accept"));
+        assert!(!policy_rules("t", "10.88.0.0".parse().unwrap(), &[], None).contains("redirect"));
+    }
+
+    #[test]
+    fn network_script_replaces_every_set() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let n = ProjectNetworks {
+            addresses: vec![(ip("10.88.0.2"), ip("100.96.0.1"))],
+            peers: vec![(ip("10.88.0.2"), ip("10.88.0.6"))],
+            egress: vec![(
+                ip("10.88.0.2"),
+                vec![
+                    EgressAllow { addr: ip("203.0.113.0"), prefix_len: 24, port: None },
+                    EgressAllow { addr: ip("198.51.100.7"), prefix_len: 32, port: Some(443) },
+                ],
+            )],
+        };
+        let s = project_network_script("t", &n);
+        assert_eq!(s.matches("flush ").count(), 6);
+        assert!(s.contains("private_to_link { 100.96.0.1 : 10.88.0.2 }"));
+        assert!(s.contains("egress_nets { 10.88.0.2 . 203.0.113.0/24 }"));
+        assert!(s.contains("egress_ports { 10.88.0.2 . 198.51.100.7/32 . 443 }"));
+        assert!(!project_network_script("t", &ProjectNetworks::default()).contains("add element"));
     }
 }

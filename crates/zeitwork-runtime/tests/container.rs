@@ -28,6 +28,7 @@ fn spec(id: &str, rootfs: &Path, image: zeitwork_image::ImageConfig, port: u16) 
         vcpu: 1,
         memory_mib: 128,
         disk: None,
+        dns_search: None,
     }
 }
 

@@ -260,6 +260,7 @@ async fn a_real_firecracker_runs_the_whole_driver_path() {
             vcpu: 1,
             memory_mib: 128,
             disk: Some(disk.clone()),
+            dns_search: None,
         };
         let running = runtime.start(&spec).await.expect("every API request is accepted");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

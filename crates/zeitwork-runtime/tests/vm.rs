@@ -62,6 +62,7 @@ async fn spec(w: &World, id: &str) -> InstanceSpec {
         vcpu: 1,
         memory_mib: 128,
         disk: Some(disk),
+        dns_search: None,
     }
 }
 

@@ -253,6 +253,9 @@ pub struct NodeAssignment {
     pub project_id: String,
     pub org: String,
     pub project: String,
+    pub environment: String,
+    /// The project's egress allow-list as stored (JSON), when it has one.
+    pub egress: Option<String>,
     pub image: String,
     pub port: u16,
     pub resources: Resources,
@@ -271,7 +274,7 @@ impl Store {
     pub async fn node_assignments(&self, node: &str) -> Result<Vec<NodeAssignment>> {
         use zeitwork_api_types::InstanceStatus;
         let rows = sqlx::query(
-            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.image, p.port, \
+            "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.environment, p.egress, d.image, p.port, \
              d.status AS deployment_status, d.release_command, \
              (SELECT f.id FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_id, \
              (SELECT f.status FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_status \
@@ -302,6 +305,8 @@ impl Store {
                 project_id: r.text("project_id")?,
                 org: r.text("org")?,
                 project: r.text("project")?,
+                environment: r.text("environment")?,
+                egress: r.opt_text("egress")?,
                 image: r.text("image")?,
                 port: r.int("port")? as u16,
                 resources: Resources { vcpu: r.int("vcpu")? as u32, memory: r.int("memory")? as u32 },

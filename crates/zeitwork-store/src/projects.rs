@@ -59,7 +59,7 @@ pub struct NewProject {
 
 pub(crate) const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
-    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout, p.shadow FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
+    p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout, p.shadow, p.egress FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";
 
 pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
     let json = |col: &str| -> Result<Option<serde_json::Value>> {
@@ -136,6 +136,11 @@ pub(crate) fn project_from(row: &AnyRow) -> Result<Project> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("column shadow: {e}")))?,
+        egress: from_json("egress")?
+            .filter(|v| !v.is_null())
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column egress: {e}")))?,
     })
 }
 
@@ -343,6 +348,9 @@ impl Store {
         }
         if let Some(v) = &patch.rollout {
             set_opt(&mut q, "rollout", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));
+        }
+        if let Some(v) = &patch.egress {
+            set_opt(&mut q, "egress", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));
         }
         if let Some(v) = &patch.shadow {
             set_opt(&mut q, "shadow", &v.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default()));

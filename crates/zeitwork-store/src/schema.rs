@@ -509,6 +509,29 @@ ALTER TABLE projects ADD COLUMN shadow TEXT;
 ALTER TABLE deployments ADD COLUMN shadow TEXT
 "#,
     ),
+    (
+        21,
+        "private project networks",
+        // A network per project and environment (its index picks the prefix
+        // out of the operator's private range) and a host number per live
+        // instance in it; both stay as long as they are used.
+        r#"
+CREATE TABLE project_networks (
+    project_id TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    idx BIGINT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (project_id, environment)
+);
+CREATE TABLE private_addresses (
+    network BIGINT NOT NULL,
+    host BIGINT NOT NULL,
+    instance_id TEXT NOT NULL UNIQUE,
+    PRIMARY KEY (network, host)
+);
+ALTER TABLE projects ADD COLUMN egress TEXT
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -34,6 +34,7 @@ cases!(
     blobs_and_archives,
     traffic_and_rollouts,
     changes_wake_readers,
+    private_networks,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -885,4 +886,81 @@ async fn traffic_and_rollouts(store: Store) {
     let filter = EventFilter { action: Some("deployment.auto_rollback".into()), ..Default::default() };
     assert_eq!(store.list_events(&filter, &Page::first(10)).await.unwrap().items.len(), 1);
     assert!(store.prune_traffic(now + 60_000).await.unwrap() >= 2);
+}
+
+/// A network per project and environment and an address per live instance:
+/// stable when asked again, distinct under a race, given back once the
+/// instance stopped; members list only live instances with addresses.
+async fn private_networks(store: Store) {
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    org(&store, "acme").await;
+    let web = store
+        .create_project(&NewProject { github_repo: None, ..new_project("acme", "web") }, &audit("project.create"))
+        .await
+        .unwrap();
+    let api = store
+        .create_project(&NewProject { github_repo: None, ..new_project("acme", "api") }, &audit("project.create"))
+        .await
+        .unwrap();
+    let n_web = store.project_network(&web.id, "production", 4).await.unwrap();
+    assert_eq!(store.project_network(&web.id, "production", 4).await.unwrap(), n_web, "stable");
+    let n_staging = store.project_network(&web.id, "staging", 4).await.unwrap();
+    let n_api = store.project_network(&api.id, "production", 4).await.unwrap();
+    let mut all = vec![n_web, n_staging, n_api];
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 3, "one network each");
+    let other = store
+        .create_project(&NewProject { github_repo: None, ..new_project("acme", "other") }, &audit("project.create"))
+        .await
+        .unwrap();
+    store.project_network(&other.id, "production", 4).await.unwrap();
+    let full = store.project_network(&other.id, "staging", 4).await.unwrap_err();
+    assert!(matches!(full, StoreError::Conflict(_)), "{full}");
+
+    let d = store.create_deployment(&new_deployment(&web, Environment::Production), &audit("d")).await.unwrap();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let i = NewInstance {
+            deployment: d.id.clone(),
+            node: None,
+            region: "us-east".into(),
+            resources: Resources { vcpu: 1, memory: 128 },
+            runtime: None,
+        };
+        instances.push(store.create_instance(&i).await.unwrap().id);
+    }
+    // Concurrent operators handing out addresses: all distinct.
+    let asks: Vec<_> = instances
+        .iter()
+        .map(|id| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move { store.private_host(n_web, &id, 254).await.unwrap() })
+        })
+        .collect();
+    let mut hosts = Vec::new();
+    for a in asks {
+        hosts.push(a.await.unwrap());
+    }
+    let mut sorted = hosts.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![1, 2, 3]);
+    assert_eq!(store.private_host(n_web, &instances[0], 254).await.unwrap(), hosts[0], "stable");
+    store.set_instance_status(&instances[1], InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    let members = store.network_members(&web.id, "production").await.unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().any(|m| m.instance == instances[1] && m.ready && m.host == hosts[1]));
+    assert!(store.network_members(&web.id, "staging").await.unwrap().is_empty());
+    // A stopped instance leaves the members, and its number goes to the next one.
+    store.set_instance_status(&instances[0], InstanceStatus::Stopped, None, None).await.unwrap();
+    assert_eq!(store.network_members(&web.id, "production").await.unwrap().len(), 2);
+    let i = NewInstance {
+        deployment: d.id.clone(),
+        node: None,
+        region: "us-east".into(),
+        resources: Resources { vcpu: 1, memory: 128 },
+        runtime: None,
+    };
+    let fresh = store.create_instance(&i).await.unwrap().id;
+    assert_eq!(store.private_host(n_web, &fresh, 254).await.unwrap(), hosts[0]);
 }

@@ -166,8 +166,24 @@ pub async fn node_assignments(
 }
 
 async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
+    let assigned = s.store.node_assignments(id).await?;
+    // Addresses first, so each network's member list includes every instance handed out here.
+    let mut networks = std::collections::HashMap::new();
+    let mut hosts = Vec::with_capacity(assigned.len());
+    for a in &assigned {
+        let key = (a.project_id.clone(), a.environment.clone());
+        let idx = match networks.get(&key) {
+            Some(&(idx, _)) => idx,
+            None => {
+                let idx = s.store.project_network(&a.project_id, &a.environment, private_range(s)?.1).await?;
+                networks.insert(key, (idx, None));
+                idx
+            }
+        };
+        hosts.push(s.store.private_host(idx, &a.instance, 254).await?);
+    }
     let mut out = Vec::new();
-    for a in s.store.node_assignments(id).await? {
+    for (a, host) in assigned.into_iter().zip(hosts) {
         let mut env = std::collections::BTreeMap::new();
         for v in s.store.list_env(&a.project_id).await? {
             let value = s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
@@ -179,6 +195,13 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
         let pull_credential = super::images::archive_repository(&a.image)
             .filter(|(org, _)| *org == a.org)
             .map(|(org, name)| super::images::pull_credential(&s.cipher, org, name));
+        let entry = networks.get_mut(&(a.project_id.clone(), a.environment.clone())).expect("allocated above");
+        let idx = entry.0;
+        if entry.1.is_none() {
+            entry.1 = Some(s.store.network_members(&a.project_id, &a.environment).await?);
+        }
+        let members = entry.1.as_deref().unwrap_or_default();
+        let network = Some(private_network(s, &a, idx, host, members)?);
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -191,9 +214,47 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             status: a.status,
             pull_credential,
             release_command: a.release_command,
+            network,
         });
     }
     Ok(out)
+}
+
+/// The operator's private range: its first address and how many /24s it holds.
+fn private_range(s: &AppState) -> ApiResult<(std::net::Ipv4Addr, u32)> {
+    // Checked when the operator starts.
+    crate::config::private_range(&s.config.private_network).map_err(|e| {
+        tracing::error!(error = %e, "private_network");
+        crate::error::ApiError::Internal
+    })
+}
+
+/// The private network of an assigned instance: the /24 `idx` of its project
+/// and environment, its own address `host` there and every live member's.
+fn private_network(
+    s: &AppState,
+    a: &zeitwork_store::NodeAssignment,
+    idx: u32,
+    host: u32,
+    members: &[zeitwork_store::PrivateMember],
+) -> ApiResult<zeitwork_api_types::PrivateNetwork> {
+    let prefix = u32::from(private_range(s)?.0) + (idx << 8);
+    let address = |host: u32| std::net::Ipv4Addr::from(prefix + host).to_string();
+    let members = members
+        .iter()
+        .map(|m| zeitwork_api_types::NetworkMember {
+            address: address(m.host),
+            instance: m.instance.clone(),
+            ready: m.ready,
+        })
+        .collect();
+    let egress = a.egress.as_deref().and_then(|e| serde_json::from_str(e).ok());
+    Ok(zeitwork_api_types::PrivateNetwork {
+        prefix: format!("{}/24", std::net::Ipv4Addr::from(prefix)),
+        address: address(host),
+        members,
+        egress,
+    })
 }
 
 /// Who the calling token is (lets node agents check an edge's token).

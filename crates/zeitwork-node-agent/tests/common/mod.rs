@@ -45,6 +45,8 @@ pub fn agent_config(base: &str, token: String, dir: &std::path::Path, hostname: 
         instance_range: range.parse().unwrap(),
         runtime: "container".into(),
         vcpu: Some(16),
+        // Tests that want the instances' resolver pick a free port of their own.
+        dns_port: 0,
         ..Default::default()
     }
 }

@@ -186,7 +186,7 @@ fn alive(pid: u32) -> bool {
 impl VmRuntime {
     pub async fn new(s: VmSettings, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
         std::fs::create_dir_all(&s.dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
-        crate::net::apply_policy(s.base).await?;
+        crate::net::apply_policy(s.base, None).await?;
         let rt = Self { s, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;
         Ok(rt)
@@ -338,7 +338,7 @@ impl Runtime for VmRuntime {
             address: guest_ip,
             prefix: 30,
             gateway: host_ip,
-            dns: resolvers(),
+            dns: if spec.dns_search.is_some() { vec![host_ip] } else { resolvers() },
             overlay_mib: (spec.memory_mib / 2).max(16),
         };
         let mut bytes = config.encode();

@@ -112,6 +112,14 @@ pub struct ProjectSettings {
     /// No shadow stage any more (update only).
     #[arg(long, conflicts_with_all = ["shadow_share", "shadow_secs", "shadow_all_methods"])]
     no_shadow: bool,
+    /// Egress allow-list (update only): the only destinations outside the project's private
+    /// network its instances reach, IPv4 addresses or CIDR blocks with an optional port
+    /// (e.g. 203.0.113.0/24,198.51.100.7:443).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR[:PORT]")]
+    egress_allow: Option<Vec<String>>,
+    /// Lift the egress allow-list: instances reach the internet again (update only).
+    #[arg(long, conflicts_with = "egress_allow")]
+    no_egress_allow: bool,
 }
 
 /// The `shadow` the flags ask for: `None` when they say nothing.
@@ -364,6 +372,11 @@ pub(super) async fn projects(conn: Conn, cmd: ProjectCmd) -> Result<()> {
                 auto_rollback,
                 rollout,
                 shadow,
+                egress: if settings.no_egress_allow {
+                    Some(None)
+                } else {
+                    settings.egress_allow.map(|allow| Some(zeitwork_api_types::Egress { allow }))
+                },
             };
             let p: Project = c.patch(&path, &patch).await?;
             if conn.json {

@@ -1,0 +1,294 @@
+//! Private project networks on one node, with real parts: an operator on
+//! SQLite, a registry, runc instances behind the nftables firewall and the
+//! node's resolver. Two instances of one project find each other by name
+//! and talk over their private addresses; an instance of another org's
+//! project can neither resolve nor reach them; an egress allow-list limits
+//! what a project reaches outside.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zeitwork_client::Client;
+use zeitwork_control_plane::OperatorConfig;
+use zeitwork_node_agent::NodeAgent;
+
+/// An image that serves its own instance id at `/id.txt` and three CGI
+/// probes: `ns?NAME` and `srv?NAME` ask the node's resolver, `get?HOST:PORT`
+/// fetches that host's `/id.txt` with `nc` (or says `unreachable`).
+const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt
+/bin/busybox cat > /tmp/www/cgi-bin/ns <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+/bin/busybox nslookup $QUERY_STRING 2>&1
+X
+/bin/busybox cat > /tmp/www/cgi-bin/srv <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+/bin/busybox nslookup -type=SRV $QUERY_STRING 2>&1
+X
+/bin/busybox cat > /tmp/www/cgi-bin/get <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 ${QUERY_STRING%:*} ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
+if [ -n "$R" ]; then echo "$R"; else echo unreachable; fi
+X
+/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get
+exec /bin/busybox httpd -f -p $PORT -h /tmp/www"#;
+
+/// Ready instances of `dep` once there are `n`: (id, link address).
+async fn ready_instances(admin: &Client, dep: &str, n: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        let ready: Vec<_> = is
+            .iter()
+            .filter(|i| i["status"] == "ready")
+            .map(|i| (i["id"].as_str().unwrap().to_owned(), i["address"].as_str().unwrap().to_owned()))
+            .collect();
+        if ready.len() == n {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "{dep} never had {n} ready instances: {is:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs probe `cgi` with `arg` inside the instance at `addr`.
+async fn probe(addr: &str, cgi: &str, arg: &str) -> String {
+    let url = format!("http://{addr}/cgi-bin/{cgi}?{arg}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    http.get(&url).send().await.unwrap().text().await.unwrap()
+}
+
+/// The node's firewall as it stands, for failure messages.
+fn ruleset() -> String {
+    let out = std::process::Command::new("nft").args(["list", "ruleset"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// The instance at `from` fetches `target`'s id and gets `want` (the agent
+/// applies a new member a moment after the operator lists it).
+async fn reaches(from: &str, target: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = probe(from, "get", target).await;
+        if got.trim() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{from} never reached {target}: {got}\nfirewall:\n{}", ruleset());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The addresses an `nslookup` answer lists (the server's own line has a port, so it is left out).
+fn addresses(nslookup: &str) -> Vec<Ipv4Addr> {
+    nslookup.lines().filter_map(|l| l.strip_prefix("Address:")).filter_map(|a| a.trim().parse().ok()).collect()
+}
+
+/// A network namespace standing for the internet: 198.51.100.2 serves its
+/// name at `/id.txt` on ports 80 and 81, reached through a veth pair from the host.
+struct Outside {
+    ns: String,
+    servers: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Outside {
+    fn start() -> Outside {
+        let ns = format!("pnout{}", std::process::id() % 100_000);
+        let (host_if, peer) = (format!("{ns}h"), format!("{ns}p"));
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+        let _ = std::process::Command::new("ip").args(["link", "del", &host_if]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns]);
+        ip(&["-n", &ns, "addr", "add", "198.51.100.2/24", "dev", &peer]);
+        ip(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", "198.51.100.1"]);
+        ip(&["addr", "add", "198.51.100.1/24", "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("id.txt"), "outside\n").unwrap();
+        let servers = ["80", "81"]
+            .iter()
+            .map(|port| {
+                std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns, "busybox", "httpd", "-f", "-p", port, "-h"])
+                    .arg(dir.path())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Outside { ns, servers, _dir: dir }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::process::Command::new("ip").args(["link", "del", &format!("{}h", self.ns)]).output();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// Set in the copy of this test that runs inside its own network namespace.
+const INSIDE: &str = "ZEITWORK_TEST_OWN_NETNS";
+
+/// Runs `test` of this binary again inside a network namespace of its own, so
+/// the firewall tables, routes and forwarding it sets up are its own and not
+/// those of other tests on the host (every Zeitwork table fences every
+/// instance interface); the operator, registry and agent all live in it.
+fn run_in_own_netns(test: &str) {
+    let ns = format!("zwpn{}", std::process::id() % 100_000);
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+    sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+    sh(&format!("nsenter --net=/run/netns/{ns} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"));
+    // nsenter, not `ip netns exec`: that one mounts a new /sys, hiding the cgroups runc needs.
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(INSIDE, "1")
+        .status()
+        .unwrap();
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+    assert!(status.success(), "{test} failed inside its network namespace (output above)");
+}
+
+#[test]
+fn instances_of_a_project_find_and_reach_each_other_and_no_one_else() {
+    if std::env::var_os(INSIDE).is_none() {
+        return run_in_own_netns("instances_of_a_project_find_and_reach_each_other_and_no_one_else");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(private_network());
+}
+
+async fn private_network() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg.push_busybox("acme/probe", "v1", PROBE).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
+    let config = OperatorConfig { private_network: "100.100.0.0/16".into(), ..Default::default() };
+    let (op, base, admin) = common::operator(dir.path(), config, project).await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects",
+            &json!({"name": "spy", "org": "other", "port": 8080, "resources": {"vcpu": 1, "memory": 128}}),
+        )
+        .await
+        .unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let mut config = common::agent_config(&base, token, dir.path(), "agent-privnet", "10.248.0.0");
+    config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    // No resolver upstream: names outside the private networks are refused (no internet here).
+    config.dns_upstreams = Some(Vec::new());
+    let agent = NodeAgent::start(config).await.unwrap();
+    let outside = Outside::start();
+
+    let deploy = |org: &str, project: &str, n: u32| {
+        let (admin, image) = (admin.clone(), image.clone());
+        let body = json!({"org": org, "project": project, "image": image, "instances_per_region": n});
+        async move {
+            let d: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
+            d["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let web_dep = deploy("acme", "web", 2).await;
+    let spy_dep = deploy("other", "spy", 1).await;
+    let web = ready_instances(&admin, &web_dep, 2).await;
+    let spy = ready_instances(&admin, &spy_dep, 1).await;
+    let ((a_id, a), (b_id, b), (_, s)) = (&web[0], &web[1], &spy[0]);
+
+    // Both web instances are listed under the project's name, on its private /24.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let answer = probe(a, "ns", "web.internal").await;
+        let listed = addresses(&answer);
+        if listed.len() == 2 {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "web.internal never listed both: {answer}\nfirewall:\n{}", ruleset());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let net = |ip: &Ipv4Addr| <[u8; 3]>::try_from(&ip.octets()[..3]).unwrap();
+    assert!(listed.iter().all(|ip| net(ip)[..2] == [100, 100] && net(ip) == net(&listed[0])), "{listed:?}");
+    // Each instance by name, from the other; and they reach each other there.
+    let b_private = addresses(&probe(a, "ns", &format!("{b_id}.web.internal")).await);
+    let a_private = addresses(&probe(b, "ns", &format!("{a_id}.web.internal")).await);
+    assert_eq!((a_private.len(), b_private.len()), (1, 1), "each instance resolves the other");
+    reaches(a, &format!("{}:8080", b_private[0]), b_id).await;
+    reaches(b, &format!("{}:8080", a_private[0]), a_id).await;
+    // SRV with the port.
+    let srv = probe(a, "srv", "_http._tcp.web.internal").await;
+    assert!(srv.contains("8080") && srv.contains(".web.internal"), "{srv}");
+
+    // Another org's instance: no name resolves, no address answers.
+    let seen = probe(s, "ns", "web.internal").await;
+    assert!(addresses(&seen).is_empty(), "the spy resolved web.internal: {seen}");
+    assert!(addresses(&probe(s, "ns", &format!("{a_id}.web.internal")).await).is_empty());
+    for target in [a_private[0].to_string(), b_private[0].to_string()] {
+        assert_eq!(probe(s, "get", &format!("{target}:8080")).await.trim(), "unreachable", "spy reached {target}");
+    }
+    let a_link = a.split(':').next().unwrap();
+    assert_eq!(probe(s, "get", &format!("{a_link}:8080")).await.trim(), "unreachable", "spy reached {a_link}");
+    // Nor does web reach the spy on its private address.
+    let spy_private = addresses(&probe(s, "ns", "spy.internal").await);
+    assert_eq!(spy_private.len(), 1, "the spy resolves its own project");
+    assert_eq!(probe(a, "get", &format!("{}:8080", spy_private[0])).await.trim(), "unreachable");
+    // Names outside the networks are refused here (no upstream resolver).
+    assert!(addresses(&probe(a, "ns", "example.com").await).is_empty());
+
+    // Without an allow-list the outside is reachable on both ports.
+    assert_eq!(probe(a, "get", "198.51.100.2:80").await.trim(), "outside");
+    assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "outside");
+    // Bad allow-lists are refused with the field named.
+    for bad in [json!({"allow": ["example.com:443"]}), json!({"allow": ["198.51.100.2/24"]}), json!({"deny": []})] {
+        let e = admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": bad})).await.unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("400") && e.contains("egress"), "{bad}: {e}");
+    }
+    let p: Value =
+        admin.patch("/api/v1/projects/acme/web", &json!({"egress": {"allow": ["198.51.100.2:80"]}})).await.unwrap();
+    assert_eq!(p["egress"]["allow"][0], "198.51.100.2:80");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe(a, "get", "198.51.100.2:81").await.trim() != "unreachable" {
+        assert!(Instant::now() < deadline, "the allow-list never took effect");
+    }
+    assert_eq!(probe(a, "get", "198.51.100.2:80").await.trim(), "outside");
+    assert_eq!(probe(b, "get", "198.51.100.2:81").await.trim(), "unreachable");
+    // The project network and the resolver stay open; other projects are not limited.
+    reaches(a, &format!("{}:8080", b_private[0]), b_id).await;
+    assert_eq!(addresses(&probe(a, "ns", "web.internal").await).len(), 2);
+    assert_eq!(probe(s, "get", "198.51.100.2:81").await.trim(), "outside");
+    // Lifted: the outside again.
+    admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": null})).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe(a, "get", "198.51.100.2:81").await.trim() != "outside" {
+        assert!(Instant::now() < deadline, "lifting the allow-list never took effect");
+    }
+
+    agent.shutdown().await;
+    drop(outside);
+    drop(op);
+}
