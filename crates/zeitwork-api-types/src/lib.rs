@@ -108,6 +108,12 @@ pub enum NodeStatus {
     Draining,
     Drained,
     Down,
+    /// Registered while the operator requires approval: gets no placements until
+    /// an admin approves it (`POST /api/admin/nodes/{id}/approve`).
+    PendingApproval,
+    /// Refused by an admin: its credential is revoked and it may not register again
+    /// until the node is deleted.
+    Rejected,
 }
 
 impl NodeStatus {
@@ -117,6 +123,8 @@ impl NodeStatus {
             NodeStatus::Draining => "draining",
             NodeStatus::Drained => "drained",
             NodeStatus::Down => "down",
+            NodeStatus::PendingApproval => "pending_approval",
+            NodeStatus::Rejected => "rejected",
         }
     }
 
@@ -126,6 +134,8 @@ impl NodeStatus {
             "draining" => NodeStatus::Draining,
             "drained" => NodeStatus::Drained,
             "down" => NodeStatus::Down,
+            "pending_approval" => NodeStatus::PendingApproval,
+            "rejected" => NodeStatus::Rejected,
             _ => return None,
         })
     }
