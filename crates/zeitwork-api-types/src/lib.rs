@@ -520,6 +520,23 @@ pub struct Domain {
     /// `none`, `pending`, `issued`, `failed`.
     pub certificate: String,
     pub created_at: DateTime<Utc>,
+    /// `verified` (routed, certificates issued) or `unverified` (not routed yet).
+    #[serde(default)]
+    pub status: String,
+    /// The TXT record that proves ownership: `_zeitwork-challenge.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txt_record: Option<String>,
+    /// The value that TXT record must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txt_value: Option<String>,
+    /// What to do next while the domain is unverified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The DNS name whose TXT record proves that whoever added `domain` controls it.
+pub fn domain_challenge_record(domain: &str) -> String {
+    format!("_zeitwork-challenge.{domain}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -57,6 +57,9 @@ pub struct OperatorConfig {
     /// Bytes per second a request body must average after `body_idle_timeout_secs`
     /// (0: no minimum); a body trickled in more slowly is cut off with 408.
     pub min_body_bytes_per_sec: u64,
+    /// DNS server asked about custom domains (ownership TXT record, where they
+    /// point); the first nameserver of /etc/resolv.conf when absent.
+    pub dns_resolver: Option<SocketAddr>,
     /// New nodes wait in `pending_approval`, without placements, until an admin
     /// approves them (`zeitwork nodes approve ID`).
     pub require_node_approval: bool,
@@ -165,6 +168,7 @@ impl Default for OperatorConfig {
             min_body_bytes_per_sec: 1024,
             metrics_token: None,
             require_node_approval: false,
+            dns_resolver: None,
             max_source_bytes: 512 << 20,
             build_timeout_secs: 1800,
             build_memory_mib: 4096,

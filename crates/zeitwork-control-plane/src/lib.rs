@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod backup;
 pub mod config;
 pub mod console;
+pub mod dns;
 pub mod drain;
 pub mod email;
 pub mod engine;

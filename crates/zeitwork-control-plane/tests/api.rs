@@ -671,6 +671,106 @@ async fn metrics_need_the_metrics_token_or_an_admin() {
     op.shutdown().await;
 }
 
+/// A custom domain is routed, and may get a certificate, only after its
+/// `_zeitwork-challenge` TXT record holds the token the API gave when it was
+/// added and it points at the project (CNAME); a real DNS server (dnsmasq)
+/// answers, asked at the configured resolver address.
+#[tokio::test]
+async fn custom_domains_need_their_txt_record_then_their_cname() {
+    use zeitwork_testkit::{DnsRecord, Dnsmasq};
+    let dir = tempfile::tempdir().unwrap();
+    // The resolver's address is fixed in the config; each step below starts
+    // dnsmasq afresh on that port with the records of that step.
+    let port = zeitwork_testkit::free_udp_port();
+    let resolver: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        dns_resolver: Some(resolver),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&format!("http://{}", op.addr()), op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1"}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    op.store.activate_deployment(&dep, &zeitwork_store::Audit::new("test", "deployment.activate", &dep)).await.unwrap();
+
+    let added: Value =
+        admin.post("/api/v1/projects/acme/web/domains", &json!({"name": "www.acme.test"})).await.unwrap();
+    assert_eq!(added["status"], "unverified", "{added}");
+    assert_eq!(added["txt_record"], "_zeitwork-challenge.www.acme.test");
+    let token = added["txt_value"].as_str().unwrap().to_owned();
+    assert!(token.len() >= 32, "{token}");
+    assert!(added["message"].as_str().unwrap().contains(&token), "{added}");
+    let routed = || async {
+        let t: Value = admin.get("/api/v1/routing").await.unwrap();
+        t["routes"].as_array().unwrap().iter().any(|r| r["host"] == "www.acme.test")
+    };
+    assert!(!routed().await, "an unverified domain is not routed");
+    let empty = json!({});
+    let verify = || admin.post::<_, Value>("/api/v1/projects/acme/web/domains/www.acme.test/verify", &empty);
+    let start = |records: Vec<DnsRecord>| {
+        let mut tries = 0;
+        loop {
+            match Dnsmasq::start_on(port, &records) {
+                Ok(d) => return d,
+                // The previous one may still hold the port for a moment.
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("{e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let cname = || DnsRecord::Cname("www.acme.test".into(), "web-acme.zeitwork.localhost".into());
+    let target = || DnsRecord::A("web-acme.zeitwork.localhost".into(), [203, 0, 113, 7].into());
+
+    // Pointing at the platform is not enough without the TXT record...
+    let dns = start(vec![cname(), target()]);
+    let err = verify().await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("_zeitwork-challenge.www.acme.test") && err.to_string().contains(&token), "{err}");
+    drop(dns);
+    // ...nor is a TXT record with another value (someone else's claim).
+    let dns = start(vec![
+        DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), "zeitwork-verify-someone-else".into()),
+        cname(),
+        target(),
+    ]);
+    let err = verify().await.unwrap_err();
+    assert!(err.to_string().contains("zeitwork-verify-someone-else"), "{err}");
+    drop(dns);
+    // The right TXT record, but the name points elsewhere.
+    let dns = start(vec![
+        DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), token.clone()),
+        DnsRecord::A("www.acme.test".into(), [198, 51, 100, 9].into()),
+    ]);
+    let err = verify().await.unwrap_err();
+    assert!(
+        err.to_string().contains("198.51.100.9") && err.to_string().contains("web-acme.zeitwork.localhost"),
+        "{err}"
+    );
+    assert!(!routed().await);
+    drop(dns);
+    // Both right: verified, routed, listed as such.
+    let _dns =
+        start(vec![DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), token.clone()), cname(), target()]);
+    let v = verify().await.unwrap();
+    assert_eq!((v["verified"].clone(), v["status"].clone()), (json!(true), json!("verified")), "{v}");
+    assert!(v.get("message").is_none(), "{v}");
+    assert!(routed().await, "a verified domain is routed");
+    op.shutdown().await;
+}
+
 /// A request body that stalls half-sent, or trickles in below the minimum
 /// rate, is cut off with 408 and its connection closed; a body sent in pieces
 /// at a fair pace is taken. Real TCP clients, byte by byte.

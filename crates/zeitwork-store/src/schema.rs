@@ -509,6 +509,9 @@ ALTER TABLE projects ADD COLUMN shadow TEXT;
 ALTER TABLE deployments ADD COLUMN shadow TEXT
 "#,
     ),
+    // The token a custom domain's `_zeitwork-challenge` TXT record must hold before it
+    // is routed; domains added before have none and keep the address check alone.
+    (22, "domains: ownership challenge", "ALTER TABLE domains ADD COLUMN challenge TEXT"),
 ];
 
 /// Newest schema version this build knows.
