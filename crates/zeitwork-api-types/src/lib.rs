@@ -108,6 +108,12 @@ pub enum NodeStatus {
     Draining,
     Drained,
     Down,
+    /// Registered while the operator requires approval: gets no placements until
+    /// an admin approves it (`POST /api/admin/nodes/{id}/approve`).
+    PendingApproval,
+    /// Refused by an admin: its credential is revoked and it may not register again
+    /// until the node is deleted.
+    Rejected,
 }
 
 impl NodeStatus {
@@ -117,6 +123,8 @@ impl NodeStatus {
             NodeStatus::Draining => "draining",
             NodeStatus::Drained => "drained",
             NodeStatus::Down => "down",
+            NodeStatus::PendingApproval => "pending_approval",
+            NodeStatus::Rejected => "rejected",
         }
     }
 
@@ -126,6 +134,8 @@ impl NodeStatus {
             "draining" => NodeStatus::Draining,
             "drained" => NodeStatus::Drained,
             "down" => NodeStatus::Down,
+            "pending_approval" => NodeStatus::PendingApproval,
+            "rejected" => NodeStatus::Rejected,
             _ => return None,
         })
     }
@@ -521,6 +531,23 @@ pub struct Domain {
     /// `none`, `pending`, `issued`, `failed`.
     pub certificate: String,
     pub created_at: DateTime<Utc>,
+    /// `verified` (routed, certificates issued) or `unverified` (not routed yet).
+    #[serde(default)]
+    pub status: String,
+    /// The TXT record that proves ownership: `_zeitwork-challenge.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txt_record: Option<String>,
+    /// The value that TXT record must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txt_value: Option<String>,
+    /// What to do next while the domain is unverified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The DNS name whose TXT record proves that whoever added `domain` controls it.
+pub fn domain_challenge_record(domain: &str) -> String {
+    format!("_zeitwork-challenge.{domain}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

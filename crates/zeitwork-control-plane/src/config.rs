@@ -54,6 +54,20 @@ pub struct OperatorConfig {
     pub header_read_timeout_secs: u64,
     /// Open connections one client address may hold.
     pub max_connections_per_client: usize,
+    /// Longest pause, in seconds, between two pieces of a request body; a body that
+    /// stalls longer is cut off with 408. Also the time before `min_body_bytes_per_sec` applies.
+    pub body_idle_timeout_secs: u64,
+    /// Bytes per second a request body must average after `body_idle_timeout_secs`
+    /// (0: no minimum); a body trickled in more slowly is cut off with 408.
+    pub min_body_bytes_per_sec: u64,
+    /// DNS server asked about custom domains (ownership TXT record, where they
+    /// point); the first nameserver of /etc/resolv.conf when absent.
+    pub dns_resolver: Option<SocketAddr>,
+    /// New nodes wait in `pending_approval`, without placements, until an admin
+    /// approves them (`zeitwork nodes approve ID`).
+    pub require_node_approval: bool,
+    /// Bearer token Prometheus presents to scrape `/metrics` (besides a platform admin token).
+    pub metrics_token: Option<String>,
     /// Largest accepted source archive (a directory to build), in bytes.
     pub max_source_bytes: u64,
     /// Limits of one build: wall time, memory (MiB) and CPUs of its builder.
@@ -154,6 +168,11 @@ impl Default for OperatorConfig {
             notifications_allow_internal: false,
             header_read_timeout_secs: 10,
             max_connections_per_client: 256,
+            body_idle_timeout_secs: 30,
+            min_body_bytes_per_sec: 1024,
+            metrics_token: None,
+            require_node_approval: false,
+            dns_resolver: None,
             max_source_bytes: 512 << 20,
             build_timeout_secs: 1800,
             build_memory_mib: 4096,
@@ -277,6 +296,12 @@ impl OperatorConfig {
         }
         if !(1..=300).contains(&self.header_read_timeout_secs) {
             return err("header_read_timeout_secs", "use 1 to 300".into());
+        }
+        if !(1..=3600).contains(&self.body_idle_timeout_secs) {
+            return err("body_idle_timeout_secs", "use 1 to 3600".into());
+        }
+        if self.metrics_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return err("metrics_token", "leave it out, or set a non-empty token".into());
         }
         if !(1..=1_000_000).contains(&self.max_connections_per_client) {
             return err("max_connections_per_client", "use 1 to 1000000".into());

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// (409)
     #[error("{0}")]
     Conflict(String),
+    /// The request body stalled or arrived too slowly (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// It existed and is gone for good (410).
     #[error("{0}")]
     Gone(String),
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::PayloadTooLarge(_) | ApiError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")

@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod backup;
 pub mod config;
 pub mod console;
+pub mod dns;
 pub mod drain;
 pub mod email;
 pub mod engine;
@@ -237,6 +238,8 @@ impl Operator {
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,
+            body_idle_timeout: std::time::Duration::from_secs(state.config.body_idle_timeout_secs),
+            min_body_rate: state.config.min_body_bytes_per_sec,
             ..Default::default()
         };
         let app = api::router(state);

@@ -287,7 +287,8 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
             }
         }
     }
-    for (domain, org, project, env, verified) in &rows.domains {
+    // A custom domain is routed only once its ownership is verified.
+    for (domain, org, project, env, verified) in rows.domains.iter().filter(|d| d.4) {
         if let Some(d) = active.get(&(org.as_str(), project.as_str(), *env)).and_then(|id| by_id.get(id)) {
             let (canary, shadow) = (canary_of(org, project, *env), shadow_of(org, project, *env));
             routes.push(Route { acme: *verified, canary, shadow, ..route(domain.clone(), d, Some(*env)) });

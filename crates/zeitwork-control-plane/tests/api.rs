@@ -524,8 +524,12 @@ async fn scenario(env: Env) {
     e.admin.delete(&format!("/api/v1/tokens/{dev_id}")).await.unwrap();
     assert_eq!(status(e.client(&dev).get::<Vec<Value>>("/api/v1/projects").await.unwrap_err()), 401);
 
-    // Metrics count requests by route and status.
-    let metrics = e.raw("GET", "/metrics", None, None, None).await.1;
+    // Metrics count requests by route and status; reading them takes an admin
+    // token (or the metrics token): without one 401, with a tenant's 403.
+    assert_error(e.raw("GET", "/metrics", None, None, None).await, 401, "metrics token");
+    let (code, _) = e.raw("GET", "/metrics", Some(&outsider), None, None).await;
+    assert_eq!(code, 403);
+    let metrics = e.raw("GET", "/metrics", Some(&e.token), None, None).await.1;
     let text = metrics.as_str().unwrap();
     assert!(text.contains(r#"route="/api/v1/projects",status="409""#), "{text}");
     assert!(text.contains("zeitwork_operator_http_request_duration_seconds_bucket"));
@@ -627,6 +631,224 @@ async fn bad_config_names_the_field() {
         OperatorConfig { apps_domain: "no".into(), data_dir: Path::new("/nonexistent/x").into(), ..Default::default() };
     let err = Operator::start(config).await.unwrap_err();
     assert!(err.to_string().contains("apps_domain"), "{err}");
+}
+
+/// With a metrics token configured, Prometheus scrapes with it; a wrong one is
+/// refused, and an admin token still works.
+#[tokio::test]
+async fn metrics_need_the_metrics_token_or_an_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        metrics_token: Some("scrape-me-0123456789".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/metrics", op.addr());
+    let http = reqwest::Client::new();
+    let open = http.get(&url).send().await.unwrap();
+    assert_eq!(open.status(), 401);
+    assert_eq!(open.headers()["www-authenticate"], "Bearer realm=\"metrics\"");
+    assert_eq!(http.get(&url).bearer_auth("scrape-me-012345678").send().await.unwrap().status(), 403);
+    assert_eq!(http.get(&url).bearer_auth("scrape-me-0123456789x").send().await.unwrap().status(), 403);
+    let ok = http.get(&url).bearer_auth("scrape-me-0123456789").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().contains("zeitwork_operator_database_up"));
+    let admin = op.admin_token.clone().unwrap();
+    assert_eq!(http.get(&url).bearer_auth(admin).send().await.unwrap().status(), 200);
+    // An empty token is a configuration mistake, named as such.
+    let err = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("other"),
+        metrics_token: Some(" ".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("metrics_token"), "{err}");
+    op.shutdown().await;
+}
+
+/// A custom domain is routed, and may get a certificate, only after its
+/// `_zeitwork-challenge` TXT record holds the token the API gave when it was
+/// added and it points at the project (CNAME); a real DNS server (dnsmasq)
+/// answers, asked at the configured resolver address.
+#[tokio::test]
+async fn custom_domains_need_their_txt_record_then_their_cname() {
+    use zeitwork_testkit::{DnsRecord, Dnsmasq};
+    let dir = tempfile::tempdir().unwrap();
+    // The resolver's address is fixed in the config; each step below starts
+    // dnsmasq afresh on that port with the records of that step.
+    let port = zeitwork_testkit::free_udp_port();
+    let resolver: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        dns_resolver: Some(resolver),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&format!("http://{}", op.addr()), op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1"}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    op.store.activate_deployment(&dep, &zeitwork_store::Audit::new("test", "deployment.activate", &dep)).await.unwrap();
+
+    let added: Value =
+        admin.post("/api/v1/projects/acme/web/domains", &json!({"name": "www.acme.test"})).await.unwrap();
+    assert_eq!(added["status"], "unverified", "{added}");
+    assert_eq!(added["txt_record"], "_zeitwork-challenge.www.acme.test");
+    let token = added["txt_value"].as_str().unwrap().to_owned();
+    assert!(token.len() >= 32, "{token}");
+    assert!(added["message"].as_str().unwrap().contains(&token), "{added}");
+    let routed = || async {
+        let t: Value = admin.get("/api/v1/routing").await.unwrap();
+        t["routes"].as_array().unwrap().iter().any(|r| r["host"] == "www.acme.test")
+    };
+    assert!(!routed().await, "an unverified domain is not routed");
+    let empty = json!({});
+    let verify = || admin.post::<_, Value>("/api/v1/projects/acme/web/domains/www.acme.test/verify", &empty);
+    let start = |records: Vec<DnsRecord>| {
+        let mut tries = 0;
+        loop {
+            match Dnsmasq::start_on(port, &records) {
+                Ok(d) => return d,
+                // The previous one may still hold the port for a moment.
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("{e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let cname = || DnsRecord::Cname("www.acme.test".into(), "web-acme.zeitwork.localhost".into());
+    let target = || DnsRecord::A("web-acme.zeitwork.localhost".into(), [203, 0, 113, 7].into());
+
+    // Pointing at the platform is not enough without the TXT record...
+    let dns = start(vec![cname(), target()]);
+    let err = verify().await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("_zeitwork-challenge.www.acme.test") && err.to_string().contains(&token), "{err}");
+    drop(dns);
+    // ...nor is a TXT record with another value (someone else's claim).
+    let dns = start(vec![
+        DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), "zeitwork-verify-someone-else".into()),
+        cname(),
+        target(),
+    ]);
+    let err = verify().await.unwrap_err();
+    assert!(err.to_string().contains("zeitwork-verify-someone-else"), "{err}");
+    drop(dns);
+    // The right TXT record, but the name points elsewhere.
+    let dns = start(vec![
+        DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), token.clone()),
+        DnsRecord::A("www.acme.test".into(), [198, 51, 100, 9].into()),
+    ]);
+    let err = verify().await.unwrap_err();
+    assert!(
+        err.to_string().contains("198.51.100.9") && err.to_string().contains("web-acme.zeitwork.localhost"),
+        "{err}"
+    );
+    assert!(!routed().await);
+    drop(dns);
+    // Both right: verified, routed, listed as such.
+    let _dns =
+        start(vec![DnsRecord::Txt("_zeitwork-challenge.www.acme.test".into(), token.clone()), cname(), target()]);
+    let v = verify().await.unwrap();
+    assert_eq!((v["verified"].clone(), v["status"].clone()), (json!(true), json!("verified")), "{v}");
+    assert!(v.get("message").is_none(), "{v}");
+    assert!(routed().await, "a verified domain is routed");
+    op.shutdown().await;
+}
+
+/// A request body that stalls half-sent, or trickles in below the minimum
+/// rate, is cut off with 408 and its connection closed; a body sent in pieces
+/// at a fair pace is taken. Real TCP clients, byte by byte.
+#[tokio::test]
+async fn stalled_and_trickled_bodies_are_cut_off_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        body_idle_timeout_secs: 1,
+        min_body_bytes_per_sec: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = op.addr();
+    let token = op.admin_token.clone().unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST /api/v1/orgs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // Everything the server says until it closes the connection (bounded, so a
+    // server that never answers fails the test instead of hanging it).
+    let answer = |mut s: tokio::net::TcpStream| async move {
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut all))
+            .await
+            .expect("the server closes the connection")
+            .ok();
+        String::from_utf8_lossy(&all).into_owned()
+    };
+
+    // Half a body, then silence.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{}{{\"slug\":", head(40)).as_bytes()).await.unwrap();
+    let said = answer(s).await;
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("request_timeout") && said.contains("too slowly"), "{said}");
+
+    // A byte every 200 ms: never idle for a second, but far below 100 bytes/s.
+    let body = br#"{"slug":"trickled"}"#.repeat(10);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head(body.len()).as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut said))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    let said = String::from_utf8_lossy(&said);
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    trickle.abort();
+
+    // Two halves a moment apart, at a fair rate: created.
+    let body = br#"{"slug":"paced"}"#;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head_close = head(body.len()).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    s.write_all(head_close.as_bytes()).await.unwrap();
+    s.write_all(&body[..8]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&body[8..]).await.unwrap();
+    let said = answer(s).await;
+    assert!(said.starts_with("HTTP/1.1 201"), "{said}");
+    let orgs: Vec<Value> = Client::new(&format!("http://{addr}"), Some(token)).get("/api/v1/orgs").await.unwrap();
+    assert!(orgs.iter().any(|o| o["slug"] == "paced"), "{orgs:?}");
+    assert!(!orgs.iter().any(|o| o["slug"] == "trickled"), "{orgs:?}");
+    op.shutdown().await;
 }
 
 /// A client that sends its request head too slowly is cut off, and one client

@@ -158,7 +158,7 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     let b = start("b").await;
     let token = a.admin_token.clone().or(b.admin_token.clone()).expect("the first operator bootstrapped a token");
     let via_a = Client::new(&format!("http://{}", a.addr()), Some(token.clone()));
-    let via_b = Client::new(&format!("http://{}", b.addr()), Some(token));
+    let via_b = Client::new(&format!("http://{}", b.addr()), Some(token.clone()));
     // Both serve the API over the same state.
     via_a.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
     via_b.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
@@ -204,13 +204,15 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     assert_eq!(state_a["operator"], a.engine_id.as_str());
     let leaders = [&state_a, &state_b].iter().filter(|s| s["leading"] == true).count();
     assert_eq!(leaders, 1, "{state_a} {state_b}");
-    let metrics =
-        reqwest::get(format!("http://{}/metrics", if state_a["leading"] == true { a.addr() } else { b.addr() }))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", if state_a["leading"] == true { a.addr() } else { b.addr() }))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("zeitwork_operator_engine_leader 1"), "{metrics}");
     let deploy = |client: Client| async move {
         let d: Value = client
@@ -538,4 +540,86 @@ async fn a_crash_during_delivery_loses_no_notification() {
     .await;
     println!("{SENT} notifications, operator killed after {cut} deliveries, {} deliveries in all", ids.len());
     alive.shutdown().await;
+}
+
+/// With `require_node_approval`, a node the shared token registers waits in
+/// `pending_approval` and gets no placements (a deployment waits for a ready
+/// node) until an admin approves it; a rejected node loses its credential and
+/// cannot register again until it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_wait_for_an_admins_approval_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        require_node_approval: true,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    let project =
+        json!({"name": "web", "org": "acme", "instances_per_region": 1, "resources": {"vcpu": 1, "memory": 256}});
+    admin.post::<_, Value>("/api/v1/projects", &project).await.unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let body = |host: &str| {
+        json!({"hostname": host, "region": "eu", "address": format!("http://{host}:8081"),
+            "capacity": {"vcpu": 8, "memory": 4096}, "physical": {"vcpu": 2, "memory": 4096}})
+    };
+    let n: Value = agent.post("/api/v1/nodes", &body("worker-a")).await.unwrap();
+    assert_eq!(n["status"], "pending_approval", "{n}");
+    let (id, own) = own_credential(&base, n);
+    // It heartbeats and polls like any node, and stays pending.
+    let beat: Value = own.post_empty(&format!("/api/v1/nodes/{id}/heartbeat")).await.unwrap();
+    assert_eq!(beat["status"], "pending_approval");
+    let listed: Vec<Value> = admin.get("/api/v1/nodes").await.unwrap();
+    assert_eq!(listed[0]["status"], "pending_approval", "{listed:?}");
+
+    let d: Value = admin
+        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1"}))
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let waiting = until("a waiting reason", || async {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+        d["reason"].as_str().is_some_and(|r| r.contains("no ready node")).then_some(d)
+    })
+    .await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+    assert!(is.is_empty(), "a pending node gets no placement: {is:?}");
+
+    // Only an admin approves; the node's own credential may not.
+    let denied = own.post_empty::<Value>(&format!("/api/admin/nodes/{id}/approve")).await.unwrap_err();
+    assert_eq!(denied.status(), Some(403), "{denied}");
+    let approved: Value = admin.post_empty(&format!("/api/admin/nodes/{id}/approve")).await.unwrap();
+    assert_eq!(approved["status"], "ready", "{approved}");
+    let placed = until("a placement on the approved node", || async {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().cloned()
+    })
+    .await;
+    assert_eq!(placed["node"], id.as_str());
+    // A second verdict on a ready node is a conflict.
+    let again = admin.post_empty::<Value>(&format!("/api/admin/nodes/{id}/reject")).await.unwrap_err();
+    assert_eq!(again.status(), Some(409), "{again}");
+
+    // Another node is rejected: its credential stops working, it cannot come back...
+    let m: Value = agent.post("/api/v1/nodes", &body("worker-b")).await.unwrap();
+    let (other, other_own) = own_credential(&base, m);
+    let rejected: Value = admin.post_empty(&format!("/api/admin/nodes/{other}/reject")).await.unwrap();
+    assert_eq!(rejected["status"], "rejected");
+    let gone = other_own.post_empty::<Value>(&format!("/api/v1/nodes/{other}/heartbeat")).await.unwrap_err();
+    assert_eq!(gone.status(), Some(401), "{gone}");
+    let back = agent.post::<_, Value>("/api/v1/nodes", &body("worker-b")).await.unwrap_err();
+    assert_eq!(back.status(), Some(403), "{back}");
+    assert!(back.to_string().contains("rejected"), "{back}");
+    // ...until it is deleted; then it registers afresh, pending again.
+    admin.delete(&format!("/api/v1/nodes/{other}")).await.unwrap();
+    let fresh: Value = agent.post("/api/v1/nodes", &body("worker-b")).await.unwrap();
+    assert_eq!(fresh["status"], "pending_approval", "{fresh}");
+    op.shutdown().await;
 }

@@ -188,7 +188,8 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
     assert!(dlq["by_reason"].to_string().contains("unreachable"), "{dlq}");
     // The queue's depths are gauges on /metrics too, for alerting.
     let metrics = until("the dead-letter gauge", async || {
-        let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        let m = String::from_utf8(admin.send_raw(reqwest::Method::GET, "/metrics", None).await.unwrap().2.to_vec())
+            .unwrap();
         m.lines().any(|l| l.starts_with("zeitwork_operator_outbox_dead ") && !l.ends_with(" 0")).then_some(m)
     })
     .await;

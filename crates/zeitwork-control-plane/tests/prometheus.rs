@@ -26,7 +26,19 @@ fn promtool(args: &[&str]) {
 
 #[test]
 fn promtool_accepts_the_shipped_files_and_every_alert_fires_on_its_series() {
-    promtool(&["check", "config", "prometheus.yml"]);
+    // The config reads the metrics token from a file beside it, as it is installed.
+    let installed = tempfile::tempdir().unwrap();
+    for f in ["prometheus.yml", "alerts.yml"] {
+        std::fs::copy(deploy_dir().join(f), installed.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(deploy_dir().join("prometheus.yml")).unwrap();
+    for job in ["zeitwork-operator", "zeitwork-node-agent"] {
+        let section = config.split("- job_name: ").find(|s| s.starts_with(job)).unwrap();
+        assert!(section.contains("credentials_file: metrics-token"), "{job} scrapes with the metrics token");
+    }
+    std::fs::write(installed.path().join("metrics-token"), "a-token\n").unwrap();
+    let config = installed.path().join("prometheus.yml");
+    promtool(&["check", "config", config.to_str().unwrap()]);
     promtool(&["check", "rules", "alerts.yml"]);
     promtool(&["test", "rules", "alerts_test.yml"]);
 }
@@ -42,11 +54,13 @@ async fn the_operator_metrics_the_alerts_use_exist() {
     .await
     .unwrap();
     let base = format!("http://{}", op.addr());
+    let token = op.admin_token.clone().unwrap();
+    let http = reqwest::Client::new();
     reqwest::get(format!("{base}/health")).await.unwrap();
     // The engine takes its lease within a tick or two.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
-        let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        let m = http.get(format!("{base}/metrics")).bearer_auth(&token).send().await.unwrap().text().await.unwrap();
         // Whole lines: the metric's HELP text reads "… engine_leader 1 while …" too.
         if m.lines().any(|l| l == "zeitwork_operator_engine_leader 1") || std::time::Instant::now() > deadline {
             break m;

@@ -49,6 +49,9 @@ pub struct EdgeConfig {
     pub https_listen: SocketAddr,
     /// Metrics and health listener.
     pub admin_listen: SocketAddr,
+    /// Bearer token a scrape of `/metrics` must present (Prometheus `authorization`);
+    /// open without one, which suits only a loopback `admin_listen`.
+    pub metrics_token: Option<String>,
     pub operator_url: String,
     /// An `edge-proxy` cluster token.
     pub token: Option<String>,
@@ -120,6 +123,7 @@ impl Default for EdgeConfig {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
             https_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8084)),
+            metrics_token: None,
             operator_url: "http://127.0.0.1:8080".into(),
             token: None,
             tls_cert: None,
@@ -182,6 +186,9 @@ impl EdgeConfig {
         }
         if self.idle_timeout_secs == 0 || self.header_read_timeout_secs == 0 {
             return err("idle_timeout_secs", "timeouts must be at least 1 second".into());
+        }
+        if self.metrics_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return err("metrics_token", "leave it out, or set a non-empty token".into());
         }
         self.trusted_proxies
             .iter()
@@ -516,7 +523,18 @@ impl EdgeProxy {
         let admin = bind(state.config.admin_listen).await?;
         let admin_addr =
             admin.local_addr().map_err(|source| EdgeError::Listen { addr: state.config.admin_listen, source })?;
-        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(admin, state.metrics.http.clone(), stop_rx.clone())));
+        if state.config.metrics_token.is_none() && !state.config.admin_listen.ip().is_loopback() {
+            tracing::warn!(
+                admin_listen = %state.config.admin_listen,
+                "metrics are served without a token beyond loopback; set metrics_token"
+            );
+        }
+        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(
+            admin,
+            state.metrics.http.clone(),
+            state.config.metrics_token.clone(),
+            stop_rx.clone(),
+        )));
 
         let client = Client::new(&state.config.operator_url, state.config.token.clone());
         tasks.push(tokio::spawn(acme::run(state.clone(), stop_rx.clone())));

@@ -282,7 +282,7 @@ async fn retries_refused_connections_and_keeps_serving_without_operator() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let edge = w.edge(|_| {}).await;
+    let edge = w.edge(|c| c.metrics_token = Some("edge-scrape-token".into())).await;
     let dep = w.deploy(&[good, dead]).await;
     let host = format!("{dep}.zeitwork.localhost");
     wait_for_host(&edge, &host).await;
@@ -291,7 +291,12 @@ async fn retries_refused_connections_and_keeps_serving_without_operator() {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"good\""));
     }
-    let m = reqwest::get(format!("http://{}/metrics", edge.admin_addr())).await.unwrap().text().await.unwrap();
+    // With a metrics token set, a scrape must present it.
+    let scrape = format!("http://{}/metrics", edge.admin_addr());
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(&scrape).send().await.unwrap().status(), 401);
+    assert_eq!(http.get(&scrape).bearer_auth("edge-scrape").send().await.unwrap().status(), 403);
+    let m = http.get(&scrape).bearer_auth("edge-scrape-token").send().await.unwrap().text().await.unwrap();
     assert!(!m.contains("zeitwork_edge_retries_total 0"), "the dead instance was tried and skipped: {m}");
 
     // The operator goes away; the last table keeps serving.

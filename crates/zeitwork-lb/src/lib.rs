@@ -80,6 +80,9 @@ pub struct LbConfig {
     pub listeners: Vec<ListenerConfig>,
     /// Metrics and health listener.
     pub admin_listen: SocketAddr,
+    /// Bearer token a scrape of `/metrics` must present (Prometheus `authorization`);
+    /// open without one, which suits only a loopback `admin_listen`.
+    pub metrics_token: Option<String>,
     pub health_interval_ms: u64,
     pub health_timeout_ms: u64,
     /// Failed checks in a row before a backend is taken out.
@@ -103,6 +106,7 @@ impl Default for LbConfig {
         Self {
             listeners: Vec::new(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
+            metrics_token: None,
             health_interval_ms: 1000,
             health_timeout_ms: 500,
             fall: 2,
@@ -179,6 +183,9 @@ impl LbConfig {
         }
         if self.fall == 0 || self.rise == 0 {
             return err("fall".into(), "fall and rise must be at least 1");
+        }
+        if self.metrics_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return err("metrics_token".into(), "leave it out, or set a non-empty token");
         }
         Ok(())
     }
@@ -409,7 +416,18 @@ impl LoadBalancer {
             .await
             .map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
         let admin_addr = admin.local_addr().map_err(|source| LbError::Listen { addr: config.admin_listen, source })?;
-        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(admin, metrics.http.clone(), stop_rx.clone())));
+        if config.metrics_token.is_none() && !config.admin_listen.ip().is_loopback() {
+            tracing::warn!(
+                admin_listen = %config.admin_listen,
+                "metrics are served without a token beyond loopback; set metrics_token"
+            );
+        }
+        tasks.push(tokio::spawn(zeitwork_telemetry::serve_admin(
+            admin,
+            metrics.http.clone(),
+            config.metrics_token.clone(),
+            stop_rx.clone(),
+        )));
         tracing::info!(listeners = ?addrs, "load balancer listening");
         Ok(LoadBalancer { addrs, admin_addr, pools, stop, tasks, forwarding })
     }

@@ -33,6 +33,8 @@ pub struct NodeAgentConfig {
     pub operator_url: String,
     /// A `node-agent` cluster token (or a platform admin token).
     pub token: Option<String>,
+    /// Bearer token Prometheus presents to scrape `/metrics` (besides a platform admin token).
+    pub metrics_token: Option<String>,
     pub hostname: String,
     pub region: String,
     /// URL the operator and edge proxies reach this agent at; derived from
@@ -109,6 +111,7 @@ impl Default for NodeAgentConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             operator_url: "http://127.0.0.1:8080".into(),
             token: None,
+            metrics_token: None,
             hostname: std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "localhost".into()),
@@ -164,6 +167,9 @@ impl NodeAgentConfig {
         let err = |field, message: String| Err(AgentError::Config { field, message });
         if self.token.as_deref().unwrap_or("").is_empty() {
             return err("token", "a node-agent token is required (ZEITWORK_TOKEN or --token); create one with `zeitwork tokens create --cluster node-agent`".into());
+        }
+        if self.metrics_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return err("metrics_token", "leave it out, or set a non-empty token".into());
         }
         if let Err(e) = zeitwork_api_types::validate::hostname("hostname", &self.hostname) {
             return err("hostname", e.message);
@@ -356,7 +362,14 @@ impl NodeAgent {
         let own = logs::LogsState { forwarder: forwarder.clone(), logs: logs.clone(), runtime: runtime_cell.clone() };
         let app = Router::new()
             .route("/health", get(|| async { Json(Health { status: "ok".into() }) }))
-            .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+            .route(
+                "/metrics",
+                get(logs::scrape).with_state(logs::ScrapeState {
+                    metrics: metrics.clone(),
+                    token: config.metrics_token.clone().map(Into::into),
+                    forwarder: forwarder.clone(),
+                }),
+            )
             .route("/v1/instances/{id}/logs", get(logs::instance_logs).with_state(own.clone()))
             .route("/v1/instances/{id}/metrics", get(logs::instance_metrics).with_state(own))
             .route(

@@ -33,6 +33,28 @@ pub struct LogsState {
     pub runtime: Arc<std::sync::OnceLock<Arc<zeitwork_runtime::AnyRuntime>>>,
 }
 
+/// What `GET /metrics` needs: the node's metrics and who may read them.
+#[derive(Clone)]
+pub struct ScrapeState {
+    pub metrics: zeitwork_telemetry::HttpMetrics,
+    /// The configured metrics token (Prometheus `authorization`).
+    pub token: Option<Arc<str>>,
+    pub forwarder: Arc<Forwarder>,
+}
+
+/// `GET /metrics`: for Prometheus with the configured `metrics_token`, or a platform admin.
+pub async fn scrape(State(s): State<ScrapeState>, headers: HeaderMap) -> Response {
+    let allowed = match (&s.token, zeitwork_telemetry::presented_bearer(&headers)) {
+        (_, None) => false,
+        (Some(t), Some(_)) if zeitwork_telemetry::bearer_is(&headers, t) => true,
+        (_, Some(bearer)) => s.forwarder.allowed(bearer, &[]).await,
+    };
+    if !allowed {
+        return zeitwork_telemetry::refuse_scrape(&headers);
+    }
+    zeitwork_telemetry::metrics_handler(State(s.metrics)).await
+}
+
 /// `GET /v1/instances/{id}/metrics`: what a running instance uses (operators only).
 pub async fn instance_metrics(State(s): State<LogsState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     use zeitwork_runtime::Runtime;

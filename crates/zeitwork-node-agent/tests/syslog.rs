@@ -72,7 +72,8 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
     let token = common::cluster_token(&admin, "node-agent").await;
     let agent = NodeAgent::start(NodeAgentConfig {
         log_forward: Some(format!("udp://127.0.0.1:{port}")),
-        ..common::agent_config(&base, token, dir.path(), "syslog-node", "10.243.0.0")
+        metrics_token: Some("agent-scrape-token".into()),
+        ..common::agent_config(&base, token.clone(), dir.path(), "syslog-node", "10.243.0.0")
     })
     .await
     .unwrap();
@@ -108,9 +109,16 @@ async fn app_logs_reach_a_syslog_receiver_with_their_severity() {
         .find(|l| l["line"] == "ERROR: the disk is on fire")
         .unwrap();
     assert_eq!(fire["severity"], "err", "{logs}");
+    // The agent's metrics take its metrics token or an admin's; not its own node token.
+    let http = reqwest::Client::new();
+    let scrape = format!("http://{}/metrics", agent.addr());
+    assert_eq!(http.get(&scrape).send().await.unwrap().status(), 401);
+    assert_eq!(http.get(&scrape).bearer_auth(&token).send().await.unwrap().status(), 403);
+    let admin_token = op.admin_token.clone().unwrap();
+    assert_eq!(http.get(&scrape).bearer_auth(&admin_token).send().await.unwrap().status(), 200);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = reqwest::get(format!("http://{}/metrics", agent.addr())).await.unwrap().text().await.unwrap();
+        let m = http.get(&scrape).bearer_auth("agent-scrape-token").send().await.unwrap().text().await.unwrap();
         if m.lines().any(|l| l.starts_with("zeitwork_node_agent_log_lines_forwarded_total ") && !l.ends_with(" 0")) {
             assert!(m.contains("zeitwork_node_agent_log_lines_dropped_total 0"), "{m}");
             // The machine's own memory and disk, for the NodeMemoryLow and NodeDiskLow alerts.

@@ -43,6 +43,12 @@ impl Store {
     /// Registers a node, or updates the one with the same hostname.
     /// Returns the node and whether it was new.
     pub async fn register_node(&self, r: &RegisterNode, audit: &Audit) -> Result<(Node, bool)> {
+        self.register_node_as(r, audit, NodeStatus::Ready).await
+    }
+
+    /// [`Store::register_node`] with the status a new node starts in: `ready`, or
+    /// `pending_approval` when an admin must approve nodes first. A known node keeps its status.
+    pub async fn register_node_as(&self, r: &RegisterNode, audit: &Audit, initial: NodeStatus) -> Result<(Node, bool)> {
         let runtime = r.runtime.clone().unwrap_or_else(|| "container".to_owned());
         let mut tx = self.writer.begin().await?;
         let region =
@@ -85,7 +91,7 @@ impl Store {
                 let res = sqlx::query(
                     "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, last_heartbeat, created_at, \
                      runtime_detail, physical_vcpu, physical_memory) \
-                     VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $10, $11, $12)",
+                     VALUES ($1, $2, $3, $4, $13, $5, $6, $7, $8, $9, $10, $11, $12)",
                 )
                 .bind(&id)
                 .bind(&r.hostname)
@@ -99,6 +105,7 @@ impl Store {
                 .bind(&r.runtime_detail)
                 .bind(r.physical.map(|p| i64::from(p.vcpu)))
                 .bind(r.physical.map(|p| i64::from(p.memory)))
+                .bind(initial.as_str())
                 .execute(&mut *tx)
                 .await;
                 match res {
@@ -214,6 +221,40 @@ impl Store {
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
         self.changed().await;
+        self.get_node(id).await
+    }
+
+    /// An admin's verdict on a node waiting for approval: `ready` (it gets placements
+    /// from now on) or `rejected` (its credentials are revoked at once). Approving a
+    /// rejected node lets it in after all; anything else is a conflict.
+    pub async fn decide_node(&self, id: &str, approve: bool, audit: &Audit) -> Result<Node> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("SELECT hostname, status FROM nodes WHERE id = $1{}", self.for_update()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        let status = row.parsed("status", NodeStatus::parse)?;
+        let allowed = match approve {
+            true => matches!(status, NodeStatus::PendingApproval | NodeStatus::Rejected),
+            false => status == NodeStatus::PendingApproval,
+        };
+        if !allowed {
+            return Err(StoreError::Conflict(format!(
+                "node {id:?} is {}; only a node waiting for approval can be {}",
+                status.as_str(),
+                if approve { "approved" } else { "rejected (drain and delete a running one)" }
+            )));
+        }
+        let to = if approve { NodeStatus::Ready } else { NodeStatus::Rejected };
+        sqlx::query("UPDATE nodes SET status = $1 WHERE id = $2").bind(to.as_str()).bind(id).execute(&mut *tx).await?;
+        if !approve {
+            sqlx::query("DELETE FROM tokens WHERE node_id = $1").bind(id).execute(&mut *tx).await?;
+        }
+        let mut audit = audit.clone();
+        audit.target = row.text("hostname")?;
+        append_event(&mut tx, &audit, "ok").await?;
+        tx.commit().await?;
         self.get_node(id).await
     }
 

@@ -153,14 +153,29 @@ pub struct StoredEnvVar {
 }
 
 fn domain_from(row: &AnyRow) -> Result<Domain> {
+    let name = row.text("name")?;
+    let verified = row.int("verified")? != 0;
+    let challenge = row.opt_text("challenge")?;
+    let record = challenge.as_ref().map(|_| zeitwork_api_types::domain_challenge_record(&name));
+    let message = (!verified).then(|| match (&record, &challenge) {
+        (Some(record), Some(value)) => format!(
+            "not routed yet: add a TXT record {record} with the value {value}, point {name} at the platform \
+             (a CNAME to the project's address), then verify it (zeitwork domains verify)"
+        ),
+        _ => format!("not routed yet: point {name} at the platform, then verify it (zeitwork domains verify)"),
+    });
     Ok(Domain {
-        name: row.text("name")?,
         org: row.text("org_slug")?,
         project: row.text("project_name")?,
         environment: row.parsed("environment", Environment::parse)?,
-        verified: row.int("verified")? != 0,
+        verified,
         certificate: row.text("certificate")?,
         created_at: ts(row.int("created_at")?),
+        status: if verified { "verified" } else { "unverified" }.into(),
+        txt_record: record,
+        txt_value: challenge,
+        message,
+        name,
     })
 }
 
@@ -514,7 +529,7 @@ impl Store {
 
     pub async fn list_domains(&self, project_id: &str) -> Result<Vec<Domain>> {
         let rows = sqlx::query(
-            "SELECT d.name, d.environment, d.verified, d.created_at, COALESCE(c.state, d.certificate) AS certificate, \
+            "SELECT d.name, d.environment, d.verified, d.created_at, d.challenge, COALESCE(c.state, d.certificate) AS certificate, \
              o.slug AS org_slug, p.name AS project_name FROM domains d JOIN projects p ON p.id = d.project_id \
              JOIN orgs o ON o.id = p.org_id LEFT JOIN certificates c ON c.domain = d.name WHERE d.project_id = $1 ORDER BY d.name",
         )
@@ -527,12 +542,14 @@ impl Store {
     pub async fn create_domain(&self, project_id: &str, name: &str, env: Environment, audit: &Audit) -> Result<Domain> {
         let mut tx = self.writer.begin().await?;
         let res = sqlx::query(
-            "INSERT INTO domains (name, project_id, environment, verified, certificate, created_at) VALUES ($1, $2, $3, 0, 'none', $4)",
+            "INSERT INTO domains (name, project_id, environment, verified, certificate, created_at, challenge) \
+             VALUES ($1, $2, $3, 0, 'none', $4, $5)",
         )
         .bind(name)
         .bind(project_id)
         .bind(env.as_str())
         .bind(now_ms())
+        .bind(format!("zeitwork-verify-{}", crate::nanoid(32)))
         .execute(&mut *tx)
         .await;
         match res {

@@ -532,6 +532,9 @@ CREATE TABLE private_addresses (
 ALTER TABLE projects ADD COLUMN egress TEXT
 "#,
     ),
+    // The token a custom domain's `_zeitwork-challenge` TXT record must hold before it
+    // is routed; domains added before have none and keep the address check alone.
+    (22, "domains: ownership challenge", "ALTER TABLE domains ADD COLUMN challenge TEXT"),
 ];
 
 /// Newest schema version this build knows.

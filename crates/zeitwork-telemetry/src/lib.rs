@@ -129,16 +129,59 @@ pub async fn metrics_handler(State(metrics): State<HttpMetrics>) -> Response {
         .into_response()
 }
 
+/// The bearer token a request presents (`Authorization: Bearer …`), if any.
+pub fn presented_bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
+}
+
+/// Whether a request presents `expected` as its bearer token, compared in
+/// constant time (the length of the token is not a secret).
+pub fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented_bearer(headers)
+        .is_some_and(|t| t.len() == expected.len() && bool::from(t.as_bytes().ct_eq(expected.as_bytes())))
+}
+
+/// The answer to a scrape without an acceptable token: 401 with a
+/// `WWW-Authenticate: Bearer` challenge, or 403 when a token was presented.
+pub fn refuse_scrape(headers: &axum::http::HeaderMap) -> Response {
+    if presented_bearer(headers).is_some() {
+        return (StatusCode::FORBIDDEN, "this token may not read metrics\n").into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"metrics\"")],
+        "metrics need the metrics token (Authorization: Bearer …)\n",
+    )
+        .into_response()
+}
+
+/// Handler for `GET /metrics` behind a metrics token: without one configured
+/// the metrics are open (admin ports bound to loopback).
+async fn guarded_metrics(
+    State((metrics, token)): State<(HttpMetrics, Option<Arc<str>>)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match token {
+        Some(t) if !bearer_is(&headers, &t) => refuse_scrape(&headers),
+        _ => metrics_handler(State(metrics)).await,
+    }
+}
+
 /// Serves `GET /health` and `GET /metrics` on `listener` until `stop` turns
 /// true: the admin port of the edge proxy, the load balancer and similar roles.
+/// With `token`, `/metrics` answers only a scrape that presents it as a bearer token.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: HttpMetrics,
+    token: Option<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let token: Option<Arc<str>> = token.map(Into::into);
     let app = axum::Router::new()
         .route("/health", axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/metrics", axum::routing::get(metrics_handler).with_state(metrics));
+        .route("/metrics", axum::routing::get(guarded_metrics).with_state((metrics, token)));
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -161,5 +204,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("zeitwork_test_http_request_duration_seconds_bucket"), "{text}");
+    }
+
+    #[test]
+    fn the_metrics_token_is_matched_exactly() {
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!bearer_is(&h, "s3cret"));
+        assert_eq!(refuse_scrape(&h).status(), StatusCode::UNAUTHORIZED);
+        h.insert(header::AUTHORIZATION, "Bearer s3cre".parse().unwrap());
+        assert!(!bearer_is(&h, "s3cret"));
+        assert_eq!(refuse_scrape(&h).status(), StatusCode::FORBIDDEN);
+        h.insert(header::AUTHORIZATION, "Basic s3cret".parse().unwrap());
+        assert!(!bearer_is(&h, "s3cret"));
+        h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert!(bearer_is(&h, "s3cret"));
     }
 }

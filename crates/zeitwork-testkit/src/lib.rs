@@ -496,3 +496,99 @@ impl Registry {
         Ok(format!("{}/{repo}:{tag}", self.addr))
     }
 }
+
+/// A DNS server of its own: dnsmasq on a free loopback UDP port, answering
+/// only from the records it was started with (no upstream, no hosts file).
+/// Killed on drop.
+pub struct Dnsmasq {
+    child: std::process::Child,
+    port: u16,
+}
+
+/// One record a [`Dnsmasq`] serves.
+#[derive(Debug, Clone)]
+pub enum DnsRecord {
+    Txt(String, String),
+    A(String, std::net::Ipv4Addr),
+    /// name → target; the target's own records come from the other entries.
+    Cname(String, String),
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with `records`; fails naming the package when it is missing.
+    pub fn start(records: &[DnsRecord]) -> Result<Self> {
+        Self::start_on(free_udp_port(), records)
+    }
+
+    /// [`Dnsmasq::start`] on a given loopback port.
+    pub fn start_on(port: u16, records: &[DnsRecord]) -> Result<Self> {
+        let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .context("dnsmasq not found: install the dnsmasq-base package (scripts/test-deps)")?;
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            // Every other name does not exist (NXDOMAIN), as on an authoritative server.
+            "--local=/#/",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--conf-file=/dev/null",
+            "--log-facility=-",
+            &format!("--port={port}"),
+        ]);
+        if is_root() {
+            cmd.arg("--user=nobody");
+        }
+        for r in records {
+            cmd.arg(match r {
+                DnsRecord::Txt(name, value) => format!("--txt-record={name},{value}"),
+                DnsRecord::A(name, ip) => format!("--host-record={name},{ip}"),
+                DnsRecord::Cname(name, target) => format!("--cname={name},{target}"),
+            });
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("cannot start dnsmasq")?;
+        let mut server = Self { child, port };
+        // Ready once it answers on its port (any answer will do).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        // A query for `.` (type NS): header, root name, type, class.
+        let probe = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1];
+        loop {
+            sock.send_to(&probe, ("127.0.0.1", port))?;
+            let mut buf = [0u8; 512];
+            if sock.recv(&mut buf).is_ok() {
+                return Ok(server);
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                bail!("dnsmasq exited ({status}) before answering on 127.0.0.1:{port}");
+            }
+            if Instant::now() > deadline {
+                bail!("dnsmasq did not answer on 127.0.0.1:{port}");
+            }
+        }
+    }
+
+    /// Where it answers.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("dnsmasq (pid {}) was not stopped: {e}", self.child.id());
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound, then released).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free UDP port")
+}

@@ -157,7 +157,15 @@ CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
     assert_eq!(build["secrets"], serde_json::json!(["token"]));
     let d: serde_json::Value = client.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
     assert!(d["build_ms"].as_u64().is_some(), "{d}");
-    let metrics = reqwest::get(format!("{}/metrics", u.api)).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", u.api))
+        .bearer_auth(&u.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("zeitwork_operator_builds_total{outcome=\"succeeded\"} 1"), "{metrics}");
 
     // A second build with another argument: the first one's image is pruned from the

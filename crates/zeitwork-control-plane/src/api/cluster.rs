@@ -99,7 +99,22 @@ pub async fn register_node(
             return s.deny(&caller, "node.register", &body.hostname, None, &why).await;
         }
     }
-    let (mut node, new) = s.store.register_node(&body, &caller.audit("node.register", &body.hostname)).await?;
+    // With approval required, a node that the shared token brings in waits for an
+    // admin; one an admin registers is approved by that.
+    let initial = if s.config.require_node_approval && !caller.is_admin() {
+        zeitwork_api_types::NodeStatus::PendingApproval
+    } else {
+        zeitwork_api_types::NodeStatus::Ready
+    };
+    let (mut node, new) =
+        s.store.register_node_as(&body, &caller.audit("node.register", &body.hostname), initial).await?;
+    if node.status == zeitwork_api_types::NodeStatus::Rejected {
+        let why = format!(
+            "node {} was rejected by an admin; it may register again once it is deleted (DELETE /api/v1/nodes/{})",
+            node.hostname, node.id
+        );
+        return s.deny(&caller, "node.register", &body.hostname, None, &why).await;
+    }
     if caller.node.is_none() && matches!(caller.scope, zeitwork_api_types::TokenScope::Cluster { .. }) {
         // The shared token registered it: the node gets a credential of its own, for itself only.
         let mut minted = crate::auth::mint(
@@ -143,6 +158,26 @@ pub async fn node_heartbeat(
 pub async fn drain_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
     s.require_admin(&caller, "node.drain", &id).await?;
     Ok(Json(s.store.drain_node(&id, &caller.audit("node.drain", &id)).await?))
+}
+
+/// Approve a node waiting for approval (or one rejected before): it is `ready`
+/// and gets placements from now on (platform admin).
+#[utoipa::path(post, path = "/api/admin/nodes/{id}/approve", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn approve_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    s.require_admin(&caller, "node.approve", &id).await?;
+    let node = s.store.decide_node(&id, true, &caller.audit("node.approve", &id)).await?;
+    s.changed();
+    Ok(Json(node))
+}
+
+/// Reject a node waiting for approval: its credential is revoked and it cannot
+/// register again until it is deleted (platform admin).
+#[utoipa::path(post, path = "/api/admin/nodes/{id}/reject", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
+pub async fn reject_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    s.require_admin(&caller, "node.reject", &id).await?;
+    Ok(Json(s.store.decide_node(&id, false, &caller.audit("node.reject", &id)).await?))
 }
 
 /// Remove a node that runs no instances (platform admin); 409 while it does.

@@ -71,6 +71,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster::get_node, cluster::delete_node))
         .routes(routes!(cluster::node_heartbeat))
         .routes(routes!(cluster::drain_node))
+        .routes(routes!(cluster::approve_node))
+        .routes(routes!(cluster::reject_node))
         .routes(routes!(cluster::list_edges))
         .routes(routes!(cluster::edge_heartbeat))
         .routes(routes!(orgs::list_orgs, orgs::create_org))
@@ -185,7 +187,7 @@ fn api_app(state: AppState) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
-        .route("/metrics", get(zeitwork_telemetry::metrics_handler).with_state(metrics.clone()))
+        .route("/metrics", get(scrape))
         .route("/v2/", get(images::registry_root))
         .route("/v2/{org}/{name}/manifests/{reference}", get(images::registry_manifest).head(images::registry_manifest))
         .route("/v2/{org}/{name}/blobs/{digest}", get(images::registry_blob))
@@ -196,6 +198,31 @@ fn api_app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.config.clone(), refuse_declared_oversize))
         .layer(axum::middleware::from_fn_with_state(metrics, zeitwork_telemetry::track))
         .with_state(state)
+}
+
+/// `GET /metrics`: for Prometheus with the configured `metrics_token`, or a platform admin.
+async fn scrape(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let allowed = match (&state.config.metrics_token, zeitwork_telemetry::presented_bearer(&headers)) {
+        (_, None) => false,
+        (Some(t), Some(_)) if zeitwork_telemetry::bearer_is(&headers, t) => true,
+        (_, Some(bearer)) => state.authenticate(bearer).await.is_ok_and(|c| c.is_admin()),
+    };
+    if allowed {
+        return zeitwork_telemetry::metrics_handler(axum::extract::State(state.metrics.clone())).await;
+    }
+    if zeitwork_telemetry::presented_bearer(&headers).is_some() {
+        return ApiError::Forbidden("this token may not read metrics; use the metrics token or an admin token".into())
+            .into_response();
+    }
+    let mut res =
+        ApiError::Unauthorized("metrics need the metrics token or an admin token (Authorization: Bearer …)".into())
+            .into_response();
+    res.headers_mut()
+        .insert(axum::http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"metrics\""));
+    res
 }
 
 /// A list answer with more pages gets `Link: <…?cursor=…>; rel="next"` (RFC 8288)

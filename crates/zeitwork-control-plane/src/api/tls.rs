@@ -24,8 +24,10 @@ fn cert_context(domain: &str) -> String {
     format!("cert:{domain}")
 }
 
-/// Mark a custom domain verified: it resolves to one of the platform's
-/// public addresses, or a platform admin says so with `{"force": true}`.
+/// Mark a custom domain verified, so it is routed and gets a certificate: its
+/// `_zeitwork-challenge` TXT record holds the value given when it was added, and
+/// it points at the platform (a CNAME to the project's address, or an address in
+/// `public_addresses`). A platform admin may skip both with `{"force": true}`.
 #[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/domains/{name}/verify", tag = "domains",
     params(("org" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = VerifyDomain,
     responses((status = 200, body = Domain), (status = 409, body = zeitwork_api_types::ApiError)))]
@@ -38,34 +40,58 @@ pub async fn verify_domain(
     s.require_role(&caller, &org, Role::Developer, "domain.verify", &domain).await?;
     let req: VerifyDomain = if body.is_empty() { VerifyDomain::default() } else { crate::extract::parse_json(&body)? };
     let p = s.store.get_project(&org, &name).await?;
-    if !s.store.list_domains(&p.id).await?.iter().any(|d| d.name == domain) {
+    let Some(known) = s.store.list_domains(&p.id).await?.into_iter().find(|d| d.name == domain) else {
         return Err(ApiError::NotFound(format!("domain {domain:?} is not registered to {org}/{name}")));
-    }
+    };
     if req.force {
         s.require_admin(&caller, "domain.verify", &domain).await?;
     } else {
-        let expected = &s.config.public_addresses;
-        let found: Vec<std::net::IpAddr> =
-            tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host((domain.as_str(), 443)))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|it| it.map(|a| a.ip()).collect())
-                .unwrap_or_default();
-        if expected.is_empty() || !found.iter().any(|ip| expected.contains(ip)) {
-            let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
-            return Err(ApiError::Conflict(format!(
-                "{domain} resolves to [{}], not to the platform ({}); add an A/AAAA record for one of those addresses or a CNAME to {}",
-                shown.join(", "),
-                if expected.is_empty() { "no public_addresses are configured".to_owned() } else { expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") },
-                s.config.apps_domain
-            )));
-        }
+        prove_ownership(&s, &known, &format!("{name}-{org}.{}", s.config.apps_domain)).await?;
     }
     s.store.verify_domain(&p.id, &domain, &caller.audit("domain.verify", &domain).org(&org).project(&name)).await?;
     s.routing.changed();
     let d = s.store.list_domains(&p.id).await?.into_iter().find(|d| d.name == domain);
     d.map(Json).ok_or_else(|| ApiError::NotFound(format!("domain {domain:?} vanished")))
+}
+
+/// The ownership TXT record first, then where the domain points; a 409 that says
+/// what to fix when either is not there yet.
+async fn prove_ownership(s: &AppState, d: &Domain, project_host: &str) -> ApiResult<()> {
+    use hickory_proto::rr::RecordType;
+    let server = crate::dns::resolver(s.config.dns_resolver).map_err(|e| ApiError::Conflict(e.to_string()))?;
+    let dns_failed = |e: crate::dns::DnsError| ApiError::Conflict(format!("cannot verify {} yet: {e}", d.name));
+    if let (Some(record), Some(value)) = (&d.txt_record, &d.txt_value) {
+        let found = crate::dns::lookup(server, record, &[RecordType::TXT]).await.map_err(dns_failed)?;
+        if !found.txt.iter().any(|t| t.trim() == value) {
+            return Err(ApiError::Conflict(format!(
+                "ownership of {} is not proven: add a TXT record {record} with the value {value} (found: [{}])",
+                d.name,
+                found.txt.join(", ")
+            )));
+        }
+    }
+    let found = crate::dns::lookup(server, &d.name, &[RecordType::A, RecordType::AAAA]).await.map_err(dns_failed)?;
+    let expected = &s.config.public_addresses;
+    let to_us =
+        found.cnames.iter().any(|c| c == project_host) || found.addresses.iter().any(|ip| expected.contains(ip));
+    if !to_us {
+        let mut seen: Vec<String> = found.cnames.iter().map(|c| format!("CNAME {c}")).collect();
+        seen.extend(found.addresses.iter().map(ToString::to_string));
+        return Err(ApiError::Conflict(format!(
+            "{} points at [{}], not at the platform; add a CNAME to {project_host}{}",
+            d.name,
+            seen.join(", "),
+            if expected.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " or an A/AAAA record for {}",
+                    expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// Issued certificates with their keys (edge proxies only).

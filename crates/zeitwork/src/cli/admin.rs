@@ -31,9 +31,23 @@ pub enum RegionCmd {
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
     List,
-    Show { id: String },
-    Drain { id: String },
-    Delete { id: String },
+    Show {
+        id: String,
+    },
+    Drain {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Let a node waiting for approval take placements (platform admin).
+    Approve {
+        id: String,
+    },
+    /// Refuse a node waiting for approval; its credential is revoked.
+    Reject {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +246,15 @@ pub(super) async fn nodes(conn: Conn, cmd: NodeCmd) -> Result<()> {
                 json(&n)
             } else {
                 println!("Node {} is {}.", n.hostname, n.status.as_str())
+            }
+        }
+        NodeCmd::Approve { ref id } | NodeCmd::Reject { ref id } => {
+            let verb = if matches!(cmd, NodeCmd::Approve { .. }) { "approve" } else { "reject" };
+            let n: Node = c.post_empty(&format!("/api/admin/nodes/{}/{verb}", encode(id))).await?;
+            if conn.json {
+                json(&n)
+            } else {
+                println!("Node {} ({}) is {}.", n.hostname, n.id, n.status.as_str())
             }
         }
         NodeCmd::Delete { id } => {

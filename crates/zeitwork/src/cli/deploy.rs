@@ -210,6 +210,9 @@ pub(super) async fn status(conn: Conn) -> Result<()> {
     if let Some(nodes) = &nodes {
         println!("Nodes");
         node_rows(nodes);
+        for n in nodes.iter().filter(|n| n.status == zeitwork_api_types::NodeStatus::PendingApproval) {
+            println!("  {} waits for approval: zeitwork nodes approve {} (or reject)", n.hostname, n.id);
+        }
         println!();
     }
     println!("Deployments");

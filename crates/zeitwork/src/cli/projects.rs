@@ -238,6 +238,12 @@ pub enum DomainCmd {
         project: String,
         name: String,
     },
+    /// Check the domain's TXT ownership record and where it points; once both
+    /// are right it is routed and gets a certificate.
+    Verify {
+        project: String,
+        name: String,
+    },
 }
 
 fn project_rows(ps: &[Project]) {
@@ -494,18 +500,23 @@ pub(super) async fn domains(conn: Conn, cmd: DomainCmd) -> Result<()> {
                 json(&ds)
             } else {
                 table(
-                    &["domain", "environment", "verified", "certificate"],
+                    &["domain", "environment", "status", "certificate"],
                     ds.iter()
                         .map(|d| {
                             vec![
                                 d.name.clone(),
                                 d.environment.as_str().into(),
-                                d.verified.to_string(),
+                                if d.verified { "verified" } else { "unverified" }.into(),
                                 d.certificate.clone(),
                             ]
                         })
                         .collect(),
-                )
+                );
+                for d in ds.iter().filter(|d| !d.verified) {
+                    if let Some(m) = &d.message {
+                        println!("{}: {m}", d.name);
+                    }
+                }
             }
         }
         DomainCmd::Add { project, name, environment } => {
@@ -518,7 +529,24 @@ pub(super) async fn domains(conn: Conn, cmd: DomainCmd) -> Result<()> {
             if conn.json {
                 json(&d)
             } else {
-                println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str())
+                println!("Added {} to {}/{} ({}).", d.name, d.org, d.project, d.environment.as_str());
+                if let (Some(record), Some(value)) = (&d.txt_record, &d.txt_value) {
+                    println!("Prove you own it with a TXT record:  {record}  TXT  \"{value}\"");
+                }
+                println!(
+                    "Point it at the platform (CNAME {}-{}.<apps domain>), then: zeitwork domains verify {}/{} {}",
+                    d.project, d.org, d.org, d.project, d.name
+                );
+            }
+        }
+        DomainCmd::Verify { project, name } => {
+            let d: Domain = c
+                .post(&format!("{}/domains/{}/verify", project_path(&project)?, encode(&name)), &serde_json::json!({}))
+                .await?;
+            if conn.json {
+                json(&d)
+            } else {
+                println!("{} is verified: it is routed and gets a certificate.", d.name)
             }
         }
         DomainCmd::Remove { project, name } => {
