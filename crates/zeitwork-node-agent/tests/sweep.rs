@@ -127,6 +127,7 @@ async fn a_new_agent_removes_what_a_killed_one_left_and_nothing_else() {
         vcpu: 1,
         memory_mib: 64,
         disk: None,
+        dns_search: None,
     };
     let full_cid = format!("zw-{full}");
     undo.undo(&["umount", "-l", instances.join(&full).join("rootfs").to_str().unwrap()]);
