@@ -767,7 +767,12 @@ async fn custom_domains_need_their_txt_record_then_their_cname() {
     let v = verify().await.unwrap();
     assert_eq!((v["verified"].clone(), v["status"].clone()), (json!(true), json!("verified")), "{v}");
     assert!(v.get("message").is_none(), "{v}");
-    assert!(routed().await, "a verified domain is routed");
+    // The routing table follows the store a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !routed().await {
+        assert!(std::time::Instant::now() < deadline, "a verified domain is routed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     op.shutdown().await;
 }
 
