@@ -258,7 +258,7 @@ async fn release_commands_run_before_traffic_and_rollbacks_respect_migrations() 
 
     let token = common::cluster_token(&admin, "node-agent").await;
     let agent =
-        NodeAgent::start(common::agent_config(&base, token, dir.path(), "release-node", "10.245.128.0")).await.unwrap();
+        NodeAgent::start(common::agent_config(&base, token, dir.path(), "release-node", "10.254.0.0")).await.unwrap();
 
     // The project's release command runs before the first deployment goes live; its output is in the logs.
     admin

@@ -132,7 +132,8 @@ async fn an_app_answering_500_turns_its_check_down_and_notifies() {
             common::cluster_token(&admin, "node-agent").await,
             &dir.path().join("eu"),
             "uptime-node-eu",
-            "10.242.128.0",
+            // A /16 of its own: a starting agent sweeps its range of what it does not know.
+            "10.252.0.0",
         )
     })
     .await
