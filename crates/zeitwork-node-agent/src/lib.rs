@@ -168,6 +168,16 @@ impl NodeAgentConfig {
         if self.token.as_deref().unwrap_or("").is_empty() {
             return err("token", "a node-agent token is required (ZEITWORK_TOKEN or --token); create one with `zeitwork tokens create --cluster node-agent`".into());
         }
+        if self.instance_range.octets()[2..] != [0, 0] {
+            // The agent owns the whole /16: it sweeps it of instances it does not know.
+            return err(
+                "instance_range",
+                format!(
+                    "{} is not the start of a /16; give an address ending in .0.0 (e.g. 10.88.0.0), a /16 of its own per agent on a host",
+                    self.instance_range
+                ),
+            );
+        }
         if self.metrics_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return err("metrics_token", "leave it out, or set a non-empty token".into());
         }
@@ -587,4 +597,22 @@ async fn start_resolver(
     let upstreams = config.dns_upstreams.clone().unwrap_or_else(dns::host_upstreams);
     tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks");
     Ok(tokio::spawn(dns::serve(socket, table, upstreams, stop)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_range_is_a_whole_slash_16() {
+        let config = |range: [u8; 4]| NodeAgentConfig {
+            token: Some("a token".into()),
+            instance_range: range.into(),
+            ..Default::default()
+        };
+        let e = config([10, 242, 128, 0]).validate().unwrap_err().to_string();
+        assert!(e.contains("instance_range") && e.contains("10.242.128.0"), "{e}");
+        let other = config([10, 242, 0, 0]).validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!other.contains("instance_range"), "{other}");
+    }
 }
