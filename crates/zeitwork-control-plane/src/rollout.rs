@@ -896,6 +896,60 @@ mod tests {
         );
     }
 
+    /// A person's abort: a canary goes back to 0 % and the environment stays
+    /// where it was; a watched deployment is rolled back to the one it
+    /// replaced. Each is recorded with who did it, and nothing is left open.
+    #[tokio::test]
+    async fn a_person_aborts_a_canary_and_a_watch() {
+        let rollout = zeitwork_api_types::Rollout { steps: vec![10, 100], step_secs: 600 };
+        let (_dir, store, ids) = store_with(3, Some(rollout)).await;
+        let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
+        let config = EngineConfig::default();
+        on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+        on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+        assert_eq!(store.get_rollout(two).await.unwrap().unwrap().state, RolloutState::Canary);
+
+        let d = store.get_deployment(two).await.unwrap();
+        let r = decide(&store, config.drain_grace, &d, false, Audit::new("alice", "rollout.abort", two))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.state, RolloutState::RolledBack, "{r:?}");
+        let aborted = store.get_deployment(two).await.unwrap();
+        assert_eq!(aborted.status, DeploymentStatus::RolledBack);
+        assert_eq!(aborted.reason.as_deref(), Some("canary aborted by alice"));
+        assert!(store.canaries().await.unwrap().is_empty(), "the split is gone");
+        assert_eq!(status(&store, one).await, DeploymentStatus::Active, "the environment never moved");
+
+        // The next one is promoted, then aborted while it is watched: the
+        // environment goes back to the deployment it replaced.
+        on_ready(&store, &store.get_deployment(three).await.unwrap()).await.unwrap();
+        let d = store.get_deployment(three).await.unwrap();
+        decide(&store, config.drain_grace, &d, true, Audit::new("alice", "rollout.promote", three))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status(&store, three).await, DeploymentStatus::Active);
+        let d = store.get_deployment(three).await.unwrap();
+        let r = decide(&store, config.drain_grace, &d, false, Audit::new("bob", "rollout.abort", three))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.state, RolloutState::RolledBack, "{r:?}");
+        let back = store.get_deployment(three).await.unwrap();
+        assert_eq!(back.status, DeploymentStatus::RolledBack);
+        assert_eq!(back.reason.as_deref(), Some(format!("rolled back to {one} by bob").as_str()));
+        assert_eq!(status(&store, one).await, DeploymentStatus::Active);
+        assert!(store.open_rollouts().await.unwrap().is_empty());
+        // An aborted rollout cannot be aborted or promoted again.
+        for promote in [false, true] {
+            let again = decide(&store, config.drain_grace, &back, promote, Audit::new("bob", "rollout.abort", three))
+                .await
+                .unwrap();
+            assert!(again.unwrap_err().contains("only a canary can be promoted"));
+        }
+    }
+
     /// A newer deployment supersedes a canary still running: one split per environment.
     #[tokio::test]
     async fn a_newer_deployment_supersedes_a_running_canary() {

@@ -596,3 +596,35 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(analysis: serde_json::Value) -> RolloutStatus {
+        serde_json::from_value(serde_json::json!({
+            "deployment": "web-abc1234-acme", "environment": "production", "baseline": "web-old5678-acme",
+            "state": "canary", "steps": [1, 10, 50, 100], "step_secs": 60, "step": 1, "weight": 10,
+            "started_at": "2026-12-02T00:00:00Z", "step_started_at": "2026-12-02T00:01:00Z",
+            "activated_at": null, "watch_until": null, "reason": null, "analysis": analysis,
+        }))
+        .unwrap()
+    }
+
+    /// What `deploy` prints while a canary runs: the step, its share and what the analysis saw.
+    #[test]
+    fn a_canary_step_reads_as_one_line() {
+        assert_eq!(
+            canary_line(&rollout(serde_json::Value::Null)),
+            "  canary: 10 % of production (step 2 of 4, 60 s each)"
+        );
+        let seen = rollout(serde_json::json!({
+            "requests": 240, "errors": 3, "p95_ms": 41.7, "baseline_requests": 2000, "baseline_errors": 10,
+            "baseline_p95_ms": 39.0, "verdict": "healthy",
+        }));
+        assert_eq!(
+            canary_line(&seen),
+            "  canary: 10 % of production (step 2 of 4, 60 s each), 240 requests, 3 failed, p95 42 ms"
+        );
+    }
+}
