@@ -3,7 +3,9 @@
 //! announces (through any operator: on PostgreSQL by `LISTEN/NOTIFY`), and at
 //! least every [`EVERY`] as a safety net; every status change of a
 //! deployment, instance or node is broadcast. One query per change serves
-//! every listener of this operator.
+//! every listener of this operator. A new listener's stream opens once the
+//! feed has a snapshot to compare with, so every change committed after the
+//! client has the response head reaches it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,15 +21,29 @@ pub const EVERY: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Feed {
     tx: broadcast::Sender<Arc<Change>>,
+    /// Snapshots taken while someone listened (each one is compared with by the next).
+    looks: watch::Sender<u64>,
+    /// Asks for a snapshot at once: a new listener waits for one.
+    wake: tokio::sync::Notify,
 }
 
 impl Feed {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { tx: broadcast::channel(1024).0 })
+        Arc::new(Self { tx: broadcast::channel(1024).0, looks: watch::channel(0).0, wake: Default::default() })
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.tx.subscribe()
+    /// Subscribes, and returns once the feed holds a snapshot taken after the
+    /// subscription: every change committed from then on is received. A store
+    /// that does not answer holds this up for at most two safety-net periods.
+    pub async fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        let rx = self.tx.subscribe();
+        let mut looks = self.looks.subscribe();
+        looks.mark_unchanged();
+        self.wake.notify_one();
+        if tokio::time::timeout(EVERY * 2, looks.changed()).await.is_err() {
+            tracing::warn!("change feed: no snapshot for a new listener in time; it may miss a first change");
+        }
+        rx
     }
 
     /// Compares snapshots until `stop`; idle (no queries) while no one listens.
@@ -38,6 +54,7 @@ impl Feed {
             tokio::select! {
                 _ = tokio::time::sleep(EVERY) => {}
                 _ = changes.changed() => {}
+                _ = self.wake.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             if self.tx.receiver_count() == 0 {
@@ -75,6 +92,7 @@ impl Feed {
                 }
             }
             last = Some(now);
+            self.looks.send_modify(|n| *n += 1);
         }
     }
 }

@@ -17,6 +17,43 @@ fn own_credential(base: &str, registered: Value) -> (String, Client) {
     (registered["id"].as_str().unwrap().to_owned(), Client::new(base, Some(credential.to_owned())))
 }
 
+/// The engine id of the operator holding the engine lease (of the store `store`), once one does.
+async fn engine_holder(store: &zeitwork_store::Store) -> String {
+    until("an engine lease", async || store.lease("engine").await.unwrap().map(|(h, _)| h)).await
+}
+
+/// Returns once `op`'s engine has renewed its lease twice more: it renews before
+/// each pass, so at least one whole pass began and ended after the call.
+async fn engine_passes(op: &Operator) {
+    let mut renewed = op.store.lease("engine").await.unwrap().expect("an engine lease").1;
+    for _ in 0..2 {
+        let before = renewed;
+        renewed = until("the engine lease to be renewed", async || {
+            let (holder, expires) = op.store.lease("engine").await.unwrap()?;
+            (holder == op.engine_id && expires > before).then_some(expires)
+        })
+        .await;
+    }
+}
+
+/// The first instance placed for deployment `dep`, once one is.
+async fn first_instance(admin: &Client, dep: &str) -> Value {
+    until("a placement", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().cloned()
+    })
+    .await
+}
+
+/// Deployment `dep` once it says it waits for a ready node.
+async fn waiting_for_a_node(admin: &Client, dep: &str) -> Value {
+    until("a waiting reason", async || {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+        d["reason"].as_str().is_some_and(|r| r.contains("no ready node")).then_some(d)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_a_down_node_move_to_another_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,11 +97,7 @@ async fn instances_of_a_down_node_move_to_another_node() {
         let admin = admin.clone();
         async move { admin.get::<Vec<Value>>(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap() }
     };
-    let first = until("placement", || {
-        let f = instances(dep.clone());
-        async move { f.await.into_iter().next() }
-    })
-    .await;
+    let first = first_instance(&admin, &dep).await;
     assert_eq!(first["node"], a.as_str(), "spread, then the node with the most free memory");
     let id = first["id"].as_str().unwrap().to_owned();
     // The agent of node A reports the instance ready: the deployment goes live.
@@ -189,12 +222,7 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     };
 
     // Exactly one of them holds the engine lease.
-    let holder = until("an engine lease", || {
-        let store = a.store.clone();
-        async move { store.lease("engine").await.unwrap().map(|(h, _)| Value::String(h)) }
-    })
-    .await;
-    let holder = holder.as_str().unwrap().to_owned();
+    let holder = engine_holder(&a.store).await;
     assert!(holder == a.engine_id || holder == b.engine_id, "{holder}");
     // Both say who leads, and which of them they are; the metrics agree.
     let state_a: Value = via_a.get("/api/v1/cluster").await.unwrap();
@@ -251,8 +279,8 @@ async fn operators_on_one_postgres_share_the_api_and_one_runs_the_engine() {
     assert!(died.elapsed() < Duration::from_secs(10), "took over after {:?}", died.elapsed());
     let (now_holder, _) = survivor.store.lease("engine").await.unwrap().unwrap();
     assert_eq!(now_holder, survivor.engine_id);
-    // No instance was ever created twice.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // No instance was ever created twice, also by the survivor's later passes.
+    engine_passes(&survivor).await;
     for dep in [&d1, &d2] {
         let is: Vec<Value> = client.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
         assert_eq!(is.len(), 2, "{dep}: {is:?}");
@@ -309,8 +337,7 @@ async fn the_event_stream_shows_a_deployment_going_live() {
     let dev = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
     let res = dev.stream("/api/v1/events/stream?org=acme&project=web").await.unwrap();
     assert_eq!(res.headers()["content-type"], "text/event-stream");
-    // Let the feed take its first look before anything changes.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The stream is open: the feed compares every later change with what it saw by now.
     let d: Value = dev
         .post(
             "/api/v1/deployments",
@@ -319,26 +346,21 @@ async fn the_event_stream_shows_a_deployment_going_live() {
         .await
         .unwrap();
     let dep = d["id"].as_str().unwrap().to_owned();
-    let reporter = {
-        let (admin, agent, dep) = (admin.clone(), node_a.clone(), dep.clone());
-        tokio::spawn(async move {
-            loop {
-                let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-                if let Some(i) = is.first() {
-                    // As long as a real instance takes to start, so the feed sees it starting first.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let body = json!({"status": "ready", "address": "10.88.0.2:8080"});
-                    let _ = agent
-                        .put::<_, Value>(&format!("/api/v1/instances/{}/status", i["id"].as_str().unwrap()), &body)
-                        .await;
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let seen = read_events(res, |v| v["kind"] == "deployment" && v["status"] == "active").await;
-    reporter.await.unwrap();
+    // The agent reports the instance ready once the stream has shown it
+    // starting, as a real instance takes a while to start.
+    let mut reporter = None;
+    let seen = read_events(res, |v| {
+        if reporter.is_none() && v["kind"] == "instance" && v["deployment"] == dep.as_str() {
+            let (agent, id) = (node_a.clone(), v["id"].as_str().unwrap().to_owned());
+            reporter = Some(tokio::spawn(async move {
+                let body = json!({"status": "ready", "address": "10.88.0.2:8080"});
+                agent.put::<_, Value>(&format!("/api/v1/instances/{id}/status"), &body).await.ok();
+            }));
+        }
+        v["kind"] == "deployment" && v["status"] == "active"
+    })
+    .await;
+    reporter.expect("the stream showed the instance").await.unwrap();
     assert!(seen.iter().all(|v| v["org"] == "acme" && v["project"] == "web"), "{seen:?}");
     assert!(
         seen.iter().any(|v| v["kind"] == "instance" && v["status"] == "ready" && v["deployment"] == dep.as_str()),
@@ -382,11 +404,7 @@ async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
         async move { admin.get::<Value>(&format!("/api/v1/deployments/{id}")).await.unwrap() }
     };
     // No node yet: it waits, saying for what.
-    let waiting = until("a waiting reason", || async {
-        let d = show(dep.clone()).await;
-        d["reason"].as_str().is_some_and(|r| r.contains("no ready node")).then_some(d)
-    })
-    .await;
+    let waiting = waiting_for_a_node(&admin, &dep).await;
     assert_eq!(waiting["status"], "pending", "{waiting}");
 
     // A node too small for it: still waiting, now for room.
@@ -410,11 +428,7 @@ async fn deployments_wait_for_room_and_lost_instances_are_placed_again() {
     // Room appears: it is placed and goes live.
     let big_node = register("node-big", 4096).await;
     credentials.insert(big_node["id"].as_str().unwrap().to_owned(), own_credential(&base, big_node.clone()).1);
-    let instance = until("a placement", || async {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-        is.first().cloned()
-    })
-    .await;
+    let instance = first_instance(&admin, &dep).await;
     let id = instance["id"].as_str().unwrap().to_owned();
     let on_node = credentials[instance["node"].as_str().unwrap()].clone();
     let report = |id: String, status: &'static str| {
@@ -501,11 +515,7 @@ async fn a_crash_during_delivery_loses_no_notification() {
         )
         .await
         .unwrap();
-    let holder = until("an engine lease", || {
-        let store = a.store.clone();
-        async move { store.lease("engine").await.unwrap().map(|(h, _)| h) }
-    })
-    .await;
+    let holder = engine_holder(&a.store).await;
     const SENT: usize = 12;
     for _ in 0..SENT {
         via_b.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
@@ -583,11 +593,7 @@ async fn nodes_wait_for_an_admins_approval_when_required() {
         .await
         .unwrap();
     let dep = d["id"].as_str().unwrap().to_owned();
-    let waiting = until("a waiting reason", || async {
-        let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
-        d["reason"].as_str().is_some_and(|r| r.contains("no ready node")).then_some(d)
-    })
-    .await;
+    let waiting = waiting_for_a_node(&admin, &dep).await;
     assert_eq!(waiting["status"], "pending", "{waiting}");
     let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
     assert!(is.is_empty(), "a pending node gets no placement: {is:?}");
@@ -597,11 +603,7 @@ async fn nodes_wait_for_an_admins_approval_when_required() {
     assert_eq!(denied.status(), Some(403), "{denied}");
     let approved: Value = admin.post_empty(&format!("/api/admin/nodes/{id}/approve")).await.unwrap();
     assert_eq!(approved["status"], "ready", "{approved}");
-    let placed = until("a placement on the approved node", || async {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-        is.first().cloned()
-    })
-    .await;
+    let placed = first_instance(&admin, &dep).await;
     assert_eq!(placed["node"], id.as_str());
     // A second verdict on a ready node is a conflict.
     let again = admin.post_empty::<Value>(&format!("/api/admin/nodes/{id}/reject")).await.unwrap_err();

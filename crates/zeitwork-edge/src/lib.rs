@@ -715,7 +715,13 @@ async fn connection(
                 return;
             }
             let Ok(Ok(tls)) = tokio::time::timeout(header_timeout, start.into_stream(config)).await else { return };
-            serve(TokioIo::new(tls), ConnInfo { client, tls: true, sni }, state.clone(), stop).await
+            let info = ConnInfo { client, tls: true, sni };
+            // HTTP/2 goes to hyper; HTTP/1.1 (chosen, or no ALPN) takes the lean path like the plain port.
+            if tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) {
+                serve(TokioIo::new(tls), info, state.clone(), stop).await
+            } else {
+                h1::serve(tls, info, state.clone(), stop).await
+            }
         }
     }
 }

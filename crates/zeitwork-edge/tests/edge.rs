@@ -770,3 +770,97 @@ async fn plain_http_relays_every_response_framing_and_reuses_only_clean_connecti
     assert_eq!(res.status().as_u16(), 200);
     edge.shutdown().await;
 }
+
+/// HTTP/1.1 over TLS (ALPN `http/1.1`, or none) takes the lean path like the
+/// plain port: the instance's header names arrive as it wrote them (hyper
+/// would lower-case them), pipelined requests share one kept upstream
+/// connection, and a response framed by the connection's close ends with a
+/// clean TLS close; HTTP/2 on the same port stays on hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_http1_takes_the_lean_path() {
+    let w = world().await;
+    let (up, connections) = scripted_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["*.zeitwork.localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ca.cert.pem()).unwrap();
+    std::fs::write(&key, ca.signing_key.serialize_pem()).unwrap();
+    let edge = w
+        .edge(|c| {
+            c.workers = 1;
+            c.tls_cert = Some(cert.clone());
+            c.tls_key = Some(key.clone());
+        })
+        .await;
+    let dep = w.deploy(&[up]).await;
+    let host = format!("{dep}.zeitwork.localhost");
+    wait_for_host(&edge, &host).await;
+    let https = edge.https_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    // Everything the edge says on one TLS connection (ALPN `alpn`) to `bytes`,
+    // and whether it ended with close_notify.
+    let tls_raw = |alpn: Vec<Vec<u8>>, bytes: String| {
+        let (roots, host) = (roots.clone(), host.clone());
+        async move {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn;
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = TcpStream::connect(https).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(bytes.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+            (String::from_utf8_lossy(&out).into_owned(), matches!(read, Ok(Ok(_))))
+        }
+    };
+    let before = connections.load(std::sync::atomic::Ordering::SeqCst);
+    let two =
+        format!("GET /a HTTP/1.1\r\nHost: {host}\r\n\r\nGET /b HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    for alpn in [vec![b"http/1.1".to_vec()], vec![]] {
+        let (out, clean) = tls_raw(alpn.clone(), two.clone()).await;
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "ALPN {alpn:?}: {out}");
+        assert!(out.contains("\r\nX-App: 1\r\n"), "the lean path passes header names as written: {out}");
+        assert!(out.contains("x-request-id"), "{out}");
+        assert!(clean, "the connection ends with close_notify");
+    }
+    assert!(
+        connections.load(std::sync::atomic::Ordering::SeqCst) <= before + 1,
+        "kept upstream connections serve the next requests"
+    );
+    // Chunked and until-close responses arrive whole, the latter with a clean close.
+    let (out, _) = tls_raw(
+        vec![b"http/1.1".to_vec()],
+        format!("GET /chunked HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(out.contains("5\r\nhello\r\n") && out.ends_with("0\r\nx-trailer: 1\r\n\r\n"), "{out}");
+    let (out, clean) =
+        tls_raw(vec![b"http/1.1".to_vec()], format!("GET /until-close HTTP/1.1\r\nHost: {host}\r\n\r\n")).await;
+    assert!(out.ends_with("until close") && clean, "{out}");
+    // A request the lean path does not take still gets its answer over TLS.
+    let (out, _) = tls_raw(vec![b"http/1.1".to_vec()], format!("GET /x HTTP/1.0\r\nHost: {host}\r\n\r\n")).await;
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
+    // reqwest over HTTP/1.1 and over HTTP/2.
+    let client = |h1: bool| {
+        let b = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.cert.pem().as_bytes()).unwrap())
+            .resolve(&host, https);
+        let b = if h1 { b.http1_only() } else { b };
+        b.build().unwrap()
+    };
+    let url = format!("https://{host}:{}/ok", https.port());
+    let res = client(true).get(&url).send().await.unwrap();
+    assert_eq!((res.version(), res.status().as_u16()), (reqwest::Version::HTTP_11, 200));
+    assert_eq!(res.text().await.unwrap(), "ok");
+    let res = client(false).get(&url).send().await.unwrap();
+    assert_eq!((res.version(), res.status().as_u16()), (reqwest::Version::HTTP_2, 200));
+    assert_eq!(res.text().await.unwrap(), "ok");
+    edge.shutdown().await;
+}

@@ -1,25 +1,19 @@
-//! Just enough X.509 to read a certificate's expiry: PEM to DER, and the
-//! `notAfter` of the leaf (a few DER steps; no full parser needed).
+//! Just enough X.509 to read a certificate's expiry: PEM to DER (rustls'
+//! reader), and the `notAfter` of the leaf (a few DER steps; no full parser
+//! needed).
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
+use rustls_pki_types::pem::{PemObject, SectionKind};
 
-/// The DER blocks of every `label` in a PEM text.
+/// The DER blocks of every `label` (`CERTIFICATE`, `PRIVATE KEY`, `EC PRIVATE
+/// KEY`, …) in a PEM text, in order. Blocks that do not decode are left out;
+/// a label rustls does not know has none.
 pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = pem;
-    while let Some(start) = rest.find(&begin) {
-        let after = &rest[start + begin.len()..];
-        let Some(stop) = after.find(&end) else { break };
-        let b64: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
-        if let Ok(der) = STANDARD.decode(b64) {
-            out.push(der);
-        }
-        rest = &after[stop + end.len()..];
-    }
-    out
+    let Ok(kind) = SectionKind::try_from(label.as_bytes()) else { return Vec::new() };
+    <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|(k, _)| *k == kind)
+        .map(|(_, der)| der)
+        .collect()
 }
 
 /// One DER element: (tag, contents, rest).
@@ -103,5 +97,17 @@ mod tests {
         assert_eq!(not_after(b"\x30\x03\x02\x01"), None);
         assert_eq!(not_after(&[]), None);
         assert!(pem_blocks("nonsense", "CERTIFICATE").is_empty());
+    }
+
+    #[test]
+    fn pem_blocks_by_label_skipping_what_does_not_decode() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let broken = "-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n";
+        let bundle = format!("{}{broken}{}", key.serialize_pem(), cert.pem());
+        assert_eq!(pem_blocks(&bundle, "CERTIFICATE"), vec![cert.der().to_vec()]);
+        assert_eq!(pem_blocks(&bundle, "PRIVATE KEY"), vec![key.serialize_der()]);
+        assert!(pem_blocks(&bundle, "EC PRIVATE KEY").is_empty());
+        assert!(pem_blocks(&bundle, "NO SUCH LABEL").is_empty());
     }
 }

@@ -16,6 +16,8 @@ use zeitwork_runtime::net::{EgressAllow, ProjectNetworks};
 use zeitwork_runtime::AnyRuntime;
 use zeitwork_runtime::{InstanceSpec, InstanceState, Runtime};
 
+use crate::sweep::InUse;
+
 /// Crashes within [`CRASH_WINDOW`] after which an instance is reported as a crash loop.
 pub const CRASH_LOOP: u32 = 5;
 pub const CRASH_WINDOW: Duration = Duration::from_secs(120);
@@ -345,6 +347,7 @@ pub async fn run(
     runtime: Arc<AnyRuntime>,
     table: Table,
     s: Settings,
+    in_use: Arc<InUse>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_gc = Instant::now();
@@ -354,7 +357,7 @@ pub async fn run(
     loop {
         let current = assigned.borrow_and_update().clone();
         if let Some(list) = current {
-            converge(&client, &images, &runtime, &table, &s, list).await;
+            converge(&client, &images, &runtime, &table, &s, &in_use, list).await;
         }
         if let Some(base) = s.private_networks {
             let want = project_networks(&*table.read().await);
@@ -479,6 +482,7 @@ async fn converge(
     runtime: &Arc<AnyRuntime>,
     table: &Table,
     s: &Settings,
+    in_use: &Arc<InUse>,
     assigned: Vec<Assignment>,
 ) {
     let wanted: HashMap<String, Assignment> = assigned.into_iter().map(|a| (a.instance.clone(), a)).collect();
@@ -486,19 +490,22 @@ async fn converge(
     // its whole grace period to stop must not hold up instances starting now.
     let gone: Vec<String> = table.read().await.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
     for id in gone {
+        // Known to the sweeper until its teardown is over.
+        in_use.stop_begins(&id);
         let local = table.write().await.remove(&id);
         if let Some(f) = &s.forward {
             f.forget(&id);
         }
-        let (client, runtime, grace) = (client.clone(), runtime.clone(), s.stop_grace);
+        let (client, runtime, grace, in_use) = (client.clone(), runtime.clone(), s.stop_grace, in_use.clone());
         tokio::spawn(async move {
             // An instance that already ended (and was reported so) is only cleaned up.
             let ended =
                 local.is_some_and(|l| l.failed) || matches!(runtime.state(&id).await, Ok(InstanceState::Exited(_)));
             let exit = runtime.stop(&id, grace).await.ok();
             if let Err(e) = runtime.destroy(&id).await {
-                tracing::warn!(instance = %id, error = %e, "cannot clean up a stopped instance; it may leak");
+                tracing::warn!(instance = %id, error = %e, "cannot clean up a stopped instance; the sweeper removes what leaked");
             }
+            in_use.stop_ends(&id);
             if !ended {
                 let code = exit.as_ref().and_then(|e| e.code);
                 let reason = "no longer assigned to this node";
@@ -527,7 +534,11 @@ async fn converge(
                 }
                 let local = Local::starting(a.clone(), Vec::new());
                 let generation = local.generation;
-                table.write().await.insert(id.clone(), local);
+                {
+                    // Not while a sweep runs: it could not know of this instance's objects.
+                    let _adding = in_use.adding().await;
+                    table.write().await.insert(id.clone(), local);
+                }
                 tokio::spawn(bring_up(
                     client.clone(),
                     images.clone(),

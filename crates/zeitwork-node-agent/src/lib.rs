@@ -11,6 +11,7 @@ pub mod host;
 pub mod instances;
 pub mod logs;
 pub mod probe;
+pub mod sweep;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -103,6 +104,10 @@ pub struct NodeAgentConfig {
     pub log_forward_token: Option<String>,
     /// Days instance logs are kept on the node after their instance last wrote.
     pub log_retention_days: u32,
+    /// Seconds between sweeps for leftovers (containers, processes, mounts, network
+    /// namespaces, veth/tap devices, cgroups, directories) of instances this node does
+    /// not run, besides the sweep at start; 0 turns the periodic sweep off.
+    pub sweep_interval_secs: u64,
 }
 
 impl Default for NodeAgentConfig {
@@ -146,6 +151,7 @@ impl Default for NodeAgentConfig {
             log_forward_ca: None,
             log_forward_token: None,
             log_retention_days: 3,
+            sweep_interval_secs: 300,
         }
     }
 }
@@ -222,6 +228,9 @@ impl NodeAgentConfig {
         }
         if !(1..=3650).contains(&self.log_retention_days) {
             return err("log_retention_days", "use 1 to 3650".into());
+        }
+        if self.sweep_interval_secs > 86_400 {
+            return err("sweep_interval_secs", "use 1 to 86400 seconds, or 0 to sweep only at start".into());
         }
         if !matches!(self.build_storage_driver.as_str(), "vfs" | "overlay") {
             return err("build_storage_driver", format!("{:?} is not vfs or overlay", self.build_storage_driver));
@@ -311,13 +320,14 @@ impl NodeAgent {
         logs.prune(Duration::from_secs(u64::from(config.log_retention_days) * 86_400));
         // What instances of an earlier run left behind (the agent was killed
         // before it could stop them) goes before any runtime starts.
-        let leftovers = zeitwork_runtime::sweep::sweep(&zeitwork_runtime::sweep::Scope {
+        let sweep_scope = zeitwork_runtime::sweep::Scope {
             dirs: vec![config.data_dir.join("instances"), config.data_dir.join("vms")],
             base: config.instance_range,
             oci_runtimes: vec![config.oci_runtime.clone()],
             known: Default::default(),
-        })
-        .await;
+            grace: Duration::ZERO,
+        };
+        let leftovers = zeitwork_runtime::sweep::sweep(&sweep_scope).await;
         if !leftovers.is_empty() {
             tracing::warn!(count = leftovers.len(), "removed what an earlier run left behind");
         }
@@ -365,6 +375,8 @@ impl NodeAgent {
         };
 
         let metrics = HttpMetrics::new("zeitwork_node_agent");
+        let swept = sweep::Swept::register(&metrics);
+        swept.count(&leftovers);
         let table: instances::Table = Arc::default();
         let forwarder = Arc::new(forward::Forwarder::new(table.clone(), &config.operator_url));
         // Requests naming an instance are always forwarded, whatever their path.
@@ -455,12 +467,24 @@ impl NodeAgent {
                 }
                 let runtime = Arc::new(selected.runtime);
                 let _ = runtime_cell.set(runtime.clone());
+                let in_use = Arc::new(sweep::InUse::default());
+                if config.sweep_interval_secs > 0 {
+                    tasks.push(tokio::spawn(sweep::run(
+                        sweep_scope,
+                        table.clone(),
+                        in_use.clone(),
+                        Duration::from_secs(config.sweep_interval_secs),
+                        swept,
+                        rx.clone(),
+                    )));
+                }
                 tasks.push(tokio::spawn(instances::run(
                     client.clone(),
                     Arc::new(images),
                     runtime,
                     table,
                     settings,
+                    in_use,
                     rx.clone(),
                 )));
             }

@@ -156,6 +156,17 @@ impl Platform {
     }
 }
 
+/// Waits until `served` (the answers a load loop counts) grows by `more`:
+/// requests that went on after a switch, whatever the machine's speed.
+async fn served_more(served: &std::sync::atomic::AtomicUsize, more: usize, what: &str) {
+    let from = served.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.load(std::sync::atomic::Ordering::Relaxed) < from + more {
+        assert!(Instant::now() < deadline, "fewer than {more} requests {what} within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
     let reg = zeitwork_testkit::Registry::start().unwrap();
@@ -475,14 +486,16 @@ async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promo
 
     // New resources roll over to a new deployment of the same image, with no failed request.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hammer = {
-        let stop = stop.clone();
+        let (stop, served) = (stop.clone(), served.clone());
         tokio::spawn(async move {
             let (mut ok, mut bad) = (0, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (status, body) = fetch("web-acme.zeitwork.localhost").await;
                 if status == 200 && body == "v3\n" {
                     ok += 1;
+                    served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 } else {
                     bad.push((status, body));
                 }
@@ -503,7 +516,8 @@ async fn new_deployments_switch_without_failed_requests_then_roll_back_and_promo
         assert!(Instant::now() < deadline, "the new resources never rolled over");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Requests go on a while after the switch, to the new deployment.
+    served_more(&served, 20, "answered after the rollover").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, bad) = hammer.await.unwrap();
     assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
@@ -713,13 +727,17 @@ async fn draining_a_node_moves_its_instances_without_failed_requests() {
     let first: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
     let node = first[0]["node"].as_str().unwrap().to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hammer = {
-        let stop = stop.clone();
+        let (stop, served) = (stop.clone(), served.clone());
         tokio::spawn(async move {
             let (mut ok, mut bad) = (0, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match fetch().await {
-                    200 => ok += 1,
+                    200 => {
+                        ok += 1;
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     other => bad.push(other),
                 }
             }
@@ -737,8 +755,8 @@ async fn draining_a_node_moves_its_instances_without_failed_requests() {
         assert!(Instant::now() < deadline, "the node never drained: {n}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Requests go on a little after the move, to the new instance.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Requests go on a while after the move, to the new instance.
+    served_more(&served, 20, "answered after the drain").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, bad) = hammer.await.unwrap();
     assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");
@@ -975,14 +993,19 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Answers by the deployment rolled back to.
+    let rolled_back = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hammer = {
-        let (stop, fetch) = (stop.clone(), fetch.clone());
+        let (stop, fetch, rolled_back) = (stop.clone(), fetch.clone(), rolled_back.clone());
         tokio::spawn(async move {
             let (mut ok, mut bad, mut last) = (0, Vec::new(), String::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (status, body) = fetch("web-acme.zeitwork.localhost".into()).await;
                 if status == 200 {
                     ok += 1;
+                    if body == "v2\n" {
+                        rolled_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     last = body;
                 } else {
                     bad.push((status, body));
@@ -994,7 +1017,8 @@ async fn deployments_sleep_and_wake_on_request_on_a_small_node() {
     let back: Value = p.admin.post("/api/v1/projects/acme/web/rollback", &json!({"to": asleep})).await.unwrap();
     assert_eq!(back["status"], "waking", "{back}");
     wait_active(asleep.clone()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Production's requests reach the woken deployment.
+    served_more(&rolled_back, 10, "answered by the woken deployment").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, bad, last) = hammer.await.unwrap();
     assert!(bad.is_empty() && ok > 10, "{ok} ok, failed: {bad:?}");

@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use zeitwork_node_agent::NodeAgent;
@@ -283,4 +284,132 @@ async fn a_new_agent_removes_what_a_killed_one_left_and_nothing_else() {
     drop(undo);
     assert!(left.is_empty(), "left behind after the new agent started: {left:?}");
     assert!(gone.is_empty(), "removed though not this node's: {gone:?}");
+}
+
+/// While the agent runs, its periodic sweep removes the leftover of an
+/// instance it does not run (a directory last changed ten minutes ago with
+/// its overlay mount, a network namespace and a veth of the node's range),
+/// logs and counts it on `/metrics`, and leaves alone the instance it runs
+/// (started while sweeps went on every second) and a directory changed lately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_sweeps_leftovers_and_keeps_its_instances() {
+    const RANGE: &str = "10.204.0.0";
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg.push_busybox("acme/web", "v1", "exec /bin/busybox httpd -f -p $PORT -h /www").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let instances = dir.path().join("agent").join("instances");
+    let tag = std::process::id() % 100_000;
+    let mut undo = Cleanup::default();
+    let (op, base, admin) = common::operator(
+        dir.path(),
+        Default::default(),
+        json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}}),
+    )
+    .await;
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let agent = NodeAgent::start(zeitwork_node_agent::NodeAgentConfig {
+        sweep_interval_secs: 1,
+        metrics_token: Some("scrape".into()),
+        ..common::agent_config(&base, token, dir.path(), "sweeper", RANGE)
+    })
+    .await
+    .unwrap();
+
+    // An instance the agent runs, started while it sweeps.
+    let d: serde_json::Value = admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let live = loop {
+        let listed = op.store.list_instances(&dep).await.unwrap();
+        if let Some(i) = listed.into_iter().find(|i| i.status.as_str() == "ready") {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instance never became ready: {:?}",
+            op.store.list_instances(&dep).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let live_addr = live.address.clone().expect("a ready instance has an address");
+
+    // A leftover made while the agent runs, last changed ten minutes ago.
+    let old = format!("sweep-old-{tag}");
+    let old_dir = instances.join(&old);
+    let lower = dir.path().join("lower");
+    std::fs::create_dir_all(&lower).unwrap();
+    for d in ["upper", "work", "rootfs"] {
+        std::fs::create_dir_all(old_dir.join(d)).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        old_dir.join("upper").display(),
+        old_dir.join("work").display()
+    );
+    sh(&["mount", "-t", "overlay", "overlay", "-o", &opts, old_dir.join("rootfs").to_str().unwrap()]);
+    undo.undo(&["umount", "-l", old_dir.join("rootfs").to_str().unwrap()]);
+    let (old_ns, old_veth, old_peer) = (netns_name(&old), device("zwh", &old), device("zwc", &old));
+    sh(&["ip", "netns", "add", &old_ns]);
+    undo.undo(&["ip", "netns", "del", &old_ns]);
+    undo.undo(&["ip", "link", "del", &old_veth]);
+    sh(&["ip", "link", "add", &old_veth, "type", "veth", "peer", "name", &old_peer]);
+    sh(&["ip", "link", "set", &old_peer, "netns", &old_ns]);
+    sh(&["ip", "-n", &old_ns, "addr", "add", "10.204.200.2/30", "dev", &old_peer]);
+    sh(&["ip", "addr", "add", "10.204.200.1/30", "dev", &old_veth]);
+    let ten_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(600);
+    std::fs::File::open(&old_dir).unwrap().set_modified(ten_minutes_ago).unwrap();
+    // One changed just now: within the grace, as an instance being created.
+    let fresh_dir = instances.join(format!("sweep-fresh-{tag}"));
+    std::fs::create_dir_all(&fresh_dir).unwrap();
+    std::fs::write(fresh_dir.join("config.json"), "{}").unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<&str> = [
+            ("mount", mounted(&old_dir.join("rootfs"))),
+            ("directory", old_dir.exists()),
+            ("netns", has_netns(&old_ns)),
+            ("veth", has_link(&old_veth)),
+        ]
+        .into_iter()
+        .filter_map(|(what, still)| still.then_some(what))
+        .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the periodic sweep left the leftover's {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", agent.addr()))
+        .bearer_auth("scrape")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["mount", "netns", "directory"] {
+        let line = format!("zeitwork_node_agent_swept_total{{kind=\"{kind}\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in {metrics}");
+    }
+
+    // The instance it runs, and the directory changed lately, are still there.
+    assert!(fresh_dir.exists(), "a directory changed within the grace was swept");
+    assert!(instances.join(&live.id).exists(), "the live instance's directory was swept");
+    assert!(has_netns(&netns_name(&live.id)), "the live instance's network namespace was swept");
+    let res = reqwest::get(format!("http://{live_addr}/")).await.unwrap();
+    assert_eq!(res.status(), 200, "the live instance still serves");
+    assert_eq!(op.store.get_instance(&live.id).await.unwrap().status.as_str(), "ready");
+
+    agent.shutdown().await;
+    drop(op);
+    drop(undo);
 }

@@ -15,10 +15,16 @@
 //! - instance directories no known instance owns.
 //!
 //! Every removal is logged; a removal that fails is logged with what leaked.
+//!
+//! The agent sweeps once before it starts any runtime, and then periodically
+//! while it runs: then `known` holds every instance it runs, starts or stops,
+//! and instance directories changed within `grace` count as known too (a
+//! start in progress that the caller could not see yet).
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::process::Command;
 
@@ -33,6 +39,9 @@ pub struct Scope {
     pub oci_runtimes: Vec<PathBuf>,
     /// Instances that still run and keep everything they own.
     pub known: HashSet<String>,
+    /// Instance directories changed within this long are left alone with
+    /// everything of their instance (zero: none is; nothing runs yet).
+    pub grace: Duration,
 }
 
 /// One thing the sweeper removed.
@@ -63,8 +72,37 @@ impl Scope {
     }
 }
 
+/// Ids of the instance directories changed within `grace`.
+fn recent(scope: &Scope) -> Vec<String> {
+    if scope.grace.is_zero() {
+        return Vec::new();
+    }
+    let mut ids = Vec::new();
+    for dir in &scope.dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries.flatten() {
+            let changed = entry.metadata().and_then(|m| m.modified()).ok();
+            // A time in the future (a clock step) counts as recent too.
+            let young = changed.is_none_or(|t| !t.elapsed().is_ok_and(|age| age >= scope.grace));
+            if young {
+                ids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    ids
+}
+
 /// Sweeps the host once; returns what was removed.
 pub async fn sweep(scope: &Scope) -> Vec<Removed> {
+    let young = recent(scope);
+    let extended;
+    let scope = if young.is_empty() {
+        scope
+    } else {
+        tracing::debug!(instances = ?young, "instance directories changed lately; left alone this time");
+        extended = Scope { known: scope.known.iter().cloned().chain(young).collect(), ..scope.clone() };
+        &extended
+    };
     let mut removed = Vec::new();
     let listed = containers(scope, &mut removed).await;
     processes(scope, &mut removed);
@@ -78,7 +116,7 @@ pub async fn sweep(scope: &Scope) -> Vec<Removed> {
 
 fn note(removed: &mut Vec<Removed>, kind: &'static str, name: impl Into<String>) {
     let name = name.into();
-    tracing::warn!(kind, name = %name, "removed a leftover of an earlier run");
+    tracing::warn!(kind, name = %name, "removed a leftover of an instance this node does not run");
     removed.push(Removed { kind, name });
 }
 
@@ -317,7 +355,22 @@ mod tests {
             base: "10.88.0.0".parse().unwrap(),
             oci_runtimes: vec![],
             known: ["keep".to_owned()].into(),
+            grace: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn directories_changed_within_the_grace_count_as_known() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in ["fresh", "old"] {
+            std::fs::create_dir(dir.path().join(id)).unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::open(dir.path().join("old")).unwrap().set_modified(long_ago).unwrap();
+        let mut s = Scope { dirs: vec![dir.path().to_owned()], ..scope() };
+        assert!(recent(&s).is_empty(), "no grace: nothing is spared");
+        s.grace = Duration::from_secs(60);
+        assert_eq!(recent(&s), vec!["fresh".to_owned()]);
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub async fn event_stream(
     }
     let visible = caller.visible_orgs();
     let admin = caller.is_admin();
-    let mut rx = s.feed.subscribe();
+    let mut rx = s.feed.subscribe().await;
     let stats = s.sse.clone();
     let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Event>| async move {
         // Counted as open until the client goes away.

@@ -168,7 +168,10 @@ pub async fn put_certificate(
             let leaf = der.first().ok_or_else(|| ValidationError::new("cert_pem", "no PEM CERTIFICATE block"))?;
             let not_after = certs::not_after(leaf)
                 .ok_or_else(|| ValidationError::new("cert_pem", "the certificate's validity cannot be read"))?;
-            if !key.contains("PRIVATE KEY-----") {
+            if ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"]
+                .iter()
+                .all(|l| certs::pem_blocks(&key, l).is_empty())
+            {
                 return Err(ValidationError::new("key_pem", "no PEM PRIVATE KEY block").into());
             }
             let enc = s.cipher.encrypt(&cert_context(&domain), &key);

@@ -5,7 +5,7 @@
 use std::io;
 
 use hyper::{Response, StatusCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::framing::{Chunks, Framing};
@@ -40,13 +40,13 @@ pub(super) fn bad_gateway(detail: &str) -> Response<Body> {
 /// Picks an instance, sends the request (retrying refused connections on
 /// other instances and stale pooled connections on fresh ones) and relays
 /// the response.
-pub(super) async fn forward(
+pub(super) async fn forward<C: AsyncWrite + Unpin>(
     state: &EdgeState,
     route: &zeitwork_api_types::Route,
     plan: &Plan,
     body: &[u8],
     bufs: &mut Buffers,
-    client: &mut TcpStream,
+    client: &mut C,
 ) -> Forwarded {
     let Buffers { request: out, upstream: upbuf, response_head: client_head } = bufs;
     let head_len = out.len();
@@ -133,12 +133,12 @@ pub(super) async fn forward(
 /// straight to the client). On success `client_head` holds the head
 /// rewritten for the client and `upbuf` the instance's head followed by the
 /// body bytes read so far.
-pub(super) async fn exchange(
+pub(super) async fn exchange<C: AsyncWrite + Unpin>(
     up: &mut TcpStream,
     request: &[u8],
     upbuf: &mut Vec<u8>,
     plan: &Plan,
-    client: &mut TcpStream,
+    client: &mut C,
     client_head: &mut Vec<u8>,
 ) -> Result<ResponseHead, UpstreamError> {
     if up.write_all(request).await.is_err() {
@@ -158,7 +158,7 @@ pub(super) async fn exchange(
                 Ok(None) => break,
                 Err(why) => return Err(UpstreamError::Failed(why)),
                 Ok(Some(head)) if (100..200).contains(&head.status) => {
-                    let _ = client.write_all(client_head).await;
+                    let _ = send(client, client_head).await;
                     upbuf.drain(..head.head_len);
                     if upbuf.is_empty() {
                         break;
@@ -173,9 +173,9 @@ pub(super) async fn exchange(
 /// Sends the rewritten head and the body to the client. `Ok(true)` when the
 /// body ended exactly where its framing said, so the instance's connection
 /// can be reused.
-pub(super) async fn relay(
+pub(super) async fn relay<C: AsyncWrite + Unpin>(
     up: &mut TcpStream,
-    client: &mut TcpStream,
+    client: &mut C,
     client_head: &[u8],
     upbuf: &mut Vec<u8>,
     head: &ResponseHead,
@@ -185,7 +185,7 @@ pub(super) async fn relay(
     let body = upbuf.len() - start;
     match head.framing {
         Framing::Empty => {
-            client.write_all(client_head).await.map_err(|_| GONE)?;
+            send(client, client_head).await.map_err(|_| GONE)?;
             Ok(body == 0)
         }
         Framing::Length(n) => {
@@ -199,7 +199,7 @@ pub(super) async fn relay(
                     Ok(0) | Err(_) => return Err("the application closed the connection mid-body".into()),
                     Ok(m) => {
                         let take = (m as u64).min(left) as usize;
-                        client.write_all(&upbuf[..take]).await.map_err(|_| GONE)?;
+                        send(client, &upbuf[..take]).await.map_err(|_| GONE)?;
                         left -= take as u64;
                         if take < m {
                             return Ok(false);
@@ -222,7 +222,7 @@ pub(super) async fn relay(
                     Ok(_) => {
                         let used = chunks.feed(upbuf)?;
                         clean = used == upbuf.len();
-                        client.write_all(&upbuf[..used]).await.map_err(|_| GONE)?;
+                        send(client, &upbuf[..used]).await.map_err(|_| GONE)?;
                     }
                 }
             }
@@ -235,7 +235,7 @@ pub(super) async fn relay(
                 match read_more(up, upbuf).await {
                     Ok(0) => return Ok(false),
                     Err(_) => return Err("the application reset the connection".into()),
-                    Ok(_) => client.write_all(upbuf).await.map_err(|_| GONE)?,
+                    Ok(_) => send(client, upbuf).await.map_err(|_| GONE)?,
                 }
             }
         }
@@ -257,10 +257,18 @@ impl From<&'static str> for RelayError {
     }
 }
 
-/// Writes `a` then `b`, in one system call when the socket takes both.
-pub(super) async fn write_both(w: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to the client and flushes: a TLS stream may hold back what
+/// the socket did not take at once, and the next bytes may be long in coming
+/// (a plain socket's flush does nothing).
+pub(super) async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Writes `a` then `b` and flushes, in one system call when the socket takes both.
+pub(super) async fn write_both<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
     if b.is_empty() {
-        return w.write_all(a).await;
+        return send(w, a).await;
     }
     let n = w.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?;
     if n == 0 {
@@ -268,8 +276,8 @@ pub(super) async fn write_both(w: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Res
     }
     if n < a.len() {
         w.write_all(&a[n..]).await?;
-        w.write_all(b).await
+        send(w, b).await
     } else {
-        w.write_all(&b[n - a.len()..]).await
+        send(w, &b[n - a.len()..]).await
     }
 }
