@@ -273,6 +273,8 @@ pub struct NodeAgent {
     node: Node,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The instance range whose firewall table goes once the instances have stopped.
+    range: Ipv4Addr,
 }
 
 impl NodeAgent {
@@ -515,7 +517,7 @@ impl NodeAgent {
             rx,
         ));
         tasks.push(heartbeats);
-        Ok(NodeAgent { addr, node, shutdown: tx, tasks })
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -526,13 +528,27 @@ impl NodeAgent {
         &self.node
     }
 
+    /// Stops every task (the instances with them), then removes the range's
+    /// firewall table, which fences nothing any more. When a task failed,
+    /// instances may still run: the table stays, and the next start sweeps it.
     pub async fn shutdown(self) {
         // The tasks may have ended already; then no one listens.
         let _ = self.shutdown.send(true);
+        let mut clean = true;
         for t in self.tasks {
             if let Err(e) = t.await {
+                clean = false;
                 tracing::error!(error = %e, "a node agent task failed while stopping");
             }
+        }
+        if !clean {
+            tracing::warn!(range = %self.range, "the instance firewall stays: instances may still run");
+            return;
+        }
+        match zeitwork_runtime::net::remove_policy(self.range).await {
+            // No nftables here: there was no firewall either (and no instances).
+            Ok(_) | Err(zeitwork_runtime::RuntimeError::Unavailable(..)) => {}
+            Err(e) => tracing::warn!(range = %self.range, error = %e, "the instance firewall was left on the host"),
         }
     }
 }
