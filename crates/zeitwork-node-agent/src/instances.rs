@@ -36,7 +36,7 @@ pub struct Local {
 
 impl Local {
     /// An instance about to be (re)started, with its crash history.
-    fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
+    pub(crate) fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Local { assignment, address: None, ready: false, image_digest: None, crashes, failed: false, generation }

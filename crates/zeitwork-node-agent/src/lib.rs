@@ -597,22 +597,29 @@ async fn heartbeat_loop(
     }
 }
 
-/// Binds the instances' resolver and points their DNS at it (the firewall
-/// sends their queries to the host on to its port).
+/// Binds the instances' resolver (UDP and TCP, one port) and points their DNS
+/// at it (the firewall sends their queries to the host on to its port).
 async fn start_resolver(
     config: &NodeAgentConfig,
     table: instances::Table,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let socket = tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], config.dns_port)))
+    let addr = SocketAddr::from(([0, 0, 0, 0], config.dns_port));
+    let socket = tokio::net::UdpSocket::bind(addr)
         .await
         .map_err(|e| format!("cannot bind the resolver to UDP port {}: {e}", config.dns_port))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot bind the resolver to TCP port {}: {e}", config.dns_port))?;
     zeitwork_runtime::net::apply_policy(config.instance_range, Some(config.dns_port))
         .await
         .map_err(|e| e.to_string())?;
     let upstreams = config.dns_upstreams.clone().unwrap_or_else(dns::host_upstreams);
-    tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks");
-    Ok(tokio::spawn(dns::serve(socket, table, upstreams, stop)))
+    tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks (UDP and TCP)");
+    let tcp = dns::serve_tcp(listener, table.clone(), upstreams.clone(), stop.clone());
+    Ok(tokio::spawn(async move {
+        tokio::join!(dns::serve(socket, table, upstreams, stop), tcp);
+    }))
 }
 
 #[cfg(test)]
