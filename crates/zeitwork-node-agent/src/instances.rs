@@ -64,6 +64,8 @@ pub struct Settings {
     /// The instance range whose firewall carries the private project networks,
     /// when this node serves them (its resolver runs).
     pub private_networks: Option<std::net::Ipv4Addr>,
+    /// The addresses of the host names in egress allow-lists ([`crate::egress`]).
+    pub egress_names: crate::egress::Resolved,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -357,7 +359,8 @@ pub async fn run(
             converge(&client, &images, &runtime, &table, &s, list).await;
         }
         if let Some(base) = s.private_networks {
-            let want = project_networks(&*table.read().await);
+            let resolved = s.egress_names.read().map(|r| r.clone()).unwrap_or_default();
+            let want = project_networks(&*table.read().await, &resolved);
             if networks.as_ref() != Some(&want) {
                 match zeitwork_runtime::net::set_project_networks(base, &want).await {
                     Ok(()) => networks = Some(want),
@@ -411,8 +414,12 @@ pub async fn run(
 }
 
 /// The private networks of the node's running instances: who is who, who
-/// may talk to whom (instances of one network), and who may reach what outside.
-pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
+/// may talk to whom (instances of one network), and who may reach what outside
+/// (host names in allow-lists by their `resolved` addresses; none yet: nothing).
+pub fn project_networks(
+    table: &HashMap<String, Local>,
+    resolved: &HashMap<String, Vec<std::net::Ipv4Addr>>,
+) -> ProjectNetworks {
     let mut n = ProjectNetworks::default();
     let mut by_network: HashMap<&str, Vec<std::net::Ipv4Addr>> = HashMap::new();
     let mut locals: Vec<_> = table.values().collect();
@@ -424,13 +431,22 @@ pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
         n.addresses.push((link, private));
         by_network.entry(net.prefix.as_str()).or_default().push(link);
         if let Some(egress) = &net.egress {
+            use zeitwork_api_types::validate::EgressEntry;
             let allow = egress
                 .allow
                 .iter()
-                .filter_map(|a| zeitwork_api_types::validate::EgressRule::parse(a).ok())
-                .map(|r| EgressAllow { addr: r.addr, prefix_len: r.prefix_len, port: r.port })
+                .filter_map(|a| EgressEntry::parse(a).ok())
+                .flat_map(|e| match e {
+                    EgressEntry::Net(r) => vec![EgressAllow { addr: r.addr, prefix_len: r.prefix_len, port: r.port }],
+                    EgressEntry::Host { name, port } => resolved
+                        .get(&name)
+                        .into_iter()
+                        .flatten()
+                        .map(|addr| EgressAllow { addr: *addr, prefix_len: 32, port })
+                        .collect(),
+                })
                 .collect();
-            n.egress.push((link, allow));
+            n.egress.push((link, without_overlaps(allow)));
         }
     }
     let mut groups: Vec<_> = by_network.into_values().collect();
@@ -441,6 +457,26 @@ pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
         }
     }
     n
+}
+
+/// The entries no other entry (with the same port) already covers: the
+/// firewall's interval sets refuse overlapping elements, and a name may
+/// resolve to an address a block of the list holds.
+fn without_overlaps(mut allow: Vec<EgressAllow>) -> Vec<EgressAllow> {
+    let covers = |b: &EgressAllow, a: &EgressAllow| {
+        let mask = if b.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(b.prefix_len)) };
+        b.port == a.port && b.prefix_len <= a.prefix_len && u32::from(a.addr) & mask == u32::from(b.addr)
+    };
+    allow.sort_by_key(|a| (a.prefix_len, a.addr, a.port));
+    allow.dedup();
+    let mut kept: Vec<EgressAllow> = Vec::with_capacity(allow.len());
+    for a in allow {
+        // Wider blocks come first, so a covering entry is already kept.
+        if !kept.iter().any(|b| covers(b, &a)) {
+            kept.push(a);
+        }
+    }
+    kept
 }
 
 /// Long-polls this node's assignments and publishes each new set.

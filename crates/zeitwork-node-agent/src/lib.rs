@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod dns;
+pub mod egress;
 pub mod forward;
 pub mod host;
 pub mod instances;
@@ -73,6 +74,9 @@ pub struct NodeAgentConfig {
     /// Resolvers asked for names outside the private networks; the host's
     /// (`/etc/resolv.conf`) when absent. Empty: such names are refused.
     pub dns_upstreams: Option<Vec<SocketAddr>>,
+    /// The resolver asked for the addresses of host names in egress allow-lists;
+    /// the host's first name server (`/etc/resolv.conf`) when absent.
+    pub dns_resolver: Option<SocketAddr>,
     pub registries: zeitwork_image::RegistryConfig,
     /// Readiness: HTTP GET on this path must answer below 500 (TCP connect when HTTP fails).
     pub health_path: String,
@@ -131,6 +135,7 @@ impl Default for NodeAgentConfig {
             instance_range: Ipv4Addr::new(10, 88, 0, 0),
             dns_port: 8053,
             dns_upstreams: None,
+            dns_resolver: None,
             registries: zeitwork_image::RegistryConfig::default(),
             health_path: "/".into(),
             start_timeout_secs: 60,
@@ -442,6 +447,7 @@ impl NodeAgent {
                     image_cache_bytes: config.image_cache_bytes,
                     forward: forward.clone(),
                     private_networks: None,
+                    egress_names: Default::default(),
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {
@@ -449,6 +455,17 @@ impl NodeAgent {
                         Ok(task) => {
                             tasks.push(task);
                             settings.private_networks = Some(config.instance_range);
+                            match egress::resolver(config.dns_resolver) {
+                                Some(server) => tasks.push(tokio::spawn(egress::run(
+                                    table.clone(),
+                                    settings.egress_names.clone(),
+                                    server,
+                                    rx.clone(),
+                                ))),
+                                None => tracing::warn!(
+                                    "no resolver for host names in egress allow-lists (set dns_resolver); they allow nothing"
+                                ),
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "no resolver; instances use the host's and have no private network")

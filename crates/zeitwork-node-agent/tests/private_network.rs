@@ -207,6 +207,11 @@ async fn private_network() {
     config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
     // No resolver upstream: names outside the private networks are refused (no internet here).
     config.dns_upstreams = Some(Vec::new());
+    // Host names of allow-lists are asked of a DNS server on loopback.
+    let dns_port = zeitwork_testkit::free_udp_port();
+    let names = |ip: [u8; 4]| vec![zeitwork_testkit::DnsRecord::A("api.outside.test".into(), ip.into())];
+    let dns = zeitwork_testkit::Dnsmasq::start_on(dns_port, &names([198, 51, 100, 2])).unwrap();
+    config.dns_resolver = Some(dns.addr());
     let agent = NodeAgent::start(config).await.unwrap();
     let outside = Outside::start();
 
@@ -267,7 +272,13 @@ async fn private_network() {
     assert_eq!(probe(a, "get", "198.51.100.2:80").await.trim(), "outside");
     assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "outside");
     // Bad allow-lists are refused with the field named.
-    for bad in [json!({"allow": ["example.com:443"]}), json!({"allow": ["198.51.100.2/24"]}), json!({"deny": []})] {
+    for bad in [
+        json!({"allow": ["api.example.com:0"]}),
+        json!({"allow": ["api.example.com:65536"]}),
+        json!({"allow": ["not a host"]}),
+        json!({"allow": ["198.51.100.2/24"]}),
+        json!({"deny": []}),
+    ] {
         let e = admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": bad})).await.unwrap_err();
         let e = e.to_string();
         assert!(e.contains("400") && e.contains("egress"), "{bad}: {e}");
@@ -292,6 +303,32 @@ async fn private_network() {
         assert!(Instant::now() < deadline, "lifting the allow-list never took effect");
     }
 
+    // By host name: the agent resolves it and allows its address, on that port only.
+    let p: Value =
+        admin.patch("/api/v1/projects/acme/web", &json!({"egress": {"allow": ["api.outside.test:80"]}})).await.unwrap();
+    assert_eq!(p["egress"]["allow"][0], "api.outside.test:80");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe(a, "get", "198.51.100.2:80").await.trim() != "outside" {
+        assert!(Instant::now() < deadline, "the name's address was never allowed\nfirewall:\n{}", ruleset());
+    }
+    assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "unreachable");
+    // The name moves: its old address leaves the allow-list once the answer is
+    // asked again (its TTL, at least 30 s).
+    drop(dns);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _dns = loop {
+        match zeitwork_testkit::Dnsmasq::start_on(dns_port, &names([198, 51, 100, 3])) {
+            Ok(d) => break d,
+            // The previous one may hold the port a moment longer.
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while probe(a, "get", "198.51.100.2:80").await.trim() != "unreachable" {
+        assert!(Instant::now() < deadline, "a stale address stayed allowed\nfirewall:\n{}", ruleset());
+    }
+    admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": null})).await.unwrap();
 
     agent.shutdown().await;
     drop(outside);
