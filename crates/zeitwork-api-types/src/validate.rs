@@ -968,7 +968,7 @@ impl EgressEntry {
             None => (s, None),
         };
         // A name ends in a label that is not all digits; anything else is an address.
-        let last = host.rsplit('.').next().unwrap_or("");
+        let last = host.strip_suffix('.').unwrap_or(host).rsplit('.').next().unwrap_or("");
         let named = !host.contains('/') && last.bytes().any(|b| b.is_ascii_alphabetic() || b == b'-');
         if !named {
             return EgressRule::parse(s).map(EgressEntry::Net);

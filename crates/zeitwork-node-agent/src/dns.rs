@@ -137,7 +137,7 @@ pub fn host_upstreams() -> Vec<SocketAddr> {
 async fn forward_tcp(packet: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
     for up in upstreams {
         let asked = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-            let mut stream = tokio::net::TcpStream::connect(up).await?;
+            let mut stream = tokio::net::TcpStream::connect(*up).await?;
             write_framed(&mut stream, packet).await?;
             read_framed(&mut stream).await
         })

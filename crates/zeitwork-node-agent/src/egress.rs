@@ -74,7 +74,7 @@ pub async fn lookup(name: &str, server: SocketAddr) -> Result<(Vec<Ipv4Addr>, Du
     match answer.response_code() {
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => return Ok((Vec::new(), MIN_REFRESH)),
-        code => return Err(format!("{server} answered {code} for {name}")),
+        code => return Err(format!("{server} answered {code:?} for {name}")),
     }
     // A CNAME chain comes with its A records; every A record of the answer counts.
     let mut addrs: Vec<Ipv4Addr> = answer
@@ -101,7 +101,8 @@ pub async fn run(table: Table, resolved: Resolved, server: SocketAddr, mut stop:
             r.retain(|n, _| names.contains(n));
         }
         let now = Instant::now();
-        for name in names.iter().filter(|n| due.get(*n).is_none_or(|at| *at <= now)) {
+        let stale: Vec<String> = names.into_iter().filter(|n| due.get(n).is_none_or(|at| *at <= now)).collect();
+        for name in stale {
             let next = match lookup(name, server).await {
                 Ok((addrs, ttl)) => {
                     tracing::debug!(%name, ?addrs, ?ttl, "egress allow-list name resolved");
@@ -115,7 +116,7 @@ pub async fn run(table: Table, resolved: Resolved, server: SocketAddr, mut stop:
                     MIN_REFRESH
                 }
             };
-            due.insert(name.clone(), Instant::now() + next);
+            due.insert(name, Instant::now() + next);
         }
         // New names (an edited allow-list, a new instance) are noticed within a second.
         tokio::select! {

@@ -618,3 +618,53 @@ async fn converge(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// An instance at link address 10.88.0.2 whose project allows `allow`.
+    fn table(allow: &[&str]) -> HashMap<String, Local> {
+        let assignment: Assignment = serde_json::from_value(json!({
+            "instance": "ins_a", "deployment": "web-abc1234-acme", "org": "acme", "project": "web",
+            "image": "acme/web:1", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "env": {},
+            "status": "ready",
+            "network": {"prefix": "100.96.0.0/24", "address": "100.96.0.1", "members": [], "egress": {"allow": allow}},
+        }))
+        .unwrap();
+        let mut local = Local::starting(assignment, Vec::new());
+        local.address = Some(([10, 88, 0, 2], 8080).into());
+        [("ins_a".to_owned(), local)].into()
+    }
+
+    fn allow(addr: [u8; 4], prefix_len: u8, port: Option<u16>) -> EgressAllow {
+        EgressAllow { addr: Ipv4Addr::from(addr), prefix_len, port }
+    }
+
+    #[test]
+    fn host_names_allow_their_resolved_addresses_without_overlaps() {
+        let t = table(&["api.example.com:443", "203.0.113.0/24:443", "198.51.100.0/24"]);
+        // Not resolved yet: the name allows nothing.
+        let n = project_networks(&t, &HashMap::new());
+        assert_eq!(n.egress[0].1, vec![allow([198, 51, 100, 0], 24, None), allow([203, 0, 113, 0], 24, Some(443))]);
+        // One address inside a block of the same port (left out: the block covers
+        // it), one inside a block without a port (kept: another set), one outside.
+        let resolved: HashMap<String, Vec<Ipv4Addr>> = [(
+            "api.example.com".to_owned(),
+            vec![[203, 0, 113, 9].into(), [198, 51, 100, 9].into(), [192, 0, 2, 1].into()],
+        )]
+        .into();
+        let n = project_networks(&t, &resolved);
+        assert_eq!(
+            n.egress[0].1,
+            vec![
+                allow([198, 51, 100, 0], 24, None),
+                allow([203, 0, 113, 0], 24, Some(443)),
+                allow([192, 0, 2, 1], 32, Some(443)),
+                allow([198, 51, 100, 9], 32, Some(443)),
+            ]
+        );
+    }
+}
