@@ -956,7 +956,10 @@ impl EgressRule {
 pub enum EgressEntry {
     Net(EgressRule),
     /// A host name (lowercase, no trailing dot) and an optional port.
-    Host { name: String, port: Option<u16> },
+    Host {
+        name: String,
+        port: Option<u16>,
+    },
 }
 
 impl EgressEntry {

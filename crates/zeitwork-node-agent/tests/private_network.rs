@@ -347,12 +347,7 @@ fn two_agents_on_one_host_keep_their_own_private_traffic() {
     if std::env::var_os(INSIDE).is_none() {
         return run_in_own_netns("two_agents_on_one_host_keep_their_own_private_traffic");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(two_agents());
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap().block_on(two_agents());
 }
 
 /// The two instances of `dep` find each other by name and reach each other

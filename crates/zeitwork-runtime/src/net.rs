@@ -167,8 +167,7 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     let (mut redirect, mut own_dns) = (String::new(), String::new());
     if let Some(port) = resolver {
         for proto in ["udp", "tcp"] {
-            redirect
-                .push_str(&format!("        {mine} fib daddr type local {proto} dport 53 redirect to :{port}\n"));
+            redirect.push_str(&format!("        {mine} fib daddr type local {proto} dport 53 redirect to :{port}\n"));
             own_dns.push_str(&format!("        {mine} {proto} dport {port} accept\n"));
         }
     }
@@ -338,7 +337,10 @@ pub async fn has_policy(base: Ipv4Addr) -> Result<bool, RuntimeError> {
         .await
         .map_err(|e| RuntimeError::Unavailable("nft (nftables, for the instances' firewall)", e.to_string()))?;
     if !out.status.success() {
-        return Err(RuntimeError::failed("listing the firewall tables (nft)", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(RuntimeError::failed(
+            "listing the firewall tables (nft)",
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
     }
     let table = table_of(base);
     Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == format!("table inet {table}")))
