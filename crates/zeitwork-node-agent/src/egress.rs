@@ -103,7 +103,7 @@ pub async fn run(table: Table, resolved: Resolved, server: SocketAddr, mut stop:
         let now = Instant::now();
         let stale: Vec<String> = names.into_iter().filter(|n| due.get(n).is_none_or(|at| *at <= now)).collect();
         for name in stale {
-            let next = match lookup(name, server).await {
+            let next = match lookup(&name, server).await {
                 Ok((addrs, ttl)) => {
                     tracing::debug!(%name, ?addrs, ?ttl, "egress allow-list name resolved");
                     if let Ok(mut r) = resolved.write() {
