@@ -65,8 +65,9 @@ pub struct NetworkMember {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Egress {
-    /// IPv4 addresses or CIDR blocks, each optionally with a port:
-    /// `203.0.113.0/24`, `198.51.100.7:443`, `192.0.2.0/28:5432`.
+    /// IPv4 addresses, CIDR blocks or host names, each optionally with a port:
+    /// `203.0.113.0/24`, `198.51.100.7:443`, `192.0.2.0/28:5432`, `api.example.com:443`.
+    /// A host name's addresses are resolved by the node and followed as they change.
     pub allow: Vec<String>,
 }
 

@@ -936,7 +936,7 @@ impl EgressRule {
             None => (net, 32),
         };
         let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| {
-            format!("{s:?} is not an IPv4 address or CIDR block with an optional port (e.g. 203.0.113.0/24 or 198.51.100.7:443); host names are not supported")
+            format!("{s:?} is not an IPv4 address or CIDR block with an optional port (e.g. 203.0.113.0/24 or 198.51.100.7:443)")
         })?;
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
         if u32::from(addr) & !mask != 0 {
@@ -949,19 +949,89 @@ impl EgressRule {
     }
 }
 
+/// An entry of an egress allow-list: a network, or a host name the node
+/// agent resolves (and resolves again at the answer's TTL), each with an
+/// optional port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressEntry {
+    Net(EgressRule),
+    /// A host name (lowercase, no trailing dot) and an optional port.
+    Host {
+        name: String,
+        port: Option<u16>,
+    },
+}
+
+impl EgressEntry {
+    /// A network as [`EgressRule::parse`] takes it, or `api.example.com` /
+    /// `api.example.com:443`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        // A name ends in a label that is not all digits; anything else is an address.
+        let last = host.strip_suffix('.').unwrap_or(host).rsplit('.').next().unwrap_or("");
+        let named = !host.contains('/') && last.bytes().any(|b| b.is_ascii_alphabetic() || b == b'-');
+        if !named {
+            return EgressRule::parse(s).map(EgressEntry::Net);
+        }
+        let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if hostname("", &name).is_err() || !name.contains('.') || name.ends_with(".internal") {
+            return Err(format!(
+                "{s:?} is neither an IPv4 address or CIDR block nor a host name with a domain, each with an optional port \
+                 (e.g. 203.0.113.0/24, 198.51.100.7:443 or api.example.com:443)"
+            ));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{s:?}: the port must be a number from 1 to 65535"))?,
+            ),
+        };
+        Ok(EgressEntry::Host { name, port })
+    }
+}
+
 pub fn egress(field: &str, e: &Egress) -> Result {
     if e.allow.len() > EGRESS_MAX {
         return Err(ValidationError::new(field, format!("at most {EGRESS_MAX} destinations, not {}", e.allow.len())));
     }
     for a in &e.allow {
-        EgressRule::parse(a).map_err(|m| ValidationError::new(format!("{field}.allow"), m))?;
+        EgressEntry::parse(a).map_err(|m| ValidationError::new(format!("{field}.allow"), m))?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod egress_tests {
-    use super::EgressRule;
+    use super::{EgressEntry, EgressRule};
+
+    #[test]
+    fn egress_entries_are_networks_or_host_names() {
+        let host = |name: &str, port| EgressEntry::Host { name: name.into(), port };
+        assert_eq!(EgressEntry::parse("api.example.com").unwrap(), host("api.example.com", None));
+        assert_eq!(EgressEntry::parse("API.Example.com.:443").unwrap(), host("api.example.com", Some(443)));
+        assert!(matches!(EgressEntry::parse("198.51.100.7:443").unwrap(), EgressEntry::Net(r) if r.port == Some(443)));
+        for bad in [
+            "api.example.com:0",
+            "api.example.com:65536",
+            "api.example.com:x",
+            "-api.example.com",
+            "api..example.com",
+            "localhost",
+            "web.internal",
+            "exa mple.com",
+            "1.2.3.4.5",
+            "203.0.113.1/24",
+            "",
+        ] {
+            assert!(EgressEntry::parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
 
     #[test]
     fn egress_rules_parse_networks_and_ports() {
@@ -971,7 +1041,7 @@ mod egress_tests {
         assert_eq!((r.prefix_len, r.port), (32, Some(443)));
         assert_eq!(EgressRule::parse("192.0.2.0/28:5432").unwrap().port, Some(5432));
         for bad in ["example.com:443", "203.0.113.1/24", "10.0.0.0/33", "1.2.3.4:0", "1.2.3.4:x", "", "::1"] {
-            assert!(EgressRule::parse(bad).is_err(), "{bad} was accepted");
+            assert!(EgressRule::parse(bad).is_err(), "{bad} was accepted as a network");
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct OperatorConfig {
     /// DNS server asked about custom domains (ownership TXT record, where they
     /// point); the first nameserver of /etc/resolv.conf when absent.
     pub dns_resolver: Option<SocketAddr>,
+    /// Hours an unverified custom domain stays claimed; then the claim is removed.
+    pub domain_claim_ttl_hours: u32,
     /// New nodes wait in `pending_approval`, without placements, until an admin
     /// approves them (`zeitwork nodes approve ID`).
     pub require_node_approval: bool,
@@ -173,6 +175,7 @@ impl Default for OperatorConfig {
             metrics_token: None,
             require_node_approval: false,
             dns_resolver: None,
+            domain_claim_ttl_hours: 72,
             max_source_bytes: 512 << 20,
             build_timeout_secs: 1800,
             build_memory_mib: 4096,
@@ -241,6 +244,12 @@ impl OperatorConfig {
         }
         if let Err(e) = zeitwork_api_types::validate::dns_label("region", &self.region) {
             return err("region", e.message);
+        }
+        if !(1..=8760).contains(&self.domain_claim_ttl_hours) {
+            return err(
+                "domain_claim_ttl_hours",
+                format!("{} is out of range; use 1 to 8760 hours", self.domain_claim_ttl_hours),
+            );
         }
         for (field, days) in [
             ("health_sample_retention_days", self.health_sample_retention_days),

@@ -2,7 +2,8 @@
 //! by the operator holding the engine lease: uptime samples after
 //! `health_sample_retention_days`, audit events after `audit_retention_days`,
 //! and delivered notifications after `outbox_retention_days` (dead letters
-//! stay until someone retries or drops them).
+//! stay until someone retries or drops them); unverified custom domain
+//! claims after `domain_claim_ttl_hours`.
 
 use std::time::Duration;
 
@@ -54,6 +55,11 @@ pub async fn prune(s: &AppState) -> u64 {
                 }
             }
         }
+    }
+    let claims = now - i64::from(s.config.domain_claim_ttl_hours) * 3_600_000;
+    match s.store.expire_domain_claims(claims).await {
+        Ok(gone) => total += gone.len() as u64,
+        Err(e) => tracing::warn!(error = %e, "expiring unverified domain claims failed"),
     }
     if total > 0 {
         tracing::info!(rows = total, "pruned rows past their retention");

@@ -776,6 +776,95 @@ async fn custom_domains_need_their_txt_record_then_their_cname() {
     op.shutdown().await;
 }
 
+/// A name claimed first by an org that does not control it (squatting) does
+/// not keep the owner out: the owner adds it too, proves it with the TXT
+/// record (dnsmasq answers), and takes it; the squatter's claim is removed,
+/// audited, and a verified domain is refused to everyone else (409).
+#[tokio::test]
+async fn a_verified_claim_takes_a_domain_from_an_unverified_squatter() {
+    use zeitwork_testkit::{DnsRecord, Dnsmasq};
+    let dir = tempfile::tempdir().unwrap();
+    let port = zeitwork_testkit::free_udp_port();
+    let op = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        dns_resolver: Some(([127, 0, 0, 1], port).into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&format!("http://{}", op.addr()), op.admin_token.clone());
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    for (org, project) in [("acme", "web"), ("squat", "grab")] {
+        admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": org})).await.unwrap();
+        admin.post::<_, Value>("/api/v1/projects", &json!({"name": project, "org": org})).await.unwrap();
+    }
+    let add = |org: &str, project: &str| {
+        let path = format!("/api/v1/projects/{org}/{project}/domains");
+        let admin = admin.clone();
+        async move { admin.post::<_, Value>(&path, &json!({"name": "shop.acme.test"})).await }
+    };
+    let listed = |org: &str, project: &str| {
+        let path = format!("/api/v1/projects/{org}/{project}/domains");
+        let admin = admin.clone();
+        async move { admin.get::<Vec<Value>>(&path).await.unwrap() }
+    };
+    let verify = |org: &str, project: &str| {
+        let path = format!("/api/v1/projects/{org}/{project}/domains/shop.acme.test/verify");
+        let admin = admin.clone();
+        async move { admin.post::<_, Value>(&path, &json!({})).await }
+    };
+    // The squatter claims it first; the owner's claim is taken all the same.
+    let squatted = add("squat", "grab").await.unwrap();
+    assert_eq!(squatted["status"], "unverified");
+    let mine = add("acme", "web").await.unwrap();
+    let token = mine["txt_value"].as_str().unwrap().to_owned();
+    assert_ne!(squatted["txt_value"], mine["txt_value"], "each claim has its own challenge");
+    assert_eq!(listed("squat", "grab").await.len(), 1);
+
+    // The owner's DNS holds the owner's token.
+    let _dns = Dnsmasq::start_on(
+        port,
+        &[
+            DnsRecord::Txt("_zeitwork-challenge.shop.acme.test".into(), token.clone()),
+            DnsRecord::Cname("shop.acme.test".into(), "web-acme.zeitwork.localhost".into()),
+            DnsRecord::A("web-acme.zeitwork.localhost".into(), [203, 0, 113, 7].into()),
+        ],
+    )
+    .unwrap();
+    let err = verify("squat", "grab").await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let v = verify("acme", "web").await.unwrap();
+    assert_eq!((v["verified"].clone(), v["org"].clone()), (json!(true), json!("acme")), "{v}");
+
+    // The squatter's claim is gone, and said so in its org's audit log.
+    assert!(listed("squat", "grab").await.is_empty());
+    let events: Vec<Value> = admin.get("/api/v1/events?org=squat&action=domain.release").await.unwrap();
+    assert!(
+        events.iter().any(|e| e["target"] == "shop.acme.test" && e["project"] == "grab"),
+        "no domain.release event for the squatter: {events:?}"
+    );
+    // A verified domain is refused to every other project, naming it.
+    let err = add("squat", "grab").await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("shop.acme.test"), "{err}");
+    let err = verify("squat", "grab").await.unwrap_err();
+    assert_eq!(err.status(), Some(404), "{err}");
+    assert_eq!(listed("acme", "web").await.len(), 1);
+
+    // The claim lifetime is a setting, checked at start.
+    let err = Operator::start(OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("other"),
+        domain_claim_ttl_hours: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("domain_claim_ttl_hours"), "{err}");
+    op.shutdown().await;
+}
+
 /// A request body that stalls half-sent, or trickles in below the minimum
 /// rate, is cut off with 408 and its connection closed; a body sent in pieces
 /// at a fair pace is taken. Real TCP clients, byte by byte.

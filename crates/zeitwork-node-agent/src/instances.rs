@@ -38,7 +38,7 @@ pub struct Local {
 
 impl Local {
     /// An instance about to be (re)started, with its crash history.
-    fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
+    pub(crate) fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Local { assignment, address: None, ready: false, image_digest: None, crashes, failed: false, generation }
@@ -66,6 +66,8 @@ pub struct Settings {
     /// The instance range whose firewall carries the private project networks,
     /// when this node serves them (its resolver runs).
     pub private_networks: Option<std::net::Ipv4Addr>,
+    /// The addresses of the host names in egress allow-lists ([`crate::egress`]).
+    pub egress_names: crate::egress::Resolved,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -360,7 +362,8 @@ pub async fn run(
             converge(&client, &images, &runtime, &table, &s, &in_use, list).await;
         }
         if let Some(base) = s.private_networks {
-            let want = project_networks(&*table.read().await);
+            let resolved = s.egress_names.read().map(|r| r.clone()).unwrap_or_default();
+            let want = project_networks(&*table.read().await, &resolved);
             if networks.as_ref() != Some(&want) {
                 match zeitwork_runtime::net::set_project_networks(base, &want).await {
                     Ok(()) => networks = Some(want),
@@ -414,8 +417,12 @@ pub async fn run(
 }
 
 /// The private networks of the node's running instances: who is who, who
-/// may talk to whom (instances of one network), and who may reach what outside.
-pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
+/// may talk to whom (instances of one network), and who may reach what outside
+/// (host names in allow-lists by their `resolved` addresses; none yet: nothing).
+pub fn project_networks(
+    table: &HashMap<String, Local>,
+    resolved: &HashMap<String, Vec<std::net::Ipv4Addr>>,
+) -> ProjectNetworks {
     let mut n = ProjectNetworks::default();
     let mut by_network: HashMap<&str, Vec<std::net::Ipv4Addr>> = HashMap::new();
     let mut locals: Vec<_> = table.values().collect();
@@ -427,13 +434,22 @@ pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
         n.addresses.push((link, private));
         by_network.entry(net.prefix.as_str()).or_default().push(link);
         if let Some(egress) = &net.egress {
+            use zeitwork_api_types::validate::EgressEntry;
             let allow = egress
                 .allow
                 .iter()
-                .filter_map(|a| zeitwork_api_types::validate::EgressRule::parse(a).ok())
-                .map(|r| EgressAllow { addr: r.addr, prefix_len: r.prefix_len, port: r.port })
+                .filter_map(|a| EgressEntry::parse(a).ok())
+                .flat_map(|e| match e {
+                    EgressEntry::Net(r) => vec![EgressAllow { addr: r.addr, prefix_len: r.prefix_len, port: r.port }],
+                    EgressEntry::Host { name, port } => resolved
+                        .get(&name)
+                        .into_iter()
+                        .flatten()
+                        .map(|addr| EgressAllow { addr: *addr, prefix_len: 32, port })
+                        .collect(),
+                })
                 .collect();
-            n.egress.push((link, allow));
+            n.egress.push((link, without_overlaps(allow)));
         }
     }
     let mut groups: Vec<_> = by_network.into_values().collect();
@@ -444,6 +460,26 @@ pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
         }
     }
     n
+}
+
+/// The entries no other entry (with the same port) already covers: the
+/// firewall's interval sets refuse overlapping elements, and a name may
+/// resolve to an address a block of the list holds.
+fn without_overlaps(mut allow: Vec<EgressAllow>) -> Vec<EgressAllow> {
+    let covers = |b: &EgressAllow, a: &EgressAllow| {
+        let mask = if b.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(b.prefix_len)) };
+        b.port == a.port && b.prefix_len <= a.prefix_len && u32::from(a.addr) & mask == u32::from(b.addr)
+    };
+    allow.sort_by_key(|a| (a.prefix_len, a.addr, a.port));
+    allow.dedup();
+    let mut kept: Vec<EgressAllow> = Vec::with_capacity(allow.len());
+    for a in allow {
+        // Wider blocks come first, so a covering entry is already kept.
+        if !kept.iter().any(|b| covers(b, &a)) {
+            kept.push(a);
+        }
+    }
+    kept
 }
 
 /// Long-polls this node's assignments and publishes each new set.
@@ -591,5 +627,55 @@ async fn converge(
             }
             Some(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// An instance at link address 10.88.0.2 whose project allows `allow`.
+    fn table(allow: &[&str]) -> HashMap<String, Local> {
+        let assignment: Assignment = serde_json::from_value(json!({
+            "instance": "ins_a", "deployment": "web-abc1234-acme", "org": "acme", "project": "web",
+            "image": "acme/web:1", "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "env": {},
+            "status": "ready",
+            "network": {"prefix": "100.96.0.0/24", "address": "100.96.0.1", "members": [], "egress": {"allow": allow}},
+        }))
+        .unwrap();
+        let mut local = Local::starting(assignment, Vec::new());
+        local.address = Some(([10, 88, 0, 2], 8080).into());
+        [("ins_a".to_owned(), local)].into()
+    }
+
+    fn allow(addr: [u8; 4], prefix_len: u8, port: Option<u16>) -> EgressAllow {
+        EgressAllow { addr: Ipv4Addr::from(addr), prefix_len, port }
+    }
+
+    #[test]
+    fn host_names_allow_their_resolved_addresses_without_overlaps() {
+        let t = table(&["api.example.com:443", "203.0.113.0/24:443", "198.51.100.0/24"]);
+        // Not resolved yet: the name allows nothing.
+        let n = project_networks(&t, &HashMap::new());
+        assert_eq!(n.egress[0].1, vec![allow([198, 51, 100, 0], 24, None), allow([203, 0, 113, 0], 24, Some(443))]);
+        // One address inside a block of the same port (left out: the block covers
+        // it), one inside a block without a port (kept: another set), one outside.
+        let resolved: HashMap<String, Vec<Ipv4Addr>> = [(
+            "api.example.com".to_owned(),
+            vec![[203, 0, 113, 9].into(), [198, 51, 100, 9].into(), [192, 0, 2, 1].into()],
+        )]
+        .into();
+        let n = project_networks(&t, &resolved);
+        assert_eq!(
+            n.egress[0].1,
+            vec![
+                allow([198, 51, 100, 0], 24, None),
+                allow([203, 0, 113, 0], 24, Some(443)),
+                allow([192, 0, 2, 1], 32, Some(443)),
+                allow([198, 51, 100, 9], 32, Some(443)),
+            ]
+        );
     }
 }

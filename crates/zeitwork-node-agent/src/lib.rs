@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod dns;
+pub mod egress;
 pub mod forward;
 pub mod host;
 pub mod instances;
@@ -74,6 +75,9 @@ pub struct NodeAgentConfig {
     /// Resolvers asked for names outside the private networks; the host's
     /// (`/etc/resolv.conf`) when absent. Empty: such names are refused.
     pub dns_upstreams: Option<Vec<SocketAddr>>,
+    /// The resolver asked for the addresses of host names in egress allow-lists;
+    /// the host's first name server (`/etc/resolv.conf`) when absent.
+    pub dns_resolver: Option<SocketAddr>,
     pub registries: zeitwork_image::RegistryConfig,
     /// Readiness: HTTP GET on this path must answer below 500 (TCP connect when HTTP fails).
     pub health_path: String,
@@ -136,6 +140,7 @@ impl Default for NodeAgentConfig {
             instance_range: Ipv4Addr::new(10, 88, 0, 0),
             dns_port: 8053,
             dns_upstreams: None,
+            dns_resolver: None,
             registries: zeitwork_image::RegistryConfig::default(),
             health_path: "/".into(),
             start_timeout_secs: 60,
@@ -282,6 +287,8 @@ pub struct NodeAgent {
     node: Node,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The instance range whose firewall table goes once the instances have stopped.
+    range: Ipv4Addr,
 }
 
 impl NodeAgent {
@@ -452,6 +459,7 @@ impl NodeAgent {
                     image_cache_bytes: config.image_cache_bytes,
                     forward: forward.clone(),
                     private_networks: None,
+                    egress_names: Default::default(),
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {
@@ -459,6 +467,17 @@ impl NodeAgent {
                         Ok(task) => {
                             tasks.push(task);
                             settings.private_networks = Some(config.instance_range);
+                            match egress::resolver(config.dns_resolver) {
+                                Some(server) => tasks.push(tokio::spawn(egress::run(
+                                    table.clone(),
+                                    settings.egress_names.clone(),
+                                    server,
+                                    rx.clone(),
+                                ))),
+                                None => tracing::warn!(
+                                    "no resolver for host names in egress allow-lists (set dns_resolver); they allow nothing"
+                                ),
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "no resolver; instances use the host's and have no private network")
@@ -539,7 +558,7 @@ impl NodeAgent {
             rx,
         ));
         tasks.push(heartbeats);
-        Ok(NodeAgent { addr, node, shutdown: tx, tasks })
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -550,13 +569,27 @@ impl NodeAgent {
         &self.node
     }
 
+    /// Stops every task (the instances with them), then removes the range's
+    /// firewall table, which fences nothing any more. When a task failed,
+    /// instances may still run: the table stays, and the next start sweeps it.
     pub async fn shutdown(self) {
         // The tasks may have ended already; then no one listens.
         let _ = self.shutdown.send(true);
+        let mut clean = true;
         for t in self.tasks {
             if let Err(e) = t.await {
+                clean = false;
                 tracing::error!(error = %e, "a node agent task failed while stopping");
             }
+        }
+        if !clean {
+            tracing::warn!(range = %self.range, "the instance firewall stays: instances may still run");
+            return;
+        }
+        match zeitwork_runtime::net::remove_policy(self.range).await {
+            // No nftables here: there was no firewall either (and no instances).
+            Ok(_) | Err(zeitwork_runtime::RuntimeError::Unavailable(..)) => {}
+            Err(e) => tracing::warn!(range = %self.range, error = %e, "the instance firewall was left on the host"),
         }
     }
 }
@@ -605,22 +638,29 @@ async fn heartbeat_loop(
     }
 }
 
-/// Binds the instances' resolver and points their DNS at it (the firewall
-/// sends their queries to the host on to its port).
+/// Binds the instances' resolver (UDP and TCP, one port) and points their DNS
+/// at it (the firewall sends their queries to the host on to its port).
 async fn start_resolver(
     config: &NodeAgentConfig,
     table: instances::Table,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let socket = tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], config.dns_port)))
+    let addr = SocketAddr::from(([0, 0, 0, 0], config.dns_port));
+    let socket = tokio::net::UdpSocket::bind(addr)
         .await
         .map_err(|e| format!("cannot bind the resolver to UDP port {}: {e}", config.dns_port))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot bind the resolver to TCP port {}: {e}", config.dns_port))?;
     zeitwork_runtime::net::apply_policy(config.instance_range, Some(config.dns_port))
         .await
         .map_err(|e| e.to_string())?;
     let upstreams = config.dns_upstreams.clone().unwrap_or_else(dns::host_upstreams);
-    tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks");
-    Ok(tokio::spawn(dns::serve(socket, table, upstreams, stop)))
+    tracing::info!(port = config.dns_port, upstreams = ?upstreams, "resolver for the instances' private networks (UDP and TCP)");
+    let tcp = dns::serve_tcp(listener, table.clone(), upstreams.clone(), stop.clone());
+    Ok(tokio::spawn(async move {
+        tokio::join!(dns::serve(socket, table, upstreams, stop), tcp);
+    }))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! node's resolver. Two instances of one project find each other by name
 //! and talk over their private addresses; an instance of another org's
 //! project can neither resolve nor reach them; an egress allow-list limits
-//! what a project reaches outside.
+//! what a project reaches outside. Two agents on one host (two instance
+//! ranges, two firewall tables) each keep their private traffic, and an
+//! agent that stops takes its table with it.
 
 mod common;
 
@@ -150,7 +152,9 @@ const INSIDE: &str = "ZEITWORK_TEST_OWN_NETNS";
 /// those of other tests on the host (every Zeitwork table fences every
 /// instance interface); the operator, registry and agent all live in it.
 fn run_in_own_netns(test: &str) {
-    let ns = format!("zwpn{}", std::process::id() % 100_000);
+    // One namespace per test: the tests of this binary run side by side.
+    let tag: String = test.split('_').filter_map(|w| w.chars().next()).take(6).collect();
+    let ns = format!("zwpn{tag}{}", std::process::id() % 100_000);
     let sh = |script: &str| {
         let out = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
         assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
@@ -203,6 +207,11 @@ async fn private_network() {
     config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
     // No resolver upstream: names outside the private networks are refused (no internet here).
     config.dns_upstreams = Some(Vec::new());
+    // Host names of allow-lists are asked of a DNS server on loopback.
+    let dns_port = zeitwork_testkit::free_udp_port();
+    let names = |ip: [u8; 4]| vec![zeitwork_testkit::DnsRecord::A("api.outside.test".into(), ip.into())];
+    let dns = zeitwork_testkit::Dnsmasq::start_on(dns_port, &names([198, 51, 100, 2])).unwrap();
+    config.dns_resolver = Some(dns.addr());
     let agent = NodeAgent::start(config).await.unwrap();
     let outside = Outside::start();
 
@@ -263,7 +272,13 @@ async fn private_network() {
     assert_eq!(probe(a, "get", "198.51.100.2:80").await.trim(), "outside");
     assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "outside");
     // Bad allow-lists are refused with the field named.
-    for bad in [json!({"allow": ["example.com:443"]}), json!({"allow": ["198.51.100.2/24"]}), json!({"deny": []})] {
+    for bad in [
+        json!({"allow": ["api.example.com:0"]}),
+        json!({"allow": ["api.example.com:65536"]}),
+        json!({"allow": ["not a host"]}),
+        json!({"allow": ["198.51.100.2/24"]}),
+        json!({"deny": []}),
+    ] {
         let e = admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": bad})).await.unwrap_err();
         let e = e.to_string();
         assert!(e.contains("400") && e.contains("egress"), "{bad}: {e}");
@@ -288,7 +303,139 @@ async fn private_network() {
         assert!(Instant::now() < deadline, "lifting the allow-list never took effect");
     }
 
+    // By host name: the agent resolves it and allows its address, on that port only.
+    let p: Value =
+        admin.patch("/api/v1/projects/acme/web", &json!({"egress": {"allow": ["api.outside.test:80"]}})).await.unwrap();
+    assert_eq!(p["egress"]["allow"][0], "api.outside.test:80");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe(a, "get", "198.51.100.2:80").await.trim() != "outside" {
+        assert!(Instant::now() < deadline, "the name's address was never allowed\nfirewall:\n{}", ruleset());
+    }
+    assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "unreachable");
+    // The name moves: its old address leaves the allow-list once the answer is
+    // asked again (its TTL, at least 30 s).
+    drop(dns);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _dns = loop {
+        match zeitwork_testkit::Dnsmasq::start_on(dns_port, &names([198, 51, 100, 3])) {
+            Ok(d) => break d,
+            // The previous one may hold the port a moment longer.
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while probe(a, "get", "198.51.100.2:80").await.trim() != "unreachable" {
+        assert!(Instant::now() < deadline, "a stale address stayed allowed\nfirewall:\n{}", ruleset());
+    }
+    admin.patch::<_, Value>("/api/v1/projects/acme/web", &json!({"egress": null})).await.unwrap();
+
     agent.shutdown().await;
     drop(outside);
+    drop(op);
+}
+
+/// The firewall tables of the host (its network namespace).
+fn tables() -> String {
+    let out = std::process::Command::new("nft").args(["list", "tables", "inet"]).output().unwrap();
+    assert!(out.status.success(), "nft list tables: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn two_agents_on_one_host_keep_their_own_private_traffic() {
+    if std::env::var_os(INSIDE).is_none() {
+        return run_in_own_netns("two_agents_on_one_host_keep_their_own_private_traffic");
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap().block_on(two_agents());
+}
+
+/// The two instances of `dep` find each other by name and reach each other
+/// on their private addresses; answers the first one's link address and the
+/// second one's private address.
+async fn pair_talks(admin: &Client, dep: &str, project: &str) -> (String, String, String) {
+    let pair = ready_instances(admin, dep, 2).await;
+    let ((a_id, a), (b_id, b)) = (&pair[0], &pair[1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (a_private, b_private) = loop {
+        let a_private = addresses(&probe(b, "ns", &format!("{a_id}.{project}.internal")).await);
+        let b_private = addresses(&probe(a, "ns", &format!("{b_id}.{project}.internal")).await);
+        if let ([ap], [bp]) = (&a_private[..], &b_private[..]) {
+            break (ap.to_string(), bp.to_string());
+        }
+        assert!(Instant::now() < deadline, "{project}'s instances never resolved each other\nfirewall:\n{}", ruleset());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    reaches(a, &format!("{b_private}:8080"), b_id).await;
+    reaches(b, &format!("{a_private}:8080"), a_id).await;
+    (a.clone(), b_private, b_id.clone())
+}
+
+async fn two_agents() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg.push_busybox("acme/probe", "v1", PROBE).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let resources = json!({"vcpu": 1, "memory": 128});
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": resources, "regions": ["local"]});
+    let config = OperatorConfig { private_network: "100.100.0.0/16".into(), ..Default::default() };
+    let (op, base, admin) = common::operator(dir.path(), config, project).await;
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    let api = json!({"name": "api", "org": "acme", "port": 8080, "resources": resources, "regions": ["eu"]});
+    admin.post::<_, Value>("/api/v1/projects", &api).await.unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    // Two agents on this host, each with a range, a region and a resolver of its own.
+    let start = |name: &str, region: &str, range: &str| {
+        let mut config = common::agent_config(&base, token.clone(), &dir.path().join(name), name, range);
+        config.region = region.into();
+        config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+        config.dns_upstreams = Some(Vec::new());
+        NodeAgent::start(config)
+    };
+    let one = start("agent-one", "local", "10.212.0.0").await.unwrap();
+    let two = start("agent-two", "eu", "10.211.0.0").await.unwrap();
+    let listed = tables();
+    assert!(listed.contains("zeitwork_10_212") && listed.contains("zeitwork_10_211"), "{listed}");
+
+    let deploy = |project: &str| {
+        let (admin, image) = (admin.clone(), image.clone());
+        let body = json!({"org": "acme", "project": project, "image": image, "instances_per_region": 2});
+        async move {
+            let d: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
+            d["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (web_dep, api_dep) = (deploy("web").await, deploy("api").await);
+    // Each agent's table leaves the other's instances alone: both pairs talk.
+    let (web_a, web_b_private, web_b_id) = pair_talks(&admin, &web_dep, "web").await;
+    let (api_a, _, _) = pair_talks(&admin, &api_dep, "api").await;
+    assert!(web_a.starts_with("10.212.") && api_a.starts_with("10.211."), "{web_a} {api_a}");
+    // Still fenced from each other, across the ranges.
+    let api_link = api_a.split(':').next().unwrap();
+    assert_eq!(probe(&web_a, "get", &format!("{api_link}:8080")).await.trim(), "unreachable");
+
+    // The second agent stops: its table goes, the first one's stays and works.
+    two.shutdown().await;
+    let listed = tables();
+    assert!(!listed.contains("zeitwork_10_211") && listed.contains("zeitwork_10_212"), "{listed}");
+    reaches(&web_a, &format!("{web_b_private}:8080"), &web_b_id).await;
+
+    // A table a killed agent left behind goes in the next start's sweep, and
+    // only the table of the sweeping agent's range.
+    let out = std::process::Command::new("nft").args(["add", "table", "inet", "zeitwork_10_211"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let removed = zeitwork_runtime::sweep::sweep(&zeitwork_runtime::sweep::Scope {
+        dirs: Vec::new(),
+        base: "10.211.0.0".parse().unwrap(),
+        // Every container the runtimes list keeps its cgroups.
+        oci_runtimes: vec!["runc".into(), "crun".into()],
+        known: Default::default(),
+    })
+    .await;
+    assert!(removed.iter().any(|r| r.kind == "firewall" && r.name.contains("zeitwork_10_211")), "{removed:?}");
+    let listed = tables();
+    assert!(!listed.contains("zeitwork_10_211") && listed.contains("zeitwork_10_212"), "{listed}");
+
+    one.shutdown().await;
+    assert!(!tables().contains("zeitwork_"), "{}", tables());
     drop(op);
 }

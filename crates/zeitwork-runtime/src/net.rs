@@ -137,6 +137,14 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 /// interface it came in on is dropped (strict reverse-path filtering), so no
 /// instance speaks with another's address: the rules below trust them.
 ///
+/// Every rule but two is scoped to this range (`ip saddr <range>` on an
+/// instance interface), so several agents, each with a range and a table of
+/// its own, never drop each other's traffic: the reverse-path rule makes the
+/// source address say which range a packet's interface belongs to. The two
+/// guards left unscoped drop only what no instance of any range may send
+/// (a source that does not route back through its interface or is the
+/// host's own, and IPv6).
+///
 /// Private project networks open holes in that fence, all of them kept in
 /// the table's maps and sets ([`set_project_networks`]): a private address
 /// is translated to its instance's link address (`private_to_link`), a pair
@@ -148,19 +156,19 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolver: Option<u16>) -> String {
     let range = format!("{base}/16");
     let ifs = "iifname { \"zwh*\", \"zwt*\" }";
+    // Sent by an instance of this range (the antispoof chain vouches for the source).
+    let mine = format!("{ifs} ip saddr {range}");
     let mut dns = String::new();
     for r in resolvers {
         dns.push_str(&format!(
-            "        {ifs} ip daddr {r} udp dport 53 accept\n        {ifs} ip daddr {r} tcp dport 53 accept\n"
+            "        {mine} ip daddr {r} udp dport 53 accept\n        {mine} ip daddr {r} tcp dport 53 accept\n"
         ));
     }
     let (mut redirect, mut own_dns) = (String::new(), String::new());
     if let Some(port) = resolver {
         for proto in ["udp", "tcp"] {
-            redirect.push_str(&format!(
-                "        {ifs} ip saddr {range} fib daddr type local {proto} dport 53 redirect to :{port}\n"
-            ));
-            own_dns.push_str(&format!("        {ifs} ip saddr {range} {proto} dport {port} accept\n"));
+            redirect.push_str(&format!("        {mine} fib daddr type local {proto} dport 53 redirect to :{port}\n"));
+            own_dns.push_str(&format!("        {mine} {proto} dport {port} accept\n"));
         }
     }
     format!(
@@ -174,27 +182,29 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     chain antispoof {{
         type filter hook prerouting priority raw; policy accept;
         {ifs} fib saddr . iif oif missing counter drop
+        {ifs} fib saddr type local counter drop
     }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-{redirect}        {ifs} ip saddr {range} dnat ip to ip daddr map @private_to_link
+{redirect}        {mine} dnat ip to ip daddr map @private_to_link
     }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
-        {ifs} ct state established,related accept
-{own_dns}{dns}        {ifs} counter drop
+        {ifs} meta nfproto ipv6 counter drop
+        {mine} ct state established,related accept
+{own_dns}{dns}        {mine} counter drop
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
-        {ifs} ct state established,related accept
-        {ifs} ip saddr . ip daddr @peers accept
-        {ifs} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
-{dns}        {ifs} ip saddr @egress_limited ip saddr . ip daddr @egress_nets accept
-        {ifs} ip saddr @egress_limited ip saddr . ip daddr . tcp dport @egress_ports accept
-        {ifs} ip saddr @egress_limited ip saddr . ip daddr . udp dport @egress_ports accept
-        {ifs} ip saddr @egress_limited counter drop
-        {ifs} ip daddr {CLOSED_V4} counter drop
         {ifs} meta nfproto ipv6 counter drop
+        {mine} ct state established,related accept
+        {mine} ip saddr . ip daddr @peers accept
+        {mine} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
+{dns}        {mine} ip saddr @egress_limited ip saddr . ip daddr @egress_nets accept
+        {mine} ip saddr @egress_limited ip saddr . ip daddr . tcp dport @egress_ports accept
+        {mine} ip saddr @egress_limited ip saddr . ip daddr . udp dport @egress_ports accept
+        {mine} ip saddr @egress_limited counter drop
+        {mine} ip daddr {CLOSED_V4} counter drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -225,7 +235,8 @@ pub struct ProjectNetworks {
     pub egress: Vec<(Ipv4Addr, Vec<EgressAllow>)>,
 }
 
-fn table_of(base: Ipv4Addr) -> String {
+/// The name of the nftables table (family `inet`) of the instance range `base`.
+pub fn table_of(base: Ipv4Addr) -> String {
     let [a, b, ..] = base.octets();
     format!("zeitwork_{a}_{b}")
 }
@@ -318,6 +329,36 @@ pub async fn apply_policy(base: Ipv4Addr, resolver: Option<u16>) -> Result<(), R
     Ok(())
 }
 
+/// Whether the instance range `base` has its firewall table on this host.
+pub async fn has_policy(base: Ipv4Addr) -> Result<bool, RuntimeError> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .output()
+        .await
+        .map_err(|e| RuntimeError::Unavailable("nft (nftables, for the instances' firewall)", e.to_string()))?;
+    if !out.status.success() {
+        return Err(RuntimeError::failed(
+            "listing the firewall tables (nft)",
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    let table = table_of(base);
+    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == format!("table inet {table}")))
+}
+
+/// Removes the firewall of the instance range `base` (its agent stopped, or a
+/// stopped one left it behind); `Ok(false)` when there was none. Only that
+/// range's table goes: other agents' tables on the host stay.
+pub async fn remove_policy(base: Ipv4Addr) -> Result<bool, RuntimeError> {
+    if !has_policy(base).await? {
+        return Ok(false);
+    }
+    let table = table_of(base);
+    nft(&format!("delete table inet {table}\n"), "removing the instance firewall (nft)").await?;
+    tracing::info!(%table, "instance firewall removed");
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -357,6 +398,16 @@ mod network_tests {
         assert!(r.contains("udp dport 53 redirect to :5300"));
         assert!(r.contains("udp dport 5300 accept"));
         assert!(!policy_rules("t", "10.88.0.0".parse().unwrap(), &[], None).contains("redirect"));
+    }
+
+    #[test]
+    fn every_drop_but_the_guards_is_scoped_to_the_range() {
+        let r = policy_rules("t", "10.211.0.0".parse().unwrap(), &["192.0.2.53".parse().unwrap()], Some(5300));
+        for line in r.lines().filter(|l| l.contains("iifname")) {
+            let guard = line.contains("fib saddr") || line.contains("nfproto ipv6");
+            assert!(guard || line.contains("ip saddr 10.211.0.0/16"), "not scoped to the range: {line}");
+        }
+        assert!(r.contains("oifname { \"zwh*\", \"zwt*\" } counter drop"));
     }
 
     #[test]

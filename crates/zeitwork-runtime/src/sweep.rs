@@ -11,6 +11,8 @@
 //! - mounts below them;
 //! - `zw-*` network namespaces holding an address of the node's range, and
 //!   `zwh*`/`zwt*` devices with one;
+//! - the range's own firewall table (`zeitwork_<a>_<b>`), when no known
+//!   instance remains to be fenced by it (the drivers install it afresh);
 //! - empty `zeitwork/zw-*` cgroups no OCI runtime knows a container for;
 //! - instance directories no known instance owns.
 //!
@@ -47,7 +49,7 @@ pub struct Scope {
 /// One thing the sweeper removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
-    /// `container`, `process`, `mount`, `netns`, `link`, `cgroup` or `directory`.
+    /// `container`, `process`, `mount`, `netns`, `link`, `firewall`, `cgroup` or `directory`.
     pub kind: &'static str,
     pub name: String,
 }
@@ -109,6 +111,7 @@ pub async fn sweep(scope: &Scope) -> Vec<Removed> {
     mounts(scope, &mut removed).await;
     namespaces(scope, &mut removed).await;
     links(scope, &mut removed).await;
+    firewall(scope, &mut removed).await;
     cgroups(scope, &listed, &mut removed);
     directories(scope, &mut removed).await;
     removed
@@ -288,6 +291,19 @@ async fn links(scope: &Scope, removed: &mut Vec<Removed>) {
             Ok(_) => note(removed, "link", name),
             Err(e) => tracing::warn!(link = %name, error = %e, "a leftover veth or tap could not be removed"),
         }
+    }
+}
+
+/// The range's firewall table, with maps and sets of a run that is over
+/// (only when no instance it fences is known to run).
+async fn firewall(scope: &Scope, removed: &mut Vec<Removed>) {
+    if !scope.known.is_empty() {
+        return;
+    }
+    match crate::net::remove_policy(scope.base).await {
+        Ok(true) => note(removed, "firewall", format!("table inet {}", crate::net::table_of(scope.base))),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(range = %scope.base, error = %e, "a leftover firewall table could not be removed"),
     }
 }
 

@@ -30,16 +30,48 @@ fn cert_from(row: &AnyRow) -> Result<StoredCertificate> {
 }
 
 impl Store {
-    /// Marks a domain verified (it points at the platform, or an admin said so).
+    /// Marks a domain verified (its owner proved it, or an admin said so). The
+    /// name is the project's from now on: other projects' unverified claims of
+    /// it are removed, each with a `domain.release` event for its project. A
+    /// conflict when another project verified it first.
     pub async fn verify_domain(&self, project_id: &str, name: &str, audit: &Audit) -> Result<()> {
         let mut tx = self.writer.begin().await?;
+        let others = sqlx::query(
+            "SELECT d.project_id, d.verified, o.slug, p.name FROM domains d JOIN projects p ON p.id = d.project_id \
+             JOIN orgs o ON o.id = p.org_id WHERE d.name = $1 AND d.project_id <> $2",
+        )
+        .bind(name)
+        .bind(project_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if others.iter().any(|r| r.int("verified").is_ok_and(|v| v != 0)) {
+            return Err(StoreError::Conflict(format!("domain {name:?} was verified by another project first")));
+        }
         let done = sqlx::query("UPDATE domains SET verified = 1 WHERE project_id = $1 AND name = $2")
             .bind(project_id)
             .bind(name)
             .execute(&mut *tx)
-            .await?;
+            .await;
+        let done = match done {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!("domain {name:?} was verified by another project first")))
+            }
+            r => r?,
+        };
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("domain {name:?} is not registered to this project")));
+        }
+        for r in &others {
+            sqlx::query("DELETE FROM domains WHERE name = $1 AND project_id = $2 AND verified = 0")
+                .bind(name)
+                .bind(r.text("project_id")?)
+                .execute(&mut *tx)
+                .await?;
+            let released = Audit::new(&audit.actor, "domain.release", name)
+                .org(&r.text("slug")?)
+                .project(&r.text("name")?)
+                .detail(serde_json::json!({"reason": "another organisation proved it owns the domain"}));
+            append_event(&mut tx, &released, "ok").await?;
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
@@ -49,9 +81,11 @@ impl Store {
 
     /// Whether `name` is a custom domain registered to a project and verified.
     pub async fn domain_is_verified(&self, name: &str) -> Result<bool> {
-        let row =
-            sqlx::query("SELECT verified FROM domains WHERE name = $1").bind(name).fetch_optional(&self.reader).await?;
-        Ok(row.map(|r| r.int("verified")).transpose()?.unwrap_or(0) != 0)
+        let row = sqlx::query("SELECT 1 FROM domains WHERE name = $1 AND verified = 1")
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.is_some())
     }
 
     pub async fn list_certificates(&self) -> Result<Vec<StoredCertificate>> {
@@ -140,11 +174,12 @@ impl Store {
         Ok(())
     }
 
-    /// The organisation and project a custom domain belongs to.
+    /// The organisation and project a custom domain belongs to: the verified
+    /// claim, or else the oldest unverified one.
     pub async fn domain_owner(&self, name: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query(
             "SELECT o.slug, p.name FROM domains d JOIN projects p ON p.id = d.project_id \
-             JOIN orgs o ON o.id = p.org_id WHERE d.name = $1",
+             JOIN orgs o ON o.id = p.org_id WHERE d.name = $1 ORDER BY d.verified DESC, d.created_at LIMIT 1",
         )
         .bind(name)
         .fetch_optional(&self.reader)

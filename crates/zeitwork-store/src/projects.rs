@@ -539,8 +539,34 @@ impl Store {
         rows.iter().map(domain_from).collect()
     }
 
+    /// Claims `name` for the project, unverified. Refused (conflict) while the
+    /// name is verified anywhere, or claimed by a project of the same
+    /// organisation; another organisation's unverified claim does not block
+    /// it: the first to prove ownership gets the name ([`Store::verify_domain`]).
     pub async fn create_domain(&self, project_id: &str, name: &str, env: Environment, audit: &Audit) -> Result<Domain> {
         let mut tx = self.writer.begin().await?;
+        let holders = sqlx::query(
+            "SELECT d.verified, d.project_id, \
+             CAST(CASE WHEN p.org_id = (SELECT org_id FROM projects WHERE id = $2) THEN 1 ELSE 0 END AS BIGINT) AS same_org \
+             FROM domains d JOIN projects p ON p.id = d.project_id WHERE d.name = $1",
+        )
+        .bind(name)
+        .bind(project_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for h in &holders {
+            let same_org = h.int("same_org")? != 0;
+            if h.int("verified")? != 0 {
+                return Err(StoreError::Conflict(format!(
+                    "domain {name:?} is verified by another project; its owner must remove it first"
+                )));
+            }
+            if same_org || h.text("project_id")? == project_id {
+                return Err(StoreError::Conflict(format!(
+                    "domain {name:?} is already claimed by a project of this organisation"
+                )));
+            }
+        }
         let res = sqlx::query(
             "INSERT INTO domains (name, project_id, environment, verified, certificate, created_at, challenge) \
              VALUES ($1, $2, $3, 0, 'none', $4, $5)",
@@ -554,7 +580,7 @@ impl Store {
         .await;
         match res {
             Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::Conflict(format!("domain {name:?} is already registered to a project")))
+                return Err(StoreError::Conflict(format!("domain {name:?} is already claimed by this project")))
             }
             r => r.map_err(|e| fk_to_not_found(e, "project was deleted"))?,
         };
@@ -566,6 +592,42 @@ impl Store {
             .into_iter()
             .find(|d| d.name == name)
             .ok_or_else(|| StoreError::NotFound(format!("domain {name:?} vanished")))
+    }
+
+    /// Removes the unverified claims made before `before_ms` (they expired),
+    /// each with an audit event for its project; answers what went as
+    /// (org, project, domain).
+    pub async fn expire_domain_claims(&self, before_ms: i64) -> Result<Vec<(String, String, String)>> {
+        let select = "SELECT d.name, d.project_id, o.slug, p.name AS project_name FROM domains d \
+             JOIN projects p ON p.id = d.project_id JOIN orgs o ON o.id = p.org_id \
+             WHERE d.verified = 0 AND d.created_at < $1";
+        // Most passes find nothing: only then is the writer taken.
+        if sqlx::query(select).bind(before_ms).fetch_optional(&self.reader).await?.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(select).bind(before_ms).fetch_all(&mut *tx).await?;
+        let mut gone = Vec::new();
+        for r in &rows {
+            let (name, project_id) = (r.text("name")?, r.text("project_id")?);
+            let (org, project) = (r.text("slug")?, r.text("project_name")?);
+            sqlx::query("DELETE FROM domains WHERE name = $1 AND project_id = $2 AND verified = 0")
+                .bind(&name)
+                .bind(&project_id)
+                .execute(&mut *tx)
+                .await?;
+            let audit = Audit::new("system", "domain.expire", name.clone())
+                .org(&org)
+                .project(&project)
+                .detail(serde_json::json!({"reason": "the claim was not verified in time"}));
+            append_event(&mut tx, &audit, "ok").await?;
+            gone.push((org, project, name));
+        }
+        tx.commit().await?;
+        if !gone.is_empty() {
+            self.changed().await;
+        }
+        Ok(gone)
     }
 
     pub async fn delete_domain(&self, project_id: &str, name: &str, audit: &Audit) -> Result<()> {

@@ -535,6 +535,31 @@ ALTER TABLE projects ADD COLUMN egress TEXT
     // The token a custom domain's `_zeitwork-challenge` TXT record must hold before it
     // is routed; domains added before have none and keep the address check alone.
     (22, "domains: ownership challenge", "ALTER TABLE domains ADD COLUMN challenge TEXT"),
+    (
+        23,
+        "domains: competing unverified claims",
+        // A name may be claimed by several projects until one proves it owns it;
+        // only one verified row per name. Rebuilt, since SQLite cannot change a
+        // primary key in place.
+        r#"
+CREATE TABLE domains_claims (
+    name {{text_key}} NOT NULL,
+    project_id TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    environment TEXT NOT NULL,
+    verified BIGINT NOT NULL,
+    certificate TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    challenge TEXT,
+    PRIMARY KEY (name, project_id)
+);
+INSERT INTO domains_claims (name, project_id, environment, verified, certificate, created_at, challenge)
+    SELECT name, project_id, environment, verified, certificate, created_at, challenge FROM domains;
+DROP TABLE domains;
+ALTER TABLE domains_claims RENAME TO domains;
+CREATE UNIQUE INDEX domains_verified_name ON domains (name) WHERE verified = 1;
+CREATE INDEX domains_unverified_age ON domains (created_at) WHERE verified = 0
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -24,6 +24,7 @@ cases!(
     concurrent_project_creates_yield_one,
     env_vars,
     domains,
+    verified_domain_claims_take_over_and_unverified_ones_expire,
     deployments,
     rollbacks_across_migrations,
     builds_queue_claim_log_and_finish,
@@ -408,6 +409,50 @@ async fn domains(store: Store) {
     ));
     store.delete_domain(&p.id, "www.example.com", &audit("domain.delete")).await.unwrap();
     assert!(store.list_domains(&p.id).await.unwrap().is_empty());
+}
+
+async fn verified_domain_claims_take_over_and_unverified_ones_expire(store: Store) {
+    org(&store, "acme").await;
+    org(&store, "other").await;
+    let a = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let b = store.create_project(&new_project("other", "site"), &audit("project.create")).await.unwrap();
+    let c = store.create_project(&new_project("other", "blog"), &audit("project.create")).await.unwrap();
+    let prod = Environment::Production;
+    store.create_domain(&a.id, "shop.example.com", prod, &audit("domain.add")).await.unwrap();
+    // Another org may claim a name that is only claimed; its own org may not twice.
+    let claimed = store.create_domain(&b.id, "shop.example.com", prod, &audit("domain.add")).await.unwrap();
+    assert!(!claimed.verified);
+    assert!(matches!(
+        store.create_domain(&c.id, "shop.example.com", prod, &audit("domain.add")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(!store.domain_is_verified("shop.example.com").await.unwrap());
+    // The first to verify takes it; the other claim goes, with an event for its project.
+    let events_before = store.newest_event_id().await.unwrap();
+    store.verify_domain(&b.id, "shop.example.com", &audit("domain.verify")).await.unwrap();
+    assert!(store.list_domains(&a.id).await.unwrap().is_empty());
+    assert!(store.list_domains(&b.id).await.unwrap()[0].verified);
+    assert!(store.domain_is_verified("shop.example.com").await.unwrap());
+    assert_eq!(store.domain_owner("shop.example.com").await.unwrap(), Some(("other".into(), "site".into())));
+    let events = store.events_after(events_before, 10).await.unwrap();
+    let released = events.iter().find(|e| e.action == "domain.release").expect("a domain.release event");
+    assert_eq!((released.org.as_deref(), released.project.as_deref()), (Some("acme"), Some("web")));
+    // A verified name is refused to everyone else, and cannot be verified twice.
+    assert!(matches!(
+        store.create_domain(&a.id, "shop.example.com", prod, &audit("domain.add")).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    // Unverified claims older than the cutoff expire; verified ones stay.
+    store.create_domain(&a.id, "old.example.com", prod, &audit("domain.add")).await.unwrap();
+    assert!(store.expire_domain_claims(0).await.unwrap().is_empty(), "nothing is older than the epoch");
+    let future = chrono::Utc::now().timestamp_millis() + 60_000;
+    let gone = store.expire_domain_claims(future).await.unwrap();
+    assert_eq!(gone, vec![("acme".to_owned(), "web".to_owned(), "old.example.com".to_owned())]);
+    assert!(store.list_domains(&a.id).await.unwrap().is_empty());
+    assert_eq!(store.list_domains(&b.id).await.unwrap().len(), 1, "the verified domain stays");
+    let events = store.events_after(events_before, 20).await.unwrap();
+    assert!(events.iter().any(|e| e.action == "domain.expire" && e.target == "old.example.com"));
 }
 
 fn new_deployment(p: &Project, env: Environment) -> NewDeployment {

@@ -286,10 +286,25 @@ pub async fn list_domains(
 ) -> ApiResult<Json<Vec<Domain>>> {
     s.require_role(&caller, &org, Role::Guest, "domain.list", &format!("{org}/{name}")).await?;
     let p = s.store.get_project(&org, &name).await?;
+    expire_domain_claims(&s).await?;
     Ok(Json(s.store.list_domains(&p.id).await?))
 }
 
-/// Add a custom domain (Developer); a domain belongs to one project platform-wide.
+/// Removes the unverified domain claims older than `domain_claim_ttl_hours`
+/// (the retention pass does too; here, so no request sees an expired one).
+pub(crate) async fn expire_domain_claims(s: &AppState) -> ApiResult<()> {
+    let ttl = i64::from(s.config.domain_claim_ttl_hours) * 3_600_000;
+    let gone = s.store.expire_domain_claims(chrono::Utc::now().timestamp_millis() - ttl).await?;
+    for (org, project, domain) in gone {
+        tracing::info!(%org, %project, %domain, "an unverified domain claim expired");
+    }
+    Ok(())
+}
+
+/// Add a custom domain (Developer). A domain belongs to one project once
+/// verified; until then another organisation may claim it too, and the first
+/// to prove ownership (`verify`) takes it. 409 when it is verified elsewhere or
+/// already claimed in this organisation.
 #[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/domains", tag = "domains",
     params(("org" = String, Path), ("project" = String, Path)), request_body = CreateDomain,
     responses((status = 201, body = Domain), (status = 400, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
@@ -311,6 +326,7 @@ pub async fn create_domain(
         .into());
     }
     let p = s.store.get_project(&org, &name).await?;
+    expire_domain_claims(&s).await?;
     let env = body.environment.unwrap_or(Environment::Production);
     let audit = caller.audit("domain.add", &target).org(&org).project(&name);
     Ok(created(s.store.create_domain(&p.id, &body.name, env, &audit).await?))

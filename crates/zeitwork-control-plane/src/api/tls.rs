@@ -28,6 +28,8 @@ fn cert_context(domain: &str) -> String {
 /// `_zeitwork-challenge` TXT record holds the value given when it was added, and
 /// it points at the platform (a CNAME to the project's address, or an address in
 /// `public_addresses`). A platform admin may skip both with `{"force": true}`.
+/// Other organisations' unverified claims of the name are removed; 409 when
+/// another project verified it first.
 #[utoipa::path(post, path = "/api/v1/projects/{org}/{project}/domains/{name}/verify", tag = "domains",
     params(("org" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = VerifyDomain,
     responses((status = 200, body = Domain), (status = 409, body = zeitwork_api_types::ApiError)))]
@@ -40,6 +42,7 @@ pub async fn verify_domain(
     s.require_role(&caller, &org, Role::Developer, "domain.verify", &domain).await?;
     let req: VerifyDomain = if body.is_empty() { VerifyDomain::default() } else { crate::extract::parse_json(&body)? };
     let p = s.store.get_project(&org, &name).await?;
+    super::projects::expire_domain_claims(&s).await?;
     let Some(known) = s.store.list_domains(&p.id).await?.into_iter().find(|d| d.name == domain) else {
         return Err(ApiError::NotFound(format!("domain {domain:?} is not registered to {org}/{name}")));
     };

@@ -113,9 +113,9 @@ pub struct ProjectSettings {
     #[arg(long, conflicts_with_all = ["shadow_share", "shadow_secs", "shadow_all_methods"])]
     no_shadow: bool,
     /// Egress allow-list (update only): the only destinations outside the project's private
-    /// network its instances reach, IPv4 addresses or CIDR blocks with an optional port
-    /// (e.g. 203.0.113.0/24,198.51.100.7:443).
-    #[arg(long, value_delimiter = ',', value_name = "CIDR[:PORT]")]
+    /// network its instances reach, IPv4 addresses, CIDR blocks or host names with an
+    /// optional port (e.g. 203.0.113.0/24,198.51.100.7:443,api.example.com:443).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR|HOST[:PORT]")]
     egress_allow: Option<Vec<String>>,
     /// Lift the egress allow-list: instances reach the internet again (update only).
     #[arg(long, conflicts_with = "egress_allow")]
