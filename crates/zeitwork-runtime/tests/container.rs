@@ -229,7 +229,7 @@ async fn a_full_writable_layer_answers_enospc_and_leaves_the_host_disk_alone() {
                 &reg,
                 "filler",
                 "/bin/busybox dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/tmp/dd.err; echo dd-exit=$?; \
-                 echo dd-said=$(/bin/busybox tail -n 1 /tmp/dd.err); \
+                 echo dd-said=$(/bin/busybox cat /tmp/dd.err); \
                  echo df=$(/bin/busybox df -m / | /bin/busybox tail -n 1); \
                  exec /bin/busybox httpd -f -p $PORT -h /www",
             )
