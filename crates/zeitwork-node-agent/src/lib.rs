@@ -278,19 +278,47 @@ impl NodeAgentConfig {
         if self.liveness_failures == 0 || self.liveness_failures > 100 {
             return err("liveness_failures", "use 1 to 100".into());
         }
-        if self.vmm_uid != 0 && (self.vmm_uid < 1000 || self.vmm_uid.checked_add(VMM_UIDS).is_none_or(|e| e > i32::MAX as u32)) {
-            return err("vmm_uid", format!("{} is out of range; use 0 (root) or a first uid of {VMM_UIDS} unused ids from 1000 up", self.vmm_uid));
+        if self.vmm_uid != 0
+            && (self.vmm_uid < 1000 || self.vmm_uid.checked_add(VMM_UIDS).is_none_or(|e| e > i32::MAX as u32))
+        {
+            return err(
+                "vmm_uid",
+                format!(
+                    "{} is out of range; use 0 (root) or a first uid of {VMM_UIDS} unused ids from 1000 up",
+                    self.vmm_uid
+                ),
+            );
         }
         if self.instance_disk_mib != 0 && !(16..=1 << 20).contains(&self.instance_disk_mib) {
-            return err("instance_disk_mib", format!("{} is out of range; use 16 to 1048576 (1 TiB), or 0 for no quota", self.instance_disk_mib));
+            return err(
+                "instance_disk_mib",
+                format!("{} is out of range; use 16 to 1048576 (1 TiB), or 0 for no quota", self.instance_disk_mib),
+            );
         }
         let userns_end = u64::from(self.userns_base) + u64::from(VMM_UIDS) * 65_536;
         if self.userns_base != 0 && (self.userns_base < 65_536 || userns_end > u64::from(u32::MAX)) {
-            return err("userns_base", format!("{} is out of range; use 0 (no remap) or 65536 to {}", self.userns_base, u64::from(u32::MAX) - u64::from(VMM_UIDS) * 65_536));
+            return err(
+                "userns_base",
+                format!(
+                    "{} is out of range; use 0 (no remap) or 65536 to {}",
+                    self.userns_base,
+                    u64::from(u32::MAX) - u64::from(VMM_UIDS) * 65_536
+                ),
+            );
         }
         let vmm_end = u64::from(self.vmm_uid) + u64::from(VMM_UIDS);
-        if self.userns_base != 0 && self.vmm_uid != 0 && u64::from(self.vmm_uid) < userns_end && vmm_end > u64::from(self.userns_base) {
-            return err("vmm_uid", format!("QEMU's users {}..{vmm_end} overlap the user namespaces from userns_base {}", self.vmm_uid, self.userns_base));
+        if self.userns_base != 0
+            && self.vmm_uid != 0
+            && u64::from(self.vmm_uid) < userns_end
+            && vmm_end > u64::from(self.userns_base)
+        {
+            return err(
+                "vmm_uid",
+                format!(
+                    "QEMU's users {}..{vmm_end} overlap the user namespaces from userns_base {}",
+                    self.vmm_uid, self.userns_base
+                ),
+            );
         }
         if self.vmm_gid == Some(0) {
             return err("vmm_gid", "0 is root's group; use an unprivileged group (or leave it out for `kvm`)".into());
@@ -691,5 +719,24 @@ mod tests {
         assert!(e.contains("instance_range") && e.contains("10.242.128.0"), "{e}");
         let other = config([10, 242, 0, 0]).validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(!other.contains("instance_range"), "{other}");
+    }
+
+    #[test]
+    fn vmm_users_and_user_namespaces_are_checked() {
+        let base = NodeAgentConfig { token: Some("a token".into()), ..Default::default() };
+        let fails = |c: NodeAgentConfig| c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(fails(base.clone()), "", "the defaults are valid");
+        let user = base.vmm_user().expect("QEMU is unprivileged by default");
+        assert_eq!(user.uid, 900_000);
+        assert!(fails(NodeAgentConfig { vmm_uid: 0, ..base.clone() }).is_empty(), "0 runs QEMU as root");
+        assert_eq!(NodeAgentConfig { vmm_uid: 0, ..base.clone() }.vmm_user(), None);
+        assert!(fails(NodeAgentConfig { vmm_uid: 10, ..base.clone() }).contains("vmm_uid"));
+        assert!(fails(NodeAgentConfig { vmm_gid: Some(0), ..base.clone() }).contains("vmm_gid"));
+        let overlap = NodeAgentConfig { vmm_uid: 1_000_000_500, ..base.clone() };
+        assert!(fails(overlap).contains("overlap"));
+        assert!(fails(NodeAgentConfig { userns_base: 4_000_000_000, ..base.clone() }).contains("userns_base"));
+        assert!(fails(NodeAgentConfig { userns_base: 0, ..base.clone() }).is_empty(), "0 turns the remap off");
+        assert!(fails(NodeAgentConfig { instance_disk_mib: 4, ..base.clone() }).contains("instance_disk_mib"));
+        assert!(fails(NodeAgentConfig { instance_disk_mib: 0, ..base }).is_empty(), "0 turns the quota off");
     }
 }

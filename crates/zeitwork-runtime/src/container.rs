@@ -748,3 +748,44 @@ pub(crate) fn last_resort(instance: &str, program: &std::ffi::OsStr, args: &[&st
         Err(e) => tracing::warn!(instance, step = %step(), error = %e, "teardown step could not run"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            id: "ins_a".into(),
+            rootfs: "/nonexistent".into(),
+            image: Default::default(),
+            env: vec![],
+            port: 8080,
+            vcpu: 1,
+            memory_mib: 64,
+            disk: None,
+            dns_search: None,
+        }
+    }
+
+    #[test]
+    fn root_images_get_a_user_namespace_range_of_their_own() {
+        let c = Confinement { disk_mib: 0, userns_base: Some(1_000_000_000) };
+        assert_eq!(c.userns_of(0, 0), Some(1_000_000_000));
+        assert_eq!(c.userns_of(3, 0), Some(1_000_000_000 + 3 * 65_536));
+        assert_eq!(c.userns_of(3, 1000), None, "an image with a user of its own runs as that user");
+        assert_eq!(Confinement::default().userns_of(0, 0), None);
+
+        let p = Path::new("/x");
+        let plain = ContainerRuntime::oci_config(&spec(), p, p, "zw-a", None);
+        assert!(plain["linux"].get("uidMappings").is_none());
+        assert_eq!(plain["mounts"][5]["type"], "sysfs");
+        let mapped = ContainerRuntime::oci_config(&spec(), p, p, "zw-a", Some(1_000_196_608));
+        let map = json!([{"containerID": 0, "hostID": 1_000_196_608u32, "size": 65_536}]);
+        assert_eq!(mapped["linux"]["uidMappings"], map);
+        assert_eq!(mapped["linux"]["gidMappings"], map);
+        assert!(mapped["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "user"})));
+        assert_eq!(mapped["mounts"][5]["type"], "bind", "the host's /sys, read-only");
+        assert!(mapped["mounts"][5]["options"].as_array().unwrap().contains(&json!("ro")));
+        assert_eq!(mapped["process"]["user"], json!({"uid": 0, "gid": 0}), "root inside");
+    }
+}

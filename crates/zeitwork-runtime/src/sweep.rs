@@ -313,7 +313,7 @@ fn cgroups(scope: &Scope, listed: &HashSet<String>, removed: &mut Vec<Removed>) 
 /// Instance directories (recognised by what a driver writes into them) of
 /// instances no one knows.
 async fn directories(scope: &Scope, removed: &mut Vec<Removed>) {
-    const MARKS: [&str; 6] = ["config.json", "config.img", "upper", "rootfs", "tap", "vmm.pid"];
+    const MARKS: [&str; 8] = ["config.json", "config.img", "upper", "rootfs", "tap", "vmm.pid", "disk.img", "layer"];
     for dir in &scope.dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for entry in entries.flatten() {

@@ -316,7 +316,11 @@ async fn a_root_image_runs_as_root_of_its_own_user_namespace() {
     wait_for_line(&runtime, &id, "wrote-www").await;
     use std::os::unix::fs::MetadataExt;
     let made = std::fs::metadata(instances.join(&id).join("rootfs/www/made")).unwrap();
-    assert_eq!((made.uid(), made.gid()), (host, host), "a file the container's root made is the mapped uid's on the host");
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (host, host),
+        "a file the container's root made is the mapped uid's on the host"
+    );
     // The shared image is untouched: still root's, nothing written into it.
     assert_eq!(std::fs::metadata(img.rootfs.join("www/index.html")).unwrap().uid(), 0);
     assert!(!img.rootfs.join("www/made").exists());
