@@ -219,7 +219,7 @@ async fn loop_devices(scope: &Scope, removed: &mut Vec<Removed>) {
         let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
         // A removed backing file reads as "<path> (deleted)".
         let backing = backing.trim().trim_end_matches(" (deleted)");
-        if !scope.instance_of(backing).is_some_and(|id| !scope.known.contains(id)) {
+        if scope.instance_of(backing).is_none_or(|id| scope.known.contains(id)) {
             continue;
         }
         let device = format!("/dev/{name}");

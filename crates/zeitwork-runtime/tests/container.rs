@@ -311,7 +311,7 @@ async fn a_root_image_runs_as_root_of_its_own_user_namespace() {
     let fields: Vec<&str> = map["map=".len()..].split_whitespace().collect();
     let host: u32 = fields[1].parse().unwrap();
     assert_eq!((fields[0], fields[2]), ("0", "65536"), "{map}");
-    assert!(host >= base && (host - base) % 65_536 == 0, "an instance range from the node's base: {map}");
+    assert!(host >= base && (host - base).is_multiple_of(65_536), "an instance range from the node's base: {map}");
     // Root of the image's own directories, so it writes where the image's root may.
     wait_for_line(&runtime, &id, "wrote-www").await;
     use std::os::unix::fs::MetadataExt;
