@@ -92,6 +92,8 @@ async fn main() -> Result<()> {
             kernel: None,
             base: "10.231.0.0".parse()?,
             disk_budget: 4 << 30,
+            vmm_user: None,
+            confinement: Default::default(),
         };
         let selected = match zeitwork_runtime::select::select(&options, vm_logs).await {
             Ok(s) => s,

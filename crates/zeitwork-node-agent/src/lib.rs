@@ -112,7 +112,27 @@ pub struct NodeAgentConfig {
     /// namespaces, veth/tap devices, cgroups, directories) of instances this node does
     /// not run, besides the sweep at start; 0 turns the periodic sweep off.
     pub sweep_interval_secs: u64,
+    /// First uid of the unprivileged users QEMU runs as: the VM on address slot
+    /// `n` runs as `vmm_uid + n` (at most 16,000 per node). Own no files with
+    /// these ids. 0 runs QEMU as root (not recommended).
+    pub vmm_uid: u32,
+    /// The group of QEMU's users; the host's `kvm` group when there is one (so
+    /// `/dev/kvm` opens), else `vmm_uid`.
+    pub vmm_gid: Option<u32>,
+    /// Size of each container's writable layer in MiB (an ext4 image of its own:
+    /// a full one answers ENOSPC, the host's disk is untouched); 0 lets
+    /// containers write to the host's file system without a quota.
+    pub instance_disk_mib: u32,
+    /// First host uid/gid of the containers' user namespaces: a container whose
+    /// image runs as root runs as root in a user namespace mapped to
+    /// `userns_base + slot * 65536` and the 65,535 ids after it (its own range,
+    /// by address slot; 16,000 slots). Own no files with these ids, and give each
+    /// agent on a host its own base. 0: root images run as host root.
+    pub userns_base: u32,
 }
+
+/// Users the VMs of one node may run as (one per address slot).
+pub const VMM_UIDS: u32 = 16_000;
 
 impl Default for NodeAgentConfig {
     fn default() -> Self {
@@ -157,8 +177,34 @@ impl Default for NodeAgentConfig {
             log_forward_token: None,
             log_retention_days: 3,
             sweep_interval_secs: 300,
+            vmm_uid: 900_000,
+            vmm_gid: None,
+            instance_disk_mib: zeitwork_runtime::container::DEFAULT_DISK_MIB,
+            userns_base: 1_000_000_000,
         }
     }
+}
+
+/// The data directory as QEMU's users and remapped container roots see it:
+/// they pass through it to their own instance's directory (0711) but can
+/// neither list it nor enter the image cache or the logs (0700).
+fn close_data_dir(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(dir.to_owned(), 0o711), (dir.join("images"), 0o700), (dir.join("logs"), 0o700)] {
+        let failed = |source| AgentError::DataDir { path: path.display().to_string(), source };
+        std::fs::create_dir_all(&path).map_err(failed)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// The gid of group `name` in `/etc/group`.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,10 +292,63 @@ impl NodeAgentConfig {
         if self.liveness_failures == 0 || self.liveness_failures > 100 {
             return err("liveness_failures", "use 1 to 100".into());
         }
+        if self.vmm_uid != 0
+            && (self.vmm_uid < 1000 || self.vmm_uid.checked_add(VMM_UIDS).is_none_or(|e| e > i32::MAX as u32))
+        {
+            return err(
+                "vmm_uid",
+                format!(
+                    "{} is out of range; use 0 (root) or a first uid of {VMM_UIDS} unused ids from 1000 up",
+                    self.vmm_uid
+                ),
+            );
+        }
+        if self.instance_disk_mib != 0 && !(16..=1 << 20).contains(&self.instance_disk_mib) {
+            return err(
+                "instance_disk_mib",
+                format!("{} is out of range; use 16 to 1048576 (1 TiB), or 0 for no quota", self.instance_disk_mib),
+            );
+        }
+        let userns_end = u64::from(self.userns_base) + u64::from(VMM_UIDS) * 65_536;
+        if self.userns_base != 0 && (self.userns_base < 65_536 || userns_end > u64::from(u32::MAX)) {
+            return err(
+                "userns_base",
+                format!(
+                    "{} is out of range; use 0 (no remap) or 65536 to {}",
+                    self.userns_base,
+                    u64::from(u32::MAX) - u64::from(VMM_UIDS) * 65_536
+                ),
+            );
+        }
+        let vmm_end = u64::from(self.vmm_uid) + u64::from(VMM_UIDS);
+        if self.userns_base != 0
+            && self.vmm_uid != 0
+            && u64::from(self.vmm_uid) < userns_end
+            && vmm_end > u64::from(self.userns_base)
+        {
+            return err(
+                "vmm_uid",
+                format!(
+                    "QEMU's users {}..{vmm_end} overlap the user namespaces from userns_base {}",
+                    self.vmm_uid, self.userns_base
+                ),
+            );
+        }
+        if self.vmm_gid == Some(0) {
+            return err("vmm_gid", "0 is root's group; use an unprivileged group (or leave it out for `kvm`)".into());
+        }
         if !self.health_path.starts_with('/') || self.health_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return err("health_path", format!("{:?} is not a URL path like /healthz", self.health_path));
         }
         Ok(())
+    }
+
+    /// The users QEMU runs as, or none (root).
+    pub fn vmm_user(&self) -> Option<zeitwork_runtime::vm::VmmUser> {
+        (self.vmm_uid != 0).then(|| zeitwork_runtime::vm::VmmUser {
+            uid: self.vmm_uid,
+            gid: self.vmm_gid.or_else(|| group_id("kvm")).unwrap_or(self.vmm_uid),
+        })
     }
 
     /// The machine's cores and memory as offered.
@@ -304,6 +403,7 @@ impl NodeAgent {
             format!("http://{ip}:{}", addr.port())
         });
         let client = Client::new(&config.operator_url, config.token.clone());
+        close_data_dir(&config.data_dir)?;
         let log_dir = config.data_dir.join("logs");
         let forward = match config.log_forward.as_deref().map(zeitwork_telemetry::drain::Target::parse) {
             Some(Ok(target)) => {
@@ -348,6 +448,11 @@ impl NodeAgent {
             kernel: config.kernel.clone(),
             base: config.instance_range,
             disk_budget: config.image_cache_bytes,
+            vmm_user: config.vmm_user(),
+            confinement: zeitwork_runtime::container::Confinement {
+                disk_mib: config.instance_disk_mib,
+                userns_base: (config.userns_base != 0).then_some(config.userns_base),
+            },
         };
         let selected = match zeitwork_runtime::select::select(&options, logs.clone()).await {
             Ok(s) => {
@@ -678,5 +783,24 @@ mod tests {
         assert!(e.contains("instance_range") && e.contains("10.242.128.0"), "{e}");
         let other = config([10, 242, 0, 0]).validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(!other.contains("instance_range"), "{other}");
+    }
+
+    #[test]
+    fn vmm_users_and_user_namespaces_are_checked() {
+        let base = NodeAgentConfig { token: Some("a token".into()), ..Default::default() };
+        let fails = |c: NodeAgentConfig| c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(fails(base.clone()), "", "the defaults are valid");
+        let user = base.vmm_user().expect("QEMU is unprivileged by default");
+        assert_eq!(user.uid, 900_000);
+        assert!(fails(NodeAgentConfig { vmm_uid: 0, ..base.clone() }).is_empty(), "0 runs QEMU as root");
+        assert_eq!(NodeAgentConfig { vmm_uid: 0, ..base.clone() }.vmm_user(), None);
+        assert!(fails(NodeAgentConfig { vmm_uid: 10, ..base.clone() }).contains("vmm_uid"));
+        assert!(fails(NodeAgentConfig { vmm_gid: Some(0), ..base.clone() }).contains("vmm_gid"));
+        let overlap = NodeAgentConfig { vmm_uid: 1_000_000_500, ..base.clone() };
+        assert!(fails(overlap).contains("overlap"));
+        assert!(fails(NodeAgentConfig { userns_base: 4_000_000_000, ..base.clone() }).contains("userns_base"));
+        assert!(fails(NodeAgentConfig { userns_base: 0, ..base.clone() }).is_empty(), "0 turns the remap off");
+        assert!(fails(NodeAgentConfig { instance_disk_mib: 4, ..base.clone() }).contains("instance_disk_mib"));
+        assert!(fails(NodeAgentConfig { instance_disk_mib: 0, ..base }).is_empty(), "0 turns the quota off");
     }
 }

@@ -28,6 +28,44 @@ struct Instance {
     exit: watch::Receiver<Option<ExitInfo>>,
 }
 
+/// What confines each container besides its namespaces, cgroup limits,
+/// seccomp filter and capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confinement {
+    /// Size of each instance's writable layer, MiB: an ext4 image of its own,
+    /// loop-mounted under its overlay, so an instance that fills it gets
+    /// ENOSPC and the host's disk keeps its space. 0: no quota (the overlay
+    /// writes to the host's file system).
+    pub disk_mib: u32,
+    /// First host uid/gid of the user namespaces root images run in: an
+    /// image whose user is root runs as root inside a user namespace whose
+    /// ids 0..65536 are host ids `userns_base + slot * 65536 ..` (each
+    /// instance its own range, by its address slot), so its root is nobody on
+    /// the host. None: root images run as host root (with the other limits).
+    pub userns_base: Option<u32>,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Self { disk_mib: DEFAULT_DISK_MIB, userns_base: None }
+    }
+}
+
+/// Ids in each instance's user namespace.
+pub const USERNS_SIZE: u32 = 65_536;
+
+impl Confinement {
+    /// The first host id of the user namespace of an instance on `slot`
+    /// running as `uid`, when it gets one (root images only).
+    pub fn userns_of(&self, slot: u32, uid: u32) -> Option<u32> {
+        let base = self.userns_base?;
+        (uid == 0).then(|| base.saturating_add(slot.saturating_mul(USERNS_SIZE)))
+    }
+}
+
+/// The writable layer of an instance when nothing else is said, MiB.
+pub const DEFAULT_DISK_MIB: u32 = 1024;
+
 /// Runs instances with an OCI runtime binary.
 #[derive(Debug)]
 pub struct ContainerRuntime {
@@ -35,6 +73,7 @@ pub struct ContainerRuntime {
     runc: PathBuf,
     base: Ipv4Addr,
     logs: Arc<LogStore>,
+    confinement: Confinement,
     instances: Mutex<HashMap<String, Instance>>,
 }
 
@@ -81,10 +120,30 @@ impl ContainerRuntime {
             Err(e) => return Err(RuntimeError::Unavailable("runc/crun", format!("{}: {e}", runtime.display()))),
         }
         crate::net::apply_policy(base, None).await?;
-        let rt =
-            Self { dir: dir.to_owned(), runc: runtime.to_owned(), base, logs, instances: Mutex::new(HashMap::new()) };
+        let rt = Self {
+            dir: dir.to_owned(),
+            runc: runtime.to_owned(),
+            base,
+            logs,
+            confinement: Confinement::default(),
+            instances: Mutex::new(HashMap::new()),
+        };
         rt.clean_leftovers().await;
         Ok(rt)
+    }
+
+    /// The same runtime with `c` for the instances it starts from now on.
+    /// Root images run as host root when their remapped root could not reach
+    /// its bundle (a closed directory above the runtime's; logged).
+    pub fn confined(mut self, mut c: Confinement) -> Self {
+        if c.userns_base.is_some() {
+            if let Err(why) = crate::reachable_by_others(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), %why, "root images run as host root: a remapped root cannot reach its bundle");
+                c.userns_base = None;
+            }
+        }
+        self.confinement = c;
+        self
     }
 
     /// Instances found on disk from an earlier run that did not stop them
@@ -109,6 +168,10 @@ impl ContainerRuntime {
             }
             if let Err(e) = cmd(Path::new("umount"), &["-l", &path.join("rootfs").display().to_string()]).await {
                 tracing::debug!(instance = %id, error = %e, "no leftover root overlay to unmount");
+            }
+            // Its loop device goes with the last user of the file system.
+            if let Err(e) = cmd(Path::new("umount"), &["-l", &path.join(LAYER).display().to_string()]).await {
+                tracing::debug!(instance = %id, error = %e, "no leftover writable layer to unmount");
             }
             let link = Link {
                 netns: netns_name(&id),
@@ -151,7 +214,13 @@ impl ContainerRuntime {
         (uid, gid)
     }
 
-    fn oci_config(spec: &InstanceSpec, merged: &Path, dir: &Path, netns: &str) -> serde_json::Value {
+    fn oci_config(
+        spec: &InstanceSpec,
+        merged: &Path,
+        dir: &Path,
+        netns: &str,
+        userns: Option<u32>,
+    ) -> serde_json::Value {
         let args = command_of(spec);
         let env = env_of(spec);
         let (uid, gid) = Self::user_of(&spec.rootfs, spec.image.user.as_deref());
@@ -169,7 +238,7 @@ impl ContainerRuntime {
             "CAP_KILL",
             "CAP_AUDIT_WRITE",
         ];
-        json!({
+        let mut config = json!({
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": false,
@@ -207,7 +276,100 @@ impl ContainerRuntime {
                 "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
                 "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
             }
-        })
+        });
+        if let Some(host) = userns {
+            let map = json!([{"containerID": 0, "hostID": host, "size": USERNS_SIZE}]);
+            let linux = &mut config["linux"];
+            linux["uidMappings"] = map.clone();
+            linux["gidMappings"] = map;
+            if let Some(ns) = linux["namespaces"].as_array_mut() {
+                ns.push(json!({"type": "user"}));
+            }
+            // sysfs cannot be mounted from a user namespace into a network
+            // namespace it does not own: the container gets the host's,
+            // read-only, without its firmware (masked).
+            if let Some(mounts) = config["mounts"].as_array_mut() {
+                for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys") {
+                    *m = json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]});
+                }
+            }
+        }
+        config
+    }
+}
+
+/// Where an instance's writable layer is mounted in its directory (its image
+/// is `disk.img` next to it).
+pub const LAYER: &str = "layer";
+
+/// Makes the writable layer of the instance in `dir`: a sparse ext4 image of
+/// `mib` MiB (no journal: it never outlives the instance), loop-mounted at
+/// [`LAYER`]. The loop device goes away when it is unmounted.
+async fn writable_layer(dir: &Path, mib: u32) -> Result<PathBuf, RuntimeError> {
+    let image = dir.join("disk.img");
+    let mount = dir.join(LAYER);
+    let file = std::fs::File::create(&image).map_err(|e| RuntimeError::failed("creating the writable layer", e))?;
+    file.set_len(u64::from(mib) << 20).map_err(|e| RuntimeError::failed("sizing the writable layer", e))?;
+    drop(file);
+    std::fs::create_dir_all(&mount).map_err(|e| RuntimeError::failed("creating the writable layer", e))?;
+    let image_arg = image.display().to_string();
+    cmd(Path::new("mkfs.ext4"), &["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", &image_arg]).await?;
+    let mount_arg = mount.display().to_string();
+    cmd(Path::new("mount"), &["-o", "loop,nosuid,nodev", &image_arg, &mount_arg]).await?;
+    Ok(mount)
+}
+
+/// Moves every file of the root at `root` (an overlay with metacopy, so
+/// only metadata is copied up) from host ids `n` to `host + n`, so that root
+/// in a user namespace starting at `host` owns what the image's root owns.
+/// Set-id bits, which a chown clears, are put back.
+fn shift_ownership(root: &Path, host: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |p: &Path, e: std::io::Error| RuntimeError::failed(format!("remapping the owner of {}", p.display()), e);
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| fail(&path, e))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| fail(&path, e))? {
+                stack.push(entry.map_err(|e| fail(&path, e))?.path());
+            }
+        }
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if uid >= USERNS_SIZE || gid >= USERNS_SIZE {
+            continue; // No id in the namespace stands for it: it stays unmapped (nobody).
+        }
+        std::os::unix::fs::lchown(&path, Some(host + uid), Some(host + gid)).map_err(|e| fail(&path, e))?;
+        if meta.mode() & 0o6000 != 0 && !meta.file_type().is_symlink() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(|e| fail(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts an instance's writable layer, if it has one (which frees its loop device).
+async fn unmount_layer(id: &str, dir: &Path) {
+    let mount = dir.join(LAYER);
+    if !dir.join("disk.img").exists() {
+        return;
+    }
+    if let Err(e) = cmd(Path::new("umount"), &[&mount.display().to_string()]).await {
+        if mounted(&mount) {
+            tracing::warn!(instance = %id, mount = %mount.display(), error = %e, "the writable layer may stay mounted (with its loop device)");
+        }
+    }
+}
+
+/// Whether `path` is a mount point now.
+fn mounted(path: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.display().to_string();
+    table.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+async fn remove_instance_dir(id: &str, dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        tracing::warn!(instance = %id, dir = %dir.display(), error = %e, "the instance directory is left behind");
     }
 }
 
@@ -340,19 +502,62 @@ impl Runtime for ContainerRuntime {
         // Slots in use: ours, and any address of the range already on a host interface.
         let slot = net::free_slot(self.base, |s| instances.values().any(|i| i.slot == s)).await?;
         let dir = self.dir.join(&spec.id);
-        let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
+        let layer = match self.confinement.disk_mib {
+            0 => dir.clone(),
+            mib => match writable_layer(&dir, mib).await {
+                Ok(l) => l,
+                Err(e) => {
+                    remove_instance_dir(&spec.id, &dir).await;
+                    return Err(e);
+                }
+            },
+        };
+        let (upper, work, merged) = (layer.join("upper"), layer.join("work"), dir.join("rootfs"));
         for d in [&upper, &work, &merged] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
         }
-        let opts =
-            format!("lowerdir={},upperdir={},workdir={}", spec.rootfs.display(), upper.display(), work.display());
-        cmd(Path::new("mount"), &["-t", "overlay", "overlay", "-o", &opts, &merged.display().to_string()]).await?;
+        let (uid, _) = Self::user_of(&spec.rootfs, spec.image.user.as_deref());
+        let userns = self.confinement.userns_of(slot, uid);
+        // A remapped root gets the image's files as its own by metadata-only
+        // copies in the writable layer (metacopy): the shared image is never changed.
+        let metacopy = if userns.is_some() { ",metacopy=on,redirect_dir=on" } else { "" };
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}{metacopy}",
+            spec.rootfs.display(),
+            upper.display(),
+            work.display()
+        );
+        if let Err(e) =
+            cmd(Path::new("mount"), &["-t", "overlay", "overlay", "-o", &opts, &merged.display().to_string()]).await
+        {
+            unmount_layer(&spec.id, &dir).await;
+            remove_instance_dir(&spec.id, &dir).await;
+            return Err(e);
+        }
+        if let Some(host) = userns {
+            let root = merged.clone();
+            let shifted = tokio::task::spawn_blocking(move || shift_ownership(&root, host))
+                .await
+                .map_err(|e| RuntimeError::failed("remapping the root's owners", e))
+                .and_then(|r| r);
+            if let Err(e) = shifted {
+                if let Err(why) = cmd(Path::new("umount"), &[&merged.display().to_string()]).await {
+                    tracing::warn!(instance = %spec.id, mount = %merged.display(), error = %why, "the root overlay may stay mounted");
+                }
+                unmount_layer(&spec.id, &dir).await;
+                remove_instance_dir(&spec.id, &dir).await;
+                return Err(e);
+            }
+        }
         let link = match net::create(&short_key(&spec.id), self.base, slot).await {
             Ok(l) => l,
             Err(e) => {
                 if let Err(why) = cmd(Path::new("umount"), &[&merged.display().to_string()]).await {
                     tracing::warn!(instance = %spec.id, mount = %merged.display(), error = %why, "the root overlay may stay mounted");
                 }
+                unmount_layer(&spec.id, &dir).await;
+                remove_instance_dir(&spec.id, &dir).await;
                 return Err(e);
             }
         };
@@ -366,7 +571,7 @@ impl Runtime for ContainerRuntime {
             None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         };
         write("resolv.conf", &resolv)?;
-        write("config.json", &Self::oci_config(spec, &merged, &dir, &link.netns).to_string())?;
+        write("config.json", &Self::oci_config(spec, &merged, &dir, &link.netns, userns).to_string())?;
 
         let mut child = Command::new(&self.runc)
             .args(["run", "--bundle", &dir.display().to_string(), &container_id(&spec.id)])
@@ -445,6 +650,7 @@ impl Runtime for ContainerRuntime {
         if let Err(e) = cmd(Path::new("umount"), &[&inst.merged.display().to_string()]).await {
             tracing::warn!(instance = %id, mount = %inst.merged.display(), error = %e, "the root overlay may stay mounted");
         }
+        unmount_layer(id, &inst.dir).await;
         if let Err(e) = net::destroy(&inst.link).await {
             let (netns, veth) = (&inst.link.netns, &inst.link.host_if);
             tracing::warn!(instance = %id, netns, veth, error = %e, "the network namespace or veth may be left behind");
@@ -517,6 +723,9 @@ impl Drop for ContainerRuntime {
             last_resort(&id, self.runc.as_os_str(), &["kill", "--all", &cid, "KILL"]);
             last_resort(&id, self.runc.as_os_str(), &["delete", "--force", &cid]);
             last_resort(&id, "umount".as_ref(), &["-l", &merged]);
+            if inst.dir.join(LAYER).join("upper").exists() {
+                last_resort(&id, "umount".as_ref(), &["-l", &inst.dir.join(LAYER).display().to_string()]);
+            }
             last_resort(&id, "ip".as_ref(), &["netns", "del", &inst.link.netns]);
             last_resort(&id, "ip".as_ref(), &["link", "del", &inst.link.host_if]);
             if let Err(e) = std::fs::remove_dir_all(&inst.dir) {
@@ -537,5 +746,46 @@ pub(crate) fn last_resort(instance: &str, program: &std::ffi::OsStr, args: &[&st
             tracing::warn!(instance, step = %step(), %error, "teardown step failed; the sweeper removes what it left at the next start");
         }
         Err(e) => tracing::warn!(instance, step = %step(), error = %e, "teardown step could not run"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            id: "ins_a".into(),
+            rootfs: "/nonexistent".into(),
+            image: Default::default(),
+            env: vec![],
+            port: 8080,
+            vcpu: 1,
+            memory_mib: 64,
+            disk: None,
+            dns_search: None,
+        }
+    }
+
+    #[test]
+    fn root_images_get_a_user_namespace_range_of_their_own() {
+        let c = Confinement { disk_mib: 0, userns_base: Some(1_000_000_000) };
+        assert_eq!(c.userns_of(0, 0), Some(1_000_000_000));
+        assert_eq!(c.userns_of(3, 0), Some(1_000_000_000 + 3 * 65_536));
+        assert_eq!(c.userns_of(3, 1000), None, "an image with a user of its own runs as that user");
+        assert_eq!(Confinement::default().userns_of(0, 0), None);
+
+        let p = Path::new("/x");
+        let plain = ContainerRuntime::oci_config(&spec(), p, p, "zw-a", None);
+        assert!(plain["linux"].get("uidMappings").is_none());
+        assert_eq!(plain["mounts"][5]["type"], "sysfs");
+        let mapped = ContainerRuntime::oci_config(&spec(), p, p, "zw-a", Some(1_000_196_608));
+        let map = json!([{"containerID": 0, "hostID": 1_000_196_608u32, "size": 65_536}]);
+        assert_eq!(mapped["linux"]["uidMappings"], map);
+        assert_eq!(mapped["linux"]["gidMappings"], map);
+        assert!(mapped["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "user"})));
+        assert_eq!(mapped["mounts"][5]["type"], "bind", "the host's /sys, read-only");
+        assert!(mapped["mounts"][5]["options"].as_array().unwrap().contains(&json!("ro")));
+        assert_eq!(mapped["process"]["user"], json!({"uid": 0, "gid": 0}), "root inside");
     }
 }

@@ -34,6 +34,26 @@ pub fn exit_reason(code: i32) -> String {
     }
 }
 
+/// Whether every directory down to `dir` lets other users pass (`o+x`), as
+/// unprivileged VMMs and remapped container roots need to reach their own
+/// instance's directory; else which one does not, and what to do.
+pub(crate) fn reachable_by_others(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    for d in dir.ancestors() {
+        let mode = std::fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?.permissions().mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "{} (mode {:o}) keeps other users out of {}; make it traversable (chmod o+x, e.g. 0711)",
+                d.display(),
+                mode & 0o7777,
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Everything a driver needs to run one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {

@@ -88,10 +88,18 @@ pub async fn create(key: &str, base: Ipv4Addr, slot: u32) -> Result<Link, Runtim
 }
 
 /// Creates tap device `name` for a VM, with the host's end of the /30 on it.
-pub async fn create_tap(name: &str, host_ip: Ipv4Addr) -> Result<(), RuntimeError> {
+/// With an `owner` (uid, gid), that unprivileged user may attach to it (the
+/// VMM runs as that user); otherwise only root may.
+pub async fn create_tap(name: &str, host_ip: Ipv4Addr, owner: Option<(u32, u32)>) -> Result<(), RuntimeError> {
     // A leftover of a crashed attempt goes first; usually there is none.
     let _ = destroy_tap(name).await;
-    run(&["tuntap", "add", "dev", name, "mode", "tap"]).await?;
+    match owner {
+        Some((uid, gid)) => {
+            let (uid, gid) = (uid.to_string(), gid.to_string());
+            run(&["tuntap", "add", "dev", name, "mode", "tap", "user", &uid, "group", &gid]).await?
+        }
+        None => run(&["tuntap", "add", "dev", name, "mode", "tap"]).await?,
+    }
     let result = async {
         run(&["addr", "add", &format!("{host_ip}/30"), "dev", name]).await?;
         run(&["link", "set", name, "up"]).await

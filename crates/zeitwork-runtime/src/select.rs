@@ -34,6 +34,10 @@ pub struct SelectOptions {
     pub kernel: Option<PathBuf>,
     pub base: Ipv4Addr,
     pub disk_budget: u64,
+    /// The unprivileged users QEMU runs as (root when absent).
+    pub vmm_user: Option<vm::VmmUser>,
+    /// What confines containers (their writable layer's size, …).
+    pub confinement: crate::container::Confinement,
 }
 
 /// The chosen driver and why it was chosen.
@@ -236,14 +240,24 @@ async fn vm_runtime(
     assets: GuestAssets,
     logs: Arc<LogStore>,
 ) -> Result<AnyRuntime, RuntimeError> {
-    let settings = VmSettings { dir: o.dir.join("vms"), vmm, assets, base: o.base, disk_budget: o.disk_budget };
+    let settings = VmSettings {
+        dir: o.dir.join("vms"),
+        vmm,
+        assets,
+        base: o.base,
+        disk_budget: o.disk_budget,
+        vmm_user: o.vmm_user,
+    };
     Ok(AnyRuntime::Vm(VmRuntime::new(settings, logs).await?))
 }
 
 /// Chooses and starts the driver `o.requested` stands for.
 pub async fn select(o: &SelectOptions, logs: Arc<LogStore>) -> Result<Selected, RuntimeError> {
     let instances = o.dir.join("instances");
-    let containers = || ContainerRuntime::new(&instances, &o.oci_runtime, o.base, logs.clone());
+    let containers = || async {
+        let rt = ContainerRuntime::new(&instances, &o.oci_runtime, o.base, logs.clone()).await?;
+        Ok::<_, RuntimeError>(rt.confined(o.confinement))
+    };
     match o.requested.as_str() {
         "container" => {
             let rt = containers().await?;

@@ -8,7 +8,8 @@
 //! - containers whose bundle lies in one of the node's instance directories;
 //! - processes whose command line names a path inside them (QEMU's QMP
 //!   socket, Firecracker's API socket, `runc run --bundle`);
-//! - mounts below them;
+//! - mounts below them, and loop devices backed by a file in them (the
+//!   containers' writable layers);
 //! - `zw-*` network namespaces holding an address of the node's range, and
 //!   `zwh*`/`zwt*` devices with one;
 //! - the range's own firewall table (`zeitwork_<a>_<b>`), when no known
@@ -49,7 +50,7 @@ pub struct Scope {
 /// One thing the sweeper removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
-    /// `container`, `process`, `mount`, `netns`, `link`, `firewall`, `cgroup` or `directory`.
+    /// `container`, `process`, `mount`, `loop`, `netns`, `link`, `firewall`, `cgroup` or `directory`.
     pub kind: &'static str,
     pub name: String,
 }
@@ -109,6 +110,7 @@ pub async fn sweep(scope: &Scope) -> Vec<Removed> {
     let listed = containers(scope, &mut removed).await;
     processes(scope, &mut removed);
     mounts(scope, &mut removed).await;
+    loop_devices(scope, &mut removed).await;
     namespaces(scope, &mut removed).await;
     links(scope, &mut removed).await;
     firewall(scope, &mut removed).await;
@@ -246,6 +248,29 @@ async fn mounts(scope: &Scope, removed: &mut Vec<Removed>) {
     }
 }
 
+/// Detaches loop devices backed by a file of an unknown instance (a
+/// container's writable layer whose lazy unmount left the device attached).
+async fn loop_devices(scope: &Scope, removed: &mut Vec<Removed>) {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+        // A removed backing file reads as "<path> (deleted)".
+        let backing = backing.trim().trim_end_matches(" (deleted)");
+        if scope.instance_of(backing).is_none_or(|id| scope.known.contains(id)) {
+            continue;
+        }
+        let device = format!("/dev/{name}");
+        match output(Path::new("losetup"), &["-d", &device]).await {
+            Ok(_) => note(removed, "loop", format!("{device} ({backing})")),
+            Err(e) => tracing::warn!(device, backing, error = %e, "a leftover loop device could not be detached"),
+        }
+    }
+}
+
 /// IPv4 addresses of `ip -4 -o addr show` output, by interface name.
 fn addresses(text: &str) -> Vec<(String, Ipv4Addr)> {
     text.lines()
@@ -342,7 +367,7 @@ fn cgroups(scope: &Scope, listed: &HashSet<String>, removed: &mut Vec<Removed>) 
 /// Instance directories (recognised by what a driver writes into them) of
 /// instances no one knows.
 async fn directories(scope: &Scope, removed: &mut Vec<Removed>) {
-    const MARKS: [&str; 6] = ["config.json", "config.img", "upper", "rootfs", "tap", "vmm.pid"];
+    const MARKS: [&str; 8] = ["config.json", "config.img", "upper", "rootfs", "tap", "vmm.pid", "disk.img", "layer"];
     for dir in &scope.dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for entry in entries.flatten() {

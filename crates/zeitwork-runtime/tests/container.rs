@@ -185,3 +185,155 @@ async fn a_new_runtime_cleans_up_after_a_crashed_one() {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(&id), "its overlay is unmounted");
 }
+
+/// Loop devices whose backing file lies under `dir`.
+fn loop_devices_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            backing.starts_with(&dir).then(|| format!("{} ({})", e.file_name().to_string_lossy(), backing.trim()))
+        })
+        .collect()
+}
+
+async fn wait_for_line(runtime: &ContainerRuntime, id: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = runtime.logs(id).await.unwrap();
+        if let Some(l) = logs.iter().find(|l| l.line.starts_with(prefix)) {
+            return l.line.clone();
+        }
+        assert!(Instant::now() < deadline, "no line {prefix:?}: {logs:?} {:?}", runtime.state(id).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writable_layer_answers_enospc_and_leaves_the_host_disk_alone() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
+    let instances = dir.path().join("instances");
+    let confinement = zeitwork_runtime::container::Confinement { disk_mib: 32, userns_base: None };
+    let runtime = ContainerRuntime::new(&instances, Path::new("runc"), "10.210.0.0".parse().unwrap(), logs(&dir))
+        .await
+        .unwrap()
+        .confined(confinement);
+    // 64 MiB into a 32 MiB layer: dd stops with ENOSPC, the app still serves.
+    let img = images
+        .prepare(
+            &busybox_image(
+                &reg,
+                "filler",
+                "/bin/busybox dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/tmp/dd.err; echo dd-exit=$?; \
+                 echo dd-said=$(/bin/busybox cat /tmp/dd.err); \
+                 echo df=$(/bin/busybox df -m / | /bin/busybox tail -n 1); \
+                 exec /bin/busybox httpd -f -p $PORT -h /www",
+            )
+            .await,
+        )
+        .await
+        .unwrap();
+    let id = format!("ins_{:08x}", rand_u32());
+    let free_before = free_bytes(dir.path());
+    let running = runtime.start(&spec(&id, &img.rootfs, img.config.clone(), 8080)).await.unwrap();
+    let exit = wait_for_line(&runtime, &id, "dd-exit=").await;
+    assert_ne!(exit, "dd-exit=0", "writing past the quota fails");
+    let said = wait_for_line(&runtime, &id, "dd-said=").await;
+    assert!(said.contains("No space left on device"), "{said}");
+    let df = wait_for_line(&runtime, &id, "df=").await;
+    eprintln!("inside: {df}");
+
+    // The layer is an ext4 image of the configured size on a loop device.
+    let image = instances.join(&id).join("disk.img");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 32 << 20);
+    assert_eq!(loop_devices_under(&instances).len(), 1, "{:?}", loop_devices_under(&instances));
+    // The host lost at most the layer's size (the image is sparse).
+    use std::os::unix::fs::MetadataExt;
+    let used = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(used <= 33 << 20, "the layer's image holds {used} bytes");
+    let lost = free_before.saturating_sub(free_bytes(dir.path()));
+    eprintln!("layer image uses {} MiB on the host; host free space went down by {} MiB", used >> 20, lost >> 20);
+    assert!(!img.rootfs.join("tmp/fill").exists());
+
+    let body = reqwest::get(format!("http://{}/", running.address)).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "hello from a container\n");
+
+    runtime.destroy(&id).await.unwrap();
+    assert!(loop_devices_under(&instances).is_empty(), "{:?}", loop_devices_under(&instances));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&id), "nothing of the instance stays mounted");
+    assert!(!instances.join(&id).exists());
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_image_runs_as_root_of_its_own_user_namespace() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Traverse-only, as a node's data directory: the remapped root passes through to its bundle.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
+    let instances = dir.path().join("instances");
+    let base = 1_500_000_000;
+    let confinement = zeitwork_runtime::container::Confinement { disk_mib: 64, userns_base: Some(base) };
+    let runtime = ContainerRuntime::new(&instances, Path::new("runc"), "10.209.0.0".parse().unwrap(), logs(&dir))
+        .await
+        .unwrap()
+        .confined(confinement);
+    let img = images
+        .prepare(
+            &busybox_image(
+                &reg,
+                "rooted",
+                "echo uid=$(/bin/busybox id -u); echo map=$(/bin/busybox cat /proc/self/uid_map); \
+                 echo made > /www/made && echo wrote-www; \
+                 exec /bin/busybox httpd -f -p $PORT -h /www",
+            )
+            .await,
+        )
+        .await
+        .unwrap();
+    let id = format!("ins_{:08x}", rand_u32());
+    let started = Instant::now();
+    let running = runtime.start(&spec(&id, &img.rootfs, img.config.clone(), 8080)).await.unwrap();
+    eprintln!("start with the remap took {:?}", started.elapsed());
+
+    assert_eq!(wait_for_line(&runtime, &id, "uid=").await, "uid=0", "root inside");
+    let map = wait_for_line(&runtime, &id, "map=").await;
+    let fields: Vec<&str> = map["map=".len()..].split_whitespace().collect();
+    let host: u32 = fields[1].parse().unwrap();
+    assert_eq!((fields[0], fields[2]), ("0", "65536"), "{map}");
+    assert!(host >= base && (host - base).is_multiple_of(65_536), "an instance range from the node's base: {map}");
+    // Root of the image's own directories, so it writes where the image's root may.
+    wait_for_line(&runtime, &id, "wrote-www").await;
+    use std::os::unix::fs::MetadataExt;
+    let made = std::fs::metadata(instances.join(&id).join("rootfs/www/made")).unwrap();
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (host, host),
+        "a file the container's root made is the mapped uid's on the host"
+    );
+    // The shared image is untouched: still root's, nothing written into it.
+    assert_eq!(std::fs::metadata(img.rootfs.join("www/index.html")).unwrap().uid(), 0);
+    assert!(!img.rootfs.join("www/made").exists());
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        match reqwest::get(format!("http://{}/made", running.address)).await {
+            Ok(r) if r.status().is_success() => break r.text().await.unwrap(),
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("the instance never answered: {other:?} {:?}", runtime.logs(&id).await),
+        }
+    };
+    assert_eq!(body, "made\n");
+    runtime.destroy(&id).await.unwrap();
+    assert!(!instances.join(&id).exists());
+}

@@ -25,8 +25,13 @@ fn options(dir: &Path, base: &str) -> SelectOptions {
         kernel: None,
         base: base.parse().unwrap(),
         disk_budget: 1 << 30,
+        vmm_user: Some(VMM_USER),
+        confinement: Default::default(),
     }
 }
+
+/// QEMU's users in these tests (the node agent's default range).
+const VMM_USER: zeitwork_runtime::vm::VmmUser = zeitwork_runtime::vm::VmmUser { uid: 900_000, gid: 900_000 };
 
 struct World {
     _reg: Registry,
@@ -40,6 +45,8 @@ struct World {
 async fn world(script: &str, base: &str) -> World {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Traverse-only, as a node's data directory is: QEMU's users reach their own VM's directory.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let images = ImageStore::new(&dir.path().join("images"), RegistryConfig::default(), Limits::default()).unwrap();
     let logs = Arc::new(LogStore::new(&dir.path().join("logs")).unwrap());
     let selected = select(&options(dir.path(), base), logs.clone())
@@ -92,13 +99,13 @@ async fn a_vm_serves_http_logs_and_stops_gracefully() {
     let w = world(
         "echo booting $GREETING; echo warn >&2; /bin/busybox httpd -f -p $PORT -h /www & \
          trap 'echo got SIGTERM; kill $!; exit 0' TERM; wait",
-        "10.223.0.0",
+        "10.209.0.0",
     )
     .await;
     let id = "ins_vm_serves";
     let s = spec(&w, id).await;
     let running = w.runtime.start(&s).await.unwrap();
-    assert!(running.address.ip().to_string().starts_with("10.223."), "{}", running.address);
+    assert!(running.address.ip().to_string().starts_with("10.209."), "{}", running.address);
     let tap = std::fs::read_to_string(w.dir.path().join("vms").join(id).join("tap")).unwrap();
     assert!(link_exists(&tap), "tap {tap} exists while the VM runs");
     // The config disk holds the env: never the kernel command line.
@@ -107,6 +114,30 @@ async fn a_vm_serves_http_logs_and_stops_gracefully() {
 
     let body = wait_for_http(&w, id, &format!("http://{}/", running.address)).await;
     assert_eq!(body, "hello from a container\n");
+
+    // QEMU runs as the VM's own unprivileged user (real, effective, saved and
+    // file-system ids alike), and owns only its directory and configuration disk.
+    let vm_dir = w.dir.path().join("vms").join(id);
+    let pid = std::fs::read_to_string(vm_dir.join("vmm.pid")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {status}"));
+        line[key.len()..].split_whitespace().map(|v| v.parse().unwrap()).collect()
+    };
+    let uids = ids("Uid:");
+    assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
+    assert!((VMM_USER.uid..VMM_USER.uid + 16_000).contains(&uids[0]), "QEMU runs as {uids:?}");
+    assert_eq!(ids("Gid:"), vec![VMM_USER.gid; 4]);
+    assert_eq!(ids("Groups:"), Vec::<u32>::new(), "no supplementary groups");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let config = std::fs::metadata(vm_dir.join("config.img")).unwrap();
+    assert_eq!((config.uid(), config.mode() & 0o777), (uids[0], 0o600));
+    let own = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!((own.uid(), own.permissions().mode() & 0o777), (uids[0], 0o700));
+    let tap_owner = std::fs::read_to_string(format!("/sys/class/net/{tap}/owner")).unwrap();
+    assert_eq!(tap_owner.trim(), uids[0].to_string(), "the tap is the VM user's own");
+    let shared = std::fs::metadata(vm_dir.join("f2")).unwrap();
+    assert_ne!(shared.uid(), uids[0], "the shared image is linked, never handed over");
 
     let stats = w.runtime.stats(id).await.unwrap();
     assert!(stats.memory_bytes > 0 && stats.memory_limit_bytes == 128 << 20, "{stats:?}");
@@ -204,6 +235,7 @@ async fn a_guest_that_panics_at_boot_fails_with_its_console_and_leaves_nothing()
         assets,
         base: "10.229.0.0".parse().unwrap(),
         disk_budget: 1 << 30,
+        vmm_user: None,
     };
     let rt = zeitwork_runtime::vm::VmRuntime::new(settings, w.logs.clone()).await.unwrap();
     let id = "ins_vm_panics";

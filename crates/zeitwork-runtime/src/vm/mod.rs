@@ -115,6 +115,26 @@ pub struct VmSettings {
     pub base: Ipv4Addr,
     /// Largest root disk an instance may use, bytes.
     pub disk_budget: u64,
+    /// The unprivileged users QEMU runs as; root when absent.
+    pub vmm_user: Option<VmmUser>,
+}
+
+/// The unprivileged users QEMU runs as: the VM on address slot `n` (at most
+/// 16,000 of them per node) runs as uid `uid + n`, so no VMM can signal,
+/// trace or open what belongs to another; all share group `gid` (the `kvm`
+/// group, where there is one, so `/dev/kvm` opens). Neither may own
+/// anything else on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmmUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl VmmUser {
+    /// The uid and gid of the VM on `slot`.
+    pub fn of_slot(&self, slot: u32) -> (u32, u32) {
+        (self.uid.saturating_add(slot), self.gid)
+    }
 }
 
 #[derive(Debug)]
@@ -184,8 +204,18 @@ fn alive(pid: u32) -> bool {
 }
 
 impl VmRuntime {
-    pub async fn new(s: VmSettings, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
+    pub async fn new(mut s: VmSettings, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
         std::fs::create_dir_all(&s.dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
+        if s.vmm_user.is_some() {
+            // The VMMs' users reach their own directories below, and cannot list them.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| RuntimeError::failed("closing the runtime directory", e))?;
+            if let Err(why) = crate::reachable_by_others(&s.dir) {
+                tracing::warn!(dir = %s.dir.display(), %why, "QEMU runs as root: its unprivileged users cannot reach their directories");
+                s.vmm_user = None;
+            }
+        }
         crate::net::apply_policy(s.base, None).await?;
         let rt = Self { s, logs, instances: Mutex::new(HashMap::new()) };
         rt.clean_leftovers().await;
@@ -223,6 +253,7 @@ impl VmRuntime {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn spawn_vmm(
         &self,
         spec: &InstanceSpec,
@@ -230,24 +261,37 @@ impl VmRuntime {
         disk: &Path,
         tap: &str,
         mac: &str,
+        owner: Option<(u32, u32)>,
     ) -> Result<Child, RuntimeError> {
         let config = dir.join("config.img");
         match &self.s.vmm {
             Vmm::Qemu { binary, accel } => {
+                let (assets, disk) = match owner {
+                    Some((uid, gid)) => {
+                        let (assets, disk) = qemu_files(dir, &self.s.assets, disk, uid, gid).await?;
+                        (std::borrow::Cow::Owned(assets), std::borrow::Cow::Owned(disk))
+                    }
+                    None => (std::borrow::Cow::Borrowed(&self.s.assets), std::borrow::Cow::Borrowed(disk)),
+                };
                 let mut args = qemu_args(
                     *accel,
-                    &self.s.assets,
+                    &assets,
                     spec.vcpu,
                     spec.memory_mib,
-                    &[disk, &config],
+                    &[&disk, &config],
                     Some((tap, mac)),
                     Some(&dir.join("qmp.sock")),
                     false,
                 );
                 args.extend(["-name".into(), format!("zeitwork-{}", spec.id)]);
                 args.extend(["-pidfile".into(), dir.join("vmm.pid").display().to_string()]);
-                Command::new(binary)
-                    .args(args)
+                let mut cmd = Command::new(binary);
+                if let Some((uid, gid)) = owner {
+                    // Set before exec: QEMU never runs as root, and its sandbox
+                    // (elevateprivileges=deny) keeps it from changing that.
+                    cmd.uid(uid).gid(gid);
+                }
+                cmd.args(args)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -287,6 +331,39 @@ impl VmRuntime {
             }
         }
     }
+}
+
+/// Gives the unprivileged user of a VM what its QEMU opens, in the VM's own
+/// directory (0700, owned by that user): the kernel, the initramfs and the
+/// image as hard links (`f0`..`f2`) when they are world-readable, else copies
+/// of its own (a shared file is never chowned), and its configuration disk.
+/// Nothing else of the node's data directory is reachable for it (the
+/// directories above are traverse-only or closed).
+async fn qemu_files(
+    dir: &Path,
+    assets: &GuestAssets,
+    disk: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(GuestAssets, PathBuf), RuntimeError> {
+    let (dir, assets, disk) = (dir.to_owned(), assets.clone(), disk.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::PermissionsExt;
+        let hand_over = |p: &Path| {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                .map_err(|e| RuntimeError::failed(format!("handing {} to the VMM's user", p.display()), e))
+        };
+        hand_over(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| RuntimeError::failed("closing the VM's directory", e))?;
+        hand_over(&dir.join("config.img"))?;
+        let files = [(&assets.vmlinux, true), (&assets.initramfs, true), (&disk, true)];
+        crate::jail::prepare_jail(&dir, &files, uid, gid)?;
+        let linked = GuestAssets { vmlinux: dir.join("f0"), initramfs: dir.join("f1"), ..assets };
+        Ok((linked, dir.join("f2")))
+    })
+    .await
+    .map_err(|e| RuntimeError::failed("preparing the VM's files", e))?
 }
 
 pub(crate) fn jail_id(id: &str) -> String {
@@ -345,11 +422,15 @@ impl Runtime for VmRuntime {
         bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
         write_private(&dir.join("config.img"), &bytes)?;
         let tap = format!("zwt{}", crate::container::short_key(&spec.id));
-        net::create_tap(&tap, host_ip).await?;
+        let owner = match (&self.s.vmm, self.s.vmm_user) {
+            (Vmm::Qemu { .. }, Some(user)) => Some(user.of_slot(slot)),
+            _ => None,
+        };
+        net::create_tap(&tap, host_ip, owner).await?;
         if let Err(e) = std::fs::write(dir.join("tap"), &tap) {
             tracing::warn!(instance = %spec.id, tap, error = %e, "the tap is not recorded; after a crash only the sweeper finds it");
         }
-        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot)).await {
+        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot), owner).await {
             Ok(c) => c,
             Err(e) => {
                 if let Err(why) = net::destroy_tap(&tap).await {
