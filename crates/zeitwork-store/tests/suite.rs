@@ -947,6 +947,15 @@ async fn private_networks(store: Store) {
     sorted.sort();
     assert_eq!(sorted, vec![1, 2, 3]);
     assert_eq!(store.private_host(n_web, &instances[0], 254).await.unwrap(), hosts[0], "stable");
+    // Read for many instances at once: the numbers they have; none for one without.
+    let mut asked = instances.clone();
+    asked.push("ins_without_address".into());
+    let known = store.private_hosts(&asked).await.unwrap();
+    assert_eq!(known.len(), 3);
+    for (id, host) in instances.iter().zip(&hosts) {
+        assert_eq!(known[id], *host, "{id}");
+    }
+    assert!(store.private_hosts(&[]).await.unwrap().is_empty());
     store.set_instance_status(&instances[1], InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
     let members = store.network_members(&web.id, "production").await.unwrap();
     assert_eq!(members.len(), 3);
