@@ -1019,15 +1019,21 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
     let got = store.deployments_in(&RUNNING).await.unwrap();
     let ids: Vec<(&str, DeploymentStatus)> = got.iter().map(|(d, _)| (d.id.as_str(), d.status)).collect();
-    // Active first, newest first; then standby.
-    assert_eq!(
-        ids,
-        [
-            (c.id.as_str(), DeploymentStatus::Active),
-            (b.id.as_str(), DeploymentStatus::Active),
-            (a.id.as_str(), DeploymentStatus::Standby)
-        ]
-    );
+    // Active first, then standby; within each as listed (newest first).
+    let mut want = Vec::new();
+    for status in RUNNING {
+        let f = DeploymentFilter { status: Some(status), ..Default::default() };
+        want.extend(
+            store.list_deployments(&f, &Page::first(10)).await.unwrap().items.into_iter().map(|d| (d.id, status)),
+        );
+    }
+    let want: Vec<(&str, DeploymentStatus)> = want.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    assert_eq!(ids, want);
+    let mut active = vec![b.id.as_str(), c.id.as_str()];
+    active.sort();
+    let mut got_active: Vec<&str> = ids[..2].iter().map(|(id, _)| *id).collect();
+    got_active.sort();
+    assert_eq!((got_active, ids[2]), (active, (a.id.as_str(), DeploymentStatus::Standby)));
     for (d, w) in &got {
         assert_eq!(*w, store.wakefulness(&d.id).await.unwrap(), "{}", d.id);
         assert_eq!(*d, store.get_deployment(&d.id).await.unwrap());
