@@ -4,11 +4,12 @@
 //! store and moves each deployment one step, so running it twice changes
 //! nothing and a crash at any point is repaired by the next pass.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use zeitwork_api_types::{Deployment, DeploymentStatus, Instance, InstanceStatus, Node, NodeStatus, Resources};
-use zeitwork_store::{Audit, DeploymentFilter, NewInstance, Page, Store, StoreError};
+use zeitwork_store::{Audit, InstanceTally, NewInstance, Store, StoreError};
 
 /// Engine timings.
 #[derive(Debug, Clone, Copy)]
@@ -163,20 +164,6 @@ pub async fn run(
     }
 }
 
-/// Every node, page by page.
-async fn all_nodes(store: &Store) -> Result<Vec<Node>, zeitwork_store::StoreError> {
-    let mut out = Vec::new();
-    let mut page = Page::first(1000);
-    loop {
-        let l = store.list_nodes(&page).await?;
-        out.extend(l.items);
-        match l.next_cursor {
-            Some(c) => page.cursor = Some(c),
-            None => return Ok(out),
-        }
-    }
-}
-
 /// Name of the lease the running engine holds.
 pub const ENGINE_LEASE: &str = "engine";
 
@@ -251,7 +238,7 @@ async fn replace_instance(
     lost: &zeitwork_api_types::Instance,
 ) -> Result<Option<String>, zeitwork_store::StoreError> {
     let project = store.get_project(&dep.org, &dep.project).await?;
-    let nodes = all_nodes(store).await?;
+    let nodes = store.nodes_for_placement().await?;
     match place(&nodes, &lost.region, 1, project.resources) {
         Ok(picked) => {
             let Some(node) = picked.into_iter().next() else { return Ok(None) };
@@ -323,7 +310,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     pending.reverse(); // oldest first
     for d in pending {
         let project = store.get_project(&d.org, &d.project).await?;
-        let nodes = all_nodes(store).await?;
+        let nodes = store.nodes_for_placement().await?;
         let mut plan = Vec::new();
         let mut failure = None;
         if project.regions.is_empty() {
@@ -424,21 +411,32 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     changed |= crate::rollout::pass(store, config).await?;
 
     // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
-    let mut running = all_with(store, DeploymentStatus::Active).await?;
-    running.extend(all_with(store, DeploymentStatus::Standby).await?);
-    for d in running {
-        let w = store.wakefulness(&d.id).await?;
+    // Read for every running deployment at once (grouped in SQL), decided in
+    // memory; only a deployment short of or beyond its count is read again
+    // and acted on, one at a time.
+    const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
+    let running = store.deployments_in(&RUNNING).await?;
+    let projects = store.projects_of_deployments_in(&RUNNING).await?;
+    let mut tallies: HashMap<String, Vec<InstanceTally>> = HashMap::new();
+    for t in store.instance_tallies(&RUNNING).await? {
+        tallies.entry(t.deployment.clone()).or_default().push(t);
+    }
+    for (d, w) in running {
+        let project = projects.get(&(d.org.clone(), d.project.clone()));
         let (desired, scaled) = match d.status {
             DeploymentStatus::Standby if w.woken_at.is_some() => (1, false),
             DeploymentStatus::Standby => (d.instances_per_region, false),
-            _ => {
-                let project = store.get_project(&d.org, &d.project).await?;
-                match project.scaling {
-                    Some(s) => (active_desired(&d, &w, s, project.sleep_after_secs, now), true),
-                    None => (d.instances_per_region, false),
-                }
-            }
+            _ => match project.and_then(|p| p.scaling.map(|s| (s, p.sleep_after_secs))) {
+                Some((s, sleep_after)) => (active_desired(&d, &w, s, sleep_after, now), true),
+                None => (d.instances_per_region, false),
+            },
         };
+        let regions = project.map(|p| p.regions.as_slice()).unwrap_or_default();
+        let tally = tallies.get(&d.id).map(Vec::as_slice).unwrap_or_default();
+        // A project gone since the read: the per-deployment path reports it as before.
+        if project.is_some() && !needs_attention(tally, regions, desired, scaled) {
+            continue;
+        }
         changed |= reconcile(store, config, &d, desired, now).await?.placed;
         if scaled {
             changed |= scale_down(store, config, &d, desired, now).await?;
@@ -448,6 +446,27 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         changed = true;
     }
     Ok(changed)
+}
+
+/// Whether [`reconcile`] (and, for a `scaled` deployment, [`scale_down`])
+/// could change anything, judged from its instances counted per region and
+/// status: some region of `regions` has fewer than `desired` live instances,
+/// or a scaled one serves more than `desired` in some region. When not, the
+/// pass leaves the deployment alone without reading it again.
+pub(crate) fn needs_attention(tally: &[InstanceTally], regions: &[String], desired: u32, scaled: bool) -> bool {
+    let count = |region: &str, keep: fn(InstanceStatus) -> bool| -> u32 {
+        tally.iter().filter(|t| t.region == region && keep(t.status)).map(|t| t.count).sum()
+    };
+    fn live(s: InstanceStatus) -> bool {
+        !matches!(s, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited)
+    }
+    fn serving(s: InstanceStatus) -> bool {
+        live(s) && s != InstanceStatus::Stopping
+    }
+    if regions.iter().any(|r| count(r, live) < desired) {
+        return true;
+    }
+    scaled && tally.iter().any(|t| count(&t.region, serving) > desired)
 }
 
 /// Instances per region an autoscaled active deployment should run: the
@@ -544,19 +563,9 @@ impl Shortfall {
     }
 }
 
-/// Deployments with `status`, newest first, every page.
+/// Deployments with `status`, newest first (one query).
 async fn all_with(store: &Store, status: DeploymentStatus) -> Result<Vec<Deployment>, StoreError> {
-    let filter = DeploymentFilter { status: Some(status), ..Default::default() };
-    let mut out = Vec::new();
-    let mut page = Page::first(500);
-    loop {
-        let l = store.list_deployments(&filter, &page).await?;
-        out.extend(l.items);
-        match l.next_cursor {
-            Some(c) => page.cursor = Some(c),
-            None => return Ok(out),
-        }
-    }
+    Ok(store.deployments_in(&[status]).await?.into_iter().map(|(d, _)| d).collect())
 }
 
 /// Standby deployments (replaced, or woken from sleep) that nobody uses go to sleep:
@@ -569,10 +578,15 @@ async fn sleep_idle(
 ) -> Result<bool, StoreError> {
     let mut changed = false;
     let now_ms = now.timestamp_millis();
-    for d in all_with(store, DeploymentStatus::Standby).await? {
-        let project = store.get_project(&d.org, &d.project).await?;
-        let w = store.wakefulness(&d.id).await?;
-        let idle_ms = i64::from(project.sleep_after_secs) * 1000;
+    const STANDBY: [DeploymentStatus; 1] = [DeploymentStatus::Standby];
+    let projects = store.projects_of_deployments_in(&STANDBY).await?;
+    for (d, w) in store.deployments_in(&STANDBY).await? {
+        let sleep_after_secs = match projects.get(&(d.org.clone(), d.project.clone())) {
+            Some(p) => p.sleep_after_secs,
+            // Created or moved since the projects were read.
+            None => store.get_project(&d.org, &d.project).await?.sleep_after_secs,
+        };
+        let idle_ms = i64::from(sleep_after_secs) * 1000;
         let since = match w.woken_at {
             Some(woken) => woken + idle_ms,
             None => d.updated_at.timestamp_millis() + config.rollback_window.as_millis() as i64,
@@ -594,14 +608,21 @@ async fn sleep_idle(
 /// capacity there that was replaced longest ago goes to sleep early (it wakes
 /// on its next request). One per pass, so nothing sleeps that need not.
 async fn make_room(store: &Store, region: &str, waiting: &str) -> Result<bool, StoreError> {
+    const STANDBY: [DeploymentStatus; 1] = [DeploymentStatus::Standby];
     let mut standby = all_with(store, DeploymentStatus::Standby).await?;
     standby.sort_by_key(|d| d.updated_at);
+    let holding: std::collections::HashSet<String> = store
+        .instance_tallies(&STANDBY)
+        .await?
+        .into_iter()
+        .filter(|t| {
+            t.region == region
+                && !matches!(t.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited)
+        })
+        .map(|t| t.deployment)
+        .collect();
     for d in standby {
-        let holds = store.list_instances(&d.id).await?.iter().any(|i| {
-            i.region == region
-                && !matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Failed | InstanceStatus::Exited)
-        });
-        if !holds {
+        if !holding.contains(&d.id) {
             continue;
         }
         let audit = system("deployment.sleep", &d.id, &d.org, &d.project)
@@ -732,7 +753,7 @@ pub(crate) async fn reconcile(
             continue;
         }
         if nodes.is_none() {
-            nodes = Some(all_nodes(store).await?);
+            nodes = Some(store.nodes_for_placement().await?);
         }
         let Some(nodes) = nodes.as_mut() else { continue };
         match place(nodes, region, missing, project.resources) {
@@ -814,6 +835,56 @@ mod tests {
         let err = place(&nodes, "eu", 20, SMALL).unwrap_err();
         assert!(err.contains("lacks capacity"), "{err}");
         assert!(place(&nodes, "ap", 1, SMALL).unwrap_err().contains("no ready node"));
+    }
+
+    /// The pass reads a deployment again only when a region is short of its
+    /// count, or an autoscaled one serves more than it should.
+    #[test]
+    fn only_deployments_short_of_or_beyond_their_count_need_attention() {
+        let t = |region: &str, status: InstanceStatus, count: u32| InstanceTally {
+            deployment: "d".into(),
+            region: region.into(),
+            status,
+            count,
+        };
+        let regions = ["eu".to_owned(), "us".to_owned()];
+        let settled = [
+            t("eu", InstanceStatus::Ready, 2),
+            t("us", InstanceStatus::Ready, 1),
+            t("us", InstanceStatus::Starting, 1),
+        ];
+        assert!(!needs_attention(&settled, &regions, 2, false));
+        assert!(!needs_attention(&settled, &regions, 2, true));
+        // Dead instances do not count; a stopping one still holds its place but does not serve.
+        let short =
+            [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 1), t("us", InstanceStatus::Failed, 3)];
+        assert!(needs_attention(&short, &regions, 2, false));
+        let stopping = [
+            t("eu", InstanceStatus::Ready, 2),
+            t("us", InstanceStatus::Ready, 2),
+            t("eu", InstanceStatus::Stopping, 1),
+        ];
+        assert!(!needs_attention(&stopping, &regions, 2, true));
+        // A region with none at all.
+        assert!(needs_attention(&[t("eu", InstanceStatus::Ready, 2)], &regions, 2, false));
+        assert!(needs_attention(&[], &regions, 1, false));
+        assert!(!needs_attention(&[], &regions, 0, false));
+        // Beyond the count: only an autoscaled deployment is scaled down, in any region it runs in.
+        let beyond =
+            [t("eu", InstanceStatus::Ready, 3), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Pending, 1)];
+        assert!(!needs_attention(&beyond, &regions, 2, false));
+        assert!(needs_attention(&beyond, &regions, 2, true));
+        let elsewhere =
+            [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Ready, 1)];
+        assert!(!needs_attention(&elsewhere, &regions, 2, true));
+        assert!(needs_attention(
+            &[t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Ready, 3)],
+            &regions,
+            2,
+            true
+        ));
+        // A project in no region: nothing to place.
+        assert!(!needs_attention(&[], &[], 3, false));
     }
 
     /// A deployment whose instances keep failing stops being replaced, and says so once.

@@ -51,8 +51,6 @@ pub struct AppState {
     pub internal_token: Arc<auth::InternalToken>,
     /// Calls to node agents.
     pub http: reqwest::Client,
-    /// Bumped when placements or instances change, to wake long-polling node agents.
-    pub assignments: Arc<watch::Sender<u64>>,
     /// Changes of deployments, instances and nodes, for event streams.
     pub feed: Arc<feed::Feed>,
     /// Wakes this operator's deployment engine for a pass now (a new deployment, a wake).
@@ -76,10 +74,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Something that routes or assignments depend on changed through this operator.
+    /// Something the engine or the outbox may act on changed through this
+    /// operator. Routing tables, assignment watches and build claims follow
+    /// the store's own announcements of what changed (a change the store does
+    /// not announce, such as a certificate, calls [`routing::RoutingHub::changed`]).
     pub fn changed(&self) {
-        self.routing.changed();
-        self.assignments.send_modify(|v| *v = v.wrapping_add(1));
         self.engine.notify_one();
         self.outbox.notify_one();
     }
@@ -162,9 +161,6 @@ impl Operator {
             let (store, rx) = (store.clone(), rx.clone());
             tokio::spawn(async move { store.follow_changes(rx).await })
         };
-        let hub = routing.clone();
-        let assignments = Arc::new(watch::Sender::new(0u64));
-        let bump = assignments.clone();
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine_nudge = Arc::new(tokio::sync::Notify::new());
         let metrics = HttpMetrics::new("zeitwork_operator");
@@ -189,10 +185,8 @@ impl Operator {
                 ..Default::default()
             },
             engine_id.clone(),
-            move || {
-                hub.changed();
-                bump.send_modify(|v| *v = v.wrapping_add(1));
-            },
+            // What a pass changes, the store announces to the routing table and the watches.
+            || {},
             engine_nudge.clone(),
             gauges,
             rx.clone(),
@@ -213,7 +207,6 @@ impl Operator {
                 .connect_timeout(std::time::Duration::from_secs(3))
                 .build()
                 .unwrap_or_default(),
-            assignments,
             feed: feed::Feed::new(),
             engine: engine_nudge,
             engine_id: engine_id.clone(),

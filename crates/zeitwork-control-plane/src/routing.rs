@@ -4,9 +4,14 @@
 //! receives only what changed.
 //!
 //! The store wakes the hub after every change to routing state (through this
-//! operator at once; through others on PostgreSQL by `LISTEN/NOTIFY`); the
-//! table is rebuilt then and compared with the last one by host. [`REFRESH`]
-//! is only a safety net that bounds staleness should a notification be lost.
+//! operator at once; through others on PostgreSQL by `LISTEN/NOTIFY`), and
+//! says what the change touched. A change to some deployments or projects is
+//! applied to the table by reading and rebuilding the routes of those
+//! projects only; anything else (a node, a certificate, a change the store
+//! does not describe, announcements lost or too far behind) rebuilds the
+//! whole table. Either way the table is compared with the last one by host,
+//! so edges receive what changed. [`REFRESH`] is a safety net: a whole
+//! rebuild at least that often bounds staleness should a notification be lost.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -15,7 +20,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RouteShadow, RoutingDeltas, RoutingTable};
-use zeitwork_store::{RoutingRows, Store};
+use zeitwork_store::{Change, RoutingRows, Store};
 
 /// How often the table is rebuilt without a change notification: a safety
 /// net for a lost notification. Changes are seen at once.
@@ -23,6 +28,17 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 
 /// Deltas kept for edges that resume; one further behind gets a snapshot.
 pub const LOG_LEN: usize = 1024;
+
+/// How [`RoutingHub::refresh`] brought the table up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Nothing it routes changed.
+    Unchanged,
+    /// The routes of the projects that changed were read and replaced.
+    Applied,
+    /// The whole table was read and rebuilt.
+    Rebuilt,
+}
 
 #[derive(Debug)]
 struct Delta {
@@ -40,6 +56,10 @@ struct Log {
     table: Arc<RoutingTable>,
     seq: u64,
     deltas: VecDeque<Delta>,
+    /// The last whole rebuild refused a host claimed by two projects: which
+    /// claim wins depends on every project, so changes rebuild the whole table
+    /// until no two projects claim one host.
+    contested: bool,
 }
 
 #[derive(Debug)]
@@ -62,7 +82,13 @@ impl RoutingHub {
         ));
         Arc::new(Self {
             table: watch::Sender::new(empty.clone()),
-            log: RwLock::new(Log { hosts: BTreeMap::new(), table: empty, seq: 0, deltas: VecDeque::new() }),
+            log: RwLock::new(Log {
+                hosts: BTreeMap::new(),
+                table: empty,
+                seq: 0,
+                deltas: VecDeque::new(),
+                contested: false,
+            }),
             seq: watch::Sender::new(0),
             epoch: zeitwork_store::nanoid(8),
             nudge: Notify::new(),
@@ -173,19 +199,111 @@ impl RoutingHub {
         }
     }
 
-    /// Rebuilds the table whenever the store changes (and every [`REFRESH`]) until `stop` turns true.
+    /// Rebuilds the whole table from `rows` and publishes it.
+    pub fn rebuild(&self, rows: &RoutingRows, apps_domain: &str) {
+        let (table, contested) = build_checked(rows, apps_domain);
+        self.log.write().unwrap_or_else(|e| e.into_inner()).contested = contested;
+        self.publish(table);
+    }
+
+    /// Replaces the routes of `projects` (org, name) by those built from
+    /// `rows` (read for those projects only) and publishes the result.
+    /// Returns `false`, changing nothing, when that cannot give what a whole
+    /// rebuild would: a host is claimed by two projects (now, or at the last
+    /// whole rebuild), or the apps domain changed.
+    pub fn apply(&self, projects: &[(String, String)], rows: &RoutingRows, apps_domain: &str) -> bool {
+        let (part, contested) = build_checked(rows, apps_domain);
+        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+        if contested || log.contested || log.table.apps_domain != apps_domain {
+            return false;
+        }
+        let touched: std::collections::HashSet<(&str, &str)> =
+            projects.iter().map(|(o, p)| (o.as_str(), p.as_str())).collect();
+        let ours = |r: &Route| touched.contains(&(r.org.as_str(), r.project.as_str()));
+        // Every new route must belong to a project named, and its host must not be another project's.
+        if part.routes.iter().any(|r| !ours(r) || log.hosts.get(&r.host).is_some_and(|old| !ours(old))) {
+            return false;
+        }
+        let mut routes: Vec<Route> = log.hosts.values().filter(|r| !ours(r)).map(|r| (**r).clone()).collect();
+        drop(log);
+        routes.extend(part.routes);
+        routes.sort_by(|a, b| a.host.cmp(&b.host));
+        self.publish(table_of(routes, apps_domain));
+        true
+    }
+
+    /// Brings the table up to date with the store: applies what changed since
+    /// `seen` (the store's change counter, advanced here), or rebuilds the
+    /// whole table when `whole` or when what changed is not known.
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        apps_domain: &str,
+        seen: &mut u64,
+        whole: bool,
+    ) -> Result<Refreshed, zeitwork_store::StoreError> {
+        // Taken before reading: a change made meanwhile is seen again next time.
+        let (latest, changes) = store.changes_since(*seen);
+        let mut deployments = Vec::new();
+        let mut projects = Vec::new();
+        let mut known = !whole;
+        for c in changes.iter().flatten() {
+            match c {
+                Change::Deployments(ids) => deployments.extend(ids.iter().cloned()),
+                Change::Projects(ids) => projects.extend(ids.iter().cloned()),
+                Change::Anything => known = false,
+            }
+        }
+        if known && changes.is_some() {
+            if deployments.is_empty() && projects.is_empty() {
+                *seen = latest;
+                return Ok(Refreshed::Unchanged);
+            }
+            deployments.sort();
+            deployments.dedup();
+            projects.sort();
+            projects.dedup();
+            let (names, rows) = store.routing_rows_of(&deployments, &projects).await?;
+            if self.apply(&names, &rows, apps_domain) {
+                *seen = latest;
+                return Ok(Refreshed::Applied);
+            }
+        }
+        let rows = store.routing_rows().await?;
+        self.rebuild(&rows, apps_domain);
+        *seen = latest;
+        Ok(Refreshed::Rebuilt)
+    }
+
+    /// Keeps the table up to date with the store until `stop` turns true: on
+    /// every change it announces (and on [`RoutingHub::changed`]), and
+    /// rebuilt whole at least every [`REFRESH`].
     pub async fn run(self: Arc<Self>, store: Store, apps_domain: String, mut stop: watch::Receiver<bool>) {
         let mut changes = store.changes();
+        let mut seen = 0;
+        let mut whole = true;
+        let mut last_whole = tokio::time::Instant::now();
         loop {
             changes.mark_unchanged();
-            match store.routing_rows().await {
-                Ok(rows) => self.publish(build(&rows, &apps_domain)),
-                Err(e) => tracing::warn!(error = %e, "cannot rebuild the routing table; keeping the last one"),
+            let started = tokio::time::Instant::now();
+            let due = whole || started.duration_since(last_whole) >= REFRESH;
+            whole = false;
+            match self.refresh(&store, &apps_domain, &mut seen, due).await {
+                Ok(_) if due => last_whole = started,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot update the routing table; keeping the last one");
+                    // Tried again whole on the next change, or after REFRESH (not at once).
+                    whole = true;
+                    last_whole = started;
+                }
             }
+            let next_whole = last_whole + REFRESH;
             tokio::select! {
-                _ = tokio::time::sleep(REFRESH) => {}
+                _ = tokio::time::sleep_until(next_whole) => {}
                 _ = changes.changed() => {}
-                _ = self.nudge.notified() => {}
+                // A change the store does not announce (a certificate): everything is read again.
+                _ = self.nudge.notified() => whole = true,
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -202,6 +320,11 @@ impl RoutingHub {
 /// address), the first claim in that order keeps it and the other is refused
 /// with a warning naming both, never silently replaced.
 pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
+    build_checked(rows, apps_domain).0
+}
+
+/// [`build`], and whether two projects claimed one host.
+fn build_checked(rows: &RoutingRows, apps_domain: &str) -> (RoutingTable, bool) {
     let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> =
         rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
     let route = |host: String, d: &zeitwork_store::RoutedDeployment, env: Option<Environment>| Route {
@@ -295,6 +418,7 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
         }
     }
     let mut seen: HashMap<String, (String, String)> = HashMap::new();
+    let mut contested = false;
     routes.retain(|r| match seen.get(&r.host) {
         None => {
             seen.insert(r.host.clone(), (r.org.clone(), r.project.clone()));
@@ -304,11 +428,17 @@ pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
             if (org, project) != (&r.org, &r.project) {
                 tracing::warn!(host = %r.host, kept = %format!("{org}/{project}"), refused = %format!("{}/{}", r.org, r.project),
                     "two projects claim one host; the first claim keeps it");
+                contested = true;
             }
             false
         }
     });
     routes.sort_by(|a, b| a.host.cmp(&b.host));
+    (table_of(routes, apps_domain), contested)
+}
+
+/// The table of `routes` (sorted by host), versioned by its content.
+fn table_of(routes: Vec<Route>, apps_domain: &str) -> RoutingTable {
     let digest = Sha256::digest(serde_json::to_vec(&(&routes, apps_domain)).unwrap_or_default());
     RoutingTable { version: hex::encode(&digest[..8]), apps_domain: apps_domain.to_owned(), routes }
 }
@@ -417,5 +547,217 @@ mod tests {
         let d = waiting.await.unwrap();
         assert!(!d.snapshot);
         assert_eq!(d.routes[0].deployment, "d2");
+    }
+
+    /// A store with region `eu`, one node, org `acme` and the projects named.
+    async fn store_with(projects: &[&str]) -> (tempfile::TempDir, Store, String, Vec<zeitwork_api_types::Project>) {
+        use zeitwork_api_types::{Capacity, CreateRegion, RegisterNode, Resources};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
+        let a = || zeitwork_store::Audit::new("test", "test", "x");
+        let region = CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() };
+        store.create_region(&region, &a()).await.unwrap();
+        let reg = RegisterNode {
+            hostname: "n1".into(),
+            region: "eu".into(),
+            address: "http://127.0.0.1:1".into(),
+            capacity: Capacity { vcpu: 64, memory: 65536 },
+            physical: None,
+            runtime: Some("container".into()),
+            runtime_detail: None,
+        };
+        let (node, _) = store.register_node(&reg, &a()).await.unwrap();
+        store.create_org("acme", "acme", None, &a()).await.unwrap();
+        let mut made = Vec::new();
+        for name in projects {
+            let p = zeitwork_store::NewProject {
+                org: "acme".into(),
+                name: (*name).into(),
+                github_repo: None,
+                branch: "main".into(),
+                auto_deploy: false,
+                port: 8080,
+                resources: Resources { vcpu: 1, memory: 128 },
+                instances_per_region: 1,
+                regions: None,
+                image_template: None,
+                rate_limit: None,
+                sleep_after_secs: 900,
+                retain_deployments: 20,
+                scaling: None,
+                staging_branch: None,
+                tag_pattern: None,
+                build: Default::default(),
+                auto_rollback: Default::default(),
+                rollout: None,
+                shadow: None,
+            };
+            made.push(store.create_project(&p, &a()).await.unwrap());
+        }
+        (dir, store, node.id, made)
+    }
+
+    /// A new deployment of `p` in `env`, with one instance on `node`.
+    async fn deploy(store: &Store, p: &zeitwork_api_types::Project, env: Environment, node: &str) -> (String, String) {
+        let id = format!("{}-{}-acme", p.name, zeitwork_store::nanoid(7));
+        let new = zeitwork_store::NewDeployment {
+            id: id.clone(),
+            project_id: p.id.clone(),
+            org: "acme".into(),
+            project: p.name.clone(),
+            environment: env,
+            image: "registry.example.com/web:1".into(),
+            commit_sha: None,
+            commit_message: None,
+            instances_per_region: 1,
+            url: format!("http://{id}.apps.test"),
+            created_by: None,
+            pull_request: None,
+            release_command: None,
+            migration: false,
+        };
+        store.create_deployment(&new, &zeitwork_store::Audit::new("test", "test", "x")).await.unwrap();
+        let i = store
+            .create_instance(&zeitwork_store::NewInstance {
+                deployment: id.clone(),
+                node: Some(node.to_owned()),
+                region: "eu".into(),
+                resources: p.resources,
+                runtime: None,
+            })
+            .await
+            .unwrap();
+        (id, i.id)
+    }
+
+    fn audit() -> zeitwork_store::Audit {
+        zeitwork_store::Audit::new("test", "test", "x")
+    }
+
+    /// A switch of one project is read for that project only and reaches
+    /// edges as exactly its routes; the table is the one a whole rebuild gives.
+    #[tokio::test]
+    async fn a_change_to_one_project_is_applied_as_exactly_its_delta() {
+        use zeitwork_api_types::InstanceStatus;
+        let (_dir, store, node, projects) = store_with(&["web", "api"]).await;
+        for p in &projects {
+            let (d, i) = deploy(&store, p, Environment::Production, &node).await;
+            store.set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+            store.activate_deployment(&d, &audit()).await.unwrap();
+        }
+        let hub = RoutingHub::new("apps.test");
+        let mut seen = 0;
+        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, true).await.unwrap(), Refreshed::Rebuilt);
+        let at = hub.deltas(None, Duration::from_secs(1)).await;
+        assert_eq!(at.routes.len(), 4, "{:?}", at.routes);
+        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Unchanged);
+
+        let (d, i) = deploy(&store, &projects[0], Environment::Production, &node).await;
+        store.set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.3:8080"), None).await.unwrap();
+        store.activate_deployment(&d, &audit()).await.unwrap();
+        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Applied);
+        let delta = hub.deltas(Some(&at.cursor), Duration::from_secs(1)).await;
+        assert!(!delta.snapshot);
+        let set: Vec<(&str, &str)> = delta.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
+        let own = format!("{d}.apps.test");
+        let mut want = vec![(own.as_str(), d.as_str()), ("web-acme.apps.test", d.as_str())];
+        want.sort();
+        assert_eq!(set, want);
+        assert!(delta.removed.is_empty(), "{:?}", delta.removed);
+        assert_eq!(*hub.current(), build(&store.routing_rows().await.unwrap(), "apps.test"));
+
+        // A verified custom domain of the other project: that one route.
+        let at = delta.cursor;
+        store.create_domain(&projects[1].id, "api.example.com", Environment::Production, &audit()).await.unwrap();
+        store.verify_domain(&projects[1].id, "api.example.com", &audit()).await.unwrap();
+        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Applied);
+        let delta = hub.deltas(Some(&at), Duration::from_secs(1)).await;
+        let hosts: Vec<&str> = delta.routes.iter().map(|r| r.host.as_str()).collect();
+        assert_eq!(hosts, ["api.example.com"]);
+        assert_eq!(*hub.current(), build(&store.routing_rows().await.unwrap(), "apps.test"));
+    }
+
+    /// After any sequence of changes, the table kept by applying changes is
+    /// the table a whole rebuild gives (pseudo-random sequences, fixed seeds).
+    #[tokio::test]
+    async fn applying_changes_gives_what_a_whole_rebuild_gives() {
+        use zeitwork_api_types::InstanceStatus;
+        for seed in [1u64, 7, 42, 2026] {
+            let (_dir, store, node, projects) = store_with(&["web", "api", "docs"]).await;
+            let hub = RoutingHub::new("apps.test");
+            let mut seen = 0;
+            hub.refresh(&store, "apps.test", &mut seen, true).await.unwrap();
+            let mut rng = seed;
+            let mut next = |n: usize| {
+                // xorshift64
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % n as u64) as usize
+            };
+            let mut deployments: Vec<(String, String)> = Vec::new();
+            let mut applied = 0;
+            for step in 0..60 {
+                let p = &projects[next(projects.len())];
+                let pick =
+                    |deployments: &[(String, String)], k: usize| deployments.get(k % deployments.len().max(1)).cloned();
+                let op = next(7);
+                let k = next(1000);
+                let what = match op {
+                    0 => {
+                        let env = [Environment::Production, Environment::Staging][next(2)];
+                        deployments.push(deploy(&store, p, env, &node).await);
+                        "deploy"
+                    }
+                    1 => {
+                        if let Some((_, i)) = pick(&deployments, k) {
+                            store
+                                .set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.9:8080"), None)
+                                .await
+                                .unwrap();
+                        }
+                        "ready"
+                    }
+                    2 => {
+                        if let Some((d, _)) = pick(&deployments, k) {
+                            // Refused for a deployment retired meanwhile: that changes nothing.
+                            store.activate_deployment(&d, &audit()).await.ok();
+                        }
+                        "activate"
+                    }
+                    3 => {
+                        if let Some((d, _)) = pick(&deployments, k) {
+                            store.sleep_deployment(&d, "test", &audit()).await.unwrap();
+                        }
+                        "sleep"
+                    }
+                    4 => {
+                        if let Some((_, i)) = pick(&deployments, k) {
+                            store.retire_instance(&i, "test").await.unwrap();
+                        }
+                        "retire instance"
+                    }
+                    5 => {
+                        let name = format!("{}-{}.example.com", p.name, k % 3);
+                        if store.create_domain(&p.id, &name, Environment::Production, &audit()).await.is_ok() {
+                            store.verify_domain(&p.id, &name, &audit()).await.unwrap();
+                        }
+                        "domain"
+                    }
+                    _ => {
+                        if let Some((d, _)) = pick(&deployments, k) {
+                            store.retire_deployment(&d, "test", &audit()).await.ok();
+                        }
+                        "retire"
+                    }
+                };
+                if hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap() == Refreshed::Applied {
+                    applied += 1;
+                }
+                let whole = build(&store.routing_rows().await.unwrap(), "apps.test");
+                assert_eq!(*hub.current(), whole, "seed {seed}, step {step} ({what})");
+            }
+            assert!(applied > 20, "seed {seed}: only {applied} changes were applied without a whole rebuild");
+        }
     }
 }

@@ -75,7 +75,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(())
     }
 

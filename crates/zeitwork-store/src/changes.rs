@@ -10,6 +10,12 @@
 //! dropped listener connection, a crash between commit and notify) is made
 //! good by the readers' slow safety-net polls; a reconnected listener bumps
 //! the counter once, since it may have missed something.
+//!
+//! Each announcement says what it touched where the store knows cheaply
+//! ([`Change`]: some deployments, some projects, or anything), kept in a
+//! bounded log by counter value, so a reader such as the routing table can
+//! update only what changed. A reader whose last value is older than the
+//! log, or that meets [`Change::Anything`], looks at everything.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +27,52 @@ use crate::{Dialect, Store};
 /// The PostgreSQL channel changes are announced on.
 pub const CHANGE_CHANNEL: &str = "zeitwork_changes";
 
+/// Announcements kept for readers that ask what changed; one further behind looks at everything.
+pub const CHANGE_LOG_LEN: usize = 4096;
+
+/// What one committed change touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// These deployments (their status, instances, rollout), by id.
+    Deployments(Vec<String>),
+    /// These projects (their settings, domains, current deployments), by id.
+    Projects(Vec<String>),
+    /// Anything: nodes, several projects at once, or a change not described.
+    Anything,
+}
+
+impl Change {
+    /// The NOTIFY payload: `d:<id>,<id>`, `p:<id>,…`, or empty for anything.
+    fn encode(&self) -> String {
+        let (kind, ids) = match self {
+            Change::Deployments(ids) => ("d", ids),
+            Change::Projects(ids) => ("p", ids),
+            Change::Anything => return String::new(),
+        };
+        let payload = format!("{kind}:{}", ids.join(","));
+        // PostgreSQL takes payloads under 8,000 bytes; a longer one says anything.
+        if payload.len() >= 7900 || ids.is_empty() {
+            String::new()
+        } else {
+            payload
+        }
+    }
+
+    fn decode(payload: &str) -> Self {
+        let ids = |s: &str| s.split(',').filter(|i| !i.is_empty()).map(str::to_owned).collect::<Vec<_>>();
+        match payload.split_once(':') {
+            Some(("d", rest)) if !ids(rest).is_empty() => Change::Deployments(ids(rest)),
+            Some(("p", rest)) if !ids(rest).is_empty() => Change::Projects(ids(rest)),
+            _ => Change::Anything,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct ChangeBus {
     tx: Arc<watch::Sender<u64>>,
+    /// What each of the newest counter values announced.
+    log: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Change)>>>,
     /// PostgreSQL URL to listen with (holds credentials: never shown).
     listen_url: Option<Arc<str>>,
 }
@@ -36,11 +85,35 @@ impl std::fmt::Debug for ChangeBus {
 
 impl ChangeBus {
     pub(crate) fn new(listen_url: Option<&str>) -> Self {
-        Self { tx: Arc::new(watch::Sender::new(0)), listen_url: listen_url.map(Arc::from) }
+        Self { tx: Arc::new(watch::Sender::new(0)), log: Arc::default(), listen_url: listen_url.map(Arc::from) }
     }
 
     fn bump(&self) {
-        self.tx.send_modify(|v| *v = v.wrapping_add(1));
+        self.announce(Change::Anything);
+    }
+
+    fn since(&self, seen: u64) -> (u64, Option<Vec<Change>>) {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let latest = *self.tx.borrow();
+        if seen == latest {
+            return (latest, Some(Vec::new()));
+        }
+        let oldest = log.front().map_or(latest + 1, |(v, _)| *v);
+        if seen > latest || seen + 1 < oldest {
+            return (latest, None);
+        }
+        (latest, Some(log.iter().filter(|(v, _)| *v > seen).map(|(_, c)| c.clone()).collect()))
+    }
+
+    fn announce(&self, change: Change) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        self.tx.send_modify(|v| {
+            *v += 1;
+            log.push_back((*v, change));
+        });
+        while log.len() > CHANGE_LOG_LEN {
+            log.pop_front();
+        }
     }
 }
 
@@ -57,13 +130,27 @@ impl Store {
         self.changes.bump();
     }
 
+    /// The newest counter value, and what was announced after `seen`: `None`
+    /// when that is no longer known (older than the log, or from another
+    /// counter), and the reader should look at everything.
+    pub fn changes_since(&self, seen: u64) -> (u64, Option<Vec<Change>>) {
+        self.changes.since(seen)
+    }
+
     /// Called after a change is committed: wakes this process's readers and,
     /// on PostgreSQL, the other operators'. A failed NOTIFY is logged, not
     /// returned: the change is committed and the others' polls will see it.
     pub(crate) async fn changed(&self) {
-        self.changes.bump();
+        self.changed_in(Change::Anything).await;
+    }
+
+    /// [`Store::changed`] for a change that touched only what `change` names.
+    pub(crate) async fn changed_in(&self, change: Change) {
+        let payload = change.encode();
+        self.changes.announce(change);
         if self.dialect == Dialect::Postgres {
-            if let Err(e) = sqlx::query("SELECT pg_notify($1, '')").bind(CHANGE_CHANNEL).execute(&self.writer).await {
+            let notify = sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(payload);
+            if let Err(e) = notify.execute(&self.writer).await {
                 tracing::warn!(error = %e, "cannot notify other operators of a change; their polls will see it");
             }
         }
@@ -97,7 +184,7 @@ impl Store {
                             _ = stop.wait_for(|s| *s) => return,
                         };
                         match next {
-                            Ok(Some(_)) => self.changes.bump(),
+                            Ok(Some(n)) => self.changes.announce(Change::decode(n.payload())),
                             Ok(None) => {
                                 tracing::warn!("the change listener lost its connection; reconnecting");
                                 break;
@@ -117,5 +204,46 @@ impl Store {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_long_ones_say_anything() {
+        for c in [
+            Change::Deployments(vec!["web-abc-acme".into(), "api-def-acme".into()]),
+            Change::Projects(vec!["prj_1".into()]),
+            Change::Anything,
+        ] {
+            assert_eq!(Change::decode(&c.encode()), c);
+        }
+        assert_eq!(Change::decode("d:"), Change::Anything);
+        assert_eq!(Change::decode("x:1"), Change::Anything);
+        let many = Change::Deployments((0..2000).map(|i| format!("dep-{i}")).collect());
+        assert_eq!(Change::decode(&many.encode()), Change::Anything);
+    }
+
+    #[test]
+    fn readers_get_what_changed_or_none_after_a_gap() {
+        let bus = ChangeBus::new(None);
+        let (at, none) = bus.since(0);
+        assert_eq!((at, none), (0, Some(vec![])));
+        bus.announce(Change::Projects(vec!["p1".into()]));
+        bus.announce(Change::Deployments(vec!["d1".into()]));
+        let (latest, got) = bus.since(at);
+        assert_eq!(latest, at + 2);
+        assert_eq!(got, Some(vec![Change::Projects(vec!["p1".into()]), Change::Deployments(vec!["d1".into()])]));
+        assert_eq!(bus.since(at + 1).1, Some(vec![Change::Deployments(vec!["d1".into()])]));
+        assert_eq!(bus.since(latest).1, Some(vec![]));
+        assert_eq!(bus.since(latest + 5).1, None, "a value this counter never had");
+        for _ in 0..CHANGE_LOG_LEN {
+            bus.bump();
+        }
+        assert_eq!(bus.since(at).1, None, "further behind than the log");
+        let (now, last) = bus.since(latest + CHANGE_LOG_LEN as u64 - 1);
+        assert_eq!((now, last), (latest + CHANGE_LOG_LEN as u64, Some(vec![Change::Anything])));
     }
 }

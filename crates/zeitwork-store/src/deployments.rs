@@ -131,7 +131,7 @@ impl Store {
         insert_deployment(&mut tx, d, DeploymentStatus::Pending).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![d.id.clone()])).await;
         self.get_deployment(&d.id).await
     }
 
@@ -256,6 +256,22 @@ pub struct RoutedDeployment {
     pub skew_max_age_secs: Option<u32>,
 }
 
+/// `$from, $from+1, …`: `n` positional parameters.
+fn params(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Binds `ids` in order.
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ids: &'q [String],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for id in ids {
+        q = q.bind(id.as_str());
+    }
+    q
+}
+
 /// The `served` column: environment names, comma-separated.
 fn parse_served(s: Option<&str>) -> Vec<Environment> {
     s.unwrap_or_default().split(',').filter_map(Environment::parse).collect()
@@ -284,7 +300,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![i.deployment.clone()])).await;
         self.get_instance(&id).await
     }
 
@@ -338,7 +354,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("instance {id:?} does not exist")));
         }
-        self.changed().await;
+        self.changed_in_instance(id).await;
         Ok(())
     }
 
@@ -353,7 +369,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("deployment {id:?} does not exist")));
         }
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         Ok(())
     }
 
@@ -373,7 +389,7 @@ impl Store {
         self.point_environment_in(&mut tx, &d, env).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
         Ok(())
     }
 
@@ -449,15 +465,76 @@ impl Store {
 
     /// Everything the routing table is made of, read in one go.
     pub async fn routing_rows(&self) -> Result<RoutingRows> {
-        let rows = sqlx::query(
+        self.routing_rows_in(None).await
+    }
+
+    /// What the routes of some projects are made of: those of `projects`
+    /// and of the projects of `deployments` (ids), with the (org, name) of
+    /// each (a project without routes is named too, so its old routes can go).
+    pub async fn routing_rows_of(
+        &self,
+        deployments: &[String],
+        projects: &[String],
+    ) -> Result<(Vec<(String, String)>, RoutingRows)> {
+        let mut ids: Vec<String> = projects.to_vec();
+        for chunk in deployments.chunks(500) {
+            let q = format!("SELECT DISTINCT project_id FROM deployments WHERE id IN ({})", params(1, chunk.len()));
+            let mut q = sqlx::query(&q);
+            for d in chunk {
+                q = q.bind(d);
+            }
+            for r in q.fetch_all(&self.reader).await? {
+                ids.push(r.text("project_id")?);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            let empty = RoutingRows {
+                deployments: vec![],
+                current: vec![],
+                domains: vec![],
+                canaries: vec![],
+                shadows: vec![],
+            };
+            return Ok((Vec::new(), empty));
+        }
+        let rows = self.routing_rows_in(Some(&ids)).await?;
+        let mut q = format!(
+            "SELECT o.slug, p.name FROM projects p JOIN orgs o ON o.id = p.org_id WHERE p.id IN ({})",
+            params(1, ids.len())
+        );
+        q.push_str(" ORDER BY o.slug, p.name");
+        let mut q = sqlx::query(&q);
+        for id in &ids {
+            q = q.bind(id);
+        }
+        let names = q
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|r| Ok((r.text("slug")?, r.text("name")?)))
+            .collect::<Result<_>>()?;
+        Ok((names, rows))
+    }
+
+    /// [`Store::routing_rows`] of the projects `only` (ids) when given.
+    async fn routing_rows_in(&self, only: Option<&[String]>) -> Result<RoutingRows> {
+        // `AND <column> IN ($from, …)` for the projects asked, with the ids to bind.
+        let scope = |column: &str, from: usize| match only {
+            Some(ids) => format!(" AND {column} IN ({})", params(from, ids.len())),
+            None => String::new(),
+        };
+        let ids: &[String] = only.unwrap_or_default();
+        let sql = format!(
             "SELECT d.id, d.org, d.project, d.served, p.rate_limit, p.skew_protection, i.id AS instance_id, n.address AS upstream \
              FROM deployments d JOIN projects p ON p.id = d.project_id \
              JOIN instances i ON i.deployment_id = d.id JOIN nodes n ON n.id = i.node_id \
-             WHERE i.status = 'ready' AND n.status <> 'down' AND d.status NOT IN ('retired', 'failed') \
+             WHERE i.status = 'ready' AND n.status <> 'down' AND d.status NOT IN ('retired', 'failed'){} \
              ORDER BY d.id, i.id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+            scope("d.project_id", 1)
+        );
+        let rows = bind_all(sqlx::query(&sql), ids).fetch_all(&self.reader).await?;
         let mut deployments: Vec<RoutedDeployment> = Vec::new();
         for r in &rows {
             let id = r.text("id")?;
@@ -486,14 +563,12 @@ impl Store {
         // ready instance (scaled to zero, or every instance lost); retired ones to 410 Gone.
         let routed: std::collections::HashSet<String> = deployments.iter().map(|d| d.id.clone()).collect();
         let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
-        for r in sqlx::query(
+        let sql = format!(
             "SELECT d.id, d.org, d.project, d.status, d.served, p.rate_limit, p.skew_protection FROM deployments d JOIN projects p ON p.id = d.project_id \
-             WHERE d.status IN ('sleeping', 'waking', 'active') OR (d.status = 'retired' AND d.updated_at > $1) ORDER BY d.id",
-        )
-        .bind(month_ago)
-        .fetch_all(&self.reader)
-        .await?
-        {
+             WHERE (d.status IN ('sleeping', 'waking', 'active') OR (d.status = 'retired' AND d.updated_at > $1)){} ORDER BY d.id",
+            scope("d.project_id", 2)
+        );
+        for r in bind_all(sqlx::query(&sql).bind(month_ago), ids).fetch_all(&self.reader).await? {
             let id = r.text("id")?;
             if routed.contains(&id) {
                 continue;
@@ -514,23 +589,26 @@ impl Store {
                 skew_max_age_secs: skew_of(r.opt_text("skew_protection")?),
             });
         }
-        let preview_hosts: std::collections::HashSet<(String, String)> =
-            sqlx::query("SELECT label, project_id FROM hosts WHERE kind = 'preview'")
-                .fetch_all(&self.reader)
-                .await?
-                .iter()
-                .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
-                .collect::<Result<_>>()?;
+        let preview_hosts: std::collections::HashSet<(String, String)> = bind_all(
+            sqlx::query(&format!(
+                "SELECT label, project_id FROM hosts WHERE kind = 'preview'{}",
+                scope("project_id", 1)
+            )),
+            ids,
+        )
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
+        .collect::<Result<_>>()?;
         let mut current = Vec::new();
-        for r in
-            sqlx::query(
-                "SELECT o.slug, p.id, p.name, p.current_deployments, \
-                 (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
-                 FROM projects p JOIN orgs o ON o.id = p.org_id",
-            )
-                .fetch_all(&self.reader)
-                .await?
-        {
+        let sql = format!(
+            "SELECT o.slug, p.id, p.name, p.current_deployments, \
+             (SELECT COUNT(*) FROM hosts h WHERE h.label = p.name || '-' || o.slug AND h.project_id = p.id) AS owns \
+             FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1{}",
+            scope("p.id", 1)
+        );
+        for r in bind_all(sqlx::query(&sql), ids).fetch_all(&self.reader).await? {
             let map: BTreeMap<String, String> =
                 serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
@@ -558,13 +636,12 @@ impl Store {
             }
         }
         let mut domains = Vec::new();
-        for r in sqlx::query(
+        let sql = format!(
             "SELECT d.name, d.environment, d.verified, o.slug, p.name AS project FROM domains d JOIN projects p ON p.id = d.project_id \
-             JOIN orgs o ON o.id = p.org_id",
-        )
-        .fetch_all(&self.reader)
-        .await?
-        {
+             JOIN orgs o ON o.id = p.org_id WHERE 1 = 1{}",
+            scope("p.id", 1)
+        );
+        for r in bind_all(sqlx::query(&sql), ids).fetch_all(&self.reader).await? {
             domains.push((
                 r.text("name")?,
                 r.text("slug")?,
@@ -573,8 +650,15 @@ impl Store {
                 r.int("verified")? != 0,
             ));
         }
-        let canaries = self.canaries().await?;
-        let shadows = self.shadows().await?;
+        let mut canaries = self.canaries().await?;
+        let mut shadows = self.shadows().await?;
+        if only.is_some() {
+            // Rollouts are few: kept to the projects asked here rather than in SQL.
+            let names: std::collections::HashSet<(&str, &str)> =
+                current.iter().map(|c| (c.org.as_str(), c.project.as_str())).collect();
+            canaries.retain(|c| names.contains(&(c.org.as_str(), c.project.as_str())));
+            shadows.retain(|c| names.contains(&(c.org.as_str(), c.project.as_str())));
+        }
         Ok(RoutingRows { deployments, current, domains, canaries, shadows })
     }
 }
@@ -592,9 +676,24 @@ impl Store {
             .await?;
         let done = done.rows_affected() == 1;
         if done {
-            self.changed().await;
+            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         }
         Ok(done)
+    }
+
+    /// Announces a change to one instance as a change to its deployment.
+    async fn changed_in_instance(&self, id: &str) {
+        let deployment = sqlx::query("SELECT deployment_id FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.text("deployment_id").ok());
+        match deployment {
+            Some(d) => self.changed_in(crate::Change::Deployments(vec![d])).await,
+            None => self.changed().await,
+        }
     }
 
     /// Marks a live instance stopped with `reason`; returns whether this call did it.
@@ -608,7 +707,7 @@ impl Store {
         .await?;
         let done = done.rows_affected() == 1;
         if done {
-            self.changed().await;
+            self.changed_in_instance(id).await;
         }
         Ok(done)
     }

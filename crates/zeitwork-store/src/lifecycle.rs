@@ -21,6 +21,16 @@ pub struct Wakefulness {
     pub scale_target: Option<u32>,
 }
 
+/// The wakefulness columns of a `deployments` row.
+pub(crate) fn wakefulness_from(row: &sqlx::any::AnyRow) -> Result<Wakefulness> {
+    Ok(Wakefulness {
+        woken_at: row.opt_int("woken_at")?,
+        wake_for: row.opt_text("wake_for")?.and_then(|e| Environment::parse(&e)),
+        last_request_at: row.opt_int("last_request_at")?,
+        scale_target: row.opt_int("scale_target")?.map(|n| n as u32),
+    })
+}
+
 /// Marks a deployment's live instances stopped (their agents stop them), saying why.
 async fn stop_live_instances(conn: &mut sqlx::AnyConnection, deployment: &str, reason: &str) -> Result<()> {
     sqlx::query(&format!(
@@ -41,12 +51,7 @@ impl Store {
                 .fetch_optional(&self.reader)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("deployment {id:?} does not exist")))?;
-        Ok(Wakefulness {
-            woken_at: row.opt_int("woken_at")?,
-            wake_for: row.opt_text("wake_for")?.and_then(|e| Environment::parse(&e)),
-            last_request_at: row.opt_int("last_request_at")?,
-            scale_target: row.opt_int("scale_target")?.map(|n| n as u32),
-        })
+        wakefulness_from(&row)
     }
 
     /// Records the autoscaler's instance count per region for a deployment.
@@ -59,7 +64,7 @@ impl Store {
             .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         Ok(())
     }
 
@@ -72,7 +77,7 @@ impl Store {
             .await?;
         let done = done.rows_affected() > 0;
         if done {
-            self.changed().await;
+            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         }
         Ok(done)
     }
@@ -113,7 +118,7 @@ impl Store {
         stop_live_instances(&mut tx, id, "the deployment went to sleep").await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         Ok(true)
     }
 
@@ -149,7 +154,7 @@ impl Store {
             append_event(&mut tx, audit, "ok").await?;
         }
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         Ok(woke)
     }
 
@@ -169,7 +174,7 @@ impl Store {
         .await?;
         let done = done.rows_affected() > 0;
         if done {
-            self.changed().await;
+            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         }
         Ok(done)
     }
@@ -208,7 +213,7 @@ impl Store {
             append_event(&mut tx, audit, "ok").await?;
         }
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         self.get_deployment(id).await
     }
 
@@ -278,7 +283,7 @@ impl Store {
             append_event(&mut tx, &a, "ok").await?;
         }
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(ids)
     }
 

@@ -17,7 +17,7 @@ const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.statu
     (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
     FROM nodes n WHERE 1 = 1";
 
-fn node_from(row: &AnyRow) -> Result<Node> {
+pub(crate) fn node_from(row: &AnyRow) -> Result<Node> {
     Ok(Node {
         id: row.text("id")?,
         hostname: row.text("hostname")?,

@@ -385,7 +385,7 @@ impl Store {
         q.query().execute(&mut *tx).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![current.id.clone()])).await;
         self.get_project(org, name).await
     }
 
@@ -453,7 +453,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(())
     }
 
@@ -505,7 +505,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(updated == 0)
     }
 
@@ -521,7 +521,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(())
     }
 
@@ -586,7 +586,7 @@ impl Store {
         };
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         self.list_domains(project_id)
             .await?
             .into_iter()
@@ -642,7 +642,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
         Ok(())
     }
 }

@@ -287,7 +287,7 @@ impl Store {
             .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
         Ok(())
     }
 
@@ -326,7 +326,7 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
         Ok(())
     }
 
@@ -342,7 +342,7 @@ impl Store {
         .execute(&self.writer)
         .await?;
         if done.rows_affected() > 0 {
-            self.changed().await;
+            self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
         }
         Ok(())
     }

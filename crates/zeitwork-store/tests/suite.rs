@@ -36,6 +36,7 @@ cases!(
     traffic_and_rollouts,
     changes_wake_readers,
     private_networks,
+    engine_reads_every_deployment_at_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -991,6 +992,15 @@ async fn private_networks(store: Store) {
     sorted.sort();
     assert_eq!(sorted, vec![1, 2, 3]);
     assert_eq!(store.private_host(n_web, &instances[0], 254).await.unwrap(), hosts[0], "stable");
+    // Read for many instances at once: the numbers they have; none for one without.
+    let mut asked = instances.clone();
+    asked.push("ins_without_address".into());
+    let known = store.private_hosts(&asked).await.unwrap();
+    assert_eq!(known.len(), 3);
+    for (id, host) in instances.iter().zip(&hosts) {
+        assert_eq!(known[id], *host, "{id}");
+    }
+    assert!(store.private_hosts(&[]).await.unwrap().is_empty());
     store.set_instance_status(&instances[1], InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
     let members = store.network_members(&web.id, "production").await.unwrap();
     assert_eq!(members.len(), 3);
@@ -1008,4 +1018,101 @@ async fn private_networks(store: Store) {
     };
     let fresh = store.create_instance(&i).await.unwrap().id;
     assert_eq!(store.private_host(n_web, &fresh, 254).await.unwrap(), hosts[0]);
+}
+
+/// The engine's set-based reads agree with the per-deployment ones: the
+/// deployments of some statuses (in the order asked, newest first) with their
+/// wakefulness, their projects, their instances counted per region and
+/// status, and every node's allocation.
+async fn engine_reads_every_deployment_at_once(store: Store) {
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    store.create_region(&region("eu-west"), &audit("region.create")).await.unwrap();
+    let (us, _) = store.register_node(&node("w1", "us-east"), &audit("node.register")).await.unwrap();
+    let (eu, _) = store.register_node(&node("w2", "eu-west"), &audit("node.register")).await.unwrap();
+    let (idle, _) = store.register_node(&node("w3", "eu-west"), &audit("node.register")).await.unwrap();
+    org(&store, "acme").await;
+    let web = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let api = store.create_project(&new_project("acme", "api"), &audit("project.create")).await.unwrap();
+    store.create_project(&new_project("acme", "unused"), &audit("project.create")).await.unwrap();
+    let a = store.create_deployment(&new_deployment(&web, Environment::Production), &audit("d")).await.unwrap();
+    let b = store.create_deployment(&new_deployment(&web, Environment::Production), &audit("d")).await.unwrap();
+    let c = store.create_deployment(&new_deployment(&api, Environment::Production), &audit("d")).await.unwrap();
+    let pending = store.create_deployment(&new_deployment(&api, Environment::Staging), &audit("d")).await.unwrap();
+    store.activate_deployment(&a.id, &audit("deployment.activate")).await.unwrap();
+    store.activate_deployment(&b.id, &audit("deployment.activate")).await.unwrap(); // a goes to standby
+    store.activate_deployment(&c.id, &audit("deployment.activate")).await.unwrap();
+    store.record_requests(&[(a.id.clone(), 1234)]).await.unwrap();
+    let place = |d: &str, n: &Node, memory: u32| NewInstance {
+        deployment: d.to_owned(),
+        node: Some(n.id.clone()),
+        region: n.region.clone(),
+        resources: Resources { vcpu: 1, memory },
+        runtime: None,
+    };
+    let mut made = Vec::new();
+    for (d, n, memory) in [(&b, &us, 256), (&b, &us, 256), (&b, &eu, 128), (&a, &eu, 512), (&c, &eu, 64)] {
+        made.push(store.create_instance(&place(&d.id, n, memory)).await.unwrap());
+    }
+    store.set_instance_status(&made[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    store
+        .set_instance_status(&made[4].id, InstanceStatus::Failed, None, Some((Some(1), "exit 1".into())))
+        .await
+        .unwrap();
+    // Instances of a deployment in another status are not counted.
+    store.create_instance(&place(&pending.id, &us, 1024)).await.unwrap();
+
+    const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
+    let got = store.deployments_in(&RUNNING).await.unwrap();
+    let ids: Vec<(&str, DeploymentStatus)> = got.iter().map(|(d, _)| (d.id.as_str(), d.status)).collect();
+    // Active first, then standby; within each as listed (newest first).
+    let mut want = Vec::new();
+    for status in RUNNING {
+        let f = DeploymentFilter { status: Some(status), ..Default::default() };
+        want.extend(
+            store.list_deployments(&f, &Page::first(10)).await.unwrap().items.into_iter().map(|d| (d.id, status)),
+        );
+    }
+    let want: Vec<(&str, DeploymentStatus)> = want.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    assert_eq!(ids, want);
+    let mut active = vec![b.id.as_str(), c.id.as_str()];
+    active.sort();
+    let mut got_active: Vec<&str> = ids[..2].iter().map(|(id, _)| *id).collect();
+    got_active.sort();
+    assert_eq!((got_active, ids[2]), (active, (a.id.as_str(), DeploymentStatus::Standby)));
+    for (d, w) in &got {
+        assert_eq!(*w, store.wakefulness(&d.id).await.unwrap(), "{}", d.id);
+        assert_eq!(*d, store.get_deployment(&d.id).await.unwrap());
+    }
+    assert_eq!(got[2].1.last_request_at, Some(1234));
+    assert!(store.deployments_in(&[DeploymentStatus::Sleeping]).await.unwrap().is_empty());
+
+    let projects = store.projects_of_deployments_in(&RUNNING).await.unwrap();
+    let mut names: Vec<&str> = projects.keys().map(|(_, name)| name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["api", "web"], "only projects with a running deployment");
+    assert_eq!(projects[&("acme".to_owned(), "web".to_owned())], store.get_project("acme", "web").await.unwrap());
+
+    let tallies = store.instance_tallies(&RUNNING).await.unwrap();
+    let mut seen: Vec<(String, String, InstanceStatus, u32)> =
+        tallies.into_iter().map(|t| (t.deployment, t.region, t.status, t.count)).collect();
+    seen.sort_by(|x, y| (&x.0, &x.1, x.2.as_str()).cmp(&(&y.0, &y.1, y.2.as_str())));
+    let mut want = vec![
+        (b.id.clone(), "us-east".to_owned(), InstanceStatus::Ready, 1),
+        (b.id.clone(), "us-east".to_owned(), InstanceStatus::Pending, 1),
+        (b.id.clone(), "eu-west".to_owned(), InstanceStatus::Pending, 1),
+        (a.id.clone(), "eu-west".to_owned(), InstanceStatus::Pending, 1),
+        (c.id.clone(), "eu-west".to_owned(), InstanceStatus::Failed, 1),
+    ];
+    want.sort_by(|x, y| (&x.0, &x.1, x.2.as_str()).cmp(&(&y.0, &y.1, y.2.as_str())));
+    assert_eq!(seen, want);
+
+    // Every node, as listed one by one, with what its live instances hold.
+    let nodes = store.nodes_for_placement().await.unwrap();
+    let listed = store.list_nodes(&Page::first(10)).await.unwrap().items;
+    assert_eq!(nodes, listed);
+    let by_id = |id: &str| nodes.iter().find(|n| n.id == id).unwrap().clone();
+    assert_eq!((by_id(&us.id).instances, by_id(&us.id).allocated), (3, Capacity { vcpu: 3, memory: 1536 }));
+    // The failed instance holds nothing.
+    assert_eq!((by_id(&eu.id).instances, by_id(&eu.id).allocated), (2, Capacity { vcpu: 2, memory: 640 }));
+    assert_eq!((by_id(&idle.id).instances, by_id(&idle.id).allocated), (0, Capacity { vcpu: 0, memory: 0 }));
 }

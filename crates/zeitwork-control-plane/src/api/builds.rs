@@ -351,9 +351,12 @@ pub async fn build_log(
         (status = 403, body = zeitwork_api_types::ApiError)))]
 pub async fn claim_build(State(s): State<AppState>, caller: Caller, Path(node): Path<String>) -> ApiResult<Response> {
     s.require_node(&caller, &node, "build.claim").await?;
-    let mut changes = s.assignments.subscribe();
+    // A queued build is a change the store announces (through other operators
+    // on PostgreSQL by LISTEN/NOTIFY), like the assignments watch.
+    let mut changes = s.store.changes();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
+        changes.mark_unchanged();
         if let Some(b) = s.store.claim_build(&node).await? {
             tracing::info!(deployment = %b.id, %node, "build started");
             let secrets: BuildSecrets = match &b.secrets_enc {
@@ -392,8 +395,9 @@ pub async fn claim_build(State(s): State<AppState>, caller: Caller, Path(node): 
         if now >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        let wait = (deadline - now).min(Duration::from_secs(1));
-        let _ = tokio::time::timeout(wait, changes.changed()).await;
+        // The 2 s recheck only bounds a lost notification.
+        let wake = deadline.min(now + Duration::from_secs(2));
+        let _ = tokio::time::timeout_at(wake, changes.changed()).await;
     }
 }
 

@@ -168,6 +168,9 @@ pub async fn node_assignments(
 async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
     let assigned = s.store.node_assignments(id).await?;
     // Addresses first, so each network's member list includes every instance handed out here.
+    // One read for every address already handed out (almost all of them).
+    let ids: Vec<String> = assigned.iter().map(|a| a.instance.clone()).collect();
+    let known = s.store.private_hosts(&ids).await?;
     let mut networks = std::collections::HashMap::new();
     let mut hosts = Vec::with_capacity(assigned.len());
     for a in &assigned {
@@ -180,18 +183,30 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
                 idx
             }
         };
-        hosts.push(s.store.private_host(idx, &a.instance, 254).await?);
+        let host = match known.get(&a.instance) {
+            Some(&host) => host,
+            None => s.store.private_host(idx, &a.instance, 254).await?,
+        };
+        hosts.push(host);
     }
     let mut out = Vec::new();
+    // Env vars read and decrypted once per project, not per instance.
+    let mut envs: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
+        std::collections::HashMap::new();
     for (a, host) in assigned.into_iter().zip(hosts) {
-        let mut env = std::collections::BTreeMap::new();
-        for v in s.store.list_env(&a.project_id).await? {
-            let value = s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
-                tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
-                crate::error::ApiError::Internal
-            })?;
-            env.insert(v.key, value);
+        if !envs.contains_key(&a.project_id) {
+            let mut env = std::collections::BTreeMap::new();
+            for v in s.store.list_env(&a.project_id).await? {
+                let value =
+                    s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
+                        tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
+                        crate::error::ApiError::Internal
+                    })?;
+                env.insert(v.key, value);
+            }
+            envs.insert(a.project_id.clone(), env);
         }
+        let env = envs.get(&a.project_id).cloned().unwrap_or_default();
         let pull_credential = super::images::archive_repository(&a.image)
             .filter(|(org, _)| *org == a.org)
             .map(|(org, name)| super::images::pull_credential(&s.cipher, org, name));
