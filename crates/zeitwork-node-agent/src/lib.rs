@@ -103,6 +103,10 @@ pub struct NodeAgentConfig {
     pub log_forward_token: Option<String>,
     /// Days instance logs are kept on the node after their instance last wrote.
     pub log_retention_days: u32,
+    /// Save a sleeping deployment's microVM (memory and devices) on this node's
+    /// disk and wake it from there instead of booting it (the `qemu` runtime;
+    /// other runtimes ignore it).
+    pub vm_snapshots: bool,
 }
 
 impl Default for NodeAgentConfig {
@@ -146,6 +150,7 @@ impl Default for NodeAgentConfig {
             log_forward_ca: None,
             log_forward_token: None,
             log_retention_days: 3,
+            vm_snapshots: true,
         }
     }
 }
@@ -350,6 +355,9 @@ impl NodeAgent {
             physical: Some(config.physical()),
             runtime: Some(selected.as_ref().map_or("container", |s| s.name).into()),
             runtime_detail: Some(match &selected {
+                Some(s) if config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&s.runtime) => {
+                    format!("{}; wakes from VM snapshots", s.detail).chars().take(2000).collect()
+                }
                 Some(s) => s.detail.chars().take(2000).collect(),
                 None => "no runtime works on this node (see the agent's log)".into(),
             }),
@@ -440,6 +448,8 @@ impl NodeAgent {
                     image_cache_bytes: config.image_cache_bytes,
                     forward: forward.clone(),
                     private_networks: None,
+                    snapshots: (config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&selected.runtime))
+                        .then(|| instances::Snapshots::new(&metrics)),
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {

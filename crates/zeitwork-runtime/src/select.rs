@@ -236,7 +236,14 @@ async fn vm_runtime(
     assets: GuestAssets,
     logs: Arc<LogStore>,
 ) -> Result<AnyRuntime, RuntimeError> {
-    let settings = VmSettings { dir: o.dir.join("vms"), vmm, assets, base: o.base, disk_budget: o.disk_budget };
+    let settings = VmSettings {
+        dir: o.dir.join("vms"),
+        vmm,
+        assets,
+        base: o.base,
+        disk_budget: o.disk_budget,
+        snapshots: o.dir.join("snapshots"),
+    };
     Ok(AnyRuntime::Vm(VmRuntime::new(settings, logs).await?))
 }
 

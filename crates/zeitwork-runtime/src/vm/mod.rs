@@ -19,6 +19,7 @@ mod console;
 mod firecracker;
 mod probe;
 mod qemu;
+mod snapshot;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -44,6 +45,7 @@ use self::console::{push_tail, read_console, tail_text};
 pub use self::firecracker::{firecracker_put, firecracker_requests};
 pub use self::probe::{kvm_crashed, probe};
 pub use self::qemu::qemu_args;
+pub use self::snapshot::{SnapshotInfo, SnapshotMeta};
 
 /// How guest code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +117,8 @@ pub struct VmSettings {
     pub base: Ipv4Addr,
     /// Largest root disk an instance may use, bytes.
     pub disk_budget: u64,
+    /// Where VM snapshots are kept (one directory per key; QEMU only).
+    pub snapshots: PathBuf,
 }
 
 #[derive(Debug)]
@@ -127,6 +131,10 @@ struct VmInstance {
     tail: Arc<std::sync::Mutex<VecDeque<String>>>,
     exit: watch::Receiver<Option<ExitInfo>>,
     memory_bytes: u64,
+    /// What a snapshot must match to be restored: the VM's shape and disk.
+    vcpu: u32,
+    memory_mib: u32,
+    disk: PathBuf,
 }
 
 /// Runs instances as microVMs.
@@ -135,6 +143,9 @@ pub struct VmRuntime {
     s: VmSettings,
     logs: Arc<LogStore>,
     instances: Mutex<HashMap<String, VmInstance>>,
+    /// Slots held by snapshots on disk, by snapshot key: a restored guest keeps
+    /// its address, so its /30 stays its own while the snapshot exists.
+    reserved: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 /// The kernel command line: nothing secret, ever (see [`GuestConfig`]).
@@ -187,8 +198,9 @@ impl VmRuntime {
     pub async fn new(s: VmSettings, logs: Arc<LogStore>) -> Result<Self, RuntimeError> {
         std::fs::create_dir_all(&s.dir).map_err(|e| RuntimeError::failed("creating the runtime directory", e))?;
         crate::net::apply_policy(s.base, None).await?;
-        let rt = Self { s, logs, instances: Mutex::new(HashMap::new()) };
+        let rt = Self { s, logs, instances: Mutex::new(HashMap::new()), reserved: Default::default() };
         rt.clean_leftovers().await;
+        rt.load_snapshots();
         Ok(rt)
     }
 
@@ -230,6 +242,7 @@ impl VmRuntime {
         disk: &Path,
         tap: &str,
         mac: &str,
+        incoming: bool,
     ) -> Result<Child, RuntimeError> {
         let config = dir.join("config.img");
         match &self.s.vmm {
@@ -246,6 +259,10 @@ impl VmRuntime {
                 );
                 args.extend(["-name".into(), format!("zeitwork-{}", spec.id)]);
                 args.extend(["-pidfile".into(), dir.join("vmm.pid").display().to_string()]);
+                if incoming {
+                    // The state arrives over a socket the agent feeds (see `snapshot.rs`).
+                    args.extend(["-incoming".into(), "defer".into()]);
+                }
                 Command::new(binary)
                     .args(args)
                     .stdin(Stdio::piped())
@@ -254,55 +271,18 @@ impl VmRuntime {
                     .spawn()
                     .map_err(|e| RuntimeError::Unavailable("qemu", format!("{}: {e}", binary.display())))
             }
+            Vmm::Firecracker { .. } if incoming => {
+                Err(RuntimeError::Unavailable("firecracker snapshots", "not supported by this driver".into()))
+            }
             Vmm::Firecracker { binary, jailer } => {
                 self.spawn_firecracker(spec, dir, disk, tap, mac, binary, jailer).await
             }
         }
     }
 
-    /// Asks the VMM to end the VM now: QMP `quit`, or Firecracker's ctrl-alt-del.
-    async fn hard_stop(dir: &Path, vmm: &Vmm) {
-        match vmm {
-            Vmm::Qemu { .. } => {
-                match tokio::time::timeout(Duration::from_secs(2), qmp(&dir.join("qmp.sock"), "quit")).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "QMP quit failed; the VMM is killed next")
-                    }
-                    Err(_) => tracing::warn!(dir = %dir.display(), "QMP quit timed out; the VMM is killed next"),
-                }
-            }
-            Vmm::Firecracker { .. } => {
-                if let Ok(socket) = std::fs::read_to_string(dir.join("api")) {
-                    let body = json!({"action_type": "SendCtrlAltDel"});
-                    let sent = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        firecracker_put(Path::new(socket.trim()), "/actions", &body),
-                    )
-                    .await;
-                    if !matches!(sent, Ok(Ok(_))) {
-                        tracing::warn!(dir = %dir.display(), "Firecracker's ctrl-alt-del failed; the VMM is killed next");
-                    }
-                }
-            }
-        }
-    }
-}
-
-pub(crate) fn jail_id(id: &str) -> String {
-    id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(60).collect()
-}
-
-impl Runtime for VmRuntime {
-    fn name(&self) -> &'static str {
-        self.s.vmm.name()
-    }
-
-    fn wants_disk(&self) -> bool {
-        true
-    }
-
-    async fn start(&self, spec: &InstanceSpec) -> Result<Running, RuntimeError> {
+    /// Starts a VM: booted, or (`from`: a snapshot's directory and slot)
+    /// waiting for the snapshot's state on an incoming migration socket.
+    async fn launch(&self, spec: &InstanceSpec, from: Option<(&Path, u32)>) -> Result<Running, RuntimeError> {
         let disk = spec.disk.clone().ok_or_else(|| {
             RuntimeError::failed(format!("starting {}", spec.id), "a microVM needs the image as an ext4 disk")
         })?;
@@ -323,7 +303,17 @@ impl Runtime for VmRuntime {
         if instances.contains_key(&spec.id) {
             return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
         }
-        let slot = net::free_slot(self.s.base, |s| instances.values().any(|i| i.slot == s)).await?;
+        let slot = match from {
+            Some((_, slot)) if instances.values().any(|i| i.slot == slot) => {
+                return Err(RuntimeError::failed(format!("restoring {}", spec.id), "the snapshot's slot is in use"))
+            }
+            Some((_, slot)) => slot,
+            None => {
+                let reserved: Vec<u32> = self.reserved_slots();
+                net::free_slot(self.s.base, |s| instances.values().any(|i| i.slot == s) || reserved.contains(&s))
+                    .await?
+            }
+        };
         let (host_ip, guest_ip) = net::slot_addresses(self.s.base, slot);
         let dir = self.s.dir.join(&spec.id);
         std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
@@ -341,15 +331,24 @@ impl Runtime for VmRuntime {
             dns: if spec.dns_search.is_some() { vec![host_ip] } else { resolvers() },
             overlay_mib: (spec.memory_mib / 2).max(16),
         };
-        let mut bytes = config.encode();
-        bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
-        write_private(&dir.join("config.img"), &bytes)?;
+        match from {
+            // The guest read its configuration at boot: the restored one keeps the disk it had.
+            Some((snapshot, _)) => {
+                std::fs::copy(snapshot.join("config.img"), dir.join("config.img"))
+                    .map_err(|e| RuntimeError::failed("copying the snapshot's configuration disk", e))?;
+            }
+            None => {
+                let mut bytes = config.encode();
+                bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
+                write_private(&dir.join("config.img"), &bytes)?;
+            }
+        }
         let tap = format!("zwt{}", crate::container::short_key(&spec.id));
         net::create_tap(&tap, host_ip).await?;
         if let Err(e) = std::fs::write(dir.join("tap"), &tap) {
             tracing::warn!(instance = %spec.id, tap, error = %e, "the tap is not recorded; after a crash only the sweeper finds it");
         }
-        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot)).await {
+        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot), from.is_some()).await {
             Ok(c) => c,
             Err(e) => {
                 if let Err(why) = net::destroy_tap(&tap).await {
@@ -413,10 +412,68 @@ impl Runtime for VmRuntime {
         let address = SocketAddr::from((guest_ip, spec.port));
         instances.insert(
             spec.id.clone(),
-            VmInstance { slot, tap, dir, pid, console, tail, exit: rx, memory_bytes: u64::from(spec.memory_mib) << 20 },
+            VmInstance {
+                slot,
+                tap,
+                dir,
+                pid,
+                console,
+                tail,
+                exit: rx,
+                memory_bytes: u64::from(spec.memory_mib) << 20,
+                vcpu: spec.vcpu,
+                memory_mib: spec.memory_mib,
+                disk,
+            },
         );
         tracing::info!(instance = %spec.id, %address, vmm, accel = %self.s.vmm.accel(), "microVM started");
         Ok(Running { id: spec.id.clone(), address })
+    }
+
+    /// Asks the VMM to end the VM now: QMP `quit`, or Firecracker's ctrl-alt-del.
+    async fn hard_stop(dir: &Path, vmm: &Vmm) {
+        match vmm {
+            Vmm::Qemu { .. } => {
+                match tokio::time::timeout(Duration::from_secs(2), qmp(&dir.join("qmp.sock"), "quit")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "QMP quit failed; the VMM is killed next")
+                    }
+                    Err(_) => tracing::warn!(dir = %dir.display(), "QMP quit timed out; the VMM is killed next"),
+                }
+            }
+            Vmm::Firecracker { .. } => {
+                if let Ok(socket) = std::fs::read_to_string(dir.join("api")) {
+                    let body = json!({"action_type": "SendCtrlAltDel"});
+                    let sent = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        firecracker_put(Path::new(socket.trim()), "/actions", &body),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(_))) {
+                        tracing::warn!(dir = %dir.display(), "Firecracker's ctrl-alt-del failed; the VMM is killed next");
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn jail_id(id: &str) -> String {
+    id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(60).collect()
+}
+
+impl Runtime for VmRuntime {
+    fn name(&self) -> &'static str {
+        self.s.vmm.name()
+    }
+
+    fn wants_disk(&self) -> bool {
+        true
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<Running, RuntimeError> {
+        self.launch(spec, None).await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<ExitInfo, RuntimeError> {
@@ -506,6 +563,26 @@ impl Runtime for VmRuntime {
             return Err(RuntimeError::NotFound(id.to_owned()));
         }
         Ok(self.logs.read(id, None))
+    }
+
+    fn snapshots(&self) -> bool {
+        VmRuntime::snapshots(self)
+    }
+
+    async fn snapshot(&self, id: &str, key: &str) -> Result<SnapshotInfo, RuntimeError> {
+        VmRuntime::snapshot(self, id, key).await
+    }
+
+    async fn restore(&self, spec: &InstanceSpec, key: &str) -> Result<Running, RuntimeError> {
+        VmRuntime::restore(self, spec, key).await
+    }
+
+    fn snapshot_keys(&self) -> Vec<String> {
+        VmRuntime::snapshot_keys(self)
+    }
+
+    async fn discard_snapshot(&self, key: &str) {
+        VmRuntime::discard_snapshot(self, key).await
     }
 
     async fn diagnose(&self, id: &str) -> Option<String> {
