@@ -83,7 +83,8 @@ pub const SNAPSHOT_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 impl Snapshots {
     pub fn new(metrics: &zeitwork_telemetry::HttpMetrics) -> Self {
-        let s = Snapshots { taken: Counter::default(), restored: Counter::default(), restore_failures: Counter::default() };
+        let s =
+            Snapshots { taken: Counter::default(), restored: Counter::default(), restore_failures: Counter::default() };
         metrics.with_registry(|r| {
             r.register("vm_snapshots_taken", "Sleeping deployments' microVMs saved to a snapshot", s.taken.clone());
             r.register("vm_snapshot_restores", "Instances woken from a snapshot instead of a boot", s.restored.clone());
@@ -577,7 +578,9 @@ async fn converge(
         let candidates: Vec<(String, String)> = {
             let t = table.read().await;
             gone.iter()
-                .filter_map(|id| t.get(id).filter(|l| l.ready && !l.failed).map(|l| (id.clone(), l.assignment.deployment.clone())))
+                .filter_map(|id| {
+                    t.get(id).filter(|l| l.ready && !l.failed).map(|l| (id.clone(), l.assignment.deployment.clone()))
+                })
                 .collect()
         };
         if !candidates.is_empty() {

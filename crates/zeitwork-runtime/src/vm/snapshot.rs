@@ -26,7 +26,7 @@ use serde_json::json;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{qmp, Vmm, VmRuntime};
+use super::{qmp, VmRuntime, Vmm};
 use crate::qmp::qmp_with;
 use crate::{InstanceSpec, Running, RuntimeError};
 
@@ -284,7 +284,9 @@ impl VmRuntime {
                 .await
                 .map_err(|e| failed("setting the migration bandwidth", e))?;
             let uri = format!("unix:{}", sock.display());
-            qmp_with(&qmp_sock, "migrate", json!({"uri": uri})).await.map_err(|e| failed("saving the VM's state", e))?;
+            qmp_with(&qmp_sock, "migrate", json!({"uri": uri}))
+                .await
+                .map_err(|e| failed("saving the VM's state", e))?;
             let deadline = Instant::now() + MIGRATION_TIMEOUT;
             let mut pause = Duration::from_millis(5);
             loop {
@@ -345,7 +347,10 @@ impl VmRuntime {
 
     async fn restore_from(&self, spec: &InstanceSpec, snapshot: &Path) -> Result<Running, RuntimeError> {
         if !self.snapshots() {
-            return Err(RuntimeError::Unavailable("VM snapshots", format!("{} cannot restore them", self.s.vmm.name())));
+            return Err(RuntimeError::Unavailable(
+                "VM snapshots",
+                format!("{} cannot restore them", self.s.vmm.name()),
+            ));
         }
         let meta = SnapshotMeta::read(snapshot)?;
         if let Some(why) = meta.mismatch(spec, &self.s.assets) {
@@ -373,8 +378,7 @@ impl VmRuntime {
         qmp_with(&qmp_sock, "migrate-incoming", json!({"uri": uri}))
             .await
             .map_err(|e| failed("restoring the VM", e))?;
-        let mut conn =
-            tokio::net::UnixStream::connect(&sock).await.map_err(|e| failed("sending the VM's state", e))?;
+        let mut conn = tokio::net::UnixStream::connect(&sock).await.map_err(|e| failed("sending the VM's state", e))?;
         // The last chunk goes only once the whole file proved intact: a
         // corrupt snapshot ends as a short stream, which QEMU refuses.
         let mut file =
