@@ -169,6 +169,9 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Any of the drivers, chosen at run time.
+// One per agent, made once: its size does not matter, and boxing the VM
+// driver would only add a pointer to every call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyRuntime {
     Container(container::ContainerRuntime),
