@@ -58,6 +58,7 @@ async fn wakes(
     runs: u32,
     range: &str,
     deploy_runs: u32,
+    vm_snapshots: bool,
 ) -> Result<(Vec<Duration>, DeployTimes)> {
     let dir = tempfile::tempdir()?;
     let op = Operator::start(OperatorConfig {
@@ -94,6 +95,7 @@ async fn wakes(
         runtime: runtime.into(),
         start_timeout_secs: 180,
         stop_grace_secs: 2,
+        vm_snapshots,
         ..Default::default()
     })
     .await?;
@@ -124,6 +126,7 @@ async fn wakes(
     let sleeper = deploy(image).await?;
     deploy(image).await?;
     let host = format!("{sleeper}.zeitwork.localhost");
+    let snapshot = dir.path().join("agent/snapshots").join(&sleeper).join("meta.json");
     let edge_addr = edge.http_addr();
     let mut out = Vec::new();
     for i in 0..runs {
@@ -134,7 +137,9 @@ async fn wakes(
             let stopped = is.iter().all(|i| i["status"] == "stopped");
             let table = edge.state.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
             let asleep = table.hosts.get(&host).is_some_and(|r| r.wake && r.instances.is_empty());
-            Ok(stopped && asleep)
+            // With snapshots, the VM's state is on disk before the wake.
+            let saved = !vm_snapshots || runtime != "qemu" || snapshot.exists();
+            Ok(stopped && asleep && saved)
         })
         .await?;
         // The agent has torn the old container down (an app that ignores SIGTERM takes the whole grace).
@@ -255,7 +260,7 @@ async fn main() -> Result<()> {
     let reg = zeitwork_testkit::Registry::start()?;
     let image = reg.push_busybox("bench/web", "v1", "exec /bin/busybox httpd -f -p $PORT -h /www").await?;
 
-    let (containers, deploys) = wakes("container", &image, runs, "10.232.0.0", deploy_runs).await?;
+    let (containers, deploys) = wakes("container", &image, runs, "10.232.0.0", deploy_runs, false).await?;
 
     // The floor, same run: bare runc of the same root filesystem to its first 200.
     let dir = tempfile::tempdir()?;
@@ -271,7 +276,14 @@ async fn main() -> Result<()> {
             .push(bare_runc(&img.rootfs, 19_080 + i as u16, Path::new(dir.path()), &format!("zwwake-bare-{i}")).await?);
     }
 
-    let vms = if vm_runs > 0 { Some(wakes("qemu", &image, vm_runs, "10.233.0.0", 0).await.map(|w| w.0)) } else { None };
+    // MicroVMs twice in the same run: every wake a boot, then every wake a snapshot restore.
+    let (vms, restores) = if vm_runs > 0 {
+        let boots = wakes("qemu", &image, vm_runs, "10.233.0.0", 0, false).await.map(|w| w.0);
+        let restores = wakes("qemu", &image, vm_runs, "10.233.0.0", 0, true).await.map(|w| w.0);
+        (Some(boots), Some(restores))
+    } else {
+        (None, None)
+    };
 
     println!();
     println!("wake to first HTTP 200 through the edge (sleeping deployment, cached image):");
@@ -281,10 +293,22 @@ async fn main() -> Result<()> {
         "  ratio (zeitwork p50 / floor p50):    {:>7.2}x   (goal: container wake p50 < 300 ms)",
         median(containers.clone()).as_secs_f64() / median(floor.clone()).as_secs_f64()
     );
-    match vms {
-        Some(Ok(v)) => summary("zeitwork, qemu microVM (boot)", &v),
+    match &vms {
+        Some(Ok(v)) => summary("zeitwork, qemu microVM (boot)", v),
         Some(Err(e)) => println!("  qemu microVM: not measured here ({e:#})"),
         None => println!("  qemu microVM: skipped (--vm-runs 0)"),
+    }
+    match (&restores, &vms) {
+        (Some(Ok(r)), Some(Ok(b))) => {
+            summary("zeitwork, qemu microVM (snapshot)", r);
+            println!(
+                "  ratio (snapshot p50 / boot p50):     {:>7.2}x   (goal: < 0.5x under TCG)",
+                median(r.clone()).as_secs_f64() / median(b.clone()).as_secs_f64()
+            );
+        }
+        (Some(Ok(r)), _) => summary("zeitwork, qemu microVM (snapshot)", r),
+        (Some(Err(e)), _) => println!("  qemu microVM from a snapshot: not measured here ({e:#})"),
+        (None, _) => {}
     }
     if !deploys.deploys.is_empty() {
         println!();

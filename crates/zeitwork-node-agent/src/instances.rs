@@ -68,6 +68,67 @@ pub struct Settings {
     pub private_networks: Option<std::net::Ipv4Addr>,
     /// The addresses of the host names in egress allow-lists ([`crate::egress`]).
     pub egress_names: crate::egress::Resolved,
+    /// Set when sleeping deployments' VMs are saved to snapshots and woken from them.
+    pub snapshots: Option<Snapshots>,
+}
+
+/// VM snapshots for wake: counted, as Prometheus sees them.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    taken: Counter,
+    restored: Counter,
+    restore_failures: Counter,
+}
+
+type Counter = prometheus_client::metrics::counter::Counter<u64>;
+
+/// How often the node drops snapshots of deployments that no longer sleep (woken elsewhere, retired).
+pub const SNAPSHOT_SYNC_EVERY: Duration = Duration::from_secs(5);
+
+impl Snapshots {
+    pub fn new(metrics: &zeitwork_telemetry::HttpMetrics) -> Self {
+        let s =
+            Snapshots { taken: Counter::default(), restored: Counter::default(), restore_failures: Counter::default() };
+        metrics.with_registry(|r| {
+            r.register("vm_snapshots_taken", "Sleeping deployments' microVMs saved to a snapshot", s.taken.clone());
+            r.register("vm_snapshot_restores", "Instances woken from a snapshot instead of a boot", s.restored.clone());
+            r.register(
+                "vm_snapshot_restore_failures",
+                "Snapshots that could not be restored (the instance booted instead)",
+                s.restore_failures.clone(),
+            );
+        });
+        s
+    }
+}
+
+/// The deployments whose snapshots this node keeps (sleeping ones that ran here).
+async fn sleeping_here(client: &Client, node: &str) -> Option<Vec<String>> {
+    match client.get::<Vec<String>>(&format!("/api/v1/nodes/{node}/snapshots")).await {
+        Ok(list) => Some(list),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask which deployments sleep; snapshots are left as they are");
+            None
+        }
+    }
+}
+
+/// Removes the snapshots of deployments that no longer sleep.
+async fn sync_snapshots(client: &Client, runtime: &AnyRuntime, table: &Table, node: &str) {
+    // Keys read before the question: a snapshot taken meanwhile is of a
+    // deployment that already slept, and the answer names it.
+    let keys = runtime.snapshot_keys();
+    if keys.is_empty() {
+        return;
+    }
+    let Some(sleeping) = sleeping_here(client, node).await else { return };
+    for key in keys {
+        let waking_here = table.read().await.values().any(|l| l.assignment.deployment == key);
+        if !sleeping.contains(&key) && !waking_here {
+            tracing::info!(deployment = %key, "removing the VM snapshot of a deployment that no longer sleeps here");
+            runtime.discard_snapshot(&key).await;
+        }
+    }
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -185,7 +246,28 @@ async fn bring_up(
             return;
         }
     }
-    let running = match runtime.start(&spec).await {
+    let restored = match &s.snapshots {
+        Some(counts) if runtime.snapshot_keys().contains(&a.deployment) => {
+            match runtime.restore(&spec, &a.deployment).await {
+                Ok(r) => {
+                    counts.restored.inc();
+                    tracing::info!(instance = %id, deployment = %a.deployment, "woken from a VM snapshot");
+                    Some(r)
+                }
+                Err(e) => {
+                    counts.restore_failures.inc();
+                    tracing::warn!(instance = %id, deployment = %a.deployment, error = %e, "the VM snapshot could not be restored; booting instead");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let started = match restored {
+        Some(r) => Ok(r),
+        None => runtime.start(&spec).await,
+    };
+    let running = match started {
         Ok(r) => r,
         Err(e) => {
             report(&client, &id, InstanceStatus::Failed, None, None, Some(format!("start: {e}"))).await;
@@ -353,6 +435,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_gc = Instant::now();
+    let mut last_sync = Instant::now();
     let mut networks: Option<ProjectNetworks> = None;
     let (tx, mut assigned) = watch::channel::<Option<Vec<Assignment>>>(None);
     let watcher = tokio::spawn(watch_assignments(client.clone(), s.node.clone(), tx));
@@ -370,6 +453,10 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "cannot update the private project networks"),
                 }
             }
+        }
+        if s.snapshots.is_some() && last_sync.elapsed() >= SNAPSHOT_SYNC_EVERY {
+            last_sync = Instant::now();
+            sync_snapshots(&client, &runtime, &table, &s.node).await;
         }
         if last_gc.elapsed() >= GC_EVERY {
             last_gc = Instant::now();
@@ -525,9 +612,31 @@ async fn converge(
     // Stop what is no longer assigned, in the background: an app that takes
     // its whole grace period to stop must not hold up instances starting now.
     let gone: Vec<String> = table.read().await.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
+    // A ready VM of a deployment that went to sleep is saved, not stopped (one per deployment).
+    let mut to_save: HashMap<String, String> = HashMap::new();
+    if s.snapshots.is_some() {
+        let candidates: Vec<(String, String)> = {
+            let t = table.read().await;
+            gone.iter()
+                .filter_map(|id| {
+                    t.get(id).filter(|l| l.ready && !l.failed).map(|l| (id.clone(), l.assignment.deployment.clone()))
+                })
+                .collect()
+        };
+        if !candidates.is_empty() {
+            if let Some(sleeping) = sleeping_here(client, &s.node).await {
+                for (id, deployment) in candidates {
+                    if sleeping.contains(&deployment) && !to_save.values().any(|d| *d == deployment) {
+                        to_save.insert(id, deployment);
+                    }
+                }
+            }
+        }
+    }
     for id in gone {
         // Known to the sweeper until its teardown is over.
         in_use.stop_begins(&id);
+        let save = to_save.remove(&id).zip(s.snapshots.clone());
         let local = table.write().await.remove(&id);
         if let Some(f) = &s.forward {
             f.forget(&id);
@@ -537,6 +646,17 @@ async fn converge(
             // An instance that already ended (and was reported so) is only cleaned up.
             let ended =
                 local.is_some_and(|l| l.failed) || matches!(runtime.state(&id).await, Ok(InstanceState::Exited(_)));
+            if let (Some((deployment, counts)), false) = (save, ended) {
+                match runtime.snapshot(&id, &deployment).await {
+                    Ok(info) => {
+                        counts.taken.inc();
+                        tracing::info!(instance = %id, %deployment, bytes = info.bytes, took_ms = info.took.as_millis() as u64, "the sleeping deployment's VM is saved for its wake");
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, %deployment, error = %e, "no VM snapshot; the deployment boots when it wakes")
+                    }
+                }
+            }
             let exit = runtime.stop(&id, grace).await.ok();
             if let Err(e) = runtime.destroy(&id).await {
                 tracing::warn!(instance = %id, error = %e, "cannot clean up a stopped instance; the sweeper removes what leaked");

@@ -129,6 +129,10 @@ pub struct NodeAgentConfig {
     /// by address slot; 16,000 slots). Own no files with these ids, and give each
     /// agent on a host its own base. 0: root images run as host root.
     pub userns_base: u32,
+    /// Save a sleeping deployment's microVM (memory and devices) on this node's
+    /// disk and wake it from there instead of booting it (the `qemu` runtime;
+    /// other runtimes ignore it).
+    pub vm_snapshots: bool,
 }
 
 /// Users the VMs of one node may run as (one per address slot).
@@ -181,6 +185,7 @@ impl Default for NodeAgentConfig {
             vmm_gid: None,
             instance_disk_mib: zeitwork_runtime::container::DEFAULT_DISK_MIB,
             userns_base: 1_000_000_000,
+            vm_snapshots: true,
         }
     }
 }
@@ -472,6 +477,9 @@ impl NodeAgent {
             physical: Some(config.physical()),
             runtime: Some(selected.as_ref().map_or("container", |s| s.name).into()),
             runtime_detail: Some(match &selected {
+                Some(s) if config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&s.runtime) => {
+                    format!("{}; wakes from VM snapshots", s.detail).chars().take(2000).collect()
+                }
                 Some(s) => s.detail.chars().take(2000).collect(),
                 None => "no runtime works on this node (see the agent's log)".into(),
             }),
@@ -565,6 +573,8 @@ impl NodeAgent {
                     forward: forward.clone(),
                     private_networks: None,
                     egress_names: Default::default(),
+                    snapshots: (config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&selected.runtime))
+                        .then(|| instances::Snapshots::new(&metrics)),
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {

@@ -1340,3 +1340,136 @@ async fn production_scales_out_on_requests_in_flight() {
     edge.shutdown().await;
     p.agent.shutdown().await;
 }
+
+/// On a QEMU node, a deployment put to sleep is saved to a snapshot on the
+/// node's disk, and the request that wakes it through the edge is answered by
+/// the same guest (its boot id and in-memory counter continue); a corrupt
+/// snapshot falls back to a boot (a new boot id); a retired deployment's
+/// snapshot is removed. Prints the wake times of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sleeping_vm_wakes_from_its_snapshot_and_a_corrupt_one_boots() {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg
+        .push_busybox(
+            "acme/web",
+            "snap",
+            "cat /proc/sys/kernel/random/uuid > /www/boot; \
+             (i=0; while true; do i=$((i+1)); echo $i > /www/count; sleep 1; done) & \
+             exec /bin/busybox httpd -f -p $PORT -h /www",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = platform("10.201.0.0", 30).await;
+    let mut config = agent_config(&p.op, dir.path(), "10.202.0.0", &p.agent_token, 240);
+    config.runtime = "qemu".into();
+    config.hostname = "vm-snap-node".into();
+    let vm_agent = NodeAgent::start(config).await.unwrap();
+    let detail = vm_agent.node().runtime_detail.clone().unwrap_or_default();
+    assert!(detail.contains("wakes from VM snapshots"), "{detail}");
+    p.admin.post_empty::<Value>(&format!("/api/v1/nodes/{}/drain", p.agent.node().id)).await.unwrap();
+    let node = vm_agent.node().id.clone();
+    let snapshots = dir.path().join("agent/snapshots");
+
+    let wait_deployment = |id: String, want: &'static str| {
+        let admin = p.admin.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            loop {
+                let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
+                if d["status"] == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{id} never became {want}: {d}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let (dep, _) = p.deploy_on(&image, &node).await;
+    wait_deployment(dep.clone(), "active").await;
+    let edge = p.edge().await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let get = |path: &'static str| {
+        let (http, host, addr) = (http.clone(), format!("{dep}.zeitwork.localhost"), edge.http_addr());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(240);
+            loop {
+                match http.get(format!("http://{addr}{path}")).header("host", &host).send().await {
+                    Ok(r) if r.status() == 200 => return r.text().await.unwrap(),
+                    other => assert!(Instant::now() < deadline, "{host}{path} never answered: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let count = || async { get("/count").await.trim().parse::<u64>().unwrap() };
+    let boot_id = get("/boot").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count().await < 2 {
+        assert!(Instant::now() < deadline, "the app's counter does not move");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = count().await;
+
+    // A newer deployment takes production; the first one is put to sleep and saved.
+    let newer = p.create_deployment(&image).await;
+    wait_deployment(newer.clone(), "active").await;
+    let sleep = || async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = p.admin.post::<_, Value>(&format!("/api/v1/deployments/{dep}/sleep"), &json!({})).await;
+            if r.is_ok_and(|d| d["status"] == "sleeping") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{dep} could not be put to sleep");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let meta = snapshots.join(&dep).join("meta.json");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !meta.exists() {
+            assert!(Instant::now() < deadline, "no snapshot of {dep} appeared in {}", snapshots.display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let live: Vec<Value> = p.admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        assert!(live.iter().all(|i| i["status"] == "stopped"), "asleep, it holds no instance: {live:?}");
+    };
+    sleep().await;
+
+    // The request wakes it: the same guest answers, its memory intact.
+    let waking = Instant::now();
+    let woken_boot = get("/boot").await;
+    let restore_wake = waking.elapsed();
+    assert_eq!(woken_boot, boot_id, "woken from the snapshot, not booted");
+    let after = count().await;
+    assert!(after >= before, "the counter continues from {before}, not from 1: {after}");
+    assert!(!snapshots.join(&dep).exists(), "the snapshot is used up by the wake");
+
+    // A snapshot damaged on disk: the wake boots the VM instead (a new boot id).
+    sleep().await;
+    let state = snapshots.join(&dep).join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&state, bytes).unwrap();
+    let waking = Instant::now();
+    let booted = get("/boot").await;
+    let boot_wake = waking.elapsed();
+    assert_ne!(booted, boot_id, "a corrupt snapshot is not restored");
+    eprintln!(
+        "wake to first byte through the edge (TCG): from a snapshot {} ms, booting {} ms",
+        restore_wake.as_millis(),
+        boot_wake.as_millis()
+    );
+
+    // Retired while asleep: its snapshot goes.
+    sleep().await;
+    p.admin.delete(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshots.join(&dep).exists() {
+        assert!(Instant::now() < deadline, "the retired deployment's snapshot stayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    vm_agent.shutdown().await;
+}

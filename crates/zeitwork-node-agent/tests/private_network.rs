@@ -429,6 +429,7 @@ async fn two_agents() {
         // Every container the runtimes list keeps its cgroups.
         oci_runtimes: vec!["runc".into(), "crun".into()],
         known: Default::default(),
+        grace: std::time::Duration::ZERO,
     })
     .await;
     assert!(removed.iter().any(|r| r.kind == "firewall" && r.name.contains("zeitwork_10_211")), "{removed:?}");

@@ -150,9 +150,48 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = id;
         async { None }
     }
+    /// Whether the driver can save a running instance's whole state and start
+    /// another instance from it ([`vm::SnapshotMeta`]: QEMU's microVMs).
+    fn snapshots(&self) -> bool {
+        false
+    }
+    /// Saves running instance `id` as snapshot `key` (replacing an older one)
+    /// and ends it; the instance is then destroyed as usual.
+    fn snapshot(
+        &self,
+        id: &str,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<vm::SnapshotInfo, RuntimeError>> + Send {
+        let _ = (id, key);
+        let name = self.name();
+        async move { Err(RuntimeError::Unavailable("snapshots", format!("the {name} runtime has none"))) }
+    }
+    /// Starts `spec` from snapshot `key` (used up either way); on failure nothing
+    /// of the instance is left and it can be started the usual way.
+    fn restore(
+        &self,
+        spec: &InstanceSpec,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<Running, RuntimeError>> + Send {
+        let _ = (spec, key);
+        let name = self.name();
+        async move { Err(RuntimeError::Unavailable("snapshots", format!("the {name} runtime has none"))) }
+    }
+    /// The keys of the snapshots the driver holds.
+    fn snapshot_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Removes snapshot `key`, if there is one.
+    fn discard_snapshot(&self, key: &str) -> impl std::future::Future<Output = ()> + Send {
+        let _ = key;
+        async {}
+    }
 }
 
 /// Any of the drivers, chosen at run time.
+// One per agent, made once: its size does not matter, and boxing the VM
+// driver would only add a pointer to every call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyRuntime {
     Container(container::ContainerRuntime),
@@ -195,6 +234,21 @@ impl Runtime for AnyRuntime {
     }
     async fn diagnose(&self, id: &str) -> Option<String> {
         each!(self, r => r.diagnose(id).await)
+    }
+    fn snapshots(&self) -> bool {
+        each!(self, r => Runtime::snapshots(r))
+    }
+    async fn snapshot(&self, id: &str, key: &str) -> Result<vm::SnapshotInfo, RuntimeError> {
+        each!(self, r => Runtime::snapshot(r, id, key).await)
+    }
+    async fn restore(&self, spec: &InstanceSpec, key: &str) -> Result<Running, RuntimeError> {
+        each!(self, r => Runtime::restore(r, spec, key).await)
+    }
+    fn snapshot_keys(&self) -> Vec<String> {
+        each!(self, r => Runtime::snapshot_keys(r))
+    }
+    async fn discard_snapshot(&self, key: &str) {
+        each!(self, r => Runtime::discard_snapshot(r, key).await)
     }
 }
 

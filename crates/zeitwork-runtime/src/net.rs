@@ -101,6 +101,7 @@ pub async fn create_tap(name: &str, host_ip: Ipv4Addr, owner: Option<(u32, u32)>
         None => run(&["tuntap", "add", "dev", name, "mode", "tap"]).await?,
     }
     let result = async {
+        run(&["link", "set", "dev", name, "address", &tap_mac(host_ip)]).await?;
         run(&["addr", "add", &format!("{host_ip}/30"), "dev", name]).await?;
         run(&["link", "set", name, "up"]).await
     }
@@ -111,6 +112,13 @@ pub async fn create_tap(name: &str, host_ip: Ipv4Addr, owner: Option<(u32, u32)>
         }
     }
     result
+}
+
+/// The host end's MAC address, fixed by its address: a VM restored from a
+/// snapshot on the same slot still has it in its ARP cache.
+pub fn tap_mac(host_ip: Ipv4Addr) -> String {
+    let [_, b, c, d] = host_ip.octets();
+    format!("02:5a:48:{b:02x}:{c:02x}:{d:02x}")
 }
 
 /// Removes a VM's tap device.

@@ -247,6 +247,7 @@ async fn vm_runtime(
         base: o.base,
         disk_budget: o.disk_budget,
         vmm_user: o.vmm_user,
+        snapshots: o.dir.join("snapshots"),
     };
     Ok(AnyRuntime::Vm(VmRuntime::new(settings, logs).await?))
 }

@@ -249,6 +249,7 @@ async fn a_real_firecracker_runs_the_whole_driver_path() {
             base: "10.229.0.0".parse().unwrap(),
             disk_budget: 1 << 30,
             vmm_user: None,
+            snapshots: dir.path().join(format!("snapshots{n}")),
         };
         let runtime = zeitwork_runtime::vm::VmRuntime::new(settings, logs).await.unwrap();
         let id = format!("ins_fcpath{n}");

@@ -34,6 +34,7 @@ async fn a_leftover_writable_layer_is_detached_and_nothing_else() {
         base: "10.209.0.0".parse().unwrap(),
         oci_runtimes: vec![],
         known: Default::default(),
+        grace: std::time::Duration::ZERO,
     })
     .await;
 

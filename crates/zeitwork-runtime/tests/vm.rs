@@ -236,6 +236,7 @@ async fn a_guest_that_panics_at_boot_fails_with_its_console_and_leaves_nothing()
         base: "10.229.0.0".parse().unwrap(),
         disk_budget: 1 << 30,
         vmm_user: None,
+        snapshots: w.dir.path().join("broken-snapshots"),
     };
     let rt = zeitwork_runtime::vm::VmRuntime::new(settings, w.logs.clone()).await.unwrap();
     let id = "ins_vm_panics";
@@ -255,4 +256,100 @@ async fn a_guest_that_panics_at_boot_fails_with_its_console_and_leaves_nothing()
     rt.destroy(id).await.unwrap();
     assert!(!link_exists(&tap));
     assert!(!w.dir.path().join("broken-vms").join(id).exists());
+}
+
+/// GETs `url` until it answers 200 (the VM may still be coming up), within two minutes.
+async fn get_text(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match reqwest::get(url).await {
+            Ok(r) if r.status().is_success() => return r.text().await.unwrap(),
+            other if Instant::now() > deadline => panic!("{url} never answered: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A VM saved to a snapshot comes back with its memory: the app's boot id
+/// and its counter in the tmpfs continue, on the same address; the snapshot's
+/// slot is not handed to another VM meanwhile; a corrupt snapshot is refused
+/// and leaves nothing behind. Prints boot and restore times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_the_running_vm_and_a_corrupt_one_is_refused() {
+    let w = world(
+        "cat /proc/sys/kernel/random/uuid > /www/boot; \
+         (i=0; while true; do i=$((i+1)); echo $i > /www/count; sleep 1; done) & \
+         exec /bin/busybox httpd -f -p $PORT -h /www",
+        "10.201.0.0",
+    )
+    .await;
+    assert!(w.runtime.snapshots(), "QEMU takes snapshots");
+    let snapshots = w.dir.path().join("snapshots");
+
+    let booting = Instant::now();
+    let a = w.runtime.start(&spec(&w, "ins_snap_a").await).await.unwrap();
+    let boot_id = wait_for_http(&w, "ins_snap_a", &format!("http://{}/boot", a.address)).await;
+    let boot = booting.elapsed();
+    // The counter has moved past 1 before the snapshot.
+    let before = loop {
+        let n: u64 = get_text(&format!("http://{}/count", a.address)).await.trim().parse().unwrap();
+        if n >= 2 {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let info = w.runtime.snapshot("ins_snap_a", "dep-snap").await.unwrap();
+    assert!(info.bytes > 1 << 20, "{info:?}");
+    assert!(snapshots.join("dep-snap").join("state").exists());
+    assert!(snapshots.join("dep-snap").join("meta.json").exists());
+    assert!(matches!(w.runtime.state("ins_snap_a").await.unwrap(), InstanceState::Exited(_)), "the VM ended");
+    w.runtime.destroy("ins_snap_a").await.unwrap();
+    assert_eq!(w.runtime.snapshot_keys(), vec!["dep-snap".to_owned()]);
+
+    // Another VM started meanwhile gets another address: the snapshot keeps its own.
+    let other = w.runtime.start(&spec(&w, "ins_snap_other").await).await.unwrap();
+    assert_ne!(other.address, a.address, "the snapshot's slot stays reserved");
+    w.runtime.destroy("ins_snap_other").await.unwrap();
+
+    let restoring = Instant::now();
+    let b = w.runtime.restore(&spec(&w, "ins_snap_b").await, "dep-snap").await.unwrap();
+    assert_eq!(b.address, a.address, "the restored guest keeps its address");
+    let same_boot = get_text(&format!("http://{}/boot", b.address)).await;
+    let restore = restoring.elapsed();
+    assert_eq!(same_boot, boot_id, "the app's memory came back, it did not boot again");
+    assert!(w.runtime.snapshot_keys().is_empty() && !snapshots.join("dep-snap").exists(), "used up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: u64 = get_text(&format!("http://{}/count", b.address)).await.trim().parse().unwrap();
+        assert!(n >= before, "the counter continues from {before}, not from 1: {n}");
+        if n > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restored app's counter does not move");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "TCG boot to first byte: {} ms; restore to first byte: {} ms (state {} MiB, saved in {} ms)",
+        boot.as_millis(),
+        restore.as_millis(),
+        info.bytes >> 20,
+        info.took.as_millis()
+    );
+
+    // A snapshot whose state file was damaged on disk is refused before the guest runs.
+    w.runtime.snapshot("ins_snap_b", "dep-snap").await.unwrap();
+    w.runtime.destroy("ins_snap_b").await.unwrap();
+    let state = snapshots.join("dep-snap").join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&state, bytes).unwrap();
+    let err = w.runtime.restore(&spec(&w, "ins_snap_c").await, "dep-snap").await.unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert!(w.runtime.state("ins_snap_c").await.is_err(), "nothing of the failed restore is left");
+    assert!(!w.dir.path().join("vms").join("ins_snap_c").exists());
+    assert!(w.runtime.snapshot_keys().is_empty() && !snapshots.join("dep-snap").exists(), "the bad snapshot is gone");
 }

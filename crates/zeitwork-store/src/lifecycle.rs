@@ -44,6 +44,19 @@ async fn stop_live_instances(conn: &mut sqlx::AnyConnection, deployment: &str, r
 }
 
 impl Store {
+    /// The sleeping (or waking) deployments that had an instance on `node`:
+    /// the ones whose saved microVM state that node keeps to wake them.
+    pub async fn sleeping_on_node(&self, node: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT d.id FROM deployments d JOIN instances i ON i.deployment_id = d.id \
+             WHERE i.node_id = $1 AND d.status IN ('sleeping', 'waking') ORDER BY d.id",
+        )
+        .bind(node)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| r.text("id")).collect()
+    }
+
     pub async fn wakefulness(&self, id: &str) -> Result<Wakefulness> {
         let row =
             sqlx::query("SELECT woken_at, wake_for, last_request_at, scale_target FROM deployments WHERE id = $1")

@@ -37,6 +37,7 @@ cases!(
     changes_wake_readers,
     private_networks,
     engine_reads_every_deployment_at_once,
+    sleeping_deployments_by_node,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1018,6 +1019,48 @@ async fn private_networks(store: Store) {
     };
     let fresh = store.create_instance(&i).await.unwrap().id;
     assert_eq!(store.private_host(n_web, &fresh, 254).await.unwrap(), hosts[0]);
+}
+
+/// A node keeps VM snapshots of the sleeping (and waking) deployments that ran
+/// on it, and of no others.
+async fn sleeping_deployments_by_node(store: Store) {
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    let (n1, _) = store.register_node(&node("w1", "us-east"), &audit("node.register")).await.unwrap();
+    let (n2, _) = store.register_node(&node("w2", "us-east"), &audit("node.register")).await.unwrap();
+    org(&store, "acme").await;
+    let web = store
+        .create_project(&NewProject { github_repo: None, ..new_project("acme", "web") }, &audit("project.create"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for node in [&n1.id, &n1.id, &n2.id] {
+        let d = store.create_deployment(&new_deployment(&web, Environment::Production), &audit("d")).await.unwrap();
+        let i = NewInstance {
+            deployment: d.id.clone(),
+            node: Some(node.clone()),
+            region: "us-east".into(),
+            resources: Resources { vcpu: 1, memory: 128 },
+            runtime: None,
+        };
+        let i = store.create_instance(&i).await.unwrap();
+        store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+        store.set_deployment_status(&d.id, DeploymentStatus::Standby, None).await.unwrap();
+        ids.push(d.id);
+    }
+    assert!(store.sleeping_on_node(&n1.id).await.unwrap().is_empty(), "nothing sleeps yet");
+    for d in &ids {
+        assert!(store.sleep_deployment(d, "idle", &audit("deployment.sleep")).await.unwrap());
+    }
+    let mut on_n1 = vec![ids[0].clone(), ids[1].clone()];
+    on_n1.sort();
+    assert_eq!(store.sleeping_on_node(&n1.id).await.unwrap(), on_n1);
+    assert_eq!(store.sleeping_on_node(&n2.id).await.unwrap(), vec![ids[2].clone()]);
+    // Waking keeps it listed (its new instance may come to this node); retired, it goes.
+    assert!(store.wake_deployment(&ids[0], None, &audit("deployment.wake")).await.unwrap());
+    store.retire_deployment(&ids[1], "retired", &audit("deployment.retire")).await.unwrap();
+    assert_eq!(store.sleeping_on_node(&n1.id).await.unwrap(), vec![ids[0].clone()]);
+    store.set_deployment_status(&ids[0], DeploymentStatus::Standby, None).await.unwrap();
+    assert!(store.sleeping_on_node(&n1.id).await.unwrap().is_empty(), "awake: its snapshot is stale");
 }
 
 /// The engine's set-based reads agree with the per-deployment ones: the

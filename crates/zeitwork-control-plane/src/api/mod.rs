@@ -147,6 +147,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(routing::routing_deltas))
         .routes(routes!(routing::report_instance))
         .routes(routes!(routing::node_assignments))
+        .routes(routes!(routing::node_snapshots))
         .routes(routes!(routing::whoami))
         .routes(routes!(tls::verify_domain))
         .routes(routes!(tls::list_certificates))

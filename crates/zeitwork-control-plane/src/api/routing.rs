@@ -165,6 +165,21 @@ pub async fn node_assignments(
     }
 }
 
+/// The sleeping (or waking) deployments that had an instance on this node: the
+/// node keeps its microVM snapshots of these to wake them without a boot, and
+/// removes the others.
+#[utoipa::path(get, path = "/api/v1/nodes/{id}/snapshots", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<String>), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn node_snapshots(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    s.require_node(&caller, &id, "node.snapshots").await?;
+    s.store.get_node(&id).await?;
+    Ok(Json(s.store.sleeping_on_node(&id).await?))
+}
+
 async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
     let assigned = s.store.node_assignments(id).await?;
     // Addresses first, so each network's member list includes every instance handed out here.

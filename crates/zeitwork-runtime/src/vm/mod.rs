@@ -19,6 +19,7 @@ mod console;
 mod firecracker;
 mod probe;
 mod qemu;
+mod snapshot;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -44,6 +45,7 @@ use self::console::{push_tail, read_console, tail_text};
 pub use self::firecracker::{firecracker_put, firecracker_requests};
 pub use self::probe::{kvm_crashed, probe};
 pub use self::qemu::qemu_args;
+pub use self::snapshot::{SnapshotInfo, SnapshotMeta};
 
 /// How guest code runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +119,8 @@ pub struct VmSettings {
     pub disk_budget: u64,
     /// The unprivileged users QEMU runs as; root when absent.
     pub vmm_user: Option<VmmUser>,
+    /// Where VM snapshots are kept (one directory per key; QEMU only).
+    pub snapshots: PathBuf,
 }
 
 /// The unprivileged users QEMU runs as: the VM on address slot `n` (at most
@@ -147,6 +151,10 @@ struct VmInstance {
     tail: Arc<std::sync::Mutex<VecDeque<String>>>,
     exit: watch::Receiver<Option<ExitInfo>>,
     memory_bytes: u64,
+    /// What a snapshot must match to be restored: the VM's shape and disk.
+    vcpu: u32,
+    memory_mib: u32,
+    disk: PathBuf,
 }
 
 /// Runs instances as microVMs.
@@ -155,6 +163,9 @@ pub struct VmRuntime {
     s: VmSettings,
     logs: Arc<LogStore>,
     instances: Mutex<HashMap<String, VmInstance>>,
+    /// Slots held by snapshots on disk, by snapshot key: a restored guest keeps
+    /// its address, so its /30 stays its own while the snapshot exists.
+    reserved: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 /// The kernel command line: nothing secret, ever (see [`GuestConfig`]).
@@ -217,8 +228,9 @@ impl VmRuntime {
             }
         }
         crate::net::apply_policy(s.base, None).await?;
-        let rt = Self { s, logs, instances: Mutex::new(HashMap::new()) };
+        let rt = Self { s, logs, instances: Mutex::new(HashMap::new()), reserved: Default::default() };
         rt.clean_leftovers().await;
+        rt.load_snapshots();
         Ok(rt)
     }
 
@@ -262,6 +274,7 @@ impl VmRuntime {
         tap: &str,
         mac: &str,
         owner: Option<(u32, u32)>,
+        incoming: bool,
     ) -> Result<Child, RuntimeError> {
         let config = dir.join("config.img");
         match &self.s.vmm {
@@ -285,6 +298,10 @@ impl VmRuntime {
                 );
                 args.extend(["-name".into(), format!("zeitwork-{}", spec.id)]);
                 args.extend(["-pidfile".into(), dir.join("vmm.pid").display().to_string()]);
+                if incoming {
+                    // The state arrives over a socket the agent feeds (see `snapshot.rs`).
+                    args.extend(["-incoming".into(), "defer".into()]);
+                }
                 let mut cmd = Command::new(binary);
                 if let Some((uid, gid)) = owner {
                     // Set before exec: QEMU never runs as root, and its sandbox
@@ -298,10 +315,167 @@ impl VmRuntime {
                     .spawn()
                     .map_err(|e| RuntimeError::Unavailable("qemu", format!("{}: {e}", binary.display())))
             }
+            Vmm::Firecracker { .. } if incoming => {
+                Err(RuntimeError::Unavailable("firecracker snapshots", "not supported by this driver".into()))
+            }
             Vmm::Firecracker { binary, jailer } => {
                 self.spawn_firecracker(spec, dir, disk, tap, mac, binary, jailer).await
             }
         }
+    }
+
+    /// Starts a VM: booted, or (`from`: a snapshot's directory and slot)
+    /// waiting for the snapshot's state on an incoming migration socket.
+    async fn launch(&self, spec: &InstanceSpec, from: Option<(&Path, u32)>) -> Result<Running, RuntimeError> {
+        let disk = spec.disk.clone().ok_or_else(|| {
+            RuntimeError::failed(format!("starting {}", spec.id), "a microVM needs the image as an ext4 disk")
+        })?;
+        let disk_size = std::fs::metadata(&disk).map(|m| m.len()).map_err(|e| {
+            RuntimeError::failed(format!("starting {}", spec.id), format!("the image disk {}: {e}", disk.display()))
+        })?;
+        if disk_size > self.s.disk_budget {
+            return Err(RuntimeError::failed(
+                format!("starting {}", spec.id),
+                format!(
+                    "the image's disk is {} MiB, more than this node's disk budget of {} MiB",
+                    disk_size >> 20,
+                    self.s.disk_budget >> 20
+                ),
+            ));
+        }
+        let mut instances = self.instances.lock().await;
+        if instances.contains_key(&spec.id) {
+            return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
+        }
+        let slot = match from {
+            Some((_, slot)) if instances.values().any(|i| i.slot == slot) => {
+                return Err(RuntimeError::failed(format!("restoring {}", spec.id), "the snapshot's slot is in use"))
+            }
+            Some((_, slot)) => slot,
+            None => {
+                let reserved: Vec<u32> = self.reserved_slots();
+                net::free_slot(self.s.base, |s| instances.values().any(|i| i.slot == s) || reserved.contains(&s))
+                    .await?
+            }
+        };
+        let (host_ip, guest_ip) = net::slot_addresses(self.s.base, slot);
+        let dir = self.s.dir.join(&spec.id);
+        std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
+        let (uid, gid) = crate::container::ContainerRuntime::user_of(&spec.rootfs, spec.image.user.as_deref());
+        let config = GuestConfig {
+            args: crate::container::command_of(spec),
+            env: crate::container::env_of(spec),
+            cwd: spec.image.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+            uid,
+            gid,
+            hostname: spec.id.chars().take(63).collect(),
+            address: guest_ip,
+            prefix: 30,
+            gateway: host_ip,
+            dns: if spec.dns_search.is_some() { vec![host_ip] } else { resolvers() },
+            overlay_mib: (spec.memory_mib / 2).max(16),
+        };
+        match from {
+            // The guest read its configuration at boot: the restored one keeps the disk it had.
+            Some((snapshot, _)) => {
+                std::fs::copy(snapshot.join("config.img"), dir.join("config.img"))
+                    .map_err(|e| RuntimeError::failed("copying the snapshot's configuration disk", e))?;
+            }
+            None => {
+                let mut bytes = config.encode();
+                bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
+                write_private(&dir.join("config.img"), &bytes)?;
+            }
+        }
+        let tap = format!("zwt{}", crate::container::short_key(&spec.id));
+        let owner = match (&self.s.vmm, self.s.vmm_user) {
+            (Vmm::Qemu { .. }, Some(user)) => Some(user.of_slot(slot)),
+            _ => None,
+        };
+        net::create_tap(&tap, host_ip, owner).await?;
+        if let Err(e) = std::fs::write(dir.join("tap"), &tap) {
+            tracing::warn!(instance = %spec.id, tap, error = %e, "the tap is not recorded; after a crash only the sweeper finds it");
+        }
+        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot), owner, from.is_some()).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Err(why) = net::destroy_tap(&tap).await {
+                    tracing::warn!(instance = %spec.id, tap, error = %why, "the tap device may be left behind");
+                }
+                if let Err(why) = tokio::fs::remove_dir_all(&dir).await {
+                    tracing::warn!(dir = %dir.display(), error = %why, "the instance directory is left behind");
+                }
+                return Err(e);
+            }
+        };
+        let pid = child.id();
+        let console = Arc::new(Mutex::new(child.stdin.take()));
+        let tail = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let (code_tx, code_rx) = watch::channel::<Option<Result<i32, String>>>(None);
+        let reader = child
+            .stdout
+            .take()
+            .map(|out| tokio::spawn(read_console(spec.id.clone(), out, self.logs.clone(), tail.clone(), code_tx)));
+        let stderr_tail = tail.clone();
+        let errors = child.stderr.take().map(|err| {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    push_tail(&stderr_tail, l);
+                }
+            })
+        });
+        let (tx, rx) = watch::channel(None);
+        let vmm = self.s.vmm.name();
+        let wait_tail = tail.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            for t in [reader, errors].into_iter().flatten() {
+                // A reader that failed or lingers has nothing more to give.
+                let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            }
+            let reported = code_rx.borrow().clone();
+            let info = match reported {
+                Some(Ok(code)) => ExitInfo { code: Some(code), reason: exit_reason(code) },
+                Some(Err(reason)) => {
+                    ExitInfo { code: None, reason: format!("the guest could not start the app: {reason}") }
+                }
+                None => {
+                    let how = match status {
+                        Ok(s) => s.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    let tail = tail_text(&wait_tail, 12);
+                    ExitInfo {
+                        code: None,
+                        reason: format!(
+                            "the VM ended before the app reported an exit ({vmm}: {how}); console:\n{tail}"
+                        ),
+                    }
+                }
+            };
+            // Nobody watching any more (the instance was destroyed) is fine.
+            let _ = tx.send(Some(info));
+        });
+        let address = SocketAddr::from((guest_ip, spec.port));
+        instances.insert(
+            spec.id.clone(),
+            VmInstance {
+                slot,
+                tap,
+                dir,
+                pid,
+                console,
+                tail,
+                exit: rx,
+                memory_bytes: u64::from(spec.memory_mib) << 20,
+                vcpu: spec.vcpu,
+                memory_mib: spec.memory_mib,
+                disk,
+            },
+        );
+        tracing::info!(instance = %spec.id, %address, vmm, accel = %self.s.vmm.accel(), "microVM started");
+        Ok(Running { id: spec.id.clone(), address })
     }
 
     /// Asks the VMM to end the VM now: QMP `quit`, or Firecracker's ctrl-alt-del.
@@ -380,124 +554,7 @@ impl Runtime for VmRuntime {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Running, RuntimeError> {
-        let disk = spec.disk.clone().ok_or_else(|| {
-            RuntimeError::failed(format!("starting {}", spec.id), "a microVM needs the image as an ext4 disk")
-        })?;
-        let disk_size = std::fs::metadata(&disk).map(|m| m.len()).map_err(|e| {
-            RuntimeError::failed(format!("starting {}", spec.id), format!("the image disk {}: {e}", disk.display()))
-        })?;
-        if disk_size > self.s.disk_budget {
-            return Err(RuntimeError::failed(
-                format!("starting {}", spec.id),
-                format!(
-                    "the image's disk is {} MiB, more than this node's disk budget of {} MiB",
-                    disk_size >> 20,
-                    self.s.disk_budget >> 20
-                ),
-            ));
-        }
-        let mut instances = self.instances.lock().await;
-        if instances.contains_key(&spec.id) {
-            return Err(RuntimeError::failed(format!("starting {}", spec.id), "already exists"));
-        }
-        let slot = net::free_slot(self.s.base, |s| instances.values().any(|i| i.slot == s)).await?;
-        let (host_ip, guest_ip) = net::slot_addresses(self.s.base, slot);
-        let dir = self.s.dir.join(&spec.id);
-        std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::failed("creating the instance directory", e))?;
-        let (uid, gid) = crate::container::ContainerRuntime::user_of(&spec.rootfs, spec.image.user.as_deref());
-        let config = GuestConfig {
-            args: crate::container::command_of(spec),
-            env: crate::container::env_of(spec),
-            cwd: spec.image.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
-            uid,
-            gid,
-            hostname: spec.id.chars().take(63).collect(),
-            address: guest_ip,
-            prefix: 30,
-            gateway: host_ip,
-            dns: if spec.dns_search.is_some() { vec![host_ip] } else { resolvers() },
-            overlay_mib: (spec.memory_mib / 2).max(16),
-        };
-        let mut bytes = config.encode();
-        bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
-        write_private(&dir.join("config.img"), &bytes)?;
-        let tap = format!("zwt{}", crate::container::short_key(&spec.id));
-        let owner = match (&self.s.vmm, self.s.vmm_user) {
-            (Vmm::Qemu { .. }, Some(user)) => Some(user.of_slot(slot)),
-            _ => None,
-        };
-        net::create_tap(&tap, host_ip, owner).await?;
-        if let Err(e) = std::fs::write(dir.join("tap"), &tap) {
-            tracing::warn!(instance = %spec.id, tap, error = %e, "the tap is not recorded; after a crash only the sweeper finds it");
-        }
-        let mut child = match self.spawn_vmm(spec, &dir, &disk, &tap, &mac_of(slot), owner).await {
-            Ok(c) => c,
-            Err(e) => {
-                if let Err(why) = net::destroy_tap(&tap).await {
-                    tracing::warn!(instance = %spec.id, tap, error = %why, "the tap device may be left behind");
-                }
-                if let Err(why) = tokio::fs::remove_dir_all(&dir).await {
-                    tracing::warn!(dir = %dir.display(), error = %why, "the instance directory is left behind");
-                }
-                return Err(e);
-            }
-        };
-        let pid = child.id();
-        let console = Arc::new(Mutex::new(child.stdin.take()));
-        let tail = Arc::new(std::sync::Mutex::new(VecDeque::new()));
-        let (code_tx, code_rx) = watch::channel::<Option<Result<i32, String>>>(None);
-        let reader = child
-            .stdout
-            .take()
-            .map(|out| tokio::spawn(read_console(spec.id.clone(), out, self.logs.clone(), tail.clone(), code_tx)));
-        let stderr_tail = tail.clone();
-        let errors = child.stderr.take().map(|err| {
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    push_tail(&stderr_tail, l);
-                }
-            })
-        });
-        let (tx, rx) = watch::channel(None);
-        let vmm = self.s.vmm.name();
-        let wait_tail = tail.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            for t in [reader, errors].into_iter().flatten() {
-                // A reader that failed or lingers has nothing more to give.
-                let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-            }
-            let reported = code_rx.borrow().clone();
-            let info = match reported {
-                Some(Ok(code)) => ExitInfo { code: Some(code), reason: exit_reason(code) },
-                Some(Err(reason)) => {
-                    ExitInfo { code: None, reason: format!("the guest could not start the app: {reason}") }
-                }
-                None => {
-                    let how = match status {
-                        Ok(s) => s.to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    let tail = tail_text(&wait_tail, 12);
-                    ExitInfo {
-                        code: None,
-                        reason: format!(
-                            "the VM ended before the app reported an exit ({vmm}: {how}); console:\n{tail}"
-                        ),
-                    }
-                }
-            };
-            // Nobody watching any more (the instance was destroyed) is fine.
-            let _ = tx.send(Some(info));
-        });
-        let address = SocketAddr::from((guest_ip, spec.port));
-        instances.insert(
-            spec.id.clone(),
-            VmInstance { slot, tap, dir, pid, console, tail, exit: rx, memory_bytes: u64::from(spec.memory_mib) << 20 },
-        );
-        tracing::info!(instance = %spec.id, %address, vmm, accel = %self.s.vmm.accel(), "microVM started");
-        Ok(Running { id: spec.id.clone(), address })
+        self.launch(spec, None).await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<ExitInfo, RuntimeError> {
@@ -587,6 +644,26 @@ impl Runtime for VmRuntime {
             return Err(RuntimeError::NotFound(id.to_owned()));
         }
         Ok(self.logs.read(id, None))
+    }
+
+    fn snapshots(&self) -> bool {
+        VmRuntime::snapshots(self)
+    }
+
+    async fn snapshot(&self, id: &str, key: &str) -> Result<SnapshotInfo, RuntimeError> {
+        VmRuntime::snapshot(self, id, key).await
+    }
+
+    async fn restore(&self, spec: &InstanceSpec, key: &str) -> Result<Running, RuntimeError> {
+        VmRuntime::restore(self, spec, key).await
+    }
+
+    fn snapshot_keys(&self) -> Vec<String> {
+        VmRuntime::snapshot_keys(self)
+    }
+
+    async fn discard_snapshot(&self, key: &str) {
+        VmRuntime::discard_snapshot(self, key).await
     }
 
     async fn diagnose(&self, id: &str) -> Option<String> {
