@@ -535,6 +535,24 @@ ALTER TABLE projects ADD COLUMN egress TEXT
     // The token a custom domain's `_zeitwork-challenge` TXT record must hold before it
     // is routed; domains added before have none and keep the address check alone.
     (22, "domains: ownership challenge", "ALTER TABLE domains ADD COLUMN challenge TEXT"),
+    // An organisation's own log drains: destination and token encrypted by the control plane.
+    (
+        24,
+        "organisation log drains",
+        r#"
+CREATE TABLE log_drains (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target_enc TEXT NOT NULL,
+    token_enc TEXT,
+    ca TEXT,
+    sources TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX log_drains_org ON log_drains (org)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.
