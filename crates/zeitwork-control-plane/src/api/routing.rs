@@ -182,8 +182,21 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
         };
         hosts.push(s.store.private_host(idx, &a.instance, 254).await?);
     }
+    let mut drains: std::collections::HashMap<String, Vec<zeitwork_api_types::AssignedLogDrain>> =
+        std::collections::HashMap::new();
     let mut out = Vec::new();
     for (a, host) in assigned.into_iter().zip(hosts) {
+        if !drains.contains_key(&a.org) {
+            let mut of_org = Vec::new();
+            for d in s.store.list_log_drains(Some(&a.org)).await?.iter().filter(|d| d.takes("app")) {
+                match crate::drain::open(s, d) {
+                    Ok(d) => of_org.push(d),
+                    Err(e) => tracing::error!(drain = %d.id, error = %e, "cannot decrypt a log drain; left out"),
+                }
+            }
+            drains.insert(a.org.clone(), of_org);
+        }
+        let log_drains = drains.get(&a.org).cloned().unwrap_or_default();
         let mut env = std::collections::BTreeMap::new();
         for v in s.store.list_env(&a.project_id).await? {
             let value = s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
@@ -215,6 +228,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             pull_credential,
             release_command: a.release_command,
             network,
+            log_drains,
         });
     }
     Ok(out)
