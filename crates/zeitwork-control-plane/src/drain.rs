@@ -51,8 +51,7 @@ pub fn open(
 /// Starts sending to an organisation's drain.
 pub fn start_assigned(d: &zeitwork_api_types::AssignedLogDrain, hostname: &str) -> Result<Arc<Forwarder>, String> {
     let target = zeitwork_telemetry::drain::Target::parse(&d.url)?;
-    let options =
-        zeitwork_telemetry::drain::Options { ca_file: None, ca_pem: d.ca.clone(), token: d.token.clone() };
+    let options = zeitwork_telemetry::drain::Options { ca_file: None, ca_pem: d.ca.clone(), token: d.token.clone() };
     Forwarder::start(target, hostname, &options)
 }
 

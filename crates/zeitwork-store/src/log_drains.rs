@@ -113,8 +113,11 @@ impl Store {
     /// Removes a drain of `org` with its audit event.
     pub async fn delete_log_drain(&self, org: &str, id: &str, audit: &Audit) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        let done =
-            sqlx::query("DELETE FROM log_drains WHERE id = $1 AND org = $2").bind(id).bind(org).execute(&mut *tx).await?;
+        let done = sqlx::query("DELETE FROM log_drains WHERE id = $1 AND org = $2")
+            .bind(id)
+            .bind(org)
+            .execute(&mut *tx)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("log drain {id:?} is not one of {org}'s")));
         }
