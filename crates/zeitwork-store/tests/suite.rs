@@ -992,7 +992,7 @@ async fn log_drains(store: Store) {
     assert_eq!(a.token_enc.as_deref(), Some("sealed-token"));
     let b = store.create_log_drain(&drain("other", &["build"]), &audit("log_drain.create")).await.unwrap();
     let ids = |v: Vec<StoredLogDrain>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
-    assert_eq!(ids(store.list_log_drains(Some("acme")).await.unwrap()), [a.id.clone()]);
+    assert_eq!(ids(store.list_log_drains(Some("acme")).await.unwrap()), vec![a.id.clone()]);
     assert_eq!(ids(store.list_log_drains(None).await.unwrap()).len(), 2);
     // One organisation cannot delete another's drain.
     let e = store.delete_log_drain("acme", &b.id, &audit("log_drain.delete")).await.unwrap_err();

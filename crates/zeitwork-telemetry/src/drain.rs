@@ -490,8 +490,11 @@ impl Forwarder {
 /// whoever knows the instances.
 #[derive(Debug, Default)]
 pub struct Routes {
-    by_instance: std::sync::RwLock<HashMap<String, (Vec<String>, Vec<Arc<Forwarder>>)>>,
+    by_instance: std::sync::RwLock<HashMap<String, Route>>,
 }
+
+/// The ids of an instance's drains and their forwarders.
+type Route = (Vec<String>, Vec<Arc<Forwarder>>);
 
 impl Routes {
     /// Sends the lines of `instance` to `drains` (named by `ids`) from now on.
