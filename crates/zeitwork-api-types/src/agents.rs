@@ -35,6 +35,9 @@ pub struct Assignment {
     /// The instance's place in its project's private network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<PrivateNetwork>,
+    /// The drains of the instance's organisation that take its app logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_drains: Vec<crate::AssignedLogDrain>,
 }
 
 /// A project's private network (one per environment), as one instance sees it.

@@ -71,6 +71,8 @@ pub struct AppState {
     pub uptime: Arc<tokio::sync::Notify>,
     /// The log drain for the audit log and build output (`log_forward`).
     pub drain: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
+    /// The organisations' own drains (their build output and audit events).
+    pub org_drains: Arc<drain::OrgDrains>,
 }
 
 impl AppState {
@@ -217,6 +219,7 @@ impl Operator {
             gauges: queue_gauges,
             uptime: Arc::new(tokio::sync::Notify::new()),
             drain: drain.clone(),
+            org_drains: Arc::default(),
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
@@ -224,10 +227,7 @@ impl Operator {
         let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
         let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
         let pruner = tokio::spawn(retention::run(state.clone(), rx.clone()));
-        let drainer = match drain {
-            Some(f) => tokio::spawn(drain::run_audit(state.clone(), f, rx.clone())),
-            None => tokio::spawn(async {}),
-        };
+        let drainer = tokio::spawn(drain::run(state.clone(), drain, hostname.clone(), rx.clone()));
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,

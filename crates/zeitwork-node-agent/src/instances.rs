@@ -63,6 +63,8 @@ pub struct Settings {
     pub image_cache_bytes: u64,
     /// Where instance logs are also sent (syslog), to name each instance's app.
     pub forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
+    /// The drains of the instances' organisations.
+    pub org_drains: Arc<crate::drains::OrgDrains>,
     /// The instance range whose firewall carries the private project networks,
     /// when this node serves them (its resolver runs).
     pub private_networks: Option<std::net::Ipv4Addr>,
@@ -641,6 +643,7 @@ async fn converge(
         if let Some(f) = &s.forward {
             f.forget(&id);
         }
+        s.org_drains.forget(&id);
         let (client, runtime, grace, in_use) = (client.clone(), runtime.clone(), s.stop_grace, in_use.clone());
         tokio::spawn(async move {
             // An instance that already ended (and was reported so) is only cleaned up.
@@ -670,6 +673,7 @@ async fn converge(
         });
     }
     for (id, a) in wanted {
+        s.org_drains.route(&a);
         // The private network changes under a running instance (members come
         // and go, the egress allow-list is edited): applied, never a restart.
         if let Some(l) = table.write().await.get_mut(&id) {

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod dns;
+pub mod drains;
 pub mod egress;
 pub mod forward;
 pub mod host;
@@ -413,6 +414,7 @@ impl NodeAgent {
         let forward = match config.log_forward.as_deref().map(zeitwork_telemetry::drain::Target::parse) {
             Some(Ok(target)) => {
                 let options = zeitwork_telemetry::drain::Options {
+                    ca_pem: None,
                     ca_file: config.log_forward_ca.clone(),
                     token: config.log_forward_token.clone(),
                 };
@@ -428,6 +430,8 @@ impl NodeAgent {
         if let Some(f) = &forward {
             store = store.forwarding(f.clone());
         }
+        let org_drains = Arc::new(drains::OrgDrains::new(&config.hostname));
+        let store = store.routing(org_drains.routes.clone());
         let logs = Arc::new(store);
         logs.prune(Duration::from_secs(u64::from(config.log_retention_days) * 86_400));
         // What instances of an earlier run left behind (the agent was killed
@@ -571,6 +575,7 @@ impl NodeAgent {
                     liveness_failures: config.liveness_failures,
                     image_cache_bytes: config.image_cache_bytes,
                     forward: forward.clone(),
+                    org_drains: org_drains.clone(),
                     private_networks: None,
                     egress_names: Default::default(),
                     snapshots: (config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&selected.runtime))

@@ -28,6 +28,8 @@ pub struct LogStore {
     cap: u64,
     /// Where lines also go (a log drain), when set.
     forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
+    /// Where each instance's lines go besides (its organisation's drains).
+    routes: Arc<zeitwork_telemetry::drain::Routes>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -37,12 +39,17 @@ fn valid_id(id: &str) -> bool {
 impl LogStore {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP, forward: None })
+        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP, forward: None, routes: Arc::default() })
     }
 
     /// A store that also forwards every line.
     pub fn forwarding(self, forward: Arc<zeitwork_telemetry::drain::Forwarder>) -> Self {
         Self { forward: Some(forward), ..self }
+    }
+
+    /// A store that also sends each instance's lines where `routes` says.
+    pub fn routing(self, routes: Arc<zeitwork_telemetry::drain::Routes>) -> Self {
+        Self { routes, ..self }
     }
 
     /// The forwarder lines go to, if any.
@@ -77,6 +84,9 @@ impl LogStore {
         }
         let severity = zeitwork_telemetry::drain::severity(stream, &line);
         if let Some(f) = &self.forward {
+            f.send(id, stream, severity, Utc::now(), &line);
+        }
+        for f in self.routes.of(id) {
             f.send(id, stream, severity, Utc::now(), &line);
         }
         let entry = LogLine { at: Utc::now(), stream: stream.into(), line, severity: Some(severity.name().into()) };
@@ -244,6 +254,51 @@ mod tests {
         assert!(store.read("ins_a", Some(cut)).len() <= 2);
         assert!(store.read("../etc/passwd", None).is_empty());
         assert!(!store.exists("ins_b"));
+    }
+
+    #[tokio::test]
+    async fn prune_removes_only_logs_untouched_past_the_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::with_cap(dir.path(), 200).unwrap();
+        for id in ["ins_old", "ins_new"] {
+            for i in 0..8 {
+                store.append(id, "stdout", format!("line {i}")).await;
+            }
+        }
+        let week_ago = std::time::SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+        for f in ["ins_old.jsonl", "ins_old.jsonl.1"] {
+            let file = std::fs::File::options().append(true).open(dir.path().join(f)).unwrap();
+            file.set_modified(week_ago).unwrap();
+        }
+        store.prune(RETENTION);
+        // Both files of the old instance go, rotated one included; the fresh one stays whole.
+        assert!(!store.exists("ins_old"));
+        assert!(store.read("ins_old", None).is_empty());
+        assert!(dir.path().join("ins_new.jsonl").exists() && dir.path().join("ins_new.jsonl.1").exists());
+        assert_eq!(store.read("ins_new", None).last().unwrap().line, "line 7");
+    }
+
+    #[tokio::test]
+    async fn routed_lines_go_to_their_own_instances_drains_only() {
+        use zeitwork_telemetry::drain::{Forwarder, Options, Routes, Source, Target};
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = Target::Udp(sock.local_addr().unwrap().to_string());
+        let drain = Forwarder::start(target, "node", &Options::default()).unwrap();
+        let routes = Arc::new(Routes::default());
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::new(dir.path()).unwrap().routing(routes.clone());
+        drain.register("ins_a", Source { org: "acme".into(), project: "web".into(), deployment: "d".into() });
+        routes.set("ins_a", vec!["ldr_1".into()], vec![drain.clone()]);
+        assert_eq!(routes.ids("ins_a").unwrap(), ["ldr_1"]);
+        // The other instance's line is written first: had it been sent, it would arrive first.
+        store.append("ins_b", "stdout", "from another org".into()).await;
+        store.append("ins_a", "stdout", "from acme".into()).await;
+        let mut buf = vec![0u8; 4096];
+        let n = sock.recv(&mut buf).await.unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(got.ends_with("from acme") && got.contains("acme/web"), "{got}");
+        routes.remove("ins_a");
+        assert!(routes.of("ins_a").is_empty() && routes.ids("ins_a").is_none());
     }
 
     #[tokio::test]

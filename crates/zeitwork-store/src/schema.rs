@@ -560,6 +560,24 @@ CREATE UNIQUE INDEX domains_verified_name ON domains (name) WHERE verified = 1;
 CREATE INDEX domains_unverified_age ON domains (created_at) WHERE verified = 0
 "#,
     ),
+    // An organisation's own log drains: destination and token encrypted by the control plane.
+    (
+        24,
+        "organisation log drains",
+        r#"
+CREATE TABLE log_drains (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target_enc TEXT NOT NULL,
+    token_enc TEXT,
+    ca TEXT,
+    sources TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX log_drains_org ON log_drains (org)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -38,6 +38,7 @@ cases!(
     private_networks,
     engine_reads_every_deployment_at_once,
     sleeping_deployments_by_node,
+    log_drains,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1158,4 +1159,45 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     // The failed instance holds nothing.
     assert_eq!((by_id(&eu.id).instances, by_id(&eu.id).allocated), (2, Capacity { vcpu: 2, memory: 640 }));
     assert_eq!((by_id(&idle.id).instances, by_id(&idle.id).allocated), (0, Capacity { vcpu: 0, memory: 0 }));
+}
+
+fn drain(org: &str, sources: &[&str]) -> StoredLogDrain {
+    StoredLogDrain {
+        id: log_drain_id(),
+        org: org.into(),
+        kind: "http-json".into(),
+        target_enc: format!("sealed-url-of-{org}"),
+        token_enc: Some("sealed-token".into()),
+        ca: None,
+        sources: sources.iter().map(|s| s.to_string()).collect(),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+async fn log_drains(store: Store) {
+    org(&store, "acme").await;
+    org(&store, "other").await;
+    let mut changes = store.changes();
+    changes.mark_unchanged();
+    let a = store.create_log_drain(&drain("acme", &["app", "audit"]), &audit("log_drain.create")).await.unwrap();
+    // A new drain changes what node agents are assigned: their long polls wake.
+    assert!(changes.has_changed().unwrap(), "creating a drain announces a change");
+    assert_eq!(a.sources, ["app", "audit"]);
+    assert!(a.takes("audit") && !a.takes("build"));
+    assert_eq!(a.token_enc.as_deref(), Some("sealed-token"));
+    let b = store.create_log_drain(&drain("other", &["build"]), &audit("log_drain.create")).await.unwrap();
+    let ids = |v: Vec<StoredLogDrain>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_log_drains(Some("acme")).await.unwrap()), vec![a.id.clone()]);
+    assert_eq!(ids(store.list_log_drains(None).await.unwrap()).len(), 2);
+    // One organisation cannot delete another's drain.
+    let e = store.delete_log_drain("acme", &b.id, &audit("log_drain.delete")).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+    store.delete_log_drain("other", &b.id, &audit("log_drain.delete")).await.unwrap();
+    assert!(matches!(store.log_drain(&b.id).await, Err(StoreError::NotFound(_))));
+    // At most MAX_LOG_DRAINS per organisation.
+    for _ in 1..MAX_LOG_DRAINS {
+        store.create_log_drain(&drain("acme", &["app"]), &audit("log_drain.create")).await.unwrap();
+    }
+    let e = store.create_log_drain(&drain("acme", &["app"]), &audit("log_drain.create")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
 }

@@ -173,6 +173,39 @@ const TARGETS: &str = "udp://HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT, https:
                        loki+https://…/loki/api/v1/push or elasticsearch+https://…/_bulk";
 
 impl Target {
+    /// The kind of drain: `syslog-udp`, `syslog-tcp`, `syslog-tls`, `http-json`, `loki` or `elasticsearch`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Udp(_) => "syslog-udp",
+            Target::Tcp(_) => "syslog-tcp",
+            Target::Tls { .. } => "syslog-tls",
+            Target::Http { format: HttpFormat::Json, .. } => "http-json",
+            Target::Http { format: HttpFormat::Loki, .. } => "loki",
+            Target::Http { format: HttpFormat::Elasticsearch, .. } => "elasticsearch",
+        }
+    }
+
+    /// Where it sends with what could be secret left out (port, path, query,
+    /// credentials in the URL): `scheme://host/…`.
+    pub fn shown(&self) -> String {
+        let host = |addr: &str| addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_owned();
+        match self {
+            Target::Udp(a) => format!("udp://{}/…", host(a)),
+            Target::Tcp(a) => format!("tcp://{}/…", host(a)),
+            Target::Tls { host, .. } => format!("tls://{host}/…"),
+            Target::Http { url, format } => {
+                let u = reqwest::Url::parse(url).ok();
+                let scheme = u.as_ref().map_or("https", |u| u.scheme()).to_owned();
+                let prefix = match format {
+                    HttpFormat::Json => "",
+                    HttpFormat::Loki => "loki+",
+                    HttpFormat::Elasticsearch => "elasticsearch+",
+                };
+                format!("{prefix}{scheme}://{}/…", u.as_ref().and_then(|u| u.host_str()).unwrap_or(""))
+            }
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Target, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("{s:?}: use {TARGETS}"))?;
         let (format, http_scheme) = match scheme {
@@ -211,6 +244,9 @@ pub struct Options {
     /// PEM file of the CA(s) that signed the receiver's certificate (TLS and
     /// HTTPS), in addition to the public roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM text of such CA(s), for drains whose settings are data rather
+    /// than files (an organisation's drains).
+    pub ca_pem: Option<String>,
     /// Sent as `Authorization: Bearer …` to HTTP drains.
     pub token: Option<String>,
 }
@@ -329,10 +365,8 @@ pub struct Forwarder {
 /// The TLS settings for a drain: the public roots plus `ca_file`'s.
 fn tls_config(options: &Options) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = &options.ca_file {
-        for cert in extra_roots(path)? {
-            roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
+    for cert in option_roots(options)? {
+        roots.add(cert).map_err(|e| format!("the drain's CA: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -341,6 +375,30 @@ fn tls_config(options: &Options) -> Result<Arc<rustls::ClientConfig>, String> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The CA certificates of `ca_file` and `ca_pem`.
+fn option_roots(options: &Options) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let mut out = Vec::new();
+    if let Some(path) = &options.ca_file {
+        out.extend(extra_roots(path)?);
+    }
+    if let Some(pem) = &options.ca_pem {
+        out.extend(pem_roots(pem)?);
+    }
+    Ok(out)
+}
+
+/// The certificates of a PEM text; an error when it holds none or a damaged one.
+pub fn pem_roots(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(certs)
 }
 
 fn extra_roots(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
@@ -381,11 +439,9 @@ impl Forwarder {
                 let mut client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
                     .redirect(reqwest::redirect::Policy::none());
-                if let Some(path) = &options.ca_file {
-                    for der in extra_roots(path)? {
-                        let cert = reqwest::Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
-                        client = client.add_root_certificate(cert);
-                    }
+                for der in option_roots(options)? {
+                    let cert = reqwest::Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
+                    client = client.add_root_certificate(cert);
                 }
                 let client = client.build().map_err(|e| e.to_string())?;
                 let http = Http { client, url, format, token: options.token.clone() };
@@ -426,6 +482,44 @@ impl Forwarder {
         if self.tx.try_send(record).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The drains each instance's lines go to besides the node's own (its
+/// organisation's), by instance; shared by whoever writes the lines and
+/// whoever knows the instances.
+#[derive(Debug, Default)]
+pub struct Routes {
+    by_instance: std::sync::RwLock<HashMap<String, Route>>,
+}
+
+/// The ids of an instance's drains and their forwarders.
+type Route = (Vec<String>, Vec<Arc<Forwarder>>);
+
+impl Routes {
+    /// Sends the lines of `instance` to `drains` (named by `ids`) from now on.
+    pub fn set(&self, instance: &str, ids: Vec<String>, drains: Vec<Arc<Forwarder>>) {
+        if let Ok(mut m) = self.by_instance.write() {
+            m.insert(instance.to_owned(), (ids, drains));
+        }
+    }
+
+    /// The ids of the drains `instance` is routed to, if it is.
+    pub fn ids(&self, instance: &str) -> Option<Vec<String>> {
+        self.by_instance.read().ok().and_then(|m| m.get(instance).map(|(ids, _)| ids.clone()))
+    }
+
+    /// Stops sending `instance`'s lines anywhere but the node's own drain.
+    pub fn remove(&self, instance: &str) {
+        let gone = self.by_instance.write().ok().and_then(|mut m| m.remove(instance));
+        for f in gone.map(|(_, d)| d).unwrap_or_default() {
+            f.forget(instance);
+        }
+    }
+
+    /// The drains of `instance`.
+    pub fn of(&self, instance: &str) -> Vec<Arc<Forwarder>> {
+        self.by_instance.read().ok().and_then(|m| m.get(instance).map(|(_, d)| d.clone())).unwrap_or_default()
     }
 }
 
@@ -567,6 +661,17 @@ mod tests {
             source: Some(Source { org: "acme".into(), project: "web".into(), deployment: "web-abc1234-acme".into() }),
             message: msg.into(),
         }
+    }
+
+    #[test]
+    fn targets_are_shown_without_what_may_be_secret() {
+        let t = Target::parse("loki+https://u:pw@logs.example.com:3100/loki/api/v1/push?key=s3cret").unwrap();
+        assert_eq!(t.kind(), "loki");
+        assert_eq!(t.shown(), "loki+https://logs.example.com/…");
+        let t = Target::parse("tls://logs.example.com:6514").unwrap();
+        assert_eq!((t.kind(), t.shown().as_str()), ("syslog-tls", "tls://logs.example.com/…"));
+        assert_eq!(Target::parse("udp://10.0.0.1:514").unwrap().shown(), "udp://10.0.0.1/…");
+        assert!(pem_roots("not a certificate").is_err());
     }
 
     #[test]

@@ -95,7 +95,7 @@ async fn syslog_over_tls_reaches_a_receiver_whose_ca_is_given_and_no_other() {
     let got = Arc::new(Mutex::new(Vec::new()));
     let port = syslog_tls_receiver(tls_server(dir.path()), got.clone()).await;
     let target = Target::parse(&format!("tls://localhost:{port}")).unwrap();
-    let options = Options { ca_file: Some(dir.path().join("ca.pem")), token: None };
+    let options = Options { ca_file: Some(dir.path().join("ca.pem")), ca_pem: None, token: None };
     let f = Forwarder::start(target.clone(), "node-1", &options).unwrap();
     for n in 0..3 {
         f.push(record(n, if n == 1 { Severity::Error } else { Severity::Info }));
@@ -124,7 +124,7 @@ async fn syslog_over_tls_reaches_a_receiver_whose_ca_is_given_and_no_other() {
     let e = Forwarder::start(
         Target::parse("tls://localhost:1").unwrap(),
         "n",
-        &Options { ca_file: Some(empty), token: None },
+        &Options { ca_file: Some(empty), ca_pem: None, token: None },
     )
     .unwrap_err();
     assert!(e.contains("empty.pem"), "{e}");
@@ -161,7 +161,7 @@ async fn http_receiver(fail_first: usize) -> (String, Received) {
 async fn http_drains_send_batches_in_each_format_and_retry() {
     // A plain JSON array, with the bearer token; the receiver fails twice first, and the batch is retried.
     let (addr, got) = http_receiver(2).await;
-    let options = Options { ca_file: None, token: Some("drain-token".into()) };
+    let options = Options { ca_file: None, ca_pem: None, token: Some("drain-token".into()) };
     let f = Forwarder::start(Target::parse(&format!("http://{addr}/ingest")).unwrap(), "node-1", &options).unwrap();
     for n in 0..5 {
         f.push(record(n, Severity::Info));

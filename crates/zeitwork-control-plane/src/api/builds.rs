@@ -449,6 +449,9 @@ pub async fn report_build_log(
     if let Some(f) = &s.drain {
         crate::drain::send_build_output(f, &b.org, &b.project, &id, &text);
     }
+    for f in s.org_drains.of(&b.org, "build") {
+        crate::drain::send_build_output(&f, &b.org, &b.project, &id, &text);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

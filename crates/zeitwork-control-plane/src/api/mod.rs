@@ -10,6 +10,7 @@ mod github;
 pub use github::token_context as github_token_context;
 mod health;
 pub(crate) mod images;
+mod log_drains;
 pub(crate) mod logs;
 mod notifications;
 pub use notifications::SLACK_BOT;
@@ -81,6 +82,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(orgs::list_tokens, orgs::create_token))
         .routes(routes!(orgs::delete_token))
         .routes(routes!(orgs::list_events))
+        .routes(routes!(log_drains::create_log_drain, log_drains::list_log_drains))
+        .routes(routes!(log_drains::delete_log_drain))
         .routes(routes!(github::create_hook))
         .routes(routes!(github::list_deliveries))
         .routes(routes!(github::receive))

@@ -204,11 +204,24 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
         };
         hosts.push(host);
     }
+    let mut drains: std::collections::HashMap<String, Vec<zeitwork_api_types::AssignedLogDrain>> =
+        std::collections::HashMap::new();
     let mut out = Vec::new();
     // Env vars read and decrypted once per project, not per instance.
     let mut envs: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
         std::collections::HashMap::new();
     for (a, host) in assigned.into_iter().zip(hosts) {
+        if !drains.contains_key(&a.org) {
+            let mut of_org = Vec::new();
+            for d in s.store.list_log_drains(Some(&a.org)).await?.iter().filter(|d| d.takes("app")) {
+                match crate::drain::open(s, d) {
+                    Ok(d) => of_org.push(d),
+                    Err(e) => tracing::error!(drain = %d.id, error = %e, "cannot decrypt a log drain; left out"),
+                }
+            }
+            drains.insert(a.org.clone(), of_org);
+        }
+        let log_drains = drains.get(&a.org).cloned().unwrap_or_default();
         if !envs.contains_key(&a.project_id) {
             let mut env = std::collections::BTreeMap::new();
             for v in s.store.list_env(&a.project_id).await? {
@@ -245,6 +258,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             pull_credential,
             release_command: a.release_command,
             network,
+            log_drains,
         });
     }
     Ok(out)

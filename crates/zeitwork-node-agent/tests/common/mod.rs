@@ -63,3 +63,15 @@ pub async fn edge(base: &str, token: String, http: u16) -> zeitwork_edge::EdgePr
     .await
     .unwrap()
 }
+
+/// Polls `f` until it gives a value; fails naming `what` after 60 s.
+pub async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
