@@ -23,11 +23,19 @@ impl Drop for Running {
 }
 
 fn start_operator(data: &Path) -> Running {
+    start_operator_with(data, None)
+}
+
+/// An operator with the settings of the TOML file `config`, when given.
+fn start_operator_with(data: &Path, config: Option<&Path>) -> Running {
     let port = zeitwork_testkit::free_port();
-    let child = Command::new(BIN)
-        .args(["operator", "--listen", &format!("127.0.0.1:{port}")])
-        .env("ZEITWORK_DATA", data)
-        .env_remove("ZEITWORK_CONFIG")
+    let mut command = Command::new(BIN);
+    command.args(["operator", "--listen", &format!("127.0.0.1:{port}")]).env("ZEITWORK_DATA", data);
+    match config {
+        Some(file) => command.env("ZEITWORK_CONFIG", file),
+        None => command.env_remove("ZEITWORK_CONFIG"),
+    };
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -246,6 +254,110 @@ fn verbs_print_tables_json_and_exit_codes() {
 
 /// Release settings and rollouts from the CLI: bad steps are refused naming
 /// the field, good ones are kept; a deployment without a rollout says so.
+/// Polls `f` every 100 ms until it gives a value; fails after 30 s naming `what`.
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A webhook receiver on `listener` (plain HTTP/1.1, one request a connection):
+/// answers 204 and sends each request's body to the returned channel.
+fn webhook_receiver(listener: std::net::TcpListener) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            if tx.send(String::from_utf8_lossy(&body).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Dead letters from the CLI: with the receiver down both test notifications
+/// are dead-lettered; once it is back, one is retried by id and arrives, the
+/// other is dropped by id and never does.
+#[test]
+fn notifications_dlq_retry_and_drop_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, "notifications_allow_internal = true\nnotify_max_attempts = 1\n").unwrap();
+    let r = start_operator_with(&dir.path().join("data"), Some(&config));
+    let api = |method: &str, path: &str, body: &str| {
+        let out = Command::new("curl")
+            .args(["-sf", "-X", method, "-H", &format!("Authorization: Bearer {}", r.token)])
+            .args(["-H", "Content-Type: application/json", "-d", body, &format!("{}{path}", r.api)])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "{method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    api("POST", "/api/v1/orgs", r#"{"slug":"acme"}"#);
+    api("POST", "/api/v1/projects", r#"{"org":"acme","name":"web"}"#);
+    // A webhook whose receiver is down: each test notification is dead-lettered at its first failure.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_at = down.local_addr().unwrap();
+    drop(down);
+    api(
+        "POST",
+        "/api/v1/projects/acme/web/notifications",
+        &format!(r#"{{"kind":"webhook","url":"http://{down_at}/","secret":"a webhook secret of ours"}}"#),
+    );
+    let dead_letters = || -> Vec<serde_json::Value> {
+        serde_json::from_str(&ok(cli(&r, &["notifications", "dlq", "list", "--json"]))).unwrap()
+    };
+    api("POST", "/api/v1/projects/acme/web/notifications/test", "");
+    until("the first dead letter", || Some(dead_letters()).filter(|d| d.len() == 1));
+    api("POST", "/api/v1/projects/acme/web/notifications/test", "");
+    let dead = until("two dead letters", || Some(dead_letters()).filter(|d| d.len() == 2));
+    let (first, second) = (dead[0]["id"].to_string(), dead[1]["id"].to_string());
+    let table = ok(cli(&r, &["notifications", "dlq", "list"]));
+    assert!(table.contains(&first) && table.contains("notification.test"), "{table}");
+
+    // The receiver is back. Drop by id: that one is gone for good.
+    let received = webhook_receiver(std::net::TcpListener::bind(down_at).unwrap());
+    let dropped = ok(cli(&r, &["notifications", "dlq", "drop", &second]));
+    assert!(dropped.contains(&format!("Dropped dead letter {second}")), "{dropped}");
+    assert_eq!(cli(&r, &["notifications", "dlq", "drop", &second]).status.code(), Some(3), "not there any more");
+    assert_eq!(cli(&r, &["notifications", "dlq", "retry", &second]).status.code(), Some(3));
+    // Retry by id: delivered now, and the dead-letter queue is empty.
+    assert!(ok(cli(&r, &["notifications", "dlq", "retry", &first])).contains("Queued 1"));
+    let body = received.recv_timeout(Duration::from_secs(30)).expect("the retried notification arrives");
+    assert!(body.contains("notification.test"), "{body}");
+    until("an empty dead-letter queue", || dead_letters().is_empty().then_some(()));
+    let stats: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["notifications", "stats", "--json"]))).unwrap();
+    assert_eq!(stats["dlq"]["count"], 0, "{stats}");
+    assert_eq!(stats["outbox"]["in_flight"], 0, "{stats}");
+    // Nothing is left to send: the dropped one will never be delivered.
+    assert_eq!(stats["outbox"]["pending"], 0, "{stats}");
+    assert_eq!(stats["outbox"]["delivered"], 1, "{stats}");
+}
+
 #[test]
 fn release_settings_and_rollouts() {
     let dir = tempfile::tempdir().unwrap();
