@@ -204,7 +204,7 @@ async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store
 }
 
 /// Why an attempt got no answer; a receiver that hangs is told apart from one that is down.
-fn unreachable(s: &AppState, who: &str, e: &reqwest::Error) -> String {
+fn no_answer(s: &AppState, who: &str, e: &reqwest::Error) -> String {
     if e.is_timeout() {
         format!("{who} did not answer within {} ms", s.config.notify_timeout_ms)
     } else {
@@ -259,7 +259,7 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
                     .json(&body)
                     .send()
                     .await
-                    .map_err(|e| unreachable(s, "Slack", &e))?;
+                    .map_err(|e| no_answer(s, "Slack", &e))?;
                 let status = res.status();
                 let answer: serde_json::Value = res.json().await.unwrap_or_default();
                 return match (status.is_success(), answer["ok"].as_bool()) {
@@ -285,7 +285,7 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
             req.body(body)
         }
     };
-    let res = req.send().await.map_err(|e| unreachable(s, "the receiver", &e))?;
+    let res = req.send().await.map_err(|e| no_answer(s, "the receiver", &e))?;
     if res.status().is_success() {
         Ok(())
     } else {

@@ -27,6 +27,7 @@ async fn checks_report_over_a_chosen_window_and_can_be_changed_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let (op, _base, admin) = common::operator_with(OperatorConfig {
         data_dir: dir.path().to_owned(),
+        apps_scheme: "http".into(),
         uptime_via: Some(app_stand_in().await),
         ..Default::default()
     })
