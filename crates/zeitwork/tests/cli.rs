@@ -256,8 +256,6 @@ fn verbs_print_tables_json_and_exit_codes() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
-/// Release settings and rollouts from the CLI: bad steps are refused naming
-/// the field, good ones are kept; a deployment without a rollout says so.
 /// Polls `f` every 100 ms until it gives a value; fails after 30 s naming `what`.
 fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -447,6 +445,8 @@ fn a_killed_operator_process_loses_no_notification() {
     drop(pg);
 }
 
+/// Release settings and rollouts from the CLI: bad steps are refused naming
+/// the field, good ones are kept; a deployment without a rollout says so.
 #[test]
 fn release_settings_and_rollouts() {
     let dir = tempfile::tempdir().unwrap();
