@@ -37,7 +37,10 @@ async fn checks_report_over_a_chosen_window_and_can_be_changed_and_removed() {
         admin.post::<_, Value>("/api/v1/projects", &json!({"name": name, "org": "acme"})).await.unwrap();
     }
     let c: Value = admin
-        .post("/api/v1/projects/acme/web/health-checks", &json!({"path": "/healthz", "interval_secs": 10, "timeout_secs": 2}))
+        .post(
+            "/api/v1/projects/acme/web/health-checks",
+            &json!({"path": "/healthz", "interval_secs": 10, "timeout_secs": 2}),
+        )
         .await
         .unwrap();
     let id = c["id"].as_str().unwrap().to_owned();
@@ -96,7 +99,10 @@ async fn checks_report_over_a_chosen_window_and_can_be_changed_and_removed() {
     assert_eq!(kept["interval_secs"], 60, "a refused change changes nothing: {kept}");
     // A check is only reachable through its own project.
     let elsewhere = format!("/api/v1/projects/acme/api/health-checks/{id}");
-    assert_eq!(admin.patch::<_, Value>(&elsewhere, &json!({"interval_secs": 30})).await.unwrap_err().status(), Some(404));
+    assert_eq!(
+        admin.patch::<_, Value>(&elsewhere, &json!({"interval_secs": 30})).await.unwrap_err().status(),
+        Some(404)
+    );
     assert_eq!(admin.delete(&elsewhere).await.unwrap_err().status(), Some(404));
     assert_eq!(admin.get::<Value>(&elsewhere).await.unwrap_err().status(), Some(404));
 

@@ -1013,7 +1013,10 @@ async fn lifecycle_events_reach_a_webhook_by_name() {
 
     // Staging's deployment is promoted to production.
     let staged: Value = admin
-        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:3", "environment": "staging"}))
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": "acme/web:3", "environment": "staging"}),
+        )
         .await
         .unwrap();
     let s1 = id(&staged);
@@ -1022,11 +1025,17 @@ async fn lifecycle_events_reach_a_webhook_by_name() {
         is.first().map(|i| i["id"].as_str().unwrap().to_owned())
     })
     .await;
-    node.put::<_, Value>(&format!("/api/v1/instances/{inst}/status"), &json!({"status": "ready", "address": "10.0.0.3:8080"}))
-        .await
-        .ok();
+    node.put::<_, Value>(
+        &format!("/api/v1/instances/{inst}/status"),
+        &json!({"status": "ready", "address": "10.0.0.3:8080"}),
+    )
+    .await
+    .ok();
     live(s1.clone()).await;
-    admin.post::<_, Value>("/api/v1/projects/acme/web/promote", &json!({"from": "staging", "to": "production"})).await.unwrap();
+    admin
+        .post::<_, Value>("/api/v1/projects/acme/web/promote", &json!({"from": "staging", "to": "production"}))
+        .await
+        .unwrap();
     let promoted = told("deployment.promote", s1.clone()).await;
     assert_eq!(promoted["detail"]["to"], "production", "{promoted}");
 

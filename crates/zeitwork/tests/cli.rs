@@ -39,11 +39,7 @@ fn start_operator_with(data: &Path, config: Option<&Path>, database_url: Option<
         Some(file) => command.env("ZEITWORK_CONFIG", file),
         None => command.env_remove("ZEITWORK_CONFIG"),
     };
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let mut running = Running { child: Some(child), api: format!("http://127.0.0.1:{port}"), token: String::new() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let token_file = data.join("admin.token");
@@ -406,7 +402,9 @@ fn a_killed_operator_process_loses_no_notification() {
         &first,
         "POST",
         "/api/v1/projects/acme/web/notifications",
-        &format!(r#"{{"kind":"webhook","url":"http://{hook}/","secret":"a webhook secret of ours","events":["notification.test"]}}"#),
+        &format!(
+            r#"{{"kind":"webhook","url":"http://{hook}/","secret":"a webhook secret of ours","events":["notification.test"]}}"#
+        ),
     );
     for _ in 0..SENT {
         curl(&first, "POST", "/api/v1/projects/acme/web/notifications/test", "");

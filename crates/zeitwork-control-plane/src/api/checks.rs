@@ -76,7 +76,9 @@ impl WindowQuery {
             return Err(ValidationError::new("from", "from must be before to").into());
         }
         if to - from > Duration::days(MAX_WINDOW_DAYS) {
-            return Err(ValidationError::new("from", format!("the window may span at most {MAX_WINDOW_DAYS} days")).into());
+            return Err(
+                ValidationError::new("from", format!("the window may span at most {MAX_WINDOW_DAYS} days")).into()
+            );
         }
         Ok((from, to))
     }
