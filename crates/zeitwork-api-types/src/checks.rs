@@ -77,11 +77,8 @@ pub struct HealthCheck {
     pub state: String,
     /// Share of passing samples over the window, percent.
     pub uptime_percent: Option<f64>,
-    /// Median latency over the window.
     pub p50_ms: Option<u64>,
-    /// 95th percentile latency over the window.
     pub p95_ms: Option<u64>,
-    /// The last sample in the window.
     pub last_sample: Option<HealthSample>,
     /// Start of the window the figures cover (`?window=1h|24h|7d` or `?from=&to=`).
     pub window_from: DateTime<Utc>,
