@@ -63,7 +63,7 @@ fn default_check_env() -> Environment {
     Environment::Production
 }
 
-/// An uptime check, its state and figures over the last 24 hours.
+/// An uptime check, its state and figures over a window (by default the last 24 hours).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HealthCheck {
     pub id: String,
@@ -75,11 +75,15 @@ pub struct HealthCheck {
     pub spec: HealthCheckSpec,
     /// `unknown` (no sample yet), `up`, `degraded` (a failure, or slow) or `down` (failures in a row).
     pub state: String,
-    /// Share of passing samples over the last 24 hours, percent.
+    /// Share of passing samples over the window, percent.
     pub uptime_percent: Option<f64>,
     pub p50_ms: Option<u64>,
     pub p95_ms: Option<u64>,
     pub last_sample: Option<HealthSample>,
+    /// Start of the window the figures cover (`?window=1h|24h|7d` or `?from=&to=`).
+    pub window_from: DateTime<Utc>,
+    /// End of the window the figures cover.
+    pub window_to: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -48,6 +48,10 @@ pub struct OperatorConfig {
     pub notify_max_attempts: u32,
     /// First retry delay of a notification in ms; doubled per attempt (with jitter), at most 10 minutes.
     pub notify_backoff_ms: u64,
+    /// Milliseconds a notification's receiver (webhook, Slack, GitHub) has to answer one attempt.
+    pub notify_timeout_ms: u64,
+    /// PEM file of a CA that email relays' certificates may be signed by (besides the public roots).
+    pub smtp_ca: Option<PathBuf>,
     /// Let notification channels point at loopback or private addresses (tests, private receivers).
     pub notifications_allow_internal: bool,
     /// Seconds a client has to send a request's head before its connection is closed.
@@ -167,6 +171,8 @@ impl Default for OperatorConfig {
             private_network: "100.96.0.0/11".into(),
             notify_max_attempts: 8,
             notify_backoff_ms: 1000,
+            notify_timeout_ms: 10_000,
+            smtp_ca: None,
             notifications_allow_internal: false,
             header_read_timeout_secs: 10,
             max_connections_per_client: 256,
@@ -264,6 +270,12 @@ impl OperatorConfig {
             if let Err(e) = zeitwork_telemetry::drain::Target::parse(t) {
                 return err("log_forward", e);
             }
+        }
+        if !(100..=120_000).contains(&self.notify_timeout_ms) {
+            return err("notify_timeout_ms", "use 100 to 120000".into());
+        }
+        if let Some(ca) = self.smtp_ca.as_ref().filter(|ca| !ca.is_file()) {
+            return err("smtp_ca", format!("{} does not exist", ca.display()));
         }
         if let Some(ca) = &self.log_forward_ca {
             if !ca.is_file() {

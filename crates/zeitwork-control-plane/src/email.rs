@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lettre::message::{header::ContentType, Mailbox};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use zeitwork_api_types::{CreateChannel, ValidationError};
@@ -68,14 +68,27 @@ pub fn shown(target: &str) -> Option<String> {
 }
 
 /// Sends one notification as an email; `subject` and `text` are the message.
-pub async fn send(target: &str, delivery: i64, subject: &str, text: &str) -> Result<(), String> {
+/// `ca` is a PEM file of a CA the relay's certificate may be signed by, besides the public roots.
+pub async fn send(
+    target: &str,
+    delivery: i64,
+    subject: &str,
+    text: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<(), String> {
     let t: Target = serde_json::from_str(target.strip_prefix(EMAIL).ok_or("not an email channel")?)
         .map_err(|e| format!("the channel is unreadable: {e}"))?;
     let url = reqwest::Url::parse(&t.url).map_err(|e| format!("the relay URL is unreadable: {e}"))?;
     let host = url.host_str().ok_or("the relay URL has no host")?.to_owned();
     let implicit = url.scheme() == "smtps";
     let port = url.port().unwrap_or(if implicit { 465 } else { 587 });
-    let params = TlsParameters::new(host.clone()).map_err(|e| format!("TLS: {e}"))?;
+    let mut params = TlsParameters::builder(host.clone());
+    if let Some(ca) = ca {
+        let pem = tokio::fs::read(ca).await.map_err(|e| format!("smtp_ca {}: {e}", ca.display()))?;
+        let cert = Certificate::from_pem(&pem).map_err(|e| format!("smtp_ca {}: {e}", ca.display()))?;
+        params = params.add_root_certificate(cert);
+    }
+    let params = params.build().map_err(|e| format!("TLS: {e}"))?;
     let tls = match (implicit, url.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned()).as_deref()) {
         (true, _) => Tls::Wrapper(params),
         (false, Some("none")) => Tls::None,

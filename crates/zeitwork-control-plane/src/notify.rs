@@ -20,8 +20,6 @@ use crate::AppState;
 
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
-/// A receiver gets this long to answer.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The context a channel's URL is encrypted under.
 pub fn target_context(id: &str) -> String {
@@ -106,6 +104,8 @@ pub struct QueueGauges {
     pub outbox_pending: prometheus_client::metrics::gauge::Gauge,
     pub outbox_dead: prometheus_client::metrics::gauge::Gauge,
     pub outbox_oldest_pending_seconds: prometheus_client::metrics::gauge::Gauge,
+    /// Deliveries being attempted right now (kept by the worker as it sends, not refreshed).
+    pub outbox_in_flight: prometheus_client::metrics::gauge::Gauge,
     pub db_connections_in_use: prometheus_client::metrics::gauge::Gauge,
     pub db_connections_idle: prometheus_client::metrics::gauge::Gauge,
 }
@@ -119,6 +119,7 @@ impl QueueGauges {
             "Age of the oldest notification waiting",
             self.outbox_oldest_pending_seconds.clone(),
         );
+        r.register("outbox_in_flight", "Notifications being delivered right now", self.outbox_in_flight.clone());
         r.register("db_connections_in_use", "Store connections in use", self.db_connections_in_use.clone());
         r.register("db_connections_idle", "Store connections idle in the pool", self.db_connections_idle.clone());
     }
@@ -141,7 +142,7 @@ impl QueueGauges {
 /// Delivers until `stop`; `nudge` starts a pass at once (a new row).
 pub async fn run(s: AppState, nudge: std::sync::Arc<Notify>, mut stop: watch::Receiver<bool>) {
     let http = reqwest::Client::builder()
-        .timeout(DELIVERY_TIMEOUT)
+        .timeout(Duration::from_millis(s.config.notify_timeout_ms))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("zeitwork/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -171,6 +172,7 @@ async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store
     let due = s.store.due_deliveries(now, 50).await?;
     // Channels are independent: one slow receiver does not hold the others up.
     let sends = due.into_iter().map(|row| async move {
+        let _sending = InFlight::start(&s.gauges.outbox_in_flight);
         if let Some(dest) = row.channel_id.strip_prefix("github:") {
             let result = deliver_github(s, http, dest, &row).await;
             return (row, result);
@@ -201,6 +203,31 @@ async fn pass(s: &AppState, http: &reqwest::Client) -> Result<(), zeitwork_store
     Ok(())
 }
 
+/// Why an attempt got no answer; a receiver that hangs is told apart from one that is down.
+fn no_answer(s: &AppState, who: &str, e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("{who} did not answer within {} ms", s.config.notify_timeout_ms)
+    } else {
+        format!("{who} is unreachable: {e}")
+    }
+}
+
+/// Counts one delivery in flight for as long as it lives (a cancelled pass uncounts it too).
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn start(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &OutboxRow) -> Result<(), String> {
     let url = s.cipher.decrypt(&target_context(&c.id), &c.target_enc).map_err(|e| e.to_string())?;
     let req = match c.kind.as_str() {
@@ -213,7 +240,7 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
                 summary(p).replace(['*', '`'], ""),
                 serde_json::to_string_pretty(p).unwrap_or_default()
             );
-            return crate::email::send(&url, row.id, &subject, &text).await;
+            return crate::email::send(&url, row.id, &subject, &text, s.config.smtp_ca.as_deref()).await;
         }
         "slack" => {
             let text = summary(&row.payload);
@@ -232,7 +259,7 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
                     .json(&body)
                     .send()
                     .await
-                    .map_err(|e| format!("Slack is unreachable: {e}"))?;
+                    .map_err(|e| no_answer(s, "Slack", &e))?;
                 let status = res.status();
                 let answer: serde_json::Value = res.json().await.unwrap_or_default();
                 return match (status.is_success(), answer["ok"].as_bool()) {
@@ -258,7 +285,7 @@ async fn deliver(s: &AppState, http: &reqwest::Client, c: &StoredChannel, row: &
             req.body(body)
         }
     };
-    let res = req.send().await.map_err(|e| format!("the receiver is unreachable: {e}"))?;
+    let res = req.send().await.map_err(|e| no_answer(s, "the receiver", &e))?;
     if res.status().is_success() {
         Ok(())
     } else {

@@ -351,12 +351,12 @@ async fn org_default_channels_and_slack_bots() {
     op.shutdown().await;
 }
 
-/// What a stand-in SMTP relay received: (AUTH line, MAIL FROM, RCPT TOs, DATA).
-type Mail = Arc<Mutex<Vec<(String, String, Vec<String>, String)>>>;
+/// What a stand-in SMTP relay received: (AUTH line, MAIL FROM, RCPT TOs, DATA, whether over TLS).
+type Mail = Arc<Mutex<Vec<(String, String, Vec<String>, String, bool)>>>;
 
-/// A stand-in SMTP relay on loopback (plain SMTP with AUTH PLAIN) that records each message.
-async fn smtp_stand_in() -> (std::net::SocketAddr, Mail) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+/// A stand-in SMTP relay on loopback (AUTH PLAIN) that records each message;
+/// with `tls`, it offers STARTTLS and upgrades with that certificate.
+async fn smtp_stand_in(tls: Option<Arc<rustls::ServerConfig>>) -> (std::net::SocketAddr, Mail) {
     let got: Mail = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -364,56 +364,110 @@ async fn smtp_stand_in() -> (std::net::SocketAddr, Mail) {
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else { return };
-            let sink = sink.clone();
+            let (sink, tls) = (sink.clone(), tls.clone());
             tokio::spawn(async move {
-                let (r, mut w) = sock.into_split();
-                let mut lines = BufReader::new(r).lines();
-                let _ = w.write_all(b"220 stand-in ESMTP\r\n").await;
-                let (mut auth, mut from, mut to, mut data) = (String::new(), String::new(), Vec::new(), String::new());
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let upper = line.to_ascii_uppercase();
-                    let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-                        b"250-stand-in\r\n250 AUTH PLAIN LOGIN\r\n"
-                    } else if upper.starts_with("AUTH") {
-                        auth = line.clone();
-                        b"235 2.7.0 accepted\r\n"
-                    } else if upper.starts_with("MAIL FROM") {
-                        from = line.clone();
-                        b"250 ok\r\n"
-                    } else if upper.starts_with("RCPT TO") {
-                        to.push(line.clone());
-                        b"250 ok\r\n"
-                    } else if upper == "DATA" {
-                        let _ = w.write_all(b"354 go on\r\n").await;
-                        while let Ok(Some(l)) = lines.next_line().await {
-                            if l == "." {
-                                break;
-                            }
-                            data.push_str(&l);
-                            data.push('\n');
-                        }
-                        sink.lock().unwrap().push((auth.clone(), from.clone(), to.clone(), data.clone()));
-                        b"250 queued\r\n"
-                    } else if upper == "QUIT" {
-                        let _ = w.write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    if w.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
+                let Some(plain) = smtp_session(sock, tls.is_some(), false, &sink).await else { return };
+                // The client asked for STARTTLS: the same conversation again, encrypted.
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.unwrap());
+                let Ok(encrypted) = acceptor.accept(plain).await else { return };
+                smtp_session(encrypted, false, true, &sink).await;
             });
         }
     });
     (addr, got)
 }
 
+/// One SMTP conversation on `sock`; gives the connection back when the client asks for STARTTLS.
+async fn smtp_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    sock: S,
+    offer_starttls: bool,
+    over_tls: bool,
+    sink: &Mail,
+) -> Option<S> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut conn = BufReader::new(sock);
+    if !over_tls {
+        conn.get_mut().write_all(b"220 stand-in ESMTP\r\n").await.ok()?;
+    }
+    let (mut auth, mut from, mut to) = (String::new(), String::new(), Vec::new());
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end().to_owned();
+        let upper = line.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            if offer_starttls {
+                b"250-stand-in\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n"
+            } else {
+                b"250-stand-in\r\n250 AUTH PLAIN LOGIN\r\n"
+            }
+        } else if upper == "STARTTLS" && offer_starttls {
+            conn.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await.ok()?;
+            return Some(conn.into_inner());
+        } else if upper.starts_with("AUTH") {
+            auth = line.clone();
+            b"235 2.7.0 accepted\r\n"
+        } else if upper.starts_with("MAIL FROM") {
+            from = line.clone();
+            b"250 ok\r\n"
+        } else if upper.starts_with("RCPT TO") {
+            to.push(line.clone());
+            b"250 ok\r\n"
+        } else if upper == "DATA" {
+            conn.get_mut().write_all(b"354 go on\r\n").await.ok()?;
+            let mut data = String::new();
+            loop {
+                let mut l = String::new();
+                if conn.read_line(&mut l).await.ok()? == 0 {
+                    return None;
+                }
+                if l.trim_end() == "." {
+                    break;
+                }
+                data.push_str(l.trim_end_matches(['\r', '\n']));
+                data.push('\n');
+            }
+            sink.lock().unwrap().push((auth.clone(), from.clone(), to.clone(), data, over_tls));
+            b"250 queued\r\n"
+        } else if upper == "QUIT" {
+            conn.get_mut().write_all(b"221 bye\r\n").await.ok()?;
+            return None;
+        } else {
+            b"250 ok\r\n"
+        };
+        conn.get_mut().write_all(reply).await.ok()?;
+    }
+}
+
+/// A CA (its PEM written to `dir/smtp-ca.pem`) and a relay certificate for 127.0.0.1 signed by it.
+fn relay_tls(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, "Zeitwork test mail CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("smtp-ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    Arc::new(config)
+}
+
 /// Email channels send through an SMTP relay with its credentials; bad addresses are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_channels_send_through_an_smtp_relay() {
-    let (relay, mail) = smtp_stand_in().await;
+    let (relay, mail) = smtp_stand_in(None).await;
     let dir = tempfile::tempdir().unwrap();
     let (op, _base, admin) = common::operator_with(OperatorConfig {
         data_dir: dir.path().to_owned(),
@@ -451,7 +505,8 @@ async fn email_channels_send_through_an_smtp_relay() {
     assert_eq!(ch["url"], "smtp://127.0.0.1/… → ops@acme.test, oncall@acme.test");
     assert!(!ch.to_string().contains("s3cr"), "the relay's password is never shown");
     admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
-    let (auth, from, to, data) = until("the email", async || mail.lock().unwrap().first().cloned()).await;
+    let (auth, from, to, data, over_tls) = until("the email", async || mail.lock().unwrap().first().cloned()).await;
+    assert!(!over_tls, "tls=none never upgrades");
     use base64::Engine;
     let plain = base64::engine::general_purpose::STANDARD.encode("\0alerts@acme.test\0s3cr@t");
     assert!(auth.ends_with(&plain), "AUTH PLAIN with the URL's credentials: {auth}");
@@ -459,6 +514,57 @@ async fn email_channels_send_through_an_smtp_relay() {
     assert_eq!(to.len(), 2, "{to:?}");
     assert!(data.contains("Subject: [zeitwork] acme/web test notification"), "{data}");
     assert!(data.contains("Message-ID: <zeitwork-"), "{data}");
+    op.shutdown().await;
+}
+
+/// An `smtp://` relay that offers STARTTLS: the message goes over TLS, the
+/// relay's certificate checked against the operator's `smtp_ca`; a relay that
+/// does not offer it is refused (and never sees the password) unless
+/// `tls=opportunistic`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_goes_over_starttls_to_a_relay_that_offers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = relay_tls(dir.path());
+    let (relay, mail) = smtp_stand_in(Some(tls)).await;
+    let (plain_relay, plain_mail) = smtp_stand_in(None).await;
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        notify_max_attempts: 1,
+        smtp_ca: Some(dir.path().join("smtp-ca.pem")),
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    for url in [
+        format!("smtp://alerts%40acme.test:s3cr%40t@{relay}"),
+        format!("smtp://alerts%40acme.test:s3cr%40t@{plain_relay}"),
+    ] {
+        admin
+            .post::<_, Value>(
+                "/api/v1/projects/acme/web/notifications",
+                &json!({"kind": "email", "url": url, "to": ["ops@acme.test"], "from": "zeitwork@acme.test"}),
+            )
+            .await
+            .unwrap();
+    }
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+    let (auth, _from, to, data, over_tls) = until("the email", async || mail.lock().unwrap().first().cloned()).await;
+    assert!(over_tls, "the message and the credentials went after STARTTLS");
+    use base64::Engine;
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0alerts@acme.test\0s3cr@t");
+    assert!(auth.ends_with(&plain), "{auth}");
+    assert_eq!(to.len(), 1, "{to:?}");
+    assert!(data.contains("Subject: [zeitwork] acme/web test notification"), "{data}");
+    // The relay without STARTTLS: refused (the default is tls=required), nothing sent in the clear.
+    let dead = until("the refused email dead-lettered", async || {
+        let dead: Vec<Value> = admin.get("/api/admin/dlq").await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(plain_mail.lock().unwrap().is_empty(), "no message in the clear");
     op.shutdown().await;
 }
 
@@ -541,10 +647,442 @@ async fn nodes_going_down_and_coming_back_reach_the_platforms_channels() {
     assert_eq!(up["detail"]["hostname"], "worker-7");
     let n: Value = admin.get(&format!("/api/v1/nodes/{id}")).await.unwrap();
     assert_eq!(n["status"], "ready");
+    // Drained by an admin: it runs nothing, so it is drained at once; both steps are told.
+    admin.post_empty::<Value>(&format!("/api/v1/nodes/{id}/drain")).await.unwrap();
+    let drain = told("node.drain").await;
+    assert_eq!(drain["target"], id.as_str());
+    let drained = told("node.drained").await;
+    assert_eq!(drained["detail"]["hostname"], "worker-7");
     // An organisation's channel never hears of nodes.
     let events: Vec<Value> = admin.get("/api/v1/events?action=node.down").await.unwrap();
     assert!(events.iter().all(|e| e["org"].is_null()), "{events:?}");
     admin.delete(&format!("/api/admin/notifications/{}", channel["id"].as_str().unwrap())).await.unwrap();
     assert!(admin.get::<Vec<Value>>("/api/admin/notifications").await.unwrap().is_empty());
+    op.shutdown().await;
+}
+
+/// How a [`flaky_receiver`] answers: a status, or [`HANG`] (it never answers).
+type Answer = Arc<std::sync::atomic::AtomicU16>;
+const HANG: u16 = 0;
+
+/// What a [`flaky_receiver`] got: when, the headers and the body of each attempt.
+type Attempts = Arc<Mutex<Vec<(std::time::Instant, HeaderMap, String)>>>;
+
+/// A receiver that records every attempt and answers as `answer` says at the time.
+async fn flaky_receiver(answer: u16) -> (std::net::SocketAddr, Answer, Attempts) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let (answer, got): (Answer, Attempts) = (Arc::new(answer.into()), Arc::default());
+    let (how, sink) = (answer.clone(), got.clone());
+    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: String| {
+        let (how, sink) = (how.clone(), sink.clone());
+        async move {
+            sink.lock().unwrap().push((std::time::Instant::now(), headers, body));
+            match how.load(std::sync::atomic::Ordering::SeqCst) {
+                HANG => std::future::pending().await,
+                status => axum::http::StatusCode::from_u16(status).unwrap(),
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (at, answer, got)
+}
+
+/// Region `eu`, org `acme`, project `web` and a simulated ready node; the node's client.
+async fn project_on_a_node(base: &str, admin: &Client) -> Client {
+    admin.post::<_, Value>("/api/v1/regions", &json!({"code": "eu", "name": "EU", "country": "DE"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin
+        .post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme", "instances_per_region": 1}))
+        .await
+        .unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "agents", "scope": {"kind": "cluster", "role": "node-agent"}}))
+        .await
+        .unwrap();
+    let agent = Client::new(base, Some(t["secret"].as_str().unwrap().to_owned()));
+    let n: Value = agent
+        .post("/api/v1/nodes", &json!({"hostname": "n1", "region": "eu", "address": "http://n1:8081", "capacity": {"vcpu": 8, "memory": 8192}}))
+        .await
+        .unwrap();
+    Client::new(base, n["credential"].as_str().map(str::to_owned))
+}
+
+/// Deploys `image` to acme/web and reports its instance ready; the deployment.
+async fn deploy_ready(admin: &Client, node: &Client, image: &str) -> Value {
+    let d: Value =
+        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let inst = until("placement", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    node.put::<_, Value>(
+        &format!("/api/v1/instances/{inst}/status"),
+        &json!({"status": "ready", "address": "10.0.0.2:8080"}),
+    )
+    .await
+    .ok();
+    d
+}
+
+/// A receiver that hangs: each attempt is cut at the delivery timeout while it
+/// counts as in flight, retried with backoff, then dead-lettered; the
+/// deployment it is told about goes live meanwhile, waiting for no receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_receiver_times_out_and_is_dead_lettered_while_deploys_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        notify_max_attempts: 2,
+        notify_backoff_ms: 300,
+        notify_timeout_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    let node = project_on_a_node(&base, &admin).await;
+    let (at, _answer, got) = flaky_receiver(HANG).await;
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{at}/"), "secret": "a webhook secret of ours"}),
+        )
+        .await
+        .unwrap();
+    let d = deploy_ready(&admin, &node, "acme/web:1").await;
+    let dep = d["id"].as_str().unwrap();
+
+    // The first attempt hangs: it is in flight, in the stats and on /metrics.
+    until("the first attempt", async || (!got.lock().unwrap().is_empty()).then_some(())).await;
+    let stats: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
+    assert_eq!(stats["in_flight"], 1, "{stats}");
+    assert!(stats["pending"].as_u64().unwrap() >= 1, "{stats}");
+    let metrics =
+        String::from_utf8(admin.send_raw(reqwest::Method::GET, "/metrics", None).await.unwrap().2.to_vec()).unwrap();
+    assert!(metrics.lines().any(|l| l == "zeitwork_operator_outbox_in_flight 1"), "{metrics}");
+    // The deployment went live without waiting for the receiver: nothing is dead-lettered yet.
+    until("the deployment live", async || {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
+        (d["status"] == "active").then_some(())
+    })
+    .await;
+    let dlq: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+    assert_eq!(dlq["count"], 0, "the receiver has not given up yet: {dlq}");
+
+    // Both rows (created, active) are tried twice, then dead-lettered with why.
+    let dlq = until("two dead letters", async || {
+        let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+        (st["count"] == 2).then_some(st)
+    })
+    .await;
+    assert_eq!(dlq["by_reason"]["the receiver did not answer within 1500 ms"], 2, "{dlq}");
+    let attempts = got.lock().unwrap().clone();
+    let ids: Vec<&str> = attempts.iter().map(|(_, h, _)| h["x-zeitwork-delivery"].to_str().unwrap()).collect();
+    assert_eq!(ids.len(), 4, "two attempts per row: {ids:?}");
+    assert_eq!(ids[0], ids[1], "the retry carries the same idempotency key");
+    assert_eq!(ids[2], ids[3]);
+    let events: Vec<&str> = attempts.iter().map(|(_, h, _)| h["x-zeitwork-event"].to_str().unwrap()).collect();
+    assert_eq!(events, ["deployment.create", "deployment.create", "deployment.activate", "deployment.activate"]);
+    // Each retry waited out the timeout and then the backoff (300 ms, -20 % jitter at most).
+    let waited = attempts[1].0 - attempts[0].0;
+    assert!(waited >= std::time::Duration::from_millis(1500 + 240), "{waited:?}");
+    until("nothing in flight", async || {
+        let st: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
+        (st["in_flight"] == 0 && st["pending"] == 0).then_some(())
+    })
+    .await;
+    op.shutdown().await;
+}
+
+/// A receiver answering 500 and one that is down: their rows wait in the
+/// outbox (pending rises first), are retried with growing waits, then go to
+/// the dead-letter queue; one dead letter is retried by id once its receiver
+/// is healthy, the other dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_receivers_fill_the_outbox_then_the_dead_letter_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        notify_max_attempts: 3,
+        notify_backoff_ms: 700,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let (failing, answer, got) = flaky_receiver(500).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_at = down.local_addr().unwrap();
+    drop(down);
+    for at in [failing, down_at] {
+        admin
+            .post::<_, Value>(
+                "/api/v1/projects/acme/web/notifications",
+                &json!({"kind": "webhook", "url": format!("http://{at}/"), "secret": "a webhook secret of ours"}),
+            )
+            .await
+            .unwrap();
+    }
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+
+    // Pending and failed attempts rise while the dead-letter queue is still empty…
+    let mut seen_pending_before_dead = false;
+    let dlq = until("both dead-lettered", async || {
+        let outbox: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
+        let dlq: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+        if outbox["pending"] == 2 && outbox["failed_attempts"].as_u64().unwrap() >= 2 && dlq["count"] == 0 {
+            assert!(outbox["oldest_pending_secs"].is_i64(), "{outbox}");
+            seen_pending_before_dead = true;
+        }
+        (dlq["count"] == 2).then_some(dlq)
+    })
+    .await;
+    // …and only then the dead-letter queue, once each had its 3 attempts.
+    assert!(seen_pending_before_dead, "the outbox held both rows, failing, before the DLQ did");
+    assert_eq!(dlq["by_reason"]["the receiver answered 500 Internal Server Error"], 1, "{dlq}");
+    assert!(dlq["by_reason"].to_string().contains("the receiver is unreachable"), "{dlq}");
+    let outbox: Value = admin.get("/api/admin/outbox/stats").await.unwrap();
+    assert_eq!((outbox["pending"].as_u64(), outbox["dead"].as_u64()), (Some(0), Some(2)), "{outbox}");
+    let attempts = got.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 3, "tried 3 times");
+    // Exponential backoff: about 0.7 s, then about 1.4 s (±20 %).
+    let (first, second) = (attempts[1].0 - attempts[0].0, attempts[2].0 - attempts[1].0);
+    assert!(first >= std::time::Duration::from_millis(560), "{first:?}");
+    assert!(second >= std::time::Duration::from_millis(1120), "{second:?}");
+
+    // The failing receiver is healthy again: its dead letter is retried by id and arrives.
+    answer.store(204, std::sync::atomic::Ordering::SeqCst);
+    let dead: Vec<Value> = admin.get("/api/admin/dlq").await.unwrap();
+    let by = |needle: &str| dead.iter().find(|d| d["error"].as_str().unwrap().contains(needle)).unwrap()["id"].clone();
+    let (failed_id, down_id) = (by("answered 500"), by("unreachable"));
+    let retried: Value = admin.post_empty(&format!("/api/admin/dlq/{failed_id}/retry")).await.unwrap();
+    assert_eq!(retried["retried"], 1);
+    until("the retried delivery", async || (got.lock().unwrap().len() == 4).then_some(())).await;
+    let key = got.lock().unwrap()[3].1["x-zeitwork-delivery"].to_str().unwrap().to_owned();
+    assert_eq!(key, failed_id.to_string(), "the same idempotency key as the dead letter's id");
+    until("the retried row delivered", async || {
+        let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+        (st["count"] == 1).then_some(())
+    })
+    .await;
+    // The other is dropped for good; neither id is a dead letter any more.
+    admin.delete(&format!("/api/admin/dlq/{down_id}")).await.unwrap();
+    let st: Value = admin.get("/api/admin/dlq/stats").await.unwrap();
+    assert_eq!(st["count"], 0, "{st}");
+    for id in [&failed_id, &down_id] {
+        let e = admin.post_empty::<Value>(&format!("/api/admin/dlq/{id}/retry")).await.unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e}");
+        assert_eq!(admin.delete(&format!("/api/admin/dlq/{id}")).await.unwrap_err().status(), Some(404));
+    }
+    op.shutdown().await;
+}
+
+/// The shell recipe of docs/notifications.md ("Verifying a webhook"), as written there.
+fn documented_recipe() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/notifications.md")).unwrap();
+    let section = doc.split("## Verifying a webhook").nth(1).expect("the doc has a section on verifying webhooks");
+    let block = section.split("```sh\n").nth(1).expect("the section has a shell recipe");
+    block.split("```").next().unwrap().to_owned()
+}
+
+/// Runs the documented recipe with `openssl` in `dir` (holding body.json) and its inputs in the environment.
+fn run_recipe(dir: &std::path::Path, secret: &str, timestamp: &str, signature: &str) -> String {
+    let out = std::process::Command::new("bash")
+        .args(["-c", &documented_recipe()])
+        .current_dir(dir)
+        .env("SECRET", secret)
+        .env("X_ZEITWORK_TIMESTAMP", timestamp)
+        .env("X_ZEITWORK_SIGNATURE", signature)
+        .output()
+        .expect("bash runs (with openssl on the PATH)");
+    assert!(out.stderr.is_empty(), "the recipe ran cleanly: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A real delivery's signature checks out with the documented `openssl` recipe,
+/// and a body changed in transit does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_openssl_recipe_verifies_a_real_delivery() {
+    const SECRET: &str = "the receiver's shared secret";
+    assert!(
+        std::process::Command::new("openssl").arg("version").output().is_ok_and(|o| o.status.success()),
+        "this test runs the documented recipe: install the openssl package"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    admin.post::<_, Value>("/api/v1/projects", &json!({"name": "web", "org": "acme"})).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let got = receiver(listener);
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{at}/"), "secret": SECRET}),
+        )
+        .await
+        .unwrap();
+    admin.send_raw(reqwest::Method::POST, "/api/v1/projects/acme/web/notifications/test", None).await.unwrap();
+    let (headers, body) = until("the delivery", async || got.lock().unwrap().first().cloned()).await;
+    let ts = headers["x-zeitwork-timestamp"].to_str().unwrap();
+    let sig = headers["x-zeitwork-signature"].to_str().unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("body.json"), &body).unwrap();
+    assert_eq!(run_recipe(work.path(), SECRET, ts, sig), "valid\n", "the documented recipe accepts it");
+    assert_eq!(run_recipe(work.path(), "another secret entirely", ts, sig), "", "another secret does not");
+    let older = (ts.parse::<i64>().unwrap() - 1).to_string();
+    assert_eq!(run_recipe(work.path(), SECRET, &older, sig), "", "the timestamp is signed too");
+    std::fs::write(work.path().join("body.json"), body.replacen("acme", "evil", 1)).unwrap();
+    assert_eq!(run_recipe(work.path(), SECRET, ts, sig), "", "a changed body does not");
+    op.shutdown().await;
+}
+
+/// Every step of a deployment's life a person acts on, and what the platform
+/// does by itself, reaches a webhook under its event name: rolled back,
+/// promoted, put to sleep, woken, crash-looping, a custom domain's
+/// certificate failing and then issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_reach_a_webhook_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        notifications_allow_internal: true,
+        ..Default::default()
+    })
+    .await;
+    let node = project_on_a_node(&base, &admin).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let got = receiver(listener);
+    admin
+        .post::<_, Value>(
+            "/api/v1/projects/acme/web/notifications",
+            &json!({"kind": "webhook", "url": format!("http://{at}/"), "secret": "a webhook secret of ours"}),
+        )
+        .await
+        .unwrap();
+    // The delivery of `event` about `target`: its header and its body agree.
+    let told = |event: &'static str, target: String| {
+        let got = got.clone();
+        async move {
+            until(&format!("{event} of {target}"), async || {
+                got.lock().unwrap().iter().find_map(|(h, b)| {
+                    let p: Value = serde_json::from_str(b).ok()?;
+                    (h["x-zeitwork-event"] == event && p["event"] == event && p["target"] == target.as_str())
+                        .then_some(p)
+                })
+            })
+            .await
+        }
+    };
+    let live = |id: String| {
+        let admin = admin.clone();
+        async move {
+            until(&format!("{id} live"), async || {
+                let d: Value = admin.get(&format!("/api/v1/deployments/{id}")).await.unwrap();
+                (d["status"] == "active").then_some(())
+            })
+            .await
+        }
+    };
+    let id = |d: &Value| d["id"].as_str().unwrap().to_owned();
+    let v1 = id(&deploy_ready(&admin, &node, "acme/web:1").await);
+    live(v1.clone()).await;
+    let v2 = id(&deploy_ready(&admin, &node, "acme/web:2").await);
+    live(v2.clone()).await;
+
+    // Rolled back to v1 (in standby), by a person.
+    admin.post::<_, Value>("/api/v1/projects/acme/web/rollback", &json!({})).await.unwrap();
+    let rolled = told("deployment.rollback", v1.clone()).await;
+    assert_eq!(rolled["org"], "acme");
+    assert_eq!(rolled["project"], "web");
+    // v2, replaced, is put to sleep, then woken.
+    admin.post_empty::<Value>(&format!("/api/v1/deployments/{v2}/sleep")).await.unwrap();
+    told("deployment.sleep", v2.clone()).await;
+    admin.post_empty::<Value>(&format!("/api/v1/deployments/{v2}/wake")).await.unwrap();
+    told("deployment.wake", v2.clone()).await;
+
+    // Staging's deployment is promoted to production.
+    let staged: Value = admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": "acme/web:3", "environment": "staging"}),
+        )
+        .await
+        .unwrap();
+    let s1 = id(&staged);
+    let inst = until("placement", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{s1}/instances")).await.unwrap();
+        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    node.put::<_, Value>(
+        &format!("/api/v1/instances/{inst}/status"),
+        &json!({"status": "ready", "address": "10.0.0.3:8080"}),
+    )
+    .await
+    .ok();
+    live(s1.clone()).await;
+    admin
+        .post::<_, Value>("/api/v1/projects/acme/web/promote", &json!({"from": "staging", "to": "production"}))
+        .await
+        .unwrap();
+    let promoted = told("deployment.promote", s1.clone()).await;
+    assert_eq!(promoted["detail"]["to"], "production", "{promoted}");
+
+    // Its instances keep crashing: replaced until the budget is spent, then told once.
+    let crash_loop = until("the crash loop told", async || {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{s1}/instances")).await.unwrap();
+        for i in is.iter().filter(|i| !matches!(i["status"].as_str(), Some("failed" | "exited" | "stopped"))) {
+            node.put::<_, Value>(
+                &format!("/api/v1/instances/{}/status", i["id"].as_str().unwrap()),
+                &json!({"status": "failed", "reason": "segfault at 0x0"}),
+            )
+            .await
+            .ok();
+        }
+        got.lock().unwrap().iter().find_map(|(_, b)| {
+            let p: Value = serde_json::from_str(b).ok()?;
+            (p["event"] == "instance.crash_loop").then_some(p)
+        })
+    })
+    .await;
+    assert_eq!(crash_loop["target"], s1.as_str());
+    assert!(crash_loop["detail"]["reason"].as_str().unwrap().contains("segfault"), "{crash_loop}");
+
+    // A custom domain's certificate: the edge reports a failure, then an issued one.
+    admin.post::<_, Value>("/api/v1/projects/acme/web/domains", &json!({"name": "www.acme.test"})).await.unwrap();
+    let project = op.store.get_project("acme", "web").await.unwrap();
+    let verified = zeitwork_store::Audit::new("test", "domain.verify", "www.acme.test");
+    op.store.verify_domain(&project.id, "www.acme.test", &verified).await.unwrap();
+    let t: Value = admin
+        .post("/api/v1/tokens", &json!({"name": "edge", "scope": {"kind": "cluster", "role": "edge-proxy"}}))
+        .await
+        .unwrap();
+    let edge = Client::new(&base, Some(t["secret"].as_str().unwrap().to_owned()));
+    edge.put::<_, Value>("/api/v1/certificates/www.acme.test", &json!({"error": "the CA refused: rate limited"}))
+        .await
+        .ok();
+    let failing = told("certificate.fail", "www.acme.test".into()).await;
+    assert_eq!(failing["detail"]["error"], "the CA refused: rate limited");
+    assert_eq!(failing["project"], "web");
+    let cert = rcgen::generate_simple_self_signed(vec!["www.acme.test".to_owned()]).unwrap();
+    edge.put::<_, Value>(
+        "/api/v1/certificates/www.acme.test",
+        &json!({"cert_pem": cert.cert.pem(), "key_pem": cert.signing_key.serialize_pem()}),
+    )
+    .await
+    .ok();
+    let issued = told("certificate.issue", "www.acme.test".into()).await;
+    assert!(issued["detail"]["not_after"].is_i64(), "{issued}");
     op.shutdown().await;
 }

@@ -198,12 +198,12 @@ impl Store {
     /// Marks a node draining (or drained at once when it holds no instances).
     pub async fn drain_node(&self, id: &str, audit: &Audit) -> Result<Node> {
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query(&format!("SELECT hostname FROM nodes WHERE id = $1{}", self.for_update()))
+        let row = sqlx::query(&format!("SELECT hostname, region FROM nodes WHERE id = $1{}", self.for_update()))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
-        let hostname = row.text("hostname")?;
+        let named = serde_json::json!({"hostname": row.text("hostname")?, "region": row.text("region")?});
         let live: i64 =
             sqlx::query(&format!("SELECT COUNT(*) AS c FROM instances WHERE node_id = $1 AND {LIVE_INSTANCE}"))
                 .bind(id)
@@ -216,9 +216,12 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let mut audit = audit.clone();
-        audit.target = hostname;
-        append_event(&mut tx, &audit, "ok").await?;
+        // Told like node.down: the node's id as the target, its name and region in the detail.
+        append_event(&mut tx, &audit.clone().detail(named.clone()), "ok").await?;
+        if status == NodeStatus::Drained {
+            // Nothing to wait for: drained at once, and told so, as when the last instance leaves.
+            append_event(&mut tx, &Audit::new("system", "node.drained", id).detail(named), "ok").await?;
+        }
         tx.commit().await?;
         self.changed().await;
         self.get_node(id).await

@@ -255,10 +255,11 @@ pub async fn notifications(conn: Conn, cmd: NotificationsCmd) -> Result<()> {
             }
             let n = n_or;
             table(
-                &["queue", "pending", "delivered", "dead", "failed attempts", "oldest pending"],
+                &["queue", "pending", "in flight", "delivered", "dead", "failed attempts", "oldest pending"],
                 vec![vec![
                     "outbox".into(),
                     n(&outbox["pending"]),
+                    n(&outbox["in_flight"]),
                     n(&outbox["delivered"]),
                     n(&outbox["dead"]),
                     n(&outbox["failed_attempts"]),

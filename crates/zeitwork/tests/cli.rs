@@ -23,15 +23,23 @@ impl Drop for Running {
 }
 
 fn start_operator(data: &Path) -> Running {
+    start_operator_with(data, None, None)
+}
+
+/// An operator with the settings of the TOML file `config`, when given, on
+/// the PostgreSQL database at `database_url` (else SQLite in `data`).
+fn start_operator_with(data: &Path, config: Option<&Path>, database_url: Option<&str>) -> Running {
     let port = zeitwork_testkit::free_port();
-    let child = Command::new(BIN)
-        .args(["operator", "--listen", &format!("127.0.0.1:{port}")])
-        .env("ZEITWORK_DATA", data)
-        .env_remove("ZEITWORK_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["operator", "--listen", &format!("127.0.0.1:{port}")]).env("ZEITWORK_DATA", data);
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    match config {
+        Some(file) => command.env("ZEITWORK_CONFIG", file),
+        None => command.env_remove("ZEITWORK_CONFIG"),
+    };
+    let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let mut running = Running { child: Some(child), api: format!("http://127.0.0.1:{port}"), token: String::new() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let token_file = data.join("admin.token");
@@ -242,6 +250,197 @@ fn verbs_print_tables_json_and_exit_codes() {
     assert!(bash.contains("_zeitwork") && bash.contains("deploy"), "{}", &bash[..200.min(bash.len())]);
     let bad = cli(&r, &["completions", "cmd.exe"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// Polls `f` every 100 ms until it gives a value; fails after 30 s naming `what`.
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a [`webhook_receiver`] got: each request's delivery id, body, and whether it was answered.
+type Deliveries = std::sync::Arc<std::sync::Mutex<Vec<(String, String, bool)>>>;
+
+/// A webhook receiver on `listener` (plain HTTP/1.1, one request a connection)
+/// that records every request and answers 204, except the `hang_on`-th (from
+/// 0), which it never answers.
+fn webhook_receiver(listener: std::net::TcpListener, hang_on: Option<usize>) -> Deliveries {
+    use std::io::{BufRead, Read, Write};
+    let got: Deliveries = Default::default();
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let (mut length, mut id) = (0, String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    } else if name.eq_ignore_ascii_case("x-zeitwork-delivery") {
+                        id = value.trim().to_owned();
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let n = {
+                let mut got = sink.lock().unwrap();
+                got.push((id, String::from_utf8_lossy(&body).into_owned(), false));
+                got.len() - 1
+            };
+            if Some(n) == hang_on {
+                held.push(conn); // Open and unanswered, until the sender goes away.
+                continue;
+            }
+            if conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").is_ok() {
+                sink.lock().unwrap()[n].2 = true;
+            }
+        }
+    });
+    got
+}
+
+/// Dead letters from the CLI: with the receiver down both test notifications
+/// are dead-lettered; once it is back, one is retried by id and arrives, the
+/// other is dropped by id and never does.
+#[test]
+fn notifications_dlq_retry_and_drop_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, "notifications_allow_internal = true\nnotify_max_attempts = 1\n").unwrap();
+    let r = start_operator_with(&dir.path().join("data"), Some(&config), None);
+    let api = |method: &str, path: &str, body: &str| curl(&r, method, path, body);
+    api("POST", "/api/v1/orgs", r#"{"slug":"acme"}"#);
+    api("POST", "/api/v1/projects", r#"{"org":"acme","name":"web"}"#);
+    // A webhook whose receiver is down: each test notification is dead-lettered at its first failure.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_at = down.local_addr().unwrap();
+    drop(down);
+    api(
+        "POST",
+        "/api/v1/projects/acme/web/notifications",
+        &format!(r#"{{"kind":"webhook","url":"http://{down_at}/","secret":"a webhook secret of ours"}}"#),
+    );
+    let dead_letters = || -> Vec<serde_json::Value> {
+        serde_json::from_str(&ok(cli(&r, &["notifications", "dlq", "list", "--json"]))).unwrap()
+    };
+    api("POST", "/api/v1/projects/acme/web/notifications/test", "");
+    until("the first dead letter", || Some(dead_letters()).filter(|d| d.len() == 1));
+    api("POST", "/api/v1/projects/acme/web/notifications/test", "");
+    let dead = until("two dead letters", || Some(dead_letters()).filter(|d| d.len() == 2));
+    let (first, second) = (dead[0]["id"].to_string(), dead[1]["id"].to_string());
+    let table = ok(cli(&r, &["notifications", "dlq", "list"]));
+    assert!(table.contains(&first) && table.contains("notification.test"), "{table}");
+
+    // The receiver is back. Drop by id: that one is gone for good.
+    let received = webhook_receiver(std::net::TcpListener::bind(down_at).unwrap(), None);
+    let dropped = ok(cli(&r, &["notifications", "dlq", "drop", &second]));
+    assert!(dropped.contains(&format!("Dropped dead letter {second}")), "{dropped}");
+    assert_eq!(cli(&r, &["notifications", "dlq", "drop", &second]).status.code(), Some(3), "not there any more");
+    assert_eq!(cli(&r, &["notifications", "dlq", "retry", &second]).status.code(), Some(3));
+    // Retry by id: delivered now, and the dead-letter queue is empty.
+    assert!(ok(cli(&r, &["notifications", "dlq", "retry", &first])).contains("Queued 1"));
+    let (id, body, _) = until("the retried notification", || received.lock().unwrap().first().cloned());
+    assert_eq!(id, first, "delivered under its own id");
+    assert!(body.contains("notification.test"), "{body}");
+    until("an empty dead-letter queue", || dead_letters().is_empty().then_some(()));
+    let stats: serde_json::Value = serde_json::from_str(&ok(cli(&r, &["notifications", "stats", "--json"]))).unwrap();
+    assert_eq!(stats["dlq"]["count"], 0, "{stats}");
+    assert_eq!(stats["outbox"]["in_flight"], 0, "{stats}");
+    // Nothing is left to send: the dropped one will never be delivered.
+    assert_eq!(stats["outbox"]["pending"], 0, "{stats}");
+    assert_eq!(stats["outbox"]["delivered"], 1, "{stats}");
+}
+
+/// `curl` as an API client of `r`: `method path body`; fails the test unless it succeeds.
+fn curl(r: &Running, method: &str, path: &str, body: &str) {
+    let out = Command::new("curl")
+        .args(["-sf", "-X", method, "-H", &format!("Authorization: Bearer {}", r.token)])
+        .args(["-H", "Content-Type: application/json", "-d", body, &format!("{}{path}", r.api)])
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "{method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// kill -9 of the operator process in the middle of a delivery (the receiver
+/// has the request and has not answered): another operator process on the
+/// same PostgreSQL takes over and every notification arrives; the one cut
+/// short comes again under the same `X-Zeitwork-Delivery`, and only an
+/// unanswered delivery is ever repeated.
+#[test]
+fn a_killed_operator_process_loses_no_notification() {
+    const SENT: usize = 6;
+    let pg = zeitwork_testkit::Postgres::start().expect("a throwaway PostgreSQL (install the postgresql package)");
+    let url = pg.create_database("killed").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, "notifications_allow_internal = true\nnotify_backoff_ms = 100\n").unwrap();
+    let data = dir.path().join("data");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = listener.local_addr().unwrap();
+    // The third delivery is never answered: the operator dies while it waits.
+    let got = webhook_receiver(listener, Some(2));
+
+    let mut first = start_operator_with(&data, Some(&config), Some(&url));
+    curl(&first, "POST", "/api/v1/orgs", r#"{"slug":"acme"}"#);
+    curl(&first, "POST", "/api/v1/projects", r#"{"org":"acme","name":"web"}"#);
+    curl(
+        &first,
+        "POST",
+        "/api/v1/projects/acme/web/notifications",
+        &format!(
+            r#"{{"kind":"webhook","url":"http://{hook}/","secret":"a webhook secret of ours","events":["notification.test"]}}"#
+        ),
+    );
+    for _ in 0..SENT {
+        curl(&first, "POST", "/api/v1/projects/acme/web/notifications/test", "");
+    }
+    until("the third delivery, in flight", || (got.lock().unwrap().len() == 3).then_some(()));
+    let mut child = first.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL: no shutdown, no release of the lease.
+    child.wait().unwrap();
+    let cut = got.lock().unwrap()[2].clone();
+    assert!(!cut.2, "the delivery cut short was never answered");
+
+    // Another operator process, same database, same data directory (key and token).
+    let second = start_operator_with(&data, Some(&config), Some(&url));
+    let seen = until("every notification", || {
+        let seen = got.lock().unwrap().clone();
+        let distinct: std::collections::BTreeSet<&str> = seen.iter().map(|(id, _, _)| id.as_str()).collect();
+        (distinct.len() == SENT).then_some(seen.clone())
+    });
+    let repeats: Vec<&(String, String, bool)> = seen.iter().filter(|(id, _, _)| *id == cut.0).collect();
+    assert!(repeats.len() >= 2 && repeats.last().unwrap().2, "the cut delivery came again and was answered: {seen:?}");
+    assert_eq!(repeats[0].1, repeats[1].1, "the same notification, byte for byte");
+    for (i, (id, _, answered)) in seen.iter().enumerate() {
+        let again = seen[i + 1..].iter().any(|(later, _, _)| later == id);
+        assert!(!(again && *answered), "delivery {id} was answered and still sent again: {seen:?}");
+    }
+    let stats: serde_json::Value = serde_json::from_str(&ok(Command::new(BIN)
+        .args(["notifications", "stats", "--json"])
+        .env("ZEITWORK_API", &second.api)
+        .env("ZEITWORK_TOKEN", &second.token)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()))
+    .unwrap();
+    assert_eq!(stats["dlq"]["count"], 0, "{stats}");
+    drop(second);
+    drop(pg);
 }
 
 /// Release settings and rollouts from the CLI: bad steps are refused naming

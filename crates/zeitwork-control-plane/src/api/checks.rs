@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use utoipa::IntoParams;
 use zeitwork_api_types::{HealthCheck, HealthCheckSpec, HealthSample, Role, ValidationError};
 use zeitwork_store::{nanoid, Sample, StoredCheck};
@@ -33,12 +33,61 @@ pub(crate) fn check_url(s: &AppState, org: &str, project: &str, spec: &HealthChe
     format!("{}{}", s.config.app_url(&format!("{project}-{org}")), spec.path)
 }
 
-async fn view(s: &AppState, c: &StoredCheck) -> ApiResult<HealthCheck> {
+/// The longest window a check's figures may cover (samples are kept 30 days by default).
+const MAX_WINDOW_DAYS: i64 = 90;
+
+/// The window a check's uptime and latency figures cover.
+#[derive(Debug, Default, serde::Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WindowQuery {
+    /// `1h`, `24h` (the default) or `7d`, ending now; or give `from` and `to` instead.
+    pub window: Option<String>,
+    /// Start: RFC 3339 or a date; with `to` (default now) instead of `window`.
+    pub from: Option<String>,
+    /// End: RFC 3339 or a date; default now.
+    pub to: Option<String>,
+}
+
+impl WindowQuery {
+    /// The window asked for: `(from, to)`.
+    fn range(&self) -> ApiResult<(DateTime<Utc>, DateTime<Utc>)> {
+        let now = Utc::now();
+        if self.window.is_some() && (self.from.is_some() || self.to.is_some()) {
+            return Err(ValidationError::new("window", "give either window or from/to, not both").into());
+        }
+        let to = match &self.to {
+            Some(t) => super::analytics::time("to", t)?,
+            None => now,
+        };
+        let from = match (&self.window, &self.from) {
+            (Some(w), _) => {
+                let span = match w.as_str() {
+                    "1h" => Duration::hours(1),
+                    "24h" => Duration::hours(24),
+                    "7d" => Duration::days(7),
+                    other => return Err(ValidationError::new("window", format!("{other:?}: use 1h, 24h or 7d")).into()),
+                };
+                to - span
+            }
+            (None, Some(f)) => super::analytics::time("from", f)?,
+            (None, None) => to - Duration::hours(24),
+        };
+        if from >= to {
+            return Err(ValidationError::new("from", "from must be before to").into());
+        }
+        if to - from > Duration::days(MAX_WINDOW_DAYS) {
+            return Err(
+                ValidationError::new("from", format!("the window may span at most {MAX_WINDOW_DAYS} days")).into()
+            );
+        }
+        Ok((from, to))
+    }
+}
+
+async fn view(s: &AppState, c: &StoredCheck, (from, to): (DateTime<Utc>, DateTime<Utc>)) -> ApiResult<HealthCheck> {
     let spec: HealthCheckSpec =
         serde_json::from_value(c.spec.clone()).map_err(|e| ApiError::internal("reading a health check", e))?;
-    let now = Utc::now();
-    let day =
-        s.store.sample_summary(&c.id, (now - Duration::hours(24)).timestamp_millis(), now.timestamp_millis()).await?;
+    let day = s.store.sample_summary(&c.id, from.timestamp_millis(), to.timestamp_millis()).await?;
     Ok(HealthCheck {
         id: c.id.clone(),
         org: c.org.clone(),
@@ -50,6 +99,8 @@ async fn view(s: &AppState, c: &StoredCheck) -> ApiResult<HealthCheck> {
         p50_ms: day.p50_ms,
         p95_ms: day.p95_ms,
         last_sample: day.last.as_ref().map(sample_view),
+        window_from: from,
+        window_to: to,
         created_at: c.created_at,
     })
 }
@@ -73,22 +124,45 @@ async fn checked_spec(s: &AppState, org: &str, project: &str, spec: &HealthCheck
     Ok(())
 }
 
-/// Uptime checks of a project, with their state and last-day figures.
+/// Uptime checks of a project, with their state and figures over a window (default the last 24 hours).
 #[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/health-checks", tag = "health checks",
-    params(("org" = String, Path), ("project" = String, Path)),
-    responses((status = 200, body = Vec<HealthCheck>), (status = 404, body = zeitwork_api_types::ApiError)))]
+    params(("org" = String, Path), ("project" = String, Path), WindowQuery),
+    responses((status = 200, body = Vec<HealthCheck>), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
 pub async fn list_checks(
     State(s): State<AppState>,
     caller: Caller,
     Path((org, project)): Path<(String, String)>,
+    QueryParams(q): QueryParams<WindowQuery>,
 ) -> ApiResult<Json<Vec<HealthCheck>>> {
     s.require_role(&caller, &org, Role::Guest, "health_check.list", &format!("{org}/{project}")).await?;
+    let range = q.range()?;
     s.store.get_project(&org, &project).await?;
     let mut out = Vec::new();
     for c in s.store.project_checks(&org, &project).await? {
-        out.push(view(&s, &c).await?);
+        out.push(view(&s, &c, range).await?);
     }
     Ok(Json(out))
+}
+
+/// One uptime check, with its state and figures over a window (default the last 24 hours).
+#[utoipa::path(get, path = "/api/v1/projects/{org}/{project}/health-checks/{id}", tag = "health checks",
+    params(("org" = String, Path), ("project" = String, Path), ("id" = String, Path), WindowQuery),
+    responses((status = 200, body = HealthCheck), (status = 400, body = zeitwork_api_types::ApiError), (status = 404, body = zeitwork_api_types::ApiError)))]
+pub async fn get_check(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((org, project, id)): Path<(String, String, String)>,
+    QueryParams(q): QueryParams<WindowQuery>,
+) -> ApiResult<Json<HealthCheck>> {
+    s.require_role(&caller, &org, Role::Guest, "health_check.get", &id).await?;
+    let range = q.range()?;
+    let c = project_check(&s, &org, &project, &id).await?;
+    Ok(Json(view(&s, &c, range).await?))
+}
+
+fn last_day() -> (DateTime<Utc>, DateTime<Utc>) {
+    let now = Utc::now();
+    (now - Duration::hours(24), now)
 }
 
 /// Add an uptime check to a project (Developer); it runs at once, then every `interval_secs`.
@@ -125,7 +199,7 @@ pub async fn create_check(
     let audit = caller.audit("health_check.create", &c.id).org(&org).project(&project);
     let c = s.store.create_check(&c, &audit).await?;
     s.uptime.notify_one();
-    Ok((StatusCode::CREATED, Json(view(&s, &c).await?)).into_response())
+    Ok((StatusCode::CREATED, Json(view(&s, &c, last_day()).await?)).into_response())
 }
 
 /// The check `id` of `org/project`.
@@ -159,7 +233,7 @@ pub async fn patch_check(
     let value = serde_json::to_value(&spec).map_err(|e| ApiError::internal("storing a health check", e))?;
     let c = s.store.update_check(&id, &value, &audit).await?;
     s.uptime.notify_one();
-    Ok(Json(view(&s, &c).await?))
+    Ok(Json(view(&s, &c, last_day()).await?))
 }
 
 /// Remove an uptime check and its samples (Developer).

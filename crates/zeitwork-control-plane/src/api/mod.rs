@@ -135,7 +135,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::project_health))
         .routes(routes!(images::upload_image))
         .routes(routes!(checks::list_checks, checks::create_check))
-        .routes(routes!(checks::patch_check, checks::delete_check))
+        .routes(routes!(checks::get_check, checks::patch_check, checks::delete_check))
         .routes(routes!(checks::samples))
         .routes(routes!(builds::upload_source))
         .routes(routes!(builds::get_build))

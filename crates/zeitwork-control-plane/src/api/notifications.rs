@@ -318,7 +318,7 @@ pub async fn test_channels(
     Ok(StatusCode::ACCEPTED)
 }
 
-/// The outbox: pending, delivered and dead rows, failed attempts, the oldest pending age, per channel.
+/// The outbox: pending, in-flight, delivered and dead rows, failed attempts, the oldest pending age, per channel.
 #[utoipa::path(get, path = "/api/admin/outbox/stats", tag = "notifications",
     responses((status = 200, description = "outbox figures"), (status = 403, body = zeitwork_api_types::ApiError)))]
 pub async fn outbox_stats(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<serde_json::Value>> {
@@ -327,7 +327,7 @@ pub async fn outbox_stats(State(s): State<AppState>, caller: Caller) -> ApiResul
     let by: Vec<serde_json::Value> =
         c.by_channel.iter().map(|(id, p, d)| serde_json::json!({"channel": id, "pending": p, "dead": d})).collect();
     Ok(Json(serde_json::json!({
-        "pending": c.pending, "in_flight": 0, "delivered": c.delivered, "failed_attempts": c.failed_attempts,
+        "pending": c.pending, "in_flight": s.gauges.outbox_in_flight.get(), "delivered": c.delivered, "failed_attempts": c.failed_attempts,
         "dead": c.dead, "oldest_pending_secs": c.oldest_pending_secs, "by_destination": by,
     })))
 }
