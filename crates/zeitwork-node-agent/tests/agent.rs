@@ -1354,7 +1354,7 @@ async fn a_sleeping_vm_wakes_from_its_snapshot_and_a_corrupt_one_boots() {
             "acme/web",
             "snap",
             "cat /proc/sys/kernel/random/uuid > /www/boot; \
-             (i=0; while true; do i=$((i+1)); echo $i > /www/count; sleep 1; done) & \
+             (i=0; while true; do i=$((i+1)); echo $i > /www/count.new; mv /www/count.new /www/count; sleep 1; done) & \
              exec /bin/busybox httpd -f -p $PORT -h /www",
         )
         .await

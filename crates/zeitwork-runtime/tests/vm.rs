@@ -278,7 +278,7 @@ async fn get_text(url: &str) -> String {
 async fn a_snapshot_restores_the_running_vm_and_a_corrupt_one_is_refused() {
     let w = world(
         "cat /proc/sys/kernel/random/uuid > /www/boot; \
-         (i=0; while true; do i=$((i+1)); echo $i > /www/count; sleep 1; done) & \
+         (i=0; while true; do i=$((i+1)); echo $i > /www/count.new; mv /www/count.new /www/count; sleep 1; done) & \
          exec /bin/busybox httpd -f -p $PORT -h /www",
         "10.201.0.0",
     )
