@@ -208,6 +208,13 @@ async fn a_client_pinned_by_its_cookie_keeps_its_version_after_a_deploy() {
         assert!(Instant::now() < deadline, "the sleeping deployment kept a ready instance");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The edge follows the table a moment later: until it knows that the
+    // deployment has no instance left, it would still send there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while edge.state.routes.read().unwrap().hosts.values().any(|r| r.deployment == old && !r.instances.is_empty()) {
+        assert!(Instant::now() < deadline, "the edge never learnt that the sleeping deployment has no instance");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let a = get(at, "1.1", stable, Some(&pinned_old)).await;
     assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "a pinned client of a sleeping deployment: {a:?}");
     let d: Value = admin.get(&format!("/api/v1/deployments/{old}")).await.unwrap();
