@@ -533,17 +533,30 @@ async fn acme_issues(challenge: zeitwork_edge::acme::Challenge) {
     );
     let w = world().await;
     let up = echo_server("a").await;
-    let (hp, tp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
-    let pebble = zeitwork_testkit::Pebble::start(hp, tp).unwrap();
-    let edge = w
-        .edge(|c| {
-            c.http_listen = format!("127.0.0.1:{hp}").parse().unwrap();
-            c.https_listen = format!("127.0.0.1:{tp}").parse().unwrap();
-            c.acme_directory = Some(pebble.directory_url.clone());
-            c.acme_ca_root = Some(pebble.api_root.clone());
-            c.acme_challenge = challenge;
-        })
-        .await;
+    // Pebble must know the edge's ports before the edge binds them: a port found
+    // free may be taken by a test running alongside, so try again with others.
+    let mut attempt = 0;
+    let (pebble, edge, tp) = loop {
+        attempt += 1;
+        let (hp, tp) = (zeitwork_testkit::free_port(), zeitwork_testkit::free_port());
+        let pebble = zeitwork_testkit::Pebble::start(hp, tp).unwrap();
+        let c = EdgeConfig {
+            http_listen: format!("127.0.0.1:{hp}").parse().unwrap(),
+            https_listen: format!("127.0.0.1:{tp}").parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            operator_url: format!("http://{}", w.op().addr()),
+            token: Some(w.edge_token.clone()),
+            acme_directory: Some(pebble.directory_url.clone()),
+            acme_ca_root: Some(pebble.api_root.clone()),
+            acme_challenge: challenge,
+            ..Default::default()
+        };
+        match EdgeProxy::start(c).await {
+            Ok(edge) => break (pebble, edge, tp),
+            Err(e) if attempt < 5 && e.to_string().contains("in use") => drop(pebble),
+            Err(e) => panic!("the edge did not start: {e:?}"),
+        }
+    };
     let dep = w.deploy(&[up]).await;
     w.op()
         .store
