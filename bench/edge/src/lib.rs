@@ -38,12 +38,24 @@ pub async fn upstream() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A peer process, killed on drop.
+/// A peer process, stopped on drop: asked first (SIGTERM, so nginx's master
+/// stops its workers too), killed if it is still there after two seconds.
 pub struct Peer(Child);
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let asked = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        if asked.is_ok_and(|s| s.success()) {
+            for _ in 0..40 {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if let Err(e) = self.0.kill() {
+            eprintln!("peer (pid {}) was not stopped: {e}", self.0.id());
+        }
         let _ = self.0.wait();
     }
 }
@@ -167,18 +179,41 @@ pub fn alternate(
 }
 
 pub fn wrk(name: &str, url: &str, host: &str, seconds: u32, connections: u32) -> Result<Load> {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            "-H",
-            &format!("Host: {host}"),
-            url,
-        ])
-        .output()
-        .context("wrk is not installed (apt-get install wrk)")?;
+    let mut cmd = Command::new("wrk");
+    cmd.args(wrk_args(url, host, seconds, connections));
+    run_wrk(name, cmd)
+}
+
+/// `wrk --latency` over HTTPS to `https://<host>:<port>/`, with `host`
+/// resolving to 127.0.0.1: wrk names the URL's host in its TLS handshake
+/// (SNI), and a proxy that serves only the certificates of names it knows
+/// needs the real name there. The name is made to resolve in a mount
+/// namespace of wrk's own (an `/etc/hosts` bound over the host's), so the
+/// machine's resolver is left alone.
+pub fn wrk_tls(name: &str, host: &str, port: u16, seconds: u32, connections: u32, dir: &Path) -> Result<Load> {
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 localhost {host}\n::1 localhost\n"))?;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec wrk \"$@\""])
+        .arg(&hosts)
+        .args(wrk_args(&format!("https://{host}:{port}/"), host, seconds, connections));
+    run_wrk(name, cmd)
+}
+
+fn wrk_args(url: &str, host: &str, seconds: u32, connections: u32) -> Vec<String> {
+    vec![
+        "-t2".into(),
+        format!("-c{connections}"),
+        format!("-d{seconds}s"),
+        "--latency".into(),
+        "-H".into(),
+        format!("Host: {host}"),
+        url.into(),
+    ]
+}
+
+fn run_wrk(name: &str, mut cmd: Command) -> Result<Load> {
+    let out = cmd.output().context("wrk is not installed (apt-get install wrk; HTTPS runs also need unshare)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut load = Load { name: name.into(), rps: 0.0, p50_ms: 0.0, p99_ms: 0.0, errors: 0 };
     for line in text.lines() {

@@ -1,6 +1,6 @@
 //! `bench/edge`: the edge proxy against nginx as a reverse proxy to the same
-//! upstream, in the same run on the same cores: `wrk` over HTTP/1.1 and
-//! `h2load` over HTTPS/HTTP/2. Prints req/s, latency and the ratios.
+//! upstream, in the same run on the same cores: `wrk` over HTTP/1.1, plain and
+//! over TLS, and `h2load` over HTTPS/HTTP/2. Prints req/s, latency and the ratios.
 //!
 //! cargo run --release -p zeitwork-bench-edge -- [--seconds 10] [--connections 64]
 
@@ -128,8 +128,9 @@ async fn main() -> Result<()> {
         ),
     )?;
     wait_port(SocketAddr::from(([127, 0, 0, 1], nh)), &nginx_dir)?;
+    wait_port(SocketAddr::from(([127, 0, 0, 1], ns)), &nginx_dir)?;
 
-    println!("wrk: HTTP/1.1, 2 threads, {connections} connections, {seconds} s each; h2load: HTTPS + HTTP/2, 16 connections x 16 streams");
+    println!("wrk: HTTP/1.1 plain and over TLS, 2 threads, {connections} connections, {seconds} s each; h2load: HTTPS + HTTP/2, 16 connections x 16 streams");
     println!(
         "edge workers and nginx worker processes: {}\n",
         if workers == 0 { "one per core".to_owned() } else { workers.to_string() }
@@ -138,14 +139,19 @@ async fn main() -> Result<()> {
     println!("HTTP/1.1, {rounds} alternating rounds (edge vs nginx), the median round of each kept:");
     let (n1, z1) =
         alternate(rounds, || run("nginx http/1.1", nh), || run("zeitwork edge http/1.1", edge.http_addr().port()))?;
+    println!("HTTPS + HTTP/1.1, {rounds} alternating rounds (edge vs nginx), the median round of each kept:");
+    let https = edge.https_addr().context("https")?.port();
+    let tls = |name: &str, port: u16| wrk_tls(name, &host, port, seconds, connections, dir.path());
+    let (n3, z3) = alternate(rounds, || tls("nginx https/1.1", ns), || tls("zeitwork edge https/1.1", https))?;
     println!();
     let n2 = h2load("nginx h2 (mean/max)", &host, SocketAddr::from(([127, 0, 0, 1], ns)), 100_000)?;
     let z2 = h2load("zeitwork edge h2 (mean/max)", &host, edge.https_addr().context("https")?, 100_000)?;
-    for l in [&n1, &z1, &n2, &z2] {
+    for l in [&n1, &z1, &n3, &z3, &n2, &z2] {
         l.print();
     }
     println!();
     z1.ratio(&n1);
+    z3.ratio(&n3);
     z2.ratio(&n2);
     if n2.errors > 0 {
         let log = std::fs::read_to_string(nginx_dir.join("error.log")).unwrap_or_default();

@@ -10,8 +10,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A loopback port free for both TCP and UDP on 127.0.0.1, for a server a
+/// test starts later (bound, then released).
+///
+/// It is chosen below the kernel's ephemeral range, so a socket another test
+/// binds to port 0 in the meantime is never given it; and never twice in one
+/// process. A port from port 0 would be free only until the next such bind.
 pub fn free_port() -> u16 {
+    use std::collections::BTreeSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static HANDED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low / 2).max(1024);
+    let mut handed = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(handed.len());
+        let port = floor + (h.finish() % u64::from(low.saturating_sub(floor).max(1))) as u16;
+        if handed.contains(&port) {
+            continue;
+        }
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            handed.insert(port);
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
 }
 
@@ -588,7 +617,8 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound, then released).
+/// A free UDP port on 127.0.0.1, free for TCP too (servers such as dnsmasq
+/// bind both): see [`free_port`].
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("no free UDP port")
+    free_port()
 }
