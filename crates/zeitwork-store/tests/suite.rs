@@ -788,6 +788,68 @@ async fn postgres_over_tls() {
     assert!(Store::connect(&wrong).await.is_err(), "a server certificate from an unknown CA must be refused");
 }
 
+/// A PostgreSQL that takes only TLS (`hostssl` lines alone in pg_hba.conf),
+/// its certificate (for `db.zeitwork.test` and 127.0.0.1) from a CA made here
+/// with openssl: TLS turned off fails at start naming sslmode and what to set;
+/// `verify-ca` with that CA works; `verify-full` by a name the certificate
+/// lacks, and `verify-ca` with another CA, fail saying what to change.
+#[tokio::test]
+async fn postgres_that_takes_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = zeitwork_testkit::OpensslCa::new(dir.path(), "db-ca").expect("a CA made with openssl");
+    let (cert, key) = ca.issue("server", &["db.zeitwork.test"], &["127.0.0.1"]).unwrap();
+    let other = zeitwork_testkit::OpensslCa::new(dir.path(), "other-ca").unwrap();
+    let pg = zeitwork_testkit::Postgres::start_tls_only(&cert, &key).expect("a PostgreSQL server taking only TLS");
+    let url = pg.create_database("tlsonly").unwrap();
+    let root = ca.root().display().to_string();
+
+    // (a) Without TLS: refused by the server, and the error says what to set.
+    let err = Store::connect(&format!("{url}?sslmode=disable")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::TlsRequired { .. }), "{err:?}");
+    assert!(msg.contains("only TLS") && msg.contains("sslmode=disable"), "{msg}");
+    assert!(msg.contains("set sslmode=verify-full&sslrootcert="), "the message says what to set: {msg}");
+
+    // (b) verify-ca with the CA: served, over TLS for real.
+    let store = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={root}"))
+        .await
+        .unwrap_or_else(|e| panic!("verify-ca: {e}: {:?}", std::error::Error::source(&e)));
+    org(&store, "acme").await;
+    assert_eq!(store.get_org("acme").await.unwrap().slug, "acme");
+    store.close().await;
+    // verify-full by the address the certificate holds works too.
+    let store = Store::connect(&format!("{url}?sslmode=verify-full&sslrootcert={root}")).await.unwrap();
+    assert_eq!(store.get_org("acme").await.unwrap().slug, "acme");
+    store.close().await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={root}")).await.unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(ssl, "the session is not encrypted");
+
+    // (c) verify-full by a host name the certificate does not hold.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let err = Store::connect(&format!("{by_name}?sslmode=verify-full&sslrootcert={root}")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Tls { .. }), "{err:?}");
+    assert!(msg.contains("not valid for the host name \"localhost\""), "{msg}");
+    assert!(msg.contains("sslmode=verify-ca"), "the message offers a way out: {msg}");
+
+    // (d) verify-ca with a CA that did not sign the server's certificate.
+    let wrong = other.root().display().to_string();
+    let err = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={wrong}")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Tls { .. }), "{err:?}");
+    assert!(msg.contains("not signed by a CA") && msg.contains(&wrong), "{msg}");
+    assert!(msg.contains("set sslrootcert to"), "the message says what to set: {msg}");
+
+    // A CA file that is not there is named.
+    let err = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem")).await.unwrap_err();
+    assert!(err.to_string().contains("sslrootcert /nonexistent/ca.pem cannot be read"), "{err}");
+}
+
 async fn uptime_checks_and_samples(store: Store) {
     org(&store, "acme").await;
     let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
@@ -1201,3 +1263,4 @@ async fn log_drains(store: Store) {
     let e = store.create_log_drain(&drain("acme", &["app"]), &audit("log_drain.create")).await.unwrap_err();
     assert!(matches!(e, StoreError::Conflict(_)), "{e}");
 }
+

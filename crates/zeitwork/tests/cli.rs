@@ -749,3 +749,34 @@ fn up_with_the_demo_serves_a_page() {
     }
     stop(child);
 }
+
+/// An operator on a PostgreSQL that takes only TLS (its CA made here with
+/// openssl): with TLS turned off it stops at start, naming sslmode and what to
+/// set, with the configuration exit code; with `verify-ca` and the CA it serves.
+#[test]
+fn an_operator_on_a_postgres_that_takes_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = zeitwork_testkit::OpensslCa::new(dir.path(), "db-ca").expect("a CA made with openssl");
+    let (cert, key) = ca.issue("server", &["db.zeitwork.test"], &["127.0.0.1"]).unwrap();
+    let pg = zeitwork_testkit::Postgres::start_tls_only(&cert, &key).expect("a PostgreSQL server taking only TLS");
+    let url = pg.create_database("operator").unwrap();
+
+    let out = Command::new(BIN)
+        .args(["operator", "--listen", &format!("127.0.0.1:{}", zeitwork_testkit::free_port())])
+        .arg("--database-url")
+        .arg(format!("{url}?sslmode=disable"))
+        .env("ZEITWORK_DATA", dir.path().join("refused"))
+        .env_remove("ZEITWORK_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("accepts only TLS connections") && err.contains("sslmode=disable"), "{err}");
+    assert!(err.contains("set sslmode=verify-full&sslrootcert="), "the error says what to set: {err}");
+
+    let verified = format!("{url}?sslmode=verify-ca&sslrootcert={}", ca.root().display());
+    let r = start_operator_with(&dir.path().join("served"), None, Some(&verified));
+    ok(cli(&r, &["orgs", "create", "acme", "--owner", "ceo@acme.test"]));
+    assert!(ok(cli(&r, &["orgs", "list"])).contains("acme"));
+}
+
