@@ -35,6 +35,7 @@ mod releases;
 mod retention;
 mod schema;
 mod sessions;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -64,6 +65,7 @@ pub use reconcile::*;
 pub use releases::*;
 pub use schema::latest_version;
 pub use sessions::*;
+pub use usage::*;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.
 #[derive(Debug, thiserror::Error)]

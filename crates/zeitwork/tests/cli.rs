@@ -921,6 +921,14 @@ fn analytics_from_the_cli() {
     let table = ok(cli(&r, &["analytics", "resources"]));
     assert_eq!(row(&table, "acme")[..4], ["acme", "1", "2", "512 MiB"], "{table}");
     assert_eq!(row(&table, "beta")[..4], ["beta", "1", "1", "256 MiB"], "{table}");
+    // Nothing measured yet (the node's agent is not there to ask): the use is zero.
+    assert_eq!(
+        (&acme["cpu_seconds"], &acme["sampled_at"]),
+        (&serde_json::json!(0.0), &serde_json::Value::Null),
+        "{held}"
+    );
+    assert_eq!(row(&table, "acme")[4..], ["0.0 s", "0.0 MiB", "0.00"], "{table}");
+
     // A window that ends before it starts is the caller's mistake: exit code 2, naming the field.
     let bad = cli(&r, &["analytics", "frequency", "--from", "2026-12-01", "--to", "2026-11-01"]);
     assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
