@@ -6,6 +6,7 @@
 //! about HTTP servers.
 
 mod agents;
+mod analytics;
 mod builds;
 mod checks;
 mod deployments;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use agents::*;
+pub use analytics::*;
 pub use builds::*;
 pub use checks::*;
 pub use deployments::*;

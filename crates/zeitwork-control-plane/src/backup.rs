@@ -20,12 +20,26 @@ pub enum BackupError {
     TooNew { found: i64, supported: i64 },
     #[error("the backup was written with another encryption key; put the original key in {0} (or set encryption_key)")]
     WrongKey(String),
+    #[error("{file} is damaged or truncated; restore another copy, or take a new backup")]
+    Unreadable { file: String, source: StoreError },
     #[error("the backup has no key check; it is not a Zeitwork backup")]
     NoKeyCheck,
     #[error("{0}")]
     Key(#[from] crate::secrets::SecretsError),
     #[error("cannot {what}")]
     Io { what: String, source: std::io::Error },
+}
+
+impl BackupError {
+    /// Something is in the way: existing state, or a file that exists.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, BackupError::NotEmpty(_) | BackupError::Store(StoreError::Conflict(_)))
+    }
+
+    /// The named backup file or store is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackupError::Store(StoreError::NotFound(_)))
+    }
 }
 
 /// Takes a consistent snapshot of the operator's store at `data_dir` into `out`, online.
@@ -46,7 +60,10 @@ pub async fn backup(data_dir: &Path, out: &Path) -> Result<BackupInfo, BackupErr
 /// dir has (`secret.key`, or `key` when given). With `force`, an existing store
 /// is moved aside (`zeitwork.db.before-restore-<time>`), never deleted.
 pub async fn restore(file: &Path, data_dir: &Path, key: Option<&str>, force: bool) -> Result<BackupInfo, BackupError> {
-    let info = inspect_backup(file).await?;
+    let info = inspect_backup(file).await.map_err(|e| match e {
+        StoreError::NotFound(_) => BackupError::Store(e),
+        source => BackupError::Unreadable { file: file.display().to_string(), source },
+    })?;
     let supported = zeitwork_store::latest_version();
     if info.schema_version > supported {
         return Err(BackupError::TooNew { found: info.schema_version, supported });

@@ -95,6 +95,9 @@ pub struct OperatorConfig {
     pub uptime_via: Option<SocketAddr>,
     /// Days uptime samples are kept.
     pub health_sample_retention_days: u32,
+    /// Seconds between two samples of every ready instance's CPU time and memory
+    /// (asked of the node agents), which resource analytics add up per org.
+    pub usage_sample_secs: u64,
     /// Days audit events are kept.
     pub audit_retention_days: u32,
     /// Days delivered notifications are kept in the outbox (dead letters stay until retried or dropped).
@@ -193,6 +196,7 @@ impl Default for OperatorConfig {
             region: "local".into(),
             uptime_via: None,
             health_sample_retention_days: 30,
+            usage_sample_secs: 60,
             audit_retention_days: 365,
             outbox_retention_days: 7,
             github_oauth: None,
@@ -235,6 +239,9 @@ impl OperatorConfig {
             if let Err(e) = crate::secrets::Cipher::from_base64(key) {
                 return err("encryption_key", e.to_string());
             }
+        }
+        if !(1..=3600).contains(&self.usage_sample_secs) {
+            return err("usage_sample_secs", "use 1 to 3600".into());
         }
         if !(1..=3 * 3600 * 24).contains(&self.build_timeout_secs) {
             return err("build_timeout_secs", "use 1 to 259200".into());

@@ -25,6 +25,7 @@ pub mod routing;
 pub mod secrets;
 pub mod serve;
 pub mod uptime;
+pub mod usage;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -119,6 +120,8 @@ pub struct Operator {
     engine: tokio::task::JoinHandle<()>,
     feeder: tokio::task::JoinHandle<()>,
     autoscaler: tokio::task::JoinHandle<()>,
+    /// Samples instances' CPU time and memory for resource analytics.
+    usage_sampler: tokio::task::JoinHandle<()>,
     notifier: tokio::task::JoinHandle<()>,
     build_watch: tokio::task::JoinHandle<()>,
     prober: tokio::task::JoinHandle<()>,
@@ -223,6 +226,7 @@ impl Operator {
         };
         let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
         let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
+        let usage_sampler = tokio::spawn(usage::run(state.clone(), rx.clone()));
         let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
         let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
         let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
@@ -250,6 +254,7 @@ impl Operator {
             engine,
             feeder,
             autoscaler,
+            usage_sampler,
             notifier,
             build_watch,
             prober,
@@ -275,6 +280,7 @@ impl Operator {
         self.engine.abort();
         self.feeder.abort();
         self.autoscaler.abort();
+        self.usage_sampler.abort();
         self.notifier.abort();
         self.build_watch.abort();
         self.prober.abort();
@@ -295,6 +301,7 @@ impl Operator {
             ("engine", self.engine),
             ("feeder", self.feeder),
             ("autoscaler", self.autoscaler),
+            ("usage sampler", self.usage_sampler),
             ("notifier", self.notifier),
             ("build watch", self.build_watch),
             ("prober", self.prober),

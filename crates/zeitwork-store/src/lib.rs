@@ -15,6 +15,7 @@ mod builds;
 mod certificates;
 mod changes;
 mod checks;
+mod connect;
 mod deployments;
 mod edges;
 mod events;
@@ -34,6 +35,7 @@ mod releases;
 mod retention;
 mod schema;
 mod sessions;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -63,6 +65,7 @@ pub use reconcile::*;
 pub use releases::*;
 pub use schema::latest_version;
 pub use sessions::*;
+pub use usage::*;
 
 /// Errors of the store. `NotFound` and `Conflict` carry a sentence for people.
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +88,27 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// PostgreSQL takes only TLS connections (`hostssl` in its pg_hba.conf) and
+    /// `database_url` turned TLS off.
+    #[error(
+        "the database accepts only TLS connections but database_url has sslmode={mode}: \
+         set sslmode=verify-full&sslrootcert=<the server's CA file> (or at least sslmode=require) in database_url"
+    )]
+    TlsRequired { mode: String, source: sqlx::Error },
+    /// TLS to PostgreSQL failed: what went wrong and what to change.
+    #[error("TLS to the database failed: {problem}; {fix}")]
+    Tls { problem: String, fix: String, source: sqlx::Error },
     /// The database failed or is unreachable.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// The fix is in the database URL (its scheme, `sslmode`, `sslrootcert`),
+    /// not in the database: a configuration error.
+    pub fn is_in_url(&self) -> bool {
+        matches!(self, StoreError::UnsupportedUrl(_) | StoreError::TlsRequired { .. } | StoreError::Tls { .. })
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -209,7 +230,8 @@ impl Store {
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
-                    .await?;
+                    .await
+                    .map_err(|e| connect::explain(url, e))?;
                 Store { reader: pool.clone(), writer: pool, dialect, changes: changes::ChangeBus::new(Some(url)) }
             }
         };

@@ -578,6 +578,27 @@ CREATE TABLE log_drains (
 CREATE INDEX log_drains_org ON log_drains (org)
 "#,
     ),
+    // What instances used, from samples of the node agents' measurements: one row per
+    // instance (kept after it is gone), CPU time added up across restarts of its counter.
+    (
+        27,
+        "instance usage",
+        r#"
+CREATE TABLE instance_usage (
+    instance_id TEXT PRIMARY KEY,
+    org {{text_key}} NOT NULL,
+    project TEXT NOT NULL,
+    deployment_id TEXT NOT NULL,
+    cpu_ms BIGINT NOT NULL,
+    cpu_counter_ms BIGINT NOT NULL,
+    memory_bytes BIGINT NOT NULL,
+    since_at BIGINT NOT NULL,
+    last_at BIGINT NOT NULL,
+    samples BIGINT NOT NULL
+);
+CREATE INDEX instance_usage_org ON instance_usage (org)
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -39,6 +39,7 @@ cases!(
     engine_reads_every_deployment_at_once,
     sleeping_deployments_by_node,
     log_drains,
+    instance_usage_from_samples,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -788,6 +789,68 @@ async fn postgres_over_tls() {
     assert!(Store::connect(&wrong).await.is_err(), "a server certificate from an unknown CA must be refused");
 }
 
+/// A PostgreSQL that takes only TLS (`hostssl` lines alone in pg_hba.conf),
+/// its certificate (for `db.zeitwork.test` and 127.0.0.1) from a CA made here
+/// with openssl: TLS turned off fails at start naming sslmode and what to set;
+/// `verify-ca` with that CA works; `verify-full` by a name the certificate
+/// lacks, and `verify-ca` with another CA, fail saying what to change.
+#[tokio::test]
+async fn postgres_that_takes_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = zeitwork_testkit::OpensslCa::new(dir.path(), "db-ca").expect("a CA made with openssl");
+    let (cert, key) = ca.issue("server", &["db.zeitwork.test"], &["127.0.0.1"]).unwrap();
+    let other = zeitwork_testkit::OpensslCa::new(dir.path(), "other-ca").unwrap();
+    let pg = zeitwork_testkit::Postgres::start_tls_only(&cert, &key).expect("a PostgreSQL server taking only TLS");
+    let url = pg.create_database("tlsonly").unwrap();
+    let root = ca.root().display().to_string();
+
+    // (a) Without TLS: refused by the server, and the error says what to set.
+    let err = Store::connect(&format!("{url}?sslmode=disable")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::TlsRequired { .. }), "{err:?}");
+    assert!(msg.contains("only TLS") && msg.contains("sslmode=disable"), "{msg}");
+    assert!(msg.contains("set sslmode=verify-full&sslrootcert="), "the message says what to set: {msg}");
+
+    // (b) verify-ca with the CA: served, over TLS for real.
+    let store = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={root}"))
+        .await
+        .unwrap_or_else(|e| panic!("verify-ca: {e}: {:?}", std::error::Error::source(&e)));
+    org(&store, "acme").await;
+    assert_eq!(store.get_org("acme").await.unwrap().slug, "acme");
+    store.close().await;
+    // verify-full by the address the certificate holds works too.
+    let store = Store::connect(&format!("{url}?sslmode=verify-full&sslrootcert={root}")).await.unwrap();
+    assert_eq!(store.get_org("acme").await.unwrap().slug, "acme");
+    store.close().await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={root}")).await.unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(ssl, "the session is not encrypted");
+
+    // (c) verify-full by a host name the certificate does not hold.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let err = Store::connect(&format!("{by_name}?sslmode=verify-full&sslrootcert={root}")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Tls { .. }), "{err:?}");
+    assert!(msg.contains("not valid for the host name \"localhost\""), "{msg}");
+    assert!(msg.contains("sslmode=verify-ca"), "the message offers a way out: {msg}");
+
+    // (d) verify-ca with a CA that did not sign the server's certificate.
+    let wrong = other.root().display().to_string();
+    let err = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert={wrong}")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Tls { .. }), "{err:?}");
+    assert!(msg.contains("not signed by a CA") && msg.contains(&wrong), "{msg}");
+    assert!(msg.contains("set sslrootcert to"), "the message says what to set: {msg}");
+
+    // A CA file that is not there is named.
+    let err = Store::connect(&format!("{url}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem")).await.unwrap_err();
+    assert!(err.to_string().contains("sslrootcert /nonexistent/ca.pem cannot be read"), "{err}");
+}
+
 async fn uptime_checks_and_samples(store: Store) {
     org(&store, "acme").await;
     let p = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
@@ -1200,4 +1263,89 @@ async fn log_drains(store: Store) {
     }
     let e = store.create_log_drain(&drain("acme", &["app"]), &audit("log_drain.create")).await.unwrap_err();
     assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+}
+
+/// What orgs used, from samples of their instances: CPU time adds up over
+/// samples (and across a restart of an instance's counter) and over instances
+/// that are gone; memory counts live instances at their latest sample;
+/// instance time runs from an instance's start to its latest sample.
+async fn instance_usage_from_samples(store: Store) {
+    store.create_region(&region("eu-west"), &audit("region.create")).await.unwrap();
+    let (n, _) = store.register_node(&node("w1", "eu-west"), &audit("node.register")).await.unwrap();
+    org(&store, "acme").await;
+    org(&store, "beta").await;
+    let web = store.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
+    let api = store.create_project(&new_project("beta", "api"), &audit("project.create")).await.unwrap();
+    let a = store.create_deployment(&new_deployment(&web, Environment::Production), &audit("d")).await.unwrap();
+    let b = store.create_deployment(&new_deployment(&api, Environment::Production), &audit("d")).await.unwrap();
+    let place = |d: &str| NewInstance {
+        deployment: d.to_owned(),
+        node: Some(n.id.clone()),
+        region: n.region.clone(),
+        resources: Resources { vcpu: 1, memory: 256 },
+        runtime: None,
+    };
+    let (i1, i2, i3) = (
+        store.create_instance(&place(&a.id)).await.unwrap(),
+        store.create_instance(&place(&a.id)).await.unwrap(),
+        store.create_instance(&place(&b.id)).await.unwrap(),
+    );
+    let mut ready = Vec::new();
+    for i in [&i1, &i2, &i3] {
+        store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+        ready.push(store.get_instance(&i.id).await.unwrap().ready_at.unwrap().timestamp_millis());
+    }
+    let sample = |i: &Instance, at: i64, cpu_ms: i64, mib: i64| UsageSample {
+        instance: i.id.clone(),
+        cpu_ms,
+        memory_bytes: mib << 20,
+        at,
+    };
+    store
+        .record_usage(&[sample(&i1, ready[0] + 60_000, 1_500, 100), sample(&i2, ready[1] + 60_000, 2_000, 50)])
+        .await
+        .unwrap();
+    store
+        .record_usage(&[
+            sample(&i1, ready[0] + 120_000, 4_000, 120),
+            // i2 restarted: its counter begins again at zero.
+            sample(&i2, ready[1] + 90_000, 500, 40),
+            sample(&i3, ready[2] + 3_600_000, 10_000, 10),
+            // An instance the store does not know is skipped.
+            UsageSample { instance: "inst_unknown".into(), cpu_ms: 99, memory_bytes: 99, at: ready[2] },
+        ])
+        .await
+        .unwrap();
+    store.set_instance_status(&i2.id, InstanceStatus::Stopped, None, None).await.unwrap();
+
+    let all = store.usage_by_org(None).await.unwrap();
+    assert_eq!(
+        all,
+        [
+            OrgUsage {
+                org: "acme".into(),
+                cpu_ms: 4_000 + 2_000 + 500,
+                memory_bytes: 120 << 20,
+                instance_ms: 120_000 + 90_000,
+                samples: 4,
+                last_sample_at: Some((ready[0] + 120_000).max(ready[1] + 90_000)),
+            },
+            OrgUsage {
+                org: "beta".into(),
+                cpu_ms: 10_000,
+                memory_bytes: 10 << 20,
+                instance_ms: 3_600_000,
+                samples: 1,
+                last_sample_at: Some(ready[2] + 3_600_000),
+            },
+        ]
+    );
+    let beta = store.usage_by_org(Some("beta")).await.unwrap();
+    assert_eq!(beta, all[1..]);
+    assert!(store.usage_by_org(Some("nobody")).await.unwrap().is_empty());
+    let mut sampled: Vec<String> = store.ready_instances().await.unwrap().into_iter().map(|i| i.id).collect();
+    sampled.sort();
+    let mut want = [i1.id.clone(), i3.id.clone()];
+    want.sort();
+    assert_eq!(sampled, want, "the stopped one is not sampled any more");
 }

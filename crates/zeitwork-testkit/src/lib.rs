@@ -78,6 +78,18 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
+/// How a test's PostgreSQL server speaks TLS.
+enum ServerTls {
+    Off,
+    /// Also TLS, with a CA the kit makes ([`Postgres::ca_path`]).
+    OwnCa,
+    /// TLS only, with the test's certificate and key.
+    Only {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
 /// A PostgreSQL server of its own, in a temp dir, on a free loopback port.
 /// Stopped (`pg_ctl stop -m immediate`) and deleted on drop.
 pub struct Postgres {
@@ -97,13 +109,20 @@ impl Postgres {
     /// initdb + pg_ctl start. As root the server runs as `nobody`, since
     /// PostgreSQL refuses to run as root.
     pub fn start() -> Result<Self> {
-        Self::start_with(false)
+        Self::start_with(ServerTls::Off)
     }
 
     /// Like [`Postgres::start`], serving TLS with a certificate for `localhost`
     /// and 127.0.0.1 from a CA of its own, whose root is at [`Postgres::ca_path`].
     pub fn start_tls() -> Result<Self> {
-        Self::start_with(true)
+        Self::start_with(ServerTls::OwnCa)
+    }
+
+    /// A server that takes TLS connections only (`hostssl` lines in its
+    /// pg_hba.conf, no `host` line), with the certificate and key (PEM files)
+    /// the test made.
+    pub fn start_tls_only(cert: &Path, key: &Path) -> Result<Self> {
+        Self::start_with(ServerTls::Only { cert: cert.to_owned(), key: key.to_owned() })
     }
 
     /// The root certificate the server's TLS certificate chains to.
@@ -113,6 +132,7 @@ impl Postgres {
 
     fn write_tls(&self) -> Result<String> {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let (cert_path, key_path) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.distinguished_name.push(DnType::CommonName, "Zeitwork test database CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -124,9 +144,15 @@ impl Postgres {
         leaf.distinguished_name.push(DnType::CommonName, "localhost");
         let key = KeyPair::generate()?;
         let cert = leaf.signed_by(&key, &issuer)?;
-        let (cert_path, key_path) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
         std::fs::write(&cert_path, cert.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;
+        self.tls_options()
+    }
+
+    /// The server options that serve the certificate and key in the server's
+    /// dir, readable by the server's user alone.
+    fn tls_options(&self) -> Result<String> {
+        let (cert_path, key_path) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
         use std::os::unix::fs::PermissionsExt;
         // PostgreSQL refuses a key others may read.
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
@@ -137,7 +163,7 @@ impl Postgres {
         Ok(format!(" -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'", cert_path.display(), key_path.display()))
     }
 
-    fn start_with(tls: bool) -> Result<Self> {
+    fn start_with(tls: ServerTls) -> Result<Self> {
         let bin = postgres_bin_dir()
             .context("PostgreSQL server binaries not found: install the postgresql package or set ZEITWORK_PG_BIN")?;
         let dir = tempfile::Builder::new().prefix("zeitwork-pg-").tempdir()?;
@@ -157,8 +183,18 @@ impl Postgres {
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c full_page_writes=off -c max_connections=200",
             pg.port
         );
-        if tls {
-            opts.push_str(&pg.write_tls()?);
+        match tls {
+            ServerTls::Off => {}
+            ServerTls::OwnCa => opts.push_str(&pg.write_tls()?),
+            ServerTls::Only { cert, key } => {
+                std::fs::copy(&cert, pg.dir.path().join("server.crt")).context("copying the server certificate")?;
+                std::fs::copy(&key, pg.dir.path().join("server.key")).context("copying the server key")?;
+                opts.push_str(&pg.tls_options()?);
+                // Replaces initdb's `host … trust` lines: a connection without TLS matches no line.
+                let hba = pg.dir.path().join("data").join("pg_hba.conf");
+                std::fs::write(&hba, "hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n")
+                    .context("writing pg_hba.conf")?;
+            }
         }
         let log = pg.dir.path().join("server.log").display().to_string();
         pg.run("pg_ctl", &["-D", &pg.data_dir(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])?;
@@ -245,6 +281,121 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"]);
     }
+}
+
+/// A certificate authority made with the `openssl` command, the way an
+/// operator makes one for a database: a root (`ca.pem`) and server
+/// certificates it signs. Its files live in `dir`.
+pub struct OpensslCa {
+    dir: PathBuf,
+    name: String,
+}
+
+impl OpensslCa {
+    /// A new root `<name>.pem` (and its key) in `dir`.
+    pub fn new(dir: &Path, name: &str) -> Result<Self> {
+        let ca = OpensslCa { dir: dir.to_owned(), name: name.to_owned() };
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-subj",
+                &format!("/CN=Zeitwork test {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        )?;
+        Ok(ca)
+    }
+
+    /// The root certificate (PEM), what `sslrootcert` names.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+
+    /// A server certificate and key (PEM files `<leaf>.crt`, `<leaf>.key`)
+    /// signed by this CA, valid for `dns` names and `ips`.
+    pub fn issue(&self, leaf: &str, dns: &[&str], ips: &[&str]) -> Result<(PathBuf, PathBuf)> {
+        let sans: Vec<String> =
+            dns.iter().map(|d| format!("DNS:{d}")).chain(ips.iter().map(|i| format!("IP:{i}"))).collect();
+        let ext = self.dir.join(format!("{leaf}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName={}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
+        )?;
+        let (crt, key, csr) = (format!("{leaf}.crt"), format!("{leaf}.key"), format!("{leaf}.csr"));
+        let cn = format!("/CN={}", dns.first().or(ips.first()).unwrap_or(&leaf));
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &cn,
+            ],
+        )?;
+        let (root, root_key) = (format!("{}.pem", self.name), format!("{}.key", self.name));
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &root,
+                "-CAkey",
+                &root_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &ext.display().to_string(),
+            ],
+        )?;
+        Ok((self.dir.join(crt), self.dir.join(key)))
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl: install the openssl package")?;
+    if !out.status.success() {
+        bail!("openssl {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

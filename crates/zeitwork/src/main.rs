@@ -106,7 +106,22 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => exit::UNAVAILABLE,
             };
         }
-        if cause.downcast_ref::<roles::UsageError>().is_some()
+        if let Some(b) = cause.downcast_ref::<zeitwork_control_plane::backup::BackupError>() {
+            return if b.is_conflict() {
+                exit::CONFLICT
+            } else if b.is_not_found() {
+                exit::NOT_FOUND
+            } else {
+                exit::FAILURE
+            };
+        }
+        // A database URL whose TLS settings do not fit the server is a configuration error too.
+        let url_error = matches!(
+            cause.downcast_ref::<zeitwork_control_plane::StartError>(),
+            Some(zeitwork_control_plane::StartError::Store(e)) if e.is_in_url()
+        );
+        if url_error
+            || cause.downcast_ref::<roles::UsageError>().is_some()
             || cause.downcast_ref::<zeitwork_control_plane::ConfigError>().is_some()
         {
             return exit::USAGE;

@@ -57,7 +57,7 @@ pub enum AnalyticsCmd {
         #[command(flatten)]
         window: Window,
     },
-    /// What each org's live instances hold.
+    /// What each org's live instances hold, and what its instances used.
     Resources {
         #[arg(long)]
         org: Option<String>,
@@ -153,13 +153,17 @@ pub async fn analytics(conn: Conn, cmd: AnalyticsCmd) -> Result<()> {
             }),
         ),
         AnalyticsCmd::Resources { .. } => table(
-            &["org", "instances", "vcpu", "memory"],
+            &["org", "instances", "vcpu", "memory", "cpu used", "memory used", "instance hours"],
             rows(&v, "orgs", |r| {
+                let used_mib = r["memory_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
                 vec![
                     r["org"].as_str().unwrap_or("").to_owned(),
                     r["instances"].to_string(),
                     r["vcpu"].to_string(),
                     format!("{} MiB", r["memory_mib"]),
+                    format!("{} s", secs(&r["cpu_seconds"])),
+                    format!("{used_mib:.1} MiB"),
+                    r["instance_hours"].as_f64().map_or_else(|| "-".into(), |h| format!("{h:.2}")),
                 ]
             }),
         ),

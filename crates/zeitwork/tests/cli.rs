@@ -749,3 +749,279 @@ fn up_with_the_demo_serves_a_page() {
     }
     stop(child);
 }
+
+/// An operator on a PostgreSQL that takes only TLS (its CA made here with
+/// openssl): with TLS turned off it stops at start, naming sslmode and what to
+/// set, with the configuration exit code; with `verify-ca` and the CA it serves.
+#[test]
+fn an_operator_on_a_postgres_that_takes_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = zeitwork_testkit::OpensslCa::new(dir.path(), "db-ca").expect("a CA made with openssl");
+    let (cert, key) = ca.issue("server", &["db.zeitwork.test"], &["127.0.0.1"]).unwrap();
+    let pg = zeitwork_testkit::Postgres::start_tls_only(&cert, &key).expect("a PostgreSQL server taking only TLS");
+    let url = pg.create_database("operator").unwrap();
+
+    let out = Command::new(BIN)
+        .args(["operator", "--listen", &format!("127.0.0.1:{}", zeitwork_testkit::free_port())])
+        .arg("--database-url")
+        .arg(format!("{url}?sslmode=disable"))
+        .env("ZEITWORK_DATA", dir.path().join("refused"))
+        .env_remove("ZEITWORK_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("accepts only TLS connections") && err.contains("sslmode=disable"), "{err}");
+    assert!(err.contains("set sslmode=verify-full&sslrootcert="), "the error says what to set: {err}");
+
+    let verified = format!("{url}?sslmode=verify-ca&sslrootcert={}", ca.root().display());
+    let r = start_operator_with(&dir.path().join("served"), None, Some(&verified));
+    ok(cli(&r, &["orgs", "create", "acme", "--owner", "ceo@acme.test"]));
+    assert!(ok(cli(&r, &["orgs", "list"])).contains("acme"));
+}
+
+/// `curl` as an API client with `token`: `method path body`; the answer as JSON
+/// (null when empty). Fails the test unless the call succeeds.
+fn curl_json(r: &Running, token: &str, method: &str, path: &str, body: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-sf", "-X", method, "-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "Content-Type: application/json", "-d", body, &format!("{}{path}", r.api)])
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "{method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// A node registered through the API whose instances' statuses the test
+/// reports, as a node agent would: (the node's credential).
+fn register_node(r: &Running, hostname: &str, region: &str) -> String {
+    let t = curl_json(
+        r,
+        &r.token,
+        "POST",
+        "/api/v1/tokens",
+        &format!(r#"{{"name":"agents-{hostname}","scope":{{"kind":"cluster","role":"node-agent"}}}}"#),
+    );
+    let n = curl_json(
+        r,
+        t["secret"].as_str().unwrap(),
+        "POST",
+        "/api/v1/nodes",
+        &format!(
+            r#"{{"hostname":"{hostname}","region":"{region}","address":"http://{hostname}:8081","capacity":{{"vcpu":16,"memory":16384}}}}"#
+        ),
+    );
+    n["credential"].as_str().unwrap().to_owned()
+}
+
+/// Deploys `image` to `org/project` and reports its one instance `status`
+/// from `node`; waits until the deployment is `active` or `failed`.
+fn deploy_and_report(r: &Running, node: &str, org: &str, project: &str, image: &str, status: &str) -> String {
+    let d = curl_json(
+        r,
+        &r.token,
+        "POST",
+        "/api/v1/deployments",
+        &format!(r#"{{"org":"{org}","project":"{project}","image":"{image}"}}"#),
+    );
+    let id = d["id"].as_str().unwrap().to_owned();
+    let instance = until("placement", || {
+        let is = curl_json(r, &r.token, "GET", &format!("/api/v1/deployments/{id}/instances"), "");
+        is[0]["id"].as_str().map(str::to_owned)
+    });
+    let report = match status {
+        "ready" => r#"{"status":"ready","address":"10.0.0.2:8080"}"#.to_owned(),
+        other => format!(r#"{{"status":"{other}","reason":"the app did not answer on port 8080 within 60 s"}}"#),
+    };
+    curl_json(r, node, "PUT", &format!("/api/v1/instances/{instance}/status"), &report);
+    let want = if status == "ready" { "active" } else { "failed" };
+    until(&format!("{id} {want}"), || {
+        let d = curl_json(r, &r.token, "GET", &format!("/api/v1/deployments/{id}"), "");
+        (d["status"] == want).then_some(())
+    });
+    id
+}
+
+/// `zeitwork analytics …` against a running operator: the tables and `--json`
+/// carry the numbers of the deployments this test made (two live, one failed,
+/// in two orgs), and a bad window is a usage error.
+#[test]
+fn analytics_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    // The node sends no heartbeats; it must not be taken for down meanwhile.
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, "node_timeout_secs = 600\n").unwrap();
+    let r = start_operator_with(&dir.path().join("data"), Some(&config), None);
+    ok(cli(&r, &["regions", "create", "eu", "--name", "EU", "--country", "DE"]));
+    ok(cli(&r, &["orgs", "create", "acme"]));
+    ok(cli(&r, &["orgs", "create", "beta"]));
+    let one = ["--instances-per-region", "1"];
+    ok(cli(&r, &[&["projects", "create", "acme/web", "--vcpu", "2", "--memory", "512"][..], &one[..]].concat()));
+    ok(cli(&r, &[&["projects", "create", "beta/api", "--vcpu", "1", "--memory", "256"][..], &one[..]].concat()));
+    let node = register_node(&r, "n1", "eu");
+    deploy_and_report(&r, &node, "acme", "web", "acme/web:1", "ready");
+    deploy_and_report(&r, &node, "acme", "web", "acme/web:2", "failed");
+    deploy_and_report(&r, &node, "beta", "api", "beta/api:1", "ready");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["analytics"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        serde_json::from_str(&ok(cli(&r, &all))).unwrap()
+    };
+    let row = |table: &str, first: &str| -> Vec<String> {
+        let line = table.lines().find(|l| l.starts_with(first)).unwrap_or_else(|| panic!("no {first} row: {table}"));
+        line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()
+    };
+
+    // Frequency: three deployments today, two of acme/web, one of beta/api.
+    let freq = json(&["frequency"]);
+    assert_eq!(freq["total"], 3, "{freq}");
+    let today = chrono_today();
+    let series = freq["series"].as_array().unwrap();
+    let count = |org: &str, project: &str| {
+        series.iter().find(|s| s["org"] == org && s["project"] == project).map(|s| s["deployments"].clone())
+    };
+    assert_eq!(count("acme", "web"), Some(serde_json::json!(2)), "{freq}");
+    assert_eq!(count("beta", "api"), Some(serde_json::json!(1)), "{freq}");
+    assert!(series.iter().all(|s| s["period"] == today.as_str()), "{freq}");
+    let table = ok(cli(&r, &["analytics", "frequency"]));
+    assert!(table.starts_with("PROJECT"), "{table}");
+    assert_eq!(row(&table, "acme/web"), ["acme/web", today.as_str(), "2"], "{table}");
+    assert_eq!(row(&table, "beta/api"), ["beta/api", today.as_str(), "1"], "{table}");
+    // Scoped to one org, the other's deployments are left out.
+    let only = json(&["frequency", "--org", "beta"]);
+    assert_eq!(only["total"], 1, "{only}");
+
+    // Success rate: acme/web one live and one failed, beta/api one live.
+    let rate = json(&["success-rate"]);
+    let projects = rate["projects"].as_array().unwrap();
+    let web = projects.iter().find(|p| p["project"] == "web").unwrap();
+    assert_eq!((&web["succeeded"], &web["failed"], &web["in_progress"]), (&1.into(), &1.into(), &0.into()), "{rate}");
+    assert_eq!(web["success_rate"], 0.5, "{rate}");
+    let table = ok(cli(&r, &["analytics", "success-rate"]));
+    assert_eq!(row(&table, "acme/web"), ["acme/web", "1", "1", "0", "50 %"], "{table}");
+    assert_eq!(row(&table, "beta/api"), ["beta/api", "1", "0", "0", "100 %"], "{table}");
+
+    // Duration: the two live deployments, the failed one did not go live.
+    let took = json(&["duration"]);
+    assert_eq!(took["create_to_active"]["count"], 2, "{took}");
+    assert_eq!(took["phases"]["ready_to_active"]["count"], 2, "{took}");
+    assert_eq!(took["phases"]["placement"]["count"], 3, "{took}");
+    let table = ok(cli(&r, &["analytics", "duration"]));
+    assert!(table.starts_with("create to active: 2 live"), "{table}");
+    assert_eq!(row(&table, "acme/web")[..2], ["acme/web", "1"], "{table}");
+
+    // Resources: what each org's live instances hold.
+    let held = json(&["resources"]);
+    let orgs = held["orgs"].as_array().unwrap();
+    let acme = orgs.iter().find(|o| o["org"] == "acme").unwrap();
+    let beta = orgs.iter().find(|o| o["org"] == "beta").unwrap();
+    assert_eq!((&acme["instances"], &acme["vcpu"], &acme["memory_mib"]), (&1.into(), &2.into(), &512.into()), "{held}");
+    assert_eq!((&beta["instances"], &beta["vcpu"], &beta["memory_mib"]), (&1.into(), &1.into(), &256.into()), "{held}");
+    let table = ok(cli(&r, &["analytics", "resources"]));
+    assert_eq!(row(&table, "acme")[..4], ["acme", "1", "2", "512 MiB"], "{table}");
+    assert_eq!(row(&table, "beta")[..4], ["beta", "1", "1", "256 MiB"], "{table}");
+    // Nothing measured yet (the node's agent is not there to ask): the use is zero.
+    assert_eq!(
+        (&acme["cpu_seconds"], &acme["sampled_at"]),
+        (&serde_json::json!(0.0), &serde_json::Value::Null),
+        "{held}"
+    );
+    assert_eq!(row(&table, "acme")[4..], ["0.0 s", "0.0 MiB", "0.00"], "{table}");
+
+    // A window that ends before it starts is the caller's mistake: exit code 2, naming the field.
+    let bad = cli(&r, &["analytics", "frequency", "--from", "2026-12-01", "--to", "2026-11-01"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("from"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
+
+/// Today's date (UTC) as the analytics periods write it.
+fn chrono_today() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `zeitwork backup --out FILE` of a running platform and `zeitwork restore
+/// FILE` into a fresh data directory, which then serves the same state; a
+/// restore over existing state without `--force`, a truncated file, a data
+/// directory without the key and an existing output file are refused with a
+/// message that says what to do, and their own exit codes.
+#[test]
+fn backup_and_restore_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let r = start_operator(&data);
+    ok(cli(&r, &["orgs", "create", "acme"]));
+    ok(cli(&r, &["projects", "create", "acme/web", "--memory", "512"]));
+    ok(cli(&r, &["env", "set", "acme/web", "DATABASE_URL=postgres://s3cret"]));
+    let file = dir.path().join("platform.backup");
+    let run = |args: &[&str], data: &Path| {
+        Command::new(BIN).args(args).env("ZEITWORK_DATA", data).env("HOME", "/nonexistent").output().unwrap()
+    };
+    let said =
+        |out: &Output| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // Online: the operator keeps serving while the backup is taken.
+    let out = run(&["backup", "--out", file.to_str().unwrap()], &data);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(said(&out).contains("1 projects") && said(&out).contains("secret.key"), "{}", said(&out));
+    assert!(ok(cli(&r, &["projects", "list"])).contains("acme/web"), "still serving");
+    assert!(!String::from_utf8_lossy(&std::fs::read(&file).unwrap()).contains("s3cret"), "env values stay encrypted");
+    // An existing file is not overwritten.
+    let out = run(&["backup", "--out", file.to_str().unwrap()], &data);
+    assert_eq!(out.status.code(), Some(5), "{}", said(&out));
+    assert!(said(&out).contains("choose a new file"), "{}", said(&out));
+    // No store to back up.
+    let out = run(&["backup", "--out", dir.path().join("none.backup").to_str().unwrap()], &dir.path().join("empty"));
+    assert_eq!(out.status.code(), Some(3), "{}", said(&out));
+    assert!(said(&out).contains("no store at"), "{}", said(&out));
+
+    // A fresh data directory without the key: refused, naming where the key goes.
+    let fresh = dir.path().join("fresh");
+    let out = run(&["restore", file.to_str().unwrap()], &fresh);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(said(&out).contains("another encryption key") && said(&out).contains("secret.key"), "{}", said(&out));
+    assert!(!fresh.join("zeitwork.db").exists());
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::copy(data.join("secret.key"), fresh.join("secret.key")).unwrap();
+
+    // A truncated file: refused, nothing put in place.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.backup");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&["restore", cut.to_str().unwrap()], &fresh);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(said(&out).contains("damaged or truncated"), "{}", said(&out));
+    assert!(!fresh.join("zeitwork.db").exists(), "nothing restored from a truncated file");
+    // A file that is not there.
+    let out = run(&["restore", dir.path().join("missing.backup").to_str().unwrap()], &fresh);
+    assert_eq!(out.status.code(), Some(3), "{}", said(&out));
+
+    // The good file: restored, and an operator on it serves the same state.
+    let out = run(&["restore", file.to_str().unwrap()], &fresh);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(said(&out).contains("Restored") && said(&out).contains("1 projects"), "{}", said(&out));
+    // Over existing state without --force: refused, the state kept.
+    let before = std::fs::read(fresh.join("zeitwork.db")).unwrap();
+    let out = run(&["restore", file.to_str().unwrap()], &fresh);
+    assert_eq!(out.status.code(), Some(5), "{}", said(&out));
+    assert!(said(&out).contains("holds a platform already") && said(&out).contains("--force"), "{}", said(&out));
+    assert_eq!(std::fs::read(fresh.join("zeitwork.db")).unwrap(), before, "existing state is kept");
+    // With --force the existing state is set aside, not deleted.
+    let out = run(&["restore", file.to_str().unwrap(), "--force"], &fresh);
+    assert!(out.status.success(), "{}", said(&out));
+    let aside = std::fs::read_dir(&fresh)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("zeitwork.db.before-restore-"));
+    assert!(aside, "the earlier state was moved aside");
+
+    drop(r);
+    // The admin token is in the restored store; its file comes along like the key.
+    std::fs::copy(data.join("admin.token"), fresh.join("admin.token")).unwrap();
+    let restored = start_operator(&fresh);
+    assert!(ok(cli(&restored, &["projects", "list"])).contains("acme/web"));
+    let env: serde_json::Value =
+        serde_json::from_str(&ok(cli(&restored, &["env", "list", "acme/web", "--json"]))).unwrap();
+    assert!(env.to_string().contains("postgres://s3cret"), "decrypted with the same key: {env}");
+}

@@ -9,7 +9,7 @@ use axum::Json;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Deserialize;
 use utoipa::IntoParams;
-use zeitwork_api_types::{Role, TokenScope, ValidationError};
+use zeitwork_api_types::{OrgResources, ResourcesByOrg, Role, TokenScope, ValidationError};
 use zeitwork_store::DeploymentFacts;
 
 use crate::auth::Caller;
@@ -230,26 +230,42 @@ pub async fn success_rate(
     Ok(Json(serde_json::json!({"from": sc.from, "to": sc.to, "projects": rows})))
 }
 
-/// What each org's live instances hold now (instances, vCPU, memory).
+/// What each org's live instances are allocated now (instances, vCPU, memory),
+/// and what its instances used: CPU seconds, memory of the live ones, and
+/// instance-hours, from the samples of the node agents' measurements.
 #[utoipa::path(get, path = "/api/v1/analytics/resources/by-org", tag = "analytics", params(Window),
-    responses((status = 200, description = "allocation per org"), (status = 403, body = zeitwork_api_types::ApiError)))]
+    responses((status = 200, body = zeitwork_api_types::ResourcesByOrg), (status = 403, body = zeitwork_api_types::ApiError)))]
 pub async fn resources_by_org(
     State(s): State<AppState>,
     caller: Caller,
     QueryParams(w): QueryParams<Window>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<ResourcesByOrg>> {
     let sc = scope(&s, &caller, &w).await?;
-    let rows: Vec<serde_json::Value> = s
-        .store
-        .allocation_by_org(sc.org.as_deref())
-        .await?
-        .into_iter()
-        .map(|(org, n, vcpu, mem)| serde_json::json!({"org": org, "instances": n, "vcpu": vcpu, "memory_mib": mem}))
-        .collect();
-    if rows.is_empty() && sc.org.is_some() {
-        // An org with nothing running answers zeros, not an empty list.
-        let org = sc.org.clone().unwrap_or_default();
-        return Ok(Json(serde_json::json!({"orgs": [{"org": org, "instances": 0, "vcpu": 0, "memory_mib": 0}]})));
+    let mut orgs: BTreeMap<String, OrgResources> = BTreeMap::new();
+    let empty = |org: &str| OrgResources {
+        org: org.to_owned(),
+        instances: 0,
+        vcpu: 0,
+        memory_mib: 0,
+        cpu_seconds: 0.0,
+        memory_bytes: 0,
+        instance_hours: 0.0,
+        sampled_at: None,
+    };
+    for (org, n, vcpu, mem) in s.store.allocation_by_org(sc.org.as_deref()).await? {
+        let row = orgs.entry(org.clone()).or_insert_with(|| empty(&org));
+        (row.instances, row.vcpu, row.memory_mib) = (n.max(0) as u64, vcpu.max(0) as u64, mem.max(0) as u64);
     }
-    Ok(Json(serde_json::json!({"orgs": rows})))
+    for u in s.store.usage_by_org(sc.org.as_deref()).await? {
+        let row = orgs.entry(u.org.clone()).or_insert_with(|| empty(&u.org));
+        row.cpu_seconds = u.cpu_ms as f64 / 1000.0;
+        row.memory_bytes = u.memory_bytes.max(0) as u64;
+        row.instance_hours = u.instance_ms as f64 / 3_600_000.0;
+        row.sampled_at = u.last_sample_at.and_then(DateTime::from_timestamp_millis);
+    }
+    if let Some(org) = &sc.org {
+        // An org with nothing running answers zeros, not an empty list.
+        orgs.entry(org.clone()).or_insert_with(|| empty(org));
+    }
+    Ok(Json(ResourcesByOrg { orgs: orgs.into_values().collect() }))
 }
