@@ -79,8 +79,13 @@ async fn the_metrics_the_alerts_use_exist_in_every_role() {
     .await
     .unwrap();
 
-    let d: Value =
-        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
+    let d: Value = admin
+        .post(
+            "/api/v1/deployments",
+            &json!({"org": "acme", "project": "web", "image": image, "instances_per_region": 1}),
+        )
+        .await
+        .unwrap();
     let dep = d["id"].as_str().unwrap().to_owned();
     common::until("the deployment to go live", async || {
         (op.store.get_deployment(&dep).await.ok()?.status.as_str() == "active").then_some(())
