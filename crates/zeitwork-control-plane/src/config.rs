@@ -102,6 +102,9 @@ pub struct OperatorConfig {
     pub audit_retention_days: u32,
     /// Days delivered notifications are kept in the outbox (dead letters stay until retried or dropped).
     pub outbox_retention_days: u32,
+    /// Days the traffic figures edges report (requests, errors, latency per
+    /// deployment: what releases are judged on) are kept.
+    pub traffic_retention_days: u32,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
     /// Send the audit log and build output to this log drain: syslog at `udp://HOST:PORT`,
@@ -199,6 +202,7 @@ impl Default for OperatorConfig {
             usage_sample_secs: 60,
             audit_retention_days: 365,
             outbox_retention_days: 7,
+            traffic_retention_days: 7,
             github_oauth: None,
             log_forward: None,
             log_forward_ca: None,
@@ -268,6 +272,7 @@ impl OperatorConfig {
             ("health_sample_retention_days", self.health_sample_retention_days),
             ("audit_retention_days", self.audit_retention_days),
             ("outbox_retention_days", self.outbox_retention_days),
+            ("traffic_retention_days", self.traffic_retention_days),
         ] {
             if !(1..=3650).contains(&days) {
                 return err(field, format!("{days} is out of range; use 1 to 3650 days"));

@@ -7,12 +7,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 use zeitwork_api_types::{Deployment, DeploymentStatus, Instance, InstanceStatus, Node, NodeStatus, Resources};
 use zeitwork_store::{Audit, InstanceTally, NewInstance, Store, StoreError};
 
-/// Engine timings.
-#[derive(Debug, Clone, Copy)]
+/// Engine timings, and the counter of what became of deployments.
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// How often a pass runs without a change: the clock for timeouts, the
     /// rollback window, drain grace and rollout steps, the lease renewal, and a
@@ -38,6 +42,8 @@ pub struct EngineConfig {
     /// the engine stops replacing them (a crash-looping build is not restarted forever).
     pub crash_budget: usize,
     pub crash_window: Duration,
+    /// Counts each deployment the engine makes active, fails or rolls back.
+    pub outcomes: DeploymentOutcomes,
 }
 
 impl Default for EngineConfig {
@@ -53,7 +59,69 @@ impl Default for EngineConfig {
             placement_timeout: Duration::from_secs(300),
             crash_budget: 5,
             crash_window: Duration::from_secs(600),
+            outcomes: DeploymentOutcomes::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// `deployments_total{outcome}`: deployments that went live (`active`), failed
+/// (placement, start, build) or were rolled back (`rolled_back`), counted where
+/// the move happens, by the operator that made it.
+#[derive(Debug, Clone, Default)]
+pub struct DeploymentOutcomes(Family<OutcomeLabels, Counter>);
+
+impl DeploymentOutcomes {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("deployments", "Deployments that became active, failed or were rolled back", self.0.clone());
+    }
+
+    /// Counts one deployment moved to `to` (`active`, `failed` or `rolled_back`).
+    pub fn count(&self, to: DeploymentStatus) {
+        self.0.get_or_create(&OutcomeLabels { outcome: to.as_str() }).inc();
+    }
+
+    /// How many moved to `to` so far.
+    pub fn get(&self, to: DeploymentStatus) -> u64 {
+        self.0.get_or_create(&OutcomeLabels { outcome: to.as_str() }).get()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueryLabels {
+    query: &'static str,
+}
+
+/// `db_query_duration_seconds{query}`: how long the store takes to answer the
+/// queries every operator runs all the time, a real write (`engine_lease`,
+/// every tick) and a read (`outbox_counts`, every few seconds), so a slow or
+/// overloaded database shows without timing every query.
+#[derive(Debug, Clone)]
+pub struct QueryTimes(Family<QueryLabels, Histogram>);
+
+impl Default for QueryTimes {
+    fn default() -> Self {
+        Self(Family::new_with_constructor(|| {
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        }))
+    }
+}
+
+impl QueryTimes {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("db_query_duration_seconds", "Latency of the store's queries, by query", self.0.clone());
+    }
+
+    /// Runs `query` and records how long it took under `name`, whatever it answered.
+    pub async fn time<T>(&self, name: &'static str, query: impl std::future::Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let out = query.await;
+        self.0.get_or_create(&QueryLabels { query: name }).observe(start.elapsed().as_secs_f64());
+        out
     }
 }
 
@@ -102,6 +170,8 @@ pub struct EngineGauges {
     pub leader: prometheus_client::metrics::gauge::Gauge,
     /// 1 while the store answers (the lease is renewed every tick).
     pub database_up: prometheus_client::metrics::gauge::Gauge,
+    /// The lease renewal's latency goes here.
+    pub queries: QueryTimes,
 }
 
 /// Runs passes until `stop`.
@@ -114,7 +184,7 @@ pub async fn run(
     gauges: EngineGauges,
     mut stop: watch::Receiver<bool>,
 ) {
-    let EngineGauges { leader, database_up } = gauges;
+    let EngineGauges { leader, database_up, queries } = gauges;
     // One engine at a time across operators sharing a store.
     let mut leading = false;
     let mut leading_since = tokio::time::Instant::now();
@@ -124,7 +194,7 @@ pub async fn run(
     loop {
         changes.mark_unchanged();
         let ttl = config.lease_ttl.as_millis() as i64;
-        let lease = store.acquire_lease(ENGINE_LEASE, &holder, ttl).await;
+        let lease = queries.time("engine_lease", store.acquire_lease(ENGINE_LEASE, &holder, ttl)).await;
         database_up.set(i64::from(lease.is_ok()));
         match lease {
             Ok(held) => {
@@ -141,7 +211,7 @@ pub async fn run(
         }
         leader.set(i64::from(leading));
         if leading {
-            let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config };
+            let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config.clone() };
             match pass(&store, &config).await {
                 Ok(true) => changed(),
                 Ok(false) => {}
@@ -340,6 +410,7 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
                     // (a rollback, a promotion) is not failed by what this pass read before.
                     if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await? {
                         store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
+                        config.outcomes.count(DeploymentStatus::Failed);
                         let audit = system("deployment.fail", &d.id, &d.org, &d.project)
                             .detail(serde_json::json!({"reason": why}));
                         store.record_event(&audit, "failed").await?;
@@ -390,16 +461,18 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));
             let reason = format!("instance {}: {why}", i.id);
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+            config.outcomes.count(DeploymentStatus::Failed);
             let audit =
                 system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
             store.record_event(&audit, "failed").await?;
             changed = true;
         } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
             // Every instance is ready: a canary begins, or the switch (see `rollout`).
-            changed |= crate::rollout::on_ready(store, &d).await?;
+            changed |= crate::rollout::on_ready(store, config, &d).await?;
         } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
             let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
             store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+            config.outcomes.count(DeploymentStatus::Failed);
             let audit =
                 system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
             store.record_event(&audit, "failed").await?;
@@ -976,5 +1049,31 @@ mod tests {
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!(told[0].target, d.id);
         assert_eq!(store.list_instances(&d.id).await.unwrap().len(), config.crash_budget, "nothing was placed");
+
+        // A starting deployment whose instance fails fails, and is counted once.
+        let second = zeitwork_store::NewDeployment {
+            id: "web-bbbbbbb-acme".into(),
+            url: "http://web-bbbbbbb-acme.x".into(),
+            ..new
+        };
+        let d2 = store.create_deployment(&second, &a()).await.unwrap();
+        store.set_deployment_status(&d2.id, DeploymentStatus::Starting, None).await.unwrap();
+        let i = store
+            .create_instance(&NewInstance {
+                deployment: d2.id.clone(),
+                node: Some(n.id.clone()),
+                region: "eu".into(),
+                resources: SMALL,
+                runtime: None,
+            })
+            .await
+            .unwrap();
+        store.set_instance_status(&i.id, InstanceStatus::Failed, None, Some((Some(1), "exit 1".into()))).await.unwrap();
+        assert_eq!(config.outcomes.get(DeploymentStatus::Failed), 0);
+        for _ in 0..2 {
+            pass(&store, &config).await.unwrap();
+        }
+        assert_eq!(store.get_deployment(&d2.id).await.unwrap().status, DeploymentStatus::Failed);
+        assert_eq!(config.outcomes.get(DeploymentStatus::Failed), 1);
     }
 }

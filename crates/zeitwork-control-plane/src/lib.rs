@@ -64,6 +64,8 @@ pub struct AppState {
     pub outbox: Arc<tokio::sync::Notify>,
     /// Build counters and durations.
     pub builds: api::builds::SharedBuildMetrics,
+    /// Deployments that became active, failed or were rolled back.
+    pub outcomes: engine::DeploymentOutcomes,
     /// Event stream figures.
     pub sse: Arc<api::stream::SseStats>,
     /// Outbox and database pool gauges.
@@ -171,15 +173,18 @@ impl Operator {
         let metrics = HttpMetrics::new("zeitwork_operator");
         let gauges = engine::EngineGauges::default();
         let leader = gauges.leader.clone();
+        let outcomes = engine::DeploymentOutcomes::default();
         metrics.with_registry(|r| {
             r.register("engine_leader", "1 while this operator runs the deployment engine", leader.clone());
             r.register("database_up", "1 while the store answers", gauges.database_up.clone());
+            gauges.queries.register(r);
+            outcomes.register(r);
         });
         let build_metrics = Arc::new(api::builds::BuildMetrics::default());
         metrics.with_registry(|r| build_metrics.register(r));
         let sse = Arc::new(api::stream::SseStats::default());
         metrics.with_registry(|r| sse.register(r));
-        let queue_gauges = Arc::new(notify::QueueGauges::default());
+        let queue_gauges = Arc::new(notify::QueueGauges { queries: gauges.queries.clone(), ..Default::default() });
         metrics.with_registry(|r| queue_gauges.register(r));
         let engine = tokio::spawn(engine::run(
             store.clone(),
@@ -187,6 +192,7 @@ impl Operator {
                 node_timeout: std::time::Duration::from_secs(config.node_timeout_secs),
                 placement_timeout: std::time::Duration::from_secs(config.placement_timeout_secs),
                 rollback_window: std::time::Duration::from_secs(config.rollback_window_secs),
+                outcomes: outcomes.clone(),
                 ..Default::default()
             },
             engine_id.clone(),
@@ -218,6 +224,7 @@ impl Operator {
             leader,
             outbox: Arc::new(tokio::sync::Notify::new()),
             builds: build_metrics,
+            outcomes,
             sse,
             gauges: queue_gauges,
             uptime: Arc::new(tokio::sync::Notify::new()),

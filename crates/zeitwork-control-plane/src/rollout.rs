@@ -12,8 +12,6 @@
 //! new deployments are watched (a rollback is not), and a deployment sent
 //! back is `rolled_back`, which nothing switches to on its own.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-
 use zeitwork_api_types::{
     Analysis, AutoRollback, Deployment, DeploymentStatus, DeploymentTraffic, Environment, RolloutState, RolloutStatus,
 };
@@ -24,9 +22,6 @@ use crate::engine::EngineConfig;
 /// A p95 latency regression must also be at least this much slower, so
 /// sub-millisecond noise (and the histogram's 19 % buckets) never decide.
 pub const LATENCY_FLOOR_MS: f64 = 20.0;
-
-/// Traffic figures are kept this long (the longest window is an hour).
-const KEEP_TRAFFIC_MS: i64 = 2 * 3600 * 1000;
 
 /// What the figures of one window say.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,7 +152,7 @@ fn canary_reason(r: &[u32], step: usize, env: Environment) -> String {
 /// the environment at once (watched for regressions when automatic rollback
 /// is on and there is something to roll back to). Running it twice changes
 /// nothing the second time.
-pub async fn on_ready(store: &Store, d: &Deployment) -> Result<bool, StoreError> {
+pub async fn on_ready(store: &Store, config: &EngineConfig, d: &Deployment) -> Result<bool, StoreError> {
     let project = store.get_project(&d.org, &d.project).await?;
     let s = project.auto_rollback;
     let baseline = project.current_deployment.get(&slot(d)).filter(|c| **c != d.id).cloned();
@@ -238,6 +233,7 @@ pub async fn on_ready(store: &Store, d: &Deployment) -> Result<bool, StoreError>
     // Traffic moves only now that every instance is ready; the one it
     // replaces becomes standby and keeps its instances for rollback.
     store.activate_deployment(&d.id, &system("deployment.activate", d)).await?;
+    config.outcomes.count(DeploymentStatus::Active);
     Ok(true)
 }
 
@@ -247,16 +243,10 @@ pub async fn is_baseline(store: &Store, id: &str) -> Result<bool, StoreError> {
     Ok(store.open_rollouts().await?.iter().any(|r| r.baseline.as_deref() == Some(id)))
 }
 
-static LAST_PRUNE: AtomicI64 = AtomicI64::new(0);
-
 /// Moves every open rollout one step: analyses its figures, rolls back a
 /// regression, advances canary steps whose time is up, ends watches.
 pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
-    if now - LAST_PRUNE.load(Ordering::Relaxed) > 60_000 {
-        LAST_PRUNE.store(now, Ordering::Relaxed);
-        store.prune_traffic(now - KEEP_TRAFFIC_MS).await?;
-    }
     let mut changed = false;
     for r in store.open_rollouts().await? {
         changed |= step(store, config, &r, now).await?;
@@ -309,6 +299,7 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                     let audit =
                         system("deployment.activate", &d).detail(serde_json::json!({"shadow_secs": r.step_secs}));
                     store.promote_rollout(&d.id, watch_until, &audit).await?;
+                    config.outcomes.count(DeploymentStatus::Active);
                     tracing::info!(deployment = %d.id, "shadow traffic passed; the deployment took its environment");
                     Ok(true)
                 }
@@ -353,6 +344,7 @@ async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64)
                 let watch_until = s.enabled.then_some(now + i64::from(s.watch_secs) * 1000);
                 let audit = system("deployment.activate", &d).detail(serde_json::json!({"rollout": r.steps}));
                 store.promote_rollout(&d.id, watch_until, &audit).await?;
+                config.outcomes.count(DeploymentStatus::Active);
                 tracing::info!(deployment = %d.id, "canary passed every step; the deployment took its environment");
             } else {
                 let reason = canary_reason(&r.steps, next, d.environment);
@@ -494,6 +486,7 @@ async fn roll_back(
     let stop_after = now + config.drain_grace.as_millis() as i64;
     let done = store.roll_back_release(&d.id, to, &reason, stop_after, &audit).await?;
     if done {
+        config.outcomes.count(DeploymentStatus::RolledBack);
         tracing::warn!(deployment = %d.id, to = ?to.map(|t| &t.id), failed = served.errors, %reason, "automatic rollback");
     }
     Ok(done)

@@ -1,6 +1,8 @@
 //! The shipped Prometheus configuration and alert rules: `promtool` accepts
-//! them, each alert's unit test passes, and the operator's metrics they name
-//! exist in a running operator's exposition.
+//! them, every alert has a unit test that makes it fire and the tests pass,
+//! and the operator's metrics they name exist in a running operator's
+//! exposition (the node agent's, the edge's and the load balancer's are
+//! checked by the node agent's `alert_metrics` test).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,6 +45,55 @@ fn promtool_accepts_the_shipped_files_and_every_alert_fires_on_its_series() {
     promtool(&["test", "rules", "alerts_test.yml"]);
 }
 
+/// The alerts of `alerts.yml`, by name.
+fn alert_names(rules: &str) -> Vec<String> {
+    rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).map(|n| n.trim().to_owned()).collect()
+}
+
+/// The alerts a unit test of `alerts_test.yml` expects to fire (an
+/// `alert_rule_test` entry with at least one expected alert).
+fn alerts_tested_firing(tests: &str) -> std::collections::BTreeSet<String> {
+    tests
+        .split("- eval_time:")
+        .filter_map(|entry| {
+            let name = entry.lines().find_map(|l| l.trim().strip_prefix("alertname: "))?;
+            entry.contains("exp_labels:").then(|| name.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_unit_test_that_makes_it_fire() {
+    let rules = std::fs::read_to_string(deploy_dir().join("alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(deploy_dir().join("alerts_test.yml")).unwrap();
+    let alerts = alert_names(&rules);
+    assert!(alerts.len() >= 17, "the rules were read: {alerts:?}");
+    let tested = alerts_tested_firing(&tests);
+    let untested: Vec<&String> = alerts.iter().filter(|a| !tested.contains(*a)).collect();
+    assert!(untested.is_empty(), "alerts no unit test in alerts_test.yml makes fire: {untested:?}");
+    // The check itself tells a test that expects silence from one that expects an alert.
+    let silent = "  - eval_time: 5m\n    alertname: ServiceDown\n    exp_alerts: []\n";
+    assert!(alerts_tested_firing(silent).is_empty());
+}
+
+/// The metric names a rule file uses, as their families are declared in an
+/// exposition (`# TYPE name …`): a histogram's `_bucket` and a counter's
+/// `_total` belong to the family without the suffix.
+fn families_used(rules: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in rules.match_indices(prefix) {
+        let name: String =
+            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        let family = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        out.insert(family);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_metrics_the_alerts_use_exist() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,16 +119,29 @@ async fn the_operator_metrics_the_alerts_use_exist() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     let rules = std::fs::read_to_string(deploy_dir().join("alerts.yml")).unwrap();
+    let used = families_used(&rules, "zeitwork_operator_");
     for name in [
         "zeitwork_operator_database_up",
         "zeitwork_operator_engine_leader",
-        "zeitwork_operator_http_request_duration_seconds_bucket",
-        "zeitwork_operator_outbox_dead",
-        "zeitwork_operator_outbox_oldest_pending_seconds",
+        "zeitwork_operator_http_request_duration_seconds",
+        "zeitwork_operator_builds",
+        "zeitwork_operator_deployments",
+        "zeitwork_operator_db_query_duration_seconds",
     ] {
-        assert!(rules.contains(name), "the rules use {name}");
-        assert!(metrics.lines().any(|l| l.starts_with(name)), "{name} is exported: {metrics}");
+        assert!(used.contains(name), "the rules use {name}: {used:?}");
+    }
+    for name in &used {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            "{name} is not exported: {metrics}"
+        );
     }
     assert!(metrics.lines().any(|l| l == "zeitwork_operator_database_up 1"), "{metrics}");
+    // The engine's lease renewals are timed: the database latency has samples.
+    let leases = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("zeitwork_operator_db_query_duration_seconds_count{query=\"engine_lease\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(leases.is_some_and(|n| n >= 1), "no timed lease renewal: {metrics}");
     op.shutdown().await;
 }

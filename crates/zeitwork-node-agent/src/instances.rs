@@ -72,6 +72,45 @@ pub struct Settings {
     pub egress_names: crate::egress::Resolved,
     /// Set when sleeping deployments' VMs are saved to snapshots and woken from them.
     pub snapshots: Option<Snapshots>,
+    /// How long instances take from start to ready.
+    pub boot: BootTimes,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BootLabels {
+    runtime: &'static str,
+    /// `boot` (a new container or microVM) or `snapshot` (a microVM restored).
+    from: &'static str,
+}
+
+/// `instance_boot_seconds{runtime, from}`: from the moment an instance is
+/// started (after its image is pulled and its release command ran) until it
+/// first answers its health check.
+#[derive(Debug, Clone)]
+pub struct BootTimes(
+    prometheus_client::metrics::family::Family<BootLabels, prometheus_client::metrics::histogram::Histogram>,
+);
+
+impl BootTimes {
+    pub fn new(metrics: &zeitwork_telemetry::HttpMetrics) -> Self {
+        let b = BootTimes(prometheus_client::metrics::family::Family::new_with_constructor(|| {
+            prometheus_client::metrics::histogram::Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ])
+        }));
+        metrics.with_registry(|r| {
+            r.register(
+                "instance_boot_seconds",
+                "Time from an instance's start to its first passed health check, by runtime and start (boot, snapshot)",
+                b.0.clone(),
+            )
+        });
+        b
+    }
+
+    fn observe(&self, runtime: &'static str, from: &'static str, took: Duration) {
+        self.0.get_or_create(&BootLabels { runtime, from }).observe(took.as_secs_f64());
+    }
 }
 
 /// VM snapshots for wake: counted, as Prometheus sees them.
@@ -248,6 +287,7 @@ async fn bring_up(
             return;
         }
     }
+    let boot_began = Instant::now();
     let restored = match &s.snapshots {
         Some(counts) if runtime.snapshot_keys().contains(&a.deployment) => {
             match runtime.restore(&spec, &a.deployment).await {
@@ -265,6 +305,7 @@ async fn bring_up(
         }
         _ => None,
     };
+    let from = if restored.is_some() { "snapshot" } else { "boot" };
     let started = match restored {
         Some(r) => Ok(r),
         None => runtime.start(&spec).await,
@@ -316,6 +357,7 @@ async fn bring_up(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+    s.boot.observe(runtime.name(), from, boot_began.elapsed());
     if let Some(l) = table.write().await.get_mut(&id) {
         l.ready = true;
     }

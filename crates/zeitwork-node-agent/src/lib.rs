@@ -500,6 +500,7 @@ impl NodeAgent {
 
         let metrics = HttpMetrics::new("zeitwork_node_agent");
         let swept = sweep::Swept::register(&metrics);
+        org_drains.register(&metrics);
         swept.count(&leftovers);
         let table: instances::Table = Arc::default();
         let forwarder = Arc::new(forward::Forwarder::new(table.clone(), &config.operator_url));
@@ -514,6 +515,7 @@ impl NodeAgent {
                     metrics: metrics.clone(),
                     token: config.metrics_token.clone().map(Into::into),
                     forwarder: forwarder.clone(),
+                    org_drains: org_drains.clone(),
                 }),
             )
             .route("/v1/instances/{id}/logs", get(logs::instance_logs).with_state(own.clone()))
@@ -580,6 +582,7 @@ impl NodeAgent {
                     egress_names: Default::default(),
                     snapshots: (config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&selected.runtime))
                         .then(|| instances::Snapshots::new(&metrics)),
+                    boot: instances::BootTimes::new(&metrics),
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {

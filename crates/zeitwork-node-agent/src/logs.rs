@@ -40,6 +40,8 @@ pub struct ScrapeState {
     /// The configured metrics token (Prometheus `authorization`).
     pub token: Option<Arc<str>>,
     pub forwarder: Arc<Forwarder>,
+    /// Their counters are brought up to date before each scrape.
+    pub org_drains: Arc<crate::drains::OrgDrains>,
 }
 
 /// `GET /metrics`: for Prometheus with the configured `metrics_token`, or a platform admin.
@@ -52,6 +54,7 @@ pub async fn scrape(State(s): State<ScrapeState>, headers: HeaderMap) -> Respons
     if !allowed {
         return zeitwork_telemetry::refuse_scrape(&headers);
     }
+    s.org_drains.count();
     zeitwork_telemetry::metrics_handler(State(s.metrics)).await
 }
 

@@ -111,6 +111,21 @@ async fn an_orgs_app_logs_and_audit_events_reach_its_own_drain_only() {
     assert_eq!(acme_line["stream"], "stdout", "{acme_line}");
     assert_eq!(acme_line["_auth"], "Bearer acme-token", "{acme_line}");
     common::until("other's app line at its drain", async || has("/other", "hello from other")).await;
+    // What the drains sent is counted by kind of drain (both are HTTP drains here).
+    let scrape = format!("http://{}/metrics", agent.addr());
+    let admin_token = op.admin_token.clone().unwrap();
+    common::until("the organisations' drains' lines counted on /metrics", async || {
+        let m = reqwest::Client::new().get(&scrape).bearer_auth(&admin_token).send().await.ok()?.text().await.ok()?;
+        let sent = m
+            .lines()
+            .find_map(|l| l.strip_prefix("zeitwork_node_agent_org_log_lines_forwarded_total{kind=\"http-json\"} "))?
+            .parse::<u64>()
+            .ok()?;
+        let dropped =
+            m.lines().any(|l| l.starts_with("zeitwork_node_agent_org_log_lines_dropped_total{kind=\"http-json\"} 0"));
+        (sent >= 2 && dropped).then_some(())
+    })
+    .await;
 
     // Audit events: the operator tails them from the newest once it leads, so keep
     // making changes in both organisations until acme's reaches its drain.

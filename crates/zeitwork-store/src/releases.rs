@@ -133,9 +133,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Forgets figures received before `before` (unix ms); returns how many rows went.
-    pub async fn prune_traffic(&self, before: i64) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM traffic_samples WHERE at < $1").bind(before).execute(&self.writer).await?;
+    /// Forgets figures received before `before` (unix ms), at most `batch` at
+    /// a time, oldest first; returns how many rows went.
+    pub async fn prune_traffic(&self, before: i64, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM traffic_samples WHERE (deployment_id, edge, period) IN \
+             (SELECT deployment_id, edge, period FROM traffic_samples WHERE at < $1 ORDER BY at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&self.writer)
+        .await?;
         Ok(done.rows_affected())
     }
 

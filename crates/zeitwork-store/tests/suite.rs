@@ -996,7 +996,11 @@ async fn traffic_and_rollouts(store: Store) {
     assert!(store.open_rollouts().await.unwrap().is_empty());
     let filter = EventFilter { action: Some("deployment.auto_rollback".into()), ..Default::default() };
     assert_eq!(store.list_events(&filter, &Page::first(10)).await.unwrap().items.len(), 1);
-    assert!(store.prune_traffic(now + 60_000).await.unwrap() >= 2);
+    // Pruned in batches, oldest first; nothing newer than the cut goes.
+    assert_eq!(store.prune_traffic(now - 3_600_000, 1000).await.unwrap(), 0, "nothing is that old");
+    assert_eq!(store.prune_traffic(now + 60_000, 1).await.unwrap(), 1, "one batch");
+    assert_eq!(store.prune_traffic(now + 60_000, 1000).await.unwrap(), 1, "the rest");
+    assert_eq!(store.traffic_between(&new.id, 0, now + 60_000).await.unwrap().requests, 0);
 }
 
 /// A network per project and environment and an address per live instance:

@@ -528,6 +528,7 @@ async fn fail(s: &AppState, b: &StoredBuild, node: Option<&str>, error: &str) ->
         .detail(serde_json::json!({"reason": reason}));
     if s.store.fail_build(&b.id, node, &reason, &audit).await? {
         s.builds.observe("failed", b.started_at);
+        s.outcomes.count(zeitwork_api_types::DeploymentStatus::Failed);
         tracing::warn!(deployment = %b.id, %error, "build failed");
         s.changed();
     }

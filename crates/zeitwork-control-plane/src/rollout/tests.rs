@@ -224,9 +224,9 @@ async fn a_regression_never_rolls_back_across_a_migration() {
     let (_dir, store, ids) = store_migrating(2, None, Some(1)).await;
     let (one, two) = (&ids[0], &ids[1]);
     let config = EngineConfig::default();
-    on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(one).await.unwrap()).await.unwrap();
     serve(&store, one, 100, 0).await;
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
     serve(&store, two, 0, 20).await;
     pass(&store, &config).await.unwrap();
     assert_eq!(
@@ -252,10 +252,10 @@ async fn a_regression_rolls_back_once_and_never_loops() {
     let (_dir, store, ids) = store_with(2, None).await;
     let (one, two) = (&ids[0], &ids[1]);
     let config = EngineConfig::default();
-    on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(one).await.unwrap()).await.unwrap();
     assert!(store.get_rollout(one).await.unwrap().is_none(), "nothing to roll back to: not watched");
     serve(&store, one, 100, 0).await;
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
     assert_eq!(status(&store, two).await, DeploymentStatus::Active);
     // Healthy at first; silence and a trickle decide nothing.
     serve(&store, two, 5, 0).await;
@@ -277,6 +277,9 @@ async fn a_regression_rolls_back_once_and_never_loops() {
         (DeploymentStatus::Active, DeploymentStatus::RolledBack)
     );
     assert!(store.open_rollouts().await.unwrap().is_empty());
+    // Counted once each: two went live, one was rolled back.
+    let outcomes = (config.outcomes.get(DeploymentStatus::Active), config.outcomes.get(DeploymentStatus::RolledBack));
+    assert_eq!(outcomes, (2, 1));
     // And a person cannot abort it twice.
     let again =
         decide(&store, config.drain_grace, &bad, false, Audit::new("test", "rollout.abort", two)).await.unwrap();
@@ -291,8 +294,8 @@ async fn a_failing_canary_is_aborted_without_touching_the_environment() {
     let (_dir, store, ids) = store_with(3, Some(rollout)).await;
     let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
     let config = EngineConfig::default();
-    on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(one).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
     let r = store.get_rollout(two).await.unwrap().unwrap();
     assert_eq!((r.state, r.weight, r.baseline.as_deref()), (RolloutState::Canary, 10, Some(one.as_str())));
     assert_eq!(status(&store, two).await, DeploymentStatus::Ready);
@@ -307,7 +310,7 @@ async fn a_failing_canary_is_aborted_without_touching_the_environment() {
     assert!(store.canaries().await.unwrap().is_empty(), "the split is gone");
     assert_eq!(status(&store, one).await, DeploymentStatus::Active);
     // The next deployment rolls out against the one still serving.
-    on_ready(&store, &store.get_deployment(three).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(three).await.unwrap()).await.unwrap();
     let r = store.get_rollout(three).await.unwrap().unwrap();
     assert_eq!(r.baseline.as_deref(), Some(one.as_str()));
     // Promoted by hand: it takes the environment and is watched.
@@ -332,8 +335,8 @@ async fn a_person_aborts_a_canary_and_a_watch() {
     let (_dir, store, ids) = store_with(3, Some(rollout)).await;
     let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
     let config = EngineConfig::default();
-    on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(one).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
     assert_eq!(store.get_rollout(two).await.unwrap().unwrap().state, RolloutState::Canary);
 
     let d = store.get_deployment(two).await.unwrap();
@@ -350,7 +353,7 @@ async fn a_person_aborts_a_canary_and_a_watch() {
 
     // The next one is promoted, then aborted while it is watched: the
     // environment goes back to the deployment it replaced.
-    on_ready(&store, &store.get_deployment(three).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(three).await.unwrap()).await.unwrap();
     let d = store.get_deployment(three).await.unwrap();
     decide(&store, config.drain_grace, &d, true, Audit::new("alice", "rollout.promote", three)).await.unwrap().unwrap();
     assert_eq!(status(&store, three).await, DeploymentStatus::Active);
@@ -379,8 +382,9 @@ async fn a_person_aborts_a_canary_and_a_watch() {
 async fn a_newer_deployment_supersedes_a_running_canary() {
     let rollout = zeitwork_api_types::Rollout { steps: vec![10, 100], step_secs: 600 };
     let (_dir, store, ids) = store_with(3, Some(rollout)).await;
+    let config = EngineConfig::default();
     for id in &ids {
-        on_ready(&store, &store.get_deployment(id).await.unwrap()).await.unwrap();
+        on_ready(&store, &config, &store.get_deployment(id).await.unwrap()).await.unwrap();
     }
     let (one, two, three) = (&ids[0], &ids[1], &ids[2]);
     let r = store.get_rollout(two).await.unwrap().unwrap();
@@ -421,12 +425,12 @@ async fn a_shadow_that_regresses_is_never_switched_to() {
     let (_dir, store, ids) = store_with(2, None).await;
     let (one, two) = (&ids[0], &ids[1]);
     let config = EngineConfig::default();
-    on_ready(&store, &store.get_deployment(one).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(one).await.unwrap()).await.unwrap();
     serve(&store, one, 100, 0).await;
     let sh = zeitwork_api_types::Shadow { share: 50, secs: 600, all_methods: false };
     store.set_deployment_shadow(two, &sh).await.unwrap();
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
-    on_ready(&store, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
+    on_ready(&store, &config, &store.get_deployment(two).await.unwrap()).await.unwrap();
     assert_eq!(
         (status(&store, one).await, status(&store, two).await),
         (DeploymentStatus::Active, DeploymentStatus::Ready)
