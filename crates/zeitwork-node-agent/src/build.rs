@@ -371,9 +371,11 @@ async fn build_in(
     // TMPDIR, `/var/tmp` by default: one place for every build on the node, where one
     // tenant's step would plant files another's reads. Each project gets its own, in
     // its layer store (within its disk limit, evicted with it).
+    // Traverse-only for others: the steps' root file systems are mounted below it by
+    // the OCI runtime as the build's unprivileged root (buildah makes its own directories so).
     let tmp = storage.join(TMP_DIR);
     tokio::fs::DirBuilder::new()
-        .mode(0o700)
+        .mode(0o711)
         .recursive(true)
         .create(&tmp)
         .await

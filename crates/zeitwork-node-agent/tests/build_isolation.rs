@@ -135,7 +135,7 @@ async fn builds_reach_no_service_and_no_other_tenant_and_their_output_reaches_th
     let dir = tempfile::tempdir().unwrap();
     let registry = zeitwork_testkit::Registry::start().expect("a real registry");
     let base = registry.push_busybox("base", "1", "sleep 1000").await.unwrap();
-    let project = |org: &str| json!({"name": "web", "org": org, "port": 8080, "resources": {"vcpu": 1, "memory": 64}});
+    let project = |org: &str| json!({"name": "web", "org": org, "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
     let (op, api, admin) = common::operator(dir.path(), OperatorConfig::default(), project("acme")).await;
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/projects", &project("other")).await.unwrap();
@@ -166,11 +166,11 @@ async fn builds_reach_no_service_and_no_other_tenant_and_their_output_reaches_th
     ];
     targets.extend(host_addresses().into_iter().map(|a| format!("{a}:{service}/")));
     for t in &targets {
-        let t = t.clone();
+        let url = format!("http://{t}");
         let ok = tokio::task::spawn_blocking(move || {
             std::process::Command::new("/usr/bin/busybox")
                 .args(WGET.split(' ').skip(1))
-                .arg(format!("http://{t}"))
+                .arg(url)
                 .status()
                 .unwrap()
                 .success()
