@@ -292,13 +292,17 @@ async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Re
     let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, stopper.clone());
     // Per-project layer store: the cache of one project is never read by another.
     let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
-    let disk = watch_disk(vec![storage.clone(), work.clone()], job.disk_mib, stopper.clone());
+    let (tmp, tmp_kept) = build_tmp(&settings.dir, &storage, &job.id);
+    let disk = watch_disk(vec![storage.clone(), work.clone(), tmp.clone()], job.disk_mib, stopper.clone());
     let result = build_in(client, settings, &job, &work, &storage, &out, cancel_rx).await;
     disk.abort();
     let (cache, budget, keep) = (settings.dir.join("cache"), settings.cache_bytes, storage.clone());
-    let tmp = storage.join(TMP_DIR);
     let cleared = tokio::task::spawn_blocking(move || {
-        clear_temporary(&tmp);
+        if tmp_kept {
+            clear_temporary(&tmp);
+        } else if let Err(e) = std::fs::remove_dir_all(&tmp) {
+            tracing::warn!(dir = %tmp.display(), error = %e, "removing a build's temporary directory failed");
+        }
         evict_layer_stores(&cache, budget, &keep)
     });
     match cleared.await {
@@ -370,10 +374,17 @@ async fn build_in(
     // buildah keeps `RUN --mount=type=cache` directories (and its temporary files) under
     // TMPDIR, `/var/tmp` by default: one place for every build on the node, where one
     // tenant's step would plant files another's reads. Each project gets its own, in
-    // its layer store (within its disk limit, evicted with it).
-    // Traverse-only for others: the steps' root file systems are mounted below it by
-    // the OCI runtime as the build's unprivileged root (buildah makes its own directories so).
-    let tmp = storage.join(TMP_DIR);
+    // its layer store (within its disk limit, evicted with it). Traverse-only for
+    // others: the steps' root file systems are mounted below it by the OCI runtime as
+    // the build's unprivileged root (buildah makes its own directories so).
+    let (tmp, kept) = build_tmp(&settings.dir, storage, &job.id);
+    if !kept {
+        tracing::warn!(
+            dir = %settings.dir.display(),
+            "a directory above the builds' keeps other users out (chmod o+x, e.g. 0711): \
+             cache mounts of RUN steps last one build only"
+        );
+    }
     tokio::fs::DirBuilder::new()
         .mode(0o711)
         .recursive(true)
@@ -503,6 +514,21 @@ async fn prune_images(settings: &BuilderSettings, storage: &Path, runroot: &Path
             "pruning a layer store's unused images failed"
         ),
         Err(e) => tracing::warn!(store = %storage.display(), error = %e, "cannot run buildah to prune a layer store"),
+    }
+}
+
+/// buildah's TMPDIR for a build, and whether it is the project's own (kept
+/// between builds, in its layer store). The steps' unprivileged root must
+/// pass through every directory above it; where one above `builds` keeps
+/// others out, the build gets a directory of its own under `/var/tmp`,
+/// removed afterwards.
+fn build_tmp(builds: &Path, storage: &Path, id: &str) -> (PathBuf, bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let open = builds.ancestors().all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if open {
+        (storage.join(TMP_DIR), true)
+    } else {
+        (PathBuf::from("/var/tmp").join(format!("zeitwork-build-{id}")), false)
     }
 }
 
