@@ -2,22 +2,26 @@
 //! each with buildah and uploads the image it produced.
 //!
 //! Isolation: every `RUN` step runs in an OCI container (`--isolation oci`)
-//! in a user namespace (root inside is an unprivileged host uid), with no
-//! network at all (`--network none`: it reaches neither the platform's
-//! services nor other tenants), under memory, CPU and pids limits, and the
-//! whole build under a wall-time limit. The layer stores use the `vfs`
-//! driver by default: buildah releases before 1.30 (Debian 12 ships 1.28)
-//! fail user-namespaced layered builds on `overlay` (a `COPY` into a
-//! directory a `RUN` made, any `RUN --mount`); set `build_storage_driver =
-//! "overlay"` with a newer buildah for faster cold builds. Base images are pulled by buildah
-//! itself from the registries the build names. Each project keeps its own
+//! in a user namespace (root inside is an unprivileged host uid), in a
+//! network namespace of its own that holds only its loopback
+//! (`--network none`: it reaches neither the platform's services, nor the
+//! host, nor other tenants, nor anything else), under memory, CPU and pids
+//! limits, and the whole build under a wall-time limit. No step needs more:
+//! base images (`FROM`, `COPY --from=IMAGE`) are pulled by buildah itself,
+//! on the host's side, from the registries the build names, before the
+//! steps that use them run. The layer stores use the `vfs` driver by
+//! default: buildah releases before 1.30 (Debian 12 ships 1.28) fail
+//! user-namespaced layered builds on `overlay` (a `COPY` into a directory a
+//! `RUN` made, any `RUN --mount`); set `build_storage_driver = "overlay"`
+//! with a newer buildah for faster cold builds. Each project keeps its own
 //! layer store (a cache that survives between builds and is never shared
-//! with another project): after each build its images no build refers to
-//! any more are pruned, and when the stores of all projects together pass
-//! the node's `build_cache_bytes` the least recently built ones are
-//! removed. Secrets are passed as build secrets
-//! (`RUN --mount=type=secret`) from files that are deleted afterwards, and
-//! masked should a step print one.
+//! with another project), and its own directory of `RUN --mount=type=cache`
+//! mounts (buildah's TMPDIR, otherwise one for the whole node): after each
+//! build its images no build refers to any more are pruned, and when the
+//! stores of all projects together pass the node's `build_cache_bytes` the
+//! least recently built ones are removed. Secrets are passed as build
+//! secrets (`RUN --mount=type=secret`) from files that are deleted
+//! afterwards, and masked should a step print one.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -49,6 +53,10 @@ pub struct BuilderSettings {
 
 /// A layer store's mark of its last build (its modification time).
 const LAST_BUILD: &str = ".zeitwork-last-build";
+/// The project's TMPDIR for buildah, inside its layer store.
+const TMP_DIR: &str = "tmp";
+/// What buildah names the directory of `RUN --mount=type=cache` mounts in TMPDIR.
+const CACHE_MOUNTS: &str = "buildah-cache";
 
 /// The builder binary to use: the configured one, else `buildah` on `PATH`.
 pub fn find_buildah(configured: Option<&Path>) -> Option<PathBuf> {
@@ -284,11 +292,20 @@ async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Re
     let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, stopper.clone());
     // Per-project layer store: the cache of one project is never read by another.
     let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
-    let disk = watch_disk(vec![storage.clone(), work.clone()], job.disk_mib, stopper.clone());
+    let (tmp, tmp_kept) = build_tmp(&settings.dir, &storage, &job.id);
+    let disk = watch_disk(vec![storage.clone(), work.clone(), tmp.clone()], job.disk_mib, stopper.clone());
     let result = build_in(client, settings, &job, &work, &storage, &out, cancel_rx).await;
     disk.abort();
     let (cache, budget, keep) = (settings.dir.join("cache"), settings.cache_bytes, storage.clone());
-    match tokio::task::spawn_blocking(move || evict_layer_stores(&cache, budget, &keep)).await {
+    let cleared = tokio::task::spawn_blocking(move || {
+        if tmp_kept {
+            clear_temporary(&tmp);
+        } else if let Err(e) = std::fs::remove_dir_all(&tmp) {
+            tracing::warn!(dir = %tmp.display(), error = %e, "removing a build's temporary directory failed");
+        }
+        evict_layer_stores(&cache, budget, &keep)
+    });
+    match cleared.await {
         Ok(removed) => {
             for (store, bytes) in removed {
                 tracing::info!(store = %store.display(), mib = bytes >> 20, "removed a least recently built layer store");
@@ -354,6 +371,26 @@ async fn build_in(
         .map_err(|e| format!("cannot write the registry settings: {e}"))?;
     let auth = work.join("auth.json");
     write_private(&auth, auth_json(&settings.registries).as_bytes()).await?;
+    // buildah keeps `RUN --mount=type=cache` directories (and its temporary files) under
+    // TMPDIR, `/var/tmp` by default: one place for every build on the node, where one
+    // tenant's step would plant files another's reads. Each project gets its own, in
+    // its layer store (within its disk limit, evicted with it). Traverse-only for
+    // others: the steps' root file systems are mounted below it by the OCI runtime as
+    // the build's unprivileged root (buildah makes its own directories so).
+    let (tmp, kept) = build_tmp(&settings.dir, storage, &job.id);
+    if !kept {
+        tracing::warn!(
+            dir = %settings.dir.display(),
+            "a directory above the builds' keeps other users out (chmod o+x, e.g. 0711): \
+             cache mounts of RUN steps last one build only"
+        );
+    }
+    tokio::fs::DirBuilder::new()
+        .mode(0o711)
+        .recursive(true)
+        .create(&tmp)
+        .await
+        .map_err(|e| format!("cannot create the build's temporary directory: {e}"))?;
     let secrets_dir = work.join("secrets");
     tokio::fs::create_dir_all(&secrets_dir).await.map_err(|e| format!("cannot store build secrets: {e}"))?;
     // One tag per project, moved by each build: removing a built image would remove the
@@ -411,6 +448,7 @@ async fn build_in(
     let envs = [
         ("CONTAINERS_REGISTRIES_CONF", registries.display().to_string()),
         ("REGISTRY_AUTH_FILE", auth.display().to_string()),
+        ("TMPDIR", tmp.display().to_string()),
     ];
     let built = run_logged(&settings.buildah, &args, &envs, out, limit, &mut cancel).await;
     if built.is_err() {
@@ -476,6 +514,40 @@ async fn prune_images(settings: &BuilderSettings, storage: &Path, runroot: &Path
             "pruning a layer store's unused images failed"
         ),
         Err(e) => tracing::warn!(store = %storage.display(), error = %e, "cannot run buildah to prune a layer store"),
+    }
+}
+
+/// buildah's TMPDIR for a build, and whether it is the project's own (kept
+/// between builds, in its layer store). The steps' unprivileged root must
+/// pass through every directory above it; where one above `builds` keeps
+/// others out, the build gets a directory of its own under `/var/tmp`,
+/// removed afterwards.
+fn build_tmp(builds: &Path, storage: &Path, id: &str) -> (PathBuf, bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let open = builds.ancestors().all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if open {
+        (storage.join(TMP_DIR), true)
+    } else {
+        (PathBuf::from("/var/tmp").join(format!("zeitwork-build-{id}")), false)
+    }
+}
+
+/// Removes what buildah left in a project's TMPDIR (its temporary copies of
+/// images and contexts), keeping the project's cache mounts for its next build.
+fn clear_temporary(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(CACHE_MOUNTS) {
+            continue;
+        }
+        let path = e.path();
+        let removed = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        if let Err(err) = removed {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove a build's temporary file");
+        }
     }
 }
 
@@ -755,6 +827,21 @@ mod tests {
         let mark = std::fs::File::create(dir.join(LAST_BUILD)).unwrap();
         mark.set_modified(std::time::SystemTime::now() - age).unwrap();
         dir
+    }
+
+    #[test]
+    fn temporary_files_go_and_cache_mounts_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("buildah-cache/deps")).unwrap();
+        std::fs::write(tmp.path().join("buildah-cache/deps/kept"), b"x").unwrap();
+        std::fs::create_dir_all(tmp.path().join("buildah1234/layer")).unwrap();
+        std::fs::write(tmp.path().join("buildah1234/layer/blob"), b"x").unwrap();
+        std::fs::write(tmp.path().join("stray"), b"x").unwrap();
+        clear_temporary(tmp.path());
+        let left: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+        assert_eq!(left, vec!["buildah-cache".to_owned()]);
+        assert!(tmp.path().join("buildah-cache/deps/kept").exists());
     }
 
     #[test]

@@ -104,7 +104,7 @@ async fn a_directory_with_a_dockerfile_becomes_a_live_url() {
 ARG GREETING=unset
 RUN /bin/busybox mkdir -p /out && echo "$GREETING from source" > /out/index.html
 RUN --mount=type=secret,id=token /bin/busybox test "$(/bin/busybox cat /run/secrets/token)" = s3cr3t-build-token && echo secret-seen
-RUN (/bin/busybox wget -q -T 3 -O- http://127.0.0.1:{port}/health && echo REACHED-OPERATOR) || echo operator-unreachable
+RUN (/bin/busybox timeout 5 /bin/busybox wget -q -O- http://127.0.0.1:{port}/health && echo REACHED-OPERATOR) || echo operator-unreachable
 COPY . /ctx
 RUN test ! -e /ctx/node_modules && test -e /ctx/busybox && echo ignored-files-left-out
 FROM scratch
