@@ -535,6 +535,14 @@ ALTER TABLE projects ADD COLUMN egress TEXT
     // The token a custom domain's `_zeitwork-challenge` TXT record must hold before it
     // is routed; domains added before have none and keep the address check alone.
     (22, "domains: ownership challenge", "ALTER TABLE domains ADD COLUMN challenge TEXT"),
+    // A node's end of the tunnel that carries private project networks between
+    // nodes: its WireGuard public key and UDP endpoint, sent at registration.
+    (
+        25,
+        "nodes: tunnel key and endpoint",
+        "ALTER TABLE nodes ADD COLUMN tunnel_public_key TEXT;
+ALTER TABLE nodes ADD COLUMN tunnel_endpoint TEXT",
+    ),
 ];
 
 /// Newest schema version this build knows.
