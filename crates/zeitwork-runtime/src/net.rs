@@ -145,9 +145,18 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 /// its network only what `egress_nets` and `egress_ports` allow. With a
 /// `resolver` port, DNS queries an instance sends to any address of the
 /// host go to the node agent's resolver on that port.
+///
+/// The tunnel to other nodes ([`tunnel_interface`]) carries only private
+/// networks: a packet from a local instance enters it only towards a member
+/// of the instance's network on another node (a `peers` pair of link and
+/// private address); one that arrives reaches a local instance only when its
+/// source is a member of that instance's network (`tunnel_peers`, pairs of
+/// remote private and local link address), and nothing of the host.
 pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolver: Option<u16>) -> String {
     let range = format!("{base}/16");
     let ifs = "iifname { \"zwh*\", \"zwt*\" }";
+    let wg = format!("iifname \"{}\"", tunnel_interface(base));
+    let to_wg = format!("oifname \"{}\"", tunnel_interface(base));
     let mut dns = String::new();
     for r in resolvers {
         dns.push_str(&format!(
@@ -168,6 +177,7 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     map private_to_link {{ type ipv4_addr : ipv4_addr; }}
     map link_to_private {{ type ipv4_addr : ipv4_addr; }}
     set peers {{ type ipv4_addr . ipv4_addr; }}
+    set tunnel_peers {{ type ipv4_addr . ipv4_addr; }}
     set egress_limited {{ type ipv4_addr; }}
     set egress_nets {{ type ipv4_addr . ipv4_addr; flags interval; }}
     set egress_ports {{ type ipv4_addr . ipv4_addr . inet_service; flags interval; }}
@@ -178,17 +188,23 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
 {redirect}        {ifs} ip saddr {range} dnat ip to ip daddr map @private_to_link
+        {wg} dnat ip to ip daddr map @private_to_link
     }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         {ifs} ct state established,related accept
 {own_dns}{dns}        {ifs} counter drop
+        {wg} counter drop
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
         {ifs} ct state established,related accept
         {ifs} ip saddr . ip daddr @peers accept
         {ifs} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
+        {ifs} {to_wg} counter drop
+        {wg} ct state established,related accept
+        {wg} ip saddr . ip daddr @tunnel_peers accept
+        {wg} counter drop
 {dns}        {ifs} ip saddr @egress_limited ip saddr . ip daddr @egress_nets accept
         {ifs} ip saddr @egress_limited ip saddr . ip daddr . tcp dport @egress_ports accept
         {ifs} ip saddr @egress_limited ip saddr . ip daddr . udp dport @egress_ports accept
@@ -219,10 +235,22 @@ pub struct EgressAllow {
 pub struct ProjectNetworks {
     /// (link address, private address) of each local instance in a network.
     pub addresses: Vec<(Ipv4Addr, Ipv4Addr)>,
-    /// Pairs of link addresses that may talk (both directions are listed).
+    /// Pairs of link addresses that may talk (both directions are listed),
+    /// and (local link, private address on another node) pairs that may
+    /// enter the tunnel.
     pub peers: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// (private address on another node, local link address) pairs that may
+    /// come in through the tunnel.
+    pub tunnel: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// Instances with an egress allow-list, and what it allows.
     pub egress: Vec<(Ipv4Addr, Vec<EgressAllow>)>,
+}
+
+/// The node's end of the tunnel to other nodes for the instance range `base`
+/// (`zwg-10-208` for `10.208.0.0`), so agents of several ranges never share one.
+pub fn tunnel_interface(base: Ipv4Addr) -> String {
+    let [a, b, ..] = base.octets();
+    format!("zwg-{a}-{b}")
 }
 
 fn table_of(base: Ipv4Addr) -> String {
@@ -237,6 +265,7 @@ pub fn project_network_script(table: &str, n: &ProjectNetworks) -> String {
         ("map", "private_to_link"),
         ("map", "link_to_private"),
         ("set", "peers"),
+        ("set", "tunnel_peers"),
         ("set", "egress_limited"),
         ("set", "egress_nets"),
         ("set", "egress_ports"),
@@ -251,6 +280,7 @@ pub fn project_network_script(table: &str, n: &ProjectNetworks) -> String {
     add("private_to_link", n.addresses.iter().map(|(link, private)| format!("{private} : {link}")).collect());
     add("link_to_private", n.addresses.iter().map(|(link, private)| format!("{link} : {private}")).collect());
     add("peers", n.peers.iter().map(|(a, b)| format!("{a} . {b}")).collect());
+    add("tunnel_peers", n.tunnel.iter().map(|(a, b)| format!("{a} . {b}")).collect());
     add("egress_limited", n.egress.iter().map(|(link, _)| link.to_string()).collect());
     let nets = |with_port: bool| {
         n.egress
@@ -360,11 +390,26 @@ mod network_tests {
     }
 
     #[test]
+    fn the_tunnel_carries_only_network_pairs() {
+        let r = policy_rules("t", "10.88.0.0".parse().unwrap(), &[], Some(5300));
+        let wg = "iifname \"zwg-10-88\"";
+        // Arrivals are translated like local traffic, checked by pair, and never reach the host.
+        assert!(r.contains(&format!("{wg} dnat ip to ip daddr map @private_to_link")));
+        let forward = &r[r.find("chain forward").unwrap()..];
+        let pairs = forward.find(&format!("{wg} ip saddr . ip daddr @tunnel_peers accept")).unwrap();
+        assert!(pairs < forward.find(&format!("{wg} counter drop")).unwrap());
+        assert!(r.contains(&format!("{wg} counter drop\n    }}\n    chain forward")), "the host is closed: {r}");
+        // Instances enter it only by a peers pair.
+        assert!(r.find("@peers accept").unwrap() < r.find("oifname \"zwg-10-88\" counter drop").unwrap());
+    }
+
+    #[test]
     fn network_script_replaces_every_set() {
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let n = ProjectNetworks {
             addresses: vec![(ip("10.88.0.2"), ip("100.96.0.1"))],
             peers: vec![(ip("10.88.0.2"), ip("10.88.0.6"))],
+            tunnel: vec![(ip("100.96.1.7"), ip("10.88.0.2"))],
             egress: vec![(
                 ip("10.88.0.2"),
                 vec![
@@ -374,7 +419,8 @@ mod network_tests {
             )],
         };
         let s = project_network_script("t", &n);
-        assert_eq!(s.matches("flush ").count(), 6);
+        assert_eq!(s.matches("flush ").count(), 7);
+        assert!(s.contains("tunnel_peers { 100.96.1.7 . 10.88.0.2 }"));
         assert!(s.contains("private_to_link { 100.96.0.1 : 10.88.0.2 }"));
         assert!(s.contains("egress_nets { 10.88.0.2 . 203.0.113.0/24 }"));
         assert!(s.contains("egress_ports { 10.88.0.2 . 198.51.100.7/32 . 443 }"));
