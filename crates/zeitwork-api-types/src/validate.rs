@@ -324,9 +324,9 @@ pub fn wireguard_key(field: &str, value: &str) -> Result {
 
 /// Where a node's tunnel is reached: `IPv4:port`, a unicast address and a port above 0.
 pub fn tunnel_endpoint(field: &str, value: &str) -> Result {
-    let ok = value.parse::<std::net::SocketAddrV4>().is_ok_and(|a| {
-        a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast() && !a.ip().is_broadcast()
-    });
+    let ok = value
+        .parse::<std::net::SocketAddrV4>()
+        .is_ok_and(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast() && !a.ip().is_broadcast());
     if !ok {
         return Err(ValidationError::new(
             field,
