@@ -35,6 +35,12 @@ pub struct Local {
 }
 
 impl Local {
+    /// An instance as the table holds it once it runs at `address` (for
+    /// tests and tools that build a table by hand).
+    pub fn running(assignment: Assignment, address: SocketAddr) -> Self {
+        Local { address: Some(address), ready: true, ..Local::starting(assignment, Vec::new()) }
+    }
+
     /// An instance about to be (re)started, with its crash history.
     fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -64,6 +70,9 @@ pub struct Settings {
     /// The instance range whose firewall carries the private project networks,
     /// when this node serves them (its resolver runs).
     pub private_networks: Option<std::net::Ipv4Addr>,
+    /// The tunnel to other nodes, when this node has one: its peers and
+    /// routes follow the members of its instances' networks.
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 /// Images used within this long are never collected (a deploy may be about to start on one).
@@ -349,6 +358,7 @@ pub async fn run(
 ) {
     let mut last_gc = Instant::now();
     let mut networks: Option<ProjectNetworks> = None;
+    let mut tunnel_peers: Option<crate::tunnel::Peers> = None;
     let (tx, mut assigned) = watch::channel::<Option<Vec<Assignment>>>(None);
     let watcher = tokio::spawn(watch_assignments(client.clone(), s.node.clone(), tx));
     loop {
@@ -362,6 +372,20 @@ pub async fn run(
                 match zeitwork_runtime::net::set_project_networks(base, &want).await {
                     Ok(()) => networks = Some(want),
                     Err(e) => tracing::error!(error = %e, "cannot update the private project networks"),
+                }
+            }
+        }
+        if let Some(tunnel) = &s.tunnel {
+            let want = crate::tunnel::peers_of(table.read().await.values().map(|l| &l.assignment));
+            if tunnel_peers.as_ref() != Some(&want) {
+                let (tunnel, peers) = (tunnel.clone(), want.clone());
+                match tokio::task::spawn_blocking(move || tunnel.apply(&peers)).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(peers = want.len(), "tunnel peers follow the private networks");
+                        tunnel_peers = Some(want);
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot update the tunnel to other nodes"),
+                    Err(e) => tracing::error!(error = %e, "updating the tunnel to other nodes panicked"),
                 }
             }
         }
@@ -423,6 +447,13 @@ pub fn project_networks(table: &HashMap<String, Local>) -> ProjectNetworks {
         let link = *link.ip();
         n.addresses.push((link, private));
         by_network.entry(net.prefix.as_str()).or_default().push(link);
+        // Members on other nodes: reached through the tunnel, and heard from there.
+        let remote =
+            net.tunnel_peers.iter().flat_map(|p| &p.allowed_ips).filter_map(|a| crate::tunnel::host_address(a));
+        for r in remote {
+            n.peers.push((link, r));
+            n.tunnel.push((r, link));
+        }
         if let Some(egress) = &net.egress {
             let allow = egress
                 .allow
