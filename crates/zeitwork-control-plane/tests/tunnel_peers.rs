@@ -83,7 +83,11 @@ async fn assignments_name_the_nodes_that_share_a_network() {
         let (id, own) = nodes[i].clone();
         async move { own.get::<Vec<Value>>(&format!("/api/v1/nodes/{id}/assignments")).await.unwrap() }
     };
-    let (on_a, on_b) = (assignments(0).await, assignments(1).await);
+    // A node's reading of its assignments gives its instances their addresses;
+    // once both have read, each sees the other's member.
+    assignments(0).await;
+    let on_b = assignments(1).await;
+    let on_a = assignments(0).await;
     let web_of = |list: &[Value]| list.iter().find(|a| a["project"] == "web").cloned().unwrap();
     let (wa, wb) = (web_of(&on_a), web_of(&on_b));
     let peers_a = wa["network"]["tunnel_peers"].as_array().cloned().unwrap_or_default();
