@@ -4,8 +4,8 @@
 //! and talk over their private addresses; an instance of another org's
 //! project can neither resolve nor reach them; an egress allow-list limits
 //! what a project reaches outside. Two agents on one host (two instance
-//! ranges, two firewall tables) each keep their private traffic, and an
-//! agent that stops takes its table with it.
+//! ranges, two firewall tables, two tunnel devices) each keep their private
+//! traffic, and an agent that stops takes its table and its tunnel with it.
 
 mod common;
 
@@ -383,18 +383,20 @@ async fn two_agents() {
     let api = json!({"name": "api", "org": "acme", "port": 8080, "resources": resources, "regions": ["eu"]});
     admin.post::<_, Value>("/api/v1/projects", &api).await.unwrap();
     let token = common::cluster_token(&admin, "node-agent").await;
-    // Two agents on this host, each with a range, a region and a resolver of its own.
+    // Two agents on this host, each with a range, a region, a resolver and a tunnel of its own.
     let start = |name: &str, region: &str, range: &str| {
         let mut config = common::agent_config(&base, token.clone(), &dir.path().join(name), name, range);
         config.region = region.into();
         config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
         config.dns_upstreams = Some(Vec::new());
+        config.tunnel_port = zeitwork_testkit::free_udp_port();
         NodeAgent::start(config)
     };
     let one = start("agent-one", "local", "10.212.0.0").await.unwrap();
     let two = start("agent-two", "eu", "10.211.0.0").await.unwrap();
     let listed = tables();
     assert!(listed.contains("zeitwork_10_212") && listed.contains("zeitwork_10_211"), "{listed}");
+    assert!(device_exists("zwg-10-212") && device_exists("zwg-10-211"), "each agent has a tunnel device");
 
     let deploy = |project: &str| {
         let (admin, image) = (admin.clone(), image.clone());
@@ -413,10 +415,12 @@ async fn two_agents() {
     let api_link = api_a.split(':').next().unwrap();
     assert_eq!(probe(&web_a, "get", &format!("{api_link}:8080")).await.trim(), "unreachable");
 
-    // The second agent stops: its table goes, the first one's stays and works.
+    // The second agent stops: its table and tunnel go, the first one's stay and work.
     two.shutdown().await;
     let listed = tables();
     assert!(!listed.contains("zeitwork_10_211") && listed.contains("zeitwork_10_212"), "{listed}");
+    device_gone("zwg-10-211").await;
+    assert!(device_exists("zwg-10-212"), "the first agent's tunnel went with the second agent");
     reaches(&web_a, &format!("{web_b_private}:8080"), &web_b_id).await;
 
     // A table a killed agent left behind goes in the next start's sweep, and
@@ -438,5 +442,22 @@ async fn two_agents() {
 
     one.shutdown().await;
     assert!(!tables().contains("zeitwork_"), "{}", tables());
+    device_gone("zwg-10-212").await;
     drop(op);
+}
+
+/// Whether network device `name` exists.
+fn device_exists(name: &str) -> bool {
+    let out = std::process::Command::new("ip").args(["link", "show", "dev", name]).output().unwrap();
+    out.status.success()
+}
+
+/// Waits until device `name` is gone: an agent's tunnel device goes with the
+/// agent's last handle on it, a moment after it stops.
+async fn device_gone(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while device_exists(name) {
+        assert!(Instant::now() < deadline, "{name} outlived its agent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
