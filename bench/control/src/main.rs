@@ -78,6 +78,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
             physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
             runtime: Some("container".into()),
             runtime_detail: None,
+            tunnel: None,
         };
         nodes.push(store.register_node(&r, &audit).await?.0);
     }

@@ -52,6 +52,23 @@ pub struct PrivateNetwork {
     /// Destinations outside the network this instance may reach; none: the internet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// The other nodes that hold members of this network, each with the
+    /// members' addresses it holds (its `AllowedIPs`): the node sends them
+    /// through the tunnel and accepts from that node only those addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnel_peers: Vec<TunnelPeer>,
+}
+
+/// Another node's end of the tunnel, as one private network needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TunnelPeer {
+    pub node: String,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
+    /// Its UDP endpoint, `IPv4:port`.
+    pub endpoint: String,
+    /// Private addresses of this network's members on that node (`a.b.c.d/32`).
+    pub allowed_ips: Vec<String>,
 }
 
 /// One instance of a private network.

@@ -127,4 +127,19 @@ pub struct RegisterNode {
     /// How the runtime was chosen, shown on the node (at most 2000 characters).
     #[serde(default)]
     pub runtime_detail: Option<String>,
+    /// Where other nodes reach this node's end of the private networks' tunnel;
+    /// without it the node's instances reach only the members on their own node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<NodeTunnel>,
+}
+
+/// A node's end of the tunnel that carries private project networks between
+/// nodes (WireGuard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTunnel {
+    /// The node's WireGuard public key (base64 of 32 bytes, as `wg pubkey` prints it).
+    pub public_key: String,
+    /// `IPv4:port` other nodes send the tunnel's UDP to, e.g. `10.0.0.5:51820`.
+    pub endpoint: String,
 }

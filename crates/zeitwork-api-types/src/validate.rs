@@ -303,6 +303,39 @@ pub fn commit_sha(field: &str, value: &str) -> Result {
     }
 }
 
+/// A WireGuard key as `wg` writes it: canonical base64 of 32 bytes, not all zero.
+pub fn wireguard_key(field: &str, value: &str) -> Result {
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = value.as_bytes();
+    // 32 bytes are 43 digits and one '='; the last digit carries 4 bits, so its low 2 are 0.
+    let ok = b.len() == 44
+        && b[43] == b'='
+        && b[..43].iter().all(|c| B64.contains(c))
+        && b"AEIMQUYcgkosw048".contains(&b[42])
+        && b[..43].iter().any(|c| *c != b'A');
+    if !ok {
+        return Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a WireGuard key; use base64 of 32 bytes (44 characters, as `wg pubkey` prints)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a node's tunnel is reached: `IPv4:port`, a unicast address and a port above 0.
+pub fn tunnel_endpoint(field: &str, value: &str) -> Result {
+    let ok = value
+        .parse::<std::net::SocketAddrV4>()
+        .is_ok_and(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast() && !a.ip().is_broadcast());
+    if !ok {
+        return Err(ValidationError::new(
+            field,
+            format!("{value:?} is not a tunnel endpoint; use IPv4:PORT (e.g. \"10.0.0.5:51820\")"),
+        ));
+    }
+    Ok(())
+}
+
 /// The URL a node agent is reached at: `http(s)://host:port`.
 pub fn agent_address(field: &str, value: &str) -> Result {
     let rest = value.strip_prefix("http://").or_else(|| value.strip_prefix("https://"));
@@ -377,6 +410,10 @@ impl RegisterNode {
                     "memory is never overcommitted: offer at most the machine's own",
                 ));
             }
+        }
+        if let Some(t) = &self.tunnel {
+            wireguard_key("tunnel.public_key", &t.public_key)?;
+            tunnel_endpoint("tunnel.endpoint", &t.endpoint)?;
         }
         if self.runtime_detail.as_ref().is_some_and(|d| d.len() > 2000) {
             return Err(ValidationError::new("runtime_detail", "use at most 2000 characters"));
@@ -815,6 +852,25 @@ impl crate::HealthCheckSpec {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tunnel_keys_and_endpoints() {
+        // A key `wg genkey | wg pubkey` printed.
+        wireguard_key("k", "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=").unwrap();
+        for bad in [
+            "",
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw",
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykx=",
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8yk%=",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ] {
+            assert_eq!(wireguard_key("tunnel.public_key", bad).unwrap_err().field, "tunnel.public_key", "{bad}");
+        }
+        tunnel_endpoint("e", "10.0.0.5:51820").unwrap();
+        for bad in ["10.0.0.5", "10.0.0.5:0", "0.0.0.0:51820", "224.0.0.1:51820", "[::1]:51820", "node:51820"] {
+            assert!(tunnel_endpoint("tunnel.endpoint", bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn countries_by_code_or_name() {

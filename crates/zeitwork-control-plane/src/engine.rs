@@ -977,6 +977,7 @@ mod tests {
             physical: None,
             runtime: Some("container".into()),
             runtime_detail: None,
+            tunnel: None,
         };
         let (n, _) = store.register_node(&reg, &a()).await.unwrap();
         store.create_org("acme", "acme", None, &a()).await.unwrap();

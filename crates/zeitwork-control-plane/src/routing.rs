@@ -565,6 +565,7 @@ mod tests {
             physical: None,
             runtime: Some("container".into()),
             runtime_detail: None,
+            tunnel: None,
         };
         let (node, _) = store.register_node(&reg, &a()).await.unwrap();
         store.create_org("acme", "acme", None, &a()).await.unwrap();

@@ -37,6 +37,12 @@ pub struct Local {
 }
 
 impl Local {
+    /// An instance as the table holds it once it runs at `address` (for
+    /// tests and tools that build a table by hand).
+    pub fn running(assignment: Assignment, address: SocketAddr) -> Self {
+        Local { address: Some(address), ready: true, ..Local::starting(assignment, Vec::new()) }
+    }
+
     /// An instance about to be (re)started, with its crash history.
     pub(crate) fn starting(assignment: Assignment, crashes: Vec<Instant>) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -74,6 +80,9 @@ pub struct Settings {
     pub snapshots: Option<Snapshots>,
     /// How long instances take from start to ready.
     pub boot: BootTimes,
+    /// The tunnel to other nodes, when this node has one: its peers and
+    /// routes follow the members of its instances' networks.
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -481,6 +490,7 @@ pub async fn run(
     let mut last_gc = Instant::now();
     let mut last_sync = Instant::now();
     let mut networks: Option<ProjectNetworks> = None;
+    let mut tunnel_peers: Option<crate::tunnel::Peers> = None;
     let (tx, mut assigned) = watch::channel::<Option<Vec<Assignment>>>(None);
     let watcher = tokio::spawn(watch_assignments(client.clone(), s.node.clone(), tx));
     loop {
@@ -501,6 +511,20 @@ pub async fn run(
         if s.snapshots.is_some() && last_sync.elapsed() >= SNAPSHOT_SYNC_EVERY {
             last_sync = Instant::now();
             sync_snapshots(&client, &runtime, &table, &s.node).await;
+        }
+        if let Some(tunnel) = &s.tunnel {
+            let want = crate::tunnel::peers_of(table.read().await.values().map(|l| &l.assignment));
+            if tunnel_peers.as_ref() != Some(&want) {
+                let (tunnel, peers) = (tunnel.clone(), want.clone());
+                match tokio::task::spawn_blocking(move || tunnel.apply(&peers)).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(peers = want.len(), "tunnel peers follow the private networks");
+                        tunnel_peers = Some(want);
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot update the tunnel to other nodes"),
+                    Err(e) => tracing::error!(error = %e, "updating the tunnel to other nodes panicked"),
+                }
+            }
         }
         if last_gc.elapsed() >= GC_EVERY {
             last_gc = Instant::now();
@@ -564,6 +588,13 @@ pub fn project_networks(
         let link = *link.ip();
         n.addresses.push((link, private));
         by_network.entry(net.prefix.as_str()).or_default().push(link);
+        // Members on other nodes: reached through the tunnel, and heard from there.
+        let remote =
+            net.tunnel_peers.iter().flat_map(|p| &p.allowed_ips).filter_map(|a| crate::tunnel::host_address(a));
+        for r in remote {
+            n.peers.push((link, r));
+            n.tunnel.push((r, link));
+        }
         if let Some(egress) = &net.egress {
             use zeitwork_api_types::validate::EgressEntry;
             let allow = egress

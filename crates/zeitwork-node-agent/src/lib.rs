@@ -14,6 +14,7 @@ pub mod instances;
 pub mod logs;
 pub mod probe;
 pub mod sweep;
+pub mod tunnel;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -73,6 +74,13 @@ pub struct NodeAgentConfig {
     /// 0 turns it and the private project networks off. Instances reach it on port 53 of
     /// their gateway; nothing outside the node needs it.
     pub dns_port: u16,
+    /// UDP port of this node's end of the tunnel that carries the private
+    /// networks to other nodes (WireGuard); 0 turns the tunnel off, and the
+    /// instances then reach only the members on their own node.
+    pub tunnel_port: u16,
+    /// `IPv4:port` other nodes send the tunnel to; by default the address of
+    /// `advertise_url` (or `listen`) with `tunnel_port`.
+    pub tunnel_endpoint: Option<String>,
     /// Resolvers asked for names outside the private networks; the host's
     /// (`/etc/resolv.conf`) when absent. Empty: such names are refused.
     pub dns_upstreams: Option<Vec<SocketAddr>>,
@@ -164,6 +172,8 @@ impl Default for NodeAgentConfig {
             oci_runtime: PathBuf::from("runc"),
             instance_range: Ipv4Addr::new(10, 88, 0, 0),
             dns_port: 8053,
+            tunnel_port: tunnel::DEFAULT_PORT,
+            tunnel_endpoint: None,
             dns_upstreams: None,
             dns_resolver: None,
             registries: zeitwork_image::RegistryConfig::default(),
@@ -343,6 +353,11 @@ impl NodeAgentConfig {
         if self.vmm_gid == Some(0) {
             return err("vmm_gid", "0 is root's group; use an unprivileged group (or leave it out for `kvm`)".into());
         }
+        if let Some(e) = &self.tunnel_endpoint {
+            if let Err(e) = zeitwork_api_types::validate::tunnel_endpoint("tunnel_endpoint", e) {
+                return err("tunnel_endpoint", e.message);
+            }
+        }
         if !self.health_path.starts_with('/') || self.health_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return err("health_path", format!("{:?} is not a URL path like /healthz", self.health_path));
         }
@@ -394,6 +409,8 @@ pub struct NodeAgent {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The instance range whose firewall table goes once the instances have stopped.
     range: Ipv4Addr,
+    /// The tunnel to other nodes, closed at shutdown.
+    tunnel: Option<Arc<tunnel::Tunnel>>,
 }
 
 impl NodeAgent {
@@ -473,6 +490,7 @@ impl NodeAgent {
                 None
             }
         };
+        let tunnel = start_tunnel(&config, &advertise).await;
         let registration = RegisterNode {
             hostname: config.hostname.clone(),
             region: config.region.clone(),
@@ -487,7 +505,9 @@ impl NodeAgent {
                 Some(s) => s.detail.chars().take(2000).collect(),
                 None => "no runtime works on this node (see the agent's log)".into(),
             }),
+            tunnel: tunnel.as_ref().map(|(t, _)| t.clone()),
         };
+        let tunnel = tunnel.map(|(_, device)| device);
         let mut node = register(&client, &registration).await?;
         tracing::info!(node = %node.id, hostname = %node.hostname, region = %node.region, "registered with the operator");
         // From here on the node acts with its own credential (for itself only);
@@ -583,6 +603,7 @@ impl NodeAgent {
                     snapshots: (config.vm_snapshots && zeitwork_runtime::Runtime::snapshots(&selected.runtime))
                         .then(|| instances::Snapshots::new(&metrics)),
                     boot: instances::BootTimes::new(&metrics),
+                    tunnel: None,
                 };
                 let mut settings = settings;
                 if config.dns_port != 0 {
@@ -601,6 +622,7 @@ impl NodeAgent {
                                     "no resolver for host names in egress allow-lists (set dns_resolver); they allow nothing"
                                 ),
                             }
+                            settings.tunnel = tunnel.clone();
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "no resolver; instances use the host's and have no private network")
@@ -681,7 +703,7 @@ impl NodeAgent {
             rx,
         ));
         tasks.push(heartbeats);
-        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range })
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range, tunnel })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -692,9 +714,10 @@ impl NodeAgent {
         &self.node
     }
 
-    /// Stops every task (the instances with them), then removes the range's
-    /// firewall table, which fences nothing any more. When a task failed,
-    /// instances may still run: the table stays, and the next start sweeps it.
+    /// Stops every task (the instances with them), closes the tunnel to other
+    /// nodes, then removes the range's firewall table, which fences nothing
+    /// any more. When a task failed, instances may still run: the table
+    /// stays, and the next start sweeps it.
     pub async fn shutdown(self) {
         // The tasks may have ended already; then no one listens.
         let _ = self.shutdown.send(true);
@@ -703,6 +726,12 @@ impl NodeAgent {
             if let Err(e) = t.await {
                 clean = false;
                 tracing::error!(error = %e, "a node agent task failed while stopping");
+            }
+        }
+        // Closed, not left to the last handle: tasks of stopped instances may still hold one.
+        if let Some(tunnel) = self.tunnel {
+            if let Err(e) = tokio::task::spawn_blocking(move || tunnel.close()).await {
+                tracing::error!(error = %e, "closing the tunnel to other nodes panicked");
             }
         }
         if !clean {
@@ -761,6 +790,61 @@ async fn heartbeat_loop(
     }
 }
 
+/// This node's end of the tunnel to other nodes, and what registration says
+/// of it; none when private networks or the tunnel are off, or the device
+/// cannot be made (then the instances reach the members on this node only).
+async fn start_tunnel(
+    config: &NodeAgentConfig,
+    advertise: &str,
+) -> Option<(zeitwork_api_types::NodeTunnel, Arc<tunnel::Tunnel>)> {
+    if config.dns_port == 0 || config.tunnel_port == 0 {
+        return None;
+    }
+    let endpoint = match &config.tunnel_endpoint {
+        Some(e) => e.clone(),
+        None => {
+            match tunnel_endpoint_of(advertise, config.tunnel_port) {
+                Some(e) => e,
+                None => {
+                    tracing::warn!(advertise, "no tunnel to other nodes: set tunnel_endpoint (IPv4:port), the agent's address is no IPv4 address");
+                    return None;
+                }
+            }
+        }
+    };
+    let dir = config.data_dir.clone();
+    let (name, port) = (zeitwork_runtime::net::tunnel_interface(config.instance_range), config.tunnel_port);
+    let started = tokio::task::spawn_blocking(move || {
+        let key = tunnel::KeyPair::load_or_create(&dir)?;
+        let device = tunnel::Tunnel::start(&name, port, &key)?;
+        Ok::<_, tunnel::TunnelError>((key.public_key(), device))
+    })
+    .await;
+    match started {
+        Ok(Ok((public_key, device))) => {
+            tracing::info!(%endpoint, %public_key, "private networks reach other nodes through the tunnel");
+            Some((zeitwork_api_types::NodeTunnel { public_key, endpoint }, Arc::new(device)))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "no tunnel to other nodes; instances reach only the members on this node");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "starting the tunnel panicked");
+            None
+        }
+    }
+}
+
+/// The tunnel endpoint by default: the IPv4 address of the agent's URL with `port`.
+fn tunnel_endpoint_of(advertise: &str, port: u16) -> Option<String> {
+    let rest = advertise.strip_prefix("http://").or_else(|| advertise.strip_prefix("https://"))?;
+    let host_port = rest.split('/').next()?;
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    let ip: Ipv4Addr = host.parse().ok()?;
+    (!ip.is_unspecified()).then(|| format!("{ip}:{port}"))
+}
+
 /// Binds the instances' resolver (UDP and TCP, one port) and points their DNS
 /// at it (the firewall sends their queries to the host on to its port).
 async fn start_resolver(
@@ -789,6 +873,20 @@ async fn start_resolver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_endpoint_defaults_to_the_agents_address() {
+        assert_eq!(tunnel_endpoint_of("http://10.0.0.5:8081", 51820).as_deref(), Some("10.0.0.5:51820"));
+        assert_eq!(tunnel_endpoint_of("https://10.0.0.5/", 4000).as_deref(), Some("10.0.0.5:4000"));
+        assert_eq!(tunnel_endpoint_of("http://node-1.example:8081", 51820), None);
+        assert_eq!(tunnel_endpoint_of("http://[fd00::1]:8081", 51820), None);
+        let config = NodeAgentConfig {
+            token: Some("a token".into()),
+            tunnel_endpoint: Some("node-1:51820".into()),
+            ..Default::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("tunnel_endpoint"));
+    }
 
     #[test]
     fn the_instance_range_is_a_whole_slash_16() {

@@ -4,8 +4,12 @@
 //! and talk over their private addresses; an instance of another org's
 //! project can neither resolve nor reach them; an egress allow-list limits
 //! what a project reaches outside. Two agents on one host (two instance
-//! ranges, two firewall tables) each keep their private traffic, and an
-//! agent that stops takes its table with it.
+//! ranges, two firewall tables, two tunnel devices) each keep their private
+//! traffic, and an agent that stops takes its table and its tunnel with it.
+//! Two agents on two nodes (network namespaces of their own, one operator)
+//! carry each project's network through their tunnel: an instance reaches its
+//! project's instance on the other node by name, another project's reaches
+//! neither.
 
 mod common;
 
@@ -19,7 +23,8 @@ use zeitwork_node_agent::NodeAgent;
 
 /// An image that serves its own instance id at `/id.txt` and three CGI
 /// probes: `ns?NAME` and `srv?NAME` ask the node's resolver, `get?HOST:PORT`
-/// fetches that host's `/id.txt` with `nc` (or says `unreachable`).
+/// fetches that host's `/id.txt` with `nc` (or says `unreachable`); a HOST
+/// that is a name is first asked of the node's resolver.
 const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt
 /bin/busybox cat > /tmp/www/cgi-bin/ns <<'X'
 #!/bin/sh
@@ -34,7 +39,9 @@ X
 /bin/busybox cat > /tmp/www/cgi-bin/get <<'X'
 #!/bin/sh
 printf 'Content-Type: text/plain\r\n\r\n'
-R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 ${QUERY_STRING%:*} ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
+H=${QUERY_STRING%:*}
+case $H in *[a-z]*) H=$(/bin/busybox nslookup $H 2>/dev/null | /bin/busybox sed -n 's/^Address:[[:space:]]*\([0-9.]*\)$/\1/p' | /bin/busybox tail -n 1) ;; esac
+R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 $H ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
 if [ -n "$R" ]; then echo "$R"; else echo unreachable; fi
 X
 /bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get
@@ -383,18 +390,20 @@ async fn two_agents() {
     let api = json!({"name": "api", "org": "acme", "port": 8080, "resources": resources, "regions": ["eu"]});
     admin.post::<_, Value>("/api/v1/projects", &api).await.unwrap();
     let token = common::cluster_token(&admin, "node-agent").await;
-    // Two agents on this host, each with a range, a region and a resolver of its own.
+    // Two agents on this host, each with a range, a region, a resolver and a tunnel of its own.
     let start = |name: &str, region: &str, range: &str| {
         let mut config = common::agent_config(&base, token.clone(), &dir.path().join(name), name, range);
         config.region = region.into();
         config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
         config.dns_upstreams = Some(Vec::new());
+        config.tunnel_port = zeitwork_testkit::free_udp_port();
         NodeAgent::start(config)
     };
     let one = start("agent-one", "local", "10.212.0.0").await.unwrap();
     let two = start("agent-two", "eu", "10.211.0.0").await.unwrap();
     let listed = tables();
     assert!(listed.contains("zeitwork_10_212") && listed.contains("zeitwork_10_211"), "{listed}");
+    assert!(device_exists("zwg-10-212") && device_exists("zwg-10-211"), "each agent has a tunnel device");
 
     let deploy = |project: &str| {
         let (admin, image) = (admin.clone(), image.clone());
@@ -413,10 +422,12 @@ async fn two_agents() {
     let api_link = api_a.split(':').next().unwrap();
     assert_eq!(probe(&web_a, "get", &format!("{api_link}:8080")).await.trim(), "unreachable");
 
-    // The second agent stops: its table goes, the first one's stays and works.
+    // The second agent stops: its table and tunnel go, the first one's stay and work.
     two.shutdown().await;
     let listed = tables();
     assert!(!listed.contains("zeitwork_10_211") && listed.contains("zeitwork_10_212"), "{listed}");
+    device_gone("zwg-10-211").await;
+    assert!(device_exists("zwg-10-212"), "the first agent's tunnel went with the second agent");
     reaches(&web_a, &format!("{web_b_private}:8080"), &web_b_id).await;
 
     // A table a killed agent left behind goes in the next start's sweep, and
@@ -438,5 +449,331 @@ async fn two_agents() {
 
     one.shutdown().await;
     assert!(!tables().contains("zeitwork_"), "{}", tables());
+    device_gone("zwg-10-212").await;
     drop(op);
+}
+
+/// Whether network device `name` exists.
+fn device_exists(name: &str) -> bool {
+    let out = std::process::Command::new("ip").args(["link", "show", "dev", name]).output().unwrap();
+    out.status.success()
+}
+
+/// Waits until device `name` is gone: an agent's tunnel device goes with the
+/// agent's last handle on it, a moment after it stops.
+async fn device_gone(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while device_exists(name) {
+        assert!(Instant::now() < deadline, "{name} outlived its agent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Set, with the node's name (`one`, `two`), in the copies of the two-node
+/// test that play a node.
+const NODE: &str = "ZEITWORK_TEST_PRIVNET_NODE";
+/// The directory the two nodes share: where the operator is, readiness marks.
+const SHARED: &str = "ZEITWORK_TEST_PRIVNET_DIR";
+const TWO_NODES: &str = "instances_on_two_nodes_reach_their_own_project_by_name_and_no_other";
+
+/// Node one's address on the wire between the nodes, and node two's.
+const WIRE_ONE: &str = "192.0.2.1";
+const WIRE_TWO: &str = "192.0.2.2";
+
+/// Two nodes, each a network namespace of its own, joined by a veth pair
+/// (192.0.2.1 and 192.0.2.2; nothing leaves the two). Node one runs the
+/// operator, a registry and an agent (10.198.0.0/16); node two an agent
+/// (10.197.0.0/16). Projects `web` (org acme) and `spy` (org other) have an
+/// instance on each node.
+#[test]
+fn instances_on_two_nodes_reach_their_own_project_by_name_and_no_other() {
+    if let Ok(node) = std::env::var(NODE) {
+        let dir = std::path::PathBuf::from(std::env::var(SHARED).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+        return match node.as_str() {
+            "one" => runtime.block_on(node_one(&dir)),
+            _ => runtime.block_on(node_two(&dir)),
+        };
+    }
+    let id = std::process::id() % 100_000;
+    let (one, two) = (format!("zwpn{id}one"), format!("zwpn{id}two"));
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let cleanup = || {
+        for ns in [&one, &two] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    };
+    cleanup();
+    sh(&format!(
+        "ip netns add {one} && ip netns add {two} && ip -n {one} link set lo up && ip -n {two} link set lo up"
+    ));
+    sh(&format!("ip -n {one} link add wire type veth peer name wire netns {two}"));
+    sh(&format!("ip -n {one} addr add {WIRE_ONE}/24 dev wire && ip -n {one} link set wire up"));
+    sh(&format!("ip -n {two} addr add {WIRE_TWO}/24 dev wire && ip -n {two} link set wire up"));
+    // Node one's process also asks node two's instances (as an edge would reach their agent).
+    sh(&format!("ip -n {one} route add 10.197.0.0/16 via {WIRE_TWO}"));
+    for ns in [&one, &two] {
+        sh(&format!("nsenter --net=/run/netns/{ns} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // nsenter, not `ip netns exec`: that one mounts a new /sys, hiding the cgroups runc needs.
+    let spawn = |node: &str, ns: &str| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", TWO_NODES, "--nocapture", "--test-threads", "1"])
+            .env(NODE, node)
+            .env(SHARED, dir.path())
+            .spawn()
+            .unwrap()
+    };
+    let (mut node_one, mut node_two) = (spawn("one", &one), spawn("two", &two));
+    let first = node_one.wait().unwrap();
+    // Node two stops once node one says so; if node one failed first, it waits no longer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        if let Some(status) = node_two.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = node_two.kill();
+            let _ = node_two.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    cleanup();
+    assert!(first.success(), "node one failed (output above): {first}");
+    assert!(second.is_some_and(|s| s.success()), "node two failed or never stopped (output above): {second:?}");
+}
+
+/// Writes `file` whole in the shared dir (the other node polls for it).
+fn mark(dir: &std::path::Path, file: &str, text: &str) {
+    let tmp = dir.join(format!("{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(file)).unwrap();
+}
+
+/// Waits up to `secs` for `file` in the shared dir and returns its contents.
+async fn wait_for(dir: &std::path::Path, file: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(dir.join(file)) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the other node never wrote {file}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An agent of the two-node test: on the wire address `ip`, running
+/// containers from `range`, with a resolver and the tunnel on its default port.
+fn node_config(
+    base: &str,
+    token: &str,
+    dir: &std::path::Path,
+    name: &str,
+    ip: &str,
+    range: &str,
+) -> zeitwork_node_agent::NodeAgentConfig {
+    let mut config = common::agent_config(base, token.to_owned(), &dir.join(name), name, range);
+    config.listen = format!("{ip}:0").parse().unwrap();
+    config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    config.dns_upstreams = Some(Vec::new());
+    config
+}
+
+/// Relays TCP connections to `listen` on to `to` (the registry listens on
+/// node one's loopback only; node two pulls through this).
+async fn relay(listen: &str, to: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The instance of `dep` on each node once both are ready: ((id, link
+/// address) on node `one`, the same on the other node).
+async fn one_on_each(admin: &Client, dep: &str, one: &str) -> ((String, String), (String, String)) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        let ready: Vec<_> = is.iter().filter(|i| i["status"] == "ready").collect();
+        let pick = |here: bool| {
+            ready
+                .iter()
+                .find(|i| (i["node"] == one) == here)
+                .map(|i| (i["id"].as_str().unwrap().to_owned(), i["address"].as_str().unwrap().to_owned()))
+        };
+        if let (2, Some(on_one), Some(on_two)) = (ready.len(), pick(true), pick(false)) {
+            return (on_one, on_two);
+        }
+        assert!(Instant::now() < deadline, "{dep} never had a ready instance on each node: {is:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Packets the tunnel device `name` received (from `ip -s -j link`).
+fn tunnel_rx_packets(name: &str) -> u64 {
+    let out = std::process::Command::new("ip").args(["-s", "-j", "link", "show", "dev", name]).output().unwrap();
+    assert!(out.status.success(), "no tunnel device {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0)
+}
+
+/// Waits until a stopped agent has left neither its firewall table nor its tunnel device.
+async fn left_nothing(table: &str, device: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let link = std::process::Command::new("ip").args(["link", "show", "dev", device]).output().unwrap();
+        let listed = tables();
+        if !link.status.success() && !listed.contains(table) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a stopped agent left {table} or {device}: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node_one(dir: &std::path::Path) {
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg.push_busybox("acme/probe", "v1", PROBE).await.unwrap();
+    let registry = image.split('/').next().unwrap().to_owned();
+    let relayed = relay(&format!("{WIRE_ONE}:0"), registry.clone()).await;
+    let op = zeitwork_control_plane::Operator::start(OperatorConfig {
+        listen: format!("{WIRE_ONE}:0").parse().unwrap(),
+        data_dir: dir.join("op"),
+        private_network: "100.100.0.0/16".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", op.addr());
+    let admin = Client::new(&base, op.admin_token.clone());
+    admin
+        .post::<_, Value>("/api/v1/regions", &json!({"code": "local", "name": "Local", "country": "ZZ"}))
+        .await
+        .unwrap();
+    let resources = json!({"vcpu": 1, "memory": 128});
+    for (org, project) in [("acme", "web"), ("other", "spy")] {
+        admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": org})).await.unwrap();
+        let body = json!({"name": project, "org": org, "port": 8080, "resources": resources});
+        admin.post::<_, Value>("/api/v1/projects", &body).await.unwrap();
+    }
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let shared = json!({"url": base, "token": token, "registry": registry, "relay": format!("http://{relayed}")});
+    mark(dir, "operator.json", &shared.to_string());
+    let agent = NodeAgent::start(node_config(&base, &token, dir, "one", WIRE_ONE, "10.198.0.0")).await.unwrap();
+    let one = agent.node().id.clone();
+    wait_for(dir, "two.up", 120).await;
+    // Both nodes are ready before anything is placed, so each gets an instance of each project.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes: Vec<Value> = admin.get("/api/v1/nodes").await.unwrap();
+        if nodes.iter().filter(|n| n["status"] == "ready").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two nodes were never ready: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let deploy = |org: &str, project: &str| {
+        let (admin, image) = (admin.clone(), image.clone());
+        let body = json!({"org": org, "project": project, "image": image, "instances_per_region": 2});
+        async move {
+            let d: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
+            d["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (web_dep, spy_dep) = (deploy("acme", "web").await, deploy("other", "spy").await);
+    let ((web1_id, web1), (web2_id, web2)) = one_on_each(&admin, &web_dep, &one).await;
+    let ((spy1_id, spy1), (spy2_id, spy2)) = one_on_each(&admin, &spy_dep, &one).await;
+    assert!(web1.starts_with("10.198.") && web2.starts_with("10.197."), "{web1} {web2}");
+
+    // The project's name lists its instances on both nodes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = probe(&web1, "ns", "web.internal").await;
+        if addresses(&answer).len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web.internal never listed both nodes' instances: {answer}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // By name, across the tunnel, both ways.
+    let before = tunnel_rx_packets("zwg-10-198");
+    reaches(&web1, &format!("{web2_id}.web.internal:8080"), &web2_id).await;
+    reaches(&web2, &format!("{web1_id}.web.internal:8080"), &web1_id).await;
+    assert!(tunnel_rx_packets("zwg-10-198") > before, "the answers did not come through the tunnel");
+    // The other project's network crosses the same tunnel, between its own instances.
+    reaches(&spy1, &format!("{spy2_id}.spy.internal:8080"), &spy2_id).await;
+    reaches(&spy2, &format!("{spy1_id}.spy.internal:8080"), &spy1_id).await;
+
+    // The other project's instances resolve none of web's names and reach none
+    // of its addresses, on their node or the other; nor does web reach theirs.
+    let private = |from: &str, name: String| {
+        let from = from.to_owned();
+        async move {
+            let found = addresses(&probe(&from, "ns", &name).await);
+            assert_eq!(found.len(), 1, "{name} from {from}: {found:?}");
+            found[0]
+        }
+    };
+    let (web1_private, web2_private) = (
+        private(&web2, format!("{web1_id}.web.internal")).await,
+        private(&web1, format!("{web2_id}.web.internal")).await,
+    );
+    let (spy1_private, spy2_private) = (
+        private(&spy2, format!("{spy1_id}.spy.internal")).await,
+        private(&spy1, format!("{spy2_id}.spy.internal")).await,
+    );
+    for spy in [&spy1, &spy2] {
+        assert!(addresses(&probe(spy, "ns", "web.internal").await).is_empty(), "{spy} resolved web.internal");
+        for name in [format!("{web1_id}.web.internal"), format!("{web2_id}.web.internal")] {
+            assert!(addresses(&probe(spy, "ns", &name).await).is_empty(), "{spy} resolved {name}");
+            assert_eq!(probe(spy, "get", &format!("{name}:8080")).await.trim(), "unreachable", "{spy} reached {name}");
+        }
+        for target in [web1_private, web2_private] {
+            let got = probe(spy, "get", &format!("{target}:8080")).await;
+            assert_eq!(got.trim(), "unreachable", "{spy} reached web at {target}\nfirewall:\n{}", ruleset());
+        }
+    }
+    for (web, target) in [(&web1, spy2_private), (&web2, spy1_private), (&web1, spy1_private)] {
+        assert_eq!(probe(web, "get", &format!("{target}:8080")).await.trim(), "unreachable", "{web} reached spy");
+    }
+    // A private address that is no one's goes nowhere.
+    assert_eq!(probe(&web1, "get", "100.100.0.250:8080").await.trim(), "unreachable");
+
+    // Each agent that stops takes its table and its tunnel device with it.
+    mark(dir, "done", "");
+    agent.shutdown().await;
+    left_nothing("zeitwork_10_198", "zwg-10-198").await;
+    wait_for(dir, "two.stopped", 120).await;
+    drop(op);
+}
+
+async fn node_two(dir: &std::path::Path) {
+    let shared: Value = serde_json::from_str(&wait_for(dir, "operator.json", 180).await).unwrap();
+    let text = |k: &str| shared[k].as_str().unwrap().to_owned();
+    let mut config = node_config(&text("url"), &text("token"), dir, "two", WIRE_TWO, "10.197.0.0");
+    config.registries.endpoints.insert(text("registry"), text("relay"));
+    let agent = NodeAgent::start(config).await.unwrap();
+    assert!(tables().contains("zeitwork_10_197"), "{}", tables());
+    mark(dir, "two.up", "");
+    wait_for(dir, "done", 600).await;
+    agent.shutdown().await;
+    left_nothing("zeitwork_10_197", "zwg-10-197").await;
+    mark(dir, "two.stopped", "");
 }

@@ -154,9 +154,10 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 /// instance speaks with another's address: the rules below trust them.
 ///
 /// Every rule but two is scoped to this range (`ip saddr <range>` on an
-/// instance interface), so several agents, each with a range and a table of
-/// its own, never drop each other's traffic: the reverse-path rule makes the
-/// source address say which range a packet's interface belongs to. The two
+/// instance interface, or the range's own tunnel device), so several agents,
+/// each with a range, a tunnel and a table of its own, never drop each
+/// other's traffic: the reverse-path rule makes the source address say which
+/// range a packet's interface belongs to. The two
 /// guards left unscoped drop only what no instance of any range may send
 /// (a source that does not route back through its interface or is the
 /// host's own, and IPv6).
@@ -169,11 +170,23 @@ const CLOSED_V4: &str = "{ 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 16
 /// its network only what `egress_nets` and `egress_ports` allow. With a
 /// `resolver` port, DNS queries an instance sends to any address of the
 /// host go to the node agent's resolver on that port.
+///
+/// The tunnel to other nodes ([`tunnel_interface`]) carries only private
+/// networks: a packet from a local instance enters it only towards a member
+/// of the instance's network on another node (a `peers` pair of link and
+/// private address); one that arrives reaches a local instance only when its
+/// source is a member of that instance's network (`tunnel_peers`, pairs of
+/// remote private and local link address), and nothing of the host. These
+/// rules live in the range's table, so they go with it (at the agent's
+/// shutdown or its range's sweep), as the device goes with the agent.
 pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolver: Option<u16>) -> String {
     let range = format!("{base}/16");
     let ifs = "iifname { \"zwh*\", \"zwt*\" }";
     // Sent by an instance of this range (the antispoof chain vouches for the source).
     let mine = format!("{ifs} ip saddr {range}");
+    // This range's own end of the tunnel: no other agent's traffic comes in or goes out by it.
+    let wg = format!("iifname \"{}\"", tunnel_interface(base));
+    let to_wg = format!("oifname \"{}\"", tunnel_interface(base));
     let mut dns = String::new();
     for r in resolvers {
         dns.push_str(&format!(
@@ -192,6 +205,7 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     map private_to_link {{ type ipv4_addr : ipv4_addr; }}
     map link_to_private {{ type ipv4_addr : ipv4_addr; }}
     set peers {{ type ipv4_addr . ipv4_addr; }}
+    set tunnel_peers {{ type ipv4_addr . ipv4_addr; }}
     set egress_limited {{ type ipv4_addr; }}
     set egress_nets {{ type ipv4_addr . ipv4_addr; flags interval; }}
     set egress_ports {{ type ipv4_addr . ipv4_addr . inet_service; flags interval; }}
@@ -203,12 +217,14 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
 {redirect}        {mine} dnat ip to ip daddr map @private_to_link
+        {wg} dnat ip to ip daddr map @private_to_link
     }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         {ifs} meta nfproto ipv6 counter drop
         {mine} ct state established,related accept
 {own_dns}{dns}        {mine} counter drop
+        {wg} counter drop
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
@@ -216,6 +232,10 @@ pub fn policy_rules(table: &str, base: Ipv4Addr, resolvers: &[Ipv4Addr], resolve
         {mine} ct state established,related accept
         {mine} ip saddr . ip daddr @peers accept
         {mine} oifname {{ \"zwh*\", \"zwt*\" }} counter drop
+        {mine} {to_wg} counter drop
+        {wg} ct state established,related accept
+        {wg} ip saddr . ip daddr @tunnel_peers accept
+        {wg} counter drop
 {dns}        {mine} ip saddr @egress_limited ip saddr . ip daddr @egress_nets accept
         {mine} ip saddr @egress_limited ip saddr . ip daddr . tcp dport @egress_ports accept
         {mine} ip saddr @egress_limited ip saddr . ip daddr . udp dport @egress_ports accept
@@ -245,10 +265,22 @@ pub struct EgressAllow {
 pub struct ProjectNetworks {
     /// (link address, private address) of each local instance in a network.
     pub addresses: Vec<(Ipv4Addr, Ipv4Addr)>,
-    /// Pairs of link addresses that may talk (both directions are listed).
+    /// Pairs of link addresses that may talk (both directions are listed),
+    /// and (local link, private address on another node) pairs that may
+    /// enter the tunnel.
     pub peers: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// (private address on another node, local link address) pairs that may
+    /// come in through the tunnel.
+    pub tunnel: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// Instances with an egress allow-list, and what it allows.
     pub egress: Vec<(Ipv4Addr, Vec<EgressAllow>)>,
+}
+
+/// The node's end of the tunnel to other nodes for the instance range `base`
+/// (`zwg-10-208` for `10.208.0.0`), so agents of several ranges never share one.
+pub fn tunnel_interface(base: Ipv4Addr) -> String {
+    let [a, b, ..] = base.octets();
+    format!("zwg-{a}-{b}")
 }
 
 /// The name of the nftables table (family `inet`) of the instance range `base`.
@@ -264,6 +296,7 @@ pub fn project_network_script(table: &str, n: &ProjectNetworks) -> String {
         ("map", "private_to_link"),
         ("map", "link_to_private"),
         ("set", "peers"),
+        ("set", "tunnel_peers"),
         ("set", "egress_limited"),
         ("set", "egress_nets"),
         ("set", "egress_ports"),
@@ -278,6 +311,7 @@ pub fn project_network_script(table: &str, n: &ProjectNetworks) -> String {
     add("private_to_link", n.addresses.iter().map(|(link, private)| format!("{private} : {link}")).collect());
     add("link_to_private", n.addresses.iter().map(|(link, private)| format!("{link} : {private}")).collect());
     add("peers", n.peers.iter().map(|(a, b)| format!("{a} . {b}")).collect());
+    add("tunnel_peers", n.tunnel.iter().map(|(a, b)| format!("{a} . {b}")).collect());
     add("egress_limited", n.egress.iter().map(|(link, _)| link.to_string()).collect());
     let nets = |with_port: bool| {
         n.egress
@@ -421,9 +455,29 @@ mod network_tests {
         let r = policy_rules("t", "10.211.0.0".parse().unwrap(), &["192.0.2.53".parse().unwrap()], Some(5300));
         for line in r.lines().filter(|l| l.contains("iifname")) {
             let guard = line.contains("fib saddr") || line.contains("nfproto ipv6");
-            assert!(guard || line.contains("ip saddr 10.211.0.0/16"), "not scoped to the range: {line}");
+            // The tunnel device is this range's own: what comes in by it is this range's.
+            let own_tunnel = line.trim_start().starts_with("iifname \"zwg-10-211\" ");
+            assert!(guard || own_tunnel || line.contains("ip saddr 10.211.0.0/16"), "not scoped to the range: {line}");
         }
         assert!(r.contains("oifname { \"zwh*\", \"zwt*\" } counter drop"));
+        assert_eq!(r.matches("zwg-").count(), r.matches("zwg-10-211\"").count(), "another range's tunnel: {r}");
+    }
+
+    #[test]
+    fn the_tunnel_carries_only_network_pairs() {
+        let r = policy_rules("t", "10.88.0.0".parse().unwrap(), &[], Some(5300));
+        let wg = "iifname \"zwg-10-88\"";
+        // Arrivals are translated like local traffic, checked by pair, and never reach the host.
+        assert!(r.contains(&format!("{wg} dnat ip to ip daddr map @private_to_link")));
+        let forward = &r[r.find("chain forward").unwrap()..];
+        let pairs = forward.find(&format!("{wg} ip saddr . ip daddr @tunnel_peers accept")).unwrap();
+        assert!(pairs < forward.find(&format!("{wg} counter drop")).unwrap());
+        assert!(r.contains(&format!("{wg} counter drop\n    }}\n    chain forward")), "the host is closed: {r}");
+        // Instances of this range enter it only by a peers pair.
+        assert!(
+            r.find("@peers accept").unwrap()
+                < r.find("ip saddr 10.88.0.0/16 oifname \"zwg-10-88\" counter drop").unwrap()
+        );
     }
 
     #[test]
@@ -432,6 +486,7 @@ mod network_tests {
         let n = ProjectNetworks {
             addresses: vec![(ip("10.88.0.2"), ip("100.96.0.1"))],
             peers: vec![(ip("10.88.0.2"), ip("10.88.0.6"))],
+            tunnel: vec![(ip("100.96.1.7"), ip("10.88.0.2"))],
             egress: vec![(
                 ip("10.88.0.2"),
                 vec![
@@ -441,7 +496,8 @@ mod network_tests {
             )],
         };
         let s = project_network_script("t", &n);
-        assert_eq!(s.matches("flush ").count(), 6);
+        assert_eq!(s.matches("flush ").count(), 7);
+        assert!(s.contains("tunnel_peers { 100.96.1.7 . 10.88.0.2 }"));
         assert!(s.contains("private_to_link { 100.96.0.1 : 10.88.0.2 }"));
         assert!(s.contains("egress_nets { 10.88.0.2 . 203.0.113.0/24 }"));
         assert!(s.contains("egress_ports { 10.88.0.2 . 198.51.100.7/32 . 443 }"));

@@ -2,7 +2,7 @@
 //! marked down when they miss heartbeats, and draining.
 
 use sqlx::any::AnyRow;
-use zeitwork_api_types::{Capacity, Node, NodeStatus, RegisterNode, Resources};
+use zeitwork_api_types::{Capacity, Node, NodeStatus, NodeTunnel, RegisterNode, Resources};
 
 use crate::deployments::{instance_from, LIVE_INSTANCE};
 use crate::events::append_event;
@@ -120,6 +120,13 @@ impl Store {
                 (id, true)
             }
         };
+        // Every registration says where its tunnel is now (a node without one clears it).
+        sqlx::query("UPDATE nodes SET tunnel_public_key = $1, tunnel_endpoint = $2 WHERE id = $3")
+            .bind(r.tunnel.as_ref().map(|t| t.public_key.clone()))
+            .bind(r.tunnel.as_ref().map(|t| t.endpoint.clone()))
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
         let mut audit = audit.clone();
         audit.target = r.hostname.clone();
         audit.action = if created { "node.register" } else { "node.update" }.into();
@@ -151,6 +158,20 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
         node_from(&row)
+    }
+
+    /// Where node `id`'s end of the private networks' tunnel is, when it sent one
+    /// at its last registration.
+    pub async fn node_tunnel(&self, id: &str) -> Result<Option<NodeTunnel>> {
+        let row = sqlx::query("SELECT tunnel_public_key, tunnel_endpoint FROM nodes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
+        Ok(match (row.opt_text("tunnel_public_key")?, row.opt_text("tunnel_endpoint")?) {
+            (Some(public_key), Some(endpoint)) => Some(NodeTunnel { public_key, endpoint }),
+            _ => None,
+        })
     }
 
     async fn get_node_by_hostname(&self, hostname: &str) -> Result<Node> {

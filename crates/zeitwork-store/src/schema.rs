@@ -578,6 +578,14 @@ CREATE TABLE log_drains (
 CREATE INDEX log_drains_org ON log_drains (org)
 "#,
     ),
+    // A node's end of the tunnel that carries private project networks between
+    // nodes: its WireGuard public key and UDP endpoint, sent at registration.
+    (
+        25,
+        "nodes: tunnel key and endpoint",
+        "ALTER TABLE nodes ADD COLUMN tunnel_public_key TEXT;
+ALTER TABLE nodes ADD COLUMN tunnel_endpoint TEXT",
+    ),
     // What instances used, from samples of the node agents' measurements: one row per
     // instance (kept after it is gone), CPU time added up across restarts of its counter.
     (

@@ -40,6 +40,7 @@ cases!(
     sleeping_deployments_by_node,
     log_drains,
     instance_usage_from_samples,
+    node_tunnels,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -134,6 +135,7 @@ fn node(hostname: &str, region: &str) -> RegisterNode {
         physical: Some(Capacity { vcpu: 2, memory: 16384 }),
         runtime: None,
         runtime_detail: None,
+        tunnel: None,
     }
 }
 
@@ -220,6 +222,28 @@ async fn nodes(store: Store) {
     store.delete_node(&n1.id, &audit("node.delete")).await.unwrap();
     assert!(matches!(store.get_node(&n1.id).await, Err(StoreError::NotFound(_))));
     assert_eq!(store.list_nodes(&Page::first(10)).await.unwrap().items.len(), 0);
+}
+
+/// A node's tunnel end is what its last registration said, and goes with a
+/// registration that sends none.
+async fn node_tunnels(store: Store) {
+    store.create_region(&region("eu"), &audit("region.create")).await.unwrap();
+    let (plain, _) = store.register_node(&node("w1", "eu"), &audit("node.register")).await.unwrap();
+    assert_eq!(store.node_tunnel(&plain.id).await.unwrap(), None);
+    let tunnel = |key: &str, endpoint: &str| NodeTunnel { public_key: key.into(), endpoint: endpoint.into() };
+    let mut with = node("w2", "eu");
+    with.tunnel = Some(tunnel("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "10.0.0.2:51820"));
+    let (n2, _) = store.register_node(&with, &audit("node.register")).await.unwrap();
+    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), with.tunnel);
+    // A new key and endpoint replace the old.
+    with.tunnel = Some(tunnel("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "10.0.0.3:51821"));
+    store.register_node(&with, &audit("node.register")).await.unwrap();
+    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), with.tunnel);
+    assert_eq!(store.node_tunnel(&plain.id).await.unwrap(), None, "another node is untouched");
+    with.tunnel = None;
+    store.register_node(&with, &audit("node.register")).await.unwrap();
+    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), None);
+    assert!(matches!(store.node_tunnel("node_missing").await, Err(StoreError::NotFound(_))));
 }
 
 /// Readers are woken by changes to deployments, instances and nodes, and not

@@ -435,6 +435,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         runtime: args.runtime.clone(),
         firecracker: args.firecracker.clone(),
         instance_range: args.instance_range,
+        // One machine: no other node to carry private networks to.
+        tunnel_port: 0,
         ..Default::default()
     })
     .await

@@ -210,6 +210,8 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
     // Env vars read and decrypted once per project, not per instance.
     let mut envs: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
         std::collections::HashMap::new();
+    // Tunnel ends of the nodes the networks span, looked up once per answer.
+    let mut tunnels = std::collections::HashMap::new();
     for (a, host) in assigned.into_iter().zip(hosts) {
         if !drains.contains_key(&a.org) {
             let mut of_org = Vec::new();
@@ -244,7 +246,9 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             entry.1 = Some(s.store.network_members(&a.project_id, &a.environment).await?);
         }
         let members = entry.1.as_deref().unwrap_or_default();
-        let network = Some(private_network(s, &a, idx, host, members)?);
+        let mut network = private_network(s, &a, idx, host, members)?;
+        network.tunnel_peers = tunnel_peers(s, id, idx, members, &mut tunnels).await?;
+        let network = Some(network);
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -262,6 +266,50 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
         });
     }
     Ok(out)
+}
+
+/// The other nodes holding members of network `idx`, each with the addresses of
+/// the members it holds: the peers node `node` needs for that network. Nodes
+/// that sent no tunnel end are left out (their members are reached from their
+/// own node only).
+async fn tunnel_peers(
+    s: &AppState,
+    node: &str,
+    idx: u32,
+    members: &[zeitwork_store::PrivateMember],
+    tunnels: &mut std::collections::HashMap<String, Option<zeitwork_api_types::NodeTunnel>>,
+) -> ApiResult<Vec<zeitwork_api_types::TunnelPeer>> {
+    let prefix = u32::from(private_range(s)?.0) + (idx << 8);
+    let mut by_node: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+    for m in members {
+        match m.node.as_deref() {
+            Some(other) if other != node => {
+                by_node.entry(other).or_default().push(format!("{}/32", std::net::Ipv4Addr::from(prefix + m.host)))
+            }
+            _ => {}
+        }
+    }
+    let mut peers = Vec::new();
+    for (other, allowed_ips) in by_node {
+        if !tunnels.contains_key(other) {
+            let tunnel = match s.store.node_tunnel(other).await {
+                Ok(t) => t,
+                // Deleted meanwhile: its members are on their way out.
+                Err(zeitwork_store::StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            tunnels.insert(other.to_owned(), tunnel);
+        }
+        if let Some(Some(t)) = tunnels.get(other) {
+            peers.push(zeitwork_api_types::TunnelPeer {
+                node: other.to_owned(),
+                public_key: t.public_key.clone(),
+                endpoint: t.endpoint.clone(),
+                allowed_ips,
+            });
+        }
+    }
+    Ok(peers)
 }
 
 /// The operator's private range: its first address and how many /24s it holds.
@@ -298,6 +346,7 @@ fn private_network(
         address: address(host),
         members,
         egress,
+        tunnel_peers: Vec::new(),
     })
 }
 

@@ -153,6 +153,7 @@ async fn store_migrating(
         physical: None,
         runtime: Some("container".into()),
         runtime_detail: None,
+        tunnel: None,
     };
     store.register_node(&reg, &a()).await.unwrap();
     store.create_org("acme", "acme", None, &a()).await.unwrap();
