@@ -310,10 +310,34 @@ async fn a_running_agent_sweeps_leftovers_and_keeps_its_instances() {
     let agent = NodeAgent::start(zeitwork_node_agent::NodeAgentConfig {
         sweep_interval_secs: 1,
         metrics_token: Some("scrape".into()),
+        // The resolver runs, so the agent's firewall table exists from the start.
+        dns_port: zeitwork_testkit::free_port(),
         ..common::agent_config(&base, token, dir.path(), "sweeper", RANGE)
     })
     .await
     .unwrap();
+
+    // Before any instance runs, a sweep removes an old leftover directory but
+    // never the running agent's own firewall table.
+    let table = zeitwork_runtime::net::table_of(RANGE.parse().unwrap());
+    let has_table = || {
+        std::process::Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(has_table(), "the agent did not install its firewall table {table}");
+    let early = instances.join(format!("sweep-early-{tag}"));
+    std::fs::create_dir_all(early.join("rootfs")).unwrap();
+    std::fs::File::open(&early).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(600)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while early.exists() {
+        assert!(Instant::now() < deadline, "the periodic sweep never removed {}", early.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(has_table(), "a periodic sweep removed the running agent's firewall table {table}");
 
     // An instance the agent runs, started while it sweeps.
     let d: serde_json::Value = admin
@@ -396,8 +420,8 @@ async fn a_running_agent_sweeps_leftovers_and_keeps_its_instances() {
         .text()
         .await
         .unwrap();
-    for kind in ["mount", "netns", "directory"] {
-        let line = format!("zeitwork_node_agent_swept_total{{kind=\"{kind}\"}} 1");
+    for (kind, n) in [("mount", 1), ("netns", 1), ("directory", 2)] {
+        let line = format!("zeitwork_node_agent_swept_total{{kind=\"{kind}\"}} {n}");
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in {metrics}");
     }
 

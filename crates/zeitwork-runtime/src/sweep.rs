@@ -319,10 +319,13 @@ async fn links(scope: &Scope, removed: &mut Vec<Removed>) {
     }
 }
 
-/// The range's firewall table, with maps and sets of a run that is over
-/// (only when no instance it fences is known to run).
+/// The range's firewall table, with maps and sets of a run that is over:
+/// only by the sweep at start (no grace) and when no instance it fences is
+/// known to run. While the agent runs the table is its own, instances or
+/// not: its default-deny rules, resolver redirect and tunnel rules fence the
+/// next instance from its first packet.
 async fn firewall(scope: &Scope, removed: &mut Vec<Removed>) {
-    if !scope.known.is_empty() {
+    if !scope.known.is_empty() || !scope.grace.is_zero() {
         return;
     }
     match crate::net::remove_policy(scope.base).await {
