@@ -105,6 +105,9 @@ pub struct OperatorConfig {
     /// Days the traffic figures edges report (requests, errors, latency per
     /// deployment: what releases are judged on) are kept.
     pub traffic_retention_days: u32,
+    /// Days the usage figures of an instance (CPU time, memory, hours: what
+    /// resource analytics add up per org) are kept after its last sample.
+    pub usage_retention_days: u32,
     /// Sign-in to the web console with GitHub (an OAuth app); off when absent.
     pub github_oauth: Option<GithubOAuth>,
     /// Send the audit log and build output to this log drain: syslog at `udp://HOST:PORT`,
@@ -203,6 +206,7 @@ impl Default for OperatorConfig {
             audit_retention_days: 365,
             outbox_retention_days: 7,
             traffic_retention_days: 7,
+            usage_retention_days: 400,
             github_oauth: None,
             log_forward: None,
             log_forward_ca: None,
@@ -273,6 +277,7 @@ impl OperatorConfig {
             ("audit_retention_days", self.audit_retention_days),
             ("outbox_retention_days", self.outbox_retention_days),
             ("traffic_retention_days", self.traffic_retention_days),
+            ("usage_retention_days", self.usage_retention_days),
         ] {
             if !(1..=3650).contains(&days) {
                 return err(field, format!("{days} is out of range; use 1 to 3650 days"));

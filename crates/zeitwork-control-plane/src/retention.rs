@@ -3,7 +3,8 @@
 //! `health_sample_retention_days`, audit events after `audit_retention_days`,
 //! delivered notifications after `outbox_retention_days` (dead letters stay
 //! until someone retries or drops them), the edges' traffic figures after
-//! `traffic_retention_days`; unverified custom domain claims after
+//! `traffic_retention_days`, the usage figures of instances last sampled
+//! before `usage_retention_days`; unverified custom domain claims after
 //! `domain_claim_ttl_hours`.
 
 use std::time::Duration;
@@ -43,12 +44,14 @@ async fn prune_at(store: &Store, config: &OperatorConfig, now: i64) -> u64 {
         ("audit events", days(config.audit_retention_days)),
         ("delivered notifications", days(config.outbox_retention_days)),
         ("traffic figures", days(config.traffic_retention_days)),
+        ("usage figures", days(config.usage_retention_days)),
     ] {
         loop {
             let done = match what {
                 "uptime samples" => store.prune_samples(before, BATCH).await,
                 "audit events" => store.prune_events(before, BATCH).await,
                 "traffic figures" => store.prune_traffic(before, BATCH).await,
+                "usage figures" => store.prune_usage(before, BATCH).await,
                 _ => store.prune_delivered(before, BATCH).await,
             };
             match done {

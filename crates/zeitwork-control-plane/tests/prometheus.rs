@@ -76,24 +76,6 @@ fn every_alert_has_a_unit_test_that_makes_it_fire() {
     assert!(alerts_tested_firing(silent).is_empty());
 }
 
-/// The metric names a rule file uses, as their families are declared in an
-/// exposition (`# TYPE name …`): a histogram's `_bucket` and a counter's
-/// `_total` belong to the family without the suffix.
-fn families_used(rules: &str, prefix: &str) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
-    for (i, _) in rules.match_indices(prefix) {
-        let name: String =
-            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
-        let family = ["_bucket", "_count", "_sum", "_total"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(&name)
-            .to_owned();
-        out.insert(family);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_metrics_the_alerts_use_exist() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,7 +101,7 @@ async fn the_operator_metrics_the_alerts_use_exist() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     let rules = std::fs::read_to_string(deploy_dir().join("alerts.yml")).unwrap();
-    let used = families_used(&rules, "zeitwork_operator_");
+    let used = zeitwork_testkit::metric_families_used(&rules, "zeitwork_operator_");
     for name in [
         "zeitwork_operator_database_up",
         "zeitwork_operator_engine_leader",

@@ -12,23 +12,6 @@ use zeitwork_node_agent::{NodeAgent, NodeAgentConfig};
 
 mod common;
 
-/// The metric families a rule file names with `prefix`: a histogram's
-/// `_bucket` and a counter's `_total` belong to the family without the suffix.
-fn families_used(rules: &str, prefix: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (i, _) in rules.match_indices(prefix) {
-        let name: String =
-            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
-        let family = ["_bucket", "_count", "_sum", "_total"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(&name)
-            .to_owned();
-        out.insert(family);
-    }
-    out
-}
-
 async fn scrape(url: String, token: Option<&str>) -> String {
     let mut req = reqwest::Client::new().get(url);
     if let Some(t) = token {
@@ -102,11 +85,11 @@ async fn the_metrics_the_alerts_use_exist_in_every_role() {
 
     let rules =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/prometheus/alerts.yml")).unwrap();
-    let every = families_used(&rules, "zeitwork_");
+    let every = zeitwork_testkit::metric_families_used(&rules, "zeitwork_");
     let known: BTreeSet<String> = ["zeitwork_operator_"]
         .into_iter()
         .chain(by_role.keys().copied())
-        .flat_map(|prefix| families_used(&rules, prefix))
+        .flat_map(|prefix| zeitwork_testkit::metric_families_used(&rules, prefix))
         .collect();
     assert_eq!(every, known, "a rule names a metric of no role");
     for name in [
@@ -119,7 +102,7 @@ async fn the_metrics_the_alerts_use_exist_in_every_role() {
         assert!(every.contains(name), "the rules use {name}: {every:?}");
     }
     for (prefix, metrics) in &by_role {
-        for name in families_used(&rules, prefix) {
+        for name in zeitwork_testkit::metric_families_used(&rules, prefix) {
             let declared = metrics.lines().any(|l| l.starts_with(&format!("# TYPE {name} ")));
             assert!(declared, "{name} is not exported:\n{metrics}");
         }

@@ -64,6 +64,20 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes up to `batch` rows of instances last sampled before `before`
+    /// (ms since the epoch): instances gone that long. How many went.
+    pub async fn prune_usage(&self, before: i64, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM instance_usage WHERE instance_id IN \
+             (SELECT instance_id FROM instance_usage WHERE last_at < $1 ORDER BY last_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// What each org's instances used (of `org` when given), by org.
     pub async fn usage_by_org(&self, org: Option<&str>) -> Result<Vec<OrgUsage>> {
         let rows = sqlx::query(&format!(

@@ -1376,4 +1376,12 @@ async fn instance_usage_from_samples(store: Store) {
     let mut want = [i1.id.clone(), i3.id.clone()];
     want.sort();
     assert_eq!(sampled, want, "the stopped one is not sampled any more");
+
+    // Rows of instances not sampled since `before` go, a batch at a time; the others stay.
+    let before = (ready[0] + 120_000).max(ready[1] + 90_000) + 1;
+    assert!(before <= ready[2] + 3_600_000, "beta's instance was sampled last");
+    assert_eq!(store.prune_usage(before, 1).await.unwrap(), 1);
+    assert_eq!(store.prune_usage(before, 1).await.unwrap(), 1);
+    assert_eq!(store.prune_usage(before, 1).await.unwrap(), 0, "nothing else is that old");
+    assert_eq!(store.usage_by_org(None).await.unwrap(), all[1..]);
 }

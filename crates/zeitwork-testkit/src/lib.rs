@@ -773,3 +773,22 @@ impl Drop for Dnsmasq {
 pub fn free_udp_port() -> u16 {
     free_port()
 }
+
+/// The metric families a Prometheus rule file names with `prefix`, as an
+/// exposition declares them (`# TYPE name …`): a histogram's `_bucket`,
+/// `_count` and `_sum` and a counter's `_total` belong to the family without
+/// the suffix.
+pub fn metric_families_used(rules: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in rules.match_indices(prefix) {
+        let name: String =
+            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        let family = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        out.insert(family);
+    }
+    out
+}
