@@ -1,0 +1,200 @@
+use super::*;
+use zeitwork_api_types::Capacity;
+
+fn node(id: &str, region: &str, status: NodeStatus, mem: u32, used: u32) -> Node {
+    Node {
+        id: id.into(),
+        hostname: id.into(),
+        region: region.into(),
+        address: "http://x:1".into(),
+        status,
+        capacity: Capacity { vcpu: 8, memory: mem },
+        physical: None,
+        allocated: Capacity { vcpu: 0, memory: used },
+        instances: 0,
+        runtime: "container".into(),
+        runtime_detail: None,
+        last_heartbeat: None,
+        created_at: chrono::Utc::now(),
+        credential: None,
+    }
+}
+
+const SMALL: Resources = Resources { vcpu: 1, memory: 512 };
+
+#[test]
+fn spreads_then_packs_and_skips_unusable_nodes() {
+    let nodes = vec![
+        node("a", "eu", NodeStatus::Ready, 4096, 0),
+        node("b", "eu", NodeStatus::Ready, 4096, 2048),
+        node("c", "eu", NodeStatus::Draining, 65536, 0),
+        node("d", "us", NodeStatus::Ready, 65536, 0),
+        node("e", "eu", NodeStatus::Down, 65536, 0),
+    ];
+    let picked = place(&nodes, "eu", 2, SMALL).unwrap();
+    assert_eq!(picked.len(), 2);
+    assert_ne!(picked[0], picked[1], "no two on one node while another has room");
+    assert!(picked.iter().all(|n| n == "a" || n == "b"));
+    // Three on two nodes: one node gets two.
+    let picked = place(&nodes, "eu", 3, SMALL).unwrap();
+    assert_eq!(picked.iter().filter(|n| *n == "a").count() + picked.iter().filter(|n| *n == "b").count(), 3);
+    let err = place(&nodes, "eu", 20, SMALL).unwrap_err();
+    assert!(err.contains("lacks capacity"), "{err}");
+    assert!(place(&nodes, "ap", 1, SMALL).unwrap_err().contains("no ready node"));
+}
+
+/// The pass reads a deployment again only when a region is short of its
+/// count, or an autoscaled one serves more than it should.
+#[test]
+fn only_deployments_short_of_or_beyond_their_count_need_attention() {
+    let t = |region: &str, status: InstanceStatus, count: u32| InstanceTally {
+        deployment: "d".into(),
+        region: region.into(),
+        status,
+        count,
+    };
+    let regions = ["eu".to_owned(), "us".to_owned()];
+    let settled =
+        [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 1), t("us", InstanceStatus::Starting, 1)];
+    assert!(!needs_attention(&settled, &regions, 2, false));
+    assert!(!needs_attention(&settled, &regions, 2, true));
+    // Dead instances do not count; a stopping one still holds its place but does not serve.
+    let short =
+        [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 1), t("us", InstanceStatus::Failed, 3)];
+    assert!(needs_attention(&short, &regions, 2, false));
+    let stopping =
+        [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 2), t("eu", InstanceStatus::Stopping, 1)];
+    assert!(!needs_attention(&stopping, &regions, 2, true));
+    // A region with none at all.
+    assert!(needs_attention(&[t("eu", InstanceStatus::Ready, 2)], &regions, 2, false));
+    assert!(needs_attention(&[], &regions, 1, false));
+    assert!(!needs_attention(&[], &regions, 0, false));
+    // Beyond the count: only an autoscaled deployment is scaled down, in any region it runs in.
+    let beyond =
+        [t("eu", InstanceStatus::Ready, 3), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Pending, 1)];
+    assert!(!needs_attention(&beyond, &regions, 2, false));
+    assert!(needs_attention(&beyond, &regions, 2, true));
+    let elsewhere =
+        [t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Ready, 1)];
+    assert!(!needs_attention(&elsewhere, &regions, 2, true));
+    assert!(needs_attention(
+        &[t("eu", InstanceStatus::Ready, 2), t("us", InstanceStatus::Ready, 2), t("ap", InstanceStatus::Ready, 3)],
+        &regions,
+        2,
+        true
+    ));
+    // A project in no region: nothing to place.
+    assert!(!needs_attention(&[], &[], 3, false));
+}
+
+/// A deployment whose instances keep failing stops being replaced, and says so once.
+#[tokio::test]
+async fn a_crash_loop_is_told_once() {
+    use zeitwork_api_types::{CreateRegion, RegisterNode};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
+    let a = || Audit::new("test", "test", "x");
+    let region = CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() };
+    store.create_region(&region, &a()).await.unwrap();
+    let reg = RegisterNode {
+        hostname: "n1".into(),
+        region: "eu".into(),
+        address: "http://127.0.0.1:1".into(),
+        capacity: Capacity { vcpu: 8, memory: 8192 },
+        physical: None,
+        runtime: Some("container".into()),
+        runtime_detail: None,
+        tunnel: None,
+    };
+    let (n, _) = store.register_node(&reg, &a()).await.unwrap();
+    store.create_org("acme", "acme", None, &a()).await.unwrap();
+    let project = zeitwork_store::NewProject {
+        org: "acme".into(),
+        name: "web".into(),
+        github_repo: None,
+        branch: "main".into(),
+        auto_deploy: false,
+        port: 8080,
+        resources: SMALL,
+        instances_per_region: 1,
+        regions: None,
+        image_template: None,
+        rate_limit: None,
+        sleep_after_secs: 900,
+        retain_deployments: 20,
+        scaling: None,
+        staging_branch: None,
+        tag_pattern: None,
+        build: Default::default(),
+        auto_rollback: Default::default(),
+        rollout: None,
+        shadow: None,
+    };
+    let p = store.create_project(&project, &a()).await.unwrap();
+    let new = zeitwork_store::NewDeployment {
+        id: "web-aaaaaaa-acme".into(),
+        project_id: p.id.clone(),
+        org: "acme".into(),
+        project: "web".into(),
+        environment: zeitwork_api_types::Environment::Production,
+        image: "registry.example.com/web:1".into(),
+        commit_sha: None,
+        commit_message: None,
+        instances_per_region: 1,
+        url: "http://web-aaaaaaa-acme.x".into(),
+        created_by: None,
+        pull_request: None,
+        release_command: None,
+        migration: false,
+    };
+    let d = store.create_deployment(&new, &a()).await.unwrap();
+    store.activate_deployment(&d.id, &a()).await.unwrap();
+    let config = EngineConfig::default();
+    for _ in 0..config.crash_budget {
+        let i = store
+            .create_instance(&NewInstance {
+                deployment: d.id.clone(),
+                node: Some(n.id.clone()),
+                region: "eu".into(),
+                resources: SMALL,
+                runtime: None,
+            })
+            .await
+            .unwrap();
+        store.set_instance_status(&i.id, InstanceStatus::Failed, None, Some((Some(1), "exit 1".into()))).await.unwrap();
+    }
+    let d = store.get_deployment(&d.id).await.unwrap();
+    let now = chrono::Utc::now();
+    for _ in 0..3 {
+        let out = reconcile(&store, &config, &d, 1, now).await.unwrap();
+        assert!(out.stuck.as_deref().unwrap_or("").contains("not replaced"), "{:?}", out.stuck);
+    }
+    let filter = zeitwork_store::EventFilter { action: Some("instance.crash_loop".into()), ..Default::default() };
+    let told = store.list_events(&filter, &zeitwork_store::Page::first(10)).await.unwrap().items;
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].target, d.id);
+    assert_eq!(store.list_instances(&d.id).await.unwrap().len(), config.crash_budget, "nothing was placed");
+
+    // A starting deployment whose instance fails fails, and is counted once.
+    let second =
+        zeitwork_store::NewDeployment { id: "web-bbbbbbb-acme".into(), url: "http://web-bbbbbbb-acme.x".into(), ..new };
+    let d2 = store.create_deployment(&second, &a()).await.unwrap();
+    store.set_deployment_status(&d2.id, DeploymentStatus::Starting, None).await.unwrap();
+    let i = store
+        .create_instance(&NewInstance {
+            deployment: d2.id.clone(),
+            node: Some(n.id.clone()),
+            region: "eu".into(),
+            resources: SMALL,
+            runtime: None,
+        })
+        .await
+        .unwrap();
+    store.set_instance_status(&i.id, InstanceStatus::Failed, None, Some((Some(1), "exit 1".into()))).await.unwrap();
+    assert_eq!(config.outcomes.get(DeploymentStatus::Failed), 0);
+    for _ in 0..2 {
+        pass(&store, &config).await.unwrap();
+    }
+    assert_eq!(store.get_deployment(&d2.id).await.unwrap().status, DeploymentStatus::Failed);
+    assert_eq!(config.outcomes.get(DeploymentStatus::Failed), 1);
+}
