@@ -710,21 +710,7 @@ async fn project_on_a_node(base: &str, admin: &Client) -> Client {
 
 /// Deploys `image` to acme/web and reports its instance ready; the deployment.
 async fn deploy_ready(admin: &Client, node: &Client, image: &str) -> Value {
-    let d: Value =
-        admin.post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": image})).await.unwrap();
-    let dep = d["id"].as_str().unwrap().to_owned();
-    let inst = until("placement", async || {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    node.put::<_, Value>(
-        &format!("/api/v1/instances/{inst}/status"),
-        &json!({"status": "ready", "address": "10.0.0.2:8080"}),
-    )
-    .await
-    .ok();
-    d
+    common::deploy_ready(admin, node, &json!({"org": "acme", "project": "web", "image": image})).await.0
 }
 
 /// A receiver that hangs: each attempt is cut at the delivery timeout while it

@@ -44,22 +44,9 @@ fn agent_metrics(listener: tokio::net::TcpListener) -> Figures {
 /// Deploys `org/project` and reports its one instance ready from `node`; the
 /// ids of the instance and its deployment.
 async fn live_instance(admin: &Client, node: &Client, org: &str, project: &str) -> (String, String) {
-    let d: Value = admin
-        .post("/api/v1/deployments", &json!({"org": org, "project": project, "image": format!("{org}/{project}:1")}))
-        .await
-        .unwrap();
+    let body = json!({"org": org, "project": project, "image": format!("{org}/{project}:1")});
+    let (d, inst) = common::deploy_ready(admin, node, &body).await;
     let dep = d["id"].as_str().unwrap().to_owned();
-    let inst = until("placement", async || {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    node.put::<_, Value>(
-        &format!("/api/v1/instances/{inst}/status"),
-        &json!({"status": "ready", "address": "10.0.0.2:8080"}),
-    )
-    .await
-    .ok();
     until("the deployment active", async || {
         let d: Value = admin.get(&format!("/api/v1/deployments/{dep}")).await.unwrap();
         (d["status"] == "active").then_some(())

@@ -17,6 +17,26 @@ pub async fn operator_with(config: OperatorConfig) -> (Operator, String, Client)
     (op, base, admin)
 }
 
+/// Creates the deployment `body` describes, waits for its first instance to
+/// be placed and reports it ready from `node` (the node agent's client); the
+/// deployment as created and the instance's id.
+pub async fn deploy_ready(admin: &Client, node: &Client, body: &serde_json::Value) -> (serde_json::Value, String) {
+    let d: serde_json::Value = admin.post("/api/v1/deployments", body).await.unwrap();
+    let dep = d["id"].as_str().unwrap().to_owned();
+    let inst = until("placement", async || {
+        let is: Vec<serde_json::Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
+        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    node.put::<_, serde_json::Value>(
+        &format!("/api/v1/instances/{inst}/status"),
+        &serde_json::json!({"status": "ready", "address": "10.0.0.2:8080"}),
+    )
+    .await
+    .ok();
+    (d, inst)
+}
+
 /// Polls `f` until it gives a value; fails the test after 30 s naming `what`.
 pub async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
