@@ -240,9 +240,17 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
         .unwrap();
     assert_eq!(res.status(), 404, "busybox httpd has no /health; the agent's own answer would be 200");
 
-    // Logs through the operator: the app saw the project's env vars.
-    let text = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
-    assert!(text.contains(&format!("{inst} started with hello-env")), "{text}");
+    // Logs through the operator: the app saw the project's env vars. Output is
+    // captured as it is written, so the line may land a moment after the app answers.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
+        if text.contains(&format!("{inst} started with hello-env")) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the app's first line never reached its logs: {text:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let json_lines = p
         .admin
         .stream(&format!("/api/v1/deployments/{dep}/logs?format=json&since=1h"))

@@ -1,7 +1,8 @@
 //! Instance logs on disk: one JSON-lines file per instance (timestamp, stream,
 //! line), rotated at a size cap with one older file kept, readable after the
 //! instance is gone, and followed by offset for live tails. Every driver
-//! writes through it.
+//! writes through it. Followers wake on the directory's inotify events (one
+//! watch per store, shared by every follower), with a slow poll as a safety net.
 
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{broadcast, mpsc, Mutex};
 
 use crate::LogLine;
 
@@ -30,6 +31,71 @@ pub struct LogStore {
     forward: Option<Arc<zeitwork_telemetry::drain::Forwarder>>,
     /// Where each instance's lines go besides (its organisation's drains).
     routes: Arc<zeitwork_telemetry::drain::Routes>,
+    /// Names the instance whose log file changed; started by the first follower.
+    /// `None` inside when inotify is unavailable (followers then poll).
+    changes: Arc<std::sync::OnceLock<Option<broadcast::Sender<Arc<str>>>>>,
+}
+
+/// How often a follower looks at its file without being woken.
+const POLL: Duration = Duration::from_millis(100);
+/// How often a follower woken by inotify looks anyway (a lost event never stalls it).
+const SAFETY_POLL: Duration = Duration::from_secs(2);
+
+/// Waits until `changes` names `id` (or events were missed); true when the watch ended.
+async fn written(changes: &mut broadcast::Receiver<Arc<str>>, id: &str) -> bool {
+    loop {
+        match changes.recv().await {
+            Ok(name) if &*name == id => return false,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return false,
+            Err(broadcast::error::RecvError::Closed) => return true,
+        }
+    }
+}
+
+/// Watches `dir` and names each instance whose log file was written, created or
+/// rotated. Ends when the directory goes away.
+fn watch_dir(dir: &Path) -> std::io::Result<broadcast::Sender<Arc<str>>> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+    inotify::add_watch(&fd, dir, WatchFlags::MODIFY | WatchFlags::CREATE | WatchFlags::MOVED_TO)?;
+    // `register` is the unsafe spelling of the same call; its condition (the
+    // descriptor stays open and the same while registered) holds for an `OwnedFd`
+    // moved in, and this crate forbids `unsafe`.
+    #[allow(deprecated)]
+    let fd = tokio::io::unix::AsyncFd::new(fd)?;
+    let (tx, _) = broadcast::channel(1024);
+    let sender = tx.clone();
+    tokio::spawn(async move {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        loop {
+            let Ok(mut ready) = fd.readable().await else { return };
+            let mut events = inotify::Reader::new(fd.get_ref(), &mut buf);
+            loop {
+                match events.next() {
+                    Ok(e) => {
+                        if e.events().intersects(inotify::ReadFlags::IGNORED) {
+                            return;
+                        }
+                        let name = e.file_name().and_then(|n| n.to_str().ok());
+                        if let Some(id) = name.and_then(|n| n.strip_suffix(".jsonl").or(n.strip_suffix(".jsonl.1"))) {
+                            // Nobody following is fine.
+                            let _ = tx.send(Arc::from(id));
+                        }
+                    }
+                    Err(rustix::io::Errno::AGAIN) => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "instance log watch ended; followers poll");
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(sender)
 }
 
 fn valid_id(id: &str) -> bool {
@@ -39,7 +105,7 @@ fn valid_id(id: &str) -> bool {
 impl LogStore {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP, forward: None, routes: Arc::default() })
+        Ok(Self { dir: dir.to_owned(), cap: LOG_CAP, forward: None, routes: Arc::default(), changes: Arc::default() })
     }
 
     /// A store that also forwards every line.
@@ -154,6 +220,15 @@ impl LogStore {
     pub fn follow(&self, id: &str, since: Option<DateTime<Utc>>) -> mpsc::Receiver<LogLine> {
         let (tx, rx) = mpsc::channel(256);
         let Some(path) = self.path(id) else { return rx };
+        let changes = self.changes.get_or_init(|| match watch_dir(&self.dir) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch instance logs; followers poll");
+                None
+            }
+        });
+        let mut woken = changes.as_ref().map(|c| c.subscribe());
+        let id: Arc<str> = Arc::from(id);
         let mut earlier = read_from(&path.with_extension("jsonl.1"), 0).0;
         let (current, mut offset) = read_from(&path, 0);
         earlier.extend(current);
@@ -189,7 +264,21 @@ impl LogStore {
                         return;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let closed = match &mut woken {
+                    None => {
+                        tokio::time::sleep(POLL).await;
+                        false
+                    }
+                    Some(changes) => tokio::select! {
+                        closed = written(changes, &id) => closed,
+                        _ = tokio::time::sleep(SAFETY_POLL) => false,
+                        _ = tx.closed() => return,
+                    },
+                };
+                if closed {
+                    // The watch ended: poll from now on.
+                    woken = None;
+                }
             }
         });
         rx
@@ -308,6 +397,28 @@ mod tests {
         store.append("ins_a", "stderr", "é".repeat(MAX_LINE)).await;
         let l = &store.read("ins_a", None)[0];
         assert!(l.line.ends_with("[line cut]") && l.line.len() <= MAX_LINE + 11, "{}", l.line.len());
+    }
+
+    #[tokio::test]
+    async fn the_directory_watch_names_the_instance_written_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::with_cap(dir.path(), 200).unwrap();
+        let mut changes = watch_dir(dir.path()).unwrap().subscribe();
+        store.append("ins_b", "stdout", "one".into()).await;
+        let first = tokio::time::timeout(Duration::from_secs(10), changes.recv()).await.expect("an event").unwrap();
+        assert_eq!(&*first, "ins_b");
+        // Unrelated files name nobody; a rotation names the instance.
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        for i in 0..5 {
+            store.append("ins_c", "stdout", format!("line {i} of a log that rotates at 200 bytes")).await;
+        }
+        let mut named = Vec::new();
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), changes.recv()).await {
+            named.push(n.to_string());
+        }
+        assert!(named.iter().all(|n| n == "ins_b" || n == "ins_c"), "{named:?}");
+        assert!(named.iter().any(|n| n == "ins_c"), "{named:?}");
+        assert!(dir.path().join("ins_c.jsonl.1").exists(), "the log rotated");
     }
 
     #[tokio::test]

@@ -117,6 +117,7 @@ async fn pump(
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "cannot mint the operator's token");
+            let _ = tx.send(note("the operator cannot authenticate to nodes right now; try again".into())).await;
             return;
         }
     };
