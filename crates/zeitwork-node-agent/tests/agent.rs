@@ -31,6 +31,9 @@ async fn platform_with(
     tune: impl FnOnce(&mut NodeAgentConfig),
 ) -> Platform {
     let dir = tempfile::tempdir().unwrap();
+    // As a data directory under /var/lib is: passable by others, so root images
+    // run remapped into a user namespace as they do in production.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let op = Operator::start(OperatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("op"),
@@ -1130,7 +1133,9 @@ async fn an_instance_cannot_reach_the_hosts_services() {
     let script = "GW=$(/bin/busybox route -n | /bin/busybox awk '$1==\"0.0.0.0\"{print $2}'); \
         for h in $GW $PROBE_HOSTS; do \
           if /bin/busybox nc -w 2 $h $PROBE_PORT </dev/null >/dev/null 2>&1; then echo \"$h open\"; else echo \"$h closed\"; fi; \
-        done > /tmp/index.html; exec /bin/busybox httpd -f -p $PORT -h /tmp";
+        done > /tmp/index.html; \
+        { /bin/busybox cat /proc/self/uid_map; /bin/busybox grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; } > /tmp/self.html; \
+        exec /bin/busybox httpd -f -p $PORT -h /tmp";
     let image = reg.push_busybox("acme/probe", "v1", script).await.unwrap();
     let p = platform("10.235.0.0", 60).await;
     // The host's own addresses (not the instance links other tests create and remove meanwhile).
@@ -1151,10 +1156,29 @@ async fn an_instance_cannot_reach_the_hosts_services() {
     }
     let (_, inst) = p.deploy(&image).await;
     let ready = p.wait_status(&inst, &["ready"], Duration::from_secs(60)).await;
-    let report = reqwest::get(format!("http://{}/", ready.address.unwrap())).await.unwrap().text().await.unwrap();
+    let report =
+        reqwest::get(format!("http://{}/", ready.address.as_deref().unwrap())).await.unwrap().text().await.unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let confined = reqwest::get(format!("http://{}/self.html", ready.address.as_deref().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines.len(), hosts.len() + 1, "every host address was tried: {report:?}");
+    // The image's root is not the host's root, under a seccomp filter, with no
+    // capabilities beyond the default set and a process limit.
+    let uid_map: Vec<u64> =
+        confined.lines().next().unwrap_or("").split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    assert!(uid_map.len() == 3 && uid_map[0] == 0 && uid_map[1] >= 65_536, "root is remapped: {confined}");
+    assert!(confined.contains("Seccomp:\t2"), "a seccomp filter: {confined}");
+    assert!(confined.contains("NoNewPrivs:\t1"), "no new privileges: {confined}");
+    let pids_max = [format!("/sys/fs/cgroup/zeitwork/zw-{inst}"), format!("/sys/fs/cgroup/pids/zeitwork/zw-{inst}")]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(format!("{d}/pids.max")).ok())
+        .expect("the instance's pids cgroup (v2 or v1)");
+    assert!(pids_max.trim().parse::<u32>().is_ok(), "pids.max is a number, not {pids_max:?}");
     assert!(lines.iter().all(|l| l.ends_with(" closed")), "an instance reached the host: {report:?}");
     let reached = accepting.join().unwrap();
     assert_eq!(reached, hosts.len(), "only the host's own connections got through");
