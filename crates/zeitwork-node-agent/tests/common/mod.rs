@@ -3,6 +3,8 @@
 //! agent's settings on loopback.
 #![allow(dead_code)]
 
+pub mod releases;
+
 use serde_json::{json, Value};
 use zeitwork_client::Client;
 use zeitwork_control_plane::{Operator, OperatorConfig};
