@@ -99,22 +99,12 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
         .await
         .unwrap();
     let node = Client::new(&base, n["credential"].as_str().map(str::to_owned));
-    let d: Value = admin
-        .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:1", "commit_sha": "0123456789abcdef0123456789abcdef01234567"}))
-        .await
-        .unwrap();
-    let dep = d["id"].as_str().unwrap().to_owned();
-    let inst = until("placement", async || {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
-        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    node.put::<_, Value>(
-        &format!("/api/v1/instances/{inst}/status"),
-        &json!({"status": "ready", "address": "10.0.0.2:8080"}),
+    let (d, _) = common::deploy_ready(
+        &admin,
+        &node,
+        &json!({"org": "acme", "project": "web", "image": "acme/web:1", "commit_sha": "0123456789abcdef0123456789abcdef01234567"}),
     )
-    .await
-    .ok();
+    .await;
 
     // The webhook gets "created" then "active", signed over timestamp and body.
     let got = until("the webhook deliveries", async || {
@@ -148,18 +138,13 @@ async fn deployments_notify_channels_with_retries_and_a_dead_letter_queue() {
         .post("/api/v1/deployments", &json!({"org": "acme", "project": "web", "image": "acme/web:2"}))
         .await
         .unwrap();
-    let dep2 = d2["id"].as_str().unwrap().to_owned();
-    let inst2 = until("placement", async || {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep2}/instances")).await.unwrap();
-        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    node.put::<_, Value>(
-        &format!("/api/v1/instances/{inst2}/status"),
+    let inst2 = common::placed(&admin, d2["id"].as_str().unwrap()).await;
+    common::report(
+        &node,
+        &inst2,
         &json!({"status": "failed", "reason": "the app did not answer on port 8080 within 60 s"}),
     )
-    .await
-    .ok();
+    .await;
     let failed = until("the failure message", async || {
         let got = slack.lock().unwrap().clone();
         got.into_iter().map(|(_, b)| b).find(|b| b.contains("deployment failed"))
@@ -1005,17 +990,8 @@ async fn lifecycle_events_reach_a_webhook_by_name() {
         .await
         .unwrap();
     let s1 = id(&staged);
-    let inst = until("placement", async || {
-        let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{s1}/instances")).await.unwrap();
-        is.first().map(|i| i["id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    node.put::<_, Value>(
-        &format!("/api/v1/instances/{inst}/status"),
-        &json!({"status": "ready", "address": "10.0.0.3:8080"}),
-    )
-    .await
-    .ok();
+    let inst = common::placed(&admin, &s1).await;
+    common::report(&node, &inst, &json!({"status": "ready", "address": "10.0.0.3:8080"})).await;
     live(s1.clone()).await;
     admin
         .post::<_, Value>("/api/v1/projects/acme/web/promote", &json!({"from": "staging", "to": "production"}))

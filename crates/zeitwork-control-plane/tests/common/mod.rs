@@ -22,19 +22,23 @@ pub async fn operator_with(config: OperatorConfig) -> (Operator, String, Client)
 /// deployment as created and the instance's id.
 pub async fn deploy_ready(admin: &Client, node: &Client, body: &serde_json::Value) -> (serde_json::Value, String) {
     let d: serde_json::Value = admin.post("/api/v1/deployments", body).await.unwrap();
-    let dep = d["id"].as_str().unwrap().to_owned();
-    let inst = until("placement", async || {
+    let inst = placed(admin, d["id"].as_str().unwrap()).await;
+    report(node, &inst, &serde_json::json!({"status": "ready", "address": "10.0.0.2:8080"})).await;
+    (d, inst)
+}
+
+/// The id of the first instance placed for deployment `dep`, once there is one.
+pub async fn placed(admin: &Client, dep: &str) -> String {
+    until("placement", async || {
         let is: Vec<serde_json::Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
         is.first().map(|i| i["id"].as_str().unwrap().to_owned())
     })
-    .await;
-    node.put::<_, serde_json::Value>(
-        &format!("/api/v1/instances/{inst}/status"),
-        &serde_json::json!({"status": "ready", "address": "10.0.0.2:8080"}),
-    )
     .await
-    .ok();
-    (d, inst)
+}
+
+/// Reports `status` (a status report body) for instance `inst` from `node`.
+pub async fn report(node: &Client, inst: &str, status: &serde_json::Value) {
+    node.put::<_, serde_json::Value>(&format!("/api/v1/instances/{inst}/status"), status).await.ok();
 }
 
 /// Polls `f` until it gives a value; fails the test after 30 s naming `what`.
