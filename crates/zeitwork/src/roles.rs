@@ -79,21 +79,11 @@ pub struct OperatorArgs {
 impl OperatorArgs {
     fn into_config(self) -> Result<OperatorConfig> {
         let mut c: OperatorConfig = load_toml(self.common.config.as_deref())?;
-        if let Some(d) = self.common.data {
-            c.data_dir = d;
-        }
-        if let Some(l) = self.common.listen {
-            c.listen = l;
-        }
-        if let Some(u) = self.database_url.or(self.database_url_fallback) {
-            c.database_url = Some(u);
-        }
-        if let Some(d) = self.apps_domain {
-            c.apps_domain = d;
-        }
-        if let Some(k) = self.encryption_key {
-            c.encryption_key = Some(k);
-        }
+        set(&mut c.data_dir, self.common.data);
+        set(&mut c.listen, self.common.listen);
+        set_some(&mut c.database_url, self.database_url.or(self.database_url_fallback));
+        set(&mut c.apps_domain, self.apps_domain);
+        set_some(&mut c.encryption_key, self.encryption_key);
         c.validate()?;
         Ok(c)
     }
@@ -156,39 +146,17 @@ pub struct NodeAgentArgs {
 pub async fn node_agent(args: NodeAgentArgs) -> Result<()> {
     args.common.init_logging();
     let mut c: NodeAgentConfig = load_toml(args.common.config.as_deref())?;
-    if let Some(l) = args.common.listen {
-        c.listen = l;
-    }
-    if let Some(d) = args.common.data {
-        c.data_dir = d;
-    }
-    if let Some(v) = args.operator {
-        c.operator_url = v;
-    }
-    if let Some(v) = args.token {
-        c.token = Some(v);
-    }
-    if let Some(v) = args.region {
-        c.region = v;
-    }
-    if let Some(v) = args.hostname {
-        c.hostname = v;
-    }
-    if let Some(v) = args.advertise_url {
-        c.advertise_url = Some(v);
-    }
-    if let Some(v) = args.runtime {
-        c.runtime = v;
-    }
-    if let Some(v) = args.qemu {
-        c.qemu = v;
-    }
-    if let Some(v) = args.firecracker {
-        c.firecracker = Some(v);
-    }
-    if let Some(v) = args.kernel {
-        c.kernel = Some(v);
-    }
+    set(&mut c.listen, args.common.listen);
+    set(&mut c.data_dir, args.common.data);
+    set(&mut c.operator_url, args.operator);
+    set_some(&mut c.token, args.token);
+    set(&mut c.region, args.region);
+    set(&mut c.hostname, args.hostname);
+    set_some(&mut c.advertise_url, args.advertise_url);
+    set(&mut c.runtime, args.runtime);
+    set(&mut c.qemu, args.qemu);
+    set_some(&mut c.firecracker, args.firecracker);
+    set_some(&mut c.kernel, args.kernel);
     c.validate().map_err(|e| UsageError(e.to_string()))?;
     let agent = NodeAgent::start(c).await.context("the node agent could not start")?;
     shutdown_signal().await;
@@ -266,12 +234,8 @@ pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
         Some("https") => Some(zeitwork_lb::EdgePort::Https),
         _ => None,
     };
-    if let Some(v) = args.operator {
-        c.operator_url = Some(v);
-    }
-    if let Some(v) = args.token {
-        c.token = Some(v);
-    }
+    set_some(&mut c.operator_url, args.operator);
+    set_some(&mut c.token, args.token);
     if let Some(listen) = args.common.listen {
         if args.backends.is_empty() && from.is_none() {
             return Err(UsageError(
@@ -290,9 +254,7 @@ pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
     } else if !args.backends.is_empty() {
         return Err(UsageError("--backend needs --listen ADDR:PORT".into()).into());
     }
-    if let Some(a) = args.admin_listen {
-        c.admin_listen = a;
-    }
+    set(&mut c.admin_listen, args.admin_listen);
     let c = c.with_default_listener();
     if c.listeners.is_empty() {
         return Err(UsageError(
@@ -312,36 +274,18 @@ pub async fn load_balancer(args: LoadBalancerArgs) -> Result<()> {
 pub async fn edge_proxy(args: EdgeProxyArgs) -> Result<()> {
     args.common.init_logging();
     let mut c: EdgeConfig = load_toml(args.common.config.as_deref())?;
-    if let Some(l) = args.common.listen {
-        c.http_listen = l;
-    }
-    if let Some(v) = args.operator {
-        c.operator_url = v;
-    }
-    if let Some(v) = args.token {
-        c.token = Some(v);
-    }
-    if let Some(v) = args.https_listen {
-        c.https_listen = v;
-    }
-    if let Some(v) = args.admin_listen {
-        c.admin_listen = v;
-    }
-    if let Some(v) = args.tls_cert {
-        c.tls_cert = Some(v);
-    }
-    if let Some(v) = args.tls_key {
-        c.tls_key = Some(v);
-    }
+    set(&mut c.http_listen, args.common.listen);
+    set(&mut c.operator_url, args.operator);
+    set_some(&mut c.token, args.token);
+    set(&mut c.https_listen, args.https_listen);
+    set(&mut c.admin_listen, args.admin_listen);
+    set_some(&mut c.tls_cert, args.tls_cert);
+    set_some(&mut c.tls_key, args.tls_key);
     if !args.trusted_proxies.is_empty() {
         c.trusted_proxies = args.trusted_proxies;
     }
-    if let Some(v) = args.acme_directory {
-        c.acme_directory = Some(v);
-    }
-    if let Some(v) = args.acme_contact {
-        c.acme_contact = Some(v);
-    }
+    set_some(&mut c.acme_directory, args.acme_directory);
+    set_some(&mut c.acme_contact, args.acme_contact);
     c.validate().map_err(|e| UsageError(e.to_string()))?;
     let edge = EdgeProxy::start(c).await.context("the edge proxy could not start")?;
     shutdown_signal().await;
@@ -562,5 +506,19 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}
+
+/// `slot` takes the value given on the command line, if any.
+fn set<T>(slot: &mut T, given: Option<T>) {
+    if let Some(v) = given {
+        *slot = v;
+    }
+}
+
+/// An optional setting takes the value given on the command line, if any.
+fn set_some<T>(slot: &mut Option<T>, given: Option<T>) {
+    if given.is_some() {
+        *slot = given;
     }
 }
