@@ -151,21 +151,40 @@ impl Store {
 
     /// Canary steps asked for one deployment, instead of its project's.
     pub async fn set_deployment_rollout(&self, deployment: &str, r: &zeitwork_api_types::Rollout) -> Result<()> {
-        sqlx::query("UPDATE deployments SET rollout = $1 WHERE id = $2")
-            .bind(serde_json::to_string(r).unwrap_or_default())
+        self.set_deployment_json(deployment, "rollout", r).await
+    }
+
+    pub async fn deployment_rollout(&self, deployment: &str) -> Result<Option<zeitwork_api_types::Rollout>> {
+        self.deployment_json(deployment, "rollout").await
+    }
+
+    /// Writes one of a deployment's JSON release settings (`column` is one of this file's names, never input).
+    async fn set_deployment_json(
+        &self,
+        deployment: &str,
+        column: &'static str,
+        v: &impl serde::Serialize,
+    ) -> Result<()> {
+        sqlx::query(&format!("UPDATE deployments SET {column} = $1 WHERE id = $2"))
+            .bind(serde_json::to_string(v).unwrap_or_default())
             .bind(deployment)
             .execute(&self.writer)
             .await?;
         Ok(())
     }
 
-    pub async fn deployment_rollout(&self, deployment: &str) -> Result<Option<zeitwork_api_types::Rollout>> {
-        let row = sqlx::query("SELECT rollout FROM deployments WHERE id = $1")
+    /// Reads one of a deployment's JSON release settings; `None` when unset.
+    async fn deployment_json<T: serde::de::DeserializeOwned>(
+        &self,
+        deployment: &str,
+        column: &'static str,
+    ) -> Result<Option<T>> {
+        let row = sqlx::query(&format!("SELECT {column} FROM deployments WHERE id = $1"))
             .bind(deployment)
             .fetch_optional(&self.reader)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("deployment {deployment:?} does not exist")))?;
-        Ok(row.opt_text("rollout")?.and_then(|r| serde_json::from_str(&r).ok()))
+        Ok(row.opt_text(column)?.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
     /// Records a rollout for a deployment that just became ready; a second
@@ -216,21 +235,11 @@ impl Store {
     /// The shadow setting a deployment's release uses (its own, or its
     /// project's when it became ready).
     pub async fn set_deployment_shadow(&self, deployment: &str, s: &zeitwork_api_types::Shadow) -> Result<()> {
-        sqlx::query("UPDATE deployments SET shadow = $1 WHERE id = $2")
-            .bind(serde_json::to_string(s).unwrap_or_default())
-            .bind(deployment)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        self.set_deployment_json(deployment, "shadow", s).await
     }
 
     pub async fn deployment_shadow(&self, deployment: &str) -> Result<Option<zeitwork_api_types::Shadow>> {
-        let row = sqlx::query("SELECT shadow FROM deployments WHERE id = $1")
-            .bind(deployment)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("deployment {deployment:?}")))?;
-        Ok(row.opt_text("shadow")?.and_then(|r| serde_json::from_str(&r).ok()))
+        self.deployment_json(deployment, "shadow").await
     }
 
     /// Deployments in their shadow stage, for the routing table.
