@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 use zeitwork_api_types::{Deployment, DeploymentStatus, Instance, InstanceStatus, Node, NodeStatus, Resources};
-use zeitwork_store::{Audit, InstanceTally, NewInstance, Store, StoreError};
+use zeitwork_store::{Audit, InstanceTally, NewInstance, RunningDeployment, RunningProject, Store, StoreError};
 
 /// Engine timings, and the counter of what became of deployments.
 #[derive(Debug, Clone)]
@@ -174,7 +174,48 @@ pub struct EngineGauges {
     pub queries: QueryTimes,
 }
 
-/// Runs passes until `stop`.
+/// What a wake-up of the engine asks it to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// A full pass over everything (the tick, or a change not described).
+    Full,
+    /// Only these deployments changed: each is moved one step on its own.
+    Deployments(Vec<String>),
+    /// Nothing that the engine acts on.
+    Nothing,
+}
+
+impl Work {
+    /// What the announcements since the last look ask for: the deployments
+    /// they name, or a full pass for anything else (nodes, projects, a change
+    /// not described, or announcements lost from the store's log).
+    pub fn of(changes: Option<Vec<zeitwork_store::Change>>) -> Work {
+        let Some(changes) = changes else { return Work::Full };
+        let mut ids: Vec<String> = Vec::new();
+        for c in changes {
+            match c {
+                zeitwork_store::Change::Deployments(d) => {
+                    for id in d {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                _ => return Work::Full,
+            }
+        }
+        if ids.is_empty() {
+            Work::Nothing
+        } else {
+            Work::Deployments(ids)
+        }
+    }
+}
+
+/// Runs the engine until `stop`: a change the store announces is acted on at
+/// once ([`act_on`] for the deployments it names, a full [`pass`] for
+/// anything else), and a full pass runs every `tick` as the clock for
+/// timeouts and steps and as the safety net for a lost announcement.
 pub async fn run(
     store: Store,
     config: EngineConfig,
@@ -188,39 +229,70 @@ pub async fn run(
     // One engine at a time across operators sharing a store.
     let mut leading = false;
     let mut leading_since = tokio::time::Instant::now();
-    // Every committed change to deployments, instances, nodes or routes starts
-    // a pass (a new deployment is placed, a completing ready report activates).
+    // Every committed change to deployments, instances, nodes or routes wakes
+    // the engine (a new deployment is placed, a completing ready report activates).
     let mut changes = store.changes();
+    let mut seen = *changes.borrow_and_update();
+    let mut next_tick = tokio::time::Instant::now();
+    let mut renewed: Option<tokio::time::Instant> = None;
+    // Whether a full pass ran since the lease was taken.
+    let mut looked = false;
     loop {
-        changes.mark_unchanged();
-        let ttl = config.lease_ttl.as_millis() as i64;
-        let lease = queries.time("engine_lease", store.acquire_lease(ENGINE_LEASE, &holder, ttl)).await;
-        database_up.set(i64::from(lease.is_ok()));
-        match lease {
-            Ok(held) => {
-                if held != leading {
-                    tracing::info!(%holder, leading = held, "deployment engine lease {}", if held { "taken" } else { "lost" });
-                    leading_since = tokio::time::Instant::now();
-                }
-                leading = held;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the engine lease; pausing the engine");
-                leading = false;
-            }
+        let now = tokio::time::Instant::now();
+        let tick = now >= next_tick;
+        if tick {
+            next_tick = now + config.tick;
         }
-        leader.set(i64::from(leading));
+        // The lease is renewed every tick, and before acting on a change when
+        // the last renewal is half its time-to-live old.
+        let renew = tick || renewed.is_none_or(|at| at.elapsed() >= config.lease_ttl / 2);
+        if renew {
+            let ttl = config.lease_ttl.as_millis() as i64;
+            let lease = queries.time("engine_lease", store.acquire_lease(ENGINE_LEASE, &holder, ttl)).await;
+            database_up.set(i64::from(lease.is_ok()));
+            match lease {
+                Ok(held) => {
+                    if held != leading {
+                        tracing::info!(%holder, leading = held, "deployment engine lease {}", if held { "taken" } else { "lost" });
+                        leading_since = tokio::time::Instant::now();
+                        looked = false;
+                    }
+                    renewed = Some(now);
+                    leading = held;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the engine lease; pausing the engine");
+                    renewed = None;
+                    leading = false;
+                }
+            }
+            leader.set(i64::from(leading));
+        }
+        // What was announced up to now is looked at below; what comes later wakes the engine again.
+        changes.borrow_and_update();
+        let (latest, announced) = store.changes_since(seen);
+        seen = latest;
         if leading {
             let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config.clone() };
-            match pass(&store, &config).await {
+            // A full pass as soon as the lease is taken too: nothing was looked at before.
+            let work = if tick || !looked { Work::Full } else { Work::of(announced) };
+            let done = match &work {
+                Work::Full => {
+                    looked = true;
+                    pass(&store, &config).await
+                }
+                Work::Deployments(ids) => act_on(&store, &config, ids).await,
+                Work::Nothing => Ok(false),
+            };
+            match done {
                 Ok(true) => changed(),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "deployment engine pass failed; retrying"),
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(config.tick) => {}
-            // A new deployment or a wake is acted on at once, not at the next tick.
+            _ = tokio::time::sleep_until(next_tick) => {}
+            // A wake or a new deployment through this operator (also announced by the store).
             _ = nudge.notified() => {}
             _ = changes.changed() => {}
             _ = stop.wait_for(|s| *s) => break,
@@ -365,7 +437,6 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             changed = true;
         }
     }
-
     // Deployments nobody points at go to sleep and free their capacity first,
     // so what waits for room below can use it in this same pass.
     changed |= sleep_idle(store, config, now).await?;
@@ -375,7 +446,65 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
         store.retire_deployment(&d.id, reason, &audit).await?;
         changed = true;
     }
+    changed |= place_pending(store, config, now).await?;
 
+    // `preparing` is a deployment whose placement was claimed; a crash before it
+    // reached `starting` is repaired here like any other step.
+    let mut starting = all_with(store, DeploymentStatus::Preparing).await?;
+    starting.extend(all_with(store, DeploymentStatus::Starting).await?);
+    for d in starting {
+        changed |= check_start(store, config, &d, now).await?;
+    }
+    changed |= wake(store, config, now).await?;
+    changed |= crate::rollout::pass(store, config).await?;
+
+    // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
+    // Read for every running deployment at once (grouped in SQL), decided in
+    // memory; only a deployment short of or beyond its count is read again
+    // and acted on, one at a time.
+    const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
+    let mut running = store.running_deployments(&RUNNING).await?;
+    // Active ones first, each status newest first (stable: the store lists newest first).
+    running.sort_by_key(|d| RUNNING.iter().position(|s| *s == d.status));
+    let mut tallies: HashMap<String, Vec<InstanceTally>> = HashMap::new();
+    for t in store.instance_tallies(&RUNNING).await? {
+        tallies.entry(t.deployment.clone()).or_default().push(t);
+    }
+    for r in running {
+        let (desired, scaled) = desired_count(&r, now);
+        let regions = r.project.as_ref().map(|p| p.regions.as_slice()).unwrap_or_default();
+        let tally = tallies.get(&r.id).map(Vec::as_slice).unwrap_or_default();
+        // A project gone since the read: the per-deployment path reports it as before.
+        if r.project.is_some() && !needs_attention(tally, regions, desired, scaled) {
+            continue;
+        }
+        // Read whole only now that it needs an action; one that moved on since is left alone.
+        let d = match store.get_deployment(&r.id).await {
+            Ok(d) if d.status == r.status => d,
+            Ok(_) | Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        changed |= reconcile(store, config, &d, desired, now).await?.placed;
+        if scaled {
+            changed |= scale_down(store, config, &d, desired, now).await?;
+        }
+    }
+    if store.finish_stopping(now.timestamp_millis()).await? > 0 {
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Places pending deployments, oldest first, each all at once or not at
+/// all; one that cannot be placed waits for room with the reason (making
+/// room by sleeping a standby deployment early) or fails after
+/// `placement_timeout`.
+async fn place_pending(
+    store: &Store,
+    config: &EngineConfig,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
     let mut pending = all_with(store, DeploymentStatus::Pending).await?;
     pending.reverse(); // oldest first
     for d in pending {
@@ -447,76 +576,118 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             }
         }
     }
+    Ok(changed)
+}
 
-    // `preparing` is a deployment whose placement was claimed; a crash before it
-    // reached `starting` is repaired here like any other step.
-    let mut starting = all_with(store, DeploymentStatus::Preparing).await?;
-    starting.extend(all_with(store, DeploymentStatus::Starting).await?);
-    for d in starting {
-        // Instances replaced after their node went down no longer count.
-        let instances: Vec<_> =
-            store.list_instances(&d.id).await?.into_iter().filter(|i| i.status != InstanceStatus::Stopped).collect();
-        let broken = instances.iter().find(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited));
-        if let Some(i) = broken {
-            let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));
-            let reason = format!("instance {}: {why}", i.id);
-            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
-            config.outcomes.count(DeploymentStatus::Failed);
-            let audit =
-                system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
-            store.record_event(&audit, "failed").await?;
-            changed = true;
-        } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
-            // Every instance is ready: a canary begins, or the switch (see `rollout`).
-            changed |= crate::rollout::on_ready(store, config, &d).await?;
-        } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
-            let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
-            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
-            config.outcomes.count(DeploymentStatus::Failed);
-            let audit =
-                system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
-            store.record_event(&audit, "failed").await?;
-            changed = true;
-        }
-    }
-
-    changed |= wake(store, config, now).await?;
-    changed |= crate::rollout::pass(store, config).await?;
-
-    // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
-    // Read for every running deployment at once (grouped in SQL), decided in
-    // memory; only a deployment short of or beyond its count is read again
-    // and acted on, one at a time.
-    const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
-    let running = store.deployments_in(&RUNNING).await?;
-    let projects = store.projects_of_deployments_in(&RUNNING).await?;
-    let mut tallies: HashMap<String, Vec<InstanceTally>> = HashMap::new();
-    for t in store.instance_tallies(&RUNNING).await? {
-        tallies.entry(t.deployment.clone()).or_default().push(t);
-    }
-    for (d, w) in running {
-        let project = projects.get(&(d.org.clone(), d.project.clone()));
-        let (desired, scaled) = match d.status {
-            DeploymentStatus::Standby if w.woken_at.is_some() => (1, false),
-            DeploymentStatus::Standby => (d.instances_per_region, false),
-            _ => match project.and_then(|p| p.scaling.map(|s| (s, p.sleep_after_secs))) {
-                Some((s, sleep_after)) => (active_desired(&d, &w, s, sleep_after, now), true),
-                None => (d.instances_per_region, false),
-            },
-        };
-        let regions = project.map(|p| p.regions.as_slice()).unwrap_or_default();
-        let tally = tallies.get(&d.id).map(Vec::as_slice).unwrap_or_default();
-        // A project gone since the read: the per-deployment path reports it as before.
-        if project.is_some() && !needs_attention(tally, regions, desired, scaled) {
-            continue;
-        }
-        changed |= reconcile(store, config, &d, desired, now).await?.placed;
-        if scaled {
-            changed |= scale_down(store, config, &d, desired, now).await?;
-        }
-    }
-    if store.finish_stopping(now.timestamp_millis()).await? > 0 {
+/// A placed deployment: fails when one of its instances failed or they
+/// were not all ready within `start_timeout`; once all are ready, a canary
+/// begins or it takes its environment (see `rollout`).
+async fn check_start(
+    store: &Store,
+    config: &EngineConfig,
+    d: &Deployment,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
+    // Instances replaced after their node went down no longer count.
+    let instances: Vec<_> =
+        store.list_instances(&d.id).await?.into_iter().filter(|i| i.status != InstanceStatus::Stopped).collect();
+    let broken = instances.iter().find(|i| matches!(i.status, InstanceStatus::Failed | InstanceStatus::Exited));
+    if let Some(i) = broken {
+        let why = i.exit_reason.clone().unwrap_or_else(|| format!("instance {} {}", i.id, i.status.as_str()));
+        let reason = format!("instance {}: {why}", i.id);
+        store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+        config.outcomes.count(DeploymentStatus::Failed);
+        let audit = system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
+        store.record_event(&audit, "failed").await?;
         changed = true;
+    } else if !instances.is_empty() && instances.iter().all(|i| i.status == InstanceStatus::Ready) {
+        // Every instance is ready: a canary begins, or the switch (see `rollout`).
+        changed |= crate::rollout::on_ready(store, config, d).await?;
+    } else if now - d.updated_at > chrono::Duration::from_std(config.start_timeout).unwrap_or_default() {
+        let reason = format!("instances did not become ready within {} s", config.start_timeout.as_secs());
+        store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&reason)).await?;
+        config.outcomes.count(DeploymentStatus::Failed);
+        let audit = system("deployment.fail", &d.id, &d.org, &d.project).detail(serde_json::json!({"reason": reason}));
+        store.record_event(&audit, "failed").await?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Instances per region a running (`active` or `standby`) deployment should
+/// keep, and whether the autoscaler sets that count (then extra ones are
+/// scaled down): one for a woken standby deployment, `instances_per_region`
+/// for another standby one, and for an active one the autoscaler's count
+/// when its project scales.
+fn desired_count(d: &RunningDeployment, now: chrono::DateTime<chrono::Utc>) -> (u32, bool) {
+    match d.status {
+        DeploymentStatus::Standby if d.wakefulness.woken_at.is_some() => (1, false),
+        DeploymentStatus::Standby => (d.instances_per_region, false),
+        _ => match d.project.as_ref().and_then(|p| p.scaling.map(|s| (s, p.sleep_after_secs))) {
+            Some((s, sleep_after)) => (active_desired(d, s, sleep_after, now), true),
+            None => (d.instances_per_region, false),
+        },
+    }
+}
+
+/// Moves the deployments `ids` one step each, as a full [`pass`] would, and
+/// nothing else: the engine's answer to a change the store announced for
+/// them. A pending one places the pending deployments (oldest first, as the
+/// pass does), a starting one is activated once all its instances are ready
+/// (or fails), a waking one wakes, one in a canary or shadow stage follows
+/// its rollout, a running one keeps its count of instances. Reads only those
+/// deployments and their instances, never all of them.
+pub async fn act_on(store: &Store, config: &EngineConfig, ids: &[String]) -> Result<bool, StoreError> {
+    let now = chrono::Utc::now();
+    let mut changed = false;
+    let mut pending = false;
+    for id in ids {
+        let d = match store.get_deployment(id).await {
+            Ok(d) => d,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        match d.status {
+            DeploymentStatus::Pending => pending = true,
+            DeploymentStatus::Preparing | DeploymentStatus::Starting => {
+                changed |= check_start(store, config, &d, now).await?;
+            }
+            DeploymentStatus::Waking => changed |= wake_one(store, config, &d, now).await?,
+            DeploymentStatus::Ready => {
+                if let Some(r) = store.get_rollout(&d.id).await? {
+                    changed |= crate::rollout::step(store, config, &r, now.timestamp_millis()).await?;
+                }
+            }
+            DeploymentStatus::Active | DeploymentStatus::Standby => {
+                let project = match store.get_project(&d.org, &d.project).await {
+                    Ok(p) => Some(RunningProject {
+                        regions: p.regions,
+                        scaling: p.scaling,
+                        sleep_after_secs: p.sleep_after_secs,
+                    }),
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                let running = RunningDeployment {
+                    id: d.id.clone(),
+                    status: d.status,
+                    instances_per_region: d.instances_per_region,
+                    updated_at: d.updated_at,
+                    wakefulness: store.wakefulness(&d.id).await?,
+                    project,
+                };
+                let (desired, scaled) = desired_count(&running, now);
+                changed |= reconcile(store, config, &d, desired, now).await?.placed;
+                if scaled {
+                    changed |= scale_down(store, config, &d, desired, now).await?;
+                }
+            }
+            _ => {}
+        }
+    }
+    if pending {
+        changed |= place_pending(store, config, now).await?;
     }
     Ok(changed)
 }
@@ -546,12 +717,12 @@ pub(crate) fn needs_attention(tally: &[InstanceTally], regions: &[String], desir
 /// autoscaler's count within the bounds; none with `min_per_region: 0` once
 /// no request came for `sleep_after_secs` (since it went live or last woke).
 pub fn active_desired(
-    d: &Deployment,
-    w: &zeitwork_store::Wakefulness,
+    d: &RunningDeployment,
     s: zeitwork_api_types::Scaling,
     sleep_after_secs: u32,
     now: chrono::DateTime<chrono::Utc>,
 ) -> u32 {
+    let w = &d.wakefulness;
     let base = w.scale_target.unwrap_or(d.instances_per_region).clamp(s.min_per_region.max(1), s.max_per_region);
     if s.min_per_region > 0 {
         return base;
@@ -715,37 +886,49 @@ async fn make_room(store: &Store, region: &str, waiting: &str) -> Result<bool, S
 async fn wake(store: &Store, config: &EngineConfig, now: chrono::DateTime<chrono::Utc>) -> Result<bool, StoreError> {
     let mut changed = false;
     for d in all_with(store, DeploymentStatus::Waking).await? {
-        let w = store.wakefulness(&d.id).await?;
-        let desired = if w.wake_for.is_some() { d.instances_per_region } else { 1 };
-        let r = reconcile(store, config, &d, desired, now).await?;
-        changed |= r.placed;
-        let woken_ms = w.woken_at.unwrap_or_else(|| d.updated_at.timestamp_millis());
-        let waited = now.timestamp_millis() - woken_ms;
-        if r.ready {
-            match w.wake_for {
-                Some(env) => {
-                    let audit = system("deployment.rollback", &d.id, &d.org, &d.project)
-                        .detail(serde_json::json!({"environment": env, "woken": true}));
-                    store.point_environment(&d.id, env, &audit).await?;
-                    tracing::info!(deployment = %d.id, environment = env.as_str(), "woken deployment took over its environment");
-                }
-                None => {
-                    store.finish_waking(&d.id).await?;
-                    tracing::info!(deployment = %d.id, waited_ms = waited, "deployment woke");
-                }
+        changed |= wake_one(store, config, &d, now).await?;
+    }
+    Ok(changed)
+}
+
+/// One step of waking `d` (see [`wake`]).
+async fn wake_one(
+    store: &Store,
+    config: &EngineConfig,
+    d: &Deployment,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
+    let w = store.wakefulness(&d.id).await?;
+    let desired = if w.wake_for.is_some() { d.instances_per_region } else { 1 };
+    let r = reconcile(store, config, d, desired, now).await?;
+    changed |= r.placed;
+    let woken_ms = w.woken_at.unwrap_or_else(|| d.updated_at.timestamp_millis());
+    let waited = now.timestamp_millis() - woken_ms;
+    if r.ready {
+        match w.wake_for {
+            Some(env) => {
+                let audit = system("deployment.rollback", &d.id, &d.org, &d.project)
+                    .detail(serde_json::json!({"environment": env, "woken": true}));
+                store.point_environment(&d.id, env, &audit).await?;
+                tracing::info!(deployment = %d.id, environment = env.as_str(), "woken deployment took over its environment");
             }
-            changed = true;
-        } else if let Some(why) = r.stuck {
-            changed |= store.back_to_sleep(&d.id, &format!("could not wake: {why}")).await?;
-        } else if waited > config.start_timeout.as_millis() as i64 {
-            let why = format!("could not wake: no instance was ready within {} s", config.start_timeout.as_secs());
-            changed |= store.back_to_sleep(&d.id, &why).await?;
-        } else if r.short_of_room.is_some() && waited > config.placement_timeout.as_millis() as i64 {
-            let why = format!("could not wake: {}", r.short_of_room.unwrap_or_default());
-            changed |= store.back_to_sleep(&d.id, &why).await?;
-        } else if let Some(region) = r.room_needed_in {
-            changed |= make_room(store, &region, &d.id).await?;
+            None => {
+                store.finish_waking(&d.id).await?;
+                tracing::info!(deployment = %d.id, waited_ms = waited, "deployment woke");
+            }
         }
+        changed = true;
+    } else if let Some(why) = r.stuck {
+        changed |= store.back_to_sleep(&d.id, &format!("could not wake: {why}")).await?;
+    } else if waited > config.start_timeout.as_millis() as i64 {
+        let why = format!("could not wake: no instance was ready within {} s", config.start_timeout.as_secs());
+        changed |= store.back_to_sleep(&d.id, &why).await?;
+    } else if r.short_of_room.is_some() && waited > config.placement_timeout.as_millis() as i64 {
+        let why = format!("could not wake: {}", r.short_of_room.unwrap_or_default());
+        changed |= store.back_to_sleep(&d.id, &why).await?;
+    } else if let Some(region) = r.room_needed_in {
+        changed |= make_room(store, &region, &d.id).await?;
     }
     Ok(changed)
 }

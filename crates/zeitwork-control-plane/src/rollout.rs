@@ -254,7 +254,13 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, StoreErr
     Ok(changed)
 }
 
-async fn step(store: &Store, config: &EngineConfig, r: &RolloutStatus, now: i64) -> Result<bool, StoreError> {
+/// Moves one open rollout one step (see [`pass`]).
+pub(crate) async fn step(
+    store: &Store,
+    config: &EngineConfig,
+    r: &RolloutStatus,
+    now: i64,
+) -> Result<bool, StoreError> {
     let d = match store.get_deployment(&r.deployment).await {
         Ok(d) => d,
         Err(StoreError::NotFound(_)) => {

@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 
-use zeitwork_api_types::{Deployment, DeploymentStatus, InstanceStatus, Node, Project};
+use zeitwork_api_types::{Deployment, DeploymentStatus, InstanceStatus, Node, Project, Scaling};
 
 use crate::deployments::{deployment_from, LIVE_INSTANCE};
 use crate::lifecycle::{wakefulness_from, Wakefulness};
 use crate::nodes::node_from;
 use crate::projects::{project_from, PROJECT_SELECT};
-use crate::{Result, RowExt, Store};
+use crate::{ts, Result, RowExt, Store, StoreError};
 
 /// Instances of one deployment in one region with one status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,28 @@ pub struct InstanceTally {
     pub region: String,
     pub status: InstanceStatus,
     pub count: u32,
+}
+
+/// What the engine's desired-count check needs of a running deployment and
+/// of its project, and nothing more: read for every running deployment at
+/// once, it keeps a full pass from reading and decoding whole rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningDeployment {
+    pub id: String,
+    pub status: DeploymentStatus,
+    pub instances_per_region: u32,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    pub wakefulness: Wakefulness,
+    /// Its project's placement settings; `None` when the project is gone.
+    pub project: Option<RunningProject>,
+}
+
+/// The settings of a project that say how many instances its running deployments keep, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningProject {
+    pub regions: Vec<String>,
+    pub scaling: Option<Scaling>,
+    pub sleep_after_secs: u32,
 }
 
 /// `IN (...)` of deployment statuses: literals of the closed set of names, never input.
@@ -72,12 +94,63 @@ impl Store {
             .collect()
     }
 
+    /// Every deployment in one of `statuses` with the few columns of it and
+    /// of its project that decide how many instances it keeps where
+    /// ([`RunningDeployment`]), in one query, newest first (whatever the status).
+    pub async fn running_deployments(&self, statuses: &[DeploymentStatus]) -> Result<Vec<RunningDeployment>> {
+        let rows = sqlx::query(&format!(
+            "SELECT d.id, d.status, d.instances_per_region, d.updated_at, d.woken_at, d.wake_for, \
+             d.last_request_at, d.scale_target, p.id AS project_id, p.regions, p.scaling, p.sleep_after_secs \
+             FROM deployments d LEFT JOIN projects p ON p.id = d.project_id WHERE d.status IN {} \
+             ORDER BY d.created_at DESC, d.id DESC",
+            status_list(statuses)
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        // Projects share a handful of region lists: each is parsed once.
+        let mut lists: HashMap<String, Vec<String>> = HashMap::new();
+        rows.iter()
+            .map(|r| {
+                let project = match r.opt_text("project_id")? {
+                    None => None,
+                    Some(_) => {
+                        let text = r.text("regions")?;
+                        let regions = match lists.get(&text) {
+                            Some(l) => l.clone(),
+                            None => {
+                                let l: Vec<String> = serde_json::from_str(&text)
+                                    .map_err(|e| StoreError::Corrupt(format!("column regions: {e}")))?;
+                                lists.insert(text, l.clone());
+                                l
+                            }
+                        };
+                        let scaling = match r.opt_text("scaling")? {
+                            Some(s) => serde_json::from_str::<Option<Scaling>>(&s)
+                                .map_err(|e| StoreError::Corrupt(format!("column scaling: {e}")))?,
+                            None => None,
+                        };
+                        Some(RunningProject { regions, scaling, sleep_after_secs: r.int("sleep_after_secs")? as u32 })
+                    }
+                };
+                Ok(RunningDeployment {
+                    id: r.text("id")?,
+                    status: r.parsed("status", DeploymentStatus::parse)?,
+                    instances_per_region: r.int("instances_per_region")? as u32,
+                    updated_at: ts(r.int("updated_at")?),
+                    wakefulness: wakefulness_from(r)?,
+                    project,
+                })
+            })
+            .collect()
+    }
+
     /// Instances of every deployment in one of `statuses`, counted per
-    /// deployment, region and instance status (one grouped query).
+    /// deployment, region and instance status (one grouped query, answered
+    /// from the `(deployment_id, region, status)` index without reading rows).
     pub async fn instance_tallies(&self, statuses: &[DeploymentStatus]) -> Result<Vec<InstanceTally>> {
         let rows = sqlx::query(&format!(
             "SELECT i.deployment_id, i.region, i.status, COUNT(*) AS n FROM instances i \
-             JOIN deployments d ON d.id = i.deployment_id WHERE d.status IN {} \
+             WHERE i.deployment_id IN (SELECT id FROM deployments WHERE status IN {}) \
              GROUP BY i.deployment_id, i.region, i.status ORDER BY i.deployment_id, i.region, i.status",
             status_list(statuses)
         ))

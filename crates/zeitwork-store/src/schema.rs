@@ -607,6 +607,23 @@ CREATE TABLE instance_usage (
 CREATE INDEX instance_usage_org ON instance_usage (org)
 "#,
     ),
+    // The deployment engine's set-based reads answered from indexes alone:
+    // instances counted per deployment, region and status, what the live
+    // instances on each node hold, and the instances whose drain grace ends;
+    // nodes by status (down, draining). The two older single-column indexes
+    // are prefixes of the new ones.
+    (
+        29,
+        "engine: covering indexes for instance counts and node allocations",
+        r#"
+CREATE INDEX instances_deployment_region_status ON instances (deployment_id, region, status);
+CREATE INDEX instances_node_holds ON instances (node_id, status, vcpu, memory);
+CREATE INDEX instances_stopping ON instances (stop_after) WHERE status = 'stopping';
+CREATE INDEX nodes_status ON nodes (status);
+DROP INDEX instances_deployment;
+DROP INDEX instances_node
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

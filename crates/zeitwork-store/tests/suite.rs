@@ -1157,8 +1157,9 @@ async fn sleeping_deployments_by_node(store: Store) {
 
 /// The engine's set-based reads agree with the per-deployment ones: the
 /// deployments of some statuses (in the order asked, newest first) with their
-/// wakefulness, their projects, their instances counted per region and
-/// status, and every node's allocation.
+/// wakefulness, the few columns of them and their projects that decide their
+/// count of instances, their projects, their instances counted per region
+/// and status, and every node's allocation.
 async fn engine_reads_every_deployment_at_once(store: Store) {
     store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
     store.create_region(&region("eu-west"), &audit("region.create")).await.unwrap();
@@ -1220,6 +1221,39 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     }
     assert_eq!(got[2].1.last_request_at, Some(1234));
     assert!(store.deployments_in(&[DeploymentStatus::Sleeping]).await.unwrap().is_empty());
+
+    // The few columns of each that decide its count of instances, with its project's.
+    let scaling = Scaling {
+        min_per_region: 0,
+        max_per_region: 4,
+        target_cpu_percent: Some(60),
+        target_memory_percent: None,
+        target_concurrency: None,
+    };
+    let patch = PatchProject { scaling: Some(Some(scaling)), ..Default::default() };
+    store.update_project("acme", "api", &patch, &audit("project.update")).await.unwrap();
+    store.set_scale_target(&c.id, 2, &audit("deployment.scale")).await.unwrap();
+    let mut lean = store.running_deployments(&RUNNING).await.unwrap();
+    let newest_first: Vec<&str> = lean.iter().map(|r| r.id.as_str()).collect();
+    let mut by_age: Vec<(i64, &str)> =
+        got.iter().map(|(d, _)| (d.created_at.timestamp_millis(), d.id.as_str())).collect();
+    by_age.sort_by(|x, y| y.cmp(x));
+    assert_eq!(newest_first, by_age.iter().map(|(_, id)| *id).collect::<Vec<_>>(), "newest first");
+    lean.sort_by_key(|r| RUNNING.iter().position(|s| *s == r.status));
+    assert_eq!(lean.iter().map(|r| (r.id.as_str(), r.status)).collect::<Vec<_>>(), ids, "as deployments_in lists them");
+    for r in &lean {
+        let d = store.get_deployment(&r.id).await.unwrap();
+        assert_eq!((r.instances_per_region, r.updated_at), (d.instances_per_region, d.updated_at), "{}", r.id);
+        assert_eq!(r.wakefulness, store.wakefulness(&r.id).await.unwrap(), "{}", r.id);
+        let p = store.get_project(&d.org, &d.project).await.unwrap();
+        let want = RunningProject { regions: p.regions, scaling: p.scaling, sleep_after_secs: p.sleep_after_secs };
+        assert_eq!(r.project.as_ref(), Some(&want), "{}", r.id);
+    }
+    let api_running = lean.iter().find(|r| r.id == c.id).unwrap();
+    assert_eq!(api_running.project.as_ref().and_then(|p| p.scaling), Some(scaling));
+    assert_eq!(api_running.wakefulness.scale_target, Some(2));
+    assert!(lean.iter().filter(|r| r.id != c.id).all(|r| r.project.as_ref().is_some_and(|p| p.scaling.is_none())));
+    assert!(store.running_deployments(&[DeploymentStatus::Sleeping]).await.unwrap().is_empty());
 
     let projects = store.projects_of_deployments_in(&RUNNING).await.unwrap();
     let mut names: Vec<&str> = projects.keys().map(|(_, name)| name.as_str()).collect();

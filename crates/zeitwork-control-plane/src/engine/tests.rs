@@ -198,3 +198,201 @@ async fn a_crash_loop_is_told_once() {
     assert_eq!(store.get_deployment(&d2.id).await.unwrap().status, DeploymentStatus::Failed);
     assert_eq!(config.outcomes.get(DeploymentStatus::Failed), 1);
 }
+
+/// A store with one region (`eu`), one node in it and a project `acme/web`
+/// running one instance per region; the node and the project.
+async fn one_node(dir: &std::path::Path) -> (Store, Node, zeitwork_api_types::Project) {
+    use zeitwork_api_types::{CreateRegion, RegisterNode};
+    let store = Store::open_sqlite(&dir.join("z.db")).await.unwrap();
+    let a = Audit::new("test", "test", "x");
+    let region = CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() };
+    store.create_region(&region, &a).await.unwrap();
+    let reg = RegisterNode {
+        hostname: "n1".into(),
+        region: "eu".into(),
+        address: "http://127.0.0.1:1".into(),
+        capacity: Capacity { vcpu: 8, memory: 8192 },
+        physical: None,
+        runtime: Some("container".into()),
+        runtime_detail: None,
+        tunnel: None,
+    };
+    let (n, _) = store.register_node(&reg, &a).await.unwrap();
+    store.create_org("acme", "acme", None, &a).await.unwrap();
+    let project = zeitwork_store::NewProject {
+        org: "acme".into(),
+        name: "web".into(),
+        github_repo: None,
+        branch: "main".into(),
+        auto_deploy: false,
+        port: 8080,
+        resources: SMALL,
+        instances_per_region: 1,
+        regions: None,
+        image_template: None,
+        rate_limit: None,
+        sleep_after_secs: 900,
+        retain_deployments: 20,
+        scaling: None,
+        staging_branch: None,
+        tag_pattern: None,
+        build: Default::default(),
+        auto_rollback: Default::default(),
+        rollout: None,
+        shadow: None,
+    };
+    let p = store.create_project(&project, &a).await.unwrap();
+    (store, n, p)
+}
+
+fn deployment_of(
+    p: &zeitwork_api_types::Project,
+    id: &str,
+    env: zeitwork_api_types::Environment,
+) -> zeitwork_store::NewDeployment {
+    zeitwork_store::NewDeployment {
+        id: id.into(),
+        project_id: p.id.clone(),
+        org: p.org.clone(),
+        project: p.name.clone(),
+        environment: env,
+        image: "registry.example.com/web:1".into(),
+        commit_sha: None,
+        commit_message: None,
+        instances_per_region: 1,
+        url: format!("http://{id}.x"),
+        created_by: None,
+        pull_request: None,
+        release_command: None,
+        migration: false,
+    }
+}
+
+/// The engine acts on a change for the deployments it names, as a full pass
+/// would, and on nothing else: a new deployment is placed, the ready report
+/// that completes it makes it active, a running deployment that lost its
+/// instance gets another; a deployment no change named waits for the pass.
+#[tokio::test]
+async fn a_change_moves_the_deployments_it_names_and_no_other() {
+    use zeitwork_api_types::Environment;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, n, p) = one_node(dir.path()).await;
+    let a = Audit::new("test", "test", "x");
+    let config = EngineConfig::default();
+    // Another environment's deployment runs without its instance: only a full pass looks at it.
+    let idle = store.create_deployment(&deployment_of(&p, "web-idle-acme", Environment::Staging), &a).await.unwrap();
+    store.activate_deployment(&idle.id, &a).await.unwrap();
+
+    let d = store.create_deployment(&deployment_of(&p, "web-new-acme", Environment::Production), &a).await.unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Starting);
+    let placed = store.list_instances(&d.id).await.unwrap();
+    assert_eq!(placed.len(), 1, "one per region");
+    assert_eq!(placed[0].node.as_deref(), Some(n.id.as_str()));
+    assert!(store.list_instances(&idle.id).await.unwrap().is_empty(), "not named, not touched");
+
+    // Not all ready yet: nothing moves; the report that completes it activates it.
+    assert!(!act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    store.set_instance_status(&placed[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Active);
+    assert_eq!(config.outcomes.get(DeploymentStatus::Active), 1);
+    // Acting again changes nothing.
+    assert!(!act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+
+    // Its instance is lost: the report places another one.
+    store
+        .set_instance_status(&placed[0].id, InstanceStatus::Exited, None, Some((Some(137), "killed".into())))
+        .await
+        .unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    let live: Vec<_> = store
+        .list_instances(&d.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.status == InstanceStatus::Pending)
+        .collect();
+    assert_eq!(live.len(), 1, "a replacement");
+
+    // A deployment that is gone, or settled, is skipped.
+    assert!(!act_on(&store, &config, &["web-gone-acme".to_owned()]).await.unwrap());
+    assert!(store.list_instances(&idle.id).await.unwrap().is_empty());
+    // The full pass finds what no change named.
+    assert!(pass(&store, &config).await.unwrap());
+    assert_eq!(store.list_instances(&idle.id).await.unwrap().len(), 1);
+}
+
+/// What a wake-up asks for: the deployments announced (each once), a full
+/// pass for anything else or for announcements the store no longer knows.
+#[test]
+fn announcements_name_the_work() {
+    use zeitwork_store::Change;
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(Work::of(Some(vec![])), Work::Nothing);
+    assert_eq!(
+        Work::of(Some(vec![Change::Deployments(ids(&["a", "b"])), Change::Deployments(ids(&["b", "c"]))])),
+        Work::Deployments(ids(&["a", "b", "c"]))
+    );
+    assert_eq!(Work::of(Some(vec![Change::Deployments(ids(&["a"])), Change::Anything])), Work::Full);
+    assert_eq!(Work::of(Some(vec![Change::Projects(ids(&["p"]))])), Work::Full);
+    assert_eq!(Work::of(None), Work::Full);
+}
+
+/// Polls `what` every 20 ms until it returns `Some`; panics after 20 s.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(name: &str, mut what: impl FnMut() -> F) -> T {
+    for _ in 0..1000 {
+        if let Some(v) = what().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{name} did not happen within 20 s");
+}
+
+/// Two engines on one store both hear of a new deployment and of the ready
+/// report that completes it; only the lease holder acts, at once and with no
+/// tick to wait for: the deployment is placed once and goes live.
+#[tokio::test]
+async fn two_engines_hearing_one_change_act_once_without_a_tick() {
+    use zeitwork_api_types::Environment;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _n, p) = one_node(dir.path()).await;
+    let (stop_tx, stop) = watch::channel(false);
+    // No tick within the test: only the first full pass, then changes alone.
+    let config = EngineConfig { tick: Duration::from_secs(3600), ..Default::default() };
+    let mut engines = Vec::new();
+    for holder in ["operator-a", "operator-b"] {
+        engines.push(tokio::spawn(run(
+            store.clone(),
+            config.clone(),
+            holder.to_owned(),
+            || {},
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+            EngineGauges::default(),
+            stop.clone(),
+        )));
+    }
+    let leader = eventually("an engine lease", || async { store.lease(ENGINE_LEASE).await.unwrap() }).await.0;
+    assert!(leader == "operator-a" || leader == "operator-b", "{leader}");
+
+    let a = Audit::new("test", "test", "x");
+    let d = store.create_deployment(&deployment_of(&p, "web-once-acme", Environment::Production), &a).await.unwrap();
+    eventually("placement", || async {
+        (store.get_deployment(&d.id).await.unwrap().status == DeploymentStatus::Starting).then_some(())
+    })
+    .await;
+    let instances = store.list_instances(&d.id).await.unwrap();
+    assert_eq!(instances.len(), 1, "placed once: {instances:?}");
+    store.set_instance_status(&instances[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    eventually("activation", || async {
+        (store.get_deployment(&d.id).await.unwrap().status == DeploymentStatus::Active).then_some(())
+    })
+    .await;
+    assert_eq!(store.list_instances(&d.id).await.unwrap().len(), 1, "nothing placed twice");
+    assert_eq!(config.outcomes.get(DeploymentStatus::Active), 1, "counted once, by the leader");
+    stop_tx.send(true).unwrap();
+    for e in engines {
+        e.await.unwrap();
+    }
+}
