@@ -461,6 +461,8 @@ impl NodeAgent {
             grace: Duration::ZERO,
         };
         let leftovers = zeitwork_runtime::sweep::sweep(&sweep_scope).await;
+                    // The node's own drain is the operator's choice, internal or not.
+                    reach: None,
         if !leftovers.is_empty() {
             tracing::warn!(count = leftovers.len(), "removed what an earlier run left behind");
         }
