@@ -50,4 +50,8 @@ pub struct AssignedLogDrain {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// Internal networks the drain may reach besides public addresses (the operator's
+    /// `drain_allowed_networks`): the agent checks every address it sends to against them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_networks: Vec<String>,
 }

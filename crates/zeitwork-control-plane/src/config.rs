@@ -118,6 +118,12 @@ pub struct OperatorConfig {
     pub log_forward_ca: Option<PathBuf>,
     /// Bearer token for an HTTP drain.
     pub log_forward_token: Option<String>,
+    /// Internal networks organisations' log drains may point at (CIDR blocks such as
+    /// `10.20.0.0/24`, or addresses). Without them a drain reaches public addresses only:
+    /// never loopback, link-local (the cloud metadata address), private, shared
+    /// (100.64.0.0/10), unspecified or multicast ones, checked when it is created and
+    /// each time its host is resolved to send.
+    pub drain_allowed_networks: Vec<String>,
 }
 
 /// A GitHub OAuth app for console sign-in, and how GitHub organisations map to Zeitwork roles.
@@ -211,6 +217,7 @@ impl Default for OperatorConfig {
             log_forward: None,
             log_forward_ca: None,
             log_forward_token: None,
+            drain_allowed_networks: Vec::new(),
         }
     }
 }
@@ -287,6 +294,9 @@ impl OperatorConfig {
             if let Err(e) = zeitwork_telemetry::drain::Target::parse(t) {
                 return err("log_forward", e);
             }
+        }
+        if let Err(e) = zeitwork_telemetry::drain::Reach::new(&self.drain_allowed_networks) {
+            return err("drain_allowed_networks", e);
         }
         if !(100..=120_000).contains(&self.notify_timeout_ms) {
             return err("notify_timeout_ms", "use 100 to 120000".into());
@@ -398,6 +408,8 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field, "database_url");
         let c = OperatorConfig { encryption_key: Some("nope".into()), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().field, "encryption_key");
+        let c = OperatorConfig { drain_allowed_networks: vec!["10.0.0.0/40".into()], ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().field, "drain_allowed_networks");
         let parsed: Result<OperatorConfig, _> = toml::from_str("lisen = \"1.2.3.4:1\"");
         assert!(parsed.unwrap_err().to_string().contains("lisen"));
     }

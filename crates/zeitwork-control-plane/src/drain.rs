@@ -45,13 +45,20 @@ pub fn open(
         url: s.cipher.decrypt(&target_context(&d.id), &d.target_enc)?,
         token: d.token_enc.as_ref().map(|t| s.cipher.decrypt(&token_context(&d.id), t)).transpose()?,
         ca: d.ca.clone(),
+        allowed_networks: s.config.drain_allowed_networks.clone(),
     })
 }
 
-/// Starts sending to an organisation's drain.
+/// Starts sending to an organisation's drain: to public addresses and the
+/// allowed networks only, checked each time it resolves its host.
 pub fn start_assigned(d: &zeitwork_api_types::AssignedLogDrain, hostname: &str) -> Result<Arc<Forwarder>, String> {
     let target = zeitwork_telemetry::drain::Target::parse(&d.url)?;
-    let options = zeitwork_telemetry::drain::Options { ca_file: None, ca_pem: d.ca.clone(), token: d.token.clone() };
+    let options = zeitwork_telemetry::drain::Options {
+        ca_file: None,
+        ca_pem: d.ca.clone(),
+        token: d.token.clone(),
+        reach: Some(zeitwork_telemetry::drain::Reach::new(&d.allowed_networks)?),
+    };
     Forwarder::start(target, hostname, &options)
 }
 
@@ -121,6 +128,8 @@ pub fn start(config: &crate::OperatorConfig, hostname: &str) -> Result<Option<Ar
         ca_pem: None,
         ca_file: config.log_forward_ca.clone(),
         token: config.log_forward_token.clone(),
+        // The operator's own drain may be anywhere it chooses, internal or not.
+        reach: None,
     };
     Forwarder::start(target, hostname, &options).map(Some)
 }

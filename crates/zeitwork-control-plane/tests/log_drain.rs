@@ -57,3 +57,66 @@ async fn the_audit_log_reaches_an_http_drain() {
     let e = bad.validate().unwrap_err();
     assert_eq!(e.field, "log_forward");
 }
+
+/// An organisation's drain is sent from inside the platform's network, so it may
+/// not point there: a host that is, or resolves to, a loopback, link-local,
+/// private, shared, unspecified or multicast address is refused with 400,
+/// unless the operator allows its network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orgs_drain_may_not_point_inside_the_platform() {
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) =
+        common::operator_with(OperatorConfig { data_dir: dir.path().to_owned(), ..Default::default() }).await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    // Build output only: nothing is sent to the accepted drains while the test runs.
+    let drain = |url: &str| json!({"url": url, "sources": ["build"]});
+    for (url, kind) in [
+        ("udp://127.0.0.1:514", "127.0.0.1 is a loopback address"),
+        ("tcp://localhost:514", "localhost resolves to "),
+        ("tls://[::1]:6514", "::1 is a loopback address"),
+        ("http://169.254.169.254/latest/meta-data", "cloud metadata"),
+        ("udp://169.254.10.1:514", "link-local"),
+        ("udp://[fe80::1]:514", "link-local"),
+        ("https://10.0.0.5/logs", "10.0.0.5 is a private address"),
+        ("loki+http://192.168.1.10:3100/loki/api/v1/push", "private"),
+        ("elasticsearch+http://172.20.0.2:9200/logs/_bulk", "private"),
+        ("udp://[fd00::5]:514", "private (unique local)"),
+        ("udp://100.96.0.7:514", "shared"),
+        ("udp://0.0.0.0:514", "unspecified"),
+        ("udp://224.0.0.251:5353", "multicast"),
+        ("http://[::ffff:127.0.0.1]/", "loopback"),
+        ("http://2130706433/", "loopback"),
+    ] {
+        let e = admin.post::<_, Value>("/api/v1/orgs/acme/log-drains", &drain(url)).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{url}: {e}");
+        let text = e.to_string();
+        assert!(text.contains("url") && text.contains(kind) && text.contains("drain_allowed_networks"), "{url}: {e}");
+    }
+    // A public receiver is taken.
+    let d: Value = admin.post("/api/v1/orgs/acme/log-drains", &drain("udp://203.0.113.7:514")).await.unwrap();
+    assert_eq!(d["url"], "udp://203.0.113.7/…");
+    let listed: Vec<Value> = admin.get("/api/v1/orgs/acme/log-drains").await.unwrap();
+    assert_eq!(listed.len(), 1, "only the public drain is stored: {listed:?}");
+    op.shutdown().await;
+
+    // An operator may allow internal networks, and only those.
+    let dir = tempfile::tempdir().unwrap();
+    let (op, _base, admin) = common::operator_with(OperatorConfig {
+        data_dir: dir.path().to_owned(),
+        drain_allowed_networks: vec!["127.0.0.0/8".into(), "::1".into(), "10.20.0.0/16".into()],
+        ..Default::default()
+    })
+    .await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "acme"})).await.unwrap();
+    for url in ["udp://127.0.0.1:514", "tcp://localhost:514", "tls://[::1]:6514", "https://10.20.3.4/logs"] {
+        admin.post::<_, Value>("/api/v1/orgs/acme/log-drains", &drain(url)).await.unwrap();
+    }
+    for url in ["https://10.21.0.1/logs", "http://169.254.169.254/"] {
+        let e = admin.post::<_, Value>("/api/v1/orgs/acme/log-drains", &drain(url)).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{url}: {e}");
+    }
+    op.shutdown().await;
+
+    let bad = OperatorConfig { drain_allowed_networks: vec!["10.0.0.0/8x".into()], ..Default::default() };
+    assert_eq!(bad.validate().unwrap_err().field, "drain_allowed_networks");
+}

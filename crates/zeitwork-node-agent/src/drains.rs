@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use zeitwork_api_types::Assignment;
-use zeitwork_telemetry::drain::{Forwarder, Options, Routes, Source, Target};
+use zeitwork_telemetry::drain::{Forwarder, Options, Reach, Routes, Source, Target};
 
 #[derive(Debug)]
 pub struct OrgDrains {
@@ -125,12 +125,11 @@ impl OrgDrains {
         }
         let started = Target::parse(&d.url).and_then(|t| {
             let kind = t.kind();
-            Forwarder::start(
-                t,
-                &self.hostname,
-                &Options { ca_file: None, ca_pem: d.ca.clone(), token: d.token.clone() },
-            )
-            .map(|f| (kind, f))
+            // A tenant gave the destination: it reaches public addresses and the
+            // operator's allowed networks only, checked each time it resolves.
+            let reach = Reach::new(&d.allowed_networks)?;
+            let options = Options { ca_file: None, ca_pem: d.ca.clone(), token: d.token.clone(), reach: Some(reach) };
+            Forwarder::start(t, &self.hostname, &options).map(|f| (kind, f))
         });
         match started {
             Ok((kind, f)) => {

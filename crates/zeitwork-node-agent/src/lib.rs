@@ -15,6 +15,7 @@ pub mod logs;
 pub mod probe;
 pub mod sweep;
 pub mod tunnel;
+pub mod userns;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -136,8 +137,12 @@ pub struct NodeAgentConfig {
     /// image runs as root runs as root in a user namespace mapped to
     /// `userns_base + slot * 65536` and the 65,535 ids after it (its own range,
     /// by address slot; 16,000 slots). Own no files with these ids, and give each
-    /// agent on a host its own base. 0: root images run as host root.
+    /// agent on a host its own base: an agent whose ids overlap those of one
+    /// running on the host does not start. 0: root images run as host root.
     pub userns_base: u32,
+    /// The host's runtime directory, shared by the agents of the host (each
+    /// records the user-namespace ids it holds under `userns/`).
+    pub run_dir: PathBuf,
     /// Save a sleeping deployment's microVM (memory and devices) on this node's
     /// disk and wake it from there instead of booting it (the `qemu` runtime;
     /// other runtimes ignore it).
@@ -196,6 +201,7 @@ impl Default for NodeAgentConfig {
             vmm_gid: None,
             instance_disk_mib: zeitwork_runtime::container::DEFAULT_DISK_MIB,
             userns_base: 1_000_000_000,
+            run_dir: PathBuf::from("/run/zeitwork"),
             vm_snapshots: true,
         }
     }
@@ -233,6 +239,8 @@ pub enum AgentError {
     DataDir { path: String, source: std::io::Error },
     #[error("cannot register with the operator")]
     Register(#[from] zeitwork_client::ClientError),
+    #[error(transparent)]
+    Userns(#[from] userns::ClaimError),
 }
 
 impl NodeAgentConfig {
@@ -411,12 +419,31 @@ pub struct NodeAgent {
     range: Ipv4Addr,
     /// The tunnel to other nodes, closed at shutdown.
     tunnel: Option<Arc<tunnel::Tunnel>>,
+    /// The host ids this agent's containers run as, held on the host until it stops.
+    userns: Option<userns::UsernsClaim>,
 }
 
 impl NodeAgent {
     /// Listens, registers (retrying while the operator is unreachable) and starts heartbeats.
     pub async fn start(config: NodeAgentConfig) -> Result<NodeAgent, AgentError> {
         config.validate()?;
+        // Before anything runs: no container may start in ids another agent's tenants have.
+        let userns = match config.userns_base {
+            0 => None,
+            base => {
+                let (run_dir, data_dir) = (config.run_dir.clone(), config.data_dir.clone());
+                let (start, end) = (u64::from(base), u64::from(base) + u64::from(VMM_UIDS) * 65_536);
+                let claimed = tokio::task::spawn_blocking(move || userns::claim(&run_dir, start, end, &data_dir))
+                    .await
+                    .map_err(|e| {
+                        AgentError::Userns(userns::ClaimError::Io {
+                            path: config.run_dir.display().to_string(),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })??;
+                Some(claimed)
+            }
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
@@ -434,6 +461,8 @@ impl NodeAgent {
                     ca_pem: None,
                     ca_file: config.log_forward_ca.clone(),
                     token: config.log_forward_token.clone(),
+                    // The node's own drain is the operator's choice, internal or not.
+                    reach: None,
                 };
                 Some(
                     zeitwork_telemetry::drain::Forwarder::start(target, &config.hostname, &options)
@@ -703,7 +732,7 @@ impl NodeAgent {
             rx,
         ));
         tasks.push(heartbeats);
-        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range, tunnel })
+        Ok(NodeAgent { addr, node, shutdown: tx, tasks, range: config.instance_range, tunnel, userns })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -736,6 +765,8 @@ impl NodeAgent {
         }
         if !clean {
             tracing::warn!(range = %self.range, "the instance firewall stays: instances may still run");
+            // So do this agent's user-namespace ids, held until the process ends.
+            std::mem::forget(self.userns);
             return;
         }
         match zeitwork_runtime::net::remove_policy(self.range).await {

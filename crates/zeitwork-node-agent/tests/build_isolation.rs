@@ -136,7 +136,9 @@ async fn builds_reach_no_service_and_no_other_tenant_and_their_output_reaches_th
     let registry = zeitwork_testkit::Registry::start().expect("a real registry");
     let base = registry.push_busybox("base", "1", "sleep 1000").await.unwrap();
     let project = |org: &str| json!({"name": "web", "org": org, "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
-    let (op, api, admin) = common::operator(dir.path(), OperatorConfig::default(), project("acme")).await;
+    // The drains' receivers are on loopback, which organisations' drains may reach only when allowed.
+    let config = OperatorConfig { drain_allowed_networks: vec!["127.0.0.0/8".into()], ..Default::default() };
+    let (op, api, admin) = common::operator(dir.path(), config, project("acme")).await;
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/projects", &project("other")).await.unwrap();
     let (drains, got) = drain_receiver().await;

@@ -57,7 +57,9 @@ async fn an_orgs_app_logs_and_audit_events_reach_its_own_drain_only() {
         .await
         .unwrap();
     let project = |org: &str| json!({"name": "web", "org": org, "port": 8080, "resources": {"vcpu": 1, "memory": 128}, "instances_per_region": 1});
-    let (op, base, admin) = common::operator(dir.path(), OperatorConfig::default(), project("acme")).await;
+    // The receiver is on loopback, which organisations' drains may reach only when allowed.
+    let config = OperatorConfig { drain_allowed_networks: vec!["127.0.0.0/8".into()], ..Default::default() };
+    let (op, base, admin) = common::operator(dir.path(), config, project("acme")).await;
     admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
     admin.post::<_, Value>("/api/v1/projects", &project("other")).await.unwrap();
 
@@ -67,6 +69,9 @@ async fn an_orgs_app_logs_and_audit_events_reach_its_own_drain_only() {
         (json!({"url": format!("http://{addr}/acme"), "sources": ["metrics"]}), "sources"),
         (json!({"url": "udp://127.0.0.1:514", "token": "t"}), "token"),
         (json!({"url": format!("https://{addr}/acme"), "ca": "not a certificate"}), "ca"),
+        // Loopback is allowed here, the platform's other networks are not.
+        (json!({"url": "udp://10.1.2.3:514"}), "drain_allowed_networks"),
+        (json!({"url": "http://169.254.169.254/latest"}), "drain_allowed_networks"),
     ] {
         let e = admin.post::<_, Value>("/api/v1/orgs/acme/log-drains", &body).await.unwrap_err();
         assert_eq!(e.status(), Some(400), "{body}: {e}");

@@ -14,8 +14,17 @@
 //! `audit`) as MSGID, with the deployment in structured data. Lines are queued;
 //! what does not fit the queue, or what the receiver keeps refusing, is
 //! dropped and counted.
+//!
+//! An organisation's drain is given [`Options::reach`]: it sends to public
+//! addresses and the operator's allowed networks only, checked each time it
+//! resolves its host (see [`reach`]).
+
+pub mod reach;
+
+pub use reach::Reach;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -206,6 +215,20 @@ impl Target {
         }
     }
 
+    /// The host (a name or an address, IPv6 in brackets) and port it sends to.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        match self {
+            Target::Udp(a) | Target::Tcp(a) | Target::Tls { addr: a, .. } => {
+                let (h, p) = a.rsplit_once(':')?;
+                Some((h.to_owned(), p.parse().ok()?))
+            }
+            Target::Http { url, .. } => {
+                let u = reqwest::Url::parse(url).ok()?;
+                Some((u.host_str()?.to_owned(), u.port_or_known_default()?))
+            }
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Target, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("{s:?}: use {TARGETS}"))?;
         let (format, http_scheme) = match scheme {
@@ -249,6 +272,10 @@ pub struct Options {
     pub ca_pem: Option<String>,
     /// Sent as `Authorization: Bearer …` to HTTP drains.
     pub token: Option<String>,
+    /// The addresses the drain may send to, for a destination a tenant gave
+    /// (an organisation's drain); `None` for the operator's own, which may
+    /// point anywhere.
+    pub reach: Option<Reach>,
 }
 
 /// One RFC 5424 message.
@@ -422,18 +449,19 @@ impl Forwarder {
         let dropped = Arc::new(AtomicU64::new(0));
         let counters = Counters { sent: sent.clone(), dropped: dropped.clone() };
         let hostname = hostname.to_owned();
+        let reach = options.reach.clone();
         match target {
             Target::Udp(addr) => {
-                tokio::spawn(udp_loop(addr, hostname, rx, counters));
+                tokio::spawn(udp_loop(Dest::new(addr, reach), hostname, rx, counters));
             }
             Target::Tcp(addr) => {
-                tokio::spawn(stream_loop(addr, None, hostname, rx, counters));
+                tokio::spawn(stream_loop(Dest::new(addr, reach), None, hostname, rx, counters));
             }
             Target::Tls { addr, host } => {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|_| format!("{host:?} is not a host name for TLS"))?;
                 let tls = tokio_rustls::TlsConnector::from(tls_config(options)?);
-                tokio::spawn(stream_loop(addr, Some((tls, name)), hostname, rx, counters));
+                tokio::spawn(stream_loop(Dest::new(addr, reach), Some((tls, name)), hostname, rx, counters));
             }
             Target::Http { url, format } => {
                 let mut client = reqwest::Client::builder()
@@ -443,8 +471,12 @@ impl Forwarder {
                     let cert = reqwest::Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
                     client = client.add_root_certificate(cert);
                 }
+                if let Some(reach) = &reach {
+                    // Connections go to the addresses the resolver checked, never through a proxy.
+                    client = client.no_proxy().dns_resolver(Arc::new(reach::CheckedResolver(reach.clone())));
+                }
                 let client = client.build().map_err(|e| e.to_string())?;
-                let http = Http { client, url, format, token: options.token.clone() };
+                let http = Http { client, url, format, token: options.token.clone(), reach };
                 tokio::spawn(http_loop(http, hostname, rx, counters));
             }
         }
@@ -528,22 +560,94 @@ struct Counters {
     dropped: Arc<AtomicU64>,
 }
 
-async fn udp_loop(addr: String, hostname: String, mut rx: mpsc::Receiver<Record>, c: Counters) {
-    let Ok(sock) = tokio::net::UdpSocket::bind(if addr.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" }).await else {
-        tracing::warn!(%addr, "cannot open a UDP socket for log forwarding");
-        return;
-    };
+/// Where a syslog drain sends: its `HOST:PORT`, resolved and checked
+/// against its reach. Answers are kept for [`RESOLVED_FOR`], so a UDP drain
+/// does not resolve its host for every line; only checked addresses are kept.
+struct Dest {
+    addr: String,
+    reach: Option<Reach>,
+    resolved: Option<(tokio::time::Instant, Vec<SocketAddr>)>,
+    /// Whether the last refusal was logged (once until the destination is allowed again).
+    warned: bool,
+}
+
+/// How long a syslog drain uses an address it resolved.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+
+impl Dest {
+    fn new(addr: String, reach: Option<Reach>) -> Dest {
+        Dest { addr, reach, resolved: None, warned: false }
+    }
+
+    /// The checked addresses to send to; `None` (logged) when there are none.
+    async fn addrs(&mut self, fresh: bool) -> Option<Vec<SocketAddr>> {
+        if let Some((at, addrs)) = &self.resolved {
+            if !fresh && at.elapsed() < RESOLVED_FOR {
+                return Some(addrs.clone());
+            }
+        }
+        self.resolved = None;
+        let (host, port) = self.addr.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok()?;
+        let answer = match &self.reach {
+            Some(reach) => reach.resolve(host, port).await,
+            None => {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                match tokio::net::lookup_host((bare, port)).await {
+                    Ok(a) => Ok(a.collect()),
+                    Err(e) => Err(reach::ResolveError::Unresolved(format!("cannot resolve {bare}: {e}"))),
+                }
+            }
+        };
+        match answer {
+            Ok(addrs) => {
+                self.warned = false;
+                self.resolved = Some((tokio::time::Instant::now(), addrs.clone()));
+                Some(addrs)
+            }
+            Err(reach::ResolveError::Refused(why)) => {
+                if !std::mem::replace(&mut self.warned, true) {
+                    tracing::warn!(addr = %self.addr, reason = %why, "an organisation's log drain points at an address it may not reach; its lines are dropped");
+                }
+                None
+            }
+            Err(e) => {
+                tracing::debug!(addr = %self.addr, error = %e, "the syslog receiver's address is unknown");
+                None
+            }
+        }
+    }
+}
+
+async fn udp_loop(mut dest: Dest, hostname: String, mut rx: mpsc::Receiver<Record>, c: Counters) {
+    let mut socks: (Option<tokio::net::UdpSocket>, Option<tokio::net::UdpSocket>) = (None, None);
     while let Some(r) = rx.recv().await {
+        let Some(to) = dest.addrs(false).await.and_then(|a| a.first().copied()) else {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let slot = if to.is_ipv6() { &mut socks.1 } else { &mut socks.0 };
+        if slot.is_none() {
+            let local = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            match tokio::net::UdpSocket::bind(local).await {
+                Ok(s) => *slot = Some(s),
+                Err(e) => tracing::warn!(addr = %dest.addr, error = %e, "cannot open a UDP socket for log forwarding"),
+            }
+        }
+        let Some(sock) = slot.as_ref() else {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let msg = format(&hostname, &r);
         // One datagram a line; at most what UDP carries.
         let bytes = &msg.as_bytes()[..msg.len().min(64 * 1024 - 64)];
-        match sock.send_to(bytes, &addr).await {
+        match sock.send_to(bytes, to).await {
             Ok(_) => {
                 c.sent.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%addr, error = %e, "a log line could not be sent");
+                tracing::debug!(addr = %dest.addr, error = %e, "a log line could not be sent");
             }
         }
     }
@@ -551,8 +655,13 @@ async fn udp_loop(addr: String, hostname: String, mut rx: mpsc::Receiver<Record>
 
 type Tls = (tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>);
 
-async fn connect(addr: &str, tls: Option<&Tls>) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+/// A connection to one of the drain's checked addresses (resolved afresh for each connection).
+async fn connect(dest: &mut Dest, tls: Option<&Tls>) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
+    let addrs = dest
+        .addrs(true)
+        .await
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address to send to"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addrs[..]))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     Ok(match tls {
@@ -562,7 +671,7 @@ async fn connect(addr: &str, tls: Option<&Tls>) -> std::io::Result<Box<dyn Async
 }
 
 /// TCP and TLS: octet-counted frames on one kept connection.
-async fn stream_loop(addr: String, tls: Option<Tls>, hostname: String, mut rx: mpsc::Receiver<Record>, c: Counters) {
+async fn stream_loop(mut dest: Dest, tls: Option<Tls>, hostname: String, mut rx: mpsc::Receiver<Record>, c: Counters) {
     let mut conn: Option<Box<dyn AsyncWrite + Send + Unpin>> = None;
     while let Some(r) = rx.recv().await {
         let msg = format(&hostname, &r);
@@ -570,10 +679,10 @@ async fn stream_loop(addr: String, tls: Option<Tls>, hostname: String, mut rx: m
         let mut done = false;
         for attempt in 0..2u64 {
             if conn.is_none() {
-                match connect(&addr, tls.as_ref()).await {
+                match connect(&mut dest, tls.as_ref()).await {
                     Ok(s) => conn = Some(s),
                     Err(e) => {
-                        tracing::debug!(%addr, error = %e, "the syslog receiver is unreachable");
+                        tracing::debug!(addr = %dest.addr, error = %e, "the syslog receiver is unreachable");
                         tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
                         continue;
                     }
@@ -597,19 +706,39 @@ struct Http {
     url: String,
     format: HttpFormat,
     token: Option<String>,
+    reach: Option<Reach>,
+}
+
+/// Why a batch was not taken.
+enum PostError {
+    /// The receiver is at an address the drain may not reach: not retried.
+    Refused(reach::Refused),
+    Failed(String),
 }
 
 impl Http {
-    async fn post(&self, body: Vec<u8>, content_type: &str) -> Result<(), String> {
+    async fn post(&self, body: Vec<u8>, content_type: &str) -> Result<(), PostError> {
+        // A host given as an address is not resolved, so the resolver does not see it.
+        if let Some(reach) = &self.reach {
+            let ip = reqwest::Url::parse(&self.url).ok().and_then(|u| {
+                u.host_str()?.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok()
+            });
+            if let Some(ip) = ip {
+                reach.check(ip).map_err(PostError::Refused)?;
+            }
+        }
         let mut req = self.client.post(&self.url).header(reqwest::header::CONTENT_TYPE, content_type).body(body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        let res = req.send().await.map_err(|e| e.to_string())?;
+        let res = req.send().await.map_err(|e| match reach::refusal(&e) {
+            Some(r) => PostError::Refused(r),
+            None => PostError::Failed(e.to_string()),
+        })?;
         if res.status().is_success() {
             Ok(())
         } else {
-            Err(format!("answered {}", res.status()))
+            Err(PostError::Failed(format!("answered {}", res.status())))
         }
     }
 }
@@ -618,6 +747,8 @@ impl Http {
 /// retried with backoff, then dropped.
 async fn http_loop(http: Http, hostname: String, mut rx: mpsc::Receiver<Record>, c: Counters) {
     let mut batch = Vec::with_capacity(BATCH_LINES);
+    // Whether the last refusal was logged (once until a batch is sent again).
+    let mut warned = false;
     loop {
         let Some(first) = rx.recv().await else { return };
         batch.push(first);
@@ -634,10 +765,19 @@ async fn http_loop(http: Http, hostname: String, mut rx: mpsc::Receiver<Record>,
             match http.post(body.clone(), content_type).await {
                 Ok(()) => {
                     ok = true;
+                    warned = false;
                     break;
                 }
-                Err(e) => {
-                    tracing::debug!(url = %http.url, error = %e, attempt, "a log batch could not be sent");
+                Err(PostError::Refused(why)) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        let shown = Target::Http { url: http.url.clone(), format: http.format }.shown();
+                        tracing::warn!(drain = %shown, reason = %why, "an organisation's log drain points at an address it may not reach; its lines are dropped");
+                    }
+                    break;
+                }
+                Err(PostError::Failed(e)) => {
+                    let shown = Target::Http { url: http.url.clone(), format: http.format }.shown();
+                    tracing::debug!(drain = %shown, error = %e, attempt, "a log batch could not be sent");
                     tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
                 }
             }

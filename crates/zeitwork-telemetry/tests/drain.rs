@@ -95,7 +95,7 @@ async fn syslog_over_tls_reaches_a_receiver_whose_ca_is_given_and_no_other() {
     let got = Arc::new(Mutex::new(Vec::new()));
     let port = syslog_tls_receiver(tls_server(dir.path()), got.clone()).await;
     let target = Target::parse(&format!("tls://localhost:{port}")).unwrap();
-    let options = Options { ca_file: Some(dir.path().join("ca.pem")), ca_pem: None, token: None };
+    let options = Options { ca_file: Some(dir.path().join("ca.pem")), ca_pem: None, token: None, reach: None };
     let f = Forwarder::start(target.clone(), "node-1", &options).unwrap();
     for n in 0..3 {
         f.push(record(n, if n == 1 { Severity::Error } else { Severity::Info }));
@@ -124,7 +124,7 @@ async fn syslog_over_tls_reaches_a_receiver_whose_ca_is_given_and_no_other() {
     let e = Forwarder::start(
         Target::parse("tls://localhost:1").unwrap(),
         "n",
-        &Options { ca_file: Some(empty), ca_pem: None, token: None },
+        &Options { ca_file: Some(empty), ca_pem: None, token: None, reach: None },
     )
     .unwrap_err();
     assert!(e.contains("empty.pem"), "{e}");
@@ -161,7 +161,7 @@ async fn http_receiver(fail_first: usize) -> (String, Received) {
 async fn http_drains_send_batches_in_each_format_and_retry() {
     // A plain JSON array, with the bearer token; the receiver fails twice first, and the batch is retried.
     let (addr, got) = http_receiver(2).await;
-    let options = Options { ca_file: None, ca_pem: None, token: Some("drain-token".into()) };
+    let options = Options { ca_file: None, ca_pem: None, token: Some("drain-token".into()), reach: None };
     let f = Forwarder::start(Target::parse(&format!("http://{addr}/ingest")).unwrap(), "node-1", &options).unwrap();
     for n in 0..5 {
         f.push(record(n, Severity::Info));
@@ -212,4 +212,83 @@ async fn http_drains_send_batches_in_each_format_and_retry() {
     f.push(record(3, Severity::Info));
     until("the dropped count", || (f.dropped.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(())).await;
     assert!(got.lock().unwrap().is_empty());
+}
+
+/// An organisation's drain checks each address it would send to against its
+/// reach when it resolves its host: a name or address that points at
+/// loopback sends nothing there (the lines are dropped and counted) unless
+/// loopback is allowed. Real UDP, TCP and HTTP receivers on loopback.
+#[tokio::test]
+async fn an_orgs_drain_sends_nothing_outside_its_reach() {
+    use zeitwork_telemetry::drain::Reach;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let datagrams: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = datagrams.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0; 65536];
+        while let Ok(n) = udp.recv(&mut buf).await {
+            sink.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    let frames: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = frames.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 65536];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            });
+        }
+    });
+    let (http_addr, posts) = http_receiver(0).await;
+    let http_port = http_addr.rsplit_once(':').unwrap().1;
+
+    let public_only = Options { reach: Some(Reach::default()), ..Default::default() };
+    let loopback =
+        Options { reach: Some(Reach::new(&["127.0.0.0/8".into(), "::1".into()]).unwrap()), ..Default::default() };
+    let targets = [
+        format!("udp://localhost:{udp_port}"),
+        format!("udp://127.0.0.1:{udp_port}"),
+        format!("tcp://localhost:{tcp_port}"),
+        format!("tcp://127.0.0.1:{tcp_port}"),
+        format!("http://localhost:{http_port}/refused"),
+        format!("http://127.0.0.1:{http_port}/refused"),
+    ];
+    for t in &targets {
+        let f = Forwarder::start(Target::parse(t).unwrap(), "node-1", &public_only).unwrap();
+        for n in 0..3 {
+            f.push(record(n, Severity::Info));
+        }
+        until(&format!("{t}'s lines dropped"), || {
+            (f.dropped.load(std::sync::atomic::Ordering::Relaxed) == 3).then_some(())
+        })
+        .await;
+        assert_eq!(f.sent.load(std::sync::atomic::Ordering::Relaxed), 0, "{t}");
+    }
+    // The receivers work: allowed drains reach them, by name and by address.
+    for t in &targets {
+        let f =
+            Forwarder::start(Target::parse(&t.replace("refused", "allowed")).unwrap(), "node-1", &loopback).unwrap();
+        f.push(record(7, Severity::Info));
+        until(&format!("{t}'s line sent"), || (f.sent.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(()))
+            .await;
+    }
+    let udp = datagrams.lock().unwrap().clone();
+    assert_eq!(udp.len(), 2, "only the allowed drains' lines arrive: {udp:?}");
+    assert!(udp.iter().all(|d| d.ends_with("line 7")), "{udp:?}");
+    let tcp = frames.lock().unwrap().concat();
+    assert_eq!(tcp.matches("line ").count(), 2, "{tcp}");
+    assert!(!tcp.contains("line 0"), "{tcp}");
+    let http = posts.lock().unwrap().clone();
+    assert_eq!(http.len(), 2, "only the allowed drains' batches arrive");
+    assert!(http.iter().all(|(_, _, body)| String::from_utf8_lossy(body).contains("line 7")));
 }

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use zeitwork_api_types::{CreateLogDrain, LogDrain, Role, ValidationError};
 use zeitwork_store::{StoredLogDrain, LOG_DRAIN_SOURCES};
-use zeitwork_telemetry::drain::Target;
+use zeitwork_telemetry::drain::{Reach, Target};
 
 use crate::auth::Caller;
 use crate::drain::{target_context, token_context};
@@ -75,6 +75,26 @@ fn check(b: &CreateLogDrain) -> Result<(Target, Vec<String>), ValidationError> {
     Ok((target, sources))
 }
 
+/// Refuses a destination that is, or resolves to, an address inside the
+/// platform's networks (loopback, link-local, private, …) unless the operator
+/// allows its network. A name that does not resolve now is accepted: the
+/// senders check what it resolves to each time they send.
+async fn reachable(s: &AppState, target: &Target) -> Result<(), ValidationError> {
+    use zeitwork_telemetry::drain::reach::ResolveError;
+    let Some((host, port)) = target.host_port() else { return Ok(()) };
+    let reach = Reach::new(&s.config.drain_allowed_networks).map_err(|e| ValidationError::new("url", e))?;
+    match reach.resolve(&host, port).await {
+        Ok(_) | Err(ResolveError::Unresolved(_)) => Ok(()),
+        Err(ResolveError::Refused(why)) => Err(ValidationError::new(
+            "url",
+            format!(
+                "{why}; log drains go to receivers with public addresses \
+                 (an operator may allow an internal network with drain_allowed_networks)"
+            ),
+        )),
+    }
+}
+
 /// Add a log drain to an organisation (Admin): its app logs, build output and/or audit
 /// events also go there. The URL and token are stored encrypted and shown redacted.
 #[utoipa::path(post, path = "/api/v1/orgs/{org}/log-drains", tag = "orgs",
@@ -90,6 +110,7 @@ pub async fn create_log_drain(
     s.require_role(&caller, &org, Role::Admin, "log_drain.create", &org).await?;
     s.store.get_org(&org).await?;
     let (target, sources) = check(&b)?;
+    reachable(&s, &target).await?;
     let id = zeitwork_store::log_drain_id();
     let stored = StoredLogDrain {
         id: id.clone(),

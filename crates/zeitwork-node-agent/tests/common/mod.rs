@@ -44,6 +44,8 @@ pub fn agent_config(base: &str, token: String, dir: &std::path::Path, hostname: 
         hostname: hostname.into(),
         region: "local".into(),
         data_dir: dir.join("agent"),
+        // Tests' agents share the host's ids (one userns_base), each holding them in a directory of its own.
+        run_dir: dir.join("run"),
         instance_range: range.parse().unwrap(),
         runtime: "container".into(),
         vcpu: Some(16),
