@@ -27,6 +27,9 @@ pub const STARTED: &str = "zw>s";
 pub const PROBE_OK: &str = "zw>probe ok";
 /// Kernel command line word that boots the guest in probe mode.
 pub const PROBE_ARG: &str = "zeitwork.probe";
+/// Volume label prefix of ext4 disks that are never the root: the app mounts
+/// them itself (a build's context and layer store).
+pub const DATA_LABEL: &str = "zwdata";
 /// What the host writes on the console to stop the app: `stop <grace seconds>`.
 pub const STOP: &str = "stop";
 

@@ -24,7 +24,9 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use zeitwork_guest_init::{GuestConfig, EXIT, FAILED, MAGIC, PROBE_ARG, PROBE_OK, STARTED, STDERR, STDOUT, STOP};
+use zeitwork_guest_init::{
+    GuestConfig, DATA_LABEL, EXIT, FAILED, MAGIC, PROBE_ARG, PROBE_OK, STARTED, STDERR, STDOUT, STOP,
+};
 
 /// The app's pid once started (0 before).
 static APP: AtomicI32 = AtomicI32::new(0);
@@ -139,7 +141,8 @@ fn load_modules() {
     }
 }
 
-/// The root disk (an ext4 that is not the configuration) and the configuration's bytes.
+/// The root disk (an ext4 that is neither the configuration nor a data disk)
+/// and the configuration's bytes.
 fn find_disks(wait: Duration) -> Result<(String, Vec<u8>), String> {
     let deadline = Instant::now() + wait;
     loop {
@@ -156,7 +159,7 @@ fn find_disks(wait: Duration) -> Result<(String, Vec<u8>), String> {
             head.truncate(n);
             if head.starts_with(MAGIC) {
                 config = Some(head);
-            } else if head.len() > 1081 && head[1080] == 0x53 && head[1081] == 0xef {
+            } else if head.len() > 1081 && head[1080] == 0x53 && head[1081] == 0xef && !data_disk(&head) {
                 root = Some(dev);
             }
         }
@@ -173,6 +176,13 @@ fn find_disks(wait: Duration) -> Result<(String, Vec<u8>), String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An ext4 whose volume label starts with [`DATA_LABEL`]: a disk the app
+/// mounts itself (a build's context or layer store), never the root.
+fn data_disk(head: &[u8]) -> bool {
+    // The superblock starts at 1024; its volume name at 120 into it.
+    head.get(1144..1144 + DATA_LABEL.len()) == Some(DATA_LABEL.as_bytes())
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -49,6 +49,8 @@ pub struct BuilderSettings {
     pub storage_driver: String,
     /// Disk all projects' layer stores may use together, in bytes.
     pub cache_bytes: u64,
+    /// Build in microVMs (`build_isolation`): what they boot. `None`: on the host.
+    pub vm: Option<crate::build_vm::VmBuilder>,
 }
 
 /// A layer store's mark of its last build (its modification time).
@@ -70,7 +72,8 @@ pub fn find_buildah(configured: Option<&Path>) -> Option<PathBuf> {
 
 /// Claims and runs builds until stopped.
 pub async fn run(client: Client, settings: BuilderSettings, mut stop: watch::Receiver<bool>) {
-    tracing::info!(builder = %settings.buildah.display(), "builder ready");
+    let isolation = if settings.vm.is_some() { "vm" } else { "host" };
+    tracing::info!(builder = %settings.buildah.display(), isolation, "builder ready");
     let mut backoff = Duration::from_millis(500);
     let claim_path = format!("/api/v1/nodes/{}/builds/claim", settings.node);
     loop {
@@ -228,8 +231,9 @@ impl Stopper {
     }
 }
 
-/// Bytes of the files under `dir` (not following links).
+/// Disk the files under `dir` take (their allocated blocks; not following links).
 fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let mut total = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -237,7 +241,7 @@ fn dir_size(dir: &Path) -> u64 {
         for e in entries.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0),
                 _ => {}
             }
         }
@@ -292,16 +296,23 @@ async fn build(client: &Client, settings: &BuilderSettings, job: BuildJob) -> Re
     let (out, reporter) = spawn_reporter(client.clone(), job.id.clone(), secrets, stopper.clone());
     // Per-project layer store: the cache of one project is never read by another.
     let storage = settings.dir.join("cache").join(&job.org).join(&job.project);
+    // In a VM the layer store is a file of the disk limit's size: nothing to watch.
+    let host = settings.vm.is_none();
     let (tmp, tmp_kept) = build_tmp(&settings.dir, &storage, &job.id);
-    let disk = watch_disk(vec![storage.clone(), work.clone(), tmp.clone()], job.disk_mib, stopper.clone());
+    let disk =
+        host.then(|| watch_disk(vec![storage.clone(), work.clone(), tmp.clone()], job.disk_mib, stopper.clone()));
     let result = build_in(client, settings, &job, &work, &storage, &out, cancel_rx).await;
-    disk.abort();
+    if let Some(d) = disk {
+        d.abort();
+    }
     let (cache, budget, keep) = (settings.dir.join("cache"), settings.cache_bytes, storage.clone());
     let cleared = tokio::task::spawn_blocking(move || {
-        if tmp_kept {
+        if host && tmp_kept {
             clear_temporary(&tmp);
-        } else if let Err(e) = std::fs::remove_dir_all(&tmp) {
-            tracing::warn!(dir = %tmp.display(), error = %e, "removing a build's temporary directory failed");
+        } else if host {
+            if let Err(e) = std::fs::remove_dir_all(&tmp) {
+                tracing::warn!(dir = %tmp.display(), error = %e, "removing a build's temporary directory failed");
+            }
         }
         evict_layer_stores(&cache, budget, &keep)
     });
@@ -364,6 +375,21 @@ async fn build_in(
     tokio::fs::create_dir_all(storage).await.map_err(|e| format!("cannot create the layer store: {e}"))?;
     if let Err(e) = tokio::fs::write(storage.join(LAST_BUILD), b"").await {
         tracing::warn!(store = %storage.display(), error = %e, "cannot mark the layer store as used");
+    }
+    if let Some(vm) = &settings.vm {
+        let archive = work.join("image.tar");
+        let b = crate::build_vm::VmBuild {
+            builder: vm,
+            job,
+            work,
+            ctx: &ctx,
+            store_dir: storage,
+            vms: &settings.dir.join("vms"),
+            registries: &settings.registries,
+            storage_driver: &settings.storage_driver,
+        };
+        crate::build_vm::build(b, &archive, out.lines.clone(), |l| out.say(l), &mut cancel).await?;
+        return upload(client, job, &archive, out, started).await;
     }
     let registries = work.join("registries.conf");
     tokio::fs::write(&registries, registries_conf(&settings.registries))
@@ -464,6 +490,17 @@ async fn build_in(
     remove_working_containers(settings, storage, &runroot, &envs).await;
     pushed?;
     prune_images(settings, storage, &runroot, &envs).await;
+    upload(client, job, &archive, out, started).await
+}
+
+/// Sends the built image (an oci-archive) to the operator.
+async fn upload(
+    client: &Client,
+    job: &BuildJob,
+    archive: &Path,
+    out: &Output,
+    started: std::time::Instant,
+) -> Result<String, String> {
     let size = tokio::fs::metadata(&archive).await.map(|m| m.len()).unwrap_or(0);
     out.say(format!(
         "==> built in {:.1} s; uploading the image ({:.1} MB)",

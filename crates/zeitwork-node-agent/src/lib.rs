@@ -5,6 +5,7 @@
 //! cluster token, and never touches the store.
 
 pub mod build;
+pub mod build_vm;
 pub mod dns;
 pub mod drains;
 pub mod egress;
@@ -108,6 +109,11 @@ pub struct NodeAgentConfig {
     /// Disk the builds' per-project layer stores may use together, in bytes; the least
     /// recently built projects' stores go beyond it.
     pub build_cache_bytes: u64,
+    /// Where builds run: `vm` (buildah inside a microVM of its own, booted with the
+    /// runtime's guest kernel), `host` (buildah on this host, each `RUN` step in a
+    /// user namespace), or `auto`: `vm` where the runtime is `qemu` with working KVM,
+    /// `host` otherwise (under TCG a build takes many times longer).
+    pub build_isolation: String,
     /// Also send instance logs to this drain: syslog at `udp://HOST:PORT`, `tcp://HOST:PORT`
     /// or `tls://HOST:PORT` (RFC 5424), or HTTP batches at `https://…` (JSON array),
     /// `loki+https://…` or `elasticsearch+https://…`.
@@ -148,6 +154,9 @@ pub struct NodeAgentConfig {
     /// other runtimes ignore it).
     pub vm_snapshots: bool,
 }
+
+/// The values of `build_isolation`.
+pub const BUILD_ISOLATIONS: &[&str] = &["auto", "vm", "host"];
 
 /// Users the VMs of one node may run as (one per address slot).
 pub const VMM_UIDS: u32 = 16_000;
@@ -192,6 +201,7 @@ impl Default for NodeAgentConfig {
             buildah: None,
             build_storage_driver: "vfs".into(),
             build_cache_bytes: 20 << 30,
+            build_isolation: "auto".into(),
             log_forward: None,
             log_forward_ca: None,
             log_forward_token: None,
@@ -309,6 +319,19 @@ impl NodeAgentConfig {
         }
         if !matches!(self.build_storage_driver.as_str(), "vfs" | "overlay") {
             return err("build_storage_driver", format!("{:?} is not vfs or overlay", self.build_storage_driver));
+        }
+        if !BUILD_ISOLATIONS.contains(&self.build_isolation.as_str()) {
+            return err(
+                "build_isolation",
+                format!("{:?} is not a build isolation; use {}", self.build_isolation, BUILD_ISOLATIONS.join(", ")),
+            );
+        }
+        if self.build_isolation == "vm" && self.runtime == "container" {
+            return err(
+                "build_isolation",
+                "vm builds boot the microVM runtime's guest kernel; use runtime qemu (or auto), or build_isolation host"
+                    .into(),
+            );
         }
         if !(1..=64).contains(&self.cpu_overcommit) {
             return err("cpu_overcommit", format!("{} is out of range; use 1 (no sharing) to 64", self.cpu_overcommit));
@@ -519,6 +542,11 @@ impl NodeAgent {
                 None
             }
         };
+        // What build VMs boot: the runtime's VMM and guest files.
+        let build_vm_boot = selected.as_ref().and_then(|s| match &s.runtime {
+            zeitwork_runtime::AnyRuntime::Vm(v) => Some((v.vmm().clone(), v.assets().clone())),
+            zeitwork_runtime::AnyRuntime::Container(_) => None,
+        });
         let tunnel = start_tunnel(&config, &advertise).await;
         let registration = RegisterNode {
             hostname: config.hostname.clone(),
@@ -685,17 +713,23 @@ impl NodeAgent {
             (_, None) => {}
         }
         match (config.builds, build::find_buildah(config.buildah.as_deref())) {
-            (true, Some(buildah)) => {
-                let settings = build::BuilderSettings {
-                    node: node.id.clone(),
-                    buildah,
-                    dir: config.data_dir.join("builds"),
-                    registries: config.registries.clone(),
-                    storage_driver: config.build_storage_driver.clone(),
-                    cache_bytes: config.build_cache_bytes,
-                };
-                tasks.push(tokio::spawn(build::run(client.clone(), settings, rx.clone())));
-            }
+            (true, Some(buildah)) => match build_vm_of(&config, build_vm_boot.as_ref(), &buildah).await {
+                Ok(vm) => {
+                    let settings = build::BuilderSettings {
+                        node: node.id.clone(),
+                        buildah,
+                        dir: config.data_dir.join("builds"),
+                        registries: config.registries.clone(),
+                        storage_driver: config.build_storage_driver.clone(),
+                        cache_bytes: config.build_cache_bytes,
+                        vm,
+                    };
+                    tasks.push(tokio::spawn(build::run(client.clone(), settings, rx.clone())));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "build_isolation = \"vm\" cannot work here: this node builds nothing")
+                }
+            },
             (true, None) => tracing::info!("no buildah on this node; builds from source run on other nodes"),
             (false, _) => {}
         }
@@ -901,6 +935,41 @@ async fn start_resolver(
     }))
 }
 
+/// Whether this node builds in microVMs (`build_isolation`), and what they
+/// boot: the runtime's VMM and guest files and a root disk of this host's
+/// buildah (written now, once per version of its files). An error when `vm`
+/// is asked for and cannot work; `auto` then builds on the host.
+async fn build_vm_of(
+    config: &NodeAgentConfig,
+    boot: Option<&(zeitwork_runtime::vm::Vmm, zeitwork_runtime::guest::GuestAssets)>,
+    buildah: &std::path::Path,
+) -> Result<Option<build_vm::VmBuilder>, String> {
+    if !build_vm::vm_wanted(&config.build_isolation, boot.map(|b| &b.0))? {
+        tracing::info!(requested = %config.build_isolation, "builds run on this host (buildah in user namespaces)");
+        return Ok(None);
+    }
+    let Some((vmm, assets)) = boot.cloned() else { return Ok(None) };
+    let (dir, tool) = (config.data_dir.join("builds"), buildah.to_owned());
+    let root = tokio::task::spawn_blocking(move || {
+        zeitwork_runtime::buildvm::clean_leftovers(&dir.join("vms"));
+        build_vm::prepare_root(&dir, &tool)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match root {
+        Ok(root) => {
+            tracing::info!(vmm = vmm.name(), accel = %vmm.accel(), root = %root.display(), "builds run in microVMs");
+            Ok(Some(build_vm::VmBuilder { vmm, assets, root }))
+        }
+        Err(e) if config.build_isolation == "auto" => {
+            tracing::warn!(error = %e, "build VMs cannot work here; builds run on this host");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -949,5 +1018,20 @@ mod tests {
         assert!(fails(NodeAgentConfig { userns_base: 0, ..base.clone() }).is_empty(), "0 turns the remap off");
         assert!(fails(NodeAgentConfig { instance_disk_mib: 4, ..base.clone() }).contains("instance_disk_mib"));
         assert!(fails(NodeAgentConfig { instance_disk_mib: 0, ..base }).is_empty(), "0 turns the quota off");
+    }
+
+    #[test]
+    fn build_isolation_is_checked() {
+        let base = NodeAgentConfig { token: Some("a token".into()), ..Default::default() };
+        let fails = |c: NodeAgentConfig| c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        for ok in ["auto", "vm", "host"] {
+            assert_eq!(fails(NodeAgentConfig { build_isolation: ok.into(), ..base.clone() }), "", "{ok}");
+        }
+        let e = fails(NodeAgentConfig { build_isolation: "chroot".into(), ..base.clone() });
+        assert!(e.contains("build_isolation") && e.contains("\"chroot\""), "{e}");
+        let containers = NodeAgentConfig { build_isolation: "vm".into(), runtime: "container".into(), ..base.clone() };
+        assert!(fails(containers).contains("build_isolation"));
+        let host = NodeAgentConfig { build_isolation: "host".into(), runtime: "container".into(), ..base };
+        assert_eq!(fails(host), "");
     }
 }

@@ -87,13 +87,20 @@ fn host_addresses() -> Vec<String> {
 
 /// A build context holding only `dockerfile`.
 fn source(dockerfile: &str) -> Vec<u8> {
+    source_of(&[("Dockerfile", dockerfile)])
+}
+
+/// A build context of `(path, contents)` files.
+fn source_of(files: &[(&str, &str)]) -> Vec<u8> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o644);
-    h.set_size(dockerfile.len() as u64);
-    h.set_cksum();
-    tar.append_data(&mut h, "Dockerfile", dockerfile.as_bytes()).unwrap();
+    for (path, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        tar.append_data(&mut h, path, body.as_bytes()).unwrap();
+    }
     tar.into_inner().unwrap().finish().unwrap()
 }
 
@@ -101,16 +108,21 @@ fn source(dockerfile: &str) -> Vec<u8> {
 /// succeed; the deployment's id and the build's output. The deployment is
 /// deleted afterwards: only its build matters here.
 async fn build(admin: &Client, org: &str, dockerfile: &str) -> (String, String) {
-    let up: Value = admin
-        .upload(&format!("/api/v1/orgs/{org}/sources"), "application/gzip", source(dockerfile).into())
-        .await
-        .unwrap();
+    let (id, log) = build_source(admin, org, source(dockerfile), Duration::from_secs(240)).await;
+    admin.delete(&format!("/api/v1/deployments/{id}")).await.unwrap();
+    (id, log)
+}
+
+/// Builds the source archive `src` for `org`'s project `web` and waits up to
+/// `wait` for the build to succeed; the deployment's id and the build's output.
+async fn build_source(admin: &Client, org: &str, src: Vec<u8>, wait: Duration) -> (String, String) {
+    let up: Value = admin.upload(&format!("/api/v1/orgs/{org}/sources"), "application/gzip", src.into()).await.unwrap();
     let d: Value = admin
         .post("/api/v1/deployments", &json!({"org": org, "project": "web", "build": {"source": up["source"]}}))
         .await
         .unwrap();
     let id = d["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + wait;
     let status = loop {
         let b: Value = admin.get(&format!("/api/v1/deployments/{id}/build")).await.unwrap();
         if b["status"] == "succeeded" || b["status"] == "failed" {
@@ -121,13 +133,42 @@ async fn build(admin: &Client, org: &str, dockerfile: &str) -> (String, String) 
     };
     let log = admin.stream(&format!("/api/v1/deployments/{id}/build/log")).await.unwrap().text().await.unwrap();
     assert_eq!(status["status"], "succeeded", "{status}\n{log}");
-    admin.delete(&format!("/api/v1/deployments/{id}")).await.unwrap();
     (id, log)
 }
 
 /// Whether a step printed `line` (the steps are echoed too, so whole lines only).
 fn printed(log: &str, line: &str) -> bool {
     log.lines().any(|l| l.trim_end() == line)
+}
+
+/// What a step will try: the operator's API, the node agent, and a service of
+/// the host on loopback and on each of the host's own addresses. From the host,
+/// the same command reaches every one of them. The targets, the service's
+/// connections, and how many the host's own tries made.
+async fn targets(api: &str, agent: SocketAddr) -> (Vec<String>, Arc<Mutex<Vec<SocketAddr>>>, usize) {
+    let (service, connections) = host_service().await;
+    let mut targets = vec![
+        format!("{}/health", api.trim_start_matches("http://")),
+        format!("{agent}/health"),
+        format!("127.0.0.1:{service}/"),
+    ];
+    targets.extend(host_addresses().into_iter().map(|a| format!("{a}:{service}/")));
+    for t in &targets {
+        let url = format!("http://{t}");
+        let ok = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("/usr/bin/busybox")
+                .args(WGET.split(' ').skip(1))
+                .arg(url)
+                .status()
+                .unwrap()
+                .success()
+        })
+        .await
+        .unwrap();
+        assert!(ok, "the host itself cannot reach {t}, so a step failing to proves nothing");
+    }
+    let from_host = connections.lock().unwrap().len();
+    (targets, connections, from_host)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,31 +198,7 @@ async fn builds_reach_no_service_and_no_other_tenant_and_their_output_reaches_th
     let agent =
         NodeAgent::start(common::agent_config(&api, token, dir.path(), "build-isolation", "10.200.0.0")).await.unwrap();
 
-    // What a step will try: the operator's API, the node agent, and a service of
-    // the host on loopback and on each of the host's own addresses. From the host,
-    // the same command reaches every one of them.
-    let (service, connections) = host_service().await;
-    let mut targets = vec![
-        format!("{}/health", api.trim_start_matches("http://")),
-        format!("{}/health", agent.addr()),
-        format!("127.0.0.1:{service}/"),
-    ];
-    targets.extend(host_addresses().into_iter().map(|a| format!("{a}:{service}/")));
-    for t in &targets {
-        let url = format!("http://{t}");
-        let ok = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("/usr/bin/busybox")
-                .args(WGET.split(' ').skip(1))
-                .arg(url)
-                .status()
-                .unwrap()
-                .success()
-        })
-        .await
-        .unwrap();
-        assert!(ok, "the host itself cannot reach {t}, so a step failing to proves nothing");
-    }
-    let from_host = connections.lock().unwrap().len();
+    let (targets, connections, from_host) = targets(&api, agent.addr()).await;
 
     let uid = BUILD_ID_BASE;
     let planter = format!(
@@ -228,6 +245,143 @@ RUN --mount=type=cache,id=deps,uid={uid},gid={uid},target=/cache echo from-acme 
     let acme = lines_at(&got, "/acme");
     assert!(acme.iter().all(|l| l["org"] == "acme" && l["stream"] == "build"), "{acme:?}");
     assert!(!acme.iter().any(|l| l["deployment"] == read_by_other.as_str()), "other's build at acme's drain");
+
+    agent.shutdown().await;
+    op.shutdown().await;
+}
+
+/// Processes of the host whose command name is `name`, and whose command line
+/// holds `arg` (any when empty).
+fn host_processes(name: &str, arg: &str) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    procs
+        .flatten()
+        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter(|p| {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(arg)
+        })
+        .count()
+}
+
+/// The same checks with `build_isolation = "vm"` on the QEMU runtime (TCG
+/// here, slow but real): buildah runs inside a microVM booted with the
+/// runtime's guest kernel, never on the host; a Dockerfile whose base image
+/// comes from a loopback registry (handed to the guest on a disk) builds
+/// with COPY and RUN, and the image runs; a `RUN` step reaches no service of
+/// the host (the guest has no network device); the project's layer store
+/// survives between its builds (the second build uses the cache); the
+/// output reaches the organisation's drain; nothing of the VM is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vm_builds_run_buildah_in_a_microvm_that_reaches_nothing_and_keep_their_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = zeitwork_testkit::Registry::start().expect("a real registry");
+    let base = registry.push_busybox("base", "1", "sleep 1000").await.unwrap();
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
+    let settings = OperatorConfig {
+        build_memory_mib: 1024,
+        build_vcpu: 1,
+        build_disk_mib: 1024,
+        build_timeout_secs: 900,
+        ..OperatorConfig::default()
+    };
+    let (op, api, admin) = common::operator(dir.path(), settings, project).await;
+    let (drains, got) = drain_receiver().await;
+    admin
+        .post::<_, Value>(
+            "/api/v1/orgs/acme/log-drains",
+            &json!({"url": format!("http://{drains}/acme"), "sources": ["build"]}),
+        )
+        .await
+        .unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    let mut config = common::agent_config(&api, token, dir.path(), "build-vm", "10.185.0.0");
+    config.runtime = "qemu".into();
+    config.build_isolation = "vm".into();
+    let agent = NodeAgent::start(config).await.unwrap();
+    assert_eq!(agent.node().runtime, "qemu");
+    let (targets, connections, from_host) = targets(&api, agent.addr()).await;
+
+    let dockerfile = format!(
+        r#"FROM {base}
+COPY greeting.txt /www/greeting.txt
+RUN for t in {targets}; do if {wget} "http://$t"; then echo "REACHED $t"; else echo "unreachable $t"; fi; done
+RUN echo "interfaces: $(/bin/busybox tail -n +3 /proc/net/dev | /bin/busybox cut -d: -f1 | /bin/busybox tr -d ' ' | /bin/busybox tr '\n' ' ')"
+RUN /bin/busybox cat /www/greeting.txt > /www/made && echo "made: $(/bin/busybox cat /www/made)"
+ENTRYPOINT ["/bin/busybox", "sh", "-c", "/bin/busybox cat /www/made && exec /bin/busybox httpd -f -p $PORT -h /www"]
+"#,
+        targets = targets.join(" "),
+        wget = WGET.replace("busybox", "/bin/busybox"),
+    );
+    let src = || source_of(&[("Dockerfile", &dockerfile), ("greeting.txt", "hello from a VM build\n")]);
+
+    // Watch the host's processes during the builds: buildah never runs there,
+    // a build VM does.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (w, seen) = (watching.clone(), Arc::new(Mutex::new((0usize, 0usize))));
+    let seen_by = seen.clone();
+    let watcher = tokio::task::spawn_blocking(move || {
+        while w.load(std::sync::atomic::Ordering::SeqCst) {
+            let (buildah, vm) = (host_processes("buildah", ""), host_processes("qemu-system-x86", "zeitwork-build-"));
+            let mut s = seen_by.lock().unwrap();
+            s.0 += buildah;
+            s.1 += vm;
+            drop(s);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+
+    let (first, log) = build_source(&admin, "acme", src(), Duration::from_secs(900)).await;
+    assert!(log.contains("in a microVM"), "{log}");
+    for t in &targets {
+        assert!(printed(&log, &format!("unreachable {t}")), "no verdict on {t}:\n{log}");
+        assert!(!printed(&log, &format!("REACHED {t}")), "a RUN step reached {t}:\n{log}");
+    }
+    assert_eq!(connections.lock().unwrap().len(), from_host, "the host's service saw a connection from the build");
+    assert!(printed(&log, "interfaces: lo"), "the build VM holds only a loopback:\n{log}");
+    assert!(printed(&log, "made: hello from a VM build"), "{log}");
+
+    // The same source again: its steps come from the project's layer store.
+    let (second, again) = build_source(&admin, "acme", src(), Duration::from_secs(900)).await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    watcher.await.unwrap();
+    let (buildah_seen, vm_seen) = *seen.lock().unwrap();
+    assert_eq!(buildah_seen, 0, "buildah ran on the host");
+    assert!(vm_seen > 0, "no build VM was seen on the host");
+    assert!(again.contains("Using cache"), "the second build did not use the project's cache:\n{again}");
+    assert!(!printed(&again, "made: hello from a VM build"), "a cached step ran again:\n{again}");
+    let store = dir.path().join("agent/builds/cache/acme/web/store.ext4");
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 1024 << 20, "the layer store is the disk limit's size");
+
+    // The built image runs (its entrypoint needs the files COPY and RUN made):
+    // the second deployment replaces the first.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let d: Value = admin.get(&format!("/api/v1/deployments/{second}")).await.unwrap();
+        let old: Value = admin.get(&format!("/api/v1/deployments/{first}")).await.unwrap();
+        if d["status"] == "active" {
+            break;
+        }
+        assert!(old["status"] != "failed", "the built image did not run: {old}");
+        assert!(d["status"] != "failed", "the built image did not run: {d}");
+        assert!(Instant::now() < deadline, "the built image never became active: {d}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The build's lines reached the organisation's drain.
+    common::until("the VM build's line at acme's drain", async || {
+        lines_at(&got, "/acme").into_iter().find(|l| l["deployment"] == second.as_str() && l["stream"] == "build")
+    })
+    .await;
+    // Nothing of the build VMs is left.
+    let vms = dir.path().join("agent/builds/vms");
+    let left: Vec<_> = std::fs::read_dir(&vms).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "build VMs left behind: {left:?}");
+    let work: Vec<_> = std::fs::read_dir(dir.path().join("agent/builds/work"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(work.is_empty(), "build work directories left behind: {work:?}");
 
     agent.shutdown().await;
     op.shutdown().await;

@@ -7,6 +7,7 @@
 //! A driver owns its instances' processes, mounts and network devices, and
 //! nothing else: it does not talk to the operator or decide placement.
 
+pub mod buildvm;
 pub mod container;
 pub mod guest;
 pub mod jail;

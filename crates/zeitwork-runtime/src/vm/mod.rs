@@ -238,6 +238,11 @@ impl VmRuntime {
         &self.s.vmm
     }
 
+    /// The guest kernel and initramfs this runtime boots (build VMs boot them too).
+    pub fn assets(&self) -> &GuestAssets {
+        &self.s.assets
+    }
+
     /// VMs left running by an agent that crashed: killed, their taps and files removed.
     async fn clean_leftovers(&self) {
         let Ok(entries) = std::fs::read_dir(&self.s.dir) else { return };
