@@ -284,6 +284,8 @@ async fn vm_builds_run_buildah_in_a_microvm_that_reaches_nothing_and_keep_their_
         build_vcpu: 1,
         build_disk_mib: 1024,
         build_timeout_secs: 900,
+        // The drain receiver of this test listens on loopback.
+        drain_allowed_networks: vec!["127.0.0.0/8".into()],
         ..OperatorConfig::default()
     };
     let (op, api, admin) = common::operator(dir.path(), settings, project).await;
@@ -321,9 +323,13 @@ ENTRYPOINT ["/bin/busybox", "sh", "-c", "/bin/busybox cat /www/made && exec /bin
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (w, seen) = (watching.clone(), Arc::new(Mutex::new((0usize, 0usize))));
     let seen_by = seen.clone();
+    // This agent's buildah would name its own data directory (`--root`); other
+    // tests build on the host meanwhile.
+    let ours = dir.path().display().to_string();
     let watcher = tokio::task::spawn_blocking(move || {
         while w.load(std::sync::atomic::Ordering::SeqCst) {
-            let (buildah, vm) = (host_processes("buildah", ""), host_processes("qemu-system-x86", "zeitwork-build-"));
+            let (buildah, vm) =
+                (host_processes("buildah", &ours), host_processes("qemu-system-x86", "zeitwork-build-"));
             let mut s = seen_by.lock().unwrap();
             s.0 += buildah;
             s.1 += vm;
