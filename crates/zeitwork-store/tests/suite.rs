@@ -1237,7 +1237,8 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     let newest_first: Vec<&str> = lean.iter().map(|r| r.id.as_str()).collect();
     let mut by_age: Vec<(i64, &str)> =
         got.iter().map(|(d, _)| (d.created_at.timestamp_millis(), d.id.as_str())).collect();
-    by_age.sort_by(|x, y| y.cmp(x));
+    by_age.sort();
+    by_age.reverse();
     assert_eq!(newest_first, by_age.iter().map(|(_, id)| *id).collect::<Vec<_>>(), "newest first");
     lean.sort_by_key(|r| RUNNING.iter().position(|s| *s == r.status));
     assert_eq!(lean.iter().map(|r| (r.id.as_str(), r.status)).collect::<Vec<_>>(), ids, "as deployments_in lists them");
