@@ -48,6 +48,8 @@ pub struct GuestConfig {
     pub prefix: u8,
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
+    /// Search domains for short names (`web` for `web.internal` on a project network).
+    pub search: Vec<String>,
     /// Size of the writable layer (tmpfs) over the read-only image, MiB.
     pub overlay_mib: u32,
 }
@@ -100,6 +102,9 @@ impl GuestConfig {
         for d in &self.dns {
             line("dns", &d.to_string());
         }
+        for d in &self.search {
+            line("search", d);
+        }
         line("overlay_mib", &self.overlay_mib.to_string());
         s.push_str("end\n");
         s.into_bytes()
@@ -121,6 +126,7 @@ impl GuestConfig {
             prefix: 30,
             gateway: Ipv4Addr::UNSPECIFIED,
             dns: Vec::new(),
+            search: Vec::new(),
             overlay_mib: 64,
         };
         let mut ended = false;
@@ -147,6 +153,7 @@ impl GuestConfig {
                 }
                 "gateway" => c.gateway = ip(&value)?,
                 "dns" => c.dns.push(ip(&value)?),
+                "search" => c.search.push(value),
                 "overlay_mib" => c.overlay_mib = num(&value)?,
                 _ => {} // newer hosts may add fields
             }
@@ -216,6 +223,7 @@ mod tests {
             prefix: 30,
             gateway: "10.89.0.1".parse().unwrap(),
             dns: vec!["10.89.0.1".parse().unwrap()],
+            search: vec!["web.acme.internal".into(), "internal".into()],
             overlay_mib: 128,
         }
     }

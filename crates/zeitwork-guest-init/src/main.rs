@@ -199,7 +199,13 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 fn write_etc(c: &GuestConfig) -> Result<(), String> {
     let etc = "/mnt/root/etc";
     std::fs::create_dir_all(etc).map_err(|e| format!("creating /etc: {e}"))?;
-    let resolv: String = c.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+    let mut resolv: String = c.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+    // A value with white space in it is no domain and would break the file: skipped.
+    let search: Vec<&str> =
+        c.search.iter().map(String::as_str).filter(|d| !d.is_empty() && !d.contains(char::is_whitespace)).collect();
+    if !search.is_empty() {
+        resolv.push_str(&format!("search {}\n", search.join(" ")));
+    }
     let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{}\t{}\n", c.address, c.hostname);
     for (name, body) in [("resolv.conf", resolv), ("hosts", hosts), ("hostname", format!("{}\n", c.hostname))] {
         let path = format!("{etc}/{name}");

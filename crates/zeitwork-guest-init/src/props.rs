@@ -10,12 +10,14 @@ fn config() -> impl Strategy<Value = GuestConfig> {
     let ip = any::<[u8; 4]>().prop_map(Ipv4Addr::from);
     (
         (prop::collection::vec(any::<String>(), 1..4), prop::collection::vec(any::<String>(), 0..4)),
-        (any::<String>(), any::<u32>(), any::<u32>(), any::<String>()),
+        (any::<String>(), any::<u32>(), any::<u32>(), any::<String>(), prop::collection::vec(any::<String>(), 0..3)),
         (ip.clone(), 0u8..=32, ip.clone(), prop::collection::vec(ip, 0..3), any::<u32>()),
     )
-        .prop_map(|((args, env), (cwd, uid, gid, hostname), (address, prefix, gateway, dns, overlay_mib))| {
-            GuestConfig { args, env, cwd, uid, gid, hostname, address, prefix, gateway, dns, overlay_mib }
-        })
+        .prop_map(
+            |((args, env), (cwd, uid, gid, hostname, search), (address, prefix, gateway, dns, overlay_mib))| {
+                GuestConfig { args, env, cwd, uid, gid, hostname, address, prefix, gateway, dns, search, overlay_mib }
+            },
+        )
 }
 
 /// Text that may show up on a serial console: mostly printable, some

@@ -97,6 +97,21 @@ fn agent_config(op: &Operator, dir: &std::path::Path, range: &str, token: &str, 
 }
 
 impl Platform {
+    /// The deployment's logs once they hold `needle`. Output is captured as it
+    /// is written, so a line may land a moment after the app first answers.
+    async fn logs_containing(&self, dep: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text =
+                self.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never reached the logs: {text:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Deploys `image` with one instance; the operator's engine places it on the agent's node.
     async fn deploy(&self, image: &str) -> (String, String) {
         self.deploy_on(image, &self.agent.node().id).await
@@ -244,17 +259,8 @@ async fn a_request_through_the_edge_reaches_the_app_in_its_container() {
         .unwrap();
     assert_eq!(res.status(), 404, "busybox httpd has no /health; the agent's own answer would be 200");
 
-    // Logs through the operator: the app saw the project's env vars. Output is
-    // captured as it is written, so the line may land a moment after the app answers.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
-        if text.contains(&format!("{inst} started with hello-env")) {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "the app's first line never reached its logs: {text:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // Logs through the operator: the app saw the project's env vars.
+    let text = p.logs_containing(&dep, &format!("{inst} started with hello-env")).await;
     let json_lines = p
         .admin
         .stream(&format!("/api/v1/deployments/{dep}/logs?format=json&since=1h"))
@@ -868,8 +874,7 @@ async fn a_microvm_instance_serves_restarts_and_stops_gracefully() {
         assert!(Instant::now() < deadline, "the edge never reached the VM: {}", res.status());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let logs = p.admin.stream(&format!("/api/v1/deployments/{dep}/logs")).await.unwrap().text().await.unwrap();
-    assert!(logs.contains("vm started with hello-env"), "{logs}");
+    p.logs_containing(&dep, "vm started with hello-env").await;
 
     // The VMM dies: the instance is reported and restarted (with backoff).
     let vm_dir = dir.path().join("agent/vms").join(&inst);

@@ -317,6 +317,7 @@ async fn run_in(
         prefix: 30,
         gateway: std::net::Ipv4Addr::UNSPECIFIED,
         dns: Vec::new(),
+        search: Vec::new(),
         overlay_mib: 512,
     };
     let mut bytes = config.encode();

@@ -378,6 +378,8 @@ impl VmRuntime {
             prefix: 30,
             gateway: host_ip,
             dns: if spec.dns_search.is_some() { vec![host_ip] } else { resolvers() },
+            // On a project network short names resolve as containers' do.
+            search: spec.dns_search.iter().flat_map(|s| s.split_whitespace()).map(str::to_owned).collect(),
             overlay_mib: (spec.memory_mib / 2).max(16),
         };
         match from {
