@@ -48,6 +48,9 @@ pub enum ApiError {
     /// (415)
     #[error("send the body as JSON with the header Content-Type: application/json")]
     UnsupportedMediaType,
+    /// The operator cannot answer this yet (503), with why.
+    #[error("{0}")]
+    Unavailable(String),
     /// The store cannot be reached (503); details go to the log, not the caller.
     #[error("the store is unavailable; try again shortly")]
     StoreUnavailable,
@@ -73,6 +76,7 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -1,30 +1,42 @@
-//! The routing table the edge proxies follow: built from the store when it
-//! changes, versioned by content, and kept as one bounded log of deltas per
-//! operator, so every edge watching learns of a change in one round trip and
-//! receives only what changed.
+//! The routing table the edge proxies follow: kept by each operator in
+//! memory and changed in place, each change one delta in a bounded log, so
+//! every edge watching learns of a change in one round trip and receives only
+//! what changed.
 //!
 //! The store wakes the hub after every change to routing state (through this
-//! operator at once; through others on PostgreSQL by `LISTEN/NOTIFY`), and
-//! says what the change touched. A change to some deployments or projects is
-//! applied to the table by reading and rebuilding the routes of those
-//! projects only; anything else (a node, a certificate, a change the store
-//! does not describe, announcements lost or too far behind) rebuilds the
-//! whole table. Either way the table is compared with the last one by host,
-//! so edges receive what changed. [`REFRESH`] is a safety net: a whole
-//! rebuild at least that often bounds staleness should a notification be lost.
+//! operator at once; through others on PostgreSQL by `LISTEN/NOTIFY`) and
+//! says what the change touched: some deployments or some projects. The hub
+//! reads the routes of those projects only (by indexes), puts them in place
+//! of the ones the table held for those projects, and appends what differed
+//! to the log. The cost of a change follows the change, not the size of the
+//! table: nothing is copied, hashed or compared whole. The table's version is
+//! the cursor of the change that made it (this operator's epoch and a
+//! sequence number), so it changes whenever a route does.
+//!
+//! The whole table is read apart from that: at start, after a change the
+//! store does not describe (a node, a certificate, announcements lost or too
+//! far behind) or one that cannot be applied in place (two projects claiming
+//! one host), and as a safety net should a notification be lost, at least
+//! every [`REFRESH`] (or [`WHOLE_READ_SPACING`] times as long as a whole read
+//! takes, when that is longer, so it keeps to a small share of a core). A
+//! whole read never holds up a change: it runs in a task of its own, replaces
+//! only the routes of projects not read again since it began, and publishes
+//! only what differs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use zeitwork_api_types::{Environment, Route, RouteCanary, RouteInstance, RouteShadow, RoutingDeltas, RoutingTable};
-use zeitwork_store::{Change, RoutingRows, Store};
+use zeitwork_store::{Change, RoutingRows, Store, StoreError};
 
-/// How often the table is rebuilt without a change notification: a safety
-/// net for a lost notification. Changes are seen at once.
+/// How soon after a whole read the next one runs without a reason: the
+/// safety net for a lost notification. Changes are applied at once.
 pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// A whole read waits at least this many times as long as the last one took.
+pub const WHOLE_READ_SPACING: u32 = 4;
 
 /// Deltas kept for edges that resume; one further behind gets a snapshot.
 pub const LOG_LEN: usize = 1024;
@@ -34,120 +46,291 @@ pub const LOG_LEN: usize = 1024;
 pub enum Refreshed {
     /// Nothing it routes changed.
     Unchanged,
-    /// The routes of the projects that changed were read and replaced.
+    /// The routes of the projects that changed were read and put in place.
     Applied,
-    /// The whole table was read and rebuilt.
+    /// The whole table was read.
     Rebuilt,
+}
+
+/// A project as its routes name it: (org, name).
+type ProjectKey = (String, String);
+
+fn key_of(r: &Route) -> ProjectKey {
+    (r.org.clone(), r.project.clone())
 }
 
 #[derive(Debug)]
 struct Delta {
     seq: u64,
-    /// Routes set (added or changed), by host.
+    /// Routes set (added or changed).
     upserts: Vec<Arc<Route>>,
     /// Hosts no longer routed.
     removed: Vec<String>,
 }
 
+/// What one change does to the table.
+#[derive(Debug, Default)]
+struct Edit {
+    upserts: Vec<Arc<Route>>,
+    removed: Vec<String>,
+}
+
+/// The routes one project has in the table.
+#[derive(Debug, Default)]
+struct Held {
+    hosts: BTreeSet<String>,
+    /// The store's change counter taken before the read they came from:
+    /// every change up to it is in them.
+    read_at: u64,
+}
+
 #[derive(Debug)]
-struct Log {
-    /// The table after the newest delta, by host.
+struct Table {
+    apps_domain: String,
+    /// Every route, by host.
     hosts: BTreeMap<String, Arc<Route>>,
-    table: Arc<RoutingTable>,
+    /// Which hosts each project has (a project read without routes keeps an
+    /// entry for its `read_at` until a later whole read).
+    projects: HashMap<ProjectKey, Held>,
+    /// The newest delta's sequence number.
     seq: u64,
+    version: String,
     deltas: VecDeque<Delta>,
-    /// The last whole rebuild refused a host claimed by two projects: which
-    /// claim wins depends on every project, so changes rebuild the whole table
-    /// until no two projects claim one host.
+    /// The last whole read refused a host claimed by two projects: which
+    /// claim wins depends on every project, so changes are read whole until
+    /// no two projects claim one host.
     contested: bool,
+}
+
+impl Table {
+    fn read_at(&self, key: &ProjectKey) -> u64 {
+        self.projects.get(key).map_or(0, |h| h.read_at)
+    }
+
+    /// Whether `routes` are exactly the routes the table has for `key`.
+    fn holds(&self, key: &ProjectKey, routes: &[Route]) -> bool {
+        let held = self.projects.get(key).map_or(0, |h| h.hosts.len());
+        held == routes.len() && routes.iter().all(|r| self.hosts.get(&r.host).is_some_and(|old| **old == *r))
+    }
+
+    /// The project that has `host`, unless it is `key`.
+    fn other_owner(&self, host: &str, key: &ProjectKey) -> Option<ProjectKey> {
+        self.hosts
+            .get(host)
+            .filter(|r| (r.org.as_str(), r.project.as_str()) != (key.0.as_str(), key.1.as_str()))
+            .map(|r| key_of(r))
+    }
+
+    /// Gives each project of `set` exactly the routes listed with it, from a
+    /// read after change counter `read_at`; returns what differed.
+    fn replace(&mut self, set: Vec<(ProjectKey, Vec<Route>)>, read_at: u64) -> Edit {
+        let mut edit = Edit::default();
+        // Their hosts are freed first, so a host moving between two of them is set, not removed.
+        let mut freed = BTreeSet::new();
+        for (key, _) in &set {
+            if let Some(held) = self.projects.get_mut(key) {
+                freed.append(&mut held.hosts);
+            }
+        }
+        for (key, routes) in set {
+            let mut hosts = BTreeSet::new();
+            for r in routes {
+                freed.remove(&r.host);
+                hosts.insert(r.host.clone());
+                if self.hosts.get(&r.host).is_some_and(|old| **old == r) {
+                    continue;
+                }
+                if let Some(from) = self.other_owner(&r.host, &key) {
+                    if let Some(held) = self.projects.get_mut(&from) {
+                        held.hosts.remove(&r.host);
+                    }
+                }
+                let r = Arc::new(r);
+                self.hosts.insert(r.host.clone(), r.clone());
+                edit.upserts.push(r);
+            }
+            let held = self.projects.entry(key).or_default();
+            held.hosts = hosts;
+            held.read_at = held.read_at.max(read_at);
+        }
+        for host in freed {
+            self.hosts.remove(&host);
+            edit.removed.push(host);
+        }
+        edit
+    }
+
+    /// Makes `edit` the next delta (a new apps domain: a new table that edges
+    /// behind take as a snapshot); returns its sequence number, or `None`
+    /// when nothing changed.
+    fn commit(&mut self, edit: Edit, apps_changed: bool, epoch: &str) -> Option<u64> {
+        if edit.upserts.is_empty() && edit.removed.is_empty() && !apps_changed {
+            return None;
+        }
+        self.seq += 1;
+        self.version = format!("{epoch}.{}", self.seq);
+        tracing::debug!(
+            seq = self.seq,
+            routes = self.hosts.len(),
+            set = edit.upserts.len(),
+            removed = edit.removed.len(),
+            "routing table changed"
+        );
+        if apps_changed {
+            // Deltas cannot carry a new apps domain.
+            self.deltas.clear();
+        } else {
+            self.deltas.push_back(Delta { seq: self.seq, upserts: edit.upserts, removed: edit.removed });
+            while self.deltas.len() > LOG_LEN {
+                self.deltas.pop_front();
+            }
+        }
+        Some(self.seq)
+    }
+}
+
+/// What a whole read found: each project whose routes differ from the
+/// table's, with all its routes (none: it has none now).
+#[derive(Debug)]
+struct WholeRead {
+    /// The store's change counter taken before reading.
+    mark: u64,
+    apps_domain: String,
+    contested: bool,
+    differ: Vec<(ProjectKey, Vec<Route>)>,
 }
 
 #[derive(Debug)]
 pub struct RoutingHub {
-    table: watch::Sender<Arc<RoutingTable>>,
-    log: RwLock<Log>,
+    table: RwLock<Table>,
+    /// The whole table at one sequence number, made when first asked for.
+    whole: Mutex<Option<(u64, Arc<RoutingTable>)>>,
     /// The newest sequence number, for waiting edges.
     seq: watch::Sender<u64>,
+    /// Whether the table was read whole once: before, it is not known.
+    built: watch::Sender<bool>,
     /// Names this operator's log: a cursor from another operator, or from
     /// before a restart, is a gap (the edge gets a snapshot).
     epoch: String,
     nudge: Notify,
 }
 
+/// What the running hub does next after applying changes.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Unchanged,
+    Applied,
+    /// What changed is not known, or cannot be applied in place: read the whole table.
+    Whole,
+}
+
 impl RoutingHub {
     pub fn new(apps_domain: &str) -> Arc<Self> {
-        let empty = Arc::new(build(
-            &RoutingRows { deployments: vec![], current: vec![], domains: vec![], canaries: vec![], shadows: vec![] },
-            apps_domain,
-        ));
+        let epoch = zeitwork_store::nanoid(8);
         Arc::new(Self {
-            table: watch::Sender::new(empty.clone()),
-            log: RwLock::new(Log {
+            table: RwLock::new(Table {
+                apps_domain: apps_domain.to_owned(),
                 hosts: BTreeMap::new(),
-                table: empty,
+                projects: HashMap::new(),
                 seq: 0,
+                version: format!("{epoch}.0"),
                 deltas: VecDeque::new(),
                 contested: false,
             }),
+            whole: Mutex::new(None),
             seq: watch::Sender::new(0),
-            epoch: zeitwork_store::nanoid(8),
+            built: watch::Sender::new(false),
+            epoch,
             nudge: Notify::new(),
         })
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The whole table (made once per change, when first asked for).
     pub fn current(&self) -> Arc<RoutingTable> {
-        self.table.borrow().clone()
+        let (seq, version, apps_domain, routes) = {
+            let t = self.read();
+            let mut whole = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, table)) = &*whole {
+                if *at == t.seq {
+                    return table.clone();
+                }
+            }
+            *whole = None;
+            // Only the routes' handles are taken while the table is held.
+            (t.seq, t.version.clone(), t.apps_domain.clone(), t.hosts.values().cloned().collect::<Vec<_>>())
+        };
+        let table =
+            Arc::new(RoutingTable { version, apps_domain, routes: routes.iter().map(|r| (**r).clone()).collect() });
+        let mut whole = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+        if whole.as_ref().is_none_or(|(at, _)| *at < seq) {
+            *whole = Some((seq, table.clone()));
+        }
+        table
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
-        self.table.subscribe()
+    /// The routes of one project, by host.
+    pub fn routes_of(&self, org: &str, project: &str) -> Vec<Route> {
+        let t = self.read();
+        let Some(held) = t.projects.get(&(org.to_owned(), project.to_owned())) else { return Vec::new() };
+        held.hosts.iter().filter_map(|h| t.hosts.get(h)).map(|r| (**r).clone()).collect()
     }
 
-    /// Rebuild now (after a change the store does not announce, such as a certificate).
+    /// Waits up to `timeout` for the table to be read whole once; whether it was.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut built = self.built.subscribe();
+        let ready = matches!(tokio::time::timeout(timeout, built.wait_for(|b| *b)).await, Ok(Ok(_)));
+        ready
+    }
+
+    /// The whole table once its version is not `known`, or after `timeout`.
+    pub async fn watch(&self, known: &str, timeout: Duration) -> Arc<RoutingTable> {
+        let mut seq = self.seq.subscribe();
+        let _ = tokio::time::timeout(timeout, seq.wait_for(|_| self.read().version != known)).await;
+        self.current()
+    }
+
+    /// Reads the whole table now (after a change the store does not announce, such as a certificate).
     pub fn changed(&self) {
         self.nudge.notify_one();
     }
 
-    /// Publishes `table` if it differs from the last one: appends a delta to the log.
+    fn published(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.seq.send_replace(seq);
+        }
+    }
+
+    /// Publishes `table` whole, with the version it carries, if that differs
+    /// from the current one: appends a delta of what differs by host.
     pub fn publish(&self, table: RoutingTable) {
-        let mut log = self.log.write().unwrap_or_else(|e| e.into_inner());
-        if log.table.version == table.version {
+        let mut t = self.write();
+        if t.version == table.version {
             return;
         }
-        let mut next: BTreeMap<String, Arc<Route>> = BTreeMap::new();
-        let mut upserts = Vec::new();
-        for r in table.routes.iter() {
-            let route = match log.hosts.get(&r.host) {
-                Some(old) if **old == *r => old.clone(),
-                _ => {
-                    let new = Arc::new(r.clone());
-                    upserts.push(new.clone());
-                    new
-                }
-            };
-            next.insert(r.host.clone(), route);
+        let mut set: HashMap<ProjectKey, Vec<Route>> = t.projects.keys().map(|k| (k.clone(), Vec::new())).collect();
+        for r in table.routes {
+            set.entry(key_of(&r)).or_default().push(r);
         }
-        let removed: Vec<String> = log.hosts.keys().filter(|h| !next.contains_key(*h)).cloned().collect();
-        let apps_changed = log.table.apps_domain != table.apps_domain;
-        tracing::debug!(version = %table.version, routes = table.routes.len(), set = upserts.len(), removed = removed.len(),
-            "routing table changed");
-        let seq = log.seq + 1;
-        log.seq = seq;
-        log.hosts = next;
-        if apps_changed {
-            // Deltas cannot carry a new apps domain: edges behind take a snapshot.
-            log.deltas.clear();
-        } else {
-            log.deltas.push_back(Delta { seq, upserts, removed });
-            while log.deltas.len() > LOG_LEN {
-                log.deltas.pop_front();
-            }
+        let read_at = t.projects.values().map(|h| h.read_at).max().unwrap_or(0);
+        let edit = t.replace(set.into_iter().collect(), read_at);
+        t.projects.retain(|_, h| !h.hosts.is_empty());
+        let apps_changed = t.apps_domain != table.apps_domain;
+        t.apps_domain = table.apps_domain;
+        let seq = t.commit(edit, apps_changed, &self.epoch);
+        if seq.is_some() {
+            t.version = table.version;
         }
-        let table = Arc::new(table);
-        log.table = table.clone();
-        drop(log);
-        self.table.send_replace(table);
-        self.seq.send_replace(seq);
+        drop(t);
+        self.built.send_if_modified(|b| !std::mem::replace(b, true));
+        self.published(seq);
     }
 
     /// What an edge at `cursor` needs: the deltas after it merged into one,
@@ -162,155 +345,279 @@ impl RoutingHub {
             let mut rx = self.seq.subscribe();
             let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s != since)).await;
         }
-        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
-        let cursor = format!("{}.{}", self.epoch, log.seq);
-        let base = RoutingDeltas {
-            cursor,
-            version: log.table.version.clone(),
-            apps_domain: log.table.apps_domain.clone(),
-            snapshot: false,
-            routes: Vec::new(),
-            removed: Vec::new(),
-        };
-        let oldest = log.deltas.front().map_or(log.seq + 1, |d| d.seq);
-        match since {
-            Some(since) if since == log.seq => base,
-            // Every delta after `since` is still kept.
-            Some(since) if since < log.seq && since + 1 >= oldest => {
-                let mut merged: BTreeMap<&str, Option<&Arc<Route>>> = BTreeMap::new();
-                for d in log.deltas.iter().filter(|d| d.seq > since) {
-                    for r in &d.upserts {
-                        merged.insert(&r.host, Some(r));
+        let (base, whole) = {
+            let t = self.read();
+            let base = RoutingDeltas {
+                cursor: format!("{}.{}", self.epoch, t.seq),
+                version: t.version.clone(),
+                apps_domain: t.apps_domain.clone(),
+                snapshot: false,
+                routes: Vec::new(),
+                removed: Vec::new(),
+            };
+            let oldest = t.deltas.front().map_or(t.seq + 1, |d| d.seq);
+            match since {
+                Some(since) if since == t.seq => return base,
+                // Every delta after `since` is still kept.
+                Some(since) if since < t.seq && since + 1 >= oldest => {
+                    let mut merged: BTreeMap<&str, Option<&Arc<Route>>> = BTreeMap::new();
+                    for d in t.deltas.iter().filter(|d| d.seq > since) {
+                        for r in &d.upserts {
+                            merged.insert(&r.host, Some(r));
+                        }
+                        for h in &d.removed {
+                            merged.insert(h, None);
+                        }
                     }
-                    for h in &d.removed {
-                        merged.insert(h, None);
+                    let mut out = base;
+                    for (host, r) in merged {
+                        match r {
+                            Some(r) => out.routes.push((**r).clone()),
+                            None => out.removed.push(host.to_owned()),
+                        }
                     }
+                    return out;
                 }
-                let mut out = base;
-                for (host, r) in merged {
-                    match r {
-                        Some(r) => out.routes.push((**r).clone()),
-                        None => out.removed.push(host.to_owned()),
-                    }
-                }
-                out
+                // Only the routes' handles are taken while the table is held.
+                _ => (base, t.hosts.values().cloned().collect::<Vec<_>>()),
             }
-            _ => RoutingDeltas { snapshot: true, routes: log.table.routes.clone(), ..base },
-        }
+        };
+        RoutingDeltas { snapshot: true, routes: whole.iter().map(|r| (**r).clone()).collect(), ..base }
     }
 
-    /// Rebuilds the whole table from `rows` and publishes it.
-    pub fn rebuild(&self, rows: &RoutingRows, apps_domain: &str) {
-        let (table, contested) = build_checked(rows, apps_domain);
-        self.log.write().unwrap_or_else(|e| e.into_inner()).contested = contested;
-        self.publish(table);
-    }
-
-    /// Replaces the routes of `projects` (org, name) by those built from
-    /// `rows` (read for those projects only) and publishes the result.
-    /// Returns `false`, changing nothing, when that cannot give what a whole
-    /// rebuild would: a host is claimed by two projects (now, or at the last
-    /// whole rebuild), or the apps domain changed.
-    pub fn apply(&self, projects: &[(String, String)], rows: &RoutingRows, apps_domain: &str) -> bool {
-        let (part, contested) = build_checked(rows, apps_domain);
-        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
-        if contested || log.contested || log.table.apps_domain != apps_domain {
+    /// Puts the routes built from `rows` (read for the projects `projects`
+    /// only, after the store's change counter was `read_at`) in place of
+    /// those projects' routes, and publishes what differs. Returns `false`,
+    /// changing nothing, when that cannot give what a whole read would: a
+    /// host is claimed by two projects (now, or at the last whole read) or by
+    /// a project not read here, or the apps domain changed.
+    pub fn apply(&self, projects: &[(String, String)], rows: &RoutingRows, apps_domain: &str, read_at: u64) -> bool {
+        let (routes, contested) = build_checked(rows, apps_domain);
+        let mut t = self.write();
+        if contested || t.contested || t.apps_domain != apps_domain {
             return false;
         }
-        let touched: std::collections::HashSet<(&str, &str)> =
-            projects.iter().map(|(o, p)| (o.as_str(), p.as_str())).collect();
+        let touched: HashSet<(&str, &str)> = projects.iter().map(|(o, p)| (o.as_str(), p.as_str())).collect();
         let ours = |r: &Route| touched.contains(&(r.org.as_str(), r.project.as_str()));
-        // Every new route must belong to a project named, and its host must not be another project's.
-        if part.routes.iter().any(|r| !ours(r) || log.hosts.get(&r.host).is_some_and(|old| !ours(old))) {
+        if routes.iter().any(|r| !ours(r) || t.hosts.get(&r.host).is_some_and(|old| !ours(old))) {
             return false;
         }
-        let mut routes: Vec<Route> = log.hosts.values().filter(|r| !ours(r)).map(|r| (**r).clone()).collect();
-        drop(log);
-        routes.extend(part.routes);
-        routes.sort_by(|a, b| a.host.cmp(&b.host));
-        self.publish(table_of(routes, apps_domain));
+        // A project read again since (by a whole read begun later) keeps that read.
+        let mut set: HashMap<ProjectKey, Vec<Route>> =
+            projects.iter().filter(|p| t.read_at(p) <= read_at).map(|p| (p.clone(), Vec::new())).collect();
+        for r in routes {
+            if let Some(list) = set.get_mut(&key_of(&r)) {
+                list.push(r);
+            }
+        }
+        let edit = t.replace(set.into_iter().collect(), read_at);
+        let seq = t.commit(edit, false, &self.epoch);
+        drop(t);
+        self.published(seq);
         true
     }
 
+    /// Compares a whole read with the table project by project, holding the
+    /// table for one project at a time (changes go on meanwhile).
+    fn compare_whole(&self, rows: &RoutingRows, apps_domain: &str, mark: u64) -> WholeRead {
+        let (routes, contested) = build_checked(rows, apps_domain);
+        let mut by_project: HashMap<ProjectKey, Vec<Route>> = HashMap::new();
+        for r in routes {
+            by_project.entry(key_of(&r)).or_default().push(r);
+        }
+        // Projects with routes in the table and none in the read.
+        let mut differ: Vec<(ProjectKey, Vec<Route>)> = self
+            .read()
+            .projects
+            .iter()
+            .filter(|(k, h)| !h.hosts.is_empty() && h.read_at <= mark && !by_project.contains_key(*k))
+            .map(|(k, _)| (k.clone(), Vec::new()))
+            .collect();
+        for (key, routes) in by_project {
+            let same = {
+                let t = self.read();
+                t.read_at(&key) > mark || t.holds(&key, &routes)
+            };
+            if !same {
+                differ.push((key, routes));
+            }
+        }
+        WholeRead { mark, apps_domain: apps_domain.to_owned(), contested, differ }
+    }
+
+    /// Publishes what a whole read found, except for projects read again
+    /// since it began. Returns whether another whole read is needed: a host
+    /// it would give one project is held by a newer read of another, or two
+    /// projects claimed one host while some were read again.
+    fn apply_whole(&self, read: WholeRead) -> bool {
+        let mut t = self.write();
+        let taken: HashSet<ProjectKey> =
+            read.differ.iter().filter(|(k, _)| t.read_at(k) <= read.mark).map(|(k, _)| k.clone()).collect();
+        let mut again = false;
+        let mut set = Vec::new();
+        for (key, routes) in read.differ {
+            if !taken.contains(&key) {
+                again |= read.contested;
+                continue;
+            }
+            if routes.iter().any(|r| t.other_owner(&r.host, &key).is_some_and(|o| !taken.contains(&o))) {
+                again = true;
+                continue;
+            }
+            set.push((key, routes));
+        }
+        let (changed, kept) = (set.len(), taken.len());
+        let edit = t.replace(set, read.mark);
+        // Projects without routes read before the whole read: nothing left to remember.
+        t.projects.retain(|_, h| !h.hosts.is_empty() || h.read_at > read.mark);
+        t.contested = read.contested;
+        let apps_changed = t.apps_domain != read.apps_domain;
+        t.apps_domain = read.apps_domain;
+        let seq = t.commit(edit, apps_changed, &self.epoch);
+        drop(t);
+        tracing::debug!(projects_changed = changed, projects_differing = kept, again, "routing table read whole");
+        self.built.send_if_modified(|b| !std::mem::replace(b, true));
+        self.published(seq);
+        again
+    }
+
+    /// Applies what the store announced after `seen` (advanced here) by
+    /// reading the projects it touched; says when the whole table must be read.
+    async fn apply_changes(&self, store: &Store, apps_domain: &str, seen: &mut u64) -> Result<Step, StoreError> {
+        // Taken before reading: a change made meanwhile is seen again next time.
+        let (latest, changes) = store.changes_since(*seen);
+        let Some(changes) = changes else {
+            *seen = latest;
+            return Ok(Step::Whole);
+        };
+        let mut deployments = Vec::new();
+        let mut projects = Vec::new();
+        for c in &changes {
+            match c {
+                Change::Deployments(ids) => deployments.extend(ids.iter().cloned()),
+                Change::Projects(ids) => projects.extend(ids.iter().cloned()),
+                Change::Anything => {
+                    *seen = latest;
+                    return Ok(Step::Whole);
+                }
+            }
+        }
+        if deployments.is_empty() && projects.is_empty() {
+            *seen = latest;
+            return Ok(Step::Unchanged);
+        }
+        deployments.sort();
+        deployments.dedup();
+        projects.sort();
+        projects.dedup();
+        let read = store.routing_rows_of(&deployments, &projects).await?;
+        *seen = latest;
+        Ok(match read {
+            Some((names, rows)) if self.apply(&names, &rows, apps_domain, latest) => Step::Applied,
+            _ => Step::Whole,
+        })
+    }
+
     /// Brings the table up to date with the store: applies what changed since
-    /// `seen` (the store's change counter, advanced here), or rebuilds the
-    /// whole table when `whole` or when what changed is not known.
+    /// `seen` (the store's change counter, advanced here), or reads the whole
+    /// table when `whole` or when what changed is not known.
     pub async fn refresh(
         &self,
         store: &Store,
         apps_domain: &str,
         seen: &mut u64,
         whole: bool,
-    ) -> Result<Refreshed, zeitwork_store::StoreError> {
-        // Taken before reading: a change made meanwhile is seen again next time.
-        let (latest, changes) = store.changes_since(*seen);
-        let mut deployments = Vec::new();
-        let mut projects = Vec::new();
-        let mut known = !whole;
-        for c in changes.iter().flatten() {
-            match c {
-                Change::Deployments(ids) => deployments.extend(ids.iter().cloned()),
-                Change::Projects(ids) => projects.extend(ids.iter().cloned()),
-                Change::Anything => known = false,
+    ) -> Result<Refreshed, StoreError> {
+        if !whole {
+            match self.apply_changes(store, apps_domain, seen).await? {
+                Step::Unchanged => return Ok(Refreshed::Unchanged),
+                Step::Applied => return Ok(Refreshed::Applied),
+                Step::Whole => {}
             }
         }
-        if known && changes.is_some() {
-            if deployments.is_empty() && projects.is_empty() {
-                *seen = latest;
-                return Ok(Refreshed::Unchanged);
-            }
-            deployments.sort();
-            deployments.dedup();
-            projects.sort();
-            projects.dedup();
-            let (names, rows) = store.routing_rows_of(&deployments, &projects).await?;
-            if self.apply(&names, &rows, apps_domain) {
-                *seen = latest;
-                return Ok(Refreshed::Applied);
-            }
-        }
+        let mark = *store.changes().borrow();
         let rows = store.routing_rows().await?;
-        self.rebuild(&rows, apps_domain);
-        *seen = latest;
+        self.apply_whole(self.compare_whole(&rows, apps_domain, mark));
+        *seen = (*seen).max(mark);
         Ok(Refreshed::Rebuilt)
     }
 
-    /// Keeps the table up to date with the store until `stop` turns true: on
-    /// every change it announces (and on [`RoutingHub::changed`]), and
-    /// rebuilt whole at least every [`REFRESH`].
+    /// Reads the whole table and compares it with this one (in a task of its
+    /// own: changes are applied meanwhile); also says how long that took.
+    async fn read_whole(
+        self: Arc<Self>,
+        store: Store,
+        apps_domain: String,
+    ) -> Result<(WholeRead, Duration), StoreError> {
+        let started = tokio::time::Instant::now();
+        let mark = *store.changes().borrow();
+        let rows = store.routing_rows().await?;
+        let compared = tokio::task::spawn_blocking(move || self.compare_whole(&rows, &apps_domain, mark)).await;
+        match compared {
+            Ok(read) => Ok((read, started.elapsed())),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Keeps the table up to date with the store until `stop` turns true:
+    /// applies every change it announces at once, and reads the whole table
+    /// apart (see the module's documentation).
     pub async fn run(self: Arc<Self>, store: Store, apps_domain: String, mut stop: watch::Receiver<bool>) {
         let mut changes = store.changes();
-        let mut seen = 0;
-        let mut whole = true;
-        let mut last_whole = tokio::time::Instant::now();
+        // What came before is in the first whole read.
+        let mut seen = *changes.borrow_and_update();
+        let mut whole: Option<tokio::task::JoinHandle<Result<(WholeRead, Duration), StoreError>>> = None;
+        let mut whole_wanted = true;
+        let mut next_whole = tokio::time::Instant::now();
         loop {
             changes.mark_unchanged();
-            let started = tokio::time::Instant::now();
-            let due = whole || started.duration_since(last_whole) >= REFRESH;
-            whole = false;
-            match self.refresh(&store, &apps_domain, &mut seen, due).await {
-                Ok(_) if due => last_whole = started,
-                Ok(_) => {}
+            match self.apply_changes(&store, &apps_domain, &mut seen).await {
+                Ok(Step::Whole) => whole_wanted = true,
+                Ok(Step::Applied | Step::Unchanged) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot update the routing table; keeping the last one");
-                    // Tried again whole on the next change, or after REFRESH (not at once).
-                    whole = true;
-                    last_whole = started;
+                    tracing::warn!(error = %e, "cannot apply a change to the routing table; reading it whole");
+                    whole_wanted = true;
                 }
             }
-            let next_whole = last_whole + REFRESH;
+            if whole.is_none() && (whole_wanted || tokio::time::Instant::now() >= next_whole) {
+                whole_wanted = false;
+                whole = Some(tokio::spawn(self.clone().read_whole(store.clone(), apps_domain.clone())));
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(next_whole) => {}
+                done = async { whole.as_mut().expect("a whole read is running").await }, if whole.is_some() => {
+                    whole = None;
+                    let wait = match done {
+                        Ok(Ok((read, took))) => {
+                            whole_wanted |= self.apply_whole(read);
+                            REFRESH.max(took * WHOLE_READ_SPACING)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot read the routing table; keeping the last one");
+                            REFRESH
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the routing table failed; keeping the last one");
+                            REFRESH
+                        }
+                    };
+                    next_whole = tokio::time::Instant::now() + wait;
+                }
+                _ = tokio::time::sleep_until(next_whole), if whole.is_none() => {}
                 _ = changes.changed() => {}
                 // A change the store does not announce (a certificate): everything is read again.
-                _ = self.nudge.notified() => whole = true,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = self.nudge.notified() => whole_wanted = true,
+                _ = stop.wait_for(|s| *s) => {
+                    if let Some(w) = whole {
+                        w.abort();
+                    }
+                    return;
+                }
             }
         }
     }
 }
 
-/// Builds the table: `<deployment>.<apps>` for every deployment with ready
+/// The routes `rows` make, by host: `<deployment>.<apps>` for every deployment with ready
 /// instances, `<project>-<org>.<apps>` for production's active deployment,
 /// `<project>-pr-<n>-<org>.<apps>` for pull request `n`'s preview,
 /// and custom domains for their environment's active deployment.
@@ -319,12 +626,12 @@ impl RoutingHub {
 /// should one still appear twice (a custom domain equal to another project's
 /// address), the first claim in that order keeps it and the other is refused
 /// with a warning naming both, never silently replaced.
-pub fn build(rows: &RoutingRows, apps_domain: &str) -> RoutingTable {
+pub fn build(rows: &RoutingRows, apps_domain: &str) -> Vec<Route> {
     build_checked(rows, apps_domain).0
 }
 
 /// [`build`], and whether two projects claimed one host.
-fn build_checked(rows: &RoutingRows, apps_domain: &str) -> (RoutingTable, bool) {
+fn build_checked(rows: &RoutingRows, apps_domain: &str) -> (Vec<Route>, bool) {
     let by_id: HashMap<&str, &zeitwork_store::RoutedDeployment> =
         rows.deployments.iter().map(|d| (d.id.as_str(), d)).collect();
     let route = |host: String, d: &zeitwork_store::RoutedDeployment, env: Option<Environment>| Route {
@@ -434,331 +741,8 @@ fn build_checked(rows: &RoutingRows, apps_domain: &str) -> (RoutingTable, bool) 
         }
     });
     routes.sort_by(|a, b| a.host.cmp(&b.host));
-    (table_of(routes, apps_domain), contested)
-}
-
-/// The table of `routes` (sorted by host), versioned by its content.
-fn table_of(routes: Vec<Route>, apps_domain: &str) -> RoutingTable {
-    let digest = Sha256::digest(serde_json::to_vec(&(&routes, apps_domain)).unwrap_or_default());
-    RoutingTable { version: hex::encode(&digest[..8]), apps_domain: apps_domain.to_owned(), routes }
+    (routes, contested)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(host: &str, deployment: &str) -> Route {
-        Route {
-            acme: false,
-            host: host.into(),
-            deployment: deployment.into(),
-            org: "acme".into(),
-            project: "web".into(),
-            environment: None,
-            rate_limit: None,
-            instances: vec![RouteInstance { id: format!("ins-{deployment}"), upstream: "http://n:1".into() }],
-            wake: false,
-            gone: false,
-            served: vec![],
-            skew_max_age_secs: None,
-            canary: None,
-            shadow: None,
-        }
-    }
-
-    fn table(version: &str, routes: &[(&str, &str)]) -> RoutingTable {
-        RoutingTable {
-            version: version.into(),
-            apps_domain: "apps.test".into(),
-            routes: routes.iter().map(|(h, d)| route(h, d)).collect(),
-        }
-    }
-
-    #[tokio::test]
-    async fn edges_get_a_snapshot_then_only_what_changed() {
-        let hub = RoutingHub::new("apps.test");
-        hub.publish(table("v1", &[("a.apps.test", "d1"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
-        let first = hub.deltas(None, Duration::from_secs(1)).await;
-        assert!(first.snapshot);
-        assert_eq!(first.routes.len(), 3);
-        assert_eq!(first.version, "v1");
-
-        // A switch of `a`, `c` gone, `d` new; `b` unchanged is not sent again.
-        hub.publish(table("v2", &[("a.apps.test", "d3"), ("b.apps.test", "d1"), ("d.apps.test", "d3")]));
-        let next = hub.deltas(Some(&first.cursor), Duration::from_secs(1)).await;
-        assert!(!next.snapshot);
-        assert_eq!(next.version, "v2");
-        let set: Vec<(&str, &str)> = next.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
-        assert_eq!(set, [("a.apps.test", "d3"), ("d.apps.test", "d3")]);
-        assert_eq!(next.removed, ["c.apps.test"]);
-
-        // Two changes behind: merged into one answer, the later change winning.
-        hub.publish(table("v3", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("d.apps.test", "d3")]));
-        hub.publish(table("v4", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
-        let merged = hub.deltas(Some(&next.cursor), Duration::from_secs(1)).await;
-        assert!(!merged.snapshot);
-        let set: Vec<(&str, &str)> = merged.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
-        assert_eq!(set, [("a.apps.test", "d4"), ("c.apps.test", "d2")]);
-        assert_eq!(merged.removed, ["d.apps.test"]);
-        assert_eq!(merged.version, "v4");
-
-        // The same table again is no change.
-        hub.publish(table("v4", &[("a.apps.test", "d4"), ("b.apps.test", "d1"), ("c.apps.test", "d2")]));
-        assert_eq!(hub.deltas(None, Duration::from_secs(1)).await.cursor, merged.cursor);
-    }
-
-    #[tokio::test]
-    async fn a_cursor_it_cannot_resume_from_gets_the_whole_table() {
-        let hub = RoutingHub::new("apps.test");
-        hub.publish(table("v0", &[("a.apps.test", "d0")]));
-        let old = hub.deltas(None, Duration::from_secs(1)).await;
-        // Further behind than the log reaches.
-        for i in 1..=LOG_LEN + 1 {
-            hub.publish(table(&format!("v{i}"), &[("a.apps.test", &format!("d{i}"))]));
-        }
-        let behind = hub.deltas(Some(&old.cursor), Duration::from_secs(1)).await;
-        assert!(behind.snapshot, "a gap is answered with the whole table");
-        assert_eq!(behind.routes[0].deployment, format!("d{}", LOG_LEN + 1));
-        // Another operator's (or a restarted one's) cursor, or nonsense.
-        let seq = behind.cursor.split_once('.').unwrap().1;
-        for cursor in [format!("other.{seq}"), "garbage".to_owned(), format!("{}.999999", hub.epoch)] {
-            let d = hub.deltas(Some(&cursor), Duration::from_secs(1)).await;
-            assert!(d.snapshot, "{cursor} is not resumable");
-            assert_eq!(d.routes.len(), 1);
-        }
-        // The newest cursor is resumable.
-        hub.publish(table("vx", &[("b.apps.test", "dx")]));
-        let d = hub.deltas(Some(&behind.cursor), Duration::from_secs(1)).await;
-        assert!(!d.snapshot);
-        assert_eq!(d.removed, ["a.apps.test"]);
-    }
-
-    #[tokio::test]
-    async fn a_waiting_edge_is_answered_by_the_change() {
-        let hub = RoutingHub::new("apps.test");
-        hub.publish(table("v1", &[("a.apps.test", "d1")]));
-        let at = hub.deltas(None, Duration::from_secs(1)).await.cursor;
-        let waiting = tokio::spawn({
-            let hub = hub.clone();
-            async move { hub.deltas(Some(&at), Duration::from_secs(60)).await }
-        });
-        tokio::task::yield_now().await;
-        hub.publish(table("v2", &[("a.apps.test", "d2")]));
-        let d = waiting.await.unwrap();
-        assert!(!d.snapshot);
-        assert_eq!(d.routes[0].deployment, "d2");
-    }
-
-    /// A store with region `eu`, one node, org `acme` and the projects named.
-    async fn store_with(projects: &[&str]) -> (tempfile::TempDir, Store, String, Vec<zeitwork_api_types::Project>) {
-        use zeitwork_api_types::{Capacity, CreateRegion, RegisterNode, Resources};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
-        let a = || zeitwork_store::Audit::new("test", "test", "x");
-        let region = CreateRegion { code: "eu".into(), name: "EU".into(), country: "DE".into() };
-        store.create_region(&region, &a()).await.unwrap();
-        let reg = RegisterNode {
-            hostname: "n1".into(),
-            region: "eu".into(),
-            address: "http://127.0.0.1:1".into(),
-            capacity: Capacity { vcpu: 64, memory: 65536 },
-            physical: None,
-            runtime: Some("container".into()),
-            runtime_detail: None,
-            tunnel: None,
-        };
-        let (node, _) = store.register_node(&reg, &a()).await.unwrap();
-        store.create_org("acme", "acme", None, &a()).await.unwrap();
-        let mut made = Vec::new();
-        for name in projects {
-            let p = zeitwork_store::NewProject {
-                org: "acme".into(),
-                name: (*name).into(),
-                github_repo: None,
-                branch: "main".into(),
-                auto_deploy: false,
-                port: 8080,
-                resources: Resources { vcpu: 1, memory: 128 },
-                instances_per_region: 1,
-                regions: None,
-                image_template: None,
-                rate_limit: None,
-                sleep_after_secs: 900,
-                retain_deployments: 20,
-                scaling: None,
-                staging_branch: None,
-                tag_pattern: None,
-                build: Default::default(),
-                auto_rollback: Default::default(),
-                rollout: None,
-                shadow: None,
-            };
-            made.push(store.create_project(&p, &a()).await.unwrap());
-        }
-        (dir, store, node.id, made)
-    }
-
-    /// A new deployment of `p` in `env`, with one instance on `node`.
-    async fn deploy(store: &Store, p: &zeitwork_api_types::Project, env: Environment, node: &str) -> (String, String) {
-        let id = format!("{}-{}-acme", p.name, zeitwork_store::nanoid(7));
-        let new = zeitwork_store::NewDeployment {
-            id: id.clone(),
-            project_id: p.id.clone(),
-            org: "acme".into(),
-            project: p.name.clone(),
-            environment: env,
-            image: "registry.example.com/web:1".into(),
-            commit_sha: None,
-            commit_message: None,
-            instances_per_region: 1,
-            url: format!("http://{id}.apps.test"),
-            created_by: None,
-            pull_request: None,
-            release_command: None,
-            migration: false,
-        };
-        store.create_deployment(&new, &zeitwork_store::Audit::new("test", "test", "x")).await.unwrap();
-        let i = store
-            .create_instance(&zeitwork_store::NewInstance {
-                deployment: id.clone(),
-                node: Some(node.to_owned()),
-                region: "eu".into(),
-                resources: p.resources,
-                runtime: None,
-            })
-            .await
-            .unwrap();
-        (id, i.id)
-    }
-
-    fn audit() -> zeitwork_store::Audit {
-        zeitwork_store::Audit::new("test", "test", "x")
-    }
-
-    /// A switch of one project is read for that project only and reaches
-    /// edges as exactly its routes; the table is the one a whole rebuild gives.
-    #[tokio::test]
-    async fn a_change_to_one_project_is_applied_as_exactly_its_delta() {
-        use zeitwork_api_types::InstanceStatus;
-        let (_dir, store, node, projects) = store_with(&["web", "api"]).await;
-        for p in &projects {
-            let (d, i) = deploy(&store, p, Environment::Production, &node).await;
-            store.set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
-            store.activate_deployment(&d, &audit()).await.unwrap();
-        }
-        let hub = RoutingHub::new("apps.test");
-        let mut seen = 0;
-        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, true).await.unwrap(), Refreshed::Rebuilt);
-        let at = hub.deltas(None, Duration::from_secs(1)).await;
-        assert_eq!(at.routes.len(), 4, "{:?}", at.routes);
-        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Unchanged);
-
-        let (d, i) = deploy(&store, &projects[0], Environment::Production, &node).await;
-        store.set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.3:8080"), None).await.unwrap();
-        store.activate_deployment(&d, &audit()).await.unwrap();
-        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Applied);
-        let delta = hub.deltas(Some(&at.cursor), Duration::from_secs(1)).await;
-        assert!(!delta.snapshot);
-        let set: Vec<(&str, &str)> = delta.routes.iter().map(|r| (r.host.as_str(), r.deployment.as_str())).collect();
-        let own = format!("{d}.apps.test");
-        let mut want = vec![(own.as_str(), d.as_str()), ("web-acme.apps.test", d.as_str())];
-        want.sort();
-        assert_eq!(set, want);
-        assert!(delta.removed.is_empty(), "{:?}", delta.removed);
-        assert_eq!(*hub.current(), build(&store.routing_rows().await.unwrap(), "apps.test"));
-
-        // A verified custom domain of the other project: that one route.
-        let at = delta.cursor;
-        store.create_domain(&projects[1].id, "api.example.com", Environment::Production, &audit()).await.unwrap();
-        store.verify_domain(&projects[1].id, "api.example.com", &audit()).await.unwrap();
-        assert_eq!(hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap(), Refreshed::Applied);
-        let delta = hub.deltas(Some(&at), Duration::from_secs(1)).await;
-        let hosts: Vec<&str> = delta.routes.iter().map(|r| r.host.as_str()).collect();
-        assert_eq!(hosts, ["api.example.com"]);
-        assert_eq!(*hub.current(), build(&store.routing_rows().await.unwrap(), "apps.test"));
-    }
-
-    /// After any sequence of changes, the table kept by applying changes is
-    /// the table a whole rebuild gives (pseudo-random sequences, fixed seeds).
-    #[tokio::test]
-    async fn applying_changes_gives_what_a_whole_rebuild_gives() {
-        use zeitwork_api_types::InstanceStatus;
-        for seed in [1u64, 7, 42, 2026] {
-            let (_dir, store, node, projects) = store_with(&["web", "api", "docs"]).await;
-            let hub = RoutingHub::new("apps.test");
-            let mut seen = 0;
-            hub.refresh(&store, "apps.test", &mut seen, true).await.unwrap();
-            let mut rng = seed;
-            let mut next = |n: usize| {
-                // xorshift64
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                (rng % n as u64) as usize
-            };
-            let mut deployments: Vec<(String, String)> = Vec::new();
-            let mut applied = 0;
-            for step in 0..60 {
-                let p = &projects[next(projects.len())];
-                let pick =
-                    |deployments: &[(String, String)], k: usize| deployments.get(k % deployments.len().max(1)).cloned();
-                let op = next(7);
-                let k = next(1000);
-                let what = match op {
-                    0 => {
-                        let env = [Environment::Production, Environment::Staging][next(2)];
-                        deployments.push(deploy(&store, p, env, &node).await);
-                        "deploy"
-                    }
-                    1 => {
-                        if let Some((_, i)) = pick(&deployments, k) {
-                            store
-                                .set_instance_status(&i, InstanceStatus::Ready, Some("10.0.0.9:8080"), None)
-                                .await
-                                .unwrap();
-                        }
-                        "ready"
-                    }
-                    2 => {
-                        if let Some((d, _)) = pick(&deployments, k) {
-                            // Refused for a deployment retired meanwhile: that changes nothing.
-                            store.activate_deployment(&d, &audit()).await.ok();
-                        }
-                        "activate"
-                    }
-                    3 => {
-                        if let Some((d, _)) = pick(&deployments, k) {
-                            store.sleep_deployment(&d, "test", &audit()).await.unwrap();
-                        }
-                        "sleep"
-                    }
-                    4 => {
-                        if let Some((_, i)) = pick(&deployments, k) {
-                            store.retire_instance(&i, "test").await.unwrap();
-                        }
-                        "retire instance"
-                    }
-                    5 => {
-                        let name = format!("{}-{}.example.com", p.name, k % 3);
-                        if store.create_domain(&p.id, &name, Environment::Production, &audit()).await.is_ok() {
-                            store.verify_domain(&p.id, &name, &audit()).await.unwrap();
-                        }
-                        "domain"
-                    }
-                    _ => {
-                        if let Some((d, _)) = pick(&deployments, k) {
-                            store.retire_deployment(&d, "test", &audit()).await.ok();
-                        }
-                        "retire"
-                    }
-                };
-                if hub.refresh(&store, "apps.test", &mut seen, false).await.unwrap() == Refreshed::Applied {
-                    applied += 1;
-                }
-                let whole = build(&store.routing_rows().await.unwrap(), "apps.test");
-                assert_eq!(*hub.current(), whole, "seed {seed}, step {step} ({what})");
-            }
-            assert!(applied > 20, "seed {seed}: only {applied} changes were applied without a whole rebuild");
-        }
-    }
-}
+mod tests;

@@ -607,6 +607,16 @@ CREATE TABLE instance_usage (
 CREATE INDEX instance_usage_org ON instance_usage (org)
 "#,
     ),
+    // The routing table applies a change by reading the routes of the projects it
+    // touched: their deployments and domains by project, not by scanning every row.
+    (
+        28,
+        "routing reads by project",
+        r#"
+CREATE INDEX deployments_project_id ON deployments (project_id);
+CREATE INDEX domains_project ON domains (project_id)
+"#,
+    ),
     // The deployment engine's set-based reads answered from indexes alone:
     // instances counted per deployment, region and status, what the live
     // instances on each node hold, and the instances whose drain grace ends;

@@ -26,6 +26,7 @@ cases!(
     domains,
     verified_domain_claims_take_over_and_unverified_ones_expire,
     deployments,
+    routing_rows_of_some_projects,
     rollbacks_across_migrations,
     builds_queue_claim_log_and_finish,
     uptime_checks_and_samples,
@@ -551,6 +552,61 @@ async fn deployments(store: Store) {
     }
     assert_eq!(won, 1);
     assert_eq!(store.get_deployment(&ids[0]).await.unwrap().status, DeploymentStatus::Preparing);
+}
+
+/// The rows of some projects are those a whole read has for them, and
+/// name every project read (one without routes too); too many projects at
+/// once are left to a whole read.
+async fn routing_rows_of_some_projects(store: Store) {
+    store.create_region(&region("eu"), &audit("region.create")).await.unwrap();
+    let (n, _) = store.register_node(&node("n1", "eu"), &audit("node.register")).await.unwrap();
+    org(&store, "acme").await;
+    let mut deployments = Vec::new();
+    for name in ["web", "api", "idle"] {
+        let p = store.create_project(&new_project("acme", name), &audit("project.create")).await.unwrap();
+        if name == "idle" {
+            continue;
+        }
+        let d = store.create_deployment(&new_deployment(&p, Environment::Production), &audit("d")).await.unwrap();
+        for k in 0..2 {
+            let i = store
+                .create_instance(&NewInstance {
+                    deployment: d.id.clone(),
+                    node: Some(n.id.clone()),
+                    region: "eu".into(),
+                    resources: p.resources,
+                    runtime: None,
+                })
+                .await
+                .unwrap();
+            store
+                .set_instance_status(&i.id, InstanceStatus::Ready, Some(&format!("10.0.0.{k}:8080")), None)
+                .await
+                .unwrap();
+        }
+        store.activate_deployment(&d.id, &audit("deployment.activate")).await.unwrap();
+        deployments.push((name, p.id, d.id));
+    }
+    let idle = store.get_project("acme", "idle").await.unwrap();
+    let whole = store.routing_rows().await.unwrap();
+    assert_eq!(whole.deployments.len(), 2);
+    assert_eq!(whole.current.len(), 2);
+
+    let (web_project, web) = (&deployments[0].1, &deployments[0].2);
+    let (names, rows) =
+        store.routing_rows_of(std::slice::from_ref(web), std::slice::from_ref(&idle.id)).await.unwrap().unwrap();
+    assert_eq!(names, [("acme".to_owned(), "idle".to_owned()), ("acme".to_owned(), "web".to_owned())]);
+    let ids: Vec<&str> = rows.deployments.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, [web.as_str()]);
+    let of_whole = whole.deployments.iter().find(|d| d.id == *web).unwrap();
+    assert_eq!(rows.deployments[0].instances, of_whole.instances);
+    assert_eq!(rows.deployments[0].instances.len(), 2);
+    assert!(rows.current.iter().all(|c| c.project == "web"), "{:?}", rows.current);
+    let (by_project, _) = store.routing_rows_of(&[], std::slice::from_ref(web_project)).await.unwrap().unwrap();
+    assert_eq!(by_project, [("acme".to_owned(), "web".to_owned())]);
+
+    let many: Vec<String> = (0..=ROUTING_READ_MAX_PROJECTS).map(|i| format!("prj_{i}")).collect();
+    assert!(store.routing_rows_of(&[], &many).await.unwrap().is_none());
 }
 
 /// Which rollbacks go back past a deployment that migrated data: only

@@ -824,11 +824,10 @@ pub async fn project_routing(
     Path((org, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<zeitwork_api_types::ProjectRoute>>> {
     readable_project(&s, &caller, &org, &name).await?;
-    let table = s.routing.current();
-    let routes = table
-        .routes
+    let routes = s
+        .routing
+        .routes_of(&org, &name)
         .iter()
-        .filter(|r| r.org == org && r.project == name)
         .map(|r| zeitwork_api_types::ProjectRoute {
             host: r.host.clone(),
             deployment: r.deployment.clone(),

@@ -16,10 +16,25 @@ use sha2::Digest;
 
 const READERS: &[ClusterRole] = &[ClusterRole::EdgeProxy, ClusterRole::LoadBalancer];
 
+/// How long a call waits for the operator's first whole read of the table
+/// when it has no timeout of its own.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits up to `timeout` for the operator to know its table (until its first
+/// whole read it does not, and an empty table would empty the edges).
+async fn ready(s: &AppState, timeout: Duration) -> ApiResult<()> {
+    if s.routing.ready(timeout).await {
+        return Ok(());
+    }
+    Err(crate::error::ApiError::Unavailable("the routing table is still being read; try again shortly".into()))
+}
+
 /// The current routing table.
-#[utoipa::path(get, path = "/api/v1/routing", tag = "routing", responses((status = 200, body = RoutingTable)))]
+#[utoipa::path(get, path = "/api/v1/routing", tag = "routing",
+    responses((status = 200, body = RoutingTable), (status = 503, body = zeitwork_api_types::ApiError)))]
 pub async fn routing_table(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<RoutingTable>> {
     s.require_cluster(&caller, READERS, "routing.read", "routing").await?;
+    ready(&s, READY_WAIT).await?;
     Ok(Json((*s.routing.current()).clone()))
 }
 
@@ -34,7 +49,8 @@ pub struct WatchQuery {
 
 /// Long poll: returns the routing table as soon as its version differs from `version`.
 #[utoipa::path(get, path = "/api/v1/routing/watch", tag = "routing", params(WatchQuery),
-    responses((status = 200, body = RoutingTable), (status = 400, body = zeitwork_api_types::ApiError)))]
+    responses((status = 200, body = RoutingTable), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 503, body = zeitwork_api_types::ApiError)))]
 pub async fn watch_routing(
     State(s): State<AppState>,
     caller: Caller,
@@ -45,10 +61,8 @@ pub async fn watch_routing(
     if !(1..=60).contains(&timeout) {
         return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
     }
-    let mut rx = s.routing.subscribe();
-    let known = q.version.unwrap_or_default();
-    let _ = tokio::time::timeout(Duration::from_secs(timeout), rx.wait_for(|t| t.version != known)).await;
-    let table = rx.borrow().clone();
+    ready(&s, Duration::from_secs(timeout)).await?;
+    let table = s.routing.watch(&q.version.unwrap_or_default(), Duration::from_secs(timeout)).await;
     Ok(Json((*table).clone()))
 }
 
@@ -66,7 +80,8 @@ pub struct DeltasQuery {
 /// Watch the routing table by deltas: returns as soon as something changed
 /// after `since`, with only what changed (the whole table on a gap).
 #[utoipa::path(get, path = "/api/v1/routing/deltas", tag = "routing", params(DeltasQuery),
-    responses((status = 200, body = RoutingDeltas), (status = 400, body = zeitwork_api_types::ApiError)))]
+    responses((status = 200, body = RoutingDeltas), (status = 400, body = zeitwork_api_types::ApiError),
+        (status = 503, body = zeitwork_api_types::ApiError)))]
 pub async fn routing_deltas(
     State(s): State<AppState>,
     caller: Caller,
@@ -82,6 +97,7 @@ pub async fn routing_deltas(
             return Err(crate::error::ApiError::InvalidQuery("since: give the cursor of the last answer".into()));
         }
     }
+    ready(&s, Duration::from_secs(timeout)).await?;
     Ok(Json(s.routing.deltas(q.since.as_deref(), Duration::from_secs(timeout)).await))
 }
 
