@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use zeitwork_api_types::{
     Capacity, CreateRegion, DeploymentStatus, Environment, InstanceStatus, RegisterNode, Resources, RoutingDeltas,
@@ -42,47 +42,9 @@ fn rss_mib() -> f64 {
     kib / 1024.0
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let rate = flag("--rate", 1000).max(1);
-    let scales: Vec<(usize, usize)> = if std::env::args().any(|a| a == "--nodes" || a == "--instances") {
-        vec![(flag("--nodes", 1000) as usize, flag("--instances", 20_000) as usize)]
-    } else {
-        vec![(1000, 20_000), (10_000, 200_000)]
-    };
-    for (n_nodes, n_instances) in scales {
-        scale(n_nodes, n_instances, rate).await?;
-    }
-    Ok(())
-}
-
-async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    // The load is written before the operator starts, as one would restore it.
-    let store = zeitwork_store::Store::open_sqlite(&dir.path().join("zeitwork.db")).await?;
-    let audit = Audit::new("bench", "setup", "bench");
-
-    println!("setting up {n_nodes} nodes and {n_instances} instances…");
-    let t = Instant::now();
-    for r in REGIONS {
-        store.create_region(&CreateRegion { code: r.into(), name: r.into(), country: "ZZ".into() }, &audit).await?;
-    }
-    store.create_org("acme", "Acme", None, &audit).await?;
-    let mut nodes = Vec::new();
-    for i in 0..n_nodes {
-        let r = RegisterNode {
-            hostname: format!("node-{i:05}"),
-            region: REGIONS[i % 3].into(),
-            address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
-            capacity: Capacity { vcpu: 64, memory: 262_144 },
-            physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
-            runtime: Some("container".into()),
-            runtime_detail: None,
-            tunnel: None,
-        };
-        nodes.push(store.register_node(&r, &audit).await?.0);
-    }
-    let project = |name: &str| NewProject {
+/// A project of the bench's organisation.
+fn project(name: &str) -> NewProject {
+    NewProject {
         org: "acme".into(),
         name: name.into(),
         github_repo: None,
@@ -103,11 +65,80 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         auto_rollback: Default::default(),
         rollout: None,
         shadow: None,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // `RUST_LOG=zeitwork_control_plane::engine=debug` shows where each engine pass spends its time.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    }
+    let rate = flag("--rate", 1000).max(1);
+    let scales: Vec<(usize, usize)> = if std::env::args().any(|a| a == "--nodes" || a == "--instances") {
+        vec![(flag("--nodes", 1000) as usize, flag("--instances", 20_000) as usize)]
+    } else {
+        vec![(1000, 20_000), (10_000, 200_000)]
     };
+    for (n_nodes, n_instances) in scales {
+        scale(n_nodes, n_instances, rate).await?;
+    }
+    Ok(())
+}
+
+async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("zeitwork.db");
+    let audit = Audit::new("bench", "setup", "bench");
+    // `--state-cache DIR` keeps the written state of each scale there and
+    // starts later runs from a copy of it.
+    let cached = std::env::args()
+        .skip_while(|a| a != "--state-cache")
+        .nth(1)
+        .map(|d| std::path::PathBuf::from(d).join(format!("control-{n_nodes}-{n_instances}.db")));
+    if let Some(c) = cached.as_ref().filter(|c| c.exists()) {
+        std::fs::copy(c, &db).with_context(|| format!("copying the cached state {}", c.display()))?;
+        println!("starting from the state cached in {}", c.display());
+    } else {
+        populate(&db, n_nodes, n_instances, &audit).await?;
+        if let Some(c) = &cached {
+            if let Some(parent) = c.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&db, c).with_context(|| format!("caching the state in {}", c.display()))?;
+        }
+    }
+    measure(dir.path(), &audit, rate, n_nodes, n_instances).await
+}
+
+/// Writes the nodes and the running deployments before the operator starts,
+/// as one would restore them.
+async fn populate(db: &std::path::Path, n_nodes: usize, n_instances: usize, audit: &Audit) -> Result<()> {
+    let store = zeitwork_store::Store::open_sqlite(db).await?;
+    println!("setting up {n_nodes} nodes and {n_instances} instances…");
+    let t = Instant::now();
+    for r in REGIONS {
+        store.create_region(&CreateRegion { code: r.into(), name: r.into(), country: "ZZ".into() }, audit).await?;
+    }
+    store.create_org("acme", "Acme", None, audit).await?;
+    let mut nodes = Vec::new();
+    for i in 0..n_nodes {
+        let r = RegisterNode {
+            hostname: format!("node-{i:05}"),
+            region: REGIONS[i % 3].into(),
+            address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
+            capacity: Capacity { vcpu: 64, memory: 262_144 },
+            physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
+            runtime: Some("container".into()),
+            runtime_detail: None,
+            tunnel: None,
+        };
+        nodes.push(store.register_node(&r, audit).await?.0);
+    }
     // Existing load: deployments of 10 instances each, active.
     let per = 10;
     for d in 0..n_instances.div_ceil(per) {
-        let p = store.create_project(&project(&format!("app{d:05}")), &audit).await?;
+        let p = store.create_project(&project(&format!("app{d:05}")), audit).await?;
         let id = format!("app{d:05}-bench-acme");
         let new = NewDeployment {
             id: id.clone(),
@@ -125,7 +156,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
             release_command: None,
             migration: false,
         };
-        store.create_deployment(&new, &audit).await?;
+        store.create_deployment(&new, audit).await?;
         for k in 0..per {
             let node = &nodes[(d * per + k) % nodes.len()];
             let i = store
@@ -143,9 +174,15 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     }
     println!("  setup took {:.1} s", t.elapsed().as_secs_f64());
     store.close().await;
+    Ok(())
+}
+
+/// Places and activates a new deployment on the written state, with an API
+/// load, simulated agents and 100 simulated edges; prints what it measured.
+async fn measure(dir: &std::path::Path, audit: &Audit, rate: u32, n_nodes: usize, n_instances: usize) -> Result<()> {
     let op = Operator::start(OperatorConfig {
         listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
+        data_dir: dir.to_owned(),
         // Simulated nodes do not heartbeat.
         node_timeout_secs: 3600,
         ..Default::default()
@@ -248,7 +285,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
             }
         })
     };
-    let p = store.create_project(&project("fresh"), &audit).await?;
+    let p = store.create_project(&project("fresh"), audit).await?;
     let deploy = |image: &'static str| {
         let (admin, store, name) = (admin.clone(), store.clone(), p.name.clone());
         async move {

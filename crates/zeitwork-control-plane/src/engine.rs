@@ -18,9 +18,13 @@ use zeitwork_store::{Audit, InstanceTally, NewInstance, RunningDeployment, Runni
 /// Engine timings, and the counter of what became of deployments.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// How often a pass runs without a change: the clock for timeouts, the
-    /// rollback window, drain grace and rollout steps, the lease renewal, and a
-    /// safety net for a lost change notification. Changes start a pass at once.
+    /// How often the engine looks without a change: the clock for timeouts,
+    /// the rollback window, drain grace and rollout steps, the lease renewal,
+    /// and with the sweep over every running deployment (the autoscaler's
+    /// clock and the safety net for a lost change notification). A sweep that
+    /// takes long (large clusters) runs only every four times its length, so
+    /// it never takes more than a fifth of the engine's time. Changes are
+    /// acted on at once.
     pub tick: Duration,
     /// How long instances may take to become ready.
     pub start_timeout: Duration,
@@ -179,35 +183,37 @@ pub struct EngineGauges {
 pub enum Work {
     /// A full pass over everything (the tick, or a change not described).
     Full,
-    /// Only these deployments changed: each is moved one step on its own.
-    Deployments(Vec<String>),
+    /// Only these deployments, or the settings of these projects, changed:
+    /// each deployment named, and each running one of those projects, is
+    /// moved one step on its own.
+    Changes { deployments: Vec<String>, projects: Vec<String> },
     /// Nothing that the engine acts on.
     Nothing,
 }
 
 impl Work {
     /// What the announcements since the last look ask for: the deployments
-    /// they name, or a full pass for anything else (nodes, projects, a change
-    /// not described, or announcements lost from the store's log).
+    /// and projects they name, or a full pass for anything else (nodes, a
+    /// change not described, or announcements lost from the store's log).
     pub fn of(changes: Option<Vec<zeitwork_store::Change>>) -> Work {
         let Some(changes) = changes else { return Work::Full };
-        let mut ids: Vec<String> = Vec::new();
+        let (mut deployments, mut projects): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
         for c in changes {
-            match c {
-                zeitwork_store::Change::Deployments(d) => {
-                    for id in d {
-                        if !ids.contains(&id) {
-                            ids.push(id);
-                        }
-                    }
+            let (ids, into) = match c {
+                zeitwork_store::Change::Deployments(d) => (d, &mut deployments),
+                zeitwork_store::Change::Projects(p) => (p, &mut projects),
+                zeitwork_store::Change::Anything => return Work::Full,
+            };
+            for id in ids {
+                if !into.contains(&id) {
+                    into.push(id);
                 }
-                _ => return Work::Full,
             }
         }
-        if ids.is_empty() {
+        if deployments.is_empty() && projects.is_empty() {
             Work::Nothing
         } else {
-            Work::Deployments(ids)
+            Work::Changes { deployments, projects }
         }
     }
 }
@@ -237,6 +243,10 @@ pub async fn run(
     let mut renewed: Option<tokio::time::Instant> = None;
     // Whether a full pass ran since the lease was taken.
     let mut looked = false;
+    // The sweep over every running deployment runs on a tick once this is
+    // past; it is set after each sweep so that sweeps take at most a fifth
+    // of the engine's time (at large scale a sweep outlasts the tick).
+    let mut next_sweep = tokio::time::Instant::now();
     loop {
         let now = tokio::time::Instant::now();
         let tick = now >= next_tick;
@@ -275,13 +285,25 @@ pub async fn run(
         if leading {
             let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config.clone() };
             // A full pass as soon as the lease is taken too: nothing was looked at before.
-            let work = if tick || !looked { Work::Full } else { Work::of(announced) };
-            let done = match &work {
+            let work = if looked { Work::of(announced) } else { Work::Full };
+            let sweep_due = tick && tokio::time::Instant::now() >= next_sweep;
+            let done = match work {
                 Work::Full => {
                     looked = true;
-                    pass(&store, &config).await
+                    let started = tokio::time::Instant::now();
+                    let done = pass(&store, &config).await;
+                    next_sweep = sweep_after(started);
+                    done
                 }
-                Work::Deployments(ids) => act_on(&store, &config, ids).await,
+                Work::Changes { deployments, projects } => {
+                    match act_on_changes(&store, &config, deployments, &projects).await {
+                        Ok(acted) if tick => {
+                            ticked(&store, &config, sweep_due, &mut next_sweep).await.map(|t| t || acted)
+                        }
+                        other => other,
+                    }
+                }
+                Work::Nothing if tick => ticked(&store, &config, sweep_due, &mut next_sweep).await,
                 Work::Nothing => Ok(false),
             };
             match done {
@@ -305,6 +327,54 @@ pub async fn run(
         }
     }
 }
+
+/// Acts on the deployments named and on the running deployments of the
+/// projects named (their settings changed: regions, counts, scaling).
+async fn act_on_changes(
+    store: &Store,
+    config: &EngineConfig,
+    mut deployments: Vec<String>,
+    projects: &[String],
+) -> Result<bool, StoreError> {
+    if !projects.is_empty() {
+        for id in store.deployments_of_projects(projects, &RUNNING).await? {
+            if !deployments.contains(&id) {
+                deployments.push(id);
+            }
+        }
+    }
+    act_on(store, config, &deployments).await
+}
+
+/// A tick without a change that asks for a full pass: the clock's [`steps`],
+/// and the [`sweep`] when it is due.
+async fn ticked(
+    store: &Store,
+    config: &EngineConfig,
+    sweep_due: bool,
+    next_sweep: &mut tokio::time::Instant,
+) -> Result<bool, StoreError> {
+    let mut phases = Phases::start();
+    let mut changed = steps(store, config, &mut phases).await?;
+    if sweep_due {
+        let swept = tokio::time::Instant::now();
+        changed |= sweep(store, config, &mut phases).await?;
+        *next_sweep = sweep_after(swept);
+    }
+    phases.log(if sweep_due { "engine tick with sweep" } else { "engine tick" });
+    Ok(changed)
+}
+
+/// When the next sweep may run after one that started at `started` and
+/// ended now: on the next tick, unless that is sooner than four times its
+/// length from now, so sweeps never take more than a fifth of the engine's
+/// time and changes are not kept waiting behind them.
+fn sweep_after(started: tokio::time::Instant) -> tokio::time::Instant {
+    tokio::time::Instant::now() + started.elapsed() * 4
+}
+
+/// Deployments that keep a count of instances running.
+const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
 
 /// Name of the lease the running engine holds.
 pub const ENGINE_LEASE: &str = "engine";
@@ -418,8 +488,23 @@ fn runtime_of(nodes: &[Node], id: &str) -> Option<String> {
     nodes.iter().find(|n| n.id == id).map(|n| n.runtime.clone())
 }
 
-/// One pass over every deployment that is not settled; returns whether anything changed.
+/// One full pass: every step that waits on the clock ([`steps`]) and the
+/// desired-count sweep over every running deployment ([`sweep`]); returns
+/// whether anything changed.
 pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_store::StoreError> {
+    let mut phases = Phases::start();
+    let mut changed = steps(store, config, &mut phases).await?;
+    changed |= sweep(store, config, &mut phases).await?;
+    phases.log("full engine pass");
+    Ok(changed)
+}
+
+/// What waits on the clock or on a node, read through the indexes of the few
+/// rows concerned (never every running deployment): nodes that stopped
+/// heartbeating and their instances, draining nodes, idle deployments going
+/// to sleep, retention, pending placements, starts and their timeouts, wakes,
+/// rollout stages, and instances whose drain grace ended.
+async fn steps(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Result<bool, StoreError> {
     let mut changed = false;
     let now = chrono::Utc::now();
 
@@ -428,9 +513,11 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     if config.check_nodes && !store.mark_down_nodes(cutoff).await?.is_empty() {
         changed = true;
     }
+    phases.mark("down nodes");
     if drain(store, config).await? {
         changed = true;
     }
+    phases.mark("drain");
     for lost in store.instances_on_down_nodes().await? {
         // The desired-count reconciler below places a replacement when there is room.
         if store.retire_instance(&lost.id, "its node is down; replaced on another node").await? {
@@ -439,14 +526,18 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     }
     // Deployments nobody points at go to sleep and free their capacity first,
     // so what waits for room below can use it in this same pass.
+    phases.mark("lost instances");
     changed |= sleep_idle(store, config, now).await?;
+    phases.mark("sleep");
     for d in store.sleeping_beyond_retention().await? {
         let audit = system("deployment.retire", &d.id, &d.org, &d.project);
         let reason = "retired: the project keeps retain_deployments newer deployments";
         store.retire_deployment(&d.id, reason, &audit).await?;
         changed = true;
     }
+    phases.mark("retention");
     changed |= place_pending(store, config, now).await?;
+    phases.mark("place");
 
     // `preparing` is a deployment whose placement was claimed; a crash before it
     // reached `starting` is repaired here like any other step.
@@ -455,21 +546,39 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
     for d in starting {
         changed |= check_start(store, config, &d, now).await?;
     }
+    phases.mark("start");
     changed |= wake(store, config, now).await?;
+    phases.mark("wake");
     changed |= crate::rollout::pass(store, config).await?;
+    phases.mark("rollouts");
+    if store.finish_stopping(now.timestamp_millis()).await? > 0 {
+        changed = true;
+    }
+    phases.mark("stopping");
+    Ok(changed)
+}
 
+/// The desired-count reconciler over every running deployment: what should
+/// run, runs (lost instances are placed again when room appears), and a
+/// scaled deployment keeps its autoscaler's count. A change to a deployment
+/// is acted on at once by [`act_on`]; this sweep is the safety net and the
+/// autoscaler's clock.
+async fn sweep(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Result<bool, StoreError> {
+    let mut changed = false;
+    let now = chrono::Utc::now();
     // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
     // Read for every running deployment at once (grouped in SQL), decided in
     // memory; only a deployment short of or beyond its count is read again
     // and acted on, one at a time.
-    const RUNNING: [DeploymentStatus; 2] = [DeploymentStatus::Active, DeploymentStatus::Standby];
     let mut running = store.running_deployments(&RUNNING).await?;
     // Active ones first, each status newest first (stable: the store lists newest first).
     running.sort_by_key(|d| RUNNING.iter().position(|s| *s == d.status));
+    phases.mark("running deployments");
     let mut tallies: HashMap<String, Vec<InstanceTally>> = HashMap::new();
     for t in store.instance_tallies(&RUNNING).await? {
         tallies.entry(t.deployment.clone()).or_default().push(t);
     }
+    phases.mark("instance counts");
     for r in running {
         let (desired, scaled) = desired_count(&r, now);
         let regions = r.project.as_ref().map(|p| p.regions.as_slice()).unwrap_or_default();
@@ -489,10 +598,37 @@ pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork
             changed |= scale_down(store, config, &d, desired, now).await?;
         }
     }
-    if store.finish_stopping(now.timestamp_millis()).await? > 0 {
-        changed = true;
-    }
+    phases.mark("desired counts");
     Ok(changed)
+}
+
+/// How long each phase of a full pass took, logged at debug level.
+struct Phases {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    took: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        let now = std::time::Instant::now();
+        Phases { start: now, last: now, took: Vec::new() }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.took.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, what: &str) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let phases: Vec<String> =
+                self.took.iter().map(|(p, d)| format!("{p} {:.1} ms", d.as_secs_f64() * 1000.0)).collect();
+            let took_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            tracing::debug!(took_ms, phases = %phases.join(", "), "{what}");
+        }
+    }
 }
 
 /// Places pending deployments, oldest first, each all at once or not at

@@ -94,6 +94,29 @@ impl Store {
             .collect()
     }
 
+    /// The ids of the deployments of these projects (by id) with one of
+    /// `statuses`, read through the index on the project.
+    pub async fn deployments_of_projects(
+        &self,
+        project_ids: &[String],
+        statuses: &[DeploymentStatus],
+    ) -> Result<Vec<String>> {
+        if project_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let params: Vec<String> = (1..=project_ids.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT id FROM deployments WHERE project_id IN ({}) AND status IN {} ORDER BY created_at DESC, id DESC",
+            params.join(", "),
+            status_list(statuses)
+        );
+        let mut query = sqlx::query(&sql);
+        for id in project_ids {
+            query = query.bind(id);
+        }
+        query.fetch_all(&self.reader).await?.iter().map(|r| r.text("id")).collect()
+    }
+
     /// Every deployment in one of `statuses` with the few columns of it and
     /// of its project that decide how many instances it keeps where
     /// ([`RunningDeployment`]), in one query, newest first (whatever the status).

@@ -1312,6 +1312,18 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     assert!(lean.iter().filter(|r| r.id != c.id).all(|r| r.project.as_ref().is_some_and(|p| p.scaling.is_none())));
     assert!(store.running_deployments(&[DeploymentStatus::Sleeping]).await.unwrap().is_empty());
 
+    // The running deployments of some projects, by project id, newest first.
+    let api = store.get_project("acme", "api").await.unwrap();
+    let web = store.get_project("acme", "web").await.unwrap();
+    let newest: Vec<String> = by_age.iter().map(|(_, id)| id.to_string()).collect();
+    let of_api: Vec<String> =
+        newest.iter().filter(|id| got.iter().any(|(d, _)| &d.id == *id && d.project == "api")).cloned().collect();
+    assert!(!of_api.is_empty() && of_api.len() < newest.len());
+    assert_eq!(store.deployments_of_projects(std::slice::from_ref(&api.id), &RUNNING).await.unwrap(), of_api);
+    assert_eq!(store.deployments_of_projects(&[api.id.clone(), web.id], &RUNNING).await.unwrap(), newest);
+    assert!(store.deployments_of_projects(&[api.id], &[DeploymentStatus::Sleeping]).await.unwrap().is_empty());
+    assert!(store.deployments_of_projects(&[], &RUNNING).await.unwrap().is_empty());
+
     let projects = store.projects_of_deployments_in(&RUNNING).await.unwrap();
     let mut names: Vec<&str> = projects.keys().map(|(_, name)| name.as_str()).collect();
     names.sort();

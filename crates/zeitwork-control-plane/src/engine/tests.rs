@@ -332,10 +332,17 @@ fn announcements_name_the_work() {
     assert_eq!(Work::of(Some(vec![])), Work::Nothing);
     assert_eq!(
         Work::of(Some(vec![Change::Deployments(ids(&["a", "b"])), Change::Deployments(ids(&["b", "c"]))])),
-        Work::Deployments(ids(&["a", "b", "c"]))
+        Work::Changes { deployments: ids(&["a", "b", "c"]), projects: vec![] }
     );
     assert_eq!(Work::of(Some(vec![Change::Deployments(ids(&["a"])), Change::Anything])), Work::Full);
-    assert_eq!(Work::of(Some(vec![Change::Projects(ids(&["p"]))])), Work::Full);
+    assert_eq!(
+        Work::of(Some(vec![
+            Change::Projects(ids(&["p", "q"])),
+            Change::Deployments(ids(&["a"])),
+            Change::Projects(ids(&["p"]))
+        ])),
+        Work::Changes { deployments: ids(&["a"]), projects: ids(&["p", "q"]) }
+    );
     assert_eq!(Work::of(None), Work::Full);
 }
 
