@@ -9,7 +9,9 @@
 //! Two agents on two nodes (network namespaces of their own, one operator)
 //! carry each project's network through their tunnel: an instance reaches its
 //! project's instance on the other node by name, another project's reaches
-//! neither.
+//! neither. A container node and a QEMU microVM node on one host do the same
+//! for a project with a container and a microVM, and the microVM reaches no
+//! service of the host.
 
 mod common;
 
@@ -903,7 +905,11 @@ async fn container_and_microvm() {
                 assert!(listed.iter().all(|ip| net(ip)[..2] == [100, 100] && net(ip) == net(&listed[0])), "{listed:?}");
                 break;
             }
-            assert!(Instant::now() < deadline, "web.internal from {from} never listed both: {answer}\nfirewall:\n{}", ruleset());
+            assert!(
+                Instant::now() < deadline,
+                "web.internal from {from} never listed both: {answer}\nfirewall:\n{}",
+                ruleset()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -944,7 +950,11 @@ async fn container_and_microvm() {
     let s_private = one(s, format!("{s_id}.spy.internal")).await;
     assert!(addresses(&probe(&v, "ns", "spy.internal").await).is_empty(), "the microVM resolved spy.internal");
     for target in [s_private.to_string(), link(s)] {
-        assert_eq!(probe(&v, "get", &format!("{target}:8080")).await.trim(), "unreachable", "the microVM reached {target}");
+        assert_eq!(
+            probe(&v, "get", &format!("{target}:8080")).await.trim(),
+            "unreachable",
+            "the microVM reached {target}"
+        );
     }
     // Nor a service of the host: on its own gateway or the container node's.
     let (port, taken) = host_service().await;
@@ -956,9 +966,18 @@ async fn container_and_microvm() {
     }
     for gw in gateways {
         let got = probe(&v, "get", &format!("{gw}:{port}")).await;
-        assert_eq!(got.trim(), "unreachable", "the microVM reached the host's service on {gw}\nfirewall:\n{}", ruleset());
+        assert_eq!(
+            got.trim(),
+            "unreachable",
+            "the microVM reached the host's service on {gw}\nfirewall:\n{}",
+            ruleset()
+        );
     }
-    assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), gateways.len(), "only the host's own connections got through");
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        gateways.len(),
+        "only the host's own connections got through"
+    );
     // The network still carries the project's traffic.
     reaches(&v, &format!("{c_private}:8080"), &c_id).await;
 
