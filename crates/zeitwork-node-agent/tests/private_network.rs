@@ -23,11 +23,14 @@ use zeitwork_client::Client;
 use zeitwork_control_plane::OperatorConfig;
 use zeitwork_node_agent::NodeAgent;
 
-/// An image that serves its own instance id at `/id.txt` and three CGI
-/// probes: `ns?NAME` and `srv?NAME` ask the node's resolver, `get?HOST:PORT`
-/// fetches that host's `/id.txt` with `nc` (or says `unreachable`); a HOST
+/// An image that serves its own instance id at `/id.txt`, the numbers 1 to
+/// 20000 at `/big.txt` (108,894 bytes) and four CGI probes: `ns?NAME` and
+/// `srv?NAME` ask the node's resolver, `get?HOST:PORT` fetches that host's
+/// `/id.txt` with `nc` (or says `unreachable`), `big?HOST:PORT` fetches its
+/// `/big.txt` and says how many bytes of it came and its last line; a HOST
 /// that is a name is first asked of the node's resolver.
 const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt
+/bin/busybox seq 1 20000 > /tmp/www/big.txt
 /bin/busybox cat > /tmp/www/cgi-bin/ns <<'X'
 #!/bin/sh
 printf 'Content-Type: text/plain\r\n\r\n'
@@ -46,7 +49,18 @@ case $H in *[a-z]*) H=$(/bin/busybox nslookup $H 2>/dev/null | /bin/busybox sed 
 R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 $H ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
 if [ -n "$R" ]; then echo "$R"; else echo unreachable; fi
 X
-/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get
+/bin/busybox cat > /tmp/www/cgi-bin/big <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+H=${QUERY_STRING%:*}
+case $H in *[a-z]*) H=$(/bin/busybox nslookup $H 2>/dev/null | /bin/busybox sed -n 's/^Address:[[:space:]]*\([0-9.]*\)$/\1/p' | /bin/busybox tail -n 1) ;; esac
+printf 'GET /big.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 10 $H ${QUERY_STRING##*:} > /tmp/big.$$
+B=$(/bin/busybox awk 'b { n += length($0) + 1 } !b && length($0) <= 1 { b = 1 } END { print n + 0 }' /tmp/big.$$)
+L=$(/bin/busybox tail -n 1 /tmp/big.$$)
+/bin/busybox rm -f /tmp/big.$$
+echo "$B $L"
+X
+/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get /tmp/www/cgi-bin/big
 exec /bin/busybox httpd -f -p $PORT -h /tmp/www"#;
 
 /// Ready instances of `dep` once there are `n`: (id, link address).
@@ -935,6 +949,11 @@ async fn container_and_microvm() {
     reaches(&c, &format!("{v_id}:8080"), &v_id).await;
     reaches(&v, &format!("{c_id}.web.internal:8080"), &c_id).await;
     assert!(tunnel_rx_packets("zwg-10-187") > before, "the microVM's node heard nothing through the tunnel");
+    // A page of many full-sized packets, larger than the tunnel's MTU, both ways.
+    for (from, to) in [(&c, format!("{v_private}:8080")), (&v, format!("{c_private}:8080"))] {
+        let got = probe(from, "big", &to).await;
+        assert_eq!(got.trim(), "108894 20000", "{from} fetched {to}/big.txt whole");
+    }
 
     // Another org's container: no name of web resolves, no address of either answers.
     assert!(addresses(&probe(s, "ns", "web.internal").await).is_empty(), "the spy resolved web.internal");
