@@ -9,7 +9,9 @@
 //! Two agents on two nodes (network namespaces of their own, one operator)
 //! carry each project's network through their tunnel: an instance reaches its
 //! project's instance on the other node by name, another project's reaches
-//! neither.
+//! neither. A container node and a QEMU microVM node on one host do the same
+//! for a project with a container and a microVM, and the microVM reaches no
+//! service of the host.
 
 mod common;
 
@@ -21,11 +23,14 @@ use zeitwork_client::Client;
 use zeitwork_control_plane::OperatorConfig;
 use zeitwork_node_agent::NodeAgent;
 
-/// An image that serves its own instance id at `/id.txt` and three CGI
-/// probes: `ns?NAME` and `srv?NAME` ask the node's resolver, `get?HOST:PORT`
-/// fetches that host's `/id.txt` with `nc` (or says `unreachable`); a HOST
+/// An image that serves its own instance id at `/id.txt`, the numbers 1 to
+/// 20000 at `/big.txt` (108,894 bytes) and four CGI probes: `ns?NAME` and
+/// `srv?NAME` ask the node's resolver, `get?HOST:PORT` fetches that host's
+/// `/id.txt` with `nc` (or says `unreachable`), `big?HOST:PORT` fetches its
+/// `/big.txt` and says how many bytes of it came and its last line; a HOST
 /// that is a name is first asked of the node's resolver.
 const PROBE: &str = r#"mkdir -p /tmp/www/cgi-bin; /bin/busybox hostname > /tmp/www/id.txt
+/bin/busybox seq 1 20000 > /tmp/www/big.txt
 /bin/busybox cat > /tmp/www/cgi-bin/ns <<'X'
 #!/bin/sh
 printf 'Content-Type: text/plain\r\n\r\n'
@@ -44,7 +49,18 @@ case $H in *[a-z]*) H=$(/bin/busybox nslookup $H 2>/dev/null | /bin/busybox sed 
 R=$(printf 'GET /id.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 3 $H ${QUERY_STRING##*:} | /bin/busybox tail -n 1)
 if [ -n "$R" ]; then echo "$R"; else echo unreachable; fi
 X
-/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get
+/bin/busybox cat > /tmp/www/cgi-bin/big <<'X'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+H=${QUERY_STRING%:*}
+case $H in *[a-z]*) H=$(/bin/busybox nslookup $H 2>/dev/null | /bin/busybox sed -n 's/^Address:[[:space:]]*\([0-9.]*\)$/\1/p' | /bin/busybox tail -n 1) ;; esac
+printf 'GET /big.txt HTTP/1.0\r\n\r\n' | /bin/busybox nc -w 10 $H ${QUERY_STRING##*:} > /tmp/big.$$
+B=$(/bin/busybox awk 'b { n += length($0) + 1 } !b && length($0) <= 1 { b = 1 } END { print n + 0 }' /tmp/big.$$)
+L=$(/bin/busybox tail -n 1 /tmp/big.$$)
+/bin/busybox rm -f /tmp/big.$$
+echo "$B $L"
+X
+/bin/busybox chmod +x /tmp/www/cgi-bin/ns /tmp/www/cgi-bin/srv /tmp/www/cgi-bin/get /tmp/www/cgi-bin/big
 exec /bin/busybox httpd -f -p $PORT -h /tmp/www"#;
 
 /// Ready instances of `dep` once there are `n`: (id, link address).
@@ -604,10 +620,10 @@ async fn relay(listen: &str, to: String) -> std::net::SocketAddr {
     addr
 }
 
-/// The instance of `dep` on each node once both are ready: ((id, link
-/// address) on node `one`, the same on the other node).
-async fn one_on_each(admin: &Client, dep: &str, one: &str) -> ((String, String), (String, String)) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// The instance of `dep` on each node once both are ready (within `secs`):
+/// ((id, link address) on node `one`, the same on the other node).
+async fn one_on_each(admin: &Client, dep: &str, one: &str, secs: u64) -> ((String, String), (String, String)) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let is: Vec<Value> = admin.get(&format!("/api/v1/deployments/{dep}/instances")).await.unwrap();
         let ready: Vec<_> = is.iter().filter(|i| i["status"] == "ready").collect();
@@ -698,8 +714,8 @@ async fn node_one(dir: &std::path::Path) {
         }
     };
     let (web_dep, spy_dep) = (deploy("acme", "web").await, deploy("other", "spy").await);
-    let ((web1_id, web1), (web2_id, web2)) = one_on_each(&admin, &web_dep, &one).await;
-    let ((spy1_id, spy1), (spy2_id, spy2)) = one_on_each(&admin, &spy_dep, &one).await;
+    let ((web1_id, web1), (web2_id, web2)) = one_on_each(&admin, &web_dep, &one, 120).await;
+    let ((spy1_id, spy1), (spy2_id, spy2)) = one_on_each(&admin, &spy_dep, &one, 120).await;
     assert!(web1.starts_with("10.198.") && web2.starts_with("10.197."), "{web1} {web2}");
 
     // The project's name lists its instances on both nodes.
@@ -776,4 +792,220 @@ async fn node_two(dir: &std::path::Path) {
     agent.shutdown().await;
     left_nothing("zeitwork_10_197", "zwg-10-197").await;
     mark(dir, "two.stopped", "");
+}
+
+const MIXED: &str = "a_container_and_a_microvm_of_one_project_reach_each_other_and_no_one_else";
+
+/// One project's network across runtimes: a container node (range
+/// 10.186.0.0/16) and a QEMU microVM node (10.187.0.0/16; KVM when it works
+/// here, TCG otherwise), two agents on one host joined by their tunnel.
+/// Project `web` has an instance on each: each finds the other by the
+/// project's name, by the other's full name and by its short name (the
+/// search domain), and fetches the other's id on its private address. A
+/// container of another org's project resolves none of web's names and
+/// reaches neither instance, on its private or its link address; the microVM
+/// reaches neither that container nor a service of the host.
+#[test]
+fn a_container_and_a_microvm_of_one_project_reach_each_other_and_no_one_else() {
+    if std::env::var_os(INSIDE).is_none() {
+        return run_in_own_netns(MIXED);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(container_and_microvm());
+}
+
+/// A service of the host on every address of it: answers `host` over HTTP and
+/// counts the connections it took.
+async fn host_service() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhost\n").await;
+            });
+        }
+    });
+    (port, taken)
+}
+
+/// The host's end of the /30 of an instance at link address `link` (`ip:port`).
+fn gateway_of(link: &str) -> Ipv4Addr {
+    let ip: Ipv4Addr = link.split(':').next().unwrap().parse().unwrap();
+    Ipv4Addr::from(u32::from(ip) - 1)
+}
+
+async fn container_and_microvm() {
+    let began = Instant::now();
+    let reg = zeitwork_testkit::Registry::start().unwrap();
+    let image = reg.push_busybox("acme/probe", "v1", PROBE).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let project = json!({"name": "web", "org": "acme", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
+    let config = OperatorConfig { private_network: "100.100.0.0/16".into(), ..Default::default() };
+    let (op, base, admin) = common::operator(dir.path(), config, project).await;
+    admin.post::<_, Value>("/api/v1/orgs", &json!({"slug": "other"})).await.unwrap();
+    let spy = json!({"name": "spy", "org": "other", "port": 8080, "resources": {"vcpu": 1, "memory": 128}});
+    admin.post::<_, Value>("/api/v1/projects", &spy).await.unwrap();
+    let token = common::cluster_token(&admin, "node-agent").await;
+    // Two agents on this host, one per runtime, each with its range, resolver
+    // and tunnel. The container node offers more memory, so a deployment of one
+    // instance goes there (placement spreads a deployment first, then takes the
+    // node with the most free memory).
+    let start = |name: &str, range: &str, runtime: &str, memory: u32| {
+        let mut config = common::agent_config(&base, token.clone(), &dir.path().join(name), name, range);
+        config.runtime = runtime.into();
+        config.memory = Some(memory);
+        // A guest boots in 20 to 60 s under TCG on a busy machine.
+        config.start_timeout_secs = 300;
+        config.dns_port = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+        config.dns_upstreams = Some(Vec::new());
+        config.tunnel_port = zeitwork_testkit::free_udp_port();
+        NodeAgent::start(config)
+    };
+    let ct = start("ct-node", "10.186.0.0", "container", 8192).await.unwrap();
+    let vm = start("vm-node", "10.187.0.0", "qemu", 4096).await.unwrap();
+    assert_eq!(vm.node().runtime, "qemu");
+    let detail = vm.node().runtime_detail.clone().unwrap_or_default();
+    assert!(detail.contains("kvm") || detail.contains("tcg"), "{detail}");
+    assert!(device_exists("zwg-10-186") && device_exists("zwg-10-187"), "each agent has a tunnel device");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes: Vec<Value> = admin.get("/api/v1/nodes").await.unwrap();
+        if nodes.iter().filter(|n| n["status"] == "ready").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two nodes were never ready: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let deploy = |org: &str, project: &str, n: u32| {
+        let (admin, image) = (admin.clone(), image.clone());
+        let body = json!({"org": org, "project": project, "image": image, "instances_per_region": n});
+        async move {
+            let d: Value = admin.post("/api/v1/deployments", &body).await.unwrap();
+            d["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (web_dep, spy_dep) = (deploy("acme", "web", 2).await, deploy("other", "spy", 1).await);
+    let deployed = Instant::now();
+    let ((c_id, c), (v_id, v)) = one_on_each(&admin, &web_dep, &ct.node().id, 360).await;
+    let booted = deployed.elapsed();
+    assert!(c.starts_with("10.186.") && v.starts_with("10.187."), "container {c}, microVM {v}");
+    let listed: Vec<Value> = admin.get(&format!("/api/v1/deployments/{web_dep}/instances")).await.unwrap();
+    let runtime = |id: &str| listed.iter().find(|i| i["id"] == id).map(|i| i["runtime"].clone());
+    assert_eq!((runtime(&c_id), runtime(&v_id)), (Some(json!("container")), Some(json!("qemu"))), "{listed:?}");
+    let spies = ready_instances(&admin, &spy_dep, 1).await;
+    let (s_id, s) = &spies[0];
+    assert!(s.starts_with("10.186."), "the spy runs in a container: {s}");
+
+    // The project's name lists both, from either side, on its private /24.
+    for from in [&c, &v] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = probe(from, "ns", "web.internal").await;
+            let listed = addresses(&answer);
+            if listed.len() == 2 {
+                let net = |ip: &Ipv4Addr| <[u8; 3]>::try_from(&ip.octets()[..3]).unwrap();
+                assert!(listed.iter().all(|ip| net(ip)[..2] == [100, 100] && net(ip) == net(&listed[0])), "{listed:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "web.internal from {from} never listed both: {answer}\nfirewall:\n{}",
+                ruleset()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // Each by its full name and by its short name (the search domain), from the other.
+    let one = |from: &str, name: String| {
+        let from = from.to_owned();
+        async move {
+            let found = addresses(&probe(&from, "ns", &name).await);
+            assert_eq!(found.len(), 1, "{name} from {from}: {found:?}");
+            found[0]
+        }
+    };
+    let v_private = one(&c, format!("{v_id}.web.internal")).await;
+    let c_private = one(&v, format!("{c_id}.web.internal")).await;
+    assert_eq!(one(&c, v_id.clone()).await, v_private, "the short name from the container");
+    assert_eq!(one(&v, c_id.clone()).await, c_private, "the short name from the microVM");
+    let srv = probe(&v, "srv", "_http._tcp.web.internal").await;
+    assert!(srv.contains("8080") && srv.contains(&format!("{c_id}.web.internal")), "{srv}");
+    // They talk on their private addresses (across the tunnel between the nodes), by address and by name.
+    let before = tunnel_rx_packets("zwg-10-187");
+    reaches(&c, &format!("{v_private}:8080"), &v_id).await;
+    reaches(&v, &format!("{c_private}:8080"), &c_id).await;
+    reaches(&c, &format!("{v_id}:8080"), &v_id).await;
+    reaches(&v, &format!("{c_id}.web.internal:8080"), &c_id).await;
+    assert!(tunnel_rx_packets("zwg-10-187") > before, "the microVM's node heard nothing through the tunnel");
+    // A page of many full-sized packets, larger than the tunnel's MTU, both ways.
+    for (from, to) in [(&c, format!("{v_private}:8080")), (&v, format!("{c_private}:8080"))] {
+        let got = probe(from, "big", &to).await;
+        assert_eq!(got.trim(), "108894 20000", "{from} fetched {to}/big.txt whole");
+    }
+
+    // Another org's container: no name of web resolves, no address of either answers.
+    assert!(addresses(&probe(s, "ns", "web.internal").await).is_empty(), "the spy resolved web.internal");
+    for name in [format!("{c_id}.web.internal"), format!("{v_id}.web.internal")] {
+        assert!(addresses(&probe(s, "ns", &name).await).is_empty(), "the spy resolved {name}");
+    }
+    let link = |a: &str| a.split(':').next().unwrap().to_owned();
+    for target in [c_private.to_string(), v_private.to_string(), link(&c), link(&v)] {
+        let got = probe(s, "get", &format!("{target}:8080")).await;
+        assert_eq!(got.trim(), "unreachable", "the spy reached {target}\nfirewall:\n{}", ruleset());
+    }
+    // Nor does the microVM reach the spy, on its private or its link address, or resolve its names.
+    let s_private = one(s, format!("{s_id}.spy.internal")).await;
+    assert!(addresses(&probe(&v, "ns", "spy.internal").await).is_empty(), "the microVM resolved spy.internal");
+    for target in [s_private.to_string(), link(s)] {
+        assert_eq!(
+            probe(&v, "get", &format!("{target}:8080")).await.trim(),
+            "unreachable",
+            "the microVM reached {target}"
+        );
+    }
+    // Nor a service of the host: on its own gateway or the container node's.
+    let (port, taken) = host_service().await;
+    let gateways = [gateway_of(&v), gateway_of(&c)];
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for gw in gateways {
+        let body = http.get(format!("http://{gw}:{port}/id.txt")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(body, "host\n", "the host reaches its own service on {gw}, so a probe failing proves something");
+    }
+    for gw in gateways {
+        let got = probe(&v, "get", &format!("{gw}:{port}")).await;
+        assert_eq!(
+            got.trim(),
+            "unreachable",
+            "the microVM reached the host's service on {gw}\nfirewall:\n{}",
+            ruleset()
+        );
+    }
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        gateways.len(),
+        "only the host's own connections got through"
+    );
+    // The network still carries the project's traffic.
+    reaches(&v, &format!("{c_private}:8080"), &c_id).await;
+
+    vm.shutdown().await;
+    ct.shutdown().await;
+    drop(op);
+    eprintln!(
+        "container and microVM ({detail}) on one network: both ready {} s after the deployment, test {} s",
+        booted.as_secs(),
+        began.elapsed().as_secs()
+    );
 }
