@@ -88,10 +88,19 @@ async fn main() -> Result<()> {
 
 async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let db = dir.path().join("zeitwork.db");
     let audit = Audit::new("bench", "setup", "bench");
+    if std::env::args().any(|a| a == "--postgres") {
+        // A throwaway PostgreSQL server of this run (fsync off, as in the tests).
+        let pg = zeitwork_testkit::Postgres::start()?;
+        let url = pg.create_database("bench")?;
+        let store = zeitwork_store::Store::connect(&url).await?;
+        populate(&store, n_nodes, n_instances, &audit).await?;
+        store.close().await;
+        return measure(dir.path(), &audit, rate, n_nodes, n_instances, Some(url)).await;
+    }
+    let db = dir.path().join("zeitwork.db");
     // `--state-cache DIR` keeps the written state of each scale there and
-    // starts later runs from a copy of it.
+    // starts later runs from a copy of it (SQLite only).
     let cached = std::env::args()
         .skip_while(|a| a != "--state-cache")
         .nth(1)
@@ -100,7 +109,9 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         std::fs::copy(c, &db).with_context(|| format!("copying the cached state {}", c.display()))?;
         println!("starting from the state cached in {}", c.display());
     } else {
-        populate(&db, n_nodes, n_instances, &audit).await?;
+        let store = zeitwork_store::Store::open_sqlite(&db).await?;
+        populate(&store, n_nodes, n_instances, &audit).await?;
+        store.close().await;
         if let Some(c) = &cached {
             if let Some(parent) = c.parent() {
                 std::fs::create_dir_all(parent)?;
@@ -108,13 +119,12 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
             std::fs::copy(&db, c).with_context(|| format!("caching the state in {}", c.display()))?;
         }
     }
-    measure(dir.path(), &audit, rate, n_nodes, n_instances).await
+    measure(dir.path(), &audit, rate, n_nodes, n_instances, None).await
 }
 
 /// Writes the nodes and the running deployments before the operator starts,
 /// as one would restore them.
-async fn populate(db: &std::path::Path, n_nodes: usize, n_instances: usize, audit: &Audit) -> Result<()> {
-    let store = zeitwork_store::Store::open_sqlite(db).await?;
+async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: usize, audit: &Audit) -> Result<()> {
     println!("setting up {n_nodes} nodes and {n_instances} instances…");
     let t = Instant::now();
     for r in REGIONS {
@@ -173,14 +183,22 @@ async fn populate(db: &std::path::Path, n_nodes: usize, n_instances: usize, audi
         store.set_deployment_status(&id, DeploymentStatus::Active, None).await?;
     }
     println!("  setup took {:.1} s", t.elapsed().as_secs_f64());
-    store.close().await;
     Ok(())
 }
 
 /// Places and activates a new deployment on the written state, with an API
 /// load, simulated agents and 100 simulated edges; prints what it measured.
-async fn measure(dir: &std::path::Path, audit: &Audit, rate: u32, n_nodes: usize, n_instances: usize) -> Result<()> {
+async fn measure(
+    dir: &std::path::Path,
+    audit: &Audit,
+    rate: u32,
+    n_nodes: usize,
+    n_instances: usize,
+    database_url: Option<String>,
+) -> Result<()> {
+    let backend = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     let op = Operator::start(OperatorConfig {
+        database_url,
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.to_owned(),
         // Simulated nodes do not heartbeat.
@@ -354,7 +372,7 @@ async fn measure(dir: &std::path::Path, audit: &Audit, rate: u32, n_nodes: usize
     let rss = rss_mib();
 
     println!();
-    println!("control plane, {n_nodes} nodes in 3 regions, {n_instances} instances (SQLite):");
+    println!("control plane, {n_nodes} nodes in 3 regions, {n_instances} instances ({backend}):");
     println!("  place + activate {placed} instances (3 per region): {:>8.1} ms  (goal: < 1000 ms)", ms(active));
     println!("  one full reconcile pass:                  {:>8.1} ms  (goal: < 1000 ms)", ms(one_pass));
     println!(

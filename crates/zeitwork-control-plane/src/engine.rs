@@ -631,6 +631,10 @@ impl Phases {
     }
 }
 
+/// Standby deployments one placement may put to sleep early, one at a time,
+/// before it waits for room until the next pass.
+const MAX_ROOMS_PER_PLACEMENT: u32 = 8;
+
 /// Places pending deployments, oldest first, each all at once or not at
 /// all; one that cannot be placed waits for room with the reason (making
 /// room by sleeping a standby deployment early) or fails after
@@ -645,71 +649,80 @@ async fn place_pending(
     pending.reverse(); // oldest first
     for d in pending {
         let project = store.get_project(&d.org, &d.project).await?;
-        let nodes = store.nodes_for_placement().await?;
-        let mut plan = Vec::new();
-        let mut failure = None;
-        if project.regions.is_empty() {
-            failure = Some(Shortfall::Unplaceable("the project runs in no region; set its regions".to_owned()));
-        }
-        for region in &project.regions {
-            match place(&nodes, region, d.instances_per_region, project.resources) {
-                Ok(picked) => plan.extend(picked.into_iter().map(|n| (n, region.clone()))),
-                Err(why) => {
-                    failure = Some(Shortfall::classify(why, region));
-                    break;
-                }
+        // Each standby deployment put to sleep early frees its room at once: try again.
+        let mut rooms_made = 0;
+        loop {
+            let nodes = store.nodes_for_placement().await?;
+            let mut plan = Vec::new();
+            let mut failure = None;
+            if project.regions.is_empty() {
+                failure = Some(Shortfall::Unplaceable("the project runs in no region; set its regions".to_owned()));
             }
-        }
-        match failure {
-            Some(short) => {
-                let waited = now - d.created_at;
-                if matches!(short, Shortfall::Unplaceable(_))
-                    || waited > chrono::Duration::from_std(config.placement_timeout).unwrap_or_default()
-                {
-                    let why = format!(
-                        "placement: {}; waited {} s (placement_timeout_secs)",
-                        short.message(),
-                        waited.num_seconds().max(0)
-                    );
-                    // Only if it is still pending: a deployment pointed at meanwhile
-                    // (a rollback, a promotion) is not failed by what this pass read before.
-                    if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await? {
-                        store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
-                        config.outcomes.count(DeploymentStatus::Failed);
-                        let audit = system("deployment.fail", &d.id, &d.org, &d.project)
-                            .detail(serde_json::json!({"reason": why}));
-                        store.record_event(&audit, "failed").await?;
-                        changed = true;
-                    }
-                } else {
-                    let reason = format!("waiting for room: {}", short.message());
-                    if d.reason.as_deref() != Some(reason.as_str()) {
-                        store.set_pending_reason(&d.id, &reason).await?;
-                        changed = true;
-                    }
-                    if let Shortfall::Capacity(region, _) = &short {
-                        changed |= make_room(store, region, &d.id).await?;
+            for region in &project.regions {
+                match place(&nodes, region, d.instances_per_region, project.resources) {
+                    Ok(picked) => plan.extend(picked.into_iter().map(|n| (n, region.clone()))),
+                    Err(why) => {
+                        failure = Some(Shortfall::classify(why, region));
+                        break;
                     }
                 }
             }
-            None => {
-                if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
-                    // Claimed: no other engine places this deployment.
-                    for (node, region) in plan {
-                        store
-                            .create_instance(&NewInstance {
-                                deployment: d.id.clone(),
-                                runtime: runtime_of(&nodes, &node),
-                                node: Some(node),
-                                region,
-                                resources: project.resources,
-                            })
-                            .await?;
+            match failure {
+                Some(short) => {
+                    let waited = now - d.created_at;
+                    if matches!(short, Shortfall::Unplaceable(_))
+                        || waited > chrono::Duration::from_std(config.placement_timeout).unwrap_or_default()
+                    {
+                        let why = format!(
+                            "placement: {}; waited {} s (placement_timeout_secs)",
+                            short.message(),
+                            waited.num_seconds().max(0)
+                        );
+                        // Only if it is still pending: a deployment pointed at meanwhile
+                        // (a rollback, a promotion) is not failed by what this pass read before.
+                        if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await? {
+                            store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some(&why)).await?;
+                            config.outcomes.count(DeploymentStatus::Failed);
+                            let audit = system("deployment.fail", &d.id, &d.org, &d.project)
+                                .detail(serde_json::json!({"reason": why}));
+                            store.record_event(&audit, "failed").await?;
+                            changed = true;
+                        }
+                    } else {
+                        if let Shortfall::Capacity(region, _) = &short {
+                            if rooms_made < MAX_ROOMS_PER_PLACEMENT && make_room(store, region, &d.id).await? {
+                                changed = true;
+                                rooms_made += 1;
+                                continue;
+                            }
+                        }
+                        let reason = format!("waiting for room: {}", short.message());
+                        if d.reason.as_deref() != Some(reason.as_str()) {
+                            store.set_pending_reason(&d.id, &reason).await?;
+                            changed = true;
+                        }
                     }
-                    store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
                 }
-                changed = true;
+                None => {
+                    if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
+                        // Claimed: no other engine places this deployment.
+                        for (node, region) in plan {
+                            store
+                                .create_instance(&NewInstance {
+                                    deployment: d.id.clone(),
+                                    runtime: runtime_of(&nodes, &node),
+                                    node: Some(node),
+                                    region,
+                                    resources: project.resources,
+                                })
+                                .await?;
+                        }
+                        store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
+                    }
+                    changed = true;
+                }
             }
+            break;
         }
     }
     Ok(changed)
