@@ -159,11 +159,23 @@ fn retryable(e: &str) -> bool {
     !e.contains("no answer within")
 }
 
+/// How long a failed KVM probe stands before a start probes again in the
+/// background: a probe that hangs keeps a core busy for its whole timeout,
+/// and agents restarted often (upgrades, tests) would pay it each time.
+const PROBE_AGAIN_AFTER: Duration = Duration::from_secs(600);
+
+/// Whether a start probes KVM again in the background after a failure saved
+/// at `probed_at` (unknown: yes).
+fn probe_again(probed_at: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
+    probed_at.is_none_or(|at| now.duration_since(at).is_ok_and(|age| age >= PROBE_AGAIN_AFTER))
+}
+
 /// A KVM probe's result, saved for the host's current boot (in /run, which a
 /// reboot empties, else in the data directory). A success is trusted for the
 /// boot. A failure answers at once on the next start, so the node starts
 /// without waiting on a probe that already failed, and that start probes again
-/// in the background: if KVM works by then, the start after uses it. Probes
+/// in the background once the failure is [`PROBE_AGAIN_AFTER`] old: if KVM
+/// works by then, the start after uses it. Probes
 /// are retried with [`PROBE_RETRY`] (but not after a timeout) and run one at a time.
 async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), String> {
     static PROBING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -186,10 +198,15 @@ async fn kvm_works(vmm: &Vmm, assets: &GuestAssets, dir: &Path) -> Result<(), St
             return Ok(());
         }
         if let Some(why) = saved_failure(&saved, &key) {
-            tracing::warn!(vmm = vmm.name(), reason = %why, "KVM failed its probe earlier this boot; starting without it and probing again in the background");
             if let Ok(mut f) = FAILED.lock() {
                 f.push((key.clone(), why.clone()));
             }
+            let probed_at = tokio::fs::metadata(&cache).await.and_then(|m| m.modified()).ok();
+            if !probe_again(probed_at, std::time::SystemTime::now()) {
+                tracing::warn!(vmm = vmm.name(), reason = %why, "KVM failed its probe minutes ago; starting without it");
+                return Err(why);
+            }
+            tracing::warn!(vmm = vmm.name(), reason = %why, "KVM failed its probe earlier this boot; starting without it and probing again in the background");
             let (vmm, assets, work, cache, key) =
                 (vmm.clone(), assets.clone(), dir.join("probe"), cache.clone(), key.clone());
             tokio::spawn(async move {
@@ -437,6 +454,12 @@ mod tests {
         assert_eq!(saved_failure(failed, "other-boot|qemu|k"), None, "a reboot probes afresh");
         assert_eq!(saved_failure("boot|qemu|k\nok", "boot|qemu|k"), None);
         assert_eq!(saved_failure("garbage", "boot|qemu|k"), None);
+        // A failure saved minutes ago is not probed again at each start; an older one, or one of unknown age, is.
+        let now = std::time::SystemTime::now();
+        assert!(!probe_again(Some(now - Duration::from_secs(30)), now));
+        assert!(probe_again(Some(now - PROBE_AGAIN_AFTER), now));
+        assert!(probe_again(None, now));
+        assert!(!probe_again(Some(now + Duration::from_secs(30)), now), "a clock that went back waits");
     }
 
     #[test]
