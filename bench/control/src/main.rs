@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use zeitwork_api_types::{
-    Capacity, CreateRegion, DeploymentStatus, Environment, InstanceStatus, RegisterNode, Resources, RoutingDeltas,
-    RoutingTable,
+    Capacity, CreateRegion, DeploymentStatus, InstanceStatus, RegisterNode, Resources, RoutingDeltas, RoutingTable,
 };
 use zeitwork_bench_edge::flag;
 use zeitwork_client::Client;
@@ -42,30 +41,9 @@ fn rss_mib() -> f64 {
     kib / 1024.0
 }
 
-/// A project of the bench's organisation.
+/// A project of the bench's organisation: three instances per region.
 fn project(name: &str) -> NewProject {
-    NewProject {
-        org: "acme".into(),
-        name: name.into(),
-        github_repo: None,
-        branch: "main".into(),
-        auto_deploy: false,
-        port: 8080,
-        resources: Resources { vcpu: 1, memory: 256 },
-        instances_per_region: 3,
-        regions: None,
-        image_template: None,
-        rate_limit: None,
-        sleep_after_secs: 900,
-        retain_deployments: 20,
-        scaling: None,
-        staging_branch: None,
-        tag_pattern: None,
-        build: Default::default(),
-        auto_rollback: Default::default(),
-        rollout: None,
-        shadow: None,
-    }
+    NewProject { instances_per_region: 3, ..NewProject::named("acme", name) }
 }
 
 #[tokio::main]
@@ -150,22 +128,7 @@ async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: us
     for d in 0..n_instances.div_ceil(per) {
         let p = store.create_project(&project(&format!("app{d:05}")), audit).await?;
         let id = format!("app{d:05}-bench-acme");
-        let new = NewDeployment {
-            id: id.clone(),
-            project_id: p.id.clone(),
-            org: "acme".into(),
-            project: p.name.clone(),
-            environment: Environment::Production,
-            image: "registry.example.com/acme/app:1".into(),
-            commit_sha: None,
-            commit_message: None,
-            instances_per_region: 3,
-            url: format!("http://{id}.zeitwork.localhost"),
-            created_by: None,
-            pull_request: None,
-            release_command: None,
-            migration: false,
-        };
+        let new = NewDeployment::of(&p, &id, "registry.example.com/acme/app:1");
         store.create_deployment(&new, audit).await?;
         for k in 0..per {
             let node = &nodes[(d * per + k) % nodes.len()];

@@ -90,6 +90,30 @@ pub struct NewDeployment {
     pub migration: bool,
 }
 
+impl NewDeployment {
+    /// A production deployment `id` of `project` running `image`, with the
+    /// project's count of instances per region, at `http://<id>.zeitwork.localhost`,
+    /// with no commit, author, pull request or release command.
+    pub fn of(project: &zeitwork_api_types::Project, id: &str, image: &str) -> NewDeployment {
+        NewDeployment {
+            id: id.into(),
+            project_id: project.id.clone(),
+            org: project.org.clone(),
+            project: project.name.clone(),
+            environment: Environment::Production,
+            image: image.into(),
+            commit_sha: None,
+            commit_message: None,
+            instances_per_region: project.instances_per_region,
+            url: format!("http://{id}.zeitwork.localhost"),
+            created_by: None,
+            pull_request: None,
+            release_command: None,
+            migration: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DeploymentFilter {
     pub org: Option<String>,

@@ -57,6 +57,37 @@ pub struct NewProject {
     pub shadow: Option<zeitwork_api_types::Shadow>,
 }
 
+impl NewProject {
+    /// A project `name` of `org` with the settings a create request that
+    /// names none gets: branch `main`, port 8080, 1 vCPU and 256 MiB, one
+    /// instance per region in every region, no repository, sleep after 15
+    /// minutes idle, 20 deployments kept.
+    pub fn named(org: &str, name: &str) -> NewProject {
+        NewProject {
+            org: org.into(),
+            name: name.into(),
+            github_repo: None,
+            branch: "main".into(),
+            auto_deploy: false,
+            port: 8080,
+            resources: Resources { vcpu: 1, memory: 256 },
+            instances_per_region: 1,
+            regions: None,
+            image_template: None,
+            rate_limit: None,
+            sleep_after_secs: zeitwork_api_types::DEFAULT_SLEEP_AFTER_SECS,
+            retain_deployments: zeitwork_api_types::DEFAULT_RETAIN_DEPLOYMENTS,
+            scaling: None,
+            staging_branch: None,
+            tag_pattern: None,
+            build: Default::default(),
+            auto_rollback: Default::default(),
+            rollout: None,
+            shadow: None,
+        }
+    }
+}
+
 pub(crate) const PROJECT_SELECT: &str = "SELECT p.id, o.slug AS org_slug, p.name, p.github_repo, p.branch, p.auto_deploy, \
     p.port, p.vcpu, p.memory, p.instances_per_region, p.regions, p.image_template, p.rate_limit, \
     p.sleep_after_secs, p.retain_deployments, p.scaling, p.staging_branch, p.tag_pattern, p.build, p.current_deployments, p.created_at, p.updated_at, p.skew_protection, p.release_command, p.auto_rollback, p.rollout, p.shadow, p.egress FROM projects p JOIN orgs o ON o.id = p.org_id WHERE 1 = 1";

@@ -142,26 +142,10 @@ fn node(hostname: &str, region: &str) -> RegisterNode {
 
 fn new_project(org: &str, name: &str) -> NewProject {
     NewProject {
-        org: org.into(),
-        name: name.into(),
         github_repo: Some("acme/webapp".into()),
-        branch: "main".into(),
         auto_deploy: true,
-        port: 8080,
-        resources: Resources { vcpu: 1, memory: 256 },
         instances_per_region: 3,
-        regions: None,
-        image_template: None,
-        rate_limit: None,
-        sleep_after_secs: 900,
-        retain_deployments: 20,
-        scaling: None,
-        staging_branch: None,
-        tag_pattern: None,
-        build: Default::default(),
-        auto_rollback: Default::default(),
-        rollout: None,
-        shadow: None,
+        ..NewProject::named(org, name)
     }
 }
 
@@ -488,19 +472,12 @@ fn new_deployment(p: &Project, env: Environment) -> NewDeployment {
     let id = format!("{}-{}-{}", p.name, nanoid(7), p.org);
     NewDeployment {
         url: format!("https://{id}.zeitwork.localhost"),
-        id,
-        project_id: p.id.clone(),
-        org: p.org.clone(),
-        project: p.name.clone(),
         environment: env,
-        image: "ghcr.io/acme/web:1".into(),
         commit_sha: Some("abcdef1".into()),
         commit_message: Some("first".into()),
         instances_per_region: 1,
         created_by: Some("test".into()),
-        pull_request: None,
-        release_command: None,
-        migration: false,
+        ..NewDeployment::of(p, &id, "ghcr.io/acme/web:1")
     }
 }
 

@@ -108,45 +108,9 @@ async fn a_crash_loop_is_told_once() {
     };
     let (n, _) = store.register_node(&reg, &a()).await.unwrap();
     store.create_org("acme", "acme", None, &a()).await.unwrap();
-    let project = zeitwork_store::NewProject {
-        org: "acme".into(),
-        name: "web".into(),
-        github_repo: None,
-        branch: "main".into(),
-        auto_deploy: false,
-        port: 8080,
-        resources: SMALL,
-        instances_per_region: 1,
-        regions: None,
-        image_template: None,
-        rate_limit: None,
-        sleep_after_secs: 900,
-        retain_deployments: 20,
-        scaling: None,
-        staging_branch: None,
-        tag_pattern: None,
-        build: Default::default(),
-        auto_rollback: Default::default(),
-        rollout: None,
-        shadow: None,
-    };
+    let project = zeitwork_store::NewProject { resources: SMALL, ..zeitwork_store::NewProject::named("acme", "web") };
     let p = store.create_project(&project, &a()).await.unwrap();
-    let new = zeitwork_store::NewDeployment {
-        id: "web-aaaaaaa-acme".into(),
-        project_id: p.id.clone(),
-        org: "acme".into(),
-        project: "web".into(),
-        environment: zeitwork_api_types::Environment::Production,
-        image: "registry.example.com/web:1".into(),
-        commit_sha: None,
-        commit_message: None,
-        instances_per_region: 1,
-        url: "http://web-aaaaaaa-acme.x".into(),
-        created_by: None,
-        pull_request: None,
-        release_command: None,
-        migration: false,
-    };
+    let new = zeitwork_store::NewDeployment::of(&p, "web-aaaaaaa-acme", "registry.example.com/web:1");
     let d = store.create_deployment(&new, &a()).await.unwrap();
     store.activate_deployment(&d.id, &a()).await.unwrap();
     let config = EngineConfig::default();
@@ -176,8 +140,7 @@ async fn a_crash_loop_is_told_once() {
     assert_eq!(store.list_instances(&d.id).await.unwrap().len(), config.crash_budget, "nothing was placed");
 
     // A starting deployment whose instance fails fails, and is counted once.
-    let second =
-        zeitwork_store::NewDeployment { id: "web-bbbbbbb-acme".into(), url: "http://web-bbbbbbb-acme.x".into(), ..new };
+    let second = zeitwork_store::NewDeployment::of(&p, "web-bbbbbbb-acme", "registry.example.com/web:1");
     let d2 = store.create_deployment(&second, &a()).await.unwrap();
     store.set_deployment_status(&d2.id, DeploymentStatus::Starting, None).await.unwrap();
     let i = store
@@ -219,28 +182,7 @@ async fn one_node(dir: &std::path::Path) -> (Store, Node, zeitwork_api_types::Pr
     };
     let (n, _) = store.register_node(&reg, &a).await.unwrap();
     store.create_org("acme", "acme", None, &a).await.unwrap();
-    let project = zeitwork_store::NewProject {
-        org: "acme".into(),
-        name: "web".into(),
-        github_repo: None,
-        branch: "main".into(),
-        auto_deploy: false,
-        port: 8080,
-        resources: SMALL,
-        instances_per_region: 1,
-        regions: None,
-        image_template: None,
-        rate_limit: None,
-        sleep_after_secs: 900,
-        retain_deployments: 20,
-        scaling: None,
-        staging_branch: None,
-        tag_pattern: None,
-        build: Default::default(),
-        auto_rollback: Default::default(),
-        rollout: None,
-        shadow: None,
-    };
+    let project = zeitwork_store::NewProject { resources: SMALL, ..zeitwork_store::NewProject::named("acme", "web") };
     let p = store.create_project(&project, &a).await.unwrap();
     (store, n, p)
 }
@@ -251,20 +193,8 @@ fn deployment_of(
     env: zeitwork_api_types::Environment,
 ) -> zeitwork_store::NewDeployment {
     zeitwork_store::NewDeployment {
-        id: id.into(),
-        project_id: p.id.clone(),
-        org: p.org.clone(),
-        project: p.name.clone(),
         environment: env,
-        image: "registry.example.com/web:1".into(),
-        commit_sha: None,
-        commit_message: None,
-        instances_per_region: 1,
-        url: format!("http://{id}.x"),
-        created_by: None,
-        pull_request: None,
-        release_command: None,
-        migration: false,
+        ..zeitwork_store::NewDeployment::of(p, id, "registry.example.com/web:1")
     }
 }
 

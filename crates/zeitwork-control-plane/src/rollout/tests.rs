@@ -137,7 +137,7 @@ async fn store_migrating(
     rollout: Option<zeitwork_api_types::Rollout>,
     migrating: Option<usize>,
 ) -> (tempfile::TempDir, Store, Vec<String>) {
-    use zeitwork_api_types::{Capacity, CreateRegion, RegisterNode, Resources};
+    use zeitwork_api_types::{Capacity, CreateRegion, RegisterNode};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("z.db")).await.unwrap();
     let a = || Audit::new("test", "test", "x");
@@ -158,46 +158,17 @@ async fn store_migrating(
     store.register_node(&reg, &a()).await.unwrap();
     store.create_org("acme", "acme", None, &a()).await.unwrap();
     let project = zeitwork_store::NewProject {
-        org: "acme".into(),
-        name: "web".into(),
-        github_repo: None,
-        branch: "main".into(),
-        auto_deploy: false,
-        port: 8080,
-        resources: Resources { vcpu: 1, memory: 256 },
-        instances_per_region: 1,
-        regions: None,
-        image_template: None,
-        rate_limit: None,
-        sleep_after_secs: 900,
-        retain_deployments: 20,
-        scaling: None,
-        staging_branch: None,
-        tag_pattern: None,
-        build: Default::default(),
         auto_rollback: AutoRollback { min_requests: 10, ..Default::default() },
         rollout,
-        shadow: None,
+        ..zeitwork_store::NewProject::named("acme", "web")
     };
     let p = store.create_project(&project, &a()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..n {
         let id = format!("web-{i:07}-acme");
         let new = zeitwork_store::NewDeployment {
-            id: id.clone(),
-            project_id: p.id.clone(),
-            org: "acme".into(),
-            project: "web".into(),
-            environment: Environment::Production,
-            image: format!("registry.example.com/web:{i}"),
-            commit_sha: None,
-            commit_message: None,
-            instances_per_region: 1,
-            url: format!("http://{id}.x"),
-            created_by: None,
-            pull_request: None,
-            release_command: None,
             migration: migrating == Some(i),
+            ..zeitwork_store::NewDeployment::of(&p, &id, &format!("registry.example.com/web:{i}"))
         };
         store.create_deployment(&new, &a()).await.unwrap();
         ids.push(id);

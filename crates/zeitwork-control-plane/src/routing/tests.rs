@@ -125,26 +125,8 @@ async fn store_with(projects: &[&str]) -> (tempfile::TempDir, Store, String, Vec
     let mut made = Vec::new();
     for name in projects {
         let p = zeitwork_store::NewProject {
-            org: "acme".into(),
-            name: (*name).into(),
-            github_repo: None,
-            branch: "main".into(),
-            auto_deploy: false,
-            port: 8080,
             resources: Resources { vcpu: 1, memory: 128 },
-            instances_per_region: 1,
-            regions: None,
-            image_template: None,
-            rate_limit: None,
-            sleep_after_secs: 900,
-            retain_deployments: 20,
-            scaling: None,
-            staging_branch: None,
-            tag_pattern: None,
-            build: Default::default(),
-            auto_rollback: Default::default(),
-            rollout: None,
-            shadow: None,
+            ..zeitwork_store::NewProject::named("acme", name)
         };
         made.push(store.create_project(&p, &a()).await.unwrap());
     }
@@ -155,20 +137,9 @@ async fn store_with(projects: &[&str]) -> (tempfile::TempDir, Store, String, Vec
 async fn deploy(store: &Store, p: &zeitwork_api_types::Project, env: Environment, node: &str) -> (String, String) {
     let id = format!("{}-{}-acme", p.name, zeitwork_store::nanoid(7));
     let new = zeitwork_store::NewDeployment {
-        id: id.clone(),
-        project_id: p.id.clone(),
-        org: "acme".into(),
-        project: p.name.clone(),
         environment: env,
-        image: "registry.example.com/web:1".into(),
-        commit_sha: None,
-        commit_message: None,
-        instances_per_region: 1,
         url: format!("http://{id}.apps.test"),
-        created_by: None,
-        pull_request: None,
-        release_command: None,
-        migration: false,
+        ..zeitwork_store::NewDeployment::of(p, &id, "registry.example.com/web:1")
     };
     store.create_deployment(&new, &zeitwork_store::Audit::new("test", "test", "x")).await.unwrap();
     let i = store
