@@ -67,22 +67,36 @@ async fn main() -> Result<()> {
 async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let audit = Audit::new("bench", "setup", "bench");
+    // `--state-cache DIR` keeps the written state of each scale there and
+    // starts later runs from a copy of it.
+    let cache_dir = std::env::args().skip_while(|a| a != "--state-cache").nth(1).map(std::path::PathBuf::from);
+    if let Some(d) = &cache_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     if std::env::args().any(|a| a == "--postgres") {
         // A throwaway PostgreSQL server of this run (fsync off, as in the tests).
         let pg = zeitwork_testkit::Postgres::start()?;
-        let url = pg.create_database("bench")?;
-        let store = zeitwork_store::Store::connect(&url).await?;
-        populate(&store, n_nodes, n_instances, &audit).await?;
-        store.close().await;
+        let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}.pgdump")));
+        let url = match &cached {
+            Some(c) if c.exists() => {
+                println!("starting from the state cached in {}", c.display());
+                pg.restore("bench", c)?
+            }
+            _ => {
+                let url = pg.create_database("bench")?;
+                let store = zeitwork_store::Store::connect(&url).await?;
+                populate(&store, n_nodes, n_instances, &audit).await?;
+                store.close().await;
+                if let Some(c) = &cached {
+                    pg.dump("bench", c)?;
+                }
+                url
+            }
+        };
         return measure(dir.path(), &audit, rate, n_nodes, n_instances, Some(url)).await;
     }
     let db = dir.path().join("zeitwork.db");
-    // `--state-cache DIR` keeps the written state of each scale there and
-    // starts later runs from a copy of it (SQLite only).
-    let cached = std::env::args()
-        .skip_while(|a| a != "--state-cache")
-        .nth(1)
-        .map(|d| std::path::PathBuf::from(d).join(format!("control-{n_nodes}-{n_instances}.db")));
+    let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}.db")));
     if let Some(c) = cached.as_ref().filter(|c| c.exists()) {
         std::fs::copy(c, &db).with_context(|| format!("copying the cached state {}", c.display()))?;
         println!("starting from the state cached in {}", c.display());
@@ -91,9 +105,6 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         populate(&store, n_nodes, n_instances, &audit).await?;
         store.close().await;
         if let Some(c) = &cached {
-            if let Some(parent) = c.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
             std::fs::copy(&db, c).with_context(|| format!("caching the state in {}", c.display()))?;
         }
     }

@@ -100,15 +100,20 @@ impl Store {
         let done = sqlx::query(
             "UPDATE instances SET status = 'stopped', exit_reason = COALESCE(exit_reason, 'scaled down') \
              WHERE status = 'stopping' AND stop_after IS NOT NULL AND stop_after <= $1 \
-             AND node_id NOT IN (SELECT id FROM nodes WHERE status IN ('draining', 'drained'))",
+             AND node_id NOT IN (SELECT id FROM nodes WHERE status IN ('draining', 'drained')) \
+             RETURNING deployment_id",
         )
         .bind(now_ms)
-        .execute(&self.writer)
+        .fetch_all(&self.writer)
         .await?;
-        if done.rows_affected() > 0 {
-            self.changed().await;
+        let mut deployments: Vec<String> = done.iter().map(|r| r.text("deployment_id")).collect::<Result<_>>()?;
+        deployments.sort();
+        deployments.dedup();
+        if !deployments.is_empty() {
+            // Their deployments changed, nothing else: no full pass for it.
+            self.changed_in(crate::Change::Deployments(deployments)).await;
         }
-        Ok(done.rows_affected())
+        Ok(done.len() as u64)
     }
 
     /// Puts a deployment that no environment points at to sleep: its

@@ -272,6 +272,35 @@ impl Postgres {
         Ok(format!("postgres://postgres@127.0.0.1:{}/{name}", self.port))
     }
 
+    /// A PostgreSQL client program (`pg_dump`, `pg_restore`): next to the
+    /// server binaries, else on `PATH`.
+    fn client(&self, program: &str) -> Command {
+        let here = self.bin.join(program);
+        let mut cmd = Command::new(if here.is_file() { here } else { PathBuf::from(program) });
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"]);
+        cmd
+    }
+
+    /// Writes database `name` to `file` in `pg_dump`'s custom format.
+    pub fn dump(&self, name: &str, file: &Path) -> Result<()> {
+        let status =
+            self.client("pg_dump").args(["-Fc", "-f"]).arg(file).arg(name).status().context("running pg_dump")?;
+        if !status.success() {
+            bail!("pg_dump of {name} failed");
+        }
+        Ok(())
+    }
+
+    /// Creates database `name` from a dump [`Postgres::dump`] wrote; its URL.
+    pub fn restore(&self, name: &str, file: &Path) -> Result<String> {
+        let url = self.create_database(name)?;
+        let status = self.client("pg_restore").args(["-d", name]).arg(file).status().context("running pg_restore")?;
+        if !status.success() {
+            bail!("pg_restore of {} into {name} failed", file.display());
+        }
+        Ok(url)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
