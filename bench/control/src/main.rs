@@ -80,7 +80,9 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         let url = match &cached {
             Some(c) if c.exists() => {
                 println!("starting from the state cached in {}", c.display());
-                pg.restore("bench", c)?
+                let url = pg.restore("bench", c)?;
+                heartbeat_all(&zeitwork_store::Store::connect(&url).await?).await?;
+                url
             }
             _ => {
                 let url = pg.create_database("bench")?;
@@ -100,6 +102,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     if let Some(c) = cached.as_ref().filter(|c| c.exists()) {
         std::fs::copy(c, &db).with_context(|| format!("copying the cached state {}", c.display()))?;
         println!("starting from the state cached in {}", c.display());
+        heartbeat_all(&zeitwork_store::Store::open_sqlite(&db).await?).await?;
     } else {
         let store = zeitwork_store::Store::open_sqlite(&db).await?;
         populate(&store, n_nodes, n_instances, &audit).await?;
@@ -109,6 +112,24 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
         }
     }
     measure(dir.path(), &audit, rate, n_nodes, n_instances, None).await
+}
+
+/// Every node heartbeats now: a cached state's nodes last did when it was
+/// written, and would be marked down once that is older than the timeout.
+async fn heartbeat_all(store: &zeitwork_store::Store) -> Result<()> {
+    let mut page = zeitwork_store::Page::first(1000);
+    loop {
+        let nodes = store.list_nodes(&page).await?;
+        for n in &nodes.items {
+            store.node_heartbeat(&n.id).await?;
+        }
+        match nodes.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    store.close().await;
+    Ok(())
 }
 
 /// Writes the nodes and the running deployments before the operator starts,

@@ -77,6 +77,14 @@ fn params(from: usize, n: usize) -> String {
 }
 
 /// Binds `ids` in order.
+/// All rows of `q` read from `pool`.
+async fn fetch<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    pool: &sqlx::AnyPool,
+) -> Result<Vec<sqlx::any::AnyRow>> {
+    Ok(q.fetch_all(pool).await?)
+}
+
 fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     ids: &'q [String],
@@ -203,18 +211,45 @@ impl Store {
     async fn routing_rows_in(&self, only: Option<&[String]>) -> Result<RoutingRows> {
         let sql = RoutingSql::new(only.map(<[String]>::len));
         let ids: &[String] = only.unwrap_or_default();
+        let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
+        let pool = &self.reader;
+        let reads = (
+            fetch(bind_all(sqlx::query(&sql.instances), ids), pool),
+            fetch(bind_all(sqlx::query(&sql.deployments).bind(month_ago), ids), pool),
+            fetch(bind_all(sqlx::query(&sql.preview_hosts), ids), pool),
+            fetch(bind_all(sqlx::query(&sql.projects), ids), pool),
+            fetch(bind_all(sqlx::query(&sql.domains), ids), pool),
+            self.canaries(),
+            self.shadows(),
+        );
+        // A change's read of a few projects waits on the slowest of its
+        // queries, not on their sum (on PostgreSQL each is a round trip); a
+        // whole read goes one query at a time and leaves the other
+        // connections to the API.
+        let (instance_rows, rows, preview_rows, project_rows, domain_rows, mut canaries, mut shadows) =
+            if only.is_some() {
+                tokio::try_join!(reads.0, reads.1, reads.2, reads.3, reads.4, reads.5, reads.6)?
+            } else {
+                (
+                    reads.0.await?,
+                    reads.1.await?,
+                    reads.2.await?,
+                    reads.3.await?,
+                    reads.4.await?,
+                    reads.5.await?,
+                    reads.6.await?,
+                )
+            };
         // Ready instances by deployment; one row each, few columns (a whole read has one per instance).
         let mut instances: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for r in bind_all(sqlx::query(&sql.instances), ids).fetch_all(&self.reader).await? {
+        for r in instance_rows {
             instances.entry(r.text("deployment_id")?).or_default().push((r.text("id")?, r.text("address")?));
         }
         // Deployments with ready instances first, then the sleeping, waking or
         // active ones without (routed to a wake: scaled to zero, or every
         // instance lost) and those retired this month (410 Gone).
-        let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
         let mut deployments: Vec<RoutedDeployment> = Vec::new();
         let mut unserved: Vec<RoutedDeployment> = Vec::new();
-        let rows = bind_all(sqlx::query(&sql.deployments).bind(month_ago), ids).fetch_all(&self.reader).await?;
         for r in &rows {
             let id = r.text("id")?;
             let status = r.text("status")?;
@@ -246,14 +281,10 @@ impl Store {
             }
         }
         deployments.append(&mut unserved);
-        let preview_hosts: HashSet<(String, String)> = bind_all(sqlx::query(&sql.preview_hosts), ids)
-            .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(|r| Ok((r.text("label")?, r.text("project_id")?)))
-            .collect::<Result<_>>()?;
+        let preview_hosts: HashSet<(String, String)> =
+            preview_rows.iter().map(|r| Ok((r.text("label")?, r.text("project_id")?))).collect::<Result<_>>()?;
         let mut current = Vec::new();
-        for r in bind_all(sqlx::query(&sql.projects), ids).fetch_all(&self.reader).await? {
+        for r in project_rows {
             let map: BTreeMap<String, String> =
                 serde_json::from_str(&r.text("current_deployments")?).unwrap_or_default();
             for (env, dep) in map {
@@ -281,7 +312,7 @@ impl Store {
             }
         }
         let mut domains = Vec::new();
-        for r in bind_all(sqlx::query(&sql.domains), ids).fetch_all(&self.reader).await? {
+        for r in domain_rows {
             domains.push((
                 r.text("name")?,
                 r.text("slug")?,
@@ -290,8 +321,6 @@ impl Store {
                 r.int("verified")? != 0,
             ));
         }
-        let mut canaries = self.canaries().await?;
-        let mut shadows = self.shadows().await?;
         if only.is_some() {
             // Rollouts are few: kept to the projects asked here rather than in SQL.
             let names: HashSet<(&str, &str)> = current.iter().map(|c| (c.org.as_str(), c.project.as_str())).collect();
