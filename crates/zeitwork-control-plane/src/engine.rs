@@ -566,6 +566,10 @@ async fn steps(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Res
 async fn sweep(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Result<bool, StoreError> {
     let mut changed = false;
     let now = chrono::Utc::now();
+    // What nodes hold is kept as deltas by the store; folding them keeps each
+    // placement's read of the nodes short.
+    store.fold_node_holds().await?;
+    phases.mark("node holds folded");
     // The desired-count reconciler: what should run, runs (lost instances are placed again when room appears).
     // Read for every running deployment at once (grouped in SQL), decided in
     // memory; only a deployment short of or beyond its count is read again

@@ -10,12 +10,15 @@ use crate::{
     is_unique_violation, nanoid, now_ms, ts, Arg, Audit, Listing, Page, Result, RowExt, Sql, Store, StoreError,
 };
 
-const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
+/// A node with what its live instances hold: the totals kept on the node
+/// plus the deltas not yet folded into them (see [`Store::fold_node_holds`]).
+pub(crate) const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
     n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
-    (SELECT COUNT(*) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS inst_count, \
-    (SELECT CAST(COALESCE(SUM(i.vcpu), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_vcpu, \
-    (SELECT CAST(COALESCE(SUM(i.memory), 0) AS BIGINT) FROM instances i WHERE i.node_id = n.id AND i.status NOT IN ('stopped', 'failed', 'exited')) AS alloc_memory \
-    FROM nodes n WHERE 1 = 1";
+    CAST(n.held_instances + COALESCE(p.instances, 0) AS BIGINT) AS inst_count, \
+    CAST(n.held_vcpu + COALESCE(p.vcpu, 0) AS BIGINT) AS alloc_vcpu, \
+    CAST(n.held_memory + COALESCE(p.memory, 0) AS BIGINT) AS alloc_memory \
+    FROM nodes n LEFT JOIN (SELECT node_id, SUM(instances) AS instances, SUM(vcpu) AS vcpu, SUM(memory) AS memory \
+    FROM node_holds_pending GROUP BY node_id) p ON p.node_id = n.id WHERE 1 = 1";
 
 pub(crate) fn node_from(row: &AnyRow) -> Result<Node> {
     Ok(Node {

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 
 use zeitwork_api_types::{Deployment, DeploymentStatus, InstanceStatus, Node, Project, Scaling};
 
-use crate::deployments::{deployment_from, LIVE_INSTANCE};
+use crate::deployments::deployment_from;
 use crate::lifecycle::{wakefulness_from, Wakefulness};
-use crate::nodes::node_from;
+use crate::nodes::{node_from, NODE_SELECT};
 use crate::projects::{project_from, PROJECT_SELECT};
-use crate::{ts, Result, RowExt, Store, StoreError};
+use crate::{ts, Dialect, Result, RowExt, Store, StoreError};
 
 /// Instances of one deployment in one region with one status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,20 +192,49 @@ impl Store {
     }
 
     /// Every node with what its live instances hold, by hostname, in one
-    /// query (the allocations grouped once, not counted node by node).
+    /// query over the nodes (the holds are kept per node, not summed over
+    /// every instance).
     pub async fn nodes_for_placement(&self) -> Result<Vec<Node>> {
-        let rows = sqlx::query(&format!(
-            "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
-             n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
-             CAST(COALESCE(a.inst_count, 0) AS BIGINT) AS inst_count, \
-             CAST(COALESCE(a.alloc_vcpu, 0) AS BIGINT) AS alloc_vcpu, \
-             CAST(COALESCE(a.alloc_memory, 0) AS BIGINT) AS alloc_memory \
-             FROM nodes n LEFT JOIN (SELECT node_id, COUNT(*) AS inst_count, SUM(vcpu) AS alloc_vcpu, \
-             SUM(memory) AS alloc_memory FROM instances WHERE node_id IS NOT NULL AND {LIVE_INSTANCE} GROUP BY node_id) a \
-             ON a.node_id = n.id ORDER BY n.hostname"
-        ))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(&format!("{NODE_SELECT} ORDER BY n.hostname")).fetch_all(&self.reader).await?;
         rows.iter().map(node_from).collect()
+    }
+
+    /// Folds the pending deltas of what nodes hold into the nodes' own
+    /// columns, so readers sum a short table. Returns how many nodes it
+    /// updated. Deltas written meanwhile stay pending for the next fold.
+    pub async fn fold_node_holds(&self) -> Result<u64> {
+        let folded = match self.dialect() {
+            // One statement: the rows it deletes are exactly the rows it adds.
+            Dialect::Postgres => {
+                sqlx::query(
+                    "WITH moved AS (DELETE FROM node_holds_pending RETURNING node_id, instances, vcpu, memory), \
+                     sums AS (SELECT node_id, SUM(instances) AS instances, SUM(vcpu) AS vcpu, SUM(memory) AS memory \
+                     FROM moved GROUP BY node_id) \
+                     UPDATE nodes SET held_instances = held_instances + sums.instances, held_vcpu = held_vcpu + sums.vcpu, \
+                     held_memory = held_memory + sums.memory FROM sums WHERE nodes.id = sums.node_id",
+                )
+                .execute(&self.writer)
+                .await?
+                .rows_affected()
+            }
+            // One writer at a time: nothing is added between the two statements.
+            Dialect::Sqlite => {
+                let mut tx = self.writer.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE nodes SET \
+                     held_instances = held_instances + (SELECT COALESCE(SUM(p.instances), 0) FROM node_holds_pending p WHERE p.node_id = nodes.id), \
+                     held_vcpu = held_vcpu + (SELECT COALESCE(SUM(p.vcpu), 0) FROM node_holds_pending p WHERE p.node_id = nodes.id), \
+                     held_memory = held_memory + (SELECT COALESCE(SUM(p.memory), 0) FROM node_holds_pending p WHERE p.node_id = nodes.id) \
+                     WHERE id IN (SELECT node_id FROM node_holds_pending)",
+                )
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query("DELETE FROM node_holds_pending").execute(&mut *tx).await?;
+                tx.commit().await?;
+                n
+            }
+        };
+        Ok(folded)
     }
 }

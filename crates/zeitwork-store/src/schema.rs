@@ -643,6 +643,80 @@ DROP INDEX instances_node
 CREATE INDEX deployments_created ON deployments (created_at, id)
 "#,
     ),
+    // What the live instances on each node hold is kept with the node instead
+    // of summed over every instance on each placement. Triggers on `instances`
+    // append each change as a delta to `node_holds_pending` (inserts only: no
+    // lock on the node's row, so concurrent writers never wait on or deadlock
+    // over it); readers add the pending deltas to the node's columns, and the
+    // engine folds them into the columns now and then.
+    (
+        31,
+        "what each node holds, kept by triggers",
+        r#"
+ALTER TABLE nodes ADD COLUMN held_instances BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN held_vcpu BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN held_memory BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE node_holds_pending (
+    seq {{serial}},
+    node_id TEXT NOT NULL,
+    instances BIGINT NOT NULL,
+    vcpu BIGINT NOT NULL,
+    memory BIGINT NOT NULL
+);
+CREATE INDEX node_holds_pending_node ON node_holds_pending (node_id);
+UPDATE nodes SET
+    held_instances = (SELECT COUNT(*) FROM instances i WHERE i.node_id = nodes.id AND i.status NOT IN ('stopped', 'failed', 'exited')),
+    held_vcpu = (SELECT COALESCE(SUM(i.vcpu), 0) FROM instances i WHERE i.node_id = nodes.id AND i.status NOT IN ('stopped', 'failed', 'exited')),
+    held_memory = (SELECT COALESCE(SUM(i.memory), 0) FROM instances i WHERE i.node_id = nodes.id AND i.status NOT IN ('stopped', 'failed', 'exited'));
+/*sqlite*/ CREATE TRIGGER instances_hold_insert AFTER INSERT ON instances
+WHEN NEW.node_id IS NOT NULL AND NEW.status NOT IN ('stopped', 'failed', 'exited')
+BEGIN
+    INSERT INTO node_holds_pending (node_id, instances, vcpu, memory) VALUES (NEW.node_id, 1, NEW.vcpu, NEW.memory);
+END;
+/*sqlite*/ CREATE TRIGGER instances_hold_delete AFTER DELETE ON instances
+WHEN OLD.node_id IS NOT NULL AND OLD.status NOT IN ('stopped', 'failed', 'exited')
+BEGIN
+    INSERT INTO node_holds_pending (node_id, instances, vcpu, memory) VALUES (OLD.node_id, -1, -OLD.vcpu, -OLD.memory);
+END;
+/*sqlite*/ CREATE TRIGGER instances_hold_update AFTER UPDATE OF node_id, status, vcpu, memory ON instances
+WHEN OLD.node_id IS NOT NEW.node_id OR OLD.vcpu IS NOT NEW.vcpu OR OLD.memory IS NOT NEW.memory
+    OR (OLD.status NOT IN ('stopped', 'failed', 'exited')) <> (NEW.status NOT IN ('stopped', 'failed', 'exited'))
+BEGIN
+    INSERT INTO node_holds_pending (node_id, instances, vcpu, memory)
+        SELECT OLD.node_id, -1, -OLD.vcpu, -OLD.memory
+        WHERE OLD.node_id IS NOT NULL AND OLD.status NOT IN ('stopped', 'failed', 'exited');
+    INSERT INTO node_holds_pending (node_id, instances, vcpu, memory)
+        SELECT NEW.node_id, 1, NEW.vcpu, NEW.memory
+        WHERE NEW.node_id IS NOT NULL AND NEW.status NOT IN ('stopped', 'failed', 'exited');
+END;
+/*postgres*/ CREATE FUNCTION instances_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    was_held BOOLEAN := FALSE;
+    is_held BOOLEAN := FALSE;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        was_held := OLD.node_id IS NOT NULL AND OLD.status NOT IN ('stopped', 'failed', 'exited');
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        is_held := NEW.node_id IS NOT NULL AND NEW.status NOT IN ('stopped', 'failed', 'exited');
+    END IF;
+    IF TG_OP = 'UPDATE' AND was_held AND is_held AND OLD.node_id = NEW.node_id
+        AND OLD.vcpu = NEW.vcpu AND OLD.memory = NEW.memory THEN
+        RETURN NULL;
+    END IF;
+    IF was_held THEN
+        INSERT INTO node_holds_pending (node_id, instances, vcpu, memory) VALUES (OLD.node_id, -1, -OLD.vcpu, -OLD.memory);
+    END IF;
+    IF is_held THEN
+        INSERT INTO node_holds_pending (node_id, instances, vcpu, memory) VALUES (NEW.node_id, 1, NEW.vcpu, NEW.memory);
+    END IF;
+    RETURN NULL;
+END
+$$;
+/*postgres*/ CREATE TRIGGER instances_hold AFTER INSERT OR DELETE OR UPDATE OF node_id, status, vcpu, memory
+ON instances FOR EACH ROW EXECUTE FUNCTION instances_hold()
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.
@@ -683,12 +757,13 @@ async fn migrate_until(pool: &AnyPool, dialect: Dialect, until: i64) -> Result<V
             continue;
         }
         let sql = render(sql, dialect);
-        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            // Statements marked `/*postgres*/` apply to PostgreSQL only.
-            let statement = match statement.strip_prefix("/*postgres*/") {
-                Some(_) if dialect == Dialect::Sqlite => continue,
-                Some(rest) => rest.trim(),
-                None => statement,
+        for statement in statements(&sql) {
+            // Statements marked `/*postgres*/` or `/*sqlite*/` apply to that database only.
+            let statement = match (statement.strip_prefix("/*postgres*/"), statement.strip_prefix("/*sqlite*/")) {
+                (Some(_), _) if dialect == Dialect::Sqlite => continue,
+                (_, Some(_)) if dialect == Dialect::Postgres => continue,
+                (Some(rest), _) | (_, Some(rest)) => rest.trim(),
+                (None, None) => statement,
             };
             sqlx::query(statement).execute(&mut *tx).await?;
         }
@@ -703,6 +778,35 @@ async fn migrate_until(pool: &AnyPool, dialect: Dialect, until: i64) -> Result<V
     }
     tx.commit().await?;
     Ok(ran)
+}
+
+/// The statements of a migration, split at `;` except inside a `$$`-quoted
+/// function body or a trigger's `BEGIN … END`.
+fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(b"$$") {
+            quoted = !quoted;
+            i += 2;
+            continue;
+        }
+        if bytes[i] == b';' && !quoted {
+            let statement = sql[start..i].trim();
+            let upper = statement.to_ascii_uppercase();
+            let in_trigger = upper.contains("CREATE TRIGGER") && upper.contains("BEGIN") && !upper.ends_with("END");
+            if !in_trigger {
+                out.push(statement);
+                start = i + 1;
+            }
+        }
+        i += 1;
+    }
+    out.push(sql[start..].trim());
+    out.retain(|s| !s.is_empty());
+    out
 }
 
 fn render(sql: &str, dialect: Dialect) -> String {
@@ -728,6 +832,69 @@ mod tests {
 
     async fn texts(pool: &AnyPool, sql: &str) -> Vec<String> {
         sqlx::query(sql).fetch_all(pool).await.unwrap().iter().map(|r| r.try_get::<String, _>(0).unwrap()).collect()
+    }
+
+    #[test]
+    fn statements_split_outside_function_bodies_and_trigger_blocks() {
+        let sql = "CREATE TABLE a (x INT);\n\
+            /*sqlite*/ CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO b VALUES (1); INSERT INTO b VALUES (2); END;\n\
+            /*postgres*/ CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;\n\
+            CREATE TRIGGER u AFTER INSERT ON a FOR EACH ROW EXECUTE FUNCTION f();\n";
+        assert_eq!(
+            statements(sql),
+            [
+                "CREATE TABLE a (x INT)",
+                "/*sqlite*/ CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO b VALUES (1); INSERT INTO b VALUES (2); END",
+                "/*postgres*/ CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+                "CREATE TRIGGER u AFTER INSERT ON a FOR EACH ROW EXECUTE FUNCTION f()",
+            ]
+        );
+        assert_eq!(statements("SELECT 1"), ["SELECT 1"]);
+        assert!(statements(" ; ;\n").is_empty());
+    }
+
+    /// Nodes upgraded to kept holds start from what their live instances hold;
+    /// the triggers keep the count from there through moves, stops, inserts
+    /// and deletes (the PostgreSQL triggers are run by the store suite).
+    #[tokio::test]
+    async fn node_holds_start_from_existing_instances_and_follow_changes() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        migrate_until(&pool, Dialect::Sqlite, 30).await.unwrap();
+        exec(&pool, "INSERT INTO regions VALUES ('r1', 'us-east', 'US East', 'US', 1)").await;
+        exec(
+            &pool,
+            "INSERT INTO nodes (id, hostname, region, address, status, vcpu, memory, runtime, created_at) VALUES \
+             ('n1', 'a', 'us-east', '10.0.0.1', 'ready', 8, 8192, 'runc', 1), \
+             ('n2', 'b', 'us-east', '10.0.0.2', 'ready', 8, 8192, 'runc', 1), \
+             ('n3', 'c', 'us-east', '10.0.0.3', 'ready', 8, 8192, 'runc', 1)",
+        )
+        .await;
+        exec(
+            &pool,
+            "INSERT INTO instances (id, deployment_id, node_id, region, status, vcpu, memory, created_at) VALUES \
+             ('i1', 'd', 'n1', 'us-east', 'ready', 1, 256, 1), ('i2', 'd', 'n1', 'us-east', 'stopped', 2, 512, 1), \
+             ('i3', 'd', 'n2', 'us-east', 'pending', 2, 1024, 1), ('i4', 'd', NULL, 'us-east', 'pending', 1, 64, 1)",
+        )
+        .await;
+        migrate(&pool, Dialect::Sqlite).await.unwrap();
+        let held = "SELECT n.id || ' ' || (n.held_instances + COALESCE(SUM(p.instances), 0)) || ' ' || \
+            (n.held_vcpu + COALESCE(SUM(p.vcpu), 0)) || ' ' || (n.held_memory + COALESCE(SUM(p.memory), 0)) \
+            FROM nodes n LEFT JOIN node_holds_pending p ON p.node_id = n.id GROUP BY n.id ORDER BY n.id";
+        assert_eq!(texts(&pool, held).await, ["n1 1 1 256", "n2 1 2 1024", "n3 0 0 0"]);
+        exec(&pool, "UPDATE instances SET node_id = 'n2' WHERE id = 'i1'").await;
+        exec(&pool, "UPDATE instances SET status = 'failed' WHERE id = 'i3'").await;
+        exec(&pool, "INSERT INTO instances (id, deployment_id, node_id, region, status, vcpu, memory, created_at) VALUES ('i5', 'd', 'n1', 'us-east', 'starting', 4, 2048, 2)").await;
+        exec(&pool, "UPDATE instances SET status = 'ready', address = '10.1.0.5:8080' WHERE id = 'i5'").await;
+        exec(&pool, "UPDATE instances SET node_id = 'n3' WHERE id = 'i4'").await;
+        exec(&pool, "DELETE FROM instances WHERE id IN ('i2', 'i3')").await;
+        assert_eq!(texts(&pool, held).await, ["n1 1 4 2048", "n2 1 1 256", "n3 1 1 64"]);
+        // A readiness change adds no delta.
+        let pending = texts(&pool, "SELECT CAST(COUNT(*) AS TEXT) FROM node_holds_pending").await;
+        exec(&pool, "UPDATE instances SET status = 'ready' WHERE id = 'i4'").await;
+        assert_eq!(texts(&pool, "SELECT CAST(COUNT(*) AS TEXT) FROM node_holds_pending").await, pending);
     }
 
     /// Data written before addresses were reserved and webhooks owned keeps

@@ -1330,6 +1330,31 @@ async fn engine_reads_every_deployment_at_once(store: Store) {
     // The failed instance holds nothing.
     assert_eq!((by_id(&eu.id).instances, by_id(&eu.id).allocated), (2, Capacity { vcpu: 2, memory: 640 }));
     assert_eq!((by_id(&idle.id).instances, by_id(&idle.id).allocated), (0, Capacity { vcpu: 0, memory: 0 }));
+
+    // What each node holds is kept as its instances change, the same before and
+    // after the pending deltas are folded into the nodes.
+    let holds = |ns: Vec<Node>| ns.into_iter().map(|n| (n.id, n.instances, n.allocated)).collect::<Vec<_>>();
+    assert!(store.fold_node_holds().await.unwrap() >= 2, "both nodes with instances take their deltas");
+    assert_eq!(holds(store.nodes_for_placement().await.unwrap()), holds(nodes.clone()));
+    assert_eq!(store.fold_node_holds().await.unwrap(), 0, "nothing is folded twice");
+    store.set_instance_status(&made[1].id, InstanceStatus::Stopped, None, None).await.unwrap();
+    // Readiness changes nothing a node holds.
+    store.set_instance_status(&made[2].id, InstanceStatus::Ready, Some("10.0.0.3:8080"), None).await.unwrap();
+    assert!(store.retire_instance(&made[3].id, "gone").await.unwrap());
+    let want = |n: &Node| match n.id.as_str() {
+        id if id == us.id => (2, Capacity { vcpu: 2, memory: 1280 }),
+        id if id == eu.id => (1, Capacity { vcpu: 1, memory: 128 }),
+        _ => (0, Capacity { vcpu: 0, memory: 0 }),
+    };
+    for fold in [false, true] {
+        if fold {
+            store.fold_node_holds().await.unwrap();
+        }
+        for n in store.nodes_for_placement().await.unwrap() {
+            assert_eq!((n.instances, n.allocated), want(&n), "{} (folded: {fold})", n.hostname);
+            assert_eq!(store.get_node(&n.id).await.unwrap(), n);
+        }
+    }
 }
 
 fn drain(org: &str, sources: &[&str]) -> StoredLogDrain {

@@ -327,6 +327,10 @@ pub struct UpArgs {
     /// The /16 instances get their addresses from (change it when 10.88.0.0/16 is in use here).
     #[arg(long, env = "ZEITWORK_INSTANCE_RANGE", default_value = "10.88.0.0")]
     instance_range: std::net::Ipv4Addr,
+    /// First host uid of the containers' user namespaces (1,048,576,000 ids from
+    /// here); a second `zeitwork up` on this host needs a range of its own.
+    #[arg(long, env = "ZEITWORK_USERNS_BASE", default_value_t = 1_000_000_000)]
+    userns_base: u32,
 }
 
 /// Where `zeitwork up` keeps its data unless told otherwise.
@@ -379,6 +383,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         runtime: args.runtime.clone(),
         firecracker: args.firecracker.clone(),
         instance_range: args.instance_range,
+        userns_base: args.userns_base,
         // One machine: no other node to carry private networks to.
         tunnel_port: 0,
         ..Default::default()

@@ -662,6 +662,8 @@ fn up_demo(data: &Path, ports: &[u16]) -> (Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(BIN)
         .args(["up", "--demo", "--no-install", "--log", "warn"])
+        // Its own instance addresses and user-namespace ids: other tests run `up` beside it.
+        .args(["--instance-range", "10.189.0.0", "--userns-base", "2100000000"])
         .arg("--data")
         .arg(data)
         .args(["--api-port", &ports[0].to_string(), "--agent-port", &ports[1].to_string()])
