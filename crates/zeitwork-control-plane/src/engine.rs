@@ -183,10 +183,11 @@ pub struct EngineGauges {
 pub enum Work {
     /// A full pass over everything (the tick, or a change not described).
     Full,
-    /// Only these deployments, or the settings of these projects, changed:
-    /// each deployment named, and each running one of those projects, is
-    /// moved one step on its own.
-    Changes { deployments: Vec<String>, projects: Vec<String> },
+    /// Only these deployments, or the settings of these projects, or nodes
+    /// changed: each deployment named, and each running one of those
+    /// projects, is moved one step on its own; a node's change runs the
+    /// clock's steps (nodes down, drains, lost instances, pending placements).
+    Changes { deployments: Vec<String>, projects: Vec<String>, nodes: bool },
     /// Nothing that the engine acts on.
     Nothing,
 }
@@ -198,10 +199,15 @@ impl Work {
     pub fn of(changes: Option<Vec<zeitwork_store::Change>>) -> Work {
         let Some(changes) = changes else { return Work::Full };
         let (mut deployments, mut projects): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        let mut nodes = false;
         for c in changes {
             let (ids, into) = match c {
                 zeitwork_store::Change::Deployments(d) => (d, &mut deployments),
                 zeitwork_store::Change::Projects(p) => (p, &mut projects),
+                zeitwork_store::Change::Nodes => {
+                    nodes = true;
+                    continue;
+                }
                 zeitwork_store::Change::Anything => return Work::Full,
             };
             for id in ids {
@@ -210,10 +216,10 @@ impl Work {
                 }
             }
         }
-        if deployments.is_empty() && projects.is_empty() {
+        if deployments.is_empty() && projects.is_empty() && !nodes {
             Work::Nothing
         } else {
-            Work::Changes { deployments, projects }
+            Work::Changes { deployments, projects, nodes }
         }
     }
 }
@@ -295,10 +301,11 @@ pub async fn run(
                     next_sweep = sweep_after(started);
                     done
                 }
-                Work::Changes { deployments, projects } => {
+                Work::Changes { deployments, projects, nodes } => {
                     match act_on_changes(&store, &config, deployments, &projects).await {
-                        Ok(acted) if tick => {
-                            ticked(&store, &config, sweep_due, &mut next_sweep).await.map(|t| t || acted)
+                        // The clock's steps on a tick and after a node's change; the sweep only when due on a tick.
+                        Ok(acted) if tick || nodes => {
+                            ticked(&store, &config, tick && sweep_due, &mut next_sweep).await.map(|t| t || acted)
                         }
                         other => other,
                     }

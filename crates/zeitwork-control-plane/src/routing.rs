@@ -496,7 +496,8 @@ impl RoutingHub {
             match c {
                 Change::Deployments(ids) => deployments.extend(ids.iter().cloned()),
                 Change::Projects(ids) => projects.extend(ids.iter().cloned()),
-                Change::Anything => {
+                // A node's status decides which of its instances serve.
+                Change::Nodes | Change::Anything => {
                     *seen = latest;
                     return Ok(Step::Whole);
                 }

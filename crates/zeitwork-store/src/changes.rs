@@ -37,16 +37,20 @@ pub enum Change {
     Deployments(Vec<String>),
     /// These projects (their settings, domains, current deployments), by id.
     Projects(Vec<String>),
-    /// Anything: nodes, several projects at once, or a change not described.
+    /// Nodes: one registered, back, down, draining, drained or deleted.
+    Nodes,
+    /// Anything: several projects at once, or a change not described.
     Anything,
 }
 
 impl Change {
-    /// The NOTIFY payload: `d:<id>,<id>`, `p:<id>,…`, or empty for anything.
+    /// The NOTIFY payload: `d:<id>,<id>`, `p:<id>,…`, `n:` for nodes, or
+    /// empty for anything.
     fn encode(&self) -> String {
         let (kind, ids) = match self {
             Change::Deployments(ids) => ("d", ids),
             Change::Projects(ids) => ("p", ids),
+            Change::Nodes => return "n:".into(),
             Change::Anything => return String::new(),
         };
         let payload = format!("{kind}:{}", ids.join(","));
@@ -63,6 +67,7 @@ impl Change {
         match payload.split_once(':') {
             Some(("d", rest)) if !ids(rest).is_empty() => Change::Deployments(ids(rest)),
             Some(("p", rest)) if !ids(rest).is_empty() => Change::Projects(ids(rest)),
+            Some(("n", "")) => Change::Nodes,
             _ => Change::Anything,
         }
     }
@@ -216,12 +221,14 @@ mod tests {
         for c in [
             Change::Deployments(vec!["web-abc-acme".into(), "api-def-acme".into()]),
             Change::Projects(vec!["prj_1".into()]),
+            Change::Nodes,
             Change::Anything,
         ] {
             assert_eq!(Change::decode(&c.encode()), c);
         }
         assert_eq!(Change::decode("d:"), Change::Anything);
         assert_eq!(Change::decode("x:1"), Change::Anything);
+        assert_eq!(Change::decode("n:node-1"), Change::Anything);
         let many = Change::Deployments((0..2000).map(|i| format!("dep-{i}")).collect());
         assert_eq!(Change::decode(&many.encode()), Change::Anything);
     }

@@ -438,7 +438,7 @@ impl Store {
     }
 
     /// Announces a change to one instance as a change to its deployment.
-    async fn changed_in_instance(&self, id: &str) {
+    pub(crate) async fn changed_in_instance(&self, id: &str) {
         let deployment = sqlx::query("SELECT deployment_id FROM instances WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.reader)

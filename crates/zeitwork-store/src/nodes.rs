@@ -135,7 +135,7 @@ impl Store {
         audit.action = if created { "node.register" } else { "node.update" }.into();
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Nodes).await;
         Ok((self.get_node(&id).await?, created))
     }
 
@@ -214,7 +214,7 @@ impl Store {
                 .detail(serde_json::json!({"hostname": hostname, "region": row.text("region")?}));
             append_event(&mut tx, &audit, "ok").await?;
             tx.commit().await?;
-            self.changed().await;
+            self.changed_in(crate::Change::Nodes).await;
         }
         self.get_node(id).await
     }
@@ -247,7 +247,7 @@ impl Store {
             append_event(&mut tx, &Audit::new("system", "node.drained", id).detail(named), "ok").await?;
         }
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Nodes).await;
         self.get_node(id).await
     }
 
@@ -308,7 +308,7 @@ impl Store {
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Nodes).await;
         Ok(())
     }
 }
@@ -409,7 +409,7 @@ impl Store {
         }
         tx.commit().await?;
         if !rows.is_empty() {
-            self.changed().await;
+            self.changed_in(crate::Change::Nodes).await;
         }
         rows.iter().map(|r| r.text("id")).collect()
     }
@@ -462,7 +462,7 @@ impl Store {
             .bind(id)
             .execute(&self.writer)
             .await?;
-        self.changed().await;
+        self.changed_in_instance(id).await;
         Ok(())
     }
 
@@ -477,7 +477,7 @@ impl Store {
         .await?;
         let done = done.rows_affected() == 1;
         if done {
-            self.changed().await;
+            self.changed_in_instance(id).await;
         }
         Ok(done)
     }
@@ -505,7 +505,7 @@ impl Store {
         }
         tx.commit().await?;
         if !ids.is_empty() {
-            self.changed().await;
+            self.changed_in(crate::Change::Nodes).await;
         }
         Ok(ids)
     }

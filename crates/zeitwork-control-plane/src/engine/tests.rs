@@ -262,7 +262,15 @@ fn announcements_name_the_work() {
     assert_eq!(Work::of(Some(vec![])), Work::Nothing);
     assert_eq!(
         Work::of(Some(vec![Change::Deployments(ids(&["a", "b"])), Change::Deployments(ids(&["b", "c"]))])),
-        Work::Changes { deployments: ids(&["a", "b", "c"]), projects: vec![] }
+        Work::Changes { deployments: ids(&["a", "b", "c"]), projects: vec![], nodes: false }
+    );
+    assert_eq!(
+        Work::of(Some(vec![Change::Nodes, Change::Deployments(ids(&["a"])), Change::Nodes])),
+        Work::Changes { deployments: ids(&["a"]), projects: vec![], nodes: true }
+    );
+    assert_eq!(
+        Work::of(Some(vec![Change::Nodes])),
+        Work::Changes { deployments: vec![], projects: vec![], nodes: true }
     );
     assert_eq!(Work::of(Some(vec![Change::Deployments(ids(&["a"])), Change::Anything])), Work::Full);
     assert_eq!(
@@ -271,7 +279,7 @@ fn announcements_name_the_work() {
             Change::Deployments(ids(&["a"])),
             Change::Projects(ids(&["p"]))
         ])),
-        Work::Changes { deployments: ids(&["a"]), projects: ids(&["p", "q"]) }
+        Work::Changes { deployments: ids(&["a"]), projects: ids(&["p", "q"]), nodes: false }
     );
     assert_eq!(Work::of(None), Work::Full);
 }
