@@ -291,7 +291,16 @@ pub async fn run(
         if leading {
             let config = EngineConfig { check_nodes: leading_since.elapsed() >= config.node_timeout, ..config.clone() };
             // A full pass as soon as the lease is taken too: nothing was looked at before.
+            let why = match &announced {
+                _ if !looked => "the lease was just taken",
+                None => "announcements were lost",
+                Some(c) if c.contains(&zeitwork_store::Change::Anything) => "a change not described",
+                Some(_) => "",
+            };
             let work = if looked { Work::of(announced) } else { Work::Full };
+            if work == Work::Full {
+                tracing::debug!(why, "full engine pass asked for");
+            }
             let sweep_due = tick && tokio::time::Instant::now() >= next_sweep;
             let done = match work {
                 Work::Full => {
@@ -305,12 +314,16 @@ pub async fn run(
                     match act_on_changes(&store, &config, deployments, &projects).await {
                         // The clock's steps on a tick and after a node's change; the sweep only when due on a tick.
                         Ok(acted) if tick || nodes => {
-                            ticked(&store, &config, tick && sweep_due, &mut next_sweep).await.map(|t| t || acted)
+                            let mut between = Between { store: &store, config: &config, seen: &mut seen };
+                            ticked(&config, tick && sweep_due, &mut next_sweep, &mut between).await.map(|t| t || acted)
                         }
                         other => other,
                     }
                 }
-                Work::Nothing if tick => ticked(&store, &config, sweep_due, &mut next_sweep).await,
+                Work::Nothing if tick => {
+                    let mut between = Between { store: &store, config: &config, seen: &mut seen };
+                    ticked(&config, sweep_due, &mut next_sweep, &mut between).await
+                }
                 Work::Nothing => Ok(false),
             };
             match done {
@@ -354,22 +367,55 @@ async fn act_on_changes(
 }
 
 /// A tick without a change that asks for a full pass: the clock's [`steps`],
-/// and the [`sweep`] when it is due.
+/// and the [`sweep`] when it is due (changes announced meanwhile are acted
+/// on between its reads).
 async fn ticked(
-    store: &Store,
     config: &EngineConfig,
     sweep_due: bool,
     next_sweep: &mut tokio::time::Instant,
+    between: &mut Between<'_>,
 ) -> Result<bool, StoreError> {
+    let store = between.store;
     let mut phases = Phases::start();
     let mut changed = steps(store, config, &mut phases).await?;
     if sweep_due {
         let swept = tokio::time::Instant::now();
-        changed |= sweep(store, config, &mut phases).await?;
+        changed |= sweep(store, config, &mut phases, Some(between)).await?;
         *next_sweep = sweep_after(swept);
     }
     phases.log(if sweep_due { "engine tick with sweep" } else { "engine tick" });
     Ok(changed)
+}
+
+/// What a sweep does between its reads: acts on the deployments and projects
+/// announced since the engine last looked, so that a deploy or a ready report
+/// waits for one read of the sweep, not for all of it. Anything that asks for
+/// more (nodes, a change not described, lost announcements) is left for the
+/// engine's loop after the sweep.
+struct Between<'a> {
+    store: &'a Store,
+    config: &'a EngineConfig,
+    seen: &'a mut u64,
+}
+
+impl Between<'_> {
+    async fn act(&mut self) -> Result<bool, StoreError> {
+        let (latest, announced) = self.store.changes_since(*self.seen);
+        if latest == *self.seen {
+            return Ok(false);
+        }
+        match Work::of(announced) {
+            Work::Changes { deployments, projects, nodes: false } => {
+                *self.seen = latest;
+                act_on_changes(self.store, self.config, deployments, &projects).await
+            }
+            Work::Nothing => {
+                *self.seen = latest;
+                Ok(false)
+            }
+            Work::Changes { nodes: true, .. } | Work::Full => Ok(false),
+        }
+    }
 }
 
 /// When the next sweep may run after one that started at `started` and
@@ -501,7 +547,7 @@ fn runtime_of(nodes: &[Node], id: &str) -> Option<String> {
 pub async fn pass(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_store::StoreError> {
     let mut phases = Phases::start();
     let mut changed = steps(store, config, &mut phases).await?;
-    changed |= sweep(store, config, &mut phases).await?;
+    changed |= sweep(store, config, &mut phases, None).await?;
     phases.log("full engine pass");
     Ok(changed)
 }
@@ -570,7 +616,12 @@ async fn steps(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Res
 /// scaled deployment keeps its autoscaler's count. A change to a deployment
 /// is acted on at once by [`act_on`]; this sweep is the safety net and the
 /// autoscaler's clock.
-async fn sweep(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Result<bool, StoreError> {
+async fn sweep(
+    store: &Store,
+    config: &EngineConfig,
+    phases: &mut Phases,
+    mut between: Option<&mut Between<'_>>,
+) -> Result<bool, StoreError> {
     let mut changed = false;
     let now = chrono::Utc::now();
     // What nodes hold is kept as deltas by the store; folding them keeps each
@@ -585,11 +636,18 @@ async fn sweep(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Res
     // Active ones first, each status newest first (stable: the store lists newest first).
     running.sort_by_key(|d| RUNNING.iter().position(|s| *s == d.status));
     phases.mark("running deployments");
+    if let Some(b) = between.as_deref_mut() {
+        changed |= b.act().await?;
+    }
     let mut tallies: HashMap<String, Vec<InstanceTally>> = HashMap::new();
     for t in store.instance_tallies(&RUNNING).await? {
         tallies.entry(t.deployment.clone()).or_default().push(t);
     }
     phases.mark("instance counts");
+    if let Some(b) = between {
+        changed |= b.act().await?;
+        phases.mark("changes acted on");
+    }
     for r in running {
         let (desired, scaled) = desired_count(&r, now);
         let regions = r.project.as_ref().map(|p| p.regions.as_slice()).unwrap_or_default();

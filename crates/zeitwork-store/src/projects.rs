@@ -282,7 +282,7 @@ impl Store {
         })?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Projects(vec![id])).await;
         self.get_project(&p.org, &p.name).await
     }
 

@@ -209,7 +209,7 @@ impl Store {
         .bind(r.watch_until)
         .execute(&self.writer)
         .await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(std::iter::once(d.id).chain(r.baseline.clone()).collect())).await;
         Ok(())
     }
 
@@ -420,7 +420,10 @@ impl Store {
         .await?;
         append_event(&mut tx, audit, "failed").await?;
         tx.commit().await?;
-        self.changed().await;
+        self.changed_in(crate::Change::Deployments(
+            std::iter::once(bad.to_owned()).chain(to.map(|t| t.id.clone())).collect(),
+        ))
+        .await;
         Ok(true)
     }
 }

@@ -253,6 +253,37 @@ async fn a_change_moves_the_deployments_it_names_and_no_other() {
     assert_eq!(store.list_instances(&idle.id).await.unwrap().len(), 1);
 }
 
+/// Between a sweep's reads the engine acts on the deployments announced
+/// meanwhile; a change that asks for more is left, unseen, for its loop.
+#[tokio::test]
+async fn a_sweep_acts_between_its_reads_on_what_was_announced() {
+    use zeitwork_api_types::Environment;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, p) = one_node(dir.path()).await;
+    let a = Audit::new("test", "test", "x");
+    let config = EngineConfig::default();
+    let mut seen = *store.changes().borrow();
+    let d = store.create_deployment(&deployment_of(&p, "web-new-acme", Environment::Production), &a).await.unwrap();
+    let mut between = Between { store: &store, config: &config, seen: &mut seen };
+    assert!(between.act().await.unwrap());
+    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Starting);
+    assert!(!between.act().await.unwrap(), "nothing announced since");
+    let acted = seen;
+    assert_eq!(acted, *store.changes().borrow());
+
+    // A node's change and a deployment announced with it: both left for the loop.
+    let d2 = store.create_deployment(&deployment_of(&p, "web-two-acme", Environment::Staging), &a).await.unwrap();
+    store.drain_node(&store.nodes_for_placement().await.unwrap()[0].id, &a).await.unwrap();
+    let mut between = Between { store: &store, config: &config, seen: &mut seen };
+    assert!(!between.act().await.unwrap());
+    assert_eq!(seen, acted, "not taken from the loop");
+    assert_eq!(store.get_deployment(&d2.id).await.unwrap().status, DeploymentStatus::Pending);
+    assert_eq!(
+        Work::of(store.changes_since(seen).1),
+        Work::Changes { deployments: vec![d2.id.clone()], projects: vec![], nodes: true }
+    );
+}
+
 /// What a wake-up asks for: the deployments announced (each once), a full
 /// pass for anything else or for announcements the store no longer knows.
 #[test]
