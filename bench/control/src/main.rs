@@ -177,6 +177,8 @@ async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: us
         }
         store.set_deployment_status(&id, DeploymentStatus::Active, None).await?;
     }
+    // As the engine's sweep does: what the nodes hold kept on the nodes.
+    store.fold_node_holds().await?;
     println!("  setup took {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
 }

@@ -91,8 +91,14 @@ pub fn netns_name(id: &str) -> String {
 }
 
 async fn cmd(program: &Path, args: &[&str]) -> Result<String, RuntimeError> {
+    cmd_in(Path::new("/"), program, args).await
+}
+
+/// [`cmd`] run from the directory `dir`.
+async fn cmd_in(dir: &Path, program: &Path, args: &[&str]) -> Result<String, RuntimeError> {
     let out = Command::new(program)
         .args(args)
+        .current_dir(dir)
         .output()
         .await
         .map_err(|e| RuntimeError::Unavailable("the OCI runtime", e.to_string()))?;
@@ -522,15 +528,24 @@ impl Runtime for ContainerRuntime {
         // A remapped root gets the image's files as its own by metadata-only
         // copies in the writable layer (metacopy): the shared image is never changed.
         let metacopy = if userns.is_some() { ",metacopy=on,redirect_dir=on" } else { "" };
+        // Mounted from the instance's directory with paths relative to it (the
+        // image through a link there): the overlay's options, which the
+        // instance reads in /proc/mounts, name no path of the host.
+        let relative = |p: &Path| p.strip_prefix(&dir).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+        let lower = dir.join("lower");
+        let _ = std::fs::remove_file(&lower);
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={}{metacopy}",
-            spec.rootfs.display(),
-            upper.display(),
-            work.display()
+            "lowerdir=lower,upperdir={},workdir={}{metacopy}",
+            relative(&upper).display(),
+            relative(&work).display()
         );
-        if let Err(e) =
-            cmd(Path::new("mount"), &["-t", "overlay", "overlay", "-o", &opts, &merged.display().to_string()]).await
-        {
+        let mounted =
+            match std::path::absolute(&spec.rootfs).and_then(|image| std::os::unix::fs::symlink(image, &lower)) {
+                Ok(()) => cmd_in(&dir, Path::new("mount"), &["-t", "overlay", "overlay", "-o", &opts, "rootfs"]).await,
+                Err(e) => Err(RuntimeError::failed("linking the image into the instance directory", e)),
+            };
+        let _ = std::fs::remove_file(&lower);
+        if let Err(e) = mounted {
             unmount_layer(&spec.id, &dir).await;
             remove_instance_dir(&spec.id, &dir).await;
             return Err(e);

@@ -58,6 +58,7 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
                  /bin/busybox unshare -n /bin/busybox true 2>/dev/null && echo netns-open || echo netns-closed; \
                  /bin/busybox mount -t tmpfs none /tmp 2>/dev/null && echo mount-open || echo mount-closed; \
                  (/bin/busybox sh -c 'echo forked') ; \
+                 /bin/busybox sed 's/^/mount: /' /proc/mounts; \
                  exec /bin/busybox httpd -f -p $PORT -h /www",
             )
             .await,
@@ -107,6 +108,10 @@ async fn runs_an_image_with_its_own_network_limits_and_logs() {
         assert!(logs.iter().any(|l| l.line == refused), "{refused} missing: {logs:?}");
     }
     assert!(logs.iter().any(|l| l.stream == "stdout" && l.line == "booting hi"), "{logs:?}");
+    let mounts: Vec<&str> = logs.iter().filter_map(|l| l.line.strip_prefix("mount: ")).collect();
+    assert!(mounts.iter().any(|m| m.starts_with("overlay / overlay ")), "{mounts:?}");
+    let host = dir.path().display().to_string();
+    assert!(!mounts.iter().any(|m| m.contains(&host) || m.contains("/instances/")), "host paths shown: {mounts:?}");
     assert!(logs.iter().any(|l| l.stream == "stderr" && l.line == "warn"), "{logs:?}");
 
     // The image's root is never written: the instance writes to its overlay.

@@ -11,14 +11,23 @@ use crate::{
 };
 
 /// A node with what its live instances hold: the totals kept on the node
-/// plus the deltas not yet folded into them (see [`Store::fold_node_holds`]).
-pub(crate) const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
+/// plus its deltas not yet folded into them (see [`Store::fold_node_holds`]),
+/// found through the deltas' index by node.
+const NODE_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
+    n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
+    n.held_instances + (SELECT CAST(COALESCE(SUM(p.instances), 0) AS BIGINT) FROM node_holds_pending p WHERE p.node_id = n.id) AS inst_count, \
+    n.held_vcpu + (SELECT CAST(COALESCE(SUM(p.vcpu), 0) AS BIGINT) FROM node_holds_pending p WHERE p.node_id = n.id) AS alloc_vcpu, \
+    n.held_memory + (SELECT CAST(COALESCE(SUM(p.memory), 0) AS BIGINT) FROM node_holds_pending p WHERE p.node_id = n.id) AS alloc_memory \
+    FROM nodes n WHERE 1 = 1";
+
+/// [`NODE_SELECT`] for every node at once: the deltas summed in one pass.
+pub(crate) const NODES_SELECT: &str = "SELECT n.id, n.hostname, n.region, n.address, n.status, n.vcpu, n.memory, \
     n.physical_vcpu, n.physical_memory, n.runtime, n.runtime_detail, n.last_heartbeat, n.created_at, \
     CAST(n.held_instances + COALESCE(p.instances, 0) AS BIGINT) AS inst_count, \
     CAST(n.held_vcpu + COALESCE(p.vcpu, 0) AS BIGINT) AS alloc_vcpu, \
     CAST(n.held_memory + COALESCE(p.memory, 0) AS BIGINT) AS alloc_memory \
     FROM nodes n LEFT JOIN (SELECT node_id, SUM(instances) AS instances, SUM(vcpu) AS vcpu, SUM(memory) AS memory \
-    FROM node_holds_pending GROUP BY node_id) p ON p.node_id = n.id WHERE 1 = 1";
+    FROM node_holds_pending GROUP BY node_id) p ON p.node_id = n.id";
 
 pub(crate) fn node_from(row: &AnyRow) -> Result<Node> {
     Ok(Node {

@@ -10,7 +10,7 @@ use zeitwork_api_types::{Deployment, DeploymentStatus, InstanceStatus, Node, Pro
 
 use crate::deployments::deployment_from;
 use crate::lifecycle::{wakefulness_from, Wakefulness};
-use crate::nodes::{node_from, NODE_SELECT};
+use crate::nodes::{node_from, NODES_SELECT};
 use crate::projects::{project_from, PROJECT_SELECT};
 use crate::{ts, Dialect, Result, RowExt, Store, StoreError};
 
@@ -195,7 +195,7 @@ impl Store {
     /// query over the nodes (the holds are kept per node, not summed over
     /// every instance).
     pub async fn nodes_for_placement(&self) -> Result<Vec<Node>> {
-        let rows = sqlx::query(&format!("{NODE_SELECT} ORDER BY n.hostname")).fetch_all(&self.reader).await?;
+        let rows = sqlx::query(&format!("{NODES_SELECT} ORDER BY n.hostname")).fetch_all(&self.reader).await?;
         rows.iter().map(node_from).collect()
     }
 
