@@ -830,6 +830,17 @@ mod tests {
         sqlx::query(sql).execute(pool).await.unwrap();
     }
 
+    /// A new SQLite database (in a directory kept while the first value lives)
+    /// migrated up to and including `version`.
+    async fn sqlite_at(version: i64) -> (tempfile::TempDir, AnyPool) {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        migrate_until(&pool, Dialect::Sqlite, version).await.unwrap();
+        (dir, pool)
+    }
+
     async fn texts(pool: &AnyPool, sql: &str) -> Vec<String> {
         sqlx::query(sql).fetch_all(pool).await.unwrap().iter().map(|r| r.try_get::<String, _>(0).unwrap()).collect()
     }
@@ -858,11 +869,7 @@ mod tests {
     /// and deletes (the PostgreSQL triggers are run by the store suite).
     #[tokio::test]
     async fn node_holds_start_from_existing_instances_and_follow_changes() {
-        sqlx::any::install_default_drivers();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
-        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
-        migrate_until(&pool, Dialect::Sqlite, 30).await.unwrap();
+        let (_dir, pool) = sqlite_at(30).await;
         exec(&pool, "INSERT INTO regions VALUES ('r1', 'us-east', 'US East', 'US', 1)").await;
         exec(
             &pool,
@@ -902,11 +909,7 @@ mod tests {
     /// given to neither.
     #[tokio::test]
     async fn tenant_isolation_migration_keeps_owned_data_and_drops_contested_hooks() {
-        sqlx::any::install_default_drivers();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
-        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
-        migrate_until(&pool, Dialect::Sqlite, 7).await.unwrap();
+        let (_dir, pool) = sqlite_at(7).await;
         exec(&pool, "INSERT INTO orgs VALUES ('o1', 'corp', 'corp', 1), ('o2', 'acme-corp', 'acme-corp', 2), ('o3', 'solo', 'solo', 3)").await;
         for (id, org, name, repo, at) in [
             ("p1", "o1", "web-acme", "gh/shared", 1),

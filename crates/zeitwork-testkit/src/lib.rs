@@ -564,37 +564,66 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// Whether an OCI distribution registry answers `GET /v2/` on `port` (its
+/// API version header, not just any server on the port).
+fn registry_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    if c.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = Vec::new();
+    let _ = c.take(4096).read_to_end(&mut head);
+    String::from_utf8_lossy(&head).to_ascii_lowercase().contains("docker-distribution-api-version")
+}
+
 impl Registry {
     pub fn start() -> Result<Self> {
         if !which("docker-registry") {
             bail!("docker-registry is needed (apt-get install docker-registry; .ci/run installs it)");
         }
         let dir = tempfile::Builder::new().prefix("zeitwork-registry-").tempdir()?;
-        let port = free_port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("config.yml"), config)?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("registry.log"))?)
-            .spawn()
-            .context("starting docker-registry")?;
-        let reg = Registry { dir, child, addr: format!("127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "docker-registry did not start: {}",
-                    std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
-                );
+        // A port found free may be taken before the registry binds it (tests
+        // run side by side): then the registry exits, and it starts again on
+        // another. Ready means the registry itself answers `/v2/`.
+        for _ in 0..5 {
+            let port = free_port();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            );
+            std::fs::write(dir.path().join("config.yml"), config)?;
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(dir.path().join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("registry.log"))?)
+                .spawn()
+                .context("starting docker-registry")?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if registry_answers(port) {
+                    return Ok(Registry { dir, child, addr: format!("127.0.0.1:{port}") });
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!(
+                        "docker-registry did not start: {}",
+                        std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(reg)
+        bail!(
+            "docker-registry exited at start five times: {}",
+            std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
+        )
     }
 
     /// Where the registry keeps a blob (to corrupt it in tests).
