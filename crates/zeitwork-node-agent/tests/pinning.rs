@@ -126,8 +126,16 @@ async fn a_client_pinned_by_its_cookie_keeps_its_version_after_a_deploy() {
     wait_for(&admin, &shop, "active").await;
     wait_for(&admin, &old, "active").await;
 
-    // Off by default: no cookie.
-    let a = get(at, "1.1", stable, None).await;
+    // Off by default: no cookie (once the edge has the route: it learns of the
+    // activation a moment after the API reports it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let a = loop {
+        let a = get(at, "1.1", stable, None).await;
+        if a.status != 404 || Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!((a.status, a.body.as_str()), (200, "v1\n"), "{a:?}");
     assert_eq!(a.header("set-cookie"), None, "{a:?}");
 
