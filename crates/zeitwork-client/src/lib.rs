@@ -182,6 +182,30 @@ impl Client {
         Ok((value, headers))
     }
 
+    /// A long poll that answers `304 Not Modified` when nothing changed:
+    /// `None` then, with the answer's headers.
+    pub async fn get_if_changed<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(Option<T>, reqwest::header::HeaderMap), ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if res.status() == StatusCode::NOT_MODIFIED {
+            return Ok((None, res.headers().clone()));
+        }
+        if !res.status().is_success() {
+            return Err(Self::error_of(res).await);
+        }
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((Some(value), headers))
+    }
+
     /// A list endpoint, one page.
     pub async fn list<T: DeserializeOwned>(&self, path: &str) -> Result<Page<T>, ClientError> {
         let (_, headers, bytes) = self.send_raw(Method::GET, path, None).await?;

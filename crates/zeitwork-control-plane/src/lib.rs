@@ -6,6 +6,7 @@
 //! talk to instances directly (that is the node agent).
 
 pub mod api;
+pub mod assignments;
 pub mod auth;
 pub mod autoscale;
 pub mod backup;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub cipher: secrets::Cipher,
     pub metrics: HttpMetrics,
     pub routing: Arc<routing::RoutingHub>,
+    /// Wakes nodes' assignment watches for the changes that concern them.
+    pub assignments: Arc<assignments::AssignmentHub>,
     /// This operator's token towards node agents.
     pub internal_token: Arc<auth::InternalToken>,
     /// Calls to node agents.
@@ -117,6 +120,8 @@ pub struct Operator {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     refresher: tokio::task::JoinHandle<()>,
+    /// Wakes the assignment watches of the nodes each change concerns.
+    assignment_watch: tokio::task::JoinHandle<()>,
     /// Wakes this operator's readers on other operators' changes (PostgreSQL).
     change_listener: tokio::task::JoinHandle<()>,
     engine: tokio::task::JoinHandle<()>,
@@ -135,6 +140,8 @@ pub struct Operator {
     pub store: Store,
     /// This operator's name as a holder of the engine lease.
     pub engine_id: String,
+    /// Its assignment watches (their figures).
+    pub assignments: Arc<assignments::AssignmentHub>,
 }
 
 impl Operator {
@@ -164,6 +171,8 @@ impl Operator {
         let routing = routing::RoutingHub::new(&config.apps_domain);
         let (tx, rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
+        let assignments = Arc::new(assignments::AssignmentHub::default());
+        let assignment_watch = tokio::spawn(assignments.clone().run(store.clone(), rx.clone()));
         let change_listener = {
             let (store, rx) = (store.clone(), rx.clone());
             tokio::spawn(async move { store.follow_changes(rx).await })
@@ -184,6 +193,7 @@ impl Operator {
         metrics.with_registry(|r| build_metrics.register(r));
         let sse = Arc::new(api::stream::SseStats::default());
         metrics.with_registry(|r| sse.register(r));
+        metrics.with_registry(|r| assignments.register(r));
         let queue_gauges = Arc::new(notify::QueueGauges { queries: gauges.queries.clone(), ..Default::default() });
         metrics.with_registry(|r| queue_gauges.register(r));
         let engine = tokio::spawn(engine::run(
@@ -213,6 +223,7 @@ impl Operator {
             cipher,
             metrics,
             routing,
+            assignments: assignments.clone(),
             internal_token: Arc::default(),
             http: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(3))
@@ -257,6 +268,7 @@ impl Operator {
             shutdown: tx,
             task,
             refresher,
+            assignment_watch,
             change_listener,
             engine,
             feeder,
@@ -271,6 +283,7 @@ impl Operator {
             admin_token_path,
             store,
             engine_id,
+            assignments,
         })
     }
 
@@ -283,6 +296,7 @@ impl Operator {
     pub fn abort(self) {
         self.task.abort();
         self.refresher.abort();
+        self.assignment_watch.abort();
         self.change_listener.abort();
         self.engine.abort();
         self.feeder.abort();
@@ -304,6 +318,7 @@ impl Operator {
         }
         let workers = [
             ("refresher", self.refresher),
+            ("assignment watch", self.assignment_watch),
             ("change listener", self.change_listener),
             ("engine", self.engine),
             ("feeder", self.feeder),

@@ -83,11 +83,26 @@ async fn assignments_name_the_nodes_that_share_a_network() {
         let (id, own) = nodes[i].clone();
         async move { own.get::<Vec<Value>>(&format!("/api/v1/nodes/{id}/assignments")).await.unwrap() }
     };
+    // A watch of node i from `version`: the new set, or `None` (304) when it stayed that.
+    let watch = |i: usize, version: String, timeout: u64| {
+        let (id, own) = nodes[i].clone();
+        async move {
+            let path = format!("/api/v1/nodes/{id}/assignments?version={version}&timeout={timeout}");
+            own.get_if_changed::<Vec<Value>>(&path).await.unwrap()
+        }
+    };
+    let version = |h: &reqwest::header::HeaderMap| h["x-assignments-version"].to_str().unwrap().to_owned();
     // A node's reading of its assignments gives its instances their addresses;
-    // once both have read, each sees the other's member.
-    assignments(0).await;
+    // each new address wakes the watches of the nodes holding the network's
+    // other members, so a waiting node a learns of b's member at once.
+    let (id_a, own_a) = nodes[0].clone();
+    let (_, h) = own_a.get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{id_a}/assignments")).await.unwrap();
+    let waiting_a = tokio::spawn(watch(0, version(&h), 30));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let on_b = assignments(1).await;
-    let on_a = assignments(0).await;
+    let t = std::time::Instant::now();
+    let on_a = waiting_a.await.unwrap().0.expect("b's new address changes a's set");
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "a's watch is woken, not left to its timeout");
     let web_of = |list: &[Value]| list.iter().find(|a| a["project"] == "web").cloned().unwrap();
     let (wa, wb) = (web_of(&on_a), web_of(&on_b));
     let peers_a = wa["network"]["tunnel_peers"].as_array().cloned().unwrap_or_default();
@@ -106,7 +121,32 @@ async fn assignments_name_the_nodes_that_share_a_network() {
     assert!(spy["network"].get("tunnel_peers").is_none(), "{spy}");
 
     // A node that registers again without a tunnel drops out of the others' peers.
-    agent.post::<_, Value>("/api/v1/nodes", &body("node-b", 8192, None)).await.unwrap();
+    let again: Value = agent.post("/api/v1/nodes", &body("node-b", 8192, None)).await.unwrap();
     let wa = web_of(&assignments(0).await);
     assert!(wa["network"].get("tunnel_peers").is_none(), "{wa}");
+
+    // A change wakes the watches of the nodes it concerns only: web's env
+    // reaches a and b, while c (no web instance) is not read again and
+    // answers 304 at its timeout.
+    let mut now = nodes.clone();
+    now[1].1 = Client::new(&base, Some(again["credential"].as_str().unwrap().to_owned()));
+    let mut waiting = Vec::new();
+    for (id, own) in now {
+        let (_, h) = own.get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{id}/assignments")).await.unwrap();
+        let path = format!("/api/v1/nodes/{id}/assignments?version={}&timeout=4", version(&h));
+        waiting.push(tokio::spawn(async move { own.get_if_changed::<Vec<Value>>(&path).await.unwrap().0 }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let reads = _op.assignments.reads.get();
+    admin.put::<_, Value>("/api/v1/projects/acme/web/env/GREETING", &json!({"value": "hello"})).await.unwrap();
+    let mut answers = Vec::new();
+    for w in waiting {
+        answers.push(w.await.unwrap());
+    }
+    for (i, a) in answers.iter().take(2).enumerate() {
+        let a = a.as_ref().unwrap_or_else(|| panic!("node {i} holds web: its watch answers the new set"));
+        assert_eq!(web_of(a)["env"]["GREETING"], "hello");
+    }
+    assert_eq!(answers[2], None, "c's set did not change: 304");
+    assert_eq!(_op.assignments.reads.get() - reads, 2, "a and b were read again, c was not");
 }

@@ -653,8 +653,10 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
             Some(v) => format!("/api/v1/nodes/{node}/assignments?version={v}&timeout=25"),
             None => format!("/api/v1/nodes/{node}/assignments"),
         };
-        match client.get_with_headers::<Vec<Assignment>>(&path).await {
-            Ok((list, headers)) => {
+        match client.get_if_changed::<Vec<Assignment>>(&path).await {
+            // Unchanged at the poll's timeout: ask again.
+            Ok((None, _)) => failures = 0,
+            Ok((Some(list), headers)) => {
                 failures = 0;
                 version = headers.get("x-assignments-version").and_then(|v| v.to_str().ok()).map(str::to_owned);
                 tx.send_replace(Some(list));

@@ -677,11 +677,12 @@ async fn an_uploaded_archive_deploys_without_a_registry() {
     assert_eq!(list.len(), 1);
     let version = h["x-assignments-version"].to_str().unwrap().to_owned();
     let t = Instant::now();
-    let (_, h) = agent_client
-        .get_with_headers::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments?version={version}&timeout=1"))
+    let (unchanged, h) = agent_client
+        .get_if_changed::<Vec<Value>>(&format!("/api/v1/nodes/{node}/assignments?version={version}&timeout=1"))
         .await
         .unwrap();
     assert!(t.elapsed() >= Duration::from_millis(900), "an unchanged set is held until the timeout");
+    assert_eq!(unchanged, None, "and then answered 304 Not Modified");
     assert_eq!(h["x-assignments-version"].to_str().unwrap(), version);
     let t = Instant::now();
     agent_client

@@ -125,6 +125,15 @@ impl Store {
                 r => r?,
             };
             tx.commit().await?;
+            // The other members' lists now hold this address: their nodes' watches wake.
+            let project = sqlx::query("SELECT project_id FROM project_networks WHERE idx = $1")
+                .bind(i64::from(network))
+                .fetch_optional(&self.reader)
+                .await?;
+            match project.map(|r| r.text("project_id")).transpose()? {
+                Some(p) => self.changed_in(crate::Change::Projects(vec![p])).await,
+                None => self.changed().await,
+            }
             return Ok(host as u32);
         }
         Err(StoreError::Conflict("private address allocation kept clashing; try again".into()))

@@ -519,3 +519,51 @@ impl Store {
         Ok(ids)
     }
 }
+
+impl Store {
+    /// The nodes whose assignments a change of `deployments` or `projects`
+    /// may alter: those holding any instance of the deployments (one that
+    /// stopped leaves its node's list), and those holding a live instance of
+    /// the same projects (their private networks' member lists change).
+    pub async fn nodes_concerned(
+        &self,
+        deployments: &[String],
+        projects: &[String],
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let mut nodes = std::collections::BTreeSet::new();
+        let mut projects: std::collections::BTreeSet<String> = projects.iter().cloned().collect();
+        let params = |n: usize| (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        for chunk in deployments.chunks(500) {
+            let p = params(chunk.len());
+            let of_deployments = format!(
+                "SELECT DISTINCT node_id AS id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL"
+            );
+            let their_projects = format!("SELECT DISTINCT project_id AS id FROM deployments WHERE id IN ({p})");
+            for (sql, into) in [(of_deployments, &mut nodes), (their_projects, &mut projects)] {
+                let mut q = sqlx::query(&sql);
+                for d in chunk {
+                    q = q.bind(d.as_str());
+                }
+                for r in q.fetch_all(&self.reader).await? {
+                    into.insert(r.text("id")?);
+                }
+            }
+        }
+        let projects: Vec<String> = projects.into_iter().collect();
+        for chunk in projects.chunks(500) {
+            let sql = format!(
+                "SELECT DISTINCT i.node_id FROM instances i JOIN deployments d ON d.id = i.deployment_id \
+                 WHERE d.project_id IN ({}) AND i.node_id IS NOT NULL AND i.{LIVE_INSTANCE}",
+                params(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for p in chunk {
+                q = q.bind(p.as_str());
+            }
+            for r in q.fetch_all(&self.reader).await? {
+                nodes.insert(r.text("node_id")?);
+            }
+        }
+        Ok(nodes)
+    }
+}

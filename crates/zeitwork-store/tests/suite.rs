@@ -42,6 +42,7 @@ cases!(
     log_drains,
     instance_usage_from_samples,
     node_tunnels,
+    nodes_a_change_concerns,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1144,6 +1145,73 @@ async fn private_networks(store: Store) {
     };
     let fresh = store.create_instance(&i).await.unwrap().id;
     assert_eq!(store.private_host(n_web, &fresh, 254).await.unwrap(), hosts[0]);
+}
+
+/// The nodes whose assignments a change may alter: every node that holds
+/// an instance of a changed deployment (a stopped one too), and the nodes
+/// with live instances of its project (their network's members change). A
+/// newly handed-out private address announces its project.
+async fn nodes_a_change_concerns(store: Store) {
+    store.create_region(&region("us-east"), &audit("region.create")).await.unwrap();
+    let mut nodes = Vec::new();
+    for name in ["w1", "w2", "w3", "w4"] {
+        nodes.push(store.register_node(&node(name, "us-east"), &audit("node.register")).await.unwrap().0.id);
+    }
+    org(&store, "acme").await;
+    let mut projects = Vec::new();
+    for name in ["web", "api"] {
+        let p = NewProject { github_repo: None, ..new_project("acme", name) };
+        projects.push(store.create_project(&p, &audit("project.create")).await.unwrap());
+    }
+    let (web, api) = (&projects[0], &projects[1]);
+    let mut deployments = Vec::new();
+    let mut instances = Vec::new();
+    // web: d1 on w1 (ready) and w2 (stopped), d2 on w3; api: d3 on w3.
+    for (project, on) in [(web, vec![0, 1]), (web, vec![2]), (api, vec![2])] {
+        let d = store.create_deployment(&new_deployment(project, Environment::Production), &audit("d")).await.unwrap();
+        for n in on {
+            let i = NewInstance {
+                deployment: d.id.clone(),
+                node: Some(nodes[n].clone()),
+                region: "us-east".into(),
+                resources: Resources { vcpu: 1, memory: 128 },
+                runtime: None,
+            };
+            let i = store.create_instance(&i).await.unwrap();
+            store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+            instances.push(i.id);
+        }
+        deployments.push(d.id);
+    }
+    store.set_instance_status(&instances[1], InstanceStatus::Stopped, None, None).await.unwrap();
+    let concerned = |d: &[&String], p: &[&String]| {
+        let d: Vec<String> = d.iter().map(|s| (*s).clone()).collect();
+        let p: Vec<String> = p.iter().map(|s| (*s).clone()).collect();
+        let store = store.clone();
+        async move { store.nodes_concerned(&d, &p).await.unwrap().into_iter().collect::<Vec<_>>() }
+    };
+    let mut want = vec![nodes[0].clone(), nodes[1].clone(), nodes[2].clone()];
+    want.sort();
+    assert_eq!(concerned(&[&deployments[0]], &[]).await, want, "d1's nodes and web's");
+    let mut want = vec![nodes[0].clone(), nodes[2].clone()];
+    want.sort();
+    assert_eq!(concerned(&[], &[&web.id]).await, want, "web's live instances");
+    assert_eq!(concerned(&[&deployments[2]], &[]).await, vec![nodes[2].clone()]);
+    assert_eq!(concerned(&[], &[&api.id]).await, vec![nodes[2].clone()]);
+    assert!(concerned(&[], &[]).await.is_empty());
+    assert!(concerned(&[&"missing".to_owned()], &[&"missing".to_owned()]).await.is_empty());
+
+    let net = store.project_network(&web.id, "production", 4).await.unwrap();
+    let (at, _) = store.changes_since(0);
+    store.private_host(net, &instances[0], 254).await.unwrap();
+    let (next, said) = store.changes_since(at);
+    assert_eq!(
+        said,
+        Some(vec![zeitwork_store::Change::Projects(vec![web.id.clone()])]),
+        "a new address announces its project"
+    );
+    store.private_host(net, &instances[0], 254).await.unwrap();
+    assert_eq!(store.changes_since(next).1, Some(vec![]), "an address it had announces nothing");
 }
 
 /// A node keeps VM snapshots of the sleeping (and waking) deployments that ran

@@ -3,6 +3,7 @@
 //! same annotations the router is built from, so the two cannot drift.
 
 pub(crate) mod analytics;
+mod assignments;
 pub(crate) mod builds;
 pub(crate) mod checks;
 mod cluster;
@@ -149,8 +150,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(routing::watch_routing))
         .routes(routes!(routing::routing_deltas))
         .routes(routes!(routing::report_instance))
-        .routes(routes!(routing::node_assignments))
-        .routes(routes!(routing::node_snapshots))
+        .routes(routes!(assignments::node_assignments))
+        .routes(routes!(assignments::node_snapshots))
         .routes(routes!(routing::whoami))
         .routes(routes!(tls::verify_domain))
         .routes(routes!(tls::list_certificates))

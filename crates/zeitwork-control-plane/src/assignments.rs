@@ -1,0 +1,234 @@
+//! Assignment watches at scale: one task per operator follows what the store
+//! announces, finds the nodes a change concerns in one indexed read, and wakes
+//! only their long polls (`GET /api/v1/nodes/{id}/assignments?version=…`).
+//!
+//! Each node has a version here, bumped when a change may alter its
+//! assignments. A long poll remembers the digest of its last answer with the
+//! version it was read at; a poll that comes back with that digest while the
+//! version is unchanged waits without reading anything, and at its timeout
+//! answers `304 Not Modified`. So a waiting node costs no query until a change
+//! concerns it: an announced deployment or project wakes the nodes holding its
+//! instances (and those holding live instances of its projects, whose network
+//! member lists change); a node change, an undescribed change or a gap in the
+//! store's log wakes every node.
+//!
+//! A notification lost between operators (one crashing between commit and
+//! `NOTIFY`) is made good by [`TRUST`]: a remembered answer older than that is
+//! read again on the next poll, so no agent keeps a stale set for longer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use zeitwork_store::{Change, Store};
+
+/// How long an answer's digest is trusted without a change that concerns
+/// its node: the bound on staleness after a lost notification.
+pub const TRUST: Duration = Duration::from_secs(60);
+
+/// What a batch of announced changes concerns.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Concern {
+    pub deployments: BTreeSet<String>,
+    pub projects: BTreeSet<String>,
+    /// Every node (a node change, an undescribed change, or a gap).
+    pub all: bool,
+}
+
+impl Concern {
+    /// What `changes` concern; `None` (the log no longer reaches back) is everything.
+    pub fn of(changes: Option<Vec<Change>>) -> Self {
+        let mut c = Concern::default();
+        let Some(changes) = changes else {
+            c.all = true;
+            return c;
+        };
+        for change in changes {
+            match change {
+                Change::Deployments(ids) => c.deployments.extend(ids),
+                Change::Projects(ids) => c.projects.extend(ids),
+                Change::Nodes | Change::Anything => c.all = true,
+            }
+        }
+        c
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.deployments.is_empty() && self.projects.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    version: watch::Sender<u64>,
+    /// The digest of the last answer, the version it was read at and when.
+    answered: Option<(u64, String, Instant)>,
+}
+
+/// The operator's assignment watches.
+#[derive(Debug, Default)]
+pub struct AssignmentHub {
+    slots: Mutex<HashMap<String, Slot>>,
+    /// Reads of a node's assignments for a watch or a plain call.
+    pub reads: Counter,
+    /// Long polls answered without a read (nothing concerned their node).
+    pub unchanged: Counter,
+    /// Node wake-ups sent by changes.
+    pub wakes: Counter,
+}
+
+/// A long poll's view of its node: its version now, and a receiver that sees the next.
+pub struct Watch {
+    pub version: u64,
+    pub rx: watch::Receiver<u64>,
+}
+
+impl AssignmentHub {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("assignment_reads", "Reads of a node's assignments (calls and woken watches)", self.reads.clone());
+        r.register(
+            "assignment_watches_unchanged",
+            "Assignment long polls answered without a read: no change concerned their node",
+            self.unchanged.clone(),
+        );
+        r.register(
+            "assignment_wakes",
+            "Assignment watches woken by a change that concerned their node",
+            self.wakes.clone(),
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node's version now (taken before reading its assignments, so a
+    /// change committed meanwhile wakes the poll).
+    pub fn watch(&self, node: &str) -> Watch {
+        let mut slots = self.lock();
+        let slot =
+            slots.entry(node.to_owned()).or_insert_with(|| Slot { version: watch::Sender::new(0), answered: None });
+        let rx = slot.version.subscribe();
+        let version = *rx.borrow();
+        Watch { version, rx }
+    }
+
+    /// Whether `digest` is still the node's answer: nothing concerning the
+    /// node was announced since it was read, and not longer ago than [`TRUST`].
+    pub fn unchanged(&self, node: &str, digest: &str) -> bool {
+        self.lock().get(node).is_some_and(|s| {
+            s.answered
+                .as_ref()
+                .is_some_and(|(v, d, at)| *v == *s.version.borrow() && d == digest && at.elapsed() < TRUST)
+        })
+    }
+
+    /// Remembers the answer read at `version` (unless a newer one is remembered).
+    pub fn answered(&self, node: &str, version: u64, digest: String) {
+        if let Some(slot) = self.lock().get_mut(node) {
+            if slot.answered.as_ref().is_none_or(|(v, _, _)| *v <= version) {
+                slot.answered = Some((version, digest, Instant::now()));
+            }
+        }
+    }
+
+    /// Wakes the watches of `nodes` (every node with `None`).
+    pub fn wake(&self, nodes: Option<&BTreeSet<String>>) {
+        let slots = self.lock();
+        let mut woken = 0;
+        let mut bump = |slot: &Slot| {
+            slot.version.send_modify(|v| *v += 1);
+            woken += slot.version.receiver_count() as u64;
+        };
+        match nodes {
+            None => slots.values().for_each(&mut bump),
+            Some(nodes) => nodes.iter().filter_map(|n| slots.get(n)).for_each(&mut bump),
+        }
+        self.wakes.inc_by(woken);
+    }
+
+    /// Follows the store's announcements until `stop`, waking the nodes each concerns.
+    pub async fn run(self: std::sync::Arc<Self>, store: Store, mut stop: watch::Receiver<bool>) {
+        let mut changes = store.changes();
+        let mut seen = *changes.borrow_and_update();
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (latest, what) = store.changes_since(seen);
+            seen = latest;
+            let concern = Concern::of(what);
+            if concern.is_empty() {
+                continue;
+            }
+            if concern.all {
+                self.wake(None);
+                continue;
+            }
+            let deployments: Vec<String> = concern.deployments.into_iter().collect();
+            let projects: Vec<String> = concern.projects.into_iter().collect();
+            match store.nodes_concerned(&deployments, &projects).await {
+                Ok(nodes) => self.wake(Some(&nodes)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot find the nodes a change concerns; waking every assignment watch");
+                    self.wake(None);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_fold_into_what_they_concern() {
+        let c = Concern::of(Some(vec![
+            Change::Deployments(vec!["d1".into()]),
+            Change::Projects(vec!["p1".into()]),
+            Change::Deployments(vec!["d2".into(), "d1".into()]),
+        ]));
+        assert_eq!(c.deployments.into_iter().collect::<Vec<_>>(), ["d1", "d2"]);
+        assert_eq!(c.projects.into_iter().collect::<Vec<_>>(), ["p1"]);
+        assert!(!c.all);
+        assert!(Concern::of(Some(vec![Change::Deployments(vec!["d".into()]), Change::Nodes])).all);
+        assert!(Concern::of(Some(vec![Change::Anything])).all);
+        assert!(Concern::of(None).all, "a gap in the log concerns every node");
+        assert!(Concern::of(Some(vec![])).is_empty());
+    }
+
+    #[test]
+    fn a_remembered_answer_holds_until_its_node_is_woken() {
+        let hub = AssignmentHub::default();
+        let a = hub.watch("a");
+        let b = hub.watch("b");
+        hub.answered("a", a.version, "x".into());
+        hub.answered("b", b.version, "y".into());
+        assert!(hub.unchanged("a", "x"));
+        assert!(!hub.unchanged("a", "other"), "another digest is read again");
+        assert!(!hub.unchanged("c", "x"), "a node never answered is read");
+
+        hub.wake(Some(&["a".to_owned()].into()));
+        let a2 = hub.watch("a");
+        assert_eq!(a2.version, a.version + 1);
+        assert!(a.rx.has_changed().unwrap(), "a's poll is woken");
+        assert!(!hub.unchanged("a", "x"), "a is read again after its wake-up");
+        assert!(!b.rx.has_changed().unwrap(), "b's poll sleeps on");
+        assert!(hub.unchanged("b", "y"));
+        assert_eq!(hub.wakes.get(), 1, "the one poll of a");
+
+        // An answer read before the wake-up does not replace a newer one.
+        hub.answered("a", a2.version, "z".into());
+        hub.answered("a", a.version, "x".into());
+        assert!(hub.unchanged("a", "z"));
+
+        hub.wake(None);
+        assert!(b.rx.has_changed().unwrap(), "every node is woken by a node change");
+        assert!(!hub.unchanged("b", "y"));
+    }
+}
