@@ -1,13 +1,15 @@
 //! `bench/control`: the control plane at scale. Simulated nodes in 3 regions
 //! running instances (written straight to the store): 1,000 / 20,000 and
-//! 10,000 / 200,000 by default. At each scale: the time to place and make
-//! active a deployment of 3 instances per region (simulated agents report
-//! ready as soon as the store says their assignment is there), one full
+//! 10,000 / 200,000 by default. Every node has a simulated agent waiting in
+//! its assignment long poll (as real agents do), which reports an instance
+//! ready as soon as its assignment arrives. At each scale: the time to place
+//! and make active a deployment of 3 instances per region, the assignment
+//! reads the waiting agents cost (idle and during the rollout), one full
 //! reconcile pass, API p99 while a load runs, the process's memory, the
 //! memory of an edge's copy of the whole routing table, and the time for 100
 //! simulated edges, watching by deltas, to receive a rollback.
 //!
-//! cargo run --release -p zeitwork-bench-control -- [--nodes N --instances M] [--rate 1000]
+//! cargo run --release -p zeitwork-bench-control -- [--nodes N --instances M] [--agents A] [--rate 1000]
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,10 @@ use zeitwork_edge::table;
 use zeitwork_store::{Audit, NewDeployment, NewInstance, NewProject};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+
+/// The operator's private range: a /8 holds a network for each of the 20,000 projects.
+const PRIVATE_RANGE: &str = "10.0.0.0/8";
+const PRIVATE_NETWORKS: u32 = 1 << 16;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -53,18 +59,33 @@ async fn main() -> Result<()> {
         tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     }
     let rate = flag("--rate", 1000).max(1);
+    // Two descriptors per waiting agent (its end and the operator's).
+    let files = raise_open_files(65_536);
     let scales: Vec<(usize, usize)> = if std::env::args().any(|a| a == "--nodes" || a == "--instances") {
         vec![(flag("--nodes", 1000) as usize, flag("--instances", 20_000) as usize)]
     } else {
         vec![(1000, 20_000), (10_000, 200_000)]
     };
     for (n_nodes, n_instances) in scales {
-        scale(n_nodes, n_instances, rate).await?;
+        let agents = (flag("--agents", n_nodes as u32) as usize).min(n_nodes).min(files.saturating_sub(2000) / 2);
+        scale(n_nodes, n_instances, agents, rate).await?;
     }
     Ok(())
 }
 
-async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
+/// Raises this process's limit of open files to `want` if it may; returns the limit.
+fn raise_open_files(want: u64) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let max = now.maximum.map_or(want, |m| m.max(want));
+    if setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: Some(max) }).is_err() {
+        // Not allowed above the hard limit: as far as that.
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: now.maximum, maximum: now.maximum });
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(want) as usize
+}
+
+async fn scale(n_nodes: usize, n_instances: usize, agents: usize, rate: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let audit = Audit::new("bench", "setup", "bench");
     // `--state-cache DIR` keeps the written state of each scale there and
@@ -76,7 +97,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
     if std::env::args().any(|a| a == "--postgres") {
         // A throwaway PostgreSQL server of this run (fsync off, as in the tests).
         let pg = zeitwork_testkit::Postgres::start()?;
-        let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}.pgdump")));
+        let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}-v2.pgdump")));
         let url = match &cached {
             Some(c) if c.exists() => {
                 println!("starting from the state cached in {}", c.display());
@@ -95,10 +116,10 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
                 url
             }
         };
-        return measure(dir.path(), &audit, rate, n_nodes, n_instances, Some(url)).await;
+        return measure(dir.path(), &audit, rate, n_nodes, n_instances, agents, Some(url)).await;
     }
     let db = dir.path().join("zeitwork.db");
-    let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}.db")));
+    let cached = cache_dir.map(|d| d.join(format!("control-{n_nodes}-{n_instances}-v2.db")));
     if let Some(c) = cached.as_ref().filter(|c| c.exists()) {
         std::fs::copy(c, &db).with_context(|| format!("copying the cached state {}", c.display()))?;
         println!("starting from the state cached in {}", c.display());
@@ -111,7 +132,7 @@ async fn scale(n_nodes: usize, n_instances: usize, rate: u32) -> Result<()> {
             std::fs::copy(&db, c).with_context(|| format!("caching the state in {}", c.display()))?;
         }
     }
-    measure(dir.path(), &audit, rate, n_nodes, n_instances, None).await
+    measure(dir.path(), &audit, rate, n_nodes, n_instances, agents, None).await
 }
 
 /// Every node heartbeats now: a cached state's nodes last did when it was
@@ -160,6 +181,7 @@ async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: us
     for d in 0..n_instances.div_ceil(per) {
         let p = store.create_project(&project(&format!("app{d:05}")), audit).await?;
         let id = format!("app{d:05}-bench-acme");
+        let mut placed = Vec::with_capacity(per);
         let new = NewDeployment::of(&p, &id, "registry.example.com/acme/app:1");
         store.create_deployment(&new, audit).await?;
         for k in 0..per {
@@ -174,8 +196,12 @@ async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: us
                 })
                 .await?;
             store.set_instance_status(&i.id, InstanceStatus::Ready, Some("10.88.0.2:8080"), None).await?;
+            placed.push(i.id);
         }
         store.set_deployment_status(&id, DeploymentStatus::Active, None).await?;
+        // Their private addresses, as the agents' first reads hand them out.
+        let net = store.project_network(&p.id, "production", PRIVATE_NETWORKS).await?;
+        store.give_private_hosts(net, &placed, 254).await?;
     }
     // As the engine's sweep does: what the nodes hold kept on the nodes.
     store.fold_node_holds().await?;
@@ -191,6 +217,7 @@ async fn measure(
     rate: u32,
     n_nodes: usize,
     n_instances: usize,
+    n_agents: usize,
     database_url: Option<String>,
 ) -> Result<()> {
     let backend = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
@@ -200,6 +227,8 @@ async fn measure(
         data_dir: dir.to_owned(),
         // Simulated nodes do not heartbeat.
         node_timeout_secs: 3600,
+        private_network: PRIVATE_RANGE.into(),
+        max_connections_per_client: n_agents + 1000,
         ..Default::default()
     })
     .await?;
@@ -242,6 +271,36 @@ async fn measure(
     passes.sort();
     let one_pass = passes[passes.len() / 2];
 
+    // Every node's agent in its assignment long poll, as real agents wait.
+    let mut nodes = Vec::with_capacity(n_agents);
+    let mut page = zeitwork_store::Page::first(1000);
+    while nodes.len() < n_agents {
+        let l = store.list_nodes(&page).await?;
+        nodes.extend(l.items.into_iter().map(|n| n.id));
+        match l.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    nodes.truncate(n_agents);
+    let n_agents = nodes.len();
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let agents: Vec<_> = nodes
+        .into_iter()
+        .map(|node| tokio::spawn(agent(admin.clone(), store.clone(), node, connected.clone())))
+        .collect();
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < n_agents {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_reads = t.elapsed();
+    // What they cost while nothing changes.
+    let hub = op.assignments.clone();
+    let idle = Duration::from_secs(5);
+    let reads = hub.reads.get();
+    tokio::time::sleep(idle).await;
+    let idle_reads = (hub.reads.get() - reads) as f64 / idle.as_secs_f64();
+
     // API load while the deployment rolls out.
     let load = {
         let admin = admin.clone();
@@ -267,39 +326,6 @@ async fn measure(
         })
     };
 
-    // Simulated agents: each change the store announces, every pending instance reports ready.
-    let agents = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let mut changes = store.changes();
-            loop {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-                let Ok(d) = store
-                    .list_deployments(
-                        &zeitwork_store::DeploymentFilter {
-                            status: Some(DeploymentStatus::Starting),
-                            ..Default::default()
-                        },
-                        &zeitwork_store::Page::first(100),
-                    )
-                    .await
-                else {
-                    continue;
-                };
-                for d in d.items {
-                    for i in store.list_instances(&d.id).await.unwrap_or_default() {
-                        if i.status == InstanceStatus::Pending {
-                            let _ = store
-                                .set_instance_status(&i.id, InstanceStatus::Ready, Some("10.88.0.9:8080"), None)
-                                .await;
-                        }
-                    }
-                }
-            }
-        })
-    };
     let p = store.create_project(&project("fresh"), audit).await?;
     let deploy = |image: &'static str| {
         let (admin, store, name) = (admin.clone(), store.clone(), p.name.clone());
@@ -324,7 +350,9 @@ async fn measure(
     };
     let (first, _) = deploy("registry.example.com/acme/fresh:1").await?;
 
+    let (reads, changes) = (hub.reads.get(), *store.changes().borrow());
     let (id, active) = deploy("registry.example.com/acme/fresh:2").await?;
+    let (rollout_reads, rollout_changes) = (hub.reads.get() - reads, *store.changes().borrow() - changes);
     let placed = store.list_instances(&id).await?.len();
     let (p99, calls, errors) = load.await?;
     // 100 edges watching by deltas, each from the cursor at which the host serves the second deployment.
@@ -365,12 +393,24 @@ async fn measure(
         last = last.max(e.await??);
     }
     let switch = last - t;
-    agents.abort();
+    agents.iter().for_each(|a| a.abort());
     let rss = rss_mib();
 
     println!();
     println!("control plane, {n_nodes} nodes in 3 regions, {n_instances} instances ({backend}):");
     println!("  place + activate {placed} instances (3 per region): {:>8.1} ms  (goal: < 1000 ms)", ms(active));
+    println!(
+        "  agents waiting in assignment long polls: {n_agents:>8}  (their first reads took {:.1} s)",
+        first_reads.as_secs_f64()
+    );
+    println!(
+        "  assignment reads while idle:              {idle_reads:>8.1}/s  (a 2 s recheck per poll would be {}/s)",
+        n_agents / 2
+    );
+    println!(
+        "  assignment reads during the rollout:      {rollout_reads:>8}  ({rollout_changes} changes announced; a read per poll per change would be {})",
+        n_agents as u64 * rollout_changes
+    );
     println!("  one full reconcile pass:                  {:>8.1} ms  (goal: < 1000 ms)", ms(one_pass));
     println!(
         "  API p99 at {rate} req/s during the rollout:  {:>8.2} ms  (goal: < 50 ms; {calls} calls, {errors} errors)",
@@ -385,4 +425,40 @@ async fn measure(
     );
     op.shutdown().await;
     Ok(())
+}
+
+/// A simulated node agent: long-polls the node's assignments and reports
+/// each new instance ready the moment it is assigned; counts itself in
+/// `connected` once it has its first answer.
+async fn agent(
+    client: Client,
+    store: zeitwork_store::Store,
+    node: String,
+    connected: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let mut version: Option<String> = None;
+    loop {
+        let path = match &version {
+            Some(v) => format!("/api/v1/nodes/{node}/assignments?version={v}&timeout=25"),
+            None => format!("/api/v1/nodes/{node}/assignments"),
+        };
+        match client.get_if_changed::<Vec<zeitwork_api_types::Assignment>>(&path).await {
+            Ok((None, _)) => {}
+            Ok((Some(list), headers)) => {
+                if version.is_none() {
+                    connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                version = headers.get("x-assignments-version").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                for a in list.iter().filter(|a| a.status == InstanceStatus::Pending) {
+                    let _ = store
+                        .set_instance_status(&a.instance, InstanceStatus::Ready, Some("10.88.0.9:8080"), None)
+                        .await;
+                }
+            }
+            Err(e) => {
+                eprintln!("agent of {node}: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }

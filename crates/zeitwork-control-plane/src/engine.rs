@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub crash_window: Duration,
     /// Counts each deployment the engine makes active, fails or rolls back.
     pub outcomes: DeploymentOutcomes,
+    /// How many private project networks the operator's range holds.
+    pub private_networks: u32,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             crash_budget: 5,
             crash_window: Duration::from_secs(600),
             outcomes: DeploymentOutcomes::default(),
+            private_networks: 1 << 13,
         }
     }
 }
@@ -212,14 +215,14 @@ async fn drain(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_st
             if store.begin_stopping(&i.id, now).await? {
                 changed = true;
                 if routable {
-                    replace_instance(store, &dep, i).await?;
+                    replace_instance(store, config, &dep, i).await?;
                 }
             }
             continue;
         }
         match &d.replaced_by {
             None => {
-                if let Some(r) = replace_instance(store, &dep, i).await? {
+                if let Some(r) = replace_instance(store, config, &dep, i).await? {
                     store.set_replacement(&i.id, Some(&r)).await?;
                     changed = true;
                 }
@@ -251,6 +254,7 @@ async fn drain(store: &Store, config: &EngineConfig) -> Result<bool, zeitwork_st
 /// Places one instance of `dep` in the region of `lost` on another node; the new instance's id.
 async fn replace_instance(
     store: &Store,
+    config: &EngineConfig,
     dep: &zeitwork_api_types::Deployment,
     lost: &zeitwork_api_types::Instance,
 ) -> Result<Option<String>, zeitwork_store::StoreError> {
@@ -266,7 +270,8 @@ async fn replace_instance(
                 region: lost.region.clone(),
                 resources: project.resources,
             };
-            let i = store.create_instance(&new).await?;
+            let network = network_of(store, config, &project.id, dep).await;
+            let Some(i) = store.place_instances(&[new], network).await?.pop() else { return Ok(None) };
             tracing::info!(deployment = %dep.id, old = %lost.id, replacement = %i.id, "placed a replacement instance");
             Ok(Some(i.id))
         }
@@ -527,17 +532,18 @@ async fn place_pending(
                 None => {
                     if store.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Preparing).await? {
                         // Claimed: no other engine places this deployment.
-                        for (node, region) in plan {
-                            store
-                                .create_instance(&NewInstance {
-                                    deployment: d.id.clone(),
-                                    runtime: runtime_of(&nodes, &node),
-                                    node: Some(node),
-                                    region,
-                                    resources: project.resources,
-                                })
-                                .await?;
-                        }
+                        let new: Vec<NewInstance> = plan
+                            .into_iter()
+                            .map(|(node, region)| NewInstance {
+                                deployment: d.id.clone(),
+                                runtime: runtime_of(&nodes, &node),
+                                node: Some(node),
+                                region,
+                                resources: project.resources,
+                            })
+                            .collect();
+                        let network = network_of(store, config, &project.id, &d).await;
+                        store.place_instances(&new, network).await?;
                         store.set_deployment_status(&d.id, DeploymentStatus::Starting, None).await?;
                     }
                     changed = true;
@@ -547,6 +553,19 @@ async fn place_pending(
         }
     }
     Ok(changed)
+}
+
+/// The private network new instances of `d` get their addresses in (they
+/// get them when placed, so their nodes' reads write nothing); `None` if it
+/// cannot be had now (the nodes' reads then hand the addresses out).
+async fn network_of(store: &Store, config: &EngineConfig, project_id: &str, d: &Deployment) -> Option<u32> {
+    match store.project_network(project_id, d.environment.as_str(), config.private_networks).await {
+        Ok(idx) => Some(idx),
+        Err(e) => {
+            tracing::warn!(deployment = %d.id, error = %e, "no private network for new instances yet");
+            None
+        }
+    }
 }
 
 /// A placed deployment: fails when one of its instances failed or they
@@ -869,20 +888,23 @@ pub(crate) async fn reconcile(
         let Some(nodes) = nodes.as_mut() else { continue };
         match place(nodes, region, missing, project.resources) {
             Ok(picked) => {
+                let mut new = Vec::with_capacity(picked.len());
                 for node in picked {
-                    let new = NewInstance {
+                    new.push(NewInstance {
                         deployment: d.id.clone(),
                         runtime: runtime_of(nodes, &node),
                         node: Some(node.clone()),
                         region: region.clone(),
                         resources: project.resources,
-                    };
-                    let i = store.create_instance(&new).await?;
+                    });
                     // Later placements of this pass see what this one took.
                     if let Some(n) = nodes.iter_mut().find(|n| n.id == node) {
                         n.allocated.vcpu += project.resources.vcpu;
                         n.allocated.memory += project.resources.memory;
                     }
+                }
+                let network = network_of(store, config, &project.id, d).await;
+                for i in store.place_instances(&new, network).await? {
                     tracing::info!(deployment = %d.id, instance = %i.id, %region, status = d.status.as_str(), desired, live = live.len(), "placed an instance to reach the desired count");
                     out.placed = true;
                 }

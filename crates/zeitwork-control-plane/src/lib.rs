@@ -203,6 +203,8 @@ impl Operator {
                 placement_timeout: std::time::Duration::from_secs(config.placement_timeout_secs),
                 rollback_window: std::time::Duration::from_secs(config.rollback_window_secs),
                 outcomes: outcomes.clone(),
+                // Checked with the rest of the configuration.
+                private_networks: config::private_range(&config.private_network).map_or(1 << 13, |(_, n)| n),
                 ..Default::default()
             },
             engine_id.clone(),

@@ -240,23 +240,79 @@ pub(crate) fn parse_served(s: Option<&str>) -> Vec<Environment> {
 
 impl Store {
     pub async fn create_instance(&self, i: &NewInstance) -> Result<zeitwork_api_types::Instance> {
-        let id = format!("ins_{}", nanoid(12));
-        sqlx::query(
-            "INSERT INTO instances (id, deployment_id, node_id, region, status, runtime, vcpu, memory, created_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
-        )
-        .bind(&id)
-        .bind(&i.deployment)
-        .bind(i.node.clone())
-        .bind(&i.region)
-        .bind(i.runtime.clone())
-        .bind(i64::from(i.resources.vcpu))
-        .bind(i64::from(i.resources.memory))
-        .bind(now_ms())
-        .execute(&self.writer)
-        .await?;
-        self.changed_in(crate::Change::Deployments(vec![i.deployment.clone()])).await;
-        self.get_instance(&id).await
+        let mut placed = self.place_instances(std::slice::from_ref(i), None).await?;
+        placed.pop().ok_or_else(|| StoreError::NotFound("the instance just created".into()))
+    }
+
+    /// Creates `instances` in one transaction, with their private addresses
+    /// in network `network` when given (so their nodes' first reads of their
+    /// assignments write nothing), and announces their deployments once. A
+    /// network with no free address is left to those reads (which then say why).
+    pub async fn place_instances(
+        &self,
+        instances: &[NewInstance],
+        mut network: Option<u32>,
+    ) -> Result<Vec<zeitwork_api_types::Instance>> {
+        for _ in 0..8 {
+            let mut tx = self.writer.begin().await?;
+            let mut ids = Vec::with_capacity(instances.len());
+            for i in instances {
+                let id = format!("ins_{}", nanoid(12));
+                sqlx::query(
+                    "INSERT INTO instances (id, deployment_id, node_id, region, status, runtime, vcpu, memory, created_at) \
+                     VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+                )
+                .bind(&id)
+                .bind(&i.deployment)
+                .bind(i.node.clone())
+                .bind(&i.region)
+                .bind(i.runtime.clone())
+                .bind(i64::from(i.resources.vcpu))
+                .bind(i64::from(i.resources.memory))
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                ids.push(id);
+            }
+            if let Some(net) = network {
+                let refs: Vec<&String> = ids.iter().collect();
+                match crate::networks::allocate_hosts(&mut tx, net, &refs, crate::MAX_PRIVATE_HOST).await {
+                    Ok(Some(_)) => {}
+                    // Another operator took a number first: again.
+                    Ok(None) => continue,
+                    Err(StoreError::Conflict(why)) => {
+                        tracing::warn!(%why, "placing instances without private addresses");
+                        network = None;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tx.commit().await?;
+            let mut deployments: Vec<String> = instances.iter().map(|i| i.deployment.clone()).collect();
+            deployments.sort();
+            deployments.dedup();
+            self.changed_in(crate::Change::Deployments(deployments)).await;
+            let mut found = std::collections::HashMap::with_capacity(ids.len());
+            crate::for_each_chunk(
+                &self.reader,
+                &ids,
+                |p| format!("SELECT * FROM instances WHERE id IN ({p})"),
+                |r| {
+                    let i = instance_from(r)?;
+                    found.insert(i.id.clone(), i);
+                    Ok(())
+                },
+            )
+            .await?;
+            return ids
+                .iter()
+                .map(|id| {
+                    found.remove(id).ok_or_else(|| StoreError::NotFound(format!("instance {id:?} does not exist")))
+                })
+                .collect();
+        }
+        Err(StoreError::Conflict("placing instances kept clashing over private addresses; try again".into()))
     }
 
     pub async fn get_instance(&self, id: &str) -> Result<zeitwork_api_types::Instance> {

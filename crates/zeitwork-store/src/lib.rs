@@ -439,6 +439,31 @@ impl Store {
     }
 }
 
+/// `$1, $2, …, $n`: the parameters of an `IN` list of `n` values.
+pub(crate) fn placeholders(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Runs `sql(placeholders)` for each chunk of up to 500 `values` bound in order, and hands each row to `each`.
+pub(crate) async fn for_each_chunk(
+    pool: &sqlx::AnyPool,
+    values: &[String],
+    sql: impl Fn(&str) -> String,
+    mut each: impl FnMut(&AnyRow) -> Result<()>,
+) -> Result<()> {
+    for chunk in values.chunks(500) {
+        let text = sql(&placeholders(chunk.len()));
+        let mut q = sqlx::query(&text);
+        for v in chunk {
+            q = q.bind(v.as_str());
+        }
+        for r in q.fetch_all(pool).await? {
+            each(&r)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn in_list(q: &mut Sql, col: &str, values: &[String]) {
     if values.is_empty() {
         q.push(" AND 1 = 0");

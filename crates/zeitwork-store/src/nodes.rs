@@ -172,18 +172,20 @@ impl Store {
         node_from(&row)
     }
 
-    /// Where node `id`'s end of the private networks' tunnel is, when it sent one
-    /// at its last registration.
-    pub async fn node_tunnel(&self, id: &str) -> Result<Option<NodeTunnel>> {
-        let row = sqlx::query("SELECT tunnel_public_key, tunnel_endpoint FROM nodes WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("node {id:?} does not exist")))?;
-        Ok(match (row.opt_text("tunnel_public_key")?, row.opt_text("tunnel_endpoint")?) {
-            (Some(public_key), Some(endpoint)) => Some(NodeTunnel { public_key, endpoint }),
-            _ => None,
+    /// The tunnel ends of `nodes`, by id (a node without one, or gone, is absent).
+    pub async fn node_tunnels(&self, nodes: &[String]) -> Result<std::collections::HashMap<String, NodeTunnel>> {
+        let mut out = std::collections::HashMap::new();
+        let sql = |p: &str| format!("SELECT id, tunnel_public_key, tunnel_endpoint FROM nodes WHERE id IN ({p})");
+        crate::for_each_chunk(&self.reader, nodes, sql, |r| {
+            if let (Some(public_key), Some(endpoint)) =
+                (r.opt_text("tunnel_public_key")?, r.opt_text("tunnel_endpoint")?)
+            {
+                out.insert(r.text("id")?, NodeTunnel { public_key, endpoint });
+            }
+            Ok(())
         })
+        .await?;
+        Ok(out)
     }
 
     async fn get_node_by_hostname(&self, hostname: &str) -> Result<Node> {
@@ -532,38 +534,32 @@ impl Store {
     ) -> Result<std::collections::BTreeSet<String>> {
         let mut nodes = std::collections::BTreeSet::new();
         let mut projects: std::collections::BTreeSet<String> = projects.iter().cloned().collect();
-        let params = |n: usize| (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-        for chunk in deployments.chunks(500) {
-            let p = params(chunk.len());
-            let of_deployments = format!(
-                "SELECT DISTINCT node_id AS id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL"
-            );
-            let their_projects = format!("SELECT DISTINCT project_id AS id FROM deployments WHERE id IN ({p})");
-            for (sql, into) in [(of_deployments, &mut nodes), (their_projects, &mut projects)] {
-                let mut q = sqlx::query(&sql);
-                for d in chunk {
-                    q = q.bind(d.as_str());
-                }
-                for r in q.fetch_all(&self.reader).await? {
-                    into.insert(r.text("id")?);
-                }
-            }
-        }
+        let of_deployments = |p: &str| {
+            format!("SELECT DISTINCT node_id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL")
+        };
+        crate::for_each_chunk(&self.reader, deployments, of_deployments, |r| {
+            nodes.insert(r.text("node_id")?);
+            Ok(())
+        })
+        .await?;
+        let their_projects = |p: &str| format!("SELECT DISTINCT project_id FROM deployments WHERE id IN ({p})");
+        crate::for_each_chunk(&self.reader, deployments, their_projects, |r| {
+            projects.insert(r.text("project_id")?);
+            Ok(())
+        })
+        .await?;
         let projects: Vec<String> = projects.into_iter().collect();
-        for chunk in projects.chunks(500) {
-            let sql = format!(
+        let live_of_projects = |p: &str| {
+            format!(
                 "SELECT DISTINCT i.node_id FROM instances i JOIN deployments d ON d.id = i.deployment_id \
-                 WHERE d.project_id IN ({}) AND i.node_id IS NOT NULL AND i.{LIVE_INSTANCE}",
-                params(chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for p in chunk {
-                q = q.bind(p.as_str());
-            }
-            for r in q.fetch_all(&self.reader).await? {
-                nodes.insert(r.text("node_id")?);
-            }
-        }
+                 WHERE d.project_id IN ({p}) AND i.node_id IS NOT NULL AND i.{LIVE_INSTANCE}"
+            )
+        };
+        crate::for_each_chunk(&self.reader, &projects, live_of_projects, |r| {
+            nodes.insert(r.text("node_id")?);
+            Ok(())
+        })
+        .await?;
         Ok(nodes)
     }
 }

@@ -467,6 +467,27 @@ impl Store {
             .collect()
     }
 
+    /// [`Store::list_env`] of several projects at once, by project id (one without variables is absent).
+    pub async fn list_envs(
+        &self,
+        project_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<StoredEnvVar>>> {
+        let mut out: std::collections::HashMap<String, Vec<StoredEnvVar>> = std::collections::HashMap::new();
+        let sql = |p: &str| {
+            format!("SELECT project_id, key, value_enc, updated_at FROM env_vars WHERE project_id IN ({p}) ORDER BY project_id, key")
+        };
+        crate::for_each_chunk(&self.reader, project_ids, sql, |r| {
+            out.entry(r.text("project_id")?).or_default().push(StoredEnvVar {
+                key: r.text("key")?,
+                value_enc: r.text("value_enc")?,
+                updated_at: ts(r.int("updated_at")?),
+            });
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Replaces every variable of a project with `vars` (already encrypted), atomically.
     pub async fn replace_env(&self, project_id: &str, vars: &[(String, String)], audit: &Audit) -> Result<()> {
         let mut tx = self.writer.begin().await?;

@@ -215,21 +215,27 @@ async fn nodes(store: Store) {
 async fn node_tunnels(store: Store) {
     store.create_region(&region("eu"), &audit("region.create")).await.unwrap();
     let (plain, _) = store.register_node(&node("w1", "eu"), &audit("node.register")).await.unwrap();
-    assert_eq!(store.node_tunnel(&plain.id).await.unwrap(), None);
+    let tunnel_of = |id: &str| {
+        let (store, id) = (store.clone(), id.to_owned());
+        async move { store.node_tunnels(std::slice::from_ref(&id)).await.unwrap().remove(&id) }
+    };
+    assert_eq!(tunnel_of(&plain.id).await, None);
     let tunnel = |key: &str, endpoint: &str| NodeTunnel { public_key: key.into(), endpoint: endpoint.into() };
     let mut with = node("w2", "eu");
     with.tunnel = Some(tunnel("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "10.0.0.2:51820"));
     let (n2, _) = store.register_node(&with, &audit("node.register")).await.unwrap();
-    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), with.tunnel);
+    assert_eq!(tunnel_of(&n2.id).await, with.tunnel);
     // A new key and endpoint replace the old.
     with.tunnel = Some(tunnel("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "10.0.0.3:51821"));
     store.register_node(&with, &audit("node.register")).await.unwrap();
-    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), with.tunnel);
-    assert_eq!(store.node_tunnel(&plain.id).await.unwrap(), None, "another node is untouched");
+    assert_eq!(tunnel_of(&n2.id).await, with.tunnel);
+    assert_eq!(tunnel_of(&plain.id).await, None, "another node is untouched");
     with.tunnel = None;
     store.register_node(&with, &audit("node.register")).await.unwrap();
-    assert_eq!(store.node_tunnel(&n2.id).await.unwrap(), None);
-    assert!(matches!(store.node_tunnel("node_missing").await, Err(StoreError::NotFound(_))));
+    assert_eq!(tunnel_of(&n2.id).await, None);
+    assert_eq!(tunnel_of("node_missing").await, None);
+    let both = store.node_tunnels(&[plain.id.clone(), n2.id.clone()]).await.unwrap();
+    assert!(both.is_empty(), "neither has a tunnel end now: {both:?}");
 }
 
 /// Readers are woken by changes to deployments, instances and nodes, and not
@@ -1129,13 +1135,17 @@ async fn private_networks(store: Store) {
     }
     assert!(store.private_hosts(&[]).await.unwrap().is_empty());
     store.set_instance_status(&instances[1], InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
-    let members = store.network_members(&web.id, "production").await.unwrap();
+    let members_of = |env: &str| {
+        let (store, key) = (store.clone(), (web.id.clone(), env.to_owned()));
+        async move { store.networks_members(std::slice::from_ref(&key)).await.unwrap().remove(&key).unwrap_or_default() }
+    };
+    let members = members_of("production").await;
     assert_eq!(members.len(), 3);
     assert!(members.iter().any(|m| m.instance == instances[1] && m.ready && m.host == hosts[1]));
-    assert!(store.network_members(&web.id, "staging").await.unwrap().is_empty());
+    assert!(members_of("staging").await.is_empty());
     // A stopped instance leaves the members, and its number goes to the next one.
     store.set_instance_status(&instances[0], InstanceStatus::Stopped, None, None).await.unwrap();
-    assert_eq!(store.network_members(&web.id, "production").await.unwrap().len(), 2);
+    assert_eq!(members_of("production").await.len(), 2);
     let i = NewInstance {
         deployment: d.id.clone(),
         node: None,
@@ -1145,6 +1155,17 @@ async fn private_networks(store: Store) {
     };
     let fresh = store.create_instance(&i).await.unwrap().id;
     assert_eq!(store.private_host(n_web, &fresh, 254).await.unwrap(), hosts[0]);
+
+    // Placed together with their addresses, in one transaction and one announcement.
+    let (at, _) = store.changes_since(0);
+    let placed = store.place_instances(&[i.clone(), i.clone()], Some(n_web)).await.unwrap();
+    assert_eq!(placed.len(), 2);
+    assert!(placed.iter().all(|p| p.deployment == d.id && p.status == InstanceStatus::Pending));
+    let ids: Vec<String> = placed.iter().map(|p| p.id.clone()).collect();
+    let mut given: Vec<u32> = store.private_hosts(&ids).await.unwrap().into_values().collect();
+    given.sort();
+    assert_eq!(given, vec![4, 5], "the lowest free numbers");
+    assert_eq!(store.changes_since(at).1, Some(vec![zeitwork_store::Change::Deployments(vec![d.id.clone()])]));
 }
 
 /// The nodes whose assignments a change may alter: every node that holds

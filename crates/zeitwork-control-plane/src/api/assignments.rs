@@ -96,39 +96,58 @@ pub async fn node_snapshots(
     Ok(Json(s.store.sleeping_on_node(&id).await?))
 }
 
+/// Node `id`'s assignments, in a fixed number of reads whatever it holds:
+/// its instances, their addresses, their networks and members, their
+/// projects' env vars, the tunnel ends of the nodes the networks span, and
+/// the organisations' log drains.
 async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
+    use std::collections::{BTreeMap, HashMap};
     let assigned = s.store.node_assignments(id).await?;
+    let key_of = |a: &zeitwork_store::NodeAssignment| (a.project_id.clone(), a.environment.clone());
+    let mut keys: Vec<zeitwork_store::NetworkKey> = assigned.iter().map(key_of).collect();
+    keys.sort();
+    keys.dedup();
     // Addresses first, so each network's member list includes every instance handed out here.
-    // One read for every address already handed out (almost all of them).
-    let ids: Vec<String> = assigned.iter().map(|a| a.instance.clone()).collect();
-    let known = s.store.private_hosts(&ids).await?;
-    let mut networks = std::collections::HashMap::new();
-    let mut hosts = Vec::with_capacity(assigned.len());
-    for a in &assigned {
-        let key = (a.project_id.clone(), a.environment.clone());
-        let idx = match networks.get(&key) {
-            Some(&(idx, _)) => idx,
-            None => {
-                let idx = s.store.project_network(&a.project_id, &a.environment, private_range(s)?.1).await?;
-                networks.insert(key, (idx, None));
-                idx
-            }
-        };
-        let host = match known.get(&a.instance) {
-            Some(&host) => host,
-            None => s.store.private_host(idx, &a.instance, 254).await?,
-        };
-        hosts.push(host);
+    let mut networks = s.store.project_networks(&keys).await?;
+    for k in &keys {
+        if !networks.contains_key(k) {
+            networks.insert(k.clone(), s.store.project_network(&k.0, &k.1, private_range(s)?.1).await?);
+        }
     }
-    let mut drains: std::collections::HashMap<String, Vec<zeitwork_api_types::AssignedLogDrain>> =
-        std::collections::HashMap::new();
-    let mut out = Vec::new();
+    let ids: Vec<String> = assigned.iter().map(|a| a.instance.clone()).collect();
+    let mut hosts = s.store.private_hosts(&ids).await?;
+    let mut missing: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for a in assigned.iter().filter(|a| !hosts.contains_key(&a.instance)) {
+        missing.entry(networks[&key_of(a)]).or_default().push(a.instance.clone());
+    }
+    // The few without one get theirs in one transaction per network.
+    for (idx, ids) in missing {
+        hosts.extend(s.store.give_private_hosts(idx, &ids, zeitwork_store::MAX_PRIVATE_HOST).await?);
+    }
+    let members = s.store.networks_members(&keys).await?;
+    let mut spanned: Vec<String> = members.values().flatten().filter_map(|m| m.node.clone()).collect();
+    spanned.sort();
+    spanned.dedup();
+    spanned.retain(|n| n != id);
+    let tunnels = s.store.node_tunnels(&spanned).await?;
     // Env vars read and decrypted once per project, not per instance.
-    let mut envs: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
-        std::collections::HashMap::new();
-    // Tunnel ends of the nodes the networks span, looked up once per answer.
-    let mut tunnels = std::collections::HashMap::new();
-    for (a, host) in assigned.into_iter().zip(hosts) {
+    let mut projects: Vec<String> = keys.iter().map(|(p, _)| p.clone()).collect();
+    projects.dedup();
+    let mut envs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    for (project, vars) in s.store.list_envs(&projects).await? {
+        let mut env = BTreeMap::new();
+        for v in vars {
+            let value = s.cipher.decrypt(&format!("env:{project}:{}", v.key), &v.value_enc).map_err(|e| {
+                tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
+                crate::error::ApiError::Internal
+            })?;
+            env.insert(v.key, value);
+        }
+        envs.insert(project, env);
+    }
+    let mut drains: HashMap<String, Vec<zeitwork_api_types::AssignedLogDrain>> = HashMap::new();
+    let mut out = Vec::with_capacity(assigned.len());
+    for a in assigned {
         if !drains.contains_key(&a.org) {
             let mut of_org = Vec::new();
             for d in s.store.list_log_drains(Some(&a.org)).await?.iter().filter(|d| d.takes("app")) {
@@ -140,31 +159,19 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             drains.insert(a.org.clone(), of_org);
         }
         let log_drains = drains.get(&a.org).cloned().unwrap_or_default();
-        if !envs.contains_key(&a.project_id) {
-            let mut env = std::collections::BTreeMap::new();
-            for v in s.store.list_env(&a.project_id).await? {
-                let value =
-                    s.cipher.decrypt(&format!("env:{}:{}", a.project_id, v.key), &v.value_enc).map_err(|e| {
-                        tracing::error!(key = %v.key, error = %e, "cannot decrypt an env var");
-                        crate::error::ApiError::Internal
-                    })?;
-                env.insert(v.key, value);
-            }
-            envs.insert(a.project_id.clone(), env);
-        }
         let env = envs.get(&a.project_id).cloned().unwrap_or_default();
         let pull_credential = super::images::archive_repository(&a.image)
             .filter(|(org, _)| *org == a.org)
             .map(|(org, name)| super::images::pull_credential(&s.cipher, org, name));
-        let entry = networks.get_mut(&(a.project_id.clone(), a.environment.clone())).expect("allocated above");
-        let idx = entry.0;
-        if entry.1.is_none() {
-            entry.1 = Some(s.store.network_members(&a.project_id, &a.environment).await?);
-        }
-        let members = entry.1.as_deref().unwrap_or_default();
+        let key = key_of(&a);
+        let idx = networks[&key];
+        let Some(&host) = hosts.get(&a.instance) else {
+            tracing::error!(instance = %a.instance, "no private address was handed out");
+            return Err(crate::error::ApiError::Internal);
+        };
+        let members = members.get(&key).map(Vec::as_slice).unwrap_or_default();
         let mut network = private_network(s, &a, idx, host, members)?;
-        network.tunnel_peers = tunnel_peers(s, id, idx, members, &mut tunnels).await?;
-        let network = Some(network);
+        network.tunnel_peers = tunnel_peers(s, id, idx, members, &tunnels)?;
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -177,7 +184,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             status: a.status,
             pull_credential,
             release_command: a.release_command,
-            network,
+            network: Some(network),
             log_drains,
         });
     }
@@ -187,13 +194,13 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
 /// The other nodes holding members of network `idx`, each with the addresses of
 /// the members it holds: the peers node `node` needs for that network. Nodes
 /// that sent no tunnel end are left out (their members are reached from their
-/// own node only).
-async fn tunnel_peers(
+/// own node only), as are nodes deleted meanwhile (their members are on their way out).
+fn tunnel_peers(
     s: &AppState,
     node: &str,
     idx: u32,
     members: &[zeitwork_store::PrivateMember],
-    tunnels: &mut std::collections::HashMap<String, Option<zeitwork_api_types::NodeTunnel>>,
+    tunnels: &std::collections::HashMap<String, zeitwork_api_types::NodeTunnel>,
 ) -> ApiResult<Vec<zeitwork_api_types::TunnelPeer>> {
     let prefix = u32::from(private_range(s)?.0) + (idx << 8);
     let mut by_node: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
@@ -205,27 +212,17 @@ async fn tunnel_peers(
             _ => {}
         }
     }
-    let mut peers = Vec::new();
-    for (other, allowed_ips) in by_node {
-        if !tunnels.contains_key(other) {
-            let tunnel = match s.store.node_tunnel(other).await {
-                Ok(t) => t,
-                // Deleted meanwhile: its members are on their way out.
-                Err(zeitwork_store::StoreError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            };
-            tunnels.insert(other.to_owned(), tunnel);
-        }
-        if let Some(Some(t)) = tunnels.get(other) {
-            peers.push(zeitwork_api_types::TunnelPeer {
+    Ok(by_node
+        .into_iter()
+        .filter_map(|(other, allowed_ips)| {
+            tunnels.get(other).map(|t| zeitwork_api_types::TunnelPeer {
                 node: other.to_owned(),
                 public_key: t.public_key.clone(),
                 endpoint: t.endpoint.clone(),
                 allowed_ips,
-            });
-        }
-    }
-    Ok(peers)
+            })
+        })
+        .collect())
 }
 
 /// The operator's private range: its first address and how many /24s it holds.
