@@ -153,6 +153,20 @@ async fn heartbeat_all(store: &zeitwork_store::Store) -> Result<()> {
     Ok(())
 }
 
+/// Simulated node `i` as it registers.
+fn registration(i: usize) -> RegisterNode {
+    RegisterNode {
+        hostname: format!("node-{i:05}"),
+        region: REGIONS[i % 3].into(),
+        address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
+        capacity: Capacity { vcpu: 64, memory: 262_144 },
+        physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
+        runtime: Some("container".into()),
+        runtime_detail: None,
+        tunnel: None,
+    }
+}
+
 /// Writes the nodes and the running deployments before the operator starts,
 /// as one would restore them.
 async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: usize, audit: &Audit) -> Result<()> {
@@ -164,17 +178,7 @@ async fn populate(store: &zeitwork_store::Store, n_nodes: usize, n_instances: us
     store.create_org("acme", "Acme", None, audit).await?;
     let mut nodes = Vec::new();
     for i in 0..n_nodes {
-        let r = RegisterNode {
-            hostname: format!("node-{i:05}"),
-            region: REGIONS[i % 3].into(),
-            address: format!("http://10.0.{}.{}:8081", i / 250, i % 250),
-            capacity: Capacity { vcpu: 64, memory: 262_144 },
-            physical: Some(Capacity { vcpu: 16, memory: 262_144 }),
-            runtime: Some("container".into()),
-            runtime_detail: None,
-            tunnel: None,
-        };
-        nodes.push(store.register_node(&r, audit).await?.0);
+        nodes.push(store.register_node(&registration(i), audit).await?.0);
     }
     // Existing load: deployments of 10 instances each, active.
     let per = 10;
@@ -393,6 +397,11 @@ async fn measure(
         last = last.max(e.await??);
     }
     let switch = last - t;
+    // A node registering again (an agent restarting): the watches it wakes.
+    let reads = hub.reads.get();
+    store.register_node(&registration(n_nodes / 2), audit).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reregister_reads = hub.reads.get() - reads;
     agents.iter().for_each(|a| a.abort());
     let rss = rss_mib();
 
@@ -410,6 +419,9 @@ async fn measure(
     println!(
         "  assignment reads during the rollout:      {rollout_reads:>8}  ({rollout_changes} changes announced; a read per poll per change would be {})",
         n_agents as u64 * rollout_changes
+    );
+    println!(
+        "  assignment reads after a node registers again: {reregister_reads:>3}  (the node and those sharing a project with it)"
     );
     println!("  one full reconcile pass:                  {:>8.1} ms  (goal: < 1000 ms)", ms(one_pass));
     println!(

@@ -9,7 +9,8 @@
 //! answers `304 Not Modified`. So a waiting node costs no query until a change
 //! concerns it: an announced deployment or project wakes the nodes holding its
 //! instances (and those holding live instances of its projects, whose network
-//! member lists change); a node change, an undescribed change or a gap in the
+//! member lists change); a node's change wakes it and the nodes sharing a
+//! project with it (their tunnel peers); an undescribed change or a gap in the
 //! store's log wakes every node.
 //!
 //! A notification lost between operators (one crashing between commit and
@@ -34,7 +35,8 @@ pub const TRUST: Duration = Duration::from_secs(60);
 pub struct Concern {
     pub deployments: BTreeSet<String>,
     pub projects: BTreeSet<String>,
-    /// Every node (a node change, an undescribed change, or a gap).
+    pub nodes: BTreeSet<String>,
+    /// Every node (an undescribed change, nodes not named, or a gap).
     pub all: bool,
 }
 
@@ -50,14 +52,15 @@ impl Concern {
             match change {
                 Change::Deployments(ids) => c.deployments.extend(ids),
                 Change::Projects(ids) => c.projects.extend(ids),
-                Change::Nodes | Change::Anything => c.all = true,
+                Change::Nodes(ids) if !ids.is_empty() => c.nodes.extend(ids),
+                Change::Nodes(_) | Change::Anything => c.all = true,
             }
         }
         c
     }
 
     fn is_empty(&self) -> bool {
-        !self.all && self.deployments.is_empty() && self.projects.is_empty()
+        !self.all && self.deployments.is_empty() && self.projects.is_empty() && self.nodes.is_empty()
     }
 }
 
@@ -171,7 +174,8 @@ impl AssignmentHub {
             }
             let deployments: Vec<String> = concern.deployments.into_iter().collect();
             let projects: Vec<String> = concern.projects.into_iter().collect();
-            match store.nodes_concerned(&deployments, &projects).await {
+            let nodes: Vec<String> = concern.nodes.into_iter().collect();
+            match store.nodes_concerned(&deployments, &projects, &nodes).await {
                 Ok(nodes) => self.wake(Some(&nodes)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot find the nodes a change concerns; waking every assignment watch");
@@ -196,7 +200,9 @@ mod tests {
         assert_eq!(c.deployments.into_iter().collect::<Vec<_>>(), ["d1", "d2"]);
         assert_eq!(c.projects.into_iter().collect::<Vec<_>>(), ["p1"]);
         assert!(!c.all);
-        assert!(Concern::of(Some(vec![Change::Deployments(vec!["d".into()]), Change::Nodes])).all);
+        let c = Concern::of(Some(vec![Change::Nodes(vec!["n1".into()]), Change::Nodes(vec!["n2".into()])]));
+        assert_eq!((c.nodes.into_iter().collect::<Vec<_>>(), c.all), (vec!["n1".to_owned(), "n2".to_owned()], false));
+        assert!(Concern::of(Some(vec![Change::Deployments(vec!["d".into()]), Change::Nodes(vec![])])).all);
         assert!(Concern::of(Some(vec![Change::Anything])).all);
         assert!(Concern::of(None).all, "a gap in the log concerns every node");
         assert!(Concern::of(Some(vec![])).is_empty());

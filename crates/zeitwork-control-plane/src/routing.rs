@@ -497,7 +497,7 @@ impl RoutingHub {
                 Change::Deployments(ids) => deployments.extend(ids.iter().cloned()),
                 Change::Projects(ids) => projects.extend(ids.iter().cloned()),
                 // A node's status decides which of its instances serve.
-                Change::Nodes | Change::Anything => {
+                Change::Nodes(_) | Change::Anything => {
                     *seen = latest;
                     return Ok(Step::Whole);
                 }

@@ -37,28 +37,29 @@ pub enum Change {
     Deployments(Vec<String>),
     /// These projects (their settings, domains, current deployments), by id.
     Projects(Vec<String>),
-    /// Nodes: one registered, back, down, draining, drained or deleted.
-    Nodes,
+    /// These nodes: registered, back, down, draining, drained or deleted
+    /// (none named: some nodes, which ones not said).
+    Nodes(Vec<String>),
     /// Anything: several projects at once, or a change not described.
     Anything,
 }
 
 impl Change {
-    /// The NOTIFY payload: `d:<id>,<id>`, `p:<id>,…`, `n:` for nodes, or
-    /// empty for anything.
+    /// The NOTIFY payload: `d:<id>,<id>`, `p:<id>,…`, `n:<id>,…` for nodes
+    /// (`n:` for some nodes), or empty for anything.
     fn encode(&self) -> String {
         let (kind, ids) = match self {
             Change::Deployments(ids) => ("d", ids),
             Change::Projects(ids) => ("p", ids),
-            Change::Nodes => return "n:".into(),
+            Change::Nodes(ids) => ("n", ids),
             Change::Anything => return String::new(),
         };
         let payload = format!("{kind}:{}", ids.join(","));
-        // PostgreSQL takes payloads under 8,000 bytes; a longer one says anything.
-        if payload.len() >= 7900 || ids.is_empty() {
-            String::new()
-        } else {
-            payload
+        // PostgreSQL takes payloads under 8,000 bytes: a longer one says less.
+        match (kind, ids.is_empty() || payload.len() >= 7900) {
+            ("n", true) => "n:".into(),
+            (_, true) => String::new(),
+            _ => payload,
         }
     }
 
@@ -67,7 +68,7 @@ impl Change {
         match payload.split_once(':') {
             Some(("d", rest)) if !ids(rest).is_empty() => Change::Deployments(ids(rest)),
             Some(("p", rest)) if !ids(rest).is_empty() => Change::Projects(ids(rest)),
-            Some(("n", "")) => Change::Nodes,
+            Some(("n", rest)) => Change::Nodes(ids(rest)),
             _ => Change::Anything,
         }
     }
@@ -221,16 +222,18 @@ mod tests {
         for c in [
             Change::Deployments(vec!["web-abc-acme".into(), "api-def-acme".into()]),
             Change::Projects(vec!["prj_1".into()]),
-            Change::Nodes,
+            Change::Nodes(vec!["node_1".into(), "node_2".into()]),
+            Change::Nodes(vec![]),
             Change::Anything,
         ] {
             assert_eq!(Change::decode(&c.encode()), c);
         }
         assert_eq!(Change::decode("d:"), Change::Anything);
         assert_eq!(Change::decode("x:1"), Change::Anything);
-        assert_eq!(Change::decode("n:node-1"), Change::Anything);
         let many = Change::Deployments((0..2000).map(|i| format!("dep-{i}")).collect());
         assert_eq!(Change::decode(&many.encode()), Change::Anything);
+        let many = Change::Nodes((0..2000).map(|i| format!("node-{i}")).collect());
+        assert_eq!(Change::decode(&many.encode()), Change::Nodes(vec![]), "some nodes, which ones not said");
     }
 
     #[test]

@@ -217,9 +217,10 @@ pub(crate) async fn allocate_hosts(
     instances: &[&String],
     max_host: u32,
 ) -> Result<Option<Vec<(String, u32)>>> {
+    // Per address of this network, one look-up of its instance (not a list of every live instance).
     sqlx::query(&format!(
-        "DELETE FROM private_addresses WHERE network = $1 AND instance_id NOT IN \
-         (SELECT id FROM instances WHERE {LIVE_INSTANCE})"
+        "DELETE FROM private_addresses WHERE network = $1 AND NOT EXISTS \
+         (SELECT 1 FROM instances i WHERE i.id = private_addresses.instance_id AND i.{LIVE_INSTANCE})"
     ))
     .bind(i64::from(network))
     .execute(&mut **tx)

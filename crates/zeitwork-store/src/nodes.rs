@@ -144,7 +144,7 @@ impl Store {
         audit.action = if created { "node.register" } else { "node.update" }.into();
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
-        self.changed_in(crate::Change::Nodes).await;
+        self.changed_in(crate::Change::Nodes(vec![id.clone()])).await;
         Ok((self.get_node(&id).await?, created))
     }
 
@@ -225,7 +225,7 @@ impl Store {
                 .detail(serde_json::json!({"hostname": hostname, "region": row.text("region")?}));
             append_event(&mut tx, &audit, "ok").await?;
             tx.commit().await?;
-            self.changed_in(crate::Change::Nodes).await;
+            self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
         }
         self.get_node(id).await
     }
@@ -258,7 +258,7 @@ impl Store {
             append_event(&mut tx, &Audit::new("system", "node.drained", id).detail(named), "ok").await?;
         }
         tx.commit().await?;
-        self.changed_in(crate::Change::Nodes).await;
+        self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
         self.get_node(id).await
     }
 
@@ -319,7 +319,7 @@ impl Store {
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
-        self.changed_in(crate::Change::Nodes).await;
+        self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
         Ok(())
     }
 }
@@ -419,10 +419,11 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
         }
         tx.commit().await?;
-        if !rows.is_empty() {
-            self.changed_in(crate::Change::Nodes).await;
+        let ids = rows.iter().map(|r| r.text("id")).collect::<Result<Vec<_>>>()?;
+        if !ids.is_empty() {
+            self.changed_in(crate::Change::Nodes(ids.clone())).await;
         }
-        rows.iter().map(|r| r.text("id")).collect()
+        Ok(ids)
     }
 
     /// Live instances on nodes that are down (to be replaced).
@@ -516,24 +517,37 @@ impl Store {
         }
         tx.commit().await?;
         if !ids.is_empty() {
-            self.changed_in(crate::Change::Nodes).await;
+            self.changed_in(crate::Change::Nodes(ids.clone())).await;
         }
         Ok(ids)
     }
 }
 
 impl Store {
-    /// The nodes whose assignments a change of `deployments` or `projects`
-    /// may alter: those holding any instance of the deployments (one that
-    /// stopped leaves its node's list), and those holding a live instance of
-    /// the same projects (their private networks' member lists change).
+    /// The nodes whose assignments a change of `deployments`, `projects` or
+    /// `nodes` may alter: those holding any instance of the deployments (one
+    /// that stopped leaves its node's list), the nodes themselves, and those
+    /// holding a live instance of the same projects or of a project live on
+    /// the nodes (their private networks' member lists and tunnel peers change).
     pub async fn nodes_concerned(
         &self,
         deployments: &[String],
         projects: &[String],
+        nodes: &[String],
     ) -> Result<std::collections::BTreeSet<String>> {
-        let mut nodes = std::collections::BTreeSet::new();
         let mut projects: std::collections::BTreeSet<String> = projects.iter().cloned().collect();
+        let on_nodes = |p: &str| {
+            format!(
+                "SELECT DISTINCT d.project_id FROM instances i JOIN deployments d ON d.id = i.deployment_id \
+                 WHERE i.node_id IN ({p}) AND i.{LIVE_INSTANCE}"
+            )
+        };
+        crate::for_each_chunk(&self.reader, nodes, on_nodes, |r| {
+            projects.insert(r.text("project_id")?);
+            Ok(())
+        })
+        .await?;
+        let mut nodes: std::collections::BTreeSet<String> = nodes.iter().cloned().collect();
         let of_deployments = |p: &str| {
             format!("SELECT DISTINCT node_id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL")
         };

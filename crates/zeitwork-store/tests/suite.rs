@@ -1205,12 +1205,14 @@ async fn nodes_a_change_concerns(store: Store) {
         deployments.push(d.id);
     }
     store.set_instance_status(&instances[1], InstanceStatus::Stopped, None, None).await.unwrap();
-    let concerned = |d: &[&String], p: &[&String]| {
+    let concerned_with = |d: &[&String], p: &[&String], n: &[&String]| {
         let d: Vec<String> = d.iter().map(|s| (*s).clone()).collect();
         let p: Vec<String> = p.iter().map(|s| (*s).clone()).collect();
+        let n: Vec<String> = n.iter().map(|s| (*s).clone()).collect();
         let store = store.clone();
-        async move { store.nodes_concerned(&d, &p).await.unwrap().into_iter().collect::<Vec<_>>() }
+        async move { store.nodes_concerned(&d, &p, &n).await.unwrap().into_iter().collect::<Vec<_>>() }
     };
+    let concerned = |d: &[&String], p: &[&String]| concerned_with(d, p, &[]);
     let mut want = vec![nodes[0].clone(), nodes[1].clone(), nodes[2].clone()];
     want.sort();
     assert_eq!(concerned(&[&deployments[0]], &[]).await, want, "d1's nodes and web's");
@@ -1221,6 +1223,14 @@ async fn nodes_a_change_concerns(store: Store) {
     assert_eq!(concerned(&[], &[&api.id]).await, vec![nodes[2].clone()]);
     assert!(concerned(&[], &[]).await.is_empty());
     assert!(concerned(&[&"missing".to_owned()], &[&"missing".to_owned()]).await.is_empty());
+    // A node: itself and the nodes sharing a live project with it (w2's web instance stopped).
+    let mut want = vec![nodes[0].clone(), nodes[2].clone()];
+    want.sort();
+    assert_eq!(concerned_with(&[], &[], &[&nodes[0]]).await, want);
+    assert_eq!(concerned_with(&[], &[], &[&nodes[3]]).await, vec![nodes[3].clone()], "w4 holds nothing");
+    let mut want = vec![nodes[0].clone(), nodes[2].clone(), nodes[3].clone()];
+    want.sort();
+    assert_eq!(concerned_with(&[], &[], &[&nodes[2], &nodes[3]]).await, want, "w3 holds web and api");
 
     let net = store.project_network(&web.id, "production", 4).await.unwrap();
     let (at, _) = store.changes_since(0);

@@ -30,7 +30,7 @@ impl Work {
             let (ids, into) = match c {
                 zeitwork_store::Change::Deployments(d) => (d, &mut deployments),
                 zeitwork_store::Change::Projects(p) => (p, &mut projects),
-                zeitwork_store::Change::Nodes => {
+                zeitwork_store::Change::Nodes(_) => {
                     nodes = true;
                     continue;
                 }

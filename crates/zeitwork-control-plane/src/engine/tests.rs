@@ -296,11 +296,11 @@ fn announcements_name_the_work() {
         Work::Changes { deployments: ids(&["a", "b", "c"]), projects: vec![], nodes: false }
     );
     assert_eq!(
-        Work::of(Some(vec![Change::Nodes, Change::Deployments(ids(&["a"])), Change::Nodes])),
+        Work::of(Some(vec![Change::Nodes(ids(&["n"])), Change::Deployments(ids(&["a"])), Change::Nodes(vec![])])),
         Work::Changes { deployments: ids(&["a"]), projects: vec![], nodes: true }
     );
     assert_eq!(
-        Work::of(Some(vec![Change::Nodes])),
+        Work::of(Some(vec![Change::Nodes(vec![])])),
         Work::Changes { deployments: vec![], projects: vec![], nodes: true }
     );
     assert_eq!(Work::of(Some(vec![Change::Deployments(ids(&["a"])), Change::Anything])), Work::Full);
