@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use zeitwork_store::{Change, Store};
 
 /// How long an answer's digest is trusted without a change that concerns
-/// its node: the bound on staleness after a lost notification.
-pub const TRUST: Duration = Duration::from_secs(60);
+/// its node: the bound on staleness after a lost notification (plus one poll).
+/// Each waiting node costs one read per this period: 10,000 nodes, 83 reads a second.
+pub const TRUST: Duration = Duration::from_secs(120);
 
 /// What a batch of announced changes concerns.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -69,12 +70,22 @@ struct Slot {
     version: watch::Sender<u64>,
     /// The digest of the last answer, the version it was read at and when.
     answered: Option<(u64, String, Instant)>,
+    /// The deployments of the last answer.
+    deployments: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    nodes: HashMap<String, Slot>,
+    /// The nodes whose last answer held each deployment: woken when it
+    /// changes even once their instance of it has stopped.
+    holders: HashMap<String, BTreeSet<String>>,
 }
 
 /// The operator's assignment watches.
 #[derive(Debug, Default)]
 pub struct AssignmentHub {
-    slots: Mutex<HashMap<String, Slot>>,
+    slots: Mutex<Slots>,
     /// Reads of a node's assignments for a watch or a plain call.
     pub reads: Counter,
     /// Long polls answered without a read (nothing concerned their node).
@@ -104,7 +115,7 @@ impl AssignmentHub {
         );
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -112,8 +123,11 @@ impl AssignmentHub {
     /// change committed meanwhile wakes the poll).
     pub fn watch(&self, node: &str) -> Watch {
         let mut slots = self.lock();
-        let slot =
-            slots.entry(node.to_owned()).or_insert_with(|| Slot { version: watch::Sender::new(0), answered: None });
+        let slot = slots.nodes.entry(node.to_owned()).or_insert_with(|| Slot {
+            version: watch::Sender::new(0),
+            answered: None,
+            deployments: BTreeSet::new(),
+        });
         let rx = slot.version.subscribe();
         let version = *rx.borrow();
         Watch { version, rx }
@@ -122,20 +136,41 @@ impl AssignmentHub {
     /// Whether `digest` is still the node's answer: nothing concerning the
     /// node was announced since it was read, and not longer ago than [`TRUST`].
     pub fn unchanged(&self, node: &str, digest: &str) -> bool {
-        self.lock().get(node).is_some_and(|s| {
+        self.lock().nodes.get(node).is_some_and(|s| {
             s.answered
                 .as_ref()
                 .is_some_and(|(v, d, at)| *v == *s.version.borrow() && d == digest && at.elapsed() < TRUST)
         })
     }
 
-    /// Remembers the answer read at `version` (unless a newer one is remembered).
-    pub fn answered(&self, node: &str, version: u64, digest: String) {
-        if let Some(slot) = self.lock().get_mut(node) {
-            if slot.answered.as_ref().is_none_or(|(v, _, _)| *v <= version) {
-                slot.answered = Some((version, digest, Instant::now()));
+    /// Remembers the answer read at `version`, holding `deployments` (unless
+    /// a newer one is remembered).
+    pub fn answered(&self, node: &str, version: u64, digest: String, deployments: BTreeSet<String>) {
+        let mut slots = self.lock();
+        let Slots { nodes, holders } = &mut *slots;
+        let Some(slot) = nodes.get_mut(node) else { return };
+        if slot.answered.as_ref().is_some_and(|(v, _, _)| *v > version) {
+            return;
+        }
+        slot.answered = Some((version, digest, Instant::now()));
+        for gone in slot.deployments.difference(&deployments) {
+            if let Some(h) = holders.get_mut(gone) {
+                h.remove(node);
+                if h.is_empty() {
+                    holders.remove(gone);
+                }
             }
         }
+        for new in deployments.difference(&slot.deployments) {
+            holders.entry(new.clone()).or_default().insert(node.to_owned());
+        }
+        slot.deployments = deployments;
+    }
+
+    /// The nodes whose last answer held one of `deployments`.
+    pub fn holders(&self, deployments: &BTreeSet<String>) -> BTreeSet<String> {
+        let slots = self.lock();
+        deployments.iter().filter_map(|d| slots.holders.get(d)).flatten().cloned().collect()
     }
 
     /// Wakes the watches of `nodes` (every node with `None`).
@@ -147,8 +182,8 @@ impl AssignmentHub {
             woken += slot.version.receiver_count() as u64;
         };
         match nodes {
-            None => slots.values().for_each(&mut bump),
-            Some(nodes) => nodes.iter().filter_map(|n| slots.get(n)).for_each(&mut bump),
+            None => slots.nodes.values().for_each(&mut bump),
+            Some(nodes) => nodes.iter().filter_map(|n| slots.nodes.get(n)).for_each(&mut bump),
         }
         self.wakes.inc_by(woken);
     }
@@ -172,11 +207,15 @@ impl AssignmentHub {
                 self.wake(None);
                 continue;
             }
+            let held = self.holders(&concern.deployments);
             let deployments: Vec<String> = concern.deployments.into_iter().collect();
             let projects: Vec<String> = concern.projects.into_iter().collect();
             let nodes: Vec<String> = concern.nodes.into_iter().collect();
             match store.nodes_concerned(&deployments, &projects, &nodes).await {
-                Ok(nodes) => self.wake(Some(&nodes)),
+                Ok(mut nodes) => {
+                    nodes.extend(held);
+                    self.wake(Some(&nodes))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot find the nodes a change concerns; waking every assignment watch");
                     self.wake(None);
@@ -213,8 +252,8 @@ mod tests {
         let hub = AssignmentHub::default();
         let a = hub.watch("a");
         let b = hub.watch("b");
-        hub.answered("a", a.version, "x".into());
-        hub.answered("b", b.version, "y".into());
+        hub.answered("a", a.version, "x".into(), ["d1".to_owned()].into());
+        hub.answered("b", b.version, "y".into(), ["d2".to_owned()].into());
         assert!(hub.unchanged("a", "x"));
         assert!(!hub.unchanged("a", "other"), "another digest is read again");
         assert!(!hub.unchanged("c", "x"), "a node never answered is read");
@@ -229,8 +268,8 @@ mod tests {
         assert_eq!(hub.wakes.get(), 1, "the one poll of a");
 
         // An answer read before the wake-up does not replace a newer one.
-        hub.answered("a", a2.version, "z".into());
-        hub.answered("a", a.version, "x".into());
+        hub.answered("a", a2.version, "z".into(), ["d3".to_owned()].into());
+        hub.answered("a", a.version, "x".into(), ["d1".to_owned()].into());
         assert!(hub.unchanged("a", "z"));
 
         hub.wake(None);

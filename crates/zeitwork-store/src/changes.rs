@@ -155,9 +155,17 @@ impl Store {
         let payload = change.encode();
         self.changes.announce(change);
         if self.dialect == Dialect::Postgres {
-            let notify = sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(payload);
-            if let Err(e) = notify.execute(&self.writer).await {
-                tracing::warn!(error = %e, "cannot notify other operators of a change; their polls will see it");
+            // Other operators' assignment watches look again only after a while
+            // without it (`TRUST`): worth a few tries.
+            for attempt in 1..=3 {
+                let notify = sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(payload.as_str());
+                match notify.execute(&self.writer).await {
+                    Ok(_) => break,
+                    Err(e) if attempt == 3 => {
+                        tracing::warn!(error = %e, "cannot notify other operators of a change; their safety nets will see it")
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50 * attempt)).await,
+                }
             }
         }
     }

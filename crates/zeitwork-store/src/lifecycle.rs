@@ -302,6 +302,10 @@ impl Store {
         }
         tx.commit().await?;
         self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        if !ids.is_empty() {
+            // Their nodes drop the stopped instances.
+            self.changed_in(crate::Change::Deployments(ids.clone())).await;
+        }
         Ok(ids)
     }
 

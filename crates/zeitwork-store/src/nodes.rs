@@ -525,10 +525,12 @@ impl Store {
 
 impl Store {
     /// The nodes whose assignments a change of `deployments`, `projects` or
-    /// `nodes` may alter: those holding any instance of the deployments (one
-    /// that stopped leaves its node's list), the nodes themselves, and those
-    /// holding a live instance of the same projects or of a project live on
-    /// the nodes (their private networks' member lists and tunnel peers change).
+    /// `nodes` may alter, as far as the store knows: those holding a live
+    /// instance of the deployments, the nodes themselves, and those holding a
+    /// live instance of a running deployment of the same projects or of a
+    /// project live on the nodes (their private networks' member lists and
+    /// tunnel peers change). A node whose instance just stopped is not among
+    /// them: its watch knows it had the deployment.
     pub async fn nodes_concerned(
         &self,
         deployments: &[String],
@@ -549,7 +551,9 @@ impl Store {
         .await?;
         let mut nodes: std::collections::BTreeSet<String> = nodes.iter().cloned().collect();
         let of_deployments = |p: &str| {
-            format!("SELECT DISTINCT node_id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL")
+            format!(
+                "SELECT DISTINCT node_id FROM instances WHERE deployment_id IN ({p}) AND node_id IS NOT NULL AND {LIVE_INSTANCE}"
+            )
         };
         crate::for_each_chunk(&self.reader, deployments, of_deployments, |r| {
             nodes.insert(r.text("node_id")?);
@@ -566,7 +570,8 @@ impl Store {
         let live_of_projects = |p: &str| {
             format!(
                 "SELECT DISTINCT i.node_id FROM instances i JOIN deployments d ON d.id = i.deployment_id \
-                 WHERE d.project_id IN ({p}) AND i.node_id IS NOT NULL AND i.{LIVE_INSTANCE}"
+                 WHERE d.project_id IN ({p}) AND d.status NOT IN ('retired', 'failed') AND i.node_id IS NOT NULL \
+                 AND i.{LIVE_INSTANCE}"
             )
         };
         crate::for_each_chunk(&self.reader, &projects, live_of_projects, |r| {

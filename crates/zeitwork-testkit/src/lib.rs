@@ -301,6 +301,16 @@ impl Postgres {
         Ok(url)
     }
 
+    /// Gathers the planner's statistics of database `name` (a restored or
+    /// bulk-written database has none until autovacuum comes round).
+    pub fn analyze(&self, name: &str) -> Result<()> {
+        let status = self.client("psql").args(["-q", "-d", name, "-c", "ANALYZE"]).status().context("running psql")?;
+        if !status.success() {
+            bail!("ANALYZE of {name} failed");
+        }
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

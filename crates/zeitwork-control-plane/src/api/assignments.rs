@@ -58,13 +58,15 @@ pub async fn node_assignments(
             hub.reads.inc();
             let list = assignments_of(&s, &id).await?;
             let version = hex::encode(&sha2::Sha256::digest(serde_json::to_vec(&list).unwrap_or_default())[..8]);
-            hub.answered(&id, watch.version, version.clone());
+            hub.answered(&id, watch.version, version.clone(), list.iter().map(|a| a.deployment.clone()).collect());
             if q.version.as_deref() != Some(version.as_str()) {
                 return Ok(with_version(Json(list).into_response(), &version));
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            hub.unchanged.inc();
+            if known {
+                hub.unchanged.inc();
+            }
             let version = q.version.as_deref().unwrap_or_default();
             return Ok(with_version(StatusCode::NOT_MODIFIED.into_response(), version));
         }
