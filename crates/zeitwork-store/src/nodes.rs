@@ -354,9 +354,7 @@ impl Store {
         use zeitwork_api_types::InstanceStatus;
         let rows = sqlx::query(
             "SELECT i.id, i.deployment_id, i.vcpu, i.memory, i.status, d.project_id, d.org, d.project, d.environment, p.egress, d.image, p.port, \
-             d.status AS deployment_status, d.release_command, \
-             (SELECT f.id FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_id, \
-             (SELECT f.status FROM instances f WHERE f.deployment_id = d.id ORDER BY f.created_at, f.id LIMIT 1) AS first_status \
+             d.status AS deployment_status, d.release_command \
              FROM instances i JOIN deployments d ON d.id = i.deployment_id JOIN projects p ON p.id = d.project_id \
              WHERE i.node_id = $1 AND i.status NOT IN ('stopped', 'failed', 'exited') AND d.status NOT IN ('retired', 'failed') \
              ORDER BY i.id",
@@ -364,23 +362,42 @@ impl Store {
         .bind(node)
         .fetch_all(&self.reader)
         .await?;
+        // The first instance (and its status) of each starting deployment with a
+        // release command: the one that runs it. Rare, so read apart.
+        let mut gated = Vec::new();
+        for r in &rows {
+            let command = r.opt_text("release_command")?.filter(|c| !c.trim().is_empty());
+            if command.is_some() && matches!(r.text("deployment_status")?.as_str(), "preparing" | "starting") {
+                gated.push(r.text("deployment_id")?);
+            }
+        }
+        gated.sort();
+        gated.dedup();
+        let mut first: std::collections::HashMap<String, (String, String)> = std::collections::HashMap::new();
+        let sql = |p: &str| {
+            format!("SELECT deployment_id, id, status FROM instances WHERE deployment_id IN ({p}) ORDER BY created_at DESC, id DESC")
+        };
+        // Newest first: the last one written for a deployment is its first instance.
+        crate::for_each_chunk(&self.reader, &gated, sql, |r| {
+            first.insert(r.text("deployment_id")?, (r.text("id")?, r.text("status")?));
+            Ok(())
+        })
+        .await?;
         let mut out = Vec::new();
         for r in &rows {
             let id = r.text("id")?;
-            let command = r.opt_text("release_command")?.filter(|c| !c.trim().is_empty());
-            let starting = matches!(r.text("deployment_status")?.as_str(), "preparing" | "starting");
-            let first = r.opt_text("first_id")?.is_some_and(|f| f == id);
+            let deployment = r.text("deployment_id")?;
             let mut release_command = None;
-            if command.is_some() && starting {
-                if first {
-                    release_command = command;
-                } else if r.opt_text("first_status")?.as_deref() != Some("ready") {
+            if let Some((first_id, first_status)) = first.get(&deployment) {
+                if *first_id == id {
+                    release_command = r.opt_text("release_command")?;
+                } else if first_status != "ready" {
                     continue;
                 }
             }
             out.push(NodeAssignment {
                 instance: id,
-                deployment: r.text("deployment_id")?,
+                deployment,
                 project_id: r.text("project_id")?,
                 org: r.text("org")?,
                 project: r.text("project")?,
