@@ -82,16 +82,33 @@ struct Slots {
     holders: HashMap<String, BTreeSet<String>>,
 }
 
+/// How many nodes' assignments one operator reads at once. Each read takes
+/// one store connection at a time; the rest of the pool stays free for the
+/// API and the engine when thousands of agents ask together (an operator
+/// restart), and the others wait their turn instead of failing.
+pub const READERS: usize = 8;
+
+/// How long a call waits for its turn to read before answering `503` with
+/// `Retry-After` (below the agents' 60 s request timeout).
+pub const QUEUE: Duration = Duration::from_secs(45);
+
 /// The operator's assignment watches.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AssignmentHub {
     slots: Mutex<Slots>,
+    /// Turns to read a node's assignments ([`READERS`]).
+    pub reading: tokio::sync::Semaphore,
+    /// The private range: its first address and how many /24 networks it holds
+    /// (parsed once; checked with the configuration).
+    pub private: (std::net::Ipv4Addr, u32),
     /// Reads of a node's assignments for a watch or a plain call.
     pub reads: Counter,
     /// Long polls answered without a read (nothing concerned their node).
     pub unchanged: Counter,
     /// Node wake-ups sent by changes.
     pub wakes: Counter,
+    /// Calls waiting for their turn to read.
+    pub queued: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// A long poll's view of its node: its version now, and a receiver that sees the next.
@@ -100,7 +117,26 @@ pub struct Watch {
     pub rx: watch::Receiver<u64>,
 }
 
+impl Default for AssignmentHub {
+    fn default() -> Self {
+        Self::new((std::net::Ipv4Addr::new(100, 96, 0, 0), 1 << 13))
+    }
+}
+
 impl AssignmentHub {
+    /// Watches handing out addresses of the private range `private`.
+    pub fn new(private: (std::net::Ipv4Addr, u32)) -> Self {
+        AssignmentHub {
+            slots: Mutex::default(),
+            reading: tokio::sync::Semaphore::new(READERS),
+            private,
+            reads: Counter::default(),
+            unchanged: Counter::default(),
+            wakes: Counter::default(),
+            queued: prometheus_client::metrics::gauge::Gauge::default(),
+        }
+    }
+
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
         r.register("assignment_reads", "Reads of a node's assignments (calls and woken watches)", self.reads.clone());
         r.register(
@@ -112,6 +148,11 @@ impl AssignmentHub {
             "assignment_wakes",
             "Assignment watches woken by a change that concerned their node",
             self.wakes.clone(),
+        );
+        r.register(
+            "assignment_reads_queued",
+            "Assignment calls waiting for their turn to read (at most 8 read at once)",
+            self.queued.clone(),
         );
     }
 

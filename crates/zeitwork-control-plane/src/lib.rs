@@ -171,7 +171,10 @@ impl Operator {
         let routing = routing::RoutingHub::new(&config.apps_domain);
         let (tx, rx) = watch::channel(false);
         let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
-        let assignments = Arc::new(assignments::AssignmentHub::default());
+        // Checked with the rest of the configuration.
+        let private = config::private_range(&config.private_network)
+            .map_err(|message| ConfigError { field: "private_network", message })?;
+        let assignments = Arc::new(assignments::AssignmentHub::new(private));
         let assignment_watch = tokio::spawn(assignments.clone().run(store.clone(), rx.clone()));
         let change_listener = {
             let (store, rx) = (store.clone(), rx.clone());
@@ -203,8 +206,7 @@ impl Operator {
                 placement_timeout: std::time::Duration::from_secs(config.placement_timeout_secs),
                 rollback_window: std::time::Duration::from_secs(config.rollback_window_secs),
                 outcomes: outcomes.clone(),
-                // Checked with the rest of the configuration.
-                private_networks: config::private_range(&config.private_network).map_or(1 << 13, |(_, n)| n),
+                private_networks: private.1,
                 ..Default::default()
             },
             engine_id.clone(),

@@ -134,4 +134,20 @@ async fn assignments_name_the_nodes_that_share_a_network() {
     }
     assert_eq!(answers[2], None, "c's set did not change: 304");
     assert_eq!(_op.assignments.reads.get() - reads, 2, "a and b were read again, c was not");
+
+    // When every turn to read is taken (thousands of agents asking at once),
+    // a call waits for one instead of failing, and reads when it comes.
+    let hub = _op.assignments.clone();
+    let turns = hub.reading.acquire_many(zeitwork_control_plane::assignments::READERS as u32).await.unwrap();
+    let (id, own) = nodes[0].clone();
+    let asked = tokio::spawn(async move { own.get::<Vec<Value>>(&format!("/api/v1/nodes/{id}/assignments")).await });
+    until("the call to wait for its turn", || async { (hub.queued.get() == 1).then_some(()) }).await;
+    let reads = hub.reads.get();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!asked.is_finished(), "no turn, no answer");
+    assert_eq!(hub.reads.get(), reads, "nothing read without a turn");
+    drop(turns);
+    let list = asked.await.unwrap().expect("the queued call answers once a turn is free");
+    assert!(web_of(&list)["env"]["GREETING"] == "hello", "{list:?}");
+    assert_eq!((hub.queued.get(), hub.reads.get() - reads), (0, 1));
 }

@@ -644,6 +644,12 @@ fn without_overlaps(mut allow: Vec<EgressAllow>) -> Vec<EgressAllow> {
     kept
 }
 
+/// A random number of milliseconds below `max`.
+fn jitter(max: u64) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) % max.max(1)
+}
+
 /// Long-polls this node's assignments and publishes each new set.
 async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Option<Vec<Assignment>>>) {
     let mut version: Option<String> = None;
@@ -667,7 +673,10 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
                     tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are");
                 }
                 version = None;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Spread out: after an operator restart every agent asks at once,
+                // and one that is busy (503) asks them to come back in a few seconds.
+                let base = if e.status() == Some(503) { 2_500 } else { 1_000 };
+                tokio::time::sleep(Duration::from_millis(base + jitter(base))).await;
             }
         }
         if tx.is_closed() {

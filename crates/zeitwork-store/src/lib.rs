@@ -449,6 +449,19 @@ pub(crate) async fn for_each_chunk(
     pool: &sqlx::AnyPool,
     values: &[String],
     sql: impl Fn(&str) -> String,
+    each: impl FnMut(&AnyRow) -> Result<()>,
+) -> Result<()> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    for_each_chunk_in(&mut *pool.acquire().await?, values, sql, each).await
+}
+
+/// [`for_each_chunk`] on one connection (inside a transaction).
+pub(crate) async fn for_each_chunk_in(
+    conn: &mut sqlx::AnyConnection,
+    values: &[String],
+    sql: impl Fn(&str) -> String,
     mut each: impl FnMut(&AnyRow) -> Result<()>,
 ) -> Result<()> {
     for chunk in values.chunks(500) {
@@ -457,7 +470,7 @@ pub(crate) async fn for_each_chunk(
         for v in chunk {
             q = q.bind(v.as_str());
         }
-        for r in q.fetch_all(pool).await? {
+        for r in q.fetch_all(&mut *conn).await? {
             each(&r)?;
         }
     }

@@ -104,31 +104,30 @@ impl Store {
                 return Ok(out);
             }
             let mut tx = self.writer.begin().await?;
-            let params: Vec<String> = (1..=missing.len()).map(|i| format!("${i}")).collect();
-            let sql =
-                format!("SELECT instance_id, host FROM private_addresses WHERE instance_id IN ({})", params.join(", "));
-            let mut q = sqlx::query(&sql);
-            for i in &missing {
-                q = q.bind(i.as_str());
-            }
-            for r in q.fetch_all(&mut *tx).await? {
+            let missing: Vec<String> = missing.into_iter().cloned().collect();
+            let sql = |p: &str| format!("SELECT instance_id, host FROM private_addresses WHERE instance_id IN ({p})");
+            crate::for_each_chunk_in(&mut tx, &missing, sql, |r| {
                 out.insert(r.text("instance_id")?, r.int("host")? as u32);
-            }
-            let missing: Vec<&String> = missing.into_iter().filter(|i| !out.contains_key(*i)).collect();
+                Ok(())
+            })
+            .await?;
+            let missing: Vec<&String> = missing.iter().filter(|i| !out.contains_key(*i)).collect();
             if missing.is_empty() {
                 return Ok(out);
             }
             let Some(given) = allocate_hosts(&mut tx, network, &missing, max_host).await? else {
                 continue;
             };
-            tx.commit().await?;
-            out.extend(given);
             // The other members' lists now hold these addresses: their nodes' watches wake.
             let project = sqlx::query("SELECT project_id FROM project_networks WHERE idx = $1")
                 .bind(i64::from(network))
-                .fetch_optional(&self.reader)
-                .await?;
-            match project.map(|r| r.text("project_id")).transpose()? {
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.text("project_id"))
+                .transpose()?;
+            tx.commit().await?;
+            out.extend(given);
+            match project {
                 Some(p) => self.changed_in(crate::Change::Projects(vec![p])).await,
                 None => self.changed().await,
             }

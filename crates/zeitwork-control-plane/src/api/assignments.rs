@@ -38,7 +38,6 @@ pub async fn node_assignments(
     QueryParams(q): QueryParams<AssignmentsQuery>,
 ) -> ApiResult<Response> {
     s.require_node(&caller, &id, "node.assignments").await?;
-    s.store.get_node(&id).await?;
     let timeout = q.timeout.unwrap_or(25);
     if !(1..=60).contains(&timeout) {
         return Err(crate::error::ApiError::InvalidQuery(format!("timeout: {timeout} is out of range; use 1 to 60")));
@@ -48,15 +47,26 @@ pub async fn node_assignments(
             "version: give the X-Assignments-Version of the last answer".into(),
         ));
     }
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let started = tokio::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(timeout);
     let hub = &s.assignments;
     loop {
         // The node's version before the read: a change committed during it wakes this call.
         let mut watch = hub.watch(&id);
         let known = q.version.as_deref().is_some_and(|v| hub.unchanged(&id, v));
         if !known {
-            hub.reads.inc();
-            let list = assignments_of(&s, &id).await?;
+            let list = {
+                // At most READERS at once; the others queue (an operator
+                // restart brings every agent at the same moment).
+                hub.queued.inc();
+                let turn = tokio::time::timeout_at(started + crate::assignments::QUEUE, hub.reading.acquire()).await;
+                hub.queued.dec();
+                let Ok(Ok(_turn)) = turn else {
+                    return Ok(busy());
+                };
+                hub.reads.inc();
+                assignments_of(&s, &id).await?
+            };
             let version = hex::encode(&sha2::Sha256::digest(serde_json::to_vec(&list).unwrap_or_default())[..8]);
             hub.answered(&id, watch.version, version.clone(), list.iter().map(|a| a.deployment.clone()).collect());
             if q.version.as_deref() != Some(version.as_str()) {
@@ -74,6 +84,16 @@ pub async fn node_assignments(
         // operators on PostgreSQL by LISTEN/NOTIFY).
         let _ = tokio::time::timeout_at(deadline, watch.rx.changed()).await;
     }
+}
+
+/// `503` with `Retry-After`: too many nodes are being read at once.
+fn busy() -> Response {
+    let mut res = crate::error::ApiError::Unavailable(
+        "the operator is reading many nodes' assignments at once; try again in a few seconds".into(),
+    )
+    .into_response();
+    res.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+    res
 }
 
 fn with_version(mut res: Response, version: &str) -> Response {
@@ -104,6 +124,8 @@ pub async fn node_snapshots(
 /// the organisations' log drains.
 async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_types::Assignment>> {
     use std::collections::{BTreeMap, HashMap};
+    // A node removed since its agent last asked is told so (404).
+    s.store.get_node(id).await?;
     let assigned = s.store.node_assignments(id).await?;
     let key_of = |a: &zeitwork_store::NodeAssignment| (a.project_id.clone(), a.environment.clone());
     let mut keys: Vec<zeitwork_store::NetworkKey> = assigned.iter().map(key_of).collect();
@@ -113,7 +135,7 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
     let mut networks = s.store.project_networks(&keys).await?;
     for k in &keys {
         if !networks.contains_key(k) {
-            networks.insert(k.clone(), s.store.project_network(&k.0, &k.1, private_range(s)?.1).await?);
+            networks.insert(k.clone(), s.store.project_network(&k.0, &k.1, s.assignments.private.1).await?);
         }
     }
     let ids: Vec<String> = assigned.iter().map(|a| a.instance.clone()).collect();
@@ -172,8 +194,8 @@ async fn assignments_of(s: &AppState, id: &str) -> ApiResult<Vec<zeitwork_api_ty
             return Err(crate::error::ApiError::Internal);
         };
         let members = members.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let mut network = private_network(s, &a, idx, host, members)?;
-        network.tunnel_peers = tunnel_peers(s, id, idx, members, &tunnels)?;
+        let mut network = private_network(s, &a, idx, host, members);
+        network.tunnel_peers = tunnel_peers(s, id, idx, members, &tunnels);
         out.push(zeitwork_api_types::Assignment {
             instance: a.instance,
             deployment: a.deployment,
@@ -203,8 +225,8 @@ fn tunnel_peers(
     idx: u32,
     members: &[zeitwork_store::PrivateMember],
     tunnels: &std::collections::HashMap<String, zeitwork_api_types::NodeTunnel>,
-) -> ApiResult<Vec<zeitwork_api_types::TunnelPeer>> {
-    let prefix = u32::from(private_range(s)?.0) + (idx << 8);
+) -> Vec<zeitwork_api_types::TunnelPeer> {
+    let prefix = u32::from(s.assignments.private.0) + (idx << 8);
     let mut by_node: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
     for m in members {
         match m.node.as_deref() {
@@ -214,7 +236,7 @@ fn tunnel_peers(
             _ => {}
         }
     }
-    Ok(by_node
+    by_node
         .into_iter()
         .filter_map(|(other, allowed_ips)| {
             tunnels.get(other).map(|t| zeitwork_api_types::TunnelPeer {
@@ -224,16 +246,7 @@ fn tunnel_peers(
                 allowed_ips,
             })
         })
-        .collect())
-}
-
-/// The operator's private range: its first address and how many /24s it holds.
-fn private_range(s: &AppState) -> ApiResult<(std::net::Ipv4Addr, u32)> {
-    // Checked when the operator starts.
-    crate::config::private_range(&s.config.private_network).map_err(|e| {
-        tracing::error!(error = %e, "private_network");
-        crate::error::ApiError::Internal
-    })
+        .collect()
 }
 
 /// The private network of an assigned instance: the /24 `idx` of its project
@@ -244,8 +257,8 @@ fn private_network(
     idx: u32,
     host: u32,
     members: &[zeitwork_store::PrivateMember],
-) -> ApiResult<zeitwork_api_types::PrivateNetwork> {
-    let prefix = u32::from(private_range(s)?.0) + (idx << 8);
+) -> zeitwork_api_types::PrivateNetwork {
+    let prefix = u32::from(s.assignments.private.0) + (idx << 8);
     let address = |host: u32| std::net::Ipv4Addr::from(prefix + host).to_string();
     let members = members
         .iter()
@@ -256,11 +269,11 @@ fn private_network(
         })
         .collect();
     let egress = a.egress.as_deref().and_then(|e| serde_json::from_str(e).ok());
-    Ok(zeitwork_api_types::PrivateNetwork {
+    zeitwork_api_types::PrivateNetwork {
         prefix: format!("{}/24", std::net::Ipv4Addr::from(prefix)),
         address: address(host),
         members,
         egress,
         tunnel_peers: Vec::new(),
-    })
+    }
 }
