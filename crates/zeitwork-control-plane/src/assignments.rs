@@ -229,14 +229,45 @@ impl AssignmentHub {
         self.wakes.inc_by(woken);
     }
 
-    /// Follows the store's announcements until `stop`, waking the nodes each concerns.
+    /// Forgets the nodes that no call waits for and that were last answered
+    /// `age` ago or more (deleted nodes, agents gone): their next poll, if
+    /// any, is read again. Returns how many were forgotten.
+    pub fn prune(&self, age: Duration) -> usize {
+        let mut slots = self.lock();
+        let Slots { nodes, holders } = &mut *slots;
+        let idle = |s: &Slot| {
+            s.version.receiver_count() == 0 && s.answered.as_ref().is_none_or(|(_, _, at)| at.elapsed() >= age)
+        };
+        let gone: Vec<String> = nodes.iter().filter(|(_, s)| idle(s)).map(|(n, _)| n.clone()).collect();
+        for node in &gone {
+            let Some(slot) = nodes.remove(node) else { continue };
+            for d in &slot.deployments {
+                if let Some(h) = holders.get_mut(d) {
+                    h.remove(node);
+                    if h.is_empty() {
+                        holders.remove(d);
+                    }
+                }
+            }
+        }
+        gone.len()
+    }
+
+    /// Follows the store's announcements until `stop`, waking the nodes each
+    /// concerns (and forgetting idle nodes every [`TRUST`]).
     pub async fn run(self: std::sync::Arc<Self>, store: Store, mut stop: watch::Receiver<bool>) {
         let mut changes = store.changes();
         let mut seen = *changes.borrow_and_update();
+        let mut sweep = tokio::time::interval(TRUST);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
+                _ = sweep.tick() => {
+                    self.prune(TRUST);
+                    continue;
+                }
             }
             let (latest, what) = store.changes_since(seen);
             seen = latest;
@@ -316,5 +347,23 @@ mod tests {
         hub.wake(None);
         assert!(b.rx.has_changed().unwrap(), "every node is woken by a node change");
         assert!(!hub.unchanged("b", "y"));
+    }
+
+    #[test]
+    fn idle_nodes_are_forgotten_with_what_they_held() {
+        let hub = AssignmentHub::default();
+        let a = hub.watch("a");
+        hub.answered("a", a.version, "x".into(), ["d1".to_owned()].into());
+        let b = hub.watch("b");
+        hub.answered("b", b.version, "y".into(), ["d1".to_owned(), "d2".to_owned()].into());
+        drop(b);
+        assert_eq!(hub.prune(Duration::from_secs(60)), 0, "answered just now");
+        assert_eq!(hub.prune(Duration::ZERO), 1, "a's call still waits; b is gone");
+        assert_eq!(hub.holders(&["d1".to_owned(), "d2".to_owned()].into()), ["a".to_owned()].into());
+        assert!(!hub.unchanged("b", "y"), "a forgotten node is read again");
+        assert!(hub.unchanged("a", "x"));
+        drop(a);
+        assert_eq!(hub.prune(Duration::ZERO), 1);
+        assert!(hub.holders(&["d1".to_owned()].into()).is_empty());
     }
 }
