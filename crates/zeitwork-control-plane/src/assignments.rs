@@ -82,22 +82,24 @@ struct Slots {
     holders: HashMap<String, BTreeSet<String>>,
 }
 
-/// How many nodes' assignments one operator reads at once. Each read takes
-/// one store connection at a time; the rest of the pool stays free for the
-/// API and the engine when thousands of agents ask together (an operator
-/// restart), and the others wait their turn instead of failing.
-pub const READERS: usize = 8;
-
 /// How long a call waits for its turn to read before answering `503` with
 /// `Retry-After` (below the agents' 60 s request timeout).
 pub const QUEUE: Duration = Duration::from_secs(45);
+
+/// How soon a call answered `503` should come back, in seconds.
+pub const RETRY_AFTER: u64 = 3;
 
 /// The operator's assignment watches.
 #[derive(Debug)]
 pub struct AssignmentHub {
     slots: Mutex<Slots>,
-    /// Turns to read a node's assignments ([`READERS`]).
+    /// Turns to read a node's assignments: half the store's read connections,
+    /// so that when thousands of agents ask together (an operator restart)
+    /// the other half stays free for the API and the engine, and the calls
+    /// past it wait their turn instead of failing.
     pub reading: tokio::sync::Semaphore,
+    /// How many turns there are.
+    pub readers: usize,
     /// The private range: its first address and how many /24 networks it holds
     /// (parsed once; checked with the configuration).
     pub private: (std::net::Ipv4Addr, u32),
@@ -109,6 +111,24 @@ pub struct AssignmentHub {
     pub wakes: Counter,
     /// Calls waiting for their turn to read.
     pub queued: prometheus_client::metrics::gauge::Gauge,
+    /// Calls answered `503` after waiting [`QUEUE`] for a turn.
+    pub busy: Counter,
+}
+
+/// Counts a call among the queued while it lives (also when its client leaves).
+pub struct Queued<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Queued<'a> {
+    pub fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Queued(gauge)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A long poll's view of its node: its version now, and a receiver that sees the next.
@@ -119,21 +139,25 @@ pub struct Watch {
 
 impl Default for AssignmentHub {
     fn default() -> Self {
-        Self::new((std::net::Ipv4Addr::new(100, 96, 0, 0), 1 << 13))
+        Self::new((std::net::Ipv4Addr::new(100, 96, 0, 0), 1 << 13), 8)
     }
 }
 
 impl AssignmentHub {
-    /// Watches handing out addresses of the private range `private`.
-    pub fn new(private: (std::net::Ipv4Addr, u32)) -> Self {
+    /// Watches handing out addresses of the private range `private`, reading
+    /// at most `readers` nodes at once.
+    pub fn new(private: (std::net::Ipv4Addr, u32), readers: usize) -> Self {
+        let readers = readers.max(1);
         AssignmentHub {
             slots: Mutex::default(),
-            reading: tokio::sync::Semaphore::new(READERS),
+            reading: tokio::sync::Semaphore::new(readers),
+            readers,
             private,
             reads: Counter::default(),
             unchanged: Counter::default(),
             wakes: Counter::default(),
             queued: prometheus_client::metrics::gauge::Gauge::default(),
+            busy: Counter::default(),
         }
     }
 
@@ -151,8 +175,13 @@ impl AssignmentHub {
         );
         r.register(
             "assignment_reads_queued",
-            "Assignment calls waiting for their turn to read (at most 8 read at once)",
+            format!("Assignment calls waiting for their turn to read (at most {} read at once)", self.readers),
             self.queued.clone(),
+        );
+        r.register(
+            "assignment_busy",
+            "Assignment calls answered 503 after waiting their turn too long",
+            self.busy.clone(),
         );
     }
 

@@ -138,7 +138,7 @@ async fn assignments_name_the_nodes_that_share_a_network() {
     // When every turn to read is taken (thousands of agents asking at once),
     // a call waits for one instead of failing, and reads when it comes.
     let hub = _op.assignments.clone();
-    let turns = hub.reading.acquire_many(zeitwork_control_plane::assignments::READERS as u32).await.unwrap();
+    let turns = hub.reading.acquire_many(hub.readers as u32).await.unwrap();
     let (id, own) = nodes[0].clone();
     let asked = tokio::spawn(async move { own.get::<Vec<Value>>(&format!("/api/v1/nodes/{id}/assignments")).await });
     until("the call to wait for its turn", || async { (hub.queued.get() == 1).then_some(()) }).await;

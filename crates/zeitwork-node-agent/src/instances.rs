@@ -672,10 +672,15 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are");
                 }
-                version = None;
                 // Spread out: after an operator restart every agent asks at once,
-                // and one that is busy (503) asks them to come back in a few seconds.
-                let base = if e.status() == Some(503) { 2_500 } else { 1_000 };
+                // and one that is busy (503, nothing read) asks them to come back
+                // in a few seconds, with the version they hold.
+                let base = if e.status() == Some(503) {
+                    3_000
+                } else {
+                    version = None;
+                    1_000
+                };
                 tokio::time::sleep(Duration::from_millis(base + jitter(base))).await;
             }
         }

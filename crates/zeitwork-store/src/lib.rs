@@ -241,6 +241,11 @@ impl Store {
         Ok(store)
     }
 
+    /// How many connections reads may use at once (the reader pool's size).
+    pub fn read_connections(&self) -> usize {
+        self.reader.options().get_max_connections() as usize
+    }
+
     /// Connections of the store's pools: (open, idle).
     pub fn pool_stats(&self) -> (u32, u32) {
         if self.dialect == Dialect::Postgres {

@@ -717,6 +717,19 @@ $$;
 ON instances FOR EACH ROW EXECUTE FUNCTION instances_hold()
 "#,
     ),
+    // A column joined to a key in "C" collation compares in "C": its own index
+    // (in the database's collation) was unusable for the join, so PostgreSQL
+    // scanned every instance to find a few deployments' (77 ms instead of 5
+    // at 200,000 instances). SQLite has one collation.
+    (
+        32,
+        "columns joined to keys share their collation",
+        r#"
+/*postgres*/ ALTER TABLE instances ALTER COLUMN deployment_id TYPE TEXT COLLATE "C";
+/*postgres*/ ALTER TABLE instance_usage ALTER COLUMN deployment_id TYPE TEXT COLLATE "C";
+/*postgres*/ ALTER TABLE health_samples ALTER COLUMN check_id TYPE TEXT COLLATE "C"
+"#,
+    ),
 ];
 
 /// Newest schema version this build knows.

@@ -109,6 +109,46 @@ async fn postgres_changes_reach_other_operators() {
     listener.await.unwrap();
 }
 
+/// A column that is joined to a key compares in the key's collation; in
+/// another one its index cannot serve the join, and PostgreSQL scans the
+/// whole table instead (every instance to find one node's networks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_join_columns_share_their_keys_collation() {
+    use sqlx::Row;
+    let pg = zeitwork_testkit::Postgres::start().expect("start a throwaway PostgreSQL");
+    let url = pg.create_database("collations").unwrap();
+    Store::connect(&url).await.unwrap().close().await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let collation = |table: &str, column: &str| {
+        let (pool, table, column) = (pool.clone(), table.to_owned(), column.to_owned());
+        async move {
+            let sql = "SELECT COALESCE(collation_name, 'default')::text AS c FROM information_schema.columns \
+                       WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2";
+            let row = sqlx::query(sql).bind(&table).bind(&column).fetch_one(&pool).await.unwrap();
+            row.try_get::<String, _>("c").unwrap()
+        }
+    };
+    for (key, joined) in [
+        (
+            ("deployments", "id"),
+            &[
+                ("instances", "deployment_id"),
+                ("instance_usage", "deployment_id"),
+                ("traffic_samples", "deployment_id"),
+                ("rollouts", "deployment_id"),
+            ][..],
+        ),
+        (("health_checks", "id"), &[("health_samples", "check_id")][..]),
+    ] {
+        let want = collation(key.0, key.1).await;
+        for (table, column) in joined {
+            assert_eq!(collation(table, column).await, want, "{table}.{column} is joined to {}.{}", key.0, key.1);
+        }
+    }
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn sqlite_data_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -58,10 +58,14 @@ pub async fn node_assignments(
             let list = {
                 // At most READERS at once; the others queue (an operator
                 // restart brings every agent at the same moment).
-                hub.queued.inc();
-                let turn = tokio::time::timeout_at(started + crate::assignments::QUEUE, hub.reading.acquire()).await;
-                hub.queued.dec();
+                // A call woken late in a long wait still gets a few seconds.
+                let until = (started + crate::assignments::QUEUE)
+                    .max(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+                let queued = crate::assignments::Queued::new(&hub.queued);
+                let turn = tokio::time::timeout_at(until, hub.reading.acquire()).await;
+                drop(queued);
                 let Ok(Ok(_turn)) = turn else {
+                    hub.busy.inc();
                     return Ok(busy());
                 };
                 hub.reads.inc();
@@ -92,7 +96,7 @@ fn busy() -> Response {
         "the operator is reading many nodes' assignments at once; try again in a few seconds".into(),
     )
     .into_response();
-    res.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+    res.headers_mut().insert(axum::http::header::RETRY_AFTER, crate::assignments::RETRY_AFTER.into());
     res
 }
 
