@@ -228,13 +228,15 @@ impl Store {
                 Store { reader, writer, dialect, changes: changes::ChangeBus::new(None) }
             }
             Dialect::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect(url)
-                    .await
-                    .map_err(|e| connect::explain(url, e))?;
-                Store { reader: pool.clone(), writer: pool, dialect, changes: changes::ChangeBus::new(Some(url)) }
+                // Writes (the engine's placements, status reports) have
+                // connections of their own: under a burst of reads they do
+                // not queue behind them.
+                let pool = |n: u32| {
+                    AnyPoolOptions::new().max_connections(n).acquire_timeout(Duration::from_secs(10)).connect(url)
+                };
+                let writer = pool(8).await.map_err(|e| connect::explain(url, e))?;
+                let reader = pool(16).await.map_err(|e| connect::explain(url, e))?;
+                Store { reader, writer, dialect, changes: changes::ChangeBus::new(Some(url)) }
             }
         };
         schema::migrate(&store.writer, dialect).await?;
@@ -248,11 +250,7 @@ impl Store {
 
     /// Connections of the store's pools: (open, idle).
     pub fn pool_stats(&self) -> (u32, u32) {
-        if self.dialect == Dialect::Postgres {
-            (self.writer.size(), self.writer.num_idle() as u32)
-        } else {
-            (self.reader.size() + self.writer.size(), (self.reader.num_idle() + self.writer.num_idle()) as u32)
-        }
+        (self.reader.size() + self.writer.size(), (self.reader.num_idle() + self.writer.num_idle()) as u32)
     }
 
     pub fn dialect(&self) -> Dialect {
