@@ -493,7 +493,7 @@ async fn agent(
     connected: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut version: Option<String> = None;
-    let mut errors = 0u64;
+    let mut told = false;
     loop {
         let path = match &version {
             Some(v) => format!("/api/v1/nodes/{node}/assignments?version={v}&timeout=25"),
@@ -512,19 +512,13 @@ async fn agent(
                         .await;
                 }
             }
-            // As the node agent does: a busy operator (503) is asked again in
-            // 3-6 s with the version held, other errors after 1-2 s.
+            // As the node agent does: asked again later, with the version held.
             Err(e) => {
-                if errors == 0 {
+                if !told {
                     eprintln!("agent of {node}: {e}");
+                    told = true;
                 }
-                errors += 1;
-                let base = if e.status() == Some(503) { 3_000 } else { 1_000 };
-                let jitter = std::hash::BuildHasher::hash_one(
-                    &std::collections::hash_map::RandomState::new(),
-                    std::time::SystemTime::now(),
-                ) % base;
-                tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                tokio::time::sleep(e.retry_delay()).await;
             }
         }
     }

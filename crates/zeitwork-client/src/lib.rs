@@ -30,6 +30,17 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// How long to wait before asking again, spread at random so that
+    /// callers failing together (an operator restart) do not come back
+    /// together: 3–6 s when the operator is busy (`503`: nothing was done),
+    /// 1–2 s otherwise.
+    pub fn retry_delay(&self) -> std::time::Duration {
+        use std::hash::BuildHasher;
+        let base = if self.status() == Some(503) { 3_000 } else { 1_000 };
+        let jitter = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) % base;
+        std::time::Duration::from_millis(base + jitter)
+    }
 }
 
 /// One page of a list and the cursor of the next.

@@ -137,12 +137,6 @@ pub struct Watch {
     pub rx: watch::Receiver<u64>,
 }
 
-impl Default for AssignmentHub {
-    fn default() -> Self {
-        Self::new((std::net::Ipv4Addr::new(100, 96, 0, 0), 1 << 13), 8)
-    }
-}
-
 impl AssignmentHub {
     /// Watches handing out addresses of the private range `private`, reading
     /// at most `readers` nodes at once.
@@ -330,6 +324,11 @@ impl AssignmentHub {
 mod tests {
     use super::*;
 
+    fn hub() -> AssignmentHub {
+        let private = crate::config::private_range(&crate::OperatorConfig::default().private_network).unwrap();
+        AssignmentHub::new(private, 8)
+    }
+
     #[test]
     fn changes_fold_into_what_they_concern() {
         let c = Concern::of(Some(vec![
@@ -350,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_remembered_answer_holds_until_its_node_is_woken() {
-        let hub = AssignmentHub::default();
+        let hub = hub();
         let a = hub.watch("a");
         let b = hub.watch("b");
         hub.answered("a", a.version, "x".into(), ["d1".to_owned()].into());
@@ -380,7 +379,7 @@ mod tests {
 
     #[test]
     fn idle_nodes_are_forgotten_with_what_they_held() {
-        let hub = AssignmentHub::default();
+        let hub = hub();
         let a = hub.watch("a");
         hub.answered("a", a.version, "x".into(), ["d1".to_owned()].into());
         let b = hub.watch("b");

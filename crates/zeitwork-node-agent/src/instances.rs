@@ -644,12 +644,6 @@ fn without_overlaps(mut allow: Vec<EgressAllow>) -> Vec<EgressAllow> {
     kept
 }
 
-/// A random number of milliseconds below `max`.
-fn jitter(max: u64) -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) % max.max(1)
-}
-
 /// Long-polls this node's assignments and publishes each new set.
 async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Option<Vec<Assignment>>>) {
     let mut version: Option<String> = None;
@@ -672,16 +666,11 @@ async fn watch_assignments(client: Client, node: String, tx: watch::Sender<Optio
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "cannot read assignments; keeping instances as they are");
                 }
-                // Spread out: after an operator restart every agent asks at once,
-                // and one that is busy (503, nothing read) asks them to come back
-                // in a few seconds, with the version they hold.
-                let base = if e.status() == Some(503) {
-                    3_000
-                } else {
+                // A busy operator (503) read nothing: the version held stays valid.
+                if e.status() != Some(503) {
                     version = None;
-                    1_000
-                };
-                tokio::time::sleep(Duration::from_millis(base + jitter(base))).await;
+                }
+                tokio::time::sleep(e.retry_delay()).await;
             }
         }
         if tx.is_closed() {

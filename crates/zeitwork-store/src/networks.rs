@@ -97,14 +97,13 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, u32>> {
         let mut out = self.private_hosts(instances).await?;
         for _ in 0..ATTEMPTS {
-            let mut missing: Vec<&String> = instances.iter().filter(|i| !out.contains_key(*i)).collect();
+            let mut missing: Vec<String> = instances.iter().filter(|i| !out.contains_key(*i)).cloned().collect();
             missing.sort();
             missing.dedup();
             if missing.is_empty() {
                 return Ok(out);
             }
             let mut tx = self.writer.begin().await?;
-            let missing: Vec<String> = missing.into_iter().cloned().collect();
             let sql = |p: &str| format!("SELECT instance_id, host FROM private_addresses WHERE instance_id IN ({p})");
             crate::for_each_chunk_in(&mut tx, &missing, sql, |r| {
                 out.insert(r.text("instance_id")?, r.int("host")? as u32);

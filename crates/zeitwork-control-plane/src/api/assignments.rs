@@ -56,9 +56,9 @@ pub async fn node_assignments(
         let known = q.version.as_deref().is_some_and(|v| hub.unchanged(&id, v));
         if !known {
             let list = {
-                // At most READERS at once; the others queue (an operator
-                // restart brings every agent at the same moment).
-                // A call woken late in a long wait still gets a few seconds.
+                // A few nodes read at once, the others queue (an operator
+                // restart brings every agent at the same moment); a call
+                // woken late in a long wait still gets a few seconds.
                 let until = (started + crate::assignments::QUEUE)
                     .max(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
                 let queued = crate::assignments::Queued::new(&hub.queued);
