@@ -9,6 +9,7 @@ pub mod api;
 pub mod assignments;
 pub mod auth;
 pub mod autoscale;
+pub mod background;
 pub mod backup;
 pub mod config;
 pub mod console;
@@ -113,27 +114,29 @@ pub enum StartError {
     AdminToken { path: String, source: std::io::Error },
 }
 
-/// A running operator; dropping it does not stop it, call [`Operator::shutdown`].
+/// A running operator. Dropping it aborts its background work (the engine,
+/// the routing table's upkeep, the watches) but not its API: call
+/// [`Operator::shutdown`] to stop it.
 #[derive(Debug)]
 pub struct Operator {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    refresher: tokio::task::JoinHandle<()>,
+    refresher: background::Task<()>,
     /// Wakes the assignment watches of the nodes each change concerns.
-    assignment_watch: tokio::task::JoinHandle<()>,
+    assignment_watch: background::Task<()>,
     /// Wakes this operator's readers on other operators' changes (PostgreSQL).
-    change_listener: tokio::task::JoinHandle<()>,
-    engine: tokio::task::JoinHandle<()>,
-    feeder: tokio::task::JoinHandle<()>,
-    autoscaler: tokio::task::JoinHandle<()>,
+    change_listener: background::Task<()>,
+    engine: background::Task<()>,
+    feeder: background::Task<()>,
+    autoscaler: background::Task<()>,
     /// Samples instances' CPU time and memory for resource analytics.
-    usage_sampler: tokio::task::JoinHandle<()>,
-    notifier: tokio::task::JoinHandle<()>,
-    build_watch: tokio::task::JoinHandle<()>,
-    prober: tokio::task::JoinHandle<()>,
-    pruner: tokio::task::JoinHandle<()>,
-    drainer: tokio::task::JoinHandle<()>,
+    usage_sampler: background::Task<()>,
+    notifier: background::Task<()>,
+    build_watch: background::Task<()>,
+    prober: background::Task<()>,
+    pruner: background::Task<()>,
+    drainer: background::Task<()>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -170,15 +173,15 @@ impl Operator {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let routing = routing::RoutingHub::new(&config.apps_domain);
         let (tx, rx) = watch::channel(false);
-        let refresher = tokio::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
+        let refresher = background::spawn(routing.clone().run(store.clone(), config.apps_domain.clone(), rx.clone()));
         // Checked with the rest of the configuration.
         let private = config::private_range(&config.private_network)
             .map_err(|message| ConfigError { field: "private_network", message })?;
         let assignments = Arc::new(assignments::AssignmentHub::new(private, store.read_connections() / 2));
-        let assignment_watch = tokio::spawn(assignments.clone().run(store.clone(), rx.clone()));
+        let assignment_watch = background::spawn(assignments.clone().run(store.clone(), rx.clone()));
         let change_listener = {
             let (store, rx) = (store.clone(), rx.clone());
-            tokio::spawn(async move { store.follow_changes(rx).await })
+            background::spawn(async move { store.follow_changes(rx).await })
         };
         let engine_id = format!("operator-{}", zeitwork_store::nanoid(10));
         let engine_nudge = Arc::new(tokio::sync::Notify::new());
@@ -199,7 +202,7 @@ impl Operator {
         metrics.with_registry(|r| assignments.register(r));
         let queue_gauges = Arc::new(notify::QueueGauges { queries: gauges.queries.clone(), ..Default::default() });
         metrics.with_registry(|r| queue_gauges.register(r));
-        let engine = tokio::spawn(engine::run(
+        let engine = background::spawn(engine::run(
             store.clone(),
             engine::EngineConfig {
                 node_timeout: std::time::Duration::from_secs(config.node_timeout_secs),
@@ -246,14 +249,14 @@ impl Operator {
             drain: drain.clone(),
             org_drains: Arc::default(),
         };
-        let feeder = tokio::spawn(state.feed.clone().run(store.clone(), rx.clone()));
-        let autoscaler = tokio::spawn(autoscale::run(state.clone(), rx.clone()));
-        let usage_sampler = tokio::spawn(usage::run(state.clone(), rx.clone()));
-        let notifier = tokio::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
-        let build_watch = tokio::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
-        let prober = tokio::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
-        let pruner = tokio::spawn(retention::run(state.clone(), rx.clone()));
-        let drainer = tokio::spawn(drain::run(state.clone(), drain, hostname.clone(), rx.clone()));
+        let feeder = background::spawn(state.feed.clone().run(store.clone(), rx.clone()));
+        let autoscaler = background::spawn(autoscale::run(state.clone(), rx.clone()));
+        let usage_sampler = background::spawn(usage::run(state.clone(), rx.clone()));
+        let notifier = background::spawn(notify::run(state.clone(), state.outbox.clone(), rx.clone()));
+        let build_watch = background::spawn(api::builds::watch_builds(state.clone(), rx.clone()));
+        let prober = background::spawn(uptime::run(state.clone(), state.uptime.clone(), rx.clone()));
+        let pruner = background::spawn(retention::run(state.clone(), rx.clone()));
+        let drainer = background::spawn(drain::run(state.clone(), drain, hostname.clone(), rx.clone()));
         let limits = serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(state.config.header_read_timeout_secs),
             connections_per_client: state.config.max_connections_per_client,

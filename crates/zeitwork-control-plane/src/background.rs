@@ -1,0 +1,111 @@
+//! Threads of the operator's own for its work in the background: the
+//! deployment engine, the routing table's upkeep, the watches and feeds, the
+//! notifier and the probes.
+//!
+//! That work reads the store whole now and then (the routing table's safety
+//! net, the engine's sweep: hundreds of thousands of rows at large scale) and
+//! decodes and compares what it read in long stretches without yielding. On
+//! the threads that answer the API, every call arriving meanwhile would wait
+//! for the stretch to end; on threads of their own the system's scheduler
+//! shares the cores between both, and calls are answered within a time slice.
+//!
+//! One set of threads serves every operator of the process; it lives as long
+//! as the process.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+/// Two: the engine and the routing table's whole reads may run at once.
+const THREADS: usize = 2;
+
+fn runtime() -> Option<&'static Runtime> {
+    static RUNTIME: OnceLock<Option<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(THREADS)
+                .thread_name("zeitwork-background")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => Some(rt),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the background threads; background work shares the API's");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Runs `task` on the background threads (on the caller's runtime if they
+/// could not be started). The task is aborted when the returned handle is
+/// dropped: it never outlives what started it, as a task of the caller's
+/// runtime would not outlive that runtime.
+pub fn spawn<F>(task: F) -> Task<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    Task(match runtime() {
+        Some(rt) => rt.spawn(task),
+        None => tokio::spawn(task),
+    })
+}
+
+/// A task on the background threads; awaiting it gives its output, dropping
+/// it aborts it.
+#[derive(Debug)]
+pub struct Task<T>(JoinHandle<T>);
+
+impl<T> Task<T> {
+    pub fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for Task<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the caller runs on the background threads.
+pub fn here() -> bool {
+    runtime().is_some_and(|rt| Handle::try_current().is_ok_and(|h| h.id() == rt.handle().id()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn background_work_runs_on_threads_apart() {
+        assert!(!super::here(), "a test's own runtime is not the background one");
+        let there = super::spawn(async { super::here() }).await.unwrap();
+        assert!(there, "a spawned task runs on the background threads");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_task_is_aborted() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = super::spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await
+        });
+        drop(task);
+        // The sender goes with the aborted task.
+        assert!(rx.await.is_err(), "the task was aborted");
+    }
+}
