@@ -265,6 +265,10 @@ async fn scenario(env: Env) {
         "regions[0]",
     );
     let huge = json!({"name": "x", "org": "acme", "github_repo": "a".repeat(100_000)}).to_string();
+    let refused = e.raw.post(format!("{}/api/v1/projects", e.base)).bearer_auth(&e.token).body(huge.clone());
+    let refused = refused.send().await.unwrap();
+    // Its body unread, the connection is closed and the client is told so.
+    assert_eq!(refused.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"));
     assert_error(e.post("/api/v1/projects", &e.token, &huge).await, 413, "larger");
     // A declared length over the limit is refused before the body is read.
     let mut declared = tokio::net::TcpStream::connect(e.base.trim_start_matches("http://")).await.unwrap();

@@ -273,7 +273,11 @@ async fn refuse_declared_oversize(
     match declared {
         Some(n) if n > limit => {
             let m = format!("the body declares {n} bytes, larger than the {limit} bytes this route takes");
-            ApiError::TooLarge(m).into_response()
+            let mut res = ApiError::TooLarge(m).into_response();
+            // The body is left unread, so the connection cannot carry another
+            // request: saying so keeps the client from sending one on it.
+            res.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            res
         }
         _ => next.run(req).await,
     }
