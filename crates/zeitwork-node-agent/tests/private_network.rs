@@ -330,11 +330,17 @@ async fn private_network() {
     let p: Value =
         admin.patch("/api/v1/projects/acme/web", &json!({"egress": {"allow": ["api.outside.test:80"]}})).await.unwrap();
     assert_eq!(p["egress"]["allow"][0], "api.outside.test:80");
+    // Everything was reachable before: the list took effect once the other port is not.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while probe(a, "get", "198.51.100.2:80").await.trim() != "outside" {
-        assert!(Instant::now() < deadline, "the name's address was never allowed\nfirewall:\n{}", ruleset());
+    while probe(a, "get", "198.51.100.2:81").await.trim() != "unreachable" {
+        assert!(Instant::now() < deadline, "the allow-list by name never took effect\nfirewall:\n{}", ruleset());
     }
-    assert_eq!(probe(a, "get", "198.51.100.2:81").await.trim(), "unreachable");
+    assert_eq!(
+        probe(a, "get", "198.51.100.2:80").await.trim(),
+        "outside",
+        "the name's address was not allowed\nfirewall:\n{}",
+        ruleset()
+    );
     // The name moves: its old address leaves the allow-list once the answer is
     // asked again (its TTL, at least 30 s).
     drop(dns);
