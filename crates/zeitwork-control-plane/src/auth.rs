@@ -199,7 +199,7 @@ impl AppState {
         if id.len() != 12 || secret.len() != 43 {
             return Err(bad());
         }
-        let stored = match self.store.get_token(&format!("tok_{id}")).await {
+        let stored = match self.store.get_token_recent(&format!("tok_{id}")).await {
             Ok(t) => t,
             Err(StoreError::NotFound(_)) => {
                 // Spend the same hashing work as a real check.

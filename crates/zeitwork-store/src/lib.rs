@@ -132,6 +132,8 @@ pub struct Store {
     dialect: Dialect,
     /// Wakes readers of routing, assignments and deployment state after a change.
     changes: changes::ChangeBus,
+    /// Tokens read within the last [`TOKEN_CACHE_TTL`].
+    tokens: orgs::TokenCache,
 }
 
 /// A page request: at most `limit` items after `cursor`.
@@ -225,7 +227,7 @@ impl Store {
                     .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
                     .connect(url)
                     .await?;
-                Store { reader, writer, dialect, changes: changes::ChangeBus::new(None) }
+                Store { reader, writer, dialect, changes: changes::ChangeBus::new(None), tokens: Default::default() }
             }
             Dialect::Postgres => {
                 // Writes (the engine's placements, status reports) have
@@ -236,7 +238,13 @@ impl Store {
                 };
                 let writer = pool(8).await.map_err(|e| connect::explain(url, e))?;
                 let reader = pool(16).await.map_err(|e| connect::explain(url, e))?;
-                Store { reader, writer, dialect, changes: changes::ChangeBus::new(Some(url)) }
+                Store {
+                    reader,
+                    writer,
+                    dialect,
+                    changes: changes::ChangeBus::new(Some(url)),
+                    tokens: Default::default(),
+                }
             }
         };
         schema::migrate(&store.writer, dialect).await?;

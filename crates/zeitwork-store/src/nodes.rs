@@ -293,6 +293,9 @@ impl Store {
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
         tx.commit().await?;
+        if !approve {
+            self.tokens.forget_all();
+        }
         self.get_node(id).await
     }
 

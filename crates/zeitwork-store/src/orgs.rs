@@ -30,6 +30,70 @@ fn member_from(row: &AnyRow) -> Result<Member> {
 
 // ------------------------------------------------------------------ tokens
 
+/// How long [`Store::get_token_recent`] answers a token from memory.
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// At most this many tokens are held in memory.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Tokens read within the last [`TOKEN_CACHE_TTL`] (see [`Store::get_token_recent`]).
+#[derive(Clone, Default)]
+pub(crate) struct TokenCache(std::sync::Arc<std::sync::Mutex<TokenCacheInner>>);
+
+#[derive(Default)]
+struct TokenCacheInner {
+    entries: std::collections::HashMap<String, (StoredToken, std::time::Instant)>,
+    /// Bumped by every deletion: a read begun before one is not kept.
+    generation: u64,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens themselves.
+        f.debug_struct("TokenCache").field("entries", &self.lock().entries.len()).finish()
+    }
+}
+
+impl TokenCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TokenCacheInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, id: &str) -> Option<StoredToken> {
+        match self.lock().entries.get(id) {
+            Some((t, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Keeps `t`, read after [`TokenCache::generation`] gave `generation`,
+    /// unless a token was deleted since.
+    fn put(&self, id: &str, t: &StoredToken, generation: u64) {
+        let mut inner = self.lock();
+        if inner.generation != generation {
+            return;
+        }
+        if inner.entries.len() >= TOKEN_CACHE_MAX {
+            inner.entries.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            if inner.entries.len() >= TOKEN_CACHE_MAX {
+                inner.entries.clear();
+            }
+        }
+        inner.entries.insert(id.to_owned(), (t.clone(), std::time::Instant::now()));
+    }
+
+    /// After a deletion: nothing read before it is answered again.
+    pub(crate) fn forget_all(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.entries.clear();
+    }
+}
+
 /// A token as stored: its public part and the SHA-256 of its secret.
 #[derive(Debug, Clone)]
 pub struct StoredToken {
@@ -246,6 +310,7 @@ impl Store {
         insert_token(&mut tx, t).await?;
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.tokens.forget_all();
         Ok(())
     }
 
@@ -265,6 +330,23 @@ impl Store {
         append_event(&mut tx, &Audit::new("system", "token.bootstrap", &t.token.id), "ok").await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// [`Store::get_token`], answered from memory for a token read within the
+    /// last [`TOKEN_CACHE_TTL`], so that a client calling many times a second
+    /// costs a read of its token a second, not one per call. A token deleted
+    /// through this store (revoked, a node's credential replaced or its node
+    /// rejected) is never answered from memory again; one deleted through
+    /// another operator's store is read again within [`TOKEN_CACHE_TTL`].
+    /// Unknown tokens are always read.
+    pub async fn get_token_recent(&self, id: &str) -> Result<StoredToken> {
+        if let Some(t) = self.tokens.get(id) {
+            return Ok(t);
+        }
+        let generation = self.tokens.generation();
+        let t = self.get_token(id).await?;
+        self.tokens.put(id, &t, generation);
+        Ok(t)
     }
 
     pub async fn get_token(&self, id: &str) -> Result<StoredToken> {
@@ -292,6 +374,7 @@ impl Store {
         }
         append_event(&mut tx, audit, "ok").await?;
         tx.commit().await?;
+        self.tokens.forget_all();
         Ok(())
     }
 }

@@ -716,8 +716,16 @@ async fn tokens(store: Store) {
     assert_eq!(store.get_token("tok_c").await.unwrap().token.scope, scope);
     assert_eq!(store.list_tokens(None, &Page::first(10)).await.unwrap().items.len(), 3);
     assert_eq!(store.list_tokens(Some("acme"), &Page::first(10)).await.unwrap().items.len(), 1);
+    // Read recently, a token is answered from memory until it is deleted through any handle of the store.
+    assert_eq!(store.get_token_recent("tok_c").await.unwrap().token.scope, scope);
+    let other = store.clone();
     store.delete_token("tok_c", &audit("token.delete")).await.unwrap();
+    assert!(matches!(other.get_token_recent("tok_c").await, Err(StoreError::NotFound(_))));
     assert!(matches!(store.delete_token("tok_c", &audit("token.delete")).await, Err(StoreError::NotFound(_))));
+    // A token unknown when first asked for is read again: one created since is found.
+    assert!(matches!(store.get_token_recent("tok_e").await, Err(StoreError::NotFound(_))));
+    store.create_token(&token("tok_e", scope.clone()), &audit("token.create")).await.unwrap();
+    assert_eq!(store.get_token_recent("tok_e").await.unwrap().token.id, "tok_e");
 }
 
 async fn console_sessions(store: Store) {
