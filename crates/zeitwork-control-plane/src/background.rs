@@ -8,6 +8,9 @@
 //! the threads that answer the API, every call arriving meanwhile would wait
 //! for the stretch to end; on threads of their own the system's scheduler
 //! shares the cores between both, and calls are answered within a time slice.
+//! The background threads also ask for less CPU time (a higher nice value),
+//! so that when the cores are busy the calls' threads run first: background
+//! work is measured in hundreds of milliseconds, a call in a few.
 //!
 //! One set of threads serves every operator of the process; it lives as long
 //! as the process.
@@ -17,7 +20,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 /// Two: the engine and the routing table's whole reads may run at once.
@@ -30,6 +33,7 @@ fn runtime() -> Option<&'static Runtime> {
             match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(THREADS)
                 .thread_name("zeitwork-background")
+                .on_thread_start(lower_priority)
                 .enable_all()
                 .build()
             {
@@ -41,6 +45,19 @@ fn runtime() -> Option<&'static Runtime> {
             }
         })
         .as_ref()
+}
+
+/// How much less CPU time the background threads ask for than the API's
+/// (a nice value: at 10 a thread gets about a tenth of a contended core).
+const NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority, so that when the cores
+/// are busy the system runs the threads that answer calls first.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICENESS) {
+        tracing::debug!(error = %e, "cannot lower the background threads' priority");
+    }
 }
 
 /// Runs `task` on the background threads (on the caller's runtime if they
@@ -63,12 +80,6 @@ where
 #[derive(Debug)]
 pub struct Task<T>(JoinHandle<T>);
 
-impl<T> Task<T> {
-    pub fn abort(&self) {
-        self.0.abort();
-    }
-}
-
 impl<T> Future for Task<T> {
     type Output = Result<T, tokio::task::JoinError>;
 
@@ -84,8 +95,9 @@ impl<T> Drop for Task<T> {
 }
 
 /// Whether the caller runs on the background threads.
-pub fn here() -> bool {
-    runtime().is_some_and(|rt| Handle::try_current().is_ok_and(|h| h.id() == rt.handle().id()))
+#[cfg(test)]
+fn here() -> bool {
+    runtime().is_some_and(|rt| tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == rt.handle().id()))
 }
 
 #[cfg(test)]
@@ -95,6 +107,16 @@ mod tests {
         assert!(!super::here(), "a test's own runtime is not the background one");
         let there = super::spawn(async { super::here() }).await.unwrap();
         assert!(there, "a spawned task runs on the background threads");
+    }
+
+    #[tokio::test]
+    async fn background_threads_yield_to_the_others() {
+        let own = rustix::process::getpriority_process(None).unwrap();
+        let there = super::spawn(async { rustix::process::getpriority_process(Some(rustix::thread::gettid())) })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(there, (own + super::NICENESS).min(19), "the background threads run at a lower priority");
     }
 
     #[tokio::test]

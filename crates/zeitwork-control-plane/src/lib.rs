@@ -122,21 +122,12 @@ pub struct Operator {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    refresher: background::Task<()>,
-    /// Wakes the assignment watches of the nodes each change concerns.
-    assignment_watch: background::Task<()>,
-    /// Wakes this operator's readers on other operators' changes (PostgreSQL).
-    change_listener: background::Task<()>,
-    engine: background::Task<()>,
-    feeder: background::Task<()>,
-    autoscaler: background::Task<()>,
-    /// Samples instances' CPU time and memory for resource analytics.
-    usage_sampler: background::Task<()>,
-    notifier: background::Task<()>,
-    build_watch: background::Task<()>,
-    prober: background::Task<()>,
-    pruner: background::Task<()>,
-    drainer: background::Task<()>,
+    /// The background work, by name: the routing table's upkeep, the
+    /// assignment watch, the change listener (PostgreSQL), the engine, the
+    /// event feed, the autoscaler, the usage sampler, the notifier, the build
+    /// watch, the prober, the pruner and the log drain. Each is aborted when
+    /// dropped.
+    workers: Vec<(&'static str, background::Task<()>)>,
     /// The first admin token, when this start created it.
     pub admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -270,28 +261,21 @@ impl Operator {
             Ok::<(), std::io::Error>(())
         });
         tracing::info!(%addr, "operator API listening");
-        Ok(Operator {
-            addr,
-            shutdown: tx,
-            task,
-            refresher,
-            assignment_watch,
-            change_listener,
-            engine,
-            feeder,
-            autoscaler,
-            usage_sampler,
-            notifier,
-            build_watch,
-            prober,
-            pruner,
-            drainer,
-            admin_token,
-            admin_token_path,
-            store,
-            engine_id,
-            assignments,
-        })
+        let workers = vec![
+            ("refresher", refresher),
+            ("assignment watch", assignment_watch),
+            ("change listener", change_listener),
+            ("engine", engine),
+            ("feeder", feeder),
+            ("autoscaler", autoscaler),
+            ("usage sampler", usage_sampler),
+            ("notifier", notifier),
+            ("build watch", build_watch),
+            ("prober", prober),
+            ("pruner", pruner),
+            ("drainer", drainer),
+        ];
+        Ok(Operator { addr, shutdown: tx, task, workers, admin_token, admin_token_path, store, engine_id, assignments })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -302,18 +286,8 @@ impl Operator {
     /// Stops at once without handing anything over, as a crash would (for failover tests).
     pub fn abort(self) {
         self.task.abort();
-        self.refresher.abort();
-        self.assignment_watch.abort();
-        self.change_listener.abort();
-        self.engine.abort();
-        self.feeder.abort();
-        self.autoscaler.abort();
-        self.usage_sampler.abort();
-        self.notifier.abort();
-        self.build_watch.abort();
-        self.prober.abort();
-        self.pruner.abort();
-        self.drainer.abort();
+        // Dropping the background work aborts it.
+        drop(self.workers);
     }
 
     pub async fn shutdown(self) {
@@ -323,21 +297,7 @@ impl Operator {
             Err(e) => tracing::warn!(error = %e, "operator server task failed"),
             Ok(Ok(())) => {}
         }
-        let workers = [
-            ("refresher", self.refresher),
-            ("assignment watch", self.assignment_watch),
-            ("change listener", self.change_listener),
-            ("engine", self.engine),
-            ("feeder", self.feeder),
-            ("autoscaler", self.autoscaler),
-            ("usage sampler", self.usage_sampler),
-            ("notifier", self.notifier),
-            ("build watch", self.build_watch),
-            ("prober", self.prober),
-            ("pruner", self.pruner),
-            ("drainer", self.drainer),
-        ];
-        for (name, task) in workers {
+        for (name, task) in self.workers {
             if let Err(e) = task.await {
                 tracing::warn!(task = name, error = %e, "operator task failed while stopping");
             }
