@@ -168,7 +168,8 @@ impl Operator {
         // Checked with the rest of the configuration.
         let private = config::private_range(&config.private_network)
             .map_err(|message| ConfigError { field: "private_network", message })?;
-        let assignments = Arc::new(assignments::AssignmentHub::new(private, store.read_connections() / 2));
+        let assignments =
+            Arc::new(assignments::AssignmentHub::new(private, assignments::reading_turns(store.read_connections())));
         let assignment_watch = background::spawn(assignments.clone().run(store.clone(), rx.clone()));
         let change_listener = {
             let (store, rx) = (store.clone(), rx.clone());
