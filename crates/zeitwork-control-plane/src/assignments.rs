@@ -90,13 +90,13 @@ pub const QUEUE: Duration = Duration::from_secs(45);
 pub const RETRY_AFTER: u64 = 3;
 
 /// How many nodes' assignments an operator reads at once with `connections`
-/// read connections: a quarter of them, and at least four (four on SQLite's
-/// eight and on PostgreSQL's sixteen). A node's read is a burst of eight
-/// queries; with half of PostgreSQL's connections taken by such bursts when
-/// a rollout woke its nodes, the API's calls queued for the rest (its p99
-/// at 1,000 nodes went from 54–59 ms to 26–57 ms with a quarter).
+/// read connections: a quarter of them, at least four, at most half (four
+/// on PostgreSQL's sixteen and on SQLite's eight). A node's read is a burst
+/// of eight queries; with half of PostgreSQL's connections taken by such
+/// bursts when a rollout woke its nodes, the API's calls queued for the
+/// rest (see bench/control/README.md).
 pub fn reading_turns(connections: usize) -> usize {
-    (connections / 4).max(4).min(connections.max(1))
+    (connections / 4).max(4).min(connections / 2).max(1)
 }
 
 /// The operator's assignment watches.
@@ -341,11 +341,11 @@ mod tests {
 
     #[test]
     fn reading_turns_leave_most_connections_to_the_api() {
-        assert_eq!(reading_turns(16), 4);
-        assert_eq!(reading_turns(8), 4);
-        assert_eq!(reading_turns(64), 16);
-        assert_eq!(reading_turns(2), 2, "never more turns than connections");
-        assert_eq!(reading_turns(0), 1, "always one turn");
+        assert_eq!(reading_turns(16), 4, "a quarter");
+        assert_eq!(reading_turns(64), 16, "a quarter");
+        assert_eq!(reading_turns(8), 4, "at least four");
+        assert_eq!(reading_turns(4), 2, "at most half");
+        assert_eq!(reading_turns(1), 1, "always one turn");
     }
 
     #[test]

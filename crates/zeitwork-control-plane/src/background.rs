@@ -48,14 +48,16 @@ fn runtime() -> Option<&'static Runtime> {
 }
 
 /// How much less CPU time the background threads ask for than the API's
-/// (a nice value: at 10 a thread gets about a tenth of a contended core).
+/// (added to the nice value: 10 more gets a thread about a tenth of a
+/// contended core).
 const NICENESS: i32 = 10;
 
 /// Lowers the calling thread's scheduling priority, so that when the cores
 /// are busy the system runs the threads that answer calls first.
 fn lower_priority() {
     let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICENESS) {
+    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), (now + NICENESS).min(19)) {
         tracing::debug!(error = %e, "cannot lower the background threads' priority");
     }
 }

@@ -215,18 +215,23 @@ impl Store {
         };
         let store = match dialect {
             Dialect::Sqlite => {
-                let writer = AnyPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
-                    .connect(url)
-                    .await?;
-                let reader = AnyPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
-                    .connect(url)
-                    .await?;
+                // Every connection is opened here and kept: a SQLite connection
+                // runs its queries on a thread of its own, which takes the
+                // scheduling priority of the thread that opened it; opened
+                // later by the operator's lower-priority background work, the
+                // API's queries on it would run at that priority too.
+                let pool = |n: u32| {
+                    AnyPoolOptions::new()
+                        .max_connections(n)
+                        .min_connections(n)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
+                        .connect(url)
+                };
+                let writer = pool(1).await?;
+                let reader = pool(8).await?;
                 Store { reader, writer, dialect, changes: changes::ChangeBus::new(None), tokens: Default::default() }
             }
             Dialect::Postgres => {

@@ -292,10 +292,9 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
+        let forget = (!approve).then(|| self.tokens.forget_when_done());
         tx.commit().await?;
-        if !approve {
-            self.tokens.forget_all();
-        }
+        drop(forget);
         self.get_node(id).await
     }
 
@@ -318,10 +317,14 @@ impl Store {
             )));
         }
         sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        // Its credential goes with it.
+        sqlx::query("DELETE FROM tokens WHERE node_id = $1").bind(id).execute(&mut *tx).await?;
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
+        let forget = self.tokens.forget_when_done();
         tx.commit().await?;
+        drop(forget);
         self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
         Ok(())
     }

@@ -31,7 +31,7 @@ fn member_from(row: &AnyRow) -> Result<Member> {
 // ------------------------------------------------------------------ tokens
 
 /// How long [`Store::get_token_recent`] answers a token from memory.
-pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// At most this many tokens are held in memory.
 const TOKEN_CACHE_MAX: usize = 10_000;
@@ -70,9 +70,9 @@ impl TokenCache {
         self.lock().generation
     }
 
-    /// Keeps `t`, read after [`TokenCache::generation`] gave `generation`,
-    /// unless a token was deleted since.
-    fn put(&self, id: &str, t: &StoredToken, generation: u64) {
+    /// Keeps `t`, read from `since` on after [`TokenCache::generation`] gave
+    /// `generation`, unless a token was deleted since.
+    fn put(&self, id: &str, t: &StoredToken, generation: u64, since: std::time::Instant) {
         let mut inner = self.lock();
         if inner.generation != generation {
             return;
@@ -83,14 +83,29 @@ impl TokenCache {
                 inner.entries.clear();
             }
         }
-        inner.entries.insert(id.to_owned(), (t.clone(), std::time::Instant::now()));
+        inner.entries.insert(id.to_owned(), (t.clone(), since));
     }
 
     /// After a deletion: nothing read before it is answered again.
-    pub(crate) fn forget_all(&self) {
+    fn forget_all(&self) {
         let mut inner = self.lock();
         inner.generation += 1;
         inner.entries.clear();
+    }
+
+    /// Forgets everything when dropped: made before committing a deletion,
+    /// so that a caller gone during the commit still leaves nothing stale.
+    pub(crate) fn forget_when_done(&self) -> ForgetWhenDone<'_> {
+        ForgetWhenDone(self)
+    }
+}
+
+/// See [`TokenCache::forget_when_done`].
+pub(crate) struct ForgetWhenDone<'a>(&'a TokenCache);
+
+impl Drop for ForgetWhenDone<'_> {
+    fn drop(&mut self) {
+        self.0.forget_all();
     }
 }
 
@@ -309,8 +324,9 @@ impl Store {
         sqlx::query("DELETE FROM tokens WHERE node_id = $1").bind(&node).execute(&mut *tx).await?;
         insert_token(&mut tx, t).await?;
         append_event(&mut tx, audit, "ok").await?;
+        let forget = self.tokens.forget_when_done();
         tx.commit().await?;
-        self.tokens.forget_all();
+        drop(forget);
         Ok(())
     }
 
@@ -335,17 +351,17 @@ impl Store {
     /// [`Store::get_token`], answered from memory for a token read within the
     /// last [`TOKEN_CACHE_TTL`], so that a client calling many times a second
     /// costs a read of its token a second, not one per call. A token deleted
-    /// through this store (revoked, a node's credential replaced or its node
-    /// rejected) is never answered from memory again; one deleted through
+    /// through this store (revoked, a node's credential replaced, its node
+    /// rejected or deleted) is never answered from memory again; one deleted through
     /// another operator's store is read again within [`TOKEN_CACHE_TTL`].
     /// Unknown tokens are always read.
     pub async fn get_token_recent(&self, id: &str) -> Result<StoredToken> {
         if let Some(t) = self.tokens.get(id) {
             return Ok(t);
         }
-        let generation = self.tokens.generation();
+        let (generation, since) = (self.tokens.generation(), std::time::Instant::now());
         let t = self.get_token(id).await?;
-        self.tokens.put(id, &t, generation);
+        self.tokens.put(id, &t, generation, since);
         Ok(t)
     }
 
@@ -373,8 +389,9 @@ impl Store {
             return Err(StoreError::NotFound(format!("token {id:?} does not exist")));
         }
         append_event(&mut tx, audit, "ok").await?;
+        let forget = self.tokens.forget_when_done();
         tx.commit().await?;
-        self.tokens.forget_all();
+        drop(forget);
         Ok(())
     }
 }

@@ -243,10 +243,16 @@ async fn nodes(store: Store) {
     let hb = store.node_heartbeat(&n1.id).await.unwrap();
     assert!(hb.last_heartbeat >= n1.last_heartbeat);
     assert!(matches!(store.node_heartbeat("node_missing").await, Err(StoreError::NotFound(_))));
+    // A deleted node's own credential goes with it, also from what was read recently.
+    let mut credential = token("tok_n1", TokenScope::Cluster { role: ClusterRole::NodeAgent });
+    credential.token.node = Some(n1.id.clone());
+    store.issue_node_credential(&credential, &audit("node.credential")).await.unwrap();
+    assert_eq!(store.get_token_recent("tok_n1").await.unwrap().token.node.as_deref(), Some(n1.id.as_str()));
     let drained = store.drain_node(&n1.id, &audit("node.drain")).await.unwrap();
     assert_eq!(drained.status, NodeStatus::Drained);
     store.delete_node(&n1.id, &audit("node.delete")).await.unwrap();
     assert!(matches!(store.get_node(&n1.id).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(store.get_token_recent("tok_n1").await, Err(StoreError::NotFound(_))));
     assert_eq!(store.list_nodes(&Page::first(10)).await.unwrap().items.len(), 0);
 }
 

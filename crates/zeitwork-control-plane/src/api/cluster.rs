@@ -180,7 +180,8 @@ pub async fn reject_node(State(s): State<AppState>, caller: Caller, Path(id): Pa
     Ok(Json(s.store.decide_node(&id, false, &caller.audit("node.reject", &id)).await?))
 }
 
-/// Remove a node that runs no instances (platform admin); 409 while it does.
+/// Remove a node that runs no instances (platform admin), and revoke its own
+/// credential; 409 while it runs instances.
 #[utoipa::path(delete, path = "/api/v1/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = zeitwork_api_types::ApiError), (status = 409, body = zeitwork_api_types::ApiError)))]
 pub async fn delete_node(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
