@@ -215,17 +215,15 @@ impl Store {
         };
         let store = match dialect {
             Dialect::Sqlite => {
-                // Every connection is opened here and kept: a SQLite connection
-                // runs its queries on a thread of its own, which takes the
-                // scheduling priority of the thread that opened it; opened
-                // later by the operator's lower-priority background work, the
-                // API's queries on it would run at that priority too.
+                // A SQLite connection runs its queries on a thread of its own,
+                // which takes the scheduling priority of the thread that opened
+                // it: opened lazily, most are opened by the operator's
+                // lower-priority background work (its whole reads), and run at
+                // that priority for every user. Opening all of them up front at
+                // the API's priority measured worse (bench/control/README.md).
                 let pool = |n: u32| {
                     AnyPoolOptions::new()
                         .max_connections(n)
-                        .min_connections(n)
-                        .idle_timeout(None)
-                        .max_lifetime(None)
                         .acquire_timeout(Duration::from_secs(30))
                         .after_connect(|conn, _meta| Box::pin(sqlite_pragmas(conn)))
                         .connect(url)
