@@ -96,18 +96,18 @@ impl<T> Drop for Task<T> {
     }
 }
 
-/// Whether the caller runs on the background threads.
-#[cfg(test)]
-fn here() -> bool {
-    runtime().is_some_and(|rt| tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == rt.handle().id()))
-}
-
 #[cfg(test)]
 mod tests {
+    /// Whether the caller runs on the background threads.
+    fn here() -> bool {
+        super::runtime()
+            .is_some_and(|rt| tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == rt.handle().id()))
+    }
+
     #[tokio::test]
     async fn background_work_runs_on_threads_apart() {
-        assert!(!super::here(), "a test's own runtime is not the background one");
-        let there = super::spawn(async { super::here() }).await.unwrap();
+        assert!(!here(), "a test's own runtime is not the background one");
+        let there = super::spawn(async { here() }).await.unwrap();
         assert!(there, "a spawned task runs on the background threads");
     }
 

@@ -213,7 +213,7 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        let store = match dialect {
+        let (reader, writer, changes) = match dialect {
             Dialect::Sqlite => {
                 // A SQLite connection runs its queries on a thread of its own,
                 // which takes the scheduling priority of the thread that opened
@@ -230,7 +230,7 @@ impl Store {
                 };
                 let writer = pool(1).await?;
                 let reader = pool(8).await?;
-                Store { reader, writer, dialect, changes: changes::ChangeBus::new(None), tokens: Default::default() }
+                (reader, writer, changes::ChangeBus::new(None))
             }
             Dialect::Postgres => {
                 // Writes (the engine's placements, status reports) have
@@ -241,15 +241,10 @@ impl Store {
                 };
                 let writer = pool(8).await.map_err(|e| connect::explain(url, e))?;
                 let reader = pool(16).await.map_err(|e| connect::explain(url, e))?;
-                Store {
-                    reader,
-                    writer,
-                    dialect,
-                    changes: changes::ChangeBus::new(Some(url)),
-                    tokens: Default::default(),
-                }
+                (reader, writer, changes::ChangeBus::new(Some(url)))
             }
         };
+        let store = Store { reader, writer, dialect, changes, tokens: Default::default() };
         schema::migrate(&store.writer, dialect).await?;
         Ok(store)
     }

@@ -292,9 +292,11 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
-        let forget = (!approve).then(|| self.tokens.forget_when_done());
-        tx.commit().await?;
-        drop(forget);
+        if approve {
+            tx.commit().await?;
+        } else {
+            self.tokens.commit(tx).await?;
+        }
         self.get_node(id).await
     }
 
@@ -322,9 +324,7 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
-        let forget = self.tokens.forget_when_done();
-        tx.commit().await?;
-        drop(forget);
+        self.tokens.commit(tx).await?;
         self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
         Ok(())
     }

@@ -93,19 +93,18 @@ impl TokenCache {
         inner.entries.clear();
     }
 
-    /// Forgets everything when dropped: made before committing a deletion,
-    /// so that a caller gone during the commit still leaves nothing stale.
-    pub(crate) fn forget_when_done(&self) -> ForgetWhenDone<'_> {
-        ForgetWhenDone(self)
-    }
-}
-
-/// See [`TokenCache::forget_when_done`].
-pub(crate) struct ForgetWhenDone<'a>(&'a TokenCache);
-
-impl Drop for ForgetWhenDone<'_> {
-    fn drop(&mut self) {
-        self.0.forget_all();
+    /// Commits `tx`, which deleted tokens, and forgets everything read
+    /// before it, also when the caller is gone during the commit.
+    pub(crate) async fn commit(&self, tx: sqlx::Transaction<'_, sqlx::Any>) -> Result<()> {
+        struct Forget<'a>(&'a TokenCache);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.forget_all();
+            }
+        }
+        let _forget = Forget(self);
+        tx.commit().await?;
+        Ok(())
     }
 }
 
@@ -324,9 +323,7 @@ impl Store {
         sqlx::query("DELETE FROM tokens WHERE node_id = $1").bind(&node).execute(&mut *tx).await?;
         insert_token(&mut tx, t).await?;
         append_event(&mut tx, audit, "ok").await?;
-        let forget = self.tokens.forget_when_done();
-        tx.commit().await?;
-        drop(forget);
+        self.tokens.commit(tx).await?;
         Ok(())
     }
 
@@ -389,9 +386,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("token {id:?} does not exist")));
         }
         append_event(&mut tx, audit, "ok").await?;
-        let forget = self.tokens.forget_when_done();
-        tx.commit().await?;
-        drop(forget);
+        self.tokens.commit(tx).await?;
         Ok(())
     }
 }
