@@ -22,9 +22,9 @@ pub struct EngineConfig {
     /// the rollback window, drain grace and rollout steps, the lease renewal,
     /// and with the sweep over every running deployment (the autoscaler's
     /// clock and the safety net for a lost change notification). A sweep that
-    /// takes long (large clusters) runs only every four times its length, so
-    /// it never takes more than a fifth of the engine's time. Changes are
-    /// acted on at once.
+    /// takes long (large clusters) runs only every thirty times its length
+    /// (four times after a node's change), so it takes some 3% of the
+    /// engine's time. Changes are acted on at once.
     pub tick: Duration,
     /// How long instances may take to become ready.
     pub start_timeout: Duration,

@@ -123,8 +123,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         self.get_deployment(&d.id).await
     }
 
@@ -233,8 +232,7 @@ impl Store {
             return Err(StoreError::Conflict(format!("deployment {id} no longer waits for its build")));
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         Ok(())
     }
 
@@ -272,8 +270,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "failed").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         Ok(true)
     }
 

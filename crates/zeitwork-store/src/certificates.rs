@@ -74,8 +74,7 @@ impl Store {
             append_event(&mut tx, &released, "ok").await?;
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         Ok(())
     }
 

@@ -6,10 +6,14 @@
 //! In one process the counter is a `watch` channel shared by every clone of
 //! the [`Store`]. Across operators on PostgreSQL, a change also sends
 //! `NOTIFY zeitwork_changes`, and [`Store::follow_changes`] (run by every
-//! operator) listens and bumps its own counter. A lost notification (a
-//! dropped listener connection, a crash between commit and notify) is made
-//! good by the readers' slow safety-net polls; a reconnected listener bumps
-//! the counter once, since it may have missed something.
+//! operator) listens and bumps its own counter. A change made in a
+//! transaction sends its NOTIFY inside it ([`Store::commit_announcing`]), so
+//! the others hear of it when, and only when, it commits; the few changes of
+//! one statement outside a transaction (an instance's status report, a
+//! deployment's status) notify right after it. A reconnected listener bumps
+//! the counter once, since it may have missed something. What is left (an
+//! operator dying between such a statement and its NOTIFY) is made good by
+//! the readers' slow safety-net polls.
 //!
 //! Each announcement says what it touched where the store knows cheaply
 //! ([`Change`]: some deployments, some projects, or anything), kept in a
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{Dialect, Store};
+use crate::{Dialect, Result, Store};
 
 /// The PostgreSQL channel changes are announced on.
 pub const CHANGE_CHANNEL: &str = "zeitwork_changes";
@@ -143,9 +147,47 @@ impl Store {
         self.changes.since(seen)
     }
 
-    /// Called after a change is committed: wakes this process's readers and,
-    /// on PostgreSQL, the other operators'. A failed NOTIFY is logged, not
-    /// returned: the change is committed and the others' polls will see it.
+    /// Commits `tx` and announces `change`: on PostgreSQL the NOTIFY is sent
+    /// inside the transaction, so other operators hear of the change when,
+    /// and only when, it commits (a crash between the commit and the NOTIFY
+    /// cannot lose it); then this process's readers are woken.
+    pub(crate) async fn commit_announcing(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        change: Change,
+    ) -> Result<()> {
+        self.notify_in(&mut tx, &change).await?;
+        tx.commit().await?;
+        self.announce_here(change);
+        Ok(())
+    }
+
+    /// The NOTIFY of [`Store::commit_announcing`] for a caller that commits
+    /// itself (and then calls [`Store::announce_here`]).
+    pub(crate) async fn notify_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        change: &Change,
+    ) -> Result<()> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGE_CHANNEL)
+                .bind(change.encode())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Wakes this process's readers for a change committed with [`Store::notify_in`].
+    pub(crate) fn announce_here(&self, change: Change) {
+        self.changes.announce(change);
+    }
+
+    /// Called after a change made outside a transaction is committed: wakes
+    /// this process's readers and, on PostgreSQL, the other operators'. A
+    /// failed NOTIFY is logged, not returned: the change is committed and the
+    /// others' safety nets will see it.
     pub(crate) async fn changed(&self) {
         self.changed_in(Change::Anything).await;
     }

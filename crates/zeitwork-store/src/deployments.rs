@@ -154,8 +154,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         insert_deployment(&mut tx, d, DeploymentStatus::Pending).await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![d.id.clone()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![d.id.clone()])).await?;
         self.get_deployment(&d.id).await
     }
 
@@ -288,11 +287,10 @@ impl Store {
                     Err(e) => return Err(e),
                 }
             }
-            tx.commit().await?;
             let mut deployments: Vec<String> = instances.iter().map(|i| i.deployment.clone()).collect();
             deployments.sort();
             deployments.dedup();
-            self.changed_in(crate::Change::Deployments(deployments)).await;
+            self.commit_announcing(tx, crate::Change::Deployments(deployments)).await?;
             let mut found = std::collections::HashMap::with_capacity(ids.len());
             crate::for_each_chunk(
                 &self.reader,
@@ -399,8 +397,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         self.point_environment_in(&mut tx, &d, env).await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![deployment.to_owned()])).await?;
         Ok(())
     }
 

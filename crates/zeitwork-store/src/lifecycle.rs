@@ -76,8 +76,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![id.to_owned()])).await?;
         Ok(())
     }
 
@@ -135,8 +134,7 @@ impl Store {
         }
         stop_live_instances(&mut tx, id, "the deployment went to sleep").await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![id.to_owned()])).await?;
         Ok(true)
     }
 
@@ -171,8 +169,7 @@ impl Store {
         if woke {
             append_event(&mut tx, audit, "ok").await?;
         }
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![id.to_owned()])).await?;
         Ok(woke)
     }
 
@@ -230,8 +227,7 @@ impl Store {
             stop_live_instances(&mut tx, id, "the deployment was retired").await?;
             append_event(&mut tx, audit, "ok").await?;
         }
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![id.to_owned()])).await?;
         self.get_deployment(id).await
     }
 
@@ -300,11 +296,14 @@ impl Store {
             let a = Audit { target: id.clone(), ..audit.clone() };
             append_event(&mut tx, &a, "ok").await?;
         }
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
-        if !ids.is_empty() {
-            // Their nodes drop the stopped instances.
-            self.changed_in(crate::Change::Deployments(ids.clone())).await;
+        // Their nodes drop the stopped instances.
+        let stopped = (!ids.is_empty()).then(|| crate::Change::Deployments(ids.clone()));
+        if let Some(c) = &stopped {
+            self.notify_in(&mut tx, c).await?;
+        }
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
+        if let Some(c) = stopped {
+            self.announce_here(c);
         }
         Ok(ids)
     }

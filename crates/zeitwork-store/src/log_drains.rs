@@ -82,8 +82,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         crate::events::append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         self.log_drain(&d.id).await
     }
 
@@ -122,8 +121,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("log drain {id:?} is not one of {org}'s")));
         }
         crate::events::append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         Ok(())
     }
 }

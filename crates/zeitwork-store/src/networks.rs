@@ -124,12 +124,9 @@ impl Store {
                 .await?
                 .map(|r| r.text("project_id"))
                 .transpose()?;
-            tx.commit().await?;
+            let change = project.map_or(crate::Change::Anything, |p| crate::Change::Projects(vec![p]));
+            self.commit_announcing(tx, change).await?;
             out.extend(given);
-            match project {
-                Some(p) => self.changed_in(crate::Change::Projects(vec![p])).await,
-                None => self.changed().await,
-            }
             return Ok(out);
         }
         Err(StoreError::Conflict("private address allocation kept clashing; try again".into()))

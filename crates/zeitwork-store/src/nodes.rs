@@ -143,8 +143,7 @@ impl Store {
         audit.target = r.hostname.clone();
         audit.action = if created { "node.register" } else { "node.update" }.into();
         append_event(&mut tx, &audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Nodes(vec![id.clone()])).await;
+        self.commit_announcing(tx, crate::Change::Nodes(vec![id.clone()])).await?;
         Ok((self.get_node(&id).await?, created))
     }
 
@@ -224,8 +223,7 @@ impl Store {
             let audit = Audit::new("system", "node.up", id)
                 .detail(serde_json::json!({"hostname": hostname, "region": row.text("region")?}));
             append_event(&mut tx, &audit, "ok").await?;
-            tx.commit().await?;
-            self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
+            self.commit_announcing(tx, crate::Change::Nodes(vec![id.to_owned()])).await?;
         }
         self.get_node(id).await
     }
@@ -257,8 +255,7 @@ impl Store {
             // Nothing to wait for: drained at once, and told so, as when the last instance leaves.
             append_event(&mut tx, &Audit::new("system", "node.drained", id).detail(named), "ok").await?;
         }
-        tx.commit().await?;
-        self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Nodes(vec![id.to_owned()])).await?;
         self.get_node(id).await
     }
 
@@ -324,8 +321,10 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
+        let change = crate::Change::Nodes(vec![id.to_owned()]);
+        self.notify_in(&mut tx, &change).await?;
         self.tokens.commit(tx).await?;
-        self.changed_in(crate::Change::Nodes(vec![id.to_owned()])).await;
+        self.announce_here(change);
         Ok(())
     }
 }
@@ -441,10 +440,11 @@ impl Store {
             }));
             append_event(&mut tx, &audit, "ok").await?;
         }
-        tx.commit().await?;
         let ids = rows.iter().map(|r| r.text("id")).collect::<Result<Vec<_>>>()?;
-        if !ids.is_empty() {
-            self.changed_in(crate::Change::Nodes(ids.clone())).await;
+        if ids.is_empty() {
+            tx.commit().await?;
+        } else {
+            self.commit_announcing(tx, crate::Change::Nodes(ids.clone())).await?;
         }
         Ok(ids)
     }
@@ -538,9 +538,10 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
             ids.push(id);
         }
-        tx.commit().await?;
-        if !ids.is_empty() {
-            self.changed_in(crate::Change::Nodes(ids.clone())).await;
+        if ids.is_empty() {
+            tx.commit().await?;
+        } else {
+            self.commit_announcing(tx, crate::Change::Nodes(ids.clone())).await?;
         }
         Ok(ids)
     }

@@ -281,8 +281,7 @@ impl Store {
             e => e,
         })?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![id])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![id])).await?;
         self.get_project(&p.org, &p.name).await
     }
 
@@ -415,8 +414,7 @@ impl Store {
         q.push(&format!(" WHERE id = {id_p}"));
         q.query().execute(&mut *tx).await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![current.id.clone()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![current.id.clone()])).await?;
         self.get_project(org, name).await
     }
 
@@ -444,8 +442,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed().await;
+        self.commit_announcing(tx, crate::Change::Anything).await?;
         Ok(())
     }
 
@@ -504,8 +501,7 @@ impl Store {
                 .map_err(|e| fk_to_not_found(e, "project was deleted"))?;
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         Ok(())
     }
 
@@ -556,8 +552,7 @@ impl Store {
                 })?;
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         Ok(updated == 0)
     }
 
@@ -572,8 +567,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("variable {key:?} is not set")));
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         Ok(())
     }
 
@@ -637,8 +631,7 @@ impl Store {
             r => r.map_err(|e| fk_to_not_found(e, "project was deleted"))?,
         };
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         self.list_domains(project_id)
             .await?
             .into_iter()
@@ -675,9 +668,10 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
             gone.push((org, project, name));
         }
-        tx.commit().await?;
-        if !gone.is_empty() {
-            self.changed().await;
+        if gone.is_empty() {
+            tx.commit().await?;
+        } else {
+            self.commit_announcing(tx, crate::Change::Anything).await?;
         }
         Ok(gone)
     }
@@ -693,8 +687,7 @@ impl Store {
             return Err(StoreError::NotFound(format!("domain {name:?} is not registered to this project")));
         }
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Projects(vec![project_id.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
         Ok(())
     }
 }

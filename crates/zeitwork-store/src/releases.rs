@@ -303,8 +303,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![deployment.to_owned()])).await?;
         Ok(())
     }
 
@@ -342,8 +341,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "ok").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
+        self.commit_announcing(tx, crate::Change::Deployments(vec![deployment.to_owned()])).await?;
         Ok(())
     }
 
@@ -419,11 +417,9 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, audit, "failed").await?;
-        tx.commit().await?;
-        self.changed_in(crate::Change::Deployments(
-            std::iter::once(bad.to_owned()).chain(to.map(|t| t.id.clone())).collect(),
-        ))
-        .await;
+        let change =
+            crate::Change::Deployments(std::iter::once(bad.to_owned()).chain(to.map(|t| t.id.clone())).collect());
+        self.commit_announcing(tx, change).await?;
         Ok(true)
     }
 }

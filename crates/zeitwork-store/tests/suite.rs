@@ -96,10 +96,21 @@ async fn postgres_changes_reach_other_operators() {
     // The listener wakes its readers once it listens (something may have been missed before).
     seen_by_b.changed().await.unwrap();
     seen_by_b.mark_unchanged();
+    let before = *seen_by_b.borrow();
     org(&a, "acme").await;
     let p = a.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
-    let wake = tokio::time::timeout(std::time::Duration::from_secs(30), seen_by_b.changed()).await;
-    assert!(wake.is_ok(), "the other operator was not told of the change");
+    // Told what changed: the notification sent inside the project's transaction.
+    let told = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            seen_by_b.changed().await.unwrap();
+            let (_, what) = b.changes_since(before);
+            if what.unwrap_or_default().contains(&zeitwork_store::Change::Projects(vec![p.id.clone()])) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "the other operator was not told which project changed: {:?}", b.changes_since(before));
     // Its own readers are told at once, without the database.
     let mut seen_by_a = a.changes();
     seen_by_a.mark_unchanged();

@@ -75,10 +75,8 @@ pub async fn run(
     let mut renewed: Option<tokio::time::Instant> = None;
     // Whether a full pass ran since the lease was taken.
     let mut looked = false;
-    // The sweep over every running deployment runs on a tick once this is
-    // past; it is set after each sweep so that sweeps take at most a fifth
-    // of the engine's time (at large scale a sweep outlasts the tick).
-    let mut next_sweep = tokio::time::Instant::now();
+    // When the sweep over every running deployment is due (see [`SweepClock`]).
+    let mut sweeps = SweepClock::default();
     loop {
         let now = tokio::time::Instant::now();
         let tick = now >= next_tick;
@@ -127,13 +125,16 @@ pub async fn run(
             if work == Work::Full {
                 tracing::debug!(why, "full engine pass asked for");
             }
-            let sweep_due = tick && tokio::time::Instant::now() >= next_sweep;
+            if matches!(work, Work::Changes { nodes: true, .. }) {
+                sweeps.room_may_have_appeared = true;
+            }
+            let sweep_due = tick && sweeps.due();
             let done = match work {
                 Work::Full => {
                     looked = true;
                     let started = tokio::time::Instant::now();
                     let done = pass(&store, &config).await;
-                    next_sweep = sweep_after(started);
+                    sweeps.swept(started);
                     done
                 }
                 Work::Changes { deployments, projects, nodes } => {
@@ -141,14 +142,14 @@ pub async fn run(
                         // The clock's steps on a tick and after a node's change; the sweep only when due on a tick.
                         Ok(acted) if tick || nodes => {
                             let mut between = Between { store: &store, config: &config, seen: &mut seen };
-                            ticked(&config, tick && sweep_due, &mut next_sweep, &mut between).await.map(|t| t || acted)
+                            ticked(&config, sweep_due, &mut sweeps, &mut between).await.map(|t| t || acted)
                         }
                         other => other,
                     }
                 }
                 Work::Nothing if tick => {
                     let mut between = Between { store: &store, config: &config, seen: &mut seen };
-                    ticked(&config, sweep_due, &mut next_sweep, &mut between).await
+                    ticked(&config, sweep_due, &mut sweeps, &mut between).await
                 }
                 Work::Nothing => Ok(false),
             };
@@ -198,7 +199,7 @@ async fn act_on_changes(
 async fn ticked(
     config: &EngineConfig,
     sweep_due: bool,
-    next_sweep: &mut tokio::time::Instant,
+    sweeps: &mut SweepClock,
     between: &mut Between<'_>,
 ) -> Result<bool, StoreError> {
     let store = between.store;
@@ -207,7 +208,7 @@ async fn ticked(
     if sweep_due {
         let swept = tokio::time::Instant::now();
         changed |= sweep(store, config, &mut phases, Some(between)).await?;
-        *next_sweep = sweep_after(swept);
+        sweeps.swept(swept);
     }
     phases.log(if sweep_due { "engine tick with sweep" } else { "engine tick" });
     Ok(changed)
@@ -244,10 +245,62 @@ impl Between<'_> {
     }
 }
 
-/// When the next sweep may run after one that started at `started` and
-/// ended now: on the next tick, unless that is sooner than four times its
-/// length from now, so sweeps never take more than a fifth of the engine's
-/// time and changes are not kept waiting behind them.
-fn sweep_after(started: tokio::time::Instant) -> tokio::time::Instant {
-    tokio::time::Instant::now() + started.elapsed() * 4
+/// How many times its own length the engine waits after a sweep before the
+/// next one on the clock: the sweep is the safety net for a lost
+/// announcement and the clock of time-driven counts (going to sleep when
+/// idle), so on a small cluster (a sweep of a few milliseconds) it runs
+/// every tick, and at 10,000 nodes (a few hundred milliseconds of the
+/// database's time) every several seconds, some 3% of the time.
+pub const SWEEP_SPACING: u32 = 30;
+
+/// After a node's change (room may have appeared for instances waiting to
+/// be placed again) the next sweep waits only this many times its length.
+pub const SWEEP_SPACING_AFTER_NODES: u32 = 4;
+
+/// When the next sweep is due on a tick.
+#[derive(Debug, Default)]
+struct SweepClock {
+    /// When the last sweep ended and how long it took.
+    last: Option<(tokio::time::Instant, Duration)>,
+    /// A node changed since the last sweep.
+    room_may_have_appeared: bool,
+}
+
+impl SweepClock {
+    fn due(&self) -> bool {
+        let spacing = if self.room_may_have_appeared { SWEEP_SPACING_AFTER_NODES } else { SWEEP_SPACING };
+        self.last.is_none_or(|(ended, took)| ended.elapsed() >= took * spacing)
+    }
+
+    /// A sweep that started at `started` has just ended.
+    fn swept(&mut self, started: tokio::time::Instant) {
+        self.last = Some((tokio::time::Instant::now(), started.elapsed()));
+        self.room_may_have_appeared = false;
+    }
+}
+
+#[cfg(test)]
+mod sweep_clock_tests {
+    use super::*;
+
+    fn ended_ago(ago: Duration, took: Duration) -> SweepClock {
+        let ended = tokio::time::Instant::now().checked_sub(ago).expect("the clock runs long enough");
+        SweepClock { last: Some((ended, took)), room_may_have_appeared: false }
+    }
+
+    #[test]
+    fn sweeps_keep_to_a_share_of_the_time_unless_room_may_have_appeared() {
+        assert!(SweepClock::default().due(), "the first sweep runs at once");
+        // A 5 ms sweep (a small cluster): due again on the next tick.
+        assert!(ended_ago(Duration::from_secs(1), Duration::from_millis(5)).due());
+        // A 400 ms sweep (10,000 nodes): not for 12 s.
+        let mut big = ended_ago(Duration::from_secs(2), Duration::from_millis(400));
+        assert!(!big.due());
+        assert!(ended_ago(Duration::from_secs(13), Duration::from_millis(400)).due());
+        // A node changed: four times its length is enough.
+        big.room_may_have_appeared = true;
+        assert!(big.due());
+        big.swept(tokio::time::Instant::now());
+        assert!(!big.room_may_have_appeared, "a sweep looks at the room there is");
+    }
 }
