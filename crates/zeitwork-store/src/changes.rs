@@ -6,14 +6,13 @@
 //! In one process the counter is a `watch` channel shared by every clone of
 //! the [`Store`]. Across operators on PostgreSQL, a change also sends
 //! `NOTIFY zeitwork_changes`, and [`Store::follow_changes`] (run by every
-//! operator) listens and bumps its own counter. A change made in a
-//! transaction sends its NOTIFY inside it ([`Store::commit_announcing`]), so
-//! the others hear of it when, and only when, it commits; the few changes of
-//! one statement outside a transaction (an instance's status report, a
-//! deployment's status) notify right after it. A reconnected listener bumps
-//! the counter once, since it may have missed something. What is left (an
-//! operator dying between such a statement and its NOTIFY) is made good by
-//! the readers' slow safety-net polls.
+//! operator) listens and bumps its own counter. Every change sends its
+//! NOTIFY inside its own transaction ([`Store::commit_announcing`],
+//! [`Store::update_announcing`]), so the others hear of it when, and only
+//! when, it commits: a crash after the commit cannot lose it, and a NOTIFY
+//! that fails fails the change. A reconnected listener bumps the counter
+//! once, since it may have missed something while not listening. The
+//! readers' slow safety-net polls remain for what no announcement describes.
 //!
 //! Each announcement says what it touched where the store knows cheaply
 //! ([`Change`]: some deployments, some projects, or anything), kept in a
@@ -162,6 +161,28 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `q`, one statement that changes deployments (or what belongs to
+    /// them) and returns their ids in the column `deployment`, in a
+    /// transaction that announces them as [`Store::commit_announcing`] does
+    /// (nothing when it changed no row); returns how many rows it changed.
+    pub(crate) async fn update_announcing<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        deployment: &str,
+    ) -> Result<usize> {
+        let mut tx = self.writer.begin().await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        let mut ids = rows.iter().map(|r| crate::RowExt::text(r, deployment)).collect::<Result<Vec<_>>>()?;
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
+            tx.commit().await?;
+        } else {
+            self.commit_announcing(tx, Change::Deployments(ids)).await?;
+        }
+        Ok(rows.len())
+    }
+
     /// The NOTIFY of [`Store::commit_announcing`] for a caller that commits
     /// itself (and then calls [`Store::announce_here`]).
     pub(crate) async fn notify_in(
@@ -182,34 +203,6 @@ impl Store {
     /// Wakes this process's readers for a change committed with [`Store::notify_in`].
     pub(crate) fn announce_here(&self, change: Change) {
         self.changes.announce(change);
-    }
-
-    /// Called after a change made outside a transaction is committed: wakes
-    /// this process's readers and, on PostgreSQL, the other operators'. A
-    /// failed NOTIFY is logged, not returned: the change is committed and the
-    /// others' safety nets will see it.
-    pub(crate) async fn changed(&self) {
-        self.changed_in(Change::Anything).await;
-    }
-
-    /// [`Store::changed`] for a change that touched only what `change` names.
-    pub(crate) async fn changed_in(&self, change: Change) {
-        let payload = change.encode();
-        self.changes.announce(change);
-        if self.dialect == Dialect::Postgres {
-            // Other operators' assignment watches look again only after a while
-            // without it (`TRUST`): worth a few tries.
-            for attempt in 1..=3 {
-                let notify = sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(payload.as_str());
-                match notify.execute(&self.writer).await {
-                    Ok(_) => break,
-                    Err(e) if attempt == 3 => {
-                        tracing::warn!(error = %e, "cannot notify other operators of a change; their safety nets will see it")
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50 * attempt)).await,
-                }
-            }
-        }
     }
 
     /// On PostgreSQL, listens for other operators' changes until `stop` and

@@ -348,7 +348,8 @@ impl Store {
             "UPDATE instances SET status = $1, address = COALESCE($2, address), \
              started_at = CASE WHEN $3 = 1 AND started_at IS NULL THEN $4 ELSE started_at END, \
              ready_at = CASE WHEN $5 = 1 THEN $4 ELSE ready_at END, \
-             exit_code = COALESCE($6, exit_code), exit_reason = COALESCE($7, exit_reason) WHERE id = $8",
+             exit_code = COALESCE($6, exit_code), exit_reason = COALESCE($7, exit_reason) WHERE id = $8 \
+             RETURNING deployment_id",
         )
         .bind(status.as_str())
         .bind(address.map(str::to_owned))
@@ -357,28 +358,23 @@ impl Store {
         .bind(i64::from(status == S::Ready))
         .bind(code)
         .bind(reason)
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
-        if done.rows_affected() == 0 {
+        .bind(id);
+        if self.update_announcing(done, "deployment_id").await? == 0 {
             return Err(StoreError::NotFound(format!("instance {id:?} does not exist")));
         }
-        self.changed_in_instance(id).await;
         Ok(())
     }
 
     pub async fn set_deployment_status(&self, id: &str, status: DeploymentStatus, reason: Option<&str>) -> Result<()> {
-        let done = sqlx::query("UPDATE deployments SET status = $1, reason = $2, updated_at = $3 WHERE id = $4")
-            .bind(status.as_str())
-            .bind(reason.map(str::to_owned))
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        if done.rows_affected() == 0 {
+        let done =
+            sqlx::query("UPDATE deployments SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 RETURNING id")
+                .bind(status.as_str())
+                .bind(reason.map(str::to_owned))
+                .bind(now_ms())
+                .bind(id);
+        if self.update_announcing(done, "id").await? == 0 {
             return Err(StoreError::NotFound(format!("deployment {id:?} does not exist")));
         }
-        self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
         Ok(())
     }
 
@@ -476,49 +472,23 @@ impl Store {
     /// Moves a deployment from `from` to `to` only if it is still in `from`;
     /// returns whether this call did it (so two engines never both act).
     pub async fn claim_deployment(&self, id: &str, from: DeploymentStatus, to: DeploymentStatus) -> Result<bool> {
-        let done = sqlx::query("UPDATE deployments SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4")
-            .bind(to.as_str())
-            .bind(now_ms())
-            .bind(id)
-            .bind(from.as_str())
-            .execute(&self.writer)
-            .await?;
-        let done = done.rows_affected() == 1;
-        if done {
-            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
-        }
-        Ok(done)
-    }
-
-    /// Announces a change to one instance as a change to its deployment.
-    pub(crate) async fn changed_in_instance(&self, id: &str) {
-        let deployment = sqlx::query("SELECT deployment_id FROM instances WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| r.text("deployment_id").ok());
-        match deployment {
-            Some(d) => self.changed_in(crate::Change::Deployments(vec![d])).await,
-            None => self.changed().await,
-        }
+        let claim = sqlx::query(
+            "UPDATE deployments SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4 RETURNING id",
+        )
+        .bind(to.as_str())
+        .bind(now_ms())
+        .bind(id)
+        .bind(from.as_str());
+        Ok(self.update_announcing(claim, "id").await? == 1)
     }
 
     /// Marks a live instance stopped with `reason`; returns whether this call did it.
     pub async fn retire_instance(&self, id: &str, reason: &str) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "UPDATE instances SET status = 'stopped', exit_reason = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
-        ))
-        .bind(reason)
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
-        let done = done.rows_affected() == 1;
-        if done {
-            self.changed_in_instance(id).await;
-        }
-        Ok(done)
+        let sql = format!(
+            "UPDATE instances SET status = 'stopped', exit_reason = $1 WHERE id = $2 AND {LIVE_INSTANCE} \
+             RETURNING deployment_id"
+        );
+        Ok(self.update_announcing(sqlx::query(&sql).bind(reason).bind(id), "deployment_id").await? == 1)
     }
 }
 

@@ -82,16 +82,11 @@ impl Store {
 
     /// A request arrived for an active deployment scaled to zero: it is wanted again.
     pub async fn note_demand(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE deployments SET woken_at = $1 WHERE id = $2 AND status = 'active'")
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        let done = done.rows_affected() > 0;
-        if done {
-            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
-        }
-        Ok(done)
+        let demand =
+            sqlx::query("UPDATE deployments SET woken_at = $1 WHERE id = $2 AND status = 'active' RETURNING id")
+                .bind(now_ms())
+                .bind(id);
+        Ok(self.update_announcing(demand, "id").await? > 0)
     }
 
     /// Instances taken out of traffic (`stopping`) whose grace has passed stop; returns how many.
@@ -102,17 +97,9 @@ impl Store {
              AND node_id NOT IN (SELECT id FROM nodes WHERE status IN ('draining', 'drained')) \
              RETURNING deployment_id",
         )
-        .bind(now_ms)
-        .fetch_all(&self.writer)
-        .await?;
-        let mut deployments: Vec<String> = done.iter().map(|r| r.text("deployment_id")).collect::<Result<_>>()?;
-        deployments.sort();
-        deployments.dedup();
-        if !deployments.is_empty() {
-            // Their deployments changed, nothing else: no full pass for it.
-            self.changed_in(crate::Change::Deployments(deployments)).await;
-        }
-        Ok(done.len() as u64)
+        .bind(now_ms);
+        // Their deployments changed, nothing else: no full pass for it.
+        Ok(self.update_announcing(done, "deployment_id").await? as u64)
     }
 
     /// Puts a deployment that no environment points at to sleep: its
@@ -181,17 +168,12 @@ impl Store {
     /// A woken deployment is up: it stays running (standby) until idle for its project's `sleep_after_secs`.
     pub async fn finish_waking(&self, id: &str) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE deployments SET status = 'standby', wake_for = NULL, updated_at = $1 WHERE id = $2 AND status = 'waking'",
+            "UPDATE deployments SET status = 'standby', wake_for = NULL, updated_at = $1 WHERE id = $2 AND status = 'waking' \
+             RETURNING id",
         )
         .bind(now_ms())
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
-        let done = done.rows_affected() > 0;
-        if done {
-            self.changed_in(crate::Change::Deployments(vec![id.to_owned()])).await;
-        }
-        Ok(done)
+        .bind(id);
+        Ok(self.update_announcing(done, "id").await? > 0)
     }
 
     /// Retires a deployment for good (its URL then answers 410): refused

@@ -492,29 +492,20 @@ impl Store {
 
     /// Links an instance to its replacement (or clears the link when `None`).
     pub async fn set_replacement(&self, id: &str, replacement: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE instances SET replaced_by = $1 WHERE id = $2")
+        let link = sqlx::query("UPDATE instances SET replaced_by = $1 WHERE id = $2 RETURNING deployment_id")
             .bind(replacement.map(str::to_owned))
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        self.changed_in_instance(id).await;
+            .bind(id);
+        self.update_announcing(link, "deployment_id").await?;
         Ok(())
     }
 
     /// Takes a live instance out of traffic (`stopping`); it is stopped after `stop_after`.
     pub async fn begin_stopping(&self, id: &str, stop_after: i64) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "UPDATE instances SET status = 'stopping', stop_after = $1 WHERE id = $2 AND {LIVE_INSTANCE}"
-        ))
-        .bind(stop_after)
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
-        let done = done.rows_affected() == 1;
-        if done {
-            self.changed_in_instance(id).await;
-        }
-        Ok(done)
+        let sql = format!(
+            "UPDATE instances SET status = 'stopping', stop_after = $1 WHERE id = $2 AND {LIVE_INSTANCE} \
+             RETURNING deployment_id"
+        );
+        Ok(self.update_announcing(sqlx::query(&sql).bind(stop_after).bind(id), "deployment_id").await? == 1)
     }
 
     /// Draining nodes with no live instance left become `drained`; returns their ids.

@@ -192,6 +192,7 @@ impl Store {
     pub async fn start_rollout(&self, r: &NewRollout) -> Result<()> {
         let d = self.get_deployment(&r.deployment).await?;
         let now = now_ms();
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO rollouts (deployment_id, project_id, org, project, environment, baseline, state, steps, \
              step_secs, step, started_at, step_started_at, activated_at, watch_until, updated_at) \
@@ -207,10 +208,13 @@ impl Store {
         .bind(now)
         .bind((r.state == RolloutState::Watching).then_some(now))
         .bind(r.watch_until)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        self.changed_in(crate::Change::Deployments(std::iter::once(d.id).chain(r.baseline.clone()).collect())).await;
-        Ok(())
+        self.commit_announcing(
+            tx,
+            crate::Change::Deployments(std::iter::once(d.id).chain(r.baseline.clone()).collect()),
+        )
+        .await
     }
 
     pub async fn get_rollout(&self, deployment: &str) -> Result<Option<RolloutStatus>> {
@@ -349,16 +353,12 @@ impl Store {
     pub async fn finish_rollout(&self, deployment: &str, reason: Option<&str>) -> Result<()> {
         let done = sqlx::query(
             "UPDATE rollouts SET state = 'done', reason = COALESCE($1, reason), updated_at = $2 \
-             WHERE deployment_id = $3 AND state IN ('shadow', 'canary', 'watching')",
+             WHERE deployment_id = $3 AND state IN ('shadow', 'canary', 'watching') RETURNING deployment_id",
         )
         .bind(reason.map(str::to_owned))
         .bind(now_ms())
-        .bind(deployment)
-        .execute(&self.writer)
-        .await?;
-        if done.rows_affected() > 0 {
-            self.changed_in(crate::Change::Deployments(vec![deployment.to_owned()])).await;
-        }
+        .bind(deployment);
+        self.update_announcing(done, "deployment_id").await?;
         Ok(())
     }
 

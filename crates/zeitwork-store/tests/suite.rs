@@ -114,8 +114,27 @@ async fn postgres_changes_reach_other_operators() {
     // Its own readers are told at once, without the database.
     let mut seen_by_a = a.changes();
     seen_by_a.mark_unchanged();
-    a.create_deployment(&new_deployment(&p, Environment::Production), &audit("deployment.create")).await.unwrap();
+    let d =
+        a.create_deployment(&new_deployment(&p, Environment::Production), &audit("deployment.create")).await.unwrap();
     assert!(seen_by_a.has_changed().unwrap());
+    // A one-statement change is announced from its own transaction too; one
+    // that changed nothing is not announced at all.
+    let before = *seen_by_b.borrow_and_update();
+    let latest_a = *a.changes().borrow();
+    assert!(!a.claim_deployment(&d.id, DeploymentStatus::Active, DeploymentStatus::Failed).await.unwrap());
+    assert_eq!(*a.changes().borrow(), latest_a, "a claim that lost announces nothing");
+    assert!(a.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await.unwrap());
+    let told = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            seen_by_b.changed().await.unwrap();
+            let (_, what) = b.changes_since(before);
+            if what.unwrap_or_default().contains(&zeitwork_store::Change::Deployments(vec![d.id.clone()])) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "the other operator was not told of the claim: {:?}", b.changes_since(before));
     stop.send(true).unwrap();
     listener.await.unwrap();
 }
