@@ -96,45 +96,39 @@ async fn postgres_changes_reach_other_operators() {
     // The listener wakes its readers once it listens (something may have been missed before).
     seen_by_b.changed().await.unwrap();
     seen_by_b.mark_unchanged();
+    // Waits until `b` has been told of `change` since `before`; returns what it was told.
+    let told = |seen: &tokio::sync::watch::Receiver<u64>, before: u64, change: zeitwork_store::Change| {
+        let (b, mut seen) = (b.clone(), seen.clone());
+        async move {
+            let wait = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                while !b.changes_since(before).1.unwrap_or_default().contains(&change) {
+                    seen.changed().await.unwrap();
+                }
+            });
+            assert!(wait.await.is_ok(), "the other operator was not told of {change:?}: {:?}", b.changes_since(before));
+        }
+    };
     let before = *seen_by_b.borrow();
     org(&a, "acme").await;
     let p = a.create_project(&new_project("acme", "web"), &audit("project.create")).await.unwrap();
     // Told what changed: the notification sent inside the project's transaction.
-    let told = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            seen_by_b.changed().await.unwrap();
-            let (_, what) = b.changes_since(before);
-            if what.unwrap_or_default().contains(&zeitwork_store::Change::Projects(vec![p.id.clone()])) {
-                break;
-            }
-        }
-    })
-    .await;
-    assert!(told.is_ok(), "the other operator was not told which project changed: {:?}", b.changes_since(before));
+    told(&seen_by_b, before, zeitwork_store::Change::Projects(vec![p.id.clone()])).await;
     // Its own readers are told at once, without the database.
     let mut seen_by_a = a.changes();
     seen_by_a.mark_unchanged();
+    let before = *seen_by_b.borrow();
     let d =
         a.create_deployment(&new_deployment(&p, Environment::Production), &audit("deployment.create")).await.unwrap();
     assert!(seen_by_a.has_changed().unwrap());
+    told(&seen_by_b, before, zeitwork_store::Change::Deployments(vec![d.id.clone()])).await;
     // A one-statement change is announced from its own transaction too; one
     // that changed nothing is not announced at all.
-    let before = *seen_by_b.borrow_and_update();
+    let before = *seen_by_b.borrow();
     let latest_a = *a.changes().borrow();
     assert!(!a.claim_deployment(&d.id, DeploymentStatus::Active, DeploymentStatus::Failed).await.unwrap());
     assert_eq!(*a.changes().borrow(), latest_a, "a claim that lost announces nothing");
     assert!(a.claim_deployment(&d.id, DeploymentStatus::Pending, DeploymentStatus::Failed).await.unwrap());
-    let told = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            seen_by_b.changed().await.unwrap();
-            let (_, what) = b.changes_since(before);
-            if what.unwrap_or_default().contains(&zeitwork_store::Change::Deployments(vec![d.id.clone()])) {
-                break;
-            }
-        }
-    })
-    .await;
-    assert!(told.is_ok(), "the other operator was not told of the claim: {:?}", b.changes_since(before));
+    told(&seen_by_b, before, zeitwork_store::Change::Deployments(vec![d.id.clone()])).await;
     stop.send(true).unwrap();
     listener.await.unwrap();
 }
