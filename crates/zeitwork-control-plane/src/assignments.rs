@@ -13,8 +13,9 @@
 //! project with it (their tunnel peers); an undescribed change or a gap in the
 //! store's log wakes every node.
 //!
-//! A notification lost between operators (one crashing between commit and
-//! `NOTIFY`) is made good by [`TRUST`]: a remembered answer older than that is
+//! Every change sends its `NOTIFY` inside its own transaction and a listener
+//! that reconnects wakes every node, so no committed change goes unannounced;
+//! as a safety net all the same, a remembered answer older than [`TRUST`] is
 //! read again on the next poll, so no agent keeps a stale set for longer.
 
 use std::collections::{BTreeSet, HashMap};

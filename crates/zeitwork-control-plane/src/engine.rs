@@ -20,11 +20,11 @@ use zeitwork_store::{Audit, InstanceTally, NewInstance, RunningDeployment, Runni
 pub struct EngineConfig {
     /// How often the engine looks without a change: the clock for timeouts,
     /// the rollback window, drain grace and rollout steps, the lease renewal,
-    /// and with the sweep over every running deployment (the autoscaler's
-    /// clock and the safety net for a lost change notification). A sweep that
-    /// takes long (large clusters) runs only every thirty times its length
-    /// (four times after a node's change), so it takes some 3% of the
-    /// engine's time. Changes are acted on at once.
+    /// and with the sweep over every running deployment (the clock of
+    /// time-driven counts and the safety net for a lost change notification).
+    /// A sweep that takes long (large clusters) runs only every thirty times
+    /// its length (four times while room is wanted or after a node's change),
+    /// so it takes some 3% of the engine's time. Changes are acted on at once.
     pub tick: Duration,
     /// How long instances may take to become ready.
     pub start_timeout: Duration,
@@ -50,6 +50,12 @@ pub struct EngineConfig {
     pub outcomes: DeploymentOutcomes,
     /// How many private project networks the operator's range holds.
     pub private_networks: u32,
+    /// Set when a deployment could not be given all its instances for want
+    /// of room; cleared as each sweep begins (its reconciles set it again
+    /// while the want lasts). While set, sweeps follow each other sooner
+    /// ([`run::SWEEP_SPACING_WHILE_WAITING`]): room freed by instances
+    /// stopping is announced only for their own deployment.
+    pub waiting_for_room: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +73,7 @@ impl Default for EngineConfig {
             crash_window: Duration::from_secs(600),
             outcomes: DeploymentOutcomes::default(),
             private_networks: 1 << 13,
+            waiting_for_room: Default::default(),
         }
     }
 }
@@ -372,7 +379,7 @@ async fn steps(store: &Store, config: &EngineConfig, phases: &mut Phases) -> Res
 /// run, runs (lost instances are placed again when room appears), and a
 /// scaled deployment keeps its autoscaler's count. A change to a deployment
 /// is acted on at once by [`act_on`]; this sweep is the safety net and the
-/// autoscaler's clock.
+/// clock of time-driven counts (an idle deployment scaling to zero).
 async fn sweep(
     store: &Store,
     config: &EngineConfig,
@@ -381,6 +388,8 @@ async fn sweep(
 ) -> Result<bool, StoreError> {
     let mut changed = false;
     let now = chrono::Utc::now();
+    // Set again below by any deployment still short of room.
+    config.waiting_for_room.store(false, std::sync::atomic::Ordering::Relaxed);
     // What nodes hold is kept as deltas by the store; folding them keeps each
     // placement's read of the nodes short.
     store.fold_node_holds().await?;
@@ -915,6 +924,7 @@ pub(crate) async fn reconcile(
                     out.room_needed_in = Some(region.clone());
                 }
                 out.short_of_room = Some(why);
+                config.waiting_for_room.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -152,34 +152,53 @@ impl Store {
     /// cannot lose it); then this process's readers are woken.
     pub(crate) async fn commit_announcing(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        tx: sqlx::Transaction<'static, sqlx::Any>,
         change: Change,
     ) -> Result<()> {
-        self.notify_in(&mut tx, &change).await?;
+        self.commit_announcing_all(tx, vec![change]).await
+    }
+
+    /// [`Store::commit_announcing`] for several changes, in order; with none,
+    /// a plain commit.
+    pub(crate) async fn commit_announcing_all(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        changes: Vec<Change>,
+    ) -> Result<()> {
+        for change in &changes {
+            self.notify_in(&mut tx, change).await?;
+        }
         tx.commit().await?;
-        self.announce_here(change);
+        for change in changes {
+            self.announce_here(change);
+        }
         Ok(())
     }
 
     /// Runs `q`, one statement that changes deployments (or what belongs to
-    /// them) and returns their ids in the column `deployment`, in a
-    /// transaction that announces them as [`Store::commit_announcing`] does
-    /// (nothing when it changed no row); returns how many rows it changed.
+    /// them) and returns their ids in the column `deployment`, announcing
+    /// them as [`Store::commit_announcing`] does (nothing when it changed no
+    /// row; on PostgreSQL in a transaction of its own, for its NOTIFY);
+    /// returns how many rows it changed.
     pub(crate) async fn update_announcing<'q>(
         &self,
         q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
         deployment: &str,
     ) -> Result<usize> {
+        let changed = |rows: &[sqlx::any::AnyRow]| -> Result<Vec<Change>> {
+            let mut ids = rows.iter().map(|r| crate::RowExt::text(r, deployment)).collect::<Result<Vec<_>>>()?;
+            ids.sort();
+            ids.dedup();
+            Ok(if ids.is_empty() { Vec::new() } else { vec![Change::Deployments(ids)] })
+        };
+        if self.dialect != Dialect::Postgres {
+            let rows = q.fetch_all(&self.writer).await?;
+            changed(&rows)?.into_iter().for_each(|c| self.announce_here(c));
+            return Ok(rows.len());
+        }
         let mut tx = self.writer.begin().await?;
         let rows = q.fetch_all(&mut *tx).await?;
-        let mut ids = rows.iter().map(|r| crate::RowExt::text(r, deployment)).collect::<Result<Vec<_>>>()?;
-        ids.sort();
-        ids.dedup();
-        if ids.is_empty() {
-            tx.commit().await?;
-        } else {
-            self.commit_announcing(tx, Change::Deployments(ids)).await?;
-        }
+        self.commit_announcing_all(tx, changed(&rows)?).await?;
         Ok(rows.len())
     }
 

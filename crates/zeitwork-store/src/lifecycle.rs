@@ -278,15 +278,12 @@ impl Store {
             let a = Audit { target: id.clone(), ..audit.clone() };
             append_event(&mut tx, &a, "ok").await?;
         }
-        // Their nodes drop the stopped instances.
-        let stopped = (!ids.is_empty()).then(|| crate::Change::Deployments(ids.clone()));
-        if let Some(c) = &stopped {
-            self.notify_in(&mut tx, c).await?;
+        let mut changed = vec![crate::Change::Projects(vec![project_id.to_owned()])];
+        if !ids.is_empty() {
+            // Their nodes drop the stopped instances.
+            changed.push(crate::Change::Deployments(ids.clone()));
         }
-        self.commit_announcing(tx, crate::Change::Projects(vec![project_id.to_owned()])).await?;
-        if let Some(c) = stopped {
-            self.announce_here(c);
-        }
+        self.commit_announcing_all(tx, changed).await?;
         Ok(ids)
     }
 

@@ -441,11 +441,9 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
         }
         let ids = rows.iter().map(|r| r.text("id")).collect::<Result<Vec<_>>>()?;
-        if ids.is_empty() {
-            tx.commit().await?;
-        } else {
-            self.commit_announcing(tx, crate::Change::Nodes(ids.clone())).await?;
-        }
+        // An empty list of nodes would say "some nodes": none is announced instead.
+        let changed = if ids.is_empty() { vec![] } else { vec![crate::Change::Nodes(ids.clone())] };
+        self.commit_announcing_all(tx, changed).await?;
         Ok(ids)
     }
 
@@ -529,11 +527,9 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
             ids.push(id);
         }
-        if ids.is_empty() {
-            tx.commit().await?;
-        } else {
-            self.commit_announcing(tx, crate::Change::Nodes(ids.clone())).await?;
-        }
+        // An empty list of nodes would say "some nodes": none is announced instead.
+        let changed = if ids.is_empty() { vec![] } else { vec![crate::Change::Nodes(ids.clone())] };
+        self.commit_announcing_all(tx, changed).await?;
         Ok(ids)
     }
 }

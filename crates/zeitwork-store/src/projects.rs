@@ -668,11 +668,8 @@ impl Store {
             append_event(&mut tx, &audit, "ok").await?;
             gone.push((org, project, name));
         }
-        if gone.is_empty() {
-            tx.commit().await?;
-        } else {
-            self.commit_announcing(tx, crate::Change::Anything).await?;
-        }
+        let changed = if gone.is_empty() { vec![] } else { vec![crate::Change::Anything] };
+        self.commit_announcing_all(tx, changed).await?;
         Ok(gone)
     }
 

@@ -128,7 +128,7 @@ pub async fn run(
             if matches!(work, Work::Changes { nodes: true, .. }) {
                 sweeps.room_may_have_appeared = true;
             }
-            let sweep_due = tick && sweeps.due();
+            let sweep_due = tick && sweeps.due(config.waiting_for_room.load(std::sync::atomic::Ordering::Relaxed));
             let done = match work {
                 Work::Full => {
                     looked = true;
@@ -253,9 +253,10 @@ impl Between<'_> {
 /// database's time) every several seconds, some 3% of the time.
 pub const SWEEP_SPACING: u32 = 30;
 
-/// After a node's change (room may have appeared for instances waiting to
-/// be placed again) the next sweep waits only this many times its length.
-pub const SWEEP_SPACING_AFTER_NODES: u32 = 4;
+/// While a deployment waits for room (it may appear as other instances stop,
+/// which is announced for their deployment only), or after a node's change,
+/// the next sweep waits only this many times its length.
+pub const SWEEP_SPACING_WHILE_WAITING: u32 = 4;
 
 /// When the next sweep is due on a tick.
 #[derive(Debug, Default)]
@@ -267,8 +268,9 @@ struct SweepClock {
 }
 
 impl SweepClock {
-    fn due(&self) -> bool {
-        let spacing = if self.room_may_have_appeared { SWEEP_SPACING_AFTER_NODES } else { SWEEP_SPACING };
+    /// Whether a sweep is due, `waiting` whether a deployment waits for room.
+    fn due(&self, waiting: bool) -> bool {
+        let spacing = if waiting || self.room_may_have_appeared { SWEEP_SPACING_WHILE_WAITING } else { SWEEP_SPACING };
         self.last.is_none_or(|(ended, took)| ended.elapsed() >= took * spacing)
     }
 
@@ -289,17 +291,19 @@ mod sweep_clock_tests {
     }
 
     #[test]
-    fn sweeps_keep_to_a_share_of_the_time_unless_room_may_have_appeared() {
-        assert!(SweepClock::default().due(), "the first sweep runs at once");
+    fn sweeps_keep_to_a_share_of_the_time_unless_room_is_wanted() {
+        assert!(SweepClock::default().due(false), "the first sweep runs at once");
         // A 5 ms sweep (a small cluster): due again on the next tick.
-        assert!(ended_ago(Duration::from_secs(1), Duration::from_millis(5)).due());
+        assert!(ended_ago(Duration::from_secs(1), Duration::from_millis(5)).due(false));
         // A 400 ms sweep (10,000 nodes): not for 12 s.
         let mut big = ended_ago(Duration::from_secs(2), Duration::from_millis(400));
-        assert!(!big.due());
-        assert!(ended_ago(Duration::from_secs(13), Duration::from_millis(400)).due());
-        // A node changed: four times its length is enough.
+        assert!(!big.due(false));
+        assert!(ended_ago(Duration::from_secs(13), Duration::from_millis(400)).due(false));
+        // A deployment waits for room: four times its length is enough.
+        assert!(big.due(true));
+        // A node changed: likewise.
         big.room_may_have_appeared = true;
-        assert!(big.due());
+        assert!(big.due(false));
         big.swept(tokio::time::Instant::now());
         assert!(!big.room_may_have_appeared, "a sweep looks at the room there is");
     }

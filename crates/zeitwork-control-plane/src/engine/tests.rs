@@ -372,3 +372,39 @@ async fn two_engines_hearing_one_change_act_once_without_a_tick() {
         e.await.unwrap();
     }
 }
+
+/// A deployment that cannot get its instances for want of room says so to
+/// the engine's loop (its sweeps then follow each other sooner), for as long
+/// as the want lasts: each sweep clears the signal and its reconciles set it
+/// again.
+#[tokio::test]
+async fn a_deployment_short_of_room_is_signalled_while_it_waits() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use zeitwork_api_types::Environment;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, n, p) = one_node(dir.path()).await;
+    let a = Audit::new("test", "test", "x");
+    let config = EngineConfig::default();
+    let d = store.create_deployment(&deployment_of(&p, "web-new-acme", Environment::Production), &a).await.unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    let placed = store.list_instances(&d.id).await.unwrap();
+    store.set_instance_status(&placed[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    assert!(!config.waiting_for_room.load(Relaxed), "it had room");
+
+    // Its only node drains and its instance is lost: nowhere to place another.
+    store.drain_node(&n.id, &a).await.unwrap();
+    store
+        .set_instance_status(&placed[0].id, InstanceStatus::Exited, None, Some((Some(137), "killed".into())))
+        .await
+        .unwrap();
+    act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap();
+    assert!(config.waiting_for_room.load(Relaxed), "short of room after a change");
+    pass(&store, &config).await.unwrap();
+    assert!(config.waiting_for_room.load(Relaxed), "still short after a sweep");
+
+    // Nothing waits any more: the next sweep clears it.
+    store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some("given up")).await.unwrap();
+    pass(&store, &config).await.unwrap();
+    assert!(!config.waiting_for_room.load(Relaxed), "nothing waits");
+}
