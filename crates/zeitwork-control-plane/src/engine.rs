@@ -50,11 +50,13 @@ pub struct EngineConfig {
     pub outcomes: DeploymentOutcomes,
     /// How many private project networks the operator's range holds.
     pub private_networks: u32,
-    /// Set when a deployment could not be given all its instances for want
-    /// of room; cleared as each sweep begins (its reconciles set it again
-    /// while the want lasts). While set, sweeps follow each other sooner
-    /// ([`run::SWEEP_SPACING_WHILE_WAITING`]): room freed by instances
-    /// stopping is announced only for their own deployment.
+    /// Set when a running (active or standby) deployment could not be given
+    /// all its instances for want of capacity (not for want of a ready node:
+    /// a node's change ends that); each sweep that completes sets it to what
+    /// it found. While set, sweeps follow each other sooner (four times their
+    /// length, not thirty): room freed by instances stopping elsewhere is
+    /// announced only for their own deployment. Deployments waking or in a
+    /// rollout stage are retried by the clock's steps every tick instead.
     pub waiting_for_room: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -388,8 +390,8 @@ async fn sweep(
 ) -> Result<bool, StoreError> {
     let mut changed = false;
     let now = chrono::Utc::now();
-    // Set again below by any deployment still short of room.
-    config.waiting_for_room.store(false, std::sync::atomic::Ordering::Relaxed);
+    // Whether a running deployment is still short of room, as this sweep finds.
+    let mut waiting_for_room = false;
     // What nodes hold is kept as deltas by the store; folding them keeps each
     // placement's read of the nodes short.
     store.fold_node_holds().await?;
@@ -428,11 +430,15 @@ async fn sweep(
             Ok(_) | Err(StoreError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        changed |= reconcile(store, config, &d, desired, now).await?.placed;
+        let rec = reconcile(store, config, &d, desired, now).await?;
+        changed |= rec.placed;
+        waiting_for_room |= rec.room_needed_in.is_some();
         if scaled {
             changed |= scale_down(store, config, &d, desired, now).await?;
         }
     }
+    // Only a sweep that read everything says whether anything still waits.
+    config.waiting_for_room.store(waiting_for_room, std::sync::atomic::Ordering::Relaxed);
     phases.mark("desired counts");
     Ok(changed)
 }
@@ -676,7 +682,11 @@ pub async fn act_on(store: &Store, config: &EngineConfig, ids: &[String]) -> Res
                     project,
                 };
                 let (desired, scaled) = desired_count(&running, now);
-                changed |= reconcile(store, config, &d, desired, now).await?.placed;
+                let rec = reconcile(store, config, &d, desired, now).await?;
+                changed |= rec.placed;
+                if rec.room_needed_in.is_some() {
+                    config.waiting_for_room.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if scaled {
                     changed |= scale_down(store, config, &d, desired, now).await?;
                 }
@@ -924,7 +934,6 @@ pub(crate) async fn reconcile(
                     out.room_needed_in = Some(region.clone());
                 }
                 out.short_of_room = Some(why);
-                config.waiting_for_room.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -289,10 +289,11 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
+        let change = crate::Change::Nodes(vec![id.to_owned()]);
         if approve {
-            tx.commit().await?;
+            self.commit_announcing(tx, change).await?;
         } else {
-            self.tokens.commit(tx).await?;
+            self.commit_forgetting_tokens(tx, change).await?;
         }
         self.get_node(id).await
     }
@@ -321,7 +322,16 @@ impl Store {
         let mut audit = audit.clone();
         audit.target = row.text("hostname")?;
         append_event(&mut tx, &audit, "ok").await?;
-        let change = crate::Change::Nodes(vec![id.to_owned()]);
+        self.commit_forgetting_tokens(tx, crate::Change::Nodes(vec![id.to_owned()])).await
+    }
+
+    /// [`Store::commit_announcing`] for a transaction that deleted tokens:
+    /// committed through the token cache, which forgets what it held.
+    async fn commit_forgetting_tokens(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        change: crate::Change,
+    ) -> Result<()> {
         self.notify_in(&mut tx, &change).await?;
         self.tokens.commit(tx).await?;
         self.announce_here(change);

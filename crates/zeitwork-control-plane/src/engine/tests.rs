@@ -187,6 +187,30 @@ async fn one_node(dir: &std::path::Path) -> (Store, Node, zeitwork_api_types::Pr
     (store, n, p)
 }
 
+/// A new production deployment of `p` acted on as the engine would: placed
+/// (one instance), not moved while its instance is not ready, active once the
+/// report that completes it comes.
+async fn placed_and_active(
+    store: &Store,
+    config: &EngineConfig,
+    p: &zeitwork_api_types::Project,
+) -> (zeitwork_api_types::Deployment, Vec<zeitwork_api_types::Instance>) {
+    let a = Audit::new("test", "test", "x");
+    let id = format!("{}-new-acme", p.name);
+    let d =
+        store.create_deployment(&deployment_of(p, &id, zeitwork_api_types::Environment::Production), &a).await.unwrap();
+    assert!(act_on(store, config, std::slice::from_ref(&d.id)).await.unwrap());
+    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Starting);
+    let placed = store.list_instances(&d.id).await.unwrap();
+    assert_eq!(placed.len(), 1, "one per region");
+    // Not all ready yet: nothing moves; the report that completes it activates it.
+    assert!(!act_on(store, config, std::slice::from_ref(&d.id)).await.unwrap());
+    store.set_instance_status(&placed[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
+    assert!(act_on(store, config, std::slice::from_ref(&d.id)).await.unwrap());
+    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Active);
+    (d, placed)
+}
+
 fn deployment_of(
     p: &zeitwork_api_types::Project,
     id: &str,
@@ -213,19 +237,9 @@ async fn a_change_moves_the_deployments_it_names_and_no_other() {
     let idle = store.create_deployment(&deployment_of(&p, "web-idle-acme", Environment::Staging), &a).await.unwrap();
     store.activate_deployment(&idle.id, &a).await.unwrap();
 
-    let d = store.create_deployment(&deployment_of(&p, "web-new-acme", Environment::Production), &a).await.unwrap();
-    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
-    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Starting);
-    let placed = store.list_instances(&d.id).await.unwrap();
-    assert_eq!(placed.len(), 1, "one per region");
+    let (d, placed) = placed_and_active(&store, &config, &p).await;
     assert_eq!(placed[0].node.as_deref(), Some(n.id.as_str()));
     assert!(store.list_instances(&idle.id).await.unwrap().is_empty(), "not named, not touched");
-
-    // Not all ready yet: nothing moves; the report that completes it activates it.
-    assert!(!act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
-    store.set_instance_status(&placed[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
-    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
-    assert_eq!(store.get_deployment(&d.id).await.unwrap().status, DeploymentStatus::Active);
     assert_eq!(config.outcomes.get(DeploymentStatus::Active), 1);
     // Acting again changes nothing.
     assert!(!act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
@@ -373,38 +387,44 @@ async fn two_engines_hearing_one_change_act_once_without_a_tick() {
     }
 }
 
-/// A deployment that cannot get its instances for want of room says so to
-/// the engine's loop (its sweeps then follow each other sooner), for as long
-/// as the want lasts: each sweep clears the signal and its reconciles set it
-/// again.
+/// A running deployment that cannot get its instances for want of capacity
+/// says so to the engine's loop (its sweeps then follow each other sooner,
+/// since room freed elsewhere is announced for the other deployment only),
+/// for as long as the want lasts; the sweep that places it clears it.
 #[tokio::test]
 async fn a_deployment_short_of_room_is_signalled_while_it_waits() {
     use std::sync::atomic::Ordering::Relaxed;
     use zeitwork_api_types::Environment;
     let dir = tempfile::tempdir().unwrap();
-    let (store, n, p) = one_node(dir.path()).await;
+    let (store, _, p) = one_node(dir.path()).await;
     let a = Audit::new("test", "test", "x");
     let config = EngineConfig::default();
-    let d = store.create_deployment(&deployment_of(&p, "web-new-acme", Environment::Production), &a).await.unwrap();
-    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
-    let placed = store.list_instances(&d.id).await.unwrap();
-    store.set_instance_status(&placed[0].id, InstanceStatus::Ready, Some("10.0.0.2:8080"), None).await.unwrap();
-    assert!(act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap());
+    let (d, placed) = placed_and_active(&store, &config, &p).await;
     assert!(!config.waiting_for_room.load(Relaxed), "it had room");
 
-    // Its only node drains and its instance is lost: nowhere to place another.
-    store.drain_node(&n.id, &a).await.unwrap();
+    // Its instance is lost, and another project takes the node's memory meanwhile.
     store
         .set_instance_status(&placed[0].id, InstanceStatus::Exited, None, Some((Some(137), "killed".into())))
         .await
         .unwrap();
+    let big = zeitwork_store::NewProject {
+        resources: Resources { vcpu: 1, memory: 8192 - 256 },
+        ..zeitwork_store::NewProject::named("acme", "big")
+    };
+    let big = store.create_project(&big, &a).await.unwrap();
+    let b = store.create_deployment(&deployment_of(&big, "big-new-acme", Environment::Production), &a).await.unwrap();
+    assert!(act_on(&store, &config, std::slice::from_ref(&b.id)).await.unwrap());
+    let taken = store.list_instances(&b.id).await.unwrap();
+    assert_eq!(taken.len(), 1);
     act_on(&store, &config, std::slice::from_ref(&d.id)).await.unwrap();
     assert!(config.waiting_for_room.load(Relaxed), "short of room after a change");
     pass(&store, &config).await.unwrap();
     assert!(config.waiting_for_room.load(Relaxed), "still short after a sweep");
 
-    // Nothing waits any more: the next sweep clears it.
-    store.set_deployment_status(&d.id, DeploymentStatus::Failed, Some("given up")).await.unwrap();
-    pass(&store, &config).await.unwrap();
+    // The other project's instance stops (announced for its deployment only): the sweep places this one.
+    store.retire_instance(&taken[0].id, "test").await.unwrap();
+    store.set_deployment_status(&b.id, DeploymentStatus::Failed, Some("given up")).await.unwrap();
+    assert!(pass(&store, &config).await.unwrap());
+    assert!(store.list_instances(&d.id).await.unwrap().iter().any(|i| i.status == InstanceStatus::Pending));
     assert!(!config.waiting_for_room.load(Relaxed), "nothing waits");
 }
